@@ -1,0 +1,281 @@
+// Per-block scale searches of NUMERICS §3, written once for host and device.
+//
+// Everything here works on one block of 16 fp32 weights and, for the Hessian objective, its
+// 16x16 Hessian block H_j (row-major). The CPU reference calls QuantizeBlock() per block from
+// its thread pool; the CUDA backend calls the same functions from its kernels, so the two agree
+// bit for bit wherever they evaluate the same candidates in the same order.
+//
+// Errors are evaluated in units of 2^E with 2^E <= s2 < 2^(E+1) (ErrorUnitExponent): w and d are
+// both multiplied by 2^-E, which is exact, so the codes, the choices and every comparison are
+// those of the unscaled arithmetic whenever that stays in fp32's normal range, while tiny and
+// huge global scales no longer underflow or overflow the squared errors. Objectives returned
+// here are in those units; multiply by 2^(2E) (ObjectiveUnit) for the tensor's own units.
+//
+// Canonical objective evaluation (docs/numerics.md §2): with e = w - w_hat,
+//   t      = sum_{j=0..15} e_j * H[j, :]      (j ascending, product and sum rounded separately)
+//   hess   = TreeSum16(e_i * t_i)             (pairwise: i + 8, then + 4, + 2, + 1)
+//   mse    = TreeSum16(e_i * e_i)
+// so with H = I the Hessian objective equals the squared error bit for bit.
+#ifndef NVFP4CAL_KERNELS_BLOCK_SEARCH_H_
+#define NVFP4CAL_KERNELS_BLOCK_SEARCH_H_
+
+#include <cstdint>
+
+#include "nvfp4cal/kernels/codecs.h"
+
+namespace nvfp4cal {
+
+// Sum of 16 values in the fixed pairwise order of the canonical objective. Overwrites p.
+NVFP4_HD float TreeSum16(float* p) {
+  for (int i = 0; i < 8; ++i) p[i] = AddNoContract(p[i], p[i + 8]);
+  for (int i = 0; i < 4; ++i) p[i] = AddNoContract(p[i], p[i + 4]);
+  for (int i = 0; i < 2; ++i) p[i] = AddNoContract(p[i], p[i + 2]);
+  return AddNoContract(p[0], p[1]);
+}
+
+// sum_i e_i^2 in canonical order.
+NVFP4_HD float BlockSquaredError(const float* e) {
+  float p[kBlockSize];
+  for (int i = 0; i < kBlockSize; ++i) p[i] = MulNoContract(e[i], e[i]);
+  return TreeSum16(p);
+}
+
+// e^T H e in canonical order; h is the 16x16 block, row-major.
+NVFP4_HD float BlockHessianError(const float* h, const float* e) {
+  float t[kBlockSize];
+  for (int i = 0; i < kBlockSize; ++i) t[i] = MulNoContract(e[0], h[i]);
+  for (int j = 1; j < kBlockSize; ++j) {
+    for (int i = 0; i < kBlockSize; ++i) {
+      t[i] = AddNoContract(t[i], MulNoContract(e[j], h[j * kBlockSize + i]));
+    }
+  }
+  for (int i = 0; i < kBlockSize; ++i) t[i] = MulNoContract(e[i], t[i]);
+  return TreeSum16(t);
+}
+
+// Objective of a block error: e^T H e when h is given, else the squared error.
+NVFP4_HD float BlockObjective(const float* h, const float* e) {
+  return h != nullptr ? BlockHessianError(h, e) : BlockSquaredError(e);
+}
+
+// Exponent E of the error unit 2^E: floor(log2(s2)) clamped to [-126, 126] so that 2^-E is a
+// normal fp32 value. 0 for s2 = 0.
+NVFP4_HD int ErrorUnitExponent(float global_scale) {
+  if (!(global_scale > 0.0f)) return 0;
+  const int biased = static_cast<int>((FloatBits(global_scale) >> 23) & 0xFFu);
+  const int e = biased == 0 ? -126 : biased - 127;
+  return e < -126 ? -126 : (e > 126 ? 126 : e);
+}
+
+// 2^-E as fp32 (exact): the factor that takes weights and dequant scales into error units.
+NVFP4_HD float ErrorUnitInverse(int exponent) {
+  return BitsToFloat(static_cast<uint32_t>(127 - exponent) << 23);
+}
+
+// Weights and global scale of one block, in the tensor's units (for codes) and in error units
+// (for errors).
+struct ScaledBlock {
+  float w[kBlockSize];         // weights as given
+  float w_unit[kBlockSize];    // w * 2^-E
+  float global_amax;           // g
+  float global_scale;          // s2 = g / 2688
+  float global_scale_unit;     // s2 * 2^-E, in [1, 2) unless clamped
+};
+
+NVFP4_HD void PrepareScaledBlock(const float* w, float global_amax, float global_scale,
+                                 ScaledBlock* block) {
+  const float inverse = ErrorUnitInverse(ErrorUnitExponent(global_scale));
+  for (int i = 0; i < kBlockSize; ++i) {
+    block->w[i] = w[i];
+    block->w_unit[i] = MulNoContract(w[i], inverse);
+  }
+  block->global_amax = global_amax;
+  block->global_scale = global_scale;
+  block->global_scale_unit = MulNoContract(global_scale, inverse);
+}
+
+// Error in units, e = w * 2^-E - e2m1(w / q) * d_unit, of codes made with quantization scale q
+// and dequantized with d = d_unit * 2^E.
+NVFP4_HD void BlockErrorForScales(const ScaledBlock& b, float q, float d_unit, float* e) {
+  for (int i = 0; i < kBlockSize; ++i) {
+    e[i] = b.w_unit[i] - MulNoContract(RoundToE2M1Value(b.w[i] / q), d_unit);
+  }
+}
+
+// Objective (in error units squared) of one (q, d) candidate.
+NVFP4_HD float CandidateObjective(const ScaledBlock& b, float q, float d_unit, const float* h) {
+  float e[kBlockSize];
+  BlockErrorForScales(b, q, d_unit, e);
+  return BlockObjective(h, e);
+}
+
+// Block scale byte of the `max` method: v = ((a_b / 6) * 448) / (g / 6), with a_b / 6 taken as
+// 1.0 for an all-zero block, rounded with the export clamp.
+NVFP4_HD uint8_t MaxMethodScaleByte(float block_amax, float global_amax) {
+  float per_block = block_amax / 6.0f;
+  if (block_amax == 0.0f) per_block = 1.0f;
+  return EncodeE4M3Scale((per_block * 448.0f) / (global_amax / 6.0f));
+}
+
+// Dequantization scale d = float(sf8) * s2.
+NVFP4_HD float DequantScale(uint8_t scale_byte, float global_scale) {
+  return MulNoContract(DecodeE4M3(scale_byte), global_scale);
+}
+
+struct SweepChoice {
+  int candidate;    // k in 0..125: E4M3 byte k + 1
+  float objective;  // objective (error units) with q = d = d_k
+};
+
+// The 126-candidate sweep (`mse` when h is null, `local_hessian` otherwise): argmin over k of
+// the objective with codes from q = d_k = f_k * s2; ties go to the smaller k (strict <).
+NVFP4_HD SweepChoice SweepScaleCandidates(const ScaledBlock& b, const float* h) {
+  SweepChoice best{0, 0.0f};
+  for (int k = 0; k < kNumScaleCandidates; ++k) {
+    const float f = ScaleCandidateValue(k);
+    const float objective =
+        CandidateObjective(b, MulNoContract(f, b.global_scale), MulNoContract(f, b.global_scale_unit), h);
+    if (k == 0 || objective < best.objective) best = SweepChoice{k, objective};
+  }
+  return best;
+}
+
+// Parameters of the decoupled scale search around the sweep optimum.
+struct DssGrid {
+  int neighbours;    // FP8 neighbours tried on each side of k* (spec default 1)
+  int beta_steps;    // n: betas 1 + i * beta_step for i = -n..n (default 10)
+  float beta_step;   // grid spacing (default 0.05)
+};
+
+struct DssChoice {
+  int candidate;    // k of the stored scale byte k + 1
+  int beta_index;   // i of beta_i; 0 with q = d_k means "the sweep's codes"
+  float q;          // quantization scale the codes are made with
+  float objective;
+};
+
+// DSS quantization scale q = ((beta * (g * (f_k / 448))) / 6), in exactly this order.
+NVFP4_HD float DssQuantScale(float beta, float global_amax, float candidate_value) {
+  return MulNoContract(beta, global_amax * (candidate_value / kE4M3Max)) / kE2M1Max;
+}
+
+// beta_i = 1.0f + (float)i * beta_step.
+NVFP4_HD float DssBeta(int i, float beta_step) {
+  return AddNoContract(1.0f, MulNoContract(static_cast<float>(i), beta_step));
+}
+
+// Decoupled scale search (NUMERICS §3 dss) starting from the sweep optimum `start`. Candidates
+// are visited k ascending, then beta ascending; the best is replaced only on a strict
+// improvement, so ties keep the earlier candidate and the result is never worse than `start`.
+NVFP4_HD DssChoice DecoupledScaleSearch(const ScaledBlock& b, const float* h, SweepChoice start,
+                                        DssGrid grid) {
+  DssChoice best{start.candidate, 0,
+                 MulNoContract(ScaleCandidateValue(start.candidate), b.global_scale),
+                 start.objective};
+  const int k_begin = start.candidate - grid.neighbours < 0 ? 0 : start.candidate - grid.neighbours;
+  const int k_end = start.candidate + grid.neighbours > kNumScaleCandidates - 1
+                        ? kNumScaleCandidates - 1
+                        : start.candidate + grid.neighbours;
+  for (int k = k_begin; k <= k_end; ++k) {
+    const float f = ScaleCandidateValue(k);
+    const float d_unit = MulNoContract(f, b.global_scale_unit);
+    for (int i = -grid.beta_steps; i <= grid.beta_steps; ++i) {
+      const float q = DssQuantScale(DssBeta(i, grid.beta_step), b.global_amax, f);
+      const float objective = CandidateObjective(b, q, d_unit, h);
+      if (objective < best.objective) best = DssChoice{k, i, q, objective};
+    }
+  }
+  return best;
+}
+
+// What the methods can do with one block.
+enum class BlockMethod : int { kMax = 0, kMse = 1, kLocalHessian = 2, kDss = 3 };
+
+// Result of quantizing one block, with the statistics of NUMERICS §4. Error sums are in error
+// units squared: multiply by ObjectiveUnit(s2) for the tensor's units.
+struct BlockOutcome {
+  uint8_t scale_byte;
+  uint8_t packed[kBlockSize / 2];
+  float mse_before;        // squared error of the `max` method's result
+  float mse_after;
+  float hessian_before;    // e^T H e of the `max` result (0 without H)
+  float hessian_after;
+  uint8_t max_scale_byte;  // the `max` method's byte, to count changed blocks
+  int8_t dss_offset;       // chosen k - k* (dss only)
+  int16_t dss_beta_index;  // chosen beta index i (dss only)
+  bool hessian_all_zero;   // H_j is all zeros: every candidate ties
+};
+
+// 2^(2E): converts objectives from error units squared to the tensor's units (host only; the
+// range needs double).
+inline double ObjectiveUnit(float global_scale) {
+  const int e = ErrorUnitExponent(global_scale);
+  double unit = 1.0;
+  for (int i = 0; i < (e < 0 ? -2 * e : 2 * e); ++i) unit *= 2.0;
+  return e < 0 ? 1.0 / unit : unit;
+}
+
+// Quantizes one block with `method`. w: 16 fp32 weights; h: 16x16 Hessian block or null (the
+// mse and max methods ignore it for the search but still report its objective). g is the
+// tensor's (or fused group's) amax and s2 = g / 2688 its global scale.
+NVFP4_HD BlockOutcome QuantizeBlock(const float* w, float global_amax, float global_scale,
+                                    const float* h, BlockMethod method, DssGrid grid) {
+  BlockOutcome out{};
+  if (h != nullptr) {
+    bool all_zero = true;
+    for (int i = 0; i < kBlockSize * kBlockSize; ++i) all_zero = all_zero && h[i] == 0.0f;
+    out.hessian_all_zero = all_zero;
+  }
+  float block_amax = 0.0f;
+  for (int i = 0; i < kBlockSize; ++i) block_amax = fmaxf(block_amax, std::fabs(w[i]));
+  out.max_scale_byte = MaxMethodScaleByte(block_amax, global_amax);
+
+  if (global_amax == 0.0f) {
+    // All-zero tensor: s2 = 0, every code 0, never a division by zero.
+    out.scale_byte = method == BlockMethod::kMax ? out.max_scale_byte : 0x01;
+    return out;
+  }
+
+  ScaledBlock b;
+  PrepareScaledBlock(w, global_amax, global_scale, &b);
+  float e[kBlockSize];
+  const float f_max = DecodeE4M3(out.max_scale_byte);
+  const float d_max = MulNoContract(f_max, global_scale);
+  BlockErrorForScales(b, d_max, MulNoContract(f_max, b.global_scale_unit), e);
+  out.mse_before = BlockSquaredError(e);
+  out.hessian_before = h != nullptr ? BlockHessianError(h, e) : 0.0f;
+
+  int candidate = out.max_scale_byte - 1;
+  float q = d_max;
+  if (method != BlockMethod::kMax) {
+    const float* search_h = method == BlockMethod::kMse ? nullptr : h;
+    const SweepChoice sweep = SweepScaleCandidates(b, search_h);
+    candidate = sweep.candidate;
+    q = MulNoContract(ScaleCandidateValue(candidate), global_scale);
+    if (method == BlockMethod::kDss) {
+      const DssChoice dss = DecoupledScaleSearch(b, h, sweep, grid);
+      out.dss_offset = static_cast<int8_t>(dss.candidate - sweep.candidate);
+      out.dss_beta_index = static_cast<int16_t>(dss.beta_index);
+      candidate = dss.candidate;
+      q = dss.q;
+    }
+  }
+  out.scale_byte = static_cast<uint8_t>(candidate + 1);
+  const float d_unit = MulNoContract(ScaleCandidateValue(candidate), b.global_scale_unit);
+
+  uint8_t codes[kBlockSize];
+  for (int i = 0; i < kBlockSize; ++i) {
+    codes[i] = EncodeE2M1(w[i] / q);
+    e[i] = b.w_unit[i] - MulNoContract(DecodeE2M1(codes[i]), d_unit);
+  }
+  for (int i = 0; i < kBlockSize / 2; ++i) {
+    out.packed[i] = PackE2M1Pair(codes[2 * i], codes[2 * i + 1]);
+  }
+  out.mse_after = BlockSquaredError(e);
+  out.hessian_after = h != nullptr ? BlockHessianError(h, e) : 0.0f;
+  return out;
+}
+
+}  // namespace nvfp4cal
+
+#endif  // NVFP4CAL_KERNELS_BLOCK_SEARCH_H_

@@ -1,0 +1,163 @@
+// ScaleSearch: quantize one weight tensor to NVFP4 with a chosen block-scale method.
+//
+// The interface every backend implements (CPU reference in cpu_scale_search.h, CUDA in
+// cuda_scale_search.h). Plain C++ types in, codes / scales / statistics out; no files, no RPC.
+//
+//   std::unique_ptr<nvfp4cal::ScaleSearch> search = nvfp4cal::MakeCpuScaleSearch({});
+//   nvfp4cal::QuantizeRequest request;
+//   request.weights = {bf16_data, nvfp4cal::DType::kBFloat16, /*rows=*/4096, /*cols=*/4096};
+//   request.hessians = {hessian_blocks, /*num_blocks=*/4096 / 16};   // [in/16, 16, 16] fp32
+//   request.params.method = nvfp4cal::Method::kDss;
+//   absl::StatusOr<nvfp4cal::QuantizedTensor> result = search->Quantize(request);
+//
+// Numerics follow docs/numerics.md (NUMERICS.md of the team plus the decisions it records).
+#ifndef NVFP4CAL_KERNELS_SCALE_SEARCH_H_
+#define NVFP4CAL_KERNELS_SCALE_SEARCH_H_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "nvfp4cal/kernels/dtype.h"
+
+namespace nvfp4cal {
+
+// Block-scale selection methods (NUMERICS §3).
+enum class Method { kMax, kMse, kLocalHessian, kDss };
+
+// "max", "mse", "local_hessian", "dss".
+std::string_view MethodName(Method method);
+// Inverse of MethodName; INVALID_ARGUMENT naming the accepted values otherwise.
+absl::StatusOr<Method> ParseMethod(std::string_view name);
+// "float32", "bfloat16", "float16".
+std::string_view DTypeName(DType dtype);
+// Whether the method's search objective needs Hessian blocks.
+bool MethodNeedsHessian(Method method);
+
+// Row-major weight matrix W [rows = out, cols = in]; not owned.
+struct WeightView {
+  const void* data = nullptr;
+  DType dtype = DType::kBFloat16;
+  int64_t rows = 0;
+  int64_t cols = 0;
+};
+
+// Diagonal Hessian blocks [cols / 16, 16, 16] fp32, row-major; block j covers input columns
+// 16j..16j+15 and is shared by every row. Not owned. Empty (null data) when not available.
+struct BlockHessiansView {
+  const float* data = nullptr;
+  int64_t num_blocks = 0;
+};
+
+// Method parameters. Defaults are the spec's.
+struct SearchParams {
+  Method method = Method::kDss;
+  // DSS beta grid spacing; betas are 1 + i * beta_step. Allowed [0.005, 0.5].
+  float beta_step = 0.05f;
+  // DSS betas span 1 +- beta_half_range: i = -n..n with n = round(beta_half_range / beta_step).
+  // 0 restricts DSS to beta = 1. Allowed [0, 1) with the smallest beta 1 - n * beta_step > 0.
+  float beta_half_range = 0.5f;
+  // DSS FP8 neighbours tried on each side of the sweep optimum. Allowed [0, 125].
+  int scale_neighbours = 1;
+  // Hessian blocks must satisfy |H_ab - H_ba| <= tol * max_c |H_cc| (accumulation noise).
+  float symmetry_tolerance = 1e-4f;
+};
+
+// Statistics every result carries (NUMERICS §4). "Objective" is the method's own objective:
+// squared error for max and mse, e^T H_j e for local_hessian and dss. "Before" is the `max`
+// method's result on the same tensor and global scale.
+struct TensorStats {
+  Method method = Method::kDss;
+  SearchParams params;
+  float global_amax = 0.0f;   // g
+  float global_scale = 0.0f;  // s2 = g / 2688
+  int64_t num_blocks = 0;
+  double objective_before = 0.0;
+  double objective_after = 0.0;
+  double mse_before = 0.0;
+  double mse_after = 0.0;
+  // Hessian-weighted error sums when Hessians were given (whatever the method), else 0.
+  double hessian_error_before = 0.0;
+  double hessian_error_after = 0.0;
+  int64_t blocks_scale_changed = 0;    // scale byte differs from the `max` method's
+  int64_t blocks_beta_not_one = 0;     // dss: chosen beta index != 0
+  int64_t blocks_offset_not_zero = 0;  // dss: chosen byte differs from the sweep optimum
+  // Blocks of rows whose H_j is all zeros (every candidate ties; the smallest wins). Nonzero
+  // means the Hessian was not collected for some inputs: callers should warn once per tensor.
+  int64_t zero_hessian_blocks = 0;
+};
+
+// Adds the additive fields of `part` (block counts and sums) into `total`.
+void AccumulateStats(const TensorStats& part, TensorStats* total);
+
+// One tensor to quantize.
+struct QuantizeRequest {
+  WeightView weights;
+  BlockHessiansView hessians;
+  SearchParams params;
+  // Shared global amax for fused siblings (q/k/v, gate/up): must be >= this tensor's own amax.
+  // Computed from the weights when absent.
+  std::optional<float> global_amax;
+};
+
+// NVFP4 result of one tensor.
+struct QuantizedTensor {
+  int64_t rows = 0;
+  int64_t cols = 0;
+  std::vector<uint8_t> packed_codes;  // [rows, cols / 2]: even element in the low nibble
+  std::vector<uint8_t> scales;        // [rows, cols / 16]: E4M3 bytes (weight_scale)
+  float global_amax = 0.0f;           // g
+  float global_scale = 0.0f;          // weight_scale_2 = g / 2688
+  TensorStats stats;
+};
+
+// Caller-owned output for a row range [row_begin, row_end) of a tensor.
+struct RowRangeOutput {
+  absl::Span<uint8_t> packed_codes;  // (row_end - row_begin) * cols / 2 bytes
+  absl::Span<uint8_t> scales;        // (row_end - row_begin) * cols / 16 bytes
+};
+
+// A backend that quantizes tensors. Implementations are thread-safe.
+class ScaleSearch {
+ public:
+  virtual ~ScaleSearch() = default;
+
+  // "cpu" or "cuda".
+  virtual std::string_view BackendName() const = 0;
+
+  // Quantizes a whole tensor. Validates the request first (ValidateRequest) and returns its
+  // error without side effects.
+  virtual absl::StatusOr<QuantizedTensor> Quantize(const QuantizeRequest& request) = 0;
+
+  // Quantizes rows [row_begin, row_end) with the given global amax g into caller-owned spans,
+  // accumulating statistics into *stats. For streaming huge tensors: call ComputeGlobalAmax
+  // (or take the fused group's) first. The request's own global_amax is ignored here.
+  virtual absl::Status QuantizeRows(const QuantizeRequest& request, float global_amax,
+                                    int64_t row_begin, int64_t row_end, RowRangeOutput output,
+                                    TensorStats* stats) = 0;
+};
+
+// Checks a request against NUMERICS (shape, finiteness, Hessian shape and symmetry, parameter
+// ranges). INVALID_ARGUMENT naming the field, the limit and the value; no side effects.
+absl::Status ValidateRequest(const QuantizeRequest& request);
+
+// Only the parameter ranges of ValidateRequest.
+absl::Status ValidateParams(const SearchParams& params);
+
+// g = max |W| over the tensor (fp32). INVALID_ARGUMENT if any weight is NaN or Inf.
+absl::StatusOr<float> ComputeGlobalAmax(const WeightView& weights);
+
+// s2 = g / 2688.
+float GlobalScaleFromAmax(float global_amax);
+
+// n = round(beta_half_range / beta_step): the number of betas on each side of 1.
+int DssBetaSteps(const SearchParams& params);
+
+}  // namespace nvfp4cal
+
+#endif  // NVFP4CAL_KERNELS_SCALE_SEARCH_H_

@@ -1,0 +1,165 @@
+#include "nvfp4cal/kernels/cpu_scale_search.h"
+
+#include <algorithm>
+#include <atomic>
+#include <thread>
+#include <vector>
+
+#include "nvfp4cal/kernels/block_search.h"
+#include "nvfp4cal/kernels/validation.h"
+
+namespace nvfp4cal {
+namespace {
+
+BlockMethod ToBlockMethod(Method method) {
+  switch (method) {
+    case Method::kMax:
+      return BlockMethod::kMax;
+    case Method::kMse:
+      return BlockMethod::kMse;
+    case Method::kLocalHessian:
+      return BlockMethod::kLocalHessian;
+    case Method::kDss:
+      return BlockMethod::kDss;
+  }
+  return BlockMethod::kMax;
+}
+
+// Adds one block's outcome to a task's statistics.
+// `unit` converts the block's error-unit objectives to the tensor's units (ObjectiveUnit).
+void AddBlockStats(const BlockOutcome& block, Method method, double unit, TensorStats* stats) {
+  const bool hessian_objective = MethodNeedsHessian(method);
+  const double mse_before = unit * block.mse_before;
+  const double mse_after = unit * block.mse_after;
+  const double hessian_before = unit * block.hessian_before;
+  const double hessian_after = unit * block.hessian_after;
+  stats->num_blocks += 1;
+  stats->mse_before += mse_before;
+  stats->mse_after += mse_after;
+  stats->hessian_error_before += hessian_before;
+  stats->hessian_error_after += hessian_after;
+  stats->objective_before += hessian_objective ? hessian_before : mse_before;
+  stats->objective_after += hessian_objective ? hessian_after : mse_after;
+  stats->blocks_scale_changed += block.scale_byte != block.max_scale_byte;
+  stats->blocks_beta_not_one += block.dss_beta_index != 0;
+  stats->blocks_offset_not_zero += block.dss_offset != 0;
+  stats->zero_hessian_blocks += block.hessian_all_zero;
+}
+
+class CpuScaleSearch final : public ScaleSearch {
+ public:
+  explicit CpuScaleSearch(const CpuScaleSearchOptions& options) : options_(options) {
+    if (options_.num_threads <= 0) {
+      options_.num_threads = std::max(1u, std::thread::hardware_concurrency());
+    }
+    options_.blocks_per_task = std::max<int64_t>(1, options_.blocks_per_task);
+  }
+
+  std::string_view BackendName() const override { return "cpu"; }
+
+  absl::StatusOr<QuantizedTensor> Quantize(const QuantizeRequest& request) override {
+    if (absl::Status s = ValidateShapeHessiansAndParams(request); !s.ok()) return s;
+    const WeightView& w = request.weights;
+    absl::StatusOr<float> own_amax = ScanWeightRows(w, 0, w.rows);
+    if (!own_amax.ok()) return own_amax.status();
+    float global_amax = *own_amax;
+    if (request.global_amax.has_value()) {
+      if (absl::Status s = ValidateGlobalAmax(*request.global_amax, *own_amax); !s.ok()) return s;
+      global_amax = *request.global_amax;
+    }
+    QuantizedTensor result;
+    result.rows = w.rows;
+    result.cols = w.cols;
+    result.packed_codes.resize(static_cast<size_t>(w.rows * w.cols / 2));
+    result.scales.resize(static_cast<size_t>(w.rows * w.cols / kBlockSize));
+    result.global_amax = global_amax;
+    result.global_scale = GlobalScaleFromAmax(global_amax);
+    InitStats(request.params, global_amax, &result.stats);
+    Run(request, global_amax, 0, w.rows, RowRangeOutput{absl::MakeSpan(result.packed_codes),
+                                                        absl::MakeSpan(result.scales)},
+        &result.stats);
+    return result;
+  }
+
+  absl::Status QuantizeRows(const QuantizeRequest& request, float global_amax, int64_t row_begin,
+                            int64_t row_end, RowRangeOutput output, TensorStats* stats) override {
+    if (absl::Status s = ValidateShapeHessiansAndParams(request); !s.ok()) return s;
+    if (absl::Status s = ValidateRowRange(request.weights, row_begin, row_end, output); !s.ok()) {
+      return s;
+    }
+    absl::StatusOr<float> rows_amax = ScanWeightRows(request.weights, row_begin, row_end);
+    if (!rows_amax.ok()) return rows_amax.status();
+    if (absl::Status s = ValidateGlobalAmax(global_amax, *rows_amax); !s.ok()) return s;
+    InitStats(request.params, global_amax, stats);
+    Run(request, global_amax, row_begin, row_end, output, stats);
+    return absl::OkStatus();
+  }
+
+ private:
+  static void InitStats(const SearchParams& params, float global_amax, TensorStats* stats) {
+    stats->method = params.method;
+    stats->params = params;
+    stats->global_amax = global_amax;
+    stats->global_scale = GlobalScaleFromAmax(global_amax);
+  }
+
+  // Quantizes rows [row_begin, row_end) of a validated request; output spans start at
+  // row_begin. Statistics are summed per task, then in task order (thread-count independent).
+  void Run(const QuantizeRequest& request, float global_amax, int64_t row_begin, int64_t row_end,
+           RowRangeOutput output, TensorStats* stats) const {
+    const WeightView& w = request.weights;
+    const int64_t blocks_per_row = w.cols / kBlockSize;
+    const int64_t rows_per_task =
+        std::max<int64_t>(1, options_.blocks_per_task / blocks_per_row);
+    const int64_t num_tasks = (row_end - row_begin + rows_per_task - 1) / rows_per_task;
+    std::vector<TensorStats> task_stats(static_cast<size_t>(num_tasks));
+    std::atomic<int64_t> next_task{0};
+
+    const float global_scale = GlobalScaleFromAmax(global_amax);
+    const DssGrid grid{request.params.scale_neighbours, DssBetaSteps(request.params),
+                       request.params.beta_step};
+    const BlockMethod method = ToBlockMethod(request.params.method);
+    const double unit = ObjectiveUnit(global_scale);
+
+    auto worker = [&]() {
+      for (int64_t task = next_task++; task < num_tasks; task = next_task++) {
+        const int64_t first = row_begin + task * rows_per_task;
+        const int64_t last = std::min(row_end, first + rows_per_task);
+        TensorStats& ts = task_stats[static_cast<size_t>(task)];
+        float block[kBlockSize];
+        for (int64_t r = first; r < last; ++r) {
+          for (int64_t j = 0; j < blocks_per_row; ++j) {
+            LoadAsFloat(w.data, w.dtype, r * w.cols + j * kBlockSize, kBlockSize, block);
+            const float* h = request.hessians.data == nullptr
+                                 ? nullptr
+                                 : request.hessians.data + j * kBlockSize * kBlockSize;
+            const BlockOutcome out =
+                QuantizeBlock(block, global_amax, global_scale, h, method, grid);
+            const int64_t local_block = (r - row_begin) * blocks_per_row + j;
+            output.scales[static_cast<size_t>(local_block)] = out.scale_byte;
+            std::copy(out.packed, out.packed + kBlockSize / 2,
+                      output.packed_codes.begin() + local_block * (kBlockSize / 2));
+            AddBlockStats(out, request.params.method, unit, &ts);
+          }
+        }
+      }
+    };
+    const int threads = static_cast<int>(std::min<int64_t>(options_.num_threads, num_tasks));
+    std::vector<std::thread> pool;
+    pool.reserve(static_cast<size_t>(threads > 0 ? threads - 1 : 0));
+    for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+    worker();
+    for (std::thread& t : pool) t.join();
+    for (const TensorStats& ts : task_stats) AccumulateStats(ts, stats);
+  }
+
+  CpuScaleSearchOptions options_;
+};
+
+}  // namespace
+
+std::unique_ptr<ScaleSearch> MakeCpuScaleSearch(const CpuScaleSearchOptions& options) {
+  return std::make_unique<CpuScaleSearch>(options);
+}
+
+}  // namespace nvfp4cal

@@ -1,0 +1,100 @@
+#include "nvfp4cal/kernels/example_data.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "nvfp4cal/kernels/codecs.h"
+
+namespace nvfp4cal {
+
+uint64_t ExampleRng::NextU64() {
+  uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+double ExampleRng::Uniform() { return static_cast<double>(NextU64() >> 11) * 0x1.0p-53; }
+
+double ExampleRng::Normal() {
+  const double u1 = 1.0 - Uniform();  // (0, 1]
+  const double u2 = Uniform();
+  return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+}
+
+uint16_t FloatToBFloat16(float value) {
+  uint32_t bits = FloatBits(value);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+uint16_t FloatToFloat16(float value) {
+  const uint32_t bits = FloatBits(value);
+  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+  const float a = std::fabs(value);
+  if (a >= 65520.0f) return sign | 0x7C00u;  // rounds to Inf
+  if (a < 6.103515625e-05f) {
+    // Subnormal half: multiples of 2^-24; rintf rounds half to even.
+    return sign | static_cast<uint16_t>(rintf(a * 16777216.0f));
+  }
+  uint32_t m = FloatBits(a);
+  m += 0xFFFu + ((m >> 13) & 1u);
+  return sign | static_cast<uint16_t>((m >> 13) - ((127u - 15u) << 10));
+}
+
+std::vector<float> MakeExampleWeights(int64_t rows, int64_t cols, uint64_t seed) {
+  ExampleRng rng(seed);
+  std::vector<float> w(static_cast<size_t>(rows * cols));
+  std::vector<double> column_scale(static_cast<size_t>(cols));
+  for (double& s : column_scale) s = 0.5 + rng.Uniform();
+  for (int64_t r = 0; r < rows; ++r) {
+    const double row_scale = 0.01 * (0.5 + 1.5 * rng.Uniform());
+    for (int64_t c = 0; c < cols; ++c) {
+      double v = rng.Normal() * row_scale * column_scale[static_cast<size_t>(c)];
+      if (rng.Uniform() < 0.001) v *= 8.0;  // rare outliers, as in trained weights
+      w[static_cast<size_t>(r * cols + c)] = static_cast<float>(v);
+    }
+  }
+  return w;
+}
+
+std::vector<uint16_t> MakeExampleWeightsBf16(int64_t rows, int64_t cols, uint64_t seed) {
+  const std::vector<float> w = MakeExampleWeights(rows, cols, seed);
+  std::vector<uint16_t> out(w.size());
+  for (size_t i = 0; i < w.size(); ++i) out[i] = FloatToBFloat16(w[i]);
+  return out;
+}
+
+std::vector<float> MakeExampleHessianBlocks(int64_t num_blocks, uint64_t seed,
+                                            float condition_boost) {
+  constexpr int kN = kBlockSize;
+  constexpr int kTokens = 48;
+  ExampleRng rng(seed);
+  std::vector<float> out(static_cast<size_t>(num_blocks * kN * kN));
+  double x[kTokens][kN];
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    // Activations with a shared component (correlated inputs) and per-channel magnitudes.
+    double channel[kN];
+    for (double& c : channel) c = 0.2 + 2.0 * rng.Uniform();
+    for (int t = 0; t < kTokens; ++t) {
+      const double shared = rng.Normal();
+      for (int i = 0; i < kN; ++i) x[t][i] = channel[i] * (0.6 * rng.Normal() + 0.4 * shared);
+      if (condition_boost != 1.0f) {
+        for (int i = 0; i < kN; ++i) x[t][i] += condition_boost * shared;
+      }
+    }
+    float* h = out.data() + b * kN * kN;
+    for (int i = 0; i < kN; ++i) {
+      for (int j = i; j < kN; ++j) {
+        double s = 0.0;
+        for (int t = 0; t < kTokens; ++t) s += x[t][i] * x[t][j];
+        const float v = static_cast<float>(s / kTokens + (i == j ? 1e-3 : 0.0));
+        h[i * kN + j] = v;
+        h[j * kN + i] = v;
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace nvfp4cal

@@ -1,0 +1,120 @@
+// Validation and helpers shared by every ScaleSearch backend.
+#include "nvfp4cal/kernels/scale_search.h"
+
+#include <cmath>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "nvfp4cal/kernels/block_search.h"
+#include "nvfp4cal/kernels/codecs.h"
+#include "nvfp4cal/kernels/validation.h"
+
+namespace nvfp4cal {
+
+std::string_view MethodName(Method method) {
+  switch (method) {
+    case Method::kMax:
+      return "max";
+    case Method::kMse:
+      return "mse";
+    case Method::kLocalHessian:
+      return "local_hessian";
+    case Method::kDss:
+      return "dss";
+  }
+  return "unknown";
+}
+
+absl::StatusOr<Method> ParseMethod(std::string_view name) {
+  for (Method m : {Method::kMax, Method::kMse, Method::kLocalHessian, Method::kDss}) {
+    if (MethodName(m) == name) return m;
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "method: unknown value \"", std::string(name), "\"; expected one of max, mse, local_hessian, dss"));
+}
+
+std::string_view DTypeName(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return "float32";
+    case DType::kBFloat16:
+      return "bfloat16";
+    case DType::kFloat16:
+      return "float16";
+  }
+  return "unknown";
+}
+
+bool MethodNeedsHessian(Method method) {
+  return method == Method::kLocalHessian || method == Method::kDss;
+}
+
+void AccumulateStats(const TensorStats& part, TensorStats* total) {
+  total->num_blocks += part.num_blocks;
+  total->objective_before += part.objective_before;
+  total->objective_after += part.objective_after;
+  total->mse_before += part.mse_before;
+  total->mse_after += part.mse_after;
+  total->hessian_error_before += part.hessian_error_before;
+  total->hessian_error_after += part.hessian_error_after;
+  total->blocks_scale_changed += part.blocks_scale_changed;
+  total->blocks_beta_not_one += part.blocks_beta_not_one;
+  total->blocks_offset_not_zero += part.blocks_offset_not_zero;
+  total->zero_hessian_blocks += part.zero_hessian_blocks;
+}
+
+float GlobalScaleFromAmax(float global_amax) { return global_amax / kGlobalScaleDivisor; }
+
+int DssBetaSteps(const SearchParams& params) {
+  return static_cast<int>(std::lround(params.beta_half_range / params.beta_step));
+}
+
+absl::Status ValidateParams(const SearchParams& params) {
+  constexpr float kMinBetaStep = 0.005f;
+  constexpr float kMaxBetaStep = 0.5f;
+  if (!(params.beta_step >= kMinBetaStep && params.beta_step <= kMaxBetaStep)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "params.beta_step = %g is out of range [%g, %g]", params.beta_step, kMinBetaStep,
+        kMaxBetaStep));
+  }
+  if (!(params.beta_half_range >= 0.0f && params.beta_half_range < 1.0f)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "params.beta_half_range = %g is out of range [0, 1)", params.beta_half_range));
+  }
+  const int steps = DssBetaSteps(params);
+  const float smallest_beta = DssBeta(-steps, params.beta_step);
+  if (!(smallest_beta > 0.0f)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "params.beta_half_range = %g with beta_step = %g gives a smallest beta of %g; it must "
+        "be > 0",
+        params.beta_half_range, params.beta_step, smallest_beta));
+  }
+  if (params.scale_neighbours < 0 || params.scale_neighbours > kNumScaleCandidates - 1) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("params.scale_neighbours = %d is out of range [0, %d]",
+                        params.scale_neighbours, kNumScaleCandidates - 1));
+  }
+  if (!(params.symmetry_tolerance >= 0.0f && std::isfinite(params.symmetry_tolerance))) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "params.symmetry_tolerance = %g must be finite and >= 0", params.symmetry_tolerance));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<float> ComputeGlobalAmax(const WeightView& weights) {
+  absl::StatusOr<float> amax = ScanWeightRows(weights, 0, weights.rows);
+  return amax;
+}
+
+absl::Status ValidateRequest(const QuantizeRequest& request) {
+  if (absl::Status s = ValidateShapeHessiansAndParams(request); !s.ok()) return s;
+  absl::StatusOr<float> amax = ScanWeightRows(request.weights, 0, request.weights.rows);
+  if (!amax.ok()) return amax.status();
+  if (request.global_amax.has_value()) {
+    return ValidateGlobalAmax(*request.global_amax, *amax);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace nvfp4cal

@@ -1,0 +1,570 @@
+// ScaleSearch (CPU backend): validation, properties on random blocks against an independent
+// double-precision brute force, determinism, row ranges and dtypes.
+#include "nvfp4cal/kernels/scale_search.h"
+
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nvfp4cal/kernels/block_search.h"
+#include "nvfp4cal/kernels/cpu_scale_search.h"
+#include "nvfp4cal/kernels/example_data.h"
+
+namespace nvfp4cal {
+namespace {
+
+using ::testing::HasSubstr;
+
+// ---------------------------------------------------------------------------------------------
+// Random blocks with the hard cases of NUMERICS §7.
+// ---------------------------------------------------------------------------------------------
+
+struct RandomBlock {
+  std::array<float, kBlockSize> w;
+  std::array<float, kBlockSize * kBlockSize> h;
+  float g;
+};
+
+enum class BlockKind { kTypical, kSaturated, kZero, kSubnormalScale, kTinyG, kHugeG, kIllConditioned };
+constexpr BlockKind kAllKinds[] = {BlockKind::kTypical,        BlockKind::kSaturated,
+                                   BlockKind::kZero,           BlockKind::kSubnormalScale,
+                                   BlockKind::kTinyG,          BlockKind::kHugeG,
+                                   BlockKind::kIllConditioned};
+
+RandomBlock MakeRandomBlock(ExampleRng& rng, BlockKind kind, uint64_t seed) {
+  RandomBlock b;
+  double scale = 1.0;
+  if (kind == BlockKind::kTinyG) scale = 1e-30;
+  if (kind == BlockKind::kHugeG) scale = 1e30;
+  float amax = 0.0f;
+  for (float& v : b.w) {
+    // bf16-rounded like real checkpoints, so w / q hits E2M1 boundaries often.
+    v = kind == BlockKind::kZero ? 0.0f
+                                 : BFloat16ToFloat(FloatToBFloat16(static_cast<float>(rng.Normal() * scale)));
+    amax = std::fmax(amax, std::fabs(v));
+  }
+  b.g = amax;
+  if (kind == BlockKind::kTypical || kind == BlockKind::kIllConditioned) {
+    b.g = amax * static_cast<float>(1.0 + 4.0 * rng.Uniform());
+  } else if (kind == BlockKind::kSubnormalScale) {
+    b.g = amax * 3000.0f;  // block scale ~ 448 / 3000 * 6 / 6: FP8 subnormal range
+  } else if (kind == BlockKind::kZero) {
+    b.g = 1.0f;
+  } else if (kind == BlockKind::kSaturated) {
+    for (int i = 0; i < 4; ++i) b.w[static_cast<size_t>(rng.NextU64() % kBlockSize)] = (i % 2 ? -amax : amax);
+  }
+  const std::vector<float> h =
+      MakeExampleHessianBlocks(1, seed, kind == BlockKind::kIllConditioned ? 30.0f : 1.0f);
+  std::copy(h.begin(), h.end(), b.h.begin());
+  return b;
+}
+
+// Objective of (q, d) in double, with codes chosen by brute force (nearest magnitude, ties to
+// the even index) from the fp32 quotient w / q. Independent of block_search.h.
+struct ReferenceObjective {
+  double value;
+  double fp32_error_bound;  // how far an fp32 evaluation may be from `value`
+};
+
+ReferenceObjective Reference(const RandomBlock& b, float q, float d, bool hessian) {
+  static const double kMagnitudes[8] = {0, 0.5, 1, 1.5, 2, 3, 4, 6};
+  double e[kBlockSize];
+  for (int i = 0; i < kBlockSize; ++i) {
+    const float y = b.w[i] / q;
+    const double a = std::fabs(static_cast<double>(y));
+    int best = 0;
+    for (int m = 1; m < 8; ++m) {
+      const double dm = std::fabs(a - kMagnitudes[m]);
+      const double dbest = std::fabs(a - kMagnitudes[best]);
+      if (dm < dbest || (dm == dbest && m % 2 == 0)) best = m;
+    }
+    const double c = (y < 0.0f ? -1.0 : 1.0) * kMagnitudes[best];
+    e[i] = static_cast<double>(b.w[i]) - c * static_cast<double>(d);
+  }
+  double value = 0.0;
+  double magnitude = 0.0;
+  for (int i = 0; i < kBlockSize; ++i) {
+    for (int j = 0; j < kBlockSize; ++j) {
+      const double hij = hessian ? b.h[i * kBlockSize + j] : (i == j ? 1.0 : 0.0);
+      value += e[i] * hij * e[j];
+      magnitude += std::fabs(e[i] * hij * e[j]);
+    }
+  }
+  // fp32 products and sums of 16-term dot products: a generous 64 ulps of the magnitude, plus
+  // the rounding of w_hat = c * d (one ulp of each |e| contribution).
+  return {value, magnitude * 64.0 * std::ldexp(1.0, -24)};
+}
+
+bool IsNearTie(const ReferenceObjective& a, const ReferenceObjective& b) {
+  return std::fabs(a.value - b.value) <=
+         1e-6 * std::fmax(std::fabs(a.value), std::fabs(b.value)) + a.fp32_error_bound +
+             b.fp32_error_bound;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Properties of the searches.
+// ---------------------------------------------------------------------------------------------
+
+TEST(LocalHessianSweep, ChoiceIsTheExhaustiveDoublePrecisionArgmin) {
+  ExampleRng rng(21);
+  int near_ties = 0;
+  int blocks = 0;
+  for (BlockKind kind : kAllKinds) {
+    for (int t = 0; t < 700; ++t, ++blocks) {
+      const RandomBlock b = MakeRandomBlock(rng, kind, 1000 + static_cast<uint64_t>(blocks));
+      const float s2 = GlobalScaleFromAmax(b.g);
+      for (bool hessian : {true, false}) {
+        ScaledBlock scaled;
+        PrepareScaledBlock(b.w.data(), b.g, s2, &scaled);
+        const SweepChoice got = SweepScaleCandidates(scaled, hessian ? b.h.data() : nullptr);
+        int best = 0;
+        ReferenceObjective best_ref{0, 0};
+        for (int k = 0; k < kNumScaleCandidates; ++k) {
+          const float d = ScaleCandidateValue(k) * s2;
+          const ReferenceObjective r = Reference(b, d, d, hessian);
+          if (k == 0 || r.value < best_ref.value) {
+            best = k;
+            best_ref = r;
+          }
+        }
+        if (got.candidate != best) {
+          const float d = ScaleCandidateValue(got.candidate) * s2;
+          const ReferenceObjective got_ref = Reference(b, d, d, hessian);
+          ASSERT_TRUE(IsNearTie(got_ref, best_ref))
+              << "kind " << static_cast<int>(kind) << " block " << t << ": got k=" << got.candidate
+              << " (" << got_ref.value << "), exhaustive argmin k=" << best << " ("
+              << best_ref.value << ")";
+          ++near_ties;
+        }
+      }
+    }
+  }
+  std::printf("[ near ties ] %d of %d sweeps chose a different candidate within the near-tie rule\n",
+              near_ties, 2 * blocks);
+  EXPECT_LT(near_ties, blocks / 20);
+}
+
+TEST(DecoupledScaleSearch, NeverWorseThanLocalHessianSweep) {
+  ExampleRng rng(22);
+  const DssGrid grid{1, 10, 0.05f};
+  int improved = 0;
+  int blocks = 0;
+  for (BlockKind kind : kAllKinds) {
+    for (int t = 0; t < 500; ++t, ++blocks) {
+      const RandomBlock b = MakeRandomBlock(rng, kind, 5000 + static_cast<uint64_t>(blocks));
+      const float s2 = GlobalScaleFromAmax(b.g);
+      const BlockOutcome lh = QuantizeBlock(b.w.data(), b.g, s2, b.h.data(), BlockMethod::kLocalHessian, grid);
+      const BlockOutcome dss = QuantizeBlock(b.w.data(), b.g, s2, b.h.data(), BlockMethod::kDss, grid);
+      ASSERT_LE(dss.hessian_after, lh.hessian_after) << "kind " << static_cast<int>(kind);
+      improved += dss.hessian_after < lh.hessian_after;
+      if (!(dss.hessian_after < lh.hessian_after)) {
+        // Only a strict improvement replaces the start: otherwise the sweep's codes stay.
+        ASSERT_EQ(dss.scale_byte, lh.scale_byte);
+        ASSERT_EQ(std::memcmp(dss.packed, lh.packed, sizeof(lh.packed)), 0);
+      }
+    }
+  }
+  EXPECT_GT(improved, blocks / 10) << "dss should improve a good share of random blocks";
+}
+
+TEST(DecoupledScaleSearch, WithBetaFixedToOneDiffersOnlyWhereQRoundsDifferently) {
+  // With beta = 1 the only freedom left is q = ((g * (f / 448)) / 6) versus d = f * (g / 2688):
+  // equal in exact arithmetic. A different choice is possible only when that one-ulp difference
+  // changes a code, i.e. the chosen codes differ from e2m1(w / d).
+  ExampleRng rng(23);
+  const DssGrid beta_one{1, 0, 0.05f};
+  int differ = 0;
+  int blocks = 0;
+  for (BlockKind kind : kAllKinds) {
+    for (int t = 0; t < 500; ++t, ++blocks) {
+      const RandomBlock b = MakeRandomBlock(rng, kind, 9000 + static_cast<uint64_t>(blocks));
+      const float s2 = GlobalScaleFromAmax(b.g);
+      const BlockOutcome lh = QuantizeBlock(b.w.data(), b.g, s2, b.h.data(), BlockMethod::kLocalHessian, beta_one);
+      const BlockOutcome dss = QuantizeBlock(b.w.data(), b.g, s2, b.h.data(), BlockMethod::kDss, beta_one);
+      if (dss.scale_byte == lh.scale_byte &&
+          std::memcmp(dss.packed, lh.packed, sizeof(lh.packed)) == 0) {
+        continue;
+      }
+      ++differ;
+      const float d = DequantScale(dss.scale_byte, s2);
+      bool codes_differ_from_d = false;
+      for (int i = 0; i < kBlockSize; ++i) {
+        const uint8_t code = i % 2 ? UnpackE2M1High(dss.packed[i / 2]) : UnpackE2M1Low(dss.packed[i / 2]);
+        codes_differ_from_d = codes_differ_from_d || code != EncodeE2M1(b.w[i] / d);
+      }
+      ASSERT_TRUE(codes_differ_from_d) << "dss(beta = 1) beat the sweep with the sweep's own codes";
+    }
+  }
+  EXPECT_LT(differ, blocks / 20);
+}
+
+TEST(DecoupledScaleSearch, GainsNothingUnderThePlainMseObjective) {
+  // For a fixed dequant scale d the nearest codes e2m1(w / d) minimise the squared error, and
+  // every d DSS tries is one of the sweep's candidates: decoupling cannot help beyond fp32 noise.
+  ExampleRng rng(24);
+  const DssGrid grid{1, 10, 0.05f};
+  std::array<float, kBlockSize * kBlockSize> identity{};
+  for (int i = 0; i < kBlockSize; ++i) identity[i * kBlockSize + i] = 1.0f;
+  int strict_gains = 0;
+  int blocks = 0;
+  for (BlockKind kind : kAllKinds) {
+    for (int t = 0; t < 500; ++t, ++blocks) {
+      const RandomBlock b = MakeRandomBlock(rng, kind, 13000 + static_cast<uint64_t>(blocks));
+      const float s2 = GlobalScaleFromAmax(b.g);
+      const BlockOutcome mse = QuantizeBlock(b.w.data(), b.g, s2, nullptr, BlockMethod::kMse, grid);
+      const BlockOutcome dss = QuantizeBlock(b.w.data(), b.g, s2, identity.data(), BlockMethod::kDss, grid);
+      ASSERT_GE(dss.mse_after, mse.mse_after * (1.0f - 1e-5f)) << "kind " << static_cast<int>(kind);
+      strict_gains += dss.mse_after < mse.mse_after;
+    }
+  }
+  std::printf("[ mse dss   ] strict fp32-noise gains on %d of %d blocks\n", strict_gains, blocks);
+  EXPECT_LT(strict_gains, blocks / 100);
+}
+
+TEST(MseSweep, EqualsLocalHessianSweepWithIdentityHessian) {
+  ExampleRng rng(25);
+  std::array<float, kBlockSize * kBlockSize> identity{};
+  for (int i = 0; i < kBlockSize; ++i) identity[i * kBlockSize + i] = 1.0f;
+  for (int t = 0; t < 3000; ++t) {
+    const RandomBlock b = MakeRandomBlock(rng, kAllKinds[t % 7], 17000 + static_cast<uint64_t>(t));
+    const float s2 = GlobalScaleFromAmax(b.g);
+    ScaledBlock scaled;
+    PrepareScaledBlock(b.w.data(), b.g, s2, &scaled);
+    const SweepChoice mse = SweepScaleCandidates(scaled, nullptr);
+    const SweepChoice lh = SweepScaleCandidates(scaled, identity.data());
+    ASSERT_EQ(mse.candidate, lh.candidate);
+    ASSERT_EQ(FloatBits(mse.objective), FloatBits(lh.objective));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Whole tensors through the CPU backend.
+// ---------------------------------------------------------------------------------------------
+
+struct ExampleTensor {
+  std::vector<uint16_t> bf16;
+  std::vector<float> hessians;
+  int64_t rows;
+  int64_t cols;
+};
+
+ExampleTensor MakeTensor(int64_t rows, int64_t cols, uint64_t seed) {
+  return {MakeExampleWeightsBf16(rows, cols, seed), MakeExampleHessianBlocks(cols / 16, seed + 1),
+          rows, cols};
+}
+
+QuantizeRequest RequestFor(const ExampleTensor& t, Method method) {
+  QuantizeRequest r;
+  r.weights = {t.bf16.data(), DType::kBFloat16, t.rows, t.cols};
+  r.hessians = {t.hessians.data(), t.cols / 16};
+  r.params.method = method;
+  return r;
+}
+
+void ExpectSameResult(const QuantizedTensor& a, const QuantizedTensor& b) {
+  EXPECT_EQ(a.packed_codes, b.packed_codes);
+  EXPECT_EQ(a.scales, b.scales);
+  EXPECT_EQ(FloatBits(a.global_scale), FloatBits(b.global_scale));
+  EXPECT_EQ(a.stats.objective_before, b.stats.objective_before);
+  EXPECT_EQ(a.stats.objective_after, b.stats.objective_after);
+  EXPECT_EQ(a.stats.mse_after, b.stats.mse_after);
+  EXPECT_EQ(a.stats.blocks_scale_changed, b.stats.blocks_scale_changed);
+  EXPECT_EQ(a.stats.blocks_beta_not_one, b.stats.blocks_beta_not_one);
+}
+
+TEST(CpuScaleSearch, IdenticalForAnyThreadCount) {
+  const ExampleTensor t = MakeTensor(96, 256, 31);
+  for (Method m : {Method::kMax, Method::kMse, Method::kLocalHessian, Method::kDss}) {
+    auto one = MakeCpuScaleSearch({1, 7});
+    absl::StatusOr<QuantizedTensor> reference = one->Quantize(RequestFor(t, m));
+    ASSERT_TRUE(reference.ok()) << reference.status();
+    for (int threads : {2, 3, 8}) {
+      auto many = MakeCpuScaleSearch({threads, 7});
+      absl::StatusOr<QuantizedTensor> got = many->Quantize(RequestFor(t, m));
+      ASSERT_TRUE(got.ok()) << got.status();
+      ExpectSameResult(*reference, *got);
+    }
+  }
+}
+
+TEST(CpuScaleSearch, RowRangesReassembleTheWholeTensor) {
+  const ExampleTensor t = MakeTensor(50, 128, 32);
+  auto search = MakeCpuScaleSearch({2, 16});
+  const QuantizeRequest request = RequestFor(t, Method::kDss);
+  absl::StatusOr<QuantizedTensor> whole = search->Quantize(request);
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  std::vector<uint8_t> codes(whole->packed_codes.size());
+  std::vector<uint8_t> scales(whole->scales.size());
+  TensorStats total;
+  for (int64_t begin = 0; begin < t.rows; begin += 17) {
+    const int64_t end = std::min<int64_t>(t.rows, begin + 17);
+    TensorStats part;
+    RowRangeOutput out{absl::MakeSpan(codes).subspan(begin * t.cols / 2, (end - begin) * t.cols / 2),
+                       absl::MakeSpan(scales).subspan(begin * t.cols / 16, (end - begin) * t.cols / 16)};
+    ASSERT_TRUE(search->QuantizeRows(request, whole->global_amax, begin, end, out, &part).ok());
+    AccumulateStats(part, &total);
+  }
+  EXPECT_EQ(codes, whole->packed_codes);
+  EXPECT_EQ(scales, whole->scales);
+  EXPECT_EQ(total.num_blocks, whole->stats.num_blocks);
+  EXPECT_NEAR(total.objective_after, whole->stats.objective_after, 1e-9 * whole->stats.objective_after);
+}
+
+TEST(CpuScaleSearch, StatisticsMatchTheDequantizedOutput) {
+  const ExampleTensor t = MakeTensor(40, 256, 33);
+  auto search = MakeCpuScaleSearch({});
+  for (Method m : {Method::kMax, Method::kMse, Method::kLocalHessian, Method::kDss}) {
+    absl::StatusOr<QuantizedTensor> r = search->Quantize(RequestFor(t, m));
+    ASSERT_TRUE(r.ok()) << r.status();
+    double mse = 0.0;
+    double hess = 0.0;
+    for (int64_t row = 0; row < t.rows; ++row) {
+      for (int64_t j = 0; j < t.cols / 16; ++j) {
+        const float d = DecodeE4M3(r->scales[row * (t.cols / 16) + j]) * r->global_scale;
+        double e[16];
+        for (int i = 0; i < 16; ++i) {
+          const int64_t col = j * 16 + i;
+          const uint8_t byte = r->packed_codes[(row * t.cols + col) / 2];
+          const uint8_t code = col % 2 ? UnpackE2M1High(byte) : UnpackE2M1Low(byte);
+          e[i] = BFloat16ToFloat(t.bf16[row * t.cols + col]) - static_cast<double>(DecodeE2M1(code)) * d;
+          mse += e[i] * e[i];
+        }
+        const float* h = t.hessians.data() + j * 256;
+        for (int a = 0; a < 16; ++a)
+          for (int b = 0; b < 16; ++b) hess += e[a] * h[a * 16 + b] * e[b];
+      }
+    }
+    EXPECT_NEAR(r->stats.mse_after, mse, 1e-4 * mse) << MethodName(m);
+    EXPECT_NEAR(r->stats.hessian_error_after, hess, 1e-4 * hess) << MethodName(m);
+    EXPECT_EQ(r->stats.num_blocks, t.rows * t.cols / 16);
+    EXPECT_LE(r->stats.objective_after, r->stats.objective_before * (1 + 1e-6)) << MethodName(m);
+  }
+}
+
+TEST(CpuScaleSearch, MethodsImproveTheirObjectiveInOrder) {
+  const ExampleTensor t = MakeTensor(64, 512, 34);
+  auto search = MakeCpuScaleSearch({});
+  auto after = [&](Method m) {
+    absl::StatusOr<QuantizedTensor> r = search->Quantize(RequestFor(t, m));
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r->stats;
+  };
+  const TensorStats max = after(Method::kMax);
+  const TensorStats mse = after(Method::kMse);
+  const TensorStats lh = after(Method::kLocalHessian);
+  const TensorStats dss = after(Method::kDss);
+  EXPECT_LT(mse.mse_after, max.mse_after);
+  EXPECT_LT(lh.hessian_error_after, mse.hessian_error_after);
+  EXPECT_LT(dss.hessian_error_after, lh.hessian_error_after);
+  EXPECT_GT(dss.blocks_beta_not_one, 0);
+  EXPECT_EQ(max.blocks_scale_changed, 0);
+}
+
+TEST(CpuScaleSearch, Bf16Fp16AndFp32InputsOfTheSameValuesAgree) {
+  const int64_t rows = 24;
+  const int64_t cols = 64;
+  std::vector<uint16_t> bf16 = MakeExampleWeightsBf16(rows, cols, 35);
+  std::vector<float> f32(bf16.size());
+  std::vector<uint16_t> f16(bf16.size());
+  for (size_t i = 0; i < bf16.size(); ++i) {
+    float v = BFloat16ToFloat(bf16[i]);
+    if (std::fabs(v) < 6.103515625e-05f) v = 0.0f;  // keep inside fp16's normal range
+    bf16[i] = FloatToBFloat16(v);
+    f32[i] = v;
+    f16[i] = FloatToFloat16(v);
+    ASSERT_EQ(Float16ToFloat(f16[i]), v);
+  }
+  const std::vector<float> h = MakeExampleHessianBlocks(cols / 16, 36);
+  auto search = MakeCpuScaleSearch({});
+  std::vector<QuantizedTensor> results;
+  for (std::pair<const void*, DType> input :
+       {std::pair<const void*, DType>{bf16.data(), DType::kBFloat16}, {f32.data(), DType::kFloat32},
+        {f16.data(), DType::kFloat16}}) {
+    QuantizeRequest r;
+    r.weights = {input.first, input.second, rows, cols};
+    r.hessians = {h.data(), cols / 16};
+    absl::StatusOr<QuantizedTensor> q = search->Quantize(r);
+    ASSERT_TRUE(q.ok()) << q.status();
+    results.push_back(*std::move(q));
+  }
+  ExpectSameResult(results[0], results[1]);
+  ExpectSameResult(results[0], results[2]);
+}
+
+TEST(CpuScaleSearch, SharedGlobalAmaxIsUsed) {
+  const ExampleTensor t = MakeTensor(8, 64, 37);
+  auto search = MakeCpuScaleSearch({});
+  QuantizeRequest r = RequestFor(t, Method::kMax);
+  absl::StatusOr<QuantizedTensor> own = search->Quantize(r);
+  ASSERT_TRUE(own.ok());
+  r.global_amax = own->global_amax * 4.0f;
+  absl::StatusOr<QuantizedTensor> shared = search->Quantize(r);
+  ASSERT_TRUE(shared.ok());
+  EXPECT_EQ(shared->global_amax, own->global_amax * 4.0f);
+  EXPECT_EQ(shared->global_scale, own->global_amax * 4.0f / 2688.0f);
+}
+
+TEST(CpuScaleSearch, AllZeroTensor) {
+  const std::vector<float> zeros(4 * 32, 0.0f);
+  auto search = MakeCpuScaleSearch({});
+  for (Method m : {Method::kMax, Method::kMse}) {
+    QuantizeRequest r;
+    r.weights = {zeros.data(), DType::kFloat32, 4, 32};
+    r.params.method = m;
+    absl::StatusOr<QuantizedTensor> q = search->Quantize(r);
+    ASSERT_TRUE(q.ok()) << q.status();
+    EXPECT_EQ(q->global_scale, 0.0f);
+    for (uint8_t b : q->packed_codes) EXPECT_EQ(b, 0);
+    for (uint8_t s : q->scales) EXPECT_EQ(s, m == Method::kMax ? 0x7E : 0x01);
+  }
+}
+
+TEST(CpuScaleSearch, CountsAllZeroHessianBlocks) {
+  ExampleTensor t = MakeTensor(4, 64, 38);
+  std::fill(t.hessians.begin() + 256, t.hessians.begin() + 512, 0.0f);  // block 1
+  auto search = MakeCpuScaleSearch({});
+  absl::StatusOr<QuantizedTensor> q = search->Quantize(RequestFor(t, Method::kLocalHessian));
+  ASSERT_TRUE(q.ok());
+  EXPECT_EQ(q->stats.zero_hessian_blocks, 4);
+  for (int64_t row = 0; row < 4; ++row) EXPECT_EQ(q->scales[row * 4 + 1], 0x01);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation: every error names the field, the limit and the value.
+// ---------------------------------------------------------------------------------------------
+
+class Validation : public ::testing::Test {
+ protected:
+  Validation() : tensor_(MakeTensor(4, 64, 40)) {}
+  absl::Status Run(const QuantizeRequest& r) {
+    absl::Status v = ValidateRequest(r);
+    absl::StatusOr<QuantizedTensor> q = MakeCpuScaleSearch({})->Quantize(r);
+    EXPECT_EQ(v.code(), q.status().code()) << v << " vs " << q.status();
+    return v;
+  }
+  ExampleTensor tensor_;
+};
+
+TEST_F(Validation, AcceptsAGoodRequest) {
+  EXPECT_TRUE(Run(RequestFor(tensor_, Method::kDss)).ok());
+}
+
+TEST_F(Validation, InputColumnsNotAMultipleOf16) {
+  QuantizeRequest r = RequestFor(tensor_, Method::kMax);
+  r.weights.cols = 60;
+  const absl::Status s = Run(r);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("weights.cols (in) = 60 is not a multiple of the block size 16"));
+}
+
+TEST_F(Validation, EmptyTensor) {
+  QuantizeRequest r = RequestFor(tensor_, Method::kMax);
+  r.weights.rows = 0;
+  const absl::Status s = Run(r);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("empty tensor"));
+}
+
+TEST_F(Validation, NonFiniteWeights) {
+  std::vector<float> w(4 * 64, 0.5f);
+  w[2 * 64 + 17] = std::nanf("");
+  QuantizeRequest r;
+  r.weights = {w.data(), DType::kFloat32, 4, 64};
+  r.params.method = Method::kMse;
+  absl::Status s = Run(r);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("element (2, 17) is nan"));
+  w[2 * 64 + 17] = std::numeric_limits<float>::infinity();
+  s = Run(r);
+  EXPECT_THAT(s.message(), HasSubstr("element (2, 17) is inf"));
+}
+
+TEST_F(Validation, NonFiniteHessian) {
+  tensor_.hessians[256 * 2 + 3 * 16 + 5] = std::numeric_limits<float>::infinity();
+  const absl::Status s = Run(RequestFor(tensor_, Method::kLocalHessian));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("block 2 element (3, 5) is inf"));
+}
+
+TEST_F(Validation, MissingHessian) {
+  QuantizeRequest r = RequestFor(tensor_, Method::kDss);
+  r.hessians = {};
+  const absl::Status s = Run(r);
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(s.message(), HasSubstr("method dss needs Hessian blocks [4, 16, 16]"));
+  r.params.method = Method::kMse;
+  EXPECT_TRUE(Run(r).ok());
+}
+
+TEST_F(Validation, WrongHessianShape) {
+  QuantizeRequest r = RequestFor(tensor_, Method::kLocalHessian);
+  r.hessians.num_blocks = 3;
+  const absl::Status s = Run(r);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("hessians.num_blocks = 3 but weights.cols / 16 = 4"));
+}
+
+TEST_F(Validation, NonSymmetricHessian) {
+  tensor_.hessians[256 * 1 + 2 * 16 + 9] += 0.5f;
+  const absl::Status s = Run(RequestFor(tensor_, Method::kDss));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("block 1 is not symmetric: H(2, 9)"));
+}
+
+TEST_F(Validation, NegativeHessianDiagonal) {
+  tensor_.hessians[7 * 16 + 7] = -1.0f;
+  const absl::Status s = Run(RequestFor(tensor_, Method::kDss));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("block 0 diagonal element (7, 7) = -1 is negative"));
+}
+
+TEST_F(Validation, BetaStepOutOfRange) {
+  for (float step : {0.001f, 0.6f, std::nanf("")}) {
+    QuantizeRequest r = RequestFor(tensor_, Method::kDss);
+    r.params.beta_step = step;
+    const absl::Status s = Run(r);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(s.message(), HasSubstr("params.beta_step = "));
+    EXPECT_THAT(s.message(), HasSubstr("is out of range [0.005, 0.5]"));
+  }
+}
+
+TEST_F(Validation, BetaRangeMustKeepBetasPositive) {
+  QuantizeRequest r = RequestFor(tensor_, Method::kDss);
+  r.params.beta_step = 0.5f;
+  r.params.beta_half_range = 0.9f;  // n = 2: betas 0, 0.5, 1, 1.5, 2
+  const absl::Status s = Run(r);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("smallest beta of 0"));
+}
+
+TEST_F(Validation, NeighboursOutOfRange) {
+  QuantizeRequest r = RequestFor(tensor_, Method::kDss);
+  r.params.scale_neighbours = -1;
+  EXPECT_THAT(Run(r).message(), HasSubstr("params.scale_neighbours = -1 is out of range [0, 125]"));
+}
+
+TEST_F(Validation, SharedGlobalAmaxBelowTheWeights) {
+  QuantizeRequest r = RequestFor(tensor_, Method::kMax);
+  r.global_amax = 1e-6f;
+  const absl::Status s = Run(r);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("below the weights' own amax"));
+}
+
+TEST(MethodNames, RoundTripAndRejectUnknown) {
+  for (Method m : {Method::kMax, Method::kMse, Method::kLocalHessian, Method::kDss}) {
+    absl::StatusOr<Method> parsed = ParseMethod(MethodName(m));
+    ASSERT_TRUE(parsed.ok());
+    EXPECT_EQ(*parsed, m);
+  }
+  const absl::StatusOr<Method> bad = ParseMethod("gptqq");
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(bad.status().message(), HasSubstr("\"gptqq\""));
+}
+
+}  // namespace
+}  // namespace nvfp4cal
