@@ -5,6 +5,7 @@
 #include <thread>
 #include <vector>
 
+#include "cpu_block_search_simd.h"
 #include "nvfp4cal/kernels/block_search.h"
 #include "nvfp4cal/kernels/validation.h"
 
@@ -44,6 +45,47 @@ void AddBlockStats(const BlockOutcome& block, Method method, double unit, Tensor
   stats->blocks_beta_not_one += block.dss_beta_index != 0;
   stats->blocks_offset_not_zero += block.dss_offset != 0;
   stats->zero_hessian_blocks += block.hessian_all_zero;
+}
+
+// Everything one task needs, fixed per tensor.
+struct TensorTask {
+  const QuantizeRequest* request;
+  const simd::CandidateScales* scales;
+  float global_amax;
+  float global_scale;
+  double objective_unit;  // ObjectiveUnit(s2)
+  BlockMethod method;
+  int64_t row_begin;      // first row of the output spans
+  RowRangeOutput output;
+};
+
+// Quantizes rows [first, last) into the task's output, summing statistics into *stats. Compiled
+// for several instruction sets and picked at run time; every variant computes the same bits
+// (-ffp-contract=off, IEEE division, the same operation order).
+__attribute__((target_clones("avx512f", "avx2", "default"))) void QuantizeRowsKernel(
+    const TensorTask& task, int64_t first, int64_t last, TensorStats* stats) {
+  const WeightView& w = task.request->weights;
+  const float* hessians = task.request->hessians.data;
+  const int64_t blocks_per_row = w.cols / kBlockSize;
+  const int neighbours = task.request->params.scale_neighbours;
+  float block[kBlockSize];
+  simd::HessianRows rows;
+  for (int64_t j = 0; j < blocks_per_row; ++j) {
+    // Column-block outer loop: H_j is loaded once for all rows of the task.
+    const float* h = hessians == nullptr ? nullptr : hessians + j * kBlockSize * kBlockSize;
+    if (h != nullptr) simd::LoadHessianRows(h, &rows);
+    for (int64_t r = first; r < last; ++r) {
+      LoadAsFloat(w.data, w.dtype, r * w.cols + j * kBlockSize, kBlockSize, block);
+      const BlockOutcome out =
+          simd::QuantizeBlock(block, *task.scales, task.global_amax, task.global_scale, h,
+                              h == nullptr ? nullptr : &rows, task.method, neighbours);
+      const int64_t local_block = (r - task.row_begin) * blocks_per_row + j;
+      task.output.scales[static_cast<size_t>(local_block)] = out.scale_byte;
+      std::copy(out.packed, out.packed + kBlockSize / 2,
+                task.output.packed_codes.begin() + local_block * (kBlockSize / 2));
+      AddBlockStats(out, task.request->params.method, task.objective_unit, stats);
+    }
+  }
 }
 
 class CpuScaleSearch final : public ScaleSearch {
@@ -118,30 +160,16 @@ class CpuScaleSearch final : public ScaleSearch {
     const float global_scale = GlobalScaleFromAmax(global_amax);
     const DssGrid grid{request.params.scale_neighbours, DssBetaSteps(request.params),
                        request.params.beta_step};
-    const BlockMethod method = ToBlockMethod(request.params.method);
-    const double unit = ObjectiveUnit(global_scale);
+    const simd::CandidateScales scales(global_amax, global_scale, grid);
+    const TensorTask tensor_task{&request,     &scales,   global_amax, global_scale,
+                                 ObjectiveUnit(global_scale), ToBlockMethod(request.params.method),
+                                 row_begin,    output};
 
     auto worker = [&]() {
       for (int64_t task = next_task++; task < num_tasks; task = next_task++) {
         const int64_t first = row_begin + task * rows_per_task;
         const int64_t last = std::min(row_end, first + rows_per_task);
-        TensorStats& ts = task_stats[static_cast<size_t>(task)];
-        float block[kBlockSize];
-        for (int64_t r = first; r < last; ++r) {
-          for (int64_t j = 0; j < blocks_per_row; ++j) {
-            LoadAsFloat(w.data, w.dtype, r * w.cols + j * kBlockSize, kBlockSize, block);
-            const float* h = request.hessians.data == nullptr
-                                 ? nullptr
-                                 : request.hessians.data + j * kBlockSize * kBlockSize;
-            const BlockOutcome out =
-                QuantizeBlock(block, global_amax, global_scale, h, method, grid);
-            const int64_t local_block = (r - row_begin) * blocks_per_row + j;
-            output.scales[static_cast<size_t>(local_block)] = out.scale_byte;
-            std::copy(out.packed, out.packed + kBlockSize / 2,
-                      output.packed_codes.begin() + local_block * (kBlockSize / 2));
-            AddBlockStats(out, request.params.method, unit, &ts);
-          }
-        }
+        QuantizeRowsKernel(tensor_task, first, last, &task_stats[static_cast<size_t>(task)]);
       }
     };
     const int threads = static_cast<int>(std::min<int64_t>(options_.num_threads, num_tasks));

@@ -432,6 +432,46 @@ TEST(CpuScaleSearch, CountsAllZeroHessianBlocks) {
   for (int64_t row = 0; row < 4; ++row) EXPECT_EQ(q->scales[row * 4 + 1], 0x01);
 }
 
+TEST(CpuScaleSearch, MatchesTheGenericBlockSearchBitForBit) {
+  // The CPU backend runs vectorised searches compiled for the machine's instruction set; they
+  // must pick exactly what block_search.h (shared with CUDA) picks, hard cases included.
+  ExampleRng rng(39);
+  const int64_t rows = 48;
+  const int64_t cols = 64;
+  auto search = MakeCpuScaleSearch({2, 5});
+  const DssGrid grid{1, 10, 0.05f};
+  int64_t blocks = 0;
+  for (BlockKind kind : kAllKinds) {
+    std::vector<float> w(static_cast<size_t>(rows * cols));
+    std::vector<float> h(static_cast<size_t>(cols / 16 * 256));
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < cols / 16; ++j) {
+        const RandomBlock b = MakeRandomBlock(rng, kind, 20000 + static_cast<uint64_t>(blocks++));
+        std::copy(b.w.begin(), b.w.end(), w.begin() + r * cols + j * 16);
+        if (r == 0) std::copy(b.h.begin(), b.h.end(), h.begin() + j * 256);
+      }
+    }
+    for (Method m : {Method::kMax, Method::kMse, Method::kLocalHessian, Method::kDss}) {
+      QuantizeRequest request;
+      request.weights = {w.data(), DType::kFloat32, rows, cols};
+      request.hessians = {h.data(), cols / 16};
+      request.params.method = m;
+      absl::StatusOr<QuantizedTensor> got = search->Quantize(request);
+      ASSERT_TRUE(got.ok()) << got.status();
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t j = 0; j < cols / 16; ++j) {
+          const BlockOutcome want = QuantizeBlock(
+              w.data() + r * cols + j * 16, got->global_amax, got->global_scale,
+              h.data() + j * 256, static_cast<BlockMethod>(static_cast<int>(m)), grid);
+          ASSERT_EQ(got->scales[r * (cols / 16) + j], want.scale_byte)
+              << "kind " << static_cast<int>(kind) << " method " << MethodName(m);
+          ASSERT_EQ(std::memcmp(got->packed_codes.data() + (r * cols + j * 16) / 2, want.packed, 8), 0);
+        }
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Validation: every error names the field, the limit and the value.
 // ---------------------------------------------------------------------------------------------

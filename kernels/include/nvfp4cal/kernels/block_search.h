@@ -215,41 +215,67 @@ inline double ObjectiveUnit(float global_scale) {
   return e < 0 ? 1.0 / unit : unit;
 }
 
+// First part of QuantizeBlock, shared by every search implementation: flags an all-zero H_j,
+// computes the `max` method's byte and its errors (the "before" statistics) and prepares the
+// block in error units. Returns false for an all-zero tensor (g = 0), whose outcome is final.
+NVFP4_HD bool BeginBlock(const float* w, float global_amax, float global_scale, const float* h,
+                         BlockMethod method, BlockOutcome* out, ScaledBlock* b) {
+  *out = BlockOutcome{};
+  if (h != nullptr) {
+    bool all_zero = true;
+    for (int i = 0; i < kBlockSize * kBlockSize; ++i) all_zero = all_zero && h[i] == 0.0f;
+    out->hessian_all_zero = all_zero;
+  }
+  float block_amax = 0.0f;
+  for (int i = 0; i < kBlockSize; ++i) block_amax = fmaxf(block_amax, std::fabs(w[i]));
+  out->max_scale_byte = MaxMethodScaleByte(block_amax, global_amax);
+  if (global_amax == 0.0f) {
+    // All-zero tensor: s2 = 0, every code 0, never a division by zero.
+    out->scale_byte = method == BlockMethod::kMax ? out->max_scale_byte : 0x01;
+    return false;
+  }
+  PrepareScaledBlock(w, global_amax, global_scale, b);
+  float e[kBlockSize];
+  const float f_max = DecodeE4M3(out->max_scale_byte);
+  BlockErrorForScales(*b, MulNoContract(f_max, global_scale),
+                      MulNoContract(f_max, b->global_scale_unit), e);
+  out->mse_before = BlockSquaredError(e);
+  out->hessian_before = h != nullptr ? BlockHessianError(h, e) : 0.0f;
+  out->scale_byte = out->max_scale_byte;
+  return true;
+}
+
+// Last part of QuantizeBlock: codes e2m1(w / q) for stored candidate k, packing and the "after"
+// statistics.
+NVFP4_HD void FinishBlock(const ScaledBlock& b, const float* h, int candidate, float q,
+                          BlockOutcome* out) {
+  out->scale_byte = static_cast<uint8_t>(candidate + 1);
+  const float d_unit = MulNoContract(ScaleCandidateValue(candidate), b.global_scale_unit);
+  uint8_t codes[kBlockSize];
+  float e[kBlockSize];
+  for (int i = 0; i < kBlockSize; ++i) {
+    codes[i] = EncodeE2M1(b.w[i] / q);
+    e[i] = b.w_unit[i] - MulNoContract(DecodeE2M1(codes[i]), d_unit);
+  }
+  for (int i = 0; i < kBlockSize / 2; ++i) {
+    out->packed[i] = PackE2M1Pair(codes[2 * i], codes[2 * i + 1]);
+  }
+  out->mse_after = BlockSquaredError(e);
+  out->hessian_after = h != nullptr ? BlockHessianError(h, e) : 0.0f;
+}
+
 // Quantizes one block with `method`. w: 16 fp32 weights; h: 16x16 Hessian block or null (the
 // mse and max methods ignore it for the search but still report its objective). g is the
 // tensor's (or fused group's) amax and s2 = g / 2688 its global scale.
 NVFP4_HD BlockOutcome QuantizeBlock(const float* w, float global_amax, float global_scale,
                                     const float* h, BlockMethod method, DssGrid grid) {
-  BlockOutcome out{};
-  if (h != nullptr) {
-    bool all_zero = true;
-    for (int i = 0; i < kBlockSize * kBlockSize; ++i) all_zero = all_zero && h[i] == 0.0f;
-    out.hessian_all_zero = all_zero;
-  }
-  float block_amax = 0.0f;
-  for (int i = 0; i < kBlockSize; ++i) block_amax = fmaxf(block_amax, std::fabs(w[i]));
-  out.max_scale_byte = MaxMethodScaleByte(block_amax, global_amax);
-
-  if (global_amax == 0.0f) {
-    // All-zero tensor: s2 = 0, every code 0, never a division by zero.
-    out.scale_byte = method == BlockMethod::kMax ? out.max_scale_byte : 0x01;
-    return out;
-  }
-
-  ScaledBlock b;
-  PrepareScaledBlock(w, global_amax, global_scale, &b);
-  float e[kBlockSize];
-  const float f_max = DecodeE4M3(out.max_scale_byte);
-  const float d_max = MulNoContract(f_max, global_scale);
-  BlockErrorForScales(b, d_max, MulNoContract(f_max, b.global_scale_unit), e);
-  out.mse_before = BlockSquaredError(e);
-  out.hessian_before = h != nullptr ? BlockHessianError(h, e) : 0.0f;
-
+  BlockOutcome out;
+  ScaledBlock b{};
+  if (!BeginBlock(w, global_amax, global_scale, h, method, &out, &b)) return out;
   int candidate = out.max_scale_byte - 1;
-  float q = d_max;
+  float q = MulNoContract(DecodeE4M3(out.max_scale_byte), global_scale);
   if (method != BlockMethod::kMax) {
-    const float* search_h = method == BlockMethod::kMse ? nullptr : h;
-    const SweepChoice sweep = SweepScaleCandidates(b, search_h);
+    const SweepChoice sweep = SweepScaleCandidates(b, method == BlockMethod::kMse ? nullptr : h);
     candidate = sweep.candidate;
     q = MulNoContract(ScaleCandidateValue(candidate), global_scale);
     if (method == BlockMethod::kDss) {
@@ -260,19 +286,7 @@ NVFP4_HD BlockOutcome QuantizeBlock(const float* w, float global_amax, float glo
       q = dss.q;
     }
   }
-  out.scale_byte = static_cast<uint8_t>(candidate + 1);
-  const float d_unit = MulNoContract(ScaleCandidateValue(candidate), b.global_scale_unit);
-
-  uint8_t codes[kBlockSize];
-  for (int i = 0; i < kBlockSize; ++i) {
-    codes[i] = EncodeE2M1(w[i] / q);
-    e[i] = b.w_unit[i] - MulNoContract(DecodeE2M1(codes[i]), d_unit);
-  }
-  for (int i = 0; i < kBlockSize / 2; ++i) {
-    out.packed[i] = PackE2M1Pair(codes[2 * i], codes[2 * i + 1]);
-  }
-  out.mse_after = BlockSquaredError(e);
-  out.hessian_after = h != nullptr ? BlockHessianError(h, e) : 0.0f;
+  FinishBlock(b, h, candidate, q, &out);
   return out;
 }
 

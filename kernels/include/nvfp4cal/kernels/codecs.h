@@ -133,9 +133,17 @@ NVFP4_HD float DecodeE2M1(uint8_t code) {
 }
 
 // DecodeE2M1(EncodeE2M1(y)) without building the code: what the searches use per candidate.
+// Written without branches or tables (sums of masked constants, all exact) so that compilers
+// vectorise it; the tests check it against encode-then-decode bit for bit.
 NVFP4_HD float RoundToE2M1Value(float y) {
-  const float magnitude = E2M1MagnitudeValue(E2M1MagnitudeIndex(std::fabs(y)));
-  return y < 0.0f ? -magnitude : magnitude;
+  const float a = std::fabs(y);
+  const float magnitude =
+      0.5f * static_cast<float>(a > 0.25f) + 0.5f * static_cast<float>(a >= 0.75f) +
+      0.5f * static_cast<float>(a > 1.25f) + 0.5f * static_cast<float>(a >= 1.75f) +
+      1.0f * static_cast<float>(a > 2.5f) + 1.0f * static_cast<float>(a >= 3.5f) +
+      2.0f * static_cast<float>(a > 5.0f);
+  // 1 - 2 * [y < 0] is +-1; a negative y that rounds to zero gives -0, as code 8 decodes.
+  return MulNoContract(magnitude, 1.0f - 2.0f * static_cast<float>(y < 0.0f));
 }
 
 // Two codes per byte, even element in the low nibble.
