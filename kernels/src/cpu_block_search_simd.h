@@ -169,14 +169,26 @@ NVFP4_SIMD DssChoice DecoupledScaleSearch(const ScaledBlock& b, const CandidateS
   return best;
 }
 
-// QuantizeBlock with the vectorised searches. `h` and `rows` are the same Hessian block (null
-// when there is none).
-NVFP4_SIMD BlockOutcome QuantizeBlock(const float* w, const CandidateScales& scales, float global_amax,
-                                  float global_scale, const float* h, const HessianRows* rows,
-                                  BlockMethod method, int neighbours) {
-  BlockOutcome out;
+// GenericBlockObjectives on vectors.
+struct VectorBlockObjectives {
+  const HessianRows* rows;  // Hessian block or null
+  NVFP4_SIMD float SquaredError(const float* e) const { return Objective(Load(e), nullptr); }
+  NVFP4_SIMD float HessianError(const float* e) const {
+    return rows != nullptr ? Objective(Load(e), rows) : 0.0f;
+  }
+};
+
+// QuantizeBlock with the vectorised searches. `rows` is the block's Hessian (null when there is
+// none); `hessian_all_zero` its IsAllZeroHessian, computed once per column block by the caller.
+NVFP4_SIMD BlockOutcome QuantizeBlock(const float* w, const CandidateScales& scales,
+                                      float global_amax, float global_scale,
+                                      const HessianRows* rows, bool hessian_all_zero,
+                                      BlockMethod method, int neighbours) {
+  BlockOutcome out{};
   ScaledBlock b{};
-  if (!BeginBlock(w, global_amax, global_scale, h, method, &out, &b)) return out;
+  const VectorBlockObjectives objectives{rows};
+  out.hessian_all_zero = hessian_all_zero;
+  if (!BeginBlock(w, global_amax, global_scale, method, objectives, &out, &b)) return out;
   int candidate = out.max_scale_byte - 1;
   float q = DecodeE4M3(out.max_scale_byte) * global_scale;
   if (method != BlockMethod::kMax) {
@@ -192,7 +204,7 @@ NVFP4_SIMD BlockOutcome QuantizeBlock(const float* w, const CandidateScales& sca
       q = dss.q;
     }
   }
-  FinishBlock(b, h, candidate, q, &out);
+  FinishBlock(b, objectives, candidate, q, &out);
   return out;
 }
 

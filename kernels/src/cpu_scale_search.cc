@@ -73,12 +73,13 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void QuantizeRowsKe
   for (int64_t j = 0; j < blocks_per_row; ++j) {
     // Column-block outer loop: H_j is loaded once for all rows of the task.
     const float* h = hessians == nullptr ? nullptr : hessians + j * kBlockSize * kBlockSize;
+    const bool all_zero = h != nullptr && IsAllZeroHessian(h);
     if (h != nullptr) simd::LoadHessianRows(h, &rows);
     for (int64_t r = first; r < last; ++r) {
       LoadAsFloat(w.data, w.dtype, r * w.cols + j * kBlockSize, kBlockSize, block);
       const BlockOutcome out =
-          simd::QuantizeBlock(block, *task.scales, task.global_amax, task.global_scale, h,
-                              h == nullptr ? nullptr : &rows, task.method, neighbours);
+          simd::QuantizeBlock(block, *task.scales, task.global_amax, task.global_scale,
+                              h == nullptr ? nullptr : &rows, all_zero, task.method, neighbours);
       const int64_t local_block = (r - task.row_begin) * blocks_per_row + j;
       task.output.scales[static_cast<size_t>(local_block)] = out.scale_byte;
       std::copy(out.packed, out.packed + kBlockSize / 2,

@@ -215,17 +215,30 @@ inline double ObjectiveUnit(float global_scale) {
   return e < 0 ? 1.0 / unit : unit;
 }
 
-// First part of QuantizeBlock, shared by every search implementation: flags an all-zero H_j,
-// computes the `max` method's byte and its errors (the "before" statistics) and prepares the
-// block in error units. Returns false for an all-zero tensor (g = 0), whose outcome is final.
-NVFP4_HD bool BeginBlock(const float* w, float global_amax, float global_scale, const float* h,
-                         BlockMethod method, BlockOutcome* out, ScaledBlock* b) {
-  *out = BlockOutcome{};
-  if (h != nullptr) {
-    bool all_zero = true;
-    for (int i = 0; i < kBlockSize * kBlockSize; ++i) all_zero = all_zero && h[i] == 0.0f;
-    out->hessian_all_zero = all_zero;
+// Error sums of a block error vector, as the generic code computes them. Implementations with
+// their own (bit-identical) vector code pass their own object with the same two functions.
+struct GenericBlockObjectives {
+  const float* h;  // Hessian block or null
+  NVFP4_HD float SquaredError(const float* e) const { return BlockSquaredError(e); }
+  NVFP4_HD float HessianError(const float* e) const {
+    return h != nullptr ? BlockHessianError(h, e) : 0.0f;
   }
+};
+
+// True when every element of the 16x16 block is zero.
+NVFP4_HD bool IsAllZeroHessian(const float* h) {
+  bool all_zero = true;
+  for (int i = 0; i < kBlockSize * kBlockSize; ++i) all_zero = all_zero && h[i] == 0.0f;
+  return all_zero;
+}
+
+// First part of QuantizeBlock, shared by every search implementation: computes the `max`
+// method's byte and its errors (the "before" statistics) and prepares the block in error units.
+// Returns false for an all-zero tensor (g = 0), whose outcome is then final.
+template <class Objectives>
+NVFP4_HD bool BeginBlock(const float* w, float global_amax, float global_scale,
+                         BlockMethod method, const Objectives& objectives, BlockOutcome* out,
+                         ScaledBlock* b) {
   float block_amax = 0.0f;
   for (int i = 0; i < kBlockSize; ++i) block_amax = fmaxf(block_amax, std::fabs(w[i]));
   out->max_scale_byte = MaxMethodScaleByte(block_amax, global_amax);
@@ -239,16 +252,17 @@ NVFP4_HD bool BeginBlock(const float* w, float global_amax, float global_scale, 
   const float f_max = DecodeE4M3(out->max_scale_byte);
   BlockErrorForScales(*b, MulNoContract(f_max, global_scale),
                       MulNoContract(f_max, b->global_scale_unit), e);
-  out->mse_before = BlockSquaredError(e);
-  out->hessian_before = h != nullptr ? BlockHessianError(h, e) : 0.0f;
+  out->mse_before = objectives.SquaredError(e);
+  out->hessian_before = objectives.HessianError(e);
   out->scale_byte = out->max_scale_byte;
   return true;
 }
 
 // Last part of QuantizeBlock: codes e2m1(w / q) for stored candidate k, packing and the "after"
 // statistics.
-NVFP4_HD void FinishBlock(const ScaledBlock& b, const float* h, int candidate, float q,
-                          BlockOutcome* out) {
+template <class Objectives>
+NVFP4_HD void FinishBlock(const ScaledBlock& b, const Objectives& objectives, int candidate,
+                          float q, BlockOutcome* out) {
   out->scale_byte = static_cast<uint8_t>(candidate + 1);
   const float d_unit = MulNoContract(ScaleCandidateValue(candidate), b.global_scale_unit);
   uint8_t codes[kBlockSize];
@@ -260,8 +274,8 @@ NVFP4_HD void FinishBlock(const ScaledBlock& b, const float* h, int candidate, f
   for (int i = 0; i < kBlockSize / 2; ++i) {
     out->packed[i] = PackE2M1Pair(codes[2 * i], codes[2 * i + 1]);
   }
-  out->mse_after = BlockSquaredError(e);
-  out->hessian_after = h != nullptr ? BlockHessianError(h, e) : 0.0f;
+  out->mse_after = objectives.SquaredError(e);
+  out->hessian_after = objectives.HessianError(e);
 }
 
 // Quantizes one block with `method`. w: 16 fp32 weights; h: 16x16 Hessian block or null (the
@@ -269,9 +283,11 @@ NVFP4_HD void FinishBlock(const ScaledBlock& b, const float* h, int candidate, f
 // tensor's (or fused group's) amax and s2 = g / 2688 its global scale.
 NVFP4_HD BlockOutcome QuantizeBlock(const float* w, float global_amax, float global_scale,
                                     const float* h, BlockMethod method, DssGrid grid) {
-  BlockOutcome out;
+  BlockOutcome out{};
   ScaledBlock b{};
-  if (!BeginBlock(w, global_amax, global_scale, h, method, &out, &b)) return out;
+  const GenericBlockObjectives objectives{h};
+  out.hessian_all_zero = h != nullptr && IsAllZeroHessian(h);
+  if (!BeginBlock(w, global_amax, global_scale, method, objectives, &out, &b)) return out;
   int candidate = out.max_scale_byte - 1;
   float q = MulNoContract(DecodeE4M3(out.max_scale_byte), global_scale);
   if (method != BlockMethod::kMax) {
@@ -286,7 +302,7 @@ NVFP4_HD BlockOutcome QuantizeBlock(const float* w, float global_amax, float glo
       q = dss.q;
     }
   }
-  FinishBlock(b, h, candidate, q, &out);
+  FinishBlock(b, objectives, candidate, q, &out);
   return out;
 }
 

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs every Debian 12 package nvfp4cal's build and tests need. Runs apt-get update first.
+# Uses sudo when not run as root. CUDA is optional: the build finds nvcc at /usr/local/cuda when
+# the toolkit is installed, and builds the CPU backend alone otherwise.
+set -euo pipefail
+packages=(
+  build-essential cmake ninja-build pkg-config git ca-certificates
+  libabsl-dev                                   # Abseil 20220623 (status, strings, flags)
+  libprotobuf-dev protobuf-compiler             # Protobuf 3.21
+  libgrpc++-dev protobuf-compiler-grpc          # gRPC 1.51 and its protoc plugin
+  prometheus-cpp-dev                            # prometheus-cpp 1.0 (server metrics)
+  libgtest-dev libgmock-dev googletest          # GoogleTest / GoogleMock
+  libbenchmark-dev                              # Google Benchmark
+  clang-format                                  # formatting check (.clang-format)
+)
+sudo=""
+if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update
+$sudo apt-get install -y --no-install-recommends "${packages[@]}"
