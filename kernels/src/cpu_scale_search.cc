@@ -117,7 +117,7 @@ class CpuScaleSearch final : public ScaleSearch {
     result.scales.resize(static_cast<size_t>(w.rows * w.cols / kBlockSize));
     result.global_amax = global_amax;
     result.global_scale = GlobalScaleFromAmax(global_amax);
-    InitStats(request.params, global_amax, &result.stats);
+    InitTensorStats(request.params, global_amax, &result.stats);
     Run(request, global_amax, 0, w.rows, RowRangeOutput{absl::MakeSpan(result.packed_codes),
                                                         absl::MakeSpan(result.scales)},
         &result.stats);
@@ -133,19 +133,12 @@ class CpuScaleSearch final : public ScaleSearch {
     absl::StatusOr<float> rows_amax = ScanWeightRows(request.weights, row_begin, row_end);
     if (!rows_amax.ok()) return rows_amax.status();
     if (absl::Status s = ValidateGlobalAmax(global_amax, *rows_amax); !s.ok()) return s;
-    InitStats(request.params, global_amax, stats);
+    InitTensorStats(request.params, global_amax, stats);
     Run(request, global_amax, row_begin, row_end, output, stats);
     return absl::OkStatus();
   }
 
  private:
-  static void InitStats(const SearchParams& params, float global_amax, TensorStats* stats) {
-    stats->method = params.method;
-    stats->params = params;
-    stats->global_amax = global_amax;
-    stats->global_scale = GlobalScaleFromAmax(global_amax);
-  }
-
   // Quantizes rows [row_begin, row_end) of a validated request; output spans start at
   // row_begin. Statistics are summed per task, then in task order (thread-count independent).
   void Run(const QuantizeRequest& request, float global_amax, int64_t row_begin, int64_t row_end,

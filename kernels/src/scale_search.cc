@@ -50,6 +50,13 @@ bool MethodNeedsHessian(Method method) {
   return method == Method::kLocalHessian || method == Method::kDss;
 }
 
+void InitTensorStats(const SearchParams& params, float global_amax, TensorStats* stats) {
+  stats->method = params.method;
+  stats->params = params;
+  stats->global_amax = global_amax;
+  stats->global_scale = GlobalScaleFromAmax(global_amax);
+}
+
 void AccumulateStats(const TensorStats& part, TensorStats* total) {
   total->num_blocks += part.num_blocks;
   total->objective_before += part.objective_before;

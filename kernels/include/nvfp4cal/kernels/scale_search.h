@@ -92,6 +92,9 @@ struct TensorStats {
   int64_t zero_hessian_blocks = 0;
 };
 
+// Sets the descriptive fields of *stats (method, parameters, g, s2); leaves the sums alone.
+void InitTensorStats(const SearchParams& params, float global_amax, TensorStats* stats);
+
 // Adds the additive fields of `part` (block counts and sums) into `total`.
 void AccumulateStats(const TensorStats& part, TensorStats* total);
 

@@ -1,0 +1,283 @@
+// CUDA backend against the CPU reference (NUMERICS §7). Skips, with the reason, when no CUDA
+// device is present (and in builds without CUDA).
+#include "nvfp4cal/kernels/cuda_scale_search.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "gtest/gtest.h"
+#if defined(NVFP4CAL_HAVE_CUDA)
+#include <cuda_runtime.h>
+#endif
+#include "nvfp4cal/kernels/block_search.h"
+#include "nvfp4cal/kernels/cpu_scale_search.h"
+#include "nvfp4cal/kernels/example_data.h"
+
+namespace nvfp4cal {
+namespace {
+
+constexpr Method kMethods[] = {Method::kMax, Method::kMse, Method::kLocalHessian, Method::kDss};
+
+class CudaScaleSearchTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string reason;
+    if (!CudaDeviceAvailable(&reason)) GTEST_SKIP() << "no CUDA device: " << reason;
+    absl::StatusOr<std::unique_ptr<CudaScaleSearch>> gpu = MakeCudaScaleSearch({});
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    gpu_ = *std::move(gpu);
+    cpu_ = MakeCpuScaleSearch({});
+    std::printf("[ device    ] %s\n", gpu_->DeviceDescription().c_str());
+  }
+  std::unique_ptr<CudaScaleSearch> gpu_;
+  std::unique_ptr<ScaleSearch> cpu_;
+};
+
+// A tensor whose blocks are all of one hard kind (NUMERICS §7).
+enum class Kind { kTypical, kSaturated, kZeroBlocks, kSubnormalScales, kTinyG, kHugeG, kIllConditioned };
+
+struct HardTensor {
+  std::vector<float> w;
+  std::vector<float> h;
+  int64_t rows;
+  int64_t cols;
+};
+
+HardTensor MakeHardTensor(Kind kind, int64_t rows, int64_t cols, uint64_t seed) {
+  HardTensor t{MakeExampleWeights(rows, cols, seed),
+               MakeExampleHessianBlocks(cols / 16, seed + 1, kind == Kind::kIllConditioned ? 30.0f : 1.0f),
+               rows, cols};
+  ExampleRng rng(seed + 2);
+  double scale = 1.0;
+  if (kind == Kind::kTinyG) scale = 1e-28;
+  if (kind == Kind::kHugeG) scale = 1e28;
+  float amax = 0.0f;
+  for (float& v : t.w) {
+    v = BFloat16ToFloat(FloatToBFloat16(static_cast<float>(v * scale)));
+    amax = std::fmax(amax, std::fabs(v));
+  }
+  for (int64_t b = 0; b < rows * cols / 16; ++b) {
+    float* block = t.w.data() + b * 16;
+    const double u = rng.Uniform();
+    if (kind == Kind::kSaturated && u < 0.5) {
+      for (int i = 0; i < 4; ++i) block[rng.NextU64() % 16] = (i % 2 ? -amax : amax);
+    } else if (kind == Kind::kZeroBlocks && u < 0.3) {
+      std::fill(block, block + 16, 0.0f);
+    } else if (kind == Kind::kSubnormalScales && u < 0.5) {
+      for (int i = 0; i < 16; ++i) block[i] *= 1.0f / 4096.0f;
+    }
+  }
+  if (kind == Kind::kZeroBlocks) std::fill(t.h.begin(), t.h.begin() + 256, 0.0f);  // unused input
+  return t;
+}
+
+QuantizeRequest RequestFor(const HardTensor& t, Method m) {
+  QuantizeRequest r;
+  r.weights = {t.w.data(), DType::kFloat32, t.rows, t.cols};
+  r.hessians = {t.h.data(), t.cols / 16};
+  r.params.method = m;
+  return r;
+}
+
+// Canonical objective of (codes, scale) of one block in error units, as the CPU defines it.
+float CanonicalObjective(const float* w, const float* h, const uint8_t* packed, uint8_t scale,
+                         float global_scale, bool hessian) {
+  ScaledBlock b{};
+  PrepareScaledBlock(w, 0.0f, global_scale, &b);
+  const float d_unit = DecodeE4M3(scale) * b.global_scale_unit;
+  float e[16];
+  for (int i = 0; i < 16; ++i) {
+    const uint8_t code = i % 2 ? UnpackE2M1High(packed[i / 2]) : UnpackE2M1Low(packed[i / 2]);
+    e[i] = b.w_unit[i] - DecodeE2M1(code) * d_unit;
+  }
+  return hessian ? BlockHessianError(h, e) : BlockSquaredError(e);
+}
+
+// Compares per block; differences must be near-ties of the canonical objective. Returns the
+// number of blocks whose choice differs.
+int64_t CompareWithCpu(const HardTensor& t, Method m, const QuantizedTensor& cpu,
+                       const QuantizedTensor& gpu) {
+  EXPECT_EQ(FloatBits(cpu.global_scale), FloatBits(gpu.global_scale));
+  int64_t differ = 0;
+  const int64_t blocks_per_row = t.cols / 16;
+  for (int64_t b = 0; b < t.rows * blocks_per_row; ++b) {
+    if (cpu.scales[b] == gpu.scales[b] &&
+        std::memcmp(&cpu.packed_codes[b * 8], &gpu.packed_codes[b * 8], 8) == 0) {
+      continue;
+    }
+    ++differ;
+    const float* w = t.w.data() + b * 16;
+    const float* h = t.h.data() + (b % blocks_per_row) * 256;
+    const bool hessian = MethodNeedsHessian(m);
+    const float a = CanonicalObjective(w, h, &cpu.packed_codes[b * 8], cpu.scales[b], cpu.global_scale, hessian);
+    const float g = CanonicalObjective(w, h, &gpu.packed_codes[b * 8], gpu.scales[b], gpu.global_scale, hessian);
+    EXPECT_LE(std::fabs(a - g), 1e-6f * std::fmax(std::fabs(a), std::fabs(g)))
+        << MethodName(m) << " block " << b << ": not a near-tie (" << a << " vs " << g << ")";
+  }
+  return differ;
+}
+
+TEST_F(CudaScaleSearchTest, AgreesWithCpuOnAMillionBlocksPerMethodIncludingHardCases) {
+  const Kind kinds[] = {Kind::kTypical,  Kind::kSaturated, Kind::kZeroBlocks, Kind::kSubnormalScales,
+                        Kind::kTinyG,    Kind::kHugeG,     Kind::kIllConditioned};
+  for (Method m : kMethods) {
+    int64_t blocks = 0;
+    int64_t differ = 0;
+    for (size_t k = 0; k < std::size(kinds); ++k) {
+      const HardTensor t = MakeHardTensor(kinds[k], 576, 4096, 100 + k);
+      absl::StatusOr<QuantizedTensor> cpu = cpu_->Quantize(RequestFor(t, m));
+      absl::StatusOr<QuantizedTensor> gpu = gpu_->Quantize(RequestFor(t, m));
+      ASSERT_TRUE(cpu.ok()) << cpu.status();
+      ASSERT_TRUE(gpu.ok()) << gpu.status();
+      differ += CompareWithCpu(t, m, *cpu, *gpu);
+      blocks += t.rows * t.cols / 16;
+      EXPECT_EQ(cpu->stats.num_blocks, gpu->stats.num_blocks);
+      EXPECT_EQ(cpu->stats.blocks_scale_changed, gpu->stats.blocks_scale_changed);
+      EXPECT_EQ(cpu->stats.blocks_beta_not_one, gpu->stats.blocks_beta_not_one);
+      EXPECT_EQ(cpu->stats.zero_hessian_blocks, gpu->stats.zero_hessian_blocks);
+      EXPECT_NEAR(cpu->stats.objective_after, gpu->stats.objective_after,
+                  1e-9 * std::fabs(cpu->stats.objective_after));
+    }
+    std::printf("[ agreement ] %s: %lld blocks, %lld near-tie differences\n",
+                std::string(MethodName(m)).c_str(), static_cast<long long>(blocks),
+                static_cast<long long>(differ));
+    EXPECT_GE(blocks, 1000000);
+  }
+}
+
+TEST_F(CudaScaleSearchTest, LargeTensorChunkedByTheMemoryBudgetMatchesCpu) {
+  const int64_t rows = 28672;
+  const int64_t cols = 8192;
+  const std::vector<uint16_t> w = MakeExampleWeightsBf16(rows, cols, 7);
+  const std::vector<float> h = MakeExampleHessianBlocks(cols / 16, 8);
+  absl::StatusOr<std::unique_ptr<CudaScaleSearch>> small =
+      MakeCudaScaleSearch({0, int64_t{64} << 20, nullptr});
+  ASSERT_TRUE(small.ok()) << small.status();
+  for (Method m : {Method::kLocalHessian, Method::kDss}) {
+    QuantizeRequest r;
+    r.weights = {w.data(), DType::kBFloat16, rows, cols};
+    r.hessians = {h.data(), cols / 16};
+    r.params.method = m;
+    absl::StatusOr<QuantizedTensor> cpu = cpu_->Quantize(r);
+    absl::StatusOr<QuantizedTensor> gpu = (*small)->Quantize(r);
+    ASSERT_TRUE(cpu.ok()) << cpu.status();
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    EXPECT_GT((*small)->LastCallTiming().launches, 1) << "the 64 MiB budget must force chunks";
+    EXPECT_EQ(cpu->scales, gpu->scales);
+    EXPECT_EQ(cpu->packed_codes, gpu->packed_codes);
+  }
+}
+
+TEST_F(CudaScaleSearchTest, BatchOfMixedShapesEqualsOneByOne) {
+  struct Item {
+    int64_t rows, cols;
+    Method method;
+    DType dtype;
+  };
+  const Item items[] = {{300, 512, Method::kDss, DType::kBFloat16},
+                        {17, 4096, Method::kLocalHessian, DType::kFloat32},
+                        {1024, 256, Method::kMse, DType::kFloat16},
+                        {5, 16, Method::kMax, DType::kBFloat16},
+                        {129, 512, Method::kDss, DType::kBFloat16}};
+  std::vector<std::vector<uint16_t>> half;
+  std::vector<std::vector<float>> full;
+  std::vector<std::vector<float>> hessians;
+  std::vector<QuantizeRequest> requests;
+  for (size_t i = 0; i < std::size(items); ++i) {
+    const Item& it = items[i];
+    std::vector<float> f = MakeExampleWeights(it.rows, it.cols, 200 + i);
+    std::vector<uint16_t> hb(f.size());
+    for (size_t e = 0; e < f.size(); ++e) {
+      hb[e] = it.dtype == DType::kFloat16 ? FloatToFloat16(f[e]) : FloatToBFloat16(f[e]);
+    }
+    half.push_back(std::move(hb));
+    full.push_back(std::move(f));
+    // Items 0 and 4 share one Hessian (same input), as q/k/v do.
+    if (i == 4) {
+      hessians.push_back(hessians[0]);
+    } else {
+      hessians.push_back(MakeExampleHessianBlocks(it.cols / 16, 300 + i));
+    }
+  }
+  for (size_t i = 0; i < std::size(items); ++i) {
+    QuantizeRequest r;
+    const bool f32 = items[i].dtype == DType::kFloat32;
+    r.weights = {f32 ? static_cast<const void*>(full[i].data()) : half[i].data(), items[i].dtype,
+                 items[i].rows, items[i].cols};
+    r.hessians = {(i == 4 ? hessians[0] : hessians[i]).data(), items[i].cols / 16};
+    r.params.method = items[i].method;
+    requests.push_back(r);
+  }
+  // One by one on the CPU; all at once on the GPU, in row ranges (two slices per tensor).
+  std::vector<QuantizedTensor> expected;
+  for (const QuantizeRequest& r : requests) {
+    absl::StatusOr<QuantizedTensor> q = cpu_->Quantize(r);
+    ASSERT_TRUE(q.ok()) << q.status();
+    expected.push_back(*std::move(q));
+  }
+  std::vector<std::vector<uint8_t>> codes(requests.size()), scales(requests.size());
+  std::vector<TensorStats> stats(2 * requests.size());
+  std::vector<CudaScaleSearch::Slice> slices;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const int64_t rows = items[i].rows, cols = items[i].cols;
+    codes[i].resize(rows * cols / 2);
+    scales[i].resize(rows * cols / 16);
+    const int64_t split = rows / 2;
+    for (int part = 0; part < 2; ++part) {
+      const int64_t b = part == 0 ? 0 : split, e = part == 0 ? split : rows;
+      if (b == e) continue;
+      slices.push_back(CudaScaleSearch::Slice{
+          &requests[i], expected[i].global_amax, b, e,
+          RowRangeOutput{absl::MakeSpan(codes[i]).subspan(b * cols / 2, (e - b) * cols / 2),
+                         absl::MakeSpan(scales[i]).subspan(b * cols / 16, (e - b) * cols / 16)},
+          &stats[2 * i + part]});
+    }
+  }
+  ASSERT_TRUE(gpu_->QuantizeBatch(slices).ok());
+  EXPECT_EQ(gpu_->LastCallTiming().launches, 1);
+  for (size_t i = 0; i < requests.size(); ++i) {
+    EXPECT_EQ(codes[i], expected[i].packed_codes) << "tensor " << i;
+    EXPECT_EQ(scales[i], expected[i].scales) << "tensor " << i;
+    EXPECT_EQ(stats[2 * i].num_blocks + stats[2 * i + 1].num_blocks, expected[i].stats.num_blocks);
+  }
+}
+
+#if defined(NVFP4CAL_HAVE_CUDA)
+TEST_F(CudaScaleSearchTest, AllocationFailureIsResourceExhaustedAndTheBackendRecovers) {
+  const HardTensor t = MakeHardTensor(Kind::kTypical, 8192, 1024, 9);  // 32 MiB of fp32
+  absl::StatusOr<std::unique_ptr<CudaScaleSearch>> fresh = MakeCudaScaleSearch({});
+  ASSERT_TRUE(fresh.ok());
+  // Hold nearly all free device memory, so the backend's workspace cannot be allocated.
+  std::vector<void*> held;
+  for (size_t chunk = size_t{1} << 30; chunk >= (size_t{1} << 20);) {
+    void* p = nullptr;
+    if (cudaMalloc(&p, chunk) == cudaSuccess) {
+      held.push_back(p);
+    } else {
+      (void)cudaGetLastError();
+      chunk /= 2;
+    }
+  }
+  absl::StatusOr<QuantizedTensor> failed = (*fresh)->Quantize(RequestFor(t, Method::kMse));
+  EXPECT_EQ(failed.status().code(), absl::StatusCode::kResourceExhausted) << failed.status();
+  for (void* p : held) cudaFree(p);
+  absl::StatusOr<QuantizedTensor> retried = (*fresh)->Quantize(RequestFor(t, Method::kMse));
+  ASSERT_TRUE(retried.ok()) << retried.status();
+  absl::StatusOr<QuantizedTensor> cpu = cpu_->Quantize(RequestFor(t, Method::kMse));
+  ASSERT_TRUE(cpu.ok());
+  EXPECT_EQ(retried->scales, cpu->scales);
+}
+#endif
+
+TEST_F(CudaScaleSearchTest, ValidationErrorsLaunchNothing) {
+  HardTensor t = MakeHardTensor(Kind::kTypical, 8, 64, 10);
+  t.w[5] = std::nanf("");
+  absl::StatusOr<QuantizedTensor> r = gpu_->Quantize(RequestFor(t, Method::kDss));
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(gpu_->LastCallTiming().launches, 0);
+}
+
+}  // namespace
+}  // namespace nvfp4cal
