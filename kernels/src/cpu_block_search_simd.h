@@ -77,8 +77,9 @@ NVFP4_SIMD float Objective(Vec16 e, const HessianRows* h) {
 // Per-tensor candidate scales: they depend only on g, so they are computed once per tensor
 // instead of once per block.
 struct CandidateScales {
-  float d[kNumScaleCandidates];       // d_k = f_k * s2 (codes of the sweeps use q = d_k)
-  float d_unit[kNumScaleCandidates];  // f_k * s2 * 2^-E (errors)
+  // Padded to 128 so that vector loads of 16 candidates stay inside; entries 126, 127 are 1.
+  float d[128];                       // d_k = f_k * s2 (codes of the sweeps use q = d_k)
+  float d_unit[128];                  // f_k * s2 * 2^-E (errors)
   int beta_steps = 0;
   std::vector<float> dss_q;           // [126][2n + 1]: q(k, i) = DssQuantScale(beta_i, g, f_k)
 
@@ -87,7 +88,8 @@ struct CandidateScales {
     const float global_scale_unit =
         global_scale * ErrorUnitInverse(ErrorUnitExponent(global_scale));
     const int betas = 2 * grid.beta_steps + 1;
-    dss_q.resize(static_cast<size_t>(kNumScaleCandidates * betas));
+    dss_q.resize(static_cast<size_t>(kNumScaleCandidates * betas + 16), 1.0f);
+    for (int k = kNumScaleCandidates; k < 128; ++k) d[k] = d_unit[k] = 1.0f;
     for (int k = 0; k < kNumScaleCandidates; ++k) {
       const float f = ScaleCandidateValue(k);
       d[k] = f * global_scale;
@@ -127,23 +129,91 @@ NVFP4_SIMD void EvaluateCandidates(Vec16 w, Vec16 w_unit, const float* q, const 
   }
 }
 
-// SweepScaleCandidates, vectorised.
-NVFP4_SIMD SweepChoice SweepScaleCandidates(const ScaledBlock& b, const CandidateScales& scales,
-                                        const HessianRows* h) {
-  float objective[kNumScaleCandidates];
-  EvaluateCandidates(Load(b.w), Load(b.w_unit), scales.d, scales.d_unit, 1, kNumScaleCandidates,
-                     h, objective);
-  SweepChoice best{0, objective[0]};
-  for (int k = 1; k < kNumScaleCandidates; ++k) {
-    if (objective[k] < best.objective) best = SweepChoice{k, objective[k]};
+// CandidateCannotWin for 16 candidates at once (q[c], d_unit[c]) against one threshold: bit c
+// of the result is set when candidate c provably cannot win. Pruning only needs to be valid,
+// not identical to the scalar test, so a fixed threshold (weaker than the running best) is fine.
+NVFP4_SIMD uint32_t CannotWinMask(const ScaledBlock& b, const BlockPruning& p, Vec16 q,
+                                  Vec16 d_unit, float threshold) {
+  if (p.bounds == nullptr) return 0;
+  const float precision = p.bounds->precision[p.element];
+  if (!(precision > 0.0f) || !(threshold < 3.0e38f)) return 0;
+  const int m = p.element;
+  const Vec16 e = b.w_unit[m] - RoundToE2M1Value(b.w[m] / q) * d_unit;
+  const Vec16 norm_bound = (p.square_sum_unit + (12.0f * d_unit) * p.abs_sum_unit) +
+                           (576.0f * d_unit) * d_unit;
+  const Vec16 lower = ((e * e) * precision) * (1.0f - kBoundRelativeMargin) -
+                      ((kObjectiveRoundingSlack * p.bounds->abs_norm) * norm_bound) *
+                          (1.0f + kBoundRelativeMargin);
+  const Mask16 prune = (lower > threshold) & (lower < 3.0e38f);
+  uint32_t bits = 0;
+  for (int c = 0; c < 16; ++c) bits |= (prune[c] != 0 ? 1u : 0u) << c;
+  return bits;
+}
+
+// Evaluates up to two gathered candidates and folds them into a running minimum in the order
+// they were gathered (ascending visiting order), with strict improvement.
+struct PendingCandidates {
+  float q[2];
+  float d_unit[2];
+  int k[2];
+  int beta_index[2];
+  int count = 0;
+};
+
+NVFP4_SIMD void FlushSweep(Vec16 w, Vec16 w_unit, const HessianRows* h, PendingCandidates* pending,
+                           SweepChoice* best) {
+  float objective[2];
+  EvaluateCandidates(w, w_unit, pending->q, pending->d_unit, 1, pending->count, h, objective);
+  for (int c = 0; c < pending->count; ++c) {
+    if (best->candidate < 0 || objective[c] < best->objective) {
+      *best = SweepChoice{pending->k[c], objective[c]};
+    }
   }
+  pending->count = 0;
+}
+
+NVFP4_SIMD void FlushDss(Vec16 w, Vec16 w_unit, const HessianRows* h, PendingCandidates* pending,
+                         DssChoice* best) {
+  float objective[2];
+  EvaluateCandidates(w, w_unit, pending->q, pending->d_unit, 1, pending->count, h, objective);
+  for (int c = 0; c < pending->count; ++c) {
+    if (objective[c] < best->objective) {
+      *best = DssChoice{pending->k[c], pending->beta_index[c], pending->q[c], objective[c]};
+    }
+  }
+  pending->count = 0;
+}
+
+// SweepScaleCandidates (with pruning), vectorised: same visiting order, same choice.
+NVFP4_SIMD SweepChoice SweepScaleCandidates(const ScaledBlock& b, const CandidateScales& scales,
+                                            const HessianRows* h, const BlockPruning& pruning,
+                                            float threshold) {
+  const Vec16 w = Load(b.w);
+  const Vec16 w_unit = Load(b.w_unit);
+  SweepChoice best{-1, 0.0f};
+  PendingCandidates pending;
+  uint32_t pruned = 0;
+  for (int k = 0; k < kNumScaleCandidates; ++k) {
+    if (k % 16 == 0) {
+      const float bar = best.candidate < 0 ? threshold
+                                           : (best.objective < threshold ? best.objective : threshold);
+      pruned = CannotWinMask(b, pruning, Load(&scales.d[k]), Load(&scales.d_unit[k]), bar);
+    }
+    if ((pruned >> (k % 16)) & 1u) continue;
+    pending.q[pending.count] = scales.d[k];
+    pending.d_unit[pending.count] = scales.d_unit[k];
+    pending.k[pending.count++] = k;
+    if (pending.count == 2) FlushSweep(w, w_unit, h, &pending, &best);
+  }
+  if (pending.count > 0) FlushSweep(w, w_unit, h, &pending, &best);
   return best;
 }
 
-// DecoupledScaleSearch, vectorised: the same visiting order (k ascending, then beta ascending)
-// and strict improvement.
+// DecoupledScaleSearch (with pruning), vectorised: the same visiting order (k ascending, then
+// beta ascending) and strict improvement.
 NVFP4_SIMD DssChoice DecoupledScaleSearch(const ScaledBlock& b, const CandidateScales& scales,
-                                      const HessianRows* h, SweepChoice start, int neighbours) {
+                                          const HessianRows* h, SweepChoice start, int neighbours,
+                                          const BlockPruning& pruning) {
   const Vec16 w = Load(b.w);
   const Vec16 w_unit = Load(b.w_unit);
   DssChoice best{start.candidate, 0, scales.d[start.candidate], start.objective};
@@ -152,20 +222,22 @@ NVFP4_SIMD DssChoice DecoupledScaleSearch(const ScaledBlock& b, const CandidateS
                         ? kNumScaleCandidates - 1
                         : start.candidate + neighbours;
   const int betas = 2 * scales.beta_steps + 1;
-  constexpr int kChunk = 64;
-  float objective[kChunk];
+  PendingCandidates pending;
   for (int k = k_begin; k <= k_end; ++k) {
     const float* q = scales.dss_q.data() + k * betas;
-    for (int first = 0; first < betas; first += kChunk) {
-      const int count = betas - first < kChunk ? betas - first : kChunk;
-      EvaluateCandidates(w, w_unit, q + first, &scales.d_unit[k], 0, count, h, objective);
-      for (int c = 0; c < count; ++c) {
-        if (objective[c] < best.objective) {
-          best = DssChoice{k, first + c - scales.beta_steps, q[first + c], objective[c]};
-        }
-      }
+    const Vec16 d_unit = Splat(scales.d_unit[k]);
+    uint32_t pruned = 0;
+    for (int i = 0; i < betas; ++i) {
+      if (i % 16 == 0) pruned = CannotWinMask(b, pruning, Load(q + i), d_unit, best.objective);
+      if ((pruned >> (i % 16)) & 1u) continue;
+      pending.q[pending.count] = q[i];
+      pending.d_unit[pending.count] = scales.d_unit[k];
+      pending.k[pending.count] = k;
+      pending.beta_index[pending.count++] = i - scales.beta_steps;
+      if (pending.count == 2) FlushDss(w, w_unit, h, &pending, &best);
     }
   }
+  if (pending.count > 0) FlushDss(w, w_unit, h, &pending, &best);
   return best;
 }
 
@@ -183,7 +255,9 @@ struct VectorBlockObjectives {
 NVFP4_SIMD BlockOutcome QuantizeBlock(const float* w, const CandidateScales& scales,
                                       float global_amax, float global_scale,
                                       const HessianRows* rows, bool hessian_all_zero,
-                                      BlockMethod method, int neighbours) {
+                                      BlockMethod method, int neighbours,
+                                      const HessianBlockBounds* hessian_bounds,
+                                      const HessianBlockBounds* identity_bounds) {
   BlockOutcome out{};
   ScaledBlock b{};
   const VectorBlockObjectives objectives{rows};
@@ -192,12 +266,14 @@ NVFP4_SIMD BlockOutcome QuantizeBlock(const float* w, const CandidateScales& sca
   int candidate = out.max_scale_byte - 1;
   float q = DecodeE4M3(out.max_scale_byte) * global_scale;
   if (method != BlockMethod::kMax) {
-    const SweepChoice sweep =
-        SweepScaleCandidates(b, scales, method == BlockMethod::kMse ? nullptr : rows);
+    const bool squared = method == BlockMethod::kMse || rows == nullptr;
+    const BlockPruning pruning = MakeBlockPruning(b, squared ? identity_bounds : hessian_bounds);
+    const SweepChoice sweep = SweepScaleCandidates(
+        b, scales, squared ? nullptr : rows, pruning, squared ? out.mse_before : out.hessian_before);
     candidate = sweep.candidate;
     q = scales.d[candidate];
     if (method == BlockMethod::kDss) {
-      const DssChoice dss = DecoupledScaleSearch(b, scales, rows, sweep, neighbours);
+      const DssChoice dss = DecoupledScaleSearch(b, scales, rows, sweep, neighbours, pruning);
       out.dss_offset = static_cast<int8_t>(dss.candidate - sweep.candidate);
       out.dss_beta_index = static_cast<int16_t>(dss.beta_index);
       candidate = dss.candidate;

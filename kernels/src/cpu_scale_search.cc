@@ -7,6 +7,7 @@
 
 #include "cpu_block_search_simd.h"
 #include "nvfp4cal/kernels/block_search.h"
+#include "nvfp4cal/kernels/hessian_bounds.h"
 #include "nvfp4cal/kernels/validation.h"
 
 namespace nvfp4cal {
@@ -55,6 +56,8 @@ struct TensorTask {
   float global_scale;
   double objective_unit;  // ObjectiveUnit(s2)
   BlockMethod method;
+  const HessianBlockBounds* hessian_bounds;   // per column block, null without Hessians
+  const HessianBlockBounds* identity_bounds;  // for the squared error
   int64_t row_begin;      // first row of the output spans
   RowRangeOutput output;
 };
@@ -79,7 +82,9 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void QuantizeRowsKe
       LoadAsFloat(w.data, w.dtype, r * w.cols + j * kBlockSize, kBlockSize, block);
       const BlockOutcome out =
           simd::QuantizeBlock(block, *task.scales, task.global_amax, task.global_scale,
-                              h == nullptr ? nullptr : &rows, all_zero, task.method, neighbours);
+                              h == nullptr ? nullptr : &rows, all_zero, task.method, neighbours,
+                              h == nullptr ? nullptr : &task.hessian_bounds[j],
+                              task.identity_bounds);
       const int64_t local_block = (r - task.row_begin) * blocks_per_row + j;
       task.output.scales[static_cast<size_t>(local_block)] = out.scale_byte;
       std::copy(out.packed, out.packed + kBlockSize / 2,
@@ -155,9 +160,18 @@ class CpuScaleSearch final : public ScaleSearch {
     const DssGrid grid{request.params.scale_neighbours, DssBetaSteps(request.params),
                        request.params.beta_step};
     const simd::CandidateScales scales(global_amax, global_scale, grid);
-    const TensorTask tensor_task{&request,     &scales,   global_amax, global_scale,
-                                 ObjectiveUnit(global_scale), ToBlockMethod(request.params.method),
-                                 row_begin,    output};
+    const std::vector<HessianBlockBounds> bounds = ComputeHessianBlockBounds(request.hessians);
+    const HessianBlockBounds identity = IdentityBounds();
+    const TensorTask tensor_task{&request,
+                                 &scales,
+                                 global_amax,
+                                 global_scale,
+                                 ObjectiveUnit(global_scale),
+                                 ToBlockMethod(request.params.method),
+                                 bounds.empty() ? nullptr : bounds.data(),
+                                 &identity,
+                                 row_begin,
+                                 output};
 
     auto worker = [&]() {
       for (int64_t task = next_task++; task < num_tasks; task = next_task++) {

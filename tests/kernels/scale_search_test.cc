@@ -12,6 +12,7 @@
 #include "nvfp4cal/kernels/block_search.h"
 #include "nvfp4cal/kernels/cpu_scale_search.h"
 #include "nvfp4cal/kernels/example_data.h"
+#include "nvfp4cal/kernels/hessian_bounds.h"
 
 namespace nvfp4cal {
 namespace {
@@ -222,6 +223,57 @@ TEST(DecoupledScaleSearch, GainsNothingUnderThePlainMseObjective) {
   }
   std::printf("[ mse dss   ] strict fp32-noise gains on %d of %d blocks\n", strict_gains, blocks);
   EXPECT_LT(strict_gains, blocks / 100);
+}
+
+TEST(CandidatePruning, ChoosesExactlyWhatTheFullSearchChooses) {
+  ExampleRng rng(26);
+  const DssGrid grid{1, 10, 0.05f};
+  const HessianBlockBounds identity = IdentityBounds();
+  int64_t pruned_blocks = 0;
+  for (int t = 0; t < 7000; ++t) {
+    RandomBlock b = MakeRandomBlock(rng, kAllKinds[t % 7], 30000 + static_cast<uint64_t>(t));
+    if (t % 50 == 0) {
+      // Singular (rank one) Hessians: the bound must switch itself off.
+      for (int i = 0; i < 256; ++i) b.h[i] = 1.0f;
+    }
+    const float s2 = GlobalScaleFromAmax(b.g);
+    const HessianBlockBounds bounds = ComputeHessianBlockBounds(b.h.data());
+    pruned_blocks += bounds.precision[0] > 0.0f;
+    for (BlockMethod m : {BlockMethod::kMse, BlockMethod::kLocalHessian, BlockMethod::kDss}) {
+      const BlockOutcome full = QuantizeBlock(b.w.data(), b.g, s2, b.h.data(), m, grid);
+      const BlockOutcome pruned =
+          QuantizeBlock(b.w.data(), b.g, s2, b.h.data(), m, grid, &bounds, &identity);
+      ASSERT_EQ(full.scale_byte, pruned.scale_byte) << "block " << t;
+      ASSERT_EQ(std::memcmp(full.packed, pruned.packed, 8), 0) << "block " << t;
+      ASSERT_EQ(full.dss_beta_index, pruned.dss_beta_index);
+      ASSERT_EQ(FloatBits(full.hessian_after), FloatBits(pruned.hessian_after));
+    }
+  }
+  EXPECT_GT(pruned_blocks, 6000) << "most random Hessians are positive definite";
+}
+
+TEST(CandidatePruning, BoundsOfTheIdentityAndOfSingularBlocks) {
+  const HessianBlockBounds identity = IdentityBounds();
+  std::array<float, 256> eye{};
+  for (int i = 0; i < 16; ++i) eye[i * 17] = 1.0f;
+  const HessianBlockBounds computed = ComputeHessianBlockBounds(eye.data());
+  for (int i = 0; i < 16; ++i) {
+    EXPECT_LE(computed.precision[i], 1.0f);
+    EXPECT_GT(computed.precision[i], 0.9999f);
+    EXPECT_LE(identity.precision[i], 1.0f);
+  }
+  EXPECT_GE(computed.abs_norm, 1.0f);
+  // diag(4, 1, ...) with a coupling: (S^-1)_00 = 1 / (4 - 1) for S = [[4, 1], [1, 1]].
+  std::array<float, 256> coupled = eye;
+  coupled[0] = 4.0f;
+  coupled[1] = coupled[16] = 1.0f;
+  const HessianBlockBounds c = ComputeHessianBlockBounds(coupled.data());
+  EXPECT_NEAR(c.precision[0], 3.0f, 1e-5f);
+  EXPECT_LE(c.precision[0], 3.0f);
+  EXPECT_NEAR(c.precision[1], 0.75f, 1e-6f);  // 1 / (S^-1)_11 = 1 / (4 / 3)
+  EXPECT_GE(c.abs_norm, 5.0f);
+  std::array<float, 256> zero{};
+  EXPECT_EQ(ComputeHessianBlockBounds(zero.data()).precision[3], 0.0f);
 }
 
 TEST(MseSweep, EqualsLocalHessianSweepWithIdentityHessian) {

@@ -122,6 +122,68 @@ NVFP4_HD float DequantScale(uint8_t scale_byte, float global_scale) {
   return MulNoContract(DecodeE4M3(scale_byte), global_scale);
 }
 
+// What the exact candidate pruning needs to know about one Hessian block (computed once per
+// column block on the host, see hessian_bounds.h).
+//
+// For the symmetric part S of H and any error vector e, e^T S e >= e_m^2 / (S^-1)_mm for every
+// element m (the minimum of the quadratic form with e_m fixed). And the canonical fp32
+// evaluation of e^T H e is within gamma * sum_ab |e_a H_ab e_b| <= gamma * abs_norm * |e|^2 of
+// the exact value (gamma = 21 units in the last place). So a candidate whose single element m
+// already has an error e_m with
+//   e_m^2 * precision_m - slack * abs_norm * |e|^2_bound  >  best objective so far
+// cannot be the argmin, nor tie with it: skipping it leaves the choice exactly as the full
+// search makes it. That is what makes pruning safe for bit-exact results.
+struct HessianBlockBounds {
+  float precision[kBlockSize];  // <= 1 / (S^-1)_mm; 0 when S is not safely positive definite
+  float abs_norm;               // >= max row / column sum of |H|
+};
+
+// Relative margins of the bound: fp32 rounding of the bound itself, and of the canonical
+// objective (21 ulps of sum |e_a H_ab e_b|, taken with a factor 8 of headroom).
+inline constexpr float kBoundRelativeMargin = 1e-5f;
+inline constexpr float kObjectiveRoundingSlack = 1e-5f;
+
+// Per block: the element with the largest |w| and what bounds |e|^2 for any candidate.
+struct BlockPruning {
+  const HessianBlockBounds* bounds;  // null: no pruning
+  int element;                       // m = argmax |w_i| (first on ties)
+  float abs_sum_unit;                // sum |w_i| in error units
+  float square_sum_unit;             // sum w_i^2 in error units
+};
+
+NVFP4_HD BlockPruning MakeBlockPruning(const ScaledBlock& b, const HessianBlockBounds* bounds) {
+  BlockPruning p{bounds, 0, 0.0f, 0.0f};
+  float largest = -1.0f;
+  for (int i = 0; i < kBlockSize; ++i) {
+    const float a = std::fabs(b.w_unit[i]);
+    if (a > largest) {
+      largest = a;
+      p.element = i;
+    }
+    p.abs_sum_unit = AddNoContract(p.abs_sum_unit, a);
+    p.square_sum_unit = AddNoContract(p.square_sum_unit, MulNoContract(a, a));
+  }
+  return p;
+}
+
+NVFP4_HD bool CandidateCannotWin(const ScaledBlock& b, const BlockPruning& p, float q,
+                                 float d_unit, float threshold) {
+  if (p.bounds == nullptr) return false;
+  const float precision = p.bounds->precision[p.element];
+  if (!(precision > 0.0f) || !(threshold < 3.0e38f)) return false;
+  // e_m exactly as the full evaluation computes it.
+  const int m = p.element;
+  const float e = b.w_unit[m] - MulNoContract(RoundToE2M1Value(b.w[m] / q), d_unit);
+  // |e_i| <= |w_i| + 6 d for every element, so |e|^2 <= sum w^2 + 12 d sum |w| + 576 d^2.
+  const float norm_bound = AddNoContract(
+      AddNoContract(p.square_sum_unit, MulNoContract(12.0f * d_unit, p.abs_sum_unit)),
+      MulNoContract(576.0f * d_unit, d_unit));
+  const float lower = MulNoContract(MulNoContract(e, e), precision) * (1.0f - kBoundRelativeMargin) -
+                      MulNoContract(kObjectiveRoundingSlack * p.bounds->abs_norm, norm_bound) *
+                          (1.0f + kBoundRelativeMargin);
+  return lower > threshold && lower < 3.0e38f;
+}
+
 struct SweepChoice {
   int candidate;    // k in 0..125: E4M3 byte k + 1
   float objective;  // objective (error units) with q = d = d_k
@@ -129,15 +191,29 @@ struct SweepChoice {
 
 // The 126-candidate sweep (`mse` when h is null, `local_hessian` otherwise): argmin over k of
 // the objective with codes from q = d_k = f_k * s2; ties go to the smaller k (strict <).
-NVFP4_HD SweepChoice SweepScaleCandidates(const ScaledBlock& b, const float* h) {
-  SweepChoice best{0, 0.0f};
+// With pruning.bounds set, candidates that provably cannot beat `threshold` (an objective some
+// candidate reaches, e.g. the `max` method's) or the best so far are skipped; the choice is the
+// same as without pruning.
+NVFP4_HD SweepChoice SweepScaleCandidates(const ScaledBlock& b, const float* h,
+                                          const BlockPruning& pruning, float threshold) {
+  SweepChoice best{-1, 0.0f};
   for (int k = 0; k < kNumScaleCandidates; ++k) {
     const float f = ScaleCandidateValue(k);
-    const float objective =
-        CandidateObjective(b, MulNoContract(f, b.global_scale), MulNoContract(f, b.global_scale_unit), h);
-    if (k == 0 || objective < best.objective) best = SweepChoice{k, objective};
+    const float q = MulNoContract(f, b.global_scale);
+    const float d_unit = MulNoContract(f, b.global_scale_unit);
+    const float bar =
+        best.candidate < 0 ? threshold : (best.objective < threshold ? best.objective : threshold);
+    if (CandidateCannotWin(b, pruning, q, d_unit, bar)) continue;
+    const float objective = CandidateObjective(b, q, d_unit, h);
+    if (best.candidate < 0 || objective < best.objective) best = SweepChoice{k, objective};
   }
   return best;
+}
+
+// The full sweep, without pruning.
+NVFP4_HD SweepChoice SweepScaleCandidates(const ScaledBlock& b, const float* h) {
+  const BlockPruning none{nullptr, 0, 0.0f, 0.0f};
+  return SweepScaleCandidates(b, h, none, 0.0f);
 }
 
 // Parameters of the decoupled scale search around the sweep optimum.
@@ -167,8 +243,9 @@ NVFP4_HD float DssBeta(int i, float beta_step) {
 // Decoupled scale search (NUMERICS §3 dss) starting from the sweep optimum `start`. Candidates
 // are visited k ascending, then beta ascending; the best is replaced only on a strict
 // improvement, so ties keep the earlier candidate and the result is never worse than `start`.
+// Pruning (when pruning.bounds is set) skips candidates that cannot beat the best so far.
 NVFP4_HD DssChoice DecoupledScaleSearch(const ScaledBlock& b, const float* h, SweepChoice start,
-                                        DssGrid grid) {
+                                        DssGrid grid, const BlockPruning& pruning) {
   DssChoice best{start.candidate, 0,
                  MulNoContract(ScaleCandidateValue(start.candidate), b.global_scale),
                  start.objective};
@@ -181,11 +258,18 @@ NVFP4_HD DssChoice DecoupledScaleSearch(const ScaledBlock& b, const float* h, Sw
     const float d_unit = MulNoContract(f, b.global_scale_unit);
     for (int i = -grid.beta_steps; i <= grid.beta_steps; ++i) {
       const float q = DssQuantScale(DssBeta(i, grid.beta_step), b.global_amax, f);
+      if (CandidateCannotWin(b, pruning, q, d_unit, best.objective)) continue;
       const float objective = CandidateObjective(b, q, d_unit, h);
       if (objective < best.objective) best = DssChoice{k, i, q, objective};
     }
   }
   return best;
+}
+
+NVFP4_HD DssChoice DecoupledScaleSearch(const ScaledBlock& b, const float* h, SweepChoice start,
+                                        DssGrid grid) {
+  const BlockPruning none{nullptr, 0, 0.0f, 0.0f};
+  return DecoupledScaleSearch(b, h, start, grid, none);
 }
 
 // What the methods can do with one block.
@@ -281,8 +365,12 @@ NVFP4_HD void FinishBlock(const ScaledBlock& b, const Objectives& objectives, in
 // Quantizes one block with `method`. w: 16 fp32 weights; h: 16x16 Hessian block or null (the
 // mse and max methods ignore it for the search but still report its objective). g is the
 // tensor's (or fused group's) amax and s2 = g / 2688 its global scale.
+// `bounds` (optional) enables exact pruning: the bounds of h's block, or IdentityBounds() for
+// the squared error. Results are identical with and without.
 NVFP4_HD BlockOutcome QuantizeBlock(const float* w, float global_amax, float global_scale,
-                                    const float* h, BlockMethod method, DssGrid grid) {
+                                    const float* h, BlockMethod method, DssGrid grid,
+                                    const HessianBlockBounds* hessian_bounds = nullptr,
+                                    const HessianBlockBounds* identity_bounds = nullptr) {
   BlockOutcome out{};
   ScaledBlock b{};
   const GenericBlockObjectives objectives{h};
@@ -291,11 +379,14 @@ NVFP4_HD BlockOutcome QuantizeBlock(const float* w, float global_amax, float glo
   int candidate = out.max_scale_byte - 1;
   float q = MulNoContract(DecodeE4M3(out.max_scale_byte), global_scale);
   if (method != BlockMethod::kMax) {
-    const SweepChoice sweep = SweepScaleCandidates(b, method == BlockMethod::kMse ? nullptr : h);
+    const bool squared = method == BlockMethod::kMse || h == nullptr;
+    const BlockPruning pruning = MakeBlockPruning(b, squared ? identity_bounds : hessian_bounds);
+    const SweepChoice sweep = SweepScaleCandidates(b, squared ? nullptr : h, pruning,
+                                                   squared ? out.mse_before : out.hessian_before);
     candidate = sweep.candidate;
     q = MulNoContract(ScaleCandidateValue(candidate), global_scale);
     if (method == BlockMethod::kDss) {
-      const DssChoice dss = DecoupledScaleSearch(b, h, sweep, grid);
+      const DssChoice dss = DecoupledScaleSearch(b, h, sweep, grid, pruning);
       out.dss_offset = static_cast<int8_t>(dss.candidate - sweep.candidate);
       out.dss_beta_index = static_cast<int16_t>(dss.beta_index);
       candidate = dss.candidate;
