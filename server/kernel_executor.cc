@@ -1,0 +1,83 @@
+#include "server/kernel_executor.h"
+
+#include <new>
+#include <utility>
+
+#include "absl/strings/str_format.h"
+
+namespace nvfp4cal::server {
+namespace {
+
+// The scheduler's Work for a RowRangeTask; the task itself is shared with the done callback,
+// which may outlive this wrapper.
+struct RowRangeWork : Work {
+  std::shared_ptr<RowRangeTask> task;
+};
+
+}  // namespace
+
+int64_t RowRangeTask::MemoryBytes() const {
+  const int64_t elements = num_rows * tensor->cols;
+  const int64_t hessian = tensor->hessian_blocks == nullptr
+                              ? 0
+                              : static_cast<int64_t>(tensor->hessian_blocks->size() * 4);
+  return elements * DTypeSize(tensor->dtype) + elements / 2 + elements / 16 + hessian;
+}
+
+WorkItem MakeRowRangeItem(std::shared_ptr<RowRangeTask> task,
+                          std::function<void(const WorkOutcome&)> done) {
+  WorkItem item;
+  item.memory_bytes = task->MemoryBytes();
+  auto work = std::make_unique<RowRangeWork>();
+  work->task = std::move(task);
+  item.work = std::move(work);
+  item.done = std::move(done);
+  return item;
+}
+
+KernelExecutor::KernelExecutor(std::vector<std::unique_ptr<ScaleSearch>> backends)
+    : backends_(std::move(backends)) {}
+
+std::string_view KernelExecutor::BackendName() const {
+  return backends_.empty() ? "none" : backends_.front()->BackendName();
+}
+
+absl::Status KernelExecutor::ExecuteBatch(int worker, absl::Span<Work* const> batch,
+                                          std::vector<absl::Status>* item_status) {
+  if (worker < 0 || worker >= static_cast<int>(backends_.size())) {
+    return absl::InternalError(absl::StrFormat("no backend for worker %d (have %d)", worker,
+                                               backends_.size()));
+  }
+  ScaleSearch& backend = *backends_[static_cast<size_t>(worker)];
+  item_status->assign(batch.size(), absl::OkStatus());
+  for (size_t i = 0; i < batch.size(); ++i) {
+    RowRangeTask& task = *static_cast<RowRangeWork*>(batch[i])->task;
+    const TensorInput& tensor = *task.tensor;
+    const int64_t elements = task.num_rows * tensor.cols;
+    try {
+      task.packed_codes.resize(static_cast<size_t>(elements / 2));
+      task.scales.resize(static_cast<size_t>(elements / 16));
+    } catch (const std::bad_alloc&) {
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "out of memory allocating %d bytes of output for rows [%d, %d)",
+          elements / 2 + elements / 16, task.row_begin, task.row_begin + task.num_rows));
+    }
+    QuantizeRequest request;
+    request.weights = {task.weights->data() + task.byte_offset, tensor.dtype, task.num_rows,
+                       tensor.cols};
+    if (tensor.hessian_blocks != nullptr) {
+      request.hessians = {tensor.hessian_blocks->data(),
+                          static_cast<int64_t>(tensor.hessian_blocks->size() / 256)};
+    }
+    request.params = tensor.params;
+    RowRangeOutput output{
+        absl::MakeSpan(reinterpret_cast<uint8_t*>(task.packed_codes.data()),
+                       task.packed_codes.size()),
+        absl::MakeSpan(reinterpret_cast<uint8_t*>(task.scales.data()), task.scales.size())};
+    (*item_status)[i] = backend.QuantizeRows(request, tensor.global_amax, 0, task.num_rows,
+                                             output, &task.stats);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace nvfp4cal::server

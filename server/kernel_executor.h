@@ -1,0 +1,80 @@
+// KernelExecutor: the production BatchExecutor, running row ranges through a ScaleSearch.
+//
+// A RowRangeTask is one scheduler item: a contiguous range of weight rows of one tensor plus
+// everything needed to quantize it (dtype, method, global amax, the shared Hessian blocks). The
+// executor fills its outputs; the service reads them in the item's done callback.
+//
+//   KernelExecutor executor({nvfp4cal::MakeCpuScaleSearch({})});   // one backend per worker
+//   Scheduler scheduler(options, &executor);
+//   auto task = std::make_shared<RowRangeTask>(...);
+//   scheduler.Enqueue(job, MakeRowRangeItem(task, [task](const WorkOutcome& o) { ... }));
+#ifndef NVFP4CAL_SERVER_KERNEL_EXECUTOR_H_
+#define NVFP4CAL_SERVER_KERNEL_EXECUTOR_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "nvfp4cal/kernels/scale_search.h"
+#include "server/scheduler.h"
+
+namespace nvfp4cal::server {
+
+// What a tensor's row ranges share.
+struct TensorInput {
+  // Element type of the weights.
+  DType dtype = DType::kBFloat16;
+  // Columns (in features).
+  int64_t cols = 0;
+  // Method and parameters.
+  SearchParams params;
+  // g for every range of the tensor.
+  float global_amax = 0.0f;
+  // [cols / 16, 16, 16] fp32 Hessian blocks; null when the tensor has none.
+  std::shared_ptr<const std::vector<float>> hessian_blocks;
+};
+
+// One scheduler item: rows [row_begin, row_begin + num_rows) of a tensor.
+struct RowRangeTask {
+  std::shared_ptr<const TensorInput> tensor;
+  // Bytes holding the rows (possibly a whole buffered tensor); the range starts at byte_offset.
+  std::shared_ptr<const std::string> weights;
+  size_t byte_offset = 0;
+  int64_t row_begin = 0;
+  int64_t num_rows = 0;
+
+  // Outputs, filled by the executor.
+  std::string packed_codes;
+  std::string scales;
+  TensorStats stats;
+
+  // Device memory the item needs while it runs (input rows, outputs, Hessian).
+  int64_t MemoryBytes() const;
+};
+
+// Wraps a task as a scheduler item.
+WorkItem MakeRowRangeItem(std::shared_ptr<RowRangeTask> task,
+                          std::function<void(const WorkOutcome&)> done);
+
+class KernelExecutor : public BatchExecutor {
+ public:
+  // backends[i] serves worker i; there must be one per scheduler worker.
+  explicit KernelExecutor(std::vector<std::unique_ptr<ScaleSearch>> backends);
+
+  // Quantizes each task; an allocation failure fails the batch with RESOURCE_EXHAUSTED.
+  absl::Status ExecuteBatch(int worker, absl::Span<Work* const> batch,
+                            std::vector<absl::Status>* item_status) override;
+
+  // Backend name ("cpu" or "cuda").
+  std::string_view BackendName() const;
+
+ private:
+  std::vector<std::unique_ptr<ScaleSearch>> backends_;
+};
+
+}  // namespace nvfp4cal::server
+
+#endif  // NVFP4CAL_SERVER_KERNEL_EXECUTOR_H_

@@ -1,0 +1,128 @@
+// nvfp4cal-server: the calibration service binary.
+//
+//   nvfp4cal-server --address=0.0.0.0:50051 --metrics_address=0.0.0.0:9400 --device=auto
+//
+// Logs its effective configuration, prints "listening on HOST:PORT" once serving, and on
+// SIGTERM or SIGINT drains (readiness NOT_SERVING, no new work, in-flight work gets
+// --drain_timeout) and exits 0. Exit code 1: bad flags or start-up failure.
+#include <csignal>
+#include <cstdint>
+#include <iostream>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/time/time.h"
+#include "server/calibration_server.h"
+
+namespace {
+const nvfp4cal::server::ServerOptions kDefaults;
+}  // namespace
+
+ABSL_FLAG(std::string, address, kDefaults.address,
+          "gRPC listen address host:port; port 0 picks a free port");
+ABSL_FLAG(std::string, metrics_address, kDefaults.metrics_address,
+          "Prometheus /metrics listen address host:port; empty disables it");
+ABSL_FLAG(std::string, device, kDefaults.devices.device, "auto|cpu|cuda: where quantization runs");
+ABSL_FLAG(absl::Duration, drain_timeout, kDefaults.drain_timeout,
+          "On SIGTERM, how long in-flight work may take before it is cancelled");
+ABSL_FLAG(int, cpu_workers, kDefaults.devices.cpu_workers, "Scheduler workers on the CPU backend");
+ABSL_FLAG(int, cpu_threads_per_worker, kDefaults.devices.cpu_threads_per_worker,
+          "Threads of the CPU backend per batch; 0 = all hardware threads");
+ABSL_FLAG(int64_t, max_queued_items, kDefaults.devices.max_queued_items,
+          "Scheduler work items waiting over all streams; more answer RESOURCE_EXHAUSTED");
+ABSL_FLAG(int64_t, memory_budget_bytes, kDefaults.devices.memory_budget_bytes,
+          "Device memory one batch may use");
+ABSL_FLAG(int, max_items_per_batch, kDefaults.devices.max_items_per_batch,
+          "Items per batch at most");
+ABSL_FLAG(int64_t, max_receive_message_bytes, kDefaults.limits.max_receive_message_bytes,
+          "Largest gRPC message received");
+ABSL_FLAG(int64_t, max_send_message_bytes, kDefaults.limits.max_send_message_bytes,
+          "Largest gRPC message sent");
+ABSL_FLAG(int64_t, max_tensor_elements, kDefaults.limits.max_tensor_elements,
+          "Largest rows * cols of one tensor");
+ABSL_FLAG(int64_t, max_buffered_tensor_bytes, kDefaults.limits.max_buffered_tensor_bytes,
+          "Largest tensor buffered whole when no global_amax is sent");
+ABSL_FLAG(int64_t, max_session_hessian_bytes, kDefaults.limits.max_session_hessian_bytes,
+          "Hessian blocks one session may keep");
+ABSL_FLAG(int, max_inflight_chunks_per_stream, kDefaults.limits.max_inflight_chunks_per_stream,
+          "Flow-control window: scheduler items per stream before reading pauses");
+ABSL_FLAG(int, max_concurrent_streams, kDefaults.limits.max_concurrent_streams,
+          "Quantize streams open at once");
+ABSL_FLAG(int64_t, max_rows_per_item, kDefaults.limits.max_rows_per_item,
+          "Rows per scheduler work item");
+ABSL_FLAG(int64_t, keepalive_time_ms, kDefaults.keepalive.time_ms,
+          "Interval between keepalive pings on idle connections");
+ABSL_FLAG(int64_t, keepalive_timeout_ms, kDefaults.keepalive.timeout_ms,
+          "Time to wait for a keepalive ping ack");
+ABSL_FLAG(int64_t, keepalive_min_client_ping_interval_ms,
+          kDefaults.keepalive.min_client_ping_interval_ms,
+          "Smallest interval at which clients may ping without data");
+ABSL_FLAG(bool, keepalive_permit_without_calls, kDefaults.keepalive.permit_without_calls,
+          "Whether clients may ping with no call open");
+
+namespace {
+
+nvfp4cal::server::ServerOptions OptionsFromFlags() {
+  nvfp4cal::server::ServerOptions o;
+  o.address = absl::GetFlag(FLAGS_address);
+  o.metrics_address = absl::GetFlag(FLAGS_metrics_address);
+  o.drain_timeout = absl::GetFlag(FLAGS_drain_timeout);
+  o.devices.device = absl::GetFlag(FLAGS_device);
+  o.devices.cpu_workers = absl::GetFlag(FLAGS_cpu_workers);
+  o.devices.cpu_threads_per_worker = absl::GetFlag(FLAGS_cpu_threads_per_worker);
+  o.devices.max_queued_items = absl::GetFlag(FLAGS_max_queued_items);
+  o.devices.memory_budget_bytes = absl::GetFlag(FLAGS_memory_budget_bytes);
+  o.devices.max_items_per_batch = absl::GetFlag(FLAGS_max_items_per_batch);
+  o.limits.max_receive_message_bytes = absl::GetFlag(FLAGS_max_receive_message_bytes);
+  o.limits.max_send_message_bytes = absl::GetFlag(FLAGS_max_send_message_bytes);
+  o.limits.max_tensor_elements = absl::GetFlag(FLAGS_max_tensor_elements);
+  o.limits.max_buffered_tensor_bytes = absl::GetFlag(FLAGS_max_buffered_tensor_bytes);
+  o.limits.max_session_hessian_bytes = absl::GetFlag(FLAGS_max_session_hessian_bytes);
+  o.limits.max_inflight_chunks_per_stream = absl::GetFlag(FLAGS_max_inflight_chunks_per_stream);
+  o.limits.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
+  o.limits.max_rows_per_item = absl::GetFlag(FLAGS_max_rows_per_item);
+  o.keepalive.time_ms = absl::GetFlag(FLAGS_keepalive_time_ms);
+  o.keepalive.timeout_ms = absl::GetFlag(FLAGS_keepalive_timeout_ms);
+  o.keepalive.min_client_ping_interval_ms =
+      absl::GetFlag(FLAGS_keepalive_min_client_ping_interval_ms);
+  o.keepalive.permit_without_calls = absl::GetFlag(FLAGS_keepalive_permit_without_calls);
+  return o;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("nvfp4cal calibration service (gRPC): see docs/server.md");
+  absl::ParseCommandLine(argc, argv);
+
+  // Block the stop signals in every thread (gRPC's included); one sigwait below receives them.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  nvfp4cal::server::CalibrationServer server(OptionsFromFlags());
+  std::cerr << "nvfp4cal-server " << nvfp4cal::server::kServerVersion
+            << " effective configuration:\n";
+  absl::Status started = server.Start();
+  std::cerr << server.DescribeConfig() << std::flush;
+  if (!started.ok()) {
+    std::cerr << "nvfp4cal-server: cannot start: " << started << "\n";
+    return 1;
+  }
+  std::cout << "listening on " << server.address() << std::endl;
+  if (server.metrics_port() != 0) {
+    std::cout << "metrics on port " << server.metrics_port() << std::endl;
+  }
+
+  int signal = 0;
+  sigwait(&stop_signals, &signal);
+  std::cerr << "nvfp4cal-server: signal " << signal << ", draining (up to "
+            << absl::FormatDuration(absl::GetFlag(FLAGS_drain_timeout)) << ")" << std::endl;
+  server.Drain();
+  std::cerr << "nvfp4cal-server: stopped" << std::endl;
+  return 0;
+}

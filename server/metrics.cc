@@ -1,0 +1,137 @@
+#include "server/metrics.h"
+
+#include <exception>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
+namespace nvfp4cal::server {
+namespace {
+
+// Seconds, from 100 us to ~2 min: covers a small chunk on a GPU up to a large tensor on CPU.
+prometheus::Histogram::BucketBoundaries LatencyBuckets() {
+  return {0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 120};
+}
+
+}  // namespace
+
+std::string StatusCodeName(int code) {
+  static const char* const kNames[] = {
+      "OK",           "CANCELLED",         "UNKNOWN",        "INVALID_ARGUMENT",
+      "DEADLINE_EXCEEDED", "NOT_FOUND",    "ALREADY_EXISTS", "PERMISSION_DENIED",
+      "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+      "UNIMPLEMENTED", "INTERNAL",         "UNAVAILABLE",    "DATA_LOSS",
+      "UNAUTHENTICATED"};
+  if (code < 0 || code > 16) return absl::StrCat("CODE_", code);
+  return kNames[code];
+}
+
+ServerMetrics::ServerMetrics() : registry_(std::make_shared<prometheus::Registry>()) {
+  requests_ = &prometheus::BuildCounter()
+                   .Name("nvfp4cal_requests_total")
+                   .Help("Finished RPCs by method and gRPC status code")
+                   .Register(*registry_);
+  rpc_seconds_ = &prometheus::BuildHistogram()
+                      .Name("nvfp4cal_rpc_duration_seconds")
+                      .Help("RPC duration from start to final status, by method")
+                      .Register(*registry_);
+  bytes_in_ = &prometheus::BuildCounter()
+                   .Name("nvfp4cal_bytes_in_total")
+                   .Help("Payload bytes received (weights and Hessians)")
+                   .Register(*registry_)
+                   .Add({});
+  bytes_out_ = &prometheus::BuildCounter()
+                    .Name("nvfp4cal_bytes_out_total")
+                    .Help("Payload bytes sent (codes and scales)")
+                    .Register(*registry_)
+                    .Add({});
+  blocks_ = &prometheus::BuildCounter()
+                 .Name("nvfp4cal_blocks_quantized_total")
+                 .Help("16-element blocks quantized")
+                 .Register(*registry_)
+                 .Add({});
+  queue_depth_ = &prometheus::BuildGauge()
+                      .Name("nvfp4cal_queue_depth")
+                      .Help("Scheduler work items waiting")
+                      .Register(*registry_)
+                      .Add({});
+  inflight_streams_ = &prometheus::BuildGauge()
+                           .Name("nvfp4cal_inflight_streams")
+                           .Help("Open Quantize streams")
+                           .Register(*registry_)
+                           .Add({});
+  inflight_jobs_ = &prometheus::BuildGauge()
+                        .Name("nvfp4cal_inflight_jobs")
+                        .Help("Async jobs not yet finished")
+                        .Register(*registry_)
+                        .Add({});
+  device_memory_ = &prometheus::BuildGauge()
+                        .Name("nvfp4cal_device_memory_in_use_bytes")
+                        .Help("Bytes held for queued and running batches")
+                        .Register(*registry_)
+                        .Add({});
+  queue_wait_ = &prometheus::BuildHistogram()
+                     .Name("nvfp4cal_queue_wait_seconds")
+                     .Help("Time a work item waited in the scheduler")
+                     .Register(*registry_)
+                     .Add({}, LatencyBuckets());
+  kernel_time_ = &prometheus::BuildHistogram()
+                      .Name("nvfp4cal_kernel_seconds")
+                      .Help("Duration of the batch that ran a work item")
+                      .Register(*registry_)
+                      .Add({}, LatencyBuckets());
+}
+
+ServerMetrics::~ServerMetrics() = default;
+
+absl::Status ServerMetrics::Serve(const std::string& address) {
+  if (exposer_ != nullptr) return absl::FailedPreconditionError("metrics endpoint already up");
+  try {
+    exposer_ = std::make_unique<prometheus::Exposer>(address);
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(
+        absl::StrCat("metrics_address \"", address, "\": cannot listen: ", e.what()));
+  }
+  exposer_->RegisterCollectable(registry_);
+  return absl::OkStatus();
+}
+
+int ServerMetrics::port() const {
+  if (exposer_ == nullptr) return 0;
+  const std::vector<int> ports = exposer_->GetListeningPorts();
+  return ports.empty() ? 0 : ports.front();
+}
+
+void ServerMetrics::RecordRequest(const std::string& method, int code, absl::Duration duration) {
+  requests_->Add({{"method", method}, {"code", StatusCodeName(code)}}).Increment();
+  rpc_seconds_->Add({{"method", method}}, LatencyBuckets())
+      .Observe(absl::ToDoubleSeconds(duration));
+}
+
+void ServerMetrics::AddBytesIn(int64_t bytes) { bytes_in_->Increment(static_cast<double>(bytes)); }
+void ServerMetrics::AddBytesOut(int64_t bytes) {
+  bytes_out_->Increment(static_cast<double>(bytes));
+}
+void ServerMetrics::AddBlocksQuantized(int64_t blocks) {
+  blocks_->Increment(static_cast<double>(blocks));
+}
+void ServerMetrics::SetQueueDepth(int64_t items) { queue_depth_->Set(static_cast<double>(items)); }
+void ServerMetrics::AddInflightStreams(int64_t delta) {
+  inflight_streams_->Increment(static_cast<double>(delta));
+}
+void ServerMetrics::AddInflightJobs(int64_t delta) {
+  inflight_jobs_->Increment(static_cast<double>(delta));
+}
+void ServerMetrics::AddDeviceMemoryInUse(int64_t delta_bytes) {
+  device_memory_->Increment(static_cast<double>(delta_bytes));
+}
+void ServerMetrics::ObserveQueueWait(absl::Duration wait) {
+  queue_wait_->Observe(absl::ToDoubleSeconds(wait));
+}
+void ServerMetrics::ObserveKernelTime(absl::Duration time) {
+  kernel_time_->Observe(absl::ToDoubleSeconds(time));
+}
+
+}  // namespace nvfp4cal::server

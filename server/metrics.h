@@ -1,0 +1,76 @@
+// ServerMetrics: the server's Prometheus metrics (prefix nvfp4cal_) and their HTTP endpoint.
+//
+// One object per server. The service records into it; an optional prometheus-cpp Exposer
+// serves it on its own port at /metrics.
+//
+//   ServerMetrics metrics;
+//   absl::Status s = metrics.Serve("0.0.0.0:9400");    // optional
+//   metrics.RecordRequest("Quantize", grpc::StatusCode::OK, absl::Seconds(2));
+#ifndef NVFP4CAL_SERVER_METRICS_H_
+#define NVFP4CAL_SERVER_METRICS_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "prometheus/counter.h"
+#include "prometheus/exposer.h"
+#include "prometheus/family.h"
+#include "prometheus/gauge.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
+
+namespace nvfp4cal::server {
+
+class ServerMetrics {
+ public:
+  ServerMetrics();
+  ~ServerMetrics();
+
+  // Starts the HTTP endpoint on host:port (port 0 picks one). Call at most once.
+  absl::Status Serve(const std::string& address);
+  // Port the endpoint listens on; 0 when not serving.
+  int port() const;
+
+  // One finished RPC: counts it by method and canonical code name and times it.
+  void RecordRequest(const std::string& method, int code, absl::Duration duration);
+  // Payload bytes received (weights, Hessians) and sent (codes, scales).
+  void AddBytesIn(int64_t bytes);
+  void AddBytesOut(int64_t bytes);
+  // 16-element blocks quantized.
+  void AddBlocksQuantized(int64_t blocks);
+  // Scheduler work items waiting.
+  void SetQueueDepth(int64_t items);
+  // Open Quantize streams and unfinished jobs.
+  void AddInflightStreams(int64_t delta);
+  void AddInflightJobs(int64_t delta);
+  // Bytes held for batches that run or wait on the devices (weights, outputs, Hessians).
+  void AddDeviceMemoryInUse(int64_t delta_bytes);
+  // Per work item: time queued and time of the batch that ran it.
+  void ObserveQueueWait(absl::Duration wait);
+  void ObserveKernelTime(absl::Duration time);
+
+ private:
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+  prometheus::Family<prometheus::Counter>* requests_;
+  prometheus::Family<prometheus::Histogram>* rpc_seconds_;
+  prometheus::Counter* bytes_in_;
+  prometheus::Counter* bytes_out_;
+  prometheus::Counter* blocks_;
+  prometheus::Gauge* queue_depth_;
+  prometheus::Gauge* inflight_streams_;
+  prometheus::Gauge* inflight_jobs_;
+  prometheus::Gauge* device_memory_;
+  prometheus::Histogram* queue_wait_;
+  prometheus::Histogram* kernel_time_;
+};
+
+// Canonical gRPC code name ("OK", "INVALID_ARGUMENT", ...).
+std::string StatusCodeName(int code);
+
+}  // namespace nvfp4cal::server
+
+#endif  // NVFP4CAL_SERVER_METRICS_H_

@@ -1,0 +1,688 @@
+#include "server/quantize_session.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "nvfp4cal/kernels/validation.h"
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+              "payloads are little-endian and copied as is");
+
+namespace nvfp4cal::server {
+namespace {
+
+constexpr int64_t kBlock = 16;
+constexpr int kMinPriority = 0;
+constexpr int kMaxPriority = 10;
+
+absl::Status Prefixed(const absl::Status& status, const std::string& prefix) {
+  return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
+}
+
+absl::StatusOr<DType> ToDType(v1::DType dtype) {
+  switch (dtype) {
+    case v1::DTYPE_FLOAT32:
+      return DType::kFloat32;
+    case v1::DTYPE_BFLOAT16:
+      return DType::kBFloat16;
+    case v1::DTYPE_FLOAT16:
+      return DType::kFloat16;
+    default:
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "header.dtype = %d is not one of DTYPE_FLOAT32, DTYPE_BFLOAT16, DTYPE_FLOAT16",
+          static_cast<int>(dtype)));
+  }
+}
+
+absl::StatusOr<SearchParams> ToSearchParams(const v1::MethodConfig& config) {
+  absl::StatusOr<Method> method = ParseMethod(config.name());
+  if (!method.ok()) return Prefixed(method.status(), "header.");
+  SearchParams params;
+  params.method = *method;
+  if (config.has_beta_step()) params.beta_step = config.beta_step();
+  if (config.has_beta_half_range()) params.beta_half_range = config.beta_half_range();
+  if (config.has_scale_neighbours()) params.scale_neighbours = config.scale_neighbours();
+  if (config.has_symmetry_tolerance()) params.symmetry_tolerance = config.symmetry_tolerance();
+  if (absl::Status s = ValidateParams(params); !s.ok()) return Prefixed(s, "header.method.");
+  return params;
+}
+
+absl::Time DeadlineOf(const grpc::CallbackServerContext& context) {
+  const auto remaining = context.deadline() - std::chrono::system_clock::now();
+  const double seconds = std::chrono::duration<double>(remaining).count();
+  // gRPC reports "no deadline" as a time point centuries away.
+  if (seconds > 1e9) return absl::InfiniteFuture();
+  return absl::Now() + absl::Seconds(seconds);
+}
+
+void FillStatistics(const TensorStats& stats, v1::TensorStatistics* out) {
+  out->set_method(std::string(MethodName(stats.method)));
+  v1::MethodConfig* params = out->mutable_params();
+  params->set_name(std::string(MethodName(stats.params.method)));
+  params->set_beta_step(stats.params.beta_step);
+  params->set_beta_half_range(stats.params.beta_half_range);
+  params->set_scale_neighbours(stats.params.scale_neighbours);
+  params->set_symmetry_tolerance(stats.params.symmetry_tolerance);
+  out->set_num_blocks(stats.num_blocks);
+  out->set_objective_before(stats.objective_before);
+  out->set_objective_after(stats.objective_after);
+  out->set_mse_before(stats.mse_before);
+  out->set_mse_after(stats.mse_after);
+  out->set_hessian_error_before(stats.hessian_error_before);
+  out->set_hessian_error_after(stats.hessian_error_after);
+  out->set_blocks_scale_changed(stats.blocks_scale_changed);
+  out->set_blocks_beta_not_one(stats.blocks_beta_not_one);
+  out->set_blocks_offset_not_zero(stats.blocks_offset_not_zero);
+  out->set_zero_hessian_blocks(stats.zero_hessian_blocks);
+}
+
+// Copies the diagonal 16x16 blocks out of elements [offset, offset + count) of a row-major
+// [cols, cols] matrix.
+void ExtractDiagonalBlocks(const float* src, int64_t offset, int64_t count, int64_t cols,
+                           float* blocks) {
+  while (count > 0) {
+    const int64_t row = offset / cols;
+    const int64_t col = offset % cols;
+    const int64_t segment = std::min(count, cols - col);
+    const int64_t block = row / kBlock;
+    const int64_t lo = std::max(col, block * kBlock);
+    const int64_t hi = std::min(col + segment, block * kBlock + kBlock);
+    for (int64_t c = lo; c < hi; ++c) {
+      blocks[block * kBlock * kBlock + (row % kBlock) * kBlock + (c % kBlock)] = src[c - col];
+    }
+    offset += segment;
+    src += segment;
+    count -= segment;
+  }
+}
+
+}  // namespace
+
+grpc::Status ToGrpcStatus(const absl::Status& status) {
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()),
+                      std::string(status.message()));
+}
+
+QuantizeSession::QuantizeSession(const SessionEnvironment& environment,
+                                 grpc::CallbackServerContext* context)
+    : env_(environment), context_(context), started_(absl::Now()) {
+  absl::Status refused;
+  if (env_.draining->load()) {
+    refused = absl::UnavailableError("server is draining; no new Quantize streams are accepted");
+  } else {
+    const int open = env_.open_streams->fetch_add(1) + 1;
+    counted_ = true;
+    env_.metrics->AddInflightStreams(1);
+    if (open > env_.limits.max_concurrent_streams) {
+      refused = absl::ResourceExhaustedError(absl::StrFormat(
+          "too many Quantize streams: max_concurrent_streams = %d, open = %d",
+          env_.limits.max_concurrent_streams, open));
+    }
+  }
+  Actions actions;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!refused.ok()) {
+      FailLocked(refused, &actions);
+    } else {
+      reading_ = true;
+      read_starting_ = true;
+      actions.start_read = true;
+    }
+  }
+  Perform(&actions);
+}
+
+void QuantizeSession::OnReadDone(bool ok) {
+  Actions actions;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!ok) {
+      reading_ = false;
+      half_closed_ = true;
+      if (!failed_ && !CurrentTensorComplete()) {
+        FailLocked(absl::FailedPreconditionError(absl::StrFormat(
+                       "stream ended before tensor '%s' was complete: %d of %d rows received",
+                       current_->name, current_->rows_received, current_->rows)),
+                   &actions);
+      }
+      MaybeFinish(&actions);
+    } else if (!failed_) {
+      ++messages_read_;
+      absl::Status status = HandleMessage(&actions);
+      if (!status.ok()) {
+        reading_ = false;
+        FailLocked(status, &actions);
+      }
+    } else {
+      reading_ = false;
+    }
+  }
+  EnqueueTasks(&actions);
+  {
+    absl::MutexLock lock(&mu_);
+    if (reading_) {
+      reading_ = false;
+      MaybeStartRead(&actions);
+    }
+    MaybeStartWrite(&actions);
+    MaybeFinish(&actions);
+  }
+  Perform(&actions);
+}
+
+absl::Status QuantizeSession::HandleMessage(Actions* actions) {
+  switch (request_.payload_case()) {
+    case v1::QuantizeRequest::kSession:
+      return HandleSessionOptions(request_.session());
+    case v1::QuantizeRequest::kHeader:
+      return HandleHeader(request_.header());
+    case v1::QuantizeRequest::kHessian:
+      return HandleHessianChunk(request_.mutable_hessian());
+    case v1::QuantizeRequest::kWeights:
+      return HandleWeightChunk(request_.mutable_weights(), actions);
+    default:
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "message %d of the stream has no payload (session, header, hessian or weights)",
+          messages_read_));
+  }
+}
+
+absl::Status QuantizeSession::HandleSessionOptions(const v1::SessionOptions& options) {
+  if (messages_read_ != 1) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "session options must be the first message; got them as message %d", messages_read_));
+  }
+  if (options.priority() < kMinPriority || options.priority() > kMaxPriority) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "session.priority = %d is out of range [%d, %d]", options.priority(), kMinPriority,
+        kMaxPriority));
+  }
+  priority_ = options.priority();
+  return absl::OkStatus();
+}
+
+bool QuantizeSession::CurrentTensorComplete() const {
+  return current_ == nullptr || current_->rows_received == current_->rows;
+}
+
+absl::Status QuantizeSession::HandleHeader(const v1::TensorHeader& header) {
+  const ServiceLimits& limits = env_.limits;
+  if (!CurrentTensorComplete()) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "header of tensor '%s' arrived before tensor '%s' was complete: %d of %d rows received",
+        header.name(), current_->name, current_->rows_received, current_->rows));
+  }
+  if (env_.draining->load()) {
+    return absl::UnavailableError(absl::StrFormat(
+        "server is draining; tensor '%s' was not started (tensors sent before it finish)",
+        header.name()));
+  }
+  if (header.name().empty()) return absl::InvalidArgumentError("header.name is empty");
+  if (tensor_names_.contains(header.name())) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "header.name = '%s' was already used in this session", header.name()));
+  }
+  if (header.rows() <= 0 || header.cols() <= 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "header: tensor '%s' has shape [%d, %d]; rows and cols must be > 0", header.name(),
+        header.rows(), header.cols()));
+  }
+  if (header.cols() % kBlock != 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "header.cols = %d of tensor '%s' is not a multiple of the block size 16", header.cols(),
+        header.name()));
+  }
+  if (header.rows() > limits.max_tensor_elements / header.cols()) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "tensor '%s' has %d x %d elements; max_tensor_elements = %d", header.name(),
+        header.rows(), header.cols(), limits.max_tensor_elements));
+  }
+  absl::StatusOr<DType> dtype = ToDType(header.dtype());
+  if (!dtype.ok()) return dtype.status();
+  absl::StatusOr<SearchParams> params = ToSearchParams(header.method());
+  if (!params.ok()) return params.status();
+  const int64_t tensor_bytes = header.rows() * header.cols() * DTypeSize(*dtype);
+  if (header.has_global_amax()) {
+    const float g = header.global_amax();
+    if (!std::isfinite(g) || g < 0.0f) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("header.global_amax = %g must be finite and >= 0", g));
+    }
+  } else if (tensor_bytes > limits.max_buffered_tensor_bytes) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "tensor '%s' without header.global_amax is buffered whole: %d bytes exceed "
+        "max_buffered_tensor_bytes = %d (send global_amax to stream it)",
+        header.name(), tensor_bytes, limits.max_buffered_tensor_bytes));
+  }
+
+  auto tensor = std::make_shared<Tensor>();
+  const std::string& hessian_name = header.hessian().name();
+  if (hessian_name.empty()) {
+    if (MethodNeedsHessian(params->method)) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "header.hessian.name is empty but method %s of tensor '%s' needs a Hessian",
+          MethodName(params->method), header.name()));
+    }
+  } else if (auto it = hessians_.find(hessian_name); it != hessians_.end()) {
+    if (it->second->cols != header.cols()) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "header.hessian.name = '%s' covers %d columns but tensor '%s' has cols = %d",
+          hessian_name, it->second->cols, header.name(), header.cols()));
+    }
+    tensor->hessian = it->second;
+  } else {
+    const v1::HessianLayout layout = header.hessian().layout();
+    if (layout != v1::HESSIAN_LAYOUT_BLOCK_DIAGONAL && layout != v1::HESSIAN_LAYOUT_FULL) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "header.hessian.layout = %d for new Hessian '%s' is not BLOCK_DIAGONAL or FULL",
+          static_cast<int>(layout), hessian_name));
+    }
+    const int64_t block_bytes = header.cols() * kBlock * 4;
+    if (hessian_bytes_ + block_bytes > limits.max_session_hessian_bytes) {
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "Hessian '%s' needs %d bytes; the session holds %d and max_session_hessian_bytes = %d",
+          hessian_name, block_bytes, hessian_bytes_, limits.max_session_hessian_bytes));
+    }
+    auto hessian = std::make_shared<Hessian>();
+    hessian->name = hessian_name;
+    hessian->layout = layout;
+    hessian->cols = header.cols();
+    hessian->expected_elements = layout == v1::HESSIAN_LAYOUT_FULL
+                                     ? header.cols() * header.cols()
+                                     : header.cols() * kBlock;
+    hessian->blocks = std::make_shared<std::vector<float>>(
+        static_cast<size_t>(header.cols() * kBlock), 0.0f);
+    hessian_bytes_ += block_bytes;
+    hessians_[hessian_name] = hessian;
+    tensor->hessian = hessian;
+  }
+
+  tensor->index = tensors_started_++;
+  tensor->name = header.name();
+  tensor->rows = header.rows();
+  tensor->cols = header.cols();
+  tensor->dtype = *dtype;
+  tensor->params = *params;
+  if (header.has_global_amax()) tensor->header_amax = header.global_amax();
+  tensor->started = absl::Now();
+  if (tensor->hessian != nullptr && tensor->hessian->complete()) {
+    if (absl::Status s = ValidateTensorHessian(*tensor); !s.ok()) return s;
+  }
+  if (!job_.has_value()) {
+    JobOptions job;
+    job.priority = priority_;
+    job.deadline = DeadlineOf(*context_);
+    job.name = absl::StrCat("stream ", context_->peer());
+    job_ = env_.scheduler->CreateJob(job);
+  }
+  tensor_names_.insert(tensor->name);
+  open_tensors_[tensor->index] = tensor;
+  current_ = std::move(tensor);
+  return absl::OkStatus();
+}
+
+absl::Status QuantizeSession::ValidateTensorHessian(const Tensor& tensor) {
+  QuantizeRequest request;
+  static const float kDummy = 0.0f;  // only the shape is read here
+  request.weights = {&kDummy, tensor.dtype, 1, tensor.cols};
+  request.hessians = {tensor.hessian->blocks->data(), tensor.cols / kBlock};
+  request.params = tensor.params;
+  absl::Status status = ValidateShapeHessiansAndParams(request);
+  if (!status.ok()) {
+    return Prefixed(status, absl::StrFormat("Hessian '%s' of tensor '%s': ",
+                                            tensor.hessian->name, tensor.name));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status QuantizeSession::HandleHessianChunk(v1::HessianChunk* chunk) {
+  if (current_ == nullptr || current_->hessian == nullptr || current_->hessian->complete() ||
+      current_->rows_received > 0) {
+    return absl::FailedPreconditionError(
+        "hessian chunk without a preceding header that defines a new Hessian");
+  }
+  Hessian& hessian = *current_->hessian;
+  if (chunk->element_offset() != hessian.received_elements) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "hessian chunk out of order: element_offset = %d, expected %d (Hessian '%s')",
+        chunk->element_offset(), hessian.received_elements, hessian.name));
+  }
+  const std::string& data = chunk->data();
+  if (data.size() % 4 != 0 || data.empty()) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "hessian chunk data has %d bytes; it must be a non-zero multiple of 4 (fp32)",
+        data.size()));
+  }
+  const int64_t count = static_cast<int64_t>(data.size() / 4);
+  if (hessian.received_elements + count > hessian.expected_elements) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "hessian chunk [%d, %d) goes beyond the declared shape of Hessian '%s' (%d elements)",
+        chunk->element_offset(), chunk->element_offset() + count, hessian.name,
+        hessian.expected_elements));
+  }
+  env_.metrics->AddBytesIn(static_cast<int64_t>(data.size()));
+  if (hessian.layout == v1::HESSIAN_LAYOUT_FULL) {
+    std::vector<float> values(static_cast<size_t>(count));
+    std::memcpy(values.data(), data.data(), data.size());
+    ExtractDiagonalBlocks(values.data(), hessian.received_elements, count, hessian.cols,
+                          hessian.blocks->data());
+  } else {
+    std::memcpy(hessian.blocks->data() + hessian.received_elements, data.data(), data.size());
+  }
+  hessian.received_elements += count;
+  if (hessian.complete()) return ValidateTensorHessian(*current_);
+  return absl::OkStatus();
+}
+
+absl::Status QuantizeSession::HandleWeightChunk(v1::WeightChunk* chunk, Actions* actions) {
+  if (current_ == nullptr) {
+    return absl::FailedPreconditionError("weight chunk before any tensor header");
+  }
+  Tensor& tensor = *current_;
+  if (tensor.hessian != nullptr && !tensor.hessian->complete()) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "weights of tensor '%s' arrived before its Hessian '%s' was complete: %d of %d "
+        "elements received",
+        tensor.name, tensor.hessian->name, tensor.hessian->received_elements,
+        tensor.hessian->expected_elements));
+  }
+  if (chunk->row_begin() != tensor.rows_received) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "weight chunk out of order for tensor '%s': row_begin = %d, expected %d", tensor.name,
+        chunk->row_begin(), tensor.rows_received));
+  }
+  if (chunk->num_rows() <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("weights.num_rows = %d must be > 0", chunk->num_rows()));
+  }
+  if (chunk->num_rows() > tensor.rows - chunk->row_begin()) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "weight chunk rows [%d, %d) go beyond the declared shape of tensor '%s' (%d rows)",
+        chunk->row_begin(), chunk->row_begin() + chunk->num_rows(), tensor.name, tensor.rows));
+  }
+  const int64_t expected_bytes = chunk->num_rows() * tensor.cols * DTypeSize(tensor.dtype);
+  if (static_cast<int64_t>(chunk->data().size()) != expected_bytes) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "weights.data has %d bytes; %d rows x %d cols of %s need %d", chunk->data().size(),
+        chunk->num_rows(), tensor.cols, DTypeName(tensor.dtype), expected_bytes));
+  }
+  env_.metrics->AddBytesIn(expected_bytes);
+  const WeightView view{chunk->data().data(), tensor.dtype, chunk->num_rows(), tensor.cols};
+  absl::StatusOr<float> amax = ScanWeightRows(view, 0, view.rows);
+  if (!amax.ok()) {
+    return Prefixed(amax.status(),
+                    absl::StrFormat("tensor '%s', weight chunk at row_begin = %d (element "
+                                    "indices relative to the chunk): ",
+                                    tensor.name, chunk->row_begin()));
+  }
+  const int64_t row_begin = chunk->row_begin();
+  tensor.rows_received += chunk->num_rows();
+  if (tensor.header_amax.has_value()) {
+    if (absl::Status s = ValidateGlobalAmax(*tensor.header_amax, *amax); !s.ok()) {
+      return Prefixed(s, absl::StrFormat("tensor '%s': header.", tensor.name));
+    }
+    auto bytes = std::make_shared<std::string>(std::move(*chunk->mutable_data()));
+    MakeTasks(&tensor, std::move(bytes), row_begin, chunk->num_rows(), actions);
+    return absl::OkStatus();
+  }
+  // Buffered: g is max |W| over the whole tensor, known after the last row.
+  if (tensor.buffer == nullptr) {
+    tensor.buffer = std::make_shared<std::string>();
+    tensor.buffer->reserve(static_cast<size_t>(tensor.rows * tensor.cols *
+                                               DTypeSize(tensor.dtype)));
+  }
+  tensor.buffer->append(chunk->data());
+  tensor.buffered_amax = std::max(tensor.buffered_amax, *amax);
+  if (tensor.rows_received == tensor.rows) {
+    std::shared_ptr<const std::string> whole = std::move(tensor.buffer);
+    MakeTasks(&tensor, std::move(whole), 0, tensor.rows, actions);
+  }
+  return absl::OkStatus();
+}
+
+void QuantizeSession::MakeTasks(Tensor* tensor, std::shared_ptr<const std::string> bytes,
+                                int64_t row_begin, int64_t num_rows, Actions* actions) {
+  if (tensor->input == nullptr) {
+    auto input = std::make_shared<TensorInput>();
+    input->dtype = tensor->dtype;
+    input->cols = tensor->cols;
+    input->params = tensor->params;
+    input->global_amax = tensor->header_amax.value_or(tensor->buffered_amax);
+    if (tensor->hessian != nullptr) input->hessian_blocks = tensor->hessian->blocks;
+    tensor->input = std::move(input);
+  }
+  const int64_t row_bytes = tensor->cols * DTypeSize(tensor->dtype);
+  const int64_t step = std::max<int64_t>(1, env_.limits.max_rows_per_item);
+  for (int64_t first = 0; first < num_rows; first += step) {
+    auto task = std::make_shared<RowRangeTask>();
+    task->tensor = tensor->input;
+    task->weights = bytes;
+    task->byte_offset = static_cast<size_t>(first * row_bytes);
+    task->row_begin = row_begin + first;
+    task->num_rows = std::min(step, num_rows - first);
+    actions->enqueue.push_back(std::move(task));
+  }
+  actions->enqueue_tensor = current_;
+  items_outstanding_ += static_cast<int64_t>(actions->enqueue.size());
+}
+
+void QuantizeSession::EnqueueTasks(Actions* actions) {
+  if (actions->enqueue.empty()) return;
+  JobId job;
+  {
+    absl::MutexLock lock(&mu_);
+    job = *job_;
+  }
+  std::shared_ptr<Tensor> tensor = std::move(actions->enqueue_tensor);
+  size_t admitted = 0;
+  absl::Status rejected;
+  for (std::shared_ptr<RowRangeTask>& task : actions->enqueue) {
+    refs_.fetch_add(1);
+    const int64_t bytes = task->MemoryBytes();
+    WorkItem item = MakeRowRangeItem(task, [this, tensor, task](const WorkOutcome& outcome) {
+      OnItemDone(tensor, task, outcome);
+    });
+    rejected = env_.scheduler->Enqueue(job, std::move(item));
+    if (!rejected.ok()) {
+      refs_.fetch_sub(1);  // the constructor's reference is still held: never the last
+      break;
+    }
+    env_.metrics->AddDeviceMemoryInUse(bytes);
+    ++admitted;
+  }
+  env_.metrics->SetQueueDepth(env_.scheduler->Stats().queued_items);
+  const int64_t not_admitted = static_cast<int64_t>(actions->enqueue.size() - admitted);
+  actions->enqueue.clear();
+  if (not_admitted == 0) return;
+  absl::MutexLock lock(&mu_);
+  items_outstanding_ -= not_admitted;
+  reading_ = false;
+  FailLocked(Prefixed(rejected, absl::StrFormat("tensor '%s': ", tensor->name)), actions);
+}
+
+void QuantizeSession::OnItemDone(const std::shared_ptr<Tensor>& tensor,
+                                 const std::shared_ptr<RowRangeTask>& task,
+                                 const WorkOutcome& outcome) {
+  env_.metrics->AddDeviceMemoryInUse(-task->MemoryBytes());
+  env_.metrics->SetQueueDepth(env_.scheduler->Stats().queued_items);
+  if (outcome.worker >= 0) {
+    env_.metrics->ObserveQueueWait(outcome.queue_wait);
+    env_.metrics->ObserveKernelTime(outcome.kernel_time);
+  }
+  Actions actions;
+  {
+    absl::MutexLock lock(&mu_);
+    --items_outstanding_;
+    if (!outcome.status.ok()) {
+      FailLocked(Prefixed(outcome.status,
+                          absl::StrFormat("tensor '%s' rows [%d, %d): ", tensor->name,
+                                          task->row_begin, task->row_begin + task->num_rows)),
+                 &actions);
+    } else if (!failed_) {
+      tensor->rows_done += task->num_rows;
+      tensor->range_stats[task->row_begin] = task->stats;
+      tensor->queue_wait += outcome.queue_wait;
+      tensor->kernel_time += outcome.kernel_time;
+      env_.metrics->AddBlocksQuantized(task->stats.num_blocks);
+      env_.metrics->AddBytesOut(static_cast<int64_t>(task->packed_codes.size() +
+                                                     task->scales.size()));
+      v1::QuantizeResponse response;
+      v1::ResultChunk* result = response.mutable_result();
+      result->set_tensor_name(tensor->name);
+      result->set_tensor_index(tensor->index);
+      result->set_row_begin(task->row_begin);
+      result->set_num_rows(task->num_rows);
+      result->set_packed_codes(std::move(task->packed_codes));
+      result->set_scales(std::move(task->scales));
+      pending_writes_.push_back(std::move(response));
+      if (tensor->rows_done == tensor->rows) QueueSummary(*tensor);
+    }
+    MaybeStartRead(&actions);
+    MaybeStartWrite(&actions);
+    MaybeFinish(&actions);
+  }
+  Perform(&actions);
+  Unref();
+}
+
+void QuantizeSession::QueueSummary(const Tensor& tensor) {
+  TensorStats total;
+  bool first = true;
+  for (const auto& [row, stats] : tensor.range_stats) {
+    if (first) {
+      total = stats;
+      first = false;
+    } else {
+      AccumulateStats(stats, &total);
+    }
+  }
+  v1::QuantizeResponse response;
+  v1::TensorSummary* summary = response.mutable_summary();
+  summary->set_tensor_name(tensor.name);
+  summary->set_tensor_index(tensor.index);
+  summary->set_rows(tensor.rows);
+  summary->set_cols(tensor.cols);
+  summary->set_global_amax(tensor.input->global_amax);
+  summary->set_global_scale(GlobalScaleFromAmax(tensor.input->global_amax));
+  FillStatistics(total, summary->mutable_stats());
+  summary->mutable_timings()->set_total_us(absl::ToInt64Microseconds(absl::Now() - tensor.started));
+  summary->mutable_timings()->set_queue_wait_us(absl::ToInt64Microseconds(tensor.queue_wait));
+  summary->mutable_timings()->set_kernel_us(absl::ToInt64Microseconds(tensor.kernel_time));
+  pending_writes_.push_back(std::move(response));
+  open_tensors_.erase(tensor.index);
+}
+
+void QuantizeSession::FailLocked(const absl::Status& status, Actions* actions) {
+  if (failed_ || finish_called_) return;
+  failed_ = true;
+  final_status_ = ToGrpcStatus(status);
+  pending_writes_.clear();
+  if (job_.has_value()) actions->cancel_job = true;
+  MaybeFinish(actions);
+}
+
+void QuantizeSession::MaybeStartRead(Actions* actions) {
+  if (reading_ || half_closed_ || failed_ || finish_called_) return;
+  if (items_outstanding_ >= env_.limits.max_inflight_chunks_per_stream) return;
+  reading_ = true;
+  read_starting_ = true;
+  actions->start_read = true;
+}
+
+void QuantizeSession::MaybeStartWrite(Actions* actions) {
+  if (write_in_flight_ || pending_writes_.empty() || finish_called_) return;
+  current_write_ = std::move(pending_writes_.front());
+  pending_writes_.pop_front();
+  write_in_flight_ = true;
+  actions->start_write = true;
+}
+
+void QuantizeSession::MaybeFinish(Actions* actions) {
+  if (finish_called_ || write_in_flight_ || read_starting_) return;
+  if (failed_) {
+    finish_called_ = true;
+    actions->finish = true;
+    actions->finish_status = final_status_;
+    return;
+  }
+  if (half_closed_ && items_outstanding_ == 0 && pending_writes_.empty() && !reading_ &&
+      open_tensors_.empty()) {
+    finish_called_ = true;
+    final_status_ = grpc::Status::OK;
+    actions->finish = true;
+    actions->finish_status = final_status_;
+  }
+}
+
+void QuantizeSession::OnWriteDone(bool ok) {
+  Actions actions;
+  {
+    absl::MutexLock lock(&mu_);
+    write_in_flight_ = false;
+    if (!ok) FailLocked(absl::CancelledError("write failed: the client went away"), &actions);
+    MaybeStartWrite(&actions);
+    MaybeFinish(&actions);
+  }
+  Perform(&actions);
+}
+
+void QuantizeSession::OnCancel() {
+  Actions actions;
+  {
+    absl::MutexLock lock(&mu_);
+    FailLocked(absl::CancelledError("the call was cancelled or its deadline passed"), &actions);
+  }
+  Perform(&actions);
+}
+
+void QuantizeSession::Perform(Actions* actions) {
+  if (actions->cancel_job) {
+    JobId job;
+    grpc::Status reason;
+    {
+      absl::MutexLock lock(&mu_);
+      job = *job_;
+      reason = final_status_;
+    }
+    env_.scheduler->CancelJob(
+        job, absl::Status(static_cast<absl::StatusCode>(reason.error_code()),
+                          reason.error_message()));
+  }
+  if (actions->start_write) StartWrite(&current_write_);
+  if (actions->start_read) {
+    StartRead(&request_);
+    // A failure decided meanwhile waited for this read to be issued before finishing.
+    absl::MutexLock lock(&mu_);
+    read_starting_ = false;
+    MaybeFinish(actions);
+  }
+  if (actions->finish) Finish(actions->finish_status);
+  actions->start_read = actions->start_write = actions->cancel_job = actions->finish = false;
+}
+
+void QuantizeSession::Unref() {
+  if (refs_.fetch_sub(1) == 1) delete this;
+}
+
+void QuantizeSession::OnDone() {
+  grpc::Status status;
+  {
+    absl::MutexLock lock(&mu_);
+    status = final_status_;
+    if (job_.has_value()) env_.scheduler->ReleaseJob(*job_);
+  }
+  env_.metrics->RecordRequest("Quantize", status.error_code(), absl::Now() - started_);
+  if (counted_) {
+    env_.open_streams->fetch_sub(1);
+    env_.metrics->AddInflightStreams(-1);
+  }
+  Unref();
+}
+
+}  // namespace nvfp4cal::server

@@ -1,0 +1,185 @@
+// QuantizeSession: the reactor behind one Calibrator.Quantize stream.
+//
+// It parses and validates the client's messages (SessionOptions, TensorHeader, HessianChunk,
+// WeightChunk), turns weight rows into scheduler items and writes ResultChunks and
+// TensorSummaries back as items finish. No thread is blocked per stream:
+//   - flow control: the next read starts only after the previous chunk's items were admitted by
+//     the scheduler and while fewer than limits.max_inflight_chunks_per_stream items are
+//     outstanding; a finished item resumes reading;
+//   - the first error (validation, scheduler rejection, kernel error, cancellation) finishes the
+//     whole stream with that status and cancels the session's queued work.
+//
+// The service creates one per call. It is reference counted: gRPC holds one reference until
+// OnDone, and every admitted scheduler item holds one until its callback returned; the last
+// release deletes it.
+//
+//   grpc::ServerBidiReactor<QuantizeRequest, QuantizeResponse>* Quantize(
+//       grpc::CallbackServerContext* context) override {
+//     return new QuantizeSession(environment_, context);
+//   }
+#ifndef NVFP4CAL_SERVER_QUANTIZE_SESSION_H_
+#define NVFP4CAL_SERVER_QUANTIZE_SESSION_H_
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "grpcpp/grpcpp.h"
+#include "nvfp4cal/kernels/scale_search.h"
+#include "nvfp4cal/v1/calibrator.pb.h"
+#include "server/kernel_executor.h"
+#include "server/metrics.h"
+#include "server/scheduler.h"
+#include "server/server_options.h"
+
+namespace nvfp4cal::server {
+
+// What every session shares; owned by the service, which outlives its sessions.
+struct SessionEnvironment {
+  Scheduler* scheduler = nullptr;
+  ServerMetrics* metrics = nullptr;
+  ServiceLimits limits;
+  // Set while the server drains: new streams and new tensors answer UNAVAILABLE.
+  const std::atomic<bool>* draining = nullptr;
+  // Open Quantize streams, for limits.max_concurrent_streams.
+  std::atomic<int>* open_streams = nullptr;
+};
+
+// Maps an internal status to the status sent to the client.
+grpc::Status ToGrpcStatus(const absl::Status& status);
+
+class QuantizeSession
+    : public grpc::ServerBidiReactor<v1::QuantizeRequest, v1::QuantizeResponse> {
+ public:
+  QuantizeSession(const SessionEnvironment& environment, grpc::CallbackServerContext* context);
+
+  void OnReadDone(bool ok) override;
+  void OnWriteDone(bool ok) override;
+  void OnCancel() override;
+  void OnDone() override;
+
+ private:
+  // A Hessian defined in this session, kept as diagonal blocks whatever layout it came in.
+  struct Hessian {
+    std::string name;
+    v1::HessianLayout layout = v1::HESSIAN_LAYOUT_UNSPECIFIED;
+    int64_t cols = 0;
+    int64_t expected_elements = 0;
+    int64_t received_elements = 0;
+    std::shared_ptr<std::vector<float>> blocks;
+    bool complete() const { return received_elements == expected_elements; }
+  };
+  // A tensor of the session, from its header until its summary was queued.
+  struct Tensor {
+    int64_t index = 0;
+    std::string name;
+    int64_t rows = 0;
+    int64_t cols = 0;
+    DType dtype = DType::kBFloat16;
+    SearchParams params;
+    std::optional<float> header_amax;
+    std::shared_ptr<Hessian> hessian;
+    // Built when the first rows are admitted (the Hessian is complete by then).
+    std::shared_ptr<const TensorInput> input;
+    int64_t rows_received = 0;
+    int64_t rows_done = 0;
+    // Buffered mode (no header amax): the whole tensor and its running amax.
+    std::shared_ptr<std::string> buffer;
+    float buffered_amax = 0.0f;
+    // Per row range statistics, summed in row order for the summary.
+    std::map<int64_t, TensorStats> range_stats;
+    absl::Time started;
+    absl::Duration queue_wait;
+    absl::Duration kernel_time;
+  };
+  // Reactor operations decided under mu_ and started after it is released (gRPC may run a
+  // reaction inline inside a Start* call).
+  struct Actions {
+    bool start_read = false;
+    bool start_write = false;
+    bool cancel_job = false;
+    bool finish = false;
+    grpc::Status finish_status;
+    std::vector<std::shared_ptr<RowRangeTask>> enqueue;
+    std::shared_ptr<Tensor> enqueue_tensor;
+  };
+
+  absl::Status HandleMessage(Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status HandleSessionOptions(const v1::SessionOptions& options)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status HandleHeader(const v1::TensorHeader& header) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status HandleHessianChunk(v1::HessianChunk* chunk) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status HandleWeightChunk(v1::WeightChunk* chunk, Actions* actions)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Validates the current tensor's shape, Hessian and parameters once its Hessian is complete.
+  absl::Status ValidateTensorHessian(const Tensor& tensor) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Splits rows [row_begin, row_begin + num_rows) held in `bytes` into scheduler tasks.
+  void MakeTasks(Tensor* tensor, std::shared_ptr<const std::string> bytes, int64_t row_begin,
+                 int64_t num_rows, Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether every row of the current tensor was received (true when there is none).
+  bool CurrentTensorComplete() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  // Admits tasks to the scheduler; called without mu_.
+  void EnqueueTasks(Actions* actions) ABSL_LOCKS_EXCLUDED(mu_);
+  void OnItemDone(const std::shared_ptr<Tensor>& tensor, const std::shared_ptr<RowRangeTask>& task,
+                  const WorkOutcome& outcome) ABSL_LOCKS_EXCLUDED(mu_);
+  void QueueSummary(const Tensor& tensor) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  void FailLocked(const absl::Status& status, Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void MaybeStartRead(Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void MaybeStartWrite(Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void MaybeFinish(Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Perform(Actions* actions) ABSL_LOCKS_EXCLUDED(mu_);
+  void Unref();
+
+  const SessionEnvironment env_;
+  grpc::CallbackServerContext* const context_;
+  const absl::Time started_;
+  // Whether this stream counts towards open_streams (false when refused at the door).
+  bool counted_ = false;
+  // gRPC's reference plus one per admitted scheduler item.
+  std::atomic<int> refs_{1};
+
+  absl::Mutex mu_;
+  v1::QuantizeRequest request_;
+  v1::QuantizeResponse current_write_ ABSL_GUARDED_BY(mu_);
+  std::deque<v1::QuantizeResponse> pending_writes_ ABSL_GUARDED_BY(mu_);
+  bool write_in_flight_ ABSL_GUARDED_BY(mu_) = false;
+  // A read is pending or its message is being handled.
+  bool reading_ ABSL_GUARDED_BY(mu_) = false;
+  // StartRead was decided but not yet called; Finish waits for it.
+  bool read_starting_ ABSL_GUARDED_BY(mu_) = false;
+  bool half_closed_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t messages_read_ ABSL_GUARDED_BY(mu_) = 0;
+  // An error ended the session; final_status_ is what Finish sends.
+  bool failed_ ABSL_GUARDED_BY(mu_) = false;
+  bool finish_called_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status final_status_ ABSL_GUARDED_BY(mu_);
+
+  std::optional<JobId> job_ ABSL_GUARDED_BY(mu_);
+  int priority_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t items_outstanding_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t memory_in_use_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t tensors_started_ ABSL_GUARDED_BY(mu_) = 0;
+  std::shared_ptr<Tensor> current_ ABSL_GUARDED_BY(mu_);
+  // Tensors whose summary is not sent yet, by index.
+  std::map<int64_t, std::shared_ptr<Tensor>> open_tensors_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_set<std::string> tensor_names_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, std::shared_ptr<Hessian>> hessians_ ABSL_GUARDED_BY(mu_);
+  int64_t hessian_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+}  // namespace nvfp4cal::server
+
+#endif  // NVFP4CAL_SERVER_QUANTIZE_SESSION_H_

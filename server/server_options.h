@@ -1,0 +1,83 @@
+// ServerOptions: everything nvfp4cal-server can be configured with, in one plain struct.
+//
+// main.cc fills it from flags; tests fill it directly. Limits here are advertised by
+// GetServerInfo and enforced with RESOURCE_EXHAUSTED messages that name them.
+//
+//   nvfp4cal::server::ServerOptions options;
+//   options.address = "127.0.0.1:0";   // port 0: pick a free port
+//   options.metrics_address = "";      // no metrics endpoint
+//   nvfp4cal::server::CalibrationServer server(options);
+#ifndef NVFP4CAL_SERVER_SERVER_OPTIONS_H_
+#define NVFP4CAL_SERVER_SERVER_OPTIONS_H_
+
+#include <cstdint>
+#include <string>
+
+#include "absl/time/time.h"
+
+namespace nvfp4cal::server {
+
+// Limits on what one client can make the server hold or do.
+struct ServiceLimits {
+  // Largest gRPC message received; clients keep chunks well below it.
+  int64_t max_receive_message_bytes = 16 << 20;
+  // Largest gRPC message sent (result chunks are smaller than the weight chunks they answer).
+  int64_t max_send_message_bytes = 16 << 20;
+  // Largest rows * cols of one tensor (bounds outputs and Hessians).
+  int64_t max_tensor_elements = int64_t{1} << 31;
+  // Largest tensor buffered whole when the header has no global_amax.
+  int64_t max_buffered_tensor_bytes = int64_t{1} << 30;
+  // Hessian blocks one session may keep (several tensors may share each).
+  int64_t max_session_hessian_bytes = int64_t{256} << 20;
+  // Flow-control window: weight items of one stream in the scheduler before reading pauses.
+  int max_inflight_chunks_per_stream = 8;
+  // Quantize streams open at once; more answer RESOURCE_EXHAUSTED.
+  int max_concurrent_streams = 256;
+  // Rows per scheduler work item; larger chunks and buffered tensors are split.
+  int64_t max_rows_per_item = 1024;
+};
+
+// Scheduler and device settings.
+struct DeviceOptions {
+  // "auto", "cpu" or "cuda". This build has only the CPU backend; "cuda" fails at Start.
+  std::string device = "auto";
+  // CPU scheduler workers when no GPU is used; each runs batches with the CPU backend.
+  int cpu_workers = 1;
+  // Threads the CPU backend uses inside one batch; 0 = every hardware thread.
+  int cpu_threads_per_worker = 0;
+  // Work items waiting over all streams and jobs; more answer RESOURCE_EXHAUSTED at once.
+  int64_t max_queued_items = 4096;
+  // Memory one batch may use on its device.
+  int64_t memory_budget_bytes = int64_t{1} << 30;
+  // Items in one batch at most.
+  int max_items_per_batch = 64;
+};
+
+// Keepalive (HTTP/2 pings) so that dead clients free their streams and proxies keep idle
+// connections open.
+struct KeepaliveOptions {
+  // Interval between server pings on an idle connection.
+  int64_t time_ms = 60'000;
+  // Time to wait for a ping ack before closing the connection.
+  int64_t timeout_ms = 20'000;
+  // Smallest interval at which a client may ping without data (faster is a GOAWAY).
+  int64_t min_client_ping_interval_ms = 10'000;
+  // Whether clients may ping while they have no call open.
+  bool permit_without_calls = true;
+};
+
+struct ServerOptions {
+  // gRPC listen address, host:port; port 0 picks a free port.
+  std::string address = "0.0.0.0:50051";
+  // Prometheus endpoint host:port; empty disables it; port 0 picks a free port.
+  std::string metrics_address = "0.0.0.0:9400";
+  // How long a drain (SIGTERM) waits for in-flight work before cancelling it.
+  absl::Duration drain_timeout = absl::Seconds(30);
+  ServiceLimits limits;
+  DeviceOptions devices;
+  KeepaliveOptions keepalive;
+};
+
+}  // namespace nvfp4cal::server
+
+#endif  // NVFP4CAL_SERVER_SERVER_OPTIONS_H_

@@ -1,0 +1,176 @@
+// The real nvfp4cal-server binary as a subprocess: SIGTERM in the middle of a stream lets the
+// accepted tensor finish, refuses new tensors with UNAVAILABLE, flips readiness and exits 0.
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "gtest/gtest.h"
+#include "tests/server/test_client.h"
+
+extern char** environ;
+
+namespace nvfp4cal::server {
+namespace {
+
+using ::nvfp4cal::server::testing::HeaderOf;
+using ::nvfp4cal::server::testing::MakeTensor;
+using ::nvfp4cal::server::testing::Reference;
+using ::nvfp4cal::server::testing::TestTensor;
+using ::nvfp4cal::server::testing::WeightChunkOf;
+using ::testing::HasSubstr;
+using HealthResponse = grpc::health::v1::HealthCheckResponse;
+
+// A child process whose stdout is read line by line.
+class ServerProcess {
+ public:
+  explicit ServerProcess(const std::vector<std::string>& args) {
+    int fds[2];
+    EXPECT_EQ(pipe(fds), 0);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_adddup2(&actions, fds[1], STDOUT_FILENO);
+    posix_spawn_file_actions_addclose(&actions, fds[0]);
+    std::vector<char*> argv;
+    for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    EXPECT_EQ(posix_spawn(&pid_, argv[0], &actions, nullptr, argv.data(), environ), 0);
+    posix_spawn_file_actions_destroy(&actions);
+    close(fds[1]);
+    out_ = fdopen(fds[0], "r");
+  }
+  ~ServerProcess() {
+    if (pid_ > 0 && !reaped_) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+    if (out_ != nullptr) fclose(out_);
+  }
+  // Returns the next stdout line starting with `prefix` (without it), or "" at EOF.
+  std::string ReadLineStartingWith(const std::string& prefix) {
+    char line[512];
+    while (fgets(line, sizeof(line), out_) != nullptr) {
+      std::string s(line);
+      if (s.rfind(prefix, 0) == 0) {
+        s = s.substr(prefix.size());
+        while (!s.empty() && (s.back() == '\n' || s.back() == '\r')) s.pop_back();
+        return s;
+      }
+    }
+    return "";
+  }
+  void Signal(int signal) { kill(pid_, signal); }
+  // Waits for the exit; the exit code, or -1 when killed by a signal.
+  int Wait() {
+    int status = 0;
+    waitpid(pid_, &status, 0);
+    reaped_ = true;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+
+ private:
+  pid_t pid_ = -1;
+  bool reaped_ = false;
+  FILE* out_ = nullptr;
+};
+
+TEST(ServerBinary, SigtermMidStreamFinishesAcceptedWorkAndExitsZero) {
+  ServerProcess server({NVFP4CAL_SERVER_BINARY, "--address=127.0.0.1:0", "--metrics_address=",
+                        "--drain_timeout=30s", "--max_rows_per_item=8",
+                        "--cpu_threads_per_worker=1"});
+  const std::string address = server.ReadLineStartingWith("listening on ");
+  ASSERT_FALSE(address.empty()) << "server did not print its address";
+  auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  auto stub = v1::Calibrator::NewStub(channel);
+  auto health = grpc::health::v1::Health::NewStub(channel);
+
+  grpc::ClientContext watch_context;
+  grpc::health::v1::HealthCheckRequest readiness;
+  readiness.set_service("nvfp4cal.v1.Calibrator");
+  auto watch = health->Watch(&watch_context, readiness);
+  HealthResponse update;
+  ASSERT_TRUE(watch->Read(&update));
+  EXPECT_EQ(update.status(), HealthResponse::SERVING);
+
+  // Stream A: half of a tensor sent, first rows already back.
+  TestTensor t = MakeTensor("in_flight", 64, 128, DType::kBFloat16, "max", "", 21);
+  t.global_amax = 100.0f;
+  grpc::ClientContext a_context;
+  auto a = stub->Quantize(&a_context);
+  ASSERT_TRUE(a->Write(HeaderOf(t)));
+  for (int64_t r = 0; r < 32; r += 8) ASSERT_TRUE(a->Write(WeightChunkOf(t, r, 8)));
+  std::string codes;
+  std::string scales;
+  int64_t rows_back = 0;
+  v1::QuantizeResponse response;
+  auto take = [&](const v1::QuantizeResponse& r) {
+    if (!r.has_result()) return;
+    const size_t row = static_cast<size_t>(r.result().row_begin());
+    codes.resize(std::max(codes.size(), (row + static_cast<size_t>(r.result().num_rows())) * 64));
+    scales.resize(std::max(scales.size(), (row + static_cast<size_t>(r.result().num_rows())) * 8));
+    codes.replace(row * 64, r.result().packed_codes().size(), r.result().packed_codes());
+    scales.replace(row * 8, r.result().scales().size(), r.result().scales());
+    rows_back += r.result().num_rows();
+  };
+  ASSERT_TRUE(a->Read(&response));
+  take(response);
+
+  // Stream B: accepted by the server (one tensor done), idle when the signal comes.
+  grpc::ClientContext b_context;
+  auto b = stub->Quantize(&b_context);
+  TestTensor warmup = MakeTensor("warmup", 16, 64, DType::kBFloat16, "max", "", 23);
+  warmup.global_amax = 100.0f;
+  ASSERT_TRUE(b->Write(HeaderOf(warmup)));
+  ASSERT_TRUE(b->Write(WeightChunkOf(warmup, 0, 16)));
+  do {
+    ASSERT_TRUE(b->Read(&response));
+  } while (!response.has_summary());
+
+  server.Signal(SIGTERM);
+  ASSERT_TRUE(watch->Read(&update));
+  EXPECT_EQ(update.status(), HealthResponse::NOT_SERVING);
+
+  // New work on B is refused...
+  b->Write(HeaderOf(MakeTensor("too_late", 16, 64, DType::kBFloat16, "max", "", 22)));
+  b->WritesDone();
+  while (b->Read(&response)) {
+  }
+  const grpc::Status b_status = b->Finish();
+  EXPECT_EQ(b_status.error_code(), grpc::UNAVAILABLE);
+  EXPECT_THAT(b_status.error_message(), HasSubstr("draining"));
+
+  // ...while the tensor A had started completes.
+  for (int64_t r = 32; r < 64; r += 8) ASSERT_TRUE(a->Write(WeightChunkOf(t, r, 8)));
+  a->WritesDone();
+  bool summary = false;
+  while (a->Read(&response)) {
+    take(response);
+    summary = summary || response.has_summary();
+  }
+  const grpc::Status a_status = a->Finish();
+  ASSERT_TRUE(a_status.ok()) << a_status.error_message();
+  EXPECT_TRUE(summary);
+  EXPECT_EQ(rows_back, 64);
+  const QuantizedTensor want = Reference(t);
+  EXPECT_EQ(codes, std::string(want.packed_codes.begin(), want.packed_codes.end()));
+  EXPECT_EQ(scales, std::string(want.scales.begin(), want.scales.end()));
+
+  watch_context.TryCancel();
+  EXPECT_EQ(server.Wait(), 0);
+}
+
+TEST(ServerBinary, CudaDeviceIsReportedUnavailableInThisBuild) {
+  ServerProcess server({NVFP4CAL_SERVER_BINARY, "--address=127.0.0.1:0", "--metrics_address=",
+                        "--device=cuda"});
+  EXPECT_EQ(server.ReadLineStartingWith("listening on "), "");
+  EXPECT_EQ(server.Wait(), 1);
+}
+
+}  // namespace
+}  // namespace nvfp4cal::server
