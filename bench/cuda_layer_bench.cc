@@ -76,8 +76,13 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "cuda_layer_bench: %s\n", reason.c_str());
     return 1;
   }
-  auto gpu = nvfp4cal::MakeCudaScaleSearch({0, int64_t{8} << 30, nullptr});
-  if (!gpu.ok()) {
+  nvfp4cal::CudaScaleSearchOptions event_options;
+  event_options.memory_budget_bytes = int64_t{8} << 30;
+  nvfp4cal::CudaScaleSearchOptions full_options = event_options;
+  full_options.search = nvfp4cal::CudaSearchAlgorithm::kFull;
+  auto gpu = nvfp4cal::MakeCudaScaleSearch(event_options);
+  auto gpu_full = nvfp4cal::MakeCudaScaleSearch(full_options);
+  if (!gpu.ok() || !gpu_full.ok()) {
     std::fprintf(stderr, "cuda_layer_bench: %s\n", gpu.status().ToString().c_str());
     return 1;
   }
@@ -106,8 +111,8 @@ int main(int argc, char** argv) {
   int64_t blocks = 0;
   for (const Linear& l : layer) blocks += l.rows * l.cols / 16;
   std::printf("layer: 7 Linear weights, %lld blocks of 16\n\n", static_cast<long long>(blocks));
-  std::printf("%-14s %12s %12s %14s %10s %12s %10s\n", "method", "kernel ms", "x32 layers s",
-              "candidates/s", "FP32 peak", "CPU ms", "speed-up");
+  std::printf("%-14s %12s %12s %14s %10s %12s %12s %10s\n", "method", "kernel ms",
+              "x32 layers s", "candidates/s", "FP32 peak", "full ms", "CPU ms", "speed-up");
 
   auto cpu = nvfp4cal::MakeCpuScaleSearch({0, 4096});
   for (nvfp4cal::Method m : {nvfp4cal::Method::kMax, nvfp4cal::Method::kMse,
@@ -139,6 +144,20 @@ int main(int argc, char** argv) {
       if (absl::Status s = (*gpu)->QuantizeBatch(slices); !s.ok()) return 1;
       kernel_ms = std::min(kernel_ms, (*gpu)->LastCallTiming().kernel_ms);
     }
+    // The full search (every candidate evaluated) on the same data: baseline and cross-check.
+    std::vector<std::vector<uint8_t>> full_codes = codes, full_scales = scales;
+    std::vector<nvfp4cal::TensorStats> full_stats(layer.size());
+    std::vector<nvfp4cal::CudaScaleSearch::Slice> full_slices = slices;
+    for (size_t t = 0; t < layer.size(); ++t) {
+      full_slices[t].output = {absl::MakeSpan(full_codes[t]), absl::MakeSpan(full_scales[t])};
+      full_slices[t].stats = &full_stats[t];
+    }
+    if (absl::Status s = (*gpu_full)->QuantizeBatch(full_slices); !s.ok()) return 1;
+    const double full_ms = (*gpu_full)->LastCallTiming().kernel_ms;
+    if (full_codes != codes || full_scales != scales) {
+      std::fprintf(stderr, "mismatch between the event and the full GPU search\n");
+      return 1;
+    }
     // CPU reference on (a fraction of) the same rows.
     double cpu_ms = 0.0;
     for (size_t t = 0; t < layer.size(); ++t) {
@@ -162,9 +181,9 @@ int main(int argc, char** argv) {
     const double candidates = static_cast<double>(blocks) * CandidatesPerBlock(m);
     const double per_s = candidates / (kernel_ms * 1e-3);
     const double tflops = per_s * FlopsPerCandidate(m) / 1e12;
-    std::printf("%-14s %12.2f %12.3f %14.3e %9.1f%% %12.1f %9.0fx\n",
+    std::printf("%-14s %12.2f %12.3f %14.3e %9.1f%% %12.2f %12.1f %9.0fx\n",
                 std::string(nvfp4cal::MethodName(m)).c_str(), kernel_ms, kernel_ms * layers / 1e3,
-                per_s, 100.0 * tflops / peak_tflops, cpu_ms, cpu_ms / kernel_ms);
+                per_s, 100.0 * tflops / peak_tflops, full_ms, cpu_ms, cpu_ms / kernel_ms);
   }
   return 0;
 }

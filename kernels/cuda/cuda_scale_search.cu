@@ -16,6 +16,7 @@
 #include "absl/strings/str_format.h"
 #include "nvfp4cal/kernels/block_search.h"
 #include "nvfp4cal/kernels/cuda_scale_search.h"
+#include "nvfp4cal/kernels/event_search.h"
 #include "nvfp4cal/kernels/hessian_bounds.h"
 #include "nvfp4cal/kernels/validation.h"
 
@@ -91,24 +92,56 @@ __device__ double BlockSum(double value, double* scratch) {
   return sum;
 }
 
+// Loads the tile's Hessian block (and what the chosen search needs of it) into shared memory.
+struct TileHessian {
+  float h[kBlockSize * kBlockSize];
+  SymmetricHessian sym;             // event search
+  HessianBlockBounds bounds;        // full search with pruning
+  HessianBlockBounds identity;
+  double row_sum[kBlockSize];
+  double col_sum[kBlockSize];
+};
+
+template <bool kEventSearch>
 __global__ void __launch_bounds__(kRowsPerTile)
     QuantizeTilesKernel(const DeviceSlice* slices, const Tile* tiles, TileStats* tile_stats) {
-  __shared__ float hessian[kBlockSize * kBlockSize];
-  __shared__ HessianBlockBounds bounds;
-  __shared__ HessianBlockBounds identity;
+  __shared__ TileHessian th;
   __shared__ double scratch[kRowsPerTile];
   const Tile tile = tiles[blockIdx.x];
   const DeviceSlice s = slices[tile.slice];
   const bool has_hessian = s.hessians != nullptr;
   if (has_hessian) {
     const float* h = s.hessians + static_cast<int64_t>(tile.col_block) * kBlockSize * kBlockSize;
-    for (int i = threadIdx.x; i < kBlockSize * kBlockSize; i += kRowsPerTile) hessian[i] = h[i];
+    for (int i = threadIdx.x; i < kBlockSize * kBlockSize; i += kRowsPerTile) th.h[i] = h[i];
   }
-  if (threadIdx.x == 0) {
-    if (has_hessian) bounds = s.bounds[tile.col_block];
+  __syncthreads();
+  if (has_hessian && kEventSearch) {
+    for (int i = threadIdx.x; i < kBlockSize * kBlockSize; i += kRowsPerTile) {
+      const int a = i / kBlockSize;
+      const int b = i % kBlockSize;
+      th.sym.s[i] = 0.5 * (static_cast<double>(th.h[i]) + th.h[b * kBlockSize + a]);
+    }
+    if (threadIdx.x < 2 * kBlockSize) {
+      const int line = threadIdx.x % kBlockSize;
+      double sum = 0.0;
+      for (int j = 0; j < kBlockSize; ++j) {
+        sum += fabs(static_cast<double>(threadIdx.x < kBlockSize ? th.h[line * kBlockSize + j]
+                                                                 : th.h[j * kBlockSize + line]));
+      }
+      (threadIdx.x < kBlockSize ? th.row_sum : th.col_sum)[line] = sum;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      double norm = 0.0;
+      for (int j = 0; j < kBlockSize; ++j) norm = fmax(norm, fmax(th.row_sum[j], th.col_sum[j]));
+      th.sym.abs_norm = norm;
+    }
+  }
+  if (!kEventSearch && threadIdx.x == 0) {
+    if (has_hessian) th.bounds = s.bounds[tile.col_block];
     // IdentityBounds(): 1 / (I^-1)_mm = 1, rounded down with the same margin as the host's.
-    for (int i = 0; i < kBlockSize; ++i) identity.precision[i] = 0.999999f;
-    identity.abs_norm = 1.0f;
+    for (int i = 0; i < kBlockSize; ++i) th.identity.precision[i] = 0.999999f;
+    th.identity.abs_norm = 1.0f;
   }
   __syncthreads();
 
@@ -119,9 +152,15 @@ __global__ void __launch_bounds__(kRowsPerTile)
     float w[kBlockSize];
     LoadAsFloat(s.weights, static_cast<DType>(s.dtype), row * s.cols + tile.col_block * kBlockSize,
                 kBlockSize, w);
-    out = QuantizeBlock(w, s.global_amax, s.global_scale, has_hessian ? hessian : nullptr,
-                        static_cast<BlockMethod>(s.method), s.grid,
-                        has_hessian ? &bounds : nullptr, &identity);
+    const float* h = has_hessian ? th.h : nullptr;
+    if (kEventSearch) {
+      out = QuantizeBlockEvents(w, s.global_amax, s.global_scale, h,
+                                has_hessian ? &th.sym : nullptr,
+                                static_cast<BlockMethod>(s.method), s.grid);
+    } else {
+      out = QuantizeBlock(w, s.global_amax, s.global_scale, h, static_cast<BlockMethod>(s.method),
+                          s.grid, has_hessian ? &th.bounds : nullptr, &th.identity);
+    }
     const int64_t block = row * (s.cols / kBlockSize) + tile.col_block;
     s.scales[block] = out.scale_byte;
     uint2 packed;
@@ -425,10 +464,17 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
 
     NVFP4_CUDA_RETURN_IF_ERROR(cudaEventRecord(start_, stream_));
     // Grid x is limited to 2^31 - 1 tiles, far beyond any memory budget.
-    QuantizeTilesKernel<<<static_cast<unsigned>(tiles.size()), kRowsPerTile, 0, stream_>>>(
-        reinterpret_cast<const DeviceSlice*>(workspace_ + slices_at),
-        reinterpret_cast<const Tile*>(workspace_ + tiles_at),
-        reinterpret_cast<TileStats*>(workspace_ + stats_at));
+    const auto* slices_device = reinterpret_cast<const DeviceSlice*>(workspace_ + slices_at);
+    const auto* tiles_device = reinterpret_cast<const Tile*>(workspace_ + tiles_at);
+    auto* stats_device = reinterpret_cast<TileStats*>(workspace_ + stats_at);
+    const unsigned grid = static_cast<unsigned>(tiles.size());
+    if (options_.search == CudaSearchAlgorithm::kEvents) {
+      QuantizeTilesKernel<true><<<grid, kRowsPerTile, 0, stream_>>>(slices_device, tiles_device,
+                                                                     stats_device);
+    } else {
+      QuantizeTilesKernel<false><<<grid, kRowsPerTile, 0, stream_>>>(slices_device, tiles_device,
+                                                                      stats_device);
+    }
     NVFP4_CUDA_RETURN_IF_ERROR(cudaGetLastError());
     NVFP4_CUDA_RETURN_IF_ERROR(cudaEventRecord(stop_, stream_));
     NVFP4_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(stop_));

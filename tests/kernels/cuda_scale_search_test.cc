@@ -28,10 +28,16 @@ class CudaScaleSearchTest : public ::testing::Test {
     absl::StatusOr<std::unique_ptr<CudaScaleSearch>> gpu = MakeCudaScaleSearch({});
     ASSERT_TRUE(gpu.ok()) << gpu.status();
     gpu_ = *std::move(gpu);
+    CudaScaleSearchOptions full;
+    full.search = CudaSearchAlgorithm::kFull;
+    absl::StatusOr<std::unique_ptr<CudaScaleSearch>> gpu_full = MakeCudaScaleSearch(full);
+    ASSERT_TRUE(gpu_full.ok()) << gpu_full.status();
+    gpu_full_ = *std::move(gpu_full);
     cpu_ = MakeCpuScaleSearch({});
     std::printf("[ device    ] %s\n", gpu_->DeviceDescription().c_str());
   }
-  std::unique_ptr<CudaScaleSearch> gpu_;
+  std::unique_ptr<CudaScaleSearch> gpu_;       // event-driven search (the default)
+  std::unique_ptr<CudaScaleSearch> gpu_full_;  // every candidate evaluated
   std::unique_ptr<ScaleSearch> cpu_;
 };
 
@@ -122,13 +128,14 @@ int64_t CompareWithCpu(const HardTensor& t, Method m, const QuantizedTensor& cpu
 TEST_F(CudaScaleSearchTest, AgreesWithCpuOnAMillionBlocksPerMethodIncludingHardCases) {
   const Kind kinds[] = {Kind::kTypical,  Kind::kSaturated, Kind::kZeroBlocks, Kind::kSubnormalScales,
                         Kind::kTinyG,    Kind::kHugeG,     Kind::kIllConditioned};
+  for (CudaScaleSearch* backend : {gpu_.get(), gpu_full_.get()})
   for (Method m : kMethods) {
     int64_t blocks = 0;
     int64_t differ = 0;
     for (size_t k = 0; k < std::size(kinds); ++k) {
       const HardTensor t = MakeHardTensor(kinds[k], 576, 4096, 100 + k);
       absl::StatusOr<QuantizedTensor> cpu = cpu_->Quantize(RequestFor(t, m));
-      absl::StatusOr<QuantizedTensor> gpu = gpu_->Quantize(RequestFor(t, m));
+      absl::StatusOr<QuantizedTensor> gpu = backend->Quantize(RequestFor(t, m));
       ASSERT_TRUE(cpu.ok()) << cpu.status();
       ASSERT_TRUE(gpu.ok()) << gpu.status();
       differ += CompareWithCpu(t, m, *cpu, *gpu);
@@ -140,8 +147,9 @@ TEST_F(CudaScaleSearchTest, AgreesWithCpuOnAMillionBlocksPerMethodIncludingHardC
       EXPECT_NEAR(cpu->stats.objective_after, gpu->stats.objective_after,
                   1e-9 * std::fabs(cpu->stats.objective_after));
     }
-    std::printf("[ agreement ] %s: %lld blocks, %lld near-tie differences\n",
-                std::string(MethodName(m)).c_str(), static_cast<long long>(blocks),
+    std::printf("[ agreement ] %s search, %s: %lld blocks, %lld near-tie differences\n",
+                backend == gpu_.get() ? "event" : "full", std::string(MethodName(m)).c_str(),
+                static_cast<long long>(blocks),
                 static_cast<long long>(differ));
     EXPECT_GE(blocks, 1000000);
   }

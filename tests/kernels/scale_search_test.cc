@@ -11,6 +11,7 @@
 #include "gtest/gtest.h"
 #include "nvfp4cal/kernels/block_search.h"
 #include "nvfp4cal/kernels/cpu_scale_search.h"
+#include "nvfp4cal/kernels/event_search.h"
 #include "nvfp4cal/kernels/example_data.h"
 #include "nvfp4cal/kernels/hessian_bounds.h"
 
@@ -250,6 +251,36 @@ TEST(CandidatePruning, ChoosesExactlyWhatTheFullSearchChooses) {
     }
   }
   EXPECT_GT(pruned_blocks, 6000) << "most random Hessians are positive definite";
+}
+
+TEST(EventSearch, ChoosesExactlyWhatTheFullSearchChooses) {
+  // The event-driven searches (used by the CUDA kernels) against the full canonical searches,
+  // on every hard kind of block plus singular and all-zero Hessians, with default and wide DSS
+  // grids.
+  ExampleRng rng(27);
+  const DssGrid grids[] = {{1, 10, 0.05f}, {3, 100, 0.005f}, {0, 1, 0.5f}};
+  int64_t compared = 0;
+  for (int t = 0; t < 6000; ++t) {
+    RandomBlock b = MakeRandomBlock(rng, kAllKinds[t % 7], 40000 + static_cast<uint64_t>(t));
+    if (t % 50 == 0) std::fill(b.h.begin(), b.h.end(), 1.0f);  // rank one
+    if (t % 70 == 0) std::fill(b.h.begin(), b.h.end(), 0.0f);  // all zero: everything ties
+    const float s2 = GlobalScaleFromAmax(b.g);
+    SymmetricHessian sym;
+    MakeSymmetricHessian(b.h.data(), &sym);
+    const DssGrid grid = grids[t % 3 == 0 && t % 9 != 0 ? 1 : (t % 9 == 0 ? 2 : 0)];
+    for (BlockMethod m : {BlockMethod::kMse, BlockMethod::kLocalHessian, BlockMethod::kDss}) {
+      const BlockOutcome full = QuantizeBlock(b.w.data(), b.g, s2, b.h.data(), m, grid);
+      const BlockOutcome events =
+          QuantizeBlockEvents(b.w.data(), b.g, s2, b.h.data(), &sym, m, grid);
+      ASSERT_EQ(full.scale_byte, events.scale_byte)
+          << "block " << t << " kind " << t % 7 << " method " << static_cast<int>(m);
+      ASSERT_EQ(std::memcmp(full.packed, events.packed, 8), 0) << "block " << t;
+      ASSERT_EQ(full.dss_beta_index, events.dss_beta_index) << "block " << t;
+      ASSERT_EQ(full.dss_offset, events.dss_offset) << "block " << t;
+      ++compared;
+    }
+  }
+  EXPECT_EQ(compared, 18000);
 }
 
 TEST(CandidatePruning, BoundsOfTheIdentityAndOfSingularBlocks) {

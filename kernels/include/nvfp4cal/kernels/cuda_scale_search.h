@@ -31,6 +31,16 @@ namespace nvfp4cal {
 // cudaStream_t without the CUDA headers.
 using CudaStream = CUstream_st*;
 
+// How the kernels search the candidates. Both give the same codes and scales bit for bit.
+enum class CudaSearchAlgorithm {
+  // Event-driven sweeps (event_search.h): codes change at most 7 times per element along a
+  // sweep, so the objective is updated per change and evaluated exactly only for the few
+  // candidates that can still win.
+  kEvents,
+  // Every candidate evaluated with the canonical objective (with exact lower-bound pruning).
+  kFull,
+};
+
 struct CudaScaleSearchOptions {
   // CUDA device ordinal.
   int device = 0;
@@ -38,6 +48,8 @@ struct CudaScaleSearchOptions {
   int64_t memory_budget_bytes = int64_t{1} << 30;
   // Stream the copies and kernels run on; null = a stream the backend creates and owns.
   CudaStream stream = nullptr;
+  // Search algorithm of the kernels (benchmarks compare them; results are identical).
+  CudaSearchAlgorithm search = CudaSearchAlgorithm::kEvents;
 };
 
 // Timing of the last call, for benchmarks and metrics.
