@@ -17,7 +17,6 @@
 #include "nvfp4cal/kernels/block_search.h"
 #include "nvfp4cal/kernels/cuda_scale_search.h"
 #include "nvfp4cal/kernels/event_search.h"
-#include "nvfp4cal/kernels/hessian_bounds.h"
 #include "nvfp4cal/kernels/validation.h"
 
 namespace nvfp4cal {
@@ -47,7 +46,6 @@ absl::Status CudaStatus(cudaError_t error, const char* what) {
 struct DeviceSlice {
   const void* weights;      // rows x cols, row-major
   const float* hessians;    // [cols / 16, 16, 16] or null
-  const HessianBlockBounds* bounds;  // [cols / 16] pruning bounds of the Hessian blocks, or null
   uint8_t* codes;           // rows x cols / 2
   uint8_t* scales;          // rows x cols / 16
   int64_t rows;
@@ -96,8 +94,6 @@ __device__ double BlockSum(double value, double* scratch) {
 struct TileHessian {
   float h[kBlockSize * kBlockSize];
   SymmetricHessian sym;             // event search
-  HessianBlockBounds bounds;        // full search with pruning
-  HessianBlockBounds identity;
   double row_sum[kBlockSize];
   double col_sum[kBlockSize];
 };
@@ -137,12 +133,6 @@ __global__ void __launch_bounds__(kRowsPerTile)
       th.sym.abs_norm = norm;
     }
   }
-  if (!kEventSearch && threadIdx.x == 0) {
-    if (has_hessian) th.bounds = s.bounds[tile.col_block];
-    // IdentityBounds(): 1 / (I^-1)_mm = 1, rounded down with the same margin as the host's.
-    for (int i = 0; i < kBlockSize; ++i) th.identity.precision[i] = 0.999999f;
-    th.identity.abs_norm = 1.0f;
-  }
   __syncthreads();
 
   const int64_t row = tile.row0 + threadIdx.x;
@@ -158,8 +148,11 @@ __global__ void __launch_bounds__(kRowsPerTile)
                                 has_hessian ? &th.sym : nullptr,
                                 static_cast<BlockMethod>(s.method), s.grid);
     } else {
+      // No lower-bound pruning here: threads of a warp prune different candidates, so the warp
+      // would still evaluate the union, and the bound itself costs a division per candidate
+      // (measured slower on an H200; see docs/performance.md). The CPU path prunes.
       out = QuantizeBlock(w, s.global_amax, s.global_scale, h, static_cast<BlockMethod>(s.method),
-                          s.grid, has_hessian ? &th.bounds : nullptr, &th.identity);
+                          s.grid);
     }
     const int64_t block = row * (s.cols / kBlockSize) + tile.col_block;
     s.scales[block] = out.scale_byte;
@@ -206,12 +199,6 @@ int64_t HessianBytes(const CudaScaleSearch::Slice& s) {
                        static_cast<int64_t>(sizeof(float)));
 }
 
-int64_t BoundsBytes(const CudaScaleSearch::Slice& s) {
-  return s.request->hessians.data == nullptr
-             ? 0
-             : AlignUp(s.request->hessians.num_blocks *
-                       static_cast<int64_t>(sizeof(HessianBlockBounds)));
-}
 
 class CudaScaleSearchImpl final : public CudaScaleSearch {
  public:
@@ -303,8 +290,7 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
     int64_t launch_bytes = 0;
     for (int i = 0; i < static_cast<int>(slices.size()); ++i) {
       const Slice& s = slices[static_cast<size_t>(i)];
-      const int64_t fixed = HessianBytes(s) + BoundsBytes(s) +
-                            AlignUp(sizeof(DeviceSlice) * (launch.size() + 1));
+      const int64_t fixed = HessianBytes(s) + AlignUp(sizeof(DeviceSlice) * (launch.size() + 1));
       const int64_t per_row = PieceBytes(s, kRowsPerTile) / kRowsPerTile + 1;
       int64_t row = s.row_begin;
       while (row < s.row_end) {
@@ -379,7 +365,6 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
     std::vector<DeviceSlice> device_slices(pieces.size());
     std::vector<int64_t> weight_at(pieces.size()), code_at(pieces.size()), scale_at(pieces.size());
     std::map<const float*, int64_t> hessian_at;
-    std::map<const float*, int64_t> bounds_at;
     std::vector<Tile> tiles;
     std::vector<std::pair<size_t, size_t>> tile_ranges(pieces.size());
     for (size_t p = 0; p < pieces.size(); ++p) {
@@ -390,10 +375,7 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
       code_at[p] = take(rows * w.cols / 2);
       scale_at[p] = take(rows * w.cols / kBlockSize);
       const float* h = s.request->hessians.data;
-      if (h != nullptr && hessian_at.count(h) == 0) {
-        hessian_at[h] = take(HessianBytes(s));
-        bounds_at[h] = take(BoundsBytes(s));
-      }
+      if (h != nullptr && hessian_at.count(h) == 0) hessian_at[h] = take(HessianBytes(s));
       tile_ranges[p].first = tiles.size();
       for (int64_t row0 = 0; row0 < rows; row0 += kRowsPerTile) {
         for (int32_t j = 0; j < static_cast<int32_t>(w.cols / kBlockSize); ++j) {
@@ -421,8 +403,6 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
       device_slices[p] = DeviceSlice{
           workspace_ + weight_at[p],
           h == nullptr ? nullptr : reinterpret_cast<const float*>(workspace_ + hessian_at[h]),
-          h == nullptr ? nullptr
-                       : reinterpret_cast<const HessianBlockBounds*>(workspace_ + bounds_at[h]),
           reinterpret_cast<uint8_t*>(workspace_ + code_at[p]),
           reinterpret_cast<uint8_t*>(workspace_ + scale_at[p]),
           rows,
@@ -434,9 +414,6 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
           DssGrid{s.request->params.scale_neighbours, DssBetaSteps(s.request->params),
                   s.request->params.beta_step}};
     }
-    // Kept alive until the copies below have completed (the stream is synchronised next).
-    std::vector<std::vector<HessianBlockBounds>> host_bounds;
-    host_bounds.reserve(hessian_at.size());
     for (const auto& [host, at] : hessian_at) {
       const Slice* owner = nullptr;
       for (const Piece& piece : pieces) {
@@ -448,10 +425,6 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
       NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(workspace_ + at, host,
                                                  static_cast<size_t>(HessianBytes(*owner)),
                                                  cudaMemcpyHostToDevice, stream_));
-      host_bounds.push_back(ComputeHessianBlockBounds(owner->request->hessians));
-      NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
-          workspace_ + bounds_at[host], host_bounds.back().data(),
-          sizeof(HessianBlockBounds) * host_bounds.back().size(), cudaMemcpyHostToDevice, stream_));
     }
     NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(workspace_ + slices_at, device_slices.data(),
                                                sizeof(DeviceSlice) * device_slices.size(),

@@ -28,16 +28,16 @@ class CudaScaleSearchTest : public ::testing::Test {
     absl::StatusOr<std::unique_ptr<CudaScaleSearch>> gpu = MakeCudaScaleSearch({});
     ASSERT_TRUE(gpu.ok()) << gpu.status();
     gpu_ = *std::move(gpu);
-    CudaScaleSearchOptions full;
-    full.search = CudaSearchAlgorithm::kFull;
-    absl::StatusOr<std::unique_ptr<CudaScaleSearch>> gpu_full = MakeCudaScaleSearch(full);
-    ASSERT_TRUE(gpu_full.ok()) << gpu_full.status();
-    gpu_full_ = *std::move(gpu_full);
+    CudaScaleSearchOptions events;
+    events.search = CudaSearchAlgorithm::kEvents;
+    absl::StatusOr<std::unique_ptr<CudaScaleSearch>> gpu_events = MakeCudaScaleSearch(events);
+    ASSERT_TRUE(gpu_events.ok()) << gpu_events.status();
+    gpu_events_ = *std::move(gpu_events);
     cpu_ = MakeCpuScaleSearch({});
     std::printf("[ device    ] %s\n", gpu_->DeviceDescription().c_str());
   }
-  std::unique_ptr<CudaScaleSearch> gpu_;       // event-driven search (the default)
-  std::unique_ptr<CudaScaleSearch> gpu_full_;  // every candidate evaluated
+  std::unique_ptr<CudaScaleSearch> gpu_;         // every candidate evaluated (the default)
+  std::unique_ptr<CudaScaleSearch> gpu_events_;  // event-driven search
   std::unique_ptr<ScaleSearch> cpu_;
 };
 
@@ -128,7 +128,7 @@ int64_t CompareWithCpu(const HardTensor& t, Method m, const QuantizedTensor& cpu
 TEST_F(CudaScaleSearchTest, AgreesWithCpuOnAMillionBlocksPerMethodIncludingHardCases) {
   const Kind kinds[] = {Kind::kTypical,  Kind::kSaturated, Kind::kZeroBlocks, Kind::kSubnormalScales,
                         Kind::kTinyG,    Kind::kHugeG,     Kind::kIllConditioned};
-  for (CudaScaleSearch* backend : {gpu_.get(), gpu_full_.get()})
+  for (CudaScaleSearch* backend : {gpu_.get(), gpu_events_.get()})
   for (Method m : kMethods) {
     int64_t blocks = 0;
     int64_t differ = 0;
@@ -148,7 +148,7 @@ TEST_F(CudaScaleSearchTest, AgreesWithCpuOnAMillionBlocksPerMethodIncludingHardC
                   1e-9 * std::fabs(cpu->stats.objective_after));
     }
     std::printf("[ agreement ] %s search, %s: %lld blocks, %lld near-tie differences\n",
-                backend == gpu_.get() ? "event" : "full", std::string(MethodName(m)).c_str(),
+                backend == gpu_.get() ? "full" : "event", std::string(MethodName(m)).c_str(),
                 static_cast<long long>(blocks),
                 static_cast<long long>(differ));
     EXPECT_GE(blocks, 1000000);

@@ -33,12 +33,14 @@ using CudaStream = CUstream_st*;
 
 // How the kernels search the candidates. Both give the same codes and scales bit for bit.
 enum class CudaSearchAlgorithm {
+  // Every candidate evaluated with the canonical objective, one thread per block. The default:
+  // the fastest on an H200 today (docs/performance.md).
+  kFull,
   // Event-driven sweeps (event_search.h): codes change at most 7 times per element along a
   // sweep, so the objective is updated per change and evaluated exactly only for the few
-  // candidates that can still win.
+  // candidates that can still win. Far less arithmetic, but with one thread per block its
+  // data-dependent control flow diverges within warps and it measured 1.6-1.8x slower.
   kEvents,
-  // Every candidate evaluated with the canonical objective (with exact lower-bound pruning).
-  kFull,
 };
 
 struct CudaScaleSearchOptions {
@@ -49,7 +51,7 @@ struct CudaScaleSearchOptions {
   // Stream the copies and kernels run on; null = a stream the backend creates and owns.
   CudaStream stream = nullptr;
   // Search algorithm of the kernels (benchmarks compare them; results are identical).
-  CudaSearchAlgorithm search = CudaSearchAlgorithm::kEvents;
+  CudaSearchAlgorithm search = CudaSearchAlgorithm::kFull;
 };
 
 // Timing of the last call, for benchmarks and metrics.

@@ -135,13 +135,22 @@ NVFP4_HD void MakeCodeQuadratic(const float* c, const ScaledBlock& b, const Symm
   }
 }
 
-// Element i's code value changes by delta.
+// Element i's code value changes by delta. Arrays are read with static indices only (selects),
+// so that on the GPU they stay in registers instead of local memory.
 NVFP4_HD void ApplyCodeChange(int i, double delta, double new_value, double old_value,
                               const ScaledBlock& b, const SymmetricHessian* s,
                               const BlockQuadratic& bq, CodeQuadratic* cq) {
-  cq->a += delta * (2.0 * cq->sc[i] + delta * SymmetricEntry(s, i, i));
-  cq->b += delta * bq.sw[i];
-  cq->p += delta * b.w_unit[i];
+  double sc_i = 0.0;
+  double sw_i = 0.0;
+  float w_i = 0.0f;
+  for (int j = 0; j < kBlockSize; ++j) {
+    sc_i = j == i ? cq->sc[j] : sc_i;
+    sw_i = j == i ? bq.sw[j] : sw_i;
+    w_i = j == i ? b.w_unit[j] : w_i;
+  }
+  cq->a += delta * (2.0 * sc_i + delta * SymmetricEntry(s, i, i));
+  cq->b += delta * sw_i;
+  cq->p += delta * w_i;
   cq->q += new_value * new_value - old_value * old_value;
   for (int j = 0; j < kBlockSize; ++j) cq->sc[j] += delta * SymmetricEntry(s, j, i);
 }
@@ -227,36 +236,50 @@ NVFP4_HD void WalkCodeEvents(const ScaledBlock& b, const SymmetricHessian* s,
                              const BlockQuadratic& bq, const Scale& scale, int end,
                              CodeQuadratic* cq, const Visit& visit) {
   float magnitude[kBlockSize];
-  int level[kBlockSize];
   int next[kBlockSize];
   float code[kBlockSize];
   const float q0 = scale(0);
   for (int i = 0; i < kBlockSize; ++i) {
     magnitude[i] = std::fabs(b.w[i]);
-    level[i] = MagnitudeLevel(magnitude[i], q0);
-    next[i] = level[i] > 0 ? NextLevelDrop(magnitude[i], level[i], 0, end,
-                                           scale.Guess(magnitude[i], level[i]), scale)
-                           : end;
-    code[i] = RoundToE2M1Value(b.w[i] / q0);
+    const float y = b.w[i] / q0;
+    const int level = E2M1MagnitudeIndex(std::fabs(y));
+    next[i] = level > 0
+                  ? NextLevelDrop(magnitude[i], level, 0, end, scale.Guess(magnitude[i], level), scale)
+                  : end;
+    code[i] = RoundToE2M1Value(y);
   }
   MakeCodeQuadratic(code, b, s, bq, cq);
   int current = 0;
   for (;;) {
     int event = 0;
-    for (int i = 1; i < kBlockSize; ++i) event = next[i] < next[event] ? i : event;
-    const int at = next[event];
+    int at = next[0];
+    for (int i = 1; i < kBlockSize; ++i) {
+      event = next[i] < at ? i : event;
+      at = next[i] < at ? next[i] : at;
+    }
     if (current < at) visit(current, at, *cq);
     if (at >= end) break;
-    const float q = scale(at);
-    const int new_level = MagnitudeLevel(magnitude[event], q);
-    const float new_value = RoundToE2M1Value(b.w[event] / q);
-    const double delta = static_cast<double>(new_value) - code[event];
-    ApplyCodeChange(event, delta, new_value, code[event], b, s, bq, cq);
-    code[event] = new_value;
-    level[event] = new_level;
-    next[event] = new_level > 0 ? NextLevelDrop(magnitude[event], new_level, at, end,
-                                                scale.Guess(magnitude[event], new_level), scale)
-                                : end;
+    // The event's element, read with static indices (registers, not local memory).
+    float a = 0.0f;
+    float w = 0.0f;
+    float old_value = 0.0f;
+    for (int i = 0; i < kBlockSize; ++i) {
+      a = i == event ? magnitude[i] : a;
+      w = i == event ? b.w[i] : w;
+      old_value = i == event ? code[i] : old_value;
+    }
+    const float y = w / scale(at);
+    const int new_level = E2M1MagnitudeIndex(std::fabs(y));
+    const float new_value = RoundToE2M1Value(y);
+    ApplyCodeChange(event, static_cast<double>(new_value) - old_value, new_value, old_value, b, s,
+                    bq, cq);
+    const int new_next =
+        new_level > 0 ? NextLevelDrop(a, new_level, at, end, scale.Guess(a, new_level), scale)
+                      : end;
+    for (int i = 0; i < kBlockSize; ++i) {
+      code[i] = i == event ? new_value : code[i];
+      next[i] = i == event ? new_next : next[i];
+    }
     current = at;
   }
 }
