@@ -65,7 +65,7 @@ struct TensorTask {
 // Quantizes rows [first, last) into the task's output, summing statistics into *stats. Compiled
 // for several instruction sets and picked at run time; every variant computes the same bits
 // (-ffp-contract=off, IEEE division, the same operation order).
-__attribute__((target_clones("avx512f", "avx2", "default"))) void QuantizeRowsKernel(
+__attribute__((target_clones("avx512f", "arch=haswell", "default"))) void QuantizeRowsKernel(
     const TensorTask& task, int64_t first, int64_t last, TensorStats* stats) {
   const WeightView& w = task.request->weights;
   const float* hessians = task.request->hessians.data;

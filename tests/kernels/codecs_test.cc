@@ -78,6 +78,25 @@ TEST(E2M1, RoundToValueMatchesEncodeThenDecode) {
   }
 }
 
+TEST(E2M1, RoundToValueMatchesEncodeThenDecodeOnEveryRelevantFloat) {
+  // Every fp32 value with |y| in [2^-4, 16) (all thresholds and saturation), both signs, and the
+  // special values.
+  const uint32_t first = FloatBits(0.0625f);
+  const uint32_t last = FloatBits(16.0f);
+  for (uint32_t bits = first; bits < last; ++bits) {
+    for (uint32_t sign : {0u, 0x80000000u}) {
+      const float y = BitsToFloat(bits | sign);
+      if (FloatBits(RoundToE2M1Value(y)) != FloatBits(DecodeE2M1(EncodeE2M1(y)))) {
+        FAIL() << "y = " << y << " (bits " << (bits | sign) << ")";
+      }
+    }
+  }
+  for (float y : {0.0f, -0.0f, 1e-30f, -1e-30f, 1e30f, -1e30f, std::numeric_limits<float>::infinity(),
+                  -std::numeric_limits<float>::infinity(), std::nanf(""), 0.0624999f, 16.0f, 1e7f}) {
+    EXPECT_EQ(FloatBits(RoundToE2M1Value(y)), FloatBits(DecodeE2M1(EncodeE2M1(y)))) << "y = " << y;
+  }
+}
+
 TEST(E2M1, EncodeIsTheNearestValueByBruteForce) {
   ExampleRng rng(6);
   const double magnitudes[8] = {0, 0.5, 1, 1.5, 2, 3, 4, 6};

@@ -11,8 +11,8 @@
 // huge global scales no longer underflow or overflow the squared errors. Objectives returned
 // here are in those units; multiply by 2^(2E) (ObjectiveUnit) for the tensor's own units.
 //
-// Canonical objective evaluation (docs/numerics.md §2): with e = w - w_hat,
-//   t      = sum_{j=0..15} e_j * H[j, :]      (j ascending, product and sum rounded separately)
+// Canonical objective evaluation (docs/numerics.md §2): with e_i = fma(-c_i, d, w_i),
+//   t      = e_0 * H[0, :], then t = fma(e_j, H[j, :], t) for j = 1..15
 //   hess   = TreeSum16(e_i * t_i)             (pairwise: i + 8, then + 4, + 2, + 1)
 //   mse    = TreeSum16(e_i * e_i)
 // so with H = I the Hessian objective equals the squared error bit for bit.
@@ -45,9 +45,7 @@ NVFP4_HD float BlockHessianError(const float* h, const float* e) {
   float t[kBlockSize];
   for (int i = 0; i < kBlockSize; ++i) t[i] = MulNoContract(e[0], h[i]);
   for (int j = 1; j < kBlockSize; ++j) {
-    for (int i = 0; i < kBlockSize; ++i) {
-      t[i] = AddNoContract(t[i], MulNoContract(e[j], h[j * kBlockSize + i]));
-    }
+    for (int i = 0; i < kBlockSize; ++i) t[i] = FusedMulAdd(e[j], h[j * kBlockSize + i], t[i]);
   }
   for (int i = 0; i < kBlockSize; ++i) t[i] = MulNoContract(e[i], t[i]);
   return TreeSum16(t);
@@ -94,11 +92,15 @@ NVFP4_HD void PrepareScaledBlock(const float* w, float global_amax, float global
   block->global_scale_unit = MulNoContract(global_scale, inverse);
 }
 
-// Error in units, e = w * 2^-E - e2m1(w / q) * d_unit, of codes made with quantization scale q
-// and dequantized with d = d_unit * 2^E.
+// Error in units, e = w * 2^-E - e2m1(w / q) * d_unit (one fused rounding), of codes made with
+// quantization scale q and dequantized with d = d_unit * 2^E.
+NVFP4_HD float ElementError(float w_unit, float code_value, float d_unit) {
+  return FusedMulAdd(-code_value, d_unit, w_unit);
+}
+
 NVFP4_HD void BlockErrorForScales(const ScaledBlock& b, float q, float d_unit, float* e) {
   for (int i = 0; i < kBlockSize; ++i) {
-    e[i] = b.w_unit[i] - MulNoContract(RoundToE2M1Value(b.w[i] / q), d_unit);
+    e[i] = ElementError(b.w_unit[i], RoundToE2M1Value(b.w[i] / q), d_unit);
   }
 }
 
@@ -173,7 +175,7 @@ NVFP4_HD bool CandidateCannotWin(const ScaledBlock& b, const BlockPruning& p, fl
   if (!(precision > 0.0f) || !(threshold < 3.0e38f)) return false;
   // e_m exactly as the full evaluation computes it.
   const int m = p.element;
-  const float e = b.w_unit[m] - MulNoContract(RoundToE2M1Value(b.w[m] / q), d_unit);
+  const float e = ElementError(b.w_unit[m], RoundToE2M1Value(b.w[m] / q), d_unit);
   // |e_i| <= |w_i| + 6 d for every element, so |e|^2 <= sum w^2 + 12 d sum |w| + 576 d^2.
   const float norm_bound = AddNoContract(
       AddNoContract(p.square_sum_unit, MulNoContract(12.0f * d_unit, p.abs_sum_unit)),
@@ -353,7 +355,7 @@ NVFP4_HD void FinishBlock(const ScaledBlock& b, const Objectives& objectives, in
   float e[kBlockSize];
   for (int i = 0; i < kBlockSize; ++i) {
     codes[i] = EncodeE2M1(b.w[i] / q);
-    e[i] = b.w_unit[i] - MulNoContract(DecodeE2M1(codes[i]), d_unit);
+    e[i] = ElementError(b.w_unit[i], DecodeE2M1(codes[i]), d_unit);
   }
   for (int i = 0; i < kBlockSize / 2; ++i) {
     out->packed[i] = PackE2M1Pair(codes[2 * i], codes[2 * i + 1]);
