@@ -248,25 +248,12 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
   }
 
   absl::StatusOr<QuantizedTensor> Quantize(const QuantizeRequest& request) override {
-    if (absl::Status s = ValidateShapeHessiansAndParams(request); !s.ok()) return s;
-    absl::StatusOr<float> own_amax = ScanWeightRows(request.weights, 0, request.weights.rows);
-    if (!own_amax.ok()) return own_amax.status();
-    float global_amax = *own_amax;
-    if (request.global_amax.has_value()) {
-      if (absl::Status s = ValidateGlobalAmax(*request.global_amax, *own_amax); !s.ok()) return s;
-      global_amax = *request.global_amax;
-    }
-    QuantizedTensor result;
-    result.rows = request.weights.rows;
-    result.cols = request.weights.cols;
-    result.packed_codes.resize(static_cast<size_t>(result.rows * result.cols / 2));
-    result.scales.resize(static_cast<size_t>(result.rows * result.cols / kBlockSize));
-    result.global_amax = global_amax;
-    result.global_scale = GlobalScaleFromAmax(global_amax);
-    const Slice slice{&request, global_amax, 0, result.rows,
-                      RowRangeOutput{absl::MakeSpan(result.packed_codes),
-                                     absl::MakeSpan(result.scales)},
-                      &result.stats};
+    absl::StatusOr<QuantizedTensor> result = PrepareQuantizedTensor(request);
+    if (!result.ok()) return result.status();
+    const Slice slice{&request, result->global_amax, 0, result->rows,
+                      RowRangeOutput{absl::MakeSpan(result->packed_codes),
+                                     absl::MakeSpan(result->scales)},
+                      &result->stats};
     if (absl::Status s = QuantizeBatch(absl::MakeConstSpan(&slice, 1)); !s.ok()) return s;
     return result;
   }

@@ -258,6 +258,23 @@ struct VectorBlockObjectives {
   }
 };
 
+// The vectorised searches for QuantizeBlockWith.
+struct VectorSearch {
+  const CandidateScales* scales;
+  const HessianRows* rows;                    // null without Hessians
+  int neighbours;
+  const HessianBlockBounds* hessian_bounds;   // null: no pruning
+  const HessianBlockBounds* identity_bounds;
+  NVFP4_SIMD SweepChoice Sweep(const ScaledBlock& b, bool squared, float reference) const {
+    const BlockPruning pruning = MakeBlockPruning(b, squared ? identity_bounds : hessian_bounds);
+    return SweepScaleCandidates(b, *scales, squared ? nullptr : rows, pruning, reference);
+  }
+  NVFP4_SIMD DssChoice Dss(const ScaledBlock& b, SweepChoice start) const {
+    return DecoupledScaleSearch(b, *scales, rows, start, neighbours,
+                                MakeBlockPruning(b, hessian_bounds));
+  }
+};
+
 // QuantizeBlock with the vectorised searches. `rows` is the block's Hessian (null when there is
 // none); `hessian_all_zero` its IsAllZeroHessian, computed once per column block by the caller.
 NVFP4_SIMD BlockOutcome QuantizeBlock(const float* w, const CandidateScales& scales,
@@ -266,30 +283,10 @@ NVFP4_SIMD BlockOutcome QuantizeBlock(const float* w, const CandidateScales& sca
                                       BlockMethod method, int neighbours,
                                       const HessianBlockBounds* hessian_bounds,
                                       const HessianBlockBounds* identity_bounds) {
-  BlockOutcome out{};
-  ScaledBlock b{};
-  const VectorBlockObjectives objectives{rows};
-  out.hessian_all_zero = hessian_all_zero;
-  if (!BeginBlock(w, global_amax, global_scale, method, objectives, &out, &b)) return out;
-  int candidate = out.max_scale_byte - 1;
-  float q = DecodeE4M3(out.max_scale_byte) * global_scale;
-  if (method != BlockMethod::kMax) {
-    const bool squared = method == BlockMethod::kMse || rows == nullptr;
-    const BlockPruning pruning = MakeBlockPruning(b, squared ? identity_bounds : hessian_bounds);
-    const SweepChoice sweep = SweepScaleCandidates(
-        b, scales, squared ? nullptr : rows, pruning, squared ? out.mse_before : out.hessian_before);
-    candidate = sweep.candidate;
-    q = scales.d[candidate];
-    if (method == BlockMethod::kDss) {
-      const DssChoice dss = DecoupledScaleSearch(b, scales, rows, sweep, neighbours, pruning);
-      out.dss_offset = static_cast<int8_t>(dss.candidate - sweep.candidate);
-      out.dss_beta_index = static_cast<int16_t>(dss.beta_index);
-      candidate = dss.candidate;
-      q = dss.q;
-    }
-  }
-  FinishBlock(b, objectives, candidate, q, &out);
-  return out;
+  return QuantizeBlockWith(
+      w, global_amax, global_scale, method, rows != nullptr, hessian_all_zero,
+      VectorBlockObjectives{rows},
+      VectorSearch{&scales, rows, neighbours, hessian_bounds, identity_bounds});
 }
 
 }  // namespace simd

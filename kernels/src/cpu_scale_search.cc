@@ -106,26 +106,11 @@ class CpuScaleSearch final : public ScaleSearch {
   std::string_view BackendName() const override { return "cpu"; }
 
   absl::StatusOr<QuantizedTensor> Quantize(const QuantizeRequest& request) override {
-    if (absl::Status s = ValidateShapeHessiansAndParams(request); !s.ok()) return s;
-    const WeightView& w = request.weights;
-    absl::StatusOr<float> own_amax = ScanWeightRows(w, 0, w.rows);
-    if (!own_amax.ok()) return own_amax.status();
-    float global_amax = *own_amax;
-    if (request.global_amax.has_value()) {
-      if (absl::Status s = ValidateGlobalAmax(*request.global_amax, *own_amax); !s.ok()) return s;
-      global_amax = *request.global_amax;
-    }
-    QuantizedTensor result;
-    result.rows = w.rows;
-    result.cols = w.cols;
-    result.packed_codes.resize(static_cast<size_t>(w.rows * w.cols / 2));
-    result.scales.resize(static_cast<size_t>(w.rows * w.cols / kBlockSize));
-    result.global_amax = global_amax;
-    result.global_scale = GlobalScaleFromAmax(global_amax);
-    InitTensorStats(request.params, global_amax, &result.stats);
-    Run(request, global_amax, 0, w.rows, RowRangeOutput{absl::MakeSpan(result.packed_codes),
-                                                        absl::MakeSpan(result.scales)},
-        &result.stats);
+    absl::StatusOr<QuantizedTensor> result = PrepareQuantizedTensor(request);
+    if (!result.ok()) return result.status();
+    Run(request, result->global_amax, 0, result->rows,
+        RowRangeOutput{absl::MakeSpan(result->packed_codes), absl::MakeSpan(result->scales)},
+        &result->stats);
     return result;
   }
 

@@ -133,6 +133,27 @@ absl::Status ValidateGlobalAmax(float global_amax, float weights_amax) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<QuantizedTensor> PrepareQuantizedTensor(const QuantizeRequest& request) {
+  if (absl::Status s = ValidateShapeHessiansAndParams(request); !s.ok()) return s;
+  const WeightView& w = request.weights;
+  absl::StatusOr<float> own_amax = ScanWeightRows(w, 0, w.rows);
+  if (!own_amax.ok()) return own_amax.status();
+  float global_amax = *own_amax;
+  if (request.global_amax.has_value()) {
+    if (absl::Status s = ValidateGlobalAmax(*request.global_amax, *own_amax); !s.ok()) return s;
+    global_amax = *request.global_amax;
+  }
+  QuantizedTensor result;
+  result.rows = w.rows;
+  result.cols = w.cols;
+  result.packed_codes.resize(static_cast<size_t>(w.rows * w.cols / 2));
+  result.scales.resize(static_cast<size_t>(w.rows * w.cols / kBlockSize));
+  result.global_amax = global_amax;
+  result.global_scale = GlobalScaleFromAmax(global_amax);
+  InitTensorStats(request.params, global_amax, &result.stats);
+  return result;
+}
+
 absl::Status ValidateRowRange(const WeightView& weights, int64_t row_begin, int64_t row_end,
                               const RowRangeOutput& output) {
   if (row_begin < 0 || row_end > weights.rows || row_begin >= row_end) {

@@ -322,7 +322,7 @@ NVFP4_HD bool IsAllZeroHessian(const float* h) {
 // method's byte and its errors (the "before" statistics) and prepares the block in error units.
 // Returns false for an all-zero tensor (g = 0), whose outcome is then final.
 template <class Objectives>
-NVFP4_HD bool BeginBlock(const float* w, float global_amax, float global_scale,
+NVFP4_HD_FLATTEN bool BeginBlock(const float* w, float global_amax, float global_scale,
                          BlockMethod method, const Objectives& objectives, BlockOutcome* out,
                          ScaledBlock* b) {
   float block_amax = 0.0f;
@@ -347,7 +347,7 @@ NVFP4_HD bool BeginBlock(const float* w, float global_amax, float global_scale,
 // Last part of QuantizeBlock: codes e2m1(w / q) for stored candidate k, packing and the "after"
 // statistics.
 template <class Objectives>
-NVFP4_HD void FinishBlock(const ScaledBlock& b, const Objectives& objectives, int candidate,
+NVFP4_HD_FLATTEN void FinishBlock(const ScaledBlock& b, const Objectives& objectives, int candidate,
                           float q, BlockOutcome* out) {
   out->scale_byte = static_cast<uint8_t>(candidate + 1);
   const float d_unit = MulNoContract(ScaleCandidateValue(candidate), b.global_scale_unit);
@@ -364,31 +364,32 @@ NVFP4_HD void FinishBlock(const ScaledBlock& b, const Objectives& objectives, in
   out->hessian_after = objectives.HessianError(e);
 }
 
-// Quantizes one block with `method`. w: 16 fp32 weights; h: 16x16 Hessian block or null (the
-// mse and max methods ignore it for the search but still report its objective). g is the
-// tensor's (or fused group's) amax and s2 = g / 2688 its global scale.
-// `bounds` (optional) enables exact pruning: the bounds of h's block, or IdentityBounds() for
-// the squared error. Results are identical with and without.
-NVFP4_HD BlockOutcome QuantizeBlock(const float* w, float global_amax, float global_scale,
-                                    const float* h, BlockMethod method, DssGrid grid,
-                                    const HessianBlockBounds* hessian_bounds = nullptr,
-                                    const HessianBlockBounds* identity_bounds = nullptr) {
+// The method-independent frame of every QuantizeBlock variant: the `max` method's result and
+// "before" statistics, then the search, then codes, packing and "after" statistics. `search`
+// provides the two searches (generic, vectorised or event-driven; all choose alike):
+//   SweepChoice Sweep(const ScaledBlock& b, bool squared_error, float reference) const;
+//   DssChoice Dss(const ScaledBlock& b, SweepChoice start) const;
+// `reference` is the canonical objective of one candidate (the `max` method's), which searches
+// may use as an upper bound.
+template <class Objectives, class Search>
+NVFP4_HD_FLATTEN BlockOutcome QuantizeBlockWith(const float* w, float global_amax, float global_scale,
+                                        BlockMethod method, bool has_hessian,
+                                        bool hessian_all_zero, const Objectives& objectives,
+                                        const Search& search) {
   BlockOutcome out{};
   ScaledBlock b{};
-  const GenericBlockObjectives objectives{h};
-  out.hessian_all_zero = h != nullptr && IsAllZeroHessian(h);
+  out.hessian_all_zero = hessian_all_zero;
   if (!BeginBlock(w, global_amax, global_scale, method, objectives, &out, &b)) return out;
   int candidate = out.max_scale_byte - 1;
   float q = MulNoContract(DecodeE4M3(out.max_scale_byte), global_scale);
   if (method != BlockMethod::kMax) {
-    const bool squared = method == BlockMethod::kMse || h == nullptr;
-    const BlockPruning pruning = MakeBlockPruning(b, squared ? identity_bounds : hessian_bounds);
-    const SweepChoice sweep = SweepScaleCandidates(b, squared ? nullptr : h, pruning,
-                                                   squared ? out.mse_before : out.hessian_before);
+    const bool squared = method == BlockMethod::kMse || !has_hessian;
+    const SweepChoice sweep =
+        search.Sweep(b, squared, squared ? out.mse_before : out.hessian_before);
     candidate = sweep.candidate;
     q = MulNoContract(ScaleCandidateValue(candidate), global_scale);
     if (method == BlockMethod::kDss) {
-      const DssChoice dss = DecoupledScaleSearch(b, h, sweep, grid, pruning);
+      const DssChoice dss = search.Dss(b, sweep);
       out.dss_offset = static_cast<int8_t>(dss.candidate - sweep.candidate);
       out.dss_beta_index = static_cast<int16_t>(dss.beta_index);
       candidate = dss.candidate;
@@ -397,6 +398,35 @@ NVFP4_HD BlockOutcome QuantizeBlock(const float* w, float global_amax, float glo
   }
   FinishBlock(b, objectives, candidate, q, &out);
   return out;
+}
+
+// The generic searches of this header, with optional exact pruning.
+struct GenericSearch {
+  const float* h;
+  DssGrid grid;
+  const HessianBlockBounds* hessian_bounds;   // null: no pruning
+  const HessianBlockBounds* identity_bounds;  // null: no pruning of the squared error
+  NVFP4_HD SweepChoice Sweep(const ScaledBlock& b, bool squared, float reference) const {
+    const BlockPruning pruning = MakeBlockPruning(b, squared ? identity_bounds : hessian_bounds);
+    return SweepScaleCandidates(b, squared ? nullptr : h, pruning, reference);
+  }
+  NVFP4_HD DssChoice Dss(const ScaledBlock& b, SweepChoice start) const {
+    return DecoupledScaleSearch(b, h, start, grid, MakeBlockPruning(b, hessian_bounds));
+  }
+};
+
+// Quantizes one block with `method`. w: 16 fp32 weights; h: 16x16 Hessian block or null (the
+// mse and max methods ignore it for the search but still report its objective). g is the
+// tensor's (or fused group's) amax and s2 = g / 2688 its global scale. `hessian_bounds` (of h)
+// and `identity_bounds` (IdentityBounds(), for the squared error) enable exact pruning; the
+// outcome is identical with and without.
+NVFP4_HD BlockOutcome QuantizeBlock(const float* w, float global_amax, float global_scale,
+                                    const float* h, BlockMethod method, DssGrid grid,
+                                    const HessianBlockBounds* hessian_bounds = nullptr,
+                                    const HessianBlockBounds* identity_bounds = nullptr) {
+  return QuantizeBlockWith(w, global_amax, global_scale, method, h != nullptr,
+                           h != nullptr && IsAllZeroHessian(h), GenericBlockObjectives{h},
+                           GenericSearch{h, grid, hessian_bounds, identity_bounds});
 }
 
 }  // namespace nvfp4cal

@@ -21,8 +21,12 @@
 
 #if defined(__CUDACC__)
 #define NVFP4_HD __host__ __device__ __forceinline__
+#define NVFP4_HD_FLATTEN __host__ __device__ __forceinline__
 #else
 #define NVFP4_HD inline
+// For the frames that the CPU backend instantiates with its vector searches: they must be
+// inlined into the caller, which is compiled once per instruction set (target_clones).
+#define NVFP4_HD_FLATTEN inline __attribute__((always_inline))
 #endif
 
 namespace nvfp4cal {

@@ -362,39 +362,32 @@ NVFP4_HD DssChoice EventDss(const ScaledBlock& b, const float* h, const Symmetri
   return best;
 }
 
+// The event-driven searches for QuantizeBlockWith, falling back to the full searches when too
+// many candidates tie.
+struct EventSearch {
+  const float* h;
+  const SymmetricHessian* sym;  // S of h, null when h is
+  DssGrid grid;
+  NVFP4_HD SweepChoice Sweep(const ScaledBlock& b, bool squared, float reference) const {
+    const float* search_h = squared ? nullptr : h;
+    const SweepChoice sweep = EventSweep(b, search_h, squared ? nullptr : sym, reference);
+    return sweep.candidate >= 0 ? sweep : SweepScaleCandidates(b, search_h);
+  }
+  NVFP4_HD DssChoice Dss(const ScaledBlock& b, SweepChoice start) const {
+    bool ok = true;
+    const DssChoice dss = EventDss(b, h, sym, start, grid, &ok);
+    return ok ? dss : DecoupledScaleSearch(b, h, start, grid);
+  }
+};
+
 // QuantizeBlock with the event-driven searches (same outcome). sym is S of h, or null when h
 // is null.
 NVFP4_HD BlockOutcome QuantizeBlockEvents(const float* w, float global_amax, float global_scale,
                                           const float* h, const SymmetricHessian* sym,
                                           BlockMethod method, DssGrid grid) {
-  BlockOutcome out{};
-  ScaledBlock b{};
-  const GenericBlockObjectives objectives{h};
-  out.hessian_all_zero = h != nullptr && IsAllZeroHessian(h);
-  if (!BeginBlock(w, global_amax, global_scale, method, objectives, &out, &b)) return out;
-  int candidate = out.max_scale_byte - 1;
-  float q = MulNoContract(DecodeE4M3(out.max_scale_byte), global_scale);
-  if (method != BlockMethod::kMax) {
-    const bool squared = method == BlockMethod::kMse || h == nullptr;
-    const float* search_h = squared ? nullptr : h;
-    const SymmetricHessian* search_sym = squared ? nullptr : sym;
-    SweepChoice sweep = EventSweep(b, search_h, search_sym,
-                                   squared ? out.mse_before : out.hessian_before);
-    if (sweep.candidate < 0) sweep = SweepScaleCandidates(b, search_h);
-    candidate = sweep.candidate;
-    q = MulNoContract(ScaleCandidateValue(candidate), global_scale);
-    if (method == BlockMethod::kDss) {
-      bool ok = true;
-      DssChoice dss = EventDss(b, h, sym, sweep, grid, &ok);
-      if (!ok) dss = DecoupledScaleSearch(b, h, sweep, grid);
-      out.dss_offset = static_cast<int8_t>(dss.candidate - sweep.candidate);
-      out.dss_beta_index = static_cast<int16_t>(dss.beta_index);
-      candidate = dss.candidate;
-      q = dss.q;
-    }
-  }
-  FinishBlock(b, objectives, candidate, q, &out);
-  return out;
+  return QuantizeBlockWith(w, global_amax, global_scale, method, h != nullptr,
+                           h != nullptr && IsAllZeroHessian(h), GenericBlockObjectives{h},
+                           EventSearch{h, sym, grid});
 }
 
 }  // namespace nvfp4cal
