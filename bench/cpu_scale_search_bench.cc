@@ -56,7 +56,8 @@ void BM_CpuQuantize(benchmark::State& state) {
     }
     benchmark::DoNotOptimize(result->scales.data());
   }
-  const double blocks = static_cast<double>(kRows * kCols / 16) * static_cast<double>(state.iterations());
+  const double blocks =
+      static_cast<double>(kRows * kCols / 16) * static_cast<double>(state.iterations());
   state.counters["blocks/s"] = benchmark::Counter(blocks, benchmark::Counter::kIsRate);
   state.counters["candidates/s"] =
       benchmark::Counter(blocks * CandidatesPerBlock(method), benchmark::Counter::kIsRate);

@@ -97,22 +97,24 @@ int main(int argc, char** argv) {
   std::printf("device: %s, FP32 peak %.1f TFLOP/s (boost clock); CPU reference: %u threads\n",
               (*gpu)->DeviceDescription().c_str(), peak_tflops, threads);
 
-  const std::vector<Linear> layer = {
-      {"q_proj", 4096, 4096, 0},  {"k_proj", 1024, 4096, 0},    {"v_proj", 1024, 4096, 0},
-      {"o_proj", 4096, 4096, 1},  {"gate_proj", 14336, 4096, 2}, {"up_proj", 14336, 4096, 2},
-      {"down_proj", 4096, 14336, 3}};
+  const std::vector<Linear> layer = {{"q_proj", 4096, 4096, 0},     {"k_proj", 1024, 4096, 0},
+                                     {"v_proj", 1024, 4096, 0},     {"o_proj", 4096, 4096, 1},
+                                     {"gate_proj", 14336, 4096, 2}, {"up_proj", 14336, 4096, 2},
+                                     {"down_proj", 4096, 14336, 3}};
   std::vector<std::vector<uint16_t>> weights;
   for (size_t t = 0; t < layer.size(); ++t) {
     weights.push_back(nvfp4cal::MakeExampleWeightsBf16(layer[t].rows, layer[t].cols, 10 + t));
   }
   const std::vector<std::vector<float>> hessians = {
-      nvfp4cal::MakeExampleHessianBlocks(4096 / 16, 1), nvfp4cal::MakeExampleHessianBlocks(4096 / 16, 2),
-      nvfp4cal::MakeExampleHessianBlocks(4096 / 16, 3), nvfp4cal::MakeExampleHessianBlocks(14336 / 16, 4)};
+      nvfp4cal::MakeExampleHessianBlocks(4096 / 16, 1),
+      nvfp4cal::MakeExampleHessianBlocks(4096 / 16, 2),
+      nvfp4cal::MakeExampleHessianBlocks(4096 / 16, 3),
+      nvfp4cal::MakeExampleHessianBlocks(14336 / 16, 4)};
   int64_t blocks = 0;
   for (const Linear& l : layer) blocks += l.rows * l.cols / 16;
   std::printf("layer: 7 Linear weights, %lld blocks of 16\n\n", static_cast<long long>(blocks));
-  std::printf("%-14s %12s %12s %14s %10s %12s %12s %10s\n", "method", "kernel ms",
-              "x32 layers s", "candidates/s", "FP32 peak", "events ms", "CPU ms", "speed-up");
+  std::printf("%-14s %12s %12s %14s %10s %12s %12s %10s\n", "method", "kernel ms", "x32 layers s",
+              "candidates/s", "FP32 peak", "events ms", "CPU ms", "speed-up");
 
   auto cpu = nvfp4cal::MakeCpuScaleSearch({0, 4096});
   for (nvfp4cal::Method m : {nvfp4cal::Method::kMax, nvfp4cal::Method::kMse,
@@ -130,8 +132,12 @@ int main(int argc, char** argv) {
       codes[t].resize(static_cast<size_t>(layer[t].rows * layer[t].cols / 2));
       scales[t].resize(static_cast<size_t>(layer[t].rows * layer[t].cols / 16));
       absl::StatusOr<float> amax = nvfp4cal::ComputeGlobalAmax(requests[t].weights);
-      slices.push_back({&requests[t], *amax, 0, layer[t].rows,
-                        {absl::MakeSpan(codes[t]), absl::MakeSpan(scales[t])}, &stats[t]});
+      slices.push_back({&requests[t],
+                        *amax,
+                        0,
+                        layer[t].rows,
+                        {absl::MakeSpan(codes[t]), absl::MakeSpan(scales[t])},
+                        &stats[t]});
     }
     // Warm-up, then the timed call.
     if (absl::Status s = (*gpu)->QuantizeBatch(slices); !s.ok()) {
@@ -161,7 +167,8 @@ int main(int argc, char** argv) {
     // CPU reference on (a fraction of) the same rows.
     double cpu_ms = 0.0;
     for (size_t t = 0; t < layer.size(); ++t) {
-      const int64_t rows = std::max<int64_t>(1, static_cast<int64_t>(static_cast<double>(layer[t].rows) * cpu_fraction));
+      const int64_t rows = std::max<int64_t>(
+          1, static_cast<int64_t>(static_cast<double>(layer[t].rows) * cpu_fraction));
       std::vector<uint8_t> c(static_cast<size_t>(rows * layer[t].cols / 2));
       std::vector<uint8_t> s(static_cast<size_t>(rows * layer[t].cols / 16));
       nvfp4cal::TensorStats st;

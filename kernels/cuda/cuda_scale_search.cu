@@ -26,28 +26,27 @@ constexpr int kRowsPerTile = 128;
 constexpr int64_t kAlignment = 256;
 
 absl::Status CudaStatus(cudaError_t error, const char* what) {
-  const std::string message =
-      absl::StrFormat("CUDA %s failed: %s (%s)", what, cudaGetErrorString(error),
-                      cudaGetErrorName(error));
+  const std::string message = absl::StrFormat("CUDA %s failed: %s (%s)", what,
+                                              cudaGetErrorString(error), cudaGetErrorName(error));
   if (error == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(message);
   return absl::InternalError(message);
 }
 
-#define NVFP4_CUDA_RETURN_IF_ERROR(expr)              \
-  do {                                                \
-    const cudaError_t nvfp4_error_ = (expr);          \
-    if (nvfp4_error_ != cudaSuccess) {                \
-      (void)cudaGetLastError();                       \
-      return CudaStatus(nvfp4_error_, #expr);         \
-    }                                                 \
+#define NVFP4_CUDA_RETURN_IF_ERROR(expr)      \
+  do {                                        \
+    const cudaError_t nvfp4_error_ = (expr);  \
+    if (nvfp4_error_ != cudaSuccess) {        \
+      (void)cudaGetLastError();               \
+      return CudaStatus(nvfp4_error_, #expr); \
+    }                                         \
   } while (0)
 
 // One tensor row range as the kernel sees it (device pointers).
 struct DeviceSlice {
-  const void* weights;      // rows x cols, row-major
-  const float* hessians;    // [cols / 16, 16, 16] or null
-  uint8_t* codes;           // rows x cols / 2
-  uint8_t* scales;          // rows x cols / 16
+  const void* weights;    // rows x cols, row-major
+  const float* hessians;  // [cols / 16, 16, 16] or null
+  uint8_t* codes;         // rows x cols / 2
+  uint8_t* scales;        // rows x cols / 16
   int64_t rows;
   int64_t cols;
   float global_amax;
@@ -93,7 +92,7 @@ __device__ double BlockSum(double value, double* scratch) {
 // Loads the tile's Hessian block (and what the chosen search needs of it) into shared memory.
 struct TileHessian {
   float h[kBlockSize * kBlockSize];
-  SymmetricHessian sym;             // event search
+  SymmetricHessian sym;  // event search
   double row_sum[kBlockSize];
   double col_sum[kBlockSize];
 };
@@ -144,9 +143,9 @@ __global__ void __launch_bounds__(kRowsPerTile)
                 kBlockSize, w);
     const float* h = has_hessian ? th.h : nullptr;
     if (kEventSearch) {
-      out = QuantizeBlockEvents(w, s.global_amax, s.global_scale, h,
-                                has_hessian ? &th.sym : nullptr,
-                                static_cast<BlockMethod>(s.method), s.grid);
+      out =
+          QuantizeBlockEvents(w, s.global_amax, s.global_scale, h, has_hessian ? &th.sym : nullptr,
+                              static_cast<BlockMethod>(s.method), s.grid);
     } else {
       // No lower-bound pruning here: threads of a warp prune different candidates, so the warp
       // would still evaluate the union, and the bound itself costs a division per candidate
@@ -170,8 +169,8 @@ __global__ void __launch_bounds__(kRowsPerTile)
   const int offset = __syncthreads_count(active && out.dss_offset != 0);
   const int zero = __syncthreads_count(active && out.hessian_all_zero);
   if (threadIdx.x == 0) {
-    tile_stats[blockIdx.x] = TileStats{mse_before, mse_after, hessian_before, hessian_after,
-                                       blocks, changed, beta, offset, zero, 0};
+    tile_stats[blockIdx.x] = TileStats{mse_before, mse_after, hessian_before, hessian_after, blocks,
+                                       changed,    beta,      offset,         zero,          0};
   }
 }
 
@@ -199,7 +198,6 @@ int64_t HessianBytes(const CudaScaleSearch::Slice& s) {
                        static_cast<int64_t>(sizeof(float)));
 }
 
-
 class CudaScaleSearchImpl final : public CudaScaleSearch {
  public:
   static absl::StatusOr<std::unique_ptr<CudaScaleSearch>> Create(
@@ -224,7 +222,8 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
                                          prop.minor, prop.multiProcessorCount,
                                          static_cast<double>(prop.totalGlobalMem) / (1 << 30));
     if (options.stream == nullptr) {
-      NVFP4_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&impl->owned_stream_, cudaStreamNonBlocking));
+      NVFP4_CUDA_RETURN_IF_ERROR(
+          cudaStreamCreateWithFlags(&impl->owned_stream_, cudaStreamNonBlocking));
       impl->stream_ = impl->owned_stream_;
     }
     NVFP4_CUDA_RETURN_IF_ERROR(cudaEventCreate(&impl->start_));
@@ -250,10 +249,13 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
   absl::StatusOr<QuantizedTensor> Quantize(const QuantizeRequest& request) override {
     absl::StatusOr<QuantizedTensor> result = PrepareQuantizedTensor(request);
     if (!result.ok()) return result.status();
-    const Slice slice{&request, result->global_amax, 0, result->rows,
-                      RowRangeOutput{absl::MakeSpan(result->packed_codes),
-                                     absl::MakeSpan(result->scales)},
-                      &result->stats};
+    const Slice slice{
+        &request,
+        result->global_amax,
+        0,
+        result->rows,
+        RowRangeOutput{absl::MakeSpan(result->packed_codes), absl::MakeSpan(result->scales)},
+        &result->stats};
     if (absl::Status s = QuantizeBatch(absl::MakeConstSpan(&slice, 1)); !s.ok()) return s;
     return result;
   }
@@ -417,8 +419,8 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
                                                sizeof(DeviceSlice) * device_slices.size(),
                                                cudaMemcpyHostToDevice, stream_));
     NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(workspace_ + tiles_at, tiles.data(),
-                                               sizeof(Tile) * tiles.size(),
-                                               cudaMemcpyHostToDevice, stream_));
+                                               sizeof(Tile) * tiles.size(), cudaMemcpyHostToDevice,
+                                               stream_));
     NVFP4_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
     timing_.transfer_ms += MillisecondsSince(copy_start);
 
@@ -429,11 +431,11 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
     auto* stats_device = reinterpret_cast<TileStats*>(workspace_ + stats_at);
     const unsigned grid = static_cast<unsigned>(tiles.size());
     if (options_.search == CudaSearchAlgorithm::kEvents) {
-      QuantizeTilesKernel<true><<<grid, kRowsPerTile, 0, stream_>>>(slices_device, tiles_device,
-                                                                     stats_device);
+      QuantizeTilesKernel<true>
+          <<<grid, kRowsPerTile, 0, stream_>>>(slices_device, tiles_device, stats_device);
     } else {
-      QuantizeTilesKernel<false><<<grid, kRowsPerTile, 0, stream_>>>(slices_device, tiles_device,
-                                                                      stats_device);
+      QuantizeTilesKernel<false>
+          <<<grid, kRowsPerTile, 0, stream_>>>(slices_device, tiles_device, stats_device);
     }
     NVFP4_CUDA_RETURN_IF_ERROR(cudaGetLastError());
     NVFP4_CUDA_RETURN_IF_ERROR(cudaEventRecord(stop_, stream_));

@@ -58,9 +58,9 @@ int main(int argc, char** argv) {
   }
 
   const std::vector<ExampleLinear> layer = {
-      {"self_attn.q_proj", 512, 512, 0},   {"self_attn.k_proj", 128, 512, 0},
-      {"self_attn.v_proj", 128, 512, 0},   {"self_attn.o_proj", 512, 512, 1},
-      {"mlp.gate_proj", 1024, 512, 2},     {"mlp.up_proj", 1024, 512, 2},
+      {"self_attn.q_proj", 512, 512, 0}, {"self_attn.k_proj", 128, 512, 0},
+      {"self_attn.v_proj", 128, 512, 0}, {"self_attn.o_proj", 512, 512, 1},
+      {"mlp.gate_proj", 1024, 512, 2},   {"mlp.up_proj", 1024, 512, 2},
       {"mlp.down_proj", 512, 1024, 3},
   };
   const nvfp4cal::Method methods[] = {nvfp4cal::Method::kMax, nvfp4cal::Method::kMse,
@@ -93,23 +93,23 @@ int main(int argc, char** argv) {
   std::printf("nvfp4cal kernels demo: toy decoder layer, bf16 weights, CPU backend\n");
   std::printf("objective = squared error (max, mse) or sum of e^T H_j e (local_hessian, dss);\n");
   std::printf("'before' = the max method on the same tensor and global scale.\n\n");
-  std::printf("%-18s %-13s %10s %7s %12s %12s %8s %11s %11s %7s %7s %7s %8s\n", "tensor",
-              "method", "g", "blocks", "obj_before", "obj_after", "obj_chg", "mse_before",
-              "mse_after", "changed", "beta!=1", "off!=0", "ms");
+  std::printf("%-18s %-13s %10s %7s %12s %12s %8s %11s %11s %7s %7s %7s %8s\n", "tensor", "method",
+              "g", "blocks", "obj_before", "obj_after", "obj_chg", "mse_before", "mse_after",
+              "changed", "beta!=1", "off!=0", "ms");
   for (size_t t = 0; t < layer.size(); ++t) {
     for (nvfp4cal::Method method : methods) {
       nvfp4cal::QuantizeRequest request;
-      request.weights = {weights[t].data(), nvfp4cal::DType::kBFloat16,
-                         layer[t].rows * rows_scale, layer[t].cols};
+      request.weights = {weights[t].data(), nvfp4cal::DType::kBFloat16, layer[t].rows * rows_scale,
+                         layer[t].cols};
       const std::vector<float>& h = *hessians[layer[t].fused_group];
       request.hessians = {h.data(), static_cast<int64_t>(h.size() / 256)};
       request.params.method = method;
       request.global_amax = group_amax[static_cast<size_t>(layer[t].fused_group)];
       const auto start = std::chrono::steady_clock::now();
       absl::StatusOr<nvfp4cal::QuantizedTensor> result = search->Quantize(request);
-      const double ms = std::chrono::duration<double, std::milli>(
-                            std::chrono::steady_clock::now() - start)
-                            .count();
+      const double ms =
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+              .count();
       if (!result.ok()) {
         std::fprintf(stderr, "%s %s: %s\n", layer[t].name,
                      std::string(nvfp4cal::MethodName(method)).c_str(),
@@ -117,17 +117,17 @@ int main(int argc, char** argv) {
         return 1;
       }
       const nvfp4cal::TensorStats& s = result->stats;
-      const double change = s.objective_before > 0
-                                ? 100.0 * (s.objective_after - s.objective_before) /
-                                      s.objective_before
-                                : 0.0;
-      std::printf("%-18s %-13s %10.4g %7lld %12.5g %12.5g %7.2f%% %11.4g %11.4g %7lld %7lld %7lld %8.1f\n",
-                  layer[t].name, std::string(nvfp4cal::MethodName(method)).c_str(),
-                  s.global_amax, static_cast<long long>(s.num_blocks), s.objective_before,
-                  s.objective_after, change, s.mse_before, s.mse_after,
-                  static_cast<long long>(s.blocks_scale_changed),
-                  static_cast<long long>(s.blocks_beta_not_one),
-                  static_cast<long long>(s.blocks_offset_not_zero), ms);
+      const double change =
+          s.objective_before > 0
+              ? 100.0 * (s.objective_after - s.objective_before) / s.objective_before
+              : 0.0;
+      std::printf(
+          "%-18s %-13s %10.4g %7lld %12.5g %12.5g %7.2f%% %11.4g %11.4g %7lld %7lld %7lld %8.1f\n",
+          layer[t].name, std::string(nvfp4cal::MethodName(method)).c_str(), s.global_amax,
+          static_cast<long long>(s.num_blocks), s.objective_before, s.objective_after, change,
+          s.mse_before, s.mse_after, static_cast<long long>(s.blocks_scale_changed),
+          static_cast<long long>(s.blocks_beta_not_one),
+          static_cast<long long>(s.blocks_offset_not_zero), ms);
       if (s.zero_hessian_blocks > 0) {
         std::printf("warning: %s: %lld blocks have an all-zero Hessian block\n", layer[t].name,
                     static_cast<long long>(s.zero_hessian_blocks));

@@ -61,8 +61,8 @@ NVFP4_SIMD Vec16 RoundToE2M1Value(Vec16 y) {
 NVFP4_SIMD float TreeSum(Vec16 p) {
   const Vec8 p8 = __builtin_shufflevector(p, p, 0, 1, 2, 3, 4, 5, 6, 7) +
                   __builtin_shufflevector(p, p, 8, 9, 10, 11, 12, 13, 14, 15);
-  const Vec4 p4 = __builtin_shufflevector(p8, p8, 0, 1, 2, 3) +
-                  __builtin_shufflevector(p8, p8, 4, 5, 6, 7);
+  const Vec4 p4 =
+      __builtin_shufflevector(p8, p8, 0, 1, 2, 3) + __builtin_shufflevector(p8, p8, 4, 5, 6, 7);
   return (p4[0] + p4[2]) + (p4[1] + p4[3]);
 }
 
@@ -86,10 +86,10 @@ NVFP4_SIMD float Objective(Vec16 e, const HessianRows* h) {
 // instead of once per block.
 struct CandidateScales {
   // Padded to 128 so that vector loads of 16 candidates stay inside; entries 126, 127 are 1.
-  float d[128];                       // d_k = f_k * s2 (codes of the sweeps use q = d_k)
-  float d_unit[128];                  // f_k * s2 * 2^-E (errors)
+  float d[128];       // d_k = f_k * s2 (codes of the sweeps use q = d_k)
+  float d_unit[128];  // f_k * s2 * 2^-E (errors)
   int beta_steps = 0;
-  std::vector<float> dss_q;           // [126][2n + 1]: q(k, i) = DssQuantScale(beta_i, g, f_k)
+  std::vector<float> dss_q;  // [126][2n + 1]: q(k, i) = DssQuantScale(beta_i, g, f_k)
 
   CandidateScales(float global_amax, float global_scale, DssGrid grid)
       : beta_steps(grid.beta_steps) {
@@ -113,11 +113,13 @@ struct CandidateScales {
 // Objectives of `count` candidates (q[c], d_unit) in error units. Two candidates at a time, so
 // that the two 16-deep dependency chains of the objective overlap.
 NVFP4_SIMD void EvaluateCandidates(Vec16 w, Vec16 w_unit, const float* q, const float* d_unit,
-                               int d_stride, int count, const HessianRows* h, float* objective) {
+                                   int d_stride, int count, const HessianRows* h,
+                                   float* objective) {
   int c = 0;
   for (; c + 1 < count; c += 2) {
     const Vec16 e0 = Fma(-RoundToE2M1Value(w / q[c]), Splat(d_unit[c * d_stride]), w_unit);
-    const Vec16 e1 = Fma(-RoundToE2M1Value(w / q[c + 1]), Splat(d_unit[(c + 1) * d_stride]), w_unit);
+    const Vec16 e1 =
+        Fma(-RoundToE2M1Value(w / q[c + 1]), Splat(d_unit[(c + 1) * d_stride]), w_unit);
     if (h == nullptr) {
       objective[c] = TreeSum(e0 * e0);
       objective[c + 1] = TreeSum(e1 * e1);
@@ -133,7 +135,8 @@ NVFP4_SIMD void EvaluateCandidates(Vec16 w, Vec16 w_unit, const float* q, const 
     objective[c + 1] = TreeSum(e1 * t1);
   }
   if (c < count) {
-    objective[c] = Objective(Fma(-RoundToE2M1Value(w / q[c]), Splat(d_unit[c * d_stride]), w_unit), h);
+    objective[c] =
+        Objective(Fma(-RoundToE2M1Value(w / q[c]), Splat(d_unit[c * d_stride]), w_unit), h);
   }
 }
 
@@ -147,11 +150,11 @@ NVFP4_SIMD uint32_t CannotWinMask(const ScaledBlock& b, const BlockPruning& p, V
   if (!(precision > 0.0f) || !(threshold < 3.0e38f)) return 0;
   const int m = p.element;
   const Vec16 e = Fma(-RoundToE2M1Value(b.w[m] / q), d_unit, Splat(b.w_unit[m]));
-  const Vec16 norm_bound = (p.square_sum_unit + (12.0f * d_unit) * p.abs_sum_unit) +
-                           (576.0f * d_unit) * d_unit;
-  const Vec16 lower = ((e * e) * precision) * (1.0f - kBoundRelativeMargin) -
-                      ((kObjectiveRoundingSlack * p.bounds->abs_norm) * norm_bound) *
-                          (1.0f + kBoundRelativeMargin);
+  const Vec16 norm_bound =
+      (p.square_sum_unit + (12.0f * d_unit) * p.abs_sum_unit) + (576.0f * d_unit) * d_unit;
+  const Vec16 lower =
+      ((e * e) * precision) * (1.0f - kBoundRelativeMargin) -
+      ((kObjectiveRoundingSlack * p.bounds->abs_norm) * norm_bound) * (1.0f + kBoundRelativeMargin);
   const Mask16 prune = (lower > threshold) & (lower < 3.0e38f);
   uint32_t bits = 0;
   for (int c = 0; c < 16; ++c) bits |= (prune[c] != 0 ? 1u : 0u) << c;
@@ -203,8 +206,9 @@ NVFP4_SIMD SweepChoice SweepScaleCandidates(const ScaledBlock& b, const Candidat
   uint32_t pruned = 0;
   for (int k = 0; k < kNumScaleCandidates; ++k) {
     if (k % 16 == 0) {
-      const float bar = best.candidate < 0 ? threshold
-                                           : (best.objective < threshold ? best.objective : threshold);
+      const float bar = best.candidate < 0
+                            ? threshold
+                            : (best.objective < threshold ? best.objective : threshold);
       pruned = CannotWinMask(b, pruning, Load(&scales.d[k]), Load(&scales.d_unit[k]), bar);
     }
     if ((pruned >> (k % 16)) & 1u) continue;
@@ -261,9 +265,9 @@ struct VectorBlockObjectives {
 // The vectorised searches for QuantizeBlockWith.
 struct VectorSearch {
   const CandidateScales* scales;
-  const HessianRows* rows;                    // null without Hessians
+  const HessianRows* rows;  // null without Hessians
   int neighbours;
-  const HessianBlockBounds* hessian_bounds;   // null: no pruning
+  const HessianBlockBounds* hessian_bounds;  // null: no pruning
   const HessianBlockBounds* identity_bounds;
   NVFP4_SIMD SweepChoice Sweep(const ScaledBlock& b, bool squared, float reference) const {
     const BlockPruning pruning = MakeBlockPruning(b, squared ? identity_bounds : hessian_bounds);

@@ -58,7 +58,7 @@ struct TensorTask {
   BlockMethod method;
   const HessianBlockBounds* hessian_bounds;   // per column block, null without Hessians
   const HessianBlockBounds* identity_bounds;  // for the squared error
-  int64_t row_begin;      // first row of the output spans
+  int64_t row_begin;                          // first row of the output spans
   RowRangeOutput output;
 };
 
@@ -80,11 +80,10 @@ __attribute__((target_clones("avx512f", "arch=haswell", "default"))) void Quanti
     if (h != nullptr) simd::LoadHessianRows(h, &rows);
     for (int64_t r = first; r < last; ++r) {
       LoadAsFloat(w.data, w.dtype, r * w.cols + j * kBlockSize, kBlockSize, block);
-      const BlockOutcome out =
-          simd::QuantizeBlock(block, *task.scales, task.global_amax, task.global_scale,
-                              h == nullptr ? nullptr : &rows, all_zero, task.method, neighbours,
-                              h == nullptr ? nullptr : &task.hessian_bounds[j],
-                              task.identity_bounds);
+      const BlockOutcome out = simd::QuantizeBlock(
+          block, *task.scales, task.global_amax, task.global_scale, h == nullptr ? nullptr : &rows,
+          all_zero, task.method, neighbours, h == nullptr ? nullptr : &task.hessian_bounds[j],
+          task.identity_bounds);
       const int64_t local_block = (r - task.row_begin) * blocks_per_row + j;
       task.output.scales[static_cast<size_t>(local_block)] = out.scale_byte;
       std::copy(out.packed, out.packed + kBlockSize / 2,
@@ -135,8 +134,7 @@ class CpuScaleSearch final : public ScaleSearch {
            RowRangeOutput output, TensorStats* stats) const {
     const WeightView& w = request.weights;
     const int64_t blocks_per_row = w.cols / kBlockSize;
-    const int64_t rows_per_task =
-        std::max<int64_t>(1, options_.blocks_per_task / blocks_per_row);
+    const int64_t rows_per_task = std::max<int64_t>(1, options_.blocks_per_task / blocks_per_row);
     const int64_t num_tasks = (row_end - row_begin + rows_per_task - 1) / rows_per_task;
     std::vector<TensorStats> task_stats(static_cast<size_t>(num_tasks));
     std::atomic<int64_t> next_task{0};

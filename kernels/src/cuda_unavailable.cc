@@ -4,7 +4,8 @@
 namespace nvfp4cal {
 
 bool CudaDeviceAvailable(std::string* reason) {
-  if (reason != nullptr) *reason = "nvfp4cal was built without CUDA (nvcc not found at configure time)";
+  if (reason != nullptr)
+    *reason = "nvfp4cal was built without CUDA (nvcc not found at configure time)";
   return false;
 }
 

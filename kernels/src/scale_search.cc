@@ -30,8 +30,9 @@ absl::StatusOr<Method> ParseMethod(std::string_view name) {
   for (Method m : {Method::kMax, Method::kMse, Method::kLocalHessian, Method::kDss}) {
     if (MethodName(m) == name) return m;
   }
-  return absl::InvalidArgumentError(absl::StrCat(
-      "method: unknown value \"", std::string(name), "\"; expected one of max, mse, local_hessian, dss"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("method: unknown value \"", std::string(name),
+                   "\"; expected one of max, mse, local_hessian, dss"));
 }
 
 std::string_view DTypeName(DType dtype) {
@@ -81,9 +82,9 @@ absl::Status ValidateParams(const SearchParams& params) {
   constexpr float kMinBetaStep = 0.005f;
   constexpr float kMaxBetaStep = 0.5f;
   if (!(params.beta_step >= kMinBetaStep && params.beta_step <= kMaxBetaStep)) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "params.beta_step = %g is out of range [%g, %g]", params.beta_step, kMinBetaStep,
-        kMaxBetaStep));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("params.beta_step = %g is out of range [%g, %g]", params.beta_step,
+                        kMinBetaStep, kMaxBetaStep));
   }
   if (!(params.beta_half_range >= 0.0f && params.beta_half_range < 1.0f)) {
     return absl::InvalidArgumentError(absl::StrFormat(

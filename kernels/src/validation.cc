@@ -15,9 +15,9 @@ absl::Status ValidateHessianBlock(const float* h, int64_t block, float tolerance
   float max_diagonal = 0.0f;
   for (int a = 0; a < kBlockSize * kBlockSize; ++a) {
     if (!std::isfinite(h[a])) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "hessians: block %d element (%d, %d) is %g; Hessians must be finite", block,
-          a / kBlockSize, a % kBlockSize, h[a]));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("hessians: block %d element (%d, %d) is %g; Hessians must be finite",
+                          block, a / kBlockSize, a % kBlockSize, h[a]));
     }
   }
   for (int a = 0; a < kBlockSize; ++a) {
@@ -39,8 +39,7 @@ absl::Status ValidateHessianBlock(const float* h, int64_t block, float tolerance
         return absl::InvalidArgumentError(absl::StrFormat(
             "hessians: block %d is not symmetric: H(%d, %d) = %g but H(%d, %d) = %g; "
             "|difference| %g exceeds symmetry_tolerance %g * max diagonal %g",
-            block, a, b, upper, b, a, lower, std::fabs(upper - lower), tolerance,
-            max_diagonal));
+            block, a, b, upper, b, a, lower, std::fabs(upper - lower), tolerance, max_diagonal));
       }
     }
   }
@@ -56,9 +55,8 @@ absl::Status ValidateShapeHessiansAndParams(const QuantizeRequest& request) {
         "weights: empty tensor (rows = %d, cols = %d); both must be > 0", w.rows, w.cols));
   }
   if (w.cols % kBlockSize != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("weights.cols (in) = %d is not a multiple of the block size %d", w.cols,
-                        kBlockSize));
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "weights.cols (in) = %d is not a multiple of the block size %d", w.cols, kBlockSize));
   }
   if (w.data == nullptr) return absl::InvalidArgumentError("weights.data is null");
   if (w.dtype != DType::kFloat32 && w.dtype != DType::kBFloat16 && w.dtype != DType::kFloat16) {
@@ -157,9 +155,9 @@ absl::StatusOr<QuantizedTensor> PrepareQuantizedTensor(const QuantizeRequest& re
 absl::Status ValidateRowRange(const WeightView& weights, int64_t row_begin, int64_t row_end,
                               const RowRangeOutput& output) {
   if (row_begin < 0 || row_end > weights.rows || row_begin >= row_end) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "row range [%d, %d) is empty or outside the tensor's rows [0, %d)", row_begin, row_end,
-        weights.rows));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("row range [%d, %d) is empty or outside the tensor's rows [0, %d)",
+                        row_begin, row_end, weights.rows));
   }
   const int64_t rows = row_end - row_begin;
   const int64_t code_bytes = rows * weights.cols / 2;

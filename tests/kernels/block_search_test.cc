@@ -47,8 +47,8 @@ TEST(MaxMethod, ExactlyRepresentableBlockHasNoError) {
   w[1] = 3.0f;
   w[2] = -1.5f;
   w[3] = -0.25f;  // rounds to zero, negative -> "-0" (code 8)
-  const BlockOutcome out = QuantizeBlock(w.data(), kUnitScaleAmax, 1.0f, nullptr,
-                                         BlockMethod::kMax, kDefaultGrid);
+  const BlockOutcome out =
+      QuantizeBlock(w.data(), kUnitScaleAmax, 1.0f, nullptr, BlockMethod::kMax, kDefaultGrid);
   EXPECT_EQ(out.scale_byte, 0x38);
   EXPECT_EQ(out.packed[0], 0x57);  // codes 7 (6.0) | 5 (3.0) << 4
   EXPECT_EQ(out.packed[1], 0x8B);  // codes 0xB (-1.5) | 8 (-0) << 4
@@ -58,13 +58,13 @@ TEST(MaxMethod, ExactlyRepresentableBlockHasNoError) {
 }
 
 TEST(MaxMethod, ScaleRoundsToFp8AndCodesUseTheStoredScale) {
-  // amax 5 with g = 2688: v = ((5 / 6) * 448) / 448 = 0.8333 -> E4M3 0.8125 (byte 0x35: e = 6, m = 5).
-  // d = 0.8125: 5 / d = 6.15 -> 6 (code 7), 1 / d = 1.23 -> 1 (code 2).
+  // amax 5 with g = 2688: v = ((5 / 6) * 448) / 448 = 0.8333 -> E4M3 0.8125 (byte 0x35: e = 6, m =
+  // 5). d = 0.8125: 5 / d = 6.15 -> 6 (code 7), 1 / d = 1.23 -> 1 (code 2).
   Block w{};
   w[0] = 5.0f;
   w[1] = 1.0f;
-  const BlockOutcome out = QuantizeBlock(w.data(), kUnitScaleAmax, 1.0f, nullptr,
-                                         BlockMethod::kMax, kDefaultGrid);
+  const BlockOutcome out =
+      QuantizeBlock(w.data(), kUnitScaleAmax, 1.0f, nullptr, BlockMethod::kMax, kDefaultGrid);
   EXPECT_EQ(out.scale_byte, 0x35);
   EXPECT_EQ(DecodeE4M3(0x35), 0.8125f);
   EXPECT_EQ(out.packed[0], 0x27);
@@ -75,12 +75,13 @@ TEST(MaxMethod, ScaleRoundsToFp8AndCodesUseTheStoredScale) {
 TEST(Sweeps, AllZeroBlockGetsCodesZeroAndTheSmallestCandidate) {
   const Block w{};
   const HessianBlock h = Identity();
-  const BlockOutcome max = QuantizeBlock(w.data(), kUnitScaleAmax, 1.0f, h.data(),
-                                         BlockMethod::kMax, kDefaultGrid);
+  const BlockOutcome max =
+      QuantizeBlock(w.data(), kUnitScaleAmax, 1.0f, h.data(), BlockMethod::kMax, kDefaultGrid);
   // a_b / 6 is replaced by 1: v = 448 / (2688 / 6) = 1.
   EXPECT_EQ(max.scale_byte, 0x38);
   for (BlockMethod m : {BlockMethod::kMse, BlockMethod::kLocalHessian, BlockMethod::kDss}) {
-    const BlockOutcome out = QuantizeBlock(w.data(), kUnitScaleAmax, 1.0f, h.data(), m, kDefaultGrid);
+    const BlockOutcome out =
+        QuantizeBlock(w.data(), kUnitScaleAmax, 1.0f, h.data(), m, kDefaultGrid);
     EXPECT_EQ(out.scale_byte, 0x01) << "every candidate ties at zero error";
     for (uint8_t b : out.packed) EXPECT_EQ(b, 0);
     EXPECT_EQ(out.mse_after, 0.0f);
@@ -90,8 +91,8 @@ TEST(Sweeps, AllZeroBlockGetsCodesZeroAndTheSmallestCandidate) {
 
 TEST(Sweeps, AllZeroTensorNeverDividesByZero) {
   const Block w{};
-  for (BlockMethod m : {BlockMethod::kMax, BlockMethod::kMse, BlockMethod::kLocalHessian,
-                        BlockMethod::kDss}) {
+  for (BlockMethod m :
+       {BlockMethod::kMax, BlockMethod::kMse, BlockMethod::kLocalHessian, BlockMethod::kDss}) {
     const HessianBlock h = Identity();
     const BlockOutcome out = QuantizeBlock(w.data(), 0.0f, 0.0f, h.data(), m, kDefaultGrid);
     EXPECT_EQ(out.scale_byte, m == BlockMethod::kMax ? 0x7E : 0x01);
@@ -104,9 +105,10 @@ TEST(Sweeps, SaturatedBlockTakesTheLargestScale) {
   Block w;
   for (int i = 0; i < kBlockSize; ++i) w[i] = (i % 2 ? -1.0f : 1.0f) * kUnitScaleAmax;
   const HessianBlock h = Identity();
-  for (BlockMethod m : {BlockMethod::kMax, BlockMethod::kMse, BlockMethod::kLocalHessian,
-                        BlockMethod::kDss}) {
-    const BlockOutcome out = QuantizeBlock(w.data(), kUnitScaleAmax, 1.0f, h.data(), m, kDefaultGrid);
+  for (BlockMethod m :
+       {BlockMethod::kMax, BlockMethod::kMse, BlockMethod::kLocalHessian, BlockMethod::kDss}) {
+    const BlockOutcome out =
+        QuantizeBlock(w.data(), kUnitScaleAmax, 1.0f, h.data(), m, kDefaultGrid);
     EXPECT_EQ(out.scale_byte, 0x7E);
     for (uint8_t b : out.packed) EXPECT_EQ(b, 0xF7);  // code 7 (+6) low, 15 (-6) high
     EXPECT_EQ(out.mse_after, 0.0f);
@@ -149,8 +151,8 @@ TEST(DecoupledScaleSearch, PicksBetaBelowOneAndBeatsLocalHessian) {
   EXPECT_EQ(Unpack(lh)[1], 7);
   EXPECT_NEAR(lh.hessian_after, 0.0025f, 1e-6f);
 
-  const BlockOutcome dss = QuantizeBlock(w.data(), kUnitScaleAmax, 1.0f, h.data(),
-                                         BlockMethod::kDss, kDefaultGrid);
+  const BlockOutcome dss =
+      QuantizeBlock(w.data(), kUnitScaleAmax, 1.0f, h.data(), BlockMethod::kDss, kDefaultGrid);
   EXPECT_EQ(dss.scale_byte, 0x25);
   EXPECT_EQ(dss.dss_offset, -1);
   EXPECT_EQ(dss.dss_beta_index, -5);

@@ -15,7 +15,8 @@ namespace {
 double E4M3ValueFromDefinition(int byte) {
   const int e = (byte >> 3) & 15;
   const int m = byte & 7;
-  const double magnitude = e == 0 ? m * std::ldexp(1.0, -9) : (1.0 + m / 8.0) * std::ldexp(1.0, e - 7);
+  const double magnitude =
+      e == 0 ? m * std::ldexp(1.0, -9) : (1.0 + m / 8.0) * std::ldexp(1.0, e - 7);
   return (byte & 0x80) ? -magnitude : magnitude;
 }
 
@@ -23,7 +24,7 @@ float NextUp(float x) { return std::nextafter(x, std::numeric_limits<float>::inf
 float NextDown(float x) { return std::nextafter(x, -std::numeric_limits<float>::infinity()); }
 
 TEST(E2M1, DecodesTheSixteenCodes) {
-  const float expected[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+  const float expected[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
                               -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
   for (int c = 0; c < 16; ++c) {
     EXPECT_EQ(DecodeE2M1(static_cast<uint8_t>(c)), expected[c]) << "code " << c;
@@ -39,12 +40,12 @@ TEST(E2M1, EveryThresholdAndTieRoundsHalfToEven) {
     uint8_t code;
   };
   const Case cases[] = {
-      {0.0f, 0},          {0.25f, 0},         {NextUp(0.25f), 1}, {NextDown(0.75f), 1},
-      {0.75f, 2},         {1.25f, 2},         {NextUp(1.25f), 3}, {NextDown(1.75f), 3},
-      {1.75f, 4},         {2.5f, 4},          {NextUp(2.5f), 5},  {NextDown(3.5f), 5},
-      {3.5f, 6},          {5.0f, 6},          {NextUp(5.0f), 7},  {6.0f, 7},
-      {0.5f, 1},          {1.0f, 2},          {1.5f, 3},          {2.0f, 4},
-      {3.0f, 5},          {4.0f, 6},
+      {0.0f, 0},  {0.25f, 0}, {NextUp(0.25f), 1}, {NextDown(0.75f), 1},
+      {0.75f, 2}, {1.25f, 2}, {NextUp(1.25f), 3}, {NextDown(1.75f), 3},
+      {1.75f, 4}, {2.5f, 4},  {NextUp(2.5f), 5},  {NextDown(3.5f), 5},
+      {3.5f, 6},  {5.0f, 6},  {NextUp(5.0f), 7},  {6.0f, 7},
+      {0.5f, 1},  {1.0f, 2},  {1.5f, 3},          {2.0f, 4},
+      {3.0f, 5},  {4.0f, 6},
   };
   for (const Case& c : cases) {
     EXPECT_EQ(EncodeE2M1(c.y), c.code) << "y = " << c.y;
@@ -91,8 +92,9 @@ TEST(E2M1, RoundToValueMatchesEncodeThenDecodeOnEveryRelevantFloat) {
       }
     }
   }
-  for (float y : {0.0f, -0.0f, 1e-30f, -1e-30f, 1e30f, -1e30f, std::numeric_limits<float>::infinity(),
-                  -std::numeric_limits<float>::infinity(), std::nanf(""), 0.0624999f, 16.0f, 1e7f}) {
+  for (float y :
+       {0.0f, -0.0f, 1e-30f, -1e-30f, 1e30f, -1e30f, std::numeric_limits<float>::infinity(),
+        -std::numeric_limits<float>::infinity(), std::nanf(""), 0.0624999f, 16.0f, 1e7f}) {
     EXPECT_EQ(FloatBits(RoundToE2M1Value(y)), FloatBits(DecodeE2M1(EncodeE2M1(y)))) << "y = " << y;
   }
 }
@@ -149,24 +151,24 @@ TEST(E4M3, All126PositiveValuesRoundTrip) {
 }
 
 TEST(E4M3, TiesRoundToEven) {
-  EXPECT_EQ(EncodeE4M3(1.0625f), 0x38);   // between 1.0 (m=0) and 1.125 (m=1)
-  EXPECT_EQ(EncodeE4M3(1.1875f), 0x3A);   // between 1.125 (m=1) and 1.25 (m=2)
+  EXPECT_EQ(EncodeE4M3(1.0625f), 0x38);  // between 1.0 (m=0) and 1.125 (m=1)
+  EXPECT_EQ(EncodeE4M3(1.1875f), 0x3A);  // between 1.125 (m=1) and 1.25 (m=2)
   EXPECT_EQ(EncodeE4M3(NextUp(1.0625f)), 0x39);
   EXPECT_EQ(EncodeE4M3(NextDown(1.1875f)), 0x39);
-  EXPECT_EQ(EncodeE4M3(432.0f), 0x7E);    // between 416 (m=5) and 448 (m=6)
+  EXPECT_EQ(EncodeE4M3(432.0f), 0x7E);  // between 416 (m=5) and 448 (m=6)
   EXPECT_EQ(EncodeE4M3(NextDown(432.0f)), 0x7D);
-  EXPECT_EQ(EncodeE4M3(15.5f), 0x58);     // between 15 (0x57: e=10, m=7) and 16 (0x58) -> 16
+  EXPECT_EQ(EncodeE4M3(15.5f), 0x58);  // between 15 (0x57: e=10, m=7) and 16 (0x58) -> 16
   EXPECT_EQ(DecodeE4M3(0x58), 16.0f);
 }
 
 TEST(E4M3, SubnormalsRoundHalfToEven) {
-  const float step = 0.001953125f;  // 2^-9
-  EXPECT_EQ(EncodeE4M3(0.5f * step), 0x00);   // tie between 0 and 2^-9 -> 0
+  const float step = 0.001953125f;           // 2^-9
+  EXPECT_EQ(EncodeE4M3(0.5f * step), 0x00);  // tie between 0 and 2^-9 -> 0
   EXPECT_EQ(EncodeE4M3(NextUp(0.5f * step)), 0x01);
-  EXPECT_EQ(EncodeE4M3(1.5f * step), 0x02);   // tie between 1 and 2 -> 2
-  EXPECT_EQ(EncodeE4M3(2.5f * step), 0x02);   // tie between 2 and 3 -> 2
+  EXPECT_EQ(EncodeE4M3(1.5f * step), 0x02);  // tie between 1 and 2 -> 2
+  EXPECT_EQ(EncodeE4M3(2.5f * step), 0x02);  // tie between 2 and 3 -> 2
   EXPECT_EQ(EncodeE4M3(3.2f * step), 0x03);
-  EXPECT_EQ(EncodeE4M3(7.5f * step), 0x08);   // tie between 7*2^-9 and 2^-6 -> 2^-6 (even)
+  EXPECT_EQ(EncodeE4M3(7.5f * step), 0x08);  // tie between 7*2^-9 and 2^-6 -> 2^-6 (even)
   EXPECT_EQ(EncodeE4M3(6.5f * step), 0x06);
   EXPECT_EQ(EncodeE4M3(1e-30f), 0x00);
 }
@@ -190,7 +192,8 @@ TEST(E4M3, EncodeIsTheNearestValueByBruteForce) {
   ExampleRng rng(7);
   for (int i = 0; i < 100000; ++i) {
     // Log-uniform over the whole range, subnormals included.
-    const float v = static_cast<float>(std::ldexp(1.0 + rng.Uniform(), -12 + static_cast<int>(rng.Uniform() * 21)));
+    const float v = static_cast<float>(
+        std::ldexp(1.0 + rng.Uniform(), -12 + static_cast<int>(rng.Uniform() * 21)));
     if (v > 448.0f) continue;
     int best = 0;
     for (int b = 1; b <= 0x7E; ++b) {

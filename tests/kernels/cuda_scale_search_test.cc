@@ -42,7 +42,15 @@ class CudaScaleSearchTest : public ::testing::Test {
 };
 
 // A tensor whose blocks are all of one hard kind (NUMERICS §7).
-enum class Kind { kTypical, kSaturated, kZeroBlocks, kSubnormalScales, kTinyG, kHugeG, kIllConditioned };
+enum class Kind {
+  kTypical,
+  kSaturated,
+  kZeroBlocks,
+  kSubnormalScales,
+  kTinyG,
+  kHugeG,
+  kIllConditioned
+};
 
 struct HardTensor {
   std::vector<float> w;
@@ -52,9 +60,10 @@ struct HardTensor {
 };
 
 HardTensor MakeHardTensor(Kind kind, int64_t rows, int64_t cols, uint64_t seed) {
-  HardTensor t{MakeExampleWeights(rows, cols, seed),
-               MakeExampleHessianBlocks(cols / 16, seed + 1, kind == Kind::kIllConditioned ? 30.0f : 1.0f),
-               rows, cols};
+  HardTensor t{
+      MakeExampleWeights(rows, cols, seed),
+      MakeExampleHessianBlocks(cols / 16, seed + 1, kind == Kind::kIllConditioned ? 30.0f : 1.0f),
+      rows, cols};
   ExampleRng rng(seed + 2);
   double scale = 1.0;
   if (kind == Kind::kTinyG) scale = 1e-28;
@@ -117,8 +126,10 @@ int64_t CompareWithCpu(const HardTensor& t, Method m, const QuantizedTensor& cpu
     const float* w = t.w.data() + b * 16;
     const float* h = t.h.data() + (b % blocks_per_row) * 256;
     const bool hessian = MethodNeedsHessian(m);
-    const float a = CanonicalObjective(w, h, &cpu.packed_codes[b * 8], cpu.scales[b], cpu.global_scale, hessian);
-    const float g = CanonicalObjective(w, h, &gpu.packed_codes[b * 8], gpu.scales[b], gpu.global_scale, hessian);
+    const float a = CanonicalObjective(w, h, &cpu.packed_codes[b * 8], cpu.scales[b],
+                                       cpu.global_scale, hessian);
+    const float g = CanonicalObjective(w, h, &gpu.packed_codes[b * 8], gpu.scales[b],
+                                       gpu.global_scale, hessian);
     EXPECT_LE(std::fabs(a - g), 1e-6f * std::fmax(std::fabs(a), std::fabs(g)))
         << MethodName(m) << " block " << b << ": not a near-tie (" << a << " vs " << g << ")";
   }
@@ -126,33 +137,33 @@ int64_t CompareWithCpu(const HardTensor& t, Method m, const QuantizedTensor& cpu
 }
 
 TEST_F(CudaScaleSearchTest, AgreesWithCpuOnAMillionBlocksPerMethodIncludingHardCases) {
-  const Kind kinds[] = {Kind::kTypical,  Kind::kSaturated, Kind::kZeroBlocks, Kind::kSubnormalScales,
-                        Kind::kTinyG,    Kind::kHugeG,     Kind::kIllConditioned};
+  const Kind kinds[] = {Kind::kTypical,         Kind::kSaturated, Kind::kZeroBlocks,
+                        Kind::kSubnormalScales, Kind::kTinyG,     Kind::kHugeG,
+                        Kind::kIllConditioned};
   for (CudaScaleSearch* backend : {gpu_.get(), gpu_events_.get()})
-  for (Method m : kMethods) {
-    int64_t blocks = 0;
-    int64_t differ = 0;
-    for (size_t k = 0; k < std::size(kinds); ++k) {
-      const HardTensor t = MakeHardTensor(kinds[k], 576, 4096, 100 + k);
-      absl::StatusOr<QuantizedTensor> cpu = cpu_->Quantize(RequestFor(t, m));
-      absl::StatusOr<QuantizedTensor> gpu = backend->Quantize(RequestFor(t, m));
-      ASSERT_TRUE(cpu.ok()) << cpu.status();
-      ASSERT_TRUE(gpu.ok()) << gpu.status();
-      differ += CompareWithCpu(t, m, *cpu, *gpu);
-      blocks += t.rows * t.cols / 16;
-      EXPECT_EQ(cpu->stats.num_blocks, gpu->stats.num_blocks);
-      EXPECT_EQ(cpu->stats.blocks_scale_changed, gpu->stats.blocks_scale_changed);
-      EXPECT_EQ(cpu->stats.blocks_beta_not_one, gpu->stats.blocks_beta_not_one);
-      EXPECT_EQ(cpu->stats.zero_hessian_blocks, gpu->stats.zero_hessian_blocks);
-      EXPECT_NEAR(cpu->stats.objective_after, gpu->stats.objective_after,
-                  1e-9 * std::fabs(cpu->stats.objective_after));
+    for (Method m : kMethods) {
+      int64_t blocks = 0;
+      int64_t differ = 0;
+      for (size_t k = 0; k < std::size(kinds); ++k) {
+        const HardTensor t = MakeHardTensor(kinds[k], 576, 4096, 100 + k);
+        absl::StatusOr<QuantizedTensor> cpu = cpu_->Quantize(RequestFor(t, m));
+        absl::StatusOr<QuantizedTensor> gpu = backend->Quantize(RequestFor(t, m));
+        ASSERT_TRUE(cpu.ok()) << cpu.status();
+        ASSERT_TRUE(gpu.ok()) << gpu.status();
+        differ += CompareWithCpu(t, m, *cpu, *gpu);
+        blocks += t.rows * t.cols / 16;
+        EXPECT_EQ(cpu->stats.num_blocks, gpu->stats.num_blocks);
+        EXPECT_EQ(cpu->stats.blocks_scale_changed, gpu->stats.blocks_scale_changed);
+        EXPECT_EQ(cpu->stats.blocks_beta_not_one, gpu->stats.blocks_beta_not_one);
+        EXPECT_EQ(cpu->stats.zero_hessian_blocks, gpu->stats.zero_hessian_blocks);
+        EXPECT_NEAR(cpu->stats.objective_after, gpu->stats.objective_after,
+                    1e-9 * std::fabs(cpu->stats.objective_after));
+      }
+      std::printf("[ agreement ] %s search, %s: %lld blocks, %lld near-tie differences\n",
+                  backend == gpu_.get() ? "full" : "event", std::string(MethodName(m)).c_str(),
+                  static_cast<long long>(blocks), static_cast<long long>(differ));
+      EXPECT_GE(blocks, 1000000);
     }
-    std::printf("[ agreement ] %s search, %s: %lld blocks, %lld near-tie differences\n",
-                backend == gpu_.get() ? "full" : "event", std::string(MethodName(m)).c_str(),
-                static_cast<long long>(blocks),
-                static_cast<long long>(differ));
-    EXPECT_GE(blocks, 1000000);
-  }
 }
 
 TEST_F(CudaScaleSearchTest, LargeTensorChunkedByTheMemoryBudgetMatchesCpu) {

@@ -30,10 +30,18 @@ struct RandomBlock {
   float g;
 };
 
-enum class BlockKind { kTypical, kSaturated, kZero, kSubnormalScale, kTinyG, kHugeG, kIllConditioned };
-constexpr BlockKind kAllKinds[] = {BlockKind::kTypical,        BlockKind::kSaturated,
-                                   BlockKind::kZero,           BlockKind::kSubnormalScale,
-                                   BlockKind::kTinyG,          BlockKind::kHugeG,
+enum class BlockKind {
+  kTypical,
+  kSaturated,
+  kZero,
+  kSubnormalScale,
+  kTinyG,
+  kHugeG,
+  kIllConditioned
+};
+constexpr BlockKind kAllKinds[] = {BlockKind::kTypical,       BlockKind::kSaturated,
+                                   BlockKind::kZero,          BlockKind::kSubnormalScale,
+                                   BlockKind::kTinyG,         BlockKind::kHugeG,
                                    BlockKind::kIllConditioned};
 
 RandomBlock MakeRandomBlock(ExampleRng& rng, BlockKind kind, uint64_t seed) {
@@ -44,8 +52,9 @@ RandomBlock MakeRandomBlock(ExampleRng& rng, BlockKind kind, uint64_t seed) {
   float amax = 0.0f;
   for (float& v : b.w) {
     // bf16-rounded like real checkpoints, so w / q hits E2M1 boundaries often.
-    v = kind == BlockKind::kZero ? 0.0f
-                                 : BFloat16ToFloat(FloatToBFloat16(static_cast<float>(rng.Normal() * scale)));
+    v = kind == BlockKind::kZero
+            ? 0.0f
+            : BFloat16ToFloat(FloatToBFloat16(static_cast<float>(rng.Normal() * scale)));
     amax = std::fmax(amax, std::fabs(v));
   }
   b.g = amax;
@@ -56,7 +65,8 @@ RandomBlock MakeRandomBlock(ExampleRng& rng, BlockKind kind, uint64_t seed) {
   } else if (kind == BlockKind::kZero) {
     b.g = 1.0f;
   } else if (kind == BlockKind::kSaturated) {
-    for (int i = 0; i < 4; ++i) b.w[static_cast<size_t>(rng.NextU64() % kBlockSize)] = (i % 2 ? -amax : amax);
+    for (int i = 0; i < 4; ++i)
+      b.w[static_cast<size_t>(rng.NextU64() % kBlockSize)] = (i % 2 ? -amax : amax);
   }
   const std::vector<float> h =
       MakeExampleHessianBlocks(1, seed, kind == BlockKind::kIllConditioned ? 30.0f : 1.0f);
@@ -101,9 +111,8 @@ ReferenceObjective Reference(const RandomBlock& b, float q, float d, bool hessia
 }
 
 bool IsNearTie(const ReferenceObjective& a, const ReferenceObjective& b) {
-  return std::fabs(a.value - b.value) <=
-         1e-6 * std::fmax(std::fabs(a.value), std::fabs(b.value)) + a.fp32_error_bound +
-             b.fp32_error_bound;
+  return std::fabs(a.value - b.value) <= 1e-6 * std::fmax(std::fabs(a.value), std::fabs(b.value)) +
+                                             a.fp32_error_bound + b.fp32_error_bound;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -144,8 +153,9 @@ TEST(LocalHessianSweep, ChoiceIsTheExhaustiveDoublePrecisionArgmin) {
       }
     }
   }
-  std::printf("[ near ties ] %d of %d sweeps chose a different candidate within the near-tie rule\n",
-              near_ties, 2 * blocks);
+  std::printf(
+      "[ near ties ] %d of %d sweeps chose a different candidate within the near-tie rule\n",
+      near_ties, 2 * blocks);
   EXPECT_LT(near_ties, blocks / 20);
 }
 
@@ -158,8 +168,10 @@ TEST(DecoupledScaleSearch, NeverWorseThanLocalHessianSweep) {
     for (int t = 0; t < 500; ++t, ++blocks) {
       const RandomBlock b = MakeRandomBlock(rng, kind, 5000 + static_cast<uint64_t>(blocks));
       const float s2 = GlobalScaleFromAmax(b.g);
-      const BlockOutcome lh = QuantizeBlock(b.w.data(), b.g, s2, b.h.data(), BlockMethod::kLocalHessian, grid);
-      const BlockOutcome dss = QuantizeBlock(b.w.data(), b.g, s2, b.h.data(), BlockMethod::kDss, grid);
+      const BlockOutcome lh =
+          QuantizeBlock(b.w.data(), b.g, s2, b.h.data(), BlockMethod::kLocalHessian, grid);
+      const BlockOutcome dss =
+          QuantizeBlock(b.w.data(), b.g, s2, b.h.data(), BlockMethod::kDss, grid);
       ASSERT_LE(dss.hessian_after, lh.hessian_after) << "kind " << static_cast<int>(kind);
       improved += dss.hessian_after < lh.hessian_after;
       if (!(dss.hessian_after < lh.hessian_after)) {
@@ -184,8 +196,10 @@ TEST(DecoupledScaleSearch, WithBetaFixedToOneDiffersOnlyWhereQRoundsDifferently)
     for (int t = 0; t < 500; ++t, ++blocks) {
       const RandomBlock b = MakeRandomBlock(rng, kind, 9000 + static_cast<uint64_t>(blocks));
       const float s2 = GlobalScaleFromAmax(b.g);
-      const BlockOutcome lh = QuantizeBlock(b.w.data(), b.g, s2, b.h.data(), BlockMethod::kLocalHessian, beta_one);
-      const BlockOutcome dss = QuantizeBlock(b.w.data(), b.g, s2, b.h.data(), BlockMethod::kDss, beta_one);
+      const BlockOutcome lh =
+          QuantizeBlock(b.w.data(), b.g, s2, b.h.data(), BlockMethod::kLocalHessian, beta_one);
+      const BlockOutcome dss =
+          QuantizeBlock(b.w.data(), b.g, s2, b.h.data(), BlockMethod::kDss, beta_one);
       if (dss.scale_byte == lh.scale_byte &&
           std::memcmp(dss.packed, lh.packed, sizeof(lh.packed)) == 0) {
         continue;
@@ -194,7 +208,8 @@ TEST(DecoupledScaleSearch, WithBetaFixedToOneDiffersOnlyWhereQRoundsDifferently)
       const float d = DequantScale(dss.scale_byte, s2);
       bool codes_differ_from_d = false;
       for (int i = 0; i < kBlockSize; ++i) {
-        const uint8_t code = i % 2 ? UnpackE2M1High(dss.packed[i / 2]) : UnpackE2M1Low(dss.packed[i / 2]);
+        const uint8_t code =
+            i % 2 ? UnpackE2M1High(dss.packed[i / 2]) : UnpackE2M1Low(dss.packed[i / 2]);
         codes_differ_from_d = codes_differ_from_d || code != EncodeE2M1(b.w[i] / d);
       }
       ASSERT_TRUE(codes_differ_from_d) << "dss(beta = 1) beat the sweep with the sweep's own codes";
@@ -217,7 +232,8 @@ TEST(DecoupledScaleSearch, GainsNothingUnderThePlainMseObjective) {
       const RandomBlock b = MakeRandomBlock(rng, kind, 13000 + static_cast<uint64_t>(blocks));
       const float s2 = GlobalScaleFromAmax(b.g);
       const BlockOutcome mse = QuantizeBlock(b.w.data(), b.g, s2, nullptr, BlockMethod::kMse, grid);
-      const BlockOutcome dss = QuantizeBlock(b.w.data(), b.g, s2, identity.data(), BlockMethod::kDss, grid);
+      const BlockOutcome dss =
+          QuantizeBlock(b.w.data(), b.g, s2, identity.data(), BlockMethod::kDss, grid);
       ASSERT_GE(dss.mse_after, mse.mse_after * (1.0f - 1e-5f)) << "kind " << static_cast<int>(kind);
       strict_gains += dss.mse_after < mse.mse_after;
     }
@@ -385,15 +401,17 @@ TEST(CpuScaleSearch, RowRangesReassembleTheWholeTensor) {
   for (int64_t begin = 0; begin < t.rows; begin += 17) {
     const int64_t end = std::min<int64_t>(t.rows, begin + 17);
     TensorStats part;
-    RowRangeOutput out{absl::MakeSpan(codes).subspan(begin * t.cols / 2, (end - begin) * t.cols / 2),
-                       absl::MakeSpan(scales).subspan(begin * t.cols / 16, (end - begin) * t.cols / 16)};
+    RowRangeOutput out{
+        absl::MakeSpan(codes).subspan(begin * t.cols / 2, (end - begin) * t.cols / 2),
+        absl::MakeSpan(scales).subspan(begin * t.cols / 16, (end - begin) * t.cols / 16)};
     ASSERT_TRUE(search->QuantizeRows(request, whole->global_amax, begin, end, out, &part).ok());
     AccumulateStats(part, &total);
   }
   EXPECT_EQ(codes, whole->packed_codes);
   EXPECT_EQ(scales, whole->scales);
   EXPECT_EQ(total.num_blocks, whole->stats.num_blocks);
-  EXPECT_NEAR(total.objective_after, whole->stats.objective_after, 1e-9 * whole->stats.objective_after);
+  EXPECT_NEAR(total.objective_after, whole->stats.objective_after,
+              1e-9 * whole->stats.objective_after);
 }
 
 TEST(CpuScaleSearch, StatisticsMatchTheDequantizedOutput) {
@@ -412,7 +430,8 @@ TEST(CpuScaleSearch, StatisticsMatchTheDequantizedOutput) {
           const int64_t col = j * 16 + i;
           const uint8_t byte = r->packed_codes[(row * t.cols + col) / 2];
           const uint8_t code = col % 2 ? UnpackE2M1High(byte) : UnpackE2M1Low(byte);
-          e[i] = BFloat16ToFloat(t.bf16[row * t.cols + col]) - static_cast<double>(DecodeE2M1(code)) * d;
+          e[i] = BFloat16ToFloat(t.bf16[row * t.cols + col]) -
+                 static_cast<double>(DecodeE2M1(code)) * d;
           mse += e[i] * e[i];
         }
         const float* h = t.hessians.data() + j * 256;
@@ -464,7 +483,8 @@ TEST(CpuScaleSearch, Bf16Fp16AndFp32InputsOfTheSameValuesAgree) {
   auto search = MakeCpuScaleSearch({});
   std::vector<QuantizedTensor> results;
   for (std::pair<const void*, DType> input :
-       {std::pair<const void*, DType>{bf16.data(), DType::kBFloat16}, {f32.data(), DType::kFloat32},
+       {std::pair<const void*, DType>{bf16.data(), DType::kBFloat16},
+        {f32.data(), DType::kFloat32},
         {f16.data(), DType::kFloat16}}) {
     QuantizeRequest r;
     r.weights = {input.first, input.second, rows, cols};
@@ -544,11 +564,12 @@ TEST(CpuScaleSearch, MatchesTheGenericBlockSearchBitForBit) {
       for (int64_t r = 0; r < rows; ++r) {
         for (int64_t j = 0; j < cols / 16; ++j) {
           const BlockOutcome want = QuantizeBlock(
-              w.data() + r * cols + j * 16, got->global_amax, got->global_scale,
-              h.data() + j * 256, static_cast<BlockMethod>(static_cast<int>(m)), grid);
+              w.data() + r * cols + j * 16, got->global_amax, got->global_scale, h.data() + j * 256,
+              static_cast<BlockMethod>(static_cast<int>(m)), grid);
           ASSERT_EQ(got->scales[r * (cols / 16) + j], want.scale_byte)
               << "kind " << static_cast<int>(kind) << " method " << MethodName(m);
-          ASSERT_EQ(std::memcmp(got->packed_codes.data() + (r * cols + j * 16) / 2, want.packed, 8), 0);
+          ASSERT_EQ(std::memcmp(got->packed_codes.data() + (r * cols + j * 16) / 2, want.packed, 8),
+                    0);
         }
       }
     }
@@ -580,7 +601,8 @@ TEST_F(Validation, InputColumnsNotAMultipleOf16) {
   r.weights.cols = 60;
   const absl::Status s = Run(r);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(s.message(), HasSubstr("weights.cols (in) = 60 is not a multiple of the block size 16"));
+  EXPECT_THAT(s.message(),
+              HasSubstr("weights.cols (in) = 60 is not a multiple of the block size 16"));
 }
 
 TEST_F(Validation, EmptyTensor) {

@@ -73,11 +73,11 @@ NVFP4_HD float ErrorUnitInverse(int exponent) {
 // Weights and global scale of one block, in the tensor's units (for codes) and in error units
 // (for errors).
 struct ScaledBlock {
-  float w[kBlockSize];         // weights as given
-  float w_unit[kBlockSize];    // w * 2^-E
-  float global_amax;           // g
-  float global_scale;          // s2 = g / 2688
-  float global_scale_unit;     // s2 * 2^-E, in [1, 2) unless clamped
+  float w[kBlockSize];       // weights as given
+  float w_unit[kBlockSize];  // w * 2^-E
+  float global_amax;         // g
+  float global_scale;        // s2 = g / 2688
+  float global_scale_unit;   // s2 * 2^-E, in [1, 2) unless clamped
 };
 
 NVFP4_HD void PrepareScaledBlock(const float* w, float global_amax, float global_scale,
@@ -168,8 +168,8 @@ NVFP4_HD BlockPruning MakeBlockPruning(const ScaledBlock& b, const HessianBlockB
   return p;
 }
 
-NVFP4_HD bool CandidateCannotWin(const ScaledBlock& b, const BlockPruning& p, float q,
-                                 float d_unit, float threshold) {
+NVFP4_HD bool CandidateCannotWin(const ScaledBlock& b, const BlockPruning& p, float q, float d_unit,
+                                 float threshold) {
   if (p.bounds == nullptr) return false;
   const float precision = p.bounds->precision[p.element];
   if (!(precision > 0.0f) || !(threshold < 3.0e38f)) return false;
@@ -177,12 +177,13 @@ NVFP4_HD bool CandidateCannotWin(const ScaledBlock& b, const BlockPruning& p, fl
   const int m = p.element;
   const float e = ElementError(b.w_unit[m], RoundToE2M1Value(b.w[m] / q), d_unit);
   // |e_i| <= |w_i| + 6 d for every element, so |e|^2 <= sum w^2 + 12 d sum |w| + 576 d^2.
-  const float norm_bound = AddNoContract(
-      AddNoContract(p.square_sum_unit, MulNoContract(12.0f * d_unit, p.abs_sum_unit)),
-      MulNoContract(576.0f * d_unit, d_unit));
-  const float lower = MulNoContract(MulNoContract(e, e), precision) * (1.0f - kBoundRelativeMargin) -
-                      MulNoContract(kObjectiveRoundingSlack * p.bounds->abs_norm, norm_bound) *
-                          (1.0f + kBoundRelativeMargin);
+  const float norm_bound =
+      AddNoContract(AddNoContract(p.square_sum_unit, MulNoContract(12.0f * d_unit, p.abs_sum_unit)),
+                    MulNoContract(576.0f * d_unit, d_unit));
+  const float lower =
+      MulNoContract(MulNoContract(e, e), precision) * (1.0f - kBoundRelativeMargin) -
+      MulNoContract(kObjectiveRoundingSlack * p.bounds->abs_norm, norm_bound) *
+          (1.0f + kBoundRelativeMargin);
   return lower > threshold && lower < 3.0e38f;
 }
 
@@ -220,15 +221,15 @@ NVFP4_HD SweepChoice SweepScaleCandidates(const ScaledBlock& b, const float* h) 
 
 // Parameters of the decoupled scale search around the sweep optimum.
 struct DssGrid {
-  int neighbours;    // FP8 neighbours tried on each side of k* (spec default 1)
-  int beta_steps;    // n: betas 1 + i * beta_step for i = -n..n (default 10)
-  float beta_step;   // grid spacing (default 0.05)
+  int neighbours;   // FP8 neighbours tried on each side of k* (spec default 1)
+  int beta_steps;   // n: betas 1 + i * beta_step for i = -n..n (default 10)
+  float beta_step;  // grid spacing (default 0.05)
 };
 
 struct DssChoice {
-  int candidate;    // k of the stored scale byte k + 1
-  int beta_index;   // i of beta_i; 0 with q = d_k means "the sweep's codes"
-  float q;          // quantization scale the codes are made with
+  int candidate;   // k of the stored scale byte k + 1
+  int beta_index;  // i of beta_i; 0 with q = d_k means "the sweep's codes"
+  float q;         // quantization scale the codes are made with
   float objective;
 };
 
@@ -282,9 +283,9 @@ enum class BlockMethod : int { kMax = 0, kMse = 1, kLocalHessian = 2, kDss = 3 }
 struct BlockOutcome {
   uint8_t scale_byte;
   uint8_t packed[kBlockSize / 2];
-  float mse_before;        // squared error of the `max` method's result
+  float mse_before;  // squared error of the `max` method's result
   float mse_after;
-  float hessian_before;    // e^T H e of the `max` result (0 without H)
+  float hessian_before;  // e^T H e of the `max` result (0 without H)
   float hessian_after;
   uint8_t max_scale_byte;  // the `max` method's byte, to count changed blocks
   int8_t dss_offset;       // chosen k - k* (dss only)
@@ -323,8 +324,8 @@ NVFP4_HD bool IsAllZeroHessian(const float* h) {
 // Returns false for an all-zero tensor (g = 0), whose outcome is then final.
 template <class Objectives>
 NVFP4_HD_FLATTEN bool BeginBlock(const float* w, float global_amax, float global_scale,
-                         BlockMethod method, const Objectives& objectives, BlockOutcome* out,
-                         ScaledBlock* b) {
+                                 BlockMethod method, const Objectives& objectives,
+                                 BlockOutcome* out, ScaledBlock* b) {
   float block_amax = 0.0f;
   for (int i = 0; i < kBlockSize; ++i) block_amax = fmaxf(block_amax, std::fabs(w[i]));
   out->max_scale_byte = MaxMethodScaleByte(block_amax, global_amax);
@@ -348,7 +349,7 @@ NVFP4_HD_FLATTEN bool BeginBlock(const float* w, float global_amax, float global
 // statistics.
 template <class Objectives>
 NVFP4_HD_FLATTEN void FinishBlock(const ScaledBlock& b, const Objectives& objectives, int candidate,
-                          float q, BlockOutcome* out) {
+                                  float q, BlockOutcome* out) {
   out->scale_byte = static_cast<uint8_t>(candidate + 1);
   const float d_unit = MulNoContract(ScaleCandidateValue(candidate), b.global_scale_unit);
   uint8_t codes[kBlockSize];
@@ -372,10 +373,11 @@ NVFP4_HD_FLATTEN void FinishBlock(const ScaledBlock& b, const Objectives& object
 // `reference` is the canonical objective of one candidate (the `max` method's), which searches
 // may use as an upper bound.
 template <class Objectives, class Search>
-NVFP4_HD_FLATTEN BlockOutcome QuantizeBlockWith(const float* w, float global_amax, float global_scale,
-                                        BlockMethod method, bool has_hessian,
-                                        bool hessian_all_zero, const Objectives& objectives,
-                                        const Search& search) {
+NVFP4_HD_FLATTEN BlockOutcome QuantizeBlockWith(const float* w, float global_amax,
+                                                float global_scale, BlockMethod method,
+                                                bool has_hessian, bool hessian_all_zero,
+                                                const Objectives& objectives,
+                                                const Search& search) {
   BlockOutcome out{};
   ScaledBlock b{};
   out.hessian_all_zero = hessian_all_zero;

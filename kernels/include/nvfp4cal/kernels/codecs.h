@@ -204,9 +204,8 @@ NVFP4_HD float DecodeE4M3(uint8_t byte) {
   const uint32_t exponent = (byte >> 3) & 0xFu;
   const uint32_t mantissa = byte & 7u;
   if (exponent == 15 && mantissa == 7) return BitsToFloat(0x7FC00000u);
-  const float magnitude = exponent == 0
-                              ? static_cast<float>(mantissa) * kE4M3MinSubnormal
-                              : BitsToFloat(((exponent + 120u) << 23) | (mantissa << 20));
+  const float magnitude = exponent == 0 ? static_cast<float>(mantissa) * kE4M3MinSubnormal
+                                        : BitsToFloat(((exponent + 120u) << 23) | (mantissa << 20));
   return (byte & 0x80) ? -magnitude : magnitude;
 }
 

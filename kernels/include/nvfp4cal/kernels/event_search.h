@@ -176,13 +176,14 @@ NVFP4_HD int MagnitudeLevel(float a, float q) { return E2M1MagnitudeIndex(a / q)
 
 // Quotient below which the magnitude index drops under `level` (an estimate only).
 NVFP4_HD float LevelThreshold(int level) {
-  return level <= 1 ? 0.25f
-                    : (level == 2 ? 0.75f
-                                  : (level == 3 ? 1.25f
-                                                : (level == 4 ? 1.75f
-                                                              : (level == 5 ? 2.5f
-                                                                            : (level == 6 ? 3.5f
-                                                                                          : 5.0f)))));
+  return level <= 1
+             ? 0.25f
+             : (level == 2
+                    ? 0.75f
+                    : (level == 3
+                           ? 1.25f
+                           : (level == 4 ? 1.75f
+                                         : (level == 5 ? 2.5f : (level == 6 ? 3.5f : 5.0f)))));
 }
 
 // Smallest index in (from, end) whose scale gives a magnitude index below `level`, else end.
@@ -243,9 +244,9 @@ NVFP4_HD void WalkCodeEvents(const ScaledBlock& b, const SymmetricHessian* s,
     magnitude[i] = std::fabs(b.w[i]);
     const float y = b.w[i] / q0;
     const int level = E2M1MagnitudeIndex(std::fabs(y));
-    next[i] = level > 0
-                  ? NextLevelDrop(magnitude[i], level, 0, end, scale.Guess(magnitude[i], level), scale)
-                  : end;
+    next[i] = level > 0 ? NextLevelDrop(magnitude[i], level, 0, end,
+                                        scale.Guess(magnitude[i], level), scale)
+                        : end;
     code[i] = RoundToE2M1Value(y);
   }
   MakeCodeQuadratic(code, b, s, bq, cq);
@@ -341,12 +342,11 @@ NVFP4_HD DssChoice EventDss(const ScaledBlock& b, const float* h, const Symmetri
     const DssScales scales{b.global_amax, f, grid.beta_step, grid.beta_steps};
     // Codes are constant over a run and d is fixed: the run's first beta stands for it (later
     // ones tie with it and lose).
-    WalkCodeEvents(b, sym, bq, scales, betas, &cq,
-                   [&](int first, int, const CodeQuadratic& state) {
-                     const ObjectiveInterval x = Interval(bq, state, d_unit);
-                     bar = x.upper < bar ? x.upper : bar;
-                     survivors.Offer((k - k_begin) * betas + first, x.lower, bar);
-                   });
+    WalkCodeEvents(b, sym, bq, scales, betas, &cq, [&](int first, int, const CodeQuadratic& state) {
+      const ObjectiveInterval x = Interval(bq, state, d_unit);
+      bar = x.upper < bar ? x.upper : bar;
+      survivors.Offer((k - k_begin) * betas + first, x.lower, bar);
+    });
   }
   *ok = !survivors.overflow;
   if (survivors.overflow) return best;

@@ -19,8 +19,7 @@ absl::Status ValidateShapeHessiansAndParams(const QuantizeRequest& request);
 
 // Checks rows [row_begin, row_end) for NaN/Inf (naming the first bad element) and returns their
 // amax.
-absl::StatusOr<float> ScanWeightRows(const WeightView& weights, int64_t row_begin,
-                                     int64_t row_end);
+absl::StatusOr<float> ScanWeightRows(const WeightView& weights, int64_t row_begin, int64_t row_end);
 
 // A caller-given global amax must be finite and cover the weights it scales.
 absl::Status ValidateGlobalAmax(float global_amax, float weights_amax);
