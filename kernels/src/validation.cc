@@ -102,7 +102,8 @@ absl::StatusOr<float> ScanWeightRows(const WeightView& weights, int64_t row_begi
       bool finite = true;
       for (int i = 0; i < count; ++i) {
         finite = finite && std::isfinite(chunk[i]);
-        amax = std::fmax(amax, std::fabs(chunk[i]));
+        const float a = std::fabs(chunk[i]);
+        amax = a > amax ? a : amax;  // a NaN is reported below
       }
       if (!finite) {
         for (int i = 0; i < count; ++i) {

@@ -327,7 +327,10 @@ NVFP4_HD_FLATTEN bool BeginBlock(const float* w, float global_amax, float global
                                  BlockMethod method, const Objectives& objectives,
                                  BlockOutcome* out, ScaledBlock* b) {
   float block_amax = 0.0f;
-  for (int i = 0; i < kBlockSize; ++i) block_amax = fmaxf(block_amax, std::fabs(w[i]));
+  for (int i = 0; i < kBlockSize; ++i) {
+    const float a = std::fabs(w[i]);
+    block_amax = a > block_amax ? a : block_amax;  // weights are validated finite
+  }
   out->max_scale_byte = MaxMethodScaleByte(block_amax, global_amax);
   if (global_amax == 0.0f) {
     // All-zero tensor: s2 = 0, every code 0, never a division by zero.

@@ -155,7 +155,9 @@ NVFP4_HD float RoundToE2M1Value(float y) {
   const float a = std::fabs(y);
   const float spacing_inverse = a < 2.0f ? 2.0f : (a < 4.0f ? 1.0f : 0.5f);
   const float spacing = a < 2.0f ? 0.5f : (a < 4.0f ? 1.0f : 2.0f);
-  float magnitude = fminf(MulNoContract(rintf(MulNoContract(a, spacing_inverse)), spacing), 6.0f);
+  float magnitude = MulNoContract(rintf(MulNoContract(a, spacing_inverse)), spacing);
+  // Saturate at 6 (Inf included); comparisons rather than fminf, which compilers may not inline.
+  magnitude = magnitude < 6.0f ? magnitude : 6.0f;
   magnitude = a == a ? magnitude : 0.0f;
   // A negative y that rounds to zero gives -0, as code 8 decodes.
   return y < 0.0f ? -magnitude : magnitude;
@@ -193,10 +195,10 @@ NVFP4_HD uint8_t EncodeE4M3(float v) {
 }
 
 // Scale-byte rounding as written to checkpoints: clamp to [2^-9, 448], then EncodeE4M3. Never
-// returns 0x00. A NaN input is taken as the lower clamp (fmaxf returns the non-NaN operand on
-// host and device alike).
+// returns 0x00. A NaN input is taken as the lower clamp.
 NVFP4_HD uint8_t EncodeE4M3Scale(float v) {
-  return EncodeE4M3(fminf(fmaxf(v, kE4M3MinSubnormal), kE4M3Max));
+  const float lower = v > kE4M3MinSubnormal ? v : kE4M3MinSubnormal;  // NaN -> 2^-9
+  return EncodeE4M3(lower < kE4M3Max ? lower : kE4M3Max);
 }
 
 // E4M3 byte -> fp32 (exact).
