@@ -11,7 +11,9 @@ packages=(
   prometheus-cpp-dev                            # prometheus-cpp 1.0 (server metrics)
   libgtest-dev libgmock-dev googletest          # GoogleTest / GoogleMock
   libbenchmark-dev                              # Google Benchmark
+  python3-grpcio python3-grpc-tools python3-numpy  # Python client test of the server
   clang-format                                  # formatting check (.clang-format)
+  nlohmann-json3-dev                            # JSON for the client (safetensors headers, configs)
 )
 sudo=""
 if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi

@@ -8,7 +8,6 @@
 #include "absl/strings/str_format.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
-#include "nvfp4cal/kernels/cpu_scale_search.h"
 
 namespace nvfp4cal::server {
 namespace {
@@ -26,32 +25,23 @@ CalibrationServer::CalibrationServer(const ServerOptions& options) : options_(op
 CalibrationServer::~CalibrationServer() { Drain(); }
 
 absl::Status CalibrationServer::Start() {
-  const std::string& device = options_.devices.device;
-  if (device == "cuda") {
-    return absl::UnimplementedError(
-        "--device=cuda: this build of nvfp4cal-server has no CUDA backend yet; use --device=cpu "
-        "or --device=auto");
-  }
-  if (device != "auto" && device != "cpu") {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--device = \"", device, "\" is not one of auto, cpu, cuda"));
-  }
-  backend_ = "cpu";
-  const int workers = std::max(1, options_.devices.cpu_workers);
-  std::vector<std::unique_ptr<ScaleSearch>> backends;
-  for (int w = 0; w < workers; ++w) {
-    CpuScaleSearchOptions cpu;
-    cpu.num_threads = options_.devices.cpu_threads_per_worker;
-    backends.push_back(MakeCpuScaleSearch(cpu));
-  }
-  executor_ = std::make_unique<KernelExecutor>(std::move(backends));
+  absl::StatusOr<DeviceSetup> devices = SetUpDevices(options_.devices);
+  if (!devices.ok()) return devices.status();
+  backend_ = devices->backend;
+  device_selection_ = devices->selection;
+  executor_ = std::move(devices->executor);
+  if (executor_wrapper_) executor_ = executor_wrapper_(std::move(executor_));
   SchedulerOptions scheduler;
-  scheduler.num_workers = workers;
+  scheduler.num_workers = static_cast<int>(devices->workers.size());
   scheduler.max_queued_items = options_.devices.max_queued_items;
   scheduler.memory_budget_bytes = options_.devices.memory_budget_bytes;
   scheduler.max_items_per_batch = options_.devices.max_items_per_batch;
   scheduler_ = std::make_unique<Scheduler>(scheduler, executor_.get());
-  service_ = std::make_unique<CalibratorService>(options_, scheduler_.get(), &metrics_, backend_);
+  JobManagerOptions jobs;
+  jobs.limits = options_.limits;
+  jobs_ = std::make_unique<JobManager>(jobs, scheduler_.get(), &metrics_);
+  service_ = std::make_unique<CalibratorService>(options_, scheduler_.get(), jobs_.get(),
+                                                 &metrics_, backend_, devices->workers);
 
   if (!options_.metrics_address.empty()) {
     if (absl::Status s = metrics_.Serve(options_.metrics_address); !s.ok()) return s;
@@ -101,6 +91,9 @@ void CalibrationServer::Drain() {
     // Stops accepting calls, waits for in-flight ones until the deadline, then cancels them.
     server_->Shutdown(deadline);
     server_->Wait();
+    // Accepted jobs nobody watches get what is left of the same deadline.
+    jobs_->WaitUntilIdle(absl::FromChrono(deadline));
+    jobs_->CancelAll(absl::UnavailableError("the server shut down before the job finished"));
   }
   if (scheduler_ != nullptr) scheduler_->Shutdown();
 }
@@ -109,22 +102,27 @@ std::string CalibrationServer::DescribeConfig() const {
   const ServiceLimits& l = options_.limits;
   const DeviceOptions& d = options_.devices;
   const KeepaliveOptions& k = options_.keepalive;
+  // Only %s and %d: Abseil 20220623 has no %v (it formats the whole string as empty).
   return absl::StrFormat(
       "address = %s\nmetrics_address = %s\ndrain_timeout = %s\ndevice = %s (backend %s)\n"
+      "device_selection = %s\n"
       "cpu_workers = %d\ncpu_threads_per_worker = %d\nmax_queued_items = %d\n"
       "memory_budget_bytes = %d\nmax_items_per_batch = %d\nmax_receive_message_bytes = %d\n"
       "max_send_message_bytes = %d\nmax_tensor_elements = %d\nmax_buffered_tensor_bytes = %d\n"
       "max_session_hessian_bytes = %d\nmax_inflight_chunks_per_stream = %d\n"
       "max_concurrent_streams = %d\nmax_rows_per_item = %d\nkeepalive_time_ms = %d\n"
       "keepalive_timeout_ms = %d\nkeepalive_min_client_ping_interval_ms = %d\n"
-      "keepalive_permit_without_calls = %v\n",
+      "keepalive_permit_without_calls = %s\nmax_jobs = %d\nmax_job_request_bytes = %d\n"
+      "job_retention = %s\n",
       options_.address, options_.metrics_address.empty() ? "(disabled)" : options_.metrics_address,
-      absl::FormatDuration(options_.drain_timeout), d.device, backend_, d.cpu_workers,
+      absl::FormatDuration(options_.drain_timeout), d.device, backend_,
+      device_selection_.empty() ? "(not started)" : device_selection_, d.cpu_workers,
       d.cpu_threads_per_worker, d.max_queued_items, d.memory_budget_bytes, d.max_items_per_batch,
       l.max_receive_message_bytes, l.max_send_message_bytes, l.max_tensor_elements,
       l.max_buffered_tensor_bytes, l.max_session_hessian_bytes, l.max_inflight_chunks_per_stream,
       l.max_concurrent_streams, l.max_rows_per_item, k.time_ms, k.timeout_ms,
-      k.min_client_ping_interval_ms, k.permit_without_calls);
+      k.min_client_ping_interval_ms, k.permit_without_calls ? "true" : "false", l.max_jobs,
+      l.max_job_request_bytes, absl::FormatDuration(l.job_retention));
 }
 
 }  // namespace nvfp4cal::server

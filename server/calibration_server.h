@@ -1,7 +1,9 @@
 // CalibrationServer: one running nvfp4cal server (gRPC service, scheduler, health, reflection,
 // metrics) with its lifecycle: Start, then Drain.
 //
-// Used by main.cc and by the in-process loopback tests.
+// Used by main.cc and by the in-process loopback tests. Start picks the devices (--device, see
+// device_setup.h), starts one scheduler worker per device, the job manager, the metrics endpoint
+// and the gRPC server.
 //
 //   ServerOptions options;
 //   options.address = "127.0.0.1:0";
@@ -13,14 +15,17 @@
 #ifndef NVFP4CAL_SERVER_CALIBRATION_SERVER_H_
 #define NVFP4CAL_SERVER_CALIBRATION_SERVER_H_
 
+#include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "grpcpp/grpcpp.h"
 #include "server/calibrator_service.h"
-#include "server/kernel_executor.h"
+#include "server/device_setup.h"
+#include "server/job_manager.h"
 #include "server/metrics.h"
 #include "server/scheduler.h"
 #include "server/server_options.h"
@@ -33,25 +38,35 @@ inline constexpr char kReadinessService[] = "nvfp4cal.v1.Calibrator";
 
 class CalibrationServer {
  public:
+  // Wraps the executor the devices got, before the scheduler uses it.
+  using ExecutorWrapper =
+      std::function<std::unique_ptr<BatchExecutor>(std::unique_ptr<BatchExecutor> devices)>;
+
   explicit CalibrationServer(const ServerOptions& options);
   // Drains if still running.
   ~CalibrationServer();
 
-  // Picks the backend, starts the scheduler, metrics endpoint and gRPC server. Errors:
-  // UNIMPLEMENTED for --device cuda (no CUDA backend in this build), UNAVAILABLE when a
-  // listen address cannot be bound.
+  // For tests: runs every batch through `wrapper(real executor)`, e.g. a gate that holds
+  // batches or an injected device failure. Call before Start.
+  void set_executor_wrapper(ExecutorWrapper wrapper) { executor_wrapper_ = std::move(wrapper); }
+
+  // Picks the devices, starts the scheduler, job manager, metrics endpoint and gRPC server.
+  // Errors: those of SetUpDevices (unknown --device; FAILED_PRECONDITION for --device=cuda
+  // without a usable GPU), UNAVAILABLE when a listen address cannot be bound.
   absl::Status Start();
 
   // The bound gRPC address host:port (the real port when 0 was asked for).
   std::string address() const { return address_; }
   // The bound metrics port, 0 when disabled.
   int metrics_port() const { return metrics_.port(); }
-  // "cpu" (or "cuda" once that backend exists).
+  // "cpu" or "cuda".
   const std::string& backend() const { return backend_; }
+  // Which backend --device chose and why (set by Start).
+  const std::string& device_selection() const { return device_selection_; }
 
-  // Readiness NOT_SERVING, new streams/tensors UNAVAILABLE, in-flight calls get up to
-  // options.drain_timeout to finish, then are cancelled; then the scheduler stops.
-  // Idempotent; returns once everything stopped.
+  // Readiness NOT_SERVING, new streams/tensors/jobs UNAVAILABLE, in-flight calls and unfinished
+  // jobs get up to options.drain_timeout to finish, then are cancelled; then the scheduler
+  // stops. Idempotent; returns once everything stopped.
   void Drain();
 
   // The effective configuration as "key = value" lines, for the start-up log.
@@ -59,11 +74,14 @@ class CalibrationServer {
 
  private:
   ServerOptions options_;
+  ExecutorWrapper executor_wrapper_;
   std::string backend_;
+  std::string device_selection_;
   std::string address_;
   ServerMetrics metrics_;
-  std::unique_ptr<KernelExecutor> executor_;
+  std::unique_ptr<BatchExecutor> executor_;
   std::unique_ptr<Scheduler> scheduler_;
+  std::unique_ptr<JobManager> jobs_;
   std::unique_ptr<CalibratorService> service_;
   std::unique_ptr<grpc::Server> server_;
   absl::Mutex drain_mu_;

@@ -3,6 +3,7 @@
 #include <utility>
 
 #include "nvfp4cal/kernels/scale_search.h"
+#include "server/job_watch_reactor.h"
 
 namespace nvfp4cal::server {
 namespace {
@@ -21,8 +22,13 @@ void AddParameter(v1::MethodInfo* method, const char* name, double min, double m
 }  // namespace
 
 CalibratorService::CalibratorService(const ServerOptions& options, Scheduler* scheduler,
-                                     ServerMetrics* metrics, std::string backend)
-    : options_(options), metrics_(metrics), backend_(std::move(backend)) {
+                                     JobManager* jobs, ServerMetrics* metrics, std::string backend,
+                                     std::vector<WorkerDevice> devices)
+    : options_(options),
+      jobs_(jobs),
+      metrics_(metrics),
+      backend_(std::move(backend)),
+      devices_(std::move(devices)) {
   environment_.scheduler = scheduler;
   environment_.metrics = metrics;
   environment_.limits = options.limits;
@@ -35,15 +41,73 @@ grpc::ServerBidiReactor<v1::QuantizeRequest, v1::QuantizeResponse>* CalibratorSe
   return new QuantizeSession(environment_, context);
 }
 
+grpc::ServerUnaryReactor* CalibratorService::FinishUnary(grpc::CallbackServerContext* context,
+                                                         const char* method, absl::Time start,
+                                                         const absl::Status& status) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  const grpc::Status result = ToGrpcStatus(status);
+  // Counted before the client can see the status, so a scrape after the call includes it.
+  metrics_->RecordRequest(method, result.error_code(), absl::Now() - start);
+  reactor->Finish(result);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* CalibratorService::SubmitJob(grpc::CallbackServerContext* context,
+                                                       const v1::SubmitJobRequest* request,
+                                                       v1::Job* response) {
+  const absl::Time start = absl::Now();
+  absl::Status status;
+  if (draining_) {
+    status = absl::UnavailableError("server is draining; no new jobs are accepted");
+  } else {
+    absl::StatusOr<v1::Job> job = jobs_->Submit(*request);
+    if (job.ok()) {
+      *response = *std::move(job);
+    } else {
+      status = job.status();
+    }
+  }
+  return FinishUnary(context, "SubmitJob", start, status);
+}
+
+grpc::ServerUnaryReactor* CalibratorService::GetJob(grpc::CallbackServerContext* context,
+                                                    const v1::GetJobRequest* request,
+                                                    v1::Job* response) {
+  const absl::Time start = absl::Now();
+  absl::StatusOr<v1::Job> job = jobs_->Get(request->job_id(), request->include_result());
+  if (job.ok()) *response = *std::move(job);
+  return FinishUnary(context, "GetJob", start, job.status());
+}
+
+grpc::ServerWriteReactor<v1::Job>* CalibratorService::WatchJob(
+    grpc::CallbackServerContext* /*context*/, const v1::WatchJobRequest* request) {
+  return JobWatchReactor::Start(jobs_, metrics_, request->job_id());
+}
+
+grpc::ServerUnaryReactor* CalibratorService::CancelJob(grpc::CallbackServerContext* context,
+                                                       const v1::CancelJobRequest* request,
+                                                       v1::Job* response) {
+  const absl::Time start = absl::Now();
+  absl::StatusOr<v1::Job> job = jobs_->Cancel(request->job_id());
+  if (job.ok()) *response = *std::move(job);
+  return FinishUnary(context, "CancelJob", start, job.status());
+}
+
+grpc::ServerUnaryReactor* CalibratorService::ListJobs(grpc::CallbackServerContext* context,
+                                                      const v1::ListJobsRequest* request,
+                                                      v1::ListJobsResponse* response) {
+  const absl::Time start = absl::Now();
+  absl::StatusOr<v1::ListJobsResponse> page = jobs_->List(*request);
+  if (page.ok()) *response = *std::move(page);
+  return FinishUnary(context, "ListJobs", start, page.status());
+}
+
 grpc::ServerUnaryReactor* CalibratorService::GetServerInfo(
     grpc::CallbackServerContext* context, const v1::GetServerInfoRequest* /*request*/,
     v1::ServerInfo* response) {
   const absl::Time start = absl::Now();
   *response = Info();
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(grpc::Status::OK);
-  metrics_->RecordRequest("GetServerInfo", grpc::StatusCode::OK, absl::Now() - start);
-  return reactor;
+  return FinishUnary(context, "GetServerInfo", start, absl::OkStatus());
 }
 
 v1::ServerInfo CalibratorService::Info() const {
@@ -68,13 +132,12 @@ v1::ServerInfo CalibratorService::Info() const {
     AddParameter(m, "symmetry_tolerance", 0.0, 3.4e38, true, defaults.symmetry_tolerance,
                  "Hessian blocks must satisfy |H_ab - H_ba| <= tolerance * max diagonal.");
   }
-  const DeviceOptions& devices = options_.devices;
-  for (int w = 0; w < std::max(1, devices.cpu_workers); ++w) {
+  for (size_t w = 0; w < devices_.size(); ++w) {
     v1::DeviceInfo* device = info.add_devices();
-    device->set_index(w);
-    device->set_kind(backend_);
-    device->set_name(backend_ == "cpu" ? "CPU worker" : backend_);
-    device->set_memory_budget_bytes(devices.memory_budget_bytes);
+    device->set_index(static_cast<int32_t>(w));
+    device->set_kind(devices_[w].kind);
+    device->set_name(devices_[w].name);
+    device->set_memory_budget_bytes(devices_[w].memory_budget_bytes);
   }
   const ServiceLimits& limits = options_.limits;
   v1::Limits* out = info.mutable_limits();
@@ -84,9 +147,12 @@ v1::ServerInfo CalibratorService::Info() const {
   out->set_max_buffered_tensor_bytes(limits.max_buffered_tensor_bytes);
   out->set_max_session_hessian_bytes(limits.max_session_hessian_bytes);
   out->set_max_inflight_chunks_per_stream(limits.max_inflight_chunks_per_stream);
-  out->set_max_queued_items(devices.max_queued_items);
+  out->set_max_queued_items(options_.devices.max_queued_items);
   out->set_max_concurrent_streams(limits.max_concurrent_streams);
   out->set_max_rows_per_item(limits.max_rows_per_item);
+  out->set_max_job_request_bytes(limits.max_job_request_bytes);
+  out->set_max_jobs(limits.max_jobs);
+  out->set_job_retention_ms(absl::ToInt64Milliseconds(limits.job_retention));
   return info;
 }
 

@@ -1,22 +1,28 @@
 // CalibratorService: the nvfp4cal.v1.Calibrator gRPC service (callback API).
 //
-// Quantize streams are handled by one QuantizeSession reactor each; GetServerInfo answers from
-// the options. The async job methods (SubmitJob, GetJob, WatchJob, CancelJob, ListJobs) are not
-// implemented yet and answer UNIMPLEMENTED (the generated base class's behaviour).
+// Quantize streams are handled by one QuantizeSession reactor each; the async job methods map
+// one to one onto a JobManager (WatchJob through a JobWatchReactor); GetServerInfo answers from
+// the options and the devices the server runs on. Every RPC is counted in the metrics by method
+// and status code.
 //
-//   CalibratorService service(options, &scheduler, &metrics, "cpu");
+//   absl::StatusOr<DeviceSetup> devices = SetUpDevices(options.devices);
+//   CalibratorService service(options, &scheduler, &jobs, &metrics, devices->backend,
+//                             devices->workers);
 //   grpc::ServerBuilder builder;
 //   builder.RegisterService(&service);
 //   ...
-//   service.StartDraining();   // on SIGTERM: new streams and tensors answer UNAVAILABLE
+//   service.StartDraining();   // on SIGTERM: new streams, tensors and jobs answer UNAVAILABLE
 #ifndef NVFP4CAL_SERVER_CALIBRATOR_SERVICE_H_
 #define NVFP4CAL_SERVER_CALIBRATOR_SERVICE_H_
 
 #include <atomic>
 #include <string>
+#include <vector>
 
 #include "grpcpp/grpcpp.h"
 #include "nvfp4cal/v1/calibrator.grpc.pb.h"
+#include "server/device_setup.h"
+#include "server/job_manager.h"
 #include "server/metrics.h"
 #include "server/quantize_session.h"
 #include "server/scheduler.h"
@@ -29,17 +35,31 @@ inline constexpr char kServerVersion[] = "0.1.0";
 
 class CalibratorService final : public v1::Calibrator::CallbackService {
  public:
-  // `scheduler` and `metrics` must outlive the service; `backend` is "cpu" or "cuda".
-  CalibratorService(const ServerOptions& options, Scheduler* scheduler, ServerMetrics* metrics,
-                    std::string backend);
+  // `scheduler`, `jobs` and `metrics` must outlive the service; `backend` is "cpu" or "cuda";
+  // `devices` are the scheduler's workers.
+  CalibratorService(const ServerOptions& options, Scheduler* scheduler, JobManager* jobs,
+                    ServerMetrics* metrics, std::string backend, std::vector<WorkerDevice> devices);
 
   grpc::ServerBidiReactor<v1::QuantizeRequest, v1::QuantizeResponse>* Quantize(
       grpc::CallbackServerContext* context) override;
+  grpc::ServerUnaryReactor* SubmitJob(grpc::CallbackServerContext* context,
+                                      const v1::SubmitJobRequest* request,
+                                      v1::Job* response) override;
+  grpc::ServerUnaryReactor* GetJob(grpc::CallbackServerContext* context,
+                                   const v1::GetJobRequest* request, v1::Job* response) override;
+  grpc::ServerWriteReactor<v1::Job>* WatchJob(grpc::CallbackServerContext* context,
+                                              const v1::WatchJobRequest* request) override;
+  grpc::ServerUnaryReactor* CancelJob(grpc::CallbackServerContext* context,
+                                      const v1::CancelJobRequest* request,
+                                      v1::Job* response) override;
+  grpc::ServerUnaryReactor* ListJobs(grpc::CallbackServerContext* context,
+                                     const v1::ListJobsRequest* request,
+                                     v1::ListJobsResponse* response) override;
   grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context,
                                           const v1::GetServerInfoRequest* request,
                                           v1::ServerInfo* response) override;
 
-  // New streams and new tensors of open streams answer UNAVAILABLE from now on.
+  // New streams, new tensors of open streams and new jobs answer UNAVAILABLE from now on.
   void StartDraining() { draining_ = true; }
   // Open Quantize streams.
   int open_streams() const { return open_streams_.load(); }
@@ -48,9 +68,15 @@ class CalibratorService final : public v1::Calibrator::CallbackService {
   v1::ServerInfo Info() const;
 
  private:
+  // Finishes a unary call with `status` and counts it.
+  grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context, const char* method,
+                                        absl::Time start, const absl::Status& status);
+
   const ServerOptions options_;
+  JobManager* const jobs_;
   ServerMetrics* const metrics_;
   const std::string backend_;
+  const std::vector<WorkerDevice> devices_;
   std::atomic<bool> draining_{false};
   std::atomic<int> open_streams_{0};
   SessionEnvironment environment_;

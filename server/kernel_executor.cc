@@ -35,6 +35,41 @@ WorkItem MakeRowRangeItem(std::shared_ptr<RowRangeTask> task,
   return item;
 }
 
+RowRangeTask& RowRangeTaskOf(Work* work) { return *static_cast<RowRangeWork*>(work)->task; }
+
+absl::Status AllocateOutputs(RowRangeTask* task) {
+  const int64_t elements = task->num_rows * task->tensor->cols;
+  try {
+    task->packed_codes.resize(static_cast<size_t>(elements / 2));
+    task->scales.resize(static_cast<size_t>(elements / 16));
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "out of memory allocating %d bytes of output for rows [%d, %d)",
+        elements / 2 + elements / 16, task->row_begin, task->row_begin + task->num_rows));
+  }
+  return absl::OkStatus();
+}
+
+QuantizeRequest RequestOf(const RowRangeTask& task) {
+  const TensorInput& tensor = *task.tensor;
+  QuantizeRequest request;
+  request.weights = {task.weights->data() + task.byte_offset, tensor.dtype, task.num_rows,
+                     tensor.cols};
+  if (tensor.hessian_blocks != nullptr) {
+    request.hessians = {tensor.hessian_blocks->data(),
+                        static_cast<int64_t>(tensor.hessian_blocks->size() / 256)};
+  }
+  request.params = tensor.params;
+  return request;
+}
+
+RowRangeOutput OutputOf(RowRangeTask* task) {
+  return RowRangeOutput{
+      absl::MakeSpan(reinterpret_cast<uint8_t*>(task->packed_codes.data()),
+                     task->packed_codes.size()),
+      absl::MakeSpan(reinterpret_cast<uint8_t*>(task->scales.data()), task->scales.size())};
+}
+
 KernelExecutor::KernelExecutor(std::vector<std::unique_ptr<ScaleSearch>> backends)
     : backends_(std::move(backends)) {}
 
@@ -51,31 +86,11 @@ absl::Status KernelExecutor::ExecuteBatch(int worker, absl::Span<Work* const> ba
   ScaleSearch& backend = *backends_[static_cast<size_t>(worker)];
   item_status->assign(batch.size(), absl::OkStatus());
   for (size_t i = 0; i < batch.size(); ++i) {
-    RowRangeTask& task = *static_cast<RowRangeWork*>(batch[i])->task;
-    const TensorInput& tensor = *task.tensor;
-    const int64_t elements = task.num_rows * tensor.cols;
-    try {
-      task.packed_codes.resize(static_cast<size_t>(elements / 2));
-      task.scales.resize(static_cast<size_t>(elements / 16));
-    } catch (const std::bad_alloc&) {
-      return absl::ResourceExhaustedError(absl::StrFormat(
-          "out of memory allocating %d bytes of output for rows [%d, %d)",
-          elements / 2 + elements / 16, task.row_begin, task.row_begin + task.num_rows));
-    }
-    QuantizeRequest request;
-    request.weights = {task.weights->data() + task.byte_offset, tensor.dtype, task.num_rows,
-                       tensor.cols};
-    if (tensor.hessian_blocks != nullptr) {
-      request.hessians = {tensor.hessian_blocks->data(),
-                          static_cast<int64_t>(tensor.hessian_blocks->size() / 256)};
-    }
-    request.params = tensor.params;
-    RowRangeOutput output{
-        absl::MakeSpan(reinterpret_cast<uint8_t*>(task.packed_codes.data()),
-                       task.packed_codes.size()),
-        absl::MakeSpan(reinterpret_cast<uint8_t*>(task.scales.data()), task.scales.size())};
-    (*item_status)[i] = backend.QuantizeRows(request, tensor.global_amax, 0, task.num_rows,
-                                             output, &task.stats);
+    RowRangeTask& task = RowRangeTaskOf(batch[i]);
+    if (absl::Status s = AllocateOutputs(&task); !s.ok()) return s;
+    const QuantizeRequest request = RequestOf(task);
+    (*item_status)[i] = backend.QuantizeRows(request, task.tensor->global_amax, 0, task.num_rows,
+                                             OutputOf(&task), &task.stats);
   }
   return absl::OkStatus();
 }

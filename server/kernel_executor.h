@@ -1,4 +1,5 @@
-// KernelExecutor: the production BatchExecutor, running row ranges through a ScaleSearch.
+// KernelExecutor: the production BatchExecutor of the CPU backend, running each row range of a
+// batch through ScaleSearch::QuantizeRows (the CUDA backend's is CudaBatchExecutor).
 //
 // A RowRangeTask is one scheduler item: a contiguous range of weight rows of one tensor plus
 // everything needed to quantize it (dtype, method, global amax, the shared Hessian blocks). The
@@ -58,6 +59,18 @@ struct RowRangeTask {
 // Wraps a task as a scheduler item.
 WorkItem MakeRowRangeItem(std::shared_ptr<RowRangeTask> task,
                           std::function<void(const WorkOutcome&)> done);
+
+// The task inside an item made by MakeRowRangeItem (what executors receive as Work).
+RowRangeTask& RowRangeTaskOf(Work* work);
+
+// Sizes the task's outputs for its rows; RESOURCE_EXHAUSTED when host memory runs out.
+absl::Status AllocateOutputs(RowRangeTask* task);
+
+// The kernels' request for the task's rows (pointing into the task; valid while it lives).
+QuantizeRequest RequestOf(const RowRangeTask& task);
+
+// Spans over the task's allocated outputs.
+RowRangeOutput OutputOf(RowRangeTask* task);
 
 class KernelExecutor : public BatchExecutor {
  public:

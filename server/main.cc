@@ -24,7 +24,9 @@ ABSL_FLAG(std::string, address, kDefaults.address,
           "gRPC listen address host:port; port 0 picks a free port");
 ABSL_FLAG(std::string, metrics_address, kDefaults.metrics_address,
           "Prometheus /metrics listen address host:port; empty disables it");
-ABSL_FLAG(std::string, device, kDefaults.devices.device, "auto|cpu|cuda: where quantization runs");
+ABSL_FLAG(std::string, device, kDefaults.devices.device,
+          "auto|cpu|cuda: where quantization runs (auto: CUDA when a GPU is usable, else CPU; "
+          "cuda: every GPU, one worker each, exit 1 when there is none)");
 ABSL_FLAG(absl::Duration, drain_timeout, kDefaults.drain_timeout,
           "On SIGTERM, how long in-flight work may take before it is cancelled");
 ABSL_FLAG(int, cpu_workers, kDefaults.devices.cpu_workers, "Scheduler workers on the CPU backend");
@@ -52,6 +54,12 @@ ABSL_FLAG(int, max_concurrent_streams, kDefaults.limits.max_concurrent_streams,
           "Quantize streams open at once");
 ABSL_FLAG(int64_t, max_rows_per_item, kDefaults.limits.max_rows_per_item,
           "Rows per scheduler work item");
+ABSL_FLAG(int, max_jobs, kDefaults.limits.max_jobs,
+          "Async jobs kept (queued, running, finished); the oldest finished make room");
+ABSL_FLAG(int64_t, max_job_request_bytes, kDefaults.limits.max_job_request_bytes,
+          "Largest SubmitJob request");
+ABSL_FLAG(absl::Duration, job_retention, kDefaults.limits.job_retention,
+          "How long a finished job stays fetchable");
 ABSL_FLAG(int64_t, keepalive_time_ms, kDefaults.keepalive.time_ms,
           "Interval between keepalive pings on idle connections");
 ABSL_FLAG(int64_t, keepalive_timeout_ms, kDefaults.keepalive.timeout_ms,
@@ -83,6 +91,9 @@ nvfp4cal::server::ServerOptions OptionsFromFlags() {
   o.limits.max_inflight_chunks_per_stream = absl::GetFlag(FLAGS_max_inflight_chunks_per_stream);
   o.limits.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
   o.limits.max_rows_per_item = absl::GetFlag(FLAGS_max_rows_per_item);
+  o.limits.max_jobs = absl::GetFlag(FLAGS_max_jobs);
+  o.limits.max_job_request_bytes = absl::GetFlag(FLAGS_max_job_request_bytes);
+  o.limits.job_retention = absl::GetFlag(FLAGS_job_retention);
   o.keepalive.time_ms = absl::GetFlag(FLAGS_keepalive_time_ms);
   o.keepalive.timeout_ms = absl::GetFlag(FLAGS_keepalive_timeout_ms);
   o.keepalive.min_client_ping_interval_ms =

@@ -67,6 +67,10 @@ ServerMetrics::ServerMetrics() : registry_(std::make_shared<prometheus::Registry
                         .Help("Async jobs not yet finished")
                         .Register(*registry_)
                         .Add({});
+  jobs_finished_ = &prometheus::BuildCounter()
+                        .Name("nvfp4cal_jobs_finished_total")
+                        .Help("Async jobs that reached a final state, by state")
+                        .Register(*registry_);
   device_memory_ = &prometheus::BuildGauge()
                         .Name("nvfp4cal_device_memory_in_use_bytes")
                         .Help("Bytes held for queued and running batches")
@@ -123,6 +127,9 @@ void ServerMetrics::AddInflightStreams(int64_t delta) {
 }
 void ServerMetrics::AddInflightJobs(int64_t delta) {
   inflight_jobs_->Increment(static_cast<double>(delta));
+}
+void ServerMetrics::RecordJobFinished(const std::string& state) {
+  jobs_finished_->Add({{"state", state}}).Increment();
 }
 void ServerMetrics::AddDeviceMemoryInUse(int64_t delta_bytes) {
   device_memory_->Increment(static_cast<double>(delta_bytes));

@@ -46,6 +46,8 @@ class ServerMetrics {
   // Open Quantize streams and unfinished jobs.
   void AddInflightStreams(int64_t delta);
   void AddInflightJobs(int64_t delta);
+  // An async job reached its final state ("SUCCEEDED", "FAILED", "CANCELLED").
+  void RecordJobFinished(const std::string& state);
   // Bytes held for batches that run or wait on the devices (weights, outputs, Hessians).
   void AddDeviceMemoryInUse(int64_t delta_bytes);
   // Per work item: time queued and time of the batch that ran it.
@@ -63,6 +65,7 @@ class ServerMetrics {
   prometheus::Gauge* queue_depth_;
   prometheus::Gauge* inflight_streams_;
   prometheus::Gauge* inflight_jobs_;
+  prometheus::Family<prometheus::Counter>* jobs_finished_;
   prometheus::Gauge* device_memory_;
   prometheus::Histogram* queue_wait_;
   prometheus::Histogram* kernel_time_;

@@ -16,41 +16,7 @@ static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
 namespace nvfp4cal::server {
 namespace {
 
-constexpr int64_t kBlock = 16;
-constexpr int kMinPriority = 0;
-constexpr int kMaxPriority = 10;
-
-absl::Status Prefixed(const absl::Status& status, const std::string& prefix) {
-  return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
-}
-
-absl::StatusOr<DType> ToDType(v1::DType dtype) {
-  switch (dtype) {
-    case v1::DTYPE_FLOAT32:
-      return DType::kFloat32;
-    case v1::DTYPE_BFLOAT16:
-      return DType::kBFloat16;
-    case v1::DTYPE_FLOAT16:
-      return DType::kFloat16;
-    default:
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "header.dtype = %d is not one of DTYPE_FLOAT32, DTYPE_BFLOAT16, DTYPE_FLOAT16",
-          static_cast<int>(dtype)));
-  }
-}
-
-absl::StatusOr<SearchParams> ToSearchParams(const v1::MethodConfig& config) {
-  absl::StatusOr<Method> method = ParseMethod(config.name());
-  if (!method.ok()) return Prefixed(method.status(), "header.");
-  SearchParams params;
-  params.method = *method;
-  if (config.has_beta_step()) params.beta_step = config.beta_step();
-  if (config.has_beta_half_range()) params.beta_half_range = config.beta_half_range();
-  if (config.has_scale_neighbours()) params.scale_neighbours = config.scale_neighbours();
-  if (config.has_symmetry_tolerance()) params.symmetry_tolerance = config.symmetry_tolerance();
-  if (absl::Status s = ValidateParams(params); !s.ok()) return Prefixed(s, "header.method.");
-  return params;
-}
+constexpr int64_t kBlock = kBlockElements;
 
 absl::Time DeadlineOf(const grpc::CallbackServerContext& context) {
   const auto remaining = context.deadline() - std::chrono::system_clock::now();
@@ -58,47 +24,6 @@ absl::Time DeadlineOf(const grpc::CallbackServerContext& context) {
   // gRPC reports "no deadline" as a time point centuries away.
   if (seconds > 1e9) return absl::InfiniteFuture();
   return absl::Now() + absl::Seconds(seconds);
-}
-
-void FillStatistics(const TensorStats& stats, v1::TensorStatistics* out) {
-  out->set_method(std::string(MethodName(stats.method)));
-  v1::MethodConfig* params = out->mutable_params();
-  params->set_name(std::string(MethodName(stats.params.method)));
-  params->set_beta_step(stats.params.beta_step);
-  params->set_beta_half_range(stats.params.beta_half_range);
-  params->set_scale_neighbours(stats.params.scale_neighbours);
-  params->set_symmetry_tolerance(stats.params.symmetry_tolerance);
-  out->set_num_blocks(stats.num_blocks);
-  out->set_objective_before(stats.objective_before);
-  out->set_objective_after(stats.objective_after);
-  out->set_mse_before(stats.mse_before);
-  out->set_mse_after(stats.mse_after);
-  out->set_hessian_error_before(stats.hessian_error_before);
-  out->set_hessian_error_after(stats.hessian_error_after);
-  out->set_blocks_scale_changed(stats.blocks_scale_changed);
-  out->set_blocks_beta_not_one(stats.blocks_beta_not_one);
-  out->set_blocks_offset_not_zero(stats.blocks_offset_not_zero);
-  out->set_zero_hessian_blocks(stats.zero_hessian_blocks);
-}
-
-// Copies the diagonal 16x16 blocks out of elements [offset, offset + count) of a row-major
-// [cols, cols] matrix.
-void ExtractDiagonalBlocks(const float* src, int64_t offset, int64_t count, int64_t cols,
-                           float* blocks) {
-  while (count > 0) {
-    const int64_t row = offset / cols;
-    const int64_t col = offset % cols;
-    const int64_t segment = std::min(count, cols - col);
-    const int64_t block = row / kBlock;
-    const int64_t lo = std::max(col, block * kBlock);
-    const int64_t hi = std::min(col + segment, block * kBlock + kBlock);
-    for (int64_t c = lo; c < hi; ++c) {
-      blocks[block * kBlock * kBlock + (row % kBlock) * kBlock + (c % kBlock)] = src[c - col];
-    }
-    offset += segment;
-    src += segment;
-    count -= segment;
-  }
 }
 
 }  // namespace
@@ -228,46 +153,21 @@ absl::Status QuantizeSession::HandleHeader(const v1::TensorHeader& header) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "header.name = '%s' was already used in this session", header.name()));
   }
-  if (header.rows() <= 0 || header.cols() <= 0) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "header: tensor '%s' has shape [%d, %d]; rows and cols must be > 0", header.name(),
-        header.rows(), header.cols()));
-  }
-  if (header.cols() % kBlock != 0) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "header.cols = %d of tensor '%s' is not a multiple of the block size 16", header.cols(),
-        header.name()));
-  }
-  if (header.rows() > limits.max_tensor_elements / header.cols()) {
-    return absl::ResourceExhaustedError(absl::StrFormat(
-        "tensor '%s' has %d x %d elements; max_tensor_elements = %d", header.name(),
-        header.rows(), header.cols(), limits.max_tensor_elements));
-  }
-  absl::StatusOr<DType> dtype = ToDType(header.dtype());
-  if (!dtype.ok()) return dtype.status();
-  absl::StatusOr<SearchParams> params = ToSearchParams(header.method());
-  if (!params.ok()) return params.status();
-  const int64_t tensor_bytes = header.rows() * header.cols() * DTypeSize(*dtype);
-  if (header.has_global_amax()) {
-    const float g = header.global_amax();
-    if (!std::isfinite(g) || g < 0.0f) {
-      return absl::InvalidArgumentError(
-          absl::StrFormat("header.global_amax = %g must be finite and >= 0", g));
-    }
-  } else if (tensor_bytes > limits.max_buffered_tensor_bytes) {
+  absl::StatusOr<TensorSpec> spec = ParseTensorHeader(header, limits);
+  if (!spec.ok()) return spec.status();
+  if (!spec->global_amax.has_value() && spec->WeightBytes() > limits.max_buffered_tensor_bytes) {
     return absl::ResourceExhaustedError(absl::StrFormat(
         "tensor '%s' without header.global_amax is buffered whole: %d bytes exceed "
         "max_buffered_tensor_bytes = %d (send global_amax to stream it)",
-        header.name(), tensor_bytes, limits.max_buffered_tensor_bytes));
+        header.name(), spec->WeightBytes(), limits.max_buffered_tensor_bytes));
   }
-
   auto tensor = std::make_shared<Tensor>();
   const std::string& hessian_name = header.hessian().name();
   if (hessian_name.empty()) {
-    if (MethodNeedsHessian(params->method)) {
+    if (MethodNeedsHessian(spec->params.method)) {
       return absl::FailedPreconditionError(absl::StrFormat(
           "header.hessian.name is empty but method %s of tensor '%s' needs a Hessian",
-          MethodName(params->method), header.name()));
+          MethodName(spec->params.method), header.name()));
     }
   } else if (auto it = hessians_.find(hessian_name); it != hessians_.end()) {
     if (it->second->cols != header.cols()) {
@@ -307,9 +207,9 @@ absl::Status QuantizeSession::HandleHeader(const v1::TensorHeader& header) {
   tensor->name = header.name();
   tensor->rows = header.rows();
   tensor->cols = header.cols();
-  tensor->dtype = *dtype;
-  tensor->params = *params;
-  if (header.has_global_amax()) tensor->header_amax = header.global_amax();
+  tensor->dtype = spec->dtype;
+  tensor->params = spec->params;
+  tensor->header_amax = spec->global_amax;
   tensor->started = absl::Now();
   if (tensor->hessian != nullptr && tensor->hessian->complete()) {
     if (absl::Status s = ValidateTensorHessian(*tensor); !s.ok()) return s;
@@ -335,7 +235,7 @@ absl::Status QuantizeSession::ValidateTensorHessian(const Tensor& tensor) {
   request.params = tensor.params;
   absl::Status status = ValidateShapeHessiansAndParams(request);
   if (!status.ok()) {
-    return Prefixed(status, absl::StrFormat("Hessian '%s' of tensor '%s': ",
+    return PrefixStatus(status, absl::StrFormat("Hessian '%s' of tensor '%s': ",
                                             tensor.hessian->name, tensor.name));
   }
   return absl::OkStatus();
@@ -416,7 +316,7 @@ absl::Status QuantizeSession::HandleWeightChunk(v1::WeightChunk* chunk, Actions*
   const WeightView view{chunk->data().data(), tensor.dtype, chunk->num_rows(), tensor.cols};
   absl::StatusOr<float> amax = ScanWeightRows(view, 0, view.rows);
   if (!amax.ok()) {
-    return Prefixed(amax.status(),
+    return PrefixStatus(amax.status(),
                     absl::StrFormat("tensor '%s', weight chunk at row_begin = %d (element "
                                     "indices relative to the chunk): ",
                                     tensor.name, chunk->row_begin()));
@@ -425,7 +325,7 @@ absl::Status QuantizeSession::HandleWeightChunk(v1::WeightChunk* chunk, Actions*
   tensor.rows_received += chunk->num_rows();
   if (tensor.header_amax.has_value()) {
     if (absl::Status s = ValidateGlobalAmax(*tensor.header_amax, *amax); !s.ok()) {
-      return Prefixed(s, absl::StrFormat("tensor '%s': header.", tensor.name));
+      return PrefixStatus(s, absl::StrFormat("tensor '%s': header.", tensor.name));
     }
     auto bytes = std::make_shared<std::string>(std::move(*chunk->mutable_data()));
     MakeTasks(&tensor, std::move(bytes), row_begin, chunk->num_rows(), actions);
@@ -503,7 +403,7 @@ void QuantizeSession::EnqueueTasks(Actions* actions) {
   absl::MutexLock lock(&mu_);
   items_outstanding_ -= not_admitted;
   reading_ = false;
-  FailLocked(Prefixed(rejected, absl::StrFormat("tensor '%s': ", tensor->name)), actions);
+  FailLocked(PrefixStatus(rejected, absl::StrFormat("tensor '%s': ", tensor->name)), actions);
 }
 
 void QuantizeSession::OnItemDone(const std::shared_ptr<Tensor>& tensor,
@@ -520,7 +420,7 @@ void QuantizeSession::OnItemDone(const std::shared_ptr<Tensor>& tensor,
     absl::MutexLock lock(&mu_);
     --items_outstanding_;
     if (!outcome.status.ok()) {
-      FailLocked(Prefixed(outcome.status,
+      FailLocked(PrefixStatus(outcome.status,
                           absl::StrFormat("tensor '%s' rows [%d, %d): ", tensor->name,
                                           task->row_begin, task->row_begin + task->num_rows)),
                  &actions);
@@ -662,7 +562,12 @@ void QuantizeSession::Perform(Actions* actions) {
     read_starting_ = false;
     MaybeFinish(actions);
   }
-  if (actions->finish) Finish(actions->finish_status);
+  if (actions->finish) {
+    // Counted before the client can see the status, so a scrape after the call includes it.
+    env_.metrics->RecordRequest("Quantize", actions->finish_status.error_code(),
+                                absl::Now() - started_);
+    Finish(actions->finish_status);
+  }
   actions->start_read = actions->start_write = actions->cancel_job = actions->finish = false;
 }
 
@@ -671,13 +576,10 @@ void QuantizeSession::Unref() {
 }
 
 void QuantizeSession::OnDone() {
-  grpc::Status status;
   {
     absl::MutexLock lock(&mu_);
-    status = final_status_;
     if (job_.has_value()) env_.scheduler->ReleaseJob(*job_);
   }
-  env_.metrics->RecordRequest("Quantize", status.error_code(), absl::Now() - started_);
   if (counted_) {
     env_.open_streams->fetch_sub(1);
     env_.metrics->AddInflightStreams(-1);

@@ -42,6 +42,7 @@
 #include "server/metrics.h"
 #include "server/scheduler.h"
 #include "server/server_options.h"
+#include "server/tensor_spec.h"
 
 namespace nvfp4cal::server {
 

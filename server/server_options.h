@@ -33,13 +33,23 @@ struct ServiceLimits {
   int max_inflight_chunks_per_stream = 8;
   // Quantize streams open at once; more answer RESOURCE_EXHAUSTED.
   int max_concurrent_streams = 256;
-  // Rows per scheduler work item; larger chunks and buffered tensors are split.
+  // Rows per scheduler work item; larger chunks, buffered tensors and jobs are split.
   int64_t max_rows_per_item = 1024;
+  // Async jobs kept in memory (queued, running and finished). At the limit a new job makes the
+  // oldest finished one forgotten; when every kept job is unfinished SubmitJob answers
+  // RESOURCE_EXHAUSTED. Bounds the memory jobs hold: about max_jobs * request size.
+  int max_jobs = 256;
+  // Largest SubmitJob request (header, Hessian and weights); bigger tensors belong in a
+  // Quantize stream. gRPC's own max_receive_message_bytes applies first.
+  int64_t max_job_request_bytes = 8 << 20;
+  // How long a finished job (and its result) stays fetchable before it is forgotten.
+  absl::Duration job_retention = absl::Minutes(10);
 };
 
 // Scheduler and device settings.
 struct DeviceOptions {
-  // "auto", "cpu" or "cuda". This build has only the CPU backend; "cuda" fails at Start.
+  // "auto" (CUDA when a device is usable, else CPU), "cpu" or "cuda" (every GPU, one scheduler
+  // worker each; Start fails when there is none).
   std::string device = "auto";
   // CPU scheduler workers when no GPU is used; each runs batches with the CPU backend.
   int cpu_workers = 1;
@@ -47,7 +57,7 @@ struct DeviceOptions {
   int cpu_threads_per_worker = 0;
   // Work items waiting over all streams and jobs; more answer RESOURCE_EXHAUSTED at once.
   int64_t max_queued_items = 4096;
-  // Memory one batch may use on its device.
+  // Memory one batch may use on its device (the CUDA backend needs at least 16 MiB).
   int64_t memory_budget_bytes = int64_t{1} << 30;
   // Items in one batch at most.
   int max_items_per_batch = 64;

@@ -1,20 +1,16 @@
 // The real nvfp4cal-server binary as a subprocess: SIGTERM in the middle of a stream lets the
 // accepted tensor finish, refuses new tensors with UNAVAILABLE, flips readiness and exits 0.
 #include <signal.h>
-#include <spawn.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
-#include <cstdio>
 #include <string>
 #include <vector>
 
 #include "gmock/gmock.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "gtest/gtest.h"
+#include "nvfp4cal/kernels/cuda_scale_search.h"
+#include "tests/server/server_process.h"
 #include "tests/server/test_client.h"
-
-extern char** environ;
 
 namespace nvfp4cal::server {
 namespace {
@@ -22,63 +18,11 @@ namespace {
 using ::nvfp4cal::server::testing::HeaderOf;
 using ::nvfp4cal::server::testing::MakeTensor;
 using ::nvfp4cal::server::testing::Reference;
+using ::nvfp4cal::server::testing::ServerProcess;
 using ::nvfp4cal::server::testing::TestTensor;
 using ::nvfp4cal::server::testing::WeightChunkOf;
 using ::testing::HasSubstr;
 using HealthResponse = grpc::health::v1::HealthCheckResponse;
-
-// A child process whose stdout is read line by line.
-class ServerProcess {
- public:
-  explicit ServerProcess(const std::vector<std::string>& args) {
-    int fds[2];
-    EXPECT_EQ(pipe(fds), 0);
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_adddup2(&actions, fds[1], STDOUT_FILENO);
-    posix_spawn_file_actions_addclose(&actions, fds[0]);
-    std::vector<char*> argv;
-    for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-    argv.push_back(nullptr);
-    EXPECT_EQ(posix_spawn(&pid_, argv[0], &actions, nullptr, argv.data(), environ), 0);
-    posix_spawn_file_actions_destroy(&actions);
-    close(fds[1]);
-    out_ = fdopen(fds[0], "r");
-  }
-  ~ServerProcess() {
-    if (pid_ > 0 && !reaped_) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
-    }
-    if (out_ != nullptr) fclose(out_);
-  }
-  // Returns the next stdout line starting with `prefix` (without it), or "" at EOF.
-  std::string ReadLineStartingWith(const std::string& prefix) {
-    char line[512];
-    while (fgets(line, sizeof(line), out_) != nullptr) {
-      std::string s(line);
-      if (s.rfind(prefix, 0) == 0) {
-        s = s.substr(prefix.size());
-        while (!s.empty() && (s.back() == '\n' || s.back() == '\r')) s.pop_back();
-        return s;
-      }
-    }
-    return "";
-  }
-  void Signal(int signal) { kill(pid_, signal); }
-  // Waits for the exit; the exit code, or -1 when killed by a signal.
-  int Wait() {
-    int status = 0;
-    waitpid(pid_, &status, 0);
-    reaped_ = true;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  }
-
- private:
-  pid_t pid_ = -1;
-  bool reaped_ = false;
-  FILE* out_ = nullptr;
-};
 
 TEST(ServerBinary, SigtermMidStreamFinishesAcceptedWorkAndExitsZero) {
   ServerProcess server({NVFP4CAL_SERVER_BINARY, "--address=127.0.0.1:0", "--metrics_address=",
@@ -165,11 +109,27 @@ TEST(ServerBinary, SigtermMidStreamFinishesAcceptedWorkAndExitsZero) {
   EXPECT_EQ(server.Wait(), 0);
 }
 
-TEST(ServerBinary, CudaDeviceIsReportedUnavailableInThisBuild) {
-  ServerProcess server({NVFP4CAL_SERVER_BINARY, "--address=127.0.0.1:0", "--metrics_address=",
-                        "--device=cuda"});
+TEST(ServerBinary, CudaWithoutAGpuExitsOneAndSaysWhy) {
+  std::string reason;
+  if (CudaDeviceAvailable(&reason)) GTEST_SKIP() << "a CUDA device is present: cuda starts";
+  ServerProcess server(
+      {NVFP4CAL_SERVER_BINARY, "--address=127.0.0.1:0", "--metrics_address=", "--device=cuda"});
   EXPECT_EQ(server.ReadLineStartingWith("listening on "), "");
   EXPECT_EQ(server.Wait(), 1);
+  EXPECT_THAT(server.Stderr(), HasSubstr("cannot start: FAILED_PRECONDITION: --device=cuda: " +
+                                         reason + "; use --device=cpu or --device=auto"));
+}
+
+TEST(ServerBinary, AutoWithoutAGpuLogsTheCpuFallbackAndWhy) {
+  std::string reason;
+  if (CudaDeviceAvailable(&reason)) GTEST_SKIP() << "a CUDA device is present: auto picks it";
+  ServerProcess server({NVFP4CAL_SERVER_BINARY, "--address=127.0.0.1:0", "--metrics_address=",
+                        "--device=auto", "--cpu_workers=3"});
+  ASSERT_FALSE(server.ReadLineStartingWith("listening on ").empty());
+  server.Signal(SIGTERM);
+  EXPECT_EQ(server.Wait(), 0);
+  EXPECT_THAT(server.Stderr(),
+              HasSubstr("device_selection = auto -> cpu (" + reason + "): 3 CPU worker(s)\n"));
 }
 
 }  // namespace

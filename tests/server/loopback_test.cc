@@ -16,13 +16,16 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "server/calibration_server.h"
+#include "tests/server/gated_executor.h"
 #include "tests/server/test_client.h"
 
 namespace nvfp4cal::server {
 namespace {
 
 using ::nvfp4cal::server::testing::AppendTensor;
+using ::nvfp4cal::server::testing::GatedExecutor;
 using ::nvfp4cal::server::testing::HeaderOf;
+using ::nvfp4cal::server::testing::JobRequestOf;
 using ::nvfp4cal::server::testing::MakeTensor;
 using ::nvfp4cal::server::testing::Reference;
 using ::nvfp4cal::server::testing::RunSession;
@@ -42,6 +45,7 @@ class LoopbackTest : public ::testing::Test {
     ServerOptions options;
     options.address = "127.0.0.1:0";
     options.metrics_address = with_metrics ? "127.0.0.1:0" : "";
+    options.devices.device = "cpu";  // CPU expectations, also on GPU machines
     options.drain_timeout = absl::Seconds(5);
     options.devices.cpu_workers = 2;
     options.devices.cpu_threads_per_worker = 1;
@@ -325,9 +329,28 @@ TEST_F(LoopbackTest, ServerInfoAdvertisesMethodsAndLimits) {
   std::vector<std::string> names;
   for (const v1::MethodInfo& m : info.methods()) names.push_back(m.name());
   EXPECT_THAT(names, ::testing::ElementsAre("max", "mse", "local_hessian", "dss"));
-  EXPECT_EQ(info.devices_size(), 2);
+  ASSERT_EQ(info.devices_size(), 2);
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_EQ(info.devices(i).index(), i);
+    EXPECT_EQ(info.devices(i).kind(), "cpu");
+    EXPECT_EQ(info.devices(i).name(), "CPU worker");
+    EXPECT_EQ(info.devices(i).memory_budget_bytes(), int64_t{1} << 30);
+  }
   EXPECT_EQ(info.limits().max_tensor_elements(), 1 << 20);
   EXPECT_EQ(info.limits().max_rows_per_item(), 16);
+  EXPECT_EQ(info.limits().max_jobs(), 256);
+  EXPECT_EQ(info.limits().max_job_request_bytes(), 8 << 20);
+}
+
+TEST_F(LoopbackTest, StartLogsTheDeviceChoiceAndItsReason) {
+  // auto's fallback is checked on the binary (server_binary_test).
+  EXPECT_EQ(server_->backend(), "cpu");
+  EXPECT_EQ(server_->device_selection(), "cpu -> cpu (as asked): 2 CPU worker(s)");
+  const std::string config = server_->DescribeConfig();
+  EXPECT_THAT(config, HasSubstr("address = 127.0.0.1:0\n"));
+  EXPECT_THAT(config, HasSubstr(absl::StrCat("device_selection = ", server_->device_selection())));
+  EXPECT_THAT(config, HasSubstr("keepalive_permit_without_calls = true\n"));
+  EXPECT_THAT(config, HasSubstr("max_jobs = 256\n"));
 }
 
 // Plain HTTP/1.0 GET of /metrics.
@@ -360,6 +383,13 @@ TEST_F(LoopbackTest, MetricsEndpointCountsRequestsBytesAndBlocks) {
   TestTensor t = MakeTensor("metered", 32, 64, DType::kBFloat16, "max", "", 12);
   ASSERT_TRUE(Run({t}).status.ok());
   RunFailing({WeightChunkOf(t, 0, 4)});
+  v1::Job job;
+  {
+    grpc::ClientContext context;
+    const TestTensor job_tensor = MakeTensor("job", 16, 64, DType::kBFloat16, "max", "", 13);
+    ASSERT_TRUE(stub_->SubmitJob(&context, JobRequestOf(job_tensor), &job).ok());
+  }
+  ASSERT_TRUE(testing::WatchUntilDone(stub_.get(), job.job_id()).status.ok());
   ASSERT_GT(server_->metrics_port(), 0);
   const std::string text = Scrape(server_->metrics_port());
   EXPECT_THAT(text, HasSubstr("HTTP/1.1 200"));
@@ -367,13 +397,134 @@ TEST_F(LoopbackTest, MetricsEndpointCountsRequestsBytesAndBlocks) {
       "nvfp4cal_requests_total{code=\"OK\",method=\"Quantize\"} 1"));
   EXPECT_THAT(text, HasSubstr(
       "nvfp4cal_requests_total{code=\"FAILED_PRECONDITION\",method=\"Quantize\"} 1"));
-  EXPECT_THAT(text, HasSubstr("nvfp4cal_blocks_quantized_total 128"));  // 32 * 64 / 16
-  EXPECT_THAT(text, HasSubstr(absl::StrCat("nvfp4cal_bytes_out_total ", 32 * 32 + 32 * 4)));
+  // 32 * 64 / 16 blocks of the stream, 16 * 64 / 16 of the job.
+  EXPECT_THAT(text, HasSubstr("nvfp4cal_blocks_quantized_total 192"));
+  EXPECT_THAT(text, HasSubstr(absl::StrCat("nvfp4cal_bytes_out_total ",
+                                           32 * 32 + 32 * 4 + 16 * 32 + 16 * 4)));
+  EXPECT_THAT(text, HasSubstr(absl::StrCat("nvfp4cal_bytes_in_total ", (32 + 16) * 64 * 2)));
+  EXPECT_THAT(text, HasSubstr("nvfp4cal_requests_total{code=\"OK\",method=\"SubmitJob\"} 1"));
+  EXPECT_THAT(text, HasSubstr("nvfp4cal_requests_total{code=\"OK\",method=\"WatchJob\"} 1"));
+  EXPECT_THAT(text, HasSubstr("nvfp4cal_jobs_finished_total{state=\"SUCCEEDED\"} 1"));
+  EXPECT_THAT(text, HasSubstr("nvfp4cal_inflight_jobs 0"));
   EXPECT_THAT(text, HasSubstr("nvfp4cal_queue_wait_seconds_count"));
   EXPECT_THAT(text, HasSubstr("nvfp4cal_kernel_seconds_count"));
   EXPECT_THAT(text, HasSubstr("nvfp4cal_rpc_duration_seconds_count{method=\"Quantize\"} 2"));
   EXPECT_THAT(text, HasSubstr("nvfp4cal_queue_depth 0"));
   EXPECT_THAT(text, HasSubstr("nvfp4cal_device_memory_in_use_bytes 0"));
+}
+
+// One worker behind a gate, a queue of two items and one-row items: the queue is easy to fill
+// while the gate holds the worker.
+class GatedLoopbackTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ServerOptions options;
+    options.address = "127.0.0.1:0";
+    options.metrics_address = "";
+    options.devices.device = "cpu";  // CPU expectations, also on GPU machines
+    options.drain_timeout = absl::Seconds(5);
+    options.devices.cpu_workers = 1;
+    options.devices.cpu_threads_per_worker = 1;
+    options.devices.max_queued_items = 2;
+    options.devices.max_items_per_batch = 1;
+    options.limits.max_rows_per_item = 1;
+    options.limits.max_inflight_chunks_per_stream = 2;
+    server_ = std::make_unique<CalibrationServer>(options);
+    server_->set_executor_wrapper([this](std::unique_ptr<BatchExecutor> real) {
+      auto gated = std::make_unique<GatedExecutor>(std::move(real));
+      gate_ = gated.get();
+      return gated;
+    });
+    ASSERT_TRUE(server_->Start().ok());
+    stub_ = v1::Calibrator::NewStub(
+        grpc::CreateChannel(server_->address(), grpc::InsecureChannelCredentials()));
+  }
+  void TearDown() override {
+    if (gate_ != nullptr) gate_->Open();
+    server_.reset();
+  }
+
+  // A tensor streamed one row per chunk, so the flow-control window keeps the queue within
+  // its limit.
+  SessionResult RunWithinTheWindow(const std::string& name, uint64_t seed) {
+    TestTensor t = MakeTensor(name, 6, 64, DType::kBFloat16, "mse", "", seed);
+    t.global_amax = 100.0f;
+    t.rows_per_chunk = 1;
+    std::vector<v1::QuantizeRequest> requests;
+    AppendTensor(t, &requests);
+    SessionResult result = RunSession(stub_.get(), requests);
+    if (result.status.ok()) ExpectMatchesReference(result, t);
+    return result;
+  }
+
+  std::unique_ptr<CalibrationServer> server_;
+  GatedExecutor* gate_ = nullptr;
+  std::unique_ptr<v1::Calibrator::Stub> stub_;
+};
+
+TEST_F(GatedLoopbackTest, FullQueueAnswersResourceExhaustedAtOnceWithLimitAndValue) {
+  // A one-row job holds the only worker at the closed gate; the queue is empty.
+  gate_->Close();
+  auto submit = [this](const std::string& name, int64_t rows, v1::Job* job) {
+    grpc::ClientContext context;
+    return stub_->SubmitJob(
+        &context, JobRequestOf(MakeTensor(name, rows, 64, DType::kBFloat16, "max", "", 70)), job);
+  };
+  v1::Job blocker;
+  ASSERT_TRUE(submit("blocker", 1, &blocker).ok());
+  ASSERT_TRUE(gate_->WaitUntilWaiting(1));
+
+  // One chunk of 8 rows is 8 items; 2 fit. The status arrives while the gate is still closed:
+  // nothing waited for the device.
+  TestTensor t = MakeTensor("w", 8, 64, DType::kBFloat16, "max", "", 71);
+  t.global_amax = 100.0f;
+  t.rows_per_chunk = 8;
+  std::vector<v1::QuantizeRequest> requests;
+  AppendTensor(t, &requests);
+  const SessionResult rejected = RunSession(stub_.get(), requests);
+  EXPECT_EQ(rejected.status.error_code(), grpc::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(rejected.status.error_message(),
+              HasSubstr("tensor 'w': scheduler queue is full: max_queued_items = 2, queued = 2"));
+
+  // The failed stream's queued items were dropped; a two-item job fills the queue again and
+  // the next job is refused the same way.
+  v1::Job job;
+  ASSERT_TRUE(submit("fill", 2, &job).ok());
+  const v1::Job fill = job;
+  const grpc::Status full = submit("one_more", 1, &job);
+  EXPECT_EQ(full.error_code(), grpc::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(full.error_message(),
+              HasSubstr("SubmitJob of tensor 'one_more': scheduler queue is full: "
+                        "max_queued_items = 2, queued = 2"));
+
+  grpc::ClientContext info_context;
+  v1::ServerInfo info;
+  ASSERT_TRUE(stub_->GetServerInfo(&info_context, v1::GetServerInfoRequest(), &info).ok());
+  EXPECT_EQ(info.limits().max_queued_items(), 2);
+
+  gate_->Open();
+  // Once the queued jobs ran, the server takes new work again.
+  for (const v1::Job& queued : {blocker, fill}) {
+    const testing::WatchResult done = testing::WatchUntilDone(stub_.get(), queued.job_id());
+    ASSERT_TRUE(done.status.ok());
+    EXPECT_EQ(done.updates.back().state(), v1::JOB_STATE_SUCCEEDED);
+  }
+  const SessionResult after = RunWithinTheWindow("after", 73);
+  EXPECT_TRUE(after.status.ok()) << after.status.error_message();
+}
+
+TEST_F(GatedLoopbackTest, DeviceOutOfMemoryFailsTheStreamAndTheServerKeepsServing) {
+  gate_->FailBatch(0, absl::ResourceExhaustedError(
+                          "CUDA device 0: cannot allocate a 4096-byte workspace (out of memory)"));
+  const SessionResult failed = RunWithinTheWindow("oom", 74);
+  EXPECT_EQ(failed.status.error_code(), grpc::RESOURCE_EXHAUSTED);
+  // The stream's job fails with the batch's status: seen first either by a row range of the
+  // failed batch or by the next chunk's admission, which names only the tensor.
+  EXPECT_THAT(failed.status.error_message(),
+              ::testing::MatchesRegex("tensor 'oom'( rows \\[[0-9], [0-9]\\))?: CUDA device 0: "
+                                      "cannot allocate a 4096-byte workspace \\(out of memory\\)"));
+  const SessionResult next = RunWithinTheWindow("next", 75);
+  EXPECT_TRUE(next.status.ok()) << next.status.error_message();
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
-// Helpers of the loopback tests: build Quantize streams, run them with a synchronous client,
-// and reassemble the results; plus the kernel library's own answer for comparison.
+// Helpers of the loopback tests: build Quantize streams and job requests, run them with a
+// synchronous client, and reassemble the results; plus the kernel library's own answer for
+// comparison.
 #ifndef NVFP4CAL_TESTS_SERVER_TEST_CLIENT_H_
 #define NVFP4CAL_TESTS_SERVER_TEST_CLIENT_H_
 
@@ -196,6 +197,37 @@ inline SessionResult RunSession(v1::Calibrator::Stub* stub,
   }
   writer.join();
   result.status = stream->Finish();
+  return result;
+}
+
+// The SubmitJob request for a tensor (its Hessian, if any, in the tensor's layout).
+inline v1::SubmitJobRequest JobRequestOf(const TestTensor& t, int priority = 0) {
+  v1::SubmitJobRequest request;
+  *request.mutable_header() = HeaderOf(t).header();
+  if (!t.hessian_name.empty()) {
+    request.set_hessian(std::string(reinterpret_cast<const char*>(t.hessian.data()),
+                                    t.hessian.size() * sizeof(float)));
+  }
+  request.set_weights(t.weights);
+  request.set_priority(priority);
+  return request;
+}
+
+// Every snapshot WatchJob streams until the call ends, and the call's status.
+struct WatchResult {
+  std::vector<v1::Job> updates;
+  grpc::Status status;
+};
+
+inline WatchResult WatchUntilDone(v1::Calibrator::Stub* stub, const std::string& job_id) {
+  grpc::ClientContext context;
+  v1::WatchJobRequest request;
+  request.set_job_id(job_id);
+  auto reader = stub->WatchJob(&context, request);
+  WatchResult result;
+  v1::Job job;
+  while (reader->Read(&job)) result.updates.push_back(job);
+  result.status = reader->Finish();
   return result;
 }
 

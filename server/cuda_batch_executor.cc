@@ -1,0 +1,56 @@
+#include "server/cuda_batch_executor.h"
+
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_format.h"
+#include "server/kernel_executor.h"
+
+namespace nvfp4cal::server {
+
+CudaBatchExecutor::CudaBatchExecutor(std::vector<std::unique_ptr<CudaScaleSearch>> devices)
+    : devices_(std::move(devices)) {}
+
+std::string CudaBatchExecutor::DeviceDescription(int i) const {
+  return devices_.at(static_cast<size_t>(i))->DeviceDescription();
+}
+
+absl::Status CudaBatchExecutor::ExecuteBatch(int worker, absl::Span<Work* const> batch,
+                                             std::vector<absl::Status>* item_status) {
+  if (worker < 0 || worker >= num_devices()) {
+    return absl::InternalError(
+        absl::StrFormat("no CUDA device for worker %d (have %d)", worker, num_devices()));
+  }
+  CudaScaleSearch& device = *devices_[static_cast<size_t>(worker)];
+  item_status->assign(batch.size(), absl::OkStatus());
+
+  // The requests must outlive the call: the slices point at them.
+  std::vector<QuantizeRequest> requests;
+  std::vector<CudaScaleSearch::Slice> slices;
+  requests.reserve(batch.size());
+  slices.reserve(batch.size());
+  for (Work* work : batch) {
+    RowRangeTask& task = RowRangeTaskOf(work);
+    if (absl::Status s = AllocateOutputs(&task); !s.ok()) return s;
+    requests.push_back(RequestOf(task));
+    slices.push_back(CudaScaleSearch::Slice{&requests.back(), task.tensor->global_amax, 0,
+                                            task.num_rows, OutputOf(&task), &task.stats});
+  }
+  const absl::Status status = device.QuantizeBatch(slices);
+  if (status.ok()) return absl::OkStatus();
+  // Device memory ran out: the scheduler fails every job in the batch.
+  if (absl::IsResourceExhausted(status)) return status;
+  if (batch.size() == 1) {
+    (*item_status)[0] = status;
+    return absl::OkStatus();
+  }
+  // Find the item(s) at fault; launches that ran before the error added partial statistics.
+  for (size_t i = 0; i < batch.size(); ++i) {
+    RowRangeTask& task = RowRangeTaskOf(batch[i]);
+    task.stats = TensorStats();
+    (*item_status)[i] = device.QuantizeBatch(absl::MakeConstSpan(&slices[i], 1));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace nvfp4cal::server

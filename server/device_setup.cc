@@ -1,0 +1,97 @@
+#include "server/device_setup.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "nvfp4cal/kernels/cpu_scale_search.h"
+#include "nvfp4cal/kernels/cuda_scale_search.h"
+#include "server/cuda_batch_executor.h"
+#include "server/kernel_executor.h"
+#include "server/tensor_spec.h"
+
+namespace nvfp4cal::server {
+namespace {
+
+// Far more GPUs than one host has; bounds the probing loop.
+constexpr int kMaxCudaDevices = 64;
+
+DeviceSetup CpuSetup(const DeviceOptions& options, std::string selection) {
+  DeviceSetup setup;
+  setup.backend = "cpu";
+  setup.selection = std::move(selection);
+  const int workers = std::max(1, options.cpu_workers);
+  std::vector<std::unique_ptr<ScaleSearch>> backends;
+  for (int w = 0; w < workers; ++w) {
+    CpuScaleSearchOptions cpu;
+    cpu.num_threads = options.cpu_threads_per_worker;
+    backends.push_back(MakeCpuScaleSearch(cpu));
+    setup.workers.push_back(WorkerDevice{"cpu", "CPU worker", options.memory_budget_bytes});
+  }
+  setup.executor = std::make_unique<KernelExecutor>(std::move(backends));
+  return setup;
+}
+
+// One backend per CUDA device, probing ordinals until the kernels say there are no more.
+absl::StatusOr<DeviceSetup> CudaSetup(const DeviceOptions& options, const std::string& why) {
+  std::vector<std::unique_ptr<CudaScaleSearch>> devices;
+  for (int ordinal = 0; ordinal < kMaxCudaDevices; ++ordinal) {
+    CudaScaleSearchOptions cuda;
+    cuda.device = ordinal;
+    cuda.memory_budget_bytes = options.memory_budget_bytes;
+    absl::StatusOr<std::unique_ptr<CudaScaleSearch>> device = MakeCudaScaleSearch(cuda);
+    if (device.ok()) {
+      devices.push_back(*std::move(device));
+      continue;
+    }
+    const bool no_more =
+        absl::IsUnavailable(device.status()) || absl::IsInvalidArgument(device.status());
+    // Ordinal 0 exists (CudaDeviceAvailable said so): its failure is a configuration error.
+    if (ordinal == 0 || !no_more) {
+      return PrefixStatus(
+          device.status(),
+          absl::StrFormat("--device=%s: CUDA device %d: ", options.device, ordinal));
+    }
+    break;
+  }
+  DeviceSetup setup;
+  setup.backend = "cuda";
+  std::vector<std::string> names;
+  for (const std::unique_ptr<CudaScaleSearch>& device : devices) {
+    setup.workers.push_back(
+        WorkerDevice{"cuda", device->DeviceDescription(), options.memory_budget_bytes});
+    names.push_back(device->DeviceDescription());
+  }
+  setup.selection =
+      absl::StrFormat("%s -> cuda (%s): %d worker(s), one per GPU: %s", options.device, why,
+                      devices.size(), absl::StrJoin(names, "; "));
+  setup.executor = std::make_unique<CudaBatchExecutor>(std::move(devices));
+  return setup;
+}
+
+}  // namespace
+
+absl::StatusOr<DeviceSetup> SetUpDevices(const DeviceOptions& options) {
+  if (options.device == "cpu") {
+    return CpuSetup(options, absl::StrFormat("cpu -> cpu (as asked): %d CPU worker(s)",
+                                             std::max(1, options.cpu_workers)));
+  }
+  if (options.device != "auto" && options.device != "cuda") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--device = \"", options.device, "\" is not one of auto, cpu, cuda"));
+  }
+  std::string reason;
+  if (!CudaDeviceAvailable(&reason)) {
+    if (options.device == "cuda") {
+      return absl::FailedPreconditionError(
+          absl::StrCat("--device=cuda: ", reason, "; use --device=cpu or --device=auto"));
+    }
+    return CpuSetup(options, absl::StrFormat("auto -> cpu (%s): %d CPU worker(s)", reason,
+                                             std::max(1, options.cpu_workers)));
+  }
+  return CudaSetup(options, options.device == "auto" ? "a CUDA device is available" : "as asked");
+}
+
+}  // namespace nvfp4cal::server

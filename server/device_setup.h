@@ -1,0 +1,61 @@
+// Device setup: decides where quantization runs (--device auto|cpu|cuda) and builds the
+// scheduler's executor with one worker per device: one per GPU with CUDA, --cpu_workers
+// otherwise.
+//
+//   auto  CUDA when CudaDeviceAvailable() says a device is usable, else the CPU; `selection`
+//         says which and why (the server logs it at start).
+//   cpu   the CPU backend.
+//   cuda  every CUDA device; FAILED_PRECONDITION naming the reason when none is usable.
+//
+// GPUs are counted without CUDA headers: MakeCudaScaleSearch is tried with ordinals 0, 1, ...
+// until it answers UNAVAILABLE or INVALID_ARGUMENT (ordinal out of range).
+//
+//   absl::StatusOr<DeviceSetup> setup = SetUpDevices(options.devices);
+//   if (!setup.ok()) return setup.status();
+//   std::cerr << setup->selection << "\n";
+//   SchedulerOptions scheduler_options;
+//   scheduler_options.num_workers = static_cast<int>(setup->workers.size());
+//   Scheduler scheduler(scheduler_options, setup->executor.get());
+#ifndef NVFP4CAL_SERVER_DEVICE_SETUP_H_
+#define NVFP4CAL_SERVER_DEVICE_SETUP_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "server/scheduler.h"
+#include "server/server_options.h"
+
+namespace nvfp4cal::server {
+
+// One scheduler worker's device, as GetServerInfo lists it.
+struct WorkerDevice {
+  // "cpu" or "cuda".
+  std::string kind;
+  // "CPU worker" or the GPU's description, e.g. "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs, ...)".
+  std::string name;
+  // Memory one batch may use on it.
+  int64_t memory_budget_bytes = 0;
+};
+
+struct DeviceSetup {
+  // Kernel backend: "cpu" or "cuda".
+  std::string backend;
+  // Which backend --device chose and why, one line for the start-up log.
+  std::string selection;
+  // workers[i] is scheduler worker i.
+  std::vector<WorkerDevice> workers;
+  // Runs the scheduler's batches; one worker per entry of `workers`.
+  std::unique_ptr<BatchExecutor> executor;
+};
+
+// Builds the backends for options.device. Errors: INVALID_ARGUMENT for an unknown --device,
+// FAILED_PRECONDITION for --device=cuda without a usable device, and the CUDA backend's own
+// error when a present device cannot be set up (e.g. a memory budget below its minimum).
+absl::StatusOr<DeviceSetup> SetUpDevices(const DeviceOptions& options);
+
+}  // namespace nvfp4cal::server
+
+#endif  // NVFP4CAL_SERVER_DEVICE_SETUP_H_

@@ -1,0 +1,125 @@
+#include "server/tensor_spec.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace nvfp4cal::server {
+namespace {
+
+absl::StatusOr<DType> ToDType(v1::DType dtype) {
+  switch (dtype) {
+    case v1::DTYPE_FLOAT32:
+      return DType::kFloat32;
+    case v1::DTYPE_BFLOAT16:
+      return DType::kBFloat16;
+    case v1::DTYPE_FLOAT16:
+      return DType::kFloat16;
+    default:
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "header.dtype = %d is not one of DTYPE_FLOAT32, DTYPE_BFLOAT16, DTYPE_FLOAT16",
+          static_cast<int>(dtype)));
+  }
+}
+
+absl::StatusOr<SearchParams> ToSearchParams(const v1::MethodConfig& config) {
+  absl::StatusOr<Method> method = ParseMethod(config.name());
+  if (!method.ok()) return PrefixStatus(method.status(), "header.");
+  SearchParams params;
+  params.method = *method;
+  if (config.has_beta_step()) params.beta_step = config.beta_step();
+  if (config.has_beta_half_range()) params.beta_half_range = config.beta_half_range();
+  if (config.has_scale_neighbours()) params.scale_neighbours = config.scale_neighbours();
+  if (config.has_symmetry_tolerance()) params.symmetry_tolerance = config.symmetry_tolerance();
+  if (absl::Status s = ValidateParams(params); !s.ok()) return PrefixStatus(s, "header.method.");
+  return params;
+}
+
+}  // namespace
+
+absl::Status PrefixStatus(const absl::Status& status, const std::string& prefix) {
+  return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
+}
+
+absl::StatusOr<TensorSpec> ParseTensorHeader(const v1::TensorHeader& header,
+                                             const ServiceLimits& limits) {
+  if (header.name().empty()) return absl::InvalidArgumentError("header.name is empty");
+  if (header.rows() <= 0 || header.cols() <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("header: tensor '%s' has shape [%d, %d]; rows and cols must be > 0",
+                        header.name(), header.rows(), header.cols()));
+  }
+  if (header.cols() % kBlockElements != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("header.cols = %d of tensor '%s' is not a multiple of the block size 16",
+                        header.cols(), header.name()));
+  }
+  if (header.rows() > limits.max_tensor_elements / header.cols()) {
+    return absl::ResourceExhaustedError(
+        absl::StrFormat("tensor '%s' has %d x %d elements; max_tensor_elements = %d", header.name(),
+                        header.rows(), header.cols(), limits.max_tensor_elements));
+  }
+  absl::StatusOr<DType> dtype = ToDType(header.dtype());
+  if (!dtype.ok()) return dtype.status();
+  absl::StatusOr<SearchParams> params = ToSearchParams(header.method());
+  if (!params.ok()) return params.status();
+  TensorSpec spec;
+  spec.name = header.name();
+  spec.rows = header.rows();
+  spec.cols = header.cols();
+  spec.dtype = *dtype;
+  spec.params = *params;
+  if (header.has_global_amax()) {
+    const float g = header.global_amax();
+    if (!std::isfinite(g) || g < 0.0f) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("header.global_amax = %g must be finite and >= 0", g));
+    }
+    spec.global_amax = g;
+  }
+  return spec;
+}
+
+void ExtractDiagonalBlocks(const float* src, int64_t offset, int64_t count, int64_t cols,
+                           float* blocks) {
+  constexpr int64_t kB = kBlockElements;
+  while (count > 0) {
+    const int64_t row = offset / cols;
+    const int64_t col = offset % cols;
+    const int64_t segment = std::min(count, cols - col);
+    const int64_t block = row / kB;
+    const int64_t lo = std::max(col, block * kB);
+    const int64_t hi = std::min(col + segment, block * kB + kB);
+    for (int64_t c = lo; c < hi; ++c) {
+      blocks[block * kB * kB + (row % kB) * kB + (c % kB)] = src[c - col];
+    }
+    offset += segment;
+    src += segment;
+    count -= segment;
+  }
+}
+
+void FillStatistics(const TensorStats& stats, v1::TensorStatistics* out) {
+  out->set_method(std::string(MethodName(stats.method)));
+  v1::MethodConfig* params = out->mutable_params();
+  params->set_name(std::string(MethodName(stats.params.method)));
+  params->set_beta_step(stats.params.beta_step);
+  params->set_beta_half_range(stats.params.beta_half_range);
+  params->set_scale_neighbours(stats.params.scale_neighbours);
+  params->set_symmetry_tolerance(stats.params.symmetry_tolerance);
+  out->set_num_blocks(stats.num_blocks);
+  out->set_objective_before(stats.objective_before);
+  out->set_objective_after(stats.objective_after);
+  out->set_mse_before(stats.mse_before);
+  out->set_mse_after(stats.mse_after);
+  out->set_hessian_error_before(stats.hessian_error_before);
+  out->set_hessian_error_after(stats.hessian_error_after);
+  out->set_blocks_scale_changed(stats.blocks_scale_changed);
+  out->set_blocks_beta_not_one(stats.blocks_beta_not_one);
+  out->set_blocks_offset_not_zero(stats.blocks_offset_not_zero);
+  out->set_zero_hessian_blocks(stats.zero_hessian_blocks);
+}
+
+}  // namespace nvfp4cal::server

@@ -1,0 +1,67 @@
+// TensorSpec: what a client declares about one tensor (TensorHeader), parsed and checked
+// against the server's limits; shared by Quantize sessions and async jobs, so both answer the
+// same malformed header with the same status and message. Also the proto form of results'
+// statistics.
+//
+//   absl::StatusOr<TensorSpec> spec = ParseTensorHeader(request.header(), limits);
+//   if (!spec.ok()) return spec.status();   // INVALID_ARGUMENT / RESOURCE_EXHAUSTED, named
+//   const int64_t bytes = spec->WeightBytes();
+//   ...
+//   FillStatistics(total_stats, summary->mutable_stats());
+#ifndef NVFP4CAL_SERVER_TENSOR_SPEC_H_
+#define NVFP4CAL_SERVER_TENSOR_SPEC_H_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "nvfp4cal/kernels/scale_search.h"
+#include "nvfp4cal/v1/calibrator.pb.h"
+#include "server/server_options.h"
+
+namespace nvfp4cal::server {
+
+// Elements per NVFP4 block.
+inline constexpr int64_t kBlockElements = 16;
+// SessionOptions.priority and SubmitJobRequest.priority range.
+inline constexpr int kMinPriority = 0;
+inline constexpr int kMaxPriority = 10;
+
+// A checked TensorHeader (the Hessian reference is left to the caller: sessions name Hessians,
+// jobs carry theirs inline).
+struct TensorSpec {
+  std::string name;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  DType dtype = DType::kBFloat16;
+  SearchParams params;
+  // The header's global amax when it carries one.
+  std::optional<float> global_amax;
+
+  // Bytes of the rows * cols weights in `dtype`.
+  int64_t WeightBytes() const { return rows * cols * DTypeSize(dtype); }
+};
+
+// Checks name, shape (rows, cols > 0, cols % 16 == 0), rows * cols against
+// limits.max_tensor_elements (RESOURCE_EXHAUSTED), dtype, method and parameter ranges, and that
+// a given global_amax is finite and >= 0. Errors name the field, the limit and the value.
+absl::StatusOr<TensorSpec> ParseTensorHeader(const v1::TensorHeader& header,
+                                             const ServiceLimits& limits);
+
+// Prefixes a status's message, keeping its code.
+absl::Status PrefixStatus(const absl::Status& status, const std::string& prefix);
+
+// Copies the diagonal 16x16 blocks out of elements [offset, offset + count) of a row-major
+// [cols, cols] matrix into `blocks` ([cols / 16, 16, 16]); lets a full Hessian arrive in chunks
+// without ever being held whole.
+void ExtractDiagonalBlocks(const float* src, int64_t offset, int64_t count, int64_t cols,
+                           float* blocks);
+
+// The proto form of the kernels' statistics.
+void FillStatistics(const TensorStats& stats, v1::TensorStatistics* out);
+
+}  // namespace nvfp4cal::server
+
+#endif  // NVFP4CAL_SERVER_TENSOR_SPEC_H_
