@@ -1,0 +1,120 @@
+// nvfp4cal::Client: the C++ client of nvfp4cal-server's Quantize stream.
+//
+// Thread-safe (every call has its own streams; the channels are shared), blocking and async.
+// It chunks Hessians and weight rows under the limits each server advertises in GetServerInfo,
+// sets deadlines, retries UNAVAILABLE (unreachable, draining) with exponential backoff, and
+// spreads tensors over several server addresses: round robin, one Quantize session per address,
+// idle sessions stealing queued tensors of busier ones, and the unfinished tensors of a failed
+// server going to the others.
+// Tensors sharing a Hessian (q/k/v, gate/up) travel together so that a session sends the
+// Hessian once. Results are the kernel library's bytes (the server runs kernels/).
+//
+//   nvfp4cal::ClientOptions options;
+//   options.addresses = {"gpu-0:50051", "gpu-1:50051"};
+//   absl::StatusOr<std::unique_ptr<nvfp4cal::Client>> client = nvfp4cal::Client::Create(options);
+//   absl::Status done = (*client)->QuantizeTensors(jobs, [](size_t i, nvfp4cal::QuantizedTensor r)
+//   {
+//     ...;   // called from the client's threads, once per job
+//     return absl::OkStatus();
+//   });
+//   absl::StatusOr<nvfp4cal::QuantizedTensor> one = (*client)->Quantize(job);
+#ifndef NVFP4CAL_CLIENT_CLIENT_H_
+#define NVFP4CAL_CLIENT_CLIENT_H_
+
+#include <atomic>
+#include <cstdint>
+#include <future>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "client/quantizer.h"
+#include "nvfp4cal/v1/calibrator.grpc.pb.h"
+
+namespace nvfp4cal {
+
+struct ClientOptions {
+  // Server addresses "host:port" (any gRPC target, e.g. "dns:///calib.svc:50051"). Tensors are
+  // spread over all of them.
+  std::vector<std::string> addresses;
+  // TLS: off by default (plain text). With use_tls, the PEM files below (empty: system roots /
+  // no client certificate).
+  bool use_tls = false;
+  std::string tls_root_certs_path;
+  std::string tls_client_cert_path;
+  std::string tls_client_key_path;
+  // Deadline of each Quantize stream and GetServerInfo call; zero = no deadline for streams
+  // (a whole checkpoint may take long) and 30 s for GetServerInfo.
+  absl::Duration timeout = absl::ZeroDuration();
+  // Attempts per tensor when its server answers UNAVAILABLE (unreachable, draining) before the
+  // call fails; each retry waits initial_backoff * 2^(n-1), at most max_backoff.
+  int max_attempts = 4;
+  absl::Duration initial_backoff = absl::Milliseconds(100);
+  absl::Duration max_backoff = absl::Seconds(5);
+  // Target size of a weight or Hessian chunk; capped at a quarter of the server's
+  // max_receive_message_bytes. DESIGN: chunks stay well under 4 MiB.
+  int64_t chunk_bytes = int64_t{1} << 20;
+  // Round robin gives each address every n-th group of tensors; with work stealing an idle
+  // session also takes queued tensors of other addresses, so faster servers do more.
+  bool work_stealing = true;
+  // Session options sent to the servers.
+  int priority = 0;
+  std::string client_name = "nvfp4cal";
+};
+
+// What one QuantizeTensors call did, for logs and tests.
+struct ClientCallStats {
+  // Tensors whose result came from each address (ClientOptions::addresses order).
+  std::vector<int64_t> tensors_per_address;
+  // Sessions or connections that failed with UNAVAILABLE and were retried or given up.
+  int64_t failed_attempts = 0;
+};
+
+class Client {
+ public:
+  // Creates a channel per address (no connection is made yet). INVALID_ARGUMENT for no
+  // addresses or bad options; NOT_FOUND for unreadable TLS files.
+  static absl::StatusOr<std::unique_ptr<Client>> Create(const ClientOptions& options);
+
+  ~Client();
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+
+  const ClientOptions& options() const { return options_; }
+
+  // GetServerInfo of addresses[index], retried on UNAVAILABLE like the streams.
+  absl::StatusOr<v1::ServerInfo> GetServerInfo(size_t index);
+
+  // Quantizes every job over all addresses and hands each result to `on_result` (called from
+  // the client's threads, possibly concurrently for different jobs). Blocks until all are done
+  // or the first error: a job's or the callback's error, or UNAVAILABLE after max_attempts,
+  // naming the server and the tensor. On error the other streams are cancelled.
+  absl::Status QuantizeTensors(absl::Span<const TensorJob> jobs,
+                               const QuantizeResultCallback& on_result,
+                               ClientCallStats* stats = nullptr);
+
+  // QuantizeTensors on a new thread; `jobs`, what they point to and `on_result` must outlive
+  // the future.
+  std::future<absl::Status> QuantizeTensorsAsync(absl::Span<const TensorJob> jobs,
+                                                 QuantizeResultCallback on_result);
+
+  // One tensor, blocking.
+  absl::StatusOr<QuantizedTensor> Quantize(const TensorJob& job);
+
+ private:
+  class Call;
+  explicit Client(ClientOptions options) : options_(std::move(options)) {}
+
+  ClientOptions options_;
+  std::vector<std::unique_ptr<v1::Calibrator::Stub>> stubs_;
+  // Round-robin start of the next call, so concurrent calls begin on different servers.
+  std::atomic<size_t> next_address_{0};
+};
+
+}  // namespace nvfp4cal
+
+#endif  // NVFP4CAL_CLIENT_CLIENT_H_

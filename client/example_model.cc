@@ -1,0 +1,258 @@
+#include "client/example_model.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <string>
+#include <system_error>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "client/checkpoint.h"
+#include "client/file_util.h"
+#include "client/safetensors.h"
+#include "nlohmann/json.hpp"
+#include "nvfp4cal/kernels/example_data.h"
+
+namespace nvfp4cal {
+namespace {
+
+namespace fs = std::filesystem;
+using OrderedJson = nlohmann::ordered_json;
+
+template <typename T>
+std::vector<uint8_t> ToBytes(const std::vector<T>& values) {
+  std::vector<uint8_t> bytes(values.size() * sizeof(T));
+  std::memcpy(bytes.data(), values.data(), bytes.size());
+  return bytes;
+}
+
+// A bf16 Linear weight [rows, cols]: example statistics plus outlier input columns (about one
+// column in 64 scaled by 6-12x, as the input channels that LLMs concentrate magnitude in).
+SafetensorsTensorData LinearWeight(const std::string& name, int64_t rows, int64_t cols,
+                                   uint64_t seed) {
+  std::vector<float> w = MakeExampleWeights(rows, cols, seed);
+  ExampleRng rng(seed ^ 0x5EEDull);
+  for (int64_t c = 0; c < cols; ++c) {
+    if (rng.Uniform() >= 1.0 / 64) continue;
+    const float boost = static_cast<float>(6.0 + 6.0 * rng.Uniform());
+    for (int64_t r = 0; r < rows; ++r) w[static_cast<size_t>(r * cols + c)] *= boost;
+  }
+  std::vector<uint16_t> bits(w.size());
+  for (size_t i = 0; i < w.size(); ++i) bits[i] = FloatToBFloat16(w[i]);
+  return {{name, SafetensorsDType::kBF16, {rows, cols}}, ToBytes(bits)};
+}
+
+SafetensorsTensorData NormWeight(const std::string& name, int64_t n, uint64_t seed) {
+  ExampleRng rng(seed);
+  std::vector<uint16_t> bits(static_cast<size_t>(n));
+  for (uint16_t& b : bits) b = FloatToBFloat16(static_cast<float>(1.0 + 0.1 * rng.Normal()));
+  return {{name, SafetensorsDType::kBF16, {n}}, ToBytes(bits)};
+}
+
+// Full Hessian [n, n] = X^T X / T of synthetic activations: channels share a few latent
+// factors (correlated inputs) and about one channel in 32 is an outlier (10-30x).
+SafetensorsTensorData FullHessian(const std::string& name, int64_t n, uint64_t seed) {
+  constexpr int kTokens = 384;
+  constexpr int kFactors = 4;
+  ExampleRng rng(seed);
+  std::vector<double> scale(static_cast<size_t>(n));
+  std::vector<double> loading(static_cast<size_t>(n * kFactors));
+  for (int64_t i = 0; i < n; ++i) {
+    scale[static_cast<size_t>(i)] =
+        (0.3 + rng.Uniform()) * (rng.Uniform() < 1.0 / 32 ? 10.0 + 20.0 * rng.Uniform() : 1.0);
+    for (int f = 0; f < kFactors; ++f)
+      loading[static_cast<size_t>(i * kFactors + f)] = rng.Normal();
+  }
+  std::vector<double> x(static_cast<size_t>(kTokens * n));
+  for (int t = 0; t < kTokens; ++t) {
+    double factor[kFactors];
+    for (double& f : factor) f = rng.Normal();
+    for (int64_t i = 0; i < n; ++i) {
+      double v = 0.7 * rng.Normal();
+      for (int f = 0; f < kFactors; ++f)
+        v += 0.35 * factor[f] * loading[static_cast<size_t>(i * kFactors + f)];
+      x[static_cast<size_t>(t * n + i)] = scale[static_cast<size_t>(i)] * v;
+    }
+  }
+  std::vector<float> h(static_cast<size_t>(n * n));
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = i; j < n; ++j) {
+      double s = 0.0;
+      for (int t = 0; t < kTokens; ++t) {
+        s += x[static_cast<size_t>(t * n + i)] * x[static_cast<size_t>(t * n + j)];
+      }
+      const float v = static_cast<float>(s / kTokens);
+      h[static_cast<size_t>(i * n + j)] = v;
+      h[static_cast<size_t>(j * n + i)] = v;
+    }
+  }
+  return {{name, SafetensorsDType::kF32, {n, n}}, ToBytes(h)};
+}
+
+SafetensorsTensorData BlockHessian(const std::string& name, int64_t n, uint64_t seed) {
+  return {{name, SafetensorsDType::kF32, {n / 16, 16, 16}},
+          ToBytes(MakeExampleHessianBlocks(n / 16, seed))};
+}
+
+absl::Status CheckOptions(const ExampleModelOptions& o) {
+  auto bad = [](const std::string& what) {
+    return absl::InvalidArgumentError(absl::StrCat("example model: ", what));
+  };
+  if (o.layers < 1 || o.layers > 64)
+    return bad(absl::StrCat("--layers ", o.layers, " not in [1, 64]"));
+  if (o.hidden < 16 || o.hidden > 8192 || o.hidden % 16 != 0) {
+    return bad(absl::StrCat("--hidden ", o.hidden, " must be a multiple of 16 in [16, 8192]"));
+  }
+  if (o.intermediate < 16 || o.intermediate > 32768 || o.intermediate % 16 != 0) {
+    return bad(absl::StrCat("--intermediate ", o.intermediate,
+                            " must be a multiple of 16 in [16, 32768]"));
+  }
+  if (o.heads < 1 || o.hidden % o.heads != 0 || o.kv_heads < 1 || o.heads % o.kv_heads != 0) {
+    return bad(absl::StrCat("heads ", o.heads, " / kv heads ", o.kv_heads, " must divide hidden ",
+                            o.hidden, " and each other"));
+  }
+  if (o.vocab < 16 || o.vocab > 262144)
+    return bad(absl::StrCat("vocab ", o.vocab, " not in [16, 262144]"));
+  if (o.shards < 1 || o.shards > 99)
+    return bad(absl::StrCat("--shards ", o.shards, " not in [1, 99]"));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status WriteExampleModel(const std::string& out_dir, const ExampleModelOptions& o) {
+  absl::Status valid = CheckOptions(o);
+  if (!valid.ok()) return valid;
+  std::error_code ec;
+  if (fs::exists(out_dir, ec) && !o.overwrite) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("--out ", out_dir, " already exists; pass --overwrite to replace it"));
+  }
+  const int64_t hidden = o.hidden;
+  const int64_t inter = o.intermediate;
+  const int64_t head_dim = hidden / o.heads;
+  const int64_t kv = head_dim * o.kv_heads;
+  uint64_t seed = o.seed * 1000003ull;
+
+  std::vector<SafetensorsTensorData> tensors;
+  std::vector<SafetensorsTensorData> hessians;
+  {
+    // Embeddings: small Gaussian values.
+    ExampleRng rng(++seed);
+    std::vector<uint16_t> bits(static_cast<size_t>(o.vocab * hidden));
+    for (uint16_t& b : bits) b = FloatToBFloat16(static_cast<float>(0.02 * rng.Normal()));
+    tensors.push_back(
+        {{"model.embed_tokens.weight", SafetensorsDType::kBF16, {o.vocab, hidden}}, ToBytes(bits)});
+  }
+  for (int l = 0; l < o.layers; ++l) {
+    const std::string p = absl::StrCat("model.layers.", l, ".");
+    tensors.push_back(NormWeight(p + "input_layernorm.weight", hidden, ++seed));
+    tensors.push_back(NormWeight(p + "post_attention_layernorm.weight", hidden, ++seed));
+    tensors.push_back(LinearWeight(p + "self_attn.q_proj.weight", hidden, hidden, ++seed));
+    tensors.push_back(LinearWeight(p + "self_attn.k_proj.weight", kv, hidden, ++seed));
+    tensors.push_back(LinearWeight(p + "self_attn.v_proj.weight", kv, hidden, ++seed));
+    tensors.push_back(LinearWeight(p + "self_attn.o_proj.weight", hidden, hidden, ++seed));
+    tensors.push_back(LinearWeight(p + "mlp.gate_proj.weight", inter, hidden, ++seed));
+    tensors.push_back(LinearWeight(p + "mlp.up_proj.weight", inter, hidden, ++seed));
+    tensors.push_back(LinearWeight(p + "mlp.down_proj.weight", hidden, inter, ++seed));
+    hessians.push_back(FullHessian(p + "self_attn.q_proj.hessian", hidden, ++seed));
+    hessians.push_back(BlockHessian(p + "self_attn.o_proj.hessian", hidden, ++seed));
+    hessians.push_back(FullHessian(p + "mlp.gate_proj.hessian", hidden, ++seed));
+    hessians.push_back(BlockHessian(p + "mlp.down_proj.hessian", inter, ++seed));
+  }
+  tensors.push_back(NormWeight("model.norm.weight", hidden, ++seed));
+  tensors.push_back(LinearWeight("lm_head.weight", o.vocab, hidden, ++seed));
+
+  absl::StatusOr<std::string> temp = MakeTempDirBeside(out_dir);
+  if (!temp.ok()) return temp.status();
+  auto fail = [&](const absl::Status& status) {
+    RemoveTree(*temp).IgnoreError();
+    return status;
+  };
+  const std::map<std::string, std::string> metadata = {{"format", "pt"}};
+  if (o.shards == 1) {
+    absl::Status s =
+        WriteSafetensorsFile((fs::path(*temp) / kSingleFileName).string(), tensors, metadata);
+    if (!s.ok()) return fail(s);
+  } else {
+    // Consecutive runs of tensors (in name order) of about equal size per shard.
+    std::sort(tensors.begin(), tensors.end(),
+              [](const auto& a, const auto& b) { return a.spec.name < b.spec.name; });
+    int64_t total = 0;
+    for (const auto& t : tensors) total += static_cast<int64_t>(t.bytes.size());
+    std::vector<std::vector<SafetensorsTensorData>> shards(static_cast<size_t>(o.shards));
+    OrderedJson weight_map = OrderedJson::object();
+    int64_t done = 0;
+    for (auto& t : tensors) {
+      const size_t shard =
+          std::min(static_cast<size_t>(o.shards - 1),
+                   static_cast<size_t>(done * o.shards / std::max<int64_t>(total, 1)));
+      done += static_cast<int64_t>(t.bytes.size());
+      weight_map[t.spec.name] =
+          absl::StrFormat("model-%05d-of-%05d.safetensors", shard + 1, o.shards);
+      shards[shard].push_back(std::move(t));
+    }
+    for (int s = 0; s < o.shards; ++s) {
+      const std::string name = absl::StrFormat("model-%05d-of-%05d.safetensors", s + 1, o.shards);
+      absl::Status w = WriteSafetensorsFile((fs::path(*temp) / name).string(),
+                                            shards[static_cast<size_t>(s)], metadata);
+      if (!w.ok()) return fail(w);
+    }
+    OrderedJson index = OrderedJson::object();
+    index["metadata"] = {{"total_size", total}};
+    index["weight_map"] = std::move(weight_map);
+    absl::Status w =
+        WriteTextFile((fs::path(*temp) / kIndexFileName).string(), index.dump(2) + "\n");
+    if (!w.ok()) return fail(w);
+  }
+  absl::Status h =
+      WriteSafetensorsFile((fs::path(*temp) / "hessians.safetensors").string(), hessians,
+                           {{"calib_tokens", "384"}, {"producer", "nvfp4cal example"}});
+  if (!h.ok()) return fail(h);
+
+  OrderedJson config = OrderedJson::object();
+  config["architectures"] = {"LlamaForCausalLM"};
+  config["model_type"] = "llama";
+  config["vocab_size"] = o.vocab;
+  config["hidden_size"] = hidden;
+  config["intermediate_size"] = inter;
+  config["num_hidden_layers"] = o.layers;
+  config["num_attention_heads"] = o.heads;
+  config["num_key_value_heads"] = o.kv_heads;
+  config["head_dim"] = head_dim;
+  config["max_position_embeddings"] = 2048;
+  config["rope_theta"] = 10000.0;
+  config["rms_norm_eps"] = 1e-5;
+  config["hidden_act"] = "silu";
+  config["attention_bias"] = false;
+  config["mlp_bias"] = false;
+  config["tie_word_embeddings"] = false;
+  config["torch_dtype"] = "bfloat16";
+  OrderedJson generation = OrderedJson::object();
+  generation["do_sample"] = false;
+  generation["max_new_tokens"] = 32;
+  for (const absl::Status& s :
+       {WriteTextFile((fs::path(*temp) / kConfigFileName).string(), config.dump(2) + "\n"),
+        WriteTextFile((fs::path(*temp) / "generation_config.json").string(),
+                      generation.dump(2) + "\n")}) {
+    if (!s.ok()) return fail(s);
+  }
+  if (fs::exists(out_dir, ec)) {
+    absl::Status removed = RemoveTree(out_dir);
+    if (!removed.ok()) return fail(removed);
+  }
+  fs::rename(*temp, out_dir, ec);
+  if (ec) {
+    return fail(absl::InternalError(
+        absl::StrCat("cannot rename ", *temp, " to ", out_dir, ": ", ec.message())));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace nvfp4cal

@@ -1,0 +1,147 @@
+#include "client/hessians.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "client/checkpoint.h"
+
+namespace nvfp4cal {
+namespace {
+
+float LoadFloat(const uint8_t* base, int64_t index) {
+  float v;
+  std::memcpy(&v, base + index * 4, 4);
+  return v;
+}
+
+absl::Status Bad(const std::string& path, const std::string& entry, const std::string& module,
+                 const std::string& what) {
+  return absl::InvalidArgumentError(
+      absl::StrCat(path, ": Hessian '", entry, "' (for ", module, "): ", what));
+}
+
+// Finiteness and symmetry of a full [n, n] matrix, in 64x64 tiles so that the transposed reads
+// stay in cache.
+absl::Status CheckFullMatrix(const uint8_t* m, int64_t n, float tolerance, std::string* what) {
+  float max_diagonal = 0.0f;
+  for (int64_t i = 0; i < n; ++i) max_diagonal = std::max(max_diagonal, LoadFloat(m, i * n + i));
+  const float limit = tolerance * max_diagonal;
+  constexpr int64_t kTile = 64;
+  for (int64_t r0 = 0; r0 < n; r0 += kTile) {
+    for (int64_t c0 = r0; c0 < n; c0 += kTile) {
+      for (int64_t r = r0; r < std::min(n, r0 + kTile); ++r) {
+        for (int64_t c = c0; c < std::min(n, c0 + kTile); ++c) {
+          const float a = LoadFloat(m, r * n + c);
+          const float b = LoadFloat(m, c * n + r);
+          if (!std::isfinite(a) || !std::isfinite(b)) {
+            *what = absl::StrCat("non-finite value at [", std::isfinite(a) ? c : r, ", ",
+                                 std::isfinite(a) ? r : c, "]");
+            return absl::InvalidArgumentError(*what);
+          }
+          if (std::fabs(a - b) > limit) {
+            *what = absl::StrCat("not symmetric: H[", r, ", ", c, "] = ", a, " but H[", c, ", ", r,
+                                 "] = ", b, " (tolerance ", tolerance, " x max diagonal ",
+                                 max_diagonal, ")");
+            return absl::InvalidArgumentError(*what);
+          }
+        }
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<HessianStore>> HessianStore::Open(const std::string& path) {
+  absl::StatusOr<std::unique_ptr<SafetensorsFile>> file = SafetensorsFile::Open(path);
+  if (!file.ok()) {
+    return absl::Status(file.status().code(),
+                        absl::StrCat("--hessians: ", file.status().message()));
+  }
+  std::unique_ptr<HessianStore> store(new HessianStore());
+  store->file_ = *std::move(file);
+  return store;
+}
+
+std::string HessianStore::Resolve(const std::string& module) const {
+  const std::string own = module + ".hessian";
+  if (file_->Find(own) != nullptr) return own;
+  const auto alias = file_->metadata().find(own);
+  if (alias != file_->metadata().end() && file_->Find(alias->second) != nullptr) {
+    return alias->second;
+  }
+  const size_t dot = module.rfind('.');
+  const std::string parent = dot == std::string::npos ? "" : module.substr(0, dot + 1);
+  const std::string leaf = dot == std::string::npos ? module : module.substr(dot + 1);
+  for (const std::string& sibling : FusedSiblingLeaves(leaf)) {
+    const std::string name = parent + sibling + ".hessian";
+    if (file_->Find(name) != nullptr) return name;
+  }
+  return "";
+}
+
+std::vector<float> ExtractDiagonalBlocks(const uint8_t* matrix, int64_t n) {
+  const int64_t num_blocks = n / 16;
+  std::vector<float> blocks(static_cast<size_t>(num_blocks * 256));
+  for (int64_t j = 0; j < num_blocks; ++j) {
+    for (int64_t a = 0; a < 16; ++a) {
+      std::memcpy(&blocks[static_cast<size_t>(j * 256 + a * 16)],
+                  matrix + ((j * 16 + a) * n + j * 16) * 4, 16 * sizeof(float));
+    }
+  }
+  return blocks;
+}
+
+absl::StatusOr<std::shared_ptr<const std::vector<float>>> HessianStore::Blocks(
+    const std::string& entry, const std::string& module, int64_t cols, float symmetry_tolerance) {
+  const SafetensorsTensor* t = file_->Find(entry);
+  if (t == nullptr) return Bad(path(), entry, module, "no such entry");
+  if (t->dtype != SafetensorsDType::kF32) {
+    return Bad(
+        path(), entry, module,
+        absl::StrCat("dtype ", std::string(SafetensorsDTypeName(t->dtype)), ", expected F32"));
+  }
+  const bool full = t->shape.size() == 2 && t->shape[0] == cols && t->shape[1] == cols;
+  const bool blocked =
+      t->shape.size() == 3 && t->shape[0] * 16 == cols && t->shape[1] == 16 && t->shape[2] == 16;
+  if (!full && !blocked) {
+    return Bad(path(), entry, module,
+               absl::StrCat("shape ", ShapeString(t->shape), " does not match in = ", cols,
+                            " (expected [", cols, ", ", cols, "] or [", cols / 16, ", 16, 16])"));
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    const auto it = cache_.find(entry);
+    if (it != cache_.end() && it->second->size() == static_cast<size_t>(cols * 16)) {
+      return it->second;
+    }
+  }
+  std::vector<float> blocks;
+  if (full) {
+    std::string what;
+    if (!CheckFullMatrix(t->data, cols, symmetry_tolerance, &what).ok()) {
+      return Bad(path(), entry, module, what);
+    }
+    blocks = ExtractDiagonalBlocks(t->data, cols);
+  } else {
+    blocks.resize(static_cast<size_t>(cols * 16));
+    std::memcpy(blocks.data(), t->data, blocks.size() * sizeof(float));
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      if (!std::isfinite(blocks[i])) {
+        return Bad(path(), entry, module,
+                   absl::StrCat("non-finite value in block ", i / 256, " at [", (i % 256) / 16,
+                                ", ", i % 16, "]"));
+      }
+    }
+  }
+  auto shared = std::make_shared<const std::vector<float>>(std::move(blocks));
+  absl::MutexLock lock(&mu_);
+  cache_[entry] = shared;
+  return shared;
+}
+
+}  // namespace nvfp4cal

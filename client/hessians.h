@@ -1,0 +1,67 @@
+// HessianStore: the user's Hessians file, resolved per module and turned into the diagonal
+// 16x16 blocks the kernels need.
+//
+// The file is safetensors with fp32 `<module>.hessian` entries, either the full matrix
+// [in, in] or its diagonal blocks [in/16, 16, 16]. Modules that share an input may share one
+// entry. The lookup for module `<parent>.<leaf>` (the first hit wins):
+//   1. `<parent>.<leaf>.hessian`;
+//   2. an alias in the file's `__metadata__`: key `<parent>.<leaf>.hessian`, value the name of
+//      another entry, e.g. {"model.layers.0.mlp.up_proj.hessian":
+//      "model.layers.0.mlp.gate_proj.hessian"};
+//   3. the fused siblings' entries in canonical order: q_proj, k_proj, v_proj; gate_proj,
+//      up_proj; w1, w3 (so `<parent>.q_proj.hessian` serves k_proj and v_proj).
+//
+//   auto store = nvfp4cal::HessianStore::Open("hessians.safetensors");
+//   std::string entry = (*store)->Resolve("model.layers.0.self_attn.k_proj");  // "" if none
+//   absl::StatusOr<std::shared_ptr<const std::vector<float>>> blocks =
+//       (*store)->Blocks(entry, "model.layers.0.self_attn.k_proj", /*cols=*/4096, 1e-4f);
+#ifndef NVFP4CAL_CLIENT_HESSIANS_H_
+#define NVFP4CAL_CLIENT_HESSIANS_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "client/safetensors.h"
+
+namespace nvfp4cal {
+
+class HessianStore {
+ public:
+  // Opens the file (NOT_FOUND / INVALID_ARGUMENT naming it, as SafetensorsFile::Open).
+  static absl::StatusOr<std::unique_ptr<HessianStore>> Open(const std::string& path);
+
+  const std::string& path() const { return file_->path(); }
+
+  // The entry that serves `module` under the rule above, or "" when none does.
+  std::string Resolve(const std::string& module) const;
+
+  // The diagonal blocks [cols/16, 16, 16] of `entry` for a module with `cols` inputs, extracted
+  // and validated once per entry and then shared. INVALID_ARGUMENT naming the entry (and the
+  // module) for a dtype other than F32, a shape other than [cols, cols] or [cols/16, 16, 16],
+  // non-finite values, or (full matrices) |H_ab - H_ba| > symmetry_tolerance * max_c H_cc.
+  // Thread-safe.
+  absl::StatusOr<std::shared_ptr<const std::vector<float>>> Blocks(const std::string& entry,
+                                                                   const std::string& module,
+                                                                   int64_t cols,
+                                                                   float symmetry_tolerance);
+
+ private:
+  HessianStore() = default;
+
+  std::unique_ptr<SafetensorsFile> file_;
+  absl::Mutex mu_;
+  std::map<std::string, std::shared_ptr<const std::vector<float>>> cache_ ABSL_GUARDED_BY(mu_);
+};
+
+// Extracts the diagonal 16x16 blocks of a row-major [n, n] fp32 matrix (n % 16 == 0) read from
+// possibly unaligned memory.
+std::vector<float> ExtractDiagonalBlocks(const uint8_t* matrix, int64_t n);
+
+}  // namespace nvfp4cal
+
+#endif  // NVFP4CAL_CLIENT_HESSIANS_H_

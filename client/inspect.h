@@ -1,0 +1,43 @@
+// `nvfp4cal inspect` and `nvfp4cal dequantize`: reading NVFP4 checkpoints back.
+//
+//   absl::StatusOr<std::string> summary = nvfp4cal::InspectCheckpoint("/models/llama-nvfp4");
+//   // shards, tensors, sizes by dtype, quantization config, one line per quantized module
+//
+//   nvfp4cal::DequantizeOptions options{"/models/llama-nvfp4", "/models/llama-deq"};
+//   absl::Status s = nvfp4cal::DequantizeCheckpoint(options);
+//   // every NVFP4 module back to a dense weight: w = e2m1(code) * e4m3(weight_scale) *
+//   // weight_scale_2 in fp32 (then rounded to bf16 unless dtype is F32)
+#ifndef NVFP4CAL_CLIENT_INSPECT_H_
+#define NVFP4CAL_CLIENT_INSPECT_H_
+
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "client/safetensors.h"
+
+namespace nvfp4cal {
+
+// A human-readable summary of a checkpoint folder (quantized or not). Errors as
+// Checkpoint::Open; INVALID_ARGUMENT naming the module when NVFP4 tensors have inconsistent
+// shapes or dtypes.
+absl::StatusOr<std::string> InspectCheckpoint(const std::string& dir);
+
+struct DequantizeOptions {
+  std::string in_dir;
+  std::string out_dir;
+  // kBF16 (the usual weight dtype) or kF32 (exact dequantized values).
+  SafetensorsDType dtype = SafetensorsDType::kBF16;
+  bool overwrite = false;
+};
+
+// Writes a dense copy of an NVFP4 checkpoint: each `<m>.weight` (U8 codes) with its
+// `weight_scale` and `weight_scale_2` becomes one `<m>.weight` [out, in] in options.dtype;
+// other tensors and files are copied; config.json loses quantization_config; sharding and the
+// index are kept. FAILED_PRECONDITION when out_dir exists without overwrite or when the input
+// has no NVFP4 module.
+absl::Status DequantizeCheckpoint(const DequantizeOptions& options);
+
+}  // namespace nvfp4cal
+
+#endif  // NVFP4CAL_CLIENT_INSPECT_H_

@@ -1,0 +1,80 @@
+#include "client/local_quantizer.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "nvfp4cal/kernels/cpu_scale_search.h"
+#include "nvfp4cal/kernels/cuda_scale_search.h"
+
+namespace nvfp4cal {
+namespace {
+
+class LocalQuantizer : public Quantizer {
+ public:
+  LocalQuantizer(std::unique_ptr<ScaleSearch> search, std::string description)
+      : search_(std::move(search)), description_(std::move(description)) {}
+
+  std::string Describe() const override { return description_; }
+
+  absl::Status QuantizeAll(absl::Span<const TensorJob> jobs,
+                           const QuantizeResultCallback& on_result) override {
+    // One tensor at a time: each backend call already uses every CPU thread or the whole GPU.
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      const TensorJob& job = jobs[i];
+      QuantizeRequest request;
+      request.weights = job.weights;
+      request.hessians = job.hessians;
+      request.params = job.params;
+      request.global_amax = job.global_amax;
+      absl::StatusOr<QuantizedTensor> result = search_->Quantize(request);
+      if (!result.ok()) {
+        return absl::Status(result.status().code(),
+                            absl::StrCat(job.name, ": ", result.status().message()));
+      }
+      absl::Status status = on_result(i, *std::move(result));
+      if (!status.ok()) return status;
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  std::unique_ptr<ScaleSearch> search_;
+  std::string description_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Quantizer>> MakeLocalQuantizer(
+    const LocalQuantizerOptions& options) {
+  if (options.device != "auto" && options.device != "cpu" && options.device != "cuda") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--device must be auto, cpu or cuda; got \"", options.device, "\""));
+  }
+  if (options.device != "cpu") {
+    std::string reason;
+    if (CudaDeviceAvailable(&reason)) {
+      CudaScaleSearchOptions cuda;
+      cuda.device = options.cuda_device;
+      absl::StatusOr<std::unique_ptr<CudaScaleSearch>> gpu = MakeCudaScaleSearch(cuda);
+      if (gpu.ok()) {
+        std::string description =
+            absl::StrCat("in-process cuda (", (*gpu)->DeviceDescription(), ")");
+        return MakeLocalQuantizer(*std::move(gpu), std::move(description));
+      }
+      reason = std::string(gpu.status().message());
+    }
+    if (options.device == "cuda") {
+      return absl::UnavailableError(absl::StrCat("--device cuda: no usable GPU: ", reason));
+    }
+  }
+  CpuScaleSearchOptions cpu;
+  cpu.num_threads = options.cpu_threads;
+  return MakeLocalQuantizer(MakeCpuScaleSearch(cpu), "in-process cpu");
+}
+
+std::unique_ptr<Quantizer> MakeLocalQuantizer(std::unique_ptr<ScaleSearch> search,
+                                              std::string description) {
+  return std::make_unique<LocalQuantizer>(std::move(search), std::move(description));
+}
+
+}  // namespace nvfp4cal

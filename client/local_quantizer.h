@@ -1,0 +1,37 @@
+// In-process Quantizer over the kernel library: CUDA when a device is usable, else the CPU.
+//
+//   nvfp4cal::LocalQuantizerOptions options;
+//   options.device = "auto";   // "cpu", "cuda" (error when no GPU), "auto"
+//   absl::StatusOr<std::unique_ptr<nvfp4cal::Quantizer>> q =
+//       nvfp4cal::MakeLocalQuantizer(options);
+#ifndef NVFP4CAL_CLIENT_LOCAL_QUANTIZER_H_
+#define NVFP4CAL_CLIENT_LOCAL_QUANTIZER_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "client/quantizer.h"
+
+namespace nvfp4cal {
+
+struct LocalQuantizerOptions {
+  // "auto" (CUDA when CudaDeviceAvailable, else CPU), "cpu" or "cuda".
+  std::string device = "auto";
+  // CPU backend threads; 0 = every hardware thread.
+  int cpu_threads = 0;
+  // CUDA device ordinal.
+  int cuda_device = 0;
+};
+
+// The backend the options pick. INVALID_ARGUMENT for an unknown device name; UNAVAILABLE for
+// "cuda" without a usable GPU (the message says why).
+absl::StatusOr<std::unique_ptr<Quantizer>> MakeLocalQuantizer(const LocalQuantizerOptions& options);
+
+// Wraps an existing backend (tests inject one).
+std::unique_ptr<Quantizer> MakeLocalQuantizer(std::unique_ptr<ScaleSearch> search,
+                                              std::string description);
+
+}  // namespace nvfp4cal
+
+#endif  // NVFP4CAL_CLIENT_LOCAL_QUANTIZER_H_

@@ -1,0 +1,335 @@
+// nvfp4cal: the command-line tool. Subcommands:
+//
+//   nvfp4cal quantize --model DIR --hessians FILE --out DIR [--method dss] [--server ADDR,...]
+//   nvfp4cal inspect DIR
+//   nvfp4cal example --out DIR
+//   nvfp4cal dequantize --in DIR --out DIR
+//
+// Exit codes: 0 success, 1 the command failed (message on stderr), 2 bad command line.
+// docs/cli.md describes every option, the formats and the error messages.
+#include <unistd.h>
+
+#include <atomic>
+#include <csignal>
+#include <cstdio>
+#include <iostream>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "client/cli_args.h"
+#include "client/example_model.h"
+#include "client/inspect.h"
+#include "client/local_quantizer.h"
+#include "client/progress.h"
+#include "client/quantize_checkpoint.h"
+#include "client/remote_quantizer.h"
+
+namespace nvfp4cal {
+namespace {
+
+constexpr int kExitFailure = 1;
+constexpr int kExitUsage = 2;
+
+std::atomic<bool> g_cancel{false};
+
+extern "C" void OnStopSignal(int signal) {
+  g_cancel.store(true);
+  // A second signal ends the process at once.
+  std::signal(signal, SIG_DFL);
+}
+
+int Fail(const std::string& command, const absl::Status& status) {
+  std::cerr << "nvfp4cal " << command << ": error: " << status.message() << "\n";
+  return kExitFailure;
+}
+
+int UsageError(const std::string& command, const absl::Status& status) {
+  std::cerr << "nvfp4cal " << command << ": " << status.message() << "\n";
+  return kExitUsage;
+}
+
+absl::Status Prefixed(const std::string& prefix, const absl::Status& status) {
+  return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
+}
+
+absl::Status ParseInt(const CliArgs& args, const std::string& name, int* out) {
+  if (!args.Has(name)) return absl::OkStatus();
+  if (!absl::SimpleAtoi(args.Get(name), out)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, ": \"", args.Get(name), "\" is not an integer"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ParseFloat(const CliArgs& args, const std::string& name, float* out) {
+  if (!args.Has(name)) return absl::OkStatus();
+  if (!absl::SimpleAtof(args.Get(name), out)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, ": \"", args.Get(name), "\" is not a number"));
+  }
+  return absl::OkStatus();
+}
+
+CliParser QuantizeParser() {
+  CliParser p("quantize",
+              "Quantizes every eligible Linear weight of a Hugging Face safetensors checkpoint to "
+              "NVFP4\n(NUMERICS.md §5 / ModelOpt layout) and copies everything else. In-process "
+              "by default;\nwith --server through nvfp4cal servers (byte-identical output).");
+  p.AddOption("model", "DIR",
+              "checkpoint folder: config.json + model.safetensors or shards "
+              "with model.safetensors.index.json",
+              true);
+  p.AddOption("hessians", "FILE",
+              "safetensors with fp32 <module>.hessian, [in, in] or "
+              "[in/16, 16, 16] (needed by local_hessian and dss)");
+  p.AddOption("out", "DIR",
+              "output folder (written to a temporary folder beside it, renamed "
+              "at the end)",
+              true);
+  p.AddOption("method", "NAME", "max | mse | local_hessian | dss", false, "dss");
+  p.AddOption("beta-step", "X", "dss beta grid spacing, in [0.005, 0.5]", false, "0.05");
+  p.AddOption("fallback-method", "NAME",
+              "max | mse for modules without a Hessian (otherwise "
+              "such a module is an error)");
+  p.AddRepeated("include", "GLOB", "quantize only modules matching (module or weight name)");
+  p.AddRepeated("exclude", "GLOB", "do not quantize modules matching");
+  p.AddSwitch("no-default-excludes",
+              "drop the default excludes (lm_head, embeddings, routers, "
+              "MoE gates, output layers, vision towers)");
+  p.AddOption("device", "NAME", "in-process backend: auto | cpu | cuda", false, "auto");
+  p.AddOption("threads", "N", "CPU backend threads, 0 = all", false, "0");
+  p.AddOption("server", "HOST:PORT[,...]",
+              "quantize on nvfp4cal servers, tensors spread "
+              "over all");
+  p.AddOption("timeout", "SECONDS", "deadline of each server stream, 0 = none", false, "0");
+  p.AddOption("retries", "N", "attempts per server when it is unavailable", false, "4");
+  p.AddSwitch("tls", "connect to the servers with TLS");
+  p.AddOption("tls-ca", "FILE", "PEM root certificates for --tls (default: system roots)");
+  p.AddSwitch("overwrite", "replace an existing --out");
+  p.AddSwitch("quiet", "no progress bar and no statistics table");
+  return p;
+}
+
+int RunQuantize(int argc, const char* const* argv) {
+  const std::string cmd = "quantize";
+  const CliParser parser = QuantizeParser();
+  absl::StatusOr<CliArgs> args = parser.Parse(argc, argv);
+  if (!args.ok()) return UsageError(cmd, args.status());
+  if (args->help()) {
+    std::cout << parser.Help();
+    return 0;
+  }
+  QuantizeOptions options;
+  options.model_dir = args->Get("model");
+  options.hessians_path = args->Get("hessians");
+  options.out_dir = args->Get("out");
+  options.overwrite = args->Switch("overwrite");
+  options.plan.includes = args->GetAll("include");
+  options.plan.excludes = args->GetAll("exclude");
+  options.plan.default_excludes = !args->Switch("no-default-excludes");
+  options.cancel = &g_cancel;
+  absl::StatusOr<Method> method = ParseMethod(args->Get("method", "dss"));
+  if (!method.ok()) return UsageError(cmd, Prefixed("--", method.status()));
+  options.params.method = *method;
+  if (args->Has("fallback-method")) {
+    absl::StatusOr<Method> fallback = ParseMethod(args->Get("fallback-method"));
+    if (!fallback.ok()) return UsageError(cmd, Prefixed("--fallback-", fallback.status()));
+    options.fallback_method = *fallback;
+  }
+  int threads = 0;
+  int retries = 4;
+  float timeout_s = 0.0f;
+  for (const absl::Status& s :
+       {ParseFloat(*args, "beta-step", &options.params.beta_step),
+        ParseInt(*args, "threads", &threads), ParseInt(*args, "retries", &retries),
+        ParseFloat(*args, "timeout", &timeout_s)}) {
+    if (!s.ok()) return UsageError(cmd, s);
+  }
+  absl::Status params_ok = ValidateParams(options.params);
+  if (!params_ok.ok()) return UsageError(cmd, Prefixed("--beta-step: ", params_ok));
+
+  std::unique_ptr<Quantizer> quantizer;
+  if (args->Has("server")) {
+    if (args->Get("device", "auto") != "auto") {
+      return UsageError(cmd, absl::InvalidArgumentError(
+                                 "--device applies in-process only; servers pick their device"));
+    }
+    absl::StatusOr<std::vector<std::string>> addresses = ParseServerList(args->Get("server"));
+    if (!addresses.ok()) return UsageError(cmd, addresses.status());
+    ClientOptions client;
+    client.addresses = *addresses;
+    client.max_attempts = retries;
+    client.timeout = absl::Seconds(static_cast<double>(timeout_s));
+    client.use_tls = args->Switch("tls");
+    client.tls_root_certs_path = args->Get("tls-ca");
+    absl::StatusOr<std::unique_ptr<Quantizer>> remote = MakeRemoteQuantizer(client);
+    if (!remote.ok()) return UsageError(cmd, remote.status());
+    quantizer = *std::move(remote);
+  } else {
+    LocalQuantizerOptions local;
+    local.device = args->Get("device", "auto");
+    local.cpu_threads = threads;
+    absl::StatusOr<std::unique_ptr<Quantizer>> in_process = MakeLocalQuantizer(local);
+    if (!in_process.ok()) return Fail(cmd, in_process.status());
+    quantizer = *std::move(in_process);
+  }
+
+  const bool quiet = args->Switch("quiet");
+  ProgressReporter progress(stderr, !quiet && isatty(STDERR_FILENO) != 0);
+  std::signal(SIGINT, OnStopSignal);
+  std::signal(SIGTERM, OnStopSignal);
+  absl::StatusOr<QuantizeReport> report = QuantizeCheckpoint(options, quantizer.get(), &progress);
+  progress.Finish();
+  if (!report.ok()) return Fail(cmd, report.status());
+  if (!quiet) {
+    std::cout << "quantized " << report->modules.size() << " modules with " << report->quantizer
+              << " (" << FormatBytes(report->bytes_in) << " -> " << FormatBytes(report->bytes_out)
+              << "), not quantized: " << report->skipped.size() << "\n\n"
+              << FormatStatsTable(*report);
+  }
+  std::cout << "wrote " << options.out_dir << "\n";
+  return 0;
+}
+
+int RunInspect(int argc, const char* const* argv) {
+  CliParser parser("inspect",
+                   "Summarises a checkpoint: shards, tensors and sizes by dtype, "
+                   "quantization config, NVFP4 modules.");
+  parser.SetPositional("DIR", 1);
+  absl::StatusOr<CliArgs> args = parser.Parse(argc, argv);
+  if (!args.ok()) return UsageError("inspect", args.status());
+  if (args->help()) {
+    std::cout << parser.Help();
+    return 0;
+  }
+  absl::StatusOr<std::string> summary = InspectCheckpoint(args->positional()[0]);
+  if (!summary.ok()) return Fail("inspect", summary.status());
+  std::cout << *summary;
+  return 0;
+}
+
+int RunExample(int argc, const char* const* argv) {
+  CliParser parser("example",
+                   "Writes a small Llama-shaped checkpoint with matching Hessians "
+                   "(hessians.safetensors inside it).");
+  const ExampleModelOptions defaults;
+  parser.AddOption("out", "DIR", "folder to create", true);
+  parser.AddOption("layers", "N", "decoder layers", false, std::to_string(defaults.layers));
+  parser.AddOption("hidden", "N", "hidden size", false, std::to_string(defaults.hidden));
+  parser.AddOption("intermediate", "N", "MLP size", false, std::to_string(defaults.intermediate));
+  parser.AddOption("shards", "N", "safetensors shards (> 1 writes an index)", false, "1");
+  parser.AddOption("seed", "N", "random seed", false, "1");
+  parser.AddSwitch("overwrite", "replace an existing --out");
+  absl::StatusOr<CliArgs> args = parser.Parse(argc, argv);
+  if (!args.ok()) return UsageError("example", args.status());
+  if (args->help()) {
+    std::cout << parser.Help();
+    return 0;
+  }
+  ExampleModelOptions options;
+  int seed = 1;
+  for (const absl::Status& s :
+       {ParseInt(*args, "layers", &options.layers), ParseInt(*args, "hidden", &options.hidden),
+        ParseInt(*args, "intermediate", &options.intermediate),
+        ParseInt(*args, "shards", &options.shards), ParseInt(*args, "seed", &seed)}) {
+    if (!s.ok()) return UsageError("example", s);
+  }
+  options.seed = static_cast<uint64_t>(seed);
+  options.overwrite = args->Switch("overwrite");
+  const std::string out = args->Get("out");
+  absl::Status written = WriteExampleModel(out, options);
+  if (!written.ok()) return Fail("example", written);
+  std::cout << "wrote " << out << " (" << options.layers << " layers; Hessians in " << out
+            << "/hessians.safetensors)\n";
+  return 0;
+}
+
+int RunDequantize(int argc, const char* const* argv) {
+  CliParser parser("dequantize",
+                   "Writes a dense copy of an NVFP4 checkpoint "
+                   "(w = e2m1(code) * weight_scale * weight_scale_2).");
+  parser.AddOption("in", "DIR", "NVFP4 checkpoint folder", true);
+  parser.AddOption("out", "DIR", "folder to create", true);
+  parser.AddOption("dtype", "NAME", "bfloat16 | float32", false, "bfloat16");
+  parser.AddSwitch("overwrite", "replace an existing --out");
+  absl::StatusOr<CliArgs> args = parser.Parse(argc, argv);
+  if (!args.ok()) return UsageError("dequantize", args.status());
+  if (args->help()) {
+    std::cout << parser.Help();
+    return 0;
+  }
+  DequantizeOptions options;
+  options.in_dir = args->Get("in");
+  options.out_dir = args->Get("out");
+  options.overwrite = args->Switch("overwrite");
+  const std::string dtype = args->Get("dtype", "bfloat16");
+  if (dtype == "float32") {
+    options.dtype = SafetensorsDType::kF32;
+  } else if (dtype != "bfloat16") {
+    return UsageError("dequantize",
+                      absl::InvalidArgumentError(absl::StrCat(
+                          "--dtype must be bfloat16 or float32, got \"", dtype, "\"")));
+  }
+  absl::Status done = DequantizeCheckpoint(options);
+  if (!done.ok()) return Fail("dequantize", done);
+  std::cout << "wrote " << options.out_dir << "\n";
+  return 0;
+}
+
+constexpr char kUsage[] =
+    "usage: nvfp4cal COMMAND [options]   (nvfp4cal COMMAND --help for its options)\n"
+    "\n"
+    "Calibrates LLM weights into NVIDIA's NVFP4 format.\n"
+    "\n"
+    "commands:\n"
+    "  quantize     checkpoint + Hessians -> NVFP4 checkpoint (in-process or --server)\n"
+    "  inspect      summary of a checkpoint (quantized layers, formats, sizes)\n"
+    "  example      write a small Llama-shaped checkpoint with Hessians\n"
+    "  dequantize   dense copy of an NVFP4 checkpoint\n"
+    "\n"
+    "quick start:\n"
+    "  nvfp4cal example --out example\n"
+    "  nvfp4cal quantize --model example --hessians example/hessians.safetensors "
+    "--out example-nvfp4\n"
+    "  nvfp4cal inspect example-nvfp4\n";
+
+int Main(int argc, char** argv) {
+  if (argc < 2) {
+    std::cerr << kUsage;
+    return kExitUsage;
+  }
+  const std::string command = argv[1];
+  const char* const* rest = argv + 2;
+  const int rest_count = argc - 2;
+  if (command == "--help" || command == "-h" || command == "help") {
+    if (command == "help" && argc > 2) {
+      const char* help[] = {"--help"};
+      const std::string sub = argv[2];
+      if (sub == "quantize") return RunQuantize(1, help);
+      if (sub == "inspect") return RunInspect(1, help);
+      if (sub == "example") return RunExample(1, help);
+      if (sub == "dequantize") return RunDequantize(1, help);
+    }
+    std::cout << kUsage;
+    return 0;
+  }
+  if (command == "--version") {
+    std::cout << "nvfp4cal " << NvFp4CalVersion() << "\n";
+    return 0;
+  }
+  if (command == "quantize") return RunQuantize(rest_count, rest);
+  if (command == "inspect") return RunInspect(rest_count, rest);
+  if (command == "example") return RunExample(rest_count, rest);
+  if (command == "dequantize") return RunDequantize(rest_count, rest);
+  std::cerr << "nvfp4cal: unknown command '" << command << "'\n\n" << kUsage;
+  return kExitUsage;
+}
+
+}  // namespace
+}  // namespace nvfp4cal
+
+int main(int argc, char** argv) { return nvfp4cal::Main(argc, argv); }

@@ -1,0 +1,134 @@
+#include "client/progress.h"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace nvfp4cal {
+namespace {
+
+std::string Percent(int64_t part, int64_t whole) {
+  if (whole <= 0) return "-";
+  return absl::StrFormat("%.1f%%", 100.0 * static_cast<double>(part) / static_cast<double>(whole));
+}
+
+std::string Change(double before, double after) {
+  if (before <= 0.0) return "-";
+  return absl::StrFormat("%+.1f%%", 100.0 * (after - before) / before);
+}
+
+}  // namespace
+
+std::string FormatBytes(int64_t bytes) {
+  const double b = static_cast<double>(bytes);
+  if (b >= 1e9) return absl::StrFormat("%.2f GB", b / 1e9);
+  if (b >= 1e6) return absl::StrFormat("%.1f MB", b / 1e6);
+  if (b >= 1e3) return absl::StrFormat("%.1f kB", b / 1e3);
+  return absl::StrFormat("%d B", bytes);
+}
+
+void ProgressReporter::OnStart(int64_t tensors, int64_t bytes) {
+  absl::MutexLock lock(&mu_);
+  tensors_total_ = tensors;
+  bytes_total_ = bytes;
+  start_ = std::chrono::steady_clock::now();
+  last_draw_ = start_ - std::chrono::seconds(1);
+  DrawLocked();
+}
+
+void ProgressReporter::OnTensorDone(const std::string& /*name*/, int64_t bytes) {
+  absl::MutexLock lock(&mu_);
+  ++tensors_done_;
+  bytes_done_ += bytes;
+  DrawLocked();
+}
+
+void ProgressReporter::OnMessage(const std::string& line) {
+  absl::MutexLock lock(&mu_);
+  if (show_bar_ && drawn_) std::fprintf(out_, "\r\033[K");
+  std::fprintf(out_, "%s\n", line.c_str());
+  if (show_bar_ && drawn_) {
+    last_draw_ = std::chrono::steady_clock::now() - std::chrono::seconds(1);
+    DrawLocked();
+  }
+  std::fflush(out_);
+}
+
+void ProgressReporter::Finish() {
+  absl::MutexLock lock(&mu_);
+  if (show_bar_ && drawn_) {
+    last_draw_ = std::chrono::steady_clock::now() - std::chrono::seconds(1);
+    DrawLocked();
+    std::fprintf(out_, "\n");
+    std::fflush(out_);
+  }
+  drawn_ = false;
+}
+
+void ProgressReporter::DrawLocked() {
+  if (!show_bar_) return;
+  const auto now = std::chrono::steady_clock::now();
+  // At most 10 redraws a second, but always the last one.
+  if (tensors_done_ < tensors_total_ && now - last_draw_ < std::chrono::milliseconds(100)) return;
+  last_draw_ = now;
+  const double seconds = std::chrono::duration<double>(now - start_).count();
+  const double fraction =
+      bytes_total_ > 0 ? static_cast<double>(bytes_done_) / static_cast<double>(bytes_total_) : 0;
+  constexpr int kWidth = 28;
+  const int filled = std::clamp(static_cast<int>(fraction * kWidth), 0, kWidth);
+  const double rate = seconds > 0 ? static_cast<double>(bytes_done_) / seconds : 0.0;
+  std::string eta = "-";
+  if (rate > 0 && bytes_done_ < bytes_total_) {
+    eta =
+        absl::StrFormat("%.0fs", std::ceil(static_cast<double>(bytes_total_ - bytes_done_) / rate));
+  } else if (bytes_done_ >= bytes_total_) {
+    eta = "0s";
+  }
+  std::fprintf(out_, "\r\033[K[%s%s] %lld/%lld tensors  %s/%s  %s/s  ETA %s",
+               std::string(static_cast<size_t>(filled), '#').c_str(),
+               std::string(static_cast<size_t>(kWidth - filled), '.').c_str(),
+               static_cast<long long>(tensors_done_), static_cast<long long>(tensors_total_),
+               FormatBytes(bytes_done_).c_str(), FormatBytes(bytes_total_).c_str(),
+               FormatBytes(static_cast<int64_t>(rate)).c_str(), eta.c_str());
+  std::fflush(out_);
+  drawn_ = true;
+}
+
+std::string FormatStatsTable(const QuantizeReport& report) {
+  size_t name_width = 6;
+  for (const ModuleReport& m : report.modules) name_width = std::max(name_width, m.module.size());
+  const int w = static_cast<int>(name_width);
+  std::string out = absl::StrFormat("%-*s  %-11s  %-13s  %-3s  %12s  %12s  %8s  %8s  %8s  %8s\n", w,
+                                    "module", "shape", "method", "H", "obj before", "obj after",
+                                    "change", "scales", "beta!=1", "off!=0");
+  double before = 0, after = 0;
+  int64_t blocks = 0, changed = 0, beta = 0, offset = 0;
+  for (const ModuleReport& m : report.modules) {
+    const TensorStats& s = m.stats;
+    const bool dss = s.method == Method::kDss;
+    out += absl::StrFormat("%-*s  %-11s  %-13s  %-3s  %12.5g  %12.5g  %8s  %8s  %8s  %8s\n", w,
+                           m.module, absl::StrCat(m.rows, "x", m.cols),
+                           std::string(MethodName(s.method)),
+                           m.hessian_entry.empty() ? "no" : "yes", s.objective_before,
+                           s.objective_after, Change(s.objective_before, s.objective_after),
+                           Percent(s.blocks_scale_changed, s.num_blocks),
+                           dss ? Percent(s.blocks_beta_not_one, s.num_blocks) : "-",
+                           dss ? Percent(s.blocks_offset_not_zero, s.num_blocks) : "-");
+    before += s.objective_before;
+    after += s.objective_after;
+    blocks += s.num_blocks;
+    changed += s.blocks_scale_changed;
+    beta += s.blocks_beta_not_one;
+    offset += s.blocks_offset_not_zero;
+  }
+  out += absl::StrFormat("%-*s  %-11s  %-13s  %-3s  %12.5g  %12.5g  %8s  %8s  %8s  %8s\n", w,
+                         absl::StrCat("total (", report.modules.size(), ")"), "", "", "", before,
+                         after, Change(before, after), Percent(changed, blocks),
+                         Percent(beta, blocks), Percent(offset, blocks));
+  return out;
+}
+
+}  // namespace nvfp4cal

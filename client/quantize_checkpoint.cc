@@ -1,0 +1,435 @@
+#include "client/quantize_checkpoint.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <set>
+#include <system_error>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/synchronization/mutex.h"
+#include "client/file_util.h"
+#include "client/hessians.h"
+#include "nlohmann/json.hpp"
+
+#ifndef NVFP4CAL_VERSION
+#define NVFP4CAL_VERSION "0.0.0"
+#endif
+
+namespace nvfp4cal {
+namespace {
+
+namespace fs = std::filesystem;
+using OrderedJson = nlohmann::ordered_json;
+
+// A quantized module with everything its job needs.
+struct PreparedModule {
+  const ModulePlan* plan = nullptr;
+  size_t shard = 0;
+  const SafetensorsTensor* tensor = nullptr;
+  // Aligned copy of the weights when the mapping is not aligned to the element size.
+  std::vector<uint8_t> aligned_copy;
+  const void* weights = nullptr;
+  std::string hessian_entry;
+  std::shared_ptr<const std::vector<float>> hessian_blocks;
+  SearchParams params;
+  float own_amax = 0.0f;
+  float global_amax = 0.0f;
+};
+
+// Removes a folder when it goes out of scope unless released.
+class TempDirGuard {
+ public:
+  explicit TempDirGuard(std::string path) : path_(std::move(path)) {}
+  ~TempDirGuard() {
+    if (!path_.empty()) RemoveTree(path_).IgnoreError();
+  }
+  void Release() { path_.clear(); }
+
+ private:
+  std::string path_;
+};
+
+absl::Status WithContext(const absl::Status& status, const std::string& context) {
+  return absl::Status(status.code(), absl::StrCat(context, ": ", status.message()));
+}
+
+std::vector<uint8_t> FloatBytes(float value) {
+  std::vector<uint8_t> bytes(4);
+  std::memcpy(bytes.data(), &value, 4);
+  return bytes;
+}
+
+OrderedJson QuantArgs() {
+  OrderedJson args = OrderedJson::object();
+  args["num_bits"] = 4;
+  args["type"] = "float";
+  args["group_size"] = 16;
+  args["dynamic"] = false;
+  return args;
+}
+
+bool SamePath(const std::string& a, const std::string& b) {
+  std::error_code ec;
+  return fs::equivalent(a, b, ec);
+}
+
+// Everything that can be checked before any output is written.
+absl::Status PrepareModules(const QuantizeOptions& options, const Checkpoint& checkpoint,
+                            const std::vector<ModulePlan>& plans, HessianStore* hessians,
+                            QuantizeObserver* observer, std::vector<PreparedModule>* prepared) {
+  std::vector<std::string> missing;
+  for (const ModulePlan& plan : plans) {
+    if (!plan.quantize) continue;
+    PreparedModule m;
+    m.plan = &plan;
+    const Checkpoint::Entry* entry = checkpoint.Find(plan.weight_name);
+    m.shard = entry->shard;
+    m.tensor = entry->tensor;
+    m.params = options.params;
+    if (hessians != nullptr) m.hessian_entry = hessians->Resolve(plan.module);
+    if (m.hessian_entry.empty() && MethodNeedsHessian(m.params.method)) {
+      if (!options.fallback_method.has_value()) {
+        missing.push_back(plan.module);
+        continue;
+      }
+      m.params.method = *options.fallback_method;
+      if (observer != nullptr) {
+        observer->OnMessage(absl::StrCat("note: ", plan.module,
+                                         " has no Hessian; using --fallback-method ",
+                                         std::string(MethodName(m.params.method))));
+      }
+    }
+    if (!m.hessian_entry.empty()) {
+      absl::StatusOr<std::shared_ptr<const std::vector<float>>> blocks = hessians->Blocks(
+          m.hessian_entry, plan.module, plan.cols, options.params.symmetry_tolerance);
+      if (!blocks.ok()) return blocks.status();
+      m.hessian_blocks = *std::move(blocks);
+    }
+    const int element = DTypeSize(plan.dtype);
+    m.weights = m.tensor->data;
+    if (reinterpret_cast<uintptr_t>(m.tensor->data) % static_cast<uintptr_t>(element) != 0) {
+      m.aligned_copy.assign(m.tensor->data, m.tensor->data + m.tensor->num_bytes);
+      m.weights = m.aligned_copy.data();
+    }
+    absl::StatusOr<float> amax =
+        ComputeGlobalAmax(WeightView{m.weights, plan.dtype, plan.rows, plan.cols});
+    if (!amax.ok())
+      return WithContext(amax.status(), absl::StrCat("tensor '", plan.weight_name, "'"));
+    m.own_amax = *amax;
+    prepared->push_back(std::move(m));
+  }
+  if (!missing.empty()) {
+    const size_t shown = std::min<size_t>(missing.size(), 5);
+    return absl::FailedPreconditionError(absl::StrCat(
+        "--method ", std::string(MethodName(options.params.method)), " needs a Hessian, but ",
+        hessians == nullptr ? std::string("no --hessians file was given")
+                            : absl::StrCat(hessians->path(), " has none"),
+        " for ", missing.size(), " module(s): ",
+        absl::StrJoin(missing.begin(), missing.begin() + static_cast<std::ptrdiff_t>(shown), ", "),
+        missing.size() > shown ? ", ..." : "",
+        " (looked for '<module>.hessian', a __metadata__ alias and the fused siblings' entries; "
+        "pass --fallback-method max|mse to quantize them without one)"));
+  }
+  // Fused siblings share g = the max over the group (NUMERICS §1).
+  std::map<std::string, float> group_amax;
+  for (const PreparedModule& m : *prepared) {
+    if (m.plan->fused_group.empty()) continue;
+    float& g = group_amax[m.plan->fused_group];
+    g = std::max(g, m.own_amax);
+  }
+  for (PreparedModule& m : *prepared) {
+    m.global_amax = m.plan->fused_group.empty() ? m.own_amax : group_amax[m.plan->fused_group];
+  }
+  return absl::OkStatus();
+}
+
+// Output tensor specs of one shard: untouched tensors as they are, quantized modules as the
+// three NVFP4 tensors.
+std::vector<SafetensorsTensorSpec> OutputSpecs(
+    const SafetensorsFile& shard,
+    const std::map<std::string, const ModulePlan*>& quantized_by_weight) {
+  std::vector<SafetensorsTensorSpec> specs;
+  for (const SafetensorsTensor& t : shard.tensors()) {
+    const auto it = quantized_by_weight.find(t.name);
+    if (it == quantized_by_weight.end()) {
+      specs.push_back({t.name, t.dtype, t.shape});
+      continue;
+    }
+    const ModulePlan& p = *it->second;
+    specs.push_back({p.module + ".weight", SafetensorsDType::kU8, {p.rows, p.cols / 2}});
+    specs.push_back({p.module + ".weight_scale", SafetensorsDType::kF8E4M3, {p.rows, p.cols / 16}});
+    specs.push_back({p.module + ".weight_scale_2", SafetensorsDType::kF32, {}});
+  }
+  return specs;
+}
+
+absl::Status ReplaceDirectory(const std::string& temp, const std::string& out, bool overwrite) {
+  std::error_code ec;
+  std::string old;
+  if (fs::exists(out, ec)) {
+    if (!overwrite) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("--out ", out, " appeared during the run; pass --overwrite to replace it"));
+    }
+    old = absl::StrCat(out, ".nvfp4cal-old-", getpid());
+    fs::rename(out, old, ec);
+    if (ec) return absl::InternalError(absl::StrCat("cannot move ", out, " aside: ", ec.message()));
+  }
+  fs::rename(temp, out, ec);
+  if (ec) {
+    if (!old.empty()) fs::rename(old, out, ec);
+    return absl::InternalError(
+        absl::StrCat("cannot rename ", temp, " to ", out, ": ", ec.message()));
+  }
+  if (!old.empty()) return RemoveTree(old);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+std::string NvFp4CalVersion() { return NVFP4CAL_VERSION; }
+
+absl::StatusOr<std::string> QuantizedConfigJson(const std::string& config_text,
+                                                const std::vector<std::string>& exclude_modules) {
+  OrderedJson config = OrderedJson::parse(config_text, nullptr, /*allow_exceptions=*/false);
+  if (config.is_discarded() || !config.is_object()) {
+    return absl::InvalidArgumentError("config.json is not a JSON object");
+  }
+  OrderedJson group = OrderedJson::object();
+  group["weights"] = QuantArgs();
+  group["input_activations"] = QuantArgs();
+  group["targets"] = {"Linear"};
+  OrderedJson q = OrderedJson::object();
+  q["quant_method"] = "modelopt";
+  q["quant_algo"] = "NVFP4";
+  q["config_groups"] = {{"group_0", group}};
+  q["ignore"] = exclude_modules;
+  config["quantization_config"] = std::move(q);
+  return config.dump(2) + "\n";
+}
+
+std::string HfQuantConfigJson(const std::vector<std::string>& exclude_modules) {
+  OrderedJson producer = OrderedJson::object();
+  producer["name"] = "nvfp4cal";
+  producer["version"] = NvFp4CalVersion();
+  OrderedJson quantization = OrderedJson::object();
+  quantization["quant_algo"] = "NVFP4";
+  quantization["kv_cache_quant_algo"] = nullptr;
+  quantization["group_size"] = 16;
+  quantization["exclude_modules"] = exclude_modules;
+  OrderedJson root = OrderedJson::object();
+  root["producer"] = std::move(producer);
+  root["quantization"] = std::move(quantization);
+  return root.dump(2) + "\n";
+}
+
+absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options,
+                                                  Quantizer* quantizer,
+                                                  QuantizeObserver* observer) {
+  std::error_code ec;
+  if (options.out_dir.empty()) return absl::InvalidArgumentError("--out is required");
+  if (fs::exists(options.out_dir, ec) && !options.overwrite) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("--out ", options.out_dir, " already exists; pass --overwrite to replace it"));
+  }
+  if (fs::exists(options.out_dir, ec) && SamePath(options.out_dir, options.model_dir)) {
+    return absl::InvalidArgumentError("--out must not be the --model folder");
+  }
+  absl::Status params_ok = ValidateParams(options.params);
+  if (!params_ok.ok()) return params_ok;
+  if (options.fallback_method.has_value() && MethodNeedsHessian(*options.fallback_method)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--fallback-method ", std::string(MethodName(*options.fallback_method)),
+                     " needs a Hessian itself; use max or mse"));
+  }
+
+  absl::StatusOr<std::unique_ptr<Checkpoint>> checkpoint = Checkpoint::Open(options.model_dir);
+  if (!checkpoint.ok()) return checkpoint.status();
+  if (nlohmann::json::parse((*checkpoint)->config_text()).contains("quantization_config")) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(options.model_dir,
+                     "/config.json already has a quantization_config: the model is "
+                     "quantized already"));
+  }
+  absl::StatusOr<std::vector<ModulePlan>> plans = PlanModules(**checkpoint, options.plan);
+  if (!plans.ok()) return plans.status();
+
+  std::unique_ptr<HessianStore> hessians;
+  if (!options.hessians_path.empty()) {
+    absl::StatusOr<std::unique_ptr<HessianStore>> store = HessianStore::Open(options.hessians_path);
+    if (!store.ok()) return store.status();
+    hessians = *std::move(store);
+  }
+
+  QuantizeReport report;
+  report.quantizer = quantizer->Describe();
+  std::vector<std::string> exclude_modules;
+  for (const ModulePlan& p : *plans) {
+    if (p.quantize) continue;
+    exclude_modules.push_back(p.module);
+    report.skipped.push_back(absl::StrCat(p.module, ": ", p.skip_reason));
+    if (observer != nullptr && p.skip_reason.find("multiple of 16") != std::string::npos) {
+      observer->OnMessage(absl::StrCat("note: ", p.module, " not quantized: ", p.skip_reason));
+    }
+  }
+
+  std::vector<PreparedModule> prepared;
+  absl::Status ready =
+      PrepareModules(options, **checkpoint, *plans, hessians.get(), observer, &prepared);
+  if (!ready.ok()) return ready;
+
+  // From here on everything goes to the temporary folder.
+  absl::StatusOr<std::string> temp = MakeTempDirBeside(options.out_dir);
+  if (!temp.ok()) return temp.status();
+  TempDirGuard guard(*temp);
+
+  std::map<std::string, const ModulePlan*> quantized_by_weight;
+  for (const PreparedModule& m : prepared) quantized_by_weight[m.plan->weight_name] = m.plan;
+  const Checkpoint& model = **checkpoint;
+  std::vector<std::unique_ptr<SafetensorsWriter>> writers;
+  std::map<std::string, std::string> weight_map;  // output tensor -> shard file
+  int64_t total_bytes = 0;
+  for (const Checkpoint::Shard& shard : model.shards()) {
+    std::vector<SafetensorsTensorSpec> specs = OutputSpecs(*shard.file, quantized_by_weight);
+    for (const SafetensorsTensorSpec& s : specs) {
+      weight_map[s.name] = shard.file_name;
+      report.bytes_out += NumElements(s.shape) * SafetensorsDTypeSize(s.dtype);
+    }
+    absl::StatusOr<std::unique_ptr<SafetensorsWriter>> writer = SafetensorsWriter::Create(
+        (fs::path(*temp) / shard.file_name).string(), specs, shard.file->metadata());
+    if (!writer.ok()) return writer.status();
+    writers.push_back(*std::move(writer));
+    for (const SafetensorsTensor& t : shard.file->tensors()) total_bytes += t.num_bytes;
+  }
+  report.bytes_in = total_bytes;
+  if (observer != nullptr) {
+    observer->OnStart(static_cast<int64_t>(model.tensors().size()), total_bytes);
+  }
+
+  // Untouched tensors: copied straight from the mapping.
+  for (size_t s = 0; s < model.shards().size(); ++s) {
+    for (const SafetensorsTensor& t : model.shards()[s].file->tensors()) {
+      if (quantized_by_weight.count(t.name) != 0) continue;
+      if (options.cancel != nullptr && options.cancel->load()) {
+        return absl::CancelledError("interrupted");
+      }
+      absl::Status written =
+          writers[s]->Write(t.name, absl::MakeConstSpan(t.data, static_cast<size_t>(t.num_bytes)));
+      if (!written.ok()) return written;
+      if (observer != nullptr) observer->OnTensorDone(t.name, t.num_bytes);
+    }
+  }
+
+  // Quantized modules.
+  std::vector<TensorJob> jobs;
+  for (const PreparedModule& m : prepared) {
+    TensorJob job;
+    job.name = m.plan->weight_name;
+    job.weights = {m.weights, m.plan->dtype, m.plan->rows, m.plan->cols};
+    if (m.hessian_blocks != nullptr) {
+      job.hessians = {m.hessian_blocks->data(), m.plan->cols / 16};
+      job.hessian_key = m.hessian_entry;
+    }
+    job.params = m.params;
+    job.global_amax = m.global_amax;
+    jobs.push_back(std::move(job));
+  }
+  absl::Mutex report_mu;
+  std::vector<std::optional<ModuleReport>> module_reports(prepared.size());
+  absl::Status quantized =
+      quantizer->QuantizeAll(jobs, [&](size_t index, QuantizedTensor result) -> absl::Status {
+        if (options.cancel != nullptr && options.cancel->load()) {
+          return absl::CancelledError("interrupted");
+        }
+        const PreparedModule& m = prepared[index];
+        const ModulePlan& p = *m.plan;
+        if (result.rows != p.rows || result.cols != p.cols ||
+            result.packed_codes.size() != static_cast<size_t>(p.rows * p.cols / 2) ||
+            result.scales.size() != static_cast<size_t>(p.rows * p.cols / 16)) {
+          return absl::InternalError(absl::StrCat(p.weight_name, ": result has the wrong size"));
+        }
+        SafetensorsWriter& writer = *writers[m.shard];
+        for (const absl::Status& s :
+             {writer.Write(p.module + ".weight", result.packed_codes),
+              writer.Write(p.module + ".weight_scale", result.scales),
+              writer.Write(p.module + ".weight_scale_2", FloatBytes(result.global_scale))}) {
+          if (!s.ok()) return s;
+        }
+        ModuleReport r;
+        r.module = p.module;
+        r.rows = p.rows;
+        r.cols = p.cols;
+        r.hessian_entry = m.hessian_entry;
+        r.stats = result.stats;
+        if (observer != nullptr && r.stats.zero_hessian_blocks > 0) {
+          observer->OnMessage(
+              absl::StrCat("warning: ", p.module, ": ", r.stats.zero_hessian_blocks, " of ",
+                           r.stats.num_blocks, " blocks have an all-zero Hessian block (",
+                           m.hessian_entry, " missed those inputs); the smallest scale won there"));
+        }
+        if (observer != nullptr) observer->OnTensorDone(p.weight_name, m.tensor->num_bytes);
+        absl::MutexLock lock(&report_mu);
+        module_reports[index] = std::move(r);
+        return absl::OkStatus();
+      });
+  if (!quantized.ok()) return quantized;
+  for (std::optional<ModuleReport>& r : module_reports) {
+    if (!r.has_value()) return absl::InternalError("a module's result never arrived");
+    report.modules.push_back(*std::move(r));
+  }
+
+  for (std::unique_ptr<SafetensorsWriter>& writer : writers) {
+    absl::Status finished = writer->Finish();
+    if (!finished.ok()) return finished;
+  }
+
+  // Index, configs, other files.
+  if (model.sharded()) {
+    OrderedJson index = OrderedJson::object();
+    OrderedJson metadata = OrderedJson::parse(model.index_metadata_json(), nullptr, false);
+    if (metadata.is_discarded() || !metadata.is_object()) metadata = OrderedJson::object();
+    metadata["total_size"] = report.bytes_out;
+    index["metadata"] = std::move(metadata);
+    OrderedJson map = OrderedJson::object();
+    for (const auto& [name, file] : weight_map) map[name] = file;
+    index["weight_map"] = std::move(map);
+    absl::Status written =
+        WriteTextFile((fs::path(*temp) / kIndexFileName).string(), index.dump(2) + "\n");
+    if (!written.ok()) return written;
+  }
+  absl::StatusOr<std::string> config = QuantizedConfigJson(model.config_text(), exclude_modules);
+  if (!config.ok()) return config.status();
+  for (const absl::Status& s :
+       {WriteTextFile((fs::path(*temp) / kConfigFileName).string(), *config),
+        WriteTextFile((fs::path(*temp) / kHfQuantConfigFileName).string(),
+                      HfQuantConfigJson(exclude_modules))}) {
+    if (!s.ok()) return s;
+  }
+  for (const std::string& name : model.OtherFiles()) {
+    const std::string from = (fs::path(model.dir()) / name).string();
+    if (name == kHfQuantConfigFileName || name.find(".nvfp4cal-tmp-") != std::string::npos) {
+      continue;
+    }
+    if (!options.hessians_path.empty() && SamePath(from, options.hessians_path)) continue;
+    if (SamePath(from, options.out_dir)) continue;
+    absl::Status copied = CopyPath(from, (fs::path(*temp) / name).string());
+    if (!copied.ok()) return copied;
+  }
+  if (options.cancel != nullptr && options.cancel->load()) {
+    return absl::CancelledError("interrupted");
+  }
+  absl::Status renamed = ReplaceDirectory(*temp, options.out_dir, options.overwrite);
+  if (!renamed.ok()) return renamed;
+  guard.Release();
+  return report;
+}
+
+}  // namespace nvfp4cal

@@ -1,0 +1,102 @@
+// QuantizeCheckpoint: the `nvfp4cal quantize` pipeline, one for in-process and remote modes.
+//
+// Hugging Face safetensors checkpoint + Hessians in, NVFP4 checkpoint (NUMERICS §5) out:
+//   plan the modules (checkpoint.h) -> resolve Hessians (hessians.h) -> global amax per tensor
+//   or fused group -> per output shard, a SafetensorsWriter with the final header -> copy the
+//   untouched tensors -> hand the quantized modules to the Quantizer and write each result as
+//   it arrives -> index, config.json + quantization_config, hf_quant_config.json, other files.
+// Everything is written into a temporary folder beside --out that is renamed onto --out at the
+// very end, so a failed or interrupted run never leaves an --out that looks complete.
+//
+//   nvfp4cal::QuantizeOptions options;
+//   options.model_dir = "/models/llama";
+//   options.hessians_path = "/models/llama-hessians.safetensors";
+//   options.out_dir = "/models/llama-nvfp4";
+//   auto quantizer = nvfp4cal::MakeLocalQuantizer({});
+//   absl::StatusOr<nvfp4cal::QuantizeReport> report =
+//       nvfp4cal::QuantizeCheckpoint(options, quantizer->get(), /*observer=*/nullptr);
+#ifndef NVFP4CAL_CLIENT_QUANTIZE_CHECKPOINT_H_
+#define NVFP4CAL_CLIENT_QUANTIZE_CHECKPOINT_H_
+
+#include <atomic>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "client/checkpoint.h"
+#include "client/quantizer.h"
+#include "nvfp4cal/kernels/scale_search.h"
+
+namespace nvfp4cal {
+
+struct QuantizeOptions {
+  std::string model_dir;
+  // Empty: no Hessians (only `max` and `mse`, or a fallback method, can run).
+  std::string hessians_path;
+  std::string out_dir;
+  // Method and its parameters for every quantized module.
+  SearchParams params;
+  // Used for modules that have no Hessian when params.method needs one; must not need one
+  // itself. Unset: such a module is an error naming it.
+  std::optional<Method> fallback_method;
+  PlanOptions plan;
+  // Replace an existing out_dir.
+  bool overwrite = false;
+  // Set from another thread (a signal handler) to stop between tensors with CANCELLED.
+  const std::atomic<bool>* cancel = nullptr;
+};
+
+// One quantized module's outcome, for the final table.
+struct ModuleReport {
+  std::string module;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  // Hessian entry used ("" without one) and the method that ran (the fallback's when used).
+  std::string hessian_entry;
+  TensorStats stats;
+};
+
+struct QuantizeReport {
+  // Quantized modules in name order.
+  std::vector<ModuleReport> modules;
+  // Modules not quantized with the reason.
+  std::vector<std::string> skipped;
+  int64_t bytes_in = 0;   // tensor bytes read
+  int64_t bytes_out = 0;  // tensor bytes written
+  std::string quantizer;  // Quantizer::Describe()
+};
+
+// Hears about progress; every method may be called from several threads, one call at a time.
+class QuantizeObserver {
+ public:
+  virtual ~QuantizeObserver() = default;
+  // Before the first tensor: how many tensors and input bytes the run will go through.
+  virtual void OnStart(int64_t tensors, int64_t bytes) = 0;
+  // After each tensor (copied or quantized) of `bytes` input bytes.
+  virtual void OnTensorDone(const std::string& name, int64_t bytes) = 0;
+  // Notes ("skipped: in = 100 ...") and warnings ("all-zero Hessian blocks ...").
+  virtual void OnMessage(const std::string& line) = 0;
+};
+
+// Runs the pipeline. Errors (the first one, naming the module, tensor or file): every check of
+// the inputs happens before anything is quantized; on any error the temporary folder is
+// removed and out_dir is left as it was. FAILED_PRECONDITION when out_dir exists without
+// `overwrite`.
+absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options,
+                                                  Quantizer* quantizer, QuantizeObserver* observer);
+
+// config.json with `quantization_config` added (NUMERICS §5), pretty-printed, key order kept.
+absl::StatusOr<std::string> QuantizedConfigJson(const std::string& config_text,
+                                                const std::vector<std::string>& exclude_modules);
+
+// hf_quant_config.json (NUMERICS §5).
+std::string HfQuantConfigJson(const std::vector<std::string>& exclude_modules);
+
+// "0.1.0".
+std::string NvFp4CalVersion();
+
+}  // namespace nvfp4cal
+
+#endif  // NVFP4CAL_CLIENT_QUANTIZE_CHECKPOINT_H_

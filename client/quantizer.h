@@ -1,0 +1,64 @@
+// Quantizer: what the quantize pipeline hands tensors to, in-process or through servers.
+//
+// The CLI has one pipeline for both modes: it plans the checkpoint, reads weights (views into
+// memory-mapped files), resolves Hessians and the shared global amax of fused siblings, and then
+// gives every tensor to a Quantizer. MakeLocalQuantizer (local_quantizer.h) runs kernels/
+// in-process; MakeRemoteQuantizer (remote_quantizer.h) streams to nvfp4cal servers. Both return
+// the kernel library's bytes for the same job, so outputs are byte-identical.
+//
+//   std::unique_ptr<nvfp4cal::Quantizer> q = *nvfp4cal::MakeLocalQuantizer({});
+//   std::vector<nvfp4cal::TensorJob> jobs = ...;
+//   absl::Status done = q->QuantizeAll(jobs, [&](size_t index, nvfp4cal::QuantizedTensor r) {
+//     return Write(jobs[index].name, r);   // may run on any thread, one call at a time per job
+//   });
+#ifndef NVFP4CAL_CLIENT_QUANTIZER_H_
+#define NVFP4CAL_CLIENT_QUANTIZER_H_
+
+#include <cstddef>
+#include <functional>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/types/span.h"
+#include "nvfp4cal/kernels/scale_search.h"
+
+namespace nvfp4cal {
+
+// One weight tensor to quantize. Pointers are not owned and stay valid during QuantizeAll.
+struct TensorJob {
+  // Tensor name, e.g. "model.layers.0.mlp.up_proj.weight" (unique within a QuantizeAll call).
+  std::string name;
+  WeightView weights;
+  // Diagonal Hessian blocks [cols / 16, 16, 16]; null data when the method needs none and none
+  // was given.
+  BlockHessiansView hessians;
+  // Identifies the Hessian: jobs with equal non-empty keys share the very same blocks (q/k/v,
+  // gate/up), so a remote session sends them once.
+  std::string hessian_key;
+  SearchParams params;
+  // The global amax g to quantize with: max |W| of the tensor, or of its fused group.
+  float global_amax = 0.0f;
+};
+
+// Receives the result of jobs[index]. Called once per job, possibly from several threads at
+// once (for different jobs), in any job order. A non-OK return stops QuantizeAll with it.
+using QuantizeResultCallback = std::function<absl::Status(size_t index, QuantizedTensor result)>;
+
+class Quantizer {
+ public:
+  virtual ~Quantizer() = default;
+
+  // One line for logs: "in-process cpu", "in-process cuda (NVIDIA H100 ...)",
+  // "remote 127.0.0.1:50051 (cpu)".
+  virtual std::string Describe() const = 0;
+
+  // Quantizes every job and hands each result to `on_result`. Returns the first error (a
+  // job's, the callback's or the transport's, naming the tensor where there is one); results
+  // already delivered stay delivered.
+  virtual absl::Status QuantizeAll(absl::Span<const TensorJob> jobs,
+                                   const QuantizeResultCallback& on_result) = 0;
+};
+
+}  // namespace nvfp4cal
+
+#endif  // NVFP4CAL_CLIENT_QUANTIZER_H_

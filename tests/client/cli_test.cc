@@ -1,0 +1,350 @@
+// The nvfp4cal binary: exit codes and the message of each bad input (docs/cli.md's error
+// table), that a failed run leaves neither --out nor a temporary folder, --overwrite, and the
+// example -> quantize -> inspect -> dequantize path a user runs first.
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "client/safetensors.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "tests/client/test_util.h"
+
+namespace nvfp4cal {
+namespace {
+
+namespace fs = std::filesystem;
+using ::nvfp4cal::testing::ProcessResult;
+using ::nvfp4cal::testing::ReadAll;
+using ::nvfp4cal::testing::RunCli;
+using ::nvfp4cal::testing::TempFolder;
+using ::nvfp4cal::testing::WriteAll;
+using ::testing::HasSubstr;
+using ::testing::IsEmpty;
+
+constexpr char kQ[] = "model.layers.0.self_attn.q_proj";
+constexpr char kO[] = "model.layers.0.self_attn.o_proj";
+
+std::vector<uint8_t> Bf16Bytes(int64_t n, float scale, float special = 0.0f,
+                               int64_t special_at = -1) {
+  std::vector<uint8_t> bytes(static_cast<size_t>(n * 2));
+  for (int64_t i = 0; i < n; ++i) {
+    float v = scale * static_cast<float>(static_cast<int>((i * 29 + 3) % 31) - 15) / 16.0f;
+    if (i == special_at) v = special;
+    uint32_t bits;
+    std::memcpy(&bits, &v, 4);
+    const uint16_t h = static_cast<uint16_t>(bits >> 16);
+    std::memcpy(&bytes[static_cast<size_t>(i * 2)], &h, 2);
+  }
+  return bytes;
+}
+
+std::vector<uint8_t> F32Bytes(const std::vector<float>& values) {
+  std::vector<uint8_t> bytes(values.size() * 4);
+  std::memcpy(bytes.data(), values.data(), bytes.size());
+  return bytes;
+}
+
+// Full [n, n] Hessian: identity plus a small symmetric coupling.
+std::vector<float> FullHessian(int64_t n) {
+  std::vector<float> h(static_cast<size_t>(n * n), 0.0f);
+  for (int64_t i = 0; i < n; ++i) {
+    h[static_cast<size_t>(i * n + i)] = 2.0f;
+    if (i + 1 < n) {
+      h[static_cast<size_t>(i * n + i + 1)] = 0.5f;
+      h[static_cast<size_t>((i + 1) * n + i)] = 0.5f;
+    }
+  }
+  return h;
+}
+
+// A one-layer model folder: q_proj and o_proj [32, 64] bf16 plus a norm, and a Hessians file
+// with a full [64, 64] entry for each.
+class BadInputs : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    model_ = dir_ / "model";
+    hessians_ = dir_ / "hessians.safetensors";
+    out_ = dir_ / "out";
+    fs::create_directories(model_);
+    WriteAll(model_ + "/config.json", "{\"model_type\": \"llama\"}");
+    WriteModel({});
+    WriteHessians({{std::string(kQ) + ".hessian", SafetensorsDType::kF32, {64, 64}},
+                   {std::string(kO) + ".hessian", SafetensorsDType::kF32, {64, 64}}},
+                  {F32Bytes(FullHessian(64)), F32Bytes(FullHessian(64))});
+  }
+
+  void WriteModel(std::vector<SafetensorsTensorData> extra) {
+    std::vector<SafetensorsTensorData> tensors = {
+        {{std::string(kQ) + ".weight", SafetensorsDType::kBF16, {32, 64}},
+         Bf16Bytes(32 * 64, 0.5f)},
+        {{std::string(kO) + ".weight", SafetensorsDType::kBF16, {32, 64}},
+         Bf16Bytes(32 * 64, 0.25f)},
+        {{"model.norm.weight", SafetensorsDType::kBF16, {64}}, Bf16Bytes(64, 1.0f)}};
+    for (auto& t : extra) {
+      bool replaced = false;
+      for (auto& existing : tensors) {
+        if (existing.spec.name == t.spec.name) {
+          existing = t;
+          replaced = true;
+        }
+      }
+      if (!replaced) tensors.push_back(t);
+    }
+    ASSERT_TRUE(WriteSafetensorsFile(model_ + "/model.safetensors", tensors, {}).ok());
+  }
+
+  void WriteHessians(const std::vector<SafetensorsTensorSpec>& specs,
+                     const std::vector<std::vector<uint8_t>>& data) {
+    std::vector<SafetensorsTensorData> tensors;
+    for (size_t i = 0; i < specs.size(); ++i) tensors.push_back({specs[i], data[i]});
+    ASSERT_TRUE(WriteSafetensorsFile(hessians_, tensors, {}).ok());
+  }
+
+  ProcessResult Quantize(std::vector<std::string> extra = {}) {
+    std::vector<std::string> args = {"quantize", "--model", model_, "--hessians",
+                                     hessians_,  "--out",   out_};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return RunCli(args);
+  }
+
+  // A failed run: exit 1, the message on stderr, no --out and no temporary folder left.
+  void ExpectFailure(const ProcessResult& r, const std::string& message) {
+    EXPECT_EQ(r.exit_code, 1) << r.err;
+    EXPECT_THAT(r.err, HasSubstr(message));
+    EXPECT_FALSE(fs::exists(out_));
+    EXPECT_THAT(testing::LeftoverTempFolders(out_), IsEmpty());
+  }
+
+  TempFolder dir_{"cli"};
+  std::string model_, hessians_, out_;
+};
+
+TEST_F(BadInputs, BaselineSucceeds) {
+  const ProcessResult r = Quantize();
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("quantized 2 modules"));
+  EXPECT_THAT(r.out, HasSubstr(kQ));
+  EXPECT_TRUE(fs::exists(out_ + "/model.safetensors"));
+  // Not a terminal: no progress bar.
+  EXPECT_THAT(r.err, ::testing::Not(HasSubstr("tensors  ")));
+}
+
+TEST_F(BadInputs, MissingModelFolder) {
+  model_ = dir_ / "nope";
+  ExpectFailure(Quantize(), "--model " + model_ + ": no such folder");
+}
+
+TEST_F(BadInputs, MissingConfig) {
+  fs::remove(model_ + "/config.json");
+  ExpectFailure(Quantize(), "no config.json");
+}
+
+TEST_F(BadInputs, MissingWeights) {
+  fs::remove(model_ + "/model.safetensors");
+  ExpectFailure(Quantize(), "no model.safetensors or model.safetensors.index.json");
+}
+
+TEST_F(BadInputs, MissingHessiansFile) {
+  hessians_ = dir_ / "nope.safetensors";
+  ExpectFailure(Quantize(), "--hessians: " + hessians_ + ": cannot open");
+}
+
+TEST_F(BadInputs, CorruptedHeader) {
+  std::string bytes = ReadAll(model_ + "/model.safetensors");
+  bytes[9] = '#';  // inside the JSON
+  WriteAll(model_ + "/model.safetensors", bytes);
+  ExpectFailure(Quantize(), model_ + "/model.safetensors: header is not valid JSON");
+}
+
+TEST_F(BadInputs, TruncatedData) {
+  std::string bytes = ReadAll(model_ + "/model.safetensors");
+  bytes.resize(bytes.size() - 100);
+  WriteAll(model_ + "/model.safetensors", bytes);
+  const ProcessResult r = Quantize();
+  ExpectFailure(r, model_ + "/model.safetensors: tensor '");
+  EXPECT_THAT(r.err, HasSubstr("end past the data buffer"));
+}
+
+TEST_F(BadInputs, WrongHessianDtype) {
+  WriteHessians({{std::string(kQ) + ".hessian", SafetensorsDType::kBF16, {64, 64}},
+                 {std::string(kO) + ".hessian", SafetensorsDType::kF32, {64, 64}}},
+                {Bf16Bytes(64 * 64, 1.0f), F32Bytes(FullHessian(64))});
+  ExpectFailure(Quantize(), "Hessian '" + std::string(kQ) + ".hessian' (for " + kQ +
+                                "): dtype BF16, expected F32");
+}
+
+TEST_F(BadInputs, WrongWeightDtype) {
+  WriteModel({{{std::string(kO) + ".weight", SafetensorsDType::kI32, {32, 64}},
+               std::vector<uint8_t>(32 * 64 * 4, 0)}});
+  ExpectFailure(Quantize(), "tensor '" + std::string(kO) +
+                                ".weight' has dtype I32 (expected BF16, F16 or F32)");
+}
+
+TEST_F(BadInputs, HessianShapeMismatch) {
+  WriteHessians({{std::string(kQ) + ".hessian", SafetensorsDType::kF32, {48, 48}},
+                 {std::string(kO) + ".hessian", SafetensorsDType::kF32, {64, 64}}},
+                {F32Bytes(FullHessian(48)), F32Bytes(FullHessian(64))});
+  ExpectFailure(Quantize(),
+                "shape [48, 48] does not match in = 64 (expected [64, 64] or "
+                "[4, 16, 16])");
+}
+
+TEST_F(BadInputs, MissingHessianNamesTheModule) {
+  WriteHessians({{std::string(kQ) + ".hessian", SafetensorsDType::kF32, {64, 64}}},
+                {F32Bytes(FullHessian(64))});
+  const ProcessResult r = Quantize();
+  ExpectFailure(
+      r, "--method dss needs a Hessian, but " + hessians_ + " has none for 1 module(s): " + kO);
+  EXPECT_THAT(r.err, HasSubstr("--fallback-method"));
+  // With the fallback the run succeeds.
+  const ProcessResult fallback = Quantize({"--fallback-method", "max"});
+  EXPECT_EQ(fallback.exit_code, 0) << fallback.err;
+  EXPECT_THAT(fallback.err,
+              HasSubstr(std::string(kO) + " has no Hessian; using --fallback-method max"));
+}
+
+TEST_F(BadInputs, NoHessiansFileForAHessianMethod) {
+  const ProcessResult r = RunCli({"quantize", "--model", model_, "--out", out_});
+  ExpectFailure(r, "needs a Hessian, but no --hessians file was given for 2 module(s)");
+  // max and mse need none.
+  EXPECT_EQ(RunCli({"quantize", "--model", model_, "--out", out_, "--method", "mse"}).exit_code, 0);
+}
+
+TEST_F(BadInputs, NonSymmetricHessian) {
+  std::vector<float> h = FullHessian(64);
+  h[1] = 1.5f;  // H[0, 1] != H[1, 0] = 0.5
+  WriteHessians({{std::string(kQ) + ".hessian", SafetensorsDType::kF32, {64, 64}},
+                 {std::string(kO) + ".hessian", SafetensorsDType::kF32, {64, 64}}},
+                {F32Bytes(h), F32Bytes(FullHessian(64))});
+  ExpectFailure(Quantize(), "not symmetric: H[0, 1] = 1.5 but H[1, 0] = 0.5");
+}
+
+TEST_F(BadInputs, NonFiniteHessian) {
+  std::vector<float> h = FullHessian(64);
+  h[5 * 64 + 5] = std::numeric_limits<float>::infinity();
+  WriteHessians({{std::string(kQ) + ".hessian", SafetensorsDType::kF32, {64, 64}},
+                 {std::string(kO) + ".hessian", SafetensorsDType::kF32, {64, 64}}},
+                {F32Bytes(h), F32Bytes(FullHessian(64))});
+  ExpectFailure(Quantize(), "non-finite value at [5, 5]");
+}
+
+TEST_F(BadInputs, NonFiniteWeight) {
+  WriteModel({{{std::string(kO) + ".weight", SafetensorsDType::kBF16, {32, 64}},
+               Bf16Bytes(32 * 64, 0.25f, std::numeric_limits<float>::quiet_NaN(), 70)}});
+  ExpectFailure(Quantize(),
+                "tensor '" + std::string(kO) + ".weight': weights: element (1, 6) is nan");
+}
+
+TEST_F(BadInputs, InNotMultipleOf16IsExcludedWithANote) {
+  WriteModel({{{"model.layers.0.mlp.odd_proj.weight", SafetensorsDType::kBF16, {16, 40}},
+               Bf16Bytes(16 * 40, 0.5f)}});
+  const ProcessResult r = Quantize();
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("note: model.layers.0.mlp.odd_proj not quantized: in = 40 is not "
+                               "a positive multiple of 16"));
+  const nlohmann::json hf = nlohmann::json::parse(ReadAll(out_ + "/hf_quant_config.json"));
+  EXPECT_EQ(hf["quantization"]["exclude_modules"], nlohmann::json({"model.layers.0.mlp.odd_proj"}));
+  // Copied unchanged.
+  auto file = SafetensorsFile::Open(out_ + "/model.safetensors");
+  ASSERT_TRUE(file.ok());
+  EXPECT_EQ((*file)->Find("model.layers.0.mlp.odd_proj.weight")->dtype, SafetensorsDType::kBF16);
+}
+
+TEST_F(BadInputs, ExistingOutputNeedsOverwrite) {
+  fs::create_directories(out_);
+  WriteAll(out_ + "/old.txt", "old");
+  const ProcessResult r = Quantize();
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.err, HasSubstr("--out " + out_ + " already exists; pass --overwrite"));
+  EXPECT_EQ(ReadAll(out_ + "/old.txt"), "old");
+  const ProcessResult again = Quantize({"--overwrite"});
+  ASSERT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_FALSE(fs::exists(out_ + "/old.txt"));
+  EXPECT_TRUE(fs::exists(out_ + "/model.safetensors"));
+  EXPECT_THAT(testing::LeftoverTempFolders(out_), IsEmpty());
+}
+
+TEST_F(BadInputs, AlreadyQuantizedInputIsRefused) {
+  ASSERT_EQ(Quantize().exit_code, 0);
+  const ProcessResult r =
+      RunCli({"quantize", "--model", out_, "--out", dir_ / "again", "--method", "max"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.err, HasSubstr("already has a quantization_config"));
+}
+
+TEST_F(BadInputs, CommandLineErrorsExitWithUsageCode) {
+  struct Case {
+    std::vector<std::string> args;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {{"quantize", "--out", out_}, "--model DIR is required"},
+      {{"quantize", "--model", model_, "--out", out_, "--bogus"},
+       "unknown option --bogus for 'quantize'"},
+      {{"quantize", "--model", model_, "--out", out_, "--method", "gptq"},
+       "--method: unknown value \"gptq\""},
+      {{"quantize", "--model", model_, "--out", out_, "--beta-step", "0.001"},
+       "--beta-step: params.beta_step = 0.001 is out of range [0.005, 0.5]"},
+      {{"quantize", "--model", model_, "--out", out_, "--beta-step", "abc"},
+       "--beta-step: \"abc\" is not a number"},
+      {{"quantize", "--model", model_, "--out", out_, "--server", "localhost"},
+       "--server: \"localhost\" is not HOST:PORT"},
+      {{"quantize", "--model", model_, "--out"}, "--out needs a value (DIR)"},
+      {{"inspect"}, "nvfp4cal inspect takes 1 argument(s) (DIR), got 0"},
+      {{"frobnicate"}, "unknown command 'frobnicate'"},
+  };
+  for (const Case& c : cases) {
+    const ProcessResult r = RunCli(c.args);
+    EXPECT_EQ(r.exit_code, 2) << c.message;
+    EXPECT_THAT(r.err, HasSubstr(c.message));
+  }
+  EXPECT_FALSE(fs::exists(out_));
+}
+
+TEST(Cli, HelpListsTheContract) {
+  const ProcessResult top = RunCli({"--help"});
+  EXPECT_EQ(top.exit_code, 0);
+  for (const char* command : {"quantize", "inspect", "example", "dequantize"}) {
+    EXPECT_THAT(top.out, HasSubstr(command));
+  }
+  const ProcessResult quantize = RunCli({"quantize", "--help"});
+  EXPECT_EQ(quantize.exit_code, 0);
+  for (const char* option : {"--model DIR", "--hessians FILE", "--out DIR", "--method NAME",
+                             "--beta-step X", "--server HOST:PORT[,...]", "--include GLOB",
+                             "--exclude GLOB", "--device NAME", "--overwrite"}) {
+    EXPECT_THAT(quantize.out, HasSubstr(option));
+  }
+}
+
+TEST(Cli, ExampleQuantizeInspectDequantize) {
+  TempFolder dir("flow");
+  const ProcessResult example = RunCli({"example", "--out", dir / "ex", "--shards", "2"});
+  ASSERT_EQ(example.exit_code, 0) << example.err;
+  EXPECT_EQ(RunCli({"example", "--out", dir / "ex"}).exit_code, 1);
+  const ProcessResult q = RunCli({"quantize", "--model", dir / "ex", "--hessians",
+                                  dir / "ex/hessians.safetensors", "--out", dir / "q"});
+  ASSERT_EQ(q.exit_code, 0) << q.err;
+  // The table: one row per quantized module and a total.
+  EXPECT_THAT(q.out, HasSubstr("model.layers.1.mlp.down_proj"));
+  EXPECT_THAT(q.out, HasSubstr("total (14)"));
+  const ProcessResult inspect = RunCli({"inspect", dir / "q"});
+  ASSERT_EQ(inspect.exit_code, 0) << inspect.err;
+  EXPECT_THAT(inspect.out, HasSubstr("NVFP4 modules: 14"));
+  EXPECT_THAT(inspect.out, HasSubstr("(4.500 bits per weight)"));
+  EXPECT_THAT(inspect.out, HasSubstr("shards: 2 (with model.safetensors.index.json)"));
+  EXPECT_THAT(inspect.out, HasSubstr("producer nvfp4cal"));
+  const ProcessResult deq = RunCli({"dequantize", "--in", dir / "q", "--out", dir / "d"});
+  ASSERT_EQ(deq.exit_code, 0) << deq.err;
+  const ProcessResult plain = RunCli({"inspect", dir / "d"});
+  EXPECT_THAT(plain.out, HasSubstr("NVFP4 modules: none"));
+  const nlohmann::json config = nlohmann::json::parse(ReadAll(dir / "d/config.json"));
+  EXPECT_FALSE(config.contains("quantization_config"));
+}
+
+}  // namespace
+}  // namespace nvfp4cal

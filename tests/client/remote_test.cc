@@ -1,0 +1,280 @@
+// Remote mode against real nvfp4cal-server processes on loopback ports: output folders are
+// byte-identical to in-process with 1 and 3 servers (one of them with small message and
+// Hessian limits, so chunking and session splitting run), a dead address among live ones is
+// routed around, an unreachable server fails after the retries naming it, and the Client
+// library's async and single-tensor calls return the kernel library's bytes.
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "client/client.h"
+#include "client/safetensors.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nvfp4cal/kernels/cpu_scale_search.h"
+#include "nvfp4cal/kernels/example_data.h"
+#include "tests/client/test_util.h"
+
+namespace nvfp4cal {
+namespace {
+
+namespace fs = std::filesystem;
+using ::nvfp4cal::testing::ProcessResult;
+using ::nvfp4cal::testing::ReadTree;
+using ::nvfp4cal::testing::RunCli;
+using ::nvfp4cal::testing::ServerProcess;
+using ::nvfp4cal::testing::TempFolder;
+using ::testing::HasSubstr;
+
+// A loopback port nobody listens on (bound, then released).
+int DeadPort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  EXPECT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  socklen_t len = sizeof(addr);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  close(fd);
+  return ntohs(addr.sin_port);
+}
+
+// Example model (2 shards) and dev-lm (when present), each quantized in-process once.
+class Remote : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new TempFolder("remote");
+    ASSERT_EQ(RunCli({"example", "--out", *dir_ / "example", "--shards", "2"}).exit_code, 0);
+    models_ = {"example"};
+    const std::string source = NVFP4CAL_DEV_LM_DIR;
+    if (fs::exists(source + "/model.safetensors")) {
+      fs::create_directories(*dir_ / "devlm");
+      for (const char* f : {"config.json", "model.safetensors", "hessians.safetensors"}) {
+        fs::copy_file(source + "/" + f, *dir_ / (std::string("devlm/") + f));
+      }
+      models_.push_back("devlm");
+    }
+    for (const std::string& m : models_) {
+      const ProcessResult r = RunCli(Args(m, "local-" + m, {}));
+      ASSERT_EQ(r.exit_code, 0) << r.err;
+    }
+  }
+  static void TearDownTestSuite() {
+    delete dir_;
+    dir_ = nullptr;
+  }
+
+  static std::vector<std::string> Args(const std::string& model, const std::string& out,
+                                       std::vector<std::string> extra) {
+    std::vector<std::string> args = {"quantize",
+                                     "--model",
+                                     *dir_ / model,
+                                     "--hessians",
+                                     *dir_ / (model + "/hessians.safetensors"),
+                                     "--out",
+                                     *dir_ / out,
+                                     "--quiet"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return args;
+  }
+
+  // Quantizes every model through `servers` and compares with the in-process output.
+  static void ExpectIdentical(const std::string& servers, const std::string& tag) {
+    for (const std::string& m : models_) {
+      const std::string out = tag + "-" + m;
+      const ProcessResult r = RunCli(Args(m, out, {"--server", servers, "--retries", "3"}));
+      ASSERT_EQ(r.exit_code, 0) << r.err;
+      const auto local = ReadTree(*dir_ / ("local-" + m));
+      const auto remote = ReadTree(*dir_ / out);
+      ASSERT_EQ(local.size(), remote.size()) << m;
+      for (const auto& [name, bytes] : local) {
+        ASSERT_EQ(remote.count(name), 1u) << m << ": " << name;
+        EXPECT_TRUE(remote.at(name) == bytes) << m << ": " << name << " differs";
+      }
+    }
+  }
+
+  static TempFolder* dir_;
+  static std::vector<std::string> models_;
+};
+
+TempFolder* Remote::dir_ = nullptr;
+std::vector<std::string> Remote::models_;
+
+TEST_F(Remote, OneServerIsByteIdenticalToInProcess) {
+  ServerProcess server;
+  ASSERT_FALSE(server.address().empty());
+  ExpectIdentical(server.address(), "one");
+}
+
+TEST_F(Remote, ThreeServersAreByteIdenticalToInProcess) {
+  // Small limits on two of them: 64 KiB messages force many chunks per tensor, and a 200 kB
+  // Hessian budget per session forces new sessions within one run.
+  ServerProcess a;
+  ServerProcess b({"--max_receive_message_bytes=65536"});
+  ServerProcess c({"--max_session_hessian_bytes=200000"});
+  ASSERT_FALSE(a.address().empty() || b.address().empty() || c.address().empty());
+  ExpectIdentical(a.address() + "," + b.address() + "," + c.address(), "three");
+}
+
+TEST_F(Remote, DeadAddressAmongLiveOnesIsRoutedAround) {
+  ServerProcess a;
+  ServerProcess b;
+  const std::string dead = "127.0.0.1:" + std::to_string(DeadPort());
+  ExpectIdentical(dead + "," + a.address() + "," + b.address(), "dead");
+}
+
+TEST(RemoteCli, UnreachableServerFailsAfterRetriesNamingIt) {
+  TempFolder dir("unreachable");
+  ASSERT_EQ(RunCli({"example", "--out", dir / "example", "--layers", "1"}).exit_code, 0);
+  const std::string dead = "127.0.0.1:" + std::to_string(DeadPort());
+  const ProcessResult r = RunCli({"quantize", "--model", dir / "example", "--hessians",
+                                  dir / "example/hessians.safetensors", "--out", dir / "out",
+                                  "--server", dead, "--retries", "2"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.err, HasSubstr("server " + dead + " unavailable after 2 attempts"));
+  EXPECT_FALSE(fs::exists(dir / "out"));
+  EXPECT_THAT(testing::LeftoverTempFolders(dir / "out"), ::testing::IsEmpty());
+}
+
+TEST(ClientLibrary, AsyncAndSingleTensorCallsReturnTheKernelsBytes) {
+  ServerProcess server;
+  ASSERT_FALSE(server.address().empty());
+  ClientOptions options;
+  options.addresses = {server.address()};
+  options.chunk_bytes = 4096;  // several chunks per tensor
+  absl::StatusOr<std::unique_ptr<Client>> client = Client::Create(options);
+  ASSERT_TRUE(client.ok()) << client.status();
+  absl::StatusOr<v1::ServerInfo> info = (*client)->GetServerInfo(0);
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_GT(info->limits().max_receive_message_bytes(), 0);
+
+  // Three tensors, two sharing one Hessian, in bf16 and fp32.
+  const std::vector<uint16_t> w0 = MakeExampleWeightsBf16(64, 128, 1);
+  const std::vector<uint16_t> w1 = MakeExampleWeightsBf16(48, 128, 2);
+  const std::vector<float> w2 = MakeExampleWeights(32, 64, 3);
+  const std::vector<float> h128 = MakeExampleHessianBlocks(8, 4);
+  const std::vector<float> h64 = MakeExampleHessianBlocks(4, 5);
+  std::vector<TensorJob> jobs(3);
+  jobs[0] = {"a.weight", {w0.data(), DType::kBFloat16, 64, 128}, {h128.data(), 8}, "h128", {},
+             0.0f};
+  jobs[1] = {"b.weight", {w1.data(), DType::kBFloat16, 48, 128}, {h128.data(), 8}, "h128", {},
+             0.0f};
+  jobs[2] = {"c.weight", {w2.data(), DType::kFloat32, 32, 64}, {h64.data(), 4}, "h64", {}, 0.0f};
+  jobs[2].params.method = Method::kLocalHessian;
+  std::unique_ptr<ScaleSearch> kernels = MakeCpuScaleSearch({});
+  std::vector<QuantizedTensor> want;
+  for (TensorJob& job : jobs) {
+    job.global_amax = *ComputeGlobalAmax(job.weights);
+    QuantizeRequest request;
+    request.weights = job.weights;
+    request.hessians = job.hessians;
+    request.params = job.params;
+    request.global_amax = job.global_amax;
+    want.push_back(*kernels->Quantize(request));
+  }
+  std::map<size_t, QuantizedTensor> got;
+  absl::Mutex mu;
+  std::future<absl::Status> done =
+      (*client)->QuantizeTensorsAsync(jobs, [&](size_t i, QuantizedTensor r) {
+        absl::MutexLock lock(&mu);
+        got[i] = std::move(r);
+        return absl::OkStatus();
+      });
+  ASSERT_TRUE(done.get().ok());
+  ASSERT_EQ(got.size(), 3u);
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    EXPECT_EQ(got[i].packed_codes, want[i].packed_codes) << jobs[i].name;
+    EXPECT_EQ(got[i].scales, want[i].scales) << jobs[i].name;
+    EXPECT_EQ(got[i].global_scale, want[i].global_scale) << jobs[i].name;
+    EXPECT_EQ(got[i].stats.blocks_scale_changed, want[i].stats.blocks_scale_changed);
+  }
+  // Concurrent calls on one client are independent.
+  std::vector<std::vector<QuantizedTensor>> parallel(3, std::vector<QuantizedTensor>(3));
+  std::vector<std::future<absl::Status>> calls;
+  for (size_t c = 0; c < parallel.size(); ++c) {
+    calls.push_back(
+        (*client)->QuantizeTensorsAsync(jobs, [&parallel, c](size_t i, QuantizedTensor r) {
+          parallel[c][i] = std::move(r);
+          return absl::OkStatus();
+        }));
+  }
+  for (size_t c = 0; c < calls.size(); ++c) {
+    ASSERT_TRUE(calls[c].get().ok());
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      EXPECT_EQ(parallel[c][i].packed_codes, want[i].packed_codes) << c << " " << i;
+      EXPECT_EQ(parallel[c][i].scales, want[i].scales) << c << " " << i;
+    }
+  }
+  absl::StatusOr<QuantizedTensor> one = (*client)->Quantize(jobs[2]);
+  ASSERT_TRUE(one.ok()) << one.status();
+  EXPECT_EQ(one->packed_codes, want[2].packed_codes);
+
+  // A callback error stops the call with that error.
+  absl::Status stopped = (*client)->QuantizeTensors(
+      jobs, [](size_t, QuantizedTensor) { return absl::DataLossError("disk full"); });
+  EXPECT_EQ(stopped.code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(std::string(stopped.message()), HasSubstr("disk full"));
+}
+
+// Seven tensors without shared Hessians over three servers.
+std::vector<TensorJob> SevenJobs(std::vector<std::vector<uint16_t>>* storage) {
+  std::vector<TensorJob> jobs;
+  for (int i = 0; i < 7; ++i) storage->push_back(MakeExampleWeightsBf16(16, 64, 10 + i));
+  for (int i = 0; i < 7; ++i) {
+    TensorJob job;
+    job.name = "t" + std::to_string(i);
+    job.weights = {(*storage)[static_cast<size_t>(i)].data(), DType::kBFloat16, 16, 64};
+    job.params.method = Method::kMse;
+    job.global_amax = *ComputeGlobalAmax(job.weights);
+    jobs.push_back(job);
+  }
+  return jobs;
+}
+
+TEST(ClientLibrary, RoundRobinSpreadsTensorsOverServers) {
+  ServerProcess a, b, c;
+  ClientOptions options;
+  options.addresses = {a.address(), b.address(), c.address()};
+  options.work_stealing = false;  // exact round robin
+  auto client = Client::Create(options);
+  ASSERT_TRUE(client.ok()) << client.status();
+  std::vector<std::vector<uint16_t>> storage;
+  const std::vector<TensorJob> jobs = SevenJobs(&storage);
+  ClientCallStats stats;
+  ASSERT_TRUE((*client)
+                  ->QuantizeTensors(
+                      jobs, [](size_t, QuantizedTensor) { return absl::OkStatus(); }, &stats)
+                  .ok());
+  EXPECT_EQ(stats.tensors_per_address, (std::vector<int64_t>{3, 2, 2}));
+  EXPECT_EQ(stats.failed_attempts, 0);
+}
+
+TEST(ClientLibrary, TensorsOfADeadServerGoToTheLiveOnes) {
+  ServerProcess live;
+  ClientOptions options;
+  options.addresses = {"127.0.0.1:" + std::to_string(DeadPort()), live.address()};
+  options.work_stealing = false;  // the live server gets the dead one's tensors as orphans
+  options.max_attempts = 2;
+  options.initial_backoff = absl::Milliseconds(10);
+  auto client = Client::Create(options);
+  ASSERT_TRUE(client.ok()) << client.status();
+  std::vector<std::vector<uint16_t>> storage;
+  const std::vector<TensorJob> jobs = SevenJobs(&storage);
+  ClientCallStats stats;
+  absl::Status done = (*client)->QuantizeTensors(
+      jobs, [](size_t, QuantizedTensor) { return absl::OkStatus(); }, &stats);
+  ASSERT_TRUE(done.ok()) << done;
+  EXPECT_EQ(stats.tensors_per_address, (std::vector<int64_t>{0, 7}));
+  EXPECT_EQ(stats.failed_attempts, 2);
+}
+
+}  // namespace
+}  // namespace nvfp4cal

@@ -1,0 +1,244 @@
+// Safetensors reader and writer: round trips of every dtype, the header layout the format
+// requires, and each kind of corrupt header with the message that names it.
+#include "client/safetensors.h"
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace nvfp4cal {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::string TempPath(const std::string& name) {
+  const std::string dir = ::testing::TempDir() + "safetensors_test_" + std::to_string(getpid());
+  std::filesystem::create_directories(dir);
+  return dir + "/" + name;
+}
+
+// Writes 8-byte length + `header` (unpadded) + `data` verbatim.
+std::string WriteRaw(const std::string& name, const std::string& header, size_t data_bytes) {
+  const std::string path = TempPath(name);
+  std::ofstream out(path, std::ios::binary);
+  uint64_t n = header.size();
+  for (int i = 0; i < 8; ++i) out.put(static_cast<char>(n >> (8 * i)));
+  out << header;
+  out << std::string(data_bytes, '\x01');
+  return path;
+}
+
+std::string OpenError(const std::string& path) {
+  absl::StatusOr<std::unique_ptr<SafetensorsFile>> file = SafetensorsFile::Open(path);
+  EXPECT_FALSE(file.ok()) << path;
+  return file.ok() ? "" : std::string(file.status().message());
+}
+
+TEST(Safetensors, RoundTripsEveryDtypeAndMetadata) {
+  const std::vector<SafetensorsDType> dtypes = {SafetensorsDType::kBF16,   SafetensorsDType::kF16,
+                                                SafetensorsDType::kF32,    SafetensorsDType::kU8,
+                                                SafetensorsDType::kF8E4M3, SafetensorsDType::kI64};
+  std::vector<SafetensorsTensorData> tensors;
+  for (size_t i = 0; i < dtypes.size(); ++i) {
+    SafetensorsTensorData t;
+    t.spec = {"t" + std::to_string(i) + "." + std::string(SafetensorsDTypeName(dtypes[i])),
+              dtypes[i],
+              {3, static_cast<int64_t>(i) + 1}};
+    t.bytes.resize(
+        static_cast<size_t>(NumElements(t.spec.shape) * SafetensorsDTypeSize(dtypes[i])));
+    for (size_t b = 0; b < t.bytes.size(); ++b) t.bytes[b] = static_cast<uint8_t>(b * 7 + i);
+    tensors.push_back(std::move(t));
+  }
+  SafetensorsTensorData scalar;
+  scalar.spec = {"scalar", SafetensorsDType::kF32, {}};
+  const float value = 0.25f;
+  scalar.bytes.resize(4);
+  std::memcpy(scalar.bytes.data(), &value, 4);
+  tensors.push_back(scalar);
+
+  const std::string path = TempPath("roundtrip.safetensors");
+  ASSERT_TRUE(WriteSafetensorsFile(path, tensors, {{"format", "pt"}}).ok());
+  absl::StatusOr<std::unique_ptr<SafetensorsFile>> file = SafetensorsFile::Open(path);
+  ASSERT_TRUE(file.ok()) << file.status();
+  EXPECT_EQ((*file)->metadata().at("format"), "pt");
+  ASSERT_EQ((*file)->tensors().size(), tensors.size());
+  for (const SafetensorsTensorData& t : tensors) {
+    const SafetensorsTensor* got = (*file)->Find(t.spec.name);
+    ASSERT_NE(got, nullptr) << t.spec.name;
+    EXPECT_EQ(got->dtype, t.spec.dtype);
+    EXPECT_EQ(got->shape, t.spec.shape);
+    ASSERT_EQ(got->num_bytes, static_cast<int64_t>(t.bytes.size()));
+    EXPECT_EQ(std::memcmp(got->data, t.bytes.data(), t.bytes.size()), 0) << t.spec.name;
+  }
+  // The data buffer starts 8-byte aligned: the header length is padded to a multiple of 8.
+  std::ifstream in(path, std::ios::binary);
+  uint8_t len[8];
+  in.read(reinterpret_cast<char*>(len), 8);
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | len[i];
+  EXPECT_EQ(n % 8, 0u);
+  // Offsets ascend in name order, starting at 0.
+  EXPECT_EQ((*file)->tensors().front().file_offset, static_cast<int64_t>(8 + n));
+  EXPECT_EQ((*file)->tensors().front().name, "scalar");
+}
+
+TEST(Safetensors, WriterAcceptsTensorsInAnyOrderAndChecksCompleteness) {
+  const std::string path = TempPath("any_order.safetensors");
+  auto writer = SafetensorsWriter::Create(
+      path, {{"b", SafetensorsDType::kU8, {4}}, {"a", SafetensorsDType::kU8, {2}}}, {});
+  ASSERT_TRUE(writer.ok()) << writer.status();
+  const std::vector<uint8_t> b1 = {1, 2}, b2 = {3, 4}, a = {9, 8};
+  ASSERT_TRUE((*writer)->Write("b", b1).ok());
+  EXPECT_THAT(std::string((*writer)->Finish().message()), HasSubstr("'a' has 0 of 2 bytes"));
+  ASSERT_TRUE((*writer)->Write("a", a).ok());
+  ASSERT_TRUE((*writer)->Write("b", b2).ok());
+  EXPECT_THAT(std::string((*writer)->Write("b", b2).message()), HasSubstr("overruns"));
+  EXPECT_THAT(std::string((*writer)->Write("c", b2).message()), HasSubstr("no tensor 'c'"));
+  ASSERT_TRUE((*writer)->Finish().ok());
+  auto file = SafetensorsFile::Open(path);
+  ASSERT_TRUE(file.ok()) << file.status();
+  EXPECT_EQ(std::vector<uint8_t>((*file)->Find("b")->data, (*file)->Find("b")->data + 4),
+            (std::vector<uint8_t>{1, 2, 3, 4}));
+}
+
+TEST(Safetensors, WriterRejectsDuplicateNames) {
+  auto writer = SafetensorsWriter::Create(
+      TempPath("dup.safetensors"),
+      {{"a", SafetensorsDType::kU8, {1}}, {"a", SafetensorsDType::kU8, {1}}}, {});
+  ASSERT_FALSE(writer.ok());
+  EXPECT_THAT(std::string(writer.status().message()), HasSubstr("duplicate tensor name \"a\""));
+}
+
+TEST(Safetensors, MissingFileIsNotFound) {
+  auto file = SafetensorsFile::Open(TempPath("nope.safetensors"));
+  EXPECT_EQ(file.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(std::string(file.status().message()), HasSubstr("nope.safetensors"));
+}
+
+TEST(SafetensorsCorruption, TooShortForTheLength) {
+  const std::string path = TempPath("short.safetensors");
+  std::ofstream(path) << "abc";
+  EXPECT_THAT(OpenError(path), HasSubstr("shorter than the 8-byte header length"));
+}
+
+TEST(SafetensorsCorruption, HeaderLengthPastEndOfFile) {
+  const std::string path = TempPath("len.safetensors");
+  {
+    std::ofstream out(path, std::ios::binary);
+    const char len[8] = {static_cast<char>(0xff), 0x10, 0, 0, 0, 0, 0, 0};
+    out.write(len, 8);
+    out << "{}";
+  }
+  EXPECT_THAT(OpenError(path), HasSubstr("header length 4351 runs past the end"));
+}
+
+TEST(SafetensorsCorruption, HugeHeaderLength) {
+  const std::string path = TempPath("huge.safetensors");
+  {
+    std::ofstream out(path, std::ios::binary);
+    const char len[8] = {0, 0, 0, 0, 0, 0, 0, 0x10};
+    out.write(len, 8);
+    out << "{}";
+  }
+  EXPECT_THAT(OpenError(path), HasSubstr("exceeds the limit"));
+}
+
+TEST(SafetensorsCorruption, HeaderNotJson) {
+  EXPECT_THAT(OpenError(WriteRaw("json.safetensors", "{\"a\": [1, 2", 0)),
+              HasSubstr("header is not valid JSON"));
+  EXPECT_THAT(OpenError(WriteRaw("brace.safetensors", "[1]", 0)),
+              HasSubstr("does not start with '{'"));
+}
+
+TEST(SafetensorsCorruption, UnknownDtype) {
+  const std::string message = OpenError(WriteRaw(
+      "dtype.safetensors", R"({"w": {"dtype": "F12", "shape": [2], "data_offsets": [0, 4]}})", 4));
+  EXPECT_THAT(message, HasSubstr("tensor 'w'"));
+  EXPECT_THAT(message, HasSubstr("unknown dtype \"F12\""));
+  EXPECT_THAT(message, HasSubstr("dtype.safetensors"));
+}
+
+TEST(SafetensorsCorruption, NegativeDimension) {
+  EXPECT_THAT(
+      OpenError(WriteRaw("neg.safetensors",
+                         R"({"w": {"dtype": "U8", "shape": [-2], "data_offsets": [0, 2]}})", 2)),
+      HasSubstr("tensor 'w': shape dimension -2 is not a non-negative integer"));
+}
+
+TEST(SafetensorsCorruption, SizeDoesNotMatchShape) {
+  EXPECT_THAT(
+      OpenError(WriteRaw("size.safetensors",
+                         R"({"w": {"dtype": "BF16", "shape": [2, 3], "data_offsets": [0, 10]}})",
+                         10)),
+      HasSubstr("tensor 'w': data_offsets [0, 10] hold 10 bytes but shape [2, 3] x BF16 needs 12"));
+}
+
+TEST(SafetensorsCorruption, MissingOffsets) {
+  EXPECT_THAT(
+      OpenError(WriteRaw("offsets.safetensors", R"({"w": {"dtype": "U8", "shape": [2]}})", 2)),
+      HasSubstr("tensor 'w': \"data_offsets\" must be two non-negative integers"));
+}
+
+TEST(SafetensorsCorruption, EndBeforeBegin) {
+  EXPECT_THAT(
+      OpenError(WriteRaw("order.safetensors",
+                         R"({"w": {"dtype": "U8", "shape": [0], "data_offsets": [4, 2]}})", 4)),
+      HasSubstr("data_offsets [4, 2] end before begin"));
+}
+
+TEST(SafetensorsCorruption, OverlappingTensors) {
+  const std::string message =
+      OpenError(WriteRaw("overlap.safetensors",
+                         R"({"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+                   "b": {"dtype": "U8", "shape": [4], "data_offsets": [2, 6]}})",
+                         6));
+  EXPECT_THAT(message, HasSubstr("tensor 'b': data_offsets [2, 6] overlap tensor 'a'"));
+}
+
+TEST(SafetensorsCorruption, HoleBetweenTensors) {
+  EXPECT_THAT(OpenError(WriteRaw("hole.safetensors",
+                                 R"({"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+                                     "b": {"dtype": "U8", "shape": [2], "data_offsets": [4, 6]}})",
+                                 6)),
+              HasSubstr("tensor 'b': data_offsets [4, 6] leave a hole of 2 bytes"));
+}
+
+TEST(SafetensorsCorruption, TruncatedData) {
+  EXPECT_THAT(
+      OpenError(WriteRaw("trunc.safetensors",
+                         R"({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})", 10)),
+      HasSubstr("tensor 'w': data_offsets [0, 16] end past the data buffer of 10 bytes"));
+}
+
+TEST(SafetensorsCorruption, TrailingBytes) {
+  EXPECT_THAT(
+      OpenError(WriteRaw("trail.safetensors",
+                         R"({"w": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}})", 5)),
+      HasSubstr("data buffer is 5 bytes but the tensors cover 2"));
+}
+
+TEST(SafetensorsCorruption, MetadataValueNotString) {
+  EXPECT_THAT(OpenError(WriteRaw("meta.safetensors", R"({"__metadata__": {"n": 3}})", 0)),
+              HasSubstr("__metadata__ value of \"n\" is not a string: 3"));
+}
+
+TEST(Safetensors, ReadsTheRealDevModel) {
+  auto file = SafetensorsFile::Open(std::string(NVFP4CAL_DEV_LM_DIR) + "/model.safetensors");
+  ASSERT_TRUE(file.ok()) << file.status();
+  const SafetensorsTensor* w = (*file)->Find("model.layers.0.mlp.down_proj.weight");
+  ASSERT_NE(w, nullptr);
+  EXPECT_EQ(w->dtype, SafetensorsDType::kBF16);
+  EXPECT_EQ(w->shape, (std::vector<int64_t>{192, 512}));
+  EXPECT_EQ((*file)->metadata().at("format"), "pt");
+}
+
+}  // namespace
+}  // namespace nvfp4cal
