@@ -229,10 +229,8 @@ NVFP4_SIMD DssChoice DecoupledScaleSearch(const ScaledBlock& b, const CandidateS
   const Vec16 w = Load(b.w);
   const Vec16 w_unit = Load(b.w_unit);
   DssChoice best{start.candidate, 0, scales.d[start.candidate], start.objective};
-  const int k_begin = start.candidate - neighbours < 0 ? 0 : start.candidate - neighbours;
-  const int k_end = start.candidate + neighbours > kNumScaleCandidates - 1
-                        ? kNumScaleCandidates - 1
-                        : start.candidate + neighbours;
+  const int k_begin = DssFirstNeighbour(start.candidate, neighbours);
+  const int k_end = DssLastNeighbour(start.candidate, neighbours);
   const int betas = 2 * scales.beta_steps + 1;
   PendingCandidates pending;
   for (int k = k_begin; k <= k_end; ++k) {

@@ -233,6 +233,16 @@ struct DssChoice {
   float objective;
 };
 
+// The FP8 neighbours DSS visits around the sweep optimum k*: k* - n .. k* + n clamped to the
+// 126 candidates (clamped duplicates are not revisited).
+NVFP4_HD int DssFirstNeighbour(int start, int neighbours) {
+  return start - neighbours < 0 ? 0 : start - neighbours;
+}
+NVFP4_HD int DssLastNeighbour(int start, int neighbours) {
+  return start + neighbours > kNumScaleCandidates - 1 ? kNumScaleCandidates - 1
+                                                      : start + neighbours;
+}
+
 // DSS quantization scale q = ((beta * (g * (f_k / 448))) / 6), in exactly this order.
 NVFP4_HD float DssQuantScale(float beta, float global_amax, float candidate_value) {
   return MulNoContract(beta, global_amax * (candidate_value / kE4M3Max)) / kE2M1Max;
@@ -252,10 +262,8 @@ NVFP4_HD DssChoice DecoupledScaleSearch(const ScaledBlock& b, const float* h, Sw
   DssChoice best{start.candidate, 0,
                  MulNoContract(ScaleCandidateValue(start.candidate), b.global_scale),
                  start.objective};
-  const int k_begin = start.candidate - grid.neighbours < 0 ? 0 : start.candidate - grid.neighbours;
-  const int k_end = start.candidate + grid.neighbours > kNumScaleCandidates - 1
-                        ? kNumScaleCandidates - 1
-                        : start.candidate + grid.neighbours;
+  const int k_begin = DssFirstNeighbour(start.candidate, grid.neighbours);
+  const int k_end = DssLastNeighbour(start.candidate, grid.neighbours);
   for (int k = k_begin; k <= k_end; ++k) {
     const float f = ScaleCandidateValue(k);
     const float d_unit = MulNoContract(f, b.global_scale_unit);

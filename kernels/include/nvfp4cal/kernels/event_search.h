@@ -328,10 +328,8 @@ NVFP4_HD DssChoice EventDss(const ScaledBlock& b, const float* h, const Symmetri
   DssChoice best{start.candidate, 0,
                  MulNoContract(ScaleCandidateValue(start.candidate), b.global_scale),
                  start.objective};
-  const int k_begin = start.candidate - grid.neighbours < 0 ? 0 : start.candidate - grid.neighbours;
-  const int k_end = start.candidate + grid.neighbours > kNumScaleCandidates - 1
-                        ? kNumScaleCandidates - 1
-                        : start.candidate + grid.neighbours;
+  const int k_begin = DssFirstNeighbour(start.candidate, grid.neighbours);
+  const int k_end = DssLastNeighbour(start.candidate, grid.neighbours);
   const int betas = 2 * grid.beta_steps + 1;
   Survivors survivors;
   double bar = start.objective;
