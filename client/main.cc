@@ -19,6 +19,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/time/time.h"
 #include "client/cli_args.h"
 #include "client/example_model.h"
@@ -190,6 +191,13 @@ int RunQuantize(int argc, const char* const* argv) {
               << " (" << FormatBytes(report->bytes_in) << " -> " << FormatBytes(report->bytes_out)
               << "), not quantized: " << report->skipped.size() << "\n\n"
               << FormatStatsTable(*report);
+    const double total = report->read_seconds + report->copy_seconds + report->quantize_seconds +
+                         report->write_seconds;
+    std::cout << absl::StrFormat(
+        "time: read %.2f s, copy %.2f s, quantize %.2f s, write %.2f s; total %.2f s, %.0f MB/s "
+        "of input\n",
+        report->read_seconds, report->copy_seconds, report->quantize_seconds, report->write_seconds,
+        total, total > 0 ? static_cast<double>(report->bytes_in) / total / 1e6 : 0.0);
   }
   std::cout << "wrote " << options.out_dir << "\n";
   return 0;

@@ -15,6 +15,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "client/file_util.h"
 #include "client/hessians.h"
 #include "nlohmann/json.hpp"
@@ -251,6 +253,7 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
                      " needs a Hessian itself; use max or mse"));
   }
 
+  const absl::Time start = absl::Now();
   absl::StatusOr<std::unique_ptr<Checkpoint>> checkpoint = Checkpoint::Open(options.model_dir);
   if (!checkpoint.ok()) return checkpoint.status();
   if (nlohmann::json::parse((*checkpoint)->config_text()).contains("quantization_config")) {
@@ -285,6 +288,8 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
   absl::Status ready =
       PrepareModules(options, **checkpoint, *plans, hessians.get(), observer, &prepared);
   if (!ready.ok()) return ready;
+  report.read_seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  const absl::Time copy_start = absl::Now();
 
   // From here on everything goes to the temporary folder.
   absl::StatusOr<std::string> temp = MakeTempDirBeside(options.out_dir);
@@ -328,6 +333,10 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
     }
   }
 
+  report.copy_seconds = absl::ToDoubleSeconds(absl::Now() - copy_start);
+  const absl::Time quantize_start = absl::Now();
+  absl::Duration write_time;  // inside the quantizer's callbacks, guarded by report_mu
+
   // Quantized modules.
   std::vector<TensorJob> jobs;
   for (const PreparedModule& m : prepared) {
@@ -357,11 +366,16 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
           return absl::InternalError(absl::StrCat(p.weight_name, ": result has the wrong size"));
         }
         SafetensorsWriter& writer = *writers[m.shard];
+        const absl::Time write_start = absl::Now();
         for (const absl::Status& s :
              {writer.Write(p.module + ".weight", result.packed_codes),
               writer.Write(p.module + ".weight_scale", result.scales),
               writer.Write(p.module + ".weight_scale_2", FloatBytes(result.global_scale))}) {
           if (!s.ok()) return s;
+        }
+        {
+          absl::MutexLock lock(&report_mu);
+          write_time += absl::Now() - write_start;
         }
         ModuleReport r;
         r.module = p.module;
@@ -381,6 +395,8 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
         return absl::OkStatus();
       });
   if (!quantized.ok()) return quantized;
+  report.quantize_seconds = absl::ToDoubleSeconds(absl::Now() - quantize_start - write_time);
+  const absl::Time finish_start = absl::Now();
   for (std::optional<ModuleReport>& r : module_reports) {
     if (!r.has_value()) return absl::InternalError("a module's result never arrived");
     report.modules.push_back(*std::move(r));
@@ -429,6 +445,7 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
   absl::Status renamed = ReplaceDirectory(*temp, options.out_dir, options.overwrite);
   if (!renamed.ok()) return renamed;
   guard.Release();
+  report.write_seconds = absl::ToDoubleSeconds(write_time + (absl::Now() - finish_start));
   return report;
 }
 

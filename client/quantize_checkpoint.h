@@ -66,6 +66,11 @@ struct QuantizeReport {
   int64_t bytes_in = 0;   // tensor bytes read
   int64_t bytes_out = 0;  // tensor bytes written
   std::string quantizer;  // Quantizer::Describe()
+  // Wall-time split of the run, seconds.
+  double read_seconds = 0.0;      // open, plan, read weights and Hessians, global amax
+  double copy_seconds = 0.0;      // untouched tensors copied to the output
+  double quantize_seconds = 0.0;  // the quantizer (search; with --server also transport)
+  double write_seconds = 0.0;     // quantized tensors, index, configs, rename
 };
 
 // Hears about progress; every method may be called from several threads, one call at a time.
