@@ -35,6 +35,8 @@ absl::Status CudaBatchExecutor::ExecuteBatch(int worker, absl::Span<Work* const>
     requests.push_back(RequestOf(task));
     slices.push_back(CudaScaleSearch::Slice{&requests.back(), task.tensor->global_amax, 0,
                                             task.num_rows, OutputOf(&task), &task.stats});
+    // Sessions and jobs validated the header, the Hessian and every chunk's rows on arrival.
+    slices.back().prevalidated = true;
   }
   const absl::Status status = device.QuantizeBatch(slices);
   if (status.ok()) return absl::OkStatus();

@@ -309,11 +309,14 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
     if (s.request == nullptr || s.stats == nullptr) {
       return absl::InvalidArgumentError("slice: request and stats must not be null");
     }
-    if (absl::Status st = ValidateShapeHessiansAndParams(*s.request); !st.ok()) return st;
+    if (!s.prevalidated) {
+      if (absl::Status st = ValidateShapeHessiansAndParams(*s.request); !st.ok()) return st;
+    }
     if (absl::Status st = ValidateRowRange(s.request->weights, s.row_begin, s.row_end, s.output);
         !st.ok()) {
       return st;
     }
+    if (s.prevalidated) return absl::OkStatus();
     absl::StatusOr<float> amax = ScanWeightRows(s.request->weights, s.row_begin, s.row_end);
     if (!amax.ok()) return amax.status();
     return ValidateGlobalAmax(s.global_amax, *amax);

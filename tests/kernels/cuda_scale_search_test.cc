@@ -290,6 +290,32 @@ TEST_F(CudaScaleSearchTest, AllocationFailureIsResourceExhaustedAndTheBackendRec
 }
 #endif
 
+TEST_F(CudaScaleSearchTest, PrevalidatedSlicesSkipOnlyTheDataScans) {
+  HardTensor t = MakeHardTensor(Kind::kTypical, 64, 256, 11);
+  const QuantizeRequest request = RequestFor(t, Method::kDss);
+  absl::StatusOr<QuantizedTensor> cpu = cpu_->Quantize(request);
+  ASSERT_TRUE(cpu.ok());
+  std::vector<uint8_t> codes(cpu->packed_codes.size()), scales(cpu->scales.size());
+  TensorStats stats;
+  CudaScaleSearch::Slice slice{&request, cpu->global_amax, 0, t.rows,
+                               {absl::MakeSpan(codes), absl::MakeSpan(scales)}, &stats};
+  slice.prevalidated = true;
+  ASSERT_TRUE(gpu_->QuantizeBatch(absl::MakeConstSpan(&slice, 1)).ok());
+  EXPECT_EQ(codes, cpu->packed_codes);
+  EXPECT_EQ(scales, cpu->scales);
+  // A global amax below the weights' is caught only without the flag.
+  slice.global_amax = cpu->global_amax * 0.5f;
+  EXPECT_TRUE(gpu_->QuantizeBatch(absl::MakeConstSpan(&slice, 1)).ok());
+  slice.prevalidated = false;
+  EXPECT_EQ(gpu_->QuantizeBatch(absl::MakeConstSpan(&slice, 1)).code(),
+            absl::StatusCode::kInvalidArgument);
+  // Output sizes are always checked.
+  slice.prevalidated = true;
+  slice.output.scales = slice.output.scales.subspan(1);
+  EXPECT_EQ(gpu_->QuantizeBatch(absl::MakeConstSpan(&slice, 1)).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST_F(CudaScaleSearchTest, ValidationErrorsLaunchNothing) {
   HardTensor t = MakeHardTensor(Kind::kTypical, 8, 64, 10);
   t.w[5] = std::nanf("");

@@ -72,6 +72,12 @@ class CudaScaleSearch : public ScaleSearch {
     int64_t row_end = 0;
     RowRangeOutput output;
     TensorStats* stats = nullptr;
+    // The caller has already validated this request (ValidateShapeHessiansAndParams), checked
+    // these rows for NaN/Inf and global_amax against their amax (ScanWeightRows,
+    // ValidateGlobalAmax), as the server does per chunk: skips those O(rows x cols) scans.
+    // Row range and output sizes are still checked. Invalid data with this flag set gives
+    // unspecified codes, never a crash.
+    bool prevalidated = false;
   };
 
   // Quantizes many row ranges of many tensors, each with its own Hessians, method and global
