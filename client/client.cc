@@ -1,5 +1,8 @@
 #include "client/client.h"
 
+#include <netdb.h>
+#include <sys/socket.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -535,7 +538,45 @@ class Client::Call {
   std::vector<bool> delivered_ ABSL_GUARDED_BY(mu_);
 };
 
-absl::StatusOr<std::unique_ptr<Client>> Client::Create(const ClientOptions& options) {
+std::vector<std::string> ExpandServerAddresses(const std::vector<std::string>& addresses) {
+  constexpr std::string_view kDnsScheme = "dns:///";
+  std::vector<std::string> out;
+  for (const std::string& address : addresses) {
+    const size_t colon = address.rfind(':');
+    if (address.compare(0, kDnsScheme.size(), kDnsScheme) != 0 || colon == std::string::npos ||
+        colon < kDnsScheme.size()) {
+      out.push_back(address);
+      continue;
+    }
+    const std::string host = address.substr(kDnsScheme.size(), colon - kDnsScheme.size());
+    const std::string port = address.substr(colon + 1);
+    addrinfo hints{};
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    addrinfo* found = nullptr;
+    if (getaddrinfo(host.c_str(), port.c_str(), &hints, &found) != 0 || found == nullptr) {
+      out.push_back(address);  // gRPC reports it as unavailable, naming the entry
+      continue;
+    }
+    std::set<std::string> seen;
+    for (addrinfo* a = found; a != nullptr; a = a->ai_next) {
+      char ip[NI_MAXHOST];
+      if (getnameinfo(a->ai_addr, a->ai_addrlen, ip, sizeof(ip), nullptr, 0, NI_NUMERICHOST) != 0) {
+        continue;
+      }
+      const std::string entry = a->ai_family == AF_INET6 ? absl::StrCat("[", ip, "]:", port)
+                                                        : absl::StrCat(ip, ":", port);
+      if (seen.insert(entry).second) out.push_back(entry);
+    }
+    freeaddrinfo(found);
+    if (seen.empty()) out.push_back(address);
+  }
+  return out;
+}
+
+absl::StatusOr<std::unique_ptr<Client>> Client::Create(const ClientOptions& given) {
+  ClientOptions options = given;
+  options.addresses = ExpandServerAddresses(given.addresses);
   if (options.addresses.empty()) {
     return absl::InvalidArgumentError("no server address given");
   }

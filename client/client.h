@@ -37,9 +37,14 @@
 
 namespace nvfp4cal {
 
+// Expands every "dns:///host:port" entry into one "ip:port" entry per address the name
+// resolves to (a Kubernetes headless Service resolves to every ready pod), so that tensors are
+// spread over all of them; other entries, and names that do not resolve, are kept as given.
+std::vector<std::string> ExpandServerAddresses(const std::vector<std::string>& addresses);
+
 struct ClientOptions {
-  // Server addresses "host:port" (any gRPC target, e.g. "dns:///calib.svc:50051"). Tensors are
-  // spread over all of them.
+  // Server addresses "host:port" (any gRPC target). Tensors are spread over all of them; a
+  // "dns:///name:port" entry counts once per resolved address (ExpandServerAddresses).
   std::vector<std::string> addresses;
   // TLS: off by default (plain text). With use_tls, the PEM files below (empty: system roots /
   // no client certificate).

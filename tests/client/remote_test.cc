@@ -3,6 +3,7 @@
 // Hessian limits, so chunking and session splitting run), a dead address among live ones is
 // routed around, an unreachable server fails after the retries naming it, and the Client
 // library's async and single-tensor calls return the kernel library's bytes.
+#include <algorithm>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -122,6 +123,21 @@ TEST_F(Remote, ThreeServersAreByteIdenticalToInProcess) {
   ServerProcess c({"--max_session_hessian_bytes=200000"});
   ASSERT_FALSE(a.address().empty() || b.address().empty() || c.address().empty());
   ExpectIdentical(a.address() + "," + b.address() + "," + c.address(), "three");
+}
+
+TEST_F(Remote, DnsNameIsExpandedToEveryResolvedAddress) {
+  // "localhost" resolves to 127.0.0.1 (and maybe ::1, where nothing listens: routed around).
+  const std::vector<std::string> expanded =
+      ExpandServerAddresses({"dns:///localhost:1234", "example.org:5", "dns:///no-such.invalid:7"});
+  EXPECT_NE(std::find(expanded.begin(), expanded.end(), "127.0.0.1:1234"), expanded.end());
+  EXPECT_NE(std::find(expanded.begin(), expanded.end(), "example.org:5"), expanded.end());
+  EXPECT_NE(std::find(expanded.begin(), expanded.end(), "dns:///no-such.invalid:7"),
+            expanded.end());
+  for (const std::string& e : expanded) EXPECT_EQ(e.find("dns:///localhost"), std::string::npos);
+  ServerProcess server;
+  ASSERT_FALSE(server.address().empty());
+  const std::string port = server.address().substr(server.address().rfind(':') + 1);
+  ExpectIdentical("dns:///localhost:" + port, "dns");
 }
 
 TEST_F(Remote, DeadAddressAmongLiveOnesIsRoutedAround) {
