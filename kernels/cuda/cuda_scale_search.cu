@@ -309,17 +309,10 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
     if (s.request == nullptr || s.stats == nullptr) {
       return absl::InvalidArgumentError("slice: request and stats must not be null");
     }
-    if (!s.prevalidated) {
-      if (absl::Status st = ValidateShapeHessiansAndParams(*s.request); !st.ok()) return st;
-    }
-    if (absl::Status st = ValidateRowRange(s.request->weights, s.row_begin, s.row_end, s.output);
-        !st.ok()) {
-      return st;
-    }
-    if (s.prevalidated) return absl::OkStatus();
-    absl::StatusOr<float> amax = ScanWeightRows(s.request->weights, s.row_begin, s.row_end);
-    if (!amax.ok()) return amax.status();
-    return ValidateGlobalAmax(s.global_amax, *amax);
+    // Prevalidated slices: only the checks that protect memory (range and output sizes).
+    if (s.prevalidated)
+      return ValidateRowRange(s.request->weights, s.row_begin, s.row_end, s.output);
+    return ValidateRowRangeRequest(*s.request, s.global_amax, s.row_begin, s.row_end, s.output);
   }
 
   absl::Status EnsureWorkspace(int64_t bytes) {

@@ -115,13 +115,10 @@ class CpuScaleSearch final : public ScaleSearch {
 
   absl::Status QuantizeRows(const QuantizeRequest& request, float global_amax, int64_t row_begin,
                             int64_t row_end, RowRangeOutput output, TensorStats* stats) override {
-    if (absl::Status s = ValidateShapeHessiansAndParams(request); !s.ok()) return s;
-    if (absl::Status s = ValidateRowRange(request.weights, row_begin, row_end, output); !s.ok()) {
+    if (absl::Status s = ValidateRowRangeRequest(request, global_amax, row_begin, row_end, output);
+        !s.ok()) {
       return s;
     }
-    absl::StatusOr<float> rows_amax = ScanWeightRows(request.weights, row_begin, row_end);
-    if (!rows_amax.ok()) return rows_amax.status();
-    if (absl::Status s = ValidateGlobalAmax(global_amax, *rows_amax); !s.ok()) return s;
     InitTensorStats(request.params, global_amax, stats);
     Run(request, global_amax, row_begin, row_end, output, stats);
     return absl::OkStatus();

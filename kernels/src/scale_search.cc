@@ -111,18 +111,11 @@ absl::Status ValidateParams(const SearchParams& params) {
 }
 
 absl::StatusOr<float> ComputeGlobalAmax(const WeightView& weights) {
-  absl::StatusOr<float> amax = ScanWeightRows(weights, 0, weights.rows);
-  return amax;
+  return ScanWeightRows(weights, 0, weights.rows);
 }
 
 absl::Status ValidateRequest(const QuantizeRequest& request) {
-  if (absl::Status s = ValidateShapeHessiansAndParams(request); !s.ok()) return s;
-  absl::StatusOr<float> amax = ScanWeightRows(request.weights, 0, request.weights.rows);
-  if (!amax.ok()) return amax.status();
-  if (request.global_amax.has_value()) {
-    return ValidateGlobalAmax(*request.global_amax, *amax);
-  }
-  return absl::OkStatus();
+  return ValidatedGlobalAmax(request).status();
 }
 
 }  // namespace nvfp4cal

@@ -132,24 +132,39 @@ absl::Status ValidateGlobalAmax(float global_amax, float weights_amax) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<QuantizedTensor> PrepareQuantizedTensor(const QuantizeRequest& request) {
+absl::StatusOr<float> ValidatedGlobalAmax(const QuantizeRequest& request) {
   if (absl::Status s = ValidateShapeHessiansAndParams(request); !s.ok()) return s;
-  const WeightView& w = request.weights;
-  absl::StatusOr<float> own_amax = ScanWeightRows(w, 0, w.rows);
+  absl::StatusOr<float> own_amax = ScanWeightRows(request.weights, 0, request.weights.rows);
   if (!own_amax.ok()) return own_amax.status();
-  float global_amax = *own_amax;
-  if (request.global_amax.has_value()) {
-    if (absl::Status s = ValidateGlobalAmax(*request.global_amax, *own_amax); !s.ok()) return s;
-    global_amax = *request.global_amax;
+  if (!request.global_amax.has_value()) return *own_amax;
+  if (absl::Status s = ValidateGlobalAmax(*request.global_amax, *own_amax); !s.ok()) return s;
+  return *request.global_amax;
+}
+
+absl::Status ValidateRowRangeRequest(const QuantizeRequest& request, float global_amax,
+                                     int64_t row_begin, int64_t row_end,
+                                     const RowRangeOutput& output) {
+  if (absl::Status s = ValidateShapeHessiansAndParams(request); !s.ok()) return s;
+  if (absl::Status s = ValidateRowRange(request.weights, row_begin, row_end, output); !s.ok()) {
+    return s;
   }
+  absl::StatusOr<float> rows_amax = ScanWeightRows(request.weights, row_begin, row_end);
+  if (!rows_amax.ok()) return rows_amax.status();
+  return ValidateGlobalAmax(global_amax, *rows_amax);
+}
+
+absl::StatusOr<QuantizedTensor> PrepareQuantizedTensor(const QuantizeRequest& request) {
+  absl::StatusOr<float> global_amax = ValidatedGlobalAmax(request);
+  if (!global_amax.ok()) return global_amax.status();
+  const WeightView& w = request.weights;
   QuantizedTensor result;
   result.rows = w.rows;
   result.cols = w.cols;
   result.packed_codes.resize(static_cast<size_t>(w.rows * w.cols / 2));
   result.scales.resize(static_cast<size_t>(w.rows * w.cols / kBlockSize));
-  result.global_amax = global_amax;
-  result.global_scale = GlobalScaleFromAmax(global_amax);
-  InitTensorStats(request.params, global_amax, &result.stats);
+  result.global_amax = *global_amax;
+  result.global_scale = GlobalScaleFromAmax(*global_amax);
+  InitTensorStats(request.params, *global_amax, &result.stats);
   return result;
 }
 

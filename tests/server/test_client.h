@@ -37,8 +37,6 @@ struct TestTensor {
   int64_t rows_per_chunk = 8;
 };
 
-inline int DTypeBytes(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
-
 // Deterministic tensor with example weights (and Hessian blocks when hessian_name is set).
 inline TestTensor MakeTensor(const std::string& name, int64_t rows, int64_t cols, DType dtype,
                              const std::string& method, const std::string& hessian_name,
@@ -51,7 +49,7 @@ inline TestTensor MakeTensor(const std::string& name, int64_t rows, int64_t cols
   t.method = method;
   t.hessian_name = hessian_name;
   std::vector<float> w = MakeExampleWeights(rows, cols, seed);
-  t.weights.resize(static_cast<size_t>(rows * cols * DTypeBytes(dtype)));
+  t.weights.resize(static_cast<size_t>(rows * cols * DTypeSize(dtype)));
   if (dtype == DType::kFloat32) {
     std::memcpy(t.weights.data(), w.data(), t.weights.size());
   } else {
@@ -115,7 +113,7 @@ inline v1::QuantizeRequest WeightChunkOf(const TestTensor& t, int64_t row_begin,
   v1::WeightChunk* c = request.mutable_weights();
   c->set_row_begin(row_begin);
   c->set_num_rows(num_rows);
-  const size_t row_bytes = static_cast<size_t>(t.cols * DTypeBytes(t.dtype));
+  const size_t row_bytes = static_cast<size_t>(t.cols * DTypeSize(t.dtype));
   c->set_data(t.weights.substr(static_cast<size_t>(row_begin) * row_bytes,
                                static_cast<size_t>(num_rows) * row_bytes));
   return request;
