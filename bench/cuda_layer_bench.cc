@@ -78,11 +78,11 @@ int main(int argc, char** argv) {
   }
   nvfp4cal::CudaScaleSearchOptions full_options;
   full_options.memory_budget_bytes = int64_t{8} << 30;
-  nvfp4cal::CudaScaleSearchOptions event_options = full_options;
-  event_options.search = nvfp4cal::CudaSearchAlgorithm::kEvents;
-  auto gpu = nvfp4cal::MakeCudaScaleSearch(full_options);
-  auto gpu_events = nvfp4cal::MakeCudaScaleSearch(event_options);
-  if (!gpu.ok() || !gpu_events.ok()) {
+  nvfp4cal::CudaScaleSearchOptions unpruned_options = full_options;
+  unpruned_options.search = nvfp4cal::CudaSearchAlgorithm::kFull;
+  auto gpu = nvfp4cal::MakeCudaScaleSearch(full_options);  // the default: pruned search
+  auto gpu_full = nvfp4cal::MakeCudaScaleSearch(unpruned_options);
+  if (!gpu.ok() || !gpu_full.ok()) {
     std::fprintf(stderr, "cuda_layer_bench: %s\n", gpu.status().ToString().c_str());
     return 1;
   }
@@ -113,8 +113,9 @@ int main(int argc, char** argv) {
   int64_t blocks = 0;
   for (const Linear& l : layer) blocks += l.rows * l.cols / 16;
   std::printf("layer: 7 Linear weights, %lld blocks of 16\n\n", static_cast<long long>(blocks));
-  std::printf("%-14s %12s %12s %14s %10s %12s %12s %10s\n", "method", "kernel ms", "x32 layers s",
-              "candidates/s", "FP32 peak", "events ms", "CPU ms", "speed-up");
+  std::printf("%-14s %12s %12s %14s %10s %12s %12s %10s %10s\n", "method", "kernel ms",
+              "x32 layers s", "candidates/s", "FP32 peak", "full ms", "CPU ms", "speed-up",
+              "evaluated");
 
   auto cpu = nvfp4cal::MakeCpuScaleSearch({0, 4096});
   for (nvfp4cal::Method m : {nvfp4cal::Method::kMax, nvfp4cal::Method::kMse,
@@ -145,12 +146,15 @@ int main(int argc, char** argv) {
       return 1;
     }
     double kernel_ms = 1e30;
+    double evaluated_per_block = 0.0;
     for (int rep = 0; rep < 3; ++rep) {
       for (auto& s : stats) s = nvfp4cal::TensorStats{};
       if (absl::Status s = (*gpu)->QuantizeBatch(slices); !s.ok()) return 1;
       kernel_ms = std::min(kernel_ms, (*gpu)->LastCallTiming().kernel_ms);
+      evaluated_per_block = static_cast<double>((*gpu)->LastCallTiming().canonical_evaluations) /
+                            static_cast<double>(blocks);
     }
-    // The event-driven search on the same data: comparison and cross-check.
+    // The unpruned search (every candidate evaluated) on the same data: comparison and check.
     std::vector<std::vector<uint8_t>> full_codes = codes, full_scales = scales;
     std::vector<nvfp4cal::TensorStats> full_stats(layer.size());
     std::vector<nvfp4cal::CudaScaleSearch::Slice> full_slices = slices;
@@ -158,10 +162,10 @@ int main(int argc, char** argv) {
       full_slices[t].output = {absl::MakeSpan(full_codes[t]), absl::MakeSpan(full_scales[t])};
       full_slices[t].stats = &full_stats[t];
     }
-    if (absl::Status s = (*gpu_events)->QuantizeBatch(full_slices); !s.ok()) return 1;
-    const double full_ms = (*gpu_events)->LastCallTiming().kernel_ms;
+    if (absl::Status s = (*gpu_full)->QuantizeBatch(full_slices); !s.ok()) return 1;
+    const double full_ms = (*gpu_full)->LastCallTiming().kernel_ms;
     if (full_codes != codes || full_scales != scales) {
-      std::fprintf(stderr, "mismatch between the full and the event GPU search\n");
+      std::fprintf(stderr, "mismatch between the pruned and the full GPU search\n");
       return 1;
     }
     // CPU reference on (a fraction of) the same rows.
@@ -188,9 +192,10 @@ int main(int argc, char** argv) {
     const double candidates = static_cast<double>(blocks) * CandidatesPerBlock(m);
     const double per_s = candidates / (kernel_ms * 1e-3);
     const double tflops = per_s * FlopsPerCandidate(m) / 1e12;
-    std::printf("%-14s %12.2f %12.3f %14.3e %9.1f%% %12.2f %12.1f %9.0fx\n",
+    std::printf("%-14s %12.2f %12.3f %14.3e %9.1f%% %12.2f %12.1f %9.0fx %10.1f\n",
                 std::string(nvfp4cal::MethodName(m)).c_str(), kernel_ms, kernel_ms * layers / 1e3,
-                per_s, 100.0 * tflops / peak_tflops, full_ms, cpu_ms, cpu_ms / kernel_ms);
+                per_s, 100.0 * tflops / peak_tflops, full_ms, cpu_ms, cpu_ms / kernel_ms,
+                evaluated_per_block);
   }
   return 0;
 }

@@ -17,6 +17,7 @@
 #include "nvfp4cal/kernels/block_search.h"
 #include "nvfp4cal/kernels/cuda_scale_search.h"
 #include "nvfp4cal/kernels/event_search.h"
+#include "nvfp4cal/kernels/hessian_bounds.h"
 #include "nvfp4cal/kernels/validation.h"
 
 namespace nvfp4cal {
@@ -43,10 +44,13 @@ absl::Status CudaStatus(cudaError_t error, const char* what) {
 
 // One tensor row range as the kernel sees it (device pointers).
 struct DeviceSlice {
-  const void* weights;    // rows x cols, row-major
-  const float* hessians;  // [cols / 16, 16, 16] or null
-  uint8_t* codes;         // rows x cols / 2
-  uint8_t* scales;        // rows x cols / 16
+  const void* weights;                 // rows x cols, row-major
+  const float* hessians;               // [cols / 16, 16, 16] or null
+  const HessianBlockBounds* bounds;    // per Hessian block (pruned search), null with hessians
+  const HessianBlockBounds* identity;  // bounds of the squared-error objective
+  const float* dss_scales;  // [126][2n + 1]: DssQuantScale of every (candidate, beta), or null
+  uint8_t* codes;           // rows x cols / 2
+  uint8_t* scales;          // rows x cols / 16
   int64_t rows;
   int64_t cols;
   float global_amax;
@@ -74,6 +78,7 @@ struct TileStats {
   int32_t offset_not_zero;
   int32_t zero_hessian;
   int32_t padding;
+  int64_t evaluations;  // canonical evaluations by the pruned search's queues
 };
 
 // Fixed-order tree sum over the CUDA block (kRowsPerTile threads); result valid in thread 0.
@@ -87,6 +92,25 @@ __device__ double BlockSum(double value, double* scratch) {
   const double sum = scratch[0];
   __syncthreads();
   return sum;
+}
+
+// The tile's statistics, summed in a fixed order (thread 0 writes them).
+__device__ void WriteTileStats(bool active, const BlockOutcome& out, double* scratch,
+                               TileStats* tile_stats, int64_t evaluations = 0) {
+  const double mse_before = BlockSum(active ? out.mse_before : 0.0, scratch);
+  const double mse_after = BlockSum(active ? out.mse_after : 0.0, scratch);
+  const double hessian_before = BlockSum(active ? out.hessian_before : 0.0, scratch);
+  const double hessian_after = BlockSum(active ? out.hessian_after : 0.0, scratch);
+  const int blocks = __syncthreads_count(active);
+  const int changed = __syncthreads_count(active && out.scale_byte != out.max_scale_byte);
+  const int beta = __syncthreads_count(active && out.dss_beta_index != 0);
+  const int offset = __syncthreads_count(active && out.dss_offset != 0);
+  const int zero = __syncthreads_count(active && out.hessian_all_zero);
+  if (threadIdx.x == 0) {
+    tile_stats[blockIdx.x] = TileStats{mse_before, mse_after, hessian_before, hessian_after,
+                                       blocks,     changed,   beta,           offset,
+                                       zero,       0,         evaluations};
+  }
 }
 
 // Loads the tile's Hessian block (and what the chosen search needs of it) into shared memory.
@@ -159,19 +183,345 @@ __global__ void __launch_bounds__(kRowsPerTile)
     memcpy(&packed, out.packed, sizeof(packed));
     reinterpret_cast<uint2*>(s.codes)[block] = packed;
   }
-  const double mse_before = BlockSum(active ? out.mse_before : 0.0, scratch);
-  const double mse_after = BlockSum(active ? out.mse_after : 0.0, scratch);
-  const double hessian_before = BlockSum(active ? out.hessian_before : 0.0, scratch);
-  const double hessian_after = BlockSum(active ? out.hessian_after : 0.0, scratch);
-  const int blocks = __syncthreads_count(active);
-  const int changed = __syncthreads_count(active && out.scale_byte != out.max_scale_byte);
-  const int beta = __syncthreads_count(active && out.dss_beta_index != 0);
-  const int offset = __syncthreads_count(active && out.dss_offset != 0);
-  const int zero = __syncthreads_count(active && out.hessian_all_zero);
-  if (threadIdx.x == 0) {
-    tile_stats[blockIdx.x] = TileStats{mse_before, mse_after, hessian_before, hessian_after, blocks,
-                                       changed,    beta,      offset,         zero,          0};
+  WriteTileStats(active, out, scratch, tile_stats);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pruned search with a per-tile work queue (CudaSearchAlgorithm::kPruned, the default).
+//
+// One thread per row still owns its block, but candidates are no longer evaluated by the thread
+// that owns them. Each thread first screens all its candidates with the exact lower bound of
+// block_search.h (CandidateCannotWin: one element's error, ~30 instructions instead of ~680);
+// the survivors of all 128 rows of the tile go into a shared-memory queue, and every thread of
+// the tile then evaluates queue entries with the canonical objective, whoever owns them. So a
+// warp never idles on a row that needs fewer evaluations than its neighbours (the reason
+// per-thread pruning lost), and the choice stays exactly the full search's: every candidate
+// that could win or tie is evaluated canonically, and the per-row minimum is taken over
+// (objective, visiting index) keys, i.e. the first minimal candidate in visiting order.
+// A non-finite objective (possible only with extreme Hessian entries) sends that row to the
+// sequential search, whose tie and NaN semantics are the CPU reference's.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kQueueCapacity = 4096;  // queue entries per round (more survivors: more rounds)
+constexpr int kStagePitch = 20;       // floats per staged row (16 + padding: no bank conflicts)
+
+// Orders floats as unsigned integers (-0 and +0 taken as equal, NaN above +Inf).
+__device__ uint32_t OrderedFloatBits(float x) {
+  const uint32_t u = FloatBits(AddNoContract(x, 0.0f));
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ float FloatFromOrderedBits(uint32_t u) {
+  return BitsToFloat((u & 0x80000000u) ? (u & 0x7FFFFFFFu) : ~u);
+}
+__device__ unsigned long long CandidateKey(float objective, uint32_t index) {
+  return (static_cast<unsigned long long>(OrderedFloatBits(objective)) << 32) | index;
+}
+
+struct PrunedTileShared {
+  float h[kBlockSize * kBlockSize];
+  HessianBlockBounds bounds;
+  float q[kNumScaleCandidates];                     // sweep candidates: q_k = f_k * s2
+  float d_unit[kNumScaleCandidates];                // f_k * s2 in error units
+  alignas(16) float w[kRowsPerTile * kStagePitch];  // read as float4
+  alignas(16) float w_unit[kRowsPerTile * kStagePitch];
+  unsigned long long best[kRowsPerTile];
+  uint32_t queue[kQueueCapacity];
+  int warp_total[kRowsPerTile / 32];
+  int non_finite[kRowsPerTile];
+  double scratch[kRowsPerTile];
+};
+
+// Exclusive prefix sum of `count` over the CUDA block; *total receives the sum.
+__device__ int BlockExclusiveScan(int count, PrunedTileShared& sh, int* total) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  int inclusive = count;
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const int v = __shfl_up_sync(0xFFFFFFFFu, inclusive, offset);
+    if (lane >= offset) inclusive += v;
   }
+  if (lane == 31) sh.warp_total[warp] = inclusive;
+  __syncthreads();
+  int before = 0;
+  int sum = 0;
+  for (int w = 0; w < kRowsPerTile / 32; ++w) {
+    before += w < warp ? sh.warp_total[w] : 0;
+    sum += sh.warp_total[w];
+  }
+  __syncthreads();
+  *total = sum;
+  return before + inclusive - count;
+}
+
+// Evaluates every surviving candidate of the tile with the canonical objective and keeps, per
+// row, the smallest (objective, index) key in sh.best. `mask` holds this thread's survivors
+// (bit j of word j / 32 = visiting index j); `evaluate(row, index)` returns the objective.
+template <int kWords, class Evaluate>
+__device__ void EvaluateSurvivors(const uint32_t (&mask)[kWords], PrunedTileShared& sh,
+                                  int64_t* evaluated, const Evaluate& evaluate) {
+  int count = 0;
+  for (int w = 0; w < kWords; ++w) count += __popc(mask[w]);
+  int total = 0;
+  const int first = BlockExclusiveScan(count, sh, &total);
+  *evaluated += total;
+  for (int base = 0; base < total; base += kQueueCapacity) {
+    // Write this thread's entries whose queue position falls into the round.
+    int position = first;
+    for (int w = 0; w < kWords; ++w) {
+      uint32_t bits = mask[w];
+      while (bits != 0 && position < base + kQueueCapacity) {
+        const int bit = __ffs(bits) - 1;
+        bits &= bits - 1;
+        if (position >= base) {
+          sh.queue[position - base] =
+              (static_cast<uint32_t>(threadIdx.x) << 16) | static_cast<uint32_t>(w * 32 + bit);
+        }
+        ++position;
+      }
+    }
+    __syncthreads();
+    // Each thread takes a contiguous run of entries: the lanes of a warp then work on different
+    // rows (no contention on one row's minimum), and a thread publishes its running minimum
+    // once per row instead of once per entry.
+    const int entries = min(kQueueCapacity, total - base);
+    const int per_thread = (entries + kRowsPerTile - 1) / kRowsPerTile;
+    const int begin = min(entries, static_cast<int>(threadIdx.x) * per_thread);
+    const int end = min(entries, begin + per_thread);
+    int current_row = -1;
+    unsigned long long current_min = ~0ull;
+    for (int e = begin; e < end; ++e) {
+      const uint32_t entry = sh.queue[e];
+      const int row = static_cast<int>(entry >> 16);
+      const uint32_t index = entry & 0xFFFFu;
+      const float objective = evaluate(row, index);
+      if (objective != objective) sh.non_finite[row] = 1;
+      if (row != current_row) {
+        if (current_row >= 0) atomicMin(&sh.best[current_row], current_min);
+        current_row = row;
+        current_min = ~0ull;
+      }
+      const unsigned long long key = CandidateKey(objective, index + 1);
+      current_min = key < current_min ? key : current_min;
+    }
+    if (current_row >= 0) atomicMin(&sh.best[current_row], current_min);
+    __syncthreads();
+  }
+}
+
+// The staged block of another row of the tile, as QuantizeBlock prepared it.
+__device__ void LoadStagedBlock(const PrunedTileShared& sh, int row, float global_amax,
+                                float global_scale, float global_scale_unit, ScaledBlock* b) {
+  const float4* w = reinterpret_cast<const float4*>(sh.w + row * kStagePitch);
+  const float4* u = reinterpret_cast<const float4*>(sh.w_unit + row * kStagePitch);
+  for (int i = 0; i < kBlockSize / 4; ++i) {
+    const float4 a = w[i];
+    const float4 c = u[i];
+    b->w[4 * i] = a.x;
+    b->w[4 * i + 1] = a.y;
+    b->w[4 * i + 2] = a.z;
+    b->w[4 * i + 3] = a.w;
+    b->w_unit[4 * i] = c.x;
+    b->w_unit[4 * i + 1] = c.y;
+    b->w_unit[4 * i + 2] = c.z;
+    b->w_unit[4 * i + 3] = c.w;
+  }
+  b->global_amax = global_amax;
+  b->global_scale = global_scale;
+  b->global_scale_unit = global_scale_unit;
+}
+
+constexpr int kSweepWords = (kNumScaleCandidates + 31) / 32;
+constexpr int kDssWords = 4;  // DSS grids of up to 128 candidates use the queue (default: 63)
+
+// What a row keeps between the phases of the pruned kernel (in shared memory, so that no
+// thread carries its block in registers across the tile-wide evaluation phases).
+struct RowState {
+  float mse_before;
+  float hessian_before;
+  float sweep_objective;
+  int16_t sweep_candidate;
+  int16_t dss_k_begin;
+  uint8_t max_scale_byte;
+  uint8_t searching;
+};
+
+__global__ void __launch_bounds__(kRowsPerTile)
+    QuantizeTilesPrunedKernel(const DeviceSlice* slices, const Tile* tiles, TileStats* tile_stats) {
+  __shared__ PrunedTileShared sh;
+  __shared__ RowState rows[kRowsPerTile];
+  const Tile tile = tiles[blockIdx.x];
+  const DeviceSlice s = slices[tile.slice];
+  const bool has_hessian = s.hessians != nullptr;
+  const BlockMethod method = static_cast<BlockMethod>(s.method);
+  const bool squared = method == BlockMethod::kMse || !has_hessian;
+  const float global_amax = s.global_amax;
+  const float global_scale = s.global_scale;
+  if (has_hessian) {
+    const float* hj = s.hessians + static_cast<int64_t>(tile.col_block) * kBlockSize * kBlockSize;
+    for (int i = threadIdx.x; i < kBlockSize * kBlockSize; i += kRowsPerTile) sh.h[i] = hj[i];
+  }
+  if (threadIdx.x == 0) sh.bounds = squared ? *s.identity : s.bounds[tile.col_block];
+  const float global_scale_unit =
+      MulNoContract(global_scale, ErrorUnitInverse(ErrorUnitExponent(global_scale)));
+  if (threadIdx.x < kNumScaleCandidates) {
+    const float f = ScaleCandidateValue(static_cast<int>(threadIdx.x));
+    sh.q[threadIdx.x] = MulNoContract(f, global_scale);
+    sh.d_unit[threadIdx.x] = MulNoContract(f, global_scale_unit);
+  }
+  sh.non_finite[threadIdx.x] = 0;
+  __syncthreads();
+
+  const int64_t row = tile.row0 + threadIdx.x;
+  const bool active = row < s.rows;
+  const float* h = has_hessian ? sh.h : nullptr;
+  const float* search_h = squared ? nullptr : h;
+  const bool all_zero_hessian = has_hessian && IsAllZeroHessian(sh.h);
+  RowState& state = rows[threadIdx.x];
+
+  // Phase 1: the `max` method's result and "before" statistics; screen the sweep.
+  uint32_t sweep_mask[kSweepWords] = {};
+  {
+    BlockOutcome out{};
+    ScaledBlock b{};
+    bool searching = false;
+    if (active) {
+      float w[kBlockSize];
+      LoadAsFloat(s.weights, static_cast<DType>(s.dtype),
+                  row * s.cols + tile.col_block * kBlockSize, kBlockSize, w);
+      searching =
+          BeginBlock(w, global_amax, global_scale, method, GenericBlockObjectives{h}, &out, &b) &&
+          method != BlockMethod::kMax;
+    }
+    float* staged_w = sh.w + threadIdx.x * kStagePitch;
+    float* staged_u = sh.w_unit + threadIdx.x * kStagePitch;
+    for (int i = 0; i < kBlockSize; ++i) {
+      staged_w[i] = b.w[i];
+      staged_u[i] = b.w_unit[i];
+    }
+    const float reference = squared ? out.mse_before : out.hessian_before;
+    const int reference_k = out.max_scale_byte - 1;
+    state = RowState{out.mse_before,
+                     out.hessian_before,
+                     reference,
+                     static_cast<int16_t>(reference_k),
+                     0,
+                     out.max_scale_byte,
+                     static_cast<uint8_t>(searching)};
+    if (searching) {
+      const BlockPruning pruning = MakeBlockPruning(b, &sh.bounds);
+      for (int w = 0; w < kSweepWords; ++w) {
+        for (int bit = 0; bit < 32; ++bit) {
+          const int k = w * 32 + bit;
+          if (k >= kNumScaleCandidates || k == reference_k) continue;
+          if (!CandidateCannotWin(b, pruning, sh.q[k], sh.d_unit[k], reference)) {
+            sweep_mask[w] |= 1u << bit;
+          }
+        }
+      }
+    }
+    sh.best[threadIdx.x] = CandidateKey(reference, static_cast<uint32_t>(reference_k + 1));
+  }
+  __syncthreads();
+
+  // Phase 2: the tile's surviving sweep candidates, evaluated canonically by every thread.
+  int64_t evaluated = 0;
+  EvaluateSurvivors(sweep_mask, sh, &evaluated, [&](int r, uint32_t k) {
+    ScaledBlock other;
+    LoadStagedBlock(sh, r, global_amax, global_scale, global_scale_unit, &other);
+    return CandidateObjective(other, sh.q[k], sh.d_unit[k], search_h);
+  });
+
+  // Phase 3: the sweep's choice; screen DSS around it.
+  const DssGrid grid = s.grid;
+  const int betas = 2 * grid.beta_steps + 1;
+  const bool dss_queued = (2 * grid.neighbours + 1) * betas <= kDssWords * 32;
+  uint32_t dss_mask[kDssWords] = {};
+  if (state.searching) {
+    const unsigned long long key = sh.best[threadIdx.x];
+    SweepChoice sweep{static_cast<int>(key & 0xFFFFFFFFu) - 1,
+                      FloatFromOrderedBits(static_cast<uint32_t>(key >> 32))};
+    ScaledBlock b;
+    LoadStagedBlock(sh, static_cast<int>(threadIdx.x), global_amax, global_scale, global_scale_unit,
+                    &b);
+    const BlockPruning pruning = MakeBlockPruning(b, &sh.bounds);
+    const float reference = state.sweep_objective;
+    if (sh.non_finite[threadIdx.x] || reference != reference) {
+      // NaN objectives: the sequential search, with the CPU reference's semantics.
+      sweep = SweepScaleCandidates(b, search_h, pruning, reference);
+    }
+    state.sweep_candidate = static_cast<int16_t>(sweep.candidate);
+    state.sweep_objective = sweep.objective;
+    if (method == BlockMethod::kDss && dss_queued) {
+      const int k_begin = DssFirstNeighbour(sweep.candidate, grid.neighbours);
+      const int k_end = DssLastNeighbour(sweep.candidate, grid.neighbours);
+      state.dss_k_begin = static_cast<int16_t>(k_begin);
+      const int count = (k_end - k_begin + 1) * betas;
+      for (int j = 0; j < count; ++j) {
+        const int k = k_begin + j / betas;
+        const float dq = s.dss_scales[k * betas + j % betas];
+        if (!CandidateCannotWin(b, pruning, dq, sh.d_unit[k], sweep.objective)) {
+          dss_mask[j >> 5] |= 1u << (j & 31);
+        }
+      }
+    }
+  }
+  if (method == BlockMethod::kDss) {
+    __syncthreads();  // every thread has read its sweep result from sh.best
+    sh.best[threadIdx.x] = CandidateKey(state.sweep_objective, 0);
+    sh.non_finite[threadIdx.x] = 0;
+    __syncthreads();
+    if (dss_queued) {
+      EvaluateSurvivors(dss_mask, sh, &evaluated, [&](int r, uint32_t j) {
+        ScaledBlock other;
+        LoadStagedBlock(sh, r, global_amax, global_scale, global_scale_unit, &other);
+        const int k = rows[r].dss_k_begin + static_cast<int>(j) / betas;
+        return CandidateObjective(other, s.dss_scales[k * betas + static_cast<int>(j) % betas],
+                                  sh.d_unit[k], h);
+      });
+    }
+  }
+
+  // Phase 4: the choice, codes, packing and "after" statistics.
+  BlockOutcome out{};
+  out.hessian_all_zero = all_zero_hessian;
+  out.max_scale_byte = state.max_scale_byte;
+  out.scale_byte = state.max_scale_byte;
+  out.mse_before = state.mse_before;
+  out.hessian_before = state.hessian_before;
+  if (active && global_amax == 0.0f) {
+    out.scale_byte = method == BlockMethod::kMax ? out.max_scale_byte : 0x01;
+  } else if (active) {
+    ScaledBlock b;
+    LoadStagedBlock(sh, static_cast<int>(threadIdx.x), global_amax, global_scale, global_scale_unit,
+                    &b);
+    int candidate = state.sweep_candidate;
+    float q = MulNoContract(ScaleCandidateValue(candidate), global_scale);
+    if (state.searching && method == BlockMethod::kDss) {
+      const SweepChoice sweep{candidate, state.sweep_objective};
+      DssChoice dss{candidate, 0, q, sweep.objective};
+      const unsigned long long key = sh.best[threadIdx.x];
+      const int index = static_cast<int>(key & 0xFFFFFFFFu) - 1;
+      if (!dss_queued || sh.non_finite[threadIdx.x] || sweep.objective != sweep.objective) {
+        dss = DecoupledScaleSearch(b, h, sweep, grid, MakeBlockPruning(b, &sh.bounds));
+      } else if (index >= 0) {
+        const int k = state.dss_k_begin + index / betas;
+        dss = DssChoice{k, index % betas - grid.beta_steps, s.dss_scales[k * betas + index % betas],
+                        FloatFromOrderedBits(static_cast<uint32_t>(key >> 32))};
+      }
+      out.dss_offset = static_cast<int8_t>(dss.candidate - sweep.candidate);
+      out.dss_beta_index = static_cast<int16_t>(dss.beta_index);
+      candidate = dss.candidate;
+      q = dss.q;
+    }
+    FinishBlock(b, GenericBlockObjectives{h}, candidate, q, &out);
+    const int64_t block = row * (s.cols / kBlockSize) + tile.col_block;
+    s.scales[block] = out.scale_byte;
+    uint2 packed;
+    memcpy(&packed, out.packed, sizeof(packed));
+    reinterpret_cast<uint2*>(s.codes)[block] = packed;
+  }
+  if (!active) out = BlockOutcome{};
+  WriteTileStats(active, out, sh.scratch, tile_stats, evaluated);
 }
 
 int64_t AlignUp(int64_t n) { return (n + kAlignment - 1) / kAlignment * kAlignment; }
@@ -196,6 +546,34 @@ int64_t HessianBytes(const CudaScaleSearch::Slice& s) {
              ? 0
              : AlignUp(s.request->hessians.num_blocks * kBlockSize * kBlockSize *
                        static_cast<int64_t>(sizeof(float)));
+}
+
+// The DSS scales of every (candidate, beta) of a dss slice, for the pruned kernel.
+int64_t DssScalesBytes(const CudaScaleSearch::Slice& s) {
+  if (s.request->params.method != Method::kDss) return 0;
+  return AlignUp(kNumScaleCandidates * (2 * DssBetaSteps(s.request->params) + 1) *
+                 static_cast<int64_t>(sizeof(float)));
+}
+
+std::vector<float> DssScalesTable(const CudaScaleSearch::Slice& s) {
+  const int n = DssBetaSteps(s.request->params);
+  std::vector<float> table;
+  table.reserve(static_cast<size_t>(kNumScaleCandidates * (2 * n + 1)));
+  for (int k = 0; k < kNumScaleCandidates; ++k) {
+    for (int i = -n; i <= n; ++i) {
+      table.push_back(DssQuantScale(DssBeta(i, s.request->params.beta_step), s.global_amax,
+                                    ScaleCandidateValue(k)));
+    }
+  }
+  return table;
+}
+
+// The pruning bounds that go with a slice's Hessian blocks.
+int64_t BoundsBytes(const CudaScaleSearch::Slice& s) {
+  return s.request->hessians.data == nullptr
+             ? 0
+             : AlignUp(s.request->hessians.num_blocks *
+                       static_cast<int64_t>(sizeof(HessianBlockBounds)));
 }
 
 class CudaScaleSearchImpl final : public CudaScaleSearch {
@@ -279,7 +657,9 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
     int64_t launch_bytes = 0;
     for (int i = 0; i < static_cast<int>(slices.size()); ++i) {
       const Slice& s = slices[static_cast<size_t>(i)];
-      const int64_t fixed = HessianBytes(s) + AlignUp(sizeof(DeviceSlice) * (launch.size() + 1));
+      const int64_t fixed = HessianBytes(s) + BoundsBytes(s) + DssScalesBytes(s) +
+                            AlignUp(sizeof(DeviceSlice) * (launch.size() + 1)) +
+                            AlignUp(sizeof(HessianBlockBounds));
       const int64_t per_row = PieceBytes(s, kRowsPerTile) / kRowsPerTile + 1;
       int64_t row = s.row_begin;
       while (row < s.row_end) {
@@ -349,7 +729,9 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
     };
     std::vector<DeviceSlice> device_slices(pieces.size());
     std::vector<int64_t> weight_at(pieces.size()), code_at(pieces.size()), scale_at(pieces.size());
+    std::vector<int64_t> dss_at(pieces.size(), -1);
     std::map<const float*, int64_t> hessian_at;
+    std::map<const float*, int64_t> bounds_at;
     std::vector<Tile> tiles;
     std::vector<std::pair<size_t, size_t>> tile_ranges(pieces.size());
     for (size_t p = 0; p < pieces.size(); ++p) {
@@ -359,8 +741,14 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
       weight_at[p] = take(rows * w.cols * DTypeSize(w.dtype));
       code_at[p] = take(rows * w.cols / 2);
       scale_at[p] = take(rows * w.cols / kBlockSize);
+      if (options_.search == CudaSearchAlgorithm::kPruned && DssScalesBytes(s) > 0) {
+        dss_at[p] = take(DssScalesBytes(s));
+      }
       const float* h = s.request->hessians.data;
-      if (h != nullptr && hessian_at.count(h) == 0) hessian_at[h] = take(HessianBytes(s));
+      if (h != nullptr && hessian_at.count(h) == 0) {
+        hessian_at[h] = take(HessianBytes(s));
+        bounds_at[h] = take(BoundsBytes(s));
+      }
       tile_ranges[p].first = tiles.size();
       for (int64_t row0 = 0; row0 < rows; row0 += kRowsPerTile) {
         for (int32_t j = 0; j < static_cast<int32_t>(w.cols / kBlockSize); ++j) {
@@ -369,6 +757,7 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
       }
       tile_ranges[p].second = tiles.size();
     }
+    const int64_t identity_at = take(static_cast<int64_t>(sizeof(HessianBlockBounds)));
     const int64_t slices_at = take(static_cast<int64_t>(sizeof(DeviceSlice) * pieces.size()));
     const int64_t tiles_at = take(static_cast<int64_t>(sizeof(Tile) * tiles.size()));
     const int64_t stats_at = take(static_cast<int64_t>(sizeof(TileStats) * tiles.size()));
@@ -388,6 +777,10 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
       device_slices[p] = DeviceSlice{
           workspace_ + weight_at[p],
           h == nullptr ? nullptr : reinterpret_cast<const float*>(workspace_ + hessian_at[h]),
+          h == nullptr ? nullptr
+                       : reinterpret_cast<const HessianBlockBounds*>(workspace_ + bounds_at[h]),
+          reinterpret_cast<const HessianBlockBounds*>(workspace_ + identity_at),
+          dss_at[p] < 0 ? nullptr : reinterpret_cast<const float*>(workspace_ + dss_at[p]),
           reinterpret_cast<uint8_t*>(workspace_ + code_at[p]),
           reinterpret_cast<uint8_t*>(workspace_ + scale_at[p]),
           rows,
@@ -399,6 +792,20 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
           DssGrid{s.request->params.scale_neighbours, DssBetaSteps(s.request->params),
                   s.request->params.beta_step}};
     }
+    // Bounds for the pruned search (host-computed, double-precision Cholesky per block); they
+    // stay alive until the stream synchronisation below.
+    std::vector<std::vector<HessianBlockBounds>> bounds_host;
+    std::vector<std::vector<float>> dss_host;
+    for (size_t p = 0; p < pieces.size(); ++p) {
+      if (dss_at[p] < 0) continue;
+      dss_host.push_back(DssScalesTable(slices[static_cast<size_t>(pieces[p].slice)]));
+      NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(workspace_ + dss_at[p], dss_host.back().data(),
+                                                 sizeof(float) * dss_host.back().size(),
+                                                 cudaMemcpyHostToDevice, stream_));
+    }
+    const HessianBlockBounds identity = IdentityBounds();
+    NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(workspace_ + identity_at, &identity,
+                                               sizeof(identity), cudaMemcpyHostToDevice, stream_));
     for (const auto& [host, at] : hessian_at) {
       const Slice* owner = nullptr;
       for (const Piece& piece : pieces) {
@@ -410,6 +817,13 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
       NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(workspace_ + at, host,
                                                  static_cast<size_t>(HessianBytes(*owner)),
                                                  cudaMemcpyHostToDevice, stream_));
+      if (options_.search == CudaSearchAlgorithm::kPruned) {
+        bounds_host.push_back(ComputeHessianBlockBounds(owner->request->hessians));
+        NVFP4_CUDA_RETURN_IF_ERROR(
+            cudaMemcpyAsync(workspace_ + bounds_at[host], bounds_host.back().data(),
+                            sizeof(HessianBlockBounds) * bounds_host.back().size(),
+                            cudaMemcpyHostToDevice, stream_));
+      }
     }
     NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(workspace_ + slices_at, device_slices.data(),
                                                sizeof(DeviceSlice) * device_slices.size(),
@@ -426,7 +840,10 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
     const auto* tiles_device = reinterpret_cast<const Tile*>(workspace_ + tiles_at);
     auto* stats_device = reinterpret_cast<TileStats*>(workspace_ + stats_at);
     const unsigned grid = static_cast<unsigned>(tiles.size());
-    if (options_.search == CudaSearchAlgorithm::kEvents) {
+    if (options_.search == CudaSearchAlgorithm::kPruned) {
+      QuantizeTilesPrunedKernel<<<grid, kRowsPerTile, 0, stream_>>>(slices_device, tiles_device,
+                                                                    stats_device);
+    } else if (options_.search == CudaSearchAlgorithm::kEvents) {
       QuantizeTilesKernel<true>
           <<<grid, kRowsPerTile, 0, stream_>>>(slices_device, tiles_device, stats_device);
     } else {
@@ -477,6 +894,7 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
         part.blocks_beta_not_one += ts.beta_not_one;
         part.blocks_offset_not_zero += ts.offset_not_zero;
         part.zero_hessian_blocks += ts.zero_hessian;
+        timing_.canonical_evaluations += ts.evaluations;
       }
       part.objective_before = hessian_objective ? part.hessian_error_before : part.mse_before;
       part.objective_after = hessian_objective ? part.hessian_error_after : part.mse_after;

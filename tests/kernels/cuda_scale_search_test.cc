@@ -28,6 +28,11 @@ class CudaScaleSearchTest : public ::testing::Test {
     absl::StatusOr<std::unique_ptr<CudaScaleSearch>> gpu = MakeCudaScaleSearch({});
     ASSERT_TRUE(gpu.ok()) << gpu.status();
     gpu_ = *std::move(gpu);
+    CudaScaleSearchOptions full;
+    full.search = CudaSearchAlgorithm::kFull;
+    absl::StatusOr<std::unique_ptr<CudaScaleSearch>> gpu_full = MakeCudaScaleSearch(full);
+    ASSERT_TRUE(gpu_full.ok()) << gpu_full.status();
+    gpu_full_ = *std::move(gpu_full);
     CudaScaleSearchOptions events;
     events.search = CudaSearchAlgorithm::kEvents;
     absl::StatusOr<std::unique_ptr<CudaScaleSearch>> gpu_events = MakeCudaScaleSearch(events);
@@ -36,7 +41,8 @@ class CudaScaleSearchTest : public ::testing::Test {
     cpu_ = MakeCpuScaleSearch({});
     std::printf("[ device    ] %s\n", gpu_->DeviceDescription().c_str());
   }
-  std::unique_ptr<CudaScaleSearch> gpu_;         // every candidate evaluated (the default)
+  std::unique_ptr<CudaScaleSearch> gpu_;         // pruned search with tile queues (the default)
+  std::unique_ptr<CudaScaleSearch> gpu_full_;    // every candidate evaluated
   std::unique_ptr<CudaScaleSearch> gpu_events_;  // event-driven search
   std::unique_ptr<ScaleSearch> cpu_;
 };
@@ -140,7 +146,7 @@ TEST_F(CudaScaleSearchTest, AgreesWithCpuOnAMillionBlocksPerMethodIncludingHardC
   const Kind kinds[] = {Kind::kTypical,         Kind::kSaturated, Kind::kZeroBlocks,
                         Kind::kSubnormalScales, Kind::kTinyG,     Kind::kHugeG,
                         Kind::kIllConditioned};
-  for (CudaScaleSearch* backend : {gpu_.get(), gpu_events_.get()})
+  for (CudaScaleSearch* backend : {gpu_.get(), gpu_full_.get(), gpu_events_.get()})
     for (Method m : kMethods) {
       int64_t blocks = 0;
       int64_t differ = 0;
@@ -159,11 +165,39 @@ TEST_F(CudaScaleSearchTest, AgreesWithCpuOnAMillionBlocksPerMethodIncludingHardC
         EXPECT_NEAR(cpu->stats.objective_after, gpu->stats.objective_after,
                     1e-9 * std::fabs(cpu->stats.objective_after));
       }
-      std::printf("[ agreement ] %s search, %s: %lld blocks, %lld near-tie differences\n",
-                  backend == gpu_.get() ? "full" : "event", std::string(MethodName(m)).c_str(),
-                  static_cast<long long>(blocks), static_cast<long long>(differ));
+      std::printf(
+          "[ agreement ] %s search, %s: %lld blocks, %lld near-tie differences\n",
+          backend == gpu_.get() ? "pruned" : (backend == gpu_full_.get() ? "full" : "event"),
+          std::string(MethodName(m)).c_str(), static_cast<long long>(blocks),
+          static_cast<long long>(differ));
       EXPECT_GE(blocks, 1000000);
     }
+}
+
+TEST_F(CudaScaleSearchTest, DssGridsInsideAndBeyondTheQueueMatchCpu) {
+  // Default grid (63 candidates), a finer one that still fits the pruned kernel's queue (3 x 41)
+  // and a wide one that does not (7 x 201: the per-row fallback), on hard kinds.
+  struct Grid {
+    int neighbours;
+    float beta_step;
+  };
+  const Grid grids[] = {{1, 0.05f}, {1, 0.025f}, {3, 0.005f}};
+  for (const Grid& g : grids) {
+    for (Kind kind : {Kind::kTypical, Kind::kSaturated, Kind::kIllConditioned}) {
+      const HardTensor t = MakeHardTensor(kind, 200, 512, 500 + static_cast<uint64_t>(kind));
+      QuantizeRequest r = RequestFor(t, Method::kDss);
+      r.params.scale_neighbours = g.neighbours;
+      r.params.beta_step = g.beta_step;
+      absl::StatusOr<QuantizedTensor> cpu = cpu_->Quantize(r);
+      absl::StatusOr<QuantizedTensor> gpu = gpu_->Quantize(r);
+      ASSERT_TRUE(cpu.ok()) << cpu.status();
+      ASSERT_TRUE(gpu.ok()) << gpu.status();
+      EXPECT_EQ(CompareWithCpu(t, Method::kDss, *cpu, *gpu), 0)
+          << "neighbours " << g.neighbours << " beta_step " << g.beta_step;
+      EXPECT_EQ(cpu->stats.blocks_beta_not_one, gpu->stats.blocks_beta_not_one);
+      EXPECT_EQ(cpu->stats.blocks_offset_not_zero, gpu->stats.blocks_offset_not_zero);
+    }
+  }
 }
 
 TEST_F(CudaScaleSearchTest, LargeTensorChunkedByTheMemoryBudgetMatchesCpu) {
@@ -297,8 +331,9 @@ TEST_F(CudaScaleSearchTest, PrevalidatedSlicesSkipOnlyTheDataScans) {
   ASSERT_TRUE(cpu.ok());
   std::vector<uint8_t> codes(cpu->packed_codes.size()), scales(cpu->scales.size());
   TensorStats stats;
-  CudaScaleSearch::Slice slice{&request, cpu->global_amax, 0, t.rows,
-                               {absl::MakeSpan(codes), absl::MakeSpan(scales)}, &stats};
+  CudaScaleSearch::Slice slice{
+      &request, cpu->global_amax, 0, t.rows, {absl::MakeSpan(codes), absl::MakeSpan(scales)},
+      &stats};
   slice.prevalidated = true;
   ASSERT_TRUE(gpu_->QuantizeBatch(absl::MakeConstSpan(&slice, 1)).ok());
   EXPECT_EQ(codes, cpu->packed_codes);

@@ -31,10 +31,13 @@ namespace nvfp4cal {
 // cudaStream_t without the CUDA headers.
 using CudaStream = CUstream_st*;
 
-// How the kernels search the candidates. Both give the same codes and scales bit for bit.
+// How the kernels search the candidates. All give the same codes and scales bit for bit.
 enum class CudaSearchAlgorithm {
-  // Every candidate evaluated with the canonical objective, one thread per block. The default:
-  // the fastest on an H200 today (docs/performance.md).
+  // The default. Each row screens its candidates with the exact lower bound of block_search.h
+  // (one element's error); the survivors of a tile's 128 rows are evaluated canonically by all
+  // its threads from a shared-memory queue, so no warp waits on its slowest row.
+  kPruned,
+  // Every candidate evaluated with the canonical objective, one thread per block.
   kFull,
   // Event-driven sweeps (event_search.h): codes change at most 7 times per element along a
   // sweep, so the objective is updated per change and evaluated exactly only for the few
@@ -51,7 +54,7 @@ struct CudaScaleSearchOptions {
   // Stream the copies and kernels run on; null = a stream the backend creates and owns.
   CudaStream stream = nullptr;
   // Search algorithm of the kernels (benchmarks compare them; results are identical).
-  CudaSearchAlgorithm search = CudaSearchAlgorithm::kFull;
+  CudaSearchAlgorithm search = CudaSearchAlgorithm::kPruned;
 };
 
 // Timing of the last call, for benchmarks and metrics.
@@ -59,6 +62,9 @@ struct CudaCallTiming {
   double kernel_ms = 0.0;    // sum of kernel times (CUDA events around each launch)
   double transfer_ms = 0.0;  // host <-> device copies
   int64_t launches = 0;
+  // Candidates the pruned search evaluated with the canonical objective (its queues); the
+  // rest of the 126 (+ DSS) per block were ruled out by the exact bound.
+  int64_t canonical_evaluations = 0;
 };
 
 class CudaScaleSearch : public ScaleSearch {
