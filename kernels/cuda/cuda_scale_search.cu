@@ -345,7 +345,7 @@ struct RowState {
   uint8_t searching;
 };
 
-__global__ void __launch_bounds__(kRowsPerTile)
+__global__ void __launch_bounds__(kRowsPerTile, 4)
     QuantizeTilesPrunedKernel(const DeviceSlice* slices, const Tile* tiles, TileStats* tile_stats) {
   __shared__ PrunedTileShared sh;
   __shared__ RowState rows[kRowsPerTile];
