@@ -20,6 +20,7 @@
 
 #include "absl/status/status.h"
 #include "absl/types/span.h"
+#include "nvfp4cal/kernels/gptq.h"
 #include "nvfp4cal/kernels/scale_search.h"
 
 namespace nvfp4cal {
@@ -35,6 +36,9 @@ struct TensorJob {
   // Identifies the Hessian: jobs with equal non-empty keys share the very same blocks (q/k/v,
   // gate/up), so a remote session sends them once.
   std::string hessian_key;
+  // Full Hessian [cols, cols] for Method::kGptq (null data otherwise); a view into the
+  // memory-mapped Hessians file, not a copy.
+  FullHessianView full_hessian;
   SearchParams params;
   // The global amax g to quantize with: max |W| of the tensor, or of its fused group.
   float global_amax = 0.0f;
