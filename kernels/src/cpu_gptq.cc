@@ -81,7 +81,7 @@ void AddGroupStats(const GptqTensor& t, const float* orig, const float* h, uint8
 
 // Quantizes rows [first, last) with propagation. Compiled for several instruction sets and
 // picked at run time; every variant computes the same bits (-ffp-contract=off, same order).
-__attribute__((target_clones("avx512f", "arch=haswell", "default"))) void GptqRowsKernel(
+__attribute__((flatten, target_clones("avx512f", "arch=haswell", "default"))) void GptqRowsKernel(
     const GptqTensor& t, int64_t first, int64_t last, TensorStats* stats) {
   const WeightView& wv = t.request->weights;
   const int64_t n = t.n;
@@ -203,8 +203,8 @@ void ErrorRows(const GptqTensor& t, int64_t first, int64_t last, const uint8_t* 
 }
 
 // tr(E H E^T) of the gptq result and (optionally) of local_hessian's for rows [first, last).
-void CompareRows(const GptqTensor& t, int64_t first, int64_t last, bool local_hessian,
-                 TensorStats* stats) {
+__attribute__((flatten, target_clones("avx512f", "arch=haswell", "default"))) void CompareRows(
+    const GptqTensor& t, int64_t first, int64_t last, bool local_hessian, TensorStats* stats) {
   const int64_t n = t.n;
   const float* h = t.request->hessian.data;
   const int64_t blocks_per_row = n / kBlockSize;
