@@ -36,12 +36,13 @@ struct TensorJob {
   // Identifies the Hessian: jobs with equal non-empty keys share the very same blocks (q/k/v,
   // gate/up), so a remote session sends them once.
   std::string hessian_key;
-  // Full Hessian [cols, cols] for Method::kGptq (null data otherwise); a view into the
-  // memory-mapped Hessians file, not a copy.
-  FullHessianView full_hessian;
   SearchParams params;
   // The global amax g to quantize with: max |W| of the tensor, or of its fused group.
   float global_amax = 0.0f;
+  // Last, so that positional initialisers of the fields above stay valid.
+  // Full Hessian [cols, cols] for Method::kGptq (null data otherwise); a view into the
+  // memory-mapped Hessians file, not a copy.
+  FullHessianView full_hessian;
 };
 
 // Receives the result of jobs[index]. Called once per job, possibly from several threads at
