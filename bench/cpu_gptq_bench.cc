@@ -35,8 +35,8 @@ int main(int argc, char** argv) {
       for (int64_t k = 0; k < kRank; ++k) {
         s += a[static_cast<size_t>(i * kRank + k)] * a[static_cast<size_t>(j * kRank + k)];
       }
-      s = (s / static_cast<double>(kRank) + (i == j ? 0.05 : 0.0)) *
-          scale[static_cast<size_t>(i)] * scale[static_cast<size_t>(j)];
+      s = (s / static_cast<double>(kRank) + (i == j ? 0.05 : 0.0)) * scale[static_cast<size_t>(i)] *
+          scale[static_cast<size_t>(j)];
       h[static_cast<size_t>(i * cols + j)] = static_cast<float>(s);
       h[static_cast<size_t>(j * cols + i)] = static_cast<float>(s);
     }
