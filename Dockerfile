@@ -54,6 +54,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       libabsl20220623 libc-ares2 libcivetweb1 libgrpc++1.51 libgrpc29 \
       libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0 libprotobuf32 libre2-9 libssl3 \
+      liblapack3 libblas3 libgfortran5 libquadmath0 \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 nvfp4cal \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin nvfp4cal

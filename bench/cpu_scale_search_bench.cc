@@ -35,6 +35,8 @@ double CandidatesPerBlock(Method m) {
       return 126;
     case Method::kDss:
       return 126 + 3 * 21;
+    default:  // gptq is not a ScaleSearch method
+      return 0;
   }
   return 0;
 }

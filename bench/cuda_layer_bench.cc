@@ -45,6 +45,8 @@ double CandidatesPerBlock(nvfp4cal::Method m) {
       return 126;
     case nvfp4cal::Method::kDss:
       return 126 + 3 * 21;
+    default:  // gptq is not a ScaleSearch method
+      return 0;
   }
   return 0;
 }

@@ -144,4 +144,48 @@ absl::StatusOr<std::shared_ptr<const std::vector<float>>> HessianStore::Blocks(
   return shared;
 }
 
+absl::StatusOr<const float*> HessianStore::Full(const std::string& entry, const std::string& module,
+                                                int64_t cols, float symmetry_tolerance) {
+  const SafetensorsTensor* t = file_->Find(entry);
+  if (t == nullptr) return Bad(path(), entry, module, "no such entry");
+  if (t->dtype != SafetensorsDType::kF32) {
+    return Bad(
+        path(), entry, module,
+        absl::StrCat("dtype ", std::string(SafetensorsDTypeName(t->dtype)), ", expected F32"));
+  }
+  const bool full = t->shape.size() == 2 && t->shape[0] == cols && t->shape[1] == cols;
+  if (!full) {
+    const bool blocked =
+        t->shape.size() == 3 && t->shape[0] * 16 == cols && t->shape[1] == 16 && t->shape[2] == 16;
+    return Bad(path(), entry, module,
+               blocked
+                   ? absl::StrCat("method gptq needs the full [", cols, ", ", cols,
+                                  "] Hessian, but this entry holds only the diagonal blocks ",
+                                  ShapeString(t->shape), " (gptq propagates errors across blocks)")
+                   : absl::StrCat("shape ", ShapeString(t->shape), " does not match in = ", cols,
+                                  " (method gptq needs [", cols, ", ", cols, "])"));
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    const auto it = full_.find(entry);
+    if (it != full_.end()) return it->second;
+  }
+  std::string what;
+  if (!CheckFullMatrix(t->data, cols, symmetry_tolerance, &what).ok()) {
+    return Bad(path(), entry, module, what);
+  }
+  absl::MutexLock lock(&mu_);
+  const auto it = full_.find(entry);
+  if (it != full_.end()) return it->second;
+  const float* data = reinterpret_cast<const float*>(t->data);
+  if (reinterpret_cast<uintptr_t>(t->data) % alignof(float) != 0) {
+    std::vector<float>& copy = full_copies_[entry];
+    copy.resize(static_cast<size_t>(cols * cols));
+    std::memcpy(copy.data(), t->data, copy.size() * sizeof(float));
+    data = copy.data();
+  }
+  full_[entry] = data;
+  return data;
+}
+
 }  // namespace nvfp4cal

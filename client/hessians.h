@@ -50,12 +50,24 @@ class HessianStore {
                                                                    int64_t cols,
                                                                    float symmetry_tolerance);
 
+  // The full [cols, cols] matrix of `entry` for `module` (method gptq), validated once per entry
+  // like Blocks: a pointer into the memory-mapped file, or into a cached aligned copy when the
+  // file's data is not 4-byte aligned. Valid while the store lives. INVALID_ARGUMENT naming the
+  // entry and the module for the diagonal-block layout [cols/16, 16, 16] (gptq propagates
+  // errors across blocks and needs the whole matrix) and for everything Blocks rejects.
+  // Thread-safe.
+  absl::StatusOr<const float*> Full(const std::string& entry, const std::string& module,
+                                    int64_t cols, float symmetry_tolerance);
+
  private:
   HessianStore() = default;
 
   std::unique_ptr<SafetensorsFile> file_;
   absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<const std::vector<float>>> cache_ ABSL_GUARDED_BY(mu_);
+  // Full matrices already validated: the pointer handed out (mapping or aligned copy).
+  std::map<std::string, const float*> full_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::vector<float>> full_copies_ ABSL_GUARDED_BY(mu_);
 };
 
 // Extracts the diagonal 16x16 blocks of a row-major [n, n] fp32 matrix (n % 16 == 0) read from

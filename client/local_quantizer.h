@@ -29,8 +29,10 @@ struct LocalQuantizerOptions {
 absl::StatusOr<std::unique_ptr<Quantizer>> MakeLocalQuantizer(const LocalQuantizerOptions& options);
 
 // Wraps an existing backend (tests inject one).
+// Jobs with Method::kGptq run on the CPU gptq driver (gptq.h) with `gptq_threads` threads
+// (0 = all), whatever the backend.
 std::unique_ptr<Quantizer> MakeLocalQuantizer(std::unique_ptr<ScaleSearch> search,
-                                              std::string description);
+                                              std::string description, int gptq_threads = 0);
 
 }  // namespace nvfp4cal
 

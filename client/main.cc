@@ -91,8 +91,23 @@ CliParser QuantizeParser() {
               "output folder (written to a temporary folder beside it, renamed "
               "at the end)",
               true);
-  p.AddOption("method", "NAME", "max | mse | local_hessian | dss", false, "dss");
+  p.AddOption("method", "NAME", "max | mse | local_hessian | dss | gptq", false, "dss");
   p.AddOption("beta-step", "X", "dss beta grid spacing, in [0.005, 0.5]", false, "0.05");
+  p.AddOption("gptq-damping", "X",
+              "gptq: added to diag(H) before factorising, relative to its mean, in [0, 10]; "
+              "raised tenfold (with a warning) while H is not positive definite",
+              false, "0.01");
+  p.AddSwitch("gptq-act-order",
+              "gptq: quantize 16-column groups in descending order of their Hessian diagonal");
+  p.AddOption("gptq-block-columns", "N",
+              "gptq: lazy-batch width in columns, a multiple of 16 in [16, 8192]", false, "128");
+  p.AddOption("gptq-scale-objective", "NAME",
+              "gptq: how a group's scale is chosen: hessian_block (e^T H_j e of the group's "
+              "16x16 block) | gptq_cost (exact GPTQ cost of the group)",
+              false, "hessian_block");
+  p.AddOption("gptq-scale-search", "NAME",
+              "gptq: sweep (126 FP8 scales) | dss (sweep, then the dss search with --beta-step)",
+              false, "sweep");
   p.AddOption("fallback-method", "NAME",
               "max | mse for modules without a Hessian (otherwise "
               "such a module is an error)");
@@ -150,8 +165,45 @@ int RunQuantize(int argc, const char* const* argv) {
         ParseFloat(*args, "timeout", &timeout_s)}) {
     if (!s.ok()) return UsageError(cmd, s);
   }
+  const bool gptq = options.params.method == Method::kGptq;
+  for (const char* name : {"gptq-damping", "gptq-act-order", "gptq-block-columns",
+                           "gptq-scale-objective", "gptq-scale-search"}) {
+    if (args->Has(name) && !gptq) {
+      return UsageError(cmd, absl::InvalidArgumentError(
+                                 absl::StrCat("--", name, " applies to --method gptq only")));
+    }
+  }
+  if (gptq && args->Has("server")) {
+    return UsageError(cmd, absl::UnimplementedError(
+                               "--method gptq is not supported by the service yet (it needs the "
+                               "full Hessian); run without --server to quantize in-process"));
+  }
+  for (const absl::Status& s :
+       {ParseFloat(*args, "gptq-damping", &options.params.gptq.damping),
+        ParseInt(*args, "gptq-block-columns", &options.params.gptq.block_columns)}) {
+    if (!s.ok()) return UsageError(cmd, s);
+  }
+  options.params.gptq.act_order = args->Switch("gptq-act-order");
+  if (args->Has("gptq-scale-objective")) {
+    absl::StatusOr<GptqScaleObjective> o =
+        ParseGptqScaleObjective(args->Get("gptq-scale-objective"));
+    if (!o.ok()) return UsageError(cmd, Prefixed("--", o.status()));
+    options.params.gptq.scale_objective = *o;
+  }
+  if (args->Has("gptq-scale-search")) {
+    absl::StatusOr<GptqScaleSearch> s = ParseGptqScaleSearch(args->Get("gptq-scale-search"));
+    if (!s.ok()) return UsageError(cmd, Prefixed("--", s.status()));
+    options.params.gptq.scale_search = *s;
+  }
   absl::Status params_ok = ValidateParams(options.params);
-  if (!params_ok.ok()) return UsageError(cmd, Prefixed("--beta-step: ", params_ok));
+  if (!params_ok.ok()) {
+    const std::string message(params_ok.message());
+    const std::string flag = message.find("gptq.damping") != std::string::npos ? "--gptq-damping"
+                             : message.find("gptq.block_columns") != std::string::npos
+                                 ? "--gptq-block-columns"
+                                 : "--beta-step";
+    return UsageError(cmd, Prefixed(flag + ": ", params_ok));
+  }
 
   std::unique_ptr<Quantizer> quantizer;
   if (args->Has("server")) {

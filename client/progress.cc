@@ -128,6 +128,31 @@ std::string FormatStatsTable(const QuantizeReport& report) {
                          absl::StrCat("total (", report.modules.size(), ")"), "", "", "", before,
                          after, Change(before, after), Percent(changed, blocks),
                          Percent(beta, blocks), Percent(offset, blocks));
+  // gptq: the full-Hessian error, where propagation across blocks shows.
+  double full_local = 0, full_gptq = 0;
+  int gptq_modules = 0;
+  std::string gptq_rows;
+  for (const ModuleReport& m : report.modules) {
+    if (m.stats.method != Method::kGptq) continue;
+    const GptqStats& g = m.stats.gptq;
+    gptq_rows += absl::StrFormat("%-*s  %14.6g  %14.6g  %8s  %8.3g\n", w, m.module,
+                                 g.full_hessian_error_local_hessian, g.full_hessian_error,
+                                 Change(g.full_hessian_error_local_hessian, g.full_hessian_error),
+                                 g.damping_relative);
+    full_local += g.full_hessian_error_local_hessian;
+    full_gptq += g.full_hessian_error;
+    ++gptq_modules;
+  }
+  if (gptq_modules > 0) {
+    out += absl::StrFormat(
+        "\nfull-Hessian error tr(E H E^T), local_hessian vs gptq on the same tensor:\n"
+        "%-*s  %14s  %14s  %8s  %8s\n",
+        w, "module", "local_hessian", "gptq", "change", "damping");
+    out += gptq_rows;
+    out += absl::StrFormat("%-*s  %14.6g  %14.6g  %8s\n", w,
+                           absl::StrCat("total (", gptq_modules, ")"), full_local, full_gptq,
+                           Change(full_local, full_gptq));
+  }
   return out;
 }
 

@@ -41,6 +41,8 @@ struct PreparedModule {
   const void* weights = nullptr;
   std::string hessian_entry;
   std::shared_ptr<const std::vector<float>> hessian_blocks;
+  // Full [cols, cols] Hessian (method gptq), owned by the HessianStore.
+  const float* hessian_full = nullptr;
   SearchParams params;
   float own_amax = 0.0f;
   float global_amax = 0.0f;
@@ -109,7 +111,12 @@ absl::Status PrepareModules(const QuantizeOptions& options, const Checkpoint& ch
                                          std::string(MethodName(m.params.method))));
       }
     }
-    if (!m.hessian_entry.empty()) {
+    if (!m.hessian_entry.empty() && m.params.method == Method::kGptq) {
+      absl::StatusOr<const float*> full = hessians->Full(m.hessian_entry, plan.module, plan.cols,
+                                                         options.params.symmetry_tolerance);
+      if (!full.ok()) return full.status();
+      m.hessian_full = *full;
+    } else if (!m.hessian_entry.empty()) {
       absl::StatusOr<std::shared_ptr<const std::vector<float>>> blocks = hessians->Blocks(
           m.hessian_entry, plan.module, plan.cols, options.params.symmetry_tolerance);
       if (!blocks.ok()) return blocks.status();
@@ -347,6 +354,10 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
       job.hessians = {m.hessian_blocks->data(), m.plan->cols / 16};
       job.hessian_key = m.hessian_entry;
     }
+    if (m.hessian_full != nullptr) {
+      job.full_hessian = {m.hessian_full, m.plan->cols};
+      job.hessian_key = m.hessian_entry;
+    }
     job.params = m.params;
     job.global_amax = m.global_amax;
     jobs.push_back(std::move(job));
@@ -388,6 +399,12 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
               absl::StrCat("warning: ", p.module, ": ", r.stats.zero_hessian_blocks, " of ",
                            r.stats.num_blocks, " blocks have an all-zero Hessian block (",
                            m.hessian_entry, " missed those inputs); the smallest scale won there"));
+        }
+        if (observer != nullptr && r.stats.gptq.damping_increases > 0) {
+          observer->OnMessage(absl::StrCat("warning: ", p.module, ": ", m.hessian_entry,
+                                           " is not positive definite with --gptq-damping ",
+                                           m.params.gptq.damping, "; gptq used ",
+                                           r.stats.gptq.damping_relative, " x mean diagonal"));
         }
         if (observer != nullptr) observer->OnTensorDone(p.weight_name, m.tensor->num_bytes);
         absl::MutexLock lock(&report_mu);

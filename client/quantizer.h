@@ -20,6 +20,7 @@
 
 #include "absl/status/status.h"
 #include "absl/types/span.h"
+#include "nvfp4cal/kernels/gptq.h"
 #include "nvfp4cal/kernels/scale_search.h"
 
 namespace nvfp4cal {
@@ -38,6 +39,10 @@ struct TensorJob {
   SearchParams params;
   // The global amax g to quantize with: max |W| of the tensor, or of its fused group.
   float global_amax = 0.0f;
+  // Last, so that positional initialisers of the fields above stay valid.
+  // Full Hessian [cols, cols] for Method::kGptq (null data otherwise); a view into the
+  // memory-mapped Hessians file, not a copy.
+  FullHessianView full_hessian;
 };
 
 // Receives the result of jobs[index]. Called once per job, possibly from several threads at

@@ -14,6 +14,7 @@ packages=(
   python3-grpcio python3-grpc-tools python3-numpy  # Python client test of the server
   clang-format                                  # formatting check (.clang-format)
   nlohmann-json3-dev                            # JSON for the client (safetensors headers, configs)
+  liblapack-dev                                 # LAPACK (dpotrf, dtrtri) for gptq's Hessian factor
   yamllint python3-yaml                         # offline checks of the deployment files
 )
 sudo=""

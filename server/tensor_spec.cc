@@ -27,6 +27,11 @@ absl::StatusOr<DType> ToDType(v1::DType dtype) {
 absl::StatusOr<SearchParams> ToSearchParams(const v1::MethodConfig& config) {
   absl::StatusOr<Method> method = ParseMethod(config.name());
   if (!method.ok()) return PrefixStatus(method.status(), "header.");
+  if (*method == Method::kGptq) {
+    return absl::UnimplementedError(
+        "header.method.name = \"gptq\" is not supported by the service yet (it needs the full "
+        "Hessian); quantize in-process with nvfp4cal quantize --method gptq");
+  }
   SearchParams params;
   params.method = *method;
   if (config.has_beta_step()) params.beta_step = config.beta_step();

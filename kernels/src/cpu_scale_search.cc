@@ -23,6 +23,8 @@ BlockMethod ToBlockMethod(Method method) {
       return BlockMethod::kLocalHessian;
     case Method::kDss:
       return BlockMethod::kDss;
+    case Method::kGptq:  // refused by validation (gptq.h runs it)
+      return BlockMethod::kLocalHessian;
   }
   return BlockMethod::kMax;
 }

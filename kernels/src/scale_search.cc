@@ -22,17 +22,45 @@ std::string_view MethodName(Method method) {
       return "local_hessian";
     case Method::kDss:
       return "dss";
+    case Method::kGptq:
+      return "gptq";
   }
   return "unknown";
 }
 
 absl::StatusOr<Method> ParseMethod(std::string_view name) {
-  for (Method m : {Method::kMax, Method::kMse, Method::kLocalHessian, Method::kDss}) {
+  for (Method m :
+       {Method::kMax, Method::kMse, Method::kLocalHessian, Method::kDss, Method::kGptq}) {
     if (MethodName(m) == name) return m;
   }
   return absl::InvalidArgumentError(
       absl::StrCat("method: unknown value \"", std::string(name),
-                   "\"; expected one of max, mse, local_hessian, dss"));
+                   "\"; expected one of max, mse, local_hessian, dss, gptq"));
+}
+
+std::string_view GptqScaleObjectiveName(GptqScaleObjective objective) {
+  return objective == GptqScaleObjective::kGptqCost ? "gptq_cost" : "hessian_block";
+}
+
+absl::StatusOr<GptqScaleObjective> ParseGptqScaleObjective(std::string_view name) {
+  for (GptqScaleObjective o : {GptqScaleObjective::kHessianBlock, GptqScaleObjective::kGptqCost}) {
+    if (GptqScaleObjectiveName(o) == name) return o;
+  }
+  return absl::InvalidArgumentError(absl::StrCat("gptq.scale_objective: unknown value \"",
+                                                 std::string(name),
+                                                 "\"; expected one of hessian_block, gptq_cost"));
+}
+
+std::string_view GptqScaleSearchName(GptqScaleSearch search) {
+  return search == GptqScaleSearch::kDss ? "dss" : "sweep";
+}
+
+absl::StatusOr<GptqScaleSearch> ParseGptqScaleSearch(std::string_view name) {
+  for (GptqScaleSearch s : {GptqScaleSearch::kSweep, GptqScaleSearch::kDss}) {
+    if (GptqScaleSearchName(s) == name) return s;
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "gptq.scale_search: unknown value \"", std::string(name), "\"; expected one of sweep, dss"));
 }
 
 std::string_view DTypeName(DType dtype) {
@@ -48,7 +76,7 @@ std::string_view DTypeName(DType dtype) {
 }
 
 bool MethodNeedsHessian(Method method) {
-  return method == Method::kLocalHessian || method == Method::kDss;
+  return method == Method::kLocalHessian || method == Method::kDss || method == Method::kGptq;
 }
 
 void InitTensorStats(const SearchParams& params, float global_amax, TensorStats* stats) {
@@ -70,6 +98,8 @@ void AccumulateStats(const TensorStats& part, TensorStats* total) {
   total->blocks_beta_not_one += part.blocks_beta_not_one;
   total->blocks_offset_not_zero += part.blocks_offset_not_zero;
   total->zero_hessian_blocks += part.zero_hessian_blocks;
+  total->gptq.full_hessian_error += part.gptq.full_hessian_error;
+  total->gptq.full_hessian_error_local_hessian += part.gptq.full_hessian_error_local_hessian;
 }
 
 float GlobalScaleFromAmax(float global_amax) { return global_amax / kGlobalScaleDivisor; }
@@ -106,6 +136,18 @@ absl::Status ValidateParams(const SearchParams& params) {
   if (!(params.symmetry_tolerance >= 0.0f && std::isfinite(params.symmetry_tolerance))) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "params.symmetry_tolerance = %g must be finite and >= 0", params.symmetry_tolerance));
+  }
+  constexpr float kMaxGptqDamping = 10.0f;
+  if (!(params.gptq.damping >= 0.0f && params.gptq.damping <= kMaxGptqDamping)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "params.gptq.damping = %g is out of range [0, %g]", params.gptq.damping, kMaxGptqDamping));
+  }
+  constexpr int kMaxGptqBlockColumns = 8192;
+  if (params.gptq.block_columns < kBlockSize || params.gptq.block_columns > kMaxGptqBlockColumns ||
+      params.gptq.block_columns % kBlockSize != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("params.gptq.block_columns = %d must be a multiple of %d in [%d, %d]",
+                        params.gptq.block_columns, kBlockSize, kBlockSize, kMaxGptqBlockColumns));
   }
   return absl::OkStatus();
 }

@@ -64,6 +64,13 @@ absl::Status ValidateShapeHessiansAndParams(const QuantizeRequest& request) {
         "weights.dtype = %d is not one of float32, bfloat16, float16", static_cast<int>(w.dtype)));
   }
   if (absl::Status s = ValidateParams(request.params); !s.ok()) return s;
+  if (request.params.method == Method::kGptq) {
+    // gptq propagates errors over the full [in, in] Hessian, which this request type (diagonal
+    // blocks) cannot carry.
+    return absl::UnimplementedError(
+        "params.method = gptq needs the full [in, in] Hessian: run it through GptqQuantize "
+        "(nvfp4cal/kernels/gptq.h); block-Hessian backends do not support it");
+  }
 
   const BlockHessiansView& h = request.hessians;
   const int64_t expected_blocks = w.cols / kBlockSize;

@@ -194,6 +194,32 @@ TEST_F(BadInputs, HessianShapeMismatch) {
                 "[4, 16, 16])");
 }
 
+TEST_F(BadInputs, GptqRefusesBlockHessiansNamingTheModule) {
+  std::vector<float> blocks(4 * 16 * 16, 0.0f);
+  for (int b = 0; b < 4; ++b) {
+    for (int i = 0; i < 16; ++i) blocks[static_cast<size_t>(b * 256 + i * 17)] = 1.0f;
+  }
+  WriteHessians({{std::string(kQ) + ".hessian", SafetensorsDType::kF32, {4, 16, 16}},
+                 {std::string(kO) + ".hessian", SafetensorsDType::kF32, {64, 64}}},
+                {F32Bytes(blocks), F32Bytes(FullHessian(64))});
+  // The block layout is fine for the block methods...
+  EXPECT_EQ(Quantize({"--method", "local_hessian"}).exit_code, 0);
+  fs::remove_all(out_);
+  // ...but gptq needs the whole matrix.
+  ExpectFailure(Quantize({"--method", "gptq"}),
+                std::string("(for ") + kQ +
+                    "): method gptq needs the full [64, 64] Hessian, but this entry holds only "
+                    "the diagonal blocks [4, 16, 16]");
+}
+
+TEST_F(BadInputs, GptqReportsTheFullHessianError) {
+  const ProcessResult r = Quantize({"--method", "gptq", "--gptq-act-order"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("full-Hessian error tr(E H E^T), local_hessian vs gptq"));
+  EXPECT_THAT(r.out, HasSubstr("total (2)"));
+  EXPECT_TRUE(fs::exists(out_ + "/model.safetensors"));
+}
+
 TEST_F(BadInputs, MissingHessianNamesTheModule) {
   WriteHessians({{std::string(kQ) + ".hessian", SafetensorsDType::kF32, {64, 64}}},
                 {F32Bytes(FullHessian(64))});
@@ -286,8 +312,21 @@ TEST_F(BadInputs, CommandLineErrorsExitWithUsageCode) {
       {{"quantize", "--out", out_}, "--model DIR is required"},
       {{"quantize", "--model", model_, "--out", out_, "--bogus"},
        "unknown option --bogus for 'quantize'"},
-      {{"quantize", "--model", model_, "--out", out_, "--method", "gptq"},
-       "--method: unknown value \"gptq\""},
+      {{"quantize", "--model", model_, "--out", out_, "--method", "gptqx"},
+       "--method: unknown value \"gptqx\"; expected one of max, mse, local_hessian, dss, gptq"},
+      {{"quantize", "--model", model_, "--out", out_, "--gptq-damping", "0.1"},
+       "--gptq-damping applies to --method gptq only"},
+      {{"quantize", "--model", model_, "--out", out_, "--method", "gptq", "--gptq-damping", "-1"},
+       "--gptq-damping: params.gptq.damping = -1 is out of range [0, 10]"},
+      {{"quantize", "--model", model_, "--out", out_, "--method", "gptq", "--gptq-block-columns",
+        "20"},
+       "--gptq-block-columns: params.gptq.block_columns = 20 must be a multiple of 16"},
+      {{"quantize", "--model", model_, "--out", out_, "--method", "gptq", "--gptq-scale-objective",
+        "x"},
+       "expected one of hessian_block, gptq_cost"},
+      {{"quantize", "--model", model_, "--out", out_, "--method", "gptq", "--server",
+        "localhost:1"},
+       "--method gptq is not supported by the service yet"},
       {{"quantize", "--model", model_, "--out", out_, "--beta-step", "0.001"},
        "--beta-step: params.beta_step = 0.001 is out of range [0.005, 0.5]"},
       {{"quantize", "--model", model_, "--out", out_, "--beta-step", "abc"},

@@ -3,11 +3,11 @@
 // Hessian limits, so chunking and session splitting run), a dead address among live ones is
 // routed around, an unreachable server fails after the retries naming it, and the Client
 // library's async and single-tensor calls return the kernel library's bytes.
-#include <algorithm>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <map>
 #include <memory>
@@ -179,11 +179,12 @@ TEST(ClientLibrary, AsyncAndSingleTensorCallsReturnTheKernelsBytes) {
   const std::vector<float> h128 = MakeExampleHessianBlocks(8, 4);
   const std::vector<float> h64 = MakeExampleHessianBlocks(4, 5);
   std::vector<TensorJob> jobs(3);
-  jobs[0] = {"a.weight", {w0.data(), DType::kBFloat16, 64, 128}, {h128.data(), 8}, "h128", {},
-             0.0f};
-  jobs[1] = {"b.weight", {w1.data(), DType::kBFloat16, 48, 128}, {h128.data(), 8}, "h128", {},
-             0.0f};
-  jobs[2] = {"c.weight", {w2.data(), DType::kFloat32, 32, 64}, {h64.data(), 4}, "h64", {}, 0.0f};
+  jobs[0] = {"a.weight", {w0.data(), DType::kBFloat16, 64, 128}, {h128.data(), 8}, "h128", {}, 0.0f,
+             {}};
+  jobs[1] = {"b.weight", {w1.data(), DType::kBFloat16, 48, 128}, {h128.data(), 8}, "h128", {}, 0.0f,
+             {}};
+  jobs[2] = {"c.weight", {w2.data(), DType::kFloat32, 32, 64}, {h64.data(), 4}, "h64", {}, 0.0f,
+             {}};
   jobs[2].params.method = Method::kLocalHessian;
   std::unique_ptr<ScaleSearch> kernels = MakeCpuScaleSearch({});
   std::vector<QuantizedTensor> want;

@@ -407,9 +407,14 @@ TEST_F(JobApiTest, InvalidJobsNameTheFieldTheLimitAndTheValue) {
   }
   {
     v1::SubmitJobRequest r = JobRequestOf(plain);
+    r.mutable_header()->mutable_method()->set_name("awq");
+    cases.push_back({"unknown method", grpc::INVALID_ARGUMENT, "method: unknown value \"awq\"", r});
+  }
+  {
+    v1::SubmitJobRequest r = JobRequestOf(plain);
     r.mutable_header()->mutable_method()->set_name("gptq");
     cases.push_back(
-        {"unknown method", grpc::INVALID_ARGUMENT, "method: unknown value \"gptq\"", r});
+        {"gptq (in-process only)", grpc::UNIMPLEMENTED, "is not supported by the service yet", r});
   }
   {
     v1::SubmitJobRequest r = JobRequestOf(plain);

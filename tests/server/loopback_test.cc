@@ -179,9 +179,15 @@ std::vector<ErrorCase> ErrorTable() {
   }
   {
     TestTensor t = plain;
+    t.method = "awq";
+    cases.push_back(
+        {"unknown method", grpc::INVALID_ARGUMENT, "method: unknown value \"awq\"", with(t)});
+  }
+  {
+    TestTensor t = plain;
     t.method = "gptq";
-    cases.push_back({"unknown method", grpc::INVALID_ARGUMENT,
-                     "method: unknown value \"gptq\"", with(t)});
+    cases.push_back({"gptq (in-process only)", grpc::UNIMPLEMENTED,
+                     "header.method.name = \"gptq\" is not supported by the service yet", with(t)});
   }
   {
     std::vector<v1::QuantizeRequest> r = with(dss);

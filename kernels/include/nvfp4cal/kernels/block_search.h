@@ -288,6 +288,41 @@ NVFP4_HD DssChoice DecoupledScaleSearch(const ScaledBlock& b, const float* h, Sw
   return DecoupledScaleSearch(b, h, start, grid, none);
 }
 
+// The same two searches with any objective of a (q, d_unit) candidate: `objective(q, d_unit)`
+// returns the candidate's objective in error units. Candidates, order and tie rule are those of
+// SweepScaleCandidates and DecoupledScaleSearch (gptq's exact group cost uses them, gptq.h).
+template <class Objective>
+NVFP4_HD SweepChoice SweepScaleCandidatesBy(const ScaledBlock& b, const Objective& objective) {
+  SweepChoice best{-1, 0.0f};
+  for (int k = 0; k < kNumScaleCandidates; ++k) {
+    const float f = ScaleCandidateValue(k);
+    const float value =
+        objective(MulNoContract(f, b.global_scale), MulNoContract(f, b.global_scale_unit));
+    if (best.candidate < 0 || value < best.objective) best = SweepChoice{k, value};
+  }
+  return best;
+}
+
+template <class Objective>
+NVFP4_HD DssChoice DecoupledScaleSearchBy(const ScaledBlock& b, SweepChoice start, DssGrid grid,
+                                          const Objective& objective) {
+  DssChoice best{start.candidate, 0,
+                 MulNoContract(ScaleCandidateValue(start.candidate), b.global_scale),
+                 start.objective};
+  const int k_begin = DssFirstNeighbour(start.candidate, grid.neighbours);
+  const int k_end = DssLastNeighbour(start.candidate, grid.neighbours);
+  for (int k = k_begin; k <= k_end; ++k) {
+    const float f = ScaleCandidateValue(k);
+    const float d_unit = MulNoContract(f, b.global_scale_unit);
+    for (int i = -grid.beta_steps; i <= grid.beta_steps; ++i) {
+      const float q = DssQuantScale(DssBeta(i, grid.beta_step), b.global_amax, f);
+      const float value = objective(q, d_unit);
+      if (value < best.objective) best = DssChoice{k, i, q, value};
+    }
+  }
+  return best;
+}
+
 // What the methods can do with one block.
 enum class BlockMethod : int { kMax = 0, kMse = 1, kLocalHessian = 2, kDss = 3 };
 

@@ -27,10 +27,12 @@
 
 namespace nvfp4cal {
 
-// Block-scale selection methods (NUMERICS §3).
-enum class Method { kMax, kMse, kLocalHessian, kDss };
+// Block-scale selection methods (NUMERICS §3). kGptq (docs/numerics.md §6) propagates each
+// column's error over the full [in, in] Hessian; ScaleSearch backends, which take diagonal
+// blocks, refuse it: it runs through gptq.h.
+enum class Method { kMax, kMse, kLocalHessian, kDss, kGptq };
 
-// "max", "mse", "local_hessian", "dss".
+// "max", "mse", "local_hessian", "dss", "gptq".
 std::string_view MethodName(Method method);
 // Inverse of MethodName; INVALID_ARGUMENT naming the accepted values otherwise.
 absl::StatusOr<Method> ParseMethod(std::string_view name);
@@ -54,6 +56,41 @@ struct BlockHessiansView {
   int64_t num_blocks = 0;
 };
 
+// How gptq picks a 16-column group's FP8 scale on the error-updated weights.
+enum class GptqScaleObjective {
+  // e^T H_j e with the group's 16x16 diagonal block of H, codes rounded independently (the
+  // local_hessian objective).
+  kHessianBlock,
+  // The exact GPTQ cost of the group: codes quantized one column after the other with the error
+  // propagated inside the group, sum_i (e_i / U_ii)^2 with U the inverse-Hessian factor.
+  kGptqCost,
+};
+// Which candidates gptq searches per group: the 126-candidate sweep, or the sweep followed by
+// the decoupled search (dss) with SearchParams' beta grid and neighbours.
+enum class GptqScaleSearch { kSweep, kDss };
+
+// "hessian_block" / "gptq_cost" and "sweep" / "dss", with their inverses (INVALID_ARGUMENT
+// naming the accepted values).
+std::string_view GptqScaleObjectiveName(GptqScaleObjective objective);
+absl::StatusOr<GptqScaleObjective> ParseGptqScaleObjective(std::string_view name);
+std::string_view GptqScaleSearchName(GptqScaleSearch search);
+absl::StatusOr<GptqScaleSearch> ParseGptqScaleSearch(std::string_view name);
+
+// Parameters of the gptq method (docs/numerics.md §6).
+struct GptqParams {
+  // Added to the diagonal of H before factorising, relative to the mean of diag(H); raised
+  // tenfold (and reported) while H + damping is not positive definite. Allowed [0, 10].
+  float damping = 0.01f;
+  // Quantize whole 16-column groups in descending order of their diagonal Hessian mass
+  // (act-order), so that the most sensitive inputs are fixed first. Blocks stay aligned.
+  bool act_order = false;
+  // Lazy-batch width: errors reach columns beyond the current batch in one update per batch.
+  // A multiple of 16 in [16, 8192]. Changes only rounding, not the algorithm.
+  int block_columns = 128;
+  GptqScaleObjective scale_objective = GptqScaleObjective::kHessianBlock;
+  GptqScaleSearch scale_search = GptqScaleSearch::kSweep;
+};
+
 // Method parameters. Defaults are the spec's.
 struct SearchParams {
   Method method = Method::kDss;
@@ -66,6 +103,24 @@ struct SearchParams {
   int scale_neighbours = 1;
   // Hessian blocks must satisfy |H_ab - H_ba| <= tol * max_c |H_cc| (accumulation noise).
   float symmetry_tolerance = 1e-4f;
+  // Used by Method::kGptq only.
+  GptqParams gptq;
+};
+
+// What gptq adds to a tensor's statistics: errors under the full Hessian, where propagation
+// across blocks shows (the block sums of TensorStats only see each block's own H_j).
+struct GptqStats {
+  // tr(E H E^T) with E = W - W_hat and the full, undamped H: the gptq result...
+  double full_hessian_error = 0.0;
+  // ...and, for comparison, the local_hessian method's result on the same tensor and g.
+  double full_hessian_error_local_hessian = 0.0;
+  // Damping used, relative to mean(diag H), and how many tenfold increases it took.
+  double damping_relative = 0.0;
+  int damping_increases = 0;
+  // Wall time: factorisation, quantization with propagation, and the local_hessian comparison.
+  double factor_seconds = 0.0;
+  double quantize_seconds = 0.0;
+  double compare_seconds = 0.0;
 };
 
 // Statistics every result carries (NUMERICS §4). "Objective" is the method's own objective:
@@ -90,6 +145,8 @@ struct TensorStats {
   // Blocks of rows whose H_j is all zeros (every candidate ties; the smallest wins). Nonzero
   // means the Hessian was not collected for some inputs: callers should warn once per tensor.
   int64_t zero_hessian_blocks = 0;
+  // Method::kGptq only (zero otherwise).
+  GptqStats gptq;
 };
 
 // Sets the descriptive fields of *stats (method, parameters, g, s2); leaves the sums alone.

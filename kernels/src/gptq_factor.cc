@@ -1,0 +1,180 @@
+// Validation of gptq requests and the inverse-Hessian factor (LAPACK, double precision).
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <numeric>
+
+#include "absl/strings/str_format.h"
+#include "nvfp4cal/kernels/codecs.h"
+#include "nvfp4cal/kernels/gptq.h"
+#include "nvfp4cal/kernels/validation.h"
+
+// LAPACK (Fortran calling convention; the trailing arguments are the hidden string lengths).
+extern "C" {
+void dpotrf_(const char* uplo, const int* n, double* a, const int* lda, int* info, size_t uplo_len);
+void dtrtri_(const char* uplo, const char* diag, const int* n, double* a, const int* lda, int* info,
+             size_t uplo_len, size_t diag_len);
+}
+
+namespace nvfp4cal {
+namespace {
+
+// LAPACK takes 32-bit sizes; this also bounds the factor's memory (8 n^2 bytes).
+constexpr int64_t kMaxGptqColumns = 65536;
+
+// Damping stops growing tenfold at this multiple of the mean diagonal (or the requested value).
+constexpr double kMaxAutomaticDamping = 1.0;
+
+}  // namespace
+
+absl::Status ValidateGptqRequest(const GptqRequest& request) {
+  const WeightView& w = request.weights;
+  if (request.params.method != Method::kGptq) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("params.method = %s; GptqQuantize runs method gptq only",
+                        MethodName(request.params.method)));
+  }
+  // Shape, dtype and parameter checks shared with the other methods (with a method that the
+  // block-Hessian validation accepts; the Hessian is checked below).
+  QuantizeRequest shape_only;
+  shape_only.weights = w;
+  shape_only.params = request.params;
+  shape_only.params.method = Method::kMse;
+  if (absl::Status s = ValidateShapeHessiansAndParams(shape_only); !s.ok()) return s;
+  if (w.cols > kMaxGptqColumns) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "weights.cols (in) = %d exceeds the gptq limit %d", w.cols, kMaxGptqColumns));
+  }
+  const FullHessianView& h = request.hessian;
+  if (h.data == nullptr) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "hessian: method gptq needs the full Hessian [%d, %d] and none was given", w.cols, w.cols));
+  }
+  if (h.n != w.cols) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("hessian.n = %d but weights.cols = %d; expected shape [%d, %d]", h.n,
+                        w.cols, w.cols, w.cols));
+  }
+  const int64_t n = h.n;
+  float max_diagonal = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float d = h.data[i * n + i];
+    if (!std::isfinite(d) || d < 0.0f) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("hessian[%d, %d] = %g; the diagonal must be finite and >= 0", i, i, d));
+    }
+    max_diagonal = std::max(max_diagonal, d);
+  }
+  const float limit = request.params.symmetry_tolerance * max_diagonal;
+  for (int64_t a = 0; a < n; ++a) {
+    for (int64_t b = a; b < n; ++b) {
+      const float x = h.data[a * n + b];
+      const float y = h.data[b * n + a];
+      if (!std::isfinite(x) || !std::isfinite(y)) {
+        return absl::InvalidArgumentError(
+            absl::StrFormat("hessian[%d, %d] = %g; values must be finite", std::isfinite(x) ? b : a,
+                            std::isfinite(x) ? a : b, std::isfinite(x) ? y : x));
+      }
+      if (std::fabs(x - y) > limit) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "hessian is not symmetric: H[%d, %d] = %g but H[%d, %d] = %g; limit "
+            "symmetry_tolerance (%g) x max diagonal (%g) = %g",
+            a, b, x, b, a, y, request.params.symmetry_tolerance, max_diagonal, limit));
+      }
+    }
+  }
+  return ScanWeightRows(w, 0, w.rows).status();
+}
+
+absl::StatusOr<GptqFactor> ComputeGptqFactor(const FullHessianView& hessian,
+                                             const GptqParams& params) {
+  const int64_t n = hessian.n;
+  const int64_t groups = n / kBlockSize;
+  GptqFactor factor;
+  factor.n = n;
+  factor.group_order.resize(static_cast<size_t>(groups));
+  std::iota(factor.group_order.begin(), factor.group_order.end(), int64_t{0});
+  double trace = 0.0;
+  std::vector<double> group_mass(static_cast<size_t>(groups), 0.0);
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = hessian.data[i * n + i];
+    trace += d;
+    group_mass[static_cast<size_t>(i / kBlockSize)] += d;
+  }
+  if (!(trace > 0.0)) {
+    return absl::InvalidArgumentError(
+        "hessian: every diagonal element is 0 (no calibration input reached this layer); gptq "
+        "needs a Hessian collected from calibration data");
+  }
+  const double mean_diagonal = trace / static_cast<double>(n);
+  if (params.act_order) {
+    // Heaviest groups first; ties keep the original order.
+    std::stable_sort(
+        factor.group_order.begin(), factor.group_order.end(), [&](int64_t a, int64_t b) {
+          return group_mass[static_cast<size_t>(a)] > group_mass[static_cast<size_t>(b)];
+        });
+  }
+  // Column of H at quantization position p.
+  std::vector<int64_t> column(static_cast<size_t>(n));
+  for (int64_t p = 0; p < n; ++p) {
+    column[static_cast<size_t>(p)] =
+        factor.group_order[static_cast<size_t>(p / kBlockSize)] * kBlockSize + p % kBlockSize;
+  }
+
+  // U is upper triangular with A^-1 = U^T U for A = H_perm + lambda I. With J the reversal
+  // permutation and J A J = L L^T (Cholesky), A = R R^T for the upper triangular R = J L J, so
+  // U = R^-1 = J L^-1 J: one dpotrf and one dtrtri, no explicit inverse of A.
+  // Column-major buffer B(i, j) = A(n-1-i, n-1-j) (symmetric, so the layout does not matter).
+  const int size = static_cast<int>(n);
+  std::vector<double> b(static_cast<size_t>(n * n));
+  double relative = params.damping;
+  for (int attempt = 0;; ++attempt) {
+    const double lambda = relative * mean_diagonal;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t ci = column[static_cast<size_t>(n - 1 - i)];
+      for (int64_t j = i; j < n; ++j) {  // lower triangle of B, column j
+        const int64_t cj = column[static_cast<size_t>(n - 1 - j)];
+        b[static_cast<size_t>(j + i * n)] = hessian.data[ci * n + cj];
+      }
+      b[static_cast<size_t>(i + i * n)] += lambda;
+    }
+    int info = 0;
+    dpotrf_("L", &size, b.data(), &size, &info, 1);
+    if (info == 0) {
+      factor.damping_relative = relative;
+      factor.damping_absolute = lambda;
+      factor.damping_increases = attempt;
+      break;
+    }
+    if (info < 0) return absl::InternalError(absl::StrFormat("dpotrf: argument %d", -info));
+    const double next = relative == 0.0 ? 1e-6 : relative * 10.0;
+    if (next > std::max(kMaxAutomaticDamping, static_cast<double>(params.damping)) * 1.0000001) {
+      // The failing pivot: LAPACK stops at leading minor `info` of B and leaves the non-positive
+      // Schur complement value on the diagonal there.
+      const int64_t r = info - 1;
+      const int64_t original = column[static_cast<size_t>(n - 1 - r)];
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "hessian is not positive definite even with damping %g x mean diagonal (%g): "
+          "Cholesky pivot of column %d is %g (started from damping %g; H must be a sum of "
+          "outer products x x^T)",
+          relative, mean_diagonal, original, b[static_cast<size_t>(r + r * n)], params.damping));
+    }
+    relative = next;
+  }
+  int info = 0;
+  dtrtri_("L", "N", &size, b.data(), &size, &info, 1, 1);
+  if (info != 0) {
+    return absl::InternalError(absl::StrFormat("dtrtri failed with info = %d", info));
+  }
+  factor.inverse_factor.assign(static_cast<size_t>(n * n), 0.0f);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = i; j < n; ++j) {
+      // U(i, j) = Linv(n-1-i, n-1-j), lower triangle of the column-major buffer.
+      factor.inverse_factor[static_cast<size_t>(i * n + j)] =
+          static_cast<float>(b[static_cast<size_t>((n - 1 - i) + (n - 1 - j) * n)]);
+    }
+  }
+  return factor;
+}
+
+}  // namespace nvfp4cal

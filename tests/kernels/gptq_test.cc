@@ -1,0 +1,548 @@
+// gptq (CPU): equivalences with the block methods where no propagation is possible, an
+// independent double-precision reference of the propagation, properties on correlated data,
+// determinism and validation.
+#include "nvfp4cal/kernels/gptq.h"
+
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nvfp4cal/kernels/block_search.h"
+#include "nvfp4cal/kernels/codecs.h"
+#include "nvfp4cal/kernels/cpu_scale_search.h"
+#include "nvfp4cal/kernels/example_data.h"
+
+namespace nvfp4cal {
+namespace {
+
+using ::testing::HasSubstr;
+
+// bf16-rounded Gaussian weights [rows, cols], as fp32.
+std::vector<float> RandomWeights(int64_t rows, int64_t cols, uint64_t seed) {
+  ExampleRng rng(seed);
+  std::vector<float> w(static_cast<size_t>(rows * cols));
+  for (float& v : w) v = BFloat16ToFloat(FloatToBFloat16(static_cast<float>(rng.Normal())));
+  return w;
+}
+
+// H = X^T X for `tokens` correlated inputs: x = z M with M = I + `mixing` x random, so that
+// columns, also in different 16-column groups, are correlated. Exactly symmetric.
+std::vector<float> CorrelatedHessian(int64_t n, int64_t tokens, double mixing, uint64_t seed) {
+  ExampleRng rng(seed);
+  std::vector<double> m(static_cast<size_t>(n * n));
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      m[static_cast<size_t>(i * n + j)] = (i == j ? 1.0 : 0.0) + mixing * rng.Normal();
+    }
+  }
+  std::vector<double> h(static_cast<size_t>(n * n), 0.0);
+  std::vector<double> z(static_cast<size_t>(n)), x(static_cast<size_t>(n));
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (double& v : z) v = rng.Normal();
+    for (int64_t j = 0; j < n; ++j) {
+      double s = 0.0;
+      for (int64_t i = 0; i < n; ++i)
+        s += z[static_cast<size_t>(i)] * m[static_cast<size_t>(i * n + j)];
+      // Per-channel scale: a few strong inputs, like real activations.
+      x[static_cast<size_t>(j)] = s * (j % 7 == 0 ? 4.0 : 1.0);
+    }
+    for (int64_t a = 0; a < n; ++a) {
+      for (int64_t b = 0; b < n; ++b) {
+        h[static_cast<size_t>(a * n + b)] += x[static_cast<size_t>(a)] * x[static_cast<size_t>(b)];
+      }
+    }
+  }
+  std::vector<float> out(h.size());
+  for (int64_t a = 0; a < n; ++a) {
+    for (int64_t b = 0; b < n; ++b) {
+      // Symmetric bit for bit.
+      out[static_cast<size_t>(a * n + b)] =
+          static_cast<float>(h[static_cast<size_t>(std::min(a, b) * n + std::max(a, b))]);
+    }
+  }
+  return out;
+}
+
+std::vector<float> DiagonalBlocks(const std::vector<float>& h, int64_t n) {
+  std::vector<float> blocks(static_cast<size_t>(n * kBlockSize));
+  for (int64_t g = 0; g < n / kBlockSize; ++g) {
+    for (int64_t a = 0; a < kBlockSize; ++a) {
+      for (int64_t b = 0; b < kBlockSize; ++b) {
+        blocks[static_cast<size_t>((g * kBlockSize + a) * kBlockSize + b)] =
+            h[static_cast<size_t>((g * kBlockSize + a) * n + g * kBlockSize + b)];
+      }
+    }
+  }
+  return blocks;
+}
+
+GptqRequest MakeGptqRequest(const std::vector<float>& w, int64_t rows, int64_t cols,
+                            const std::vector<float>& h) {
+  GptqRequest request;
+  request.weights = {w.data(), DType::kFloat32, rows, cols};
+  request.hessian = {h.data(), cols};
+  request.params.method = Method::kGptq;
+  return request;
+}
+
+QuantizedTensor RunBlockMethod(const std::vector<float>& w, int64_t rows, int64_t cols,
+                               const std::vector<float>* blocks, Method method) {
+  QuantizeRequest request;
+  request.weights = {w.data(), DType::kFloat32, rows, cols};
+  if (blocks != nullptr) request.hessians = {blocks->data(), cols / kBlockSize};
+  request.params.method = method;
+  absl::StatusOr<QuantizedTensor> result = MakeCpuScaleSearch({})->Quantize(request);
+  EXPECT_TRUE(result.ok()) << result.status();
+  return *result;
+}
+
+// tr(E H E^T) in double for codes and scales of a tensor.
+double FullHessianErrorOf(const std::vector<float>& w, int64_t rows, int64_t cols,
+                          const std::vector<float>& h, const QuantizedTensor& q) {
+  double total = 0.0;
+  std::vector<double> e(static_cast<size_t>(cols));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const uint8_t byte = q.packed_codes[static_cast<size_t>((r * cols + c) / 2)];
+      const uint8_t code = c % 2 == 0 ? (byte & 0xF) : (byte >> 4);
+      const double d = static_cast<double>(
+                           DecodeE4M3(q.scales[static_cast<size_t>((r * cols + c) / kBlockSize)])) *
+                       static_cast<double>(q.global_scale);
+      e[static_cast<size_t>(c)] =
+          w[static_cast<size_t>(r * cols + c)] - static_cast<double>(DecodeE2M1(code)) * d;
+    }
+    for (int64_t a = 0; a < cols; ++a) {
+      for (int64_t b = 0; b < cols; ++b) {
+        total += e[static_cast<size_t>(a)] * h[static_cast<size_t>(a * cols + b)] *
+                 e[static_cast<size_t>(b)];
+      }
+    }
+  }
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Where nothing can propagate, gptq is the block method it starts from.
+// ---------------------------------------------------------------------------------------------
+
+TEST(CpuGptq, IdentityHessianEqualsMseSweep) {
+  const int64_t rows = 24, cols = 96;
+  const std::vector<float> w = RandomWeights(rows, cols, 1);
+  std::vector<float> h(static_cast<size_t>(cols * cols), 0.0f);
+  for (int64_t i = 0; i < cols; ++i) h[static_cast<size_t>(i * cols + i)] = 1.0f;
+  const QuantizedTensor mse = RunBlockMethod(w, rows, cols, nullptr, Method::kMse);
+  for (bool act_order : {false, true}) {
+    GptqRequest request = MakeGptqRequest(w, rows, cols, h);
+    request.params.gptq.act_order = act_order;
+    absl::StatusOr<QuantizedTensor> gptq = CpuGptqQuantize(request, {});
+    ASSERT_TRUE(gptq.ok()) << gptq.status();
+    EXPECT_EQ(gptq->scales, mse.scales) << "act_order " << act_order;
+    EXPECT_EQ(gptq->packed_codes, mse.packed_codes) << "act_order " << act_order;
+    EXPECT_DOUBLE_EQ(gptq->stats.mse_after, mse.stats.mse_after);
+    // With H = I both full-Hessian errors are the squared error.
+    EXPECT_NEAR(gptq->stats.gptq.full_hessian_error, mse.stats.mse_after,
+                1e-6 * mse.stats.mse_after);  // mse_after sums fp32 block sums
+    EXPECT_NEAR(gptq->stats.gptq.full_hessian_error_local_hessian, mse.stats.mse_after,
+                1e-6 * mse.stats.mse_after);  // mse_after sums fp32 block sums
+  }
+}
+
+TEST(CpuGptq, DiagonalHessianEqualsLocalHessianSweep) {
+  const int64_t rows = 20, cols = 64;
+  const std::vector<float> w = RandomWeights(rows, cols, 2);
+  std::vector<float> h(static_cast<size_t>(cols * cols), 0.0f);
+  ExampleRng rng(3);
+  for (int64_t i = 0; i < cols; ++i) {
+    h[static_cast<size_t>(i * cols + i)] = static_cast<float>(0.05 + 10.0 * rng.Uniform());
+  }
+  const std::vector<float> blocks = DiagonalBlocks(h, cols);
+  const QuantizedTensor local = RunBlockMethod(w, rows, cols, &blocks, Method::kLocalHessian);
+  const QuantizedTensor mse = RunBlockMethod(w, rows, cols, nullptr, Method::kMse);
+  ASSERT_NE(local.scales, mse.scales) << "the diagonal must matter for the test to mean anything";
+  for (bool act_order : {false, true}) {
+    GptqRequest request = MakeGptqRequest(w, rows, cols, h);
+    request.params.gptq.act_order = act_order;
+    absl::StatusOr<QuantizedTensor> gptq = CpuGptqQuantize(request, {});
+    ASSERT_TRUE(gptq.ok()) << gptq.status();
+    EXPECT_EQ(gptq->scales, local.scales);
+    EXPECT_EQ(gptq->packed_codes, local.packed_codes);
+    EXPECT_DOUBLE_EQ(gptq->stats.objective_after, local.stats.objective_after);
+    EXPECT_DOUBLE_EQ(gptq->stats.objective_before, local.stats.objective_before);
+    EXPECT_EQ(gptq->stats.blocks_scale_changed, local.stats.blocks_scale_changed);
+    EXPECT_DOUBLE_EQ(gptq->stats.gptq.full_hessian_error,
+                     gptq->stats.gptq.full_hessian_error_local_hessian);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// An independent reference: GPTQ written as optimal brain surgeon updates in double precision,
+// with the inverse of the not-yet-quantized part of H recomputed by Gauss-Jordan elimination for
+// every column (no Cholesky factor, no lazy batches), and the scale of each group chosen by
+// brute force over the 126 FP8 values with e^T H_j e in double.
+// ---------------------------------------------------------------------------------------------
+
+std::vector<double> InverseGaussJordan(std::vector<double> a, int64_t n) {
+  std::vector<double> inv(static_cast<size_t>(n * n), 0.0);
+  for (int64_t i = 0; i < n; ++i) inv[static_cast<size_t>(i * n + i)] = 1.0;
+  for (int64_t c = 0; c < n; ++c) {
+    int64_t pivot = c;
+    for (int64_t r = c + 1; r < n; ++r) {
+      if (std::fabs(a[static_cast<size_t>(r * n + c)]) >
+          std::fabs(a[static_cast<size_t>(pivot * n + c)])) {
+        pivot = r;
+      }
+    }
+    for (int64_t k = 0; k < n; ++k) {
+      std::swap(a[static_cast<size_t>(c * n + k)], a[static_cast<size_t>(pivot * n + k)]);
+      std::swap(inv[static_cast<size_t>(c * n + k)], inv[static_cast<size_t>(pivot * n + k)]);
+    }
+    const double p = a[static_cast<size_t>(c * n + c)];
+    for (int64_t k = 0; k < n; ++k) {
+      a[static_cast<size_t>(c * n + k)] /= p;
+      inv[static_cast<size_t>(c * n + k)] /= p;
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      if (r == c) continue;
+      const double f = a[static_cast<size_t>(r * n + c)];
+      for (int64_t k = 0; k < n; ++k) {
+        a[static_cast<size_t>(r * n + k)] -= f * a[static_cast<size_t>(c * n + k)];
+        inv[static_cast<size_t>(r * n + k)] -= f * inv[static_cast<size_t>(c * n + k)];
+      }
+    }
+  }
+  return inv;
+}
+
+double RoundE2M1(double y) { return DecodeE2M1(EncodeE2M1(static_cast<float>(y))); }
+
+struct ReferenceRow {
+  std::vector<int> scale_bytes;
+  std::vector<double> dequantized;
+};
+
+ReferenceRow ReferenceGptqRow(const std::vector<float>& w_row, const std::vector<float>& h,
+                              int64_t n, float global_amax, double relative_damping) {
+  const double s2 = static_cast<double>(global_amax / 2688.0f);
+  double mean = 0.0;
+  for (int64_t i = 0; i < n; ++i) mean += h[static_cast<size_t>(i * n + i)];
+  mean /= static_cast<double>(n);
+  std::vector<double> a(static_cast<size_t>(n * n));
+  for (int64_t i = 0; i < n * n; ++i) a[static_cast<size_t>(i)] = h[static_cast<size_t>(i)];
+  for (int64_t i = 0; i < n; ++i) a[static_cast<size_t>(i * n + i)] += relative_damping * mean;
+  std::vector<double> w(w_row.begin(), w_row.end());
+  ReferenceRow out;
+  out.dequantized.assign(static_cast<size_t>(n), 0.0);
+  for (int64_t g = 0; g < n / kBlockSize; ++g) {
+    const int64_t c0 = g * kBlockSize;
+    // Scale: brute force over the 126 candidates, independent rounding, e^T H_j e.
+    int best = -1;
+    double best_value = 0.0;
+    for (int k = 0; k < kNumScaleCandidates; ++k) {
+      const double d = static_cast<double>(DecodeE4M3(static_cast<uint8_t>(k + 1))) * s2;
+      double e[kBlockSize];
+      for (int i = 0; i < kBlockSize; ++i) {
+        e[i] = w[static_cast<size_t>(c0 + i)] - RoundE2M1(w[static_cast<size_t>(c0 + i)] / d) * d;
+      }
+      double value = 0.0;
+      for (int i = 0; i < kBlockSize; ++i) {
+        for (int j = 0; j < kBlockSize; ++j) {
+          value += e[i] * h[static_cast<size_t>((c0 + i) * n + c0 + j)] * e[j];
+        }
+      }
+      if (best < 0 || value < best_value) {
+        best = k;
+        best_value = value;
+      }
+    }
+    out.scale_bytes.push_back(best + 1);
+    const double d = static_cast<double>(DecodeE4M3(static_cast<uint8_t>(best + 1))) * s2;
+    // Columns in order, each error pushed onto the remaining columns through the inverse of
+    // the remaining part of the damped H (optimal brain surgeon step).
+    for (int64_t j = c0; j < c0 + kBlockSize; ++j) {
+      const int64_t m = n - j;
+      std::vector<double> sub(static_cast<size_t>(m * m));
+      for (int64_t r = 0; r < m; ++r) {
+        for (int64_t c = 0; c < m; ++c) {
+          sub[static_cast<size_t>(r * m + c)] = a[static_cast<size_t>((j + r) * n + j + c)];
+        }
+      }
+      const std::vector<double> inv = InverseGaussJordan(sub, m);
+      const double q = RoundE2M1(w[static_cast<size_t>(j)] / d) * d;
+      const double err = (w[static_cast<size_t>(j)] - q) / inv[0];
+      out.dequantized[static_cast<size_t>(j)] = q;
+      for (int64_t l = 1; l < m; ++l)
+        w[static_cast<size_t>(j + l)] -= err * inv[static_cast<size_t>(l)];
+    }
+  }
+  return out;
+}
+
+TEST(CpuGptq, TwoGroupsMatchIndependentReference) {
+  // One row of 32 inputs (two groups) with inputs correlated across the groups: group 0's
+  // errors move group 1's weights, so its codes differ from what local_hessian rounds.
+  const int64_t n = 32;
+  int differing_rows = 0;
+  for (uint64_t seed = 10; seed < 18; ++seed) {
+    const std::vector<float> w = RandomWeights(1, n, seed);
+    const std::vector<float> h = CorrelatedHessian(n, 64, 0.3, seed + 100);
+    GptqRequest request = MakeGptqRequest(w, 1, n, h);
+    absl::StatusOr<QuantizedTensor> gptq = CpuGptqQuantize(request, {});
+    ASSERT_TRUE(gptq.ok()) << gptq.status();
+    const ReferenceRow ref =
+        ReferenceGptqRow(w, h, n, gptq->global_amax, static_cast<double>(0.01f));
+    for (int64_t g = 0; g < 2; ++g) {
+      EXPECT_EQ(gptq->scales[static_cast<size_t>(g)], ref.scale_bytes[static_cast<size_t>(g)])
+          << "seed " << seed << " group " << g;
+    }
+    for (int64_t c = 0; c < n; ++c) {
+      const uint8_t byte = gptq->packed_codes[static_cast<size_t>(c / 2)];
+      const uint8_t code = c % 2 == 0 ? (byte & 0xF) : (byte >> 4);
+      const double d = static_cast<double>(DecodeE4M3(gptq->scales[static_cast<size_t>(c / 16)])) *
+                       static_cast<double>(gptq->global_scale);
+      EXPECT_DOUBLE_EQ(static_cast<double>(DecodeE2M1(code)) * d,
+                       ref.dequantized[static_cast<size_t>(c)])
+          << "seed " << seed << " column " << c;
+    }
+    // The reported full-Hessian errors are tr(E H E^T) of the codes.
+    const std::vector<float> blocks = DiagonalBlocks(h, n);
+    const QuantizedTensor local = RunBlockMethod(w, 1, n, &blocks, Method::kLocalHessian);
+    EXPECT_NEAR(gptq->stats.gptq.full_hessian_error, FullHessianErrorOf(w, 1, n, h, *gptq),
+                1e-9 * gptq->stats.gptq.full_hessian_error);
+    EXPECT_NEAR(gptq->stats.gptq.full_hessian_error_local_hessian,
+                FullHessianErrorOf(w, 1, n, h, local),
+                1e-9 * gptq->stats.gptq.full_hessian_error_local_hessian);
+    differing_rows += gptq->packed_codes != local.packed_codes;
+  }
+  // Propagation must actually have changed codes, or the comparison above proves nothing.
+  EXPECT_GE(differing_rows, 6);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Properties on correlated data.
+// ---------------------------------------------------------------------------------------------
+
+struct Variant {
+  const char* name;
+  GptqParams params;
+};
+
+std::vector<Variant> Variants() {
+  GptqParams base;
+  GptqParams act = base;
+  act.act_order = true;
+  GptqParams cost = base;
+  cost.scale_objective = GptqScaleObjective::kGptqCost;
+  GptqParams dss = base;
+  dss.scale_search = GptqScaleSearch::kDss;
+  GptqParams small_batch = base;
+  small_batch.block_columns = 16;
+  return {{"default", base},
+          {"act_order", act},
+          {"gptq_cost", cost},
+          {"dss", dss},
+          {"block_columns_16", small_batch}};
+}
+
+TEST(CpuGptq, NeverWorseThanLocalHessianOnCorrelatedData) {
+  const int64_t rows = 48, cols = 128;
+  for (uint64_t seed = 1; seed <= 4; ++seed) {
+    const std::vector<float> w = RandomWeights(rows, cols, seed);
+    const std::vector<float> h = CorrelatedHessian(cols, 512, 0.15, seed + 50);
+    for (const Variant& v : Variants()) {
+      GptqRequest request = MakeGptqRequest(w, rows, cols, h);
+      request.params.gptq = v.params;
+      absl::StatusOr<QuantizedTensor> gptq = CpuGptqQuantize(request, {});
+      ASSERT_TRUE(gptq.ok()) << gptq.status();
+      const GptqStats& s = gptq->stats.gptq;
+      // Propagation must buy something on correlated inputs (1% at least) and never cost.
+      EXPECT_LT(s.full_hessian_error, 0.99 * s.full_hessian_error_local_hessian)
+          << v.name << " seed " << seed;
+      EXPECT_GT(s.full_hessian_error, 0.0);
+    }
+  }
+}
+
+TEST(CpuGptq, LazyBatchWidthChangesOnlyRounding) {
+  const int64_t rows = 32, cols = 256;
+  const std::vector<float> w = RandomWeights(rows, cols, 7);
+  const std::vector<float> h = CorrelatedHessian(cols, 512, 0.1, 8);
+  std::vector<QuantizedTensor> results;
+  for (int width : {16, 128, 256}) {
+    GptqRequest request = MakeGptqRequest(w, rows, cols, h);
+    request.params.gptq.block_columns = width;
+    absl::StatusOr<QuantizedTensor> r = CpuGptqQuantize(request, {});
+    ASSERT_TRUE(r.ok()) << r.status();
+    results.push_back(*std::move(r));
+  }
+  for (size_t i = 1; i < results.size(); ++i) {
+    int64_t same = 0;
+    for (size_t b = 0; b < results[0].scales.size(); ++b) {
+      same += results[i].scales[b] == results[0].scales[b];
+    }
+    EXPECT_GE(static_cast<double>(same), 0.98 * static_cast<double>(results[0].scales.size()));
+    EXPECT_NEAR(results[i].stats.gptq.full_hessian_error, results[0].stats.gptq.full_hessian_error,
+                0.01 * results[0].stats.gptq.full_hessian_error);
+  }
+}
+
+TEST(CpuGptq, DeterministicForAnyThreadCount) {
+  const int64_t rows = 70, cols = 128;
+  const std::vector<uint16_t> bf16 = MakeExampleWeightsBf16(rows, cols, 5);
+  const std::vector<float> h = CorrelatedHessian(cols, 256, 0.2, 6);
+  GptqRequest request;
+  request.weights = {bf16.data(), DType::kBFloat16, rows, cols};
+  request.hessian = {h.data(), cols};
+  request.params.method = Method::kGptq;
+  request.params.gptq.act_order = true;
+  request.params.gptq.scale_search = GptqScaleSearch::kDss;
+  absl::StatusOr<QuantizedTensor> one = CpuGptqQuantize(request, {1, 16, true});
+  ASSERT_TRUE(one.ok()) << one.status();
+  for (int threads : {2, 3, 8}) {
+    absl::StatusOr<QuantizedTensor> many = CpuGptqQuantize(request, {threads, 16, true});
+    ASSERT_TRUE(many.ok()) << many.status();
+    EXPECT_EQ(many->packed_codes, one->packed_codes) << threads;
+    EXPECT_EQ(many->scales, one->scales) << threads;
+    EXPECT_EQ(many->stats.objective_after, one->stats.objective_after) << threads;
+    EXPECT_EQ(many->stats.gptq.full_hessian_error, one->stats.gptq.full_hessian_error) << threads;
+    EXPECT_EQ(many->stats.gptq.full_hessian_error_local_hessian,
+              one->stats.gptq.full_hessian_error_local_hessian)
+        << threads;
+    EXPECT_EQ(many->stats.blocks_beta_not_one, one->stats.blocks_beta_not_one) << threads;
+  }
+}
+
+TEST(CpuGptq, AllZeroTensorGivesZeroCodes) {
+  const int64_t rows = 3, cols = 32;
+  const std::vector<float> w(static_cast<size_t>(rows * cols), 0.0f);
+  const std::vector<float> h = CorrelatedHessian(cols, 64, 0.2, 1);
+  absl::StatusOr<QuantizedTensor> r = CpuGptqQuantize(MakeGptqRequest(w, rows, cols, h), {});
+  ASSERT_TRUE(r.ok()) << r.status();
+  for (uint8_t b : r->packed_codes) EXPECT_EQ(b, 0);
+  for (uint8_t s : r->scales) EXPECT_EQ(s, 0x01);
+  EXPECT_EQ(r->stats.gptq.full_hessian_error, 0.0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation.
+// ---------------------------------------------------------------------------------------------
+
+// 2x2 blocks [[1, c], [c, 1]] on the diagonal: eigenvalues 1 - c and 1 + c.
+std::vector<float> PairHessian(int64_t n, float c) {
+  std::vector<float> h(static_cast<size_t>(n * n), 0.0f);
+  for (int64_t i = 0; i < n; i += 2) {
+    h[static_cast<size_t>(i * n + i)] = 1.0f;
+    h[static_cast<size_t>((i + 1) * n + i + 1)] = 1.0f;
+    h[static_cast<size_t>(i * n + i + 1)] = c;
+    h[static_cast<size_t>((i + 1) * n + i)] = c;
+  }
+  return h;
+}
+
+TEST(CpuGptq, SlightlyIndefiniteHessianRaisesDampingAndReportsIt) {
+  const int64_t cols = 32;
+  const std::vector<float> w = RandomWeights(2, cols, 1);
+  const std::vector<float> h = PairHessian(cols, 1.05f);  // smallest eigenvalue -0.05
+  absl::StatusOr<QuantizedTensor> r = CpuGptqQuantize(MakeGptqRequest(w, 2, cols, h), {});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->stats.gptq.damping_increases, 1);
+  EXPECT_NEAR(r->stats.gptq.damping_relative, 0.1, 1e-7);
+}
+
+TEST(CpuGptq, IndefiniteHessianIsAnErrorNamingThePivot) {
+  const int64_t cols = 32;
+  const std::vector<float> w = RandomWeights(2, cols, 1);
+  const std::vector<float> h = PairHessian(cols, 3.0f);  // smallest eigenvalue -2
+  absl::StatusOr<QuantizedTensor> r = CpuGptqQuantize(MakeGptqRequest(w, 2, cols, h), {});
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(r.status().message(), HasSubstr("not positive definite"));
+  EXPECT_THAT(r.status().message(), HasSubstr("pivot of column"));
+  EXPECT_THAT(r.status().message(), HasSubstr("damping 1 x mean diagonal"));
+}
+
+TEST(CpuGptq, ValidationNamesFieldLimitAndValue) {
+  const int64_t cols = 32;
+  const std::vector<float> w = RandomWeights(2, cols, 1);
+  const std::vector<float> h = CorrelatedHessian(cols, 64, 0.2, 2);
+  struct Case {
+    const char* what;
+    std::function<void(GptqRequest&)> change;
+    absl::StatusCode code;
+    const char* message;
+  };
+  const std::vector<float> small_h = CorrelatedHessian(16, 32, 0.2, 2);
+  std::vector<float> asymmetric = h;
+  asymmetric[1] += 1.0f;
+  std::vector<float> negative_diagonal = h;
+  negative_diagonal[static_cast<size_t>(5 * cols + 5)] = -1.0f;
+  std::vector<float> nan_h = h;
+  nan_h[static_cast<size_t>(3 * cols + 4)] = std::nanf("");
+  const std::vector<float> zero_h(h.size(), 0.0f);
+  const std::vector<Case> cases = {
+      {"no hessian", [](GptqRequest& r) { r.hessian = {}; }, absl::StatusCode::kFailedPrecondition,
+       "needs the full Hessian [32, 32]"},
+      {"block-sized hessian",
+       [&](GptqRequest& r) {
+         r.hessian = {small_h.data(), 16};
+       },
+       absl::StatusCode::kInvalidArgument, "hessian.n = 16 but weights.cols = 32"},
+      {"asymmetric", [&](GptqRequest& r) { r.hessian.data = asymmetric.data(); },
+       absl::StatusCode::kInvalidArgument, "not symmetric: H[0, 1]"},
+      {"negative diagonal", [&](GptqRequest& r) { r.hessian.data = negative_diagonal.data(); },
+       absl::StatusCode::kInvalidArgument, "hessian[5, 5] = -1"},
+      {"nan", [&](GptqRequest& r) { r.hessian.data = nan_h.data(); },
+       absl::StatusCode::kInvalidArgument, "must be finite"},
+      {"zero hessian", [&](GptqRequest& r) { r.hessian.data = zero_h.data(); },
+       absl::StatusCode::kInvalidArgument, "every diagonal element is 0"},
+      {"damping", [](GptqRequest& r) { r.params.gptq.damping = -0.5f; },
+       absl::StatusCode::kInvalidArgument, "params.gptq.damping = -0.5 is out of range [0, 10]"},
+      {"block columns", [](GptqRequest& r) { r.params.gptq.block_columns = 20; },
+       absl::StatusCode::kInvalidArgument,
+       "params.gptq.block_columns = 20 must be a multiple of 16 in [16, 8192]"},
+      {"beta step", [](GptqRequest& r) { r.params.beta_step = 0.001f; },
+       absl::StatusCode::kInvalidArgument, "params.beta_step = 0.001 is out of range"},
+      {"method", [](GptqRequest& r) { r.params.method = Method::kDss; },
+       absl::StatusCode::kInvalidArgument, "runs method gptq only"},
+      {"amax", [](GptqRequest& r) { r.global_amax = 1e-3f; }, absl::StatusCode::kInvalidArgument,
+       "global"},
+  };
+  for (const Case& c : cases) {
+    GptqRequest request = MakeGptqRequest(w, 2, cols, h);
+    c.change(request);
+    absl::StatusOr<QuantizedTensor> r = CpuGptqQuantize(request, {});
+    ASSERT_FALSE(r.ok()) << c.what;
+    EXPECT_EQ(r.status().code(), c.code) << c.what << ": " << r.status();
+    EXPECT_THAT(r.status().message(), HasSubstr(c.message)) << c.what;
+  }
+}
+
+TEST(CpuGptq, BlockHessianBackendsRefuseGptq) {
+  const std::vector<float> w = RandomWeights(2, 32, 1);
+  const std::vector<float> blocks = DiagonalBlocks(CorrelatedHessian(32, 64, 0.2, 2), 32);
+  QuantizeRequest request;
+  request.weights = {w.data(), DType::kFloat32, 2, 32};
+  request.hessians = {blocks.data(), 2};
+  request.params.method = Method::kGptq;
+  absl::StatusOr<QuantizedTensor> r = MakeCpuScaleSearch({})->Quantize(request);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_THAT(r.status().message(), HasSubstr("needs the full [in, in] Hessian"));
+}
+
+TEST(CpuGptq, ParsesItsNames) {
+  EXPECT_EQ(*ParseMethod("gptq"), Method::kGptq);
+  EXPECT_TRUE(MethodNeedsHessian(Method::kGptq));
+  EXPECT_EQ(*ParseGptqScaleObjective("gptq_cost"), GptqScaleObjective::kGptqCost);
+  EXPECT_EQ(*ParseGptqScaleObjective("hessian_block"), GptqScaleObjective::kHessianBlock);
+  EXPECT_EQ(*ParseGptqScaleSearch("dss"), GptqScaleSearch::kDss);
+  EXPECT_THAT(ParseGptqScaleSearch("x").status().message(),
+              HasSubstr("expected one of sweep, dss"));
+  EXPECT_THAT(ParseGptqScaleObjective("x").status().message(),
+              HasSubstr("expected one of hessian_block, gptq_cost"));
+}
+
+}  // namespace
+}  // namespace nvfp4cal
