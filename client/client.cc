@@ -512,6 +512,8 @@ class Client::Call {
       result.global_amax = summary.global_amax();
       result.global_scale = summary.global_scale();
       result.stats = StatsFromSummary(summary, job.params);
+      result.server_kernel_seconds = static_cast<double>(summary.timings().kernel_us()) * 1e-6;
+      result.server_queue_seconds = static_cast<double>(summary.timings().queue_wait_us()) * 1e-6;
     }
     absl::Status delivered = on_result_(job_index, std::move(result));
     if (!delivered.ok()) return delivered;
@@ -565,7 +567,7 @@ std::vector<std::string> ExpandServerAddresses(const std::vector<std::string>& a
         continue;
       }
       const std::string entry = a->ai_family == AF_INET6 ? absl::StrCat("[", ip, "]:", port)
-                                                        : absl::StrCat(ip, ":", port);
+                                                         : absl::StrCat(ip, ":", port);
       if (seen.insert(entry).second) out.push_back(entry);
     }
     freeaddrinfo(found);

@@ -250,6 +250,12 @@ int RunQuantize(int argc, const char* const* argv) {
         "of input\n",
         report->read_seconds, report->copy_seconds, report->quantize_seconds, report->write_seconds,
         total, total > 0 ? static_cast<double>(report->bytes_in) / total / 1e6 : 0.0);
+    if (report->server_kernel_seconds > 0.0 || report->server_queue_seconds > 0.0) {
+      std::cout << absl::StrFormat(
+          "server time (summed over tensors): kernels %.2f s, queued %.2f s; the rest of "
+          "quantize is transport, protobuf and validation\n",
+          report->server_kernel_seconds, report->server_queue_seconds);
+    }
   }
   std::cout << "wrote " << options.out_dir << "\n";
   return 0;

@@ -387,6 +387,8 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
         {
           absl::MutexLock lock(&report_mu);
           write_time += absl::Now() - write_start;
+          report.server_kernel_seconds += result.server_kernel_seconds;
+          report.server_queue_seconds += result.server_queue_seconds;
         }
         ModuleReport r;
         r.module = p.module;

@@ -71,6 +71,11 @@ struct QuantizeReport {
   double copy_seconds = 0.0;      // untouched tensors copied to the output
   double quantize_seconds = 0.0;  // the quantizer (search; with --server also transport)
   double write_seconds = 0.0;     // quantized tensors, index, configs, rename
+  // With --server: what the servers reported, summed over tensors (tensors run concurrently,
+  // so these may exceed quantize_seconds): time in their kernels and in their queues. The rest
+  // of quantize_seconds is transport, protobuf and validation.
+  double server_kernel_seconds = 0.0;
+  double server_queue_seconds = 0.0;
 };
 
 // Hears about progress; every method may be called from several threads, one call at a time.

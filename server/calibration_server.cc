@@ -40,10 +40,15 @@ absl::Status CalibrationServer::Start() {
   JobManagerOptions jobs;
   jobs.limits = options_.limits;
   jobs_ = std::make_unique<JobManager>(jobs, scheduler_.get(), &metrics_);
-  service_ = std::make_unique<CalibratorService>(options_, scheduler_.get(), jobs_.get(),
-                                                 &metrics_, backend_, devices->workers);
+  service_ = std::make_unique<CalibratorService>(options_, scheduler_.get(), jobs_.get(), &metrics_,
+                                                 backend_, devices->workers);
 
   if (!options_.metrics_address.empty()) {
+    std::vector<int> cuda_devices;
+    for (const WorkerDevice& w : devices->workers) {
+      if (w.cuda_device >= 0) cuda_devices.push_back(w.cuda_device);
+    }
+    metrics_.ExposeDeviceMemory(std::move(cuda_devices));
     if (absl::Status s = metrics_.Serve(options_.metrics_address); !s.ok()) return s;
   }
 
@@ -57,8 +62,7 @@ absl::Status CalibrationServer::Start() {
   builder.SetMaxSendMessageSize(static_cast<int>(options_.limits.max_send_message_bytes));
   const KeepaliveOptions& keepalive = options_.keepalive;
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, static_cast<int>(keepalive.time_ms));
-  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
-                             static_cast<int>(keepalive.timeout_ms));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, static_cast<int>(keepalive.timeout_ms));
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
                              static_cast<int>(keepalive.min_client_ping_interval_ms));
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS,

@@ -59,9 +59,10 @@ absl::StatusOr<DeviceSetup> CudaSetup(const DeviceOptions& options, const std::s
   DeviceSetup setup;
   setup.backend = "cuda";
   std::vector<std::string> names;
-  for (const std::unique_ptr<CudaScaleSearch>& device : devices) {
-    setup.workers.push_back(
-        WorkerDevice{"cuda", device->DeviceDescription(), options.memory_budget_bytes});
+  for (size_t ordinal = 0; ordinal < devices.size(); ++ordinal) {
+    const std::unique_ptr<CudaScaleSearch>& device = devices[ordinal];
+    setup.workers.push_back(WorkerDevice{"cuda", device->DeviceDescription(),
+                                         options.memory_budget_bytes, static_cast<int>(ordinal)});
     names.push_back(device->DeviceDescription());
   }
   setup.selection =

@@ -38,6 +38,8 @@ struct WorkerDevice {
   std::string name;
   // Memory one batch may use on it.
   int64_t memory_budget_bytes = 0;
+  // CUDA device ordinal; -1 for the CPU.
+  int cuda_device = -1;
 };
 
 struct DeviceSetup {

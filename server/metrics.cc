@@ -6,6 +6,9 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "nvfp4cal/kernels/cuda_scale_search.h"
+#include "prometheus/collectable.h"
+#include "prometheus/metric_family.h"
 
 namespace nvfp4cal::server {
 namespace {
@@ -15,15 +18,61 @@ prometheus::Histogram::BucketBoundaries LatencyBuckets() {
   return {0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 120};
 }
 
+// Gauges read from the CUDA driver at scrape time, so they are current without a sampler thread.
+class DeviceMemoryCollector final : public prometheus::Collectable {
+ public:
+  explicit DeviceMemoryCollector(std::vector<int> devices) : devices_(std::move(devices)) {}
+
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    prometheus::MetricFamily used{
+        "nvfp4cal_device_memory_used_bytes",
+        "Memory in use on the GPU as the driver reports it (all processes; cudaMemGetInfo)",
+        prometheus::MetricType::Gauge,
+        {}};
+    prometheus::MetricFamily total{"nvfp4cal_device_memory_total_bytes",
+                                   "Memory of the GPU as the driver reports it",
+                                   prometheus::MetricType::Gauge,
+                                   {}};
+    for (int device : devices_) {
+      int64_t free_bytes = 0;
+      int64_t total_bytes = 0;
+      if (!CudaDeviceMemory(device, &free_bytes, &total_bytes).ok()) continue;
+      prometheus::ClientMetric u;
+      u.label = {{"device", std::to_string(device)}};
+      u.gauge.value = static_cast<double>(total_bytes - free_bytes);
+      used.metric.push_back(u);
+      prometheus::ClientMetric t;
+      t.label = u.label;
+      t.gauge.value = static_cast<double>(total_bytes);
+      total.metric.push_back(t);
+    }
+    return {used, total};
+  }
+
+ private:
+  std::vector<int> devices_;
+};
+
 }  // namespace
 
 std::string StatusCodeName(int code) {
-  static const char* const kNames[] = {
-      "OK",           "CANCELLED",         "UNKNOWN",        "INVALID_ARGUMENT",
-      "DEADLINE_EXCEEDED", "NOT_FOUND",    "ALREADY_EXISTS", "PERMISSION_DENIED",
-      "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-      "UNIMPLEMENTED", "INTERNAL",         "UNAVAILABLE",    "DATA_LOSS",
-      "UNAUTHENTICATED"};
+  static const char* const kNames[] = {"OK",
+                                       "CANCELLED",
+                                       "UNKNOWN",
+                                       "INVALID_ARGUMENT",
+                                       "DEADLINE_EXCEEDED",
+                                       "NOT_FOUND",
+                                       "ALREADY_EXISTS",
+                                       "PERMISSION_DENIED",
+                                       "RESOURCE_EXHAUSTED",
+                                       "FAILED_PRECONDITION",
+                                       "ABORTED",
+                                       "OUT_OF_RANGE",
+                                       "UNIMPLEMENTED",
+                                       "INTERNAL",
+                                       "UNAVAILABLE",
+                                       "DATA_LOSS",
+                                       "UNAUTHENTICATED"};
   if (code < 0 || code > 16) return absl::StrCat("CODE_", code);
   return kNames[code];
 }
@@ -99,6 +148,7 @@ absl::Status ServerMetrics::Serve(const std::string& address) {
         absl::StrCat("metrics_address \"", address, "\": cannot listen: ", e.what()));
   }
   exposer_->RegisterCollectable(registry_);
+  if (device_memory_collector_ != nullptr) exposer_->RegisterCollectable(device_memory_collector_);
   return absl::OkStatus();
 }
 
@@ -131,6 +181,11 @@ void ServerMetrics::AddInflightJobs(int64_t delta) {
 void ServerMetrics::RecordJobFinished(const std::string& state) {
   jobs_finished_->Add({{"state", state}}).Increment();
 }
+void ServerMetrics::ExposeDeviceMemory(std::vector<int> cuda_devices) {
+  if (cuda_devices.empty()) return;
+  device_memory_collector_ = std::make_shared<DeviceMemoryCollector>(std::move(cuda_devices));
+}
+
 void ServerMetrics::AddDeviceMemoryInUse(int64_t delta_bytes) {
   device_memory_->Increment(static_cast<double>(delta_bytes));
 }

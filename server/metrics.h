@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
@@ -50,6 +51,9 @@ class ServerMetrics {
   void RecordJobFinished(const std::string& state);
   // Bytes held for batches that run or wait on the devices (weights, outputs, Hessians).
   void AddDeviceMemoryInUse(int64_t delta_bytes);
+  // Reports, at every scrape, the memory the driver says is in use on these CUDA devices
+  // (nvfp4cal_device_memory_used_bytes / _total_bytes, label device). Call before Serve.
+  void ExposeDeviceMemory(std::vector<int> cuda_devices);
   // Per work item: time queued and time of the batch that ran it.
   void ObserveQueueWait(absl::Duration wait);
   void ObserveKernelTime(absl::Duration time);
@@ -57,6 +61,7 @@ class ServerMetrics {
  private:
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<prometheus::Exposer> exposer_;
+  std::shared_ptr<prometheus::Collectable> device_memory_collector_;
   prometheus::Family<prometheus::Counter>* requests_;
   prometheus::Family<prometheus::Histogram>* rpc_seconds_;
   prometheus::Counter* bytes_in_;

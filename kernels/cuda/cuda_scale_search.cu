@@ -939,6 +939,22 @@ bool CudaDeviceAvailable(std::string* reason) {
   return true;
 }
 
+absl::Status CudaDeviceMemory(int device, int64_t* free_bytes, int64_t* total_bytes) {
+  int count = 0;
+  NVFP4_CUDA_RETURN_IF_ERROR(cudaGetDeviceCount(&count));
+  if (device < 0 || device >= count) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("device = %d is out of range: %d CUDA device(s) present", device, count));
+  }
+  NVFP4_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+  size_t free = 0;
+  size_t total = 0;
+  NVFP4_CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free, &total));
+  *free_bytes = static_cast<int64_t>(free);
+  *total_bytes = static_cast<int64_t>(total);
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<CudaScaleSearch>> MakeCudaScaleSearch(
     const CudaScaleSearchOptions& options) {
   return CudaScaleSearchImpl::Create(options);

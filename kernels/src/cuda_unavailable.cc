@@ -9,6 +9,10 @@ bool CudaDeviceAvailable(std::string* reason) {
   return false;
 }
 
+absl::Status CudaDeviceMemory(int, int64_t*, int64_t*) {
+  return absl::UnavailableError("nvfp4cal was built without CUDA");
+}
+
 absl::StatusOr<std::unique_ptr<CudaScaleSearch>> MakeCudaScaleSearch(
     const CudaScaleSearchOptions&) {
   return absl::UnavailableError(

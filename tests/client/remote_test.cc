@@ -14,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "client/client.h"
 #include "client/safetensors.h"
 #include "gmock/gmock.h"
@@ -21,6 +23,7 @@
 #include "nvfp4cal/kernels/cpu_scale_search.h"
 #include "nvfp4cal/kernels/example_data.h"
 #include "tests/client/test_util.h"
+#include "tests/server/http_get.h"
 
 namespace nvfp4cal {
 namespace {
@@ -113,16 +116,45 @@ TEST_F(Remote, OneServerIsByteIdenticalToInProcess) {
   ServerProcess server;
   ASSERT_FALSE(server.address().empty());
   ExpectIdentical(server.address(), "one");
+  // Without --quiet the run's time line says what the server spent in kernels and queues.
+  std::vector<std::string> args = Args(models_[0], "one-timed", {"--server", server.address()});
+  args.erase(std::find(args.begin(), args.end(), "--quiet"));
+  const ProcessResult r = RunCli(args);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, ::testing::HasSubstr("server time (summed over tensors): kernels "));
 }
 
 TEST_F(Remote, ThreeServersAreByteIdenticalToInProcess) {
   // Small limits on two of them: 64 KiB messages force many chunks per tensor, and a 200 kB
-  // Hessian budget per session forces new sessions within one run.
-  ServerProcess a;
-  ServerProcess b({"--max_receive_message_bytes=65536"});
-  ServerProcess c({"--max_session_hessian_bytes=200000"});
+  // Hessian budget per session forces new sessions within one run. Each server's metrics
+  // endpoint must show that it quantized part of the blocks, and together all of them.
+  const int ports[3] = {DeadPort(), DeadPort(), DeadPort()};
+  auto metrics = [](int port) { return absl::StrCat("--metrics_address=127.0.0.1:", port); };
+  ServerProcess a({metrics(ports[0])});
+  ServerProcess b({"--max_receive_message_bytes=65536", metrics(ports[1])});
+  ServerProcess c({"--max_session_hessian_bytes=200000", metrics(ports[2])});
   ASSERT_FALSE(a.address().empty() || b.address().empty() || c.address().empty());
   ExpectIdentical(a.address() + "," + b.address() + "," + c.address(), "three");
+  double total = 0.0;
+  for (int port : ports) {
+    const double blocks = server::testing::MetricValue(server::testing::Scrape(port),
+                                                       "nvfp4cal_blocks_quantized_total");
+    EXPECT_GT(blocks, 0.0) << "the server with metrics on port " << port << " got no work";
+    total += blocks;
+  }
+  // Together they quantized every block of every model: one E4M3 scale byte per block.
+  int64_t expected = 0;
+  for (const std::string& m : models_) {
+    for (const auto& e : fs::directory_iterator(*dir_ / ("local-" + m))) {
+      if (e.path().extension() != ".safetensors") continue;
+      absl::StatusOr<std::unique_ptr<SafetensorsFile>> f = SafetensorsFile::Open(e.path());
+      ASSERT_TRUE(f.ok()) << f.status();
+      for (const SafetensorsTensor& t : (*f)->tensors()) {
+        if (absl::EndsWith(t.name, ".weight_scale")) expected += t.num_bytes;
+      }
+    }
+  }
+  EXPECT_EQ(total, static_cast<double>(expected));
 }
 
 TEST_F(Remote, DnsNameIsExpandedToEveryResolvedAddress) {

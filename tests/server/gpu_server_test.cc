@@ -29,8 +29,10 @@ using ::nvfp4cal::server::testing::AppendTensor;
 using ::nvfp4cal::server::testing::GatedExecutor;
 using ::nvfp4cal::server::testing::JobRequestOf;
 using ::nvfp4cal::server::testing::MakeTensor;
+using ::nvfp4cal::server::testing::MetricValue;
 using ::nvfp4cal::server::testing::Reference;
 using ::nvfp4cal::server::testing::RunSession;
+using ::nvfp4cal::server::testing::Scrape;
 using ::nvfp4cal::server::testing::SessionResult;
 using ::nvfp4cal::server::testing::TestTensor;
 using ::nvfp4cal::server::testing::UseFullLayout;
@@ -89,6 +91,32 @@ void ExpectMatchesCpuLibrary(const SessionResult& result, const TestTensor& t) {
   EXPECT_EQ(s.stats().blocks_beta_not_one(), want.stats.blocks_beta_not_one);
   EXPECT_NEAR(s.stats().objective_after(), want.stats.objective_after,
               1e-9 * std::fabs(want.stats.objective_after));
+}
+
+TEST_F(GpuServerTest, MetricsReportDriverMemoryOfEveryGpu) {
+  ServerOptions options;
+  options.address = "127.0.0.1:0";
+  options.metrics_address = "127.0.0.1:0";
+  options.devices.device = "cuda";
+  CalibrationServer server(options);
+  ASSERT_TRUE(server.Start().ok());
+  // The server's own workspace is allocated on first use; a session makes it real.
+  auto stub = v1::Calibrator::NewStub(
+      grpc::CreateChannel(server.address(), grpc::InsecureChannelCredentials()));
+  const TestTensor t = MakeTensor("m", 256, 512, DType::kBFloat16, "dss", "", 41);
+  std::vector<v1::QuantizeRequest> requests;
+  AppendTensor(t, &requests);
+  ASSERT_TRUE(RunSession(stub.get(), requests).status.ok());
+  const std::string text = Scrape(server.metrics_port());
+  const double used = MetricValue(text, "nvfp4cal_device_memory_used_bytes{device=\"0\"}");
+  const double total = MetricValue(text, "nvfp4cal_device_memory_total_bytes{device=\"0\"}");
+  EXPECT_GT(used, 0.0) << text;
+  EXPECT_GT(total, used);
+#if defined(NVFP4CAL_HAVE_CUDA)
+  size_t free_bytes = 0, total_bytes = 0;
+  ASSERT_EQ(cudaMemGetInfo(&free_bytes, &total_bytes), cudaSuccess);
+  EXPECT_EQ(total, static_cast<double>(total_bytes));
+#endif
 }
 
 TEST_F(GpuServerTest, ServerInfoListsEveryGpuAsAWorker) {

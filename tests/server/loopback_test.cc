@@ -29,11 +29,13 @@ using ::nvfp4cal::server::testing::JobRequestOf;
 using ::nvfp4cal::server::testing::MakeTensor;
 using ::nvfp4cal::server::testing::Reference;
 using ::nvfp4cal::server::testing::RunSession;
+using ::nvfp4cal::server::testing::Scrape;
 using ::nvfp4cal::server::testing::SessionResult;
 using ::nvfp4cal::server::testing::TestTensor;
 using ::nvfp4cal::server::testing::UseFullLayout;
 using ::nvfp4cal::server::testing::WeightChunkOf;
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 class LoopbackTest : public ::testing::Test {
  protected:
@@ -139,19 +141,24 @@ std::vector<ErrorCase> ErrorTable() {
     AppendTensor(t, &r);
     return r;
   };
-  cases.push_back({"weights before header", grpc::FAILED_PRECONDITION,
-                   "weight chunk before any tensor header", {WeightChunkOf(plain, 0, 4)}});
+  cases.push_back({"weights before header",
+                   grpc::FAILED_PRECONDITION,
+                   "weight chunk before any tensor header",
+                   {WeightChunkOf(plain, 0, 4)}});
   {
     TestTensor t = dss;
     t.hessian_name = "";
     cases.push_back({"missing Hessian", grpc::FAILED_PRECONDITION,
                      "header.hessian.name is empty but method dss", with(t)});
   }
-  cases.push_back({"weights before Hessian complete", grpc::FAILED_PRECONDITION,
+  cases.push_back({"weights before Hessian complete",
+                   grpc::FAILED_PRECONDITION,
                    "before its Hessian 'h' was complete: 0 of 1024",
                    {HeaderOf(dss), WeightChunkOf(dss, 0, 4)}});
-  cases.push_back({"chunk out of order", grpc::FAILED_PRECONDITION,
-                   "row_begin = 8, expected 0", {HeaderOf(plain), WeightChunkOf(plain, 8, 4)}});
+  cases.push_back({"chunk out of order",
+                   grpc::FAILED_PRECONDITION,
+                   "row_begin = 8, expected 0",
+                   {HeaderOf(plain), WeightChunkOf(plain, 8, 4)}});
   {
     v1::QuantizeRequest beyond = WeightChunkOf(plain, 0, 16);
     std::vector<v1::QuantizeRequest> r = {HeaderOf(plain), beyond, beyond};
@@ -174,8 +181,8 @@ std::vector<ErrorCase> ErrorTable() {
   {
     TestTensor t = dss;
     t.hessian[17] = std::numeric_limits<float>::infinity();
-    cases.push_back({"infinite Hessian", grpc::INVALID_ARGUMENT, "Hessians must be finite",
-                     with(t)});
+    cases.push_back(
+        {"infinite Hessian", grpc::INVALID_ARGUMENT, "Hessians must be finite", with(t)});
   }
   {
     TestTensor t = plain;
@@ -218,21 +225,23 @@ std::vector<ErrorCase> ErrorTable() {
     cases.push_back({"tensor over limit", grpc::RESOURCE_EXHAUSTED,
                      "has 1048576 x 64 elements; max_tensor_elements = 1048576", r});
   }
-  cases.push_back({"stream ends early", grpc::FAILED_PRECONDITION,
+  cases.push_back({"stream ends early",
+                   grpc::FAILED_PRECONDITION,
                    "stream ended before tensor 'w' was complete: 4 of 16 rows received",
                    {HeaderOf(plain), WeightChunkOf(plain, 0, 4)}});
   {
     v1::QuantizeRequest options;
     options.mutable_session()->set_priority(3);
-    cases.push_back({"session options not first", grpc::FAILED_PRECONDITION,
+    cases.push_back({"session options not first",
+                     grpc::FAILED_PRECONDITION,
                      "session options must be the first message; got them as message 2",
                      {HeaderOf(plain), options}});
   }
   {
     std::vector<v1::QuantizeRequest> r = with(plain);
     r.push_back(HeaderOf(plain));
-    cases.push_back({"duplicate tensor name", grpc::INVALID_ARGUMENT,
-                     "header.name = 'w' was already used", r});
+    cases.push_back(
+        {"duplicate tensor name", grpc::INVALID_ARGUMENT, "header.name = 'w' was already used", r});
   }
   return cases;
 }
@@ -359,31 +368,6 @@ TEST_F(LoopbackTest, StartLogsTheDeviceChoiceAndItsReason) {
   EXPECT_THAT(config, HasSubstr("max_jobs = 256\n"));
 }
 
-// Plain HTTP/1.0 GET of /metrics.
-std::string Scrape(int port) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_port = htons(static_cast<uint16_t>(port));
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
-    close(fd);
-    return "";
-  }
-  const std::string get = "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n";
-  if (write(fd, get.data(), get.size()) != static_cast<ssize_t>(get.size())) {
-    close(fd);
-    return "";
-  }
-  std::string body;
-  char buffer[4096];
-  for (ssize_t n; (n = read(fd, buffer, sizeof(buffer))) > 0;) {
-    body.append(buffer, static_cast<size_t>(n));
-  }
-  close(fd);
-  return body;
-}
-
 TEST_F(LoopbackTest, MetricsEndpointCountsRequestsBytesAndBlocks) {
   StartServer(/*with_metrics=*/true);
   TestTensor t = MakeTensor("metered", 32, 64, DType::kBFloat16, "max", "", 12);
@@ -399,10 +383,10 @@ TEST_F(LoopbackTest, MetricsEndpointCountsRequestsBytesAndBlocks) {
   ASSERT_GT(server_->metrics_port(), 0);
   const std::string text = Scrape(server_->metrics_port());
   EXPECT_THAT(text, HasSubstr("HTTP/1.1 200"));
-  EXPECT_THAT(text, HasSubstr(
-      "nvfp4cal_requests_total{code=\"OK\",method=\"Quantize\"} 1"));
-  EXPECT_THAT(text, HasSubstr(
-      "nvfp4cal_requests_total{code=\"FAILED_PRECONDITION\",method=\"Quantize\"} 1"));
+  EXPECT_THAT(text, HasSubstr("nvfp4cal_requests_total{code=\"OK\",method=\"Quantize\"} 1"));
+  EXPECT_THAT(
+      text,
+      HasSubstr("nvfp4cal_requests_total{code=\"FAILED_PRECONDITION\",method=\"Quantize\"} 1"));
   // 32 * 64 / 16 blocks of the stream, 16 * 64 / 16 of the job.
   EXPECT_THAT(text, HasSubstr("nvfp4cal_blocks_quantized_total 192"));
   EXPECT_THAT(text, HasSubstr(absl::StrCat("nvfp4cal_bytes_out_total ",
@@ -417,6 +401,8 @@ TEST_F(LoopbackTest, MetricsEndpointCountsRequestsBytesAndBlocks) {
   EXPECT_THAT(text, HasSubstr("nvfp4cal_rpc_duration_seconds_count{method=\"Quantize\"} 2"));
   EXPECT_THAT(text, HasSubstr("nvfp4cal_queue_depth 0"));
   EXPECT_THAT(text, HasSubstr("nvfp4cal_device_memory_in_use_bytes 0"));
+  // No CUDA device serves here: no driver-reported device memory.
+  EXPECT_THAT(text, Not(HasSubstr("nvfp4cal_device_memory_used_bytes{")));
 }
 
 // One worker behind a gate, a queue of two items and one-row items: the queue is easy to fill

@@ -4,6 +4,11 @@
 #ifndef NVFP4CAL_TESTS_SERVER_TEST_CLIENT_H_
 #define NVFP4CAL_TESTS_SERVER_TEST_CLIENT_H_
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <cstdint>
 #include <cstring>
 #include <map>
@@ -17,6 +22,7 @@
 #include "nvfp4cal/kernels/example_data.h"
 #include "nvfp4cal/kernels/scale_search.h"
 #include "nvfp4cal/v1/calibrator.grpc.pb.h"
+#include "tests/server/http_get.h"
 
 namespace nvfp4cal::server::testing {
 
@@ -30,10 +36,10 @@ struct TestTensor {
   std::optional<float> global_amax;
   std::string hessian_name;  // empty: none
   v1::HessianLayout layout = v1::HESSIAN_LAYOUT_BLOCK_DIAGONAL;
-  bool send_hessian = true;     // false: reuse one sent earlier in the session
-  std::vector<float> hessian;   // in `layout`
-  std::vector<float> blocks;    // [cols / 16, 16, 16], for the reference
-  std::string weights;          // rows * cols elements of dtype
+  bool send_hessian = true;    // false: reuse one sent earlier in the session
+  std::vector<float> hessian;  // in `layout`
+  std::vector<float> blocks;   // [cols / 16, 16, 16], for the reference
+  std::string weights;         // rows * cols elements of dtype
   int64_t rows_per_chunk = 8;
 };
 
@@ -107,8 +113,7 @@ inline v1::QuantizeRequest HeaderOf(const TestTensor& t) {
   return request;
 }
 
-inline v1::QuantizeRequest WeightChunkOf(const TestTensor& t, int64_t row_begin,
-                                         int64_t num_rows) {
+inline v1::QuantizeRequest WeightChunkOf(const TestTensor& t, int64_t row_begin, int64_t num_rows) {
   v1::QuantizeRequest request;
   v1::WeightChunk* c = request.mutable_weights();
   c->set_row_begin(row_begin);
@@ -129,9 +134,8 @@ inline void AppendTensor(const TestTensor& t, std::vector<v1::QuantizeRequest>* 
       const int64_t n = std::min(step, total - offset);
       v1::QuantizeRequest request;
       request.mutable_hessian()->set_element_offset(offset);
-      request.mutable_hessian()->set_data(
-          std::string(reinterpret_cast<const char*>(t.hessian.data() + offset),
-                      static_cast<size_t>(n * 4)));
+      request.mutable_hessian()->set_data(std::string(
+          reinterpret_cast<const char*>(t.hessian.data() + offset), static_cast<size_t>(n * 4)));
       out->push_back(std::move(request));
     }
   }
@@ -186,8 +190,8 @@ inline SessionResult RunSession(v1::Calibrator::Stub* stub,
       if (r.scales.size() < end * scale_row) r.scales.resize(end * scale_row);
       r.packed_codes.replace(static_cast<size_t>(chunk.row_begin()) * code_row,
                              chunk.packed_codes().size(), chunk.packed_codes());
-      r.scales.replace(static_cast<size_t>(chunk.row_begin()) * scale_row,
-                       chunk.scales().size(), chunk.scales());
+      r.scales.replace(static_cast<size_t>(chunk.row_begin()) * scale_row, chunk.scales().size(),
+                       chunk.scales());
       r.rows_covered += chunk.num_rows();
     } else if (response.has_summary()) {
       result.tensors[response.summary().tensor_name()].summary = response.summary();

@@ -101,6 +101,11 @@ class CudaScaleSearch : public ScaleSearch {
 // device, built without CUDA).
 bool CudaDeviceAvailable(std::string* reason);
 
+// Memory of CUDA device `device` as the driver reports it (cudaMemGetInfo: every process's
+// allocations count): bytes free and in total. UNAVAILABLE without CUDA, INVALID_ARGUMENT for a
+// device that does not exist.
+absl::Status CudaDeviceMemory(int device, int64_t* free_bytes, int64_t* total_bytes);
+
 // The CUDA backend, or UNAVAILABLE (no device / built without CUDA) / RESOURCE_EXHAUSTED.
 absl::StatusOr<std::unique_ptr<CudaScaleSearch>> MakeCudaScaleSearch(
     const CudaScaleSearchOptions& options);

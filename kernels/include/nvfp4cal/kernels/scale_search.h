@@ -174,6 +174,10 @@ struct QuantizedTensor {
   float global_amax = 0.0f;           // g
   float global_scale = 0.0f;          // weight_scale_2 = g / 2688
   TensorStats stats;
+  // Where a remote server spent this tensor's time (its summary's timings), summed over row
+  // ranges, seconds; 0 when the backend does not report it (in-process backends).
+  double server_kernel_seconds = 0.0;
+  double server_queue_seconds = 0.0;
 };
 
 // Caller-owned output for a row range [row_begin, row_end) of a tensor.
