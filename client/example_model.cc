@@ -3,12 +3,15 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <string>
 #include <system_error>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -95,6 +98,23 @@ SafetensorsTensorData FullHessian(const std::string& name, int64_t n, uint64_t s
   return {{name, SafetensorsDType::kF32, {n, n}}, ToBytes(h)};
 }
 
+// Runs the generators on every hardware thread; results in the generators' order.
+std::vector<SafetensorsTensorData> GenerateAll(
+    const std::vector<std::function<SafetensorsTensorData()>>& makers) {
+  std::vector<SafetensorsTensorData> out(makers.size());
+  std::atomic<size_t> next{0};
+  auto work = [&] {
+    for (size_t i; (i = next.fetch_add(1)) < makers.size();) out[i] = makers[i]();
+  };
+  const size_t threads =
+      std::min<size_t>(makers.size(), std::max(1u, std::thread::hardware_concurrency()));
+  std::vector<std::thread> pool;
+  for (size_t t = 1; t < threads; ++t) pool.emplace_back(work);
+  work();
+  for (std::thread& t : pool) t.join();
+  return out;
+}
+
 SafetensorsTensorData BlockHessian(const std::string& name, int64_t n, uint64_t seed) {
   return {{name, SafetensorsDType::kF32, {n / 16, 16, 16}},
           ToBytes(MakeExampleHessianBlocks(n / 16, seed))};
@@ -140,34 +160,55 @@ absl::Status WriteExampleModel(const std::string& out_dir, const ExampleModelOpt
   const int64_t kv = head_dim * o.kv_heads;
   uint64_t seed = o.seed * 1000003ull;
 
-  std::vector<SafetensorsTensorData> tensors;
-  std::vector<SafetensorsTensorData> hessians;
+  // Every tensor is generated from its own seed, in this fixed order, so the files do not
+  // depend on how many threads build them.
+  using Generator = std::function<SafetensorsTensorData()>;
+  std::vector<Generator> tensor_makers;
+  std::vector<Generator> hessian_makers;
   {
-    // Embeddings: small Gaussian values.
-    ExampleRng rng(++seed);
-    std::vector<uint16_t> bits(static_cast<size_t>(o.vocab * hidden));
-    for (uint16_t& b : bits) b = FloatToBFloat16(static_cast<float>(0.02 * rng.Normal()));
-    tensors.push_back(
-        {{"model.embed_tokens.weight", SafetensorsDType::kBF16, {o.vocab, hidden}}, ToBytes(bits)});
+    const uint64_t s = ++seed;
+    tensor_makers.push_back([s, &o, hidden] {
+      // Embeddings: small Gaussian values.
+      ExampleRng rng(s);
+      std::vector<uint16_t> bits(static_cast<size_t>(o.vocab * hidden));
+      for (uint16_t& b : bits) b = FloatToBFloat16(static_cast<float>(0.02 * rng.Normal()));
+      return SafetensorsTensorData{
+          {"model.embed_tokens.weight", SafetensorsDType::kBF16, {o.vocab, hidden}}, ToBytes(bits)};
+    });
   }
+  auto norm = [&](std::string name, int64_t n) {
+    const uint64_t s = ++seed;
+    tensor_makers.push_back([name, n, s] { return NormWeight(name, n, s); });
+  };
+  auto linear = [&](std::string name, int64_t rows, int64_t cols) {
+    const uint64_t s = ++seed;
+    tensor_makers.push_back([name, rows, cols, s] { return LinearWeight(name, rows, cols, s); });
+  };
+  auto hessian = [&](std::string name, int64_t n, bool full) {
+    const uint64_t s = ++seed;
+    hessian_makers.push_back(
+        [name, n, s, full] { return full ? FullHessian(name, n, s) : BlockHessian(name, n, s); });
+  };
   for (int l = 0; l < o.layers; ++l) {
     const std::string p = absl::StrCat("model.layers.", l, ".");
-    tensors.push_back(NormWeight(p + "input_layernorm.weight", hidden, ++seed));
-    tensors.push_back(NormWeight(p + "post_attention_layernorm.weight", hidden, ++seed));
-    tensors.push_back(LinearWeight(p + "self_attn.q_proj.weight", hidden, hidden, ++seed));
-    tensors.push_back(LinearWeight(p + "self_attn.k_proj.weight", kv, hidden, ++seed));
-    tensors.push_back(LinearWeight(p + "self_attn.v_proj.weight", kv, hidden, ++seed));
-    tensors.push_back(LinearWeight(p + "self_attn.o_proj.weight", hidden, hidden, ++seed));
-    tensors.push_back(LinearWeight(p + "mlp.gate_proj.weight", inter, hidden, ++seed));
-    tensors.push_back(LinearWeight(p + "mlp.up_proj.weight", inter, hidden, ++seed));
-    tensors.push_back(LinearWeight(p + "mlp.down_proj.weight", hidden, inter, ++seed));
-    hessians.push_back(FullHessian(p + "self_attn.q_proj.hessian", hidden, ++seed));
-    hessians.push_back(BlockHessian(p + "self_attn.o_proj.hessian", hidden, ++seed));
-    hessians.push_back(FullHessian(p + "mlp.gate_proj.hessian", hidden, ++seed));
-    hessians.push_back(BlockHessian(p + "mlp.down_proj.hessian", inter, ++seed));
+    norm(p + "input_layernorm.weight", hidden);
+    norm(p + "post_attention_layernorm.weight", hidden);
+    linear(p + "self_attn.q_proj.weight", hidden, hidden);
+    linear(p + "self_attn.k_proj.weight", kv, hidden);
+    linear(p + "self_attn.v_proj.weight", kv, hidden);
+    linear(p + "self_attn.o_proj.weight", hidden, hidden);
+    linear(p + "mlp.gate_proj.weight", inter, hidden);
+    linear(p + "mlp.up_proj.weight", inter, hidden);
+    linear(p + "mlp.down_proj.weight", hidden, inter);
+    hessian(p + "self_attn.q_proj.hessian", hidden, /*full=*/true);
+    hessian(p + "self_attn.o_proj.hessian", hidden, /*full=*/false);
+    hessian(p + "mlp.gate_proj.hessian", hidden, /*full=*/true);
+    hessian(p + "mlp.down_proj.hessian", inter, /*full=*/false);
   }
-  tensors.push_back(NormWeight("model.norm.weight", hidden, ++seed));
-  tensors.push_back(LinearWeight("lm_head.weight", o.vocab, hidden, ++seed));
+  norm("model.norm.weight", hidden);
+  linear("lm_head.weight", o.vocab, hidden);
+  std::vector<SafetensorsTensorData> tensors = GenerateAll(tensor_makers);
+  std::vector<SafetensorsTensorData> hessians = GenerateAll(hessian_makers);
 
   absl::StatusOr<std::string> temp = MakeTempDirBeside(out_dir);
   if (!temp.ok()) return temp.status();
