@@ -134,11 +134,11 @@ absl::Status CheckOptions(const ExampleModelOptions& o) {
                             " must be a multiple of 16 in [16, 32768]"));
   }
   if (o.heads < 1 || o.hidden % o.heads != 0 || o.kv_heads < 1 || o.heads % o.kv_heads != 0) {
-    return bad(absl::StrCat("heads ", o.heads, " / kv heads ", o.kv_heads, " must divide hidden ",
-                            o.hidden, " and each other"));
+    return bad(absl::StrCat("--heads ", o.heads, " / --kv-heads ", o.kv_heads,
+                            " must divide hidden ", o.hidden, " and each other"));
   }
   if (o.vocab < 16 || o.vocab > 262144)
-    return bad(absl::StrCat("vocab ", o.vocab, " not in [16, 262144]"));
+    return bad(absl::StrCat("--vocab ", o.vocab, " not in [16, 262144]"));
   if (o.shards < 1 || o.shards > 99)
     return bad(absl::StrCat("--shards ", o.shards, " not in [1, 99]"));
   return absl::OkStatus();

@@ -287,6 +287,12 @@ int RunExample(int argc, const char* const* argv) {
   parser.AddOption("layers", "N", "decoder layers", false, std::to_string(defaults.layers));
   parser.AddOption("hidden", "N", "hidden size", false, std::to_string(defaults.hidden));
   parser.AddOption("intermediate", "N", "MLP size", false, std::to_string(defaults.intermediate));
+  parser.AddOption("heads", "N", "attention heads", false, std::to_string(defaults.heads));
+  parser.AddOption("kv-heads", "N",
+                   "key/value heads (k_proj and v_proj have kv-heads x head size rows)", false,
+                   std::to_string(defaults.kv_heads));
+  parser.AddOption("vocab", "N", "vocabulary size (embeddings and lm_head rows)", false,
+                   std::to_string(defaults.vocab));
   parser.AddOption("shards", "N", "safetensors shards (> 1 writes an index)", false, "1");
   parser.AddOption("seed", "N", "random seed", false, "1");
   parser.AddSwitch("overwrite", "replace an existing --out");
@@ -301,7 +307,9 @@ int RunExample(int argc, const char* const* argv) {
   for (const absl::Status& s :
        {ParseInt(*args, "layers", &options.layers), ParseInt(*args, "hidden", &options.hidden),
         ParseInt(*args, "intermediate", &options.intermediate),
-        ParseInt(*args, "shards", &options.shards), ParseInt(*args, "seed", &seed)}) {
+        ParseInt(*args, "heads", &options.heads), ParseInt(*args, "kv-heads", &options.kv_heads),
+        ParseInt(*args, "vocab", &options.vocab), ParseInt(*args, "shards", &options.shards),
+        ParseInt(*args, "seed", &seed)}) {
     if (!s.ok()) return UsageError("example", s);
   }
   options.seed = static_cast<uint64_t>(seed);
