@@ -103,7 +103,7 @@ TEST_F(GpuServerTest, MetricsReportDriverMemoryOfEveryGpu) {
   // The server's own workspace is allocated on first use; a session makes it real.
   auto stub = v1::Calibrator::NewStub(
       grpc::CreateChannel(server.address(), grpc::InsecureChannelCredentials()));
-  const TestTensor t = MakeTensor("m", 256, 512, DType::kBFloat16, "dss", "", 41);
+  const TestTensor t = MakeTensor("m", 256, 512, DType::kBFloat16, "dss", "h", 41);
   std::vector<v1::QuantizeRequest> requests;
   AppendTensor(t, &requests);
   ASSERT_TRUE(RunSession(stub.get(), requests).status.ok());
