@@ -5,6 +5,7 @@
 #include <map>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "client/safetensors.h"
 
@@ -51,6 +52,7 @@ absl::Status HessianAccumulator::AddBatch(const void* activations, DType dtype, 
       }
     }
   }
+  for (const float v : x) amax_ = std::fabs(v) > amax_ ? std::fabs(v) : amax_;
   for (int64_t t = 0; t < tokens; ++t) {
     const float* row = &x[static_cast<size_t>(t * in_)];
     for (int64_t j = 0; j < in_ / 16; ++j) {
@@ -115,6 +117,13 @@ absl::Status WriteHessiansFile(const std::string& path, const std::vector<NamedH
     }
     metadata["tokens." + h.name] = std::to_string(h.hessian->num_tokens());
     tensors.push_back(std::move(t));
+    if (absl::EndsWith(h.name, ".hessian")) {
+      SafetensorsTensorData amax;
+      amax.spec.name = absl::StrCat(h.name.substr(0, h.name.size() - 8), ".input_amax");
+      amax.spec.dtype = SafetensorsDType::kF32;
+      amax.bytes = ToBytes(std::vector<float>{h.hessian->input_amax()});
+      tensors.push_back(std::move(amax));
+    }
   }
   for (const auto& [entry, target] : aliases) metadata[entry] = target;
   return WriteSafetensorsFile(path, tensors, metadata);

@@ -32,6 +32,9 @@ class HessianAccumulator {
   int64_t in_features() const { return in_; }
   int64_t num_tokens() const { return tokens_; }
   bool keeps_full_matrix() const { return full_; }
+  // max |x| over every activation added: the input's amax, from which `nvfp4cal quantize`
+  // writes input_scale = amax / 2688 (NUMERICS §5).
+  float input_amax() const { return amax_; }
 
   // Adds `tokens` activation rows [tokens, in_features] (row-major) of the given dtype.
   // INVALID_ARGUMENT for a bad shape or a non-finite value (naming the token and feature);
@@ -51,6 +54,7 @@ class HessianAccumulator {
   int64_t in_;
   bool full_;
   int64_t tokens_ = 0;
+  float amax_ = 0.0f;
   std::vector<double> blocks_;  // [in/16, 16, 16]
   std::vector<double> matrix_;  // [in, in] when full_
 };
@@ -62,7 +66,8 @@ struct NamedHessian {
 };
 
 // Writes the accumulators as a Hessians file `quantize --hessians` reads: each entry [in, in]
-// when it keeps the full matrix, else [in/16, 16, 16]; fp32; `__metadata__` records the token
+// when it keeps the full matrix, else [in/16, 16, 16]; fp32; next to each `<x>.hessian` the
+// scalar `<x>.input_amax` (HessianAccumulator::input_amax); `__metadata__` records the token
 // count of each entry and any `aliases` (entry name -> name of the entry it shares, see
 // hessians.h). FAILED_PRECONDITION for an accumulator without tokens.
 absl::Status WriteHessiansFile(

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "client/checkpoint.h"
 
@@ -82,6 +83,27 @@ std::string HessianStore::Resolve(const std::string& module) const {
     if (file_->Find(name) != nullptr) return name;
   }
   return "";
+}
+
+absl::StatusOr<std::optional<float>> HessianStore::InputAmax(const std::string& entry) const {
+  const std::string suffix = ".hessian";
+  if (!absl::EndsWith(entry, suffix)) return std::optional<float>();
+  const std::string name =
+      absl::StrCat(entry.substr(0, entry.size() - suffix.size()), ".input_amax");
+  const SafetensorsTensor* t = file_->Find(name);
+  if (t == nullptr) return std::optional<float>();
+  if (t->dtype != SafetensorsDType::kF32 || NumElements(t->shape) != 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path(), ": ", name, " must be one F32 value (shape [] or [1]), got ",
+                     std::string(SafetensorsDTypeName(t->dtype)), " ", ShapeString(t->shape)));
+  }
+  float amax = 0.0f;
+  std::memcpy(&amax, t->data, sizeof(amax));
+  if (!(amax >= 0.0f) || !std::isfinite(amax)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path(), ": ", name, " = ", amax, " must be a finite activation amax >= 0"));
+  }
+  return std::optional<float>(amax);
 }
 
 std::vector<float> ExtractDiagonalBlocks(const uint8_t* matrix, int64_t n) {

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -49,6 +50,12 @@ class HessianStore {
                                                                    const std::string& module,
                                                                    int64_t cols,
                                                                    float symmetry_tolerance);
+
+  // The activation amax recorded for `entry`'s input: the scalar fp32 entry named like it with
+  // `.input_amax` instead of `.hessian` (shape [] or [1]); nullopt when the file has none, so
+  // it follows the same sharing rule as the Hessian. INVALID_ARGUMENT naming the entry for
+  // another dtype or shape, or a value that is negative or not finite.
+  absl::StatusOr<std::optional<float>> InputAmax(const std::string& entry) const;
 
   // The full [cols, cols] matrix of `entry` for `module` (method gptq), validated once per entry
   // like Blocks: a pointer into the memory-mapped file, or into a cached aligned copy when the

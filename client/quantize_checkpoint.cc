@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <system_error>
 #include <utility>
@@ -40,6 +41,8 @@ struct PreparedModule {
   std::vector<uint8_t> aligned_copy;
   const void* weights = nullptr;
   std::string hessian_entry;
+  // Activation amax of the module's input (the Hessians file's `.input_amax`), when recorded.
+  std::optional<float> input_amax;
   std::shared_ptr<const std::vector<float>> hessian_blocks;
   // Full [cols, cols] Hessian (method gptq), owned by the HessianStore.
   const float* hessian_full = nullptr;
@@ -98,7 +101,12 @@ absl::Status PrepareModules(const QuantizeOptions& options, const Checkpoint& ch
     m.shard = entry->shard;
     m.tensor = entry->tensor;
     m.params = options.params;
-    if (hessians != nullptr) m.hessian_entry = hessians->Resolve(plan.module);
+    if (hessians != nullptr) {
+      m.hessian_entry = hessians->Resolve(plan.module);
+      absl::StatusOr<std::optional<float>> input_amax = hessians->InputAmax(m.hessian_entry);
+      if (!input_amax.ok()) return input_amax.status();
+      m.input_amax = *input_amax;
+    }
     if (m.hessian_entry.empty() && MethodNeedsHessian(m.params.method)) {
       if (!options.fallback_method.has_value()) {
         missing.push_back(plan.module);
@@ -164,7 +172,8 @@ absl::Status PrepareModules(const QuantizeOptions& options, const Checkpoint& ch
 // three NVFP4 tensors.
 std::vector<SafetensorsTensorSpec> OutputSpecs(
     const SafetensorsFile& shard,
-    const std::map<std::string, const ModulePlan*>& quantized_by_weight) {
+    const std::map<std::string, const ModulePlan*>& quantized_by_weight,
+    const std::set<std::string>& with_input_scale) {
   std::vector<SafetensorsTensorSpec> specs;
   for (const SafetensorsTensor& t : shard.tensors()) {
     const auto it = quantized_by_weight.find(t.name);
@@ -176,6 +185,9 @@ std::vector<SafetensorsTensorSpec> OutputSpecs(
     specs.push_back({p.module + ".weight", SafetensorsDType::kU8, {p.rows, p.cols / 2}});
     specs.push_back({p.module + ".weight_scale", SafetensorsDType::kF8E4M3, {p.rows, p.cols / 16}});
     specs.push_back({p.module + ".weight_scale_2", SafetensorsDType::kF32, {}});
+    if (with_input_scale.count(p.module) != 0) {
+      specs.push_back({p.module + ".input_scale", SafetensorsDType::kF32, {}});
+    }
   }
   return specs;
 }
@@ -304,13 +316,25 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
   TempDirGuard guard(*temp);
 
   std::map<std::string, const ModulePlan*> quantized_by_weight;
-  for (const PreparedModule& m : prepared) quantized_by_weight[m.plan->weight_name] = m.plan;
+  std::set<std::string> with_input_scale;
+  for (const PreparedModule& m : prepared) {
+    quantized_by_weight[m.plan->weight_name] = m.plan;
+    if (m.input_amax.has_value()) with_input_scale.insert(m.plan->module);
+  }
+  if (observer != nullptr && with_input_scale.size() < prepared.size()) {
+    observer->OnMessage(absl::StrCat(
+        "note: ", prepared.size() - with_input_scale.size(), " of ", prepared.size(),
+        " quantized modules have no activation amax (`<input>.input_amax` in the Hessians "
+        "file): their input_scale is not written; runtimes that quantize activations need it "
+        "(HessianAccumulator records it)"));
+  }
   const Checkpoint& model = **checkpoint;
   std::vector<std::unique_ptr<SafetensorsWriter>> writers;
   std::map<std::string, std::string> weight_map;  // output tensor -> shard file
   int64_t total_bytes = 0;
   for (const Checkpoint::Shard& shard : model.shards()) {
-    std::vector<SafetensorsTensorSpec> specs = OutputSpecs(*shard.file, quantized_by_weight);
+    std::vector<SafetensorsTensorSpec> specs =
+        OutputSpecs(*shard.file, quantized_by_weight, with_input_scale);
     for (const SafetensorsTensorSpec& s : specs) {
       weight_map[s.name] = shard.file_name;
       report.bytes_out += NumElements(s.shape) * SafetensorsDTypeSize(s.dtype);
@@ -382,6 +406,12 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
              {writer.Write(p.module + ".weight", result.packed_codes),
               writer.Write(p.module + ".weight_scale", result.scales),
               writer.Write(p.module + ".weight_scale_2", FloatBytes(result.global_scale))}) {
+          if (!s.ok()) return s;
+        }
+        if (m.input_amax.has_value()) {
+          // NUMERICS §5: input_scale = activation amax / (6 * 448).
+          absl::Status s =
+              writer.Write(p.module + ".input_scale", FloatBytes(*m.input_amax / 2688.0f));
           if (!s.ok()) return s;
         }
         {

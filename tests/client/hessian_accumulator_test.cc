@@ -107,6 +107,22 @@ TEST(HessianAccumulator, WrittenFileIsReadByTheHessianStoreWithAliases) {
   HessianAccumulator empty(16);
   EXPECT_EQ(WriteHessiansFile(dir / "empty.safetensors", {{"e.hessian", &empty}}, false).code(),
             absl::StatusCode::kFailedPrecondition);
+  // The activation amax goes next to each entry, and resolves like the Hessian.
+  float expected_amax = 0.0f;
+  for (float v : x) expected_amax = std::max(expected_amax, std::fabs(v));
+  EXPECT_EQ(full.input_amax(), expected_amax);
+  const SafetensorsTensor* amax = (*file)->Find("a.q_proj.input_amax");
+  ASSERT_NE(amax, nullptr);
+  EXPECT_TRUE(amax->shape.empty());
+  float stored = 0.0f;
+  std::memcpy(&stored, amax->data, 4);
+  EXPECT_EQ(stored, expected_amax);
+  auto via_alias = (*store)->InputAmax((*store)->Resolve("a.down_proj"));
+  ASSERT_TRUE(via_alias.ok());
+  EXPECT_EQ(*via_alias, std::optional<float>(expected_amax));
+  auto none = (*store)->InputAmax("not_an_entry");
+  ASSERT_TRUE(none.ok());
+  EXPECT_FALSE(none->has_value());
 }
 
 }  // namespace

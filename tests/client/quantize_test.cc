@@ -491,6 +491,62 @@ TEST(QuantizeCheckpoint, HessianSharingRuleAliasThenSiblings) {
   EXPECT_EQ(used[p + "o_proj"], "attn_output_input");
 }
 
+SafetensorsTensorData Scalar(const std::string& name, float value) {
+  SafetensorsTensorData t{{name, SafetensorsDType::kF32, {}}, std::vector<uint8_t>(4)};
+  std::memcpy(t.bytes.data(), &value, 4);
+  return t;
+}
+
+TEST(QuantizeCheckpoint, InputScaleFromTheRecordedActivationAmax) {
+  TempFolder dir("input_scale");
+  WriteTinyModel(dir / "model", 32, {"q_proj", "k_proj", "o_proj"});
+  const std::string p = "model.layers.0.self_attn.";
+  // q's entry carries the amax of the attention input (k shares it); o has none.
+  ASSERT_TRUE(WriteSafetensorsFile(
+                  dir / "h.safetensors",
+                  {IdentityBlocks(p + "q_proj.hessian", 32), Scalar(p + "q_proj.input_amax", 13.5f),
+                   IdentityBlocks(p + "o_proj.hessian", 32)},
+                  {})
+                  .ok());
+  QuantizeOptions options;
+  options.model_dir = dir / "model";
+  options.hessians_path = dir / "h.safetensors";
+  options.out_dir = dir / "out";
+  RecordingObserver observer;
+  ASSERT_TRUE(RunPipeline(options, &observer).ok());
+  auto out = SafetensorsFile::Open(dir / "out/model.safetensors");
+  ASSERT_TRUE(out.ok()) << out.status();
+  for (const char* leaf : {"q_proj", "k_proj"}) {
+    const SafetensorsTensor* t = (*out)->Find(p + leaf + ".input_scale");
+    ASSERT_NE(t, nullptr) << leaf;
+    EXPECT_TRUE(t->shape.empty());
+    float v = 0.0f;
+    std::memcpy(&v, t->data, 4);
+    EXPECT_EQ(v, 13.5f / 2688.0f) << leaf;  // NUMERICS §5: amax / (6 * 448)
+  }
+  EXPECT_EQ((*out)->Find(p + "o_proj.input_scale"), nullptr);
+  bool noted = false;
+  for (const std::string& m : observer.messages) {
+    noted =
+        noted || m.find("1 of 3 quantized modules have no activation amax") != std::string::npos;
+  }
+  EXPECT_TRUE(noted);
+
+  // A malformed amax is an error naming it, before anything is written.
+  ASSERT_TRUE(
+      WriteSafetensorsFile(
+          dir / "bad.safetensors",
+          {IdentityBlocks(p + "q_proj.hessian", 32), Scalar(p + "q_proj.input_amax", -1.0f)}, {})
+          .ok());
+  options.hessians_path = dir / "bad.safetensors";
+  options.out_dir = dir / "out_bad";
+  absl::StatusOr<QuantizeReport> bad = RunPipeline(options);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(bad.status().message()), HasSubstr(p + "q_proj.input_amax = -1"));
+  EXPECT_FALSE(fs::exists(dir / "out_bad"));
+}
+
 TEST(QuantizeCheckpoint, WarnsOncePerTensorAboutAllZeroHessianBlocks) {
   TempFolder dir("zero");
   WriteTinyModel(dir / "model", 64, {"q_proj", "o_proj"});
