@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -11,6 +12,7 @@
 #include <optional>
 #include <set>
 #include <system_error>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -136,12 +138,34 @@ absl::Status PrepareModules(const QuantizeOptions& options, const Checkpoint& ch
       m.aligned_copy.assign(m.tensor->data, m.tensor->data + m.tensor->num_bytes);
       m.weights = m.aligned_copy.data();
     }
-    absl::StatusOr<float> amax =
-        ComputeGlobalAmax(WeightView{m.weights, plan.dtype, plan.rows, plan.cols});
-    if (!amax.ok())
-      return WithContext(amax.status(), absl::StrCat("tensor '", plan.weight_name, "'"));
-    m.own_amax = *amax;
     prepared->push_back(std::move(m));
+  }
+  // Each module's amax (a full scan that also rejects NaN/Inf), on every hardware thread.
+  std::vector<absl::Status> scans(prepared->size());
+  std::atomic<size_t> next{0};
+  auto scan = [&] {
+    for (size_t i; (i = next.fetch_add(1)) < prepared->size();) {
+      PreparedModule& m = (*prepared)[i];
+      const ModulePlan& plan = *m.plan;
+      absl::StatusOr<float> amax =
+          ComputeGlobalAmax(WeightView{m.weights, plan.dtype, plan.rows, plan.cols});
+      if (!amax.ok()) {
+        scans[i] = WithContext(amax.status(), absl::StrCat("tensor '", plan.weight_name, "'"));
+        continue;
+      }
+      m.own_amax = *amax;
+    }
+  };
+  {
+    std::vector<std::thread> pool;
+    const size_t threads =
+        std::min<size_t>(prepared->size(), std::max(1u, std::thread::hardware_concurrency()));
+    for (size_t t = 1; t < threads; ++t) pool.emplace_back(scan);
+    scan();
+    for (std::thread& t : pool) t.join();
+  }
+  for (const absl::Status& s : scans) {
+    if (!s.ok()) return s;  // the first module in order that failed
   }
   if (!missing.empty()) {
     const size_t shown = std::min<size_t>(missing.size(), 5);
