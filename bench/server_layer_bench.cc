@@ -11,8 +11,8 @@
 // scales out).
 //
 //   server_layer_bench [--device=auto] [--methods=max,mse,local_hessian,dss] [--repeats=2]
-#include <cstdio>
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <string>
@@ -57,9 +57,9 @@ struct LayerData {
 
 LayerData MakeLayer() {
   LayerData layer;
-  layer.linears = {{"q_proj", 4096, 4096, "attn_in"},     {"k_proj", 1024, 4096, "attn_in"},
-                   {"v_proj", 1024, 4096, "attn_in"},     {"o_proj", 4096, 4096, "attn_out"},
-                   {"gate_proj", 14336, 4096, "mlp_in"},  {"up_proj", 14336, 4096, "mlp_in"},
+  layer.linears = {{"q_proj", 4096, 4096, "attn_in"},    {"k_proj", 1024, 4096, "attn_in"},
+                   {"v_proj", 1024, 4096, "attn_in"},    {"o_proj", 4096, 4096, "attn_out"},
+                   {"gate_proj", 14336, 4096, "mlp_in"}, {"up_proj", 14336, 4096, "mlp_in"},
                    {"down_proj", 4096, 14336, "mlp_out"}};
   for (size_t t = 0; t < layer.linears.size(); ++t) {
     const Linear& l = layer.linears[t];
@@ -74,6 +74,10 @@ LayerData MakeLayer() {
 
 struct SessionResult {
   double wall_ms = 0.0;
+  // From the tensors' summaries: time their row ranges waited in the scheduler and ran in
+  // kernels (summed; a range's kernel time is that of the batch it ran in).
+  double queue_ms = 0.0;
+  double kernel_ms = 0.0;
   int64_t bytes_in = 0;
   int64_t bytes_out = 0;
   bool ok = false;
@@ -103,8 +107,8 @@ SessionResult RunSession(v1::Calibrator::Stub* stub, const LayerData& layer,
       if (needs_hessian) {
         h->mutable_hessian()->set_name(l.input);
         h->mutable_hessian()->set_layout(v1::HESSIAN_LAYOUT_BLOCK_DIAGONAL);
-        send_hessian = std::find(sent_hessians.begin(), sent_hessians.end(), l.input) ==
-                       sent_hessians.end();
+        send_hessian =
+            std::find(sent_hessians.begin(), sent_hessians.end(), l.input) == sent_hessians.end();
         if (send_hessian) sent_hessians.push_back(l.input);
       }
       if (!stream->Write(header)) return;
@@ -128,7 +132,8 @@ SessionResult RunSession(v1::Calibrator::Stub* stub, const LayerData& layer,
         v1::QuantizeRequest chunk;
         chunk.mutable_weights()->set_row_begin(r);
         chunk.mutable_weights()->set_num_rows(n);
-        chunk.mutable_weights()->set_data(bytes + r * l.cols * 2, static_cast<size_t>(n * l.cols * 2));
+        chunk.mutable_weights()->set_data(bytes + r * l.cols * 2,
+                                          static_cast<size_t>(n * l.cols * 2));
         result.bytes_in += n * l.cols * 2;
         if (!stream->Write(chunk)) return;
       }
@@ -140,6 +145,10 @@ SessionResult RunSession(v1::Calibrator::Stub* stub, const LayerData& layer,
     if (response.has_result()) {
       result.bytes_out += static_cast<int64_t>(response.result().packed_codes().size() +
                                                response.result().scales().size());
+    }
+    if (response.has_summary()) {
+      result.queue_ms += static_cast<double>(response.summary().timings().queue_wait_us()) / 1e3;
+      result.kernel_ms += static_cast<double>(response.summary().timings().kernel_us()) / 1e3;
     }
   }
   writer.join();
@@ -174,8 +183,12 @@ double DirectMilliseconds(const LayerData& layer, const std::string& method_name
       const Linear& l = layer.linears[t];
       codes[t].resize(static_cast<size_t>(l.rows * l.cols / 2));
       scales[t].resize(static_cast<size_t>(l.rows * l.cols / 16));
-      slices.push_back({&requests[t], layer.amax[t], 0, l.rows,
-                        {absl::MakeSpan(codes[t]), absl::MakeSpan(scales[t])}, &stats[t]});
+      slices.push_back({&requests[t],
+                        layer.amax[t],
+                        0,
+                        l.rows,
+                        {absl::MakeSpan(codes[t]), absl::MakeSpan(scales[t])},
+                        &stats[t]});
     }
     double best = 1e30;
     for (int r = 0; r < 2; ++r) {
@@ -199,22 +212,22 @@ int Main() {
   options.devices.device = absl::GetFlag(FLAGS_device);
   CalibrationServer calibrator(options);
   if (absl::Status s = calibrator.Start(); !s.ok()) {
-    std::fprintf(stderr, "server_layer_bench: cannot start the server: %s\n",
-                 s.ToString().c_str());
+    std::fprintf(stderr, "server_layer_bench: cannot start the server: %s\n", s.ToString().c_str());
     return 1;
   }
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(64 << 20);
-  auto stub = v1::Calibrator::NewStub(grpc::CreateCustomChannel(
-      calibrator.address(), grpc::InsecureChannelCredentials(), args));
+  auto stub = v1::Calibrator::NewStub(
+      grpc::CreateCustomChannel(calibrator.address(), grpc::InsecureChannelCredentials(), args));
   const LayerData layer = MakeLayer();
-  std::printf("server_layer_bench: Llama-3-8B-shaped layer through a loopback server, --device=%s\n",
-              absl::GetFlag(FLAGS_device).c_str());
+  std::printf(
+      "server_layer_bench: Llama-3-8B-shaped layer through a loopback server, --device=%s\n",
+      absl::GetFlag(FLAGS_device).c_str());
   std::string reason;
   const std::string device = absl::GetFlag(FLAGS_device);
   const bool cuda = device == "cuda" || (device == "auto" && CudaDeviceAvailable(&reason));
-  std::printf("%-14s %12s %12s %14s %10s\n", "method", "server ms", "direct ms", "service ms",
-              "MB/s");
+  std::printf("%-14s %12s %12s %14s %10s %12s %12s\n", "method", "server ms", "direct ms",
+              "service ms", "MB/s", "queued ms", "batches ms");
   const std::vector<std::string> methods =
       absl::StrSplit(absl::GetFlag(FLAGS_methods), ',', absl::SkipEmpty());
   for (const std::string& method : methods) {
@@ -228,14 +241,18 @@ int Main() {
       if (r == 0 || one.wall_ms < best.wall_ms) best = one;
     }
     const double direct = DirectMilliseconds(layer, method, cuda);
-    std::printf("%-14s %12.1f %12.1f %14.1f %10.0f\n", method.c_str(), best.wall_ms, direct,
-                best.wall_ms - direct,
-                static_cast<double>(best.bytes_in + best.bytes_out) / (best.wall_ms * 1e3));
+    std::printf("%-14s %12.1f %12.1f %14.1f %10.0f %12.1f %12.1f\n", method.c_str(), best.wall_ms,
+                direct, best.wall_ms - direct,
+                static_cast<double>(best.bytes_in + best.bytes_out) / (best.wall_ms * 1e3),
+                best.queue_ms, best.kernel_ms);
   }
-  std::printf("server: wall time of one Quantize session with the whole layer; direct: the kernel\n"
-              "library on the same device (%s); service = server - direct: transport, protobuf,\n"
-              "validation, scheduling and copies.\n",
-              cuda ? "CUDA kernel time of one batched call" : "CPU backend wall time");
+  std::printf(
+      "server: wall time of one Quantize session with the whole layer; direct: the kernel\n"
+      "library on the same device (%s); service = server - direct: transport, protobuf,\n"
+      "validation, scheduling and copies. queued / batches: the server's own summaries,\n"
+      "summed over row ranges (time waiting in the scheduler; time of the batches that\n"
+      "ran them, which include host-device copies and overlap across ranges).\n",
+      cuda ? "CUDA kernel time of one batched call" : "CPU backend wall time");
   return 0;
 }
 
