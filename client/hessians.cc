@@ -118,8 +118,8 @@ std::vector<float> ExtractDiagonalBlocks(const uint8_t* matrix, int64_t n) {
   return blocks;
 }
 
-absl::StatusOr<std::shared_ptr<const std::vector<float>>> HessianStore::Blocks(
-    const std::string& entry, const std::string& module, int64_t cols, float symmetry_tolerance) {
+absl::StatusOr<const SafetensorsTensor*> HessianStore::FindF32(const std::string& entry,
+                                                               const std::string& module) const {
   const SafetensorsTensor* t = file_->Find(entry);
   if (t == nullptr) return Bad(path(), entry, module, "no such entry");
   if (t->dtype != SafetensorsDType::kF32) {
@@ -127,6 +127,14 @@ absl::StatusOr<std::shared_ptr<const std::vector<float>>> HessianStore::Blocks(
         path(), entry, module,
         absl::StrCat("dtype ", std::string(SafetensorsDTypeName(t->dtype)), ", expected F32"));
   }
+  return t;
+}
+
+absl::StatusOr<std::shared_ptr<const std::vector<float>>> HessianStore::Blocks(
+    const std::string& entry, const std::string& module, int64_t cols, float symmetry_tolerance) {
+  absl::StatusOr<const SafetensorsTensor*> found = FindF32(entry, module);
+  if (!found.ok()) return found.status();
+  const SafetensorsTensor* t = *found;
   const bool full = t->shape.size() == 2 && t->shape[0] == cols && t->shape[1] == cols;
   const bool blocked =
       t->shape.size() == 3 && t->shape[0] * 16 == cols && t->shape[1] == 16 && t->shape[2] == 16;
@@ -168,13 +176,9 @@ absl::StatusOr<std::shared_ptr<const std::vector<float>>> HessianStore::Blocks(
 
 absl::StatusOr<const float*> HessianStore::Full(const std::string& entry, const std::string& module,
                                                 int64_t cols, float symmetry_tolerance) {
-  const SafetensorsTensor* t = file_->Find(entry);
-  if (t == nullptr) return Bad(path(), entry, module, "no such entry");
-  if (t->dtype != SafetensorsDType::kF32) {
-    return Bad(
-        path(), entry, module,
-        absl::StrCat("dtype ", std::string(SafetensorsDTypeName(t->dtype)), ", expected F32"));
-  }
+  absl::StatusOr<const SafetensorsTensor*> found = FindF32(entry, module);
+  if (!found.ok()) return found.status();
+  const SafetensorsTensor* t = *found;
   const bool full = t->shape.size() == 2 && t->shape[0] == cols && t->shape[1] == cols;
   if (!full) {
     const bool blocked =

@@ -68,6 +68,9 @@ class HessianStore {
 
  private:
   HessianStore() = default;
+  // The entry `entry` (for `module`, in messages), which must exist and be F32.
+  absl::StatusOr<const SafetensorsTensor*> FindF32(const std::string& entry,
+                                                   const std::string& module) const;
 
   std::unique_ptr<SafetensorsFile> file_;
   absl::Mutex mu_;

@@ -258,12 +258,12 @@ NVFP4_HD float DssBeta(int i, float beta_step) {
   return AddNoContract(1.0f, MulNoContract(static_cast<float>(i), beta_step));
 }
 
-// Decoupled scale search (NUMERICS §3 dss) starting from the sweep optimum `start`. Candidates
-// are visited k ascending, then beta ascending; the best is replaced only on a strict
-// improvement, so ties keep the earlier candidate and the result is never worse than `start`.
-// Pruning (when pruning.bounds is set) skips candidates that cannot beat the best so far.
-NVFP4_HD DssChoice DecoupledScaleSearch(const ScaledBlock& b, const float* h, SweepChoice start,
-                                        DssGrid grid, const BlockPruning& pruning) {
+// The DSS candidates in visiting order (k ascending, then beta ascending) around `start`, the
+// best replaced only on a strict improvement. `objective(q, d_unit, bar)` returns a
+// candidate's objective in error units, or any value >= bar (the best so far) to skip it.
+template <class Objective>
+NVFP4_HD DssChoice VisitDssCandidates(const ScaledBlock& b, SweepChoice start, DssGrid grid,
+                                      const Objective& objective) {
   DssChoice best{start.candidate, 0,
                  MulNoContract(ScaleCandidateValue(start.candidate), b.global_scale),
                  start.objective};
@@ -274,12 +274,24 @@ NVFP4_HD DssChoice DecoupledScaleSearch(const ScaledBlock& b, const float* h, Sw
     const float d_unit = MulNoContract(f, b.global_scale_unit);
     for (int i = -grid.beta_steps; i <= grid.beta_steps; ++i) {
       const float q = DssQuantScale(DssBeta(i, grid.beta_step), b.global_amax, f);
-      if (CandidateCannotWin(b, pruning, q, d_unit, best.objective)) continue;
-      const float objective = CandidateObjective(b, q, d_unit, h);
-      if (objective < best.objective) best = DssChoice{k, i, q, objective};
+      const float value = objective(q, d_unit, best.objective);
+      if (value < best.objective) best = DssChoice{k, i, q, value};
     }
   }
   return best;
+}
+
+// Decoupled scale search (NUMERICS §3 dss) starting from the sweep optimum `start`. Candidates
+// are visited k ascending, then beta ascending; the best is replaced only on a strict
+// improvement, so ties keep the earlier candidate and the result is never worse than `start`.
+// Pruning (when pruning.bounds is set) skips candidates that cannot beat the best so far.
+NVFP4_HD DssChoice DecoupledScaleSearch(const ScaledBlock& b, const float* h, SweepChoice start,
+                                        DssGrid grid, const BlockPruning& pruning) {
+  return VisitDssCandidates(b, start, grid, [&](float q, float d_unit, float bar) {
+    // A candidate that cannot beat the best so far is skipped (reported as `bar`: no change).
+    return CandidateCannotWin(b, pruning, q, d_unit, bar) ? bar
+                                                          : CandidateObjective(b, q, d_unit, h);
+  });
 }
 
 NVFP4_HD DssChoice DecoupledScaleSearch(const ScaledBlock& b, const float* h, SweepChoice start,
@@ -306,21 +318,8 @@ NVFP4_HD SweepChoice SweepScaleCandidatesBy(const ScaledBlock& b, const Objectiv
 template <class Objective>
 NVFP4_HD DssChoice DecoupledScaleSearchBy(const ScaledBlock& b, SweepChoice start, DssGrid grid,
                                           const Objective& objective) {
-  DssChoice best{start.candidate, 0,
-                 MulNoContract(ScaleCandidateValue(start.candidate), b.global_scale),
-                 start.objective};
-  const int k_begin = DssFirstNeighbour(start.candidate, grid.neighbours);
-  const int k_end = DssLastNeighbour(start.candidate, grid.neighbours);
-  for (int k = k_begin; k <= k_end; ++k) {
-    const float f = ScaleCandidateValue(k);
-    const float d_unit = MulNoContract(f, b.global_scale_unit);
-    for (int i = -grid.beta_steps; i <= grid.beta_steps; ++i) {
-      const float q = DssQuantScale(DssBeta(i, grid.beta_step), b.global_amax, f);
-      const float value = objective(q, d_unit);
-      if (value < best.objective) best = DssChoice{k, i, q, value};
-    }
-  }
-  return best;
+  return VisitDssCandidates(b, start, grid,
+                            [&](float q, float d_unit, float) { return objective(q, d_unit); });
 }
 
 // What the methods can do with one block.
