@@ -13,8 +13,10 @@
 #include <thread>
 #include <utility>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "client/file_util.h"
 #include "client/proto_convert.h"
@@ -198,6 +200,7 @@ class Client::Call {
                                        ? client_->options_.timeout
                                        : absl::Seconds(30);
     context.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(timeout));
+    client_->Authorize(&context);
     v1::ServerInfo info;
     const grpc::Status status =
         client_->stubs_[a]->GetServerInfo(&context, v1::GetServerInfoRequest(), &info);
@@ -288,6 +291,7 @@ class Client::Call {
       }
       active_.insert(&session);
     }
+    client_->Authorize(&session.context);
     session.stream = client_->stubs_[a]->Quantize(&session.context);
     session.reader = std::thread([this, &session, a] { ReadResponses(&session, a); });
     int64_t chunk_bytes = client_->options_.chunk_bytes;
@@ -565,7 +569,7 @@ std::vector<std::string> ExpandServerAddresses(const std::vector<std::string>& a
         continue;
       }
       const std::string entry = a->ai_family == AF_INET6 ? absl::StrCat("[", ip, "]:", port)
-                                                        : absl::StrCat(ip, ":", port);
+                                                         : absl::StrCat(ip, ":", port);
       if (seen.insert(entry).second) out.push_back(entry);
     }
     freeaddrinfo(found);
@@ -574,11 +578,29 @@ std::vector<std::string> ExpandServerAddresses(const std::vector<std::string>& a
   return out;
 }
 
+absl::StatusOr<std::string> ReadBearerTokenFile(const std::string& path) {
+  absl::StatusOr<std::string> text = ReadTextFile(path);
+  if (!text.ok()) return text.status();
+  for (absl::string_view line : absl::StrSplit(*text, '\n')) {
+    absl::string_view token = absl::StripAsciiWhitespace(line);
+    if (token.empty() || token[0] == '#') continue;
+    if (token.find_first_of(" \t") != absl::string_view::npos) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("token file '", path, "': the token must not contain spaces"));
+    }
+    return std::string(token);
+  }
+  return absl::InvalidArgumentError(absl::StrCat("token file '", path, "' has no token"));
+}
+
 absl::StatusOr<std::unique_ptr<Client>> Client::Create(const ClientOptions& given) {
   ClientOptions options = given;
   options.addresses = ExpandServerAddresses(given.addresses);
   if (options.addresses.empty()) {
     return absl::InvalidArgumentError("no server address given");
+  }
+  if (options.bearer_token.find_first_of(" \t\r\n") != std::string::npos) {
+    return absl::InvalidArgumentError("bearer_token must not contain whitespace");
   }
   if (options.max_attempts < 1) {
     return absl::InvalidArgumentError(
@@ -615,6 +637,12 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Create(const ClientOptions& give
 
 Client::~Client() = default;
 
+void Client::Authorize(grpc::ClientContext* context) const {
+  if (!options_.bearer_token.empty()) {
+    context->AddMetadata("authorization", "Bearer " + options_.bearer_token);
+  }
+}
+
 absl::StatusOr<v1::ServerInfo> Client::GetServerInfo(size_t index) {
   if (index >= stubs_.size()) {
     return absl::InvalidArgumentError(absl::StrCat("no address #", index));
@@ -625,6 +653,7 @@ absl::StatusOr<v1::ServerInfo> Client::GetServerInfo(size_t index) {
     const absl::Duration timeout =
         options_.timeout > absl::ZeroDuration() ? options_.timeout : absl::Seconds(30);
     context.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(timeout));
+    Authorize(&context);
     v1::ServerInfo info;
     const grpc::Status status =
         stubs_[index]->GetServerInfo(&context, v1::GetServerInfoRequest(), &info);

@@ -37,7 +37,12 @@ QuantizeSession::QuantizeSession(const SessionEnvironment& environment,
                                  grpc::CallbackServerContext* context)
     : env_(environment), context_(context), started_(absl::Now()) {
   absl::Status refused;
-  if (env_.draining->load()) {
+  if (env_.authenticator != nullptr) {
+    refused = env_.authenticator->Check(context->client_metadata());
+  }
+  if (!refused.ok()) {
+    // Not counted as an open stream; nothing of the client's is looked at.
+  } else if (env_.draining->load()) {
     refused = absl::UnavailableError("server is draining; no new Quantize streams are accepted");
   } else {
     const int open = env_.open_streams->fetch_add(1) + 1;

@@ -43,6 +43,7 @@
 #include "server/scheduler.h"
 #include "server/server_options.h"
 #include "server/tensor_spec.h"
+#include "server/token_authenticator.h"
 
 namespace nvfp4cal::server {
 
@@ -55,13 +56,14 @@ struct SessionEnvironment {
   const std::atomic<bool>* draining = nullptr;
   // Open Quantize streams, for limits.max_concurrent_streams.
   std::atomic<int>* open_streams = nullptr;
+  // Null: no token required; else streams without an accepted token end UNAUTHENTICATED.
+  const TokenAuthenticator* authenticator = nullptr;
 };
 
 // Maps an internal status to the status sent to the client.
 grpc::Status ToGrpcStatus(const absl::Status& status);
 
-class QuantizeSession
-    : public grpc::ServerBidiReactor<v1::QuantizeRequest, v1::QuantizeResponse> {
+class QuantizeSession : public grpc::ServerBidiReactor<v1::QuantizeRequest, v1::QuantizeResponse> {
  public:
   QuantizeSession(const SessionEnvironment& environment, grpc::CallbackServerContext* context);
 
