@@ -114,7 +114,8 @@ absl::Status CalibrationServer::Start() {
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(options_.address, *credentials, &port);
+  const bool in_process_only = options_.address.empty();
+  if (!in_process_only) builder.AddListeningPort(options_.address, *credentials, &port);
   builder.RegisterService(service_.get());
   builder.SetMaxReceiveMessageSize(static_cast<int>(options_.limits.max_receive_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(options_.limits.max_send_message_bytes));
@@ -126,12 +127,12 @@ absl::Status CalibrationServer::Start() {
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS,
                              keepalive.permit_without_calls ? 1 : 0);
   server_ = builder.BuildAndStart();
-  if (server_ == nullptr || port == 0) {
+  if (server_ == nullptr || (port == 0 && !in_process_only)) {
     server_.reset();
     return absl::UnavailableError(
         absl::StrCat("--address = \"", options_.address, "\": cannot listen"));
   }
-  address_ = absl::StrCat(HostOf(options_.address), ":", port);
+  if (!in_process_only) address_ = absl::StrCat(HostOf(options_.address), ":", port);
   if (!security.health_address.empty()) {
     // A second server with nothing but the default health service: probes reach it without
     // TLS or tokens, and it exposes no Calibrator method.
@@ -160,6 +161,13 @@ void CalibrationServer::SetServing(const char* service, bool serving) {
   if (health_server_ != nullptr) {
     health_server_->GetHealthCheckService()->SetServingStatus(service, serving);
   }
+}
+
+std::shared_ptr<grpc::Channel> CalibrationServer::InProcessChannel() {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(-1);
+  args.SetMaxSendMessageSize(-1);
+  return server_->InProcessChannel(args);
 }
 
 absl::Status CalibrationServer::ReloadTokens() {

@@ -58,7 +58,12 @@ class CalibrationServer {
   // cannot be bound.
   absl::Status Start();
 
-  // The bound gRPC address host:port (the real port when 0 was asked for).
+  // A channel to this server inside the process (no network; tests and fuzzers). Call after a
+  // successful Start.
+  std::shared_ptr<grpc::Channel> InProcessChannel();
+
+  // The bound gRPC address host:port (the real port when 0 was asked for); empty when
+  // options.address is empty (in-process channels only).
   std::string address() const { return address_; }
   // The bound plaintext health address host:port, empty when security.health_address is empty.
   std::string health_address() const { return health_address_; }

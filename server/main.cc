@@ -136,7 +136,12 @@ int main(int argc, char** argv) {
   sigaddset(&stop_signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
-  nvfp4cal::server::CalibrationServer server(OptionsFromFlags());
+  const nvfp4cal::server::ServerOptions options = OptionsFromFlags();
+  if (options.address.empty()) {
+    std::cerr << "nvfp4cal-server: --address must not be empty\n";
+    return 1;
+  }
+  nvfp4cal::server::CalibrationServer server(options);
   std::cerr << "nvfp4cal-server " << nvfp4cal::server::kServerVersion
             << " effective configuration:\n";
   absl::Status started = server.Start();

@@ -98,7 +98,8 @@ struct SecurityOptions {
 };
 
 struct ServerOptions {
-  // gRPC listen address, host:port; port 0 picks a free port.
+  // gRPC listen address, host:port; port 0 picks a free port; empty: no port, in-process
+  // channels only (CalibrationServer::InProcessChannel).
   std::string address = "0.0.0.0:50051";
   // Prometheus endpoint host:port; empty disables it; port 0 picks a free port.
   std::string metrics_address = "0.0.0.0:9400";
