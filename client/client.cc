@@ -306,7 +306,10 @@ class Client::Call {
     options_message.mutable_session()->set_priority(client_->options_.priority);
     options_message.mutable_session()->set_client_name(client_->options_.client_name);
     writable = session.stream->Write(options_message);
-    std::vector<size_t> session_jobs;
+    // The first unit belongs to this session even when not even the session options could be
+    // written (server gone): its jobs are then reported incomplete and retried elsewhere.
+    std::vector<size_t> session_jobs(unit->begin(), unit->end());
+    ++*units_sent;
     bool first = true;
     while (writable) {
       if (!first) {
@@ -317,10 +320,10 @@ class Client::Call {
           Settle(1, *unit);  // back to the queue for a fresh session
           break;
         }
+        ++*units_sent;
+        session_jobs.insert(session_jobs.end(), unit->begin(), unit->end());
       }
       first = false;
-      ++*units_sent;
-      session_jobs.insert(session_jobs.end(), unit->begin(), unit->end());
       for (size_t j : *unit) {
         local_error = CheckLimits(jobs_[j], limits);
         if (!local_error.ok()) break;

@@ -75,7 +75,12 @@ void QuantizeSession::OnReadDone(bool ok) {
     if (!ok) {
       reading_ = false;
       half_closed_ = true;
-      if (!failed_ && !CurrentTensorComplete()) {
+      if (!failed_ && context_->IsCancelled()) {
+        // The read failed because the call was cancelled (client gone, deadline), not because
+        // the client half-closed early: count and report it as such.
+        FailLocked(absl::CancelledError("the call was cancelled or its deadline passed"),
+                   &actions);
+      } else if (!failed_ && !CurrentTensorComplete()) {
         FailLocked(absl::FailedPreconditionError(absl::StrFormat(
                        "stream ended before tensor '%s' was complete: %d of %d rows received",
                        current_->name, current_->rows_received, current_->rows)),
@@ -355,6 +360,7 @@ void QuantizeSession::MakeTasks(Tensor* tensor, std::shared_ptr<const std::strin
                                 int64_t row_begin, int64_t num_rows, Actions* actions) {
   if (tensor->input == nullptr) {
     auto input = std::make_shared<TensorInput>();
+    input->name = tensor->name;
     input->dtype = tensor->dtype;
     input->cols = tensor->cols;
     input->params = tensor->params;

@@ -173,7 +173,6 @@ class QuantizeSession : public grpc::ServerBidiReactor<v1::QuantizeRequest, v1::
   std::optional<JobId> job_ ABSL_GUARDED_BY(mu_);
   int priority_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t items_outstanding_ ABSL_GUARDED_BY(mu_) = 0;
-  int64_t memory_in_use_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t tensors_started_ ABSL_GUARDED_BY(mu_) = 0;
   std::shared_ptr<Tensor> current_ ABSL_GUARDED_BY(mu_);
   // Tensors whose summary is not sent yet, by index.
