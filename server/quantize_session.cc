@@ -61,7 +61,7 @@ QuantizeSession::QuantizeSession(const SessionEnvironment& environment,
       FailLocked(refused, &actions);
     } else {
       reading_ = true;
-      read_starting_ = true;
+      ++reads_starting_;
       actions.start_read = true;
     }
   }
@@ -502,7 +502,7 @@ void QuantizeSession::MaybeStartRead(Actions* actions) {
   if (reading_ || half_closed_ || failed_ || finish_called_) return;
   if (items_outstanding_ >= env_.limits.max_inflight_chunks_per_stream) return;
   reading_ = true;
-  read_starting_ = true;
+  ++reads_starting_;
   actions->start_read = true;
 }
 
@@ -515,7 +515,7 @@ void QuantizeSession::MaybeStartWrite(Actions* actions) {
 }
 
 void QuantizeSession::MaybeFinish(Actions* actions) {
-  if (finish_called_ || write_in_flight_ || read_starting_) return;
+  if (finish_called_ || write_in_flight_ || reads_starting_ > 0) return;
   if (failed_) {
     finish_called_ = true;
     actions->finish = true;
@@ -570,7 +570,7 @@ void QuantizeSession::Perform(Actions* actions) {
     StartRead(&request_);
     // A failure decided meanwhile waited for this read to be issued before finishing.
     absl::MutexLock lock(&mu_);
-    read_starting_ = false;
+    --reads_starting_;
     MaybeFinish(actions);
   }
   if (actions->finish) {

@@ -161,8 +161,11 @@ class QuantizeSession : public grpc::ServerBidiReactor<v1::QuantizeRequest, v1::
   bool write_in_flight_ ABSL_GUARDED_BY(mu_) = false;
   // A read is pending or its message is being handled.
   bool reading_ ABSL_GUARDED_BY(mu_) = false;
-  // StartRead was decided but not yet called; Finish waits for it.
-  bool read_starting_ ABSL_GUARDED_BY(mu_) = false;
+  // StartReads decided but not yet called; Finish waits for them (a Finish before a pending
+  // StartRead lets gRPC free the call under it).
+  // A count, not a flag: a read decided in one thread can complete and its reaction decide the
+  // next read before the first thread has cleared its mark.
+  int reads_starting_ ABSL_GUARDED_BY(mu_) = 0;
   bool half_closed_ ABSL_GUARDED_BY(mu_) = false;
   int64_t messages_read_ ABSL_GUARDED_BY(mu_) = 0;
   // An error ended the session; final_status_ is what Finish sends.
