@@ -13,8 +13,10 @@
 #include <thread>
 #include <utility>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "client/file_util.h"
 #include "client/proto_convert.h"
@@ -198,6 +200,7 @@ class Client::Call {
                                        ? client_->options_.timeout
                                        : absl::Seconds(30);
     context.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(timeout));
+    client_->Authorize(&context);
     v1::ServerInfo info;
     const grpc::Status status =
         client_->stubs_[a]->GetServerInfo(&context, v1::GetServerInfoRequest(), &info);
@@ -288,6 +291,7 @@ class Client::Call {
       }
       active_.insert(&session);
     }
+    client_->Authorize(&session.context);
     session.stream = client_->stubs_[a]->Quantize(&session.context);
     session.reader = std::thread([this, &session, a] { ReadResponses(&session, a); });
     int64_t chunk_bytes = client_->options_.chunk_bytes;
@@ -302,7 +306,10 @@ class Client::Call {
     options_message.mutable_session()->set_priority(client_->options_.priority);
     options_message.mutable_session()->set_client_name(client_->options_.client_name);
     writable = session.stream->Write(options_message);
-    std::vector<size_t> session_jobs;
+    // The first unit belongs to this session even when not even the session options could be
+    // written (server gone): its jobs are then reported incomplete and retried elsewhere.
+    std::vector<size_t> session_jobs(unit->begin(), unit->end());
+    ++*units_sent;
     bool first = true;
     while (writable) {
       if (!first) {
@@ -313,10 +320,10 @@ class Client::Call {
           Settle(1, *unit);  // back to the queue for a fresh session
           break;
         }
+        ++*units_sent;
+        session_jobs.insert(session_jobs.end(), unit->begin(), unit->end());
       }
       first = false;
-      ++*units_sent;
-      session_jobs.insert(session_jobs.end(), unit->begin(), unit->end());
       for (size_t j : *unit) {
         local_error = CheckLimits(jobs_[j], limits);
         if (!local_error.ok()) break;
@@ -576,11 +583,29 @@ std::vector<std::string> ExpandServerAddresses(const std::vector<std::string>& a
   return out;
 }
 
+absl::StatusOr<std::string> ReadBearerTokenFile(const std::string& path) {
+  absl::StatusOr<std::string> text = ReadTextFile(path);
+  if (!text.ok()) return text.status();
+  for (absl::string_view line : absl::StrSplit(*text, '\n')) {
+    absl::string_view token = absl::StripAsciiWhitespace(line);
+    if (token.empty() || token[0] == '#') continue;
+    if (token.find_first_of(" \t") != absl::string_view::npos) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("token file '", path, "': the token must not contain spaces"));
+    }
+    return std::string(token);
+  }
+  return absl::InvalidArgumentError(absl::StrCat("token file '", path, "' has no token"));
+}
+
 absl::StatusOr<std::unique_ptr<Client>> Client::Create(const ClientOptions& given) {
   ClientOptions options = given;
   options.addresses = ExpandServerAddresses(given.addresses);
   if (options.addresses.empty()) {
     return absl::InvalidArgumentError("no server address given");
+  }
+  if (options.bearer_token.find_first_of(" \t\r\n") != std::string::npos) {
+    return absl::InvalidArgumentError("bearer_token must not contain whitespace");
   }
   if (options.max_attempts < 1) {
     return absl::InvalidArgumentError(
@@ -617,6 +642,12 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Create(const ClientOptions& give
 
 Client::~Client() = default;
 
+void Client::Authorize(grpc::ClientContext* context) const {
+  if (!options_.bearer_token.empty()) {
+    context->AddMetadata("authorization", "Bearer " + options_.bearer_token);
+  }
+}
+
 absl::StatusOr<v1::ServerInfo> Client::GetServerInfo(size_t index) {
   if (index >= stubs_.size()) {
     return absl::InvalidArgumentError(absl::StrCat("no address #", index));
@@ -627,6 +658,7 @@ absl::StatusOr<v1::ServerInfo> Client::GetServerInfo(size_t index) {
     const absl::Duration timeout =
         options_.timeout > absl::ZeroDuration() ? options_.timeout : absl::Seconds(30);
     context.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(timeout));
+    Authorize(&context);
     v1::ServerInfo info;
     const grpc::Status status =
         stubs_[index]->GetServerInfo(&context, v1::GetServerInfoRequest(), &info);

@@ -42,6 +42,11 @@ namespace nvfp4cal {
 // spread over all of them; other entries, and names that do not resolve, are kept as given.
 std::vector<std::string> ExpandServerAddresses(const std::vector<std::string>& addresses);
 
+// The bearer token of a token file: its first line that is neither blank nor a '#' comment,
+// trimmed. NOT_FOUND for an unreadable file, INVALID_ARGUMENT when there is no token (the
+// message never contains the token).
+absl::StatusOr<std::string> ReadBearerTokenFile(const std::string& path);
+
 struct ClientOptions {
   // Server addresses "host:port" (any gRPC target). Tensors are spread over all of them; a
   // "dns:///name:port" entry counts once per resolved address (ExpandServerAddresses).
@@ -52,6 +57,9 @@ struct ClientOptions {
   std::string tls_root_certs_path;
   std::string tls_client_cert_path;
   std::string tls_client_key_path;
+  // Bearer token sent as "authorization: Bearer <token>" on every call; empty: none. Meant for
+  // TLS connections (over plaintext anyone on the path can read it).
+  std::string bearer_token;
   // Deadline of each Quantize stream and GetServerInfo call; zero = no deadline for streams
   // (a whole checkpoint may take long) and 30 s for GetServerInfo.
   absl::Duration timeout = absl::ZeroDuration();
@@ -113,6 +121,8 @@ class Client {
  private:
   class Call;
   explicit Client(ClientOptions options) : options_(std::move(options)) {}
+  // Adds the bearer token (if any) to a call's metadata.
+  void Authorize(grpc::ClientContext* context) const;
 
   ClientOptions options_;
   std::vector<std::unique_ptr<v1::Calibrator::Stub>> stubs_;

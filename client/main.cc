@@ -12,6 +12,7 @@
 #include <atomic>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <memory>
 #include <string>
@@ -22,6 +23,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/time/time.h"
 #include "client/cli_args.h"
+#include "client/client.h"
 #include "client/example_model.h"
 #include "client/inspect.h"
 #include "client/local_quantizer.h"
@@ -75,6 +77,32 @@ absl::Status ParseFloat(const CliArgs& args, const std::string& name, float* out
   return absl::OkStatus();
 }
 
+// An option's value, else the environment variable's, else "".
+std::string OptionOrEnv(const CliArgs& args, const std::string& name, const char* env) {
+  if (args.Has(name)) return args.Get(name);
+  const char* value = std::getenv(env);
+  return value == nullptr ? "" : value;
+}
+
+// TLS files and the bearer token of the remote options (flags first, then environment).
+absl::Status ApplySecurityArgs(const CliArgs& args, ClientOptions* client) {
+  client->tls_root_certs_path = OptionOrEnv(args, "tls-ca", "NVFP4CAL_TLS_CA");
+  client->tls_client_cert_path = OptionOrEnv(args, "tls-cert", "NVFP4CAL_TLS_CERT");
+  client->tls_client_key_path = OptionOrEnv(args, "tls-key", "NVFP4CAL_TLS_KEY");
+  client->use_tls = args.Switch("tls") || !client->tls_root_certs_path.empty() ||
+                    !client->tls_client_cert_path.empty() || !client->tls_client_key_path.empty();
+  if (client->tls_client_cert_path.empty() != client->tls_client_key_path.empty()) {
+    return absl::InvalidArgumentError("--tls-cert and --tls-key must be given together");
+  }
+  const std::string token_file = OptionOrEnv(args, "token-file", "NVFP4CAL_TOKEN_FILE");
+  if (!token_file.empty()) {
+    absl::StatusOr<std::string> token = ReadBearerTokenFile(token_file);
+    if (!token.ok()) return Prefixed("--token-file: ", token.status());
+    client->bearer_token = *std::move(token);
+  }
+  return absl::OkStatus();
+}
+
 CliParser QuantizeParser() {
   CliParser p("quantize",
               "Quantizes every eligible Linear weight of a Hugging Face safetensors checkpoint to "
@@ -123,8 +151,15 @@ CliParser QuantizeParser() {
               "over all");
   p.AddOption("timeout", "SECONDS", "deadline of each server stream, 0 = none", false, "0");
   p.AddOption("retries", "N", "attempts per server when it is unavailable", false, "4");
-  p.AddSwitch("tls", "connect to the servers with TLS");
-  p.AddOption("tls-ca", "FILE", "PEM root certificates for --tls (default: system roots)");
+  p.AddSwitch("tls", "connect to the servers with TLS (implied by --tls-ca/-cert/-key)");
+  p.AddOption("tls-ca", "FILE",
+              "PEM root certificates the servers are verified against (default: system roots; "
+              "env NVFP4CAL_TLS_CA)");
+  p.AddOption("tls-cert", "FILE", "PEM client certificate for mTLS (env NVFP4CAL_TLS_CERT)");
+  p.AddOption("tls-key", "FILE", "PEM private key of --tls-cert (env NVFP4CAL_TLS_KEY)");
+  p.AddOption("token-file", "FILE",
+              "file whose first line is the bearer token sent to the servers (env "
+              "NVFP4CAL_TOKEN_FILE)");
   p.AddSwitch("overwrite", "replace an existing --out");
   p.AddSwitch("quiet", "no progress bar and no statistics table");
   return p;
@@ -217,8 +252,7 @@ int RunQuantize(int argc, const char* const* argv) {
     client.addresses = *addresses;
     client.max_attempts = retries;
     client.timeout = absl::Seconds(static_cast<double>(timeout_s));
-    client.use_tls = args->Switch("tls");
-    client.tls_root_certs_path = args->Get("tls-ca");
+    if (absl::Status s = ApplySecurityArgs(*args, &client); !s.ok()) return UsageError(cmd, s);
     absl::StatusOr<std::unique_ptr<Quantizer>> remote = MakeRemoteQuantizer(client);
     if (!remote.ok()) return UsageError(cmd, remote.status());
     quantizer = *std::move(remote);

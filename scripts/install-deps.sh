@@ -16,6 +16,8 @@ packages=(
   nlohmann-json3-dev                            # JSON for the client (safetensors headers, configs)
   liblapack-dev                                 # LAPACK (dpotrf, dtrtri) for gptq's Hessian factor
   yamllint python3-yaml                         # offline checks of the deployment files
+  openssl                                       # test certificates (TLS / mTLS tests)
+  clang-14 libclang-rt-14-dev                   # sanitizer build and libFuzzer targets (tests)
 )
 sudo=""
 if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi

@@ -1,6 +1,8 @@
 #include "server/calibration_server.h"
 
 #include <chrono>
+#include <fstream>
+#include <sstream>
 #include <utility>
 #include <vector>
 
@@ -18,6 +20,55 @@ std::string HostOf(const std::string& address) {
   return colon == std::string::npos ? address : address.substr(0, colon);
 }
 
+absl::StatusOr<std::string> ReadPemFile(const char* flag, const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("--", flag, " = '", path, "': cannot read"));
+  std::stringstream text;
+  text << in.rdbuf();
+  if (text.str().empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("--", flag, " = '", path, "' is empty"));
+  }
+  return text.str();
+}
+
+absl::Status CheckSecurityOptions(const SecurityOptions& s) {
+  if (s.tls_cert_path.empty() != s.tls_key_path.empty()) {
+    return absl::InvalidArgumentError(
+        "--tls_cert and --tls_key must be given together (TLS needs both)");
+  }
+  if (!s.tls_client_ca_path.empty() && !s.tls()) {
+    return absl::InvalidArgumentError("--tls_client_ca needs TLS (--tls_cert and --tls_key)");
+  }
+  if (s.tls_require_client_cert && s.tls_client_ca_path.empty()) {
+    return absl::InvalidArgumentError("--tls_require_client_cert needs --tls_client_ca");
+  }
+  return absl::OkStatus();
+}
+
+// Plaintext, or TLS with the configured certificate and optional client verification.
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
+    const SecurityOptions& s) {
+  if (!s.tls()) return grpc::InsecureServerCredentials();
+  grpc::SslServerCredentialsOptions ssl;
+  grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
+  absl::StatusOr<std::string> cert = ReadPemFile("tls_cert", s.tls_cert_path);
+  if (!cert.ok()) return cert.status();
+  absl::StatusOr<std::string> key = ReadPemFile("tls_key", s.tls_key_path);
+  if (!key.ok()) return key.status();
+  pair.cert_chain = *std::move(cert);
+  pair.private_key = *std::move(key);
+  ssl.pem_key_cert_pairs.push_back(std::move(pair));
+  if (!s.tls_client_ca_path.empty()) {
+    absl::StatusOr<std::string> ca = ReadPemFile("tls_client_ca", s.tls_client_ca_path);
+    if (!ca.ok()) return ca.status();
+    ssl.pem_root_certs = *std::move(ca);
+    ssl.client_certificate_request =
+        s.tls_require_client_cert ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                                  : GRPC_SSL_REQUEST_CLIENT_CERTIFICATE_AND_VERIFY;
+  }
+  return grpc::SslServerCredentials(ssl);
+}
+
 }  // namespace
 
 CalibrationServer::CalibrationServer(const ServerOptions& options) : options_(options) {}
@@ -25,6 +76,18 @@ CalibrationServer::CalibrationServer(const ServerOptions& options) : options_(op
 CalibrationServer::~CalibrationServer() { Drain(); }
 
 absl::Status CalibrationServer::Start() {
+  const SecurityOptions& security = options_.security;
+  if (absl::Status s = CheckSecurityOptions(security); !s.ok()) return s;
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
+      MakeServerCredentials(security);
+  if (!credentials.ok()) return credentials.status();
+  if (!security.auth_token_file.empty()) {
+    authenticator_ = std::make_unique<TokenAuthenticator>();
+    absl::Status loaded = authenticator_->LoadFile(security.auth_token_file);
+    if (!loaded.ok()) {
+      return absl::Status(loaded.code(), absl::StrCat("--auth_token_file: ", loaded.message()));
+    }
+  }
   absl::StatusOr<DeviceSetup> devices = SetUpDevices(options_.devices);
   if (!devices.ok()) return devices.status();
   backend_ = devices->backend;
@@ -41,7 +104,7 @@ absl::Status CalibrationServer::Start() {
   jobs.limits = options_.limits;
   jobs_ = std::make_unique<JobManager>(jobs, scheduler_.get(), &metrics_);
   service_ = std::make_unique<CalibratorService>(options_, scheduler_.get(), jobs_.get(), &metrics_,
-                                                 backend_, devices->workers);
+                                                 backend_, devices->workers, authenticator_.get());
 
   if (!options_.metrics_address.empty()) {
     std::vector<int> cuda_devices;
@@ -56,7 +119,8 @@ absl::Status CalibrationServer::Start() {
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(options_.address, grpc::InsecureServerCredentials(), &port);
+  const bool in_process_only = options_.address.empty();
+  if (!in_process_only) builder.AddListeningPort(options_.address, *credentials, &port);
   builder.RegisterService(service_.get());
   builder.SetMaxReceiveMessageSize(static_cast<int>(options_.limits.max_receive_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(options_.limits.max_send_message_bytes));
@@ -68,17 +132,54 @@ absl::Status CalibrationServer::Start() {
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS,
                              keepalive.permit_without_calls ? 1 : 0);
   server_ = builder.BuildAndStart();
-  if (server_ == nullptr || port == 0) {
+  if (server_ == nullptr || (port == 0 && !in_process_only)) {
     server_.reset();
     return absl::UnavailableError(
         absl::StrCat("--address = \"", options_.address, "\": cannot listen"));
   }
-  address_ = absl::StrCat(HostOf(options_.address), ":", port);
-  grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
-  health->SetServingStatus(kReadinessService, false);  // starting
-  health->SetServingStatus(kLivenessService, true);
-  health->SetServingStatus(kReadinessService, true);
+  if (!in_process_only) address_ = absl::StrCat(HostOf(options_.address), ":", port);
+  if (!security.health_address.empty()) {
+    // A second server with nothing but the default health service: probes reach it without
+    // TLS or tokens, and it exposes no Calibrator method.
+    grpc::ServerBuilder health_builder;
+    int health_port = 0;
+    health_builder.AddListeningPort(security.health_address, grpc::InsecureServerCredentials(),
+                                    &health_port);
+    health_server_ = health_builder.BuildAndStart();
+    if (health_server_ == nullptr || health_port == 0) {
+      health_server_.reset();
+      server_->Shutdown();
+      server_.reset();
+      return absl::UnavailableError(
+          absl::StrCat("--health_address = \"", security.health_address, "\": cannot listen"));
+    }
+    health_address_ = absl::StrCat(HostOf(security.health_address), ":", health_port);
+  }
+  SetServing(kReadinessService, false);  // starting
+  SetServing(kLivenessService, true);
+  SetServing(kReadinessService, true);
   return absl::OkStatus();
+}
+
+void CalibrationServer::SetServing(const char* service, bool serving) {
+  server_->GetHealthCheckService()->SetServingStatus(service, serving);
+  if (health_server_ != nullptr) {
+    health_server_->GetHealthCheckService()->SetServingStatus(service, serving);
+  }
+}
+
+std::shared_ptr<grpc::Channel> CalibrationServer::InProcessChannel() {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(-1);
+  args.SetMaxSendMessageSize(-1);
+  return server_->InProcessChannel(args);
+}
+
+absl::Status CalibrationServer::ReloadTokens() {
+  if (authenticator_ == nullptr) {
+    return absl::FailedPreconditionError("no --auth_token_file is configured");
+  }
+  return authenticator_->LoadFile(options_.security.auth_token_file);
 }
 
 void CalibrationServer::Drain() {
@@ -88,13 +189,17 @@ void CalibrationServer::Drain() {
   if (server_ != nullptr) {
     // Draining first: a client that sees NOT_SERVING can rely on new work being refused.
     service_->StartDraining();
-    server_->GetHealthCheckService()->SetServingStatus(kReadinessService, false);
+    SetServing(kReadinessService, false);
     const auto deadline =
         std::chrono::system_clock::now() +
         std::chrono::microseconds(absl::ToInt64Microseconds(options_.drain_timeout));
     // Stops accepting calls, waits for in-flight ones until the deadline, then cancels them.
     server_->Shutdown(deadline);
     server_->Wait();
+    if (health_server_ != nullptr) {
+      health_server_->Shutdown(deadline);
+      health_server_->Wait();
+    }
     // Accepted jobs nobody watches get what is left of the same deadline.
     jobs_->WaitUntilIdle(absl::FromChrono(deadline));
     jobs_->CancelAll(absl::UnavailableError("the server shut down before the job finished"));
@@ -106,6 +211,7 @@ std::string CalibrationServer::DescribeConfig() const {
   const ServiceLimits& l = options_.limits;
   const DeviceOptions& d = options_.devices;
   const KeepaliveOptions& k = options_.keepalive;
+  const SecurityOptions& sec = options_.security;
   // Only %s and %d: Abseil 20220623 has no %v (it formats the whole string as empty).
   return absl::StrFormat(
       "address = %s\nmetrics_address = %s\ndrain_timeout = %s\ndevice = %s (backend %s)\n"
@@ -117,7 +223,8 @@ std::string CalibrationServer::DescribeConfig() const {
       "max_concurrent_streams = %d\nmax_rows_per_item = %d\nkeepalive_time_ms = %d\n"
       "keepalive_timeout_ms = %d\nkeepalive_min_client_ping_interval_ms = %d\n"
       "keepalive_permit_without_calls = %s\nmax_jobs = %d\nmax_job_request_bytes = %d\n"
-      "job_retention = %s\n",
+      "job_retention = %s\ntls = %s\ntls_client_ca = %s\ntls_require_client_cert = %s\n"
+      "auth_token_file = %s\nhealth_address = %s\n",
       options_.address, options_.metrics_address.empty() ? "(disabled)" : options_.metrics_address,
       absl::FormatDuration(options_.drain_timeout), d.device, backend_,
       device_selection_.empty() ? "(not started)" : device_selection_, d.cpu_workers,
@@ -126,7 +233,12 @@ std::string CalibrationServer::DescribeConfig() const {
       l.max_buffered_tensor_bytes, l.max_session_hessian_bytes, l.max_inflight_chunks_per_stream,
       l.max_concurrent_streams, l.max_rows_per_item, k.time_ms, k.timeout_ms,
       k.min_client_ping_interval_ms, k.permit_without_calls ? "true" : "false", l.max_jobs,
-      l.max_job_request_bytes, absl::FormatDuration(l.job_retention));
+      l.max_job_request_bytes, absl::FormatDuration(l.job_retention),
+      sec.tls() ? absl::StrCat("on (cert ", sec.tls_cert_path, ")") : "off (plaintext)",
+      sec.tls_client_ca_path.empty() ? "(none)" : sec.tls_client_ca_path,
+      sec.tls_require_client_cert ? "true" : "false",
+      sec.auth_token_file.empty() ? "(none: no token required)" : sec.auth_token_file,
+      sec.health_address.empty() ? "(none)" : sec.health_address);
 }
 
 }  // namespace nvfp4cal::server

@@ -29,6 +29,7 @@
 #include "server/metrics.h"
 #include "server/scheduler.h"
 #include "server/server_options.h"
+#include "server/token_authenticator.h"
 
 namespace nvfp4cal::server {
 
@@ -51,12 +52,21 @@ class CalibrationServer {
   void set_executor_wrapper(ExecutorWrapper wrapper) { executor_wrapper_ = std::move(wrapper); }
 
   // Picks the devices, starts the scheduler, job manager, metrics endpoint and gRPC server.
-  // Errors: those of SetUpDevices (unknown --device; FAILED_PRECONDITION for --device=cuda
-  // without a usable GPU), UNAVAILABLE when a listen address cannot be bound.
+  // Errors: INVALID_ARGUMENT for inconsistent security options, NOT_FOUND for unreadable
+  // certificate, key, CA or token files; those of SetUpDevices (unknown --device;
+  // FAILED_PRECONDITION for --device=cuda without a usable GPU), UNAVAILABLE when a listen address
+  // cannot be bound.
   absl::Status Start();
 
-  // The bound gRPC address host:port (the real port when 0 was asked for).
+  // A channel to this server inside the process (no network; tests and fuzzers). Call after a
+  // successful Start.
+  std::shared_ptr<grpc::Channel> InProcessChannel();
+
+  // The bound gRPC address host:port (the real port when 0 was asked for); empty when
+  // options.address is empty (in-process channels only).
   std::string address() const { return address_; }
+  // The bound plaintext health address host:port, empty when security.health_address is empty.
+  std::string health_address() const { return health_address_; }
   // The bound metrics port, 0 when disabled.
   int metrics_port() const { return metrics_.port(); }
   // "cpu" or "cuda".
@@ -69,10 +79,17 @@ class CalibrationServer {
   // stops. Idempotent; returns once everything stopped.
   void Drain();
 
+  // Re-reads security.auth_token_file (nvfp4cal-server calls it on SIGHUP). On error the
+  // previous tokens stay in force; FAILED_PRECONDITION when no token file is configured.
+  absl::Status ReloadTokens();
+
   // The effective configuration as "key = value" lines, for the start-up log.
   std::string DescribeConfig() const;
 
  private:
+  // Sets a health status on the main server and the health-only server.
+  void SetServing(const char* service, bool serving);
+
   ServerOptions options_;
   ExecutorWrapper executor_wrapper_;
   std::string backend_;
@@ -84,6 +101,11 @@ class CalibrationServer {
   std::unique_ptr<JobManager> jobs_;
   std::unique_ptr<CalibratorService> service_;
   std::unique_ptr<grpc::Server> server_;
+  // Plaintext server of the health service alone (security.health_address).
+  std::unique_ptr<grpc::Server> health_server_;
+  std::string health_address_;
+  // Null when no token file is configured.
+  std::unique_ptr<TokenAuthenticator> authenticator_;
   absl::Mutex drain_mu_;
   bool drained_ = false;
 };

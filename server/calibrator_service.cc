@@ -19,13 +19,26 @@ void AddParameter(v1::MethodInfo* method, const char* name, double min, double m
   range->set_description(description);
 }
 
+// WatchJob refused before it started (authentication): finishes at once, deletes itself.
+class RefusedWatch : public grpc::ServerWriteReactor<v1::Job> {
+ public:
+  RefusedWatch(ServerMetrics* metrics, const absl::Status& status, absl::Time start) {
+    const grpc::Status result = ToGrpcStatus(status);
+    metrics->RecordRequest("WatchJob", result.error_code(), absl::Now() - start);
+    Finish(result);
+  }
+  void OnDone() override { delete this; }
+};
+
 }  // namespace
 
 CalibratorService::CalibratorService(const ServerOptions& options, Scheduler* scheduler,
                                      JobManager* jobs, ServerMetrics* metrics, std::string backend,
-                                     std::vector<WorkerDevice> devices)
+                                     std::vector<WorkerDevice> devices,
+                                     const TokenAuthenticator* authenticator)
     : options_(options),
       jobs_(jobs),
+      authenticator_(authenticator),
       metrics_(metrics),
       backend_(std::move(backend)),
       devices_(std::move(devices)) {
@@ -34,6 +47,12 @@ CalibratorService::CalibratorService(const ServerOptions& options, Scheduler* sc
   environment_.limits = options.limits;
   environment_.draining = &draining_;
   environment_.open_streams = &open_streams_;
+  environment_.authenticator = authenticator;
+}
+
+absl::Status CalibratorService::Authenticate(const grpc::CallbackServerContext* context) const {
+  if (authenticator_ == nullptr) return absl::OkStatus();
+  return authenticator_->Check(context->client_metadata());
 }
 
 grpc::ServerBidiReactor<v1::QuantizeRequest, v1::QuantizeResponse>* CalibratorService::Quantize(
@@ -56,8 +75,10 @@ grpc::ServerUnaryReactor* CalibratorService::SubmitJob(grpc::CallbackServerConte
                                                        const v1::SubmitJobRequest* request,
                                                        v1::Job* response) {
   const absl::Time start = absl::Now();
-  absl::Status status;
-  if (draining_) {
+  absl::Status status = Authenticate(context);
+  if (!status.ok()) {
+    // refused before anything else is looked at
+  } else if (draining_) {
     status = absl::UnavailableError("server is draining; no new jobs are accepted");
   } else {
     absl::StatusOr<v1::Job> job = jobs_->Submit(*request);
@@ -74,13 +95,18 @@ grpc::ServerUnaryReactor* CalibratorService::GetJob(grpc::CallbackServerContext*
                                                     const v1::GetJobRequest* request,
                                                     v1::Job* response) {
   const absl::Time start = absl::Now();
+  if (absl::Status s = Authenticate(context); !s.ok()) {
+    return FinishUnary(context, "GetJob", start, s);
+  }
   absl::StatusOr<v1::Job> job = jobs_->Get(request->job_id(), request->include_result());
   if (job.ok()) *response = *std::move(job);
   return FinishUnary(context, "GetJob", start, job.status());
 }
 
-grpc::ServerWriteReactor<v1::Job>* CalibratorService::WatchJob(
-    grpc::CallbackServerContext* /*context*/, const v1::WatchJobRequest* request) {
+grpc::ServerWriteReactor<v1::Job>* CalibratorService::WatchJob(grpc::CallbackServerContext* context,
+                                                               const v1::WatchJobRequest* request) {
+  const absl::Time start = absl::Now();
+  if (absl::Status s = Authenticate(context); !s.ok()) return new RefusedWatch(metrics_, s, start);
   return JobWatchReactor::Start(jobs_, metrics_, request->job_id());
 }
 
@@ -88,6 +114,9 @@ grpc::ServerUnaryReactor* CalibratorService::CancelJob(grpc::CallbackServerConte
                                                        const v1::CancelJobRequest* request,
                                                        v1::Job* response) {
   const absl::Time start = absl::Now();
+  if (absl::Status s = Authenticate(context); !s.ok()) {
+    return FinishUnary(context, "CancelJob", start, s);
+  }
   absl::StatusOr<v1::Job> job = jobs_->Cancel(request->job_id());
   if (job.ok()) *response = *std::move(job);
   return FinishUnary(context, "CancelJob", start, job.status());
@@ -97,6 +126,9 @@ grpc::ServerUnaryReactor* CalibratorService::ListJobs(grpc::CallbackServerContex
                                                       const v1::ListJobsRequest* request,
                                                       v1::ListJobsResponse* response) {
   const absl::Time start = absl::Now();
+  if (absl::Status s = Authenticate(context); !s.ok()) {
+    return FinishUnary(context, "ListJobs", start, s);
+  }
   absl::StatusOr<v1::ListJobsResponse> page = jobs_->List(*request);
   if (page.ok()) *response = *std::move(page);
   return FinishUnary(context, "ListJobs", start, page.status());
@@ -106,6 +138,9 @@ grpc::ServerUnaryReactor* CalibratorService::GetServerInfo(
     grpc::CallbackServerContext* context, const v1::GetServerInfoRequest* /*request*/,
     v1::ServerInfo* response) {
   const absl::Time start = absl::Now();
+  if (absl::Status s = Authenticate(context); !s.ok()) {
+    return FinishUnary(context, "GetServerInfo", start, s);
+  }
   *response = Info();
   return FinishUnary(context, "GetServerInfo", start, absl::OkStatus());
 }

@@ -27,6 +27,7 @@
 #include "server/quantize_session.h"
 #include "server/scheduler.h"
 #include "server/server_options.h"
+#include "server/token_authenticator.h"
 
 namespace nvfp4cal::server {
 
@@ -36,9 +37,11 @@ inline constexpr char kServerVersion[] = "0.1.0";
 class CalibratorService final : public v1::Calibrator::CallbackService {
  public:
   // `scheduler`, `jobs` and `metrics` must outlive the service; `backend` is "cpu" or "cuda";
-  // `devices` are the scheduler's workers.
+  // `devices` are the scheduler's workers. With an `authenticator` (outliving the service too)
+  // every call must carry an accepted bearer token, else it ends UNAUTHENTICATED.
   CalibratorService(const ServerOptions& options, Scheduler* scheduler, JobManager* jobs,
-                    ServerMetrics* metrics, std::string backend, std::vector<WorkerDevice> devices);
+                    ServerMetrics* metrics, std::string backend, std::vector<WorkerDevice> devices,
+                    const TokenAuthenticator* authenticator = nullptr);
 
   grpc::ServerBidiReactor<v1::QuantizeRequest, v1::QuantizeResponse>* Quantize(
       grpc::CallbackServerContext* context) override;
@@ -72,8 +75,12 @@ class CalibratorService final : public v1::Calibrator::CallbackService {
   grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context, const char* method,
                                         absl::Time start, const absl::Status& status);
 
+  // OK, or UNAUTHENTICATED when a token is required and the call has no accepted one.
+  absl::Status Authenticate(const grpc::CallbackServerContext* context) const;
+
   const ServerOptions options_;
   JobManager* const jobs_;
+  const TokenAuthenticator* const authenticator_;
   ServerMetrics* const metrics_;
   const std::string backend_;
   const std::vector<WorkerDevice> devices_;

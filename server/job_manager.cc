@@ -81,6 +81,7 @@ absl::StatusOr<ParsedJob> ParseJobRequest(const v1::SubmitJobRequest& request,
         spec->rows, spec->cols, DTypeName(spec->dtype), spec->WeightBytes()));
   }
   auto input = std::make_shared<TensorInput>();
+  input->name = spec->name;
   input->dtype = spec->dtype;
   input->cols = spec->cols;
   input->params = spec->params;

@@ -26,6 +26,8 @@ namespace nvfp4cal::server {
 
 // What a tensor's row ranges share.
 struct TensorInput {
+  // The tensor's name as the client sent it (for logs and test hooks; never interpreted).
+  std::string name;
   // Element type of the weights.
   DType dtype = DType::kBFloat16;
   // Columns (in features).

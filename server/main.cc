@@ -4,7 +4,8 @@
 //
 // Logs its effective configuration, prints "listening on HOST:PORT" once serving, and on
 // SIGTERM or SIGINT drains (readiness NOT_SERVING, no new work, in-flight work gets
-// --drain_timeout) and exits 0. Exit code 1: bad flags or start-up failure.
+// --drain_timeout) and exits 0. SIGHUP re-reads --auth_token_file. Exit code 1: bad flags or
+// start-up failure.
 #include <csignal>
 #include <cstdint>
 #include <iostream>
@@ -67,6 +68,19 @@ ABSL_FLAG(int64_t, keepalive_timeout_ms, kDefaults.keepalive.timeout_ms,
 ABSL_FLAG(int64_t, keepalive_min_client_ping_interval_ms,
           kDefaults.keepalive.min_client_ping_interval_ms,
           "Smallest interval at which clients may ping without data");
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM certificate chain of the server; with --tls_key the gRPC port speaks TLS");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "PEM CA bundle for client certificates (mTLS): presented ones are verified");
+ABSL_FLAG(bool, tls_require_client_cert, false,
+          "With --tls_client_ca: refuse clients without a valid certificate");
+ABSL_FLAG(std::string, auth_token_file, "",
+          "File of accepted bearer tokens, one per line ('#' comments); set: every Calibrator "
+          "call needs 'authorization: Bearer <token>'. Re-read on SIGHUP");
+ABSL_FLAG(std::string, health_address, "",
+          "Extra plaintext host:port serving only grpc.health.v1 (Kubernetes probes, which "
+          "speak neither TLS nor tokens); empty: none");
 ABSL_FLAG(bool, keepalive_permit_without_calls, kDefaults.keepalive.permit_without_calls,
           "Whether clients may ping with no call open");
 
@@ -99,6 +113,12 @@ nvfp4cal::server::ServerOptions OptionsFromFlags() {
   o.keepalive.min_client_ping_interval_ms =
       absl::GetFlag(FLAGS_keepalive_min_client_ping_interval_ms);
   o.keepalive.permit_without_calls = absl::GetFlag(FLAGS_keepalive_permit_without_calls);
+  o.security.tls_cert_path = absl::GetFlag(FLAGS_tls_cert);
+  o.security.tls_key_path = absl::GetFlag(FLAGS_tls_key);
+  o.security.tls_client_ca_path = absl::GetFlag(FLAGS_tls_client_ca);
+  o.security.tls_require_client_cert = absl::GetFlag(FLAGS_tls_require_client_cert);
+  o.security.auth_token_file = absl::GetFlag(FLAGS_auth_token_file);
+  o.security.health_address = absl::GetFlag(FLAGS_health_address);
   return o;
 }
 
@@ -113,9 +133,15 @@ int main(int argc, char** argv) {
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGTERM);
   sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
-  nvfp4cal::server::CalibrationServer server(OptionsFromFlags());
+  const nvfp4cal::server::ServerOptions options = OptionsFromFlags();
+  if (options.address.empty()) {
+    std::cerr << "nvfp4cal-server: --address must not be empty\n";
+    return 1;
+  }
+  nvfp4cal::server::CalibrationServer server(options);
   std::cerr << "nvfp4cal-server " << nvfp4cal::server::kServerVersion
             << " effective configuration:\n";
   absl::Status started = server.Start();
@@ -125,12 +151,23 @@ int main(int argc, char** argv) {
     return 1;
   }
   std::cout << "listening on " << server.address() << std::endl;
+  if (!server.health_address().empty()) {
+    std::cout << "health on " << server.health_address() << std::endl;
+  }
   if (server.metrics_port() != 0) {
     std::cout << "metrics on port " << server.metrics_port() << std::endl;
   }
 
   int signal = 0;
-  sigwait(&stop_signals, &signal);
+  while (sigwait(&stop_signals, &signal) == 0 && signal == SIGHUP) {
+    // The file name and the count only: tokens never reach the log.
+    const absl::Status reloaded = server.ReloadTokens();
+    if (reloaded.ok()) {
+      std::cerr << "nvfp4cal-server: SIGHUP: reloaded --auth_token_file" << std::endl;
+    } else {
+      std::cerr << "nvfp4cal-server: SIGHUP: tokens unchanged: " << reloaded << std::endl;
+    }
+  }
   std::cerr << "nvfp4cal-server: signal " << signal << ", draining (up to "
             << absl::FormatDuration(absl::GetFlag(FLAGS_drain_timeout)) << ")" << std::endl;
   server.Drain();

@@ -37,7 +37,12 @@ QuantizeSession::QuantizeSession(const SessionEnvironment& environment,
                                  grpc::CallbackServerContext* context)
     : env_(environment), context_(context), started_(absl::Now()) {
   absl::Status refused;
-  if (env_.draining->load()) {
+  if (env_.authenticator != nullptr) {
+    refused = env_.authenticator->Check(context->client_metadata());
+  }
+  if (!refused.ok()) {
+    // Not counted as an open stream; nothing of the client's is looked at.
+  } else if (env_.draining->load()) {
     refused = absl::UnavailableError("server is draining; no new Quantize streams are accepted");
   } else {
     const int open = env_.open_streams->fetch_add(1) + 1;
@@ -56,7 +61,7 @@ QuantizeSession::QuantizeSession(const SessionEnvironment& environment,
       FailLocked(refused, &actions);
     } else {
       reading_ = true;
-      read_starting_ = true;
+      ++reads_starting_;
       actions.start_read = true;
     }
   }
@@ -70,7 +75,12 @@ void QuantizeSession::OnReadDone(bool ok) {
     if (!ok) {
       reading_ = false;
       half_closed_ = true;
-      if (!failed_ && !CurrentTensorComplete()) {
+      if (!failed_ && context_->IsCancelled()) {
+        // The read failed because the call was cancelled (client gone, deadline), not because
+        // the client half-closed early: count and report it as such.
+        FailLocked(absl::CancelledError("the call was cancelled or its deadline passed"),
+                   &actions);
+      } else if (!failed_ && !CurrentTensorComplete()) {
         FailLocked(absl::FailedPreconditionError(absl::StrFormat(
                        "stream ended before tensor '%s' was complete: %d of %d rows received",
                        current_->name, current_->rows_received, current_->rows)),
@@ -350,6 +360,7 @@ void QuantizeSession::MakeTasks(Tensor* tensor, std::shared_ptr<const std::strin
                                 int64_t row_begin, int64_t num_rows, Actions* actions) {
   if (tensor->input == nullptr) {
     auto input = std::make_shared<TensorInput>();
+    input->name = tensor->name;
     input->dtype = tensor->dtype;
     input->cols = tensor->cols;
     input->params = tensor->params;
@@ -491,7 +502,7 @@ void QuantizeSession::MaybeStartRead(Actions* actions) {
   if (reading_ || half_closed_ || failed_ || finish_called_) return;
   if (items_outstanding_ >= env_.limits.max_inflight_chunks_per_stream) return;
   reading_ = true;
-  read_starting_ = true;
+  ++reads_starting_;
   actions->start_read = true;
 }
 
@@ -504,7 +515,7 @@ void QuantizeSession::MaybeStartWrite(Actions* actions) {
 }
 
 void QuantizeSession::MaybeFinish(Actions* actions) {
-  if (finish_called_ || write_in_flight_ || read_starting_) return;
+  if (finish_called_ || write_in_flight_ || reads_starting_ > 0) return;
   if (failed_) {
     finish_called_ = true;
     actions->finish = true;
@@ -559,7 +570,7 @@ void QuantizeSession::Perform(Actions* actions) {
     StartRead(&request_);
     // A failure decided meanwhile waited for this read to be issued before finishing.
     absl::MutexLock lock(&mu_);
-    read_starting_ = false;
+    --reads_starting_;
     MaybeFinish(actions);
   }
   if (actions->finish) {

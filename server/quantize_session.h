@@ -43,6 +43,7 @@
 #include "server/scheduler.h"
 #include "server/server_options.h"
 #include "server/tensor_spec.h"
+#include "server/token_authenticator.h"
 
 namespace nvfp4cal::server {
 
@@ -55,13 +56,14 @@ struct SessionEnvironment {
   const std::atomic<bool>* draining = nullptr;
   // Open Quantize streams, for limits.max_concurrent_streams.
   std::atomic<int>* open_streams = nullptr;
+  // Null: no token required; else streams without an accepted token end UNAUTHENTICATED.
+  const TokenAuthenticator* authenticator = nullptr;
 };
 
 // Maps an internal status to the status sent to the client.
 grpc::Status ToGrpcStatus(const absl::Status& status);
 
-class QuantizeSession
-    : public grpc::ServerBidiReactor<v1::QuantizeRequest, v1::QuantizeResponse> {
+class QuantizeSession : public grpc::ServerBidiReactor<v1::QuantizeRequest, v1::QuantizeResponse> {
  public:
   QuantizeSession(const SessionEnvironment& environment, grpc::CallbackServerContext* context);
 
@@ -159,8 +161,11 @@ class QuantizeSession
   bool write_in_flight_ ABSL_GUARDED_BY(mu_) = false;
   // A read is pending or its message is being handled.
   bool reading_ ABSL_GUARDED_BY(mu_) = false;
-  // StartRead was decided but not yet called; Finish waits for it.
-  bool read_starting_ ABSL_GUARDED_BY(mu_) = false;
+  // StartReads decided but not yet called; Finish waits for them (a Finish before a pending
+  // StartRead lets gRPC free the call under it).
+  // A count, not a flag: a read decided in one thread can complete and its reaction decide the
+  // next read before the first thread has cleared its mark.
+  int reads_starting_ ABSL_GUARDED_BY(mu_) = 0;
   bool half_closed_ ABSL_GUARDED_BY(mu_) = false;
   int64_t messages_read_ ABSL_GUARDED_BY(mu_) = 0;
   // An error ended the session; final_status_ is what Finish sends.
@@ -171,7 +176,6 @@ class QuantizeSession
   std::optional<JobId> job_ ABSL_GUARDED_BY(mu_);
   int priority_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t items_outstanding_ ABSL_GUARDED_BY(mu_) = 0;
-  int64_t memory_in_use_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t tensors_started_ ABSL_GUARDED_BY(mu_) = 0;
   std::shared_ptr<Tensor> current_ ABSL_GUARDED_BY(mu_);
   // Tensors whose summary is not sent yet, by index.

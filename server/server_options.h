@@ -76,8 +76,30 @@ struct KeepaliveOptions {
   bool permit_without_calls = true;
 };
 
+// Transport security and authentication (docs/security.md). Everything empty: plaintext, no
+// token required.
+struct SecurityOptions {
+  // PEM certificate chain and private key of the server; both set: the gRPC port speaks TLS.
+  std::string tls_cert_path;
+  std::string tls_key_path;
+  // PEM CA bundle client certificates are verified against (mTLS); needs TLS.
+  std::string tls_client_ca_path;
+  // With a client CA: refuse connections without a client certificate (otherwise one is
+  // verified when presented).
+  bool tls_require_client_cert = false;
+  // File of accepted bearer tokens (one per line); set: every Calibrator call needs
+  // "authorization: Bearer <token>". Health and reflection never need one.
+  std::string auth_token_file;
+  // Extra plaintext listen address serving grpc.health.v1 only (and reflection of it), for
+  // Kubernetes probes, which speak neither TLS nor tokens; empty: none.
+  std::string health_address;
+
+  bool tls() const { return !tls_cert_path.empty() || !tls_key_path.empty(); }
+};
+
 struct ServerOptions {
-  // gRPC listen address, host:port; port 0 picks a free port.
+  // gRPC listen address, host:port; port 0 picks a free port; empty: no port, in-process
+  // channels only (CalibrationServer::InProcessChannel).
   std::string address = "0.0.0.0:50051";
   // Prometheus endpoint host:port; empty disables it; port 0 picks a free port.
   std::string metrics_address = "0.0.0.0:9400";
@@ -86,6 +108,7 @@ struct ServerOptions {
   ServiceLimits limits;
   DeviceOptions devices;
   KeepaliveOptions keepalive;
+  SecurityOptions security;
 };
 
 }  // namespace nvfp4cal::server

@@ -163,6 +163,13 @@ def check_overlay(path, known, metrics):
     ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
     grpc_port = port_of(flags.get("address"), 50051)
     metrics_port = port_of(flags.get("metrics_address"), 9400)
+    # Probes go to the plaintext health-only port when there is one (TLS or tokens on the
+    # gRPC port would fail them), else to the gRPC port.
+    health_port = port_of(flags.get("health_address"), None)
+    probe_port = health_port if health_port is not None else grpc_port
+    if health_port is not None and ports.get("health") != health_port:
+        fail(where, f"container port health = {ports.get('health')}, "
+                    f"--health_address listens on {health_port}")
     if ports.get("grpc") != grpc_port:
         fail(where, f"container port grpc = {ports.get('grpc')}, server listens on {grpc_port}")
     if metrics_port is not None and ports.get("metrics") != metrics_port:
@@ -180,8 +187,9 @@ def check_overlay(path, known, metrics):
         if g is None:
             fail(where, f"{probe} is not a native gRPC probe")
             continue
-        if g.get("port") != grpc_port:
-            fail(where, f"{probe} port {g.get('port')} is not the gRPC port {grpc_port}")
+        if g.get("port") != probe_port:
+            what = "health port" if health_port is not None else "gRPC port"
+            fail(where, f"{probe} port {g.get('port')} is not the {what} {probe_port}")
         if (g.get("service") or "") != service:
             fail(where, f"{probe} service {g.get('service')!r}, expected {service!r}")
 

@@ -202,22 +202,29 @@ NVFP4_SIMD SweepChoice SweepScaleCandidates(const ScaledBlock& b, const Candidat
   const Vec16 w = Load(b.w);
   const Vec16 w_unit = Load(b.w_unit);
   SweepChoice best{-1, 0.0f};
-  PendingCandidates pending;
-  uint32_t pruned = 0;
-  for (int k = 0; k < kNumScaleCandidates; ++k) {
-    if (k % 16 == 0) {
-      const float bar = best.candidate < 0
-                            ? threshold
-                            : (best.objective < threshold ? best.objective : threshold);
-      pruned = CannotWinMask(b, pruning, Load(&scales.d[k]), Load(&scales.d_unit[k]), bar);
+  // Pass 1 runs only when pass 0 pruned every candidate against `threshold`, which some
+  // candidate reaches (a bound rounded past it): pruning must never decide the result, nor
+  // leave none.
+  for (int pass = 0; pass < 2 && best.candidate < 0; ++pass) {
+    const bool prune = pass == 0 && pruning.bounds != nullptr;
+    PendingCandidates pending;
+    uint32_t pruned = 0;
+    for (int k = 0; k < kNumScaleCandidates; ++k) {
+      if (prune && k % 16 == 0) {
+        const float bar = best.candidate < 0
+                              ? threshold
+                              : (best.objective < threshold ? best.objective : threshold);
+        pruned = CannotWinMask(b, pruning, Load(&scales.d[k]), Load(&scales.d_unit[k]), bar);
+      }
+      if ((pruned >> (k % 16)) & 1u) continue;
+      pending.q[pending.count] = scales.d[k];
+      pending.d_unit[pending.count] = scales.d_unit[k];
+      pending.k[pending.count++] = k;
+      if (pending.count == 2) FlushSweep(w, w_unit, h, &pending, &best);
     }
-    if ((pruned >> (k % 16)) & 1u) continue;
-    pending.q[pending.count] = scales.d[k];
-    pending.d_unit[pending.count] = scales.d_unit[k];
-    pending.k[pending.count++] = k;
-    if (pending.count == 2) FlushSweep(w, w_unit, h, &pending, &best);
+    if (pending.count > 0) FlushSweep(w, w_unit, h, &pending, &best);
+    if (!prune) break;
   }
-  if (pending.count > 0) FlushSweep(w, w_unit, h, &pending, &best);
   return best;
 }
 

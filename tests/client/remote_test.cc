@@ -8,7 +8,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <string>
@@ -90,10 +92,13 @@ class Remote : public ::testing::Test {
   }
 
   // Quantizes every model through `servers` and compares with the in-process output.
-  static void ExpectIdentical(const std::string& servers, const std::string& tag) {
+  static void ExpectIdentical(const std::string& servers, const std::string& tag,
+                              const std::vector<std::string>& extra = {}) {
     for (const std::string& m : models_) {
       const std::string out = tag + "-" + m;
-      const ProcessResult r = RunCli(Args(m, out, {"--server", servers, "--retries", "3"}));
+      std::vector<std::string> flags = {"--server", servers, "--retries", "3"};
+      flags.insert(flags.end(), extra.begin(), extra.end());
+      const ProcessResult r = RunCli(Args(m, out, flags));
       ASSERT_EQ(r.exit_code, 0) << r.err;
       const auto local = ReadTree(*dir_ / ("local-" + m));
       const auto remote = ReadTree(*dir_ / out);
@@ -155,6 +160,44 @@ TEST_F(Remote, ThreeServersAreByteIdenticalToInProcess) {
     }
   }
   EXPECT_EQ(total, static_cast<double>(expected));
+}
+
+// mTLS plus a bearer token (make_test_certs.sh makes the PKI at test time): the same bytes.
+TEST_F(Remote, MutualTlsWithTokenIsByteIdenticalToInProcess) {
+  const fs::path pki = *dir_ / "pki";
+  const int made = std::system(
+      ("bash '" + std::string(NVFP4CAL_MAKE_CERTS) + "' '" + pki.string() + "' >/dev/null 2>&1")
+          .c_str());
+  if (made != 0) GTEST_SKIP() << "openssl could not make the test certificates";
+  std::ofstream(*dir_ / "tokens") << "# server side\nremote-test-token-5e1\n";
+  std::ofstream(*dir_ / "client-token") << "remote-test-token-5e1\n";
+  ServerProcess server({"--tls_cert=" + (pki / "server.pem").string(),
+                        "--tls_key=" + (pki / "server.key").string(),
+                        "--tls_client_ca=" + (pki / "ca.pem").string(), "--tls_require_client_cert",
+                        "--auth_token_file=" + *dir_ / "tokens"});
+  ExpectIdentical(server.address(), "mtls",
+                  {"--tls-ca", pki / "ca.pem", "--tls-cert", pki / "client.pem", "--tls-key",
+                   pki / "client.key", "--token-file", *dir_ / "client-token"});
+
+  // A wrong token: exit 1 naming UNAUTHENTICATED, the token nowhere, no output folder.
+  std::ofstream(*dir_ / "bad-token") << "remote-bad-token-77a\n";
+  const std::string m = models_.front();
+  const ProcessResult bad = RunCli(Args(
+      m, "mtls-bad",
+      {"--server", server.address(), "--tls-ca", pki / "ca.pem", "--tls-cert", pki / "client.pem",
+       "--tls-key", pki / "client.key", "--token-file", *dir_ / "bad-token"}));
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_THAT(bad.err, HasSubstr("bearer token not accepted"));
+  EXPECT_THAT(bad.err + bad.out, ::testing::Not(HasSubstr("remote-bad-token")));
+  EXPECT_FALSE(fs::exists(*dir_ / "mtls-bad"));
+  // No client certificate: the handshake fails; the CLI gives up after its retries.
+  const ProcessResult no_cert =
+      RunCli(Args(m, "mtls-nocert",
+                  {"--server", server.address(), "--tls-ca", pki / "ca.pem", "--token-file",
+                   *dir_ / "client-token", "--retries", "1"}));
+  EXPECT_EQ(no_cert.exit_code, 1);
+  EXPECT_THAT(no_cert.err, HasSubstr(server.address())) << no_cert.err;
+  EXPECT_FALSE(fs::exists(*dir_ / "mtls-nocert"));
 }
 
 TEST_F(Remote, DnsNameIsExpandedToEveryResolvedAddress) {

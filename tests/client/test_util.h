@@ -161,6 +161,14 @@ class ServerProcess {
     std::remove(err_path_.c_str());
   }
   const std::string& address() const { return address_; }
+  // Kills the server at once (SIGKILL: no drain, connections reset) and reaps it.
+  void Kill() {
+    if (pid_ <= 0) return;
+    kill(pid_, SIGKILL);
+    int status = 0;
+    waitpid(pid_, &status, 0);
+    pid_ = -1;
+  }
 
  private:
   pid_t pid_ = -1;
