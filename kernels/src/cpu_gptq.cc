@@ -22,6 +22,13 @@
 #include "nvfp4cal/kernels/hessian_bounds.h"
 #include "nvfp4cal/kernels/validation.h"
 
+#if defined(__clang__)
+#define NVFP4CAL_CLONES_FLATTEN __attribute__((target_clones("avx512f", "arch=haswell", "default")))
+#else
+#define NVFP4CAL_CLONES_FLATTEN \
+  __attribute__((flatten, target_clones("avx512f", "arch=haswell", "default")))
+#endif
+
 namespace nvfp4cal {
 namespace {
 
@@ -81,7 +88,9 @@ void AddGroupStats(const GptqTensor& t, const float* orig, const float* h, uint8
 
 // Quantizes rows [first, last) with propagation. Compiled for several instruction sets and
 // picked at run time; every variant computes the same bits (-ffp-contract=off, same order).
-__attribute__((flatten, target_clones("avx512f", "arch=haswell", "default"))) void GptqRowsKernel(
+// GCC also inlines the callees into each variant (flatten); clang rejects flatten together
+// with target_clones, and its builds (the sanitizer and fuzzing steps) do without it.
+NVFP4CAL_CLONES_FLATTEN void GptqRowsKernel(
     const GptqTensor& t, int64_t first, int64_t last, TensorStats* stats) {
   const WeightView& wv = t.request->weights;
   const int64_t n = t.n;
@@ -203,7 +212,7 @@ void ErrorRows(const GptqTensor& t, int64_t first, int64_t last, const uint8_t* 
 }
 
 // tr(E H E^T) of the gptq result and (optionally) of local_hessian's for rows [first, last).
-__attribute__((flatten, target_clones("avx512f", "arch=haswell", "default"))) void CompareRows(
+NVFP4CAL_CLONES_FLATTEN void CompareRows(
     const GptqTensor& t, int64_t first, int64_t last, bool local_hessian, TensorStats* stats) {
   const int64_t n = t.n;
   const float* h = t.request->hessian.data;
