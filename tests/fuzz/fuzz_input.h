@@ -6,8 +6,20 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
+
+// A property every fuzz target checks: on failure, print it and abort (libFuzzer then keeps the
+// input as a crash reproducer).
+#define FUZZ_CHECK(cond)                                                             \
+  do {                                                                               \
+    if (!(cond)) {                                                                   \
+      std::fprintf(stderr, "check failed: %s (%s:%d)\n", #cond, __FILE__, __LINE__); \
+      std::abort();                                                                  \
+    }                                                                                \
+  } while (0)
 
 namespace nvfp4cal::fuzz {
 

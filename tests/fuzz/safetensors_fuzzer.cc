@@ -15,16 +15,9 @@
 
 #include "client/hessians.h"
 #include "client/safetensors.h"
+#include "tests/fuzz/fuzz_input.h"
 
 namespace {
-
-#define FUZZ_CHECK(cond)                                                             \
-  do {                                                                               \
-    if (!(cond)) {                                                                   \
-      std::fprintf(stderr, "check failed: %s (%s:%d)\n", #cond, __FILE__, __LINE__); \
-      std::abort();                                                                  \
-    }                                                                                \
-  } while (0)
 
 // Writes the bytes to a memfd; returns its /proc path ("" when memfd is unavailable).
 std::string MemFile(const uint8_t* data, size_t size, int* fd) {

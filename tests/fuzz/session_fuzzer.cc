@@ -31,14 +31,6 @@ namespace {
 using nvfp4cal::fuzz::FuzzInput;
 namespace v1 = nvfp4cal::v1;
 
-#define FUZZ_CHECK(cond)                                                             \
-  do {                                                                               \
-    if (!(cond)) {                                                                   \
-      std::fprintf(stderr, "check failed: %s (%s:%d)\n", #cond, __FILE__, __LINE__); \
-      std::abort();                                                                  \
-    }                                                                                \
-  } while (0)
-
 struct Fixture {
   std::unique_ptr<nvfp4cal::server::CalibrationServer> server;
   std::unique_ptr<v1::Calibrator::Stub> stub;

@@ -22,14 +22,6 @@
 
 namespace {
 
-#define FUZZ_CHECK(cond)                                                             \
-  do {                                                                               \
-    if (!(cond)) {                                                                   \
-      std::fprintf(stderr, "check failed: %s (%s:%d)\n", #cond, __FILE__, __LINE__); \
-      std::abort();                                                                  \
-    }                                                                                \
-  } while (0)
-
 nvfp4cal::ScaleSearch& Search() {
   static nvfp4cal::ScaleSearch* search =
       nvfp4cal::MakeCpuScaleSearch({/*num_threads=*/1, /*blocks_per_task=*/4096}).release();
