@@ -3,7 +3,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -11,13 +10,13 @@
 #include <map>
 #include <string>
 #include <system_error>
-#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "client/checkpoint.h"
 #include "client/file_util.h"
+#include "client/parallel.h"
 #include "client/safetensors.h"
 #include "nlohmann/json.hpp"
 #include "nvfp4cal/kernels/example_data.h"
@@ -102,16 +101,7 @@ SafetensorsTensorData FullHessian(const std::string& name, int64_t n, uint64_t s
 std::vector<SafetensorsTensorData> GenerateAll(
     const std::vector<std::function<SafetensorsTensorData()>>& makers) {
   std::vector<SafetensorsTensorData> out(makers.size());
-  std::atomic<size_t> next{0};
-  auto work = [&] {
-    for (size_t i; (i = next.fetch_add(1)) < makers.size();) out[i] = makers[i]();
-  };
-  const size_t threads =
-      std::min<size_t>(makers.size(), std::max(1u, std::thread::hardware_concurrency()));
-  std::vector<std::thread> pool;
-  for (size_t t = 1; t < threads; ++t) pool.emplace_back(work);
-  work();
-  for (std::thread& t : pool) t.join();
+  ParallelFor(makers.size(), [&](size_t i) { out[i] = makers[i](); });
   return out;
 }
 

@@ -3,7 +3,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -12,7 +11,6 @@
 #include <optional>
 #include <set>
 #include <system_error>
-#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -22,6 +20,7 @@
 #include "absl/time/time.h"
 #include "client/file_util.h"
 #include "client/hessians.h"
+#include "client/parallel.h"
 #include "nlohmann/json.hpp"
 
 #ifndef NVFP4CAL_VERSION
@@ -142,28 +141,17 @@ absl::Status PrepareModules(const QuantizeOptions& options, const Checkpoint& ch
   }
   // Each module's amax (a full scan that also rejects NaN/Inf), on every hardware thread.
   std::vector<absl::Status> scans(prepared->size());
-  std::atomic<size_t> next{0};
-  auto scan = [&] {
-    for (size_t i; (i = next.fetch_add(1)) < prepared->size();) {
-      PreparedModule& m = (*prepared)[i];
-      const ModulePlan& plan = *m.plan;
-      absl::StatusOr<float> amax =
-          ComputeGlobalAmax(WeightView{m.weights, plan.dtype, plan.rows, plan.cols});
-      if (!amax.ok()) {
-        scans[i] = WithContext(amax.status(), absl::StrCat("tensor '", plan.weight_name, "'"));
-        continue;
-      }
-      m.own_amax = *amax;
+  ParallelFor(prepared->size(), [&](size_t i) {
+    PreparedModule& m = (*prepared)[i];
+    const ModulePlan& plan = *m.plan;
+    absl::StatusOr<float> amax =
+        ComputeGlobalAmax(WeightView{m.weights, plan.dtype, plan.rows, plan.cols});
+    if (!amax.ok()) {
+      scans[i] = WithContext(amax.status(), absl::StrCat("tensor '", plan.weight_name, "'"));
+      return;
     }
-  };
-  {
-    std::vector<std::thread> pool;
-    const size_t threads =
-        std::min<size_t>(prepared->size(), std::max(1u, std::thread::hardware_concurrency()));
-    for (size_t t = 1; t < threads; ++t) pool.emplace_back(scan);
-    scan();
-    for (std::thread& t : pool) t.join();
-  }
+    m.own_amax = *amax;
+  });
   for (const absl::Status& s : scans) {
     if (!s.ok()) return s;  // the first module in order that failed
   }
