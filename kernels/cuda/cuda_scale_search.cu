@@ -113,6 +113,12 @@ __device__ void WriteTileStats(bool active, const BlockOutcome& out, double* scr
   }
 }
 
+// Copies the tile's 16x16 Hessian block into shared memory (every thread of the tile takes part).
+__device__ void LoadTileHessian(const DeviceSlice& s, const Tile& tile, float* h) {
+  const float* hj = s.hessians + static_cast<int64_t>(tile.col_block) * kBlockSize * kBlockSize;
+  for (int i = threadIdx.x; i < kBlockSize * kBlockSize; i += kRowsPerTile) h[i] = hj[i];
+}
+
 // Loads the tile's Hessian block (and what the chosen search needs of it) into shared memory.
 struct TileHessian {
   float h[kBlockSize * kBlockSize];
@@ -129,10 +135,7 @@ __global__ void __launch_bounds__(kRowsPerTile)
   const Tile tile = tiles[blockIdx.x];
   const DeviceSlice s = slices[tile.slice];
   const bool has_hessian = s.hessians != nullptr;
-  if (has_hessian) {
-    const float* h = s.hessians + static_cast<int64_t>(tile.col_block) * kBlockSize * kBlockSize;
-    for (int i = threadIdx.x; i < kBlockSize * kBlockSize; i += kRowsPerTile) th.h[i] = h[i];
-  }
+  if (has_hessian) LoadTileHessian(s, tile, th.h);
   __syncthreads();
   if (has_hessian && kEventSearch) {
     for (int i = threadIdx.x; i < kBlockSize * kBlockSize; i += kRowsPerTile) {
@@ -342,6 +345,7 @@ struct RowState {
   int16_t sweep_candidate;
   int16_t dss_k_begin;
   uint8_t max_scale_byte;
+  uint8_t scale_byte;  // BeginBlock's: final for an all-zero tensor
   uint8_t searching;
 };
 
@@ -356,10 +360,7 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
   const bool squared = method == BlockMethod::kMse || !has_hessian;
   const float global_amax = s.global_amax;
   const float global_scale = s.global_scale;
-  if (has_hessian) {
-    const float* hj = s.hessians + static_cast<int64_t>(tile.col_block) * kBlockSize * kBlockSize;
-    for (int i = threadIdx.x; i < kBlockSize * kBlockSize; i += kRowsPerTile) sh.h[i] = hj[i];
-  }
+  if (has_hessian) LoadTileHessian(s, tile, sh.h);
   if (threadIdx.x == 0) sh.bounds = squared ? *s.identity : s.bounds[tile.col_block];
   const float global_scale_unit =
       MulNoContract(global_scale, ErrorUnitInverse(ErrorUnitExponent(global_scale)));
@@ -406,6 +407,7 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
                      static_cast<int16_t>(reference_k),
                      0,
                      out.max_scale_byte,
+                     out.scale_byte,
                      static_cast<uint8_t>(searching)};
     if (searching) {
       const BlockPruning pruning = MakeBlockPruning(b, &sh.bounds);
@@ -485,12 +487,11 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
   BlockOutcome out{};
   out.hessian_all_zero = all_zero_hessian;
   out.max_scale_byte = state.max_scale_byte;
-  out.scale_byte = state.max_scale_byte;
+  out.scale_byte = state.scale_byte;
   out.mse_before = state.mse_before;
   out.hessian_before = state.hessian_before;
-  if (active && global_amax == 0.0f) {
-    out.scale_byte = method == BlockMethod::kMax ? out.max_scale_byte : 0x01;
-  } else if (active) {
+  // An all-zero tensor (g = 0) keeps BeginBlock's outcome: its scale byte and zero codes.
+  if (active && global_amax != 0.0f) {
     ScaledBlock b;
     LoadStagedBlock(sh, static_cast<int>(threadIdx.x), global_amax, global_scale, global_scale_unit,
                     &b);
@@ -514,13 +515,16 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
       q = dss.q;
     }
     FinishBlock(b, GenericBlockObjectives{h}, candidate, q, &out);
+  }
+  if (active) {
     const int64_t block = row * (s.cols / kBlockSize) + tile.col_block;
     s.scales[block] = out.scale_byte;
     uint2 packed;
     memcpy(&packed, out.packed, sizeof(packed));
     reinterpret_cast<uint2*>(s.codes)[block] = packed;
+  } else {
+    out = BlockOutcome{};
   }
-  if (!active) out = BlockOutcome{};
   WriteTileStats(active, out, sh.scratch, tile_stats, evaluated);
 }
 

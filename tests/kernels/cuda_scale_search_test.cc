@@ -200,6 +200,26 @@ TEST_F(CudaScaleSearchTest, DssGridsInsideAndBeyondTheQueueMatchCpu) {
   }
 }
 
+TEST_F(CudaScaleSearchTest, AllZeroTensorWritesItsScalesAndCodesAfterOtherWork) {
+  // g = 0: s2 = 0, every code 0 and the method's all-zero scale byte (NUMERICS §3), written
+  // even when the device workspace still holds an earlier tensor's results.
+  const HardTensor busy = MakeHardTensor(Kind::kTypical, 256, 512, 600);
+  HardTensor zero = MakeHardTensor(Kind::kTypical, 256, 512, 601);
+  std::fill(zero.w.begin(), zero.w.end(), 0.0f);
+  for (CudaScaleSearch* backend : {gpu_.get(), gpu_full_.get()}) {
+    for (Method m : kMethods) {
+      ASSERT_TRUE(backend->Quantize(RequestFor(busy, m)).ok());
+      absl::StatusOr<QuantizedTensor> cpu = cpu_->Quantize(RequestFor(zero, m));
+      absl::StatusOr<QuantizedTensor> gpu = backend->Quantize(RequestFor(zero, m));
+      ASSERT_TRUE(cpu.ok()) << cpu.status();
+      ASSERT_TRUE(gpu.ok()) << gpu.status();
+      EXPECT_EQ(cpu->scales, gpu->scales) << MethodName(m);
+      EXPECT_EQ(cpu->packed_codes, gpu->packed_codes) << MethodName(m);
+      EXPECT_EQ(gpu->scales[0], m == Method::kMax ? 0x7E : 0x01) << MethodName(m);
+    }
+  }
+}
+
 TEST_F(CudaScaleSearchTest, LargeTensorChunkedByTheMemoryBudgetMatchesCpu) {
   const int64_t rows = 28672;
   const int64_t cols = 8192;
