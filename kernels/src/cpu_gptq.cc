@@ -10,6 +10,8 @@
 #include <atomic>
 #include <cmath>
 #include <functional>
+#include <memory>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -36,10 +38,22 @@ namespace {
 // while every error of the batch is applied.
 constexpr int64_t kUpdateChunk = 512;
 
-// Everything the tasks share, fixed per tensor.
+// A Hessian prepared by the CPU backend: factor, column order and the per-group blocks.
+struct CpuGptqPlan : GptqPlan {
+  GptqFactor factor;
+  std::vector<float> hessian;  // copy of H [n, n] for tr(E H E^T)
+  GptqGroupConfig config;
+  std::vector<int64_t> column;             // original column at quantization position p
+  std::vector<float> hessian_blocks;       // [groups, 16, 16] diagonal blocks of H, original order
+  std::vector<HessianBlockBounds> bounds;  // pruning data of those blocks
+  std::vector<float> factor_blocks;        // [groups, 16, 16] diagonal blocks of U, quant. order
+};
+
+// Everything the tasks of one QuantizeRows call share.
 struct GptqTensor {
-  const GptqRequest* request;
-  const GptqFactor* factor;
+  const CpuGptqPlan* plan;
+  const WeightView* weights;
+  int64_t row_begin;  // first row of the call: row row_begin is output row 0
   int64_t n;
   float global_amax;
   float global_scale;
@@ -47,11 +61,7 @@ struct GptqTensor {
   float unit_inverse;  // 2^-E
   double objective_unit;
   GptqGroupConfig config;
-  std::vector<int64_t> column;             // original column at quantization position p
-  std::vector<float> hessian_blocks;       // [groups, 16, 16] diagonal blocks of H, original order
-  std::vector<HessianBlockBounds> bounds;  // pruning data of those blocks
-  std::vector<float> factor_blocks;        // [groups, 16, 16] diagonal blocks of U, quant. order
-  QuantizedTensor* result;
+  RowRangeOutput output;
 };
 
 // w[i] -= s * u[i] for i < count (product rounded, then the subtraction).
@@ -90,46 +100,47 @@ void AddGroupStats(const GptqTensor& t, const float* orig, const float* h, uint8
 // picked at run time; every variant computes the same bits (-ffp-contract=off, same order).
 // GCC also inlines the callees into each variant (flatten); clang rejects flatten together
 // with target_clones, and its builds (the sanitizer and fuzzing steps) do without it.
-NVFP4CAL_CLONES_FLATTEN void GptqRowsKernel(
-    const GptqTensor& t, int64_t first, int64_t last, TensorStats* stats) {
-  const WeightView& wv = t.request->weights;
+NVFP4CAL_CLONES_FLATTEN void GptqRowsKernel(const GptqTensor& t, int64_t first, int64_t last,
+                                            TensorStats* stats) {
+  const WeightView& wv = *t.weights;
+  const CpuGptqPlan& plan = *t.plan;
   const int64_t n = t.n;
   const int64_t rows = last - first;
-  const int64_t batch = t.request->params.gptq.block_columns;
-  const float* u = t.factor->inverse_factor.data();
+  const int64_t batch = plan.params.gptq.block_columns;
+  const float* u = plan.factor.inverse_factor.data();
   std::vector<float> work(static_cast<size_t>(rows * n));
   std::vector<float> errors(static_cast<size_t>(rows * batch));
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t p = 0; p < n; p += kBlockSize) {
-      LoadAsFloat(wv.data, wv.dtype, (first + r) * n + t.column[static_cast<size_t>(p)], kBlockSize,
-                  &work[static_cast<size_t>(r * n + p)]);
+      LoadAsFloat(wv.data, wv.dtype, (first + r) * n + plan.column[static_cast<size_t>(p)],
+                  kBlockSize, &work[static_cast<size_t>(r * n + p)]);
     }
   }
   const int64_t blocks_per_row = n / kBlockSize;
   for (int64_t b0 = 0; b0 < n; b0 += batch) {
     const int64_t b1 = std::min(n, b0 + batch);
     for (int64_t p0 = b0; p0 < b1; p0 += kBlockSize) {
-      const int64_t group = t.factor->group_order[static_cast<size_t>(p0 / kBlockSize)];
-      const float* h = &t.hessian_blocks[static_cast<size_t>(group * kBlockSize * kBlockSize)];
+      const int64_t group = plan.factor.group_order[static_cast<size_t>(p0 / kBlockSize)];
+      const float* h = &plan.hessian_blocks[static_cast<size_t>(group * kBlockSize * kBlockSize)];
       const float* ub =
-          &t.factor_blocks[static_cast<size_t>((p0 / kBlockSize) * kBlockSize * kBlockSize)];
+          &plan.factor_blocks[static_cast<size_t>((p0 / kBlockSize) * kBlockSize * kBlockSize)];
       for (int64_t r = 0; r < rows; ++r) {
         float* w = &work[static_cast<size_t>(r * n + p0)];
         GptqGroupOutput out{};
         GptqGroupChoice choice{0, 0.0f, 0, 0};
         if (t.global_amax > 0.0f) {
           choice = GptqChooseGroupScale(w, t.global_amax, t.global_scale, h, ub, t.config,
-                                        &t.bounds[static_cast<size_t>(group)]);
+                                        &plan.bounds[static_cast<size_t>(group)]);
           const float d_unit = MulNoContract(ScaleCandidateValue(choice.candidate),
                                              MulNoContract(t.global_scale, t.unit_inverse));
           GptqGroupPass(w, choice.q, d_unit, t.unit, t.unit_inverse, ub, &out);
         }
         // All-zero tensor (g = 0): codes 0, scale byte 0x01, nothing to propagate.
         const uint8_t scale_byte = static_cast<uint8_t>(choice.candidate + 1);
-        const int64_t block = (first + r) * blocks_per_row + group;
-        t.result->scales[static_cast<size_t>(block)] = scale_byte;
+        const int64_t block = (first + r - t.row_begin) * blocks_per_row + group;
+        t.output.scales[static_cast<size_t>(block)] = scale_byte;
         for (int i = 0; i < kBlockSize / 2; ++i) {
-          t.result->packed_codes[static_cast<size_t>(block * (kBlockSize / 2) + i)] =
+          t.output.packed_codes[static_cast<size_t>(block * (kBlockSize / 2) + i)] =
               PackE2M1Pair(out.codes[2 * i], out.codes[2 * i + 1]);
         }
         float orig[kBlockSize];
@@ -190,7 +201,7 @@ __attribute__((target_clones("avx512f", "arch=haswell", "default"))) double Full
 // and scale bytes, starting with row `first`.
 void ErrorRows(const GptqTensor& t, int64_t first, int64_t last, const uint8_t* packed,
                const uint8_t* scales, std::vector<double>* e) {
-  const WeightView& wv = t.request->weights;
+  const WeightView& wv = *t.weights;
   const int64_t n = t.n;
   const int64_t blocks_per_row = n / kBlockSize;
   e->assign(static_cast<size_t>((last - first) * n), 0.0);
@@ -212,30 +223,32 @@ void ErrorRows(const GptqTensor& t, int64_t first, int64_t last, const uint8_t* 
 }
 
 // tr(E H E^T) of the gptq result and (optionally) of local_hessian's for rows [first, last).
-NVFP4CAL_CLONES_FLATTEN void CompareRows(
-    const GptqTensor& t, int64_t first, int64_t last, bool local_hessian, TensorStats* stats) {
+NVFP4CAL_CLONES_FLATTEN void CompareRows(const GptqTensor& t, int64_t first, int64_t last,
+                                         bool local_hessian, TensorStats* stats) {
   const int64_t n = t.n;
-  const float* h = t.request->hessian.data;
+  const float* h = t.plan->hessian.data();
   const int64_t blocks_per_row = n / kBlockSize;
   std::vector<double> e;
-  ErrorRows(t, first, last,
-            t.result->packed_codes.data() + first * blocks_per_row * (kBlockSize / 2),
-            t.result->scales.data() + first * blocks_per_row, &e);
+  ErrorRows(
+      t, first, last,
+      t.output.packed_codes.data() + (first - t.row_begin) * blocks_per_row * (kBlockSize / 2),
+      t.output.scales.data() + (first - t.row_begin) * blocks_per_row, &e);
   stats->gptq.full_hessian_error += FullHessianError(h, n, e, last - first);
   if (!local_hessian) return;
   // local_hessian on the same rows and g.
   std::vector<uint8_t> packed(static_cast<size_t>((last - first) * blocks_per_row * 8));
   std::vector<uint8_t> scales(static_cast<size_t>((last - first) * blocks_per_row));
-  const WeightView& wv = t.request->weights;
+  const WeightView& wv = *t.weights;
   float w[kBlockSize];
   const HessianBlockBounds identity = IdentityBounds();
   for (int64_t r = first; r < last; ++r) {
     for (int64_t j = 0; j < blocks_per_row; ++j) {
       LoadAsFloat(wv.data, wv.dtype, r * n + j * kBlockSize, kBlockSize, w);
-      const BlockOutcome out = QuantizeBlock(
-          w, t.global_amax, t.global_scale,
-          &t.hessian_blocks[static_cast<size_t>(j * kBlockSize * kBlockSize)],
-          BlockMethod::kLocalHessian, t.config.grid, &t.bounds[static_cast<size_t>(j)], &identity);
+      const BlockOutcome out =
+          QuantizeBlock(w, t.global_amax, t.global_scale,
+                        &t.plan->hessian_blocks[static_cast<size_t>(j * kBlockSize * kBlockSize)],
+                        BlockMethod::kLocalHessian, t.config.grid,
+                        &t.plan->bounds[static_cast<size_t>(j)], &identity);
       const int64_t block = (r - first) * blocks_per_row + j;
       scales[static_cast<size_t>(block)] = out.scale_byte;
       std::copy(out.packed, out.packed + kBlockSize / 2, packed.begin() + block * (kBlockSize / 2));
@@ -258,95 +271,127 @@ void RunTasks(int64_t num_tasks, int threads, const std::function<void(int64_t)>
   for (std::thread& th : pool) th.join();
 }
 
+class CpuGptq : public GptqBackend {
+ public:
+  explicit CpuGptq(const CpuGptqOptions& options) : options_(options) {}
+
+  std::string_view BackendName() const override { return "cpu"; }
+
+  absl::StatusOr<std::shared_ptr<const GptqPlan>> Prepare(const FullHessianView& hessian,
+                                                          const SearchParams& params) override {
+    if (absl::Status s = ValidateGptqHessian(hessian, params); !s.ok()) return s;
+    const absl::Time start = absl::Now();
+    absl::StatusOr<GptqFactor> factor = ComputeGptqFactor(hessian, params.gptq);
+    if (!factor.ok()) return factor.status();
+    auto plan = std::make_shared<CpuGptqPlan>();
+    const int64_t n = hessian.n;
+    const int64_t groups = n / kBlockSize;
+    plan->n = n;
+    plan->params = params;
+    plan->damping_relative = factor->damping_relative;
+    plan->damping_increases = factor->damping_increases;
+    plan->factor = *std::move(factor);
+    plan->hessian.assign(hessian.data, hessian.data + n * n);
+    plan->config =
+        GptqGroupConfig{params.gptq.scale_objective == GptqScaleObjective::kGptqCost,
+                        params.gptq.scale_search == GptqScaleSearch::kDss,
+                        DssGrid{params.scale_neighbours, DssBetaSteps(params), params.beta_step}};
+    plan->column.resize(static_cast<size_t>(n));
+    for (int64_t p = 0; p < n; ++p) {
+      plan->column[static_cast<size_t>(p)] =
+          plan->factor.group_order[static_cast<size_t>(p / kBlockSize)] * kBlockSize +
+          p % kBlockSize;
+    }
+    plan->hessian_blocks.resize(static_cast<size_t>(groups * kBlockSize * kBlockSize));
+    plan->factor_blocks.resize(plan->hessian_blocks.size());
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t a = 0; a < kBlockSize; ++a) {
+        for (int64_t b = 0; b < kBlockSize; ++b) {
+          const size_t at = static_cast<size_t>((g * kBlockSize + a) * kBlockSize + b);
+          plan->hessian_blocks[at] = hessian.data[(g * kBlockSize + a) * n + g * kBlockSize + b];
+          plan->factor_blocks[at] = plan->factor.inverse_factor[static_cast<size_t>(
+              (g * kBlockSize + a) * n + g * kBlockSize + b)];
+        }
+      }
+    }
+    plan->bounds =
+        ComputeHessianBlockBounds(BlockHessiansView{plan->hessian_blocks.data(), groups});
+    plan->memory_bytes =
+        static_cast<int64_t>((plan->hessian.size() + plan->factor.inverse_factor.size() +
+                              2 * plan->hessian_blocks.size()) *
+                                 sizeof(float) +
+                             plan->bounds.size() * sizeof(HessianBlockBounds));
+    plan->factor_seconds = absl::ToDoubleSeconds(absl::Now() - start);
+    return std::shared_ptr<const GptqPlan>(std::move(plan));
+  }
+
+  absl::Status QuantizeRows(const GptqPlan& plan_base, const WeightView& weights, float global_amax,
+                            int64_t row_begin, int64_t row_end, RowRangeOutput output,
+                            TensorStats* stats) override {
+    const auto* plan = dynamic_cast<const CpuGptqPlan*>(&plan_base);
+    if (plan == nullptr) {
+      return absl::InvalidArgumentError(
+          "gptq plan: prepared by another backend; prepare it with this (cpu) backend");
+    }
+    if (absl::Status s = ValidateGptqRows(*plan, weights, global_amax, row_begin, row_end, output);
+        !s.ok()) {
+      return s;
+    }
+    GptqTensor t;
+    t.plan = plan;
+    t.weights = &weights;
+    t.row_begin = row_begin;
+    t.n = plan->n;
+    t.global_amax = global_amax;
+    t.global_scale = GlobalScaleFromAmax(global_amax);
+    const int exponent = ErrorUnitExponent(t.global_scale);
+    t.unit = ErrorUnitInverse(-exponent);
+    t.unit_inverse = ErrorUnitInverse(exponent);
+    t.objective_unit = ObjectiveUnit(t.global_scale);
+    t.config = plan->config;
+    t.output = output;
+
+    const int threads = options_.num_threads > 0
+                            ? options_.num_threads
+                            : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    const int64_t rows_per_task = std::max(1, options_.rows_per_task);
+    const int64_t num_tasks = (row_end - row_begin + rows_per_task - 1) / rows_per_task;
+    std::vector<TensorStats> task_stats(static_cast<size_t>(num_tasks));
+    const absl::Time quantize_start = absl::Now();
+    RunTasks(num_tasks, threads, [&](int64_t task) {
+      const int64_t first = row_begin + task * rows_per_task;
+      GptqRowsKernel(t, first, std::min(row_end, first + rows_per_task),
+                     &task_stats[static_cast<size_t>(task)]);
+    });
+    const absl::Time compare_start = absl::Now();
+    RunTasks(num_tasks, threads, [&](int64_t task) {
+      const int64_t first = row_begin + task * rows_per_task;
+      CompareRows(t, first, std::min(row_end, first + rows_per_task),
+                  options_.compare_local_hessian, &task_stats[static_cast<size_t>(task)]);
+    });
+    for (const TensorStats& s : task_stats) AccumulateStats(s, stats);
+    GptqStats& g = stats->gptq;
+    g.damping_relative = plan->damping_relative;
+    g.damping_increases = plan->damping_increases;
+    g.quantize_seconds += absl::ToDoubleSeconds(compare_start - quantize_start);
+    g.compare_seconds += absl::ToDoubleSeconds(absl::Now() - compare_start);
+    return absl::OkStatus();
+  }
+
+ private:
+  const CpuGptqOptions options_;
+};
+
 }  // namespace
+
+std::unique_ptr<GptqBackend> MakeCpuGptq(const CpuGptqOptions& options) {
+  return std::make_unique<CpuGptq>(options);
+}
 
 absl::StatusOr<QuantizedTensor> CpuGptqQuantize(const GptqRequest& request,
                                                 const CpuGptqOptions& options) {
-  if (absl::Status s = ValidateGptqRequest(request); !s.ok()) return s;
-  const WeightView& wv = request.weights;
-  absl::StatusOr<float> own_amax = ScanWeightRows(wv, 0, wv.rows);
-  if (!own_amax.ok()) return own_amax.status();
-  const float global_amax = request.global_amax.value_or(*own_amax);
-  if (absl::Status s = ValidateGlobalAmax(global_amax, *own_amax); !s.ok()) return s;
-
-  const absl::Time factor_start = absl::Now();
-  absl::StatusOr<GptqFactor> factor = ComputeGptqFactor(request.hessian, request.params.gptq);
-  if (!factor.ok()) return factor.status();
-  const double factor_seconds = absl::ToDoubleSeconds(absl::Now() - factor_start);
-
-  QuantizedTensor result;
-  result.rows = wv.rows;
-  result.cols = wv.cols;
-  result.packed_codes.assign(static_cast<size_t>(wv.rows * wv.cols / 2), 0);
-  result.scales.assign(static_cast<size_t>(wv.rows * wv.cols / kBlockSize), 0);
-  result.global_amax = global_amax;
-  result.global_scale = GlobalScaleFromAmax(global_amax);
-  InitTensorStats(request.params, global_amax, &result.stats);
-
-  const int64_t n = wv.cols;
-  const int64_t groups = n / kBlockSize;
-  GptqTensor t;
-  t.request = &request;
-  t.factor = &*factor;
-  t.n = n;
-  t.global_amax = global_amax;
-  t.global_scale = result.global_scale;
-  const int exponent = ErrorUnitExponent(t.global_scale);
-  t.unit = ErrorUnitInverse(-exponent);
-  t.unit_inverse = ErrorUnitInverse(exponent);
-  t.objective_unit = ObjectiveUnit(t.global_scale);
-  t.config = GptqGroupConfig{request.params.gptq.scale_objective == GptqScaleObjective::kGptqCost,
-                             request.params.gptq.scale_search == GptqScaleSearch::kDss,
-                             DssGrid{request.params.scale_neighbours, DssBetaSteps(request.params),
-                                     request.params.beta_step}};
-  t.column.resize(static_cast<size_t>(n));
-  for (int64_t p = 0; p < n; ++p) {
-    t.column[static_cast<size_t>(p)] =
-        factor->group_order[static_cast<size_t>(p / kBlockSize)] * kBlockSize + p % kBlockSize;
-  }
-  t.hessian_blocks.resize(static_cast<size_t>(groups * kBlockSize * kBlockSize));
-  t.factor_blocks.resize(t.hessian_blocks.size());
-  for (int64_t g = 0; g < groups; ++g) {
-    for (int64_t a = 0; a < kBlockSize; ++a) {
-      for (int64_t b = 0; b < kBlockSize; ++b) {
-        const size_t at = static_cast<size_t>((g * kBlockSize + a) * kBlockSize + b);
-        t.hessian_blocks[at] = request.hessian.data[(g * kBlockSize + a) * n + g * kBlockSize + b];
-        t.factor_blocks[at] = factor->inverse_factor[static_cast<size_t>((g * kBlockSize + a) * n +
-                                                                         g * kBlockSize + b)];
-      }
-    }
-  }
-  t.bounds = ComputeHessianBlockBounds(BlockHessiansView{t.hessian_blocks.data(), groups});
-  t.result = &result;
-
-  const int threads = options.num_threads > 0
-                          ? options.num_threads
-                          : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  const int64_t rows_per_task = std::max(1, options.rows_per_task);
-  const int64_t num_tasks = (wv.rows + rows_per_task - 1) / rows_per_task;
-  std::vector<TensorStats> task_stats(static_cast<size_t>(num_tasks));
-  const absl::Time quantize_start = absl::Now();
-  RunTasks(num_tasks, threads, [&](int64_t task) {
-    const int64_t first = task * rows_per_task;
-    GptqRowsKernel(t, first, std::min(wv.rows, first + rows_per_task),
-                   &task_stats[static_cast<size_t>(task)]);
-  });
-  const absl::Time compare_start = absl::Now();
-  RunTasks(num_tasks, threads, [&](int64_t task) {
-    const int64_t first = task * rows_per_task;
-    CompareRows(t, first, std::min(wv.rows, first + rows_per_task), options.compare_local_hessian,
-                &task_stats[static_cast<size_t>(task)]);
-  });
-  for (const TensorStats& s : task_stats) AccumulateStats(s, &result.stats);
-  GptqStats& g = result.stats.gptq;
-  g.full_hessian_error_local_hessian =
-      options.compare_local_hessian ? g.full_hessian_error_local_hessian : 0.0;
-  g.damping_relative = factor->damping_relative;
-  g.damping_increases = factor->damping_increases;
-  g.factor_seconds = factor_seconds;
-  g.quantize_seconds = absl::ToDoubleSeconds(compare_start - quantize_start);
-  g.compare_seconds = absl::ToDoubleSeconds(absl::Now() - compare_start);
-  return result;
+  CpuGptq backend(options);
+  return GptqQuantize(backend, request);
 }
 
 }  // namespace nvfp4cal

@@ -2,7 +2,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <memory>
 #include <numeric>
+#include <utility>
 
 #include "absl/strings/str_format.h"
 #include "nvfp4cal/kernels/codecs.h"
@@ -26,6 +28,52 @@ constexpr int64_t kMaxGptqColumns = 65536;
 constexpr double kMaxAutomaticDamping = 1.0;
 
 }  // namespace
+
+absl::Status ValidateGptqHessian(const FullHessianView& h, const SearchParams& params) {
+  if (params.method != Method::kGptq) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "params.method = %s; gptq backends run method gptq only", MethodName(params.method)));
+  }
+  if (absl::Status s = ValidateParams(params); !s.ok()) return s;
+  if (h.data == nullptr) {
+    return absl::FailedPreconditionError(
+        "hessian: method gptq needs the full Hessian [in, in] and none was given");
+  }
+  if (h.n <= 0 || h.n % kBlockSize != 0 || h.n > kMaxGptqColumns) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "hessian.n = %d; must be a positive multiple of %d and at most the gptq limit %d", h.n,
+        kBlockSize, kMaxGptqColumns));
+  }
+  const int64_t n = h.n;
+  float max_diagonal = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float d = h.data[i * n + i];
+    if (!std::isfinite(d) || d < 0.0f) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("hessian[%d, %d] = %g; the diagonal must be finite and >= 0", i, i, d));
+    }
+    max_diagonal = std::max(max_diagonal, d);
+  }
+  const float limit = params.symmetry_tolerance * max_diagonal;
+  for (int64_t a = 0; a < n; ++a) {
+    for (int64_t b = a; b < n; ++b) {
+      const float x = h.data[a * n + b];
+      const float y = h.data[b * n + a];
+      if (!std::isfinite(x) || !std::isfinite(y)) {
+        return absl::InvalidArgumentError(
+            absl::StrFormat("hessian[%d, %d] = %g; values must be finite", std::isfinite(x) ? b : a,
+                            std::isfinite(x) ? a : b, std::isfinite(x) ? y : x));
+      }
+      if (std::fabs(x - y) > limit) {
+        return absl::InvalidArgumentError(
+            absl::StrFormat("hessian is not symmetric: H[%d, %d] = %g but H[%d, %d] = %g; limit "
+                            "symmetry_tolerance (%g) x max diagonal (%g) = %g",
+                            a, b, x, b, a, y, params.symmetry_tolerance, max_diagonal, limit));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
 
 absl::Status ValidateGptqRequest(const GptqRequest& request) {
   const WeightView& w = request.weights;
@@ -55,35 +103,54 @@ absl::Status ValidateGptqRequest(const GptqRequest& request) {
         absl::StrFormat("hessian.n = %d but weights.cols = %d; expected shape [%d, %d]", h.n,
                         w.cols, w.cols, w.cols));
   }
-  const int64_t n = h.n;
-  float max_diagonal = 0.0f;
-  for (int64_t i = 0; i < n; ++i) {
-    const float d = h.data[i * n + i];
-    if (!std::isfinite(d) || d < 0.0f) {
-      return absl::InvalidArgumentError(
-          absl::StrFormat("hessian[%d, %d] = %g; the diagonal must be finite and >= 0", i, i, d));
-    }
-    max_diagonal = std::max(max_diagonal, d);
-  }
-  const float limit = request.params.symmetry_tolerance * max_diagonal;
-  for (int64_t a = 0; a < n; ++a) {
-    for (int64_t b = a; b < n; ++b) {
-      const float x = h.data[a * n + b];
-      const float y = h.data[b * n + a];
-      if (!std::isfinite(x) || !std::isfinite(y)) {
-        return absl::InvalidArgumentError(
-            absl::StrFormat("hessian[%d, %d] = %g; values must be finite", std::isfinite(x) ? b : a,
-                            std::isfinite(x) ? a : b, std::isfinite(x) ? y : x));
-      }
-      if (std::fabs(x - y) > limit) {
-        return absl::InvalidArgumentError(absl::StrFormat(
-            "hessian is not symmetric: H[%d, %d] = %g but H[%d, %d] = %g; limit "
-            "symmetry_tolerance (%g) x max diagonal (%g) = %g",
-            a, b, x, b, a, y, request.params.symmetry_tolerance, max_diagonal, limit));
-      }
-    }
-  }
+  if (absl::Status s = ValidateGptqHessian(h, request.params); !s.ok()) return s;
   return ScanWeightRows(w, 0, w.rows).status();
+}
+
+absl::Status ValidateGptqRows(const GptqPlan& plan, const WeightView& weights, float global_amax,
+                              int64_t row_begin, int64_t row_end, const RowRangeOutput& output) {
+  QuantizeRequest shape_only;
+  shape_only.weights = weights;
+  shape_only.params = plan.params;
+  shape_only.params.method = Method::kMse;
+  if (absl::Status s = ValidateShapeHessiansAndParams(shape_only); !s.ok()) return s;
+  if (weights.cols != plan.n) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "weights.cols = %d but the gptq plan's Hessian is [%d, %d]", weights.cols, plan.n, plan.n));
+  }
+  if (absl::Status s = ValidateRowRange(weights, row_begin, row_end, output); !s.ok()) return s;
+  absl::StatusOr<float> rows_amax = ScanWeightRows(weights, row_begin, row_end);
+  if (!rows_amax.ok()) return rows_amax.status();
+  return ValidateGlobalAmax(global_amax, *rows_amax);
+}
+
+absl::StatusOr<QuantizedTensor> GptqQuantize(GptqBackend& backend, const GptqRequest& request) {
+  if (absl::Status s = ValidateGptqRequest(request); !s.ok()) return s;
+  const WeightView& wv = request.weights;
+  absl::StatusOr<float> own_amax = ScanWeightRows(wv, 0, wv.rows);
+  if (!own_amax.ok()) return own_amax.status();
+  const float global_amax = request.global_amax.value_or(*own_amax);
+  if (absl::Status s = ValidateGlobalAmax(global_amax, *own_amax); !s.ok()) return s;
+  absl::StatusOr<std::shared_ptr<const GptqPlan>> plan =
+      backend.Prepare(request.hessian, request.params);
+  if (!plan.ok()) return plan.status();
+  QuantizedTensor result;
+  result.rows = wv.rows;
+  result.cols = wv.cols;
+  result.packed_codes.assign(static_cast<size_t>(wv.rows * wv.cols / 2), 0);
+  result.scales.assign(static_cast<size_t>(wv.rows * wv.cols / kBlockSize), 0);
+  result.global_amax = global_amax;
+  result.global_scale = GlobalScaleFromAmax(global_amax);
+  InitTensorStats(request.params, global_amax, &result.stats);
+  if (absl::Status s = backend.QuantizeRows(
+          **plan, wv, global_amax, 0, wv.rows,
+          RowRangeOutput{absl::MakeSpan(result.packed_codes), absl::MakeSpan(result.scales)},
+          &result.stats);
+      !s.ok()) {
+    return s;
+  }
+  result.stats.gptq.factor_seconds = (*plan)->factor_seconds;
+  return result;
 }
 
 absl::StatusOr<GptqFactor> ComputeGptqFactor(const FullHessianView& hessian,

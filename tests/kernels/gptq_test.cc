@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <memory>
+#include <utility>
 #include <vector>
 
 #include "gmock/gmock.h"
@@ -412,6 +414,73 @@ TEST(CpuGptq, DeterministicForAnyThreadCount) {
         << threads;
     EXPECT_EQ(many->stats.blocks_beta_not_one, one->stats.blocks_beta_not_one) << threads;
   }
+}
+
+TEST(CpuGptq, OnePlanServesRowRangesOfSeveralTensors) {
+  // Rows are independent given H: one prepared plan, ranges in any split and order, and two
+  // tensors sharing the Hessian give the whole-tensor bytes.
+  const int64_t rows = 37, cols = 96;
+  const std::vector<float> h = CorrelatedHessian(cols, 200, 0.2, 21);
+  const std::vector<float> a = RandomWeights(rows, cols, 22);
+  const std::vector<float> b = RandomWeights(rows, cols, 23);
+  SearchParams params;
+  params.method = Method::kGptq;
+  params.gptq.act_order = true;
+  std::unique_ptr<GptqBackend> backend = MakeCpuGptq({2, 5, true});
+  absl::StatusOr<std::shared_ptr<const GptqPlan>> plan = backend->Prepare({h.data(), cols}, params);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ((*plan)->n, cols);
+  EXPECT_GT((*plan)->memory_bytes, cols * cols * 4);
+  for (const std::vector<float>* w : {&a, &b}) {
+    GptqRequest request = MakeGptqRequest(*w, rows, cols, h);
+    request.params = params;
+    request.global_amax = 6.0f;
+    absl::StatusOr<QuantizedTensor> whole = CpuGptqQuantize(request, {});
+    ASSERT_TRUE(whole.ok()) << whole.status();
+    std::vector<uint8_t> codes(whole->packed_codes.size()), scales(whole->scales.size());
+    TensorStats stats;
+    const WeightView view{w->data(), DType::kFloat32, rows, cols};
+    for (auto [begin, end] : {std::pair<int64_t, int64_t>{20, 37}, {0, 1}, {1, 20}}) {
+      const RowRangeOutput out{
+          absl::MakeSpan(codes).subspan(begin * cols / 2, (end - begin) * cols / 2),
+          absl::MakeSpan(scales).subspan(begin * cols / 16, (end - begin) * cols / 16)};
+      ASSERT_TRUE(backend->QuantizeRows(**plan, view, 6.0f, begin, end, out, &stats).ok());
+    }
+    EXPECT_EQ(codes, whole->packed_codes);
+    EXPECT_EQ(scales, whole->scales);
+    EXPECT_EQ(stats.num_blocks, rows * cols / 16);
+    EXPECT_NEAR(stats.gptq.full_hessian_error, whole->stats.gptq.full_hessian_error,
+                1e-9 * whole->stats.gptq.full_hessian_error);
+  }
+  // Checks before writing anything.
+  std::vector<uint8_t> codes(static_cast<size_t>(cols / 2), 0xAB), scales(cols / 16, 0xAB);
+  const RowRangeOutput one_row{absl::MakeSpan(codes), absl::MakeSpan(scales)};
+  TensorStats stats;
+  const WeightView narrow{a.data(), DType::kFloat32, rows * 2, cols / 2};
+  absl::Status s = backend->QuantizeRows(**plan, narrow, 6.0f, 0, 1,
+                                         RowRangeOutput{one_row.packed_codes.subspan(0, cols / 4),
+                                                        one_row.scales.subspan(0, cols / 32)},
+                                         &stats);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("weights.cols = 48 but the gptq plan's Hessian is [96, 96]"));
+  const WeightView view{a.data(), DType::kFloat32, rows, cols};
+  s = backend->QuantizeRows(**plan, view, 0.5f, 0, 1, one_row, &stats);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  s = backend->QuantizeRows(**plan, view, 6.0f, 5, 5, one_row, &stats);
+  EXPECT_THAT(s.message(), HasSubstr("row range [5, 5)"));
+  EXPECT_EQ(codes, std::vector<uint8_t>(static_cast<size_t>(cols / 2), 0xAB));
+  struct OtherPlan : GptqPlan {};
+  OtherPlan other;
+  other.n = cols;
+  s = backend->QuantizeRows(other, view, 6.0f, 0, 1, one_row, &stats);
+  EXPECT_THAT(s.message(), HasSubstr("prepared by another backend"));
+  // Prepare validates H and the parameters.
+  SearchParams not_gptq = params;
+  not_gptq.method = Method::kDss;
+  EXPECT_THAT(backend->Prepare({h.data(), cols}, not_gptq).status().message(),
+              HasSubstr("params.method = dss"));
+  EXPECT_THAT(backend->Prepare({h.data(), 40}, params).status().message(),
+              HasSubstr("hessian.n = 40"));
 }
 
 TEST(CpuGptq, AllZeroTensorGivesZeroCodes) {

@@ -4,6 +4,7 @@
 // columns not yet quantized, weighted by the inverse-Hessian factor. Output is standard NVFP4
 // (codes, FP8 block scales, FP32 global scale), like every other method.
 //
+// Whole tensors:
 //   nvfp4cal::GptqRequest request;
 //   request.weights = {bf16_data, nvfp4cal::DType::kBFloat16, /*rows=*/4096, /*cols=*/4096};
 //   request.hessian = {h_data, 4096};              // full [in, in] fp32, row-major
@@ -12,14 +13,20 @@
 //   absl::StatusOr<nvfp4cal::QuantizedTensor> result = nvfp4cal::CpuGptqQuantize(request, {});
 //   // result->stats.gptq.full_hessian_error vs .full_hessian_error_local_hessian
 //
-// The pieces are separable for other backends: ValidateGptqRequest (no side effects),
-// ComputeGptqFactor (host, LAPACK, double precision), the per-group step of gptq_group.h
-// (host and device), and the CPU driver.
+// Streaming (the service, the CLI's backends): rows are independent given H, so a backend
+// prepares a Hessian once (GptqBackend::Prepare: validation and factorisation) and quantizes
+// any row ranges of any tensors sharing it (GptqBackend::QuantizeRows), as they arrive.
+//
+// The pieces are separable: ValidateGptqHessian / ValidateGptqRequest (no side effects),
+// ComputeGptqFactor (host, LAPACK, double precision), the per-group step of gptq_group.h (host
+// and device), the CPU backend here and the CUDA backend of cuda_gptq.h.
 #ifndef NVFP4CAL_KERNELS_GPTQ_H_
 #define NVFP4CAL_KERNELS_GPTQ_H_
 
 #include <cstdint>
+#include <memory>
 #include <optional>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -44,6 +51,12 @@ struct GptqRequest {
   // Shared global amax of fused siblings (>= the tensor's own); computed when absent.
   std::optional<float> global_amax;
 };
+
+// Finiteness and symmetry of H (|H_ab - H_ba| <= params.symmetry_tolerance * max_c H_cc),
+// non-negative diagonal, n a positive multiple of 16 within the gptq limit, and the parameters
+// (method kGptq). INVALID_ARGUMENT naming the field, limit and value; FAILED_PRECONDITION
+// without data. No side effects.
+absl::Status ValidateGptqHessian(const FullHessianView& hessian, const SearchParams& params);
 
 // Shape, finiteness and symmetry of H (|H_ab - H_ba| <= tol * max_c H_cc), non-negative
 // diagonal, parameters and weights. INVALID_ARGUMENT naming the field, limit and value;
@@ -72,6 +85,55 @@ struct GptqFactor {
 absl::StatusOr<GptqFactor> ComputeGptqFactor(const FullHessianView& hessian,
                                              const GptqParams& params);
 
+// A full Hessian prepared for gptq by one backend (its factor and what the backend derives from
+// it, in host or device memory). Immutable and thread-safe; quantizes row ranges of every
+// tensor that has this Hessian, with the parameters it was prepared with. It keeps its own
+// copies: the Hessian it came from need not outlive it.
+struct GptqPlan {
+  virtual ~GptqPlan() = default;
+  int64_t n = 0;
+  // The parameters it was prepared with (method kGptq); QuantizeRows uses these.
+  SearchParams params;
+  double damping_relative = 0.0;  // lambda / mean(diag H) actually used
+  int damping_increases = 0;      // tenfold increases it took to be positive definite
+  double factor_seconds = 0.0;    // wall time of Prepare
+  // Bytes the plan holds (host memory for the CPU backend, device memory for CUDA).
+  int64_t memory_bytes = 0;
+};
+
+// A gptq backend ("cpu" or "cuda"). Implementations are thread-safe.
+class GptqBackend {
+ public:
+  virtual ~GptqBackend() = default;
+  virtual std::string_view BackendName() const = 0;
+
+  // Validates H and the parameters (ValidateGptqHessian), orders, damps and factorises.
+  // Errors as ValidateGptqHessian and ComputeGptqFactor; RESOURCE_EXHAUSTED when the backend's
+  // memory cannot hold the plan.
+  virtual absl::StatusOr<std::shared_ptr<const GptqPlan>> Prepare(const FullHessianView& hessian,
+                                                                  const SearchParams& params) = 0;
+
+  // Quantizes rows [row_begin, row_end) of `weights` (cols = plan.n) with global amax g into the
+  // caller's spans and adds the rows' statistics to *stats: TensorStats' block sums,
+  // gptq.full_hessian_error (and full_hessian_error_local_hessian when the backend compares),
+  // quantize_seconds / compare_seconds; sets damping_relative / damping_increases from the
+  // plan. Rows are independent: any split of a tensor into ranges gives the same bytes. Checks
+  // the plan's origin, shapes, spans, NaN/Inf in the rows and g >= their amax (INVALID_ARGUMENT)
+  // before writing anything.
+  virtual absl::Status QuantizeRows(const GptqPlan& plan, const WeightView& weights,
+                                    float global_amax, int64_t row_begin, int64_t row_end,
+                                    RowRangeOutput output, TensorStats* stats) = 0;
+};
+
+// What every backend's QuantizeRows checks before writing: cols = plan.n, dtype and data, the
+// range and span sizes (ValidateRowRange), NaN/Inf in the rows and g against their amax.
+absl::Status ValidateGptqRows(const GptqPlan& plan, const WeightView& weights, float global_amax,
+                              int64_t row_begin, int64_t row_end, const RowRangeOutput& output);
+
+// Whole tensor on any backend: validates the request, computes g when absent, prepares,
+// quantizes every row. stats.gptq.factor_seconds is the plan's.
+absl::StatusOr<QuantizedTensor> GptqQuantize(GptqBackend& backend, const GptqRequest& request);
+
 struct CpuGptqOptions {
   // Worker threads; 0 uses every hardware thread. Results do not depend on it.
   int num_threads = 0;
@@ -83,9 +145,12 @@ struct CpuGptqOptions {
   bool compare_local_hessian = true;
 };
 
-// Validates, factorises and quantizes a whole tensor on the CPU. TensorStats as for
-// local_hessian (block sums of e^T H_j e against the `max` method, mse, changed scales; dss
-// counts with GptqScaleSearch::kDss) plus GptqStats. Deterministic for any thread count.
+// The CPU backend: LAPACK factor, row tasks over threads. TensorStats as for local_hessian
+// (block sums of e^T H_j e against the `max` method, mse, changed scales; dss counts with
+// GptqScaleSearch::kDss) plus GptqStats. Deterministic for any thread count.
+std::unique_ptr<GptqBackend> MakeCpuGptq(const CpuGptqOptions& options);
+
+// GptqQuantize on a CPU backend with these options.
 absl::StatusOr<QuantizedTensor> CpuGptqQuantize(const GptqRequest& request,
                                                 const CpuGptqOptions& options);
 

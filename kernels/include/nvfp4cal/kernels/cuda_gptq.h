@@ -1,0 +1,43 @@
+// CudaGptq: the CUDA backend of the gptq method (gptq.h, docs/numerics.md §6).
+//
+//   absl::StatusOr<std::unique_ptr<nvfp4cal::GptqBackend>> gpu = nvfp4cal::MakeCudaGptq({});
+//   if (!gpu.ok()) { ... fall back to nvfp4cal::MakeCpuGptq({}) ... }
+//   absl::StatusOr<nvfp4cal::QuantizedTensor> r = nvfp4cal::GptqQuantize(**gpu, request);
+//
+// Prepare factorises on the device with cuSOLVER (double precision, the CPU's damping rule)
+// and keeps the factor and H there; QuantizeRows runs the ordered group loop on the device,
+// applying each lazy batch's errors to the later columns with cuBLAS, and computes tr(E H E^T)
+// with cuBLAS too. Results follow the CPU backend's numerics per group; the libraries' summation
+// order differs from the CPU's, so propagated weights can differ in the last bits and codes
+// drift where such a difference decides a rounding (docs/numerics.md §6 reports how much).
+// This header needs no CUDA headers; builds without CUDA get a factory that reports UNAVAILABLE.
+#ifndef NVFP4CAL_KERNELS_CUDA_GPTQ_H_
+#define NVFP4CAL_KERNELS_CUDA_GPTQ_H_
+
+#include <cstdint>
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "nvfp4cal/kernels/cuda_scale_search.h"
+#include "nvfp4cal/kernels/gptq.h"
+
+namespace nvfp4cal {
+
+struct CudaGptqOptions {
+  // CUDA device ordinal; plans live on this device.
+  int device = 0;
+  // Stream the copies and kernels run on; null = a stream the backend creates and owns.
+  CudaStream stream = nullptr;
+  // Device memory one QuantizeRows call may hold for its rows (working weights, errors,
+  // outputs); larger row ranges are processed in row chunks. Plans are not counted here.
+  int64_t memory_budget_bytes = int64_t{2} << 30;
+  // Also quantize with local_hessian and report tr(E H E^T) of both (GptqStats).
+  bool compare_local_hessian = true;
+};
+
+// The CUDA gptq backend, or UNAVAILABLE (no device / built without CUDA).
+absl::StatusOr<std::unique_ptr<GptqBackend>> MakeCudaGptq(const CudaGptqOptions& options);
+
+}  // namespace nvfp4cal
+
+#endif  // NVFP4CAL_KERNELS_CUDA_GPTQ_H_
