@@ -3,9 +3,8 @@
 //
 //   cpu_gptq_bench [ROWS COLS [THREADS [compare|nocompare]]]     default 4096 4096 0 compare
 //
-// Weights: example bf16 weights. Hessian: D (A A^T / k + 0.05 I) D with A [cols, 64] Gaussian
-// and D a per-channel scale with a few strong channels, so H is positive definite with
-// correlations across 16-column groups, like real activations.
+// Weights: example bf16 weights. Hessian: MakeExampleFullHessian (positive definite, with
+// correlations across 16-column groups and a few strong channels, like real activations).
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -22,25 +21,7 @@ int main(int argc, char** argv) {
   const int64_t cols = argc > 2 ? std::atoll(argv[2]) : 4096;
   const int threads = argc > 3 ? std::atoi(argv[3]) : 0;
   const bool compare = argc > 4 ? std::string(argv[4]) != "nocompare" : true;
-  constexpr int64_t kRank = 64;
-  nvfp4cal::ExampleRng rng(42);
-  std::vector<double> a(static_cast<size_t>(cols * kRank));
-  for (double& v : a) v = rng.Normal();
-  std::vector<double> scale(static_cast<size_t>(cols));
-  for (int64_t i = 0; i < cols; ++i) scale[static_cast<size_t>(i)] = i % 97 == 0 ? 8.0 : 1.0;
-  std::vector<float> h(static_cast<size_t>(cols * cols));
-  for (int64_t i = 0; i < cols; ++i) {
-    for (int64_t j = i; j < cols; ++j) {
-      double s = 0.0;
-      for (int64_t k = 0; k < kRank; ++k) {
-        s += a[static_cast<size_t>(i * kRank + k)] * a[static_cast<size_t>(j * kRank + k)];
-      }
-      s = (s / static_cast<double>(kRank) + (i == j ? 0.05 : 0.0)) * scale[static_cast<size_t>(i)] *
-          scale[static_cast<size_t>(j)];
-      h[static_cast<size_t>(i * cols + j)] = static_cast<float>(s);
-      h[static_cast<size_t>(j * cols + i)] = static_cast<float>(s);
-    }
-  }
+  const std::vector<float> h = nvfp4cal::MakeExampleFullHessian(cols, 42);
   const std::vector<uint16_t> w = nvfp4cal::MakeExampleWeightsBf16(rows, cols, 7);
   nvfp4cal::GptqRequest request;
   request.weights = {w.data(), nvfp4cal::DType::kBFloat16, rows, cols};

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/strings/str_format.h"
+#include "cuda_status.h"
 #include "nvfp4cal/kernels/block_search.h"
 #include "nvfp4cal/kernels/cuda_scale_search.h"
 #include "nvfp4cal/kernels/event_search.h"
@@ -25,22 +26,6 @@ namespace {
 
 constexpr int kRowsPerTile = 128;
 constexpr int64_t kAlignment = 256;
-
-absl::Status CudaStatus(cudaError_t error, const char* what) {
-  const std::string message = absl::StrFormat("CUDA %s failed: %s (%s)", what,
-                                              cudaGetErrorString(error), cudaGetErrorName(error));
-  if (error == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(message);
-  return absl::InternalError(message);
-}
-
-#define NVFP4_CUDA_RETURN_IF_ERROR(expr)      \
-  do {                                        \
-    const cudaError_t nvfp4_error_ = (expr);  \
-    if (nvfp4_error_ != cudaSuccess) {        \
-      (void)cudaGetLastError();               \
-      return CudaStatus(nvfp4_error_, #expr); \
-    }                                         \
-  } while (0)
 
 // One tensor row range as the kernel sees it (device pointers).
 struct DeviceSlice {

@@ -72,28 +72,21 @@ inline void SubtractScaled(float* w, float s, const float* u, int64_t count) {
 // Adds one group's statistics. orig: the group's original weights.
 void AddGroupStats(const GptqTensor& t, const float* orig, const float* h, uint8_t scale_byte,
                    const uint8_t* codes, const GptqGroupChoice& choice, TensorStats* stats) {
-  const BlockOutcome max =
-      QuantizeBlock(orig, t.global_amax, t.global_scale, h, BlockMethod::kMax, t.config.grid);
-  float e[kBlockSize];
-  const float d_unit =
-      MulNoContract(DecodeE4M3(scale_byte), MulNoContract(t.global_scale, t.unit_inverse));
-  for (int i = 0; i < kBlockSize; ++i) {
-    e[i] = ElementError(MulNoContract(orig[i], t.unit_inverse), DecodeE2M1(codes[i]), d_unit);
-  }
-  const double mse_after = t.objective_unit * BlockSquaredError(e);
-  const double hessian_after = t.objective_unit * BlockHessianError(h, e);
-  const double hessian_before = t.objective_unit * max.hessian_before;
+  const GptqGroupStats g = GptqGroupStatistics(orig, t.global_amax, t.global_scale, t.unit_inverse,
+                                               h, scale_byte, codes, t.config.grid);
+  const double hessian_before = t.objective_unit * g.hessian_before;
+  const double hessian_after = t.objective_unit * g.hessian_after;
   stats->num_blocks += 1;
-  stats->mse_before += t.objective_unit * max.mse_before;
-  stats->mse_after += mse_after;
+  stats->mse_before += t.objective_unit * g.mse_before;
+  stats->mse_after += t.objective_unit * g.mse_after;
   stats->hessian_error_before += hessian_before;
   stats->hessian_error_after += hessian_after;
   stats->objective_before += hessian_before;
   stats->objective_after += hessian_after;
-  stats->blocks_scale_changed += scale_byte != max.max_scale_byte;
+  stats->blocks_scale_changed += g.scale_changed;
   stats->blocks_beta_not_one += choice.dss_beta_index != 0;
   stats->blocks_offset_not_zero += choice.dss_offset != 0;
-  stats->zero_hessian_blocks += IsAllZeroHessian(h);
+  stats->zero_hessian_blocks += g.zero_hessian;
 }
 
 // Quantizes rows [first, last) with propagation. Compiled for several instruction sets and

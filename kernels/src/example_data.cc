@@ -1,7 +1,10 @@
 #include "nvfp4cal/kernels/example_data.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <thread>
+#include <vector>
 
 #include "nvfp4cal/kernels/codecs.h"
 
@@ -95,6 +98,37 @@ std::vector<float> MakeExampleHessianBlocks(int64_t num_blocks, uint64_t seed,
     }
   }
   return out;
+}
+
+std::vector<float> MakeExampleFullHessian(int64_t n, uint64_t seed, int threads) {
+  constexpr int64_t kRank = 64;
+  ExampleRng rng(seed);
+  std::vector<double> a(static_cast<size_t>(n * kRank));
+  for (double& v : a) v = rng.Normal();
+  std::vector<double> scale(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) scale[static_cast<size_t>(i)] = i % 97 == 0 ? 8.0 : 1.0;
+  std::vector<float> h(static_cast<size_t>(n * n));
+  auto rows = [&](int64_t first, int64_t step) {
+    for (int64_t i = first; i < n; i += step) {
+      for (int64_t j = i; j < n; ++j) {
+        double s = 0.0;
+        for (int64_t k = 0; k < kRank; ++k) {
+          s += a[static_cast<size_t>(i * kRank + k)] * a[static_cast<size_t>(j * kRank + k)];
+        }
+        s = (s / static_cast<double>(kRank) + (i == j ? 0.05 : 0.0)) *
+            scale[static_cast<size_t>(i)] * scale[static_cast<size_t>(j)];
+        h[static_cast<size_t>(i * n + j)] = static_cast<float>(s);
+        h[static_cast<size_t>(j * n + i)] = static_cast<float>(s);
+      }
+    }
+  };
+  const int count =
+      threads > 0 ? threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  std::vector<std::thread> pool;
+  for (int t = 1; t < count; ++t) pool.emplace_back(rows, t, count);
+  rows(0, count);
+  for (std::thread& t : pool) t.join();
+  return h;
 }
 
 }  // namespace nvfp4cal

@@ -4,7 +4,10 @@
 #include <cstddef>
 #include <memory>
 #include <numeric>
+#include <optional>
+#include <thread>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_format.h"
 #include "nvfp4cal/kernels/codecs.h"
@@ -55,22 +58,50 @@ absl::Status ValidateGptqHessian(const FullHessianView& h, const SearchParams& p
     max_diagonal = std::max(max_diagonal, d);
   }
   const float limit = params.symmetry_tolerance * max_diagonal;
-  for (int64_t a = 0; a < n; ++a) {
-    for (int64_t b = a; b < n; ++b) {
-      const float x = h.data[a * n + b];
-      const float y = h.data[b * n + a];
-      if (!std::isfinite(x) || !std::isfinite(y)) {
-        return absl::InvalidArgumentError(
-            absl::StrFormat("hessian[%d, %d] = %g; values must be finite", std::isfinite(x) ? b : a,
-                            std::isfinite(x) ? a : b, std::isfinite(x) ? y : x));
-      }
-      if (std::fabs(x - y) > limit) {
-        return absl::InvalidArgumentError(
-            absl::StrFormat("hessian is not symmetric: H[%d, %d] = %g but H[%d, %d] = %g; limit "
-                            "symmetry_tolerance (%g) x max diagonal (%g) = %g",
-                            a, b, x, b, a, y, params.symmetry_tolerance, max_diagonal, limit));
+  // Tiles of 64 x 64 against their mirror, so both reads stay in cache (n^2 elements, up to
+  // 4 GiB of H); rows of tiles spread over threads. The failure reported is the first in
+  // (tile row, tile column, a, b) order, whatever the thread count.
+  constexpr int64_t kTile = 64;
+  const int64_t tile_rows = (n + kTile - 1) / kTile;
+  std::vector<absl::Status> failures(static_cast<size_t>(tile_rows));
+  auto check_tile_row = [&](int64_t a0) -> absl::Status {
+    for (int64_t b0 = a0; b0 < n; b0 += kTile) {
+      for (int64_t a = a0; a < std::min(n, a0 + kTile); ++a) {
+        for (int64_t b = std::max(a, b0); b < std::min(n, b0 + kTile); ++b) {
+          const float x = h.data[a * n + b];
+          const float y = h.data[b * n + a];
+          if (!std::isfinite(x) || !std::isfinite(y)) {
+            return absl::InvalidArgumentError(absl::StrFormat(
+                "hessian[%d, %d] = %g; values must be finite", std::isfinite(x) ? b : a,
+                std::isfinite(x) ? a : b, std::isfinite(x) ? y : x));
+          }
+          if (std::fabs(x - y) > limit) {
+            return absl::InvalidArgumentError(absl::StrFormat(
+                "hessian is not symmetric: H[%d, %d] = %g but H[%d, %d] = %g; limit "
+                "symmetry_tolerance (%g) x max diagonal (%g) = %g",
+                a, b, x, b, a, y, params.symmetry_tolerance, max_diagonal, limit));
+          }
+        }
       }
     }
+    return absl::OkStatus();
+  };
+  // Small matrices on the calling thread; large ones (>= 1M elements) on up to 16 threads.
+  const int threads = n * n < (int64_t{1} << 20)
+                          ? 1
+                          : static_cast<int>(std::min<unsigned>(
+                                16, std::max(1u, std::thread::hardware_concurrency())));
+  auto worker = [&](int first) {
+    for (int64_t t = first; t < tile_rows; t += threads) {
+      failures[static_cast<size_t>(t)] = check_tile_row(t * kTile);
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(worker, t);
+  worker(0);
+  for (std::thread& t : pool) t.join();
+  for (absl::Status& f : failures) {
+    if (!f.ok()) return f;
   }
   return absl::OkStatus();
 }
@@ -153,14 +184,12 @@ absl::StatusOr<QuantizedTensor> GptqQuantize(GptqBackend& backend, const GptqReq
   return result;
 }
 
-absl::StatusOr<GptqFactor> ComputeGptqFactor(const FullHessianView& hessian,
-                                             const GptqParams& params) {
+absl::StatusOr<GptqOrder> ComputeGptqOrder(const FullHessianView& hessian, bool act_order) {
   const int64_t n = hessian.n;
   const int64_t groups = n / kBlockSize;
-  GptqFactor factor;
-  factor.n = n;
-  factor.group_order.resize(static_cast<size_t>(groups));
-  std::iota(factor.group_order.begin(), factor.group_order.end(), int64_t{0});
+  GptqOrder order;
+  order.group_order.resize(static_cast<size_t>(groups));
+  std::iota(order.group_order.begin(), order.group_order.end(), int64_t{0});
   double trace = 0.0;
   std::vector<double> group_mass(static_cast<size_t>(groups), 0.0);
   for (int64_t i = 0; i < n; ++i) {
@@ -173,20 +202,46 @@ absl::StatusOr<GptqFactor> ComputeGptqFactor(const FullHessianView& hessian,
         "hessian: every diagonal element is 0 (no calibration input reached this layer); gptq "
         "needs a Hessian collected from calibration data");
   }
-  const double mean_diagonal = trace / static_cast<double>(n);
-  if (params.act_order) {
+  order.mean_diagonal = trace / static_cast<double>(n);
+  if (act_order) {
     // Heaviest groups first; ties keep the original order.
-    std::stable_sort(
-        factor.group_order.begin(), factor.group_order.end(), [&](int64_t a, int64_t b) {
-          return group_mass[static_cast<size_t>(a)] > group_mass[static_cast<size_t>(b)];
-        });
+    std::stable_sort(order.group_order.begin(), order.group_order.end(), [&](int64_t a, int64_t b) {
+      return group_mass[static_cast<size_t>(a)] > group_mass[static_cast<size_t>(b)];
+    });
   }
-  // Column of H at quantization position p.
-  std::vector<int64_t> column(static_cast<size_t>(n));
+  order.column.resize(static_cast<size_t>(n));
   for (int64_t p = 0; p < n; ++p) {
-    column[static_cast<size_t>(p)] =
-        factor.group_order[static_cast<size_t>(p / kBlockSize)] * kBlockSize + p % kBlockSize;
+    order.column[static_cast<size_t>(p)] =
+        order.group_order[static_cast<size_t>(p / kBlockSize)] * kBlockSize + p % kBlockSize;
   }
+  return order;
+}
+
+std::optional<double> NextGptqDamping(double relative, double requested) {
+  const double next = relative == 0.0 ? 1e-6 : relative * 10.0;
+  if (next > std::max(kMaxAutomaticDamping, requested) * 1.0000001) return std::nullopt;
+  return next;
+}
+
+absl::Status GptqNotPositiveDefinite(double relative, double mean_diagonal, int64_t column,
+                                     double pivot, double requested) {
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "hessian is not positive definite even with damping %g x mean diagonal (%g): Cholesky "
+      "pivot of column %d is %g (started from damping %g; H must be a sum of outer products "
+      "x x^T)",
+      relative, mean_diagonal, column, pivot, requested));
+}
+
+absl::StatusOr<GptqFactor> ComputeGptqFactor(const FullHessianView& hessian,
+                                             const GptqParams& params) {
+  const int64_t n = hessian.n;
+  absl::StatusOr<GptqOrder> order = ComputeGptqOrder(hessian, params.act_order);
+  if (!order.ok()) return order.status();
+  GptqFactor factor;
+  factor.n = n;
+  factor.group_order = order->group_order;
+  const double mean_diagonal = order->mean_diagonal;
+  const std::vector<int64_t>& column = order->column;
 
   // U is upper triangular with A^-1 = U^T U for A = H_perm + lambda I. With J the reversal
   // permutation and J A J = L L^T (Cholesky), A = R R^T for the upper triangular R = J L J, so
@@ -214,19 +269,16 @@ absl::StatusOr<GptqFactor> ComputeGptqFactor(const FullHessianView& hessian,
       break;
     }
     if (info < 0) return absl::InternalError(absl::StrFormat("dpotrf: argument %d", -info));
-    const double next = relative == 0.0 ? 1e-6 : relative * 10.0;
-    if (next > std::max(kMaxAutomaticDamping, static_cast<double>(params.damping)) * 1.0000001) {
+    const std::optional<double> next = NextGptqDamping(relative, params.damping);
+    if (!next.has_value()) {
       // The failing pivot: LAPACK stops at leading minor `info` of B and leaves the non-positive
       // Schur complement value on the diagonal there.
       const int64_t r = info - 1;
-      const int64_t original = column[static_cast<size_t>(n - 1 - r)];
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "hessian is not positive definite even with damping %g x mean diagonal (%g): "
-          "Cholesky pivot of column %d is %g (started from damping %g; H must be a sum of "
-          "outer products x x^T)",
-          relative, mean_diagonal, original, b[static_cast<size_t>(r + r * n)], params.damping));
+      return GptqNotPositiveDefinite(relative, mean_diagonal,
+                                     column[static_cast<size_t>(n - 1 - r)],
+                                     b[static_cast<size_t>(r + r * n)], params.damping);
     }
-    relative = next;
+    relative = *next;
   }
   int info = 0;
   dtrtri_("L", "N", &size, b.data(), &size, &info, 1, 1);

@@ -16,70 +16,12 @@
 #include "nvfp4cal/kernels/codecs.h"
 #include "nvfp4cal/kernels/cpu_scale_search.h"
 #include "nvfp4cal/kernels/example_data.h"
+#include "tests/kernels/gptq_test_data.h"
 
 namespace nvfp4cal {
 namespace {
 
 using ::testing::HasSubstr;
-
-// bf16-rounded Gaussian weights [rows, cols], as fp32.
-std::vector<float> RandomWeights(int64_t rows, int64_t cols, uint64_t seed) {
-  ExampleRng rng(seed);
-  std::vector<float> w(static_cast<size_t>(rows * cols));
-  for (float& v : w) v = BFloat16ToFloat(FloatToBFloat16(static_cast<float>(rng.Normal())));
-  return w;
-}
-
-// H = X^T X for `tokens` correlated inputs: x = z M with M = I + `mixing` x random, so that
-// columns, also in different 16-column groups, are correlated. Exactly symmetric.
-std::vector<float> CorrelatedHessian(int64_t n, int64_t tokens, double mixing, uint64_t seed) {
-  ExampleRng rng(seed);
-  std::vector<double> m(static_cast<size_t>(n * n));
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t j = 0; j < n; ++j) {
-      m[static_cast<size_t>(i * n + j)] = (i == j ? 1.0 : 0.0) + mixing * rng.Normal();
-    }
-  }
-  std::vector<double> h(static_cast<size_t>(n * n), 0.0);
-  std::vector<double> z(static_cast<size_t>(n)), x(static_cast<size_t>(n));
-  for (int64_t t = 0; t < tokens; ++t) {
-    for (double& v : z) v = rng.Normal();
-    for (int64_t j = 0; j < n; ++j) {
-      double s = 0.0;
-      for (int64_t i = 0; i < n; ++i)
-        s += z[static_cast<size_t>(i)] * m[static_cast<size_t>(i * n + j)];
-      // Per-channel scale: a few strong inputs, like real activations.
-      x[static_cast<size_t>(j)] = s * (j % 7 == 0 ? 4.0 : 1.0);
-    }
-    for (int64_t a = 0; a < n; ++a) {
-      for (int64_t b = 0; b < n; ++b) {
-        h[static_cast<size_t>(a * n + b)] += x[static_cast<size_t>(a)] * x[static_cast<size_t>(b)];
-      }
-    }
-  }
-  std::vector<float> out(h.size());
-  for (int64_t a = 0; a < n; ++a) {
-    for (int64_t b = 0; b < n; ++b) {
-      // Symmetric bit for bit.
-      out[static_cast<size_t>(a * n + b)] =
-          static_cast<float>(h[static_cast<size_t>(std::min(a, b) * n + std::max(a, b))]);
-    }
-  }
-  return out;
-}
-
-std::vector<float> DiagonalBlocks(const std::vector<float>& h, int64_t n) {
-  std::vector<float> blocks(static_cast<size_t>(n * kBlockSize));
-  for (int64_t g = 0; g < n / kBlockSize; ++g) {
-    for (int64_t a = 0; a < kBlockSize; ++a) {
-      for (int64_t b = 0; b < kBlockSize; ++b) {
-        blocks[static_cast<size_t>((g * kBlockSize + a) * kBlockSize + b)] =
-            h[static_cast<size_t>((g * kBlockSize + a) * n + g * kBlockSize + b)];
-      }
-    }
-  }
-  return blocks;
-}
 
 GptqRequest MakeGptqRequest(const std::vector<float>& w, int64_t rows, int64_t cols,
                             const std::vector<float>& h) {
@@ -497,18 +439,6 @@ TEST(CpuGptq, AllZeroTensorGivesZeroCodes) {
 // ---------------------------------------------------------------------------------------------
 // Validation.
 // ---------------------------------------------------------------------------------------------
-
-// 2x2 blocks [[1, c], [c, 1]] on the diagonal: eigenvalues 1 - c and 1 + c.
-std::vector<float> PairHessian(int64_t n, float c) {
-  std::vector<float> h(static_cast<size_t>(n * n), 0.0f);
-  for (int64_t i = 0; i < n; i += 2) {
-    h[static_cast<size_t>(i * n + i)] = 1.0f;
-    h[static_cast<size_t>((i + 1) * n + i + 1)] = 1.0f;
-    h[static_cast<size_t>(i * n + i + 1)] = c;
-    h[static_cast<size_t>((i + 1) * n + i)] = c;
-  }
-  return h;
-}
 
 TEST(CpuGptq, SlightlyIndefiniteHessianRaisesDampingAndReportsIt) {
   const int64_t cols = 32;

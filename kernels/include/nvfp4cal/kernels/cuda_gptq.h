@@ -23,6 +23,17 @@
 
 namespace nvfp4cal {
 
+// How a lazy batch's errors reach the columns after it.
+enum class CudaGptqUpdate {
+  // The default: a kernel that subtracts the rounded products one error at a time in the CPU
+  // backend's order. Bit-identical to the CPU for the same factor, and independent of how rows
+  // are split into calls (the service's row ranges give the in-process bytes).
+  kOrdered,
+  // cuBLAS SGEMM (fp32, no TF32): the library's summation order, which depends on the problem
+  // shape, so codes can drift from the CPU's and between row splits.
+  kCublas,
+};
+
 struct CudaGptqOptions {
   // CUDA device ordinal; plans live on this device.
   int device = 0;
@@ -30,9 +41,12 @@ struct CudaGptqOptions {
   CudaStream stream = nullptr;
   // Device memory one QuantizeRows call may hold for its rows (working weights, errors,
   // outputs); larger row ranges are processed in row chunks. Plans are not counted here.
-  int64_t memory_budget_bytes = int64_t{2} << 30;
+  int64_t memory_budget_bytes = int64_t{4} << 30;
   // Also quantize with local_hessian and report tr(E H E^T) of both (GptqStats).
   bool compare_local_hessian = true;
+  CudaGptqUpdate update = CudaGptqUpdate::kOrdered;
+  // Synchronise around every update to report GptqStats::update_seconds (benchmarks; slower).
+  bool measure_update = false;
 };
 
 // The CUDA gptq backend, or UNAVAILABLE (no device / built without CUDA).

@@ -42,6 +42,12 @@ std::vector<uint16_t> MakeExampleWeightsBf16(int64_t rows, int64_t cols, uint64_
 std::vector<float> MakeExampleHessianBlocks(int64_t num_blocks, uint64_t seed,
                                             float condition_boost = 1.0f);
 
+// A full n x n Hessian like real activations' (benchmarks of gptq): D (A A^T / k + 0.05 I) D with
+// A [n, k = 64] Gaussian and D a per-channel scale (8 for every 97th channel, else 1), so H is
+// positive definite and correlated across 16-column groups. Symmetric bit for bit; computed on
+// `threads` threads (0 = all), the same values for any count.
+std::vector<float> MakeExampleFullHessian(int64_t n, uint64_t seed, int threads = 0);
+
 }  // namespace nvfp4cal
 
 #endif  // NVFP4CAL_KERNELS_EXAMPLE_DATA_H_

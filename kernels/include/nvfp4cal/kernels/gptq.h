@@ -77,6 +77,27 @@ struct GptqFactor {
   int damping_increases = 0;      // tenfold increases it took to be positive definite
 };
 
+// Quantization order of a Hessian's 16-column groups and its mean diagonal.
+struct GptqOrder {
+  std::vector<int64_t> group_order;  // as GptqFactor::group_order
+  std::vector<int64_t> column;       // original column at quantization position p
+  double mean_diagonal = 0.0;
+};
+
+// Act-order sorts groups by the sum of their diagonal, heaviest first (stable); otherwise the
+// identity. INVALID_ARGUMENT for an all-zero diagonal.
+absl::StatusOr<GptqOrder> ComputeGptqOrder(const FullHessianView& hessian, bool act_order);
+
+// The damping rule of every backend: after a failed factorisation with damping `relative`
+// (x mean diagonal), the next value to try (1e-6 after 0, else tenfold), or nullopt once it
+// would exceed max(1, requested).
+std::optional<double> NextGptqDamping(double relative, double requested);
+
+// The error for a Hessian that stays indefinite: names the damping, the original column of the
+// failing pivot and its value.
+absl::Status GptqNotPositiveDefinite(double relative, double mean_diagonal, int64_t column,
+                                     double pivot, double requested);
+
 // Orders the groups (act-order), damps and factorises H in double precision with LAPACK
 // (dpotrf and dtrtri on the reversed matrix; docs/numerics.md §6). H must have passed
 // ValidateGptqRequest. While H + lambda I is not positive definite, lambda grows tenfold (up to

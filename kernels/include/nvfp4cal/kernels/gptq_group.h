@@ -119,6 +119,38 @@ NVFP4_HD GptqGroupChoice GptqChooseGroupScale(const float* w, float global_amax,
   return GptqGroupChoice{dss.candidate, dss.q, dss.candidate - sweep.candidate, dss.beta_index};
 }
 
+// A group's error statistics in error units (ObjectiveUnit converts them), on its original
+// weights: the `max` method's result and the chosen one.
+struct GptqGroupStats {
+  float mse_before;
+  float mse_after;
+  float hessian_before;
+  float hessian_after;
+  bool scale_changed;  // scale byte differs from the `max` method's
+  bool zero_hessian;   // the group's block of H is all zeros
+};
+
+// orig: the group's original weights; h: its 16x16 block of H; scale_byte and codes: the result.
+NVFP4_HD GptqGroupStats GptqGroupStatistics(const float* orig, float global_amax,
+                                            float global_scale, float unit_inverse, const float* h,
+                                            uint8_t scale_byte, const uint8_t* codes,
+                                            const DssGrid& grid) {
+  const BlockOutcome max =
+      QuantizeBlock(orig, global_amax, global_scale, h, BlockMethod::kMax, grid);
+  float e[kBlockSize];
+  const float d_unit =
+      MulNoContract(DecodeE4M3(scale_byte), MulNoContract(global_scale, unit_inverse));
+  for (int i = 0; i < kBlockSize; ++i) {
+    e[i] = ElementError(MulNoContract(orig[i], unit_inverse), DecodeE2M1(codes[i]), d_unit);
+  }
+  return GptqGroupStats{max.mse_before,
+                        BlockSquaredError(e),
+                        max.hessian_before,
+                        BlockHessianError(h, e),
+                        scale_byte != max.max_scale_byte,
+                        IsAllZeroHessian(h)};
+}
+
 }  // namespace nvfp4cal
 
 #endif  // NVFP4CAL_KERNELS_GPTQ_GROUP_H_

@@ -121,6 +121,8 @@ struct GptqStats {
   double factor_seconds = 0.0;
   double quantize_seconds = 0.0;
   double compare_seconds = 0.0;
+  // Of quantize_seconds, the lazy-batch updates (CUDA backend with measure_update only).
+  double update_seconds = 0.0;
 };
 
 // Statistics every result carries (NUMERICS §4). "Objective" is the method's own objective:

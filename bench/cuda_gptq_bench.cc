@@ -1,0 +1,204 @@
+// gptq on the GPU for Llama-3-8B-shaped decoder layers: factorisation (cuSOLVER), quantization
+// with propagation and the local_hessian comparison, per tensor and per layer, extrapolated to
+// 32 layers.
+//
+//   cuda_gptq_bench [--layers=N] [--streams=S] [--update=ordered|cublas] [--search=sweep|dss]
+//                   [--nocompare] [--measure_update] [--cpu_rows=R]
+//
+// A layer: q, k, v share the attention input's Hessian, gate and up the MLP input's; o and down
+// have their own (4 Hessians, n = 4096 x 3 and 14336). Hessians: MakeExampleFullHessian; weights:
+// example bf16 weights. The 4 plans are prepared first (each on one of the S backends), then the
+// 7 tensors run on S backends (CUDA streams) at once, as the CLI runs them. Layers after the
+// first reuse the data: the figures are steady-state timings. --cpu_rows=R also runs the CPU
+// backend on the first R rows of q_proj (same plan parameters) for the speed-up.
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "nvfp4cal/kernels/cuda_gptq.h"
+#include "nvfp4cal/kernels/example_data.h"
+#include "nvfp4cal/kernels/gptq.h"
+
+namespace {
+
+struct Linear {
+  const char* name;
+  int64_t rows;
+  int64_t cols;
+  int hessian;
+};
+
+double SecondsSince(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+void Fail(const absl::Status& status, const char* what) {
+  std::fprintf(stderr, "%s: %s\n", what, std::string(status.message()).c_str());
+  std::exit(1);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int layers = 1;
+  int streams = 3;
+  int64_t cpu_rows = 0;
+  nvfp4cal::CudaGptqOptions options;
+  nvfp4cal::SearchParams params;
+  params.method = nvfp4cal::Method::kGptq;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg.rfind("--layers=", 0) == 0) {
+      layers = std::atoi(arg.c_str() + 9);
+    } else if (arg.rfind("--streams=", 0) == 0) {
+      streams = std::atoi(arg.c_str() + 10);
+    } else if (arg == "--update=cublas") {
+      options.update = nvfp4cal::CudaGptqUpdate::kCublas;
+    } else if (arg == "--update=ordered") {
+      options.update = nvfp4cal::CudaGptqUpdate::kOrdered;
+    } else if (arg == "--search=dss") {
+      params.gptq.scale_search = nvfp4cal::GptqScaleSearch::kDss;
+    } else if (arg == "--search=sweep") {
+      params.gptq.scale_search = nvfp4cal::GptqScaleSearch::kSweep;
+    } else if (arg == "--nocompare") {
+      options.compare_local_hessian = false;
+    } else if (arg == "--measure_update") {
+      options.measure_update = true;
+    } else if (arg.rfind("--cpu_rows=", 0) == 0) {
+      cpu_rows = std::atoll(arg.c_str() + 11);
+    } else {
+      std::fprintf(stderr, "unknown argument %s\n", arg.c_str());
+      return 2;
+    }
+  }
+  std::vector<std::unique_ptr<nvfp4cal::GptqBackend>> backends;
+  for (int s = 0; s < streams; ++s) {
+    absl::StatusOr<std::unique_ptr<nvfp4cal::GptqBackend>> b = nvfp4cal::MakeCudaGptq(options);
+    if (!b.ok()) Fail(b.status(), "MakeCudaGptq");
+    backends.push_back(*std::move(b));
+  }
+  const std::vector<Linear> layer = {{"q_proj", 4096, 4096, 0},     {"k_proj", 1024, 4096, 0},
+                                     {"v_proj", 1024, 4096, 0},     {"o_proj", 4096, 4096, 1},
+                                     {"gate_proj", 14336, 4096, 2}, {"up_proj", 14336, 4096, 2},
+                                     {"down_proj", 4096, 14336, 3}};
+  const int64_t hessian_n[4] = {4096, 4096, 4096, 14336};
+  const auto gen_start = std::chrono::steady_clock::now();
+  std::vector<std::vector<float>> hessians;
+  for (int k = 0; k < 4; ++k) {
+    hessians.push_back(
+        nvfp4cal::MakeExampleFullHessian(hessian_n[k], 100 + static_cast<uint64_t>(k)));
+  }
+  std::vector<std::vector<uint16_t>> weights;
+  for (size_t t = 0; t < layer.size(); ++t) {
+    weights.push_back(nvfp4cal::MakeExampleWeightsBf16(layer[t].rows, layer[t].cols, 10 + t));
+  }
+  std::printf("data generated in %.1f s\n", SecondsSince(gen_start));
+  std::printf("update %s, scale search %s, compare %s, %d stream(s)\n",
+              options.update == nvfp4cal::CudaGptqUpdate::kOrdered ? "ordered" : "cublas",
+              params.gptq.scale_search == nvfp4cal::GptqScaleSearch::kDss ? "dss" : "sweep",
+              options.compare_local_hessian ? "on" : "off", streams);
+
+  double total_wall = 0.0;
+  for (int l = 0; l < layers; ++l) {
+    const auto layer_start = std::chrono::steady_clock::now();
+    std::vector<std::shared_ptr<const nvfp4cal::GptqPlan>> plans(4);
+    {
+      std::vector<std::thread> pool;
+      for (int k = 0; k < 4; ++k) {
+        pool.emplace_back([&, k] {
+          absl::StatusOr<std::shared_ptr<const nvfp4cal::GptqPlan>> p =
+              backends[static_cast<size_t>(k % streams)]->Prepare(
+                  {hessians[static_cast<size_t>(k)].data(), hessian_n[k]}, params);
+          if (!p.ok()) Fail(p.status(), "Prepare");
+          plans[static_cast<size_t>(k)] = *std::move(p);
+        });
+      }
+      for (std::thread& t : pool) t.join();
+    }
+    const double prepare_wall = SecondsSince(layer_start);
+    std::vector<nvfp4cal::TensorStats> stats(layer.size());
+    std::vector<double> seconds(layer.size());
+    std::atomic<size_t> next{0};
+    auto work = [&](nvfp4cal::GptqBackend* backend) {
+      for (size_t t = next++; t < layer.size(); t = next++) {
+        const Linear& lin = layer[t];
+        std::vector<uint8_t> codes(static_cast<size_t>(lin.rows * lin.cols / 2));
+        std::vector<uint8_t> scales(static_cast<size_t>(lin.rows * lin.cols / 16));
+        const nvfp4cal::WeightView view{weights[t].data(), nvfp4cal::DType::kBFloat16, lin.rows,
+                                        lin.cols};
+        const auto start = std::chrono::steady_clock::now();
+        absl::Status s = backend->QuantizeRows(
+            *plans[static_cast<size_t>(lin.hessian)], view, 8.0f, 0, lin.rows,
+            nvfp4cal::RowRangeOutput{absl::MakeSpan(codes), absl::MakeSpan(scales)}, &stats[t]);
+        if (!s.ok()) Fail(s, lin.name);
+        seconds[t] = SecondsSince(start);
+      }
+    };
+    std::vector<std::thread> pool;
+    for (int s = 1; s < streams; ++s)
+      pool.emplace_back(work, backends[static_cast<size_t>(s)].get());
+    work(backends[0].get());
+    for (std::thread& t : pool) t.join();
+    const double wall = SecondsSince(layer_start);
+    total_wall += wall;
+    std::printf("\nlayer %d: %.3f s wall (plans %.3f s)\n", l, wall, prepare_wall);
+    if (l == 0) {
+      std::printf("%-10s %6s %6s %9s %9s %9s %9s %14s %14s %8s\n", "tensor", "rows", "cols",
+                  "wall_s", "quant_s", "update_s", "compare_s", "tr_gptq", "tr_lh", "change");
+      for (size_t t = 0; t < layer.size(); ++t) {
+        const nvfp4cal::GptqStats& g = stats[t].gptq;
+        std::printf("%-10s %6lld %6lld %9.3f %9.3f %9.3f %9.3f %14.6g %14.6g %7.1f%%\n",
+                    layer[t].name, static_cast<long long>(layer[t].rows),
+                    static_cast<long long>(layer[t].cols), seconds[t], g.quantize_seconds,
+                    g.update_seconds, g.compare_seconds, g.full_hessian_error,
+                    g.full_hessian_error_local_hessian,
+                    g.full_hessian_error_local_hessian > 0
+                        ? 100.0 * (g.full_hessian_error / g.full_hessian_error_local_hessian - 1.0)
+                        : 0.0);
+      }
+      for (int k = 0; k < 4; ++k) {
+        std::printf("plan %d (n = %lld): %.3f s, %.0f MB on the device, damping %g\n", k,
+                    static_cast<long long>(hessian_n[k]),
+                    plans[static_cast<size_t>(k)]->factor_seconds,
+                    static_cast<double>(plans[static_cast<size_t>(k)]->memory_bytes) / 1e6,
+                    plans[static_cast<size_t>(k)]->damping_relative);
+      }
+    }
+  }
+  const double per_layer = total_wall / layers;
+  std::printf("\nper layer %.3f s (mean of %d), 32 layers extrapolated: %.1f s\n", per_layer,
+              layers, 32.0 * per_layer);
+
+  if (cpu_rows > 0) {
+    const Linear& q = layer[0];
+    const nvfp4cal::WeightView view{weights[0].data(), nvfp4cal::DType::kBFloat16, q.rows, q.cols};
+    std::unique_ptr<nvfp4cal::GptqBackend> cpu = nvfp4cal::MakeCpuGptq({});
+    const auto prep = std::chrono::steady_clock::now();
+    absl::StatusOr<std::shared_ptr<const nvfp4cal::GptqPlan>> plan =
+        cpu->Prepare({hessians[0].data(), q.cols}, params);
+    if (!plan.ok()) Fail(plan.status(), "cpu Prepare");
+    const double cpu_prepare = SecondsSince(prep);
+    std::vector<uint8_t> codes(static_cast<size_t>(cpu_rows * q.cols / 2));
+    std::vector<uint8_t> scales(static_cast<size_t>(cpu_rows * q.cols / 16));
+    nvfp4cal::TensorStats cpu_stats;
+    const auto start = std::chrono::steady_clock::now();
+    absl::Status s = cpu->QuantizeRows(
+        **plan, view, 8.0f, 0, cpu_rows,
+        nvfp4cal::RowRangeOutput{absl::MakeSpan(codes), absl::MakeSpan(scales)}, &cpu_stats);
+    if (!s.ok()) Fail(s, "cpu QuantizeRows");
+    const double cpu_seconds = SecondsSince(start);
+    std::printf(
+        "cpu (%u threads): q_proj factor %.3f s, %lld rows in %.3f s -> %.1f s for all "
+        "%lld rows\n",
+        std::thread::hardware_concurrency(), cpu_prepare, static_cast<long long>(cpu_rows),
+        cpu_seconds, cpu_seconds * static_cast<double>(q.rows) / static_cast<double>(cpu_rows),
+        static_cast<long long>(q.rows));
+  }
+  return 0;
+}
