@@ -37,6 +37,12 @@ bool Retryable(const absl::Status& status) {
   return status.code() == absl::StatusCode::kUnavailable;
 }
 
+// Whether the job runs gptq with its full Hessian (sent whole rather than as blocks).
+bool SendsFullHessian(const TensorJob& job) {
+  return job.params.method == Method::kGptq && job.full_hessian.data != nullptr &&
+         !job.hessian_key.empty();
+}
+
 }  // namespace
 
 // One QuantizeTensors call: a shared queue of units (tensors sharing a Hessian travel together)
@@ -61,6 +67,12 @@ class Client::Call {
         unit_of_key[key] = units.size();
       }
       units.push_back({i});
+    }
+    // A session keeps a Hessian whole only when the header defining it is a gptq tensor's, so
+    // gptq tensors go first within a unit whose block-method tensors share the Hessian.
+    for (Unit& unit : units) {
+      std::stable_partition(unit.begin(), unit.end(),
+                            [this](size_t j) { return SendsFullHessian(jobs_[j]); });
     }
     const size_t n = client_->stubs_.size();
     const size_t start = client_->next_address_.fetch_add(1) % n;
@@ -112,7 +124,10 @@ class Client::Call {
     std::map<std::string, Pending> pending ABSL_GUARDED_BY(mu);
     absl::Status reader_error ABSL_GUARDED_BY(mu);
     std::set<std::string> hessians_sent;
+    // What the server holds for the Hessians sent: diagonal blocks (every Hessian) and full
+    // matrices (gptq), against max_session_hessian_bytes / max_session_full_hessian_bytes.
     int64_t hessian_bytes = 0;
+    int64_t full_hessian_bytes = 0;
   };
 
   const std::string& Address(size_t a) const { return client_->options_.addresses[a]; }
@@ -314,9 +329,7 @@ class Client::Call {
     while (writable) {
       if (!first) {
         if (!TryNextUnit(a, unit)) break;
-        if (HessianBytesOf(*unit, session) + session.hessian_bytes >
-                limits.max_session_hessian_bytes() &&
-            limits.max_session_hessian_bytes() > 0) {
+        if (ExceedsSessionLimits(*unit, session, limits)) {
           Settle(1, *unit);  // back to the queue for a fresh session
           break;
         }
@@ -360,15 +373,24 @@ class Client::Call {
     return absl::OkStatus();
   }
 
-  int64_t HessianBytesOf(const Unit& unit, const Session& session) const {
+  // Whether the unit's new Hessians would take the session over the server's limits.
+  bool ExceedsSessionLimits(const Unit& unit, const Session& session,
+                            const v1::Limits& limits) const {
     std::set<std::string> keys;
-    int64_t bytes = 0;
+    int64_t block_bytes = 0;
+    int64_t full_bytes = 0;
     for (size_t j : unit) {
       const TensorJob& job = jobs_[j];
       if (job.hessian_key.empty() || session.hessians_sent.count(job.hessian_key) != 0) continue;
-      if (keys.insert(job.hessian_key).second) bytes += job.hessians.num_blocks * 256 * 4;
+      if (!keys.insert(job.hessian_key).second) continue;
+      // The server keeps every Hessian's diagonal blocks, and gptq's whole matrix too.
+      block_bytes += job.weights.cols * 16 * 4;
+      if (SendsFullHessian(job)) full_bytes += job.weights.cols * job.weights.cols * 4;
     }
-    return bytes;
+    const int64_t max_blocks = limits.max_session_hessian_bytes();
+    const int64_t max_full = limits.max_session_full_hessian_bytes();
+    return (max_blocks > 0 && session.hessian_bytes + block_bytes > max_blocks) ||
+           (max_full > 0 && full_bytes > 0 && session.full_hessian_bytes + full_bytes > max_full);
   }
 
   absl::Status CheckLimits(const TensorJob& job, const v1::Limits& limits) const {
@@ -409,14 +431,23 @@ class Client::Call {
     header->set_dtype(ToProto(job.weights.dtype));
     FillMethod(job.params, header->mutable_method());
     header->set_global_amax(job.global_amax);
-    const bool has_hessian = job.hessians.data != nullptr && !job.hessian_key.empty();
+    const bool full = SendsFullHessian(job);
+    const bool upper = client_->options_.send_full_hessian_upper;
+    const bool has_hessian = (full || job.hessians.data != nullptr) && !job.hessian_key.empty();
     const bool define = has_hessian && session->hessians_sent.count(job.hessian_key) == 0;
     if (has_hessian) {
       header->mutable_hessian()->set_name(job.hessian_key);
-      header->mutable_hessian()->set_layout(v1::HESSIAN_LAYOUT_BLOCK_DIAGONAL);
+      header->mutable_hessian()->set_layout(!full   ? v1::HESSIAN_LAYOUT_BLOCK_DIAGONAL
+                                            : upper ? v1::HESSIAN_LAYOUT_FULL_UPPER
+                                                    : v1::HESSIAN_LAYOUT_FULL);
     }
     if (!session->stream->Write(request)) return false;
-    if (define) {
+    if (define && full) {
+      session->hessians_sent.insert(job.hessian_key);
+      session->hessian_bytes += cols * 16 * 4;
+      session->full_hessian_bytes += cols * cols * 4;
+      if (!SendFullHessian(session, job.full_hessian, upper, chunk_bytes)) return false;
+    } else if (define) {
       session->hessians_sent.insert(job.hessian_key);
       const int64_t total = job.hessians.num_blocks * 256;
       session->hessian_bytes += total * 4;
@@ -443,6 +474,38 @@ class Client::Call {
       if (!session->stream->Write(chunk)) return false;
     }
     return true;
+  }
+
+  // The full Hessian in chunks of about chunk_bytes, cut straight from `h`: the whole matrix
+  // row-major, or (upper) row r's elements H[r, r..n-1] one row after the other.
+  bool SendFullHessian(Session* session, const FullHessianView& h, bool upper,
+                       int64_t chunk_bytes) {
+    const int64_t n = h.n;
+    const int64_t step = std::max<int64_t>(256, chunk_bytes / 4);
+    int64_t sent = 0;
+    std::string buffer;
+    auto flush = [&]() {
+      if (buffer.empty()) return true;
+      v1::QuantizeRequest chunk;
+      chunk.mutable_hessian()->set_element_offset(sent);
+      sent += static_cast<int64_t>(buffer.size() / 4);
+      chunk.mutable_hessian()->set_data(std::move(buffer));
+      buffer.clear();
+      return session->stream->Write(chunk);
+    };
+    const int64_t rows = upper ? n : 1;
+    for (int64_t r = 0; r < rows; ++r) {
+      // Upper: one row's tail; whole matrix: all n * n elements as one "row".
+      const float* begin = upper ? h.data + r * n + r : h.data;
+      const int64_t count = upper ? n - r : n * n;
+      for (int64_t done = 0; done < count;) {
+        const int64_t take = std::min(count - done, step - static_cast<int64_t>(buffer.size() / 4));
+        buffer.append(reinterpret_cast<const char*>(begin + done), static_cast<size_t>(take * 4));
+        done += take;
+        if (static_cast<int64_t>(buffer.size() / 4) == step && !flush()) return false;
+      }
+    }
+    return flush();
   }
 
   void ReadResponses(Session* session, size_t a) {

@@ -7,7 +7,10 @@
 // idle sessions stealing queued tensors of busier ones, and the unfinished tensors of a failed
 // server going to the others.
 // Tensors sharing a Hessian (q/k/v, gate/up) travel together so that a session sends the
-// Hessian once. Results are the kernel library's bytes (the server runs kernels/).
+// Hessian once. Method gptq sends the full Hessian (TensorJob::full_hessian, upper triangle by
+// default) and starts a new session when the next one would exceed the server's
+// max_session_full_hessian_bytes. Results are the kernel library's bytes (the server runs
+// kernels/).
 //
 //   nvfp4cal::ClientOptions options;
 //   options.addresses = {"gpu-0:50051", "gpu-1:50051"};
@@ -74,6 +77,10 @@ struct ClientOptions {
   // Round robin gives each address every n-th group of tensors; with work stealing an idle
   // session also takes queued tensors of other addresses, so faster servers do more.
   bool work_stealing = true;
+  // Method gptq: send each full Hessian as its upper triangle (HESSIAN_LAYOUT_FULL_UPPER, half
+  // the bytes; the server mirrors it) rather than the whole matrix (HESSIAN_LAYOUT_FULL).
+  // Either way the chunks are cut from TensorJob::full_hessian, never from a second copy.
+  bool send_full_hessian_upper = true;
   // Session options sent to the servers.
   int priority = 0;
   std::string client_name = "nvfp4cal";

@@ -136,6 +136,10 @@ CliParser QuantizeParser() {
   p.AddOption("gptq-scale-search", "NAME",
               "gptq: sweep (126 FP8 scales) | dss (sweep, then the dss search with --beta-step)",
               false, "sweep");
+  p.AddOption("gptq-hessian-layout", "NAME",
+              "gptq with --server: how full Hessians travel: upper (the upper triangle, half "
+              "the bytes) | full (the whole matrix)",
+              false, "upper");
   p.AddOption("fallback-method", "NAME",
               "max | mse for modules without a Hessian (otherwise "
               "such a module is an error)");
@@ -202,16 +206,22 @@ int RunQuantize(int argc, const char* const* argv) {
   }
   const bool gptq = options.params.method == Method::kGptq;
   for (const char* name : {"gptq-damping", "gptq-act-order", "gptq-block-columns",
-                           "gptq-scale-objective", "gptq-scale-search"}) {
+                           "gptq-scale-objective", "gptq-scale-search", "gptq-hessian-layout"}) {
     if (args->Has(name) && !gptq) {
       return UsageError(cmd, absl::InvalidArgumentError(
                                  absl::StrCat("--", name, " applies to --method gptq only")));
     }
   }
-  if (gptq && args->Has("server")) {
-    return UsageError(cmd, absl::UnimplementedError(
-                               "--method gptq is not supported by the service yet (it needs the "
-                               "full Hessian); run without --server to quantize in-process"));
+  if (args->Has("gptq-hessian-layout") && !args->Has("server")) {
+    return UsageError(cmd, absl::InvalidArgumentError(
+                               "--gptq-hessian-layout applies with --server only (how full "
+                               "Hessians are sent to the servers)"));
+  }
+  const std::string hessian_layout = args->Get("gptq-hessian-layout", "upper");
+  if (hessian_layout != "upper" && hessian_layout != "full") {
+    return UsageError(cmd, absl::InvalidArgumentError(
+                               absl::StrCat("--gptq-hessian-layout: unknown value \"",
+                                            hessian_layout, "\"; expected one of upper, full")));
   }
   for (const absl::Status& s :
        {ParseFloat(*args, "gptq-damping", &options.params.gptq.damping),
@@ -252,6 +262,7 @@ int RunQuantize(int argc, const char* const* argv) {
     client.addresses = *addresses;
     client.max_attempts = retries;
     client.timeout = absl::Seconds(static_cast<double>(timeout_s));
+    client.send_full_hessian_upper = hessian_layout == "upper";
     if (absl::Status s = ApplySecurityArgs(*args, &client); !s.ok()) return UsageError(cmd, s);
     absl::StatusOr<std::unique_ptr<Quantizer>> remote = MakeRemoteQuantizer(client);
     if (!remote.ok()) return UsageError(cmd, remote.status());

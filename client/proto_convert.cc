@@ -28,6 +28,14 @@ void FillMethod(const SearchParams& params, v1::MethodConfig* method) {
   method->set_beta_half_range(params.beta_half_range);
   method->set_scale_neighbours(params.scale_neighbours);
   method->set_symmetry_tolerance(params.symmetry_tolerance);
+  if (params.method == Method::kGptq) {
+    const GptqParams& gptq = params.gptq;
+    method->set_damping(gptq.damping);
+    method->set_act_order(gptq.act_order);
+    method->set_block_columns(gptq.block_columns);
+    method->set_scale_objective(std::string(GptqScaleObjectiveName(gptq.scale_objective)));
+    method->set_scale_search(std::string(GptqScaleSearchName(gptq.scale_search)));
+  }
 }
 
 TensorStats StatsFromSummary(const v1::TensorSummary& summary, const SearchParams& params) {
@@ -46,6 +54,14 @@ TensorStats StatsFromSummary(const v1::TensorSummary& summary, const SearchParam
   stats.blocks_beta_not_one = s.blocks_beta_not_one();
   stats.blocks_offset_not_zero = s.blocks_offset_not_zero();
   stats.zero_hessian_blocks = s.zero_hessian_blocks();
+  GptqStats& gptq = stats.gptq;
+  gptq.full_hessian_error = s.full_hessian_error();
+  gptq.full_hessian_error_local_hessian = s.full_hessian_error_local_hessian();
+  gptq.damping_relative = s.damping_relative();
+  gptq.damping_increases = s.damping_increases();
+  gptq.factor_seconds = s.factor_seconds();
+  gptq.quantize_seconds = s.gptq_quantize_seconds();
+  gptq.compare_seconds = s.gptq_compare_seconds();
   return stats;
 }
 

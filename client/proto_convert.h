@@ -23,10 +23,12 @@ absl::Status FromGrpc(const grpc::Status& status, const std::string& context);
 // The wire dtype of a weight dtype.
 v1::DType ToProto(DType dtype);
 
-// Every parameter set explicitly, so that servers use exactly the caller's values.
+// Every parameter set explicitly (gptq's too for method gptq), so that servers use exactly the
+// caller's values.
 void FillMethod(const SearchParams& params, v1::MethodConfig* method);
 
-// TensorStats of a server's TensorSummary (method and parameters from `params`).
+// TensorStats of a server's TensorSummary (method and parameters from `params`), with gptq's
+// statistics.
 TensorStats StatsFromSummary(const v1::TensorSummary& summary, const SearchParams& params);
 
 }  // namespace nvfp4cal

@@ -19,14 +19,6 @@ class RemoteQuantizer : public Quantizer {
 
   absl::Status QuantizeAll(absl::Span<const TensorJob> jobs,
                            const QuantizeResultCallback& on_result) override {
-    for (const TensorJob& job : jobs) {
-      if (job.params.method == Method::kGptq) {
-        return absl::UnimplementedError(
-            absl::StrCat(job.name,
-                         ": method gptq is not supported by the service yet (it needs the full "
-                         "Hessian); run nvfp4cal quantize without --server"));
-      }
-    }
     return client_->QuantizeTensors(jobs, on_result);
   }
 

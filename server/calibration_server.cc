@@ -219,7 +219,8 @@ std::string CalibrationServer::DescribeConfig() const {
       "cpu_workers = %d\ncpu_threads_per_worker = %d\nmax_queued_items = %d\n"
       "memory_budget_bytes = %d\nmax_items_per_batch = %d\nmax_receive_message_bytes = %d\n"
       "max_send_message_bytes = %d\nmax_tensor_elements = %d\nmax_buffered_tensor_bytes = %d\n"
-      "max_session_hessian_bytes = %d\nmax_inflight_chunks_per_stream = %d\n"
+      "max_session_hessian_bytes = %d\nmax_full_hessian_bytes = %d\n"
+      "max_session_full_hessian_bytes = %d\nmax_inflight_chunks_per_stream = %d\n"
       "max_concurrent_streams = %d\nmax_rows_per_item = %d\nkeepalive_time_ms = %d\n"
       "keepalive_timeout_ms = %d\nkeepalive_min_client_ping_interval_ms = %d\n"
       "keepalive_permit_without_calls = %s\nmax_jobs = %d\nmax_job_request_bytes = %d\n"
@@ -230,10 +231,11 @@ std::string CalibrationServer::DescribeConfig() const {
       device_selection_.empty() ? "(not started)" : device_selection_, d.cpu_workers,
       d.cpu_threads_per_worker, d.max_queued_items, d.memory_budget_bytes, d.max_items_per_batch,
       l.max_receive_message_bytes, l.max_send_message_bytes, l.max_tensor_elements,
-      l.max_buffered_tensor_bytes, l.max_session_hessian_bytes, l.max_inflight_chunks_per_stream,
-      l.max_concurrent_streams, l.max_rows_per_item, k.time_ms, k.timeout_ms,
-      k.min_client_ping_interval_ms, k.permit_without_calls ? "true" : "false", l.max_jobs,
-      l.max_job_request_bytes, absl::FormatDuration(l.job_retention),
+      l.max_buffered_tensor_bytes, l.max_session_hessian_bytes, l.max_full_hessian_bytes,
+      l.max_session_full_hessian_bytes, l.max_inflight_chunks_per_stream, l.max_concurrent_streams,
+      l.max_rows_per_item, k.time_ms, k.timeout_ms, k.min_client_ping_interval_ms,
+      k.permit_without_calls ? "true" : "false", l.max_jobs, l.max_job_request_bytes,
+      absl::FormatDuration(l.job_retention),
       sec.tls() ? absl::StrCat("on (cert ", sec.tls_cert_path, ")") : "off (plaintext)",
       sec.tls_client_ca_path.empty() ? "(none)" : sec.tls_client_ca_path,
       sec.tls_require_client_cert ? "true" : "false",

@@ -73,6 +73,10 @@ class CalibrationServer {
   const std::string& backend() const { return backend_; }
   // Which backend --device chose and why (set by Start).
   const std::string& device_selection() const { return device_selection_; }
+  // Bytes of full Hessians (method gptq) and gptq plans the sessions hold now.
+  int64_t full_hessian_bytes_in_use() const {
+    return service_ == nullptr ? 0 : service_->full_hessian_bytes_in_use();
+  }
 
   // Readiness NOT_SERVING, new streams/tensors/jobs UNAVAILABLE, in-flight calls and unfinished
   // jobs get up to options.drain_timeout to finish, then are cancelled; then the scheduler

@@ -1,6 +1,8 @@
 #include "server/calibrator_service.h"
 
+#include <string>
 #include <utility>
+#include <vector>
 
 #include "nvfp4cal/kernels/scale_search.h"
 #include "server/job_watch_reactor.h"
@@ -17,6 +19,39 @@ void AddParameter(v1::MethodInfo* method, const char* name, double min, double m
   range->set_max_inclusive(max_inclusive);
   range->set_default_value(default_value);
   range->set_description(description);
+}
+
+void AddChoice(v1::MethodInfo* method, const char* name, std::vector<std::string> values,
+               const std::string& default_value, const char* description) {
+  v1::ParameterRange* range = method->add_parameters();
+  range->set_name(name);
+  for (std::string& value : values) range->add_allowed_values(std::move(value));
+  range->set_default_string(default_value);
+  range->set_description(description);
+}
+
+// gptq's own parameters (docs/numerics.md §6), with the kernels' ranges (ValidateParams).
+void AddGptqParameters(const SearchParams& defaults, v1::MethodInfo* m) {
+  const GptqParams& gptq = defaults.gptq;
+  AddParameter(m, "damping", 0.0, 10.0, true, gptq.damping,
+               "Added to diag(H) before factorising, relative to mean(diag H); raised tenfold "
+               "while H is not positive definite.");
+  AddParameter(m, "act_order", 0, 1, true, gptq.act_order ? 1 : 0,
+               "1: quantize 16-column groups in descending order of their Hessian diagonal.");
+  AddParameter(m, "block_columns", 16, 8192, true, gptq.block_columns,
+               "Lazy-batch width in columns; must be a multiple of 16.");
+  AddChoice(m, "scale_objective",
+            {std::string(GptqScaleObjectiveName(GptqScaleObjective::kHessianBlock)),
+             std::string(GptqScaleObjectiveName(GptqScaleObjective::kGptqCost))},
+            std::string(GptqScaleObjectiveName(gptq.scale_objective)),
+            "How a group's FP8 scale is chosen: e^T H_j e of its 16x16 block, or the exact "
+            "GPTQ cost of the group.");
+  AddChoice(m, "scale_search",
+            {std::string(GptqScaleSearchName(GptqScaleSearch::kSweep)),
+             std::string(GptqScaleSearchName(GptqScaleSearch::kDss))},
+            std::string(GptqScaleSearchName(gptq.scale_search)),
+            "Scale candidates per group: the 126-scale sweep, or the sweep then the dss search "
+            "(beta_step, beta_half_range, scale_neighbours).");
 }
 
 // WatchJob refused before it started (authentication): finishes at once, deletes itself.
@@ -41,13 +76,15 @@ CalibratorService::CalibratorService(const ServerOptions& options, Scheduler* sc
       authenticator_(authenticator),
       metrics_(metrics),
       backend_(std::move(backend)),
-      devices_(std::move(devices)) {
+      devices_(std::move(devices)),
+      full_hessians_(options.limits.max_full_hessian_bytes, metrics) {
   environment_.scheduler = scheduler;
   environment_.metrics = metrics;
   environment_.limits = options.limits;
   environment_.draining = &draining_;
   environment_.open_streams = &open_streams_;
   environment_.authenticator = authenticator;
+  environment_.full_hessians = &full_hessians_;
 }
 
 absl::Status CalibratorService::Authenticate(const grpc::CallbackServerContext* context) const {
@@ -150,13 +187,16 @@ v1::ServerInfo CalibratorService::Info() const {
   info.set_version(kServerVersion);
   info.set_backend(backend_);
   const SearchParams defaults;
-  for (Method method : {Method::kMax, Method::kMse, Method::kLocalHessian, Method::kDss}) {
+  for (Method method :
+       {Method::kMax, Method::kMse, Method::kLocalHessian, Method::kDss, Method::kGptq}) {
     v1::MethodInfo* m = info.add_methods();
     m->set_name(std::string(MethodName(method)));
     m->set_needs_hessian(MethodNeedsHessian(method));
-    m->add_hessian_layouts(v1::HESSIAN_LAYOUT_BLOCK_DIAGONAL);
+    if (method != Method::kGptq) m->add_hessian_layouts(v1::HESSIAN_LAYOUT_BLOCK_DIAGONAL);
     m->add_hessian_layouts(v1::HESSIAN_LAYOUT_FULL);
-    if (method == Method::kDss) {
+    m->add_hessian_layouts(v1::HESSIAN_LAYOUT_FULL_UPPER);
+    if (method == Method::kGptq) AddGptqParameters(defaults, m);
+    if (method == Method::kDss || method == Method::kGptq) {
       AddParameter(m, "beta_step", 0.005, 0.5, true, defaults.beta_step,
                    "Spacing of the beta grid; betas are 1 + i * beta_step.");
       AddParameter(m, "beta_half_range", 0.0, 1.0, false, defaults.beta_half_range,
@@ -188,6 +228,8 @@ v1::ServerInfo CalibratorService::Info() const {
   out->set_max_job_request_bytes(limits.max_job_request_bytes);
   out->set_max_jobs(limits.max_jobs);
   out->set_job_retention_ms(absl::ToInt64Milliseconds(limits.job_retention));
+  out->set_max_full_hessian_bytes(limits.max_full_hessian_bytes);
+  out->set_max_session_full_hessian_bytes(limits.max_session_full_hessian_bytes);
   return info;
 }
 

@@ -22,6 +22,7 @@
 #include "grpcpp/grpcpp.h"
 #include "nvfp4cal/v1/calibrator.grpc.pb.h"
 #include "server/device_setup.h"
+#include "server/full_hessian_budget.h"
 #include "server/job_manager.h"
 #include "server/metrics.h"
 #include "server/quantize_session.h"
@@ -70,6 +71,9 @@ class CalibratorService final : public v1::Calibrator::CallbackService {
   // The ServerInfo this service advertises.
   v1::ServerInfo Info() const;
 
+  // Bytes of full Hessians and gptq plans its sessions hold now.
+  int64_t full_hessian_bytes_in_use() const { return full_hessians_.in_use_bytes(); }
+
  private:
   // Finishes a unary call with `status` and counts it.
   grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context, const char* method,
@@ -86,6 +90,9 @@ class CalibratorService final : public v1::Calibrator::CallbackService {
   const std::vector<WorkerDevice> devices_;
   std::atomic<bool> draining_{false};
   std::atomic<int> open_streams_{0};
+  // Full Hessians of every session (limits.max_full_hessian_bytes); outlives the sessions,
+  // which are all gone once the server drained.
+  FullHessianBudget full_hessians_;
   SessionEnvironment environment_;
 };
 

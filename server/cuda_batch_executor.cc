@@ -4,12 +4,14 @@
 #include <utility>
 
 #include "absl/strings/str_format.h"
+#include "server/gptq_work.h"
 #include "server/kernel_executor.h"
 
 namespace nvfp4cal::server {
 
-CudaBatchExecutor::CudaBatchExecutor(std::vector<std::unique_ptr<CudaScaleSearch>> devices)
-    : devices_(std::move(devices)) {}
+CudaBatchExecutor::CudaBatchExecutor(std::vector<std::unique_ptr<CudaScaleSearch>> devices,
+                                     std::vector<GptqWorker> gptq)
+    : devices_(std::move(devices)), gptq_(std::move(gptq)) {}
 
 std::string CudaBatchExecutor::DeviceDescription(int i) const {
   return devices_.at(static_cast<size_t>(i))->DeviceDescription();
@@ -27,30 +29,40 @@ absl::Status CudaBatchExecutor::ExecuteBatch(int worker, absl::Span<Work* const>
   // The requests must outlive the call: the slices point at them.
   std::vector<QuantizeRequest> requests;
   std::vector<CudaScaleSearch::Slice> slices;
+  // slices[k] is batch[sliced[k]]; gptq items run on their own below.
+  std::vector<size_t> sliced;
   requests.reserve(batch.size());
   slices.reserve(batch.size());
-  for (Work* work : batch) {
-    RowRangeTask& task = RowRangeTaskOf(work);
+  for (size_t i = 0; i < batch.size(); ++i) {
+    RowRangeTask& task = RowRangeTaskOf(batch[i]);
     if (absl::Status s = AllocateOutputs(&task); !s.ok()) return s;
+    if (task.tensor->full_hessian != nullptr) {
+      (*item_status)[i] = static_cast<size_t>(worker) < gptq_.size()
+                              ? RunGptqTask(gptq_[static_cast<size_t>(worker)], &task)
+                              : absl::InternalError("no gptq backend for this worker");
+      continue;
+    }
+    sliced.push_back(i);
     requests.push_back(RequestOf(task));
     slices.push_back(CudaScaleSearch::Slice{&requests.back(), task.tensor->global_amax, 0,
                                             task.num_rows, OutputOf(&task), &task.stats});
     // Sessions and jobs validated the header, the Hessian and every chunk's rows on arrival.
     slices.back().prevalidated = true;
   }
+  if (slices.empty()) return absl::OkStatus();
   const absl::Status status = device.QuantizeBatch(slices);
   if (status.ok()) return absl::OkStatus();
   // Device memory ran out: the scheduler fails every job in the batch.
   if (absl::IsResourceExhausted(status)) return status;
-  if (batch.size() == 1) {
-    (*item_status)[0] = status;
+  if (slices.size() == 1) {
+    (*item_status)[sliced[0]] = status;
     return absl::OkStatus();
   }
   // Find the item(s) at fault; launches that ran before the error added partial statistics.
-  for (size_t i = 0; i < batch.size(); ++i) {
-    RowRangeTask& task = RowRangeTaskOf(batch[i]);
+  for (size_t k = 0; k < slices.size(); ++k) {
+    RowRangeTask& task = RowRangeTaskOf(batch[sliced[k]]);
     task.stats = TensorStats();
-    (*item_status)[i] = device.QuantizeBatch(absl::MakeConstSpan(&slices[i], 1));
+    (*item_status)[sliced[k]] = device.QuantizeBatch(absl::MakeConstSpan(&slices[k], 1));
   }
   return absl::OkStatus();
 }

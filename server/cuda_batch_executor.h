@@ -9,6 +9,10 @@
 // batch error (which the server's own validation should make impossible) is attributed item by
 // item by running the items one at a time, so one bad item cannot fail its neighbours.
 //
+// Items of method gptq do not fit QuantizeBatch (they need a prepared full-Hessian plan): they
+// run one by one through the worker's GptqBackend (RunGptqTask, gptq_work.h), the CUDA gptq
+// backend or, when that could not be created, the CPU one.
+//
 //   std::vector<std::unique_ptr<CudaScaleSearch>> gpus;   // one per device ordinal
 //   gpus.push_back(*std::move(MakeCudaScaleSearch({/*device=*/0, budget, nullptr})));
 //   CudaBatchExecutor executor(std::move(gpus));
@@ -24,14 +28,17 @@
 #include "absl/status/status.h"
 #include "absl/types/span.h"
 #include "nvfp4cal/kernels/cuda_scale_search.h"
+#include "server/kernel_executor.h"
 #include "server/scheduler.h"
 
 namespace nvfp4cal::server {
 
 class CudaBatchExecutor : public BatchExecutor {
  public:
-  // devices[i] serves scheduler worker i.
-  explicit CudaBatchExecutor(std::vector<std::unique_ptr<CudaScaleSearch>> devices);
+  // devices[i] and gptq[i] serve scheduler worker i (gptq may be empty: gptq items then fail
+  // with INTERNAL).
+  explicit CudaBatchExecutor(std::vector<std::unique_ptr<CudaScaleSearch>> devices,
+                             std::vector<GptqWorker> gptq = {});
 
   // Quantizes the batch's RowRangeTasks (see kernel_executor.h) in one QuantizeBatch call.
   absl::Status ExecuteBatch(int worker, absl::Span<Work* const> batch,
@@ -44,6 +51,7 @@ class CudaBatchExecutor : public BatchExecutor {
 
  private:
   std::vector<std::unique_ptr<CudaScaleSearch>> devices_;
+  std::vector<GptqWorker> gptq_;
 };
 
 }  // namespace nvfp4cal::server

@@ -7,7 +7,9 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "nvfp4cal/kernels/cpu_scale_search.h"
+#include "nvfp4cal/kernels/cuda_gptq.h"
 #include "nvfp4cal/kernels/cuda_scale_search.h"
+#include "nvfp4cal/kernels/gptq.h"
 #include "server/cuda_batch_executor.h"
 #include "server/kernel_executor.h"
 #include "server/tensor_spec.h"
@@ -18,19 +20,27 @@ namespace {
 // Far more GPUs than one host has; bounds the probing loop.
 constexpr int kMaxCudaDevices = 64;
 
+GptqWorker CpuGptqWorker(const DeviceOptions& options) {
+  CpuGptqOptions cpu;
+  cpu.num_threads = options.cpu_threads_per_worker;
+  return GptqWorker{MakeCpuGptq(cpu), "cpu"};
+}
+
 DeviceSetup CpuSetup(const DeviceOptions& options, std::string selection) {
   DeviceSetup setup;
   setup.backend = "cpu";
   setup.selection = std::move(selection);
   const int workers = std::max(1, options.cpu_workers);
   std::vector<std::unique_ptr<ScaleSearch>> backends;
+  std::vector<GptqWorker> gptq;
   for (int w = 0; w < workers; ++w) {
     CpuScaleSearchOptions cpu;
     cpu.num_threads = options.cpu_threads_per_worker;
     backends.push_back(MakeCpuScaleSearch(cpu));
+    gptq.push_back(CpuGptqWorker(options));
     setup.workers.push_back(WorkerDevice{"cpu", "CPU worker", options.memory_budget_bytes});
   }
-  setup.executor = std::make_unique<KernelExecutor>(std::move(backends));
+  setup.executor = std::make_unique<KernelExecutor>(std::move(backends), std::move(gptq));
   return setup;
 }
 
@@ -56,6 +66,23 @@ absl::StatusOr<DeviceSetup> CudaSetup(const DeviceOptions& options, const std::s
     }
     break;
   }
+  // gptq on each device through the CUDA gptq backend; a device where it cannot be created runs
+  // its gptq items on the CPU backend, and the start-up log says why.
+  std::vector<GptqWorker> gptq;
+  std::vector<std::string> gptq_fallbacks;
+  for (size_t ordinal = 0; ordinal < devices.size(); ++ordinal) {
+    CudaGptqOptions cuda;
+    cuda.device = static_cast<int>(ordinal);
+    cuda.memory_budget_bytes = options.memory_budget_bytes;
+    absl::StatusOr<std::unique_ptr<GptqBackend>> backend = MakeCudaGptq(cuda);
+    if (backend.ok()) {
+      gptq.push_back(GptqWorker{*std::move(backend), absl::StrCat("cuda:", ordinal)});
+      continue;
+    }
+    gptq.push_back(CpuGptqWorker(options));
+    gptq_fallbacks.push_back(
+        absl::StrFormat("device %d (%s)", ordinal, backend.status().ToString()));
+  }
   DeviceSetup setup;
   setup.backend = "cuda";
   std::vector<std::string> names;
@@ -68,7 +95,11 @@ absl::StatusOr<DeviceSetup> CudaSetup(const DeviceOptions& options, const std::s
   setup.selection =
       absl::StrFormat("%s -> cuda (%s): %d worker(s), one per GPU: %s", options.device, why,
                       devices.size(), absl::StrJoin(names, "; "));
-  setup.executor = std::make_unique<CudaBatchExecutor>(std::move(devices));
+  if (!gptq_fallbacks.empty()) {
+    absl::StrAppend(&setup.selection, "; gptq runs on the CPU backend for ",
+                    absl::StrJoin(gptq_fallbacks, ", "));
+  }
+  setup.executor = std::make_unique<CudaBatchExecutor>(std::move(devices), std::move(gptq));
   return setup;
 }
 

@@ -7,6 +7,10 @@
 //   cpu   the CPU backend.
 //   cuda  every CUDA device; FAILED_PRECONDITION naming the reason when none is usable.
 //
+// Method gptq gets a GptqBackend per worker: the CPU one on CPU workers; on each GPU the CUDA
+// one (MakeCudaGptq), or the CPU one when that fails, which `selection` then says with the
+// reason.
+//
 // GPUs are counted without CUDA headers: MakeCudaScaleSearch is tried with ordinals 0, 1, ...
 // until it answers UNAVAILABLE or INVALID_ARGUMENT (ordinal out of range).
 //

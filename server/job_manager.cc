@@ -75,6 +75,14 @@ absl::StatusOr<ParsedJob> ParseJobRequest(const v1::SubmitJobRequest& request,
   }
   absl::StatusOr<TensorSpec> spec = ParseTensorHeader(request.header(), limits);
   if (!spec.ok()) return spec.status();
+  if (spec->params.method == Method::kGptq) {
+    // A full Hessian is cols^2 * 4 bytes and its factorisation is prepared once per Hessian and
+    // shared by the tensors using it: that is what a Quantize session holds, not a job.
+    return absl::UnimplementedError(absl::StrFormat(
+        "job tensor '%s': SubmitJob does not run method gptq (its full Hessian and factorisation "
+        "are kept per Quantize session); stream it with Quantize",
+        spec->name));
+  }
   if (static_cast<int64_t>(request.weights().size()) != spec->WeightBytes()) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "weights has %d bytes; %d rows x %d cols of %s need %d", request.weights().size(),

@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "absl/strings/str_format.h"
+#include "server/gptq_work.h"
 
 namespace nvfp4cal::server {
 namespace {
@@ -21,7 +22,9 @@ int64_t RowRangeTask::MemoryBytes() const {
   const int64_t hessian = tensor->hessian_blocks == nullptr
                               ? 0
                               : static_cast<int64_t>(tensor->hessian_blocks->size() * 4);
-  return elements * DTypeSize(tensor->dtype) + elements / 2 + elements / 16 + hessian;
+  const int64_t gptq_working_rows = tensor->full_hessian == nullptr ? 0 : elements * 4;
+  return elements * DTypeSize(tensor->dtype) + elements / 2 + elements / 16 + hessian +
+         gptq_working_rows;
 }
 
 WorkItem MakeRowRangeItem(std::shared_ptr<RowRangeTask> task,
@@ -70,8 +73,11 @@ RowRangeOutput OutputOf(RowRangeTask* task) {
       absl::MakeSpan(reinterpret_cast<uint8_t*>(task->scales.data()), task->scales.size())};
 }
 
-KernelExecutor::KernelExecutor(std::vector<std::unique_ptr<ScaleSearch>> backends)
-    : backends_(std::move(backends)) {}
+KernelExecutor::KernelExecutor(std::vector<std::unique_ptr<ScaleSearch>> backends,
+                               std::vector<GptqWorker> gptq)
+    : backends_(std::move(backends)), gptq_(std::move(gptq)) {}
+
+KernelExecutor::~KernelExecutor() = default;
 
 std::string_view KernelExecutor::BackendName() const {
   return backends_.empty() ? "none" : backends_.front()->BackendName();
@@ -88,6 +94,12 @@ absl::Status KernelExecutor::ExecuteBatch(int worker, absl::Span<Work* const> ba
   for (size_t i = 0; i < batch.size(); ++i) {
     RowRangeTask& task = RowRangeTaskOf(batch[i]);
     if (absl::Status s = AllocateOutputs(&task); !s.ok()) return s;
+    if (task.tensor->full_hessian != nullptr) {
+      (*item_status)[i] = static_cast<size_t>(worker) < gptq_.size()
+                              ? RunGptqTask(gptq_[static_cast<size_t>(worker)], &task)
+                              : absl::InternalError("no gptq backend for this worker");
+      continue;
+    }
     const QuantizeRequest request = RequestOf(task);
     (*item_status)[i] = backend.QuantizeRows(request, task.tensor->global_amax, 0, task.num_rows,
                                              OutputOf(&task), &task.stats);

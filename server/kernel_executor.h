@@ -19,10 +19,20 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "nvfp4cal/kernels/gptq.h"
 #include "nvfp4cal/kernels/scale_search.h"
 #include "server/scheduler.h"
 
 namespace nvfp4cal::server {
+
+class FullHessian;  // gptq_work.h
+
+// The gptq backend of one scheduler worker (gptq_work.h runs tasks with it).
+struct GptqWorker {
+  std::unique_ptr<GptqBackend> backend;
+  // Where its plans live: "cpu" (a CPU plan serves every CPU backend) or "cuda:N".
+  std::string device;
+};
 
 // What a tensor's row ranges share.
 struct TensorInput {
@@ -36,8 +46,10 @@ struct TensorInput {
   SearchParams params;
   // g for every range of the tensor.
   float global_amax = 0.0f;
-  // [cols / 16, 16, 16] fp32 Hessian blocks; null when the tensor has none.
+  // [cols / 16, 16, 16] fp32 Hessian blocks; null when the tensor has none (and for gptq).
   std::shared_ptr<const std::vector<float>> hessian_blocks;
+  // Method gptq: the full Hessian with its plans (gptq_work.h); null otherwise.
+  std::shared_ptr<FullHessian> full_hessian;
 };
 
 // One scheduler item: rows [row_begin, row_begin + num_rows) of a tensor.
@@ -54,7 +66,8 @@ struct RowRangeTask {
   std::string scales;
   TensorStats stats;
 
-  // Device memory the item needs while it runs (input rows, outputs, Hessian).
+  // Device memory the item needs while it runs (input rows, outputs, Hessian blocks; gptq: the
+  // fp32 working rows, while its plan is accounted by the full-Hessian budget).
   int64_t MemoryBytes() const;
 };
 
@@ -76,10 +89,14 @@ RowRangeOutput OutputOf(RowRangeTask* task);
 
 class KernelExecutor : public BatchExecutor {
  public:
-  // backends[i] serves worker i; there must be one per scheduler worker.
-  explicit KernelExecutor(std::vector<std::unique_ptr<ScaleSearch>> backends);
+  // backends[i] and gptq[i] serve worker i; there must be one per scheduler worker (gptq may
+  // be empty: gptq items then fail with INTERNAL).
+  explicit KernelExecutor(std::vector<std::unique_ptr<ScaleSearch>> backends,
+                          std::vector<GptqWorker> gptq = {});
+  ~KernelExecutor() override;
 
-  // Quantizes each task; an allocation failure fails the batch with RESOURCE_EXHAUSTED.
+  // Quantizes each task (gptq tasks through RunGptqTask); an allocation failure fails the
+  // batch with RESOURCE_EXHAUSTED.
   absl::Status ExecuteBatch(int worker, absl::Span<Work* const> batch,
                             std::vector<absl::Status>* item_status) override;
 
@@ -88,6 +105,7 @@ class KernelExecutor : public BatchExecutor {
 
  private:
   std::vector<std::unique_ptr<ScaleSearch>> backends_;
+  std::vector<GptqWorker> gptq_;
 };
 
 }  // namespace nvfp4cal::server

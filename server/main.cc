@@ -49,6 +49,10 @@ ABSL_FLAG(int64_t, max_buffered_tensor_bytes, kDefaults.limits.max_buffered_tens
           "Largest tensor buffered whole when no global_amax is sent");
 ABSL_FLAG(int64_t, max_session_hessian_bytes, kDefaults.limits.max_session_hessian_bytes,
           "Hessian blocks one session may keep");
+ABSL_FLAG(int64_t, max_full_hessian_bytes, kDefaults.limits.max_full_hessian_bytes,
+          "Full Hessians (method gptq, cols^2 * 4 bytes each) all sessions together may hold");
+ABSL_FLAG(int64_t, max_session_full_hessian_bytes, kDefaults.limits.max_session_full_hessian_bytes,
+          "Full Hessians (method gptq) one session may hold");
 ABSL_FLAG(int, max_inflight_chunks_per_stream, kDefaults.limits.max_inflight_chunks_per_stream,
           "Flow-control window: scheduler items per stream before reading pauses");
 ABSL_FLAG(int, max_concurrent_streams, kDefaults.limits.max_concurrent_streams,
@@ -102,6 +106,8 @@ nvfp4cal::server::ServerOptions OptionsFromFlags() {
   o.limits.max_tensor_elements = absl::GetFlag(FLAGS_max_tensor_elements);
   o.limits.max_buffered_tensor_bytes = absl::GetFlag(FLAGS_max_buffered_tensor_bytes);
   o.limits.max_session_hessian_bytes = absl::GetFlag(FLAGS_max_session_hessian_bytes);
+  o.limits.max_full_hessian_bytes = absl::GetFlag(FLAGS_max_full_hessian_bytes);
+  o.limits.max_session_full_hessian_bytes = absl::GetFlag(FLAGS_max_session_full_hessian_bytes);
   o.limits.max_inflight_chunks_per_stream = absl::GetFlag(FLAGS_max_inflight_chunks_per_stream);
   o.limits.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
   o.limits.max_rows_per_item = absl::GetFlag(FLAGS_max_rows_per_item);

@@ -135,6 +135,35 @@ ServerMetrics::ServerMetrics() : registry_(std::make_shared<prometheus::Registry
                       .Help("Duration of the batch that ran a work item")
                       .Register(*registry_)
                       .Add({}, LatencyBuckets());
+  full_hessian_bytes_ = &prometheus::BuildGauge()
+                             .Name("nvfp4cal_full_hessian_bytes")
+                             .Help("Bytes of full Hessians (method gptq) held by sessions")
+                             .Register(*registry_)
+                             .Add({});
+  gptq_plan_bytes_ = &prometheus::BuildGauge()
+                          .Name("nvfp4cal_gptq_plan_bytes")
+                          .Help("Bytes held by prepared gptq plans (factorised full Hessians)")
+                          .Register(*registry_)
+                          .Add({});
+  gptq_plans_ =
+      &prometheus::BuildCounter()
+           .Name("nvfp4cal_gptq_plans_prepared_total")
+           .Help("gptq plans prepared (full Hessian validated and factorised), by backend")
+           .Register(*registry_);
+  gptq_plan_failures_ = &prometheus::BuildCounter()
+                             .Name("nvfp4cal_gptq_plan_failures_total")
+                             .Help("gptq plan preparations that failed (invalid or indefinite H)")
+                             .Register(*registry_)
+                             .Add({});
+  gptq_factor_seconds_ = &prometheus::BuildHistogram()
+                              .Name("nvfp4cal_gptq_factor_seconds")
+                              .Help("Wall time of preparing one gptq plan")
+                              .Register(*registry_)
+                              .Add({}, LatencyBuckets());
+  full_hessian_refused_ = &prometheus::BuildCounter()
+                               .Name("nvfp4cal_full_hessian_refused_total")
+                               .Help("Full Hessians refused at admission, by the limit reached")
+                               .Register(*registry_);
 }
 
 ServerMetrics::~ServerMetrics() = default;
@@ -194,6 +223,20 @@ void ServerMetrics::ObserveQueueWait(absl::Duration wait) {
 }
 void ServerMetrics::ObserveKernelTime(absl::Duration time) {
   kernel_time_->Observe(absl::ToDoubleSeconds(time));
+}
+void ServerMetrics::AddFullHessianBytes(int64_t delta_bytes) {
+  full_hessian_bytes_->Increment(static_cast<double>(delta_bytes));
+}
+void ServerMetrics::AddGptqPlanBytes(int64_t delta_bytes) {
+  gptq_plan_bytes_->Increment(static_cast<double>(delta_bytes));
+}
+void ServerMetrics::RecordGptqPlan(const std::string& backend, double seconds) {
+  gptq_plans_->Add({{"backend", backend}}).Increment();
+  gptq_factor_seconds_->Observe(seconds);
+}
+void ServerMetrics::RecordGptqPlanFailure() { gptq_plan_failures_->Increment(); }
+void ServerMetrics::RecordFullHessianRefused(const std::string& limit) {
+  full_hessian_refused_->Add({{"limit", limit}}).Increment();
 }
 
 }  // namespace nvfp4cal::server

@@ -57,6 +57,17 @@ class ServerMetrics {
   // Per work item: time queued and time of the batch that ran it.
   void ObserveQueueWait(absl::Duration wait);
   void ObserveKernelTime(absl::Duration time);
+  // Bytes of full Hessians (method gptq) held by sessions, and of the gptq plans prepared
+  // from them (host or device memory of the backend).
+  void AddFullHessianBytes(int64_t delta_bytes);
+  void AddGptqPlanBytes(int64_t delta_bytes);
+  // A gptq plan was prepared (validation and factorisation of a full Hessian) on `backend`
+  // ("cpu" or "cuda"), taking `seconds`; or its preparation failed (H invalid or not positive
+  // definite even with the largest damping).
+  void RecordGptqPlan(const std::string& backend, double seconds);
+  void RecordGptqPlanFailure();
+  // A full Hessian was refused because a full-Hessian limit was reached.
+  void RecordFullHessianRefused(const std::string& limit);
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;
@@ -74,6 +85,12 @@ class ServerMetrics {
   prometheus::Gauge* device_memory_;
   prometheus::Histogram* queue_wait_;
   prometheus::Histogram* kernel_time_;
+  prometheus::Gauge* full_hessian_bytes_;
+  prometheus::Gauge* gptq_plan_bytes_;
+  prometheus::Family<prometheus::Counter>* gptq_plans_;
+  prometheus::Counter* gptq_plan_failures_;
+  prometheus::Histogram* gptq_factor_seconds_;
+  prometheus::Family<prometheus::Counter>* full_hessian_refused_;
 };
 
 // Canonical gRPC code name ("OK", "INVALID_ARGUMENT", ...).

@@ -171,6 +171,12 @@ absl::Status QuantizeSession::HandleHeader(const v1::TensorHeader& header) {
         "max_buffered_tensor_bytes = %d (send global_amax to stream it)",
         header.name(), spec->WeightBytes(), limits.max_buffered_tensor_bytes));
   }
+  const bool gptq = spec->params.method == Method::kGptq;
+  if (gptq && header.cols() > kMaxGptqColumns) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("header.cols = %d of gptq tensor '%s' exceeds the gptq limit %d",
+                        header.cols(), header.name(), kMaxGptqColumns));
+  }
   auto tensor = std::make_shared<Tensor>();
   const std::string& hessian_name = header.hessian().name();
   if (hessian_name.empty()) {
@@ -185,32 +191,18 @@ absl::Status QuantizeSession::HandleHeader(const v1::TensorHeader& header) {
           "header.hessian.name = '%s' covers %d columns but tensor '%s' has cols = %d",
           hessian_name, it->second->cols, header.name(), header.cols()));
     }
+    if (gptq && it->second->full == nullptr) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "Hessian '%s' is kept as diagonal blocks only (it was defined by %s), but method gptq "
+          "of tensor '%s' needs the full matrix: define the Hessian with a gptq tensor's header "
+          "(layout FULL or FULL_UPPER), or send it again under another name",
+          hessian_name, it->second->defined_by, header.name()));
+    }
     tensor->hessian = it->second;
   } else {
-    const v1::HessianLayout layout = header.hessian().layout();
-    if (layout != v1::HESSIAN_LAYOUT_BLOCK_DIAGONAL && layout != v1::HESSIAN_LAYOUT_FULL) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "header.hessian.layout = %d for new Hessian '%s' is not BLOCK_DIAGONAL or FULL",
-          static_cast<int>(layout), hessian_name));
-    }
-    const int64_t block_bytes = header.cols() * kBlock * 4;
-    if (hessian_bytes_ + block_bytes > limits.max_session_hessian_bytes) {
-      return absl::ResourceExhaustedError(absl::StrFormat(
-          "Hessian '%s' needs %d bytes; the session holds %d and max_session_hessian_bytes = %d",
-          hessian_name, block_bytes, hessian_bytes_, limits.max_session_hessian_bytes));
-    }
-    auto hessian = std::make_shared<Hessian>();
-    hessian->name = hessian_name;
-    hessian->layout = layout;
-    hessian->cols = header.cols();
-    hessian->expected_elements = layout == v1::HESSIAN_LAYOUT_FULL
-                                     ? header.cols() * header.cols()
-                                     : header.cols() * kBlock;
-    hessian->blocks = std::make_shared<std::vector<float>>(
-        static_cast<size_t>(header.cols() * kBlock), 0.0f);
-    hessian_bytes_ += block_bytes;
-    hessians_[hessian_name] = hessian;
-    tensor->hessian = hessian;
+    absl::StatusOr<std::shared_ptr<Hessian>> hessian = DefineHessian(header, *spec);
+    if (!hessian.ok()) return hessian.status();
+    tensor->hessian = *std::move(hessian);
   }
 
   tensor->index = tensors_started_++;
@@ -221,7 +213,8 @@ absl::Status QuantizeSession::HandleHeader(const v1::TensorHeader& header) {
   tensor->params = spec->params;
   tensor->header_amax = spec->global_amax;
   tensor->started = absl::Now();
-  if (tensor->hessian != nullptr && tensor->hessian->complete()) {
+  // gptq validates its full Hessian on a scheduler worker, with the factorisation.
+  if (!gptq && tensor->hessian != nullptr && tensor->hessian->complete()) {
     if (absl::Status s = ValidateTensorHessian(*tensor); !s.ok()) return s;
   }
   if (!job_.has_value()) {
@@ -235,6 +228,90 @@ absl::Status QuantizeSession::HandleHeader(const v1::TensorHeader& header) {
   open_tensors_[tensor->index] = tensor;
   current_ = std::move(tensor);
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<QuantizeSession::Hessian>> QuantizeSession::DefineHessian(
+    const v1::TensorHeader& header, const TensorSpec& spec) {
+  const ServiceLimits& limits = env_.limits;
+  const std::string& name = header.hessian().name();
+  const int64_t cols = header.cols();
+  const v1::HessianLayout layout = header.hessian().layout();
+  if (layout != v1::HESSIAN_LAYOUT_BLOCK_DIAGONAL && layout != v1::HESSIAN_LAYOUT_FULL &&
+      layout != v1::HESSIAN_LAYOUT_FULL_UPPER) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "header.hessian.layout = %d for new Hessian '%s' is not BLOCK_DIAGONAL, FULL or "
+        "FULL_UPPER",
+        static_cast<int>(layout), name));
+  }
+  const bool gptq = spec.params.method == Method::kGptq;
+  if (gptq && layout == v1::HESSIAN_LAYOUT_BLOCK_DIAGONAL) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "header.hessian.layout = BLOCK_DIAGONAL for Hessian '%s' of tensor '%s', but method "
+        "gptq propagates errors across blocks and needs the full matrix: send it as FULL or "
+        "FULL_UPPER",
+        name, header.name()));
+  }
+  const int64_t block_bytes = cols * kBlock * 4;
+  if (hessian_bytes_ + block_bytes > limits.max_session_hessian_bytes) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "Hessian '%s' needs %d bytes; the session holds %d and max_session_hessian_bytes = %d",
+        name, block_bytes, hessian_bytes_, limits.max_session_hessian_bytes));
+  }
+  auto hessian = std::make_shared<Hessian>();
+  hessian->name = name;
+  hessian->layout = layout;
+  hessian->cols = cols;
+  hessian->defined_by =
+      absl::StrFormat("tensor '%s' with method %s", header.name(), MethodName(spec.params.method));
+  hessian->expected_elements = layout == v1::HESSIAN_LAYOUT_FULL         ? cols * cols
+                               : layout == v1::HESSIAN_LAYOUT_FULL_UPPER ? cols * (cols + 1) / 2
+                                                                         : cols * kBlock;
+  if (gptq) {
+    // Admitted before any chunk is buffered: the session's share, then the server's budget.
+    const int64_t full_bytes = cols * cols * 4;
+    const std::string what = absl::StrFormat("Hessian '%s' of tensor '%s'", name, header.name());
+    if (full_bytes > limits.max_session_full_hessian_bytes - full_hessian_bytes_) {
+      env_.metrics->RecordFullHessianRefused("max_session_full_hessian_bytes");
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "%s needs %d bytes as a full Hessian; the session holds %d bytes of full Hessians and "
+          "max_session_full_hessian_bytes = %d (start a new session)",
+          what, full_bytes, full_hessian_bytes_, limits.max_session_full_hessian_bytes));
+    }
+    absl::StatusOr<std::unique_ptr<FullHessianBudget::Reservation>> reservation =
+        env_.full_hessians->Reserve(what, full_bytes);
+    if (!reservation.ok()) return reservation.status();
+    absl::StatusOr<std::shared_ptr<FullHessian>> full =
+        FullHessian::Create(name, cols, *std::move(reservation), env_.full_hessians, env_.metrics);
+    if (!full.ok()) return full.status();
+    hessian->full = *std::move(full);
+    full_hessian_bytes_ += full_bytes;
+  }
+  hessian->blocks = std::make_shared<std::vector<float>>(static_cast<size_t>(cols * kBlock), 0.0f);
+  hessian_bytes_ += block_bytes;
+  hessians_[name] = hessian;
+  return hessian;
+}
+
+void QuantizeSession::StoreHessianElements(Hessian* hessian, const float* values, int64_t count) {
+  const int64_t offset = hessian->received_elements;
+  const int64_t n = hessian->cols;
+  float* full = hessian->full == nullptr ? nullptr : hessian->full->mutable_data();
+  if (hessian->layout == v1::HESSIAN_LAYOUT_FULL) {
+    if (full != nullptr) std::memcpy(full + offset, values, static_cast<size_t>(count) * 4);
+    ExtractDiagonalBlocks(values, offset, count, n, hessian->blocks->data());
+  } else if (hessian->layout == v1::HESSIAN_LAYOUT_FULL_UPPER) {
+    ExtractDiagonalBlocksUpper(values, offset, count, n, hessian->blocks->data());
+    if (full == nullptr) return;
+    ForEachUpperSegment(offset, count, n,
+                        [&](int64_t row, int64_t col, int64_t length, int64_t consumed) {
+                          const float* src = values + consumed;
+                          std::memcpy(full + row * n + col, src, static_cast<size_t>(length) * 4);
+                          for (int64_t c = col; c < col + length; ++c)
+                            full[c * n + row] = src[c - col];
+                        });
+  } else {
+    std::memcpy(hessian->blocks->data() + offset, values, static_cast<size_t>(count) * 4);
+  }
 }
 
 absl::Status QuantizeSession::ValidateTensorHessian(const Tensor& tensor) {
@@ -277,16 +354,15 @@ absl::Status QuantizeSession::HandleHessianChunk(v1::HessianChunk* chunk) {
         hessian.expected_elements));
   }
   env_.metrics->AddBytesIn(static_cast<int64_t>(data.size()));
-  if (hessian.layout == v1::HESSIAN_LAYOUT_FULL) {
-    std::vector<float> values(static_cast<size_t>(count));
-    std::memcpy(values.data(), data.data(), data.size());
-    ExtractDiagonalBlocks(values.data(), hessian.received_elements, count, hessian.cols,
-                          hessian.blocks->data());
-  } else {
-    std::memcpy(hessian.blocks->data() + hessian.received_elements, data.data(), data.size());
-  }
+  // The bytes of a protobuf string need not be 4-byte aligned.
+  std::vector<float> values(static_cast<size_t>(count));
+  std::memcpy(values.data(), data.data(), data.size());
+  StoreHessianElements(&hessian, values.data(), count);
   hessian.received_elements += count;
-  if (hessian.complete()) return ValidateTensorHessian(*current_);
+  // gptq validates its full Hessian on a scheduler worker, with the factorisation.
+  if (hessian.complete() && current_->params.method != Method::kGptq) {
+    return ValidateTensorHessian(*current_);
+  }
   return absl::OkStatus();
 }
 
@@ -365,7 +441,11 @@ void QuantizeSession::MakeTasks(Tensor* tensor, std::shared_ptr<const std::strin
     input->cols = tensor->cols;
     input->params = tensor->params;
     input->global_amax = tensor->header_amax.value_or(tensor->buffered_amax);
-    if (tensor->hessian != nullptr) input->hessian_blocks = tensor->hessian->blocks;
+    if (tensor->params.method == Method::kGptq) {
+      input->full_hessian = tensor->hessian->full;
+    } else if (tensor->hessian != nullptr) {
+      input->hessian_blocks = tensor->hessian->blocks;
+    }
     tensor->input = std::move(input);
   }
   const int64_t row_bytes = tensor->cols * DTypeSize(tensor->dtype);
@@ -471,6 +551,9 @@ void QuantizeSession::QueueSummary(const Tensor& tensor) {
       first = false;
     } else {
       AccumulateStats(stats, &total);
+      // Wall times of gptq's row ranges; the plan's factor time and damping are every range's.
+      total.gptq.quantize_seconds += stats.gptq.quantize_seconds;
+      total.gptq.compare_seconds += stats.gptq.compare_seconds;
     }
   }
   v1::QuantizeResponse response;

@@ -38,6 +38,8 @@
 #include "grpcpp/grpcpp.h"
 #include "nvfp4cal/kernels/scale_search.h"
 #include "nvfp4cal/v1/calibrator.pb.h"
+#include "server/full_hessian_budget.h"
+#include "server/gptq_work.h"
 #include "server/kernel_executor.h"
 #include "server/metrics.h"
 #include "server/scheduler.h"
@@ -58,6 +60,8 @@ struct SessionEnvironment {
   std::atomic<int>* open_streams = nullptr;
   // Null: no token required; else streams without an accepted token end UNAUTHENTICATED.
   const TokenAuthenticator* authenticator = nullptr;
+  // Server-wide account of full Hessians (method gptq); limits.max_full_hessian_bytes.
+  FullHessianBudget* full_hessians = nullptr;
 };
 
 // Maps an internal status to the status sent to the client.
@@ -73,7 +77,8 @@ class QuantizeSession : public grpc::ServerBidiReactor<v1::QuantizeRequest, v1::
   void OnDone() override;
 
  private:
-  // A Hessian defined in this session, kept as diagonal blocks whatever layout it came in.
+  // A Hessian defined in this session, kept as diagonal blocks whatever layout it came in, and
+  // also whole when the header defining it had method gptq (a full layout).
   struct Hessian {
     std::string name;
     v1::HessianLayout layout = v1::HESSIAN_LAYOUT_UNSPECIFIED;
@@ -81,6 +86,10 @@ class QuantizeSession : public grpc::ServerBidiReactor<v1::QuantizeRequest, v1::
     int64_t expected_elements = 0;
     int64_t received_elements = 0;
     std::shared_ptr<std::vector<float>> blocks;
+    // Method gptq: the whole matrix and its plans; null when kept as blocks only.
+    std::shared_ptr<FullHessian> full;
+    // The tensor whose header defined it and that tensor's method, for error messages.
+    std::string defined_by;
     bool complete() const { return received_elements == expected_elements; }
   };
   // A tensor of the session, from its header until its summary was queued.
@@ -123,6 +132,15 @@ class QuantizeSession : public grpc::ServerBidiReactor<v1::QuantizeRequest, v1::
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status HandleHeader(const v1::TensorHeader& header) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status HandleHessianChunk(v1::HessianChunk* chunk) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A Hessian not seen before in the session, named by `header`: layout, limits, admission of
+  // a full Hessian on the server-wide budget (method gptq), allocation.
+  absl::StatusOr<std::shared_ptr<Hessian>> DefineHessian(const v1::TensorHeader& header,
+                                                         const TensorSpec& spec)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Stores `count` fp32 elements at the Hessian's next position (blocks, and the whole matrix
+  // when kept).
+  void StoreHessianElements(Hessian* hessian, const float* values, int64_t count)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status HandleWeightChunk(v1::WeightChunk* chunk, Actions* actions)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Validates the current tensor's shape, Hessian and parameters once its Hessian is complete.
@@ -183,6 +201,9 @@ class QuantizeSession : public grpc::ServerBidiReactor<v1::QuantizeRequest, v1::
   absl::flat_hash_set<std::string> tensor_names_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, std::shared_ptr<Hessian>> hessians_ ABSL_GUARDED_BY(mu_);
   int64_t hessian_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  // Full Hessians (method gptq) defined in this session, for
+  // limits.max_session_full_hessian_bytes; each holds its own reservation on the budget.
+  int64_t full_hessian_bytes_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace nvfp4cal::server

@@ -29,6 +29,13 @@ struct ServiceLimits {
   int64_t max_buffered_tensor_bytes = int64_t{1} << 30;
   // Hessian blocks one session may keep (several tensors may share each).
   int64_t max_session_hessian_bytes = int64_t{256} << 20;
+  // Full Hessians (method gptq, cols * cols * 4 bytes each) all sessions together may hold:
+  // they are large (822 MB for 14336 inputs), so they are admitted against this server-wide
+  // budget when the header defining one arrives. Prepared gptq plans count as in use too.
+  int64_t max_full_hessian_bytes = int64_t{8} << 30;
+  // Full Hessians one session may hold, so that one client cannot take the whole budget; the
+  // client library starts a new session when the next one would not fit.
+  int64_t max_session_full_hessian_bytes = int64_t{4} << 30;
   // Flow-control window: weight items of one stream in the scheduler before reading pauses.
   int max_inflight_chunks_per_stream = 8;
   // Quantize streams open at once; more answer RESOURCE_EXHAUSTED.

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -27,17 +28,36 @@ absl::StatusOr<DType> ToDType(v1::DType dtype) {
 absl::StatusOr<SearchParams> ToSearchParams(const v1::MethodConfig& config) {
   absl::StatusOr<Method> method = ParseMethod(config.name());
   if (!method.ok()) return PrefixStatus(method.status(), "header.");
-  if (*method == Method::kGptq) {
-    return absl::UnimplementedError(
-        "header.method.name = \"gptq\" is not supported by the service yet (it needs the full "
-        "Hessian); quantize in-process with nvfp4cal quantize --method gptq");
-  }
   SearchParams params;
   params.method = *method;
   if (config.has_beta_step()) params.beta_step = config.beta_step();
   if (config.has_beta_half_range()) params.beta_half_range = config.beta_half_range();
   if (config.has_scale_neighbours()) params.scale_neighbours = config.scale_neighbours();
   if (config.has_symmetry_tolerance()) params.symmetry_tolerance = config.symmetry_tolerance();
+  const bool gptq_parameter = config.has_damping() || config.has_act_order() ||
+                              config.has_block_columns() || config.has_scale_objective() ||
+                              config.has_scale_search();
+  if (gptq_parameter && *method != Method::kGptq) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("header.method has gptq parameters (damping, act_order, block_columns, "
+                        "scale_objective, scale_search) but name = \"%s\"; they apply to gptq only",
+                        config.name()));
+  }
+  GptqParams& gptq = params.gptq;
+  if (config.has_damping()) gptq.damping = config.damping();
+  if (config.has_act_order()) gptq.act_order = config.act_order();
+  if (config.has_block_columns()) gptq.block_columns = config.block_columns();
+  if (config.has_scale_objective()) {
+    absl::StatusOr<GptqScaleObjective> objective =
+        ParseGptqScaleObjective(config.scale_objective());
+    if (!objective.ok()) return PrefixStatus(objective.status(), "header.method.");
+    gptq.scale_objective = *objective;
+  }
+  if (config.has_scale_search()) {
+    absl::StatusOr<GptqScaleSearch> search = ParseGptqScaleSearch(config.scale_search());
+    if (!search.ok()) return PrefixStatus(search.status(), "header.method.");
+    gptq.scale_search = *search;
+  }
   if (absl::Status s = ValidateParams(params); !s.ok()) return PrefixStatus(s, "header.method.");
   return params;
 }
@@ -106,6 +126,50 @@ void ExtractDiagonalBlocks(const float* src, int64_t offset, int64_t count, int6
   }
 }
 
+int64_t UpperRowStart(int64_t row, int64_t cols) { return row * cols - row * (row - 1) / 2; }
+
+void ForEachUpperSegment(
+    int64_t offset, int64_t count, int64_t cols,
+    const std::function<void(int64_t row, int64_t col, int64_t length, int64_t consumed)>& visit) {
+  // The row holding `offset`: the largest r with UpperRowStart(r) <= offset.
+  int64_t lo = 0;
+  int64_t hi = cols - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (UpperRowStart(mid, cols) <= offset) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  int64_t row = lo;
+  int64_t col = row + (offset - UpperRowStart(row, cols));
+  int64_t consumed = 0;
+  while (consumed < count && row < cols) {
+    const int64_t length = std::min(count - consumed, cols - col);
+    visit(row, col, length, consumed);
+    consumed += length;
+    ++row;
+    col = row;
+  }
+}
+
+void ExtractDiagonalBlocksUpper(const float* src, int64_t offset, int64_t count, int64_t cols,
+                                float* blocks) {
+  constexpr int64_t kB = kBlockElements;
+  ForEachUpperSegment(offset, count, cols,
+                      [&](int64_t row, int64_t col, int64_t length, int64_t consumed) {
+                        const int64_t block = row / kB;
+                        const int64_t hi = std::min(col + length, block * kB + kB);
+                        float* b = blocks + block * kB * kB;
+                        for (int64_t c = col; c < hi; ++c) {
+                          const float value = src[consumed + c - col];
+                          b[(row % kB) * kB + (c % kB)] = value;
+                          b[(c % kB) * kB + (row % kB)] = value;
+                        }
+                      });
+}
+
 void FillStatistics(const TensorStats& stats, v1::TensorStatistics* out) {
   out->set_method(std::string(MethodName(stats.method)));
   v1::MethodConfig* params = out->mutable_params();
@@ -114,6 +178,21 @@ void FillStatistics(const TensorStats& stats, v1::TensorStatistics* out) {
   params->set_beta_half_range(stats.params.beta_half_range);
   params->set_scale_neighbours(stats.params.scale_neighbours);
   params->set_symmetry_tolerance(stats.params.symmetry_tolerance);
+  if (stats.params.method == Method::kGptq) {
+    const GptqParams& gptq = stats.params.gptq;
+    params->set_damping(gptq.damping);
+    params->set_act_order(gptq.act_order);
+    params->set_block_columns(gptq.block_columns);
+    params->set_scale_objective(std::string(GptqScaleObjectiveName(gptq.scale_objective)));
+    params->set_scale_search(std::string(GptqScaleSearchName(gptq.scale_search)));
+    out->set_full_hessian_error(stats.gptq.full_hessian_error);
+    out->set_full_hessian_error_local_hessian(stats.gptq.full_hessian_error_local_hessian);
+    out->set_damping_relative(stats.gptq.damping_relative);
+    out->set_damping_increases(stats.gptq.damping_increases);
+    out->set_factor_seconds(stats.gptq.factor_seconds);
+    out->set_gptq_quantize_seconds(stats.gptq.quantize_seconds);
+    out->set_gptq_compare_seconds(stats.gptq.compare_seconds);
+  }
   out->set_num_blocks(stats.num_blocks);
   out->set_objective_before(stats.objective_before);
   out->set_objective_after(stats.objective_after);

@@ -12,6 +12,7 @@
 #define NVFP4CAL_SERVER_TENSOR_SPEC_H_
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 
@@ -45,8 +46,9 @@ struct TensorSpec {
 };
 
 // Checks name, shape (rows, cols > 0, cols % 16 == 0), rows * cols against
-// limits.max_tensor_elements (RESOURCE_EXHAUSTED), dtype, method and parameter ranges, and that
-// a given global_amax is finite and >= 0. Errors name the field, the limit and the value.
+// limits.max_tensor_elements (RESOURCE_EXHAUSTED), dtype, method and parameter ranges (gptq's
+// too; gptq parameters with another method are INVALID_ARGUMENT), and that a given global_amax
+// is finite and >= 0. Errors name the field, the limit and the value.
 absl::StatusOr<TensorSpec> ParseTensorHeader(const v1::TensorHeader& header,
                                              const ServiceLimits& limits);
 
@@ -59,7 +61,23 @@ absl::Status PrefixStatus(const absl::Status& status, const std::string& prefix)
 void ExtractDiagonalBlocks(const float* src, int64_t offset, int64_t count, int64_t cols,
                            float* blocks);
 
-// The proto form of the kernels' statistics.
+// HESSIAN_LAYOUT_FULL_UPPER: the upper triangle of a [cols, cols] matrix, row r holding
+// H[r, r..cols-1], so row r starts at element UpperRowStart(r) = r * cols - r * (r - 1) / 2.
+int64_t UpperRowStart(int64_t row, int64_t cols);
+
+// Splits elements [offset, offset + count) of an upper-triangle stream into row segments:
+// visit(row, col, length, consumed) for H[row, col..col+length), whose values are the chunk's
+// elements [consumed, consumed + length).
+void ForEachUpperSegment(
+    int64_t offset, int64_t count, int64_t cols,
+    const std::function<void(int64_t row, int64_t col, int64_t length, int64_t consumed)>& visit);
+
+// ExtractDiagonalBlocks for the upper-triangle layout: mirrors each element of a diagonal
+// block into its lower half too.
+void ExtractDiagonalBlocksUpper(const float* src, int64_t offset, int64_t count, int64_t cols,
+                                float* blocks);
+
+// The proto form of the kernels' statistics (gptq's too).
 void FillStatistics(const TensorStats& stats, v1::TensorStatistics* out);
 
 }  // namespace nvfp4cal::server

@@ -162,6 +162,59 @@ TEST_F(Remote, ThreeServersAreByteIdenticalToInProcess) {
   EXPECT_EQ(total, static_cast<double>(expected));
 }
 
+// gptq through servers: the full Hessians of the example (q/k/v and gate/up share one per
+// layer) travel as upper triangles (one server) or whole matrices (two servers, one of which
+// holds one full Hessian per session, so the client splits sessions); the output is the
+// in-process bytes either way.
+TEST_F(Remote, GptqIsByteIdenticalToInProcess) {
+  // Only the modules whose example Hessians are full matrices (o_proj and down_proj have blocks).
+  const std::vector<std::string> gptq = {
+      "--method",  "gptq",    "--gptq-act-order", "--include",  "*q_proj",   "--include", "*k_proj",
+      "--include", "*v_proj", "--include",        "*gate_proj", "--include", "*up_proj"};
+  const std::string m = "example";
+  ProcessResult r = RunCli(Args(m, "gptq-local", gptq));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto local = ReadTree(*dir_ / "gptq-local");
+  ServerProcess one;
+  ServerProcess two({"--max_session_full_hessian_bytes=300000"});  // one 256^2 Hessian
+  ASSERT_FALSE(one.address().empty() || two.address().empty());
+  const std::vector<std::pair<std::string, std::vector<std::string>>> runs = {
+      {"gptq-upper", {"--server", one.address()}},
+      {"gptq-full",
+       {"--server", one.address() + "," + two.address(), "--gptq-hessian-layout", "full"}}};
+  for (const auto& [out, flags] : runs) {
+    std::vector<std::string> extra = gptq;
+    extra.insert(extra.end(), flags.begin(), flags.end());
+    r = RunCli(Args(m, out, extra));
+    ASSERT_EQ(r.exit_code, 0) << out << ": " << r.err;
+    const auto remote = ReadTree(*dir_ / out);
+    ASSERT_EQ(local.size(), remote.size()) << out;
+    for (const auto& [name, bytes] : local) {
+      ASSERT_EQ(remote.count(name), 1u) << out << ": " << name;
+      EXPECT_TRUE(remote.at(name) == bytes) << out << ": " << name << " differs";
+    }
+  }
+  // The statistics table's gptq part (full-Hessian errors and damping, per module) is the
+  // in-process one: the servers' summaries carry gptq's statistics.
+  auto gptq_table = [&](const std::string& out, std::vector<std::string> flags) {
+    std::vector<std::string> args = Args(m, out, gptq);
+    args.erase(std::find(args.begin(), args.end(), "--quiet"));
+    args.insert(args.end(), flags.begin(), flags.end());
+    const ProcessResult run = RunCli(args);
+    EXPECT_EQ(run.exit_code, 0) << run.err;
+    const size_t begin = run.out.find("full-Hessian error tr(E H E^T), local_hessian vs gptq");
+    const size_t end = run.out.find("\ntime:");
+    EXPECT_NE(begin, std::string::npos) << run.out;
+    EXPECT_NE(end, std::string::npos) << run.out;
+    return begin == std::string::npos || end == std::string::npos
+               ? std::string()
+               : run.out.substr(begin, end - begin);
+  };
+  const std::string in_process = gptq_table("gptq-table-local", {});
+  EXPECT_THAT(in_process, HasSubstr("model.layers.1.mlp.up_proj"));
+  EXPECT_EQ(gptq_table("gptq-table-remote", {"--server", one.address()}), in_process);
+}
+
 // mTLS plus a bearer token (make_test_certs.sh makes the PKI at test time): the same bytes.
 TEST_F(Remote, MutualTlsWithTokenIsByteIdenticalToInProcess) {
   const fs::path pki = *dir_ / "pki";

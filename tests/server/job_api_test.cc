@@ -413,8 +413,8 @@ TEST_F(JobApiTest, InvalidJobsNameTheFieldTheLimitAndTheValue) {
   {
     v1::SubmitJobRequest r = JobRequestOf(plain);
     r.mutable_header()->mutable_method()->set_name("gptq");
-    cases.push_back(
-        {"gptq (in-process only)", grpc::UNIMPLEMENTED, "is not supported by the service yet", r});
+    cases.push_back({"gptq (sessions only)", grpc::UNIMPLEMENTED,
+                     "job tensor 'w': SubmitJob does not run method gptq", r});
   }
   {
     v1::SubmitJobRequest r = JobRequestOf(plain);

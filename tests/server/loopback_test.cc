@@ -193,8 +193,15 @@ std::vector<ErrorCase> ErrorTable() {
   {
     TestTensor t = plain;
     t.method = "gptq";
-    cases.push_back({"gptq (in-process only)", grpc::UNIMPLEMENTED,
-                     "header.method.name = \"gptq\" is not supported by the service yet", with(t)});
+    cases.push_back({"gptq without a Hessian", grpc::FAILED_PRECONDITION,
+                     "header.hessian.name is empty but method gptq of tensor 'w' needs a Hessian",
+                     with(t)});
+  }
+  {
+    std::vector<v1::QuantizeRequest> r = with(dss);
+    r[0].mutable_header()->mutable_method()->set_act_order(true);
+    cases.push_back({"gptq parameter with another method", grpc::INVALID_ARGUMENT,
+                     "header.method has gptq parameters", r});
   }
   {
     std::vector<v1::QuantizeRequest> r = with(dss);
@@ -343,7 +350,7 @@ TEST_F(LoopbackTest, ServerInfoAdvertisesMethodsAndLimits) {
   EXPECT_EQ(info.backend(), "cpu");
   std::vector<std::string> names;
   for (const v1::MethodInfo& m : info.methods()) names.push_back(m.name());
-  EXPECT_THAT(names, ::testing::ElementsAre("max", "mse", "local_hessian", "dss"));
+  EXPECT_THAT(names, ::testing::ElementsAre("max", "mse", "local_hessian", "dss", "gptq"));
   ASSERT_EQ(info.devices_size(), 2);
   for (int i = 0; i < 2; ++i) {
     EXPECT_EQ(info.devices(i).index(), i);

@@ -1,0 +1,98 @@
+// gptq work: what the service needs to run method gptq (docs/numerics.md §6) on the scheduler.
+//
+// FullHessian is a full [n, n] Hessian a Quantize session keeps for gptq tensors, admitted on
+// the server-wide FullHessianBudget, with the plans prepared from it. A plan (validation and
+// factorisation, seconds of work for large n) is prepared once per (Hessian, gptq parameters,
+// device) by the first work item that needs it, on that item's scheduler worker, and shared by
+// every row range of every tensor that uses the Hessian with those parameters; items needing it
+// meanwhile wait for it. Plans and the matrix are freed with the FullHessian, when the last
+// reference goes (its session ended and no item holds it).
+//
+// Executors call RunGptqTask for items whose tensor has method gptq:
+//
+//   GptqWorker worker{nvfp4cal::MakeCpuGptq({}), "cpu"};   // one per scheduler worker
+//   if (absl::Status s = AllocateOutputs(&task); !s.ok()) return s;
+//   (*item_status)[i] = RunGptqTask(worker, &task);
+#ifndef NVFP4CAL_SERVER_GPTQ_WORK_H_
+#define NVFP4CAL_SERVER_GPTQ_WORK_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "nvfp4cal/kernels/gptq.h"
+#include "server/full_hessian_budget.h"
+#include "server/kernel_executor.h"
+#include "server/metrics.h"
+
+namespace nvfp4cal::server {
+
+// The largest cols gptq accepts (the kernels' ValidateGptqHessian limit); checked on the
+// header so that n * n * 4 is computed only for sizes that can run.
+inline constexpr int64_t kMaxGptqColumns = 65536;
+
+class FullHessian {
+ public:
+  // Allocates the n * n matrix (uninitialised: the session fills every element from the
+  // chunks before any item refers to it). RESOURCE_EXHAUSTED when host memory runs out.
+  // `reservation` holds its bytes on `budget`; plans are charged to `budget` too. `budget`
+  // and `metrics` must outlive it.
+  static absl::StatusOr<std::shared_ptr<FullHessian>> Create(
+      std::string name, int64_t n, std::unique_ptr<FullHessianBudget::Reservation> reservation,
+      FullHessianBudget* budget, ServerMetrics* metrics);
+
+  const std::string& name() const { return name_; }
+  int64_t n() const { return n_; }
+  // Row-major [n, n]; written by the session while the chunks arrive, read-only afterwards.
+  float* mutable_data() { return data_.get(); }
+  FullHessianView view() const { return FullHessianView{data_.get(), n_}; }
+
+  // The plan for `params` on `device` ("cpu", or "cuda:N" for a device backend), prepared by
+  // `backend` on the first call (GptqBackend::Prepare: validation, damping, factorisation) and
+  // shared afterwards; concurrent callers wait for the first. A failed preparation is kept and
+  // returned to every later caller, so H is validated once.
+  absl::StatusOr<std::shared_ptr<const GptqPlan>> Plan(GptqBackend& backend,
+                                                       const std::string& device,
+                                                       const SearchParams& params);
+
+  // Plans prepared (successfully) so far.
+  int plans_prepared() const;
+
+ private:
+  struct PlanEntry {
+    absl::Mutex mu;
+    bool done ABSL_GUARDED_BY(mu) = false;
+    absl::StatusOr<std::shared_ptr<const GptqPlan>> plan ABSL_GUARDED_BY(mu);
+    std::unique_ptr<FullHessianBudget::Reservation> charge ABSL_GUARDED_BY(mu);
+  };
+
+  FullHessian(std::string name, int64_t n, std::unique_ptr<float[]> data,
+              std::unique_ptr<FullHessianBudget::Reservation> reservation,
+              FullHessianBudget* budget, ServerMetrics* metrics);
+
+  const std::string name_;
+  const int64_t n_;
+  const std::unique_ptr<float[]> data_;
+  const std::unique_ptr<FullHessianBudget::Reservation> reservation_;
+  FullHessianBudget* const budget_;
+  ServerMetrics* const metrics_;
+  mutable absl::Mutex mu_;
+  // Keyed by device and every parameter that changes the plan or its results.
+  std::map<std::string, std::unique_ptr<PlanEntry>> plans_ ABSL_GUARDED_BY(mu_);
+  int plans_prepared_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+// Quantizes a gptq task's rows with the worker's backend: gets the plan of the tensor's full
+// Hessian (preparing it when this is the first item to need it), then
+// GptqBackend::QuantizeRows. The task's outputs must be allocated. Errors of the plan are
+// prefixed with the Hessian's name (e.g. "Hessian 'h': hessian is not symmetric: ...").
+absl::Status RunGptqTask(GptqWorker& worker, RowRangeTask* task);
+
+}  // namespace nvfp4cal::server
+
+#endif  // NVFP4CAL_SERVER_GPTQ_WORK_H_

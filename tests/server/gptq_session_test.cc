@@ -1,0 +1,461 @@
+// Method gptq through the Quantize stream: full Hessians in FULL and FULL_UPPER layout, results
+// byte-identical to the in-process CPU backend, one plan per shared Hessian, the server-wide and
+// per-session full-Hessian budgets, and the errors of Hessians gptq cannot use.
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/time/clock.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nvfp4cal/kernels/example_data.h"
+#include "nvfp4cal/kernels/gptq.h"
+#include "server/calibration_server.h"
+#include "tests/server/test_client.h"
+
+namespace nvfp4cal::server {
+namespace {
+
+using ::nvfp4cal::server::testing::AppendTensor;
+using ::nvfp4cal::server::testing::HeaderOf;
+using ::nvfp4cal::server::testing::MakeTensor;
+using ::nvfp4cal::server::testing::MetricValue;
+using ::nvfp4cal::server::testing::RunSession;
+using ::nvfp4cal::server::testing::Scrape;
+using ::nvfp4cal::server::testing::SessionResult;
+using ::nvfp4cal::server::testing::TestTensor;
+using ::nvfp4cal::server::testing::WeightChunkOf;
+using ::testing::HasSubstr;
+
+// H = X^T X / T of `tokens` correlated activations (a few strong channels), exactly symmetric.
+std::vector<float> CorrelatedHessian(int64_t n, int64_t tokens, uint64_t seed) {
+  ExampleRng rng(seed);
+  std::vector<double> h(static_cast<size_t>(n * n), 0.0);
+  std::vector<double> x(static_cast<size_t>(n));
+  for (int64_t t = 0; t < tokens; ++t) {
+    double shared = rng.Normal();
+    for (int64_t j = 0; j < n; ++j) {
+      shared = 0.8 * shared + 0.6 * rng.Normal();  // neighbours (and groups) correlate
+      x[static_cast<size_t>(j)] = shared * (j % 7 == 0 ? 4.0 : 1.0);
+    }
+    for (int64_t a = 0; a < n; ++a) {
+      for (int64_t b = a; b < n; ++b) {
+        h[static_cast<size_t>(a * n + b)] += x[static_cast<size_t>(a)] * x[static_cast<size_t>(b)];
+      }
+    }
+  }
+  std::vector<float> out(h.size());
+  for (int64_t a = 0; a < n; ++a) {
+    for (int64_t b = 0; b < n; ++b) {
+      out[static_cast<size_t>(a * n + b)] =
+          static_cast<float>(h[static_cast<size_t>(std::min(a, b) * n + std::max(a, b))] /
+                             static_cast<double>(tokens));
+    }
+  }
+  return out;
+}
+
+std::vector<float> UpperTriangle(const std::vector<float>& full, int64_t n) {
+  std::vector<float> upper;
+  upper.reserve(static_cast<size_t>(n * (n + 1) / 2));
+  for (int64_t r = 0; r < n; ++r) {
+    upper.insert(upper.end(), full.begin() + r * n + r, full.begin() + (r + 1) * n);
+  }
+  return upper;
+}
+
+// A gptq tensor of the session: the test tensor (weights, the Hessian in its layout) plus the
+// full matrix and the parameters for the in-process reference.
+struct GptqTensor {
+  TestTensor tensor;
+  std::vector<float> full;
+  SearchParams params;
+};
+
+GptqTensor MakeGptqTensor(const std::string& name, int64_t rows, int64_t cols, DType dtype,
+                          const std::string& hessian_name, const std::vector<float>& full,
+                          v1::HessianLayout layout, uint64_t seed) {
+  GptqTensor g;
+  g.tensor = MakeTensor(name, rows, cols, dtype, "gptq", "", seed);
+  g.tensor.hessian_name = hessian_name;
+  g.tensor.layout = layout;
+  g.tensor.hessian = layout == v1::HESSIAN_LAYOUT_FULL_UPPER ? UpperTriangle(full, cols) : full;
+  g.full = full;
+  g.params.method = Method::kGptq;
+  return g;
+}
+
+void SetGptqParameters(const SearchParams& p, v1::QuantizeRequest* header) {
+  v1::MethodConfig* m = header->mutable_header()->mutable_method();
+  m->set_damping(p.gptq.damping);
+  m->set_act_order(p.gptq.act_order);
+  m->set_block_columns(p.gptq.block_columns);
+  m->set_scale_objective(std::string(GptqScaleObjectiveName(p.gptq.scale_objective)));
+  m->set_scale_search(std::string(GptqScaleSearchName(p.gptq.scale_search)));
+  m->set_beta_step(p.beta_step);
+}
+
+void AppendGptq(const GptqTensor& g, std::vector<v1::QuantizeRequest>* out) {
+  const size_t header = out->size();
+  AppendTensor(g.tensor, out);
+  SetGptqParameters(g.params, &(*out)[header]);
+}
+
+QuantizedTensor GptqReference(const GptqTensor& g) {
+  GptqRequest request;
+  request.weights = {g.tensor.weights.data(), g.tensor.dtype, g.tensor.rows, g.tensor.cols};
+  request.hessian = {g.full.data(), g.tensor.cols};
+  request.params = g.params;
+  request.global_amax = g.tensor.global_amax;
+  absl::StatusOr<QuantizedTensor> result = CpuGptqQuantize(request, {});
+  EXPECT_TRUE(result.ok()) << result.status();
+  return *std::move(result);
+}
+
+void ExpectMatchesGptqReference(const SessionResult& result, const GptqTensor& g) {
+  const TestTensor& t = g.tensor;
+  SCOPED_TRACE(t.name);
+  ASSERT_TRUE(result.tensors.count(t.name));
+  const auto& got = result.tensors.at(t.name);
+  const QuantizedTensor want = GptqReference(g);
+  EXPECT_EQ(got.rows_covered, t.rows);
+  EXPECT_EQ(got.packed_codes, std::string(want.packed_codes.begin(), want.packed_codes.end()));
+  EXPECT_EQ(got.scales, std::string(want.scales.begin(), want.scales.end()));
+  ASSERT_TRUE(got.summary.has_value());
+  const v1::TensorSummary& s = *got.summary;
+  EXPECT_EQ(s.global_amax(), want.global_amax);
+  const v1::TensorStatistics& stats = s.stats();
+  EXPECT_EQ(stats.method(), "gptq");
+  EXPECT_EQ(stats.params().act_order(), g.params.gptq.act_order);
+  EXPECT_EQ(stats.params().scale_search(), GptqScaleSearchName(g.params.gptq.scale_search));
+  EXPECT_EQ(stats.num_blocks(), want.stats.num_blocks);
+  EXPECT_EQ(stats.blocks_scale_changed(), want.stats.blocks_scale_changed);
+  EXPECT_EQ(stats.blocks_beta_not_one(), want.stats.blocks_beta_not_one);
+  EXPECT_DOUBLE_EQ(stats.full_hessian_error(), want.stats.gptq.full_hessian_error);
+  EXPECT_DOUBLE_EQ(stats.full_hessian_error_local_hessian(),
+                   want.stats.gptq.full_hessian_error_local_hessian);
+  EXPECT_GT(stats.full_hessian_error(), 0.0);
+  EXPECT_DOUBLE_EQ(stats.damping_relative(), want.stats.gptq.damping_relative);
+  EXPECT_EQ(stats.damping_increases(), want.stats.gptq.damping_increases);
+  EXPECT_GT(stats.factor_seconds(), 0.0);
+}
+
+class GptqSessionTest : public ::testing::Test {
+ protected:
+  void SetUp() override { Start({}); }
+
+  void Start(const ServiceLimits& limits, bool with_metrics = false) {
+    server_.reset();
+    ServerOptions options;
+    options.address = "127.0.0.1:0";
+    options.metrics_address = with_metrics ? "127.0.0.1:0" : "";
+    options.devices.device = "cpu";
+    options.drain_timeout = absl::Seconds(5);
+    options.devices.cpu_workers = 2;
+    options.devices.cpu_threads_per_worker = 1;
+    options.limits = limits;
+    options.limits.max_rows_per_item = 16;  // several items per tensor
+    options.limits.max_inflight_chunks_per_stream = 2;
+    server_ = std::make_unique<CalibrationServer>(options);
+    ASSERT_TRUE(server_->Start().ok());
+    stub_ = v1::Calibrator::NewStub(
+        grpc::CreateChannel(server_->address(), grpc::InsecureChannelCredentials()));
+  }
+
+  SessionResult Run(const std::vector<v1::QuantizeRequest>& requests) {
+    return RunSession(stub_.get(), requests);
+  }
+
+  // Sessions release their full Hessians when the last work item let go of them, which may be
+  // just after the client saw the status.
+  void ExpectFullHessiansReleased() {
+    const absl::Time deadline = absl::Now() + absl::Seconds(10);
+    while (server_->full_hessian_bytes_in_use() != 0 && absl::Now() < deadline) {
+      absl::SleepFor(absl::Milliseconds(5));
+    }
+    EXPECT_EQ(server_->full_hessian_bytes_in_use(), 0);
+  }
+
+  std::unique_ptr<CalibrationServer> server_;
+  std::unique_ptr<v1::Calibrator::Stub> stub_;
+};
+
+TEST_F(GptqSessionTest, SharedHessiansInBothLayoutsAreByteIdenticalToInProcessGptq) {
+  constexpr int64_t kCols = 128;
+  const std::vector<float> attn = CorrelatedHessian(kCols, 256, 11);
+  const std::vector<float> mlp = CorrelatedHessian(kCols, 256, 12);
+  std::vector<GptqTensor> tensors;
+  // q/k/v: one Hessian in the upper layout, act-order with the dss scale search, a shared g.
+  for (const char* name : {"q_proj", "k_proj", "v_proj"}) {
+    tensors.push_back(MakeGptqTensor(name, 40, kCols, DType::kBFloat16, "attn", attn,
+                                     v1::HESSIAN_LAYOUT_FULL_UPPER, tensors.size() + 20));
+    tensors.back().tensor.send_hessian = tensors.size() == 1;
+    tensors.back().params.gptq.act_order = true;
+    tensors.back().params.gptq.scale_search = GptqScaleSearch::kDss;
+    tensors.back().tensor.global_amax = 6.5f;
+  }
+  // gate (buffered: the server computes g) and up in the full layout, default parameters.
+  tensors.push_back(MakeGptqTensor("gate_proj", 33, kCols, DType::kFloat32, "mlp", mlp,
+                                   v1::HESSIAN_LAYOUT_FULL, 30));
+  tensors.push_back(MakeGptqTensor("up_proj", 24, kCols, DType::kFloat16, "mlp", mlp,
+                                   v1::HESSIAN_LAYOUT_FULL, 31));
+  tensors.back().tensor.send_hessian = false;
+  tensors.back().tensor.global_amax = 7.0f;
+  tensors.back().params.gptq.scale_objective = GptqScaleObjective::kGptqCost;
+  tensors.back().params.gptq.block_columns = 32;
+
+  std::vector<v1::QuantizeRequest> requests;
+  for (const GptqTensor& g : tensors) AppendGptq(g, &requests);
+  SessionResult result = Run(requests);
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+  for (const GptqTensor& g : tensors) ExpectMatchesGptqReference(result, g);
+  ExpectFullHessiansReleased();
+}
+
+TEST_F(GptqSessionTest, OnePlanPerSharedHessianAndBytesReleasedAfterTheSession) {
+  Start({}, /*with_metrics=*/true);
+  constexpr int64_t kCols = 64;
+  const std::vector<float> h = CorrelatedHessian(kCols, 128, 5);
+  std::vector<v1::QuantizeRequest> requests;
+  std::vector<GptqTensor> tensors;
+  for (const char* name : {"q", "k", "v"}) {
+    tensors.push_back(MakeGptqTensor(name, 48, kCols, DType::kBFloat16, "attn", h,
+                                     v1::HESSIAN_LAYOUT_FULL_UPPER, tensors.size() + 40));
+    tensors.back().tensor.send_hessian = tensors.size() == 1;
+    tensors.back().tensor.global_amax = 8.0f;
+    AppendGptq(tensors.back(), &requests);
+  }
+  SessionResult result = Run(requests);
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+  for (const GptqTensor& g : tensors) ExpectMatchesGptqReference(result, g);
+  // Nine items over two workers, one factorisation.
+  const std::string text = Scrape(server_->metrics_port());
+  EXPECT_EQ(MetricValue(text, "nvfp4cal_gptq_plans_prepared_total{backend=\"cpu\"}"), 1) << text;
+  ExpectFullHessiansReleased();
+  const std::string after = Scrape(server_->metrics_port());
+  EXPECT_EQ(MetricValue(after, "nvfp4cal_full_hessian_bytes"), 0);
+  EXPECT_EQ(MetricValue(after, "nvfp4cal_gptq_plan_bytes"), 0);
+}
+
+TEST_F(GptqSessionTest, ServerBudgetRefusesAFullHessianWhileAnotherSessionHoldsOne) {
+  constexpr int64_t kCols = 64;  // 16384 bytes as a full Hessian
+  ServiceLimits limits;
+  limits.max_full_hessian_bytes = 20000;
+  Start(limits);
+  const std::vector<float> h = CorrelatedHessian(kCols, 64, 6);
+  // Session A defines its Hessian (header and the 3 Hessian chunks, no weights yet, so no plan)
+  // and keeps the stream open.
+  GptqTensor a =
+      MakeGptqTensor("a", 16, kCols, DType::kFloat32, "h", h, v1::HESSIAN_LAYOUT_FULL, 50);
+  std::vector<v1::QuantizeRequest> first;
+  AppendGptq(a, &first);
+  constexpr size_t kHeaderAndHessian = 4;
+  grpc::ClientContext context;
+  auto stream = stub_->Quantize(&context);
+  for (size_t i = 0; i < kHeaderAndHessian; ++i) ASSERT_TRUE(stream->Write(first[i]));
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (server_->full_hessian_bytes_in_use() == 0 && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(2));
+  }
+  ASSERT_EQ(server_->full_hessian_bytes_in_use(), kCols * kCols * 4);
+  // Session B: refused before any chunk of its Hessian is buffered.
+  GptqTensor b =
+      MakeGptqTensor("b", 16, kCols, DType::kFloat32, "h", h, v1::HESSIAN_LAYOUT_FULL_UPPER, 51);
+  std::vector<v1::QuantizeRequest> second;
+  AppendGptq(b, &second);
+  const grpc::Status refused = Run(second).status;
+  EXPECT_EQ(refused.error_code(), grpc::RESOURCE_EXHAUSTED) << refused.error_message();
+  EXPECT_THAT(refused.error_message(),
+              HasSubstr("Hessian 'h' of tensor 'b' needs 16384 bytes as a full Hessian; the "
+                        "server holds 16384 bytes of full Hessians and gptq plans and "
+                        "max_full_hessian_bytes = 20000"));
+  // A finishes normally; afterwards nothing is held.
+  for (size_t i = kHeaderAndHessian; i < first.size(); ++i) ASSERT_TRUE(stream->Write(first[i]));
+  ASSERT_TRUE(stream->WritesDone());
+  v1::QuantizeResponse response;
+  int summaries = 0;
+  while (stream->Read(&response)) summaries += response.has_summary() ? 1 : 0;
+  EXPECT_TRUE(stream->Finish().ok());
+  EXPECT_EQ(summaries, 1);
+  ExpectFullHessiansReleased();
+  // The budget is free again: B now runs.
+  SessionResult again = Run(second);
+  ASSERT_TRUE(again.status.ok()) << again.status.error_message();
+  ExpectMatchesGptqReference(again, b);
+  ExpectFullHessiansReleased();
+}
+
+TEST_F(GptqSessionTest, SessionLimitRefusesTheSecondFullHessian) {
+  ServiceLimits limits;
+  limits.max_session_full_hessian_bytes = 30000;
+  Start(limits);
+  const std::vector<float> h = CorrelatedHessian(64, 64, 7);
+  std::vector<v1::QuantizeRequest> requests;
+  AppendGptq(MakeGptqTensor("a", 16, 64, DType::kFloat32, "h1", h, v1::HESSIAN_LAYOUT_FULL, 1),
+             &requests);
+  AppendGptq(MakeGptqTensor("b", 16, 64, DType::kFloat32, "h2", h, v1::HESSIAN_LAYOUT_FULL, 2),
+             &requests);
+  const grpc::Status status = Run(requests).status;
+  EXPECT_EQ(status.error_code(), grpc::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(status.error_message(),
+              HasSubstr("Hessian 'h2' of tensor 'b' needs 16384 bytes as a full Hessian; the "
+                        "session holds 16384 bytes of full Hessians and "
+                        "max_session_full_hessian_bytes = 30000"));
+  ExpectFullHessiansReleased();
+}
+
+TEST_F(GptqSessionTest, HessiansKeptAsBlocksCannotServeGptq) {
+  const std::vector<float> h = CorrelatedHessian(64, 64, 8);
+  // gptq defining a Hessian in the block layout.
+  {
+    TestTensor t = MakeTensor("w", 16, 64, DType::kFloat32, "gptq", "h", 3);
+    const grpc::Status status = Run({HeaderOf(t)}).status;
+    EXPECT_EQ(status.error_code(), grpc::INVALID_ARGUMENT);
+    EXPECT_THAT(status.error_message(),
+                HasSubstr("header.hessian.layout = BLOCK_DIAGONAL for Hessian 'h' of tensor 'w', "
+                          "but method gptq propagates errors across blocks"));
+  }
+  // A full Hessian defined by a block method is kept as blocks only.
+  {
+    GptqTensor first =
+        MakeGptqTensor("a", 16, 64, DType::kFloat32, "h", h, v1::HESSIAN_LAYOUT_FULL, 4);
+    first.tensor.method = "dss";
+    std::vector<v1::QuantizeRequest> requests;
+    AppendTensor(first.tensor, &requests);
+    GptqTensor second =
+        MakeGptqTensor("b", 16, 64, DType::kFloat32, "h", h, v1::HESSIAN_LAYOUT_FULL, 5);
+    second.tensor.send_hessian = false;
+    AppendGptq(second, &requests);
+    const grpc::Status status = Run(requests).status;
+    EXPECT_EQ(status.error_code(), grpc::FAILED_PRECONDITION);
+    EXPECT_THAT(status.error_message(),
+                HasSubstr("Hessian 'h' is kept as diagonal blocks only (it was defined by tensor "
+                          "'a' with method dss), but method gptq of tensor 'b' needs the full "
+                          "matrix"));
+  }
+  ExpectFullHessiansReleased();
+}
+
+TEST_F(GptqSessionTest, BlockMethodsReuseAHessianDefinedForGptq) {
+  constexpr int64_t kCols = 64;
+  const std::vector<float> h = CorrelatedHessian(kCols, 128, 9);
+  GptqTensor g = MakeGptqTensor("q", 32, kCols, DType::kBFloat16, "attn", h,
+                                v1::HESSIAN_LAYOUT_FULL_UPPER, 60);
+  TestTensor k = MakeTensor("k", 32, kCols, DType::kBFloat16, "dss", "attn", 61);
+  k.send_hessian = false;
+  k.blocks.assign(static_cast<size_t>(kCols * 16), 0.0f);
+  for (int64_t j = 0; j < kCols / 16; ++j) {
+    for (int a = 0; a < 16; ++a) {
+      for (int b = 0; b < 16; ++b) {
+        k.blocks[static_cast<size_t>(j * 256 + a * 16 + b)] =
+            h[static_cast<size_t>((j * 16 + a) * kCols + j * 16 + b)];
+      }
+    }
+  }
+  std::vector<v1::QuantizeRequest> requests;
+  AppendGptq(g, &requests);
+  AppendTensor(k, &requests);
+  SessionResult result = Run(requests);
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+  ExpectMatchesGptqReference(result, g);
+  const QuantizedTensor want = testing::Reference(k);
+  EXPECT_EQ(result.tensors.at("k").packed_codes,
+            std::string(want.packed_codes.begin(), want.packed_codes.end()));
+  EXPECT_EQ(result.tensors.at("k").scales, std::string(want.scales.begin(), want.scales.end()));
+}
+
+TEST_F(GptqSessionTest, InvalidFullHessiansEndTheSessionNamingTheTensor) {
+  constexpr int64_t kCols = 64;
+  std::vector<float> asymmetric = CorrelatedHessian(kCols, 64, 10);
+  asymmetric[3 * kCols + 40] += 1.0f;
+  std::vector<float> indefinite(static_cast<size_t>(kCols * kCols), -0.5f);
+  for (int64_t i = 0; i < kCols; ++i) indefinite[static_cast<size_t>(i * kCols + i)] = 1.0f;
+  struct Case {
+    std::vector<float> h;
+    std::string message;
+  };
+  for (const Case& c : {Case{asymmetric,
+                             "tensor 'w' rows [0, 16): Hessian 'h': hessian is not symmetric: "
+                             "H[3, 40]"},
+                        Case{indefinite,
+                             "tensor 'w' rows [0, 16): Hessian 'h': hessian is not positive "
+                             "definite even with damping"}}) {
+    std::vector<v1::QuantizeRequest> requests;
+    AppendGptq(
+        MakeGptqTensor("w", 16, kCols, DType::kFloat32, "h", c.h, v1::HESSIAN_LAYOUT_FULL, 70),
+        &requests);
+    const grpc::Status status = Run(requests).status;
+    EXPECT_EQ(status.error_code(), grpc::INVALID_ARGUMENT) << status.error_message();
+    EXPECT_THAT(status.error_message(), HasSubstr(c.message));
+  }
+  ExpectFullHessiansReleased();
+}
+
+TEST_F(GptqSessionTest, UpperLayoutSizeIsChecked) {
+  constexpr int64_t kCols = 64;
+  const std::vector<float> h = CorrelatedHessian(kCols, 64, 11);
+  // The whole matrix sent where the header declared the upper triangle (2080 elements).
+  GptqTensor t =
+      MakeGptqTensor("w", 16, kCols, DType::kFloat32, "h", h, v1::HESSIAN_LAYOUT_FULL_UPPER, 80);
+  t.tensor.hessian = h;
+  std::vector<v1::QuantizeRequest> requests;
+  AppendGptq(t, &requests);
+  grpc::Status status = Run(requests).status;
+  EXPECT_EQ(status.error_code(), grpc::FAILED_PRECONDITION);
+  EXPECT_THAT(status.error_message(),
+              HasSubstr("goes beyond the declared shape of Hessian 'h' (2080 elements)"));
+  // Too few elements: the weights arrive before the Hessian is complete.
+  t.tensor.hessian = UpperTriangle(h, kCols);
+  t.tensor.hessian.resize(2000);
+  requests.clear();
+  AppendGptq(t, &requests);
+  status = Run(requests).status;
+  EXPECT_EQ(status.error_code(), grpc::FAILED_PRECONDITION);
+  EXPECT_THAT(status.error_message(),
+              HasSubstr("before its Hessian 'h' was complete: 2000 of 2080 elements received"));
+  ExpectFullHessiansReleased();
+}
+
+TEST_F(GptqSessionTest, ParametersAreCheckedAndAdvertised) {
+  const std::vector<float> h = CorrelatedHessian(64, 64, 12);
+  GptqTensor t = MakeGptqTensor("w", 16, 64, DType::kFloat32, "h", h, v1::HESSIAN_LAYOUT_FULL, 90);
+  std::vector<v1::QuantizeRequest> requests;
+  AppendGptq(t, &requests);
+  requests[0].mutable_header()->mutable_method()->set_block_columns(20);
+  grpc::Status status = Run(requests).status;
+  EXPECT_EQ(status.error_code(), grpc::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(), HasSubstr("params.gptq.block_columns = 20 must be"));
+  requests[0].mutable_header()->mutable_method()->set_block_columns(64);
+  requests[0].mutable_header()->mutable_method()->set_scale_objective("mse");
+  status = Run(requests).status;
+  EXPECT_EQ(status.error_code(), grpc::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(), HasSubstr("gptq.scale_objective: unknown value \"mse\""));
+
+  grpc::ClientContext context;
+  v1::ServerInfo info;
+  ASSERT_TRUE(stub_->GetServerInfo(&context, v1::GetServerInfoRequest(), &info).ok());
+  const v1::MethodInfo* gptq = nullptr;
+  for (const v1::MethodInfo& m : info.methods()) {
+    if (m.name() == "gptq") gptq = &m;
+  }
+  ASSERT_NE(gptq, nullptr);
+  EXPECT_TRUE(gptq->needs_hessian());
+  EXPECT_THAT(gptq->hessian_layouts(),
+              ::testing::ElementsAre(v1::HESSIAN_LAYOUT_FULL, v1::HESSIAN_LAYOUT_FULL_UPPER));
+  std::map<std::string, v1::ParameterRange> ranges;
+  for (const v1::ParameterRange& r : gptq->parameters()) ranges[r.name()] = r;
+  EXPECT_EQ(ranges["damping"].max(), 10.0);
+  EXPECT_EQ(ranges["block_columns"].min(), 16.0);
+  EXPECT_EQ(ranges["block_columns"].max(), 8192.0);
+  EXPECT_THAT(ranges["scale_objective"].allowed_values(),
+              ::testing::ElementsAre("hessian_block", "gptq_cost"));
+  EXPECT_EQ(ranges["scale_search"].default_string(), "sweep");
+  EXPECT_EQ(info.limits().max_full_hessian_bytes(), int64_t{8} << 30);
+  EXPECT_EQ(info.limits().max_session_full_hessian_bytes(), int64_t{4} << 30);
+}
+
+}  // namespace
+}  // namespace nvfp4cal::server
