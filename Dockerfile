@@ -30,14 +30,18 @@ ARG CUDA_ARCHITECTURES=90
 WORKDIR /src
 COPY scripts/install-deps.sh scripts/install-deps.sh
 RUN bash scripts/install-deps.sh && rm -rf /var/lib/apt/lists/*
-# CUDA toolkit (compiler and runtime only) from NVIDIA's Debian 12 repository.
+# CUDA toolkit (compiler, runtime, cuBLAS and cuSOLVER for gptq) from NVIDIA's Debian 12
+# repository.
 ADD https://developer.download.nvidia.com/compute/cuda/repos/debian12/x86_64/cuda-keyring_1.1-1_all.deb /tmp/cuda-keyring.deb
 RUN dpkg -i /tmp/cuda-keyring.deb && rm /tmp/cuda-keyring.deb \
  && apt-get update \
  && apt-get install -y --no-install-recommends \
       cuda-nvcc-${CUDA_PKG_VERSION} cuda-cudart-dev-${CUDA_PKG_VERSION} \
+      libcublas-dev-${CUDA_PKG_VERSION} libcusolver-dev-${CUDA_PKG_VERSION} \
  && rm -rf /var/lib/apt/lists/*
 COPY . .
+# The image gets the CUDA runtime and what the CUDA gptq backend dlopens: cuBLAS, cuSOLVER and
+# cuSOLVER's own dependencies.
 RUN cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release \
       -DNVFP4CAL_CUDA=ON -DCMAKE_CUDA_COMPILER=/usr/local/cuda-${CUDA_VERSION}/bin/nvcc \
       -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHITECTURES} \
@@ -45,7 +49,10 @@ RUN cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release \
  && cmake --build build --target nvfp4cal-server nvfp4cal \
  && mkdir -p /out/bin /out/lib \
  && cp build/server/nvfp4cal-server build/client/nvfp4cal /out/bin/ \
- && cp -P /usr/local/cuda-${CUDA_VERSION}/targets/x86_64-linux/lib/libcudart.so.13* /out/lib/
+ && cp -P /usr/local/cuda-${CUDA_VERSION}/targets/x86_64-linux/lib/libcudart.so.13* /out/lib/ \
+ && for lib in libcublas.so.13 libcublasLt.so.13 libcusolver.so.12 libcusparse.so.12 \
+               libnvJitLink.so.13; do \
+      cp -P /usr/local/cuda-${CUDA_VERSION}/targets/x86_64-linux/lib/$lib* /out/lib/; done
 
 FROM debian:12-slim AS runtime
 # Runtime libraries of nvfp4cal-server and nvfp4cal (Debian 12 packages of the -dev packages in

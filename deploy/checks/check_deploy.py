@@ -322,6 +322,11 @@ def apt_installs(run):
     return pkgs
 
 
+# Loaded with dlopen by the CUDA gptq backend (kernels/cuda/cuda_gptq.cu) and what they link.
+DLOPENED_LIBRARIES = ["libcublas.so", "libcublasLt.so", "libcusolver.so", "libcusparse.so",
+                      "libnvJitLink.so"]
+
+
 def linked_packages(binaries):
     """dpkg package of every shared library of the binaries; None for files dpkg does not own."""
     libs = set()
@@ -363,7 +368,7 @@ def check_dockerfile(path, install_deps, known, binaries):
         fail(install_deps, "no packages=( ... ) list")
     for r in runs:
         for p in apt_installs(r):
-            if p not in deps and not p.startswith("cuda-"):
+            if p not in deps and not re.match(r"(cuda-|libcublas-dev-|libcusolver-dev-)", p):
                 fail(where, f"build stage installs {p}, which scripts/install-deps.sh does not")
     if not any(re.search(r"\bcuda-nvcc-", r) for r in runs):
         fail(where, "build stage installs no CUDA compiler (cuda-nvcc-*)")
@@ -381,6 +386,11 @@ def check_dockerfile(path, install_deps, known, binaries):
                 fail(where, f"{lib} (no Debian package) is not copied into the runtime stage")
         elif pkg not in rt_pkgs and pkg not in BASE_IMAGE_PACKAGES:
             fail(where, f"runtime stage lacks package {pkg} ({lib})")
+    # Libraries the CUDA gptq backend dlopens (ldd does not list them).
+    for soname in DLOPENED_LIBRARIES:
+        if soname not in copies and soname not in " ".join(runs):
+            fail(where, f"{soname} (dlopen'ed by the CUDA gptq backend) is not copied into the "
+                 "runtime stage")
     # Package names apt knows (needs the package lists that install-deps.sh's apt-get update
     # leaves behind); one apt-cache call for all of them.
     if rt_pkgs:

@@ -22,6 +22,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <cusolverDn.h>
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <chrono>
@@ -51,10 +52,59 @@ constexpr int kGroupTeam = 16;    // lanes per row in the group kernel (a power 
 constexpr int kUpdateTile = 128;  // rows x columns of one CUDA block of the update kernel
 constexpr int kUpdateDepth = 16;  // errors staged in shared memory per step
 
+// cuBLAS and cuSOLVER, loaded with dlopen on first use instead of linked. Linked libraries'
+// thread-local storage goes into every thread's static TLS block, and cuBLASLt's is large
+// enough that threads created with a small fixed stack (the metrics endpoint's HTTP server)
+// fail to start; a dlopen'ed library's TLS is allocated per thread on demand instead.
+struct MathLibraries {
+#define NVFP4_MATH_FUNCTIONS(X)                                                                   \
+  X(cublasCreate_v2)                                                                              \
+  X(cublasDestroy_v2)                                                                             \
+  X(cublasSetStream_v2) X(cublasSetMathMode) X(cublasSgemm_v2) X(cublasDgemm_v2) X(cublasDdot_v2) \
+      X(cublasGetStatusString) X(cusolverDnCreate) X(cusolverDnDestroy) X(cusolverDnSetStream)    \
+          X(cusolverDnCreateParams) X(cusolverDnDestroyParams) X(cusolverDnXpotrf_bufferSize)     \
+              X(cusolverDnXpotrf) X(cusolverDnXtrtri_bufferSize) X(cusolverDnXtrtri)
+#define NVFP4_DECLARE(name) decltype(&::name) name = nullptr;
+  NVFP4_MATH_FUNCTIONS(NVFP4_DECLARE)
+#undef NVFP4_DECLARE
+};
+
+// The libraries of the toolkit this was built with (by soname), loaded once; UNAVAILABLE with
+// the loader's message when they are missing.
+absl::StatusOr<const MathLibraries*> LoadMathLibraries() {
+  static absl::StatusOr<const MathLibraries*>* loaded = [] {
+    const std::string cublas = absl::StrFormat("libcublas.so.%d", CUBLAS_VER_MAJOR);
+    const std::string cusolver = absl::StrFormat("libcusolver.so.%d", CUSOLVER_VER_MAJOR);
+    void* handles[2] = {dlopen(cublas.c_str(), RTLD_NOW | RTLD_LOCAL),
+                        dlopen(cusolver.c_str(), RTLD_NOW | RTLD_LOCAL)};
+    for (int i = 0; i < 2; ++i) {
+      if (handles[i] == nullptr) {
+        const char* error = dlerror();
+        return new absl::StatusOr<const MathLibraries*>(absl::UnavailableError(
+            absl::StrFormat("the CUDA gptq backend needs %s: %s", i == 0 ? cublas : cusolver,
+                            error != nullptr ? error : "dlopen failed")));
+      }
+    }
+    auto* libraries = new MathLibraries;
+#define NVFP4_LOAD(name)                                                                    \
+  libraries->name = reinterpret_cast<decltype(&::name)>(                                    \
+      dlsym(handles[std::string(#name).rfind("cublas", 0) == 0 ? 0 : 1], #name));           \
+  if (libraries->name == nullptr) {                                                         \
+    return new absl::StatusOr<const MathLibraries*>(absl::UnavailableError(absl::StrFormat( \
+        "the CUDA gptq backend needs %s, which the loaded library lacks", #name)));         \
+  }
+    NVFP4_MATH_FUNCTIONS(NVFP4_LOAD)
+#undef NVFP4_LOAD
+    return new absl::StatusOr<const MathLibraries*>(libraries);
+  }();
+  return *loaded;
+}
+#undef NVFP4_MATH_FUNCTIONS
+
 absl::Status CublasStatus(cublasStatus_t status, const char* what) {
   if (status == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
   const std::string message =
-      absl::StrFormat("cuBLAS %s failed: %s", what, cublasGetStatusString(status));
+      absl::StrFormat("cuBLAS %s failed with status %d", what, static_cast<int>(status));
   if (status == CUBLAS_STATUS_ALLOC_FAILED) return absl::ResourceExhaustedError(message);
   return absl::InternalError(message);
 }
@@ -495,34 +545,37 @@ class CudaGptq : public GptqBackend {
       return absl::InvalidArgumentError(absl::StrFormat(
           "memory_budget_bytes = %d is below the minimum 1 MiB", options.memory_budget_bytes));
     }
-    std::unique_ptr<CudaGptq> impl(new CudaGptq(options));
+    absl::StatusOr<const MathLibraries*> libs = LoadMathLibraries();
+    if (!libs.ok()) return libs.status();
+    std::unique_ptr<CudaGptq> impl(new CudaGptq(options, *libs));
     NVFP4_CUDA_RETURN_IF_ERROR(cudaSetDevice(options.device));
     if (options.stream == nullptr) {
       NVFP4_CUDA_RETURN_IF_ERROR(
           cudaStreamCreateWithFlags(&impl->owned_stream_, cudaStreamNonBlocking));
       impl->stream_ = impl->owned_stream_;
     }
-    NVFP4_RETURN_IF_ERROR(CublasStatus(cublasCreate(&impl->cublas_), "cublasCreate"));
+    NVFP4_RETURN_IF_ERROR(CublasStatus(impl->libs_->cublasCreate(&impl->cublas_), "cublasCreate"));
     NVFP4_RETURN_IF_ERROR(
-        CublasStatus(cublasSetStream(impl->cublas_, impl->stream_), "cublasSetStream"));
+        CublasStatus(impl->libs_->cublasSetStream(impl->cublas_, impl->stream_), "cublasSetStream"));
     // Default math: fp32 stays fp32 (no TF32: it keeps fewer mantissa bits than requested) and
     // DGEMM may use the fp64 tensor cores (IEEE double fused multiply-adds).
+    NVFP4_RETURN_IF_ERROR(CublasStatus(impl->libs_->cublasSetMathMode(impl->cublas_, CUBLAS_DEFAULT_MATH),
+                                       "cublasSetMathMode"));
     NVFP4_RETURN_IF_ERROR(
-        CublasStatus(cublasSetMathMode(impl->cublas_, CUBLAS_DEFAULT_MATH), "cublasSetMathMode"));
-    NVFP4_RETURN_IF_ERROR(CusolverStatus(cusolverDnCreate(&impl->cusolver_), "cusolverDnCreate"));
-    NVFP4_RETURN_IF_ERROR(
-        CusolverStatus(cusolverDnSetStream(impl->cusolver_, impl->stream_), "cusolverDnSetStream"));
-    NVFP4_RETURN_IF_ERROR(
-        CusolverStatus(cusolverDnCreateParams(&impl->solver_params_), "cusolverDnCreateParams"));
+        CusolverStatus(impl->libs_->cusolverDnCreate(&impl->cusolver_), "cusolverDnCreate"));
+    NVFP4_RETURN_IF_ERROR(CusolverStatus(impl->libs_->cusolverDnSetStream(impl->cusolver_, impl->stream_),
+                                         "cusolverDnSetStream"));
+    NVFP4_RETURN_IF_ERROR(CusolverStatus(impl->libs_->cusolverDnCreateParams(&impl->solver_params_),
+                                         "cusolverDnCreateParams"));
     return std::unique_ptr<GptqBackend>(std::move(impl));
   }
 
   ~CudaGptq() override {
     cudaSetDevice(options_.device);
     workspace_.Free();
-    if (solver_params_ != nullptr) cusolverDnDestroyParams(solver_params_);
-    if (cusolver_ != nullptr) cusolverDnDestroy(cusolver_);
-    if (cublas_ != nullptr) cublasDestroy(cublas_);
+    if (solver_params_ != nullptr) libs_->cusolverDnDestroyParams(solver_params_);
+    if (cusolver_ != nullptr) libs_->cusolverDnDestroy(cusolver_);
+    if (cublas_ != nullptr) libs_->cublasDestroy(cublas_);
     if (owned_stream_ != nullptr) cudaStreamDestroy(owned_stream_);
   }
 
@@ -599,17 +652,17 @@ class CudaGptq : public GptqBackend {
       size_t device_bytes = 0;
       size_t host_bytes = 0;
       NVFP4_RETURN_IF_ERROR(CusolverStatus(
-          cusolverDnXpotrf_bufferSize(cusolver_, solver_params_, CUBLAS_FILL_MODE_LOWER, n,
-                                      CUDA_R_64F, b.As<double>(), n, CUDA_R_64F, &device_bytes,
-                                      &host_bytes),
+          libs_->cusolverDnXpotrf_bufferSize(cusolver_, solver_params_, CUBLAS_FILL_MODE_LOWER, n,
+                                             CUDA_R_64F, b.As<double>(), n, CUDA_R_64F,
+                                             &device_bytes, &host_bytes),
           "potrf_bufferSize"));
       NVFP4_RETURN_IF_ERROR(
           workspace_.Reserve(device, static_cast<int64_t>(device_bytes) + 8, stream_, stream_));
       std::vector<char> host_work(host_bytes + 8);
       NVFP4_RETURN_IF_ERROR(CusolverStatus(
-          cusolverDnXpotrf(cusolver_, solver_params_, CUBLAS_FILL_MODE_LOWER, n, CUDA_R_64F,
-                           b.As<double>(), n, CUDA_R_64F, workspace_.As<void>(), device_bytes,
-                           host_work.data(), host_bytes, info.As<int>()),
+          libs_->cusolverDnXpotrf(cusolver_, solver_params_, CUBLAS_FILL_MODE_LOWER, n, CUDA_R_64F,
+                                  b.As<double>(), n, CUDA_R_64F, workspace_.As<void>(),
+                                  device_bytes, host_work.data(), host_bytes, info.As<int>()),
           "potrf"));
       int host_info = 0;
       NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(&host_info, info.As<int>(), sizeof(int),
@@ -637,16 +690,17 @@ class CudaGptq : public GptqBackend {
       size_t device_bytes = 0;
       size_t host_bytes = 0;
       NVFP4_RETURN_IF_ERROR(CusolverStatus(
-          cusolverDnXtrtri_bufferSize(cusolver_, CUBLAS_FILL_MODE_LOWER, CUBLAS_DIAG_NON_UNIT, n,
-                                      CUDA_R_64F, b.As<double>(), n, &device_bytes, &host_bytes),
+          libs_->cusolverDnXtrtri_bufferSize(cusolver_, CUBLAS_FILL_MODE_LOWER,
+                                             CUBLAS_DIAG_NON_UNIT, n, CUDA_R_64F, b.As<double>(), n,
+                                             &device_bytes, &host_bytes),
           "trtri_bufferSize"));
       NVFP4_RETURN_IF_ERROR(
           workspace_.Reserve(device, static_cast<int64_t>(device_bytes) + 8, stream_, stream_));
       std::vector<char> host_work(host_bytes + 8);
       NVFP4_RETURN_IF_ERROR(CusolverStatus(
-          cusolverDnXtrtri(cusolver_, CUBLAS_FILL_MODE_LOWER, CUBLAS_DIAG_NON_UNIT, n, CUDA_R_64F,
-                           b.As<double>(), n, workspace_.As<void>(), device_bytes, host_work.data(),
-                           host_bytes, info.As<int>()),
+          libs_->cusolverDnXtrtri(cusolver_, CUBLAS_FILL_MODE_LOWER, CUBLAS_DIAG_NON_UNIT, n,
+                                  CUDA_R_64F, b.As<double>(), n, workspace_.As<void>(),
+                                  device_bytes, host_work.data(), host_bytes, info.As<int>()),
           "trtri"));
       int host_info = 0;
       NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(&host_info, info.As<int>(), sizeof(int),
@@ -826,7 +880,8 @@ class CudaGptq : public GptqBackend {
   }
 
  private:
-  explicit CudaGptq(const CudaGptqOptions& options) : options_(options), stream_(options.stream) {}
+  CudaGptq(const CudaGptqOptions& options, const MathLibraries* libs)
+      : options_(options), libs_(libs), stream_(options.stream) {}
 
   // The lazy batch's errors reach every column after it.
   absl::Status Update(const ChunkArgs& a, int64_t b0, int64_t depth, double* seconds) {
@@ -849,13 +904,13 @@ class CudaGptq : public GptqBackend {
       // U[b0:b0+depth, c_begin:]; the row-major U block read column-major is its transpose.
       const float minus_one = -1.0f;
       const float one = 1.0f;
-      NVFP4_RETURN_IF_ERROR(
-          CublasStatus(cublasSgemm(cublas_, CUBLAS_OP_N, CUBLAS_OP_T, static_cast<int>(a.rows),
-                                   static_cast<int>(columns), static_cast<int>(depth), &minus_one,
-                                   a.errors, static_cast<int>(a.rows),
-                                   a.factor + b0 * a.n + c_begin, static_cast<int>(a.n), &one,
-                                   a.work + c_begin * a.rows, static_cast<int>(a.rows)),
-                       "sgemm"));
+      NVFP4_RETURN_IF_ERROR(CublasStatus(
+          libs_->cublasSgemm(cublas_, CUBLAS_OP_N, CUBLAS_OP_T, static_cast<int>(a.rows),
+                             static_cast<int>(columns), static_cast<int>(depth), &minus_one,
+                             a.errors, static_cast<int>(a.rows), a.factor + b0 * a.n + c_begin,
+                             static_cast<int>(a.n), &one, a.work + c_begin * a.rows,
+                             static_cast<int>(a.rows)),
+          "sgemm"));
     }
     if (options_.measure_update) {
       NVFP4_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
@@ -879,21 +934,22 @@ class CudaGptq : public GptqBackend {
     const double one = 1.0;
     const double zero = 0.0;
     NVFP4_RETURN_IF_ERROR(
-        CublasStatus(cublasDgemm(cublas_, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(a.n),
-                                 static_cast<int>(2 * a.rows), static_cast<int>(a.n), &one,
-                                 plan.hessian.As<double>(), static_cast<int>(a.n), e,
-                                 static_cast<int>(a.n), &zero, t, static_cast<int>(a.n)),
+        CublasStatus(libs_->cublasDgemm(cublas_, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(a.n),
+                                        static_cast<int>(2 * a.rows), static_cast<int>(a.n), &one,
+                                        plan.hessian.As<double>(), static_cast<int>(a.n), e,
+                                        static_cast<int>(a.n), &zero, t, static_cast<int>(a.n)),
                      "dgemm"));
     for (int k = 0; k < 2; ++k) {
-      NVFP4_RETURN_IF_ERROR(
-          CublasStatus(cublasDdot(cublas_, static_cast<int>(a.rows * a.n), e + k * a.rows * a.n, 1,
-                                  t + k * a.rows * a.n, 1, &errors[k]),
-                       "ddot"));
+      NVFP4_RETURN_IF_ERROR(CublasStatus(
+          libs_->cublasDdot(cublas_, static_cast<int>(a.rows * a.n), e + k * a.rows * a.n, 1,
+                            t + k * a.rows * a.n, 1, &errors[k]),
+          "ddot"));
     }
     return absl::OkStatus();
   }
 
   const CudaGptqOptions options_;
+  const MathLibraries* const libs_;
   cudaStream_t stream_ = nullptr;
   cudaStream_t owned_stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;

@@ -55,7 +55,8 @@ class LoopbackTest : public ::testing::Test {
     options.limits.max_inflight_chunks_per_stream = 2;
     options.limits.max_tensor_elements = 1 << 20;
     server_ = std::make_unique<CalibrationServer>(options);
-    ASSERT_TRUE(server_->Start().ok());
+    const absl::Status started = server_->Start();
+    ASSERT_TRUE(started.ok()) << started;
     channel_ = grpc::CreateChannel(server_->address(), grpc::InsecureChannelCredentials());
     stub_ = v1::Calibrator::NewStub(channel_);
   }
