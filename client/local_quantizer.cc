@@ -1,6 +1,8 @@
 #include "client/local_quantizer.h"
 
 #include <atomic>
+#include <map>
+#include <memory>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -8,11 +10,31 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "nvfp4cal/kernels/cpu_scale_search.h"
+#include "nvfp4cal/kernels/cuda_gptq.h"
 #include "nvfp4cal/kernels/cuda_scale_search.h"
 #include "nvfp4cal/kernels/gptq.h"
 
 namespace nvfp4cal {
 namespace {
+
+// One CPU gptq backend serving several workers (its plans are then shared too).
+class SharedGptq : public GptqBackend {
+ public:
+  explicit SharedGptq(std::shared_ptr<GptqBackend> backend) : backend_(std::move(backend)) {}
+  std::string_view BackendName() const override { return backend_->BackendName(); }
+  absl::StatusOr<std::shared_ptr<const GptqPlan>> Prepare(const FullHessianView& hessian,
+                                                          const SearchParams& params) override {
+    return backend_->Prepare(hessian, params);
+  }
+  absl::Status QuantizeRows(const GptqPlan& plan, const WeightView& weights, float global_amax,
+                            int64_t row_begin, int64_t row_end, RowRangeOutput output,
+                            TensorStats* stats) override {
+    return backend_->QuantizeRows(plan, weights, global_amax, row_begin, row_end, output, stats);
+  }
+
+ private:
+  std::shared_ptr<GptqBackend> backend_;
+};
 
 // CUDA tensors in flight in-process (each stream holds a workspace of the default budget).
 constexpr int kCudaStreams = 3;
@@ -23,11 +45,12 @@ constexpr int kCudaStreams = 3;
 // threads.
 class LocalQuantizer : public Quantizer {
  public:
-  LocalQuantizer(std::vector<std::unique_ptr<ScaleSearch>> searches, std::string description,
-                 int gptq_threads)
+  // gptq[i] serves the worker of searches[i] (all of one kind: plans are shared between them).
+  LocalQuantizer(std::vector<std::unique_ptr<ScaleSearch>> searches,
+                 std::vector<std::unique_ptr<GptqBackend>> gptq, std::string description)
       : searches_(std::move(searches)),
-        description_(std::move(description)),
-        gptq_threads_(gptq_threads) {}
+        gptq_(std::move(gptq)),
+        description_(std::move(description)) {}
 
   std::string Describe() const override { return description_; }
 
@@ -36,9 +59,15 @@ class LocalQuantizer : public Quantizer {
     std::atomic<size_t> next{0};
     std::atomic<bool> failed{false};
     std::vector<absl::Status> errors(jobs.size());
-    auto work = [&](ScaleSearch* search) {
+    // One gptq plan per full Hessian, prepared by the first job that needs it and freed after
+    // the last (q/k/v and gate/up share theirs).
+    plans_.clear();
+    for (const TensorJob& job : jobs) {
+      if (job.params.method == Method::kGptq) ++plans_[job.full_hessian.data].uses;
+    }
+    auto work = [&](size_t worker) {
       for (size_t i; !failed.load() && (i = next.fetch_add(1)) < jobs.size();) {
-        absl::Status status = RunJob(jobs[i], search, i, on_result);
+        absl::Status status = RunJob(jobs[i], worker, i, on_result);
         if (!status.ok()) {
           errors[i] = std::move(status);
           failed.store(true);
@@ -46,8 +75,8 @@ class LocalQuantizer : public Quantizer {
       }
     };
     std::vector<std::thread> pool;
-    for (size_t w = 1; w < searches_.size(); ++w) pool.emplace_back(work, searches_[w].get());
-    work(searches_[0].get());
+    for (size_t w = 1; w < searches_.size(); ++w) pool.emplace_back(work, w);
+    work(0);
     for (std::thread& t : pool) t.join();
     for (absl::Status& s : errors) {
       if (!s.ok()) return s;  // the first failing job in order
@@ -56,19 +85,22 @@ class LocalQuantizer : public Quantizer {
   }
 
  private:
-  absl::Status RunJob(const TensorJob& job, ScaleSearch* search, size_t index,
+  absl::Status RunJob(const TensorJob& job, size_t worker, size_t index,
                       const QuantizeResultCallback& on_result) {
     absl::StatusOr<QuantizedTensor> result;
+    ScaleSearch* search = searches_[worker].get();
     if (job.params.method == Method::kGptq) {
-      // Full-Hessian propagation: the CPU driver (CUDA has no gptq yet).
+      // Full-Hessian propagation on the worker's gptq backend, with the Hessian's shared plan.
       GptqRequest gptq;
       gptq.weights = job.weights;
       gptq.hessian = job.full_hessian;
       gptq.params = job.params;
       gptq.global_amax = job.global_amax;
-      CpuGptqOptions options;
-      options.num_threads = gptq_threads_;
-      result = CpuGptqQuantize(gptq, options);
+      GptqBackend& backend = *gptq_[worker];
+      absl::StatusOr<std::shared_ptr<const GptqPlan>> plan = Plan(backend, job);
+      result = plan.ok() ? GptqQuantizeWithPlan(backend, **plan, gptq)
+                         : absl::StatusOr<QuantizedTensor>(plan.status());
+      ReleasePlan(job);
     } else {
       QuantizeRequest request;
       request.weights = job.weights;
@@ -86,9 +118,44 @@ class LocalQuantizer : public Quantizer {
     return on_result(index, *std::move(result));
   }
 
+  // The plan of the job's full Hessian: prepared (validated and factorised) by the first job,
+  // which the others wait for; a failure is kept and returned to each.
+  absl::StatusOr<std::shared_ptr<const GptqPlan>> Plan(GptqBackend& backend, const TensorJob& job) {
+    PlanEntry* entry = nullptr;
+    {
+      absl::MutexLock lock(&plans_mu_);
+      entry = &plans_[job.full_hessian.data];
+    }
+    absl::MutexLock lock(&entry->mu);
+    if (!entry->done) {
+      entry->plan = backend.Prepare(job.full_hessian, job.params);
+      entry->done = true;
+    }
+    return entry->plan;
+  }
+
+  // Frees the plan after its last job (device memory: a layer's plans are gigabytes).
+  void ReleasePlan(const TensorJob& job) {
+    absl::MutexLock lock(&plans_mu_);
+    PlanEntry& entry = plans_[job.full_hessian.data];
+    if (--entry.uses == 0) {
+      absl::MutexLock entry_lock(&entry.mu);
+      entry.plan = absl::FailedPreconditionError("gptq plan released after its last tensor");
+    }
+  }
+
+  struct PlanEntry {
+    absl::Mutex mu;
+    bool done = false;
+    absl::StatusOr<std::shared_ptr<const GptqPlan>> plan;
+    int uses = 0;  // gptq jobs still to finish (guarded by plans_mu_)
+  };
+
   std::vector<std::unique_ptr<ScaleSearch>> searches_;
+  std::vector<std::unique_ptr<GptqBackend>> gptq_;
   std::string description_;
-  int gptq_threads_;
+  absl::Mutex plans_mu_;
+  std::map<const float*, PlanEntry> plans_;
   absl::Mutex result_mu_;
 };
 
@@ -119,10 +186,31 @@ absl::StatusOr<std::unique_ptr<Quantizer>> MakeLocalQuantizer(
         streams.push_back(*std::move(gpu));
       }
       if (!streams.empty()) {
-        std::string description =
-            absl::StrCat("in-process cuda (", name, ", ", streams.size(), " streams)");
-        return std::make_unique<LocalQuantizer>(std::move(streams), std::move(description),
-                                                options.cpu_threads);
+        // gptq on the same device, one backend per stream; the CPU's for every stream when
+        // the CUDA gptq backend is not available (plans must be of one kind).
+        std::vector<std::unique_ptr<GptqBackend>> gptq;
+        std::string gptq_note;
+        for (size_t s = 0; s < streams.size(); ++s) {
+          CudaGptqOptions cuda;
+          cuda.device = options.cuda_device;
+          absl::StatusOr<std::unique_ptr<GptqBackend>> g = MakeCudaGptq(cuda);
+          if (!g.ok()) {
+            gptq_note = absl::StrCat("; gptq on the cpu: ", g.status().message());
+            gptq.clear();
+            break;
+          }
+          gptq.push_back(*std::move(g));
+        }
+        if (gptq.empty()) {
+          std::shared_ptr<GptqBackend> cpu(
+              MakeCpuGptq(CpuGptqOptions{options.cpu_threads, 16, true}));
+          for (size_t s = 0; s < streams.size(); ++s)
+            gptq.push_back(std::make_unique<SharedGptq>(cpu));
+        }
+        std::string description = absl::StrCat("in-process cuda (", name, ", ", streams.size(),
+                                               " streams", gptq_note, ")");
+        return std::make_unique<LocalQuantizer>(std::move(streams), std::move(gptq),
+                                                std::move(description));
       }
       reason = std::string(failure.message());
     }
@@ -139,8 +227,10 @@ std::unique_ptr<Quantizer> MakeLocalQuantizer(std::unique_ptr<ScaleSearch> searc
                                               std::string description, int gptq_threads) {
   std::vector<std::unique_ptr<ScaleSearch>> searches;
   searches.push_back(std::move(search));
-  return std::make_unique<LocalQuantizer>(std::move(searches), std::move(description),
-                                          gptq_threads);
+  std::vector<std::unique_ptr<GptqBackend>> gptq;
+  gptq.push_back(MakeCpuGptq(CpuGptqOptions{gptq_threads, 16, true}));
+  return std::make_unique<LocalQuantizer>(std::move(searches), std::move(gptq),
+                                          std::move(description));
 }
 
 }  // namespace nvfp4cal

@@ -57,13 +57,15 @@ constexpr int kUpdateDepth = 16;  // errors staged in shared memory per step
 // enough that threads created with a small fixed stack (the metrics endpoint's HTTP server)
 // fail to start; a dlopen'ed library's TLS is allocated per thread on demand instead.
 struct MathLibraries {
-#define NVFP4_MATH_FUNCTIONS(X)                                                                   \
-  X(cublasCreate_v2)                                                                              \
-  X(cublasDestroy_v2)                                                                             \
-  X(cublasSetStream_v2) X(cublasSetMathMode) X(cublasSgemm_v2) X(cublasDgemm_v2) X(cublasDdot_v2) \
-      X(cublasGetStatusString) X(cusolverDnCreate) X(cusolverDnDestroy) X(cusolverDnSetStream)    \
-          X(cusolverDnCreateParams) X(cusolverDnDestroyParams) X(cusolverDnXpotrf_bufferSize)     \
-              X(cusolverDnXpotrf) X(cusolverDnXtrtri_bufferSize) X(cusolverDnXtrtri)
+#define NVFP4_MATH_FUNCTIONS(X)                                                                 \
+  X(cublasCreate_v2)                                                                            \
+  X(cublasDestroy_v2)                                                                           \
+  X(cublasSetStream_v2)                                                                         \
+  X(cublasSetMathMode)                                                                          \
+  X(cublasSgemm_v2) X(cublasDgemm_v2) X(cublasDdot_v2) X(cublasGetStatusString)                 \
+      X(cusolverDnCreate) X(cusolverDnDestroy) X(cusolverDnSetStream) X(cusolverDnCreateParams) \
+          X(cusolverDnDestroyParams) X(cusolverDnXpotrf_bufferSize) X(cusolverDnXpotrf)         \
+              X(cusolverDnXtrtri_bufferSize) X(cusolverDnXtrtri)
 #define NVFP4_DECLARE(name) decltype(&::name) name = nullptr;
   NVFP4_MATH_FUNCTIONS(NVFP4_DECLARE)
 #undef NVFP4_DECLARE
@@ -514,20 +516,43 @@ __global__ void ErrorKernel(ChunkArgs a, const uint8_t* codes, const uint8_t* sc
   }
 }
 
-// local_hessian's codes and scales for the chunk (one thread per block), for the comparison.
-__global__ void LocalHessianKernel(ChunkArgs a, uint8_t* codes, uint8_t* scales) {
+// local_hessian's codes and scales for the chunk, for the comparison: a team of kTeam lanes
+// per block runs the 126-candidate sweep (TeamChooseScale, the same choice as QuantizeBlock's
+// pruned sweep). With g = 0 every weight is 0 and so is every error, whatever the scale.
+template <int kTeam>
+__global__ void __launch_bounds__(kRowThreads)
+    LocalHessianKernel(ChunkArgs a, uint8_t* codes, uint8_t* scales) {
   const int64_t blocks_per_row = a.n / kBlockSize;
-  const int64_t block = threadIdx.x + static_cast<int64_t>(blockIdx.x) * blockDim.x;
-  if (block >= a.rows * blocks_per_row) return;
+  const int lane = threadIdx.x % kTeam;
+  const int64_t team_block =
+      static_cast<int64_t>(blockIdx.x) * (kRowThreads / kTeam) + threadIdx.x / kTeam;
+  // Teams past the last block compute the last one and write nothing (the shuffles need every
+  // lane of the warp).
+  const bool active = team_block < a.rows * blocks_per_row;
+  const int64_t block = active ? team_block : a.rows * blocks_per_row - 1;
   const int64_t r = block / blocks_per_row;
   const int64_t j = block % blocks_per_row;
   float w[kBlockSize];
   LoadAsFloat(a.weights, static_cast<DType>(a.dtype), r * a.n + j * kBlockSize, kBlockSize, w);
-  const BlockOutcome out = QuantizeBlock(
-      w, a.global_amax, a.global_scale, a.hessian_blocks + j * kBlockSize * kBlockSize,
-      BlockMethod::kLocalHessian, a.config.grid, &a.bounds[j], &a.bounds[blocks_per_row]);
-  scales[block] = out.scale_byte;
-  for (int i = 0; i < kBlockSize / 2; ++i) codes[block * (kBlockSize / 2) + i] = out.packed[i];
+  GptqGroupChoice choice{0, 0.0f, 0, 0};
+  if (a.global_amax > 0.0f) {
+    ScaledBlock b{};
+    PrepareScaledBlock(w, a.global_amax, a.global_scale, &b);
+    const float* h = a.hessian_blocks + j * kBlockSize * kBlockSize;
+    const GptqGroupConfig sweep_only{false, false, a.config.grid};
+    choice = TeamChooseScale<kTeam>(b, sweep_only, lane, [&](float q, float d_unit) {
+      return CandidateObjective(b, q, d_unit, h);
+    });
+  }
+  if (active && lane == 0) {
+    scales[block] = static_cast<uint8_t>(choice.candidate + 1);
+    for (int i = 0; i < kBlockSize / 2; ++i) {
+      codes[block * (kBlockSize / 2) + i] =
+          a.global_amax > 0.0f
+              ? PackE2M1Pair(EncodeE2M1(w[2 * i] / choice.q), EncodeE2M1(w[2 * i + 1] / choice.q))
+              : 0;
+    }
+  }
 }
 
 int64_t AlignUp(int64_t bytes) { return (bytes + 255) / 256 * 256; }
@@ -555,16 +580,16 @@ class CudaGptq : public GptqBackend {
       impl->stream_ = impl->owned_stream_;
     }
     NVFP4_RETURN_IF_ERROR(CublasStatus(impl->libs_->cublasCreate(&impl->cublas_), "cublasCreate"));
-    NVFP4_RETURN_IF_ERROR(
-        CublasStatus(impl->libs_->cublasSetStream(impl->cublas_, impl->stream_), "cublasSetStream"));
+    NVFP4_RETURN_IF_ERROR(CublasStatus(impl->libs_->cublasSetStream(impl->cublas_, impl->stream_),
+                                       "cublasSetStream"));
     // Default math: fp32 stays fp32 (no TF32: it keeps fewer mantissa bits than requested) and
     // DGEMM may use the fp64 tensor cores (IEEE double fused multiply-adds).
-    NVFP4_RETURN_IF_ERROR(CublasStatus(impl->libs_->cublasSetMathMode(impl->cublas_, CUBLAS_DEFAULT_MATH),
-                                       "cublasSetMathMode"));
+    NVFP4_RETURN_IF_ERROR(CublasStatus(
+        impl->libs_->cublasSetMathMode(impl->cublas_, CUBLAS_DEFAULT_MATH), "cublasSetMathMode"));
     NVFP4_RETURN_IF_ERROR(
         CusolverStatus(impl->libs_->cusolverDnCreate(&impl->cusolver_), "cusolverDnCreate"));
-    NVFP4_RETURN_IF_ERROR(CusolverStatus(impl->libs_->cusolverDnSetStream(impl->cusolver_, impl->stream_),
-                                         "cusolverDnSetStream"));
+    NVFP4_RETURN_IF_ERROR(CusolverStatus(
+        impl->libs_->cusolverDnSetStream(impl->cusolver_, impl->stream_), "cusolverDnSetStream"));
     NVFP4_RETURN_IF_ERROR(CusolverStatus(impl->libs_->cusolverDnCreateParams(&impl->solver_params_),
                                          "cusolverDnCreateParams"));
     return std::unique_ptr<GptqBackend>(std::move(impl));
@@ -856,8 +881,10 @@ class CudaGptq : public GptqBackend {
       }
       if (compare) {
         const auto compare_start = std::chrono::steady_clock::now();
-        const unsigned lh_blocks = static_cast<unsigned>((rows * blocks_per_row + 127) / 128);
-        LocalHessianKernel<<<lh_blocks, 128, 0, stream_>>>(a, d_lh_codes, d_lh_scales);
+        constexpr int kBlocksPerCta = kRowThreads / kGroupTeam;
+        LocalHessianKernel<kGroupTeam>
+            <<<static_cast<unsigned>((rows * blocks_per_row + kBlocksPerCta - 1) / kBlocksPerCta),
+               kRowThreads, 0, stream_>>>(a, d_lh_codes, d_lh_scales);
         NVFP4_CUDA_RETURN_IF_ERROR(cudaGetLastError());
         double errors[2] = {0.0, 0.0};
         NVFP4_RETURN_IF_ERROR(FullHessianErrors(a, *plan, d_codes, d_scales, d_lh_codes,

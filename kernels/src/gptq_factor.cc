@@ -157,14 +157,19 @@ absl::Status ValidateGptqRows(const GptqPlan& plan, const WeightView& weights, f
 
 absl::StatusOr<QuantizedTensor> GptqQuantize(GptqBackend& backend, const GptqRequest& request) {
   if (absl::Status s = ValidateGptqRequest(request); !s.ok()) return s;
+  absl::StatusOr<std::shared_ptr<const GptqPlan>> plan =
+      backend.Prepare(request.hessian, request.params);
+  if (!plan.ok()) return plan.status();
+  return GptqQuantizeWithPlan(backend, **plan, request);
+}
+
+absl::StatusOr<QuantizedTensor> GptqQuantizeWithPlan(GptqBackend& backend, const GptqPlan& plan,
+                                                     const GptqRequest& request) {
   const WeightView& wv = request.weights;
   absl::StatusOr<float> own_amax = ScanWeightRows(wv, 0, wv.rows);
   if (!own_amax.ok()) return own_amax.status();
   const float global_amax = request.global_amax.value_or(*own_amax);
   if (absl::Status s = ValidateGlobalAmax(global_amax, *own_amax); !s.ok()) return s;
-  absl::StatusOr<std::shared_ptr<const GptqPlan>> plan =
-      backend.Prepare(request.hessian, request.params);
-  if (!plan.ok()) return plan.status();
   QuantizedTensor result;
   result.rows = wv.rows;
   result.cols = wv.cols;
@@ -172,15 +177,15 @@ absl::StatusOr<QuantizedTensor> GptqQuantize(GptqBackend& backend, const GptqReq
   result.scales.assign(static_cast<size_t>(wv.rows * wv.cols / kBlockSize), 0);
   result.global_amax = global_amax;
   result.global_scale = GlobalScaleFromAmax(global_amax);
-  InitTensorStats(request.params, global_amax, &result.stats);
+  InitTensorStats(plan.params, global_amax, &result.stats);
   if (absl::Status s = backend.QuantizeRows(
-          **plan, wv, global_amax, 0, wv.rows,
+          plan, wv, global_amax, 0, wv.rows,
           RowRangeOutput{absl::MakeSpan(result.packed_codes), absl::MakeSpan(result.scales)},
           &result.stats);
       !s.ok()) {
     return s;
   }
-  result.stats.gptq.factor_seconds = (*plan)->factor_seconds;
+  result.stats.gptq.factor_seconds = plan.factor_seconds;
   return result;
 }
 

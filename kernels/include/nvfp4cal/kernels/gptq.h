@@ -155,6 +155,11 @@ absl::Status ValidateGptqRows(const GptqPlan& plan, const WeightView& weights, f
 // quantizes every row. stats.gptq.factor_seconds is the plan's.
 absl::StatusOr<QuantizedTensor> GptqQuantize(GptqBackend& backend, const GptqRequest& request);
 
+// The same with a plan prepared earlier from request.hessian (tensors sharing a Hessian share
+// the plan); the Hessian is not validated again, the weights are.
+absl::StatusOr<QuantizedTensor> GptqQuantizeWithPlan(GptqBackend& backend, const GptqPlan& plan,
+                                                     const GptqRequest& request);
+
 struct CpuGptqOptions {
   // Worker threads; 0 uses every hardware thread. Results do not depend on it.
   int num_threads = 0;
