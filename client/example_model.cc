@@ -191,9 +191,9 @@ absl::Status WriteExampleModel(const std::string& out_dir, const ExampleModelOpt
     linear(p + "mlp.up_proj.weight", inter, hidden);
     linear(p + "mlp.down_proj.weight", hidden, inter);
     hessian(p + "self_attn.q_proj.hessian", hidden, /*full=*/true);
-    hessian(p + "self_attn.o_proj.hessian", hidden, /*full=*/false);
+    hessian(p + "self_attn.o_proj.hessian", hidden, /*full=*/o.full_hessians);
     hessian(p + "mlp.gate_proj.hessian", hidden, /*full=*/true);
-    hessian(p + "mlp.down_proj.hessian", inter, /*full=*/false);
+    hessian(p + "mlp.down_proj.hessian", inter, /*full=*/o.full_hessians);
   }
   norm("model.norm.weight", hidden);
   linear("lm_head.weight", o.vocab, hidden);

@@ -35,6 +35,9 @@ struct ExampleModelOptions {
   uint64_t seed = 1;
   // Replace an existing folder.
   bool overwrite = false;
+  // Every Hessian full [in, in] (o_proj and down_proj too), so that method gptq can quantize
+  // every module; by default o_proj and down_proj get diagonal blocks.
+  bool full_hessians = false;
 };
 
 // Writes the example into `out_dir` (through a temporary folder renamed at the end).

@@ -341,6 +341,9 @@ int RunExample(int argc, const char* const* argv) {
   parser.AddOption("shards", "N", "safetensors shards (> 1 writes an index)", false, "1");
   parser.AddOption("seed", "N", "random seed", false, "1");
   parser.AddSwitch("overwrite", "replace an existing --out");
+  parser.AddSwitch("full-hessians",
+                   "full [in, in] Hessians for every module (o_proj and down_proj too), so that "
+                   "--method gptq can quantize all of them");
   absl::StatusOr<CliArgs> args = parser.Parse(argc, argv);
   if (!args.ok()) return UsageError("example", args.status());
   if (args->help()) {
@@ -359,6 +362,7 @@ int RunExample(int argc, const char* const* argv) {
   }
   options.seed = static_cast<uint64_t>(seed);
   options.overwrite = args->Switch("overwrite");
+  options.full_hessians = args->Switch("full-hessians");
   const std::string out = args->Get("out");
   absl::Status written = WriteExampleModel(out, options);
   if (!written.ok()) return Fail("example", written);

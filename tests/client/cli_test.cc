@@ -220,6 +220,25 @@ TEST_F(BadInputs, GptqReportsTheFullHessianError) {
   EXPECT_TRUE(fs::exists(out_ + "/model.safetensors"));
 }
 
+TEST_F(BadInputs, ExampleWithFullHessiansQuantizesEveryModuleWithGptq) {
+  const std::string example = dir_ / "example";
+  ProcessResult r = RunCli({"example", "--out", example, "--layers", "1", "--full-hessians"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = RunCli({"quantize", "--model", example, "--hessians", example + "/hessians.safetensors",
+              "--out", out_, "--method", "gptq", "--device", "cpu"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  // q, k, v, o, gate, up, down: all seven with full Hessians.
+  EXPECT_THAT(r.out, HasSubstr("total (7)"));
+  // Without the switch o_proj's and down_proj's Hessians are blocks, which gptq refuses
+  // naming the module.
+  const std::string blocks = dir_ / "blocks";
+  ASSERT_EQ(RunCli({"example", "--out", blocks, "--layers", "1"}).exit_code, 0);
+  r = RunCli({"quantize", "--model", blocks, "--hessians", blocks + "/hessians.safetensors",
+              "--out", dir_ / "out2", "--method", "gptq", "--device", "cpu"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("method gptq needs the full"));
+}
+
 TEST_F(BadInputs, MissingHessianNamesTheModule) {
   WriteHessians({{std::string(kQ) + ".hessian", SafetensorsDType::kF32, {64, 64}}},
                 {F32Bytes(FullHessian(64))});
