@@ -337,10 +337,16 @@ class Client::Call {
         session_jobs.insert(session_jobs.end(), unit->begin(), unit->end());
       }
       first = false;
-      for (size_t j : *unit) {
+      for (size_t k = 0; k < unit->size(); ++k) {
+        const size_t j = (*unit)[k];
         local_error = CheckLimits(jobs_[j], limits);
         if (!local_error.ok()) break;
-        writable = SendTensor(&session, j, chunk_bytes);
+        // The unit holds every job of its Hessian: the last one lets the server free it.
+        bool last_use = true;
+        for (size_t later = k + 1; later < unit->size(); ++later) {
+          last_use = last_use && jobs_[(*unit)[later]].hessian_key != jobs_[j].hessian_key;
+        }
+        writable = SendTensor(&session, j, chunk_bytes, last_use);
         if (!writable) break;
       }
       if (!local_error.ok()) break;
@@ -412,7 +418,8 @@ class Client::Call {
   }
 
   // Header, the Hessian's chunks when this session has not seen it, then the weight rows.
-  bool SendTensor(Session* session, size_t j, int64_t chunk_bytes) {
+  // release: the session's last tensor with this Hessian (HessianRef.release_after).
+  bool SendTensor(Session* session, size_t j, int64_t chunk_bytes, bool release) {
     const TensorJob& job = jobs_[j];
     const int64_t rows = job.weights.rows;
     const int64_t cols = job.weights.cols;
@@ -440,6 +447,7 @@ class Client::Call {
       header->mutable_hessian()->set_layout(!full   ? v1::HESSIAN_LAYOUT_BLOCK_DIAGONAL
                                             : upper ? v1::HESSIAN_LAYOUT_FULL_UPPER
                                                     : v1::HESSIAN_LAYOUT_FULL);
+      header->mutable_hessian()->set_release_after(release);
     }
     if (!session->stream->Write(request)) return false;
     if (define && full) {
@@ -460,6 +468,12 @@ class Client::Call {
                                           static_cast<size_t>(n * 4));
         if (!session->stream->Write(chunk)) return false;
       }
+    }
+    if (has_hessian && release) {
+      // The server forgot it with this header; it no longer counts against the session.
+      session->hessians_sent.erase(job.hessian_key);
+      session->hessian_bytes -= cols * 16 * 4;
+      if (full) session->full_hessian_bytes -= cols * cols * 4;
     }
     const int64_t row_bytes = cols * DTypeSize(job.weights.dtype);
     const int64_t rows_per_chunk = std::max<int64_t>(1, chunk_bytes / row_bytes);

@@ -205,6 +205,15 @@ absl::Status QuantizeSession::HandleHeader(const v1::TensorHeader& header) {
     tensor->hessian = *std::move(hessian);
   }
 
+  if (header.hessian().release_after() && tensor->hessian != nullptr) {
+    // The last user: the tensor (and its work items) keep the Hessian alive until done.
+    hessians_.erase(hessian_name);
+    hessian_bytes_ -= tensor->hessian->cols * kBlock * 4;
+    if (tensor->hessian->full != nullptr) {
+      full_hessian_bytes_ -= tensor->hessian->cols * tensor->hessian->cols * 4;
+    }
+  }
+
   tensor->index = tensors_started_++;
   tensor->name = header.name();
   tensor->rows = header.rows();

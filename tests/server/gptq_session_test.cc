@@ -336,6 +336,47 @@ TEST_F(GptqSessionTest, SessionLimitRefusesTheSecondFullHessian) {
   ExpectFullHessiansReleased();
 }
 
+TEST_F(GptqSessionTest, ReleasedHessiansStopCountingAndCanBeDefinedAgain) {
+  // The limit holds one full Hessian; with release_after on each Hessian's last tensor the
+  // session goes through three of them, and a released name can be defined again.
+  ServiceLimits limits;
+  limits.max_session_full_hessian_bytes = 30000;
+  Start(limits);
+  const std::vector<float> h1 = CorrelatedHessian(64, 64, 7);
+  const std::vector<float> h2 = CorrelatedHessian(64, 64, 8);
+  std::vector<GptqTensor> tensors;
+  tensors.push_back(
+      MakeGptqTensor("a", 16, 64, DType::kFloat32, "h1", h1, v1::HESSIAN_LAYOUT_FULL, 1));
+  tensors.push_back(
+      MakeGptqTensor("b", 24, 64, DType::kFloat32, "h1", h1, v1::HESSIAN_LAYOUT_FULL, 2));
+  tensors.back().tensor.send_hessian = false;
+  tensors.push_back(
+      MakeGptqTensor("c", 16, 64, DType::kFloat32, "h2", h2, v1::HESSIAN_LAYOUT_FULL, 3));
+  tensors.push_back(
+      MakeGptqTensor("d", 16, 64, DType::kFloat32, "h1", h2, v1::HESSIAN_LAYOUT_FULL, 4));
+  std::vector<v1::QuantizeRequest> requests;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const size_t header = requests.size();
+    AppendGptq(tensors[i], &requests);
+    // b is h1's last user, c is h2's; d defines h1 again (with h2's values) and releases it.
+    if (i != 0) requests[header].mutable_header()->mutable_hessian()->set_release_after(true);
+  }
+  SessionResult result = Run(requests);
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+  for (const GptqTensor& g : tensors) ExpectMatchesGptqReference(result, g);
+  ExpectFullHessiansReleased();
+  // Without the release the second Hessian exceeds the session's limit.
+  requests.clear();
+  for (const GptqTensor& g : tensors) AppendGptq(g, &requests);
+  EXPECT_EQ(Run(requests).status.error_code(), grpc::RESOURCE_EXHAUSTED);
+  // A released name is unknown: reusing it without chunks is an error, not the old matrix.
+  requests.clear();
+  AppendGptq(tensors[0], &requests);
+  requests[0].mutable_header()->mutable_hessian()->set_release_after(true);
+  AppendGptq(tensors[1], &requests);  // "h1" again without its chunks
+  EXPECT_FALSE(Run(requests).status.ok());
+}
+
 TEST_F(GptqSessionTest, HessiansKeptAsBlocksCannotServeGptq) {
   const std::vector<float> h = CorrelatedHessian(64, 64, 8);
   // gptq defining a Hessian in the block layout.
