@@ -25,6 +25,9 @@ absl::Status CudaBatchExecutor::ExecuteBatch(int worker, absl::Span<Work* const>
   }
   CudaScaleSearch& device = *devices_[static_cast<size_t>(worker)];
   item_status->assign(batch.size(), absl::OkStatus());
+  // gptq items run together after the loop (contiguous rows of a tensor as one call).
+  std::vector<size_t> gptq_items;
+  std::vector<RowRangeTask*> gptq_tasks;
 
   // The requests must outlive the call: the slices point at them.
   std::vector<QuantizeRequest> requests;
@@ -37,9 +40,8 @@ absl::Status CudaBatchExecutor::ExecuteBatch(int worker, absl::Span<Work* const>
     RowRangeTask& task = RowRangeTaskOf(batch[i]);
     if (absl::Status s = AllocateOutputs(&task); !s.ok()) return s;
     if (task.tensor->full_hessian != nullptr) {
-      (*item_status)[i] = static_cast<size_t>(worker) < gptq_.size()
-                              ? RunGptqTask(gptq_[static_cast<size_t>(worker)], &task)
-                              : absl::InternalError("no gptq backend for this worker");
+      gptq_items.push_back(i);
+      gptq_tasks.push_back(&task);
       continue;
     }
     sliced.push_back(i);
@@ -49,6 +51,7 @@ absl::Status CudaBatchExecutor::ExecuteBatch(int worker, absl::Span<Work* const>
     // Sessions and jobs validated the header, the Hessian and every chunk's rows on arrival.
     slices.back().prevalidated = true;
   }
+  RunGptqItems(gptq_, worker, gptq_items, gptq_tasks, item_status);
   if (slices.empty()) return absl::OkStatus();
   const absl::Status status = device.QuantizeBatch(slices);
   if (status.ok()) return absl::OkStatus();

@@ -1,11 +1,14 @@
 #include "server/gptq_work.h"
 
+#include <algorithm>
 #include <cstring>
 #include <new>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "nvfp4cal/kernels/dtype.h"
 #include "server/tensor_spec.h"
 
 namespace nvfp4cal::server {
@@ -85,8 +88,11 @@ int FullHessian::plans_prepared() const {
   return plans_prepared_;
 }
 
-absl::Status RunGptqTask(GptqWorker& worker, RowRangeTask* task) {
-  const TensorInput& tensor = *task->tensor;
+namespace {
+
+// Quantizes `rows` rows in `weights` (the rows of tasks run[0..]) into the outputs.
+absl::Status RunGptqRows(GptqWorker& worker, const TensorInput& tensor, const char* weights,
+                         int64_t rows, RowRangeOutput output, TensorStats* stats) {
   if (tensor.full_hessian == nullptr || worker.backend == nullptr) {
     return absl::InternalError(
         absl::StrFormat("gptq rows of tensor '%s' reached a worker without %s", tensor.name,
@@ -98,13 +104,101 @@ absl::Status RunGptqTask(GptqWorker& worker, RowRangeTask* task) {
     return PrefixStatus(plan.status(),
                         absl::StrFormat("Hessian '%s': ", tensor.full_hessian->name()));
   }
-  InitTensorStats(tensor.params, tensor.global_amax, &task->stats);
-  const WeightView rows{task->weights->data() + task->byte_offset, tensor.dtype, task->num_rows,
-                        tensor.cols};
-  absl::Status status = worker.backend->QuantizeRows(**plan, rows, tensor.global_amax, 0,
-                                                     task->num_rows, OutputOf(task), &task->stats);
-  task->stats.gptq.factor_seconds = (*plan)->factor_seconds;
+  InitTensorStats(tensor.params, tensor.global_amax, stats);
+  const WeightView view{weights, tensor.dtype, rows, tensor.cols};
+  absl::Status status =
+      worker.backend->QuantizeRows(**plan, view, tensor.global_amax, 0, rows, output, stats);
+  stats->gptq.factor_seconds = (*plan)->factor_seconds;
   return status;
+}
+
+}  // namespace
+
+absl::Status RunGptqTask(GptqWorker& worker, RowRangeTask* task) {
+  if (task->tensor == nullptr) return absl::InternalError("gptq task without a tensor");
+  return RunGptqRows(worker, *task->tensor, task->weights->data() + task->byte_offset,
+                     task->num_rows, OutputOf(task), &task->stats);
+}
+
+void RunGptqTasks(GptqWorker& worker, const std::vector<RowRangeTask*>& tasks,
+                  std::vector<absl::Status>* status) {
+  status->assign(tasks.size(), absl::OkStatus());
+  // Tasks by tensor, then row.
+  std::vector<size_t> order(tasks.size());
+  for (size_t k = 0; k < order.size(); ++k) order[k] = k;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    if (tasks[a]->tensor != tasks[b]->tensor) return tasks[a]->tensor < tasks[b]->tensor;
+    return tasks[a]->row_begin < tasks[b]->row_begin;
+  });
+  for (size_t first = 0; first < order.size();) {
+    // The run [first, last): same tensor, each task's rows right after the previous one's.
+    size_t last = first + 1;
+    while (last < order.size() && tasks[order[last]]->tensor == tasks[order[first]]->tensor &&
+           tasks[order[last]]->row_begin ==
+               tasks[order[last - 1]]->row_begin + tasks[order[last - 1]]->num_rows) {
+      ++last;
+    }
+    if (last - first == 1) {
+      (*status)[order[first]] = RunGptqTask(worker, tasks[order[first]]);
+      first = last;
+      continue;
+    }
+    const TensorInput& tensor = *tasks[order[first]]->tensor;
+    const int64_t row_bytes = tensor.cols * DTypeSize(tensor.dtype);
+    int64_t rows = 0;
+    for (size_t k = first; k < last; ++k) rows += tasks[order[k]]->num_rows;
+    std::string weights;
+    std::string codes;
+    std::string scales;
+    absl::Status run_status;
+    try {
+      weights.resize(static_cast<size_t>(rows * row_bytes));
+      codes.resize(static_cast<size_t>(rows * tensor.cols / 2));
+      scales.resize(static_cast<size_t>(rows * tensor.cols / 16));
+    } catch (const std::bad_alloc&) {
+      run_status = absl::ResourceExhaustedError(absl::StrFormat(
+          "out of host memory merging %d rows of gptq tensor '%s'", rows, tensor.name));
+    }
+    if (run_status.ok()) {
+      int64_t at = 0;
+      for (size_t k = first; k < last; ++k) {
+        const RowRangeTask& t = *tasks[order[k]];
+        std::memcpy(weights.data() + at * row_bytes, t.weights->data() + t.byte_offset,
+                    static_cast<size_t>(t.num_rows * row_bytes));
+        at += t.num_rows;
+      }
+      RowRangeTask& head = *tasks[order[first]];
+      run_status = RunGptqRows(
+          worker, tensor, weights.data(), rows,
+          RowRangeOutput{absl::MakeSpan(reinterpret_cast<uint8_t*>(codes.data()), codes.size()),
+                         absl::MakeSpan(reinterpret_cast<uint8_t*>(scales.data()), scales.size())},
+          &head.stats);
+      at = 0;
+      for (size_t k = first; run_status.ok() && k < last; ++k) {
+        RowRangeTask& t = *tasks[order[k]];
+        std::memcpy(t.packed_codes.data(), codes.data() + at * tensor.cols / 2,
+                    static_cast<size_t>(t.num_rows * tensor.cols / 2));
+        std::memcpy(t.scales.data(), scales.data() + at * tensor.cols / 16,
+                    static_cast<size_t>(t.num_rows * tensor.cols / 16));
+        if (k != first) InitTensorStats(tensor.params, tensor.global_amax, &t.stats);
+        at += t.num_rows;
+      }
+    }
+    for (size_t k = first; k < last; ++k) (*status)[order[k]] = run_status;
+    first = last;
+  }
+}
+
+void RunGptqItems(std::vector<GptqWorker>& workers, int worker, const std::vector<size_t>& items,
+                  const std::vector<RowRangeTask*>& tasks, std::vector<absl::Status>* item_status) {
+  if (tasks.empty()) return;
+  std::vector<absl::Status> status;
+  if (worker >= 0 && static_cast<size_t>(worker) < workers.size()) {
+    RunGptqTasks(workers[static_cast<size_t>(worker)], tasks, &status);
+  } else {
+    status.assign(tasks.size(), absl::InternalError("no gptq backend for this worker"));
+  }
+  for (size_t k = 0; k < items.size(); ++k) (*item_status)[items[k]] = status[k];
 }
 
 }  // namespace nvfp4cal::server

@@ -93,6 +93,19 @@ class FullHessian {
 // prefixed with the Hessian's name (e.g. "Hessian 'h': hessian is not symmetric: ...").
 absl::Status RunGptqTask(GptqWorker& worker, RowRangeTask* task);
 
+// The gptq tasks of one batch: tasks of a tensor with contiguous rows run as one QuantizeRows
+// call (the ordered group loop costs about the same for 512 rows as for 14336 on a GPU, so
+// merging the chunks of a tensor that arrive together saves most of it); the bytes are those of
+// separate calls. (*status)[k] receives tasks[k]'s status; a merged run's statistics go to its
+// first task.
+void RunGptqTasks(GptqWorker& worker, const std::vector<RowRangeTask*>& tasks,
+                  std::vector<absl::Status>* status);
+
+// What executors call for a batch's gptq items: RunGptqTasks on workers[worker] (an error
+// for each item when there is none); (*item_status)[items[k]] receives tasks[k]'s status.
+void RunGptqItems(std::vector<GptqWorker>& workers, int worker, const std::vector<size_t>& items,
+                  const std::vector<RowRangeTask*>& tasks, std::vector<absl::Status>* item_status);
+
 }  // namespace nvfp4cal::server
 
 #endif  // NVFP4CAL_SERVER_GPTQ_WORK_H_

@@ -91,19 +91,22 @@ absl::Status KernelExecutor::ExecuteBatch(int worker, absl::Span<Work* const> ba
   }
   ScaleSearch& backend = *backends_[static_cast<size_t>(worker)];
   item_status->assign(batch.size(), absl::OkStatus());
+  // gptq items run together after the loop (contiguous rows of a tensor as one call).
+  std::vector<size_t> gptq_items;
+  std::vector<RowRangeTask*> gptq_tasks;
   for (size_t i = 0; i < batch.size(); ++i) {
     RowRangeTask& task = RowRangeTaskOf(batch[i]);
     if (absl::Status s = AllocateOutputs(&task); !s.ok()) return s;
     if (task.tensor->full_hessian != nullptr) {
-      (*item_status)[i] = static_cast<size_t>(worker) < gptq_.size()
-                              ? RunGptqTask(gptq_[static_cast<size_t>(worker)], &task)
-                              : absl::InternalError("no gptq backend for this worker");
+      gptq_items.push_back(i);
+      gptq_tasks.push_back(&task);
       continue;
     }
     const QuantizeRequest request = RequestOf(task);
     (*item_status)[i] = backend.QuantizeRows(request, task.tensor->global_amax, 0, task.num_rows,
                                              OutputOf(&task), &task.stats);
   }
+  RunGptqItems(gptq_, worker, gptq_items, gptq_tasks, item_status);
   return absl::OkStatus();
 }
 

@@ -529,3 +529,76 @@ TEST_F(GptqSessionTest, ParametersAreCheckedAndAdvertised) {
 
 }  // namespace
 }  // namespace nvfp4cal::server
+
+namespace nvfp4cal::server {
+namespace {
+
+TEST(GptqWork, ContiguousTasksOfATensorRunAsOneCallWithTheSameBytes) {
+  // Tasks of two tensors (one Hessian), shuffled, with a gap in the second tensor's rows: each
+  // contiguous run is one QuantizeRows call; every task gets its own rows' bytes.
+  constexpr int64_t kCols = 64;
+  const std::vector<float> h = CorrelatedHessian(kCols, 128, 9);
+  absl::StatusOr<std::shared_ptr<FullHessian>> full =
+      FullHessian::Create("h", kCols, nullptr, nullptr, nullptr);
+  ASSERT_TRUE(full.ok()) << full.status();
+  std::copy(h.begin(), h.end(), (*full)->mutable_data());
+  std::vector<GptqTensor> refs;
+  std::vector<std::shared_ptr<TensorInput>> inputs;
+  std::vector<std::shared_ptr<const std::string>> weights;
+  for (int t = 0; t < 2; ++t) {
+    refs.push_back(MakeGptqTensor(t == 0 ? "a" : "b", 40, kCols, DType::kFloat32, "h", h,
+                                  v1::HESSIAN_LAYOUT_FULL, 60 + static_cast<uint64_t>(t)));
+    refs.back().tensor.global_amax = 6.0f;
+    auto input = std::make_shared<TensorInput>();
+    input->name = refs.back().tensor.name;
+    input->dtype = DType::kFloat32;
+    input->cols = kCols;
+    input->params = refs.back().params;
+    input->global_amax = 6.0f;
+    input->full_hessian = *full;
+    inputs.push_back(input);
+    weights.push_back(std::make_shared<const std::string>(refs.back().tensor.weights.begin(),
+                                                          refs.back().tensor.weights.end()));
+  }
+  // (tensor, first row, rows): a's rows in three pieces; b's in two with rows 24..31 missing.
+  const int64_t pieces[][3] = {{0, 16, 24}, {1, 32, 8}, {0, 0, 10}, {1, 0, 24}, {0, 10, 6}};
+  std::vector<std::shared_ptr<RowRangeTask>> owned;
+  std::vector<RowRangeTask*> tasks;
+  for (const auto& p : pieces) {
+    auto task = std::make_shared<RowRangeTask>();
+    task->tensor = inputs[static_cast<size_t>(p[0])];
+    task->weights = weights[static_cast<size_t>(p[0])];
+    task->byte_offset = static_cast<size_t>(p[1] * kCols * 4);
+    task->row_begin = p[1];
+    task->num_rows = p[2];
+    ASSERT_TRUE(AllocateOutputs(task.get()).ok());
+    owned.push_back(task);
+    tasks.push_back(task.get());
+  }
+  GptqWorker worker{MakeCpuGptq({}), "cpu"};
+  std::vector<absl::Status> status;
+  RunGptqTasks(worker, tasks, &status);
+  for (size_t k = 0; k < tasks.size(); ++k) {
+    SCOPED_TRACE(k);
+    ASSERT_TRUE(status[k].ok()) << status[k];
+    const QuantizedTensor want = GptqReference(refs[static_cast<size_t>(pieces[k][0])]);
+    const int64_t first = pieces[k][1];
+    const int64_t rows = pieces[k][2];
+    EXPECT_EQ(tasks[k]->packed_codes,
+              std::string(want.packed_codes.begin() + first * kCols / 2,
+                          want.packed_codes.begin() + (first + rows) * kCols / 2));
+    EXPECT_EQ(tasks[k]->scales, std::string(want.scales.begin() + first * kCols / 16,
+                                            want.scales.begin() + (first + rows) * kCols / 16));
+  }
+  // a's three pieces ran as one call: its statistics sit on the first piece (rows 0..9).
+  EXPECT_EQ(tasks[2]->stats.num_blocks, 40 * kCols / 16);
+  EXPECT_EQ(tasks[0]->stats.num_blocks, 0);
+  EXPECT_EQ(tasks[4]->stats.num_blocks, 0);
+  // b's pieces are not contiguous: two calls.
+  EXPECT_EQ(tasks[3]->stats.num_blocks, 24 * kCols / 16);
+  EXPECT_EQ(tasks[1]->stats.num_blocks, 8 * kCols / 16);
+  EXPECT_EQ((*full)->plans_prepared(), 1);
+}
+
+}  // namespace
+}  // namespace nvfp4cal::server
