@@ -85,6 +85,7 @@ CalibratorService::CalibratorService(const ServerOptions& options, Scheduler* sc
   environment_.open_streams = &open_streams_;
   environment_.authenticator = authenticator;
   environment_.full_hessians = &full_hessians_;
+  environment_.memory_budget_bytes = options.devices.memory_budget_bytes;
 }
 
 absl::Status CalibratorService::Authenticate(const grpc::CallbackServerContext* context) const {

@@ -171,6 +171,13 @@ absl::Status QuantizeSession::HandleHeader(const v1::TensorHeader& header) {
         "max_buffered_tensor_bytes = %d (send global_amax to stream it)",
         header.name(), spec->WeightBytes(), limits.max_buffered_tensor_bytes));
   }
+  if (spec->params.method == Method::kGptq &&
+      spec->WeightBytes() > limits.max_buffered_tensor_bytes) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "gptq tensor '%s' is buffered whole (its rows run together): %d bytes exceed "
+        "max_buffered_tensor_bytes = %d",
+        header.name(), spec->WeightBytes(), limits.max_buffered_tensor_bytes));
+  }
   const bool gptq = spec->params.method == Method::kGptq;
   if (gptq && header.cols() > kMaxGptqColumns) {
     return absl::InvalidArgumentError(
@@ -422,11 +429,16 @@ absl::Status QuantizeSession::HandleWeightChunk(v1::WeightChunk* chunk, Actions*
     if (absl::Status s = ValidateGlobalAmax(*tensor.header_amax, *amax); !s.ok()) {
       return PrefixStatus(s, absl::StrFormat("tensor '%s': header.", tensor.name));
     }
-    auto bytes = std::make_shared<std::string>(std::move(*chunk->mutable_data()));
-    MakeTasks(&tensor, std::move(bytes), row_begin, chunk->num_rows(), actions);
-    return absl::OkStatus();
+    // gptq is buffered too: on a GPU its ordered group loop costs about the same for a chunk
+    // as for the whole tensor, so the rows run together.
+    if (tensor.params.method != Method::kGptq) {
+      auto bytes = std::make_shared<std::string>(std::move(*chunk->mutable_data()));
+      MakeTasks(&tensor, std::move(bytes), row_begin, chunk->num_rows(), actions);
+      return absl::OkStatus();
+    }
   }
-  // Buffered: g is max |W| over the whole tensor, known after the last row.
+  // Buffered: g is max |W| over the whole tensor (unless the header gave it), known after the
+  // last row.
   if (tensor.buffer == nullptr) {
     tensor.buffer = std::make_shared<std::string>();
     tensor.buffer->reserve(static_cast<size_t>(tensor.rows * tensor.cols *
@@ -458,7 +470,13 @@ void QuantizeSession::MakeTasks(Tensor* tensor, std::shared_ptr<const std::strin
     tensor->input = std::move(input);
   }
   const int64_t row_bytes = tensor->cols * DTypeSize(tensor->dtype);
-  const int64_t step = std::max<int64_t>(1, env_.limits.max_rows_per_item);
+  int64_t step = std::max<int64_t>(1, env_.limits.max_rows_per_item);
+  if (tensor->params.method == Method::kGptq) {
+    // As many rows as half the batch memory budget holds (RowRangeTask::MemoryBytes: input,
+    // outputs and the fp32 working copy), at least max_rows_per_item.
+    const int64_t per_row = row_bytes + tensor->cols / 2 + tensor->cols / 16 + tensor->cols * 4;
+    step = std::max(step, env_.memory_budget_bytes / 2 / per_row);
+  }
   for (int64_t first = 0; first < num_rows; first += step) {
     auto task = std::make_shared<RowRangeTask>();
     task->tensor = tensor->input;

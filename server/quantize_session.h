@@ -62,6 +62,9 @@ struct SessionEnvironment {
   const TokenAuthenticator* authenticator = nullptr;
   // Server-wide account of full Hessians (method gptq); limits.max_full_hessian_bytes.
   FullHessianBudget* full_hessians = nullptr;
+  // The scheduler's device memory per batch: a gptq tensor's rows go into items of up to half
+  // of it (whole tensors at 8B sizes), since each item pays the ordered group loop once.
+  int64_t memory_budget_bytes = int64_t{1} << 30;
 };
 
 // Maps an internal status to the status sent to the client.
