@@ -221,7 +221,8 @@ std::string CalibrationServer::DescribeConfig() const {
       "max_send_message_bytes = %d\nmax_tensor_elements = %d\nmax_buffered_tensor_bytes = %d\n"
       "max_session_hessian_bytes = %d\nmax_full_hessian_bytes = %d\n"
       "max_session_full_hessian_bytes = %d\nmax_inflight_chunks_per_stream = %d\n"
-      "max_concurrent_streams = %d\nmax_rows_per_item = %d\nkeepalive_time_ms = %d\n"
+      "max_concurrent_streams = %d\nmax_rows_per_item = %d\nmax_result_chunk_bytes = %d\n"
+      "keepalive_time_ms = %d\n"
       "keepalive_timeout_ms = %d\nkeepalive_min_client_ping_interval_ms = %d\n"
       "keepalive_permit_without_calls = %s\nmax_jobs = %d\nmax_job_request_bytes = %d\n"
       "job_retention = %s\ntls = %s\ntls_client_ca = %s\ntls_require_client_cert = %s\n"
@@ -233,7 +234,7 @@ std::string CalibrationServer::DescribeConfig() const {
       l.max_receive_message_bytes, l.max_send_message_bytes, l.max_tensor_elements,
       l.max_buffered_tensor_bytes, l.max_session_hessian_bytes, l.max_full_hessian_bytes,
       l.max_session_full_hessian_bytes, l.max_inflight_chunks_per_stream, l.max_concurrent_streams,
-      l.max_rows_per_item, k.time_ms, k.timeout_ms, k.min_client_ping_interval_ms,
+      l.max_rows_per_item, l.max_result_chunk_bytes, k.time_ms, k.timeout_ms, k.min_client_ping_interval_ms,
       k.permit_without_calls ? "true" : "false", l.max_jobs, l.max_job_request_bytes,
       absl::FormatDuration(l.job_retention),
       sec.tls() ? absl::StrCat("on (cert ", sec.tls_cert_path, ")") : "off (plaintext)",

@@ -59,6 +59,8 @@ ABSL_FLAG(int, max_concurrent_streams, kDefaults.limits.max_concurrent_streams,
           "Quantize streams open at once");
 ABSL_FLAG(int64_t, max_rows_per_item, kDefaults.limits.max_rows_per_item,
           "Rows per scheduler work item");
+ABSL_FLAG(int64_t, max_result_chunk_bytes, kDefaults.limits.max_result_chunk_bytes,
+          "Largest codes + scales payload of one ResultChunk message (results are split)");
 ABSL_FLAG(int, max_jobs, kDefaults.limits.max_jobs,
           "Async jobs kept (queued, running, finished); the oldest finished make room");
 ABSL_FLAG(int64_t, max_job_request_bytes, kDefaults.limits.max_job_request_bytes,
@@ -111,6 +113,7 @@ nvfp4cal::server::ServerOptions OptionsFromFlags() {
   o.limits.max_inflight_chunks_per_stream = absl::GetFlag(FLAGS_max_inflight_chunks_per_stream);
   o.limits.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
   o.limits.max_rows_per_item = absl::GetFlag(FLAGS_max_rows_per_item);
+  o.limits.max_result_chunk_bytes = absl::GetFlag(FLAGS_max_result_chunk_bytes);
   o.limits.max_jobs = absl::GetFlag(FLAGS_max_jobs);
   o.limits.max_job_request_bytes = absl::GetFlag(FLAGS_max_job_request_bytes);
   o.limits.job_retention = absl::GetFlag(FLAGS_job_retention);

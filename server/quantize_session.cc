@@ -29,8 +29,7 @@ absl::Time DeadlineOf(const grpc::CallbackServerContext& context) {
 }  // namespace
 
 grpc::Status ToGrpcStatus(const absl::Status& status) {
-  return grpc::Status(static_cast<grpc::StatusCode>(status.code()),
-                      std::string(status.message()));
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
 }
 
 QuantizeSession::QuantizeSession(const SessionEnvironment& environment,
@@ -49,9 +48,9 @@ QuantizeSession::QuantizeSession(const SessionEnvironment& environment,
     counted_ = true;
     env_.metrics->AddInflightStreams(1);
     if (open > env_.limits.max_concurrent_streams) {
-      refused = absl::ResourceExhaustedError(absl::StrFormat(
-          "too many Quantize streams: max_concurrent_streams = %d, open = %d",
-          env_.limits.max_concurrent_streams, open));
+      refused = absl::ResourceExhaustedError(
+          absl::StrFormat("too many Quantize streams: max_concurrent_streams = %d, open = %d",
+                          env_.limits.max_concurrent_streams, open));
     }
   }
   Actions actions;
@@ -78,8 +77,7 @@ void QuantizeSession::OnReadDone(bool ok) {
       if (!failed_ && context_->IsCancelled()) {
         // The read failed because the call was cancelled (client gone, deadline), not because
         // the client half-closed early: count and report it as such.
-        FailLocked(absl::CancelledError("the call was cancelled or its deadline passed"),
-                   &actions);
+        FailLocked(absl::CancelledError("the call was cancelled or its deadline passed"), &actions);
       } else if (!failed_ && !CurrentTensorComplete()) {
         FailLocked(absl::FailedPreconditionError(absl::StrFormat(
                        "stream ended before tensor '%s' was complete: %d of %d rows received",
@@ -134,9 +132,9 @@ absl::Status QuantizeSession::HandleSessionOptions(const v1::SessionOptions& opt
         "session options must be the first message; got them as message %d", messages_read_));
   }
   if (options.priority() < kMinPriority || options.priority() > kMaxPriority) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "session.priority = %d is out of range [%d, %d]", options.priority(), kMinPriority,
-        kMaxPriority));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("session.priority = %d is out of range [%d, %d]", options.priority(),
+                        kMinPriority, kMaxPriority));
   }
   priority_ = options.priority();
   return absl::OkStatus();
@@ -160,16 +158,16 @@ absl::Status QuantizeSession::HandleHeader(const v1::TensorHeader& header) {
   }
   if (header.name().empty()) return absl::InvalidArgumentError("header.name is empty");
   if (tensor_names_.contains(header.name())) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "header.name = '%s' was already used in this session", header.name()));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("header.name = '%s' was already used in this session", header.name()));
   }
   absl::StatusOr<TensorSpec> spec = ParseTensorHeader(header, limits);
   if (!spec.ok()) return spec.status();
   if (!spec->global_amax.has_value() && spec->WeightBytes() > limits.max_buffered_tensor_bytes) {
-    return absl::ResourceExhaustedError(absl::StrFormat(
-        "tensor '%s' without header.global_amax is buffered whole: %d bytes exceed "
-        "max_buffered_tensor_bytes = %d (send global_amax to stream it)",
-        header.name(), spec->WeightBytes(), limits.max_buffered_tensor_bytes));
+    return absl::ResourceExhaustedError(
+        absl::StrFormat("tensor '%s' without header.global_amax is buffered whole: %d bytes exceed "
+                        "max_buffered_tensor_bytes = %d (send global_amax to stream it)",
+                        header.name(), spec->WeightBytes(), limits.max_buffered_tensor_bytes));
   }
   if (spec->params.method == Method::kGptq &&
       spec->WeightBytes() > limits.max_buffered_tensor_bytes) {
@@ -338,8 +336,9 @@ absl::Status QuantizeSession::ValidateTensorHessian(const Tensor& tensor) {
   request.params = tensor.params;
   absl::Status status = ValidateShapeHessiansAndParams(request);
   if (!status.ok()) {
-    return PrefixStatus(status, absl::StrFormat("Hessian '%s' of tensor '%s': ",
-                                            tensor.hessian->name, tensor.name));
+    return PrefixStatus(
+        status,
+        absl::StrFormat("Hessian '%s' of tensor '%s': ", tensor.hessian->name, tensor.name));
   }
   return absl::OkStatus();
 }
@@ -395,9 +394,9 @@ absl::Status QuantizeSession::HandleWeightChunk(v1::WeightChunk* chunk, Actions*
         tensor.hessian->expected_elements));
   }
   if (chunk->row_begin() != tensor.rows_received) {
-    return absl::FailedPreconditionError(absl::StrFormat(
-        "weight chunk out of order for tensor '%s': row_begin = %d, expected %d", tensor.name,
-        chunk->row_begin(), tensor.rows_received));
+    return absl::FailedPreconditionError(
+        absl::StrFormat("weight chunk out of order for tensor '%s': row_begin = %d, expected %d",
+                        tensor.name, chunk->row_begin(), tensor.rows_received));
   }
   if (chunk->num_rows() <= 0) {
     return absl::InvalidArgumentError(
@@ -419,9 +418,9 @@ absl::Status QuantizeSession::HandleWeightChunk(v1::WeightChunk* chunk, Actions*
   absl::StatusOr<float> amax = ScanWeightRows(view, 0, view.rows);
   if (!amax.ok()) {
     return PrefixStatus(amax.status(),
-                    absl::StrFormat("tensor '%s', weight chunk at row_begin = %d (element "
-                                    "indices relative to the chunk): ",
-                                    tensor.name, chunk->row_begin()));
+                        absl::StrFormat("tensor '%s', weight chunk at row_begin = %d (element "
+                                        "indices relative to the chunk): ",
+                                        tensor.name, chunk->row_begin()));
   }
   const int64_t row_begin = chunk->row_begin();
   tensor.rows_received += chunk->num_rows();
@@ -441,8 +440,8 @@ absl::Status QuantizeSession::HandleWeightChunk(v1::WeightChunk* chunk, Actions*
   // last row.
   if (tensor.buffer == nullptr) {
     tensor.buffer = std::make_shared<std::string>();
-    tensor.buffer->reserve(static_cast<size_t>(tensor.rows * tensor.cols *
-                                               DTypeSize(tensor.dtype)));
+    tensor.buffer->reserve(
+        static_cast<size_t>(tensor.rows * tensor.cols * DTypeSize(tensor.dtype)));
   }
   tensor.buffer->append(chunk->data());
   tensor.buffered_amax = std::max(tensor.buffered_amax, *amax);
@@ -539,8 +538,8 @@ void QuantizeSession::OnItemDone(const std::shared_ptr<Tensor>& tensor,
     --items_outstanding_;
     if (!outcome.status.ok()) {
       FailLocked(PrefixStatus(outcome.status,
-                          absl::StrFormat("tensor '%s' rows [%d, %d): ", tensor->name,
-                                          task->row_begin, task->row_begin + task->num_rows)),
+                              absl::StrFormat("tensor '%s' rows [%d, %d): ", tensor->name,
+                                              task->row_begin, task->row_begin + task->num_rows)),
                  &actions);
     } else if (!failed_) {
       tensor->rows_done += task->num_rows;
@@ -548,17 +547,33 @@ void QuantizeSession::OnItemDone(const std::shared_ptr<Tensor>& tensor,
       tensor->queue_wait += outcome.queue_wait;
       tensor->kernel_time += outcome.kernel_time;
       env_.metrics->AddBlocksQuantized(task->stats.num_blocks);
-      env_.metrics->AddBytesOut(static_cast<int64_t>(task->packed_codes.size() +
-                                                     task->scales.size()));
-      v1::QuantizeResponse response;
-      v1::ResultChunk* result = response.mutable_result();
-      result->set_tensor_name(tensor->name);
-      result->set_tensor_index(tensor->index);
-      result->set_row_begin(task->row_begin);
-      result->set_num_rows(task->num_rows);
-      result->set_packed_codes(std::move(task->packed_codes));
-      result->set_scales(std::move(task->scales));
-      pending_writes_.push_back(std::move(response));
+      env_.metrics->AddBytesOut(
+          static_cast<int64_t>(task->packed_codes.size() + task->scales.size()));
+      // Result messages of at most limits.max_result_chunk_bytes (items can be whole gptq
+      // tensors).
+      const int64_t row_bytes = tensor->cols / 2 + tensor->cols / 16;
+      const int64_t rows_per_message =
+          std::max<int64_t>(1, env_.limits.max_result_chunk_bytes / row_bytes);
+      for (int64_t first = 0; first < task->num_rows; first += rows_per_message) {
+        const int64_t rows = std::min(rows_per_message, task->num_rows - first);
+        v1::QuantizeResponse response;
+        v1::ResultChunk* result = response.mutable_result();
+        result->set_tensor_name(tensor->name);
+        result->set_tensor_index(tensor->index);
+        result->set_row_begin(task->row_begin + first);
+        result->set_num_rows(rows);
+        if (first == 0 && rows == task->num_rows) {
+          result->set_packed_codes(std::move(task->packed_codes));
+          result->set_scales(std::move(task->scales));
+        } else {
+          result->set_packed_codes(
+              task->packed_codes.substr(static_cast<size_t>(first * tensor->cols / 2),
+                                        static_cast<size_t>(rows * tensor->cols / 2)));
+          result->set_scales(task->scales.substr(static_cast<size_t>(first * tensor->cols / 16),
+                                                 static_cast<size_t>(rows * tensor->cols / 16)));
+        }
+        pending_writes_.push_back(std::move(response));
+      }
       if (tensor->rows_done == tensor->rows) QueueSummary(*tensor);
     }
     MaybeStartRead(&actions);
@@ -671,9 +686,8 @@ void QuantizeSession::Perform(Actions* actions) {
       job = *job_;
       reason = final_status_;
     }
-    env_.scheduler->CancelJob(
-        job, absl::Status(static_cast<absl::StatusCode>(reason.error_code()),
-                          reason.error_message()));
+    env_.scheduler->CancelJob(job, absl::Status(static_cast<absl::StatusCode>(reason.error_code()),
+                                                reason.error_message()));
   }
   if (actions->start_write) StartWrite(&current_write_);
   if (actions->start_read) {

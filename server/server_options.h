@@ -42,6 +42,9 @@ struct ServiceLimits {
   int max_concurrent_streams = 256;
   // Rows per scheduler work item; larger chunks, buffered tensors and jobs are split.
   int64_t max_rows_per_item = 1024;
+  // Largest codes + scales payload of one ResultChunk; an item's result is split into rows
+  // that fit (gptq items can be whole tensors; clients accept 16 MiB messages by default).
+  int64_t max_result_chunk_bytes = int64_t{4} << 20;
   // Async jobs kept in memory (queued, running and finished). At the limit a new job makes the
   // oldest finished one forgotten; when every kept job is unfinished SubmitJob answers
   // RESOURCE_EXHAUSTED. Bounds the memory jobs hold: about max_jobs * request size.

@@ -244,6 +244,22 @@ void RunSharedHessiansSession(GptqSessionTest* test, double relative_tolerance) 
   test->ExpectFullHessiansReleased();
 }
 
+TEST_F(GptqSessionTest, WholeTensorResultsAreSplitIntoMessagesOfTheLimit) {
+  // gptq items are whole tensors; their results go out in pieces of max_result_chunk_bytes.
+  ServiceLimits limits;
+  limits.max_result_chunk_bytes = 500;  // 13 rows of 64 columns (36 bytes each)
+  Start(limits);
+  const std::vector<float> h = CorrelatedHessian(64, 128, 13);
+  GptqTensor g =
+      MakeGptqTensor("w", 100, 64, DType::kBFloat16, "h", h, v1::HESSIAN_LAYOUT_FULL, 14);
+  std::vector<v1::QuantizeRequest> requests;
+  AppendGptq(g, &requests);
+  SessionResult result = Run(requests);
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+  ExpectMatchesGptqReference(result, g);
+  EXPECT_EQ(result.tensors.at("w").result_chunks, 8);  // ceil(100 / 13)
+}
+
 TEST_F(GptqSessionTest, OnePlanPerSharedHessianAndBytesReleasedAfterTheSession) {
   Start({}, /*with_metrics=*/true);
   constexpr int64_t kCols = 64;

@@ -150,6 +150,7 @@ struct Received {
   std::string scales;
   std::optional<v1::TensorSummary> summary;
   int64_t rows_covered = 0;
+  int result_chunks = 0;  // ResultChunk messages received
   bool chunk_after_summary = false;
 };
 
@@ -193,6 +194,7 @@ inline SessionResult RunSession(v1::Calibrator::Stub* stub,
       r.scales.replace(static_cast<size_t>(chunk.row_begin()) * scale_row, chunk.scales().size(),
                        chunk.scales());
       r.rows_covered += chunk.num_rows();
+      ++r.result_chunks;
     } else if (response.has_summary()) {
       result.tensors[response.summary().tensor_name()].summary = response.summary();
     }
