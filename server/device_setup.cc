@@ -20,10 +20,13 @@ namespace {
 // Far more GPUs than one host has; bounds the probing loop.
 constexpr int kMaxCudaDevices = 64;
 
+// CUDA gptq backends (streams) per device.
+constexpr int kGptqStreamsPerDevice = 3;
+
 GptqWorker CpuGptqWorker(const DeviceOptions& options) {
   CpuGptqOptions cpu;
   cpu.num_threads = options.cpu_threads_per_worker;
-  return GptqWorker{MakeCpuGptq(cpu), "cpu"};
+  return GptqWorker{MakeCpuGptq(cpu), "cpu", {}};
 }
 
 DeviceSetup CpuSetup(const DeviceOptions& options, std::string selection) {
@@ -76,7 +79,14 @@ absl::StatusOr<DeviceSetup> CudaSetup(const DeviceOptions& options, const std::s
     cuda.memory_budget_bytes = options.memory_budget_bytes;
     absl::StatusOr<std::unique_ptr<GptqBackend>> backend = MakeCudaGptq(cuda);
     if (backend.ok()) {
-      gptq.push_back(GptqWorker{*std::move(backend), absl::StrCat("cuda:", ordinal)});
+      gptq.push_back(GptqWorker{*std::move(backend), absl::StrCat("cuda:", ordinal), {}});
+      // More streams: a batch's gptq tensors overlap on the device (each stream's group loop
+      // leaves most of the GPU idle).
+      for (int s = 1; s < kGptqStreamsPerDevice; ++s) {
+        absl::StatusOr<std::unique_ptr<GptqBackend>> more = MakeCudaGptq(cuda);
+        if (!more.ok()) break;
+        gptq.back().streams.push_back(*std::move(more));
+      }
       continue;
     }
     gptq.push_back(CpuGptqWorker(options));

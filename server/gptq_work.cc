@@ -1,8 +1,10 @@
 #include "server/gptq_work.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <new>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -91,15 +93,16 @@ int FullHessian::plans_prepared() const {
 namespace {
 
 // Quantizes `rows` rows in `weights` (the rows of tasks run[0..]) into the outputs.
-absl::Status RunGptqRows(GptqWorker& worker, const TensorInput& tensor, const char* weights,
-                         int64_t rows, RowRangeOutput output, TensorStats* stats) {
-  if (tensor.full_hessian == nullptr || worker.backend == nullptr) {
+absl::Status RunGptqRows(GptqBackend* backend, const std::string& device, const TensorInput& tensor,
+                         const char* weights, int64_t rows, RowRangeOutput output,
+                         TensorStats* stats) {
+  if (tensor.full_hessian == nullptr || backend == nullptr) {
     return absl::InternalError(
         absl::StrFormat("gptq rows of tensor '%s' reached a worker without %s", tensor.name,
                         tensor.full_hessian == nullptr ? "a full Hessian" : "a gptq backend"));
   }
   absl::StatusOr<std::shared_ptr<const GptqPlan>> plan =
-      tensor.full_hessian->Plan(*worker.backend, worker.device, tensor.params);
+      tensor.full_hessian->Plan(*backend, device, tensor.params);
   if (!plan.ok()) {
     return PrefixStatus(plan.status(),
                         absl::StrFormat("Hessian '%s': ", tensor.full_hessian->name()));
@@ -107,7 +110,7 @@ absl::Status RunGptqRows(GptqWorker& worker, const TensorInput& tensor, const ch
   InitTensorStats(tensor.params, tensor.global_amax, stats);
   const WeightView view{weights, tensor.dtype, rows, tensor.cols};
   absl::Status status =
-      worker.backend->QuantizeRows(**plan, view, tensor.global_amax, 0, rows, output, stats);
+      backend->QuantizeRows(**plan, view, tensor.global_amax, 0, rows, output, stats);
   stats->gptq.factor_seconds = (*plan)->factor_seconds;
   return status;
 }
@@ -116,8 +119,9 @@ absl::Status RunGptqRows(GptqWorker& worker, const TensorInput& tensor, const ch
 
 absl::Status RunGptqTask(GptqWorker& worker, RowRangeTask* task) {
   if (task->tensor == nullptr) return absl::InternalError("gptq task without a tensor");
-  return RunGptqRows(worker, *task->tensor, task->weights->data() + task->byte_offset,
-                     task->num_rows, OutputOf(task), &task->stats);
+  return RunGptqRows(worker.backend.get(), worker.device, *task->tensor,
+                     task->weights->data() + task->byte_offset, task->num_rows, OutputOf(task),
+                     &task->stats);
 }
 
 void RunGptqTasks(GptqWorker& worker, const std::vector<RowRangeTask*>& tasks,
@@ -130,18 +134,25 @@ void RunGptqTasks(GptqWorker& worker, const std::vector<RowRangeTask*>& tasks,
     if (tasks[a]->tensor != tasks[b]->tensor) return tasks[a]->tensor < tasks[b]->tensor;
     return tasks[a]->row_begin < tasks[b]->row_begin;
   });
+  // Runs [first, last) of `order`: same tensor, each task's rows right after the previous one's.
+  std::vector<std::pair<size_t, size_t>> runs;
   for (size_t first = 0; first < order.size();) {
-    // The run [first, last): same tensor, each task's rows right after the previous one's.
     size_t last = first + 1;
     while (last < order.size() && tasks[order[last]]->tensor == tasks[order[first]]->tensor &&
            tasks[order[last]]->row_begin ==
                tasks[order[last - 1]]->row_begin + tasks[order[last - 1]]->num_rows) {
       ++last;
     }
+    runs.emplace_back(first, last);
+    first = last;
+  }
+  auto run = [&](GptqBackend* backend, size_t first, size_t last) {
     if (last - first == 1) {
-      (*status)[order[first]] = RunGptqTask(worker, tasks[order[first]]);
-      first = last;
-      continue;
+      RowRangeTask& t = *tasks[order[first]];
+      (*status)[order[first]] =
+          RunGptqRows(backend, worker.device, *t.tensor, t.weights->data() + t.byte_offset,
+                      t.num_rows, OutputOf(&t), &t.stats);
+      return;
     }
     const TensorInput& tensor = *tasks[order[first]]->tensor;
     const int64_t row_bytes = tensor.cols * DTypeSize(tensor.dtype);
@@ -169,7 +180,7 @@ void RunGptqTasks(GptqWorker& worker, const std::vector<RowRangeTask*>& tasks,
       }
       RowRangeTask& head = *tasks[order[first]];
       run_status = RunGptqRows(
-          worker, tensor, weights.data(), rows,
+          backend, worker.device, tensor, weights.data(), rows,
           RowRangeOutput{absl::MakeSpan(reinterpret_cast<uint8_t*>(codes.data()), codes.size()),
                          absl::MakeSpan(reinterpret_cast<uint8_t*>(scales.data()), scales.size())},
           &head.stats);
@@ -185,8 +196,20 @@ void RunGptqTasks(GptqWorker& worker, const std::vector<RowRangeTask*>& tasks,
       }
     }
     for (size_t k = first; k < last; ++k) (*status)[order[k]] = run_status;
-    first = last;
-  }
+  };
+  // The worker's backends take runs in parallel (one each at a time).
+  std::vector<GptqBackend*> backends = {worker.backend.get()};
+  for (const std::unique_ptr<GptqBackend>& b : worker.streams) backends.push_back(b.get());
+  const size_t threads = std::min(backends.size(), runs.size());
+  std::atomic<size_t> next{0};
+  auto drain = [&](GptqBackend* backend) {
+    for (size_t r = next++; r < runs.size(); r = next++)
+      run(backend, runs[r].first, runs[r].second);
+  };
+  std::vector<std::thread> pool;
+  for (size_t t = 1; t < threads; ++t) pool.emplace_back(drain, backends[t]);
+  drain(backends[0]);
+  for (std::thread& t : pool) t.join();
 }
 
 void RunGptqItems(std::vector<GptqWorker>& workers, int worker, const std::vector<size_t>& items,

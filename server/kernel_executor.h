@@ -32,6 +32,9 @@ struct GptqWorker {
   std::unique_ptr<GptqBackend> backend;
   // Where its plans live: "cpu" (a CPU plan serves every CPU backend) or "cuda:N".
   std::string device;
+  // More backends on the same device (CUDA streams): the gptq runs of different tensors in one
+  // batch go to `backend` and these in parallel, sharing the device's plans.
+  std::vector<std::unique_ptr<GptqBackend>> streams;
 };
 
 // What a tensor's row ranges share.

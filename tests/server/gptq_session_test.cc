@@ -591,7 +591,10 @@ TEST(GptqWork, ContiguousTasksOfATensorRunAsOneCallWithTheSameBytes) {
     owned.push_back(task);
     tasks.push_back(task.get());
   }
-  GptqWorker worker{MakeCpuGptq({}), "cpu"};
+  // Two more backends: the runs of the two tensors go to different ones in parallel.
+  GptqWorker worker{MakeCpuGptq({}), "cpu", {}};
+  worker.streams.push_back(MakeCpuGptq({}));
+  worker.streams.push_back(MakeCpuGptq({}));
   std::vector<absl::Status> status;
   RunGptqTasks(worker, tasks, &status);
   for (size_t k = 0; k < tasks.size(); ++k) {
