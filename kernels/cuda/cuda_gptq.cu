@@ -7,18 +7,19 @@
 // pruning bounds of the H blocks.
 //
 // QuantizeRows keeps a row chunk's working weights on the device, column-major in quantization
-// order (a thread per row reads its 16 weights of a group coalesced with its neighbours'):
+// order (rows side by side, so neighbouring rows' loads coalesce):
 //   per lazy batch of block_columns columns:
-//     GroupBatchKernel   a thread per row runs the batch's groups in order: scale choice and
-//                        sequential pass (gptq_group.h, the CPU's code), errors to the rest of
-//                        the batch, codes, scales and statistics out;
+//     GroupBatchKernel   a team of 16 lanes per row runs the batch's groups in order: the scale
+//                        choice with the candidates dealt out to the lanes (the sequential
+//                        search's choice), the sequential pass (gptq_group.h, the CPU's code),
+//                        errors to the rest of the batch, codes, scales and statistics out;
 //     the update         the batch's errors reach every later column: OrderedUpdateKernel
 //                        subtracts the rounded products one error at a time, in the CPU's order,
 //                        so results are bit-identical to the CPU backend for the same factor and
-//                        do not depend on how rows are split; cuBLAS SGEMM is the faster option
-//                        (CudaGptqOptions::update) at the price of both properties.
-// tr(E H E^T) of the result (and of local_hessian's) comes from cuBLAS (DSYMM, DDOT) on the
-// error matrix in double.
+//                        do not depend on how rows are split; cuBLAS SGEMM is the option
+//                        (CudaGptqOptions::update) that gives up both properties.
+// tr(E H E^T) of the result and of local_hessian's comes from one cuBLAS DGEMM on both error
+// matrices in double, then DDOT. cuBLAS and cuSOLVER are dlopen'ed on first use.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <cusolverDn.h>

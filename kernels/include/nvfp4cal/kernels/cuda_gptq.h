@@ -4,12 +4,13 @@
 //   if (!gpu.ok()) { ... fall back to nvfp4cal::MakeCpuGptq({}) ... }
 //   absl::StatusOr<nvfp4cal::QuantizedTensor> r = nvfp4cal::GptqQuantize(**gpu, request);
 //
-// Prepare factorises on the device with cuSOLVER (double precision, the CPU's damping rule)
-// and keeps the factor and H there; QuantizeRows runs the ordered group loop on the device,
-// applying each lazy batch's errors to the later columns with cuBLAS, and computes tr(E H E^T)
-// with cuBLAS too. Results follow the CPU backend's numerics per group; the libraries' summation
-// order differs from the CPU's, so propagated weights can differ in the last bits and codes
-// drift where such a difference decides a rounding (docs/numerics.md §6 reports how much).
+// Prepare factorises on the device with cuSOLVER (double precision, the CPU's construction and
+// damping rule) and keeps the factor and H there; QuantizeRows runs the ordered group loop on
+// the device (a team of lanes per row for the scale search) and applies each lazy batch's errors
+// in the CPU's order, so codes and scales are the CPU backend's bit for bit whenever the two
+// factors round to the same fp32 values (docs/numerics.md §6); tr(E H E^T) comes from cuBLAS.
+// cuBLAS and cuSOLVER are loaded with dlopen when the first backend is made (UNAVAILABLE naming
+// the missing library otherwise).
 // This header needs no CUDA headers; builds without CUDA get a factory that reports UNAVAILABLE.
 #ifndef NVFP4CAL_KERNELS_CUDA_GPTQ_H_
 #define NVFP4CAL_KERNELS_CUDA_GPTQ_H_
