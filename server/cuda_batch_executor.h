@@ -10,8 +10,8 @@
 // item by running the items one at a time, so one bad item cannot fail its neighbours.
 //
 // Items of method gptq do not fit QuantizeBatch (they need a prepared full-Hessian plan): they
-// run one by one through the worker's GptqBackend (RunGptqTask, gptq_work.h), the CUDA gptq
-// backend or, when that could not be created, the CPU one.
+// run through the worker's GptqBackends (RunGptqItems, gptq_work.h), the CUDA gptq backends
+// or, when those could not be created, the CPU one.
 //
 //   std::vector<std::unique_ptr<CudaScaleSearch>> gpus;   // one per device ordinal
 //   gpus.push_back(*std::move(MakeCudaScaleSearch({/*device=*/0, budget, nullptr})));

@@ -117,13 +117,6 @@ absl::Status RunGptqRows(GptqBackend* backend, const std::string& device, const 
 
 }  // namespace
 
-absl::Status RunGptqTask(GptqWorker& worker, RowRangeTask* task) {
-  if (task->tensor == nullptr) return absl::InternalError("gptq task without a tensor");
-  return RunGptqRows(worker.backend.get(), worker.device, *task->tensor,
-                     task->weights->data() + task->byte_offset, task->num_rows, OutputOf(task),
-                     &task->stats);
-}
-
 void RunGptqTasks(GptqWorker& worker, const std::vector<RowRangeTask*>& tasks,
                   std::vector<absl::Status>* status) {
   status->assign(tasks.size(), absl::OkStatus());

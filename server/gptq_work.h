@@ -8,11 +8,12 @@
 // meanwhile wait for it. Plans and the matrix are freed with the FullHessian, when the last
 // reference goes (its session ended and no item holds it).
 //
-// Executors call RunGptqTask for items whose tensor has method gptq:
+// Executors collect a batch's items whose tensor has method gptq and run them together:
 //
-//   GptqWorker worker{nvfp4cal::MakeCpuGptq({}), "cpu"};   // one per scheduler worker
-//   if (absl::Status s = AllocateOutputs(&task); !s.ok()) return s;
-//   (*item_status)[i] = RunGptqTask(worker, &task);
+//   std::vector<GptqWorker> gptq;   // one per scheduler worker
+//   gptq.push_back(GptqWorker{nvfp4cal::MakeCpuGptq({}), "cpu", {}});
+//   if (absl::Status s = AllocateOutputs(&task); !s.ok()) return s;   // for each gptq item
+//   RunGptqItems(gptq, worker, gptq_items, gptq_tasks, item_status);
 #ifndef NVFP4CAL_SERVER_GPTQ_WORK_H_
 #define NVFP4CAL_SERVER_GPTQ_WORK_H_
 
@@ -87,17 +88,13 @@ class FullHessian {
   int plans_prepared_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
-// Quantizes a gptq task's rows with the worker's backend: gets the plan of the tensor's full
-// Hessian (preparing it when this is the first item to need it), then
-// GptqBackend::QuantizeRows. The task's outputs must be allocated. Errors of the plan are
-// prefixed with the Hessian's name (e.g. "Hessian 'h': hessian is not symmetric: ...").
-absl::Status RunGptqTask(GptqWorker& worker, RowRangeTask* task);
-
-// The gptq tasks of one batch: tasks of a tensor with contiguous rows run as one QuantizeRows
-// call (the ordered group loop costs about the same for 512 rows as for 14336 on a GPU, so
-// merging the chunks of a tensor that arrive together saves most of it); the bytes are those of
-// separate calls. (*status)[k] receives tasks[k]'s status; a merged run's statistics go to its
-// first task.
+// The gptq tasks of one batch (outputs allocated), each with the plan of its tensor's full
+// Hessian (prepared by the first task that needs it; its errors are prefixed with the
+// Hessian's name, e.g. "Hessian 'h': hessian is not symmetric: ..."). Tasks of a tensor with
+// contiguous rows run as one QuantizeRows call (the ordered group loop costs about the same for 512
+// rows as for 14336 on a GPU, so merging the chunks of a tensor that arrive together saves most of
+// it); the bytes are those of separate calls. (*status)[k] receives tasks[k]'s status; a merged
+// run's statistics go to its first task.
 void RunGptqTasks(GptqWorker& worker, const std::vector<RowRangeTask*>& tasks,
                   std::vector<absl::Status>* status);
 

@@ -98,7 +98,7 @@ class KernelExecutor : public BatchExecutor {
                           std::vector<GptqWorker> gptq = {});
   ~KernelExecutor() override;
 
-  // Quantizes each task (gptq tasks through RunGptqTask); an allocation failure fails the
+  // Quantizes each task (gptq tasks through RunGptqItems); an allocation failure fails the
   // batch with RESOURCE_EXHAUSTED.
   absl::Status ExecuteBatch(int worker, absl::Span<Work* const> batch,
                             std::vector<absl::Status>* item_status) override;

@@ -58,14 +58,15 @@ constexpr int kUpdateDepth = 16;  // errors staged in shared memory per step
 // enough that threads created with a small fixed stack (the metrics endpoint's HTTP server)
 // fail to start; a dlopen'ed library's TLS is allocated per thread on demand instead.
 struct MathLibraries {
-#define NVFP4_MATH_FUNCTIONS(X)                                                                 \
-  X(cublasCreate_v2)                                                                            \
-  X(cublasDestroy_v2)                                                                           \
-  X(cublasSetStream_v2)                                                                         \
-  X(cublasSetMathMode)                                                                          \
-  X(cublasSgemm_v2) X(cublasDgemm_v2) X(cublasDdot_v2) X(cublasGetStatusString)                 \
-      X(cusolverDnCreate) X(cusolverDnDestroy) X(cusolverDnSetStream) X(cusolverDnCreateParams) \
-          X(cusolverDnDestroyParams) X(cusolverDnXpotrf_bufferSize) X(cusolverDnXpotrf)         \
+#define NVFP4_MATH_FUNCTIONS(X)                                                         \
+  X(cublasCreate_v2)                                                                    \
+  X(cublasDestroy_v2)                                                                   \
+  X(cublasSetStream_v2)                                                                 \
+  X(cublasSetMathMode)                                                                  \
+  X(cublasSgemm_v2)                                                                     \
+  X(cublasDgemm_v2) X(cublasDdot_v2) X(cublasGetStatusString) X(cusolverDnCreate)       \
+      X(cusolverDnDestroy) X(cusolverDnSetStream) X(cusolverDnCreateParams)             \
+          X(cusolverDnDestroyParams) X(cusolverDnXpotrf_bufferSize) X(cusolverDnXpotrf) \
               X(cusolverDnXtrtri_bufferSize) X(cusolverDnXtrtri)
 #define NVFP4_DECLARE(name) decltype(&::name) name = nullptr;
   NVFP4_MATH_FUNCTIONS(NVFP4_DECLARE)
@@ -245,15 +246,13 @@ __global__ void ExtractFactorKernel(const double* linv, const float* h, int64_t 
   }
 }
 
-// Diagonal 16x16 blocks of U (quantization order) and of H (original order).
-__global__ void ExtractBlocksKernel(const float* u, const float* h, int64_t n, float* u_blocks,
-                                    float* h_blocks) {
+// Diagonal 16x16 blocks of U (quantization order); H's come from the host (DiagonalBlocksOf).
+__global__ void ExtractFactorBlocksKernel(const float* u, int64_t n, float* u_blocks) {
   const int64_t g = blockIdx.x;
   const int a = threadIdx.x / kBlockSize;
   const int b = threadIdx.x % kBlockSize;
-  const int64_t at = (g * kBlockSize + a) * n + g * kBlockSize + b;
-  u_blocks[g * kBlockSize * kBlockSize + threadIdx.x] = u[at];
-  h_blocks[g * kBlockSize * kBlockSize + threadIdx.x] = h[at];
+  u_blocks[g * kBlockSize * kBlockSize + threadIdx.x] =
+      u[(g * kBlockSize + a) * n + g * kBlockSize + b];
 }
 
 // work[p][r] = W(r, column[p]) as fp32.
@@ -619,20 +618,9 @@ class CudaGptq : public GptqBackend {
     plan->n = n;
     plan->params = params;
     plan->device = options_.device;
-    plan->config =
-        GptqGroupConfig{params.gptq.scale_objective == GptqScaleObjective::kGptqCost,
-                        params.gptq.scale_search == GptqScaleSearch::kDss,
-                        DssGrid{params.scale_neighbours, DssBetaSteps(params), params.beta_step}};
-    // Bounds of the H blocks on the host (small), uploaded with the rest.
-    std::vector<float> host_blocks(static_cast<size_t>(groups * kBlockSize * kBlockSize));
-    for (int64_t g = 0; g < groups; ++g) {
-      for (int64_t a = 0; a < kBlockSize; ++a) {
-        for (int64_t b = 0; b < kBlockSize; ++b) {
-          host_blocks[static_cast<size_t>((g * kBlockSize + a) * kBlockSize + b)] =
-              hessian.data[(g * kBlockSize + a) * n + g * kBlockSize + b];
-        }
-      }
-    }
+    plan->config = GptqGroupConfigOf(params);
+    // The H blocks and their bounds on the host (small), uploaded with the rest.
+    const std::vector<float> host_blocks = DiagonalBlocksOf(hessian.data, n);
     std::vector<HessianBlockBounds> bounds =
         ComputeHessianBlockBounds(BlockHessiansView{host_blocks.data(), groups});
     bounds.push_back(IdentityBounds());
@@ -746,10 +734,13 @@ class CudaGptq : public GptqBackend {
                                                       stream_, nullptr));
     NVFP4_RETURN_IF_ERROR(plan->hessian_blocks.Reserve(device, groups * kBlockSize * kBlockSize * 4,
                                                        stream_, nullptr));
-    ExtractBlocksKernel<<<static_cast<unsigned>(groups), kBlockSize * kBlockSize, 0, stream_>>>(
-        plan->factor.As<float>(), h_float.As<float>(), n, plan->factor_blocks.As<float>(),
-        plan->hessian_blocks.As<float>());
+    ExtractFactorBlocksKernel<<<static_cast<unsigned>(groups), kBlockSize * kBlockSize, 0,
+                                stream_>>>(plan->factor.As<float>(), n,
+                                           plan->factor_blocks.As<float>());
     NVFP4_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(plan->hessian_blocks.As<float>(), host_blocks.data(),
+                                               host_blocks.size() * sizeof(float),
+                                               cudaMemcpyHostToDevice, stream_));
     NVFP4_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
     plan->memory_bytes = plan->hessian.bytes() + plan->factor.bytes() +
                          plan->factor_blocks.bytes() + plan->hessian_blocks.bytes() +

@@ -43,7 +43,6 @@ struct CpuGptqPlan : GptqPlan {
   GptqFactor factor;
   std::vector<float> hessian;  // copy of H [n, n] for tr(E H E^T)
   GptqGroupConfig config;
-  std::vector<int64_t> column;             // original column at quantization position p
   std::vector<float> hessian_blocks;       // [groups, 16, 16] diagonal blocks of H, original order
   std::vector<HessianBlockBounds> bounds;  // pruning data of those blocks
   std::vector<float> factor_blocks;        // [groups, 16, 16] diagonal blocks of U, quant. order
@@ -105,7 +104,7 @@ NVFP4CAL_CLONES_FLATTEN void GptqRowsKernel(const GptqTensor& t, int64_t first, 
   std::vector<float> errors(static_cast<size_t>(rows * batch));
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t p = 0; p < n; p += kBlockSize) {
-      LoadAsFloat(wv.data, wv.dtype, (first + r) * n + plan.column[static_cast<size_t>(p)],
+      LoadAsFloat(wv.data, wv.dtype, (first + r) * n + plan.factor.column[static_cast<size_t>(p)],
                   kBlockSize, &work[static_cast<size_t>(r * n + p)]);
     }
   }
@@ -285,28 +284,9 @@ class CpuGptq : public GptqBackend {
     plan->damping_increases = factor->damping_increases;
     plan->factor = *std::move(factor);
     plan->hessian.assign(hessian.data, hessian.data + n * n);
-    plan->config =
-        GptqGroupConfig{params.gptq.scale_objective == GptqScaleObjective::kGptqCost,
-                        params.gptq.scale_search == GptqScaleSearch::kDss,
-                        DssGrid{params.scale_neighbours, DssBetaSteps(params), params.beta_step}};
-    plan->column.resize(static_cast<size_t>(n));
-    for (int64_t p = 0; p < n; ++p) {
-      plan->column[static_cast<size_t>(p)] =
-          plan->factor.group_order[static_cast<size_t>(p / kBlockSize)] * kBlockSize +
-          p % kBlockSize;
-    }
-    plan->hessian_blocks.resize(static_cast<size_t>(groups * kBlockSize * kBlockSize));
-    plan->factor_blocks.resize(plan->hessian_blocks.size());
-    for (int64_t g = 0; g < groups; ++g) {
-      for (int64_t a = 0; a < kBlockSize; ++a) {
-        for (int64_t b = 0; b < kBlockSize; ++b) {
-          const size_t at = static_cast<size_t>((g * kBlockSize + a) * kBlockSize + b);
-          plan->hessian_blocks[at] = hessian.data[(g * kBlockSize + a) * n + g * kBlockSize + b];
-          plan->factor_blocks[at] = plan->factor.inverse_factor[static_cast<size_t>(
-              (g * kBlockSize + a) * n + g * kBlockSize + b)];
-        }
-      }
-    }
+    plan->config = GptqGroupConfigOf(params);
+    plan->hessian_blocks = DiagonalBlocksOf(hessian.data, n);
+    plan->factor_blocks = DiagonalBlocksOf(plan->factor.inverse_factor.data(), n);
     plan->bounds =
         ComputeHessianBlockBounds(BlockHessiansView{plan->hessian_blocks.data(), groups});
     plan->memory_bytes =

@@ -222,6 +222,19 @@ absl::StatusOr<GptqOrder> ComputeGptqOrder(const FullHessianView& hessian, bool 
   return order;
 }
 
+std::vector<float> DiagonalBlocksOf(const float* matrix, int64_t n) {
+  const int64_t groups = n / kBlockSize;
+  std::vector<float> blocks(static_cast<size_t>(groups * kBlockSize * kBlockSize));
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t a = 0; a < kBlockSize; ++a) {
+      const float* row = matrix + (g * kBlockSize + a) * n + g * kBlockSize;
+      std::copy(row, row + kBlockSize,
+                blocks.begin() + static_cast<std::ptrdiff_t>((g * kBlockSize + a) * kBlockSize));
+    }
+  }
+  return blocks;
+}
+
 std::optional<double> NextGptqDamping(double relative, double requested) {
   const double next = relative == 0.0 ? 1e-6 : relative * 10.0;
   if (next > std::max(kMaxAutomaticDamping, requested) * 1.0000001) return std::nullopt;
@@ -245,6 +258,7 @@ absl::StatusOr<GptqFactor> ComputeGptqFactor(const FullHessianView& hessian,
   GptqFactor factor;
   factor.n = n;
   factor.group_order = order->group_order;
+  factor.column = order->column;
   const double mean_diagonal = order->mean_diagonal;
   const std::vector<int64_t>& column = order->column;
 

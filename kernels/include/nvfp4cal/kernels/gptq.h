@@ -69,6 +69,8 @@ struct GptqFactor {
   int64_t n = 0;
   // group_order[t] = the original 16-column group quantized t-th (identity without act-order).
   std::vector<int64_t> group_order;
+  // column[p] = the original column at quantization position p.
+  std::vector<int64_t> column;
   // Upper triangular U [n, n] fp32, row-major, in quantization order, with
   // (H_perm + lambda I)^-1 = U^T U; the strict lower triangle is zero.
   std::vector<float> inverse_factor;
@@ -87,6 +89,10 @@ struct GptqOrder {
 // Act-order sorts groups by the sum of their diagonal, heaviest first (stable); otherwise the
 // identity. INVALID_ARGUMENT for an all-zero diagonal.
 absl::StatusOr<GptqOrder> ComputeGptqOrder(const FullHessianView& hessian, bool act_order);
+
+// The diagonal 16x16 blocks [n/16, 16, 16] of a row-major n x n matrix (the groups' blocks of
+// H, or of the factor U).
+std::vector<float> DiagonalBlocksOf(const float* matrix, int64_t n);
 
 // The damping rule of every backend: after a failed factorisation with damping `relative`
 // (x mean diagonal), the next value to try (1e-6 after 0, else tenfold), or nullopt once it

@@ -17,6 +17,7 @@
 
 #include "nvfp4cal/kernels/block_search.h"
 #include "nvfp4cal/kernels/codecs.h"
+#include "nvfp4cal/kernels/scale_search.h"
 
 namespace nvfp4cal {
 
@@ -26,6 +27,13 @@ struct GptqGroupConfig {
   bool dss;         // search: true = sweep then DSS, false = the 126-candidate sweep
   DssGrid grid;     // DSS neighbours and betas
 };
+
+// The configuration of gptq parameters (host).
+inline GptqGroupConfig GptqGroupConfigOf(const SearchParams& params) {
+  return GptqGroupConfig{params.gptq.scale_objective == GptqScaleObjective::kGptqCost,
+                         params.gptq.scale_search == GptqScaleSearch::kDss,
+                         DssGrid{params.scale_neighbours, DssBetaSteps(params), params.beta_step}};
+}
 
 // What a group's pass leaves behind for the propagation to later columns.
 struct GptqGroupOutput {
