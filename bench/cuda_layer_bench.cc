@@ -10,7 +10,7 @@
 // the error e = w - c * d is 2 FLOPs per element (32), e^T H e is 2 * 16 * 16 + 2 * 16 (544),
 // the squared error 2 * 16 (32); the 16 divisions and the rounding are not counted.
 //
-//   cuda_layer_bench [--layers=32] [--cpu_rows_fraction=1.0]
+//   cuda_layer_bench [--layers=32] [--cpu_rows_fraction=1.0] [--methods=max,mse,...] [--nofull]
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -60,16 +60,25 @@ double FlopsPerCandidate(nvfp4cal::Method m) {
 int main(int argc, char** argv) {
   int layers = 32;
   double cpu_fraction = 1.0;
+  std::string methods = "max,mse,local_hessian,dss";
+  bool full = true;
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--layers=", 9) == 0) {
       layers = std::atoi(argv[i] + 9);
     } else if (std::strncmp(argv[i], "--cpu_rows_fraction=", 20) == 0) {
       cpu_fraction = std::atof(argv[i] + 20);
+    } else if (std::strncmp(argv[i], "--methods=", 10) == 0) {
+      methods = argv[i] + 10;
+    } else if (std::strcmp(argv[i], "--nofull") == 0) {
+      full = false;
     } else {
       std::fprintf(stderr,
                    "usage: cuda_layer_bench [--layers=32] [--cpu_rows_fraction=1.0]\n"
+                   "                        [--methods=max,mse,local_hessian,dss] [--nofull]\n"
                    "  --cpu_rows_fraction  time the CPU reference on this fraction of every\n"
-                   "                       tensor's rows and scale up (it is much slower)\n");
+                   "                       tensor's rows and scale up (it is much slower)\n"
+                   "  --methods            comma-separated methods to run (default: all four)\n"
+                   "  --nofull             skip the unpruned search (no comparison with it)\n");
       return 2;
     }
   }
@@ -122,6 +131,10 @@ int main(int argc, char** argv) {
   auto cpu = nvfp4cal::MakeCpuScaleSearch({0, 4096});
   for (nvfp4cal::Method m : {nvfp4cal::Method::kMax, nvfp4cal::Method::kMse,
                              nvfp4cal::Method::kLocalHessian, nvfp4cal::Method::kDss}) {
+    if (("," + methods + ",").find("," + std::string(nvfp4cal::MethodName(m)) + ",") ==
+        std::string::npos) {
+      continue;
+    }
     std::vector<nvfp4cal::QuantizeRequest> requests(layer.size());
     std::vector<std::vector<uint8_t>> codes(layer.size()), scales(layer.size());
     std::vector<nvfp4cal::TensorStats> stats(layer.size());
@@ -164,9 +177,12 @@ int main(int argc, char** argv) {
       full_slices[t].output = {absl::MakeSpan(full_codes[t]), absl::MakeSpan(full_scales[t])};
       full_slices[t].stats = &full_stats[t];
     }
-    if (absl::Status s = (*gpu_full)->QuantizeBatch(full_slices); !s.ok()) return 1;
-    const double full_ms = (*gpu_full)->LastCallTiming().kernel_ms;
-    if (full_codes != codes || full_scales != scales) {
+    double full_ms = 0.0;
+    if (full) {
+      if (absl::Status s = (*gpu_full)->QuantizeBatch(full_slices); !s.ok()) return 1;
+      full_ms = (*gpu_full)->LastCallTiming().kernel_ms;
+    }
+    if (full && (full_codes != codes || full_scales != scales)) {
       std::fprintf(stderr, "mismatch between the pruned and the full GPU search\n");
       return 1;
     }

@@ -248,6 +248,7 @@ template <int kWords, class Evaluate>
 __device__ void EvaluateSurvivors(const uint32_t (&mask)[kWords], PrunedTileShared& sh,
                                   int64_t* evaluated, const Evaluate& evaluate) {
   int count = 0;
+#pragma unroll
   for (int w = 0; w < kWords; ++w) count += __popc(mask[w]);
   int total = 0;
   const int first = BlockExclusiveScan(count, sh, &total);
@@ -255,6 +256,7 @@ __device__ void EvaluateSurvivors(const uint32_t (&mask)[kWords], PrunedTileShar
   for (int base = 0; base < total; base += kQueueCapacity) {
     // Write this thread's entries whose queue position falls into the round.
     int position = first;
+#pragma unroll
     for (int w = 0; w < kWords; ++w) {
       uint32_t bits = mask[w];
       while (bits != 0 && position < base + kQueueCapacity) {
@@ -442,13 +444,24 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
       const int k_begin = DssFirstNeighbour(sweep.candidate, grid.neighbours);
       const int k_end = DssLastNeighbour(sweep.candidate, grid.neighbours);
       state.dss_k_begin = static_cast<int16_t>(k_begin);
+      // Word by word (a constant index after unrolling: the mask stays in registers).
       const int count = (k_end - k_begin + 1) * betas;
-      for (int j = 0; j < count; ++j) {
-        const int k = k_begin + j / betas;
-        const float dq = s.dss_scales[k * betas + j % betas];
-        if (!CandidateCannotWin(b, pruning, dq, sh.d_unit[k], sweep.objective)) {
-          dss_mask[j >> 5] |= 1u << (j & 31);
+#pragma unroll
+      for (int w = 0; w < kDssWords; ++w) {
+        uint32_t bits = 0;
+        int k = k_begin + (w * 32) / betas;
+        int beta = (w * 32) % betas;
+        for (int bit = 0; bit < 32 && w * 32 + bit < count; ++bit) {
+          const float dq = s.dss_scales[k * betas + beta];
+          if (!CandidateCannotWin(b, pruning, dq, sh.d_unit[k], sweep.objective)) {
+            bits |= 1u << bit;
+          }
+          if (++beta == betas) {
+            beta = 0;
+            ++k;
+          }
         }
+        dss_mask[w] = bits;
       }
     }
   }
@@ -462,8 +475,10 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
         ScaledBlock other;
         LoadStagedBlock(sh, r, global_amax, global_scale, global_scale_unit, &other);
         const int k = rows[r].dss_k_begin + static_cast<int>(j) / betas;
+        // dss always has Hessians: sh.h directly, not the nullable h (whose select made the
+        // compiler address H element by element).
         return CandidateObjective(other, s.dss_scales[k * betas + static_cast<int>(j) % betas],
-                                  sh.d_unit[k], h);
+                                  sh.d_unit[k], sh.h);
       });
     }
   }

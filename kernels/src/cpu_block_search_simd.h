@@ -145,11 +145,11 @@ NVFP4_SIMD void EvaluateCandidates(Vec16 w, Vec16 w_unit, const float* q, const 
 // not identical to the scalar test, so a fixed threshold (weaker than the running best) is fine.
 NVFP4_SIMD uint32_t CannotWinMask(const ScaledBlock& b, const BlockPruning& p, Vec16 q,
                                   Vec16 d_unit, float threshold) {
+  (void)b;  // the element's values are in p
   if (p.bounds == nullptr) return 0;
-  const float precision = p.bounds->precision[p.element];
+  const float precision = p.precision;
   if (!(precision > 0.0f) || !(threshold < 3.0e38f)) return 0;
-  const int m = p.element;
-  const Vec16 e = Fma(-RoundToE2M1Value(b.w[m] / q), d_unit, Splat(b.w_unit[m]));
+  const Vec16 e = Fma(-RoundToE2M1Value(p.w / q), d_unit, Splat(p.w_unit));
   const Vec16 norm_bound =
       (p.square_sum_unit + (12.0f * d_unit) * p.abs_sum_unit) + (576.0f * d_unit) * d_unit;
   const Vec16 lower =

@@ -2,6 +2,7 @@
 // device is present (and in builds without CUDA).
 #include "nvfp4cal/kernels/cuda_scale_search.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -14,6 +15,7 @@
 #include "nvfp4cal/kernels/block_search.h"
 #include "nvfp4cal/kernels/cpu_scale_search.h"
 #include "nvfp4cal/kernels/example_data.h"
+#include "nvfp4cal/kernels/scale_search.h"
 
 namespace nvfp4cal {
 namespace {
@@ -55,7 +57,8 @@ enum class Kind {
   kSubnormalScales,
   kTinyG,
   kHugeG,
-  kIllConditioned
+  kIllConditioned,
+  kBoundaryQuotients  // w / q exactly on (or one ulp beside) an E2M1 rounding boundary
 };
 
 struct HardTensor {
@@ -88,6 +91,28 @@ HardTensor MakeHardTensor(Kind kind, int64_t rows, int64_t cols, uint64_t seed) 
       std::fill(block, block + 16, 0.0f);
     } else if (kind == Kind::kSubnormalScales && u < 0.5) {
       for (int i = 0; i < 16; ++i) block[i] *= 1.0f / 4096.0f;
+    } else if (kind == Kind::kBoundaryQuotients && u < 0.7) {
+      // Four elements whose quotient by a sweep or DSS quantization scale near the block's own
+      // scale is a rounding boundary of E2M1, or its fp32 neighbour: the GPU's reciprocal
+      // products must fall back to the divisions there.
+      const float s2 = GlobalScaleFromAmax(amax);
+      float block_amax = 0.0f;
+      for (int i = 0; i < 16; ++i) block_amax = std::fmax(block_amax, std::fabs(block[i]));
+      const int k_max = MaxMethodScaleByte(block_amax, amax) - 1;
+      const float boundaries[] = {0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f};
+      for (int n = 0; n < 4; ++n) {
+        const int k = std::clamp(k_max + static_cast<int>(rng.NextU64() % 4) - 2, 0, 125);
+        const float f = ScaleCandidateValue(k);
+        const float q = rng.Uniform() < 0.5
+                            ? f * s2
+                            : DssQuantScale(DssBeta(static_cast<int>(rng.NextU64() % 21) - 10,
+                                                    0.05f),
+                                            amax, f);
+        float v = boundaries[rng.NextU64() % 7] * q;
+        const int nudge = static_cast<int>(rng.NextU64() % 3) - 1;
+        if (nudge != 0) v = std::nextafter(v, nudge > 0 ? 2.0f * v : 0.0f);
+        if (v <= amax) block[rng.NextU64() % 16] = rng.Uniform() < 0.5 ? v : -v;
+      }
     }
   }
   if (kind == Kind::kZeroBlocks) std::fill(t.h.begin(), t.h.begin() + 256, 0.0f);  // unused input
@@ -145,7 +170,7 @@ int64_t CompareWithCpu(const HardTensor& t, Method m, const QuantizedTensor& cpu
 TEST_F(CudaScaleSearchTest, AgreesWithCpuOnAMillionBlocksPerMethodIncludingHardCases) {
   const Kind kinds[] = {Kind::kTypical,         Kind::kSaturated, Kind::kZeroBlocks,
                         Kind::kSubnormalScales, Kind::kTinyG,     Kind::kHugeG,
-                        Kind::kIllConditioned};
+                        Kind::kIllConditioned,  Kind::kBoundaryQuotients};
   for (CudaScaleSearch* backend : {gpu_.get(), gpu_full_.get(), gpu_events_.get()})
     for (Method m : kMethods) {
       int64_t blocks = 0;
@@ -183,7 +208,8 @@ TEST_F(CudaScaleSearchTest, DssGridsInsideAndBeyondTheQueueMatchCpu) {
   };
   const Grid grids[] = {{1, 0.05f}, {1, 0.025f}, {3, 0.005f}};
   for (const Grid& g : grids) {
-    for (Kind kind : {Kind::kTypical, Kind::kSaturated, Kind::kIllConditioned}) {
+    for (Kind kind : {Kind::kTypical, Kind::kSaturated, Kind::kIllConditioned,
+                      Kind::kBoundaryQuotients}) {
       const HardTensor t = MakeHardTensor(kind, 200, 512, 500 + static_cast<uint64_t>(kind));
       QuantizeRequest r = RequestFor(t, Method::kDss);
       r.params.scale_neighbours = g.neighbours;

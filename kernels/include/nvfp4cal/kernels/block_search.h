@@ -151,21 +151,27 @@ struct BlockPruning {
   int element;                       // m = argmax precision_i * w_i^2 (first on ties)
   float abs_sum_unit;                // sum |w_i| in error units
   float square_sum_unit;             // sum w_i^2 in error units
+  float w;                           // w_m, w_m in error units and precision_m: copied so that
+  float w_unit;                      // the per-candidate test never indexes the block (on the
+  float precision;                   // GPU that index went to local memory)
 };
 
 NVFP4_HD BlockPruning MakeBlockPruning(const ScaledBlock& b, const HessianBlockBounds* bounds) {
   // The element with the largest precision_m * w_m^2 (its saturation or rounding error is
   // weighted most): on inputs whose largest weight sits in a low-precision channel, the largest
   // |w| alone leaves a third more candidates standing.
-  BlockPruning p{bounds, 0, 0.0f, 0.0f};
+  BlockPruning p{bounds, 0, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   float strongest = -1.0f;
   for (int i = 0; i < kBlockSize; ++i) {
     const float a = std::fabs(b.w_unit[i]);
-    const float weight =
-        MulNoContract(MulNoContract(a, a), bounds != nullptr ? bounds->precision[i] : 1.0f);
+    const float precision = bounds != nullptr ? bounds->precision[i] : 1.0f;
+    const float weight = MulNoContract(MulNoContract(a, a), precision);
     if (weight > strongest) {
       strongest = weight;
       p.element = i;
+      p.w = b.w[i];
+      p.w_unit = b.w_unit[i];
+      p.precision = precision;
     }
     p.abs_sum_unit = AddNoContract(p.abs_sum_unit, a);
     p.square_sum_unit = AddNoContract(p.square_sum_unit, MulNoContract(a, a));
@@ -175,12 +181,12 @@ NVFP4_HD BlockPruning MakeBlockPruning(const ScaledBlock& b, const HessianBlockB
 
 NVFP4_HD bool CandidateCannotWin(const ScaledBlock& b, const BlockPruning& p, float q, float d_unit,
                                  float threshold) {
+  (void)b;  // the element's values are in p
   if (p.bounds == nullptr) return false;
-  const float precision = p.bounds->precision[p.element];
+  const float precision = p.precision;
   if (!(precision > 0.0f) || !(threshold < 3.0e38f)) return false;
   // e_m exactly as the full evaluation computes it.
-  const int m = p.element;
-  const float e = ElementError(b.w_unit[m], RoundToE2M1Value(b.w[m] / q), d_unit);
+  const float e = ElementError(p.w_unit, RoundToE2M1Value(p.w / q), d_unit);
   // |e_i| <= |w_i| + 6 d for every element, so |e|^2 <= sum w^2 + 12 d sum |w| + 576 d^2.
   const float norm_bound =
       AddNoContract(AddNoContract(p.square_sum_unit, MulNoContract(12.0f * d_unit, p.abs_sum_unit)),
@@ -220,7 +226,7 @@ NVFP4_HD SweepChoice SweepScaleCandidates(const ScaledBlock& b, const float* h,
 
 // The full sweep, without pruning.
 NVFP4_HD SweepChoice SweepScaleCandidates(const ScaledBlock& b, const float* h) {
-  const BlockPruning none{nullptr, 0, 0.0f, 0.0f};
+  const BlockPruning none{nullptr, 0, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   return SweepScaleCandidates(b, h, none, 0.0f);
 }
 
@@ -296,7 +302,7 @@ NVFP4_HD DssChoice DecoupledScaleSearch(const ScaledBlock& b, const float* h, Sw
 
 NVFP4_HD DssChoice DecoupledScaleSearch(const ScaledBlock& b, const float* h, SweepChoice start,
                                         DssGrid grid) {
-  const BlockPruning none{nullptr, 0, 0.0f, 0.0f};
+  const BlockPruning none{nullptr, 0, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   return DecoupledScaleSearch(b, h, start, grid, none);
 }
 
