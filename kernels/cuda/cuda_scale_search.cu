@@ -209,6 +209,7 @@ struct PrunedTileShared {
   float h[kBlockSize * kBlockSize];
   HessianBlockBounds bounds;
   float q[kNumScaleCandidates];                     // sweep candidates: q_k = f_k * s2
+  float q_reciprocal[kNumScaleCandidates];          // SharedReciprocal(q_k)
   float d_unit[kNumScaleCandidates];                // f_k * s2 in error units
   alignas(16) float w[kRowsPerTile * kStagePitch];  // read as float4
   alignas(16) float w_unit[kRowsPerTile * kStagePitch];
@@ -298,6 +299,58 @@ __device__ void EvaluateSurvivors(const uint32_t (&mask)[kWords], PrunedTileShar
   }
 }
 
+// Quotients w / q with one reciprocal per divisor. The compiler expands every IEEE division into
+// MUFU.RCP, one Newton step for the reciprocal, the quotient, its residual and a correction
+// (guarded by FCHK, with a slow path for operands where that could fail). The sixteen quotients
+// of a candidate share the divisor, so the reciprocal part is done once and each quotient costs
+// three FMAs, exactly the compiler's; the guard is a range check instead of FCHK: divisors in
+// [2^-60, 2^60] and dividends zero or in [2^-60, 2^60] (checked once per row) keep every
+// intermediate value normal. Anything else takes the IEEE division. The agreement tests compare
+// the results with the CPU's divisions on hard cases, boundary quotients included.
+constexpr float kSharedReciprocalMin = 0x1p-60f;
+constexpr float kSharedReciprocalMax = 0x1p60f;
+
+__device__ __forceinline__ bool SharedReciprocalDivisor(float q) {
+  return q >= kSharedReciprocalMin && q <= kSharedReciprocalMax;
+}
+__device__ __forceinline__ bool SharedReciprocalDividend(float w) {
+  const float a = fabsf(w);
+  return a == 0.0f || (a >= kSharedReciprocalMin && a <= kSharedReciprocalMax);
+}
+
+// 1 / q refined once (the division's own first steps).
+__device__ __forceinline__ float SharedReciprocal(float q) {
+  float y0;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y0) : "f"(q));
+  return __fmaf_rn(y0, __fmaf_rn(-q, y0, 1.0f), y0);
+}
+
+// w / q rounded to nearest even, given y = SharedReciprocal(q) (both guarded as above).
+__device__ __forceinline__ float QuotientWithReciprocal(float w, float q, float y) {
+  const float q0 = __fmaf_rn(w, y, 0.0f);
+  const float r = __fmaf_rn(-q, q0, w);
+  return __fmaf_rn(y, r, q0);
+}
+
+// CandidateObjective, bit for bit, with the quotients from a shared reciprocal when `shared`
+// (the row's dividends and q passed the guards).
+__device__ __forceinline__ float QueuedCandidateObjective(const ScaledBlock& b, float q,
+                                                          float d_unit, const float* h,
+                                                          bool shared) {
+  float e[kBlockSize];
+  if (shared) {
+    const float y = SharedReciprocal(q);
+#pragma unroll
+    for (int i = 0; i < kBlockSize; ++i) {
+      const float quotient = QuotientWithReciprocal(b.w[i], q, y);
+      e[i] = ElementError(b.w_unit[i], RoundToE2M1ValueNotNaN(quotient), d_unit);
+    }
+  } else {
+    BlockErrorForScales(b, q, d_unit, e);
+  }
+  return BlockObjective(h, e);
+}
+
 // The staged block of another row of the tile, as QuantizeBlock prepared it.
 __device__ void LoadStagedBlock(const PrunedTileShared& sh, int row, float global_amax,
                                 float global_scale, float global_scale_unit, ScaledBlock* b) {
@@ -334,6 +387,7 @@ struct RowState {
   uint8_t max_scale_byte;
   uint8_t scale_byte;  // BeginBlock's: final for an all-zero tensor
   uint8_t searching;
+  uint8_t shared_reciprocal;  // every weight passes SharedReciprocalDividend
 };
 
 __global__ void __launch_bounds__(kRowsPerTile, 4)
@@ -354,6 +408,7 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
   if (threadIdx.x < kNumScaleCandidates) {
     const float f = ScaleCandidateValue(static_cast<int>(threadIdx.x));
     sh.q[threadIdx.x] = MulNoContract(f, global_scale);
+    sh.q_reciprocal[threadIdx.x] = SharedReciprocal(sh.q[threadIdx.x]);
     sh.d_unit[threadIdx.x] = MulNoContract(f, global_scale_unit);
   }
   sh.non_finite[threadIdx.x] = 0;
@@ -382,9 +437,11 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
     }
     float* staged_w = sh.w + threadIdx.x * kStagePitch;
     float* staged_u = sh.w_unit + threadIdx.x * kStagePitch;
+    bool shared_reciprocal = true;
     for (int i = 0; i < kBlockSize; ++i) {
       staged_w[i] = b.w[i];
       staged_u[i] = b.w_unit[i];
+      shared_reciprocal = shared_reciprocal && SharedReciprocalDividend(b.w[i]);
     }
     const float reference = squared ? out.mse_before : out.hessian_before;
     const int reference_k = out.max_scale_byte - 1;
@@ -395,14 +452,20 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
                      0,
                      out.max_scale_byte,
                      out.scale_byte,
-                     static_cast<uint8_t>(searching)};
+                     static_cast<uint8_t>(searching),
+                     static_cast<uint8_t>(shared_reciprocal)};
     if (searching) {
       const BlockPruning pruning = MakeBlockPruning(b, &sh.bounds);
+#pragma unroll
       for (int w = 0; w < kSweepWords; ++w) {
         for (int bit = 0; bit < 32; ++bit) {
           const int k = w * 32 + bit;
           if (k >= kNumScaleCandidates || k == reference_k) continue;
-          if (!CandidateCannotWin(b, pruning, sh.q[k], sh.d_unit[k], reference)) {
+          const float q = sh.q[k];
+          const float quotient = shared_reciprocal && SharedReciprocalDivisor(q)
+                                     ? QuotientWithReciprocal(pruning.w, q, sh.q_reciprocal[k])
+                                     : pruning.w / q;
+          if (!CandidateCannotWinGivenQuotient(pruning, quotient, sh.d_unit[k], reference)) {
             sweep_mask[w] |= 1u << bit;
           }
         }
@@ -417,7 +480,9 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
   EvaluateSurvivors(sweep_mask, sh, &evaluated, [&](int r, uint32_t k) {
     ScaledBlock other;
     LoadStagedBlock(sh, r, global_amax, global_scale, global_scale_unit, &other);
-    return CandidateObjective(other, sh.q[k], sh.d_unit[k], search_h);
+    const float q = sh.q[k];
+    return QueuedCandidateObjective(other, q, sh.d_unit[k], search_h,
+                                    rows[r].shared_reciprocal && SharedReciprocalDivisor(q));
   });
 
   // Phase 3: the sweep's choice; screen DSS around it.
@@ -453,7 +518,10 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
         int beta = (w * 32) % betas;
         for (int bit = 0; bit < 32 && w * 32 + bit < count; ++bit) {
           const float dq = s.dss_scales[k * betas + beta];
-          if (!CandidateCannotWin(b, pruning, dq, sh.d_unit[k], sweep.objective)) {
+          const float quotient = state.shared_reciprocal && SharedReciprocalDivisor(dq)
+                                     ? QuotientWithReciprocal(pruning.w, dq, SharedReciprocal(dq))
+                                     : pruning.w / dq;
+          if (!CandidateCannotWinGivenQuotient(pruning, quotient, sh.d_unit[k], sweep.objective)) {
             bits |= 1u << bit;
           }
           if (++beta == betas) {
@@ -477,8 +545,9 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
         const int k = rows[r].dss_k_begin + static_cast<int>(j) / betas;
         // dss always has Hessians: sh.h directly, not the nullable h (whose select made the
         // compiler address H element by element).
-        return CandidateObjective(other, s.dss_scales[k * betas + static_cast<int>(j) % betas],
-                                  sh.d_unit[k], sh.h);
+        const float q = s.dss_scales[k * betas + static_cast<int>(j) % betas];
+        return QueuedCandidateObjective(other, q, sh.d_unit[k], sh.h,
+                                        rows[r].shared_reciprocal && SharedReciprocalDivisor(q));
       });
     }
   }

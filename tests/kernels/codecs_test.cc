@@ -99,6 +99,27 @@ TEST(E2M1, RoundToValueMatchesEncodeThenDecodeOnEveryRelevantFloat) {
   }
 }
 
+TEST(E2M1, RoundingByMagicAdditionMatchesRoundToValueOnEveryFloatThatMatters) {
+  // Every fp32 value with |y| in [2^-8, 2^8), both signs: all thresholds, ties, the spacing
+  // changes at 2 and 4 and saturation. Outside, both give 0 or 6 (the samples below).
+  const uint32_t first = FloatBits(0.00390625f);
+  const uint32_t last = FloatBits(256.0f);
+  for (uint32_t bits = first; bits < last; ++bits) {
+    for (uint32_t sign : {0u, 0x80000000u}) {
+      const float y = BitsToFloat(bits | sign);
+      if (FloatBits(RoundToE2M1ValueNotNaN(y)) != FloatBits(RoundToE2M1Value(y))) {
+        FAIL() << "y = " << y << " (bits " << (bits | sign) << ")";
+      }
+    }
+  }
+  for (float y : {0.0f, -0.0f, 1e-45f, -1e-45f, 1e-38f, -1e-30f, 0.0039f, -0.0039f, 256.0f,
+                  -300.0f, 1.6777216e7f, 3.3554436e7f, -1e30f, 3.4e38f,
+                  std::numeric_limits<float>::infinity(),
+                  -std::numeric_limits<float>::infinity()}) {
+    EXPECT_EQ(FloatBits(RoundToE2M1ValueNotNaN(y)), FloatBits(RoundToE2M1Value(y))) << "y = " << y;
+  }
+}
+
 TEST(E2M1, EncodeIsTheNearestValueByBruteForce) {
   ExampleRng rng(6);
   const double magnitudes[8] = {0, 0.5, 1, 1.5, 2, 3, 4, 6};

@@ -179,14 +179,14 @@ NVFP4_HD BlockPruning MakeBlockPruning(const ScaledBlock& b, const HessianBlockB
   return p;
 }
 
-NVFP4_HD bool CandidateCannotWin(const ScaledBlock& b, const BlockPruning& p, float q, float d_unit,
-                                 float threshold) {
-  (void)b;  // the element's values are in p
+// The test with the quotient w_m / q given (the GPU computes it with a shared reciprocal).
+NVFP4_HD bool CandidateCannotWinGivenQuotient(const BlockPruning& p, float quotient, float d_unit,
+                                              float threshold) {
   if (p.bounds == nullptr) return false;
   const float precision = p.precision;
   if (!(precision > 0.0f) || !(threshold < 3.0e38f)) return false;
   // e_m exactly as the full evaluation computes it.
-  const float e = ElementError(p.w_unit, RoundToE2M1Value(p.w / q), d_unit);
+  const float e = ElementError(p.w_unit, RoundToE2M1Value(quotient), d_unit);
   // |e_i| <= |w_i| + 6 d for every element, so |e|^2 <= sum w^2 + 12 d sum |w| + 576 d^2.
   const float norm_bound =
       AddNoContract(AddNoContract(p.square_sum_unit, MulNoContract(12.0f * d_unit, p.abs_sum_unit)),
@@ -196,6 +196,12 @@ NVFP4_HD bool CandidateCannotWin(const ScaledBlock& b, const BlockPruning& p, fl
       MulNoContract(kObjectiveRoundingSlack * p.bounds->abs_norm, norm_bound) *
           (1.0f + kBoundRelativeMargin);
   return lower > threshold && lower < 3.0e38f;
+}
+
+NVFP4_HD bool CandidateCannotWin(const ScaledBlock& b, const BlockPruning& p, float q, float d_unit,
+                                 float threshold) {
+  (void)b;  // the element's values are in p
+  return p.bounds != nullptr && CandidateCannotWinGivenQuotient(p, p.w / q, d_unit, threshold);
 }
 
 struct SweepChoice {
