@@ -33,6 +33,7 @@ struct DeviceSlice {
   const float* hessians;               // [cols / 16, 16, 16] or null
   const HessianBlockBounds* bounds;    // per Hessian block (pruned search), null with hessians
   const HessianBlockBounds* identity;  // bounds of the squared-error objective
+  const HessianBlockScreen* screens;   // per Hessian block (pruned search), null with hessians
   const float* dss_scales;  // [126][2n + 1]: DssQuantScale of every (candidate, beta), or null
   uint8_t* codes;           // rows x cols / 2
   uint8_t* scales;          // rows x cols / 16
@@ -190,7 +191,7 @@ __global__ void __launch_bounds__(kRowsPerTile)
 // sequential search, whose tie and NaN semantics are the CPU reference's.
 // ---------------------------------------------------------------------------------------------
 
-constexpr int kQueueCapacity = 4096;  // queue entries per round (more survivors: more rounds)
+constexpr int kQueueCapacity = 2048;  // queue entries per round (more survivors: more rounds)
 constexpr int kStagePitch = 20;       // floats per staged row (16 + padding: no bank conflicts)
 
 // Orders floats as unsigned integers (-0 and +0 taken as equal, NaN above +Inf).
@@ -208,6 +209,7 @@ __device__ unsigned long long CandidateKey(float objective, uint32_t index) {
 struct PrunedTileShared {
   float h[kBlockSize * kBlockSize];
   HessianBlockBounds bounds;
+  HessianBlockScreen screen;  // valid = 0: no second screen (squared error, or S unsuitable)
   float q[kNumScaleCandidates];                     // sweep candidates: q_k = f_k * s2
   float q_reciprocal[kNumScaleCandidates];          // SharedReciprocal(q_k)
   float d_unit[kNumScaleCandidates];                // f_k * s2 in error units
@@ -218,6 +220,10 @@ struct PrunedTileShared {
   int warp_total[kRowsPerTile / 32];
   int non_finite[kRowsPerTile];
   double scratch[kRowsPerTile];
+  uint32_t refined[kRowsPerTile][4];  // ScreenSurvivors' result per row
+  float square_sum_unit[kRowsPerTile];  // the rows' BlockPruning sums, for the second screen
+  float abs_sum_unit[kRowsPerTile];
+  alignas(16) float screen_w[kRowsPerTile][2 * kScreenElements];  // w_M, then w_M in units
 };
 
 // Exclusive prefix sum of `count` over the CUDA block; *total receives the sum.
@@ -245,15 +251,15 @@ __device__ int BlockExclusiveScan(int count, PrunedTileShared& sh, int* total) {
 // Evaluates every surviving candidate of the tile with the canonical objective and keeps, per
 // row, the smallest (objective, index) key in sh.best. `mask` holds this thread's survivors
 // (bit j of word j / 32 = visiting index j); `evaluate(row, index)` returns the objective.
-template <int kWords, class Evaluate>
-__device__ void EvaluateSurvivors(const uint32_t (&mask)[kWords], PrunedTileShared& sh,
-                                  int64_t* evaluated, const Evaluate& evaluate) {
+template <int kWords, class Visit>
+__device__ void ForEachSurvivor(const uint32_t (&mask)[kWords], PrunedTileShared& sh,
+                                int64_t* counted, const Visit& visit) {
   int count = 0;
 #pragma unroll
   for (int w = 0; w < kWords; ++w) count += __popc(mask[w]);
   int total = 0;
   const int first = BlockExclusiveScan(count, sh, &total);
-  *evaluated += total;
+  *counted += total;
   for (int base = 0; base < total; base += kQueueCapacity) {
     // Write this thread's entries whose queue position falls into the round.
     int position = first;
@@ -272,12 +278,23 @@ __device__ void EvaluateSurvivors(const uint32_t (&mask)[kWords], PrunedTileShar
     }
     __syncthreads();
     // Each thread takes a contiguous run of entries: the lanes of a warp then work on different
-    // rows (no contention on one row's minimum), and a thread publishes its running minimum
-    // once per row instead of once per entry.
+    // rows (no contention on one row's data), and a run mostly stays within one row.
     const int entries = min(kQueueCapacity, total - base);
     const int per_thread = (entries + kRowsPerTile - 1) / kRowsPerTile;
     const int begin = min(entries, static_cast<int>(threadIdx.x) * per_thread);
-    const int end = min(entries, begin + per_thread);
+    visit(begin, min(entries, begin + per_thread));
+    __syncthreads();
+  }
+}
+
+// Evaluates every surviving candidate of the tile with the canonical objective and keeps, per
+// row, the smallest (objective, index) key in sh.best. `mask` holds this thread's survivors
+// (bit j of word j / 32 = visiting index j); `evaluate(row, index)` returns the objective.
+template <int kWords, class Evaluate>
+__device__ void EvaluateSurvivors(const uint32_t (&mask)[kWords], PrunedTileShared& sh,
+                                  int64_t* evaluated, const Evaluate& evaluate) {
+  ForEachSurvivor(mask, sh, evaluated, [&](int begin, int end) {
+    // A thread publishes its running minimum once per row instead of once per entry.
     int current_row = -1;
     unsigned long long current_min = ~0ull;
     for (int e = begin; e < end; ++e) {
@@ -295,8 +312,27 @@ __device__ void EvaluateSurvivors(const uint32_t (&mask)[kWords], PrunedTileShar
       current_min = key < current_min ? key : current_min;
     }
     if (current_row >= 0) atomicMin(&sh.best[current_row], current_min);
-    __syncthreads();
-  }
+  });
+}
+
+// Second screen of the survivors, spread over the tile like the evaluations (run per thread,
+// a warp would execute the union of its rows' survivors): `keep(row, index)` is false when the
+// candidate provably cannot win. On return `mask` holds this thread's remaining survivors.
+template <int kWords, class Keep>
+__device__ void ScreenSurvivors(uint32_t (&mask)[kWords], PrunedTileShared& sh, const Keep& keep) {
+#pragma unroll
+  for (int w = 0; w < kWords; ++w) sh.refined[threadIdx.x][w] = 0u;
+  int64_t screened = 0;
+  ForEachSurvivor(mask, sh, &screened, [&](int begin, int end) {
+    for (int e = begin; e < end; ++e) {
+      const uint32_t entry = sh.queue[e];
+      const int row = static_cast<int>(entry >> 16);
+      const uint32_t index = entry & 0xFFFFu;
+      if (keep(row, index)) atomicOr(&sh.refined[row][index >> 5], 1u << (index & 31u));
+    }
+  });
+#pragma unroll
+  for (int w = 0; w < kWords; ++w) mask[w] = sh.refined[threadIdx.x][w];
 }
 
 // Quotients w / q with one reciprocal per divisor. The compiler expands every IEEE division into
@@ -351,6 +387,63 @@ __device__ __forceinline__ float QueuedCandidateObjective(const ScaledBlock& b, 
   return BlockObjective(h, e);
 }
 
+// The second screen (HessianBlockScreen): candidates that survive the one-element bound are
+// tested with the Schur complement onto the block's kScreenElements most precise channels.
+// ScreenRow holds the row's weights of those channels.
+struct ScreenRow {
+  float w[kScreenElements];
+  float w_unit[kScreenElements];
+};
+
+// `quotient(w)` returns w / q as the canonical evaluation rounds it.
+template <class Quotient>
+__device__ __forceinline__ bool ScreenCannotWin(const HessianBlockScreen& screen,
+                                                const ScreenRow& row, float square_sum_unit,
+                                                float abs_sum_unit, float abs_norm,
+                                                const Quotient& quotient, float d_unit,
+                                                float threshold) {
+  if (!(threshold < 3.0e38f)) return false;
+  float e[kScreenElements];
+#pragma unroll
+  for (int j = 0; j < kScreenElements; ++j) {
+    e[j] = ElementError(row.w_unit[j], RoundToE2M1ValueNotNaN(quotient(row.w[j])), d_unit);
+  }
+  // The factor in registers (nine 16-byte loads).
+  float factor[kScreenFactorSize + 4];
+  const float4* packed = reinterpret_cast<const float4*>(screen.factor);
+#pragma unroll
+  for (int i = 0; i < (kScreenFactorSize + 4) / 4; ++i) {
+    const float4 v = packed[i];
+    factor[4 * i] = v.x;
+    factor[4 * i + 1] = v.y;
+    factor[4 * i + 2] = v.z;
+    factor[4 * i + 3] = v.w;
+  }
+  // z = L_MM^T e_M; |z|^2 and |e_M|^2 in fp32 (rounding covered by the 2^-20 factors).
+  float zz = 0.0f;
+  float ee = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kScreenElements; ++j) {
+    float z = MulNoContract(factor[j * (j + 1) / 2 + j], e[j]);
+#pragma unroll
+    for (int i = j + 1; i < kScreenElements; ++i) {
+      z = FusedMulAdd(factor[i * (i + 1) / 2 + j], e[i], z);
+    }
+    zz = FusedMulAdd(z, z, zz);
+    ee = FusedMulAdd(e[j], e[j], ee);
+  }
+  const float schur = MulNoContract(zz, (255.0f / 256.0f) * (1.0f - 0x1p-20f)) -
+                      MulNoContract(screen.kappa_squared, ee) * (1.0f + 0x1p-20f);
+  // The canonical objective's rounding, as in CandidateCannotWin.
+  const float norm_bound =
+      AddNoContract(AddNoContract(square_sum_unit, MulNoContract(12.0f * d_unit, abs_sum_unit)),
+                    MulNoContract(576.0f * d_unit, d_unit));
+  const float lower =
+      schur * (1.0f - kBoundRelativeMargin) -
+      MulNoContract(kObjectiveRoundingSlack * abs_norm, norm_bound) * (1.0f + kBoundRelativeMargin);
+  return lower > threshold && lower < 3.0e38f;
+}
+
 // The staged block of another row of the tile, as QuantizeBlock prepared it.
 __device__ void LoadStagedBlock(const PrunedTileShared& sh, int row, float global_amax,
                                 float global_scale, float global_scale_unit, ScaledBlock* b) {
@@ -373,8 +466,38 @@ __device__ void LoadStagedBlock(const PrunedTileShared& sh, int row, float globa
   b->global_scale_unit = global_scale_unit;
 }
 
+// The owner of a row gathers its screen weights once (phase 1); queue threads read them.
+__device__ __forceinline__ void StageScreenRow(PrunedTileShared& sh, int row) {
+  const float* w = sh.w + row * kStagePitch;
+  const float* u = sh.w_unit + row * kStagePitch;
+#pragma unroll
+  for (int j = 0; j < kScreenElements; ++j) {
+    sh.screen_w[row][j] = w[sh.screen.element[j]];
+    sh.screen_w[row][kScreenElements + j] = u[sh.screen.element[j]];
+  }
+}
+__device__ __forceinline__ ScreenRow LoadScreenRow(const PrunedTileShared& sh, int row) {
+  ScreenRow r;
+  const float4* v = reinterpret_cast<const float4*>(sh.screen_w[row]);
+#pragma unroll
+  for (int i = 0; i < kScreenElements / 4; ++i) {
+    const float4 a = v[i];
+    const float4 c = v[kScreenElements / 4 + i];
+    r.w[4 * i] = a.x;
+    r.w[4 * i + 1] = a.y;
+    r.w[4 * i + 2] = a.z;
+    r.w[4 * i + 3] = a.w;
+    r.w_unit[4 * i] = c.x;
+    r.w_unit[4 * i + 1] = c.y;
+    r.w_unit[4 * i + 2] = c.z;
+    r.w_unit[4 * i + 3] = c.w;
+  }
+  return r;
+}
+
 constexpr int kSweepWords = (kNumScaleCandidates + 31) / 32;
 constexpr int kDssWords = 4;  // DSS grids of up to 128 candidates use the queue (default: 63)
+static_assert(kSweepWords <= 4 && kDssWords <= 4, "PrunedTileShared::refined holds 4 words");
 
 // What a row keeps between the phases of the pruned kernel (in shared memory, so that no
 // thread carries its block in registers across the tile-wide evaluation phases).
@@ -390,7 +513,13 @@ struct RowState {
   uint8_t shared_reciprocal;  // every weight passes SharedReciprocalDividend
 };
 
-__global__ void __launch_bounds__(kRowsPerTile, 4)
+#ifndef NVFP4CAL_PRUNED_MIN_BLOCKS
+#define NVFP4CAL_PRUNED_MIN_BLOCKS 4
+#endif
+#ifndef NVFP4CAL_SCREEN_PHASES
+#define NVFP4CAL_SCREEN_PHASES 3
+#endif
+__global__ void __launch_bounds__(kRowsPerTile, NVFP4CAL_PRUNED_MIN_BLOCKS)
     QuantizeTilesPrunedKernel(const DeviceSlice* slices, const Tile* tiles, TileStats* tile_stats) {
   __shared__ PrunedTileShared sh;
   __shared__ RowState rows[kRowsPerTile];
@@ -402,7 +531,14 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
   const float global_amax = s.global_amax;
   const float global_scale = s.global_scale;
   if (has_hessian) LoadTileHessian(s, tile, sh.h);
-  if (threadIdx.x == 0) sh.bounds = squared ? *s.identity : s.bounds[tile.col_block];
+  if (threadIdx.x == 0) {
+    sh.bounds = squared ? *s.identity : s.bounds[tile.col_block];
+    if (squared || s.screens == nullptr) {
+      sh.screen.valid = 0;
+    } else {
+      sh.screen = s.screens[tile.col_block];
+    }
+  }
   const float global_scale_unit =
       MulNoContract(global_scale, ErrorUnitInverse(ErrorUnitExponent(global_scale)));
   if (threadIdx.x < kNumScaleCandidates) {
@@ -456,6 +592,9 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
                      static_cast<uint8_t>(shared_reciprocal)};
     if (searching) {
       const BlockPruning pruning = MakeBlockPruning(b, &sh.bounds);
+      sh.square_sum_unit[threadIdx.x] = pruning.square_sum_unit;
+      sh.abs_sum_unit[threadIdx.x] = pruning.abs_sum_unit;
+      if (sh.screen.valid) StageScreenRow(sh, static_cast<int>(threadIdx.x));
 #pragma unroll
       for (int w = 0; w < kSweepWords; ++w) {
         for (int bit = 0; bit < 32; ++bit) {
@@ -474,6 +613,22 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
     sh.best[threadIdx.x] = CandidateKey(reference, static_cast<uint32_t>(reference_k + 1));
   }
   __syncthreads();
+
+  // The second screen (tile-uniform condition: every thread takes part in the queue).
+  const bool screen = !squared && sh.screen.valid != 0;
+  // Rows or scales outside the shared reciprocal's range are simply not screened (kept).
+  auto screen_keeps = [&](int r, float q, float d_unit, float threshold) {
+    if (!(rows[r].shared_reciprocal && SharedReciprocalDivisor(q))) return true;
+    const float y = SharedReciprocal(q);
+    auto quotient = [&](float v) { return QuotientWithReciprocal(v, q, y); };
+    return !ScreenCannotWin(sh.screen, LoadScreenRow(sh, r), sh.square_sum_unit[r],
+                            sh.abs_sum_unit[r], sh.bounds.abs_norm, quotient, d_unit, threshold);
+  };
+  if (screen && (NVFP4CAL_SCREEN_PHASES & 1)) {
+    ScreenSurvivors(sweep_mask, sh, [&](int r, uint32_t k) {
+      return screen_keeps(r, sh.q[k], sh.d_unit[k], rows[r].sweep_objective);
+    });
+  }
 
   // Phase 2: the tile's surviving sweep candidates, evaluated canonically by every thread.
   int64_t evaluated = 0;
@@ -538,6 +693,13 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
     sh.best[threadIdx.x] = CandidateKey(state.sweep_objective, 0);
     sh.non_finite[threadIdx.x] = 0;
     __syncthreads();
+    if (dss_queued && screen && (NVFP4CAL_SCREEN_PHASES & 2)) {
+      ScreenSurvivors(dss_mask, sh, [&](int r, uint32_t j) {
+        const int k = rows[r].dss_k_begin + static_cast<int>(j) / betas;
+        return screen_keeps(r, s.dss_scales[k * betas + static_cast<int>(j) % betas],
+                            sh.d_unit[k], rows[r].sweep_objective);
+      });
+    }
     if (dss_queued) {
       EvaluateSurvivors(dss_mask, sh, &evaluated, [&](int r, uint32_t j) {
         ScaledBlock other;
@@ -641,12 +803,15 @@ std::vector<float> DssScalesTable(const CudaScaleSearch::Slice& s) {
   return table;
 }
 
-// The pruning bounds that go with a slice's Hessian blocks.
+// The pruning bounds and screens that go with a slice's Hessian blocks (screens after bounds).
+int64_t BoundsPartBytes(const CudaScaleSearch::Slice& s) {
+  return AlignUp(s.request->hessians.num_blocks * static_cast<int64_t>(sizeof(HessianBlockBounds)));
+}
 int64_t BoundsBytes(const CudaScaleSearch::Slice& s) {
   return s.request->hessians.data == nullptr
              ? 0
-             : AlignUp(s.request->hessians.num_blocks *
-                       static_cast<int64_t>(sizeof(HessianBlockBounds)));
+             : BoundsPartBytes(s) + AlignUp(s.request->hessians.num_blocks *
+                                            static_cast<int64_t>(sizeof(HessianBlockScreen)));
 }
 
 class CudaScaleSearchImpl final : public CudaScaleSearch {
@@ -853,6 +1018,9 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
           h == nullptr ? nullptr
                        : reinterpret_cast<const HessianBlockBounds*>(workspace_ + bounds_at[h]),
           reinterpret_cast<const HessianBlockBounds*>(workspace_ + identity_at),
+          h == nullptr ? nullptr
+                       : reinterpret_cast<const HessianBlockScreen*>(workspace_ + bounds_at[h] +
+                                                                     BoundsPartBytes(s)),
           dss_at[p] < 0 ? nullptr : reinterpret_cast<const float*>(workspace_ + dss_at[p]),
           reinterpret_cast<uint8_t*>(workspace_ + code_at[p]),
           reinterpret_cast<uint8_t*>(workspace_ + scale_at[p]),
@@ -868,6 +1036,7 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
     // Bounds for the pruned search (host-computed, double-precision Cholesky per block); they
     // stay alive until the stream synchronisation below.
     std::vector<std::vector<HessianBlockBounds>> bounds_host;
+    std::vector<std::vector<HessianBlockScreen>> screens_host;
     std::vector<std::vector<float>> dss_host;
     for (size_t p = 0; p < pieces.size(); ++p) {
       if (dss_at[p] < 0) continue;
@@ -892,10 +1061,16 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
                                                  cudaMemcpyHostToDevice, stream_));
       if (options_.search == CudaSearchAlgorithm::kPruned) {
         bounds_host.push_back(ComputeHessianBlockBounds(owner->request->hessians));
+        screens_host.push_back(
+            ComputeHessianBlockScreens(owner->request->hessians, bounds_host.back()));
         NVFP4_CUDA_RETURN_IF_ERROR(
             cudaMemcpyAsync(workspace_ + bounds_at[host], bounds_host.back().data(),
                             sizeof(HessianBlockBounds) * bounds_host.back().size(),
                             cudaMemcpyHostToDevice, stream_));
+        NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
+            workspace_ + bounds_at[host] + BoundsPartBytes(*owner), screens_host.back().data(),
+            sizeof(HessianBlockScreen) * screens_host.back().size(), cudaMemcpyHostToDevice,
+            stream_));
       }
     }
     NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(workspace_ + slices_at, device_slices.data(),

@@ -1,5 +1,6 @@
 #include "nvfp4cal/kernels/hessian_bounds.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace nvfp4cal {
@@ -87,6 +88,84 @@ HessianBlockBounds IdentityBounds() {
   for (float& p : bounds.precision) p = RoundDown(1.0 - 1e-6);
   bounds.abs_norm = 1.0f;
   return bounds;
+}
+
+HessianBlockScreen ComputeHessianBlockScreen(const float* h, const HessianBlockBounds& bounds) {
+  HessianBlockScreen out{};
+  // M: the channels of highest precision 1 / (S^-1)_mm (first index on ties).
+  int order[kN];
+  for (int i = 0; i < kN; ++i) order[i] = i;
+  std::stable_sort(order, order + kN, [&](int a, int b) {
+    return bounds.precision[a] > bounds.precision[b];
+  });
+  if (!(bounds.precision[order[kScreenElements - 1]] > 0.0f)) return out;  // S not safely PD
+  // Elimination order: the other channels first (ascending), then M.
+  int permutation[kN];
+  bool in_screen[kN] = {};
+  for (int i = 0; i < kScreenElements; ++i) in_screen[order[i]] = true;
+  int n = 0;
+  for (int i = 0; i < kN; ++i) {
+    if (!in_screen[i]) permutation[n++] = i;
+  }
+  for (int i = 0; i < kScreenElements; ++i) permutation[n++] = order[i];
+  // A = P S P^T - delta I. The Cholesky factor computed in double is the exact factor of
+  // A + E with |E| <= 17 * 2^-53 |L| |L^T|, i.e. ||E||_2 below 16 * 17 * 2^-53 trace(S) <
+  // 4e-14 trace(S); delta = 1e-12 trace(S) covers it, so L L^T <= P S P^T.
+  double a[kN][kN];
+  double trace = 0.0;
+  for (int i = 0; i < kN; ++i) {
+    trace += static_cast<double>(h[i * kN + i]);
+  }
+  const double delta = 1e-12 * trace;
+  for (int i = 0; i < kN; ++i) {
+    for (int j = 0; j < kN; ++j) {
+      const int r = permutation[i];
+      const int c = permutation[j];
+      a[i][j] = 0.5 * (static_cast<double>(h[r * kN + c]) + static_cast<double>(h[c * kN + r])) -
+                (i == j ? delta : 0.0);
+    }
+  }
+  double l[kN][kN] = {};
+  for (int j = 0; j < kN; ++j) {
+    double d = a[j][j];
+    for (int k = 0; k < j; ++k) d -= l[j][k] * l[j][k];
+    if (!(d > 0.0)) return out;
+    l[j][j] = std::sqrt(d);
+    for (int i = j + 1; i < kN; ++i) {
+      double v = a[i][j];
+      for (int k = 0; k < j; ++k) v -= l[i][k] * l[j][k];
+      l[i][j] = v / l[j][j];
+    }
+  }
+  constexpr int kFirst = kN - kScreenElements;
+  double frobenius = 0.0;
+  int at = 0;
+  for (int i = 0; i < kScreenElements; ++i) {
+    for (int j = 0; j <= i; ++j) {
+      const double v = l[kFirst + i][kFirst + j];
+      out.factor[at++] = static_cast<float>(v);
+      frobenius += v * v;
+    }
+    out.element[i] = static_cast<uint8_t>(order[i]);
+  }
+  // kappa = 2^-20 ||L_MM||_F: the factor's rounding to fp32 (2^-24) and the fp32 sums of up to
+  // eight products (8.1 * 2^-24) stay below it.
+  const double kappa_squared = std::ldexp(frobenius, -40);
+  out.kappa_squared = RoundUp(255.0 * kappa_squared * (1.0 + 1e-6));
+  out.valid = 1;
+  return out;
+}
+
+std::vector<HessianBlockScreen> ComputeHessianBlockScreens(
+    const BlockHessiansView& hessians, const std::vector<HessianBlockBounds>& bounds) {
+  std::vector<HessianBlockScreen> out;
+  if (hessians.data == nullptr) return out;
+  out.reserve(static_cast<size_t>(hessians.num_blocks));
+  for (int64_t j = 0; j < hessians.num_blocks; ++j) {
+    out.push_back(
+        ComputeHessianBlockScreen(hessians.data + j * kN * kN, bounds[static_cast<size_t>(j)]));
+  }
+  return out;
 }
 
 }  // namespace nvfp4cal

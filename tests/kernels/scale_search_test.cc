@@ -323,6 +323,101 @@ TEST(CandidatePruning, BoundsOfTheIdentityAndOfSingularBlocks) {
   EXPECT_EQ(ComputeHessianBlockBounds(zero.data()).precision[3], 0.0f);
 }
 
+// The CUDA search's Schur-complement screen: on random positive-definite blocks (well and badly
+// conditioned) and random error vectors, (255/256) |L_MM^T e_M|^2 - kappa^2 |e_M|^2 never
+// exceeds e^T S e, computed in long double; and it is tight (within 2%) for the e that
+// minimises e^T S e given e_M, where e^T S e is exactly the Schur complement's form.
+TEST(CandidatePruning, ScreenNeverExceedsTheQuadraticFormAndIsTightAtItsMinimiser) {
+  ExampleRng rng(31);
+  int valid = 0;
+  for (float boost : {1.0f, 30.0f}) {
+    const std::vector<float> blocks = MakeExampleHessianBlocks(200, 32, boost);
+    for (int blk = 0; blk < 200; ++blk) {
+      const float* h = blocks.data() + blk * 256;
+      const HessianBlockScreen screen = ComputeHessianBlockScreen(h, ComputeHessianBlockBounds(h));
+      if (!screen.valid) continue;
+      ++valid;
+      auto form = [&](const long double* e) {
+        long double v = 0.0L;
+        for (int a = 0; a < 16; ++a) {
+          for (int b = 0; b < 16; ++b) v += e[a] * static_cast<long double>(h[a * 16 + b]) * e[b];
+        }
+        return v;
+      };
+      auto bound = [&](const long double* e) {
+        long double zz = 0.0L;
+        long double ee = 0.0L;
+        for (int j = 0; j < kScreenElements; ++j) {
+          long double z = 0.0L;
+          for (int i = j; i < kScreenElements; ++i) {
+            z += static_cast<long double>(screen.factor[i * (i + 1) / 2 + j]) *
+                 e[screen.element[i]];
+          }
+          zz += z * z;
+          ee += e[screen.element[j]] * e[screen.element[j]];
+        }
+        return zz * 255.0L / 256.0L - static_cast<long double>(screen.kappa_squared) * ee;
+      };
+      for (int t = 0; t < 20; ++t) {
+        long double e[16];
+        for (long double& v : e) v = rng.Normal() * (rng.Uniform() < 0.3 ? 1e-3 : 1.0);
+        ASSERT_LE(bound(e), form(e) * (1.0L + 1e-12L)) << "block " << blk;
+      }
+      // The minimiser over the other channels: solve S_cc e_c = -S_cM e_M (Gaussian
+      // elimination in long double).
+      bool in_m[16] = {};
+      for (int i = 0; i < kScreenElements; ++i) in_m[screen.element[i]] = true;
+      int others[16];
+      int n = 0;
+      for (int i = 0; i < 16; ++i) {
+        if (!in_m[i]) others[n++] = i;
+      }
+      long double e[16] = {};
+      for (int i = 0; i < kScreenElements; ++i) e[screen.element[i]] = rng.Normal();
+      long double a[16][17];
+      for (int r = 0; r < n; ++r) {
+        long double rhs = 0.0L;
+        for (int c = 0; c < 16; ++c) {
+          const long double s = 0.5L * (static_cast<long double>(h[others[r] * 16 + c]) +
+                                        static_cast<long double>(h[c * 16 + others[r]]));
+          if (in_m[c]) rhs -= s * e[c];
+        }
+        for (int c = 0; c < n; ++c) {
+          a[r][c] = 0.5L * (static_cast<long double>(h[others[r] * 16 + others[c]]) +
+                            static_cast<long double>(h[others[c] * 16 + others[r]]));
+        }
+        a[r][n] = rhs;
+      }
+      for (int c = 0; c < n; ++c) {
+        for (int r = c + 1; r < n; ++r) {
+          const long double f = a[r][c] / a[c][c];
+          for (int k = c; k <= n; ++k) a[r][k] -= f * a[c][k];
+        }
+      }
+      for (int r = n - 1; r >= 0; --r) {
+        long double v = a[r][n];
+        for (int k = r + 1; k < n; ++k) v -= a[r][k] * e[others[k]];
+        e[others[r]] = v / a[r][r];
+      }
+      EXPECT_LE(bound(e), form(e) * (1.0L + 1e-12L)) << "block " << blk;
+      EXPECT_GE(bound(e), 0.98L * form(e)) << "block " << blk;
+    }
+  }
+  EXPECT_GT(valid, 300);
+  // A singular block has no screen; the identity's factor is the identity.
+  std::array<float, 256> zero{};
+  EXPECT_EQ(ComputeHessianBlockScreen(zero.data(), ComputeHessianBlockBounds(zero.data())).valid,
+            0);
+  std::array<float, 256> eye{};
+  for (int i = 0; i < 16; ++i) eye[i * 17] = 1.0f;
+  const HessianBlockScreen identity = ComputeHessianBlockScreen(eye.data(), IdentityBounds());
+  ASSERT_EQ(identity.valid, 1);
+  for (int i = 0; i < kScreenElements; ++i) {
+    EXPECT_NEAR(identity.factor[i * (i + 1) / 2 + i], 1.0f, 1e-6f);
+    EXPECT_EQ(identity.element[i], i);
+  }
+}
+
 TEST(MseSweep, EqualsLocalHessianSweepWithIdentityHessian) {
   ExampleRng rng(25);
   std::array<float, kBlockSize * kBlockSize> identity{};
