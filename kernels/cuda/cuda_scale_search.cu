@@ -191,7 +191,7 @@ __global__ void __launch_bounds__(kRowsPerTile)
 // sequential search, whose tie and NaN semantics are the CPU reference's.
 // ---------------------------------------------------------------------------------------------
 
-constexpr int kQueueCapacity = 2048;  // queue entries per round (more survivors: more rounds)
+constexpr int kQueueCapacity = 4096;  // queue entries per round (more survivors: more rounds)
 constexpr int kStagePitch = 20;       // floats per staged row (16 + padding: no bank conflicts)
 
 // Orders floats as unsigned integers (-0 and +0 taken as equal, NaN above +Inf).
@@ -209,8 +209,8 @@ __device__ unsigned long long CandidateKey(float objective, uint32_t index) {
 struct PrunedTileShared {
   float h[kBlockSize * kBlockSize];
   HessianBlockBounds bounds;
-  HessianBlockScreen screen;  // valid = 0: no second screen (squared error, or S unsuitable)
-  float q[kNumScaleCandidates];                     // sweep candidates: q_k = f_k * s2
+  HessianBlockScreen screen;     // valid = 0: no second screen (squared error, or S unsuitable)
+  float q[kNumScaleCandidates];  // sweep candidates: q_k = f_k * s2
   float q_reciprocal[kNumScaleCandidates];          // SharedReciprocal(q_k)
   float d_unit[kNumScaleCandidates];                // f_k * s2 in error units
   alignas(16) float w[kRowsPerTile * kStagePitch];  // read as float4
@@ -220,7 +220,7 @@ struct PrunedTileShared {
   int warp_total[kRowsPerTile / 32];
   int non_finite[kRowsPerTile];
   double scratch[kRowsPerTile];
-  uint32_t refined[kRowsPerTile][4];  // ScreenSurvivors' result per row
+  uint32_t refined[kRowsPerTile][4];    // ScreenSurvivors' result per row
   float square_sum_unit[kRowsPerTile];  // the rows' BlockPruning sums, for the second screen
   float abs_sum_unit[kRowsPerTile];
   alignas(16) float screen_w[kRowsPerTile][2 * kScreenElements];  // w_M, then w_M in units
@@ -513,16 +513,19 @@ struct RowState {
   uint8_t shared_reciprocal;  // every weight passes SharedReciprocalDividend
 };
 
-#ifndef NVFP4CAL_PRUNED_MIN_BLOCKS
-#define NVFP4CAL_PRUNED_MIN_BLOCKS 4
-#endif
-#ifndef NVFP4CAL_SCREEN_PHASES
-#define NVFP4CAL_SCREEN_PHASES 3
-#endif
-__global__ void __launch_bounds__(kRowsPerTile, NVFP4CAL_PRUNED_MIN_BLOCKS)
+// The tile's shared data (about 55 KiB: above the 48 KiB of static shared memory, so dynamic;
+// four tiles still fit an SM).
+struct PrunedKernelShared {
+  PrunedTileShared tile;
+  RowState rows[kRowsPerTile];
+};
+
+__global__ void __launch_bounds__(kRowsPerTile, 4)
     QuantizeTilesPrunedKernel(const DeviceSlice* slices, const Tile* tiles, TileStats* tile_stats) {
-  __shared__ PrunedTileShared sh;
-  __shared__ RowState rows[kRowsPerTile];
+  extern __shared__ __align__(16) unsigned char dynamic_shared[];
+  PrunedKernelShared& shared = *reinterpret_cast<PrunedKernelShared*>(dynamic_shared);
+  PrunedTileShared& sh = shared.tile;
+  RowState* rows = shared.rows;
   const Tile tile = tiles[blockIdx.x];
   const DeviceSlice s = slices[tile.slice];
   const bool has_hessian = s.hessians != nullptr;
@@ -624,7 +627,7 @@ __global__ void __launch_bounds__(kRowsPerTile, NVFP4CAL_PRUNED_MIN_BLOCKS)
     return !ScreenCannotWin(sh.screen, LoadScreenRow(sh, r), sh.square_sum_unit[r],
                             sh.abs_sum_unit[r], sh.bounds.abs_norm, quotient, d_unit, threshold);
   };
-  if (screen && (NVFP4CAL_SCREEN_PHASES & 1)) {
+  if (screen) {
     ScreenSurvivors(sweep_mask, sh, [&](int r, uint32_t k) {
       return screen_keeps(r, sh.q[k], sh.d_unit[k], rows[r].sweep_objective);
     });
@@ -693,11 +696,11 @@ __global__ void __launch_bounds__(kRowsPerTile, NVFP4CAL_PRUNED_MIN_BLOCKS)
     sh.best[threadIdx.x] = CandidateKey(state.sweep_objective, 0);
     sh.non_finite[threadIdx.x] = 0;
     __syncthreads();
-    if (dss_queued && screen && (NVFP4CAL_SCREEN_PHASES & 2)) {
+    if (dss_queued && screen) {
       ScreenSurvivors(dss_mask, sh, [&](int r, uint32_t j) {
         const int k = rows[r].dss_k_begin + static_cast<int>(j) / betas;
-        return screen_keeps(r, s.dss_scales[k * betas + static_cast<int>(j) % betas],
-                            sh.d_unit[k], rows[r].sweep_objective);
+        return screen_keeps(r, s.dss_scales[k * betas + static_cast<int>(j) % betas], sh.d_unit[k],
+                            rows[r].sweep_objective);
       });
     }
     if (dss_queued) {
@@ -842,6 +845,9 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
           cudaStreamCreateWithFlags(&impl->owned_stream_, cudaStreamNonBlocking));
       impl->stream_ = impl->owned_stream_;
     }
+    NVFP4_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(QuantizeTilesPrunedKernel,
+                                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                    static_cast<int>(sizeof(PrunedKernelShared))));
     NVFP4_CUDA_RETURN_IF_ERROR(cudaEventCreate(&impl->start_));
     NVFP4_CUDA_RETURN_IF_ERROR(cudaEventCreate(&impl->stop_));
     return std::unique_ptr<CudaScaleSearch>(std::move(impl));
@@ -1089,8 +1095,8 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
     auto* stats_device = reinterpret_cast<TileStats*>(workspace_ + stats_at);
     const unsigned grid = static_cast<unsigned>(tiles.size());
     if (options_.search == CudaSearchAlgorithm::kPruned) {
-      QuantizeTilesPrunedKernel<<<grid, kRowsPerTile, 0, stream_>>>(slices_device, tiles_device,
-                                                                    stats_device);
+      QuantizeTilesPrunedKernel<<<grid, kRowsPerTile, sizeof(PrunedKernelShared), stream_>>>(
+          slices_device, tiles_device, stats_device);
     } else if (options_.search == CudaSearchAlgorithm::kEvents) {
       QuantizeTilesKernel<true>
           <<<grid, kRowsPerTile, 0, stream_>>>(slices_device, tiles_device, stats_device);

@@ -95,9 +95,8 @@ HessianBlockScreen ComputeHessianBlockScreen(const float* h, const HessianBlockB
   // M: the channels of highest precision 1 / (S^-1)_mm (first index on ties).
   int order[kN];
   for (int i = 0; i < kN; ++i) order[i] = i;
-  std::stable_sort(order, order + kN, [&](int a, int b) {
-    return bounds.precision[a] > bounds.precision[b];
-  });
+  std::stable_sort(order, order + kN,
+                   [&](int a, int b) { return bounds.precision[a] > bounds.precision[b]; });
   if (!(bounds.precision[order[kScreenElements - 1]] > 0.0f)) return out;  // S not safely PD
   // Elimination order: the other channels first (ascending), then M.
   int permutation[kN];

@@ -112,10 +112,10 @@ TEST(E2M1, RoundingByMagicAdditionMatchesRoundToValueOnEveryFloatThatMatters) {
       }
     }
   }
-  for (float y : {0.0f, -0.0f, 1e-45f, -1e-45f, 1e-38f, -1e-30f, 0.0039f, -0.0039f, 256.0f,
-                  -300.0f, 1.6777216e7f, 3.3554436e7f, -1e30f, 3.4e38f,
-                  std::numeric_limits<float>::infinity(),
-                  -std::numeric_limits<float>::infinity()}) {
+  for (float y :
+       {0.0f, -0.0f, 1e-45f, -1e-45f, 1e-38f, -1e-30f, 0.0039f, -0.0039f, 256.0f, -300.0f,
+        1.6777216e7f, 3.3554436e7f, -1e30f, 3.4e38f, std::numeric_limits<float>::infinity(),
+        -std::numeric_limits<float>::infinity()}) {
     EXPECT_EQ(FloatBits(RoundToE2M1ValueNotNaN(y)), FloatBits(RoundToE2M1Value(y))) << "y = " << y;
   }
 }

@@ -103,11 +103,10 @@ HardTensor MakeHardTensor(Kind kind, int64_t rows, int64_t cols, uint64_t seed) 
       for (int n = 0; n < 4; ++n) {
         const int k = std::clamp(k_max + static_cast<int>(rng.NextU64() % 4) - 2, 0, 125);
         const float f = ScaleCandidateValue(k);
-        const float q = rng.Uniform() < 0.5
-                            ? f * s2
-                            : DssQuantScale(DssBeta(static_cast<int>(rng.NextU64() % 21) - 10,
-                                                    0.05f),
-                                            amax, f);
+        const float q =
+            rng.Uniform() < 0.5
+                ? f * s2
+                : DssQuantScale(DssBeta(static_cast<int>(rng.NextU64() % 21) - 10, 0.05f), amax, f);
         float v = boundaries[rng.NextU64() % 7] * q;
         const int nudge = static_cast<int>(rng.NextU64() % 3) - 1;
         if (nudge != 0) v = std::nextafter(v, nudge > 0 ? 2.0f * v : 0.0f);
@@ -168,9 +167,9 @@ int64_t CompareWithCpu(const HardTensor& t, Method m, const QuantizedTensor& cpu
 }
 
 TEST_F(CudaScaleSearchTest, AgreesWithCpuOnAMillionBlocksPerMethodIncludingHardCases) {
-  const Kind kinds[] = {Kind::kTypical,         Kind::kSaturated, Kind::kZeroBlocks,
-                        Kind::kSubnormalScales, Kind::kTinyG,     Kind::kHugeG,
-                        Kind::kIllConditioned,  Kind::kBoundaryQuotients};
+  const Kind kinds[] = {
+      Kind::kTypical, Kind::kSaturated, Kind::kZeroBlocks,     Kind::kSubnormalScales,
+      Kind::kTinyG,   Kind::kHugeG,     Kind::kIllConditioned, Kind::kBoundaryQuotients};
   for (CudaScaleSearch* backend : {gpu_.get(), gpu_full_.get(), gpu_events_.get()})
     for (Method m : kMethods) {
       int64_t blocks = 0;
@@ -208,8 +207,8 @@ TEST_F(CudaScaleSearchTest, DssGridsInsideAndBeyondTheQueueMatchCpu) {
   };
   const Grid grids[] = {{1, 0.05f}, {1, 0.025f}, {3, 0.005f}};
   for (const Grid& g : grids) {
-    for (Kind kind : {Kind::kTypical, Kind::kSaturated, Kind::kIllConditioned,
-                      Kind::kBoundaryQuotients}) {
+    for (Kind kind :
+         {Kind::kTypical, Kind::kSaturated, Kind::kIllConditioned, Kind::kBoundaryQuotients}) {
       const HardTensor t = MakeHardTensor(kind, 200, 512, 500 + static_cast<uint64_t>(kind));
       QuantizeRequest r = RequestFor(t, Method::kDss);
       r.params.scale_neighbours = g.neighbours;

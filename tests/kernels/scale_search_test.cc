@@ -350,8 +350,8 @@ TEST(CandidatePruning, ScreenNeverExceedsTheQuadraticFormAndIsTightAtItsMinimise
         for (int j = 0; j < kScreenElements; ++j) {
           long double z = 0.0L;
           for (int i = j; i < kScreenElements; ++i) {
-            z += static_cast<long double>(screen.factor[i * (i + 1) / 2 + j]) *
-                 e[screen.element[i]];
+            z +=
+                static_cast<long double>(screen.factor[i * (i + 1) / 2 + j]) * e[screen.element[i]];
           }
           zz += z * z;
           ee += e[screen.element[j]] * e[screen.element[j]];

@@ -40,9 +40,9 @@ inline constexpr int kScreenElements = 8;
 inline constexpr int kScreenFactorSize = kScreenElements * (kScreenElements + 1) / 2;
 struct HessianBlockScreen {
   alignas(16) float factor[kScreenFactorSize + 4];  // L_MM, lower triangle row by row; padding
-  float kappa_squared;                  // 255 kappa^2, rounded up
-  uint8_t element[kScreenElements];     // M; row i of L_MM is element[i]
-  int32_t valid;                        // 0: S not positive definite, no screen
+  float kappa_squared;                              // 255 kappa^2, rounded up
+  uint8_t element[kScreenElements];                 // M; row i of L_MM is element[i]
+  int32_t valid;                                    // 0: S not positive definite, no screen
   int32_t padding;
 };
 // `bounds` are the block's ComputeHessianBlockBounds (M is chosen by their precisions).
