@@ -598,17 +598,27 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
       sh.square_sum_unit[threadIdx.x] = pruning.square_sum_unit;
       sh.abs_sum_unit[threadIdx.x] = pruning.abs_sum_unit;
       if (sh.screen.valid) StageScreenRow(sh, static_cast<int>(threadIdx.x));
+      // Candidates in descending k. Once element m is saturated (quotient above 5: code 6 here
+      // and, q being smaller, at every smaller k) with |w_m| >= 6.01 d (so |e_m| = |w_m| - 6 d
+      // and it only grows as d shrinks) and the candidate is pruned, every smaller k is pruned
+      // too: the rounding slack only shrinks with d, and every step of the bound is monotone in
+      // both. Most of the 126 candidates lie there (below the `max` method's scale).
+      bool below_pruned = false;
 #pragma unroll
-      for (int w = 0; w < kSweepWords; ++w) {
-        for (int bit = 0; bit < 32; ++bit) {
+      for (int w = kSweepWords - 1; w >= 0; --w) {
+        for (int bit = 31; bit >= 0 && !below_pruned; --bit) {
           const int k = w * 32 + bit;
           if (k >= kNumScaleCandidates || k == reference_k) continue;
           const float q = sh.q[k];
+          const float d_unit = sh.d_unit[k];
           const float quotient = shared_reciprocal && SharedReciprocalDivisor(q)
                                      ? QuotientWithReciprocal(pruning.w, q, sh.q_reciprocal[k])
                                      : pruning.w / q;
-          if (!CandidateCannotWinGivenQuotient(pruning, quotient, sh.d_unit[k], reference)) {
+          if (!CandidateCannotWinGivenQuotient(pruning, quotient, d_unit, reference)) {
             sweep_mask[w] |= 1u << bit;
+          } else if (fabsf(quotient) > 5.0f &&
+                     fabsf(pruning.w_unit) >= MulNoContract(6.01f, d_unit)) {
+            below_pruned = true;
           }
         }
       }
