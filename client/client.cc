@@ -379,6 +379,11 @@ class Client::Call {
     return absl::OkStatus();
   }
 
+  // What a Hessian of a tensor with `cols` inputs costs a session on the server: its diagonal
+  // blocks always, and for gptq the whole matrix too.
+  static int64_t HessianBlockBytes(int64_t cols) { return cols * 16 * 4; }
+  static int64_t FullHessianBytes(int64_t cols) { return cols * cols * 4; }
+
   // Whether the unit's new Hessians would take the session over the server's limits.
   bool ExceedsSessionLimits(const Unit& unit, const Session& session,
                             const v1::Limits& limits) const {
@@ -389,9 +394,8 @@ class Client::Call {
       const TensorJob& job = jobs_[j];
       if (job.hessian_key.empty() || session.hessians_sent.count(job.hessian_key) != 0) continue;
       if (!keys.insert(job.hessian_key).second) continue;
-      // The server keeps every Hessian's diagonal blocks, and gptq's whole matrix too.
-      block_bytes += job.weights.cols * 16 * 4;
-      if (SendsFullHessian(job)) full_bytes += job.weights.cols * job.weights.cols * 4;
+      block_bytes += HessianBlockBytes(job.weights.cols);
+      if (SendsFullHessian(job)) full_bytes += FullHessianBytes(job.weights.cols);
     }
     const int64_t max_blocks = limits.max_session_hessian_bytes();
     const int64_t max_full = limits.max_session_full_hessian_bytes();
@@ -452,13 +456,13 @@ class Client::Call {
     if (!session->stream->Write(request)) return false;
     if (define && full) {
       session->hessians_sent.insert(job.hessian_key);
-      session->hessian_bytes += cols * 16 * 4;
-      session->full_hessian_bytes += cols * cols * 4;
+      session->hessian_bytes += HessianBlockBytes(cols);
+      session->full_hessian_bytes += FullHessianBytes(cols);
       if (!SendFullHessian(session, job.full_hessian, upper, chunk_bytes)) return false;
     } else if (define) {
       session->hessians_sent.insert(job.hessian_key);
       const int64_t total = job.hessians.num_blocks * 256;
-      session->hessian_bytes += total * 4;
+      session->hessian_bytes += HessianBlockBytes(cols);
       const int64_t step = std::max<int64_t>(256, chunk_bytes / 4 / 256 * 256);
       for (int64_t offset = 0; offset < total; offset += step) {
         const int64_t n = std::min(step, total - offset);
@@ -472,8 +476,8 @@ class Client::Call {
     if (has_hessian && release) {
       // The server forgot it with this header; it no longer counts against the session.
       session->hessians_sent.erase(job.hessian_key);
-      session->hessian_bytes -= cols * 16 * 4;
-      if (full) session->full_hessian_bytes -= cols * cols * 4;
+      session->hessian_bytes -= HessianBlockBytes(cols);
+      if (full) session->full_hessian_bytes -= FullHessianBytes(cols);
     }
     const int64_t row_bytes = cols * DTypeSize(job.weights.dtype);
     const int64_t rows_per_chunk = std::max<int64_t>(1, chunk_bytes / row_bytes);

@@ -17,25 +17,6 @@
 namespace nvfp4cal {
 namespace {
 
-// One CPU gptq backend serving several workers (its plans are then shared too).
-class SharedGptq : public GptqBackend {
- public:
-  explicit SharedGptq(std::shared_ptr<GptqBackend> backend) : backend_(std::move(backend)) {}
-  std::string_view BackendName() const override { return backend_->BackendName(); }
-  absl::StatusOr<std::shared_ptr<const GptqPlan>> Prepare(const FullHessianView& hessian,
-                                                          const SearchParams& params) override {
-    return backend_->Prepare(hessian, params);
-  }
-  absl::Status QuantizeRows(const GptqPlan& plan, const WeightView& weights, float global_amax,
-                            int64_t row_begin, int64_t row_end, RowRangeOutput output,
-                            TensorStats* stats) override {
-    return backend_->QuantizeRows(plan, weights, global_amax, row_begin, row_end, output, stats);
-  }
-
- private:
-  std::shared_ptr<GptqBackend> backend_;
-};
-
 // CUDA tensors in flight in-process (each stream holds a workspace of the default budget).
 constexpr int kCudaStreams = 3;
 
@@ -45,9 +26,10 @@ constexpr int kCudaStreams = 3;
 // threads.
 class LocalQuantizer : public Quantizer {
  public:
-  // gptq[i] serves the worker of searches[i] (all of one kind: plans are shared between them).
+  // gptq[i] serves the worker of searches[i] (all of one kind: plans are shared between them;
+  // one CPU backend may serve every worker).
   LocalQuantizer(std::vector<std::unique_ptr<ScaleSearch>> searches,
-                 std::vector<std::unique_ptr<GptqBackend>> gptq, std::string description)
+                 std::vector<std::shared_ptr<GptqBackend>> gptq, std::string description)
       : searches_(std::move(searches)),
         gptq_(std::move(gptq)),
         description_(std::move(description)) {}
@@ -152,7 +134,7 @@ class LocalQuantizer : public Quantizer {
   };
 
   std::vector<std::unique_ptr<ScaleSearch>> searches_;
-  std::vector<std::unique_ptr<GptqBackend>> gptq_;
+  std::vector<std::shared_ptr<GptqBackend>> gptq_;
   std::string description_;
   absl::Mutex plans_mu_;
   std::map<const float*, PlanEntry> plans_;
@@ -188,7 +170,7 @@ absl::StatusOr<std::unique_ptr<Quantizer>> MakeLocalQuantizer(
       if (!streams.empty()) {
         // gptq on the same device, one backend per stream; the CPU's for every stream when
         // the CUDA gptq backend is not available (plans must be of one kind).
-        std::vector<std::unique_ptr<GptqBackend>> gptq;
+        std::vector<std::shared_ptr<GptqBackend>> gptq;
         std::string gptq_note;
         for (size_t s = 0; s < streams.size(); ++s) {
           CudaGptqOptions cuda;
@@ -202,10 +184,9 @@ absl::StatusOr<std::unique_ptr<Quantizer>> MakeLocalQuantizer(
           gptq.push_back(*std::move(g));
         }
         if (gptq.empty()) {
-          std::shared_ptr<GptqBackend> cpu(
-              MakeCpuGptq(CpuGptqOptions{options.cpu_threads, 16, true}));
-          for (size_t s = 0; s < streams.size(); ++s)
-            gptq.push_back(std::make_unique<SharedGptq>(cpu));
+          std::shared_ptr<GptqBackend> cpu =
+              MakeCpuGptq(CpuGptqOptions{options.cpu_threads, 16, true});
+          gptq.assign(streams.size(), cpu);
         }
         std::string description = absl::StrCat("in-process cuda (", name, ", ", streams.size(),
                                                " streams", gptq_note, ")");
@@ -227,7 +208,7 @@ std::unique_ptr<Quantizer> MakeLocalQuantizer(std::unique_ptr<ScaleSearch> searc
                                               std::string description, int gptq_threads) {
   std::vector<std::unique_ptr<ScaleSearch>> searches;
   searches.push_back(std::move(search));
-  std::vector<std::unique_ptr<GptqBackend>> gptq;
+  std::vector<std::shared_ptr<GptqBackend>> gptq;
   gptq.push_back(MakeCpuGptq(CpuGptqOptions{gptq_threads, 16, true}));
   return std::make_unique<LocalQuantizer>(std::move(searches), std::move(gptq),
                                           std::move(description));

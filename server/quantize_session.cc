@@ -169,14 +169,13 @@ absl::Status QuantizeSession::HandleHeader(const v1::TensorHeader& header) {
                         "max_buffered_tensor_bytes = %d (send global_amax to stream it)",
                         header.name(), spec->WeightBytes(), limits.max_buffered_tensor_bytes));
   }
-  if (spec->params.method == Method::kGptq &&
-      spec->WeightBytes() > limits.max_buffered_tensor_bytes) {
+  const bool gptq = spec->params.method == Method::kGptq;
+  if (gptq && spec->WeightBytes() > limits.max_buffered_tensor_bytes) {
     return absl::ResourceExhaustedError(absl::StrFormat(
         "gptq tensor '%s' is buffered whole (its rows run together): %d bytes exceed "
         "max_buffered_tensor_bytes = %d",
         header.name(), spec->WeightBytes(), limits.max_buffered_tensor_bytes));
   }
-  const bool gptq = spec->params.method == Method::kGptq;
   if (gptq && header.cols() > kMaxGptqColumns) {
     return absl::InvalidArgumentError(
         absl::StrFormat("header.cols = %d of gptq tensor '%s' exceeds the gptq limit %d",

@@ -58,16 +58,14 @@ constexpr int kUpdateDepth = 16;  // errors staged in shared memory per step
 // enough that threads created with a small fixed stack (the metrics endpoint's HTTP server)
 // fail to start; a dlopen'ed library's TLS is allocated per thread on demand instead.
 struct MathLibraries {
-#define NVFP4_MATH_FUNCTIONS(X)                                                         \
-  X(cublasCreate_v2)                                                                    \
-  X(cublasDestroy_v2)                                                                   \
-  X(cublasSetStream_v2)                                                                 \
-  X(cublasSetMathMode)                                                                  \
-  X(cublasSgemm_v2)                                                                     \
-  X(cublasDgemm_v2) X(cublasDdot_v2) X(cublasGetStatusString) X(cusolverDnCreate)       \
-      X(cusolverDnDestroy) X(cusolverDnSetStream) X(cusolverDnCreateParams)             \
-          X(cusolverDnDestroyParams) X(cusolverDnXpotrf_bufferSize) X(cusolverDnXpotrf) \
-              X(cusolverDnXtrtri_bufferSize) X(cusolverDnXtrtri)
+// clang-format off
+#define NVFP4_MATH_FUNCTIONS(X)                                                                    \
+  X(cublasCreate_v2) X(cublasDestroy_v2) X(cublasSetStream_v2) X(cublasSetMathMode)               \
+  X(cublasSgemm_v2) X(cublasDgemm_v2) X(cublasDdot_v2)                                            \
+  X(cusolverDnCreate) X(cusolverDnDestroy) X(cusolverDnSetStream) X(cusolverDnCreateParams)       \
+  X(cusolverDnDestroyParams) X(cusolverDnXpotrf_bufferSize) X(cusolverDnXpotrf)                  \
+  X(cusolverDnXtrtri_bufferSize) X(cusolverDnXtrtri)
+// clang-format on
 #define NVFP4_DECLARE(name) decltype(&::name) name = nullptr;
   NVFP4_MATH_FUNCTIONS(NVFP4_DECLARE)
 #undef NVFP4_DECLARE

@@ -252,14 +252,13 @@ __device__ int BlockExclusiveScan(int count, PrunedTileShared& sh, int* total) {
 // row, the smallest (objective, index) key in sh.best. `mask` holds this thread's survivors
 // (bit j of word j / 32 = visiting index j); `evaluate(row, index)` returns the objective.
 template <int kWords, class Visit>
-__device__ void ForEachSurvivor(const uint32_t (&mask)[kWords], PrunedTileShared& sh,
-                                int64_t* counted, const Visit& visit) {
+__device__ int ForEachSurvivor(const uint32_t (&mask)[kWords], PrunedTileShared& sh,
+                               const Visit& visit) {
   int count = 0;
 #pragma unroll
   for (int w = 0; w < kWords; ++w) count += __popc(mask[w]);
   int total = 0;
   const int first = BlockExclusiveScan(count, sh, &total);
-  *counted += total;
   for (int base = 0; base < total; base += kQueueCapacity) {
     // Write this thread's entries whose queue position falls into the round.
     int position = first;
@@ -285,6 +284,7 @@ __device__ void ForEachSurvivor(const uint32_t (&mask)[kWords], PrunedTileShared
     visit(begin, min(entries, begin + per_thread));
     __syncthreads();
   }
+  return total;
 }
 
 // Evaluates every surviving candidate of the tile with the canonical objective and keeps, per
@@ -293,7 +293,7 @@ __device__ void ForEachSurvivor(const uint32_t (&mask)[kWords], PrunedTileShared
 template <int kWords, class Evaluate>
 __device__ void EvaluateSurvivors(const uint32_t (&mask)[kWords], PrunedTileShared& sh,
                                   int64_t* evaluated, const Evaluate& evaluate) {
-  ForEachSurvivor(mask, sh, evaluated, [&](int begin, int end) {
+  *evaluated += ForEachSurvivor(mask, sh, [&](int begin, int end) {
     // A thread publishes its running minimum once per row instead of once per entry.
     int current_row = -1;
     unsigned long long current_min = ~0ull;
@@ -322,8 +322,7 @@ template <int kWords, class Keep>
 __device__ void ScreenSurvivors(uint32_t (&mask)[kWords], PrunedTileShared& sh, const Keep& keep) {
 #pragma unroll
   for (int w = 0; w < kWords; ++w) sh.refined[threadIdx.x][w] = 0u;
-  int64_t screened = 0;
-  ForEachSurvivor(mask, sh, &screened, [&](int begin, int end) {
+  ForEachSurvivor(mask, sh, [&](int begin, int end) {
     for (int e = begin; e < end; ++e) {
       const uint32_t entry = sh.queue[e];
       const int row = static_cast<int>(entry >> 16);
@@ -366,6 +365,11 @@ __device__ __forceinline__ float QuotientWithReciprocal(float w, float q, float 
   const float q0 = __fmaf_rn(w, y, 0.0f);
   const float r = __fmaf_rn(-q, q0, w);
   return __fmaf_rn(y, r, q0);
+}
+
+// w / q as the IEEE division rounds it: from the reciprocal y when `shared` (guards passed).
+__device__ __forceinline__ float Quotient(float w, float q, float y, bool shared) {
+  return shared ? QuotientWithReciprocal(w, q, y) : w / q;
 }
 
 // CandidateObjective, bit for bit, with the quotients from a shared reciprocal when `shared`
@@ -434,14 +438,9 @@ __device__ __forceinline__ bool ScreenCannotWin(const HessianBlockScreen& screen
   }
   const float schur = MulNoContract(zz, (255.0f / 256.0f) * (1.0f - 0x1p-20f)) -
                       MulNoContract(screen.kappa_squared, ee) * (1.0f + 0x1p-20f);
-  // The canonical objective's rounding, as in CandidateCannotWin.
-  const float norm_bound =
-      AddNoContract(AddNoContract(square_sum_unit, MulNoContract(12.0f * d_unit, abs_sum_unit)),
-                    MulNoContract(576.0f * d_unit, d_unit));
-  const float lower =
-      schur * (1.0f - kBoundRelativeMargin) -
-      MulNoContract(kObjectiveRoundingSlack * abs_norm, norm_bound) * (1.0f + kBoundRelativeMargin);
-  return lower > threshold && lower < 3.0e38f;
+  return BoundExceedsThreshold(
+      schur, CanonicalRoundingAllowance(square_sum_unit, abs_sum_unit, abs_norm, d_unit),
+      threshold);
 }
 
 // The staged block of another row of the tile, as QuantizeBlock prepared it.
@@ -611,9 +610,8 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
           if (k >= kNumScaleCandidates || k == reference_k) continue;
           const float q = sh.q[k];
           const float d_unit = sh.d_unit[k];
-          const float quotient = shared_reciprocal && SharedReciprocalDivisor(q)
-                                     ? QuotientWithReciprocal(pruning.w, q, sh.q_reciprocal[k])
-                                     : pruning.w / q;
+          const float quotient = Quotient(pruning.w, q, sh.q_reciprocal[k],
+                                          shared_reciprocal && SharedReciprocalDivisor(q));
           if (!CandidateCannotWinGivenQuotient(pruning, quotient, d_unit, reference)) {
             sweep_mask[w] |= 1u << bit;
           } else if (fabsf(quotient) > 5.0f &&
@@ -686,9 +684,9 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
         int beta = (w * 32) % betas;
         for (int bit = 0; bit < 32 && w * 32 + bit < count; ++bit) {
           const float dq = s.dss_scales[k * betas + beta];
-          const float quotient = state.shared_reciprocal && SharedReciprocalDivisor(dq)
-                                     ? QuotientWithReciprocal(pruning.w, dq, SharedReciprocal(dq))
-                                     : pruning.w / dq;
+          const bool shared = state.shared_reciprocal && SharedReciprocalDivisor(dq);
+          const float quotient =
+              Quotient(pruning.w, dq, shared ? SharedReciprocal(dq) : 0.0f, shared);
           if (!CandidateCannotWinGivenQuotient(pruning, quotient, sh.d_unit[k], sweep.objective)) {
             bits |= 1u << bit;
           }
@@ -706,21 +704,26 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
     sh.best[threadIdx.x] = CandidateKey(state.sweep_objective, 0);
     sh.non_finite[threadIdx.x] = 0;
     __syncthreads();
+    // Row r's DSS candidate j: its stored-scale index k and quantization scale q.
+    auto dss_candidate = [&](int r, uint32_t j, int* k) {
+      *k = rows[r].dss_k_begin + static_cast<int>(j) / betas;
+      return s.dss_scales[*k * betas + static_cast<int>(j) % betas];
+    };
     if (dss_queued && screen) {
       ScreenSurvivors(dss_mask, sh, [&](int r, uint32_t j) {
-        const int k = rows[r].dss_k_begin + static_cast<int>(j) / betas;
-        return screen_keeps(r, s.dss_scales[k * betas + static_cast<int>(j) % betas], sh.d_unit[k],
-                            rows[r].sweep_objective);
+        int k = 0;
+        const float q = dss_candidate(r, j, &k);
+        return screen_keeps(r, q, sh.d_unit[k], rows[r].sweep_objective);
       });
     }
     if (dss_queued) {
       EvaluateSurvivors(dss_mask, sh, &evaluated, [&](int r, uint32_t j) {
         ScaledBlock other;
         LoadStagedBlock(sh, r, global_amax, global_scale, global_scale_unit, &other);
-        const int k = rows[r].dss_k_begin + static_cast<int>(j) / betas;
+        int k = 0;
+        const float q = dss_candidate(r, j, &k);
         // dss always has Hessians: sh.h directly, not the nullable h (whose select made the
         // compiler address H element by element).
-        const float q = s.dss_scales[k * betas + static_cast<int>(j) % betas];
         return QueuedCandidateObjective(other, q, sh.d_unit[k], sh.h,
                                         rows[r].shared_reciprocal && SharedReciprocalDivisor(q));
       });

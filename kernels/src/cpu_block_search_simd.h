@@ -143,9 +143,7 @@ NVFP4_SIMD void EvaluateCandidates(Vec16 w, Vec16 w_unit, const float* q, const 
 // CandidateCannotWin for 16 candidates at once (q[c], d_unit[c]) against one threshold: bit c
 // of the result is set when candidate c provably cannot win. Pruning only needs to be valid,
 // not identical to the scalar test, so a fixed threshold (weaker than the running best) is fine.
-NVFP4_SIMD uint32_t CannotWinMask(const ScaledBlock& b, const BlockPruning& p, Vec16 q,
-                                  Vec16 d_unit, float threshold) {
-  (void)b;  // the element's values are in p
+NVFP4_SIMD uint32_t CannotWinMask(const BlockPruning& p, Vec16 q, Vec16 d_unit, float threshold) {
   if (p.bounds == nullptr) return 0;
   const float precision = p.precision;
   if (!(precision > 0.0f) || !(threshold < 3.0e38f)) return 0;
@@ -214,7 +212,7 @@ NVFP4_SIMD SweepChoice SweepScaleCandidates(const ScaledBlock& b, const Candidat
         const float bar = best.candidate < 0
                               ? threshold
                               : (best.objective < threshold ? best.objective : threshold);
-        pruned = CannotWinMask(b, pruning, Load(&scales.d[k]), Load(&scales.d_unit[k]), bar);
+        pruned = CannotWinMask(pruning, Load(&scales.d[k]), Load(&scales.d_unit[k]), bar);
       }
       if ((pruned >> (k % 16)) & 1u) continue;
       pending.q[pending.count] = scales.d[k];
@@ -245,7 +243,7 @@ NVFP4_SIMD DssChoice DecoupledScaleSearch(const ScaledBlock& b, const CandidateS
     const Vec16 d_unit = Splat(scales.d_unit[k]);
     uint32_t pruned = 0;
     for (int i = 0; i < betas; ++i) {
-      if (i % 16 == 0) pruned = CannotWinMask(b, pruning, Load(q + i), d_unit, best.objective);
+      if (i % 16 == 0) pruned = CannotWinMask(pruning, Load(q + i), d_unit, best.objective);
       if ((pruned >> (i % 16)) & 1u) continue;
       pending.q[pending.count] = q[i];
       pending.d_unit[pending.count] = scales.d_unit[k];

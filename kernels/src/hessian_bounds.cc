@@ -22,6 +22,23 @@ float RoundUp(double v) {
   return f;
 }
 
+// Cholesky a = L L^T in double (lower triangle of l; l must be zero-initialised). False when a
+// pivot is not above min_pivot.
+bool Cholesky(const double (&a)[kN][kN], double min_pivot, double (&l)[kN][kN]) {
+  for (int j = 0; j < kN; ++j) {
+    double d = a[j][j];
+    for (int k = 0; k < j; ++k) d -= l[j][k] * l[j][k];
+    if (!(d > min_pivot)) return false;
+    l[j][j] = std::sqrt(d);
+    for (int i = j + 1; i < kN; ++i) {
+      double v = a[i][j];
+      for (int k = 0; k < j; ++k) v -= l[i][k] * l[j][k];
+      l[i][j] = v / l[j][j];
+    }
+  }
+  return true;
+}
+
 }  // namespace
 
 HessianBlockBounds ComputeHessianBlockBounds(const float* h) {
@@ -45,17 +62,7 @@ HessianBlockBounds ComputeHessianBlockBounds(const float* h) {
 
   // Cholesky S = L L^T.
   double l[kN][kN] = {};
-  for (int j = 0; j < kN; ++j) {
-    double d = s[j][j];
-    for (int k = 0; k < j; ++k) d -= l[j][k] * l[j][k];
-    if (!(d > kMinRelativePivot * max_diagonal)) return bounds;  // precision stays 0
-    l[j][j] = std::sqrt(d);
-    for (int i = j + 1; i < kN; ++i) {
-      double v = s[i][j];
-      for (int k = 0; k < j; ++k) v -= l[i][k] * l[j][k];
-      l[i][j] = v / l[j][j];
-    }
-  }
+  if (!Cholesky(s, kMinRelativePivot * max_diagonal, l)) return bounds;  // precision stays 0
   // (S^-1)_mm = sum_k (L^-1)_km^2; columns of L^-1 by forward substitution.
   for (int m = 0; m < kN; ++m) {
     double x[kN] = {};
@@ -125,17 +132,7 @@ HessianBlockScreen ComputeHessianBlockScreen(const float* h, const HessianBlockB
     }
   }
   double l[kN][kN] = {};
-  for (int j = 0; j < kN; ++j) {
-    double d = a[j][j];
-    for (int k = 0; k < j; ++k) d -= l[j][k] * l[j][k];
-    if (!(d > 0.0)) return out;
-    l[j][j] = std::sqrt(d);
-    for (int i = j + 1; i < kN; ++i) {
-      double v = a[i][j];
-      for (int k = 0; k < j; ++k) v -= l[i][k] * l[j][k];
-      l[i][j] = v / l[j][j];
-    }
-  }
+  if (!Cholesky(a, 0.0, l)) return out;
   constexpr int kFirst = kN - kScreenElements;
   double frobenius = 0.0;
   int at = 0;

@@ -145,22 +145,42 @@ struct HessianBlockBounds {
 inline constexpr float kBoundRelativeMargin = 1e-5f;
 inline constexpr float kObjectiveRoundingSlack = 1e-5f;
 
-// Per block: the element whose bound bites hardest and what bounds |e|^2 for any candidate.
+// Per block: the element m whose bound bites hardest (argmax precision_i * w_i^2, first on ties)
+// and what bounds |e|^2 for any candidate. m's values are copied so that the per-candidate test
+// never indexes the block (on the GPU that index went to local memory).
 struct BlockPruning {
   const HessianBlockBounds* bounds;  // null: no pruning
-  int element;                       // m = argmax precision_i * w_i^2 (first on ties)
   float abs_sum_unit;                // sum |w_i| in error units
   float square_sum_unit;             // sum w_i^2 in error units
-  float w;                           // w_m, w_m in error units and precision_m: copied so that
-  float w_unit;                      // the per-candidate test never indexes the block (on the
-  float precision;                   // GPU that index went to local memory)
+  float w;                           // w_m
+  float w_unit;                      // w_m in error units
+  float precision;                   // precision_m
 };
+
+// What the canonical objective's rounding may take off the exact e^T S e of any candidate with
+// dequantization scale d_unit: |e_i| <= |w_i| + 6 d for every element, so
+// |e|^2 <= sum w^2 + 12 d sum |w| + 576 d^2, times kObjectiveRoundingSlack * abs_norm.
+NVFP4_HD float CanonicalRoundingAllowance(float square_sum_unit, float abs_sum_unit, float abs_norm,
+                                          float d_unit) {
+  const float norm_bound =
+      AddNoContract(AddNoContract(square_sum_unit, MulNoContract(12.0f * d_unit, abs_sum_unit)),
+                    MulNoContract(576.0f * d_unit, d_unit));
+  return MulNoContract(kObjectiveRoundingSlack * abs_norm, norm_bound);
+}
+
+// True when `bound` (a lower bound of e^T S e, computed in fp32), less the canonical rounding
+// `allowance`, provably exceeds `threshold`: the candidate can neither win nor tie.
+NVFP4_HD bool BoundExceedsThreshold(float bound, float allowance, float threshold) {
+  const float lower =
+      bound * (1.0f - kBoundRelativeMargin) - allowance * (1.0f + kBoundRelativeMargin);
+  return lower > threshold && lower < 3.0e38f;
+}
 
 NVFP4_HD BlockPruning MakeBlockPruning(const ScaledBlock& b, const HessianBlockBounds* bounds) {
   // The element with the largest precision_m * w_m^2 (its saturation or rounding error is
   // weighted most): on inputs whose largest weight sits in a low-precision channel, the largest
   // |w| alone leaves a third more candidates standing.
-  BlockPruning p{bounds, 0, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  BlockPruning p{bounds, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   float strongest = -1.0f;
   for (int i = 0; i < kBlockSize; ++i) {
     const float a = std::fabs(b.w_unit[i]);
@@ -168,7 +188,6 @@ NVFP4_HD BlockPruning MakeBlockPruning(const ScaledBlock& b, const HessianBlockB
     const float weight = MulNoContract(MulNoContract(a, a), precision);
     if (weight > strongest) {
       strongest = weight;
-      p.element = i;
       p.w = b.w[i];
       p.w_unit = b.w_unit[i];
       p.precision = precision;
@@ -187,20 +206,13 @@ NVFP4_HD bool CandidateCannotWinGivenQuotient(const BlockPruning& p, float quoti
   if (!(precision > 0.0f) || !(threshold < 3.0e38f)) return false;
   // e_m exactly as the full evaluation computes it.
   const float e = ElementError(p.w_unit, RoundToE2M1Value(quotient), d_unit);
-  // |e_i| <= |w_i| + 6 d for every element, so |e|^2 <= sum w^2 + 12 d sum |w| + 576 d^2.
-  const float norm_bound =
-      AddNoContract(AddNoContract(p.square_sum_unit, MulNoContract(12.0f * d_unit, p.abs_sum_unit)),
-                    MulNoContract(576.0f * d_unit, d_unit));
-  const float lower =
-      MulNoContract(MulNoContract(e, e), precision) * (1.0f - kBoundRelativeMargin) -
-      MulNoContract(kObjectiveRoundingSlack * p.bounds->abs_norm, norm_bound) *
-          (1.0f + kBoundRelativeMargin);
-  return lower > threshold && lower < 3.0e38f;
+  return BoundExceedsThreshold(
+      MulNoContract(MulNoContract(e, e), precision),
+      CanonicalRoundingAllowance(p.square_sum_unit, p.abs_sum_unit, p.bounds->abs_norm, d_unit),
+      threshold);
 }
 
-NVFP4_HD bool CandidateCannotWin(const ScaledBlock& b, const BlockPruning& p, float q, float d_unit,
-                                 float threshold) {
-  (void)b;  // the element's values are in p
+NVFP4_HD bool CandidateCannotWin(const BlockPruning& p, float q, float d_unit, float threshold) {
   return p.bounds != nullptr && CandidateCannotWinGivenQuotient(p, p.w / q, d_unit, threshold);
 }
 
@@ -223,7 +235,7 @@ NVFP4_HD SweepChoice SweepScaleCandidates(const ScaledBlock& b, const float* h,
     const float d_unit = MulNoContract(f, b.global_scale_unit);
     const float bar =
         best.candidate < 0 ? threshold : (best.objective < threshold ? best.objective : threshold);
-    if (CandidateCannotWin(b, pruning, q, d_unit, bar)) continue;
+    if (CandidateCannotWin(pruning, q, d_unit, bar)) continue;
     const float objective = CandidateObjective(b, q, d_unit, h);
     if (best.candidate < 0 || objective < best.objective) best = SweepChoice{k, objective};
   }
@@ -232,7 +244,7 @@ NVFP4_HD SweepChoice SweepScaleCandidates(const ScaledBlock& b, const float* h,
 
 // The full sweep, without pruning.
 NVFP4_HD SweepChoice SweepScaleCandidates(const ScaledBlock& b, const float* h) {
-  const BlockPruning none{nullptr, 0, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  const BlockPruning none{nullptr, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   return SweepScaleCandidates(b, h, none, 0.0f);
 }
 
@@ -301,14 +313,13 @@ NVFP4_HD DssChoice DecoupledScaleSearch(const ScaledBlock& b, const float* h, Sw
                                         DssGrid grid, const BlockPruning& pruning) {
   return VisitDssCandidates(b, start, grid, [&](float q, float d_unit, float bar) {
     // A candidate that cannot beat the best so far is skipped (reported as `bar`: no change).
-    return CandidateCannotWin(b, pruning, q, d_unit, bar) ? bar
-                                                          : CandidateObjective(b, q, d_unit, h);
+    return CandidateCannotWin(pruning, q, d_unit, bar) ? bar : CandidateObjective(b, q, d_unit, h);
   });
 }
 
 NVFP4_HD DssChoice DecoupledScaleSearch(const ScaledBlock& b, const float* h, SweepChoice start,
                                         DssGrid grid) {
-  const BlockPruning none{nullptr, 0, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  const BlockPruning none{nullptr, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   return DecoupledScaleSearch(b, h, start, grid, none);
 }
 
