@@ -222,7 +222,7 @@ struct PrunedTileShared {
   double scratch[kRowsPerTile];
   uint32_t refined[kRowsPerTile][4];    // ScreenSurvivors' result per row
   float square_sum_unit[kRowsPerTile];  // the rows' BlockPruning sums, for the second screen
-  float abs_sum_unit[kRowsPerTile];
+  float amax_unit[kRowsPerTile];
   alignas(16) float screen_w[kRowsPerTile][2 * kScreenElements];  // w_M, then w_M in units
 };
 
@@ -403,9 +403,9 @@ struct ScreenRow {
 template <class Quotient>
 __device__ __forceinline__ bool ScreenCannotWin(const HessianBlockScreen& screen,
                                                 const ScreenRow& row, float square_sum_unit,
-                                                float abs_sum_unit, float abs_norm,
-                                                const Quotient& quotient, float d_unit,
-                                                float threshold) {
+                                                float amax_unit, float abs_norm,
+                                                const Quotient& quotient, float q_unit,
+                                                float d_unit, float threshold) {
   if (!(threshold < 3.0e38f)) return false;
   float e[kScreenElements];
 #pragma unroll
@@ -438,9 +438,11 @@ __device__ __forceinline__ bool ScreenCannotWin(const HessianBlockScreen& screen
   }
   const float schur = MulNoContract(zz, (255.0f / 256.0f) * (1.0f - 0x1p-20f)) -
                       MulNoContract(screen.kappa_squared, ee) * (1.0f + 0x1p-20f);
-  return BoundExceedsThreshold(
-      schur, CanonicalRoundingAllowance(square_sum_unit, abs_sum_unit, abs_norm, d_unit),
-      threshold);
+  // The allowance knows e_M; the other elements are bounded (UnsaturatedErrorBound).
+  const float allowance = CanonicalRoundingAllowance(abs_norm, amax_unit, square_sum_unit, ee,
+                                                     kBlockSize - kScreenElements,
+                                                     UnsaturatedErrorBound(q_unit, d_unit), d_unit);
+  return BoundExceedsThreshold(schur, allowance, threshold);
 }
 
 // The staged block of another row of the tile, as QuantizeBlock prepared it.
@@ -541,8 +543,8 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
       sh.screen = s.screens[tile.col_block];
     }
   }
-  const float global_scale_unit =
-      MulNoContract(global_scale, ErrorUnitInverse(ErrorUnitExponent(global_scale)));
+  const float unit_inverse = ErrorUnitInverse(ErrorUnitExponent(global_scale));
+  const float global_scale_unit = MulNoContract(global_scale, unit_inverse);
   if (threadIdx.x < kNumScaleCandidates) {
     const float f = ScaleCandidateValue(static_cast<int>(threadIdx.x));
     sh.q[threadIdx.x] = MulNoContract(f, global_scale);
@@ -595,13 +597,17 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
     if (searching) {
       const BlockPruning pruning = MakeBlockPruning(b, &sh.bounds);
       sh.square_sum_unit[threadIdx.x] = pruning.square_sum_unit;
-      sh.abs_sum_unit[threadIdx.x] = pruning.abs_sum_unit;
+      sh.amax_unit[threadIdx.x] = pruning.amax_unit;
       if (sh.screen.valid) StageScreenRow(sh, static_cast<int>(threadIdx.x));
       // Candidates in descending k. Once element m is saturated (quotient above 5: code 6 here
       // and, q being smaller, at every smaller k) with |w_m| >= 6.01 d (so |e_m| = |w_m| - 6 d
       // and it only grows as d shrinks) and the candidate is pruned, every smaller k is pruned
-      // too: the rounding slack only shrinks with d, and every step of the bound is monotone in
-      // both. Most of the 126 candidates lie there (below the `max` method's scale).
+      // too: the bound less the allowance is e_m^2 (precision_m - c) - c (15 r^2 + sum w^2)
+      // with c = kObjectiveRoundingSlack * abs_norm (CanonicalRoundingAllowance, margins
+      // aside), which grows as d shrinks (r = d here) wherever precision_m exceeds c with room
+      // for the margins. Most of the 126 candidates lie there (below the `max` method's scale).
+      const bool monotone_below =
+          pruning.precision > 2.0f * kObjectiveRoundingSlack * sh.bounds.abs_norm;
       bool below_pruned = false;
 #pragma unroll
       for (int w = kSweepWords - 1; w >= 0; --w) {
@@ -612,9 +618,9 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
           const float d_unit = sh.d_unit[k];
           const float quotient = Quotient(pruning.w, q, sh.q_reciprocal[k],
                                           shared_reciprocal && SharedReciprocalDivisor(q));
-          if (!CandidateCannotWinGivenQuotient(pruning, quotient, d_unit, reference)) {
+          if (!CandidateCannotWinGivenQuotient(pruning, quotient, q, d_unit, reference)) {
             sweep_mask[w] |= 1u << bit;
-          } else if (fabsf(quotient) > 5.0f &&
+          } else if (monotone_below && fabsf(quotient) > 5.0f &&
                      fabsf(pruning.w_unit) >= MulNoContract(6.01f, d_unit)) {
             below_pruned = true;
           }
@@ -632,8 +638,9 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
     if (!(rows[r].shared_reciprocal && SharedReciprocalDivisor(q))) return true;
     const float y = SharedReciprocal(q);
     auto quotient = [&](float v) { return QuotientWithReciprocal(v, q, y); };
-    return !ScreenCannotWin(sh.screen, LoadScreenRow(sh, r), sh.square_sum_unit[r],
-                            sh.abs_sum_unit[r], sh.bounds.abs_norm, quotient, d_unit, threshold);
+    return !ScreenCannotWin(sh.screen, LoadScreenRow(sh, r), sh.square_sum_unit[r], sh.amax_unit[r],
+                            sh.bounds.abs_norm, quotient, MulNoContract(q, unit_inverse), d_unit,
+                            threshold);
   };
   if (screen) {
     ScreenSurvivors(sweep_mask, sh, [&](int r, uint32_t k) {
@@ -687,7 +694,8 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
           const bool shared = state.shared_reciprocal && SharedReciprocalDivisor(dq);
           const float quotient =
               Quotient(pruning.w, dq, shared ? SharedReciprocal(dq) : 0.0f, shared);
-          if (!CandidateCannotWinGivenQuotient(pruning, quotient, sh.d_unit[k], sweep.objective)) {
+          if (!CandidateCannotWinGivenQuotient(pruning, quotient, dq, sh.d_unit[k],
+                                               sweep.objective)) {
             bits |= 1u << bit;
           }
           if (++beta == betas) {

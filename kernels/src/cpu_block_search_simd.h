@@ -148,10 +148,18 @@ NVFP4_SIMD uint32_t CannotWinMask(const BlockPruning& p, Vec16 q, Vec16 d_unit, 
   const float precision = p.precision;
   if (!(precision > 0.0f) || !(threshold < 3.0e38f)) return 0;
   const Vec16 e = Fma(-RoundToE2M1Value(p.w / q), d_unit, Splat(p.w_unit));
+  const Vec16 e_square = e * e;
+  // UnsaturatedErrorBound and CanonicalRoundingAllowance, lane by lane.
+  const Vec16 q_unit = q * p.unit_inverse;
+  const Vec16 distance =
+      reinterpret_cast<Vec16>(reinterpret_cast<Mask16>(q_unit - d_unit) & 0x7FFFFFFF);
+  const Vec16 r = Fma(Splat(6.0f), distance, Fma(q_unit, Splat(1.0f + 0x1p-20f), Splat(0x1p-140f)));
+  const Vec16 saturated =
+      MaskedConstant((6.0f * (1.0f - 0x1p-20f)) * d_unit < p.amax_unit, p.square_sum_unit);
   const Vec16 norm_bound =
-      (p.square_sum_unit + (12.0f * d_unit) * p.abs_sum_unit) + (576.0f * d_unit) * d_unit;
+      Fma(Splat(static_cast<float>(kBlockSize - 1)), r * r, e_square) + saturated;
   const Vec16 lower =
-      ((e * e) * precision) * (1.0f - kBoundRelativeMargin) -
+      (e_square * precision) * (1.0f - kBoundRelativeMargin) -
       ((kObjectiveRoundingSlack * p.bounds->abs_norm) * norm_bound) * (1.0f + kBoundRelativeMargin);
   const Mask16 prune = (lower > threshold) & (lower < 3.0e38f);
   uint32_t bits = 0;

@@ -323,6 +323,61 @@ TEST(CandidatePruning, BoundsOfTheIdentityAndOfSingularBlocks) {
   EXPECT_EQ(ComputeHessianBlockBounds(zero.data()).precision[3], 0.0f);
 }
 
+// The error bound behind the pruning's rounding allowance: for every element of every candidate
+// (sweep and DSS scales, wide beta grids), |e_i| <= max(|w_i| - 6 d, r) with r =
+// UnsaturatedErrorBound(q, d), up to the fused error's own rounding; and the allowance's norm
+// bound (16 unknown elements) covers sum e_i^2. Also at the ends of fp32: tiny (subnormal s2)
+// and huge global scales.
+TEST(CandidatePruning, ErrorBoundCoversEveryElementOfEveryCandidate) {
+  ExampleRng rng(33);
+  const DssGrid grid{3, 40, 0.0125f};  // beta in [0.5, 1.5]
+  int64_t checked = 0;
+  int64_t tight = 0;
+  for (int t = 0; t < 1400; ++t) {
+    RandomBlock b = MakeRandomBlock(rng, kAllKinds[t % 7], 50000 + static_cast<uint64_t>(t));
+    const float extra = t % 5 == 0 ? 1e-36f : (t % 5 == 1 ? 1e30f : 1.0f);
+    for (float& v : b.w) v = BFloat16ToFloat(FloatToBFloat16(v * extra));
+    float amax = 0.0f;
+    for (float v : b.w) amax = std::fmax(amax, std::fabs(v));
+    if (amax == 0.0f || !std::isfinite(amax)) continue;
+    const float g = amax;
+    const float s2 = GlobalScaleFromAmax(g);
+    ScaledBlock block;
+    PrepareScaledBlock(b.w.data(), g, s2, &block);
+    HessianBlockBounds unit_norm{};
+    unit_norm.abs_norm = 1.0f;
+    const BlockPruning p = MakeBlockPruning(block, &unit_norm);
+    for (int k = 0; k < kNumScaleCandidates; ++k) {
+      const float f = ScaleCandidateValue(k);
+      const float d_unit = MulNoContract(f, block.global_scale_unit);
+      for (int i = -grid.beta_steps - 1; i <= grid.beta_steps; ++i) {
+        // i = -beta_steps - 1 stands for the sweep's own q = d.
+        const float q = i < -grid.beta_steps ? MulNoContract(f, s2)
+                                             : DssQuantScale(DssBeta(i, grid.beta_step), g, f);
+        const float r = UnsaturatedErrorBound(MulNoContract(q, p.unit_inverse), d_unit);
+        double sum = 0.0;
+        for (int j = 0; j < kBlockSize; ++j) {
+          const float e = ElementError(block.w_unit[j], RoundToE2M1Value(block.w[j] / q), d_unit);
+          const double limit =
+              std::fmax(std::fabs(static_cast<double>(block.w_unit[j])) - 6.0 * d_unit,
+                        static_cast<double>(r));
+          ASSERT_LE(std::fabs(e), limit * (1.0 + 0x1p-23))
+              << "block " << t << " k " << k << " beta index " << i << " element " << j;
+          tight += std::fabs(e) > 0.5 * limit;
+          sum += static_cast<double>(e) * e;
+          ++checked;
+        }
+        const float allowance = CanonicalRoundingAllowance(1.0f, p.amax_unit, p.square_sum_unit,
+                                                           0.0f, kBlockSize, r, d_unit);
+        ASSERT_GE(static_cast<double>(allowance) * (1.0 + 1e-6), kObjectiveRoundingSlack * sum)
+            << "block " << t << " k " << k << " beta index " << i;
+      }
+    }
+  }
+  EXPECT_GT(checked, 10000000);
+  EXPECT_GT(tight, checked / 20) << "the bound is not vacuous";
+}
+
 // The CUDA search's Schur-complement screen: on random positive-definite blocks (well and badly
 // conditioned) and random error vectors, (255/256) |L_MM^T e_M|^2 - kappa^2 |e_M|^2 never
 // exceeds e^T S e, computed in long double; and it is tight (within 2%) for the e that

@@ -150,21 +150,38 @@ inline constexpr float kObjectiveRoundingSlack = 1e-5f;
 // never indexes the block (on the GPU that index went to local memory).
 struct BlockPruning {
   const HessianBlockBounds* bounds;  // null: no pruning
-  float abs_sum_unit;                // sum |w_i| in error units
+  float amax_unit;                   // max |w_i| in error units
   float square_sum_unit;             // sum w_i^2 in error units
+  float unit_inverse;                // 2^-E: q * unit_inverse is q in error units
   float w;                           // w_m
   float w_unit;                      // w_m in error units
   float precision;                   // precision_m
 };
 
-// What the canonical objective's rounding may take off the exact e^T S e of any candidate with
-// dequantization scale d_unit: |e_i| <= |w_i| + 6 d for every element, so
-// |e|^2 <= sum w^2 + 12 d sum |w| + 576 d^2, times kObjectiveRoundingSlack * abs_norm.
-NVFP4_HD float CanonicalRoundingAllowance(float square_sum_unit, float abs_sum_unit, float abs_norm,
+// What bounds the error of one element under any candidate (q, d), in error units (docs/numerics.md
+// §2): |e_i| <= max(|w_i| - 6 d, r) with r = q (1 + 2^-20) + 6 |q - d| + 2^-140. Below
+// saturation the code is within half a grid spacing (at most 1) of w / q, so |w - c q| <= q up
+// to the quotient's rounding, and c |q - d| <= 6 |q - d|; a saturated code (6) leaves |w| - 6 d,
+// or less than r where |w| < 6 d. For the sweep (q = d) r is d itself.
+NVFP4_HD float UnsaturatedErrorBound(float q_unit, float d_unit) {
+  return FusedMulAdd(6.0f, std::fabs(AddNoContract(q_unit, -d_unit)),
+                     FusedMulAdd(q_unit, 1.0f + 0x1p-20f, 0x1p-140f));
+}
+
+// What the canonical objective's rounding may take off the exact e^T S e of a candidate, given
+// the squared errors of some elements (`known_square`, exact up to fp32 rounding) and the bound
+// r = UnsaturatedErrorBound for the `unknown` others: sum_i e_i^2 <= known_square + unknown r^2
+// + sum_i max(|w_i| - 6 d, 0)^2, the last sum zero once 6 d >= max |w_i| and at most sum w_i^2
+// otherwise; times kObjectiveRoundingSlack * abs_norm.
+// amax_unit and square_sum_unit are BlockPruning's.
+NVFP4_HD float CanonicalRoundingAllowance(float abs_norm, float amax_unit, float square_sum_unit,
+                                          float known_square, float unknown, float r,
                                           float d_unit) {
+  // 6 (1 - 2^-20) d rounds to less than 6 d: "not below amax" then proves 6 d >= amax.
+  const float saturated =
+      MulNoContract(6.0f * (1.0f - 0x1p-20f), d_unit) < amax_unit ? square_sum_unit : 0.0f;
   const float norm_bound =
-      AddNoContract(AddNoContract(square_sum_unit, MulNoContract(12.0f * d_unit, abs_sum_unit)),
-                    MulNoContract(576.0f * d_unit, d_unit));
+      AddNoContract(FusedMulAdd(unknown, MulNoContract(r, r), known_square), saturated);
   return MulNoContract(kObjectiveRoundingSlack * abs_norm, norm_bound);
 }
 
@@ -180,7 +197,8 @@ NVFP4_HD BlockPruning MakeBlockPruning(const ScaledBlock& b, const HessianBlockB
   // The element with the largest precision_m * w_m^2 (its saturation or rounding error is
   // weighted most): on inputs whose largest weight sits in a low-precision channel, the largest
   // |w| alone leaves a third more candidates standing.
-  BlockPruning p{bounds, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  BlockPruning p{bounds, 0.0f, 0.0f, ErrorUnitInverse(ErrorUnitExponent(b.global_scale)),
+                 0.0f,   0.0f, 0.0f};
   float strongest = -1.0f;
   for (int i = 0; i < kBlockSize; ++i) {
     const float a = std::fabs(b.w_unit[i]);
@@ -192,28 +210,31 @@ NVFP4_HD BlockPruning MakeBlockPruning(const ScaledBlock& b, const HessianBlockB
       p.w_unit = b.w_unit[i];
       p.precision = precision;
     }
-    p.abs_sum_unit = AddNoContract(p.abs_sum_unit, a);
+    p.amax_unit = a > p.amax_unit ? a : p.amax_unit;
     p.square_sum_unit = AddNoContract(p.square_sum_unit, MulNoContract(a, a));
   }
   return p;
 }
 
 // The test with the quotient w_m / q given (the GPU computes it with a shared reciprocal).
-NVFP4_HD bool CandidateCannotWinGivenQuotient(const BlockPruning& p, float quotient, float d_unit,
-                                              float threshold) {
+NVFP4_HD bool CandidateCannotWinGivenQuotient(const BlockPruning& p, float quotient, float q,
+                                              float d_unit, float threshold) {
   if (p.bounds == nullptr) return false;
   const float precision = p.precision;
   if (!(precision > 0.0f) || !(threshold < 3.0e38f)) return false;
   // e_m exactly as the full evaluation computes it.
   const float e = ElementError(p.w_unit, RoundToE2M1Value(quotient), d_unit);
+  const float e_square = MulNoContract(e, e);
+  const float r = UnsaturatedErrorBound(MulNoContract(q, p.unit_inverse), d_unit);
   return BoundExceedsThreshold(
-      MulNoContract(MulNoContract(e, e), precision),
-      CanonicalRoundingAllowance(p.square_sum_unit, p.abs_sum_unit, p.bounds->abs_norm, d_unit),
+      MulNoContract(e_square, precision),
+      CanonicalRoundingAllowance(p.bounds->abs_norm, p.amax_unit, p.square_sum_unit, e_square,
+                                 kBlockSize - 1, r, d_unit),
       threshold);
 }
 
 NVFP4_HD bool CandidateCannotWin(const BlockPruning& p, float q, float d_unit, float threshold) {
-  return p.bounds != nullptr && CandidateCannotWinGivenQuotient(p, p.w / q, d_unit, threshold);
+  return p.bounds != nullptr && CandidateCannotWinGivenQuotient(p, p.w / q, q, d_unit, threshold);
 }
 
 struct SweepChoice {
@@ -244,7 +265,7 @@ NVFP4_HD SweepChoice SweepScaleCandidates(const ScaledBlock& b, const float* h,
 
 // The full sweep, without pruning.
 NVFP4_HD SweepChoice SweepScaleCandidates(const ScaledBlock& b, const float* h) {
-  const BlockPruning none{nullptr, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  const BlockPruning none{nullptr, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   return SweepScaleCandidates(b, h, none, 0.0f);
 }
 
@@ -319,7 +340,7 @@ NVFP4_HD DssChoice DecoupledScaleSearch(const ScaledBlock& b, const float* h, Sw
 
 NVFP4_HD DssChoice DecoupledScaleSearch(const ScaledBlock& b, const float* h, SweepChoice start,
                                         DssGrid grid) {
-  const BlockPruning none{nullptr, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  const BlockPruning none{nullptr, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   return DecoupledScaleSearch(b, h, start, grid, none);
 }
 
