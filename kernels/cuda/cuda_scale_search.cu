@@ -206,13 +206,19 @@ __device__ unsigned long long CandidateKey(float objective, uint32_t index) {
   return (static_cast<unsigned long long>(OrderedFloatBits(objective)) << 32) | index;
 }
 
+// One sweep candidate k as the pruned kernel's loops read it (one 16-byte load).
+struct alignas(16) SweepScale {
+  float q;             // q_k = f_k * s2
+  float q_reciprocal;  // SharedReciprocal(q_k)
+  float d_unit;        // f_k * s2 in error units
+  float r_square;      // UnsaturatedErrorBound(q_k, d_k)^2
+};
+
 struct PrunedTileShared {
   float h[kBlockSize * kBlockSize];
   HessianBlockBounds bounds;
-  HessianBlockScreen screen;     // valid = 0: no second screen (squared error, or S unsuitable)
-  float q[kNumScaleCandidates];  // sweep candidates: q_k = f_k * s2
-  float q_reciprocal[kNumScaleCandidates];          // SharedReciprocal(q_k)
-  float d_unit[kNumScaleCandidates];                // f_k * s2 in error units
+  HessianBlockScreen screen;  // valid = 0: no second screen (squared error, or S unsuitable)
+  SweepScale sweep[kNumScaleCandidates];
   alignas(16) float w[kRowsPerTile * kStagePitch];  // read as float4
   alignas(16) float w_unit[kRowsPerTile * kStagePitch];
   unsigned long long best[kRowsPerTile];
@@ -404,7 +410,7 @@ template <class Quotient>
 __device__ __forceinline__ bool ScreenCannotWin(const HessianBlockScreen& screen,
                                                 const ScreenRow& row, float square_sum_unit,
                                                 float amax_unit, float abs_norm,
-                                                const Quotient& quotient, float q_unit,
+                                                const Quotient& quotient, float r_square,
                                                 float d_unit, float threshold) {
   if (!(threshold < 3.0e38f)) return false;
   float e[kScreenElements];
@@ -439,9 +445,9 @@ __device__ __forceinline__ bool ScreenCannotWin(const HessianBlockScreen& screen
   const float schur = MulNoContract(zz, (255.0f / 256.0f) * (1.0f - 0x1p-20f)) -
                       MulNoContract(screen.kappa_squared, ee) * (1.0f + 0x1p-20f);
   // The allowance knows e_M; the other elements are bounded (UnsaturatedErrorBound).
-  const float allowance = CanonicalRoundingAllowance(abs_norm, amax_unit, square_sum_unit, ee,
-                                                     kBlockSize - kScreenElements,
-                                                     UnsaturatedErrorBound(q_unit, d_unit), d_unit);
+  const float allowance = CanonicalRoundingAllowance(
+      abs_norm, amax_unit, square_sum_unit, ee,
+      UnknownSquareBound(kBlockSize - kScreenElements, r_square), d_unit);
   return BoundExceedsThreshold(schur, allowance, threshold);
 }
 
@@ -500,6 +506,52 @@ constexpr int kSweepWords = (kNumScaleCandidates + 31) / 32;
 constexpr int kDssWords = 4;  // DSS grids of up to 128 candidates use the queue (default: 63)
 static_assert(kSweepWords <= 4 && kDssWords <= 4, "PrunedTileShared::refined holds 4 words");
 
+// Phase 1's one-element screen of the sweep against `threshold` (the `max` method's objective):
+// CandidateCannotWinGivenQuotient per candidate, with its per-block checks hoisted and r^2 from
+// the tile's table; bit k of `mask` is set for the candidates that may still win.
+//
+// Candidates go in descending k, and the loop stops early: once the pruning element m is
+// saturated (quotient above 5: code 6 here and at every smaller k, q being smaller) with
+// |w_m| >= 6.01 d (so |e_m| = |w_m| - 6 d, growing as d shrinks) and the candidate is pruned,
+// every smaller k is pruned too. The bound less the allowance is e_m^2 (precision_m - c) -
+// c (15 r^2 + sum w^2), c = kObjectiveRoundingSlack * abs_norm (margins aside), which grows as d
+// shrinks wherever precision_m exceeds c with room for the margins and r = d (1 + 2^-20) grows
+// with d (q = d in error units exactly when every q_k is a normal number). Most of the 126
+// candidates lie there, below the `max` method's scale. (Stopping on the largest |w| as well,
+// which saturates first, was slower: its bound rarely prunes early enough to pay for itself.)
+__device__ __forceinline__ void ScreenSweep(const PrunedTileShared& sh, const BlockPruning& pruning,
+                                            bool shared_reciprocal, float threshold,
+                                            int reference_k, uint32_t (&mask)[kSweepWords]) {
+  const bool prunable = BlockPruningApplies(pruning, threshold);
+  const bool normal_scales = sh.sweep[0].q >= 0x1p-126f;
+  const float monotone_precision = 2.0f * kObjectiveRoundingSlack * sh.bounds.abs_norm;
+  const bool can_stop = prunable && normal_scales && pruning.precision > monotone_precision;
+  bool stop = false;
+#pragma unroll
+  for (int w = kSweepWords - 1; w >= 0; --w) {
+    for (int bit = 31; bit >= 0 && !stop; --bit) {
+      const int k = w * 32 + bit;
+      if (k >= kNumScaleCandidates || k == reference_k) continue;
+      if (!prunable) {
+        mask[w] |= 1u << bit;
+        continue;
+      }
+      const SweepScale c = sh.sweep[k];
+      const bool shared = shared_reciprocal && SharedReciprocalDivisor(c.q);
+      const float unknown_square = UnknownSquareBound(kBlockSize - 1, c.r_square);
+      const float quotient = Quotient(pruning.w, c.q, c.q_reciprocal, shared);
+      if (!ElementCannotWin(pruning, pruning.w_unit, pruning.precision,
+                            RoundToE2M1ValueNotNaN(quotient), c.d_unit, unknown_square,
+                            threshold)) {
+        mask[w] |= 1u << bit;
+      } else if (can_stop && fabsf(quotient) > 5.0f &&
+                 fabsf(pruning.w_unit) >= MulNoContract(6.01f, c.d_unit)) {
+        stop = true;
+      }
+    }
+  }
+}
+
 // What a row keeps between the phases of the pruned kernel (in shared memory, so that no
 // thread carries its block in registers across the tile-wide evaluation phases).
 struct RowState {
@@ -547,9 +599,10 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
   const float global_scale_unit = MulNoContract(global_scale, unit_inverse);
   if (threadIdx.x < kNumScaleCandidates) {
     const float f = ScaleCandidateValue(static_cast<int>(threadIdx.x));
-    sh.q[threadIdx.x] = MulNoContract(f, global_scale);
-    sh.q_reciprocal[threadIdx.x] = SharedReciprocal(sh.q[threadIdx.x]);
-    sh.d_unit[threadIdx.x] = MulNoContract(f, global_scale_unit);
+    const float q = MulNoContract(f, global_scale);
+    const float d_unit = MulNoContract(f, global_scale_unit);
+    const float r = UnsaturatedErrorBound(MulNoContract(q, unit_inverse), d_unit);
+    sh.sweep[threadIdx.x] = SweepScale{q, SharedReciprocal(q), d_unit, MulNoContract(r, r)};
   }
   sh.non_finite[threadIdx.x] = 0;
   __syncthreads();
@@ -599,33 +652,7 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
       sh.square_sum_unit[threadIdx.x] = pruning.square_sum_unit;
       sh.amax_unit[threadIdx.x] = pruning.amax_unit;
       if (sh.screen.valid) StageScreenRow(sh, static_cast<int>(threadIdx.x));
-      // Candidates in descending k. Once element m is saturated (quotient above 5: code 6 here
-      // and, q being smaller, at every smaller k) with |w_m| >= 6.01 d (so |e_m| = |w_m| - 6 d
-      // and it only grows as d shrinks) and the candidate is pruned, every smaller k is pruned
-      // too: the bound less the allowance is e_m^2 (precision_m - c) - c (15 r^2 + sum w^2)
-      // with c = kObjectiveRoundingSlack * abs_norm (CanonicalRoundingAllowance, margins
-      // aside), which grows as d shrinks (r = d here) wherever precision_m exceeds c with room
-      // for the margins. Most of the 126 candidates lie there (below the `max` method's scale).
-      const bool monotone_below =
-          pruning.precision > 2.0f * kObjectiveRoundingSlack * sh.bounds.abs_norm;
-      bool below_pruned = false;
-#pragma unroll
-      for (int w = kSweepWords - 1; w >= 0; --w) {
-        for (int bit = 31; bit >= 0 && !below_pruned; --bit) {
-          const int k = w * 32 + bit;
-          if (k >= kNumScaleCandidates || k == reference_k) continue;
-          const float q = sh.q[k];
-          const float d_unit = sh.d_unit[k];
-          const float quotient = Quotient(pruning.w, q, sh.q_reciprocal[k],
-                                          shared_reciprocal && SharedReciprocalDivisor(q));
-          if (!CandidateCannotWinGivenQuotient(pruning, quotient, q, d_unit, reference)) {
-            sweep_mask[w] |= 1u << bit;
-          } else if (monotone_below && fabsf(quotient) > 5.0f &&
-                     fabsf(pruning.w_unit) >= MulNoContract(6.01f, d_unit)) {
-            below_pruned = true;
-          }
-        }
-      }
+      ScreenSweep(sh, pruning, shared_reciprocal, reference, reference_k, sweep_mask);
     }
     sh.best[threadIdx.x] = CandidateKey(reference, static_cast<uint32_t>(reference_k + 1));
   }
@@ -634,17 +661,17 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
   // The second screen (tile-uniform condition: every thread takes part in the queue).
   const bool screen = !squared && sh.screen.valid != 0;
   // Rows or scales outside the shared reciprocal's range are simply not screened (kept).
-  auto screen_keeps = [&](int r, float q, float d_unit, float threshold) {
+  // y = SharedReciprocal(q), r_square = UnsaturatedErrorBound(q, d_unit)^2.
+  auto screen_keeps = [&](int r, float q, float y, float d_unit, float r_square, float threshold) {
     if (!(rows[r].shared_reciprocal && SharedReciprocalDivisor(q))) return true;
-    const float y = SharedReciprocal(q);
     auto quotient = [&](float v) { return QuotientWithReciprocal(v, q, y); };
     return !ScreenCannotWin(sh.screen, LoadScreenRow(sh, r), sh.square_sum_unit[r], sh.amax_unit[r],
-                            sh.bounds.abs_norm, quotient, MulNoContract(q, unit_inverse), d_unit,
-                            threshold);
+                            sh.bounds.abs_norm, quotient, r_square, d_unit, threshold);
   };
   if (screen) {
     ScreenSurvivors(sweep_mask, sh, [&](int r, uint32_t k) {
-      return screen_keeps(r, sh.q[k], sh.d_unit[k], rows[r].sweep_objective);
+      const SweepScale c = sh.sweep[k];
+      return screen_keeps(r, c.q, c.q_reciprocal, c.d_unit, c.r_square, rows[r].sweep_objective);
     });
   }
 
@@ -653,9 +680,9 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
   EvaluateSurvivors(sweep_mask, sh, &evaluated, [&](int r, uint32_t k) {
     ScaledBlock other;
     LoadStagedBlock(sh, r, global_amax, global_scale, global_scale_unit, &other);
-    const float q = sh.q[k];
-    return QueuedCandidateObjective(other, q, sh.d_unit[k], search_h,
-                                    rows[r].shared_reciprocal && SharedReciprocalDivisor(q));
+    const SweepScale c = sh.sweep[k];
+    return QueuedCandidateObjective(other, c.q, c.d_unit, search_h,
+                                    rows[r].shared_reciprocal && SharedReciprocalDivisor(c.q));
   });
 
   // Phase 3: the sweep's choice; screen DSS around it.
@@ -684,20 +711,28 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
       state.dss_k_begin = static_cast<int16_t>(k_begin);
       // Word by word (a constant index after unrolling: the mask stays in registers).
       const int count = (k_end - k_begin + 1) * betas;
+      const bool prunable = BlockPruningApplies(pruning, sweep.objective);
 #pragma unroll
       for (int w = 0; w < kDssWords; ++w) {
         uint32_t bits = 0;
         int k = k_begin + (w * 32) / betas;
         int beta = (w * 32) % betas;
         for (int bit = 0; bit < 32 && w * 32 + bit < count; ++bit) {
-          const float dq = s.dss_scales[k * betas + beta];
-          const bool shared = state.shared_reciprocal && SharedReciprocalDivisor(dq);
-          const float quotient =
-              Quotient(pruning.w, dq, shared ? SharedReciprocal(dq) : 0.0f, shared);
-          if (!CandidateCannotWinGivenQuotient(pruning, quotient, dq, sh.d_unit[k],
-                                               sweep.objective)) {
-            bits |= 1u << bit;
+          // CandidateCannotWinGivenQuotient, its per-block checks hoisted (prunable: the
+          // threshold is finite, so are the weights, and the quotient is not NaN).
+          bool keep = true;
+          if (prunable) {
+            const float dq = s.dss_scales[k * betas + beta];
+            const float d_unit = sh.sweep[k].d_unit;
+            const bool shared = state.shared_reciprocal && SharedReciprocalDivisor(dq);
+            const float quotient =
+                Quotient(pruning.w, dq, shared ? SharedReciprocal(dq) : 0.0f, shared);
+            const float r = UnsaturatedErrorBound(MulNoContract(dq, unit_inverse), d_unit);
+            keep = !ElementCannotWin(
+                pruning, pruning.w_unit, pruning.precision, RoundToE2M1ValueNotNaN(quotient),
+                d_unit, UnknownSquareBound(kBlockSize - 1, MulNoContract(r, r)), sweep.objective);
           }
+          bits |= keep ? 1u << bit : 0u;
           if (++beta == betas) {
             beta = 0;
             ++k;
@@ -721,7 +756,10 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
       ScreenSurvivors(dss_mask, sh, [&](int r, uint32_t j) {
         int k = 0;
         const float q = dss_candidate(r, j, &k);
-        return screen_keeps(r, q, sh.d_unit[k], rows[r].sweep_objective);
+        const float d_unit = sh.sweep[k].d_unit;
+        const float bound = UnsaturatedErrorBound(MulNoContract(q, unit_inverse), d_unit);
+        return screen_keeps(r, q, SharedReciprocal(q), d_unit, MulNoContract(bound, bound),
+                            rows[r].sweep_objective);
       });
     }
     if (dss_queued) {
@@ -732,7 +770,7 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
         const float q = dss_candidate(r, j, &k);
         // dss always has Hessians: sh.h directly, not the nullable h (whose select made the
         // compiler address H element by element).
-        return QueuedCandidateObjective(other, q, sh.d_unit[k], sh.h,
+        return QueuedCandidateObjective(other, q, sh.sweep[k].d_unit, sh.h,
                                         rows[r].shared_reciprocal && SharedReciprocalDivisor(q));
       });
     }

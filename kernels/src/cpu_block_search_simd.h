@@ -156,8 +156,7 @@ NVFP4_SIMD uint32_t CannotWinMask(const BlockPruning& p, Vec16 q, Vec16 d_unit, 
   const Vec16 r = Fma(Splat(6.0f), distance, Fma(q_unit, Splat(1.0f + 0x1p-20f), Splat(0x1p-140f)));
   const Vec16 saturated =
       MaskedConstant((6.0f * (1.0f - 0x1p-20f)) * d_unit < p.amax_unit, p.square_sum_unit);
-  const Vec16 norm_bound =
-      Fma(Splat(static_cast<float>(kBlockSize - 1)), r * r, e_square) + saturated;
+  const Vec16 norm_bound = (e_square + static_cast<float>(kBlockSize - 1) * (r * r)) + saturated;
   const Vec16 lower =
       (e_square * precision) * (1.0f - kBoundRelativeMargin) -
       ((kObjectiveRoundingSlack * p.bounds->abs_norm) * norm_bound) * (1.0f + kBoundRelativeMargin);

@@ -367,8 +367,9 @@ TEST(CandidatePruning, ErrorBoundCoversEveryElementOfEveryCandidate) {
           sum += static_cast<double>(e) * e;
           ++checked;
         }
-        const float allowance = CanonicalRoundingAllowance(1.0f, p.amax_unit, p.square_sum_unit,
-                                                           0.0f, kBlockSize, r, d_unit);
+        const float allowance =
+            CanonicalRoundingAllowance(1.0f, p.amax_unit, p.square_sum_unit, 0.0f,
+                                       UnknownSquareBound(kBlockSize, MulNoContract(r, r)), d_unit);
         ASSERT_GE(static_cast<double>(allowance) * (1.0 + 1e-6), kObjectiveRoundingSlack * sum)
             << "block " << t << " k " << k << " beta index " << i;
       }

@@ -169,20 +169,23 @@ NVFP4_HD float UnsaturatedErrorBound(float q_unit, float d_unit) {
 }
 
 // What the canonical objective's rounding may take off the exact e^T S e of a candidate, given
-// the squared errors of some elements (`known_square`, exact up to fp32 rounding) and the bound
-// r = UnsaturatedErrorBound for the `unknown` others: sum_i e_i^2 <= known_square + unknown r^2
-// + sum_i max(|w_i| - 6 d, 0)^2, the last sum zero once 6 d >= max |w_i| and at most sum w_i^2
-// otherwise; times kObjectiveRoundingSlack * abs_norm.
-// amax_unit and square_sum_unit are BlockPruning's.
+// the squared errors of some elements (`known_square`, exact up to fp32 rounding) and
+// `unknown_square` = n r^2 for the n others (r = UnsaturatedErrorBound): sum_i e_i^2 <=
+// known_square + n r^2 + sum_i max(|w_i| - 6 d, 0)^2, the last sum zero once 6 d >= max |w_i|
+// and at most sum w_i^2 otherwise; times kObjectiveRoundingSlack * abs_norm. amax_unit and
+// square_sum_unit are BlockPruning's.
 NVFP4_HD float CanonicalRoundingAllowance(float abs_norm, float amax_unit, float square_sum_unit,
-                                          float known_square, float unknown, float r,
-                                          float d_unit) {
+                                          float known_square, float unknown_square, float d_unit) {
   // 6 (1 - 2^-20) d rounds to less than 6 d: "not below amax" then proves 6 d >= amax.
   const float saturated =
       MulNoContract(6.0f * (1.0f - 0x1p-20f), d_unit) < amax_unit ? square_sum_unit : 0.0f;
-  const float norm_bound =
-      AddNoContract(FusedMulAdd(unknown, MulNoContract(r, r), known_square), saturated);
+  const float norm_bound = AddNoContract(AddNoContract(known_square, unknown_square), saturated);
   return MulNoContract(kObjectiveRoundingSlack * abs_norm, norm_bound);
+}
+
+// n r^2 for CanonicalRoundingAllowance, from r^2.
+NVFP4_HD float UnknownSquareBound(int n, float r_square) {
+  return MulNoContract(static_cast<float>(n), r_square);
 }
 
 // True when `bound` (a lower bound of e^T S e, computed in fp32), less the canonical rounding
@@ -216,21 +219,34 @@ NVFP4_HD BlockPruning MakeBlockPruning(const ScaledBlock& b, const HessianBlockB
   return p;
 }
 
-// The test with the quotient w_m / q given (the GPU computes it with a shared reciprocal).
-NVFP4_HD bool CandidateCannotWinGivenQuotient(const BlockPruning& p, float quotient, float q,
-                                              float d_unit, float threshold) {
-  if (p.bounds == nullptr) return false;
-  const float precision = p.precision;
-  if (!(precision > 0.0f) || !(threshold < 3.0e38f)) return false;
-  // e_m exactly as the full evaluation computes it.
-  const float e = ElementError(p.w_unit, RoundToE2M1Value(quotient), d_unit);
+// The one-element test for any element (w_unit, precision) of the block whose code value is
+// given, with `unknown_square` = UnknownSquareBound(15, r) for the other elements. The caller
+// has checked BlockPruningApplies.
+NVFP4_HD bool ElementCannotWin(const BlockPruning& p, float w_unit, float precision,
+                               float code_value, float d_unit, float unknown_square,
+                               float threshold) {
+  // e exactly as the full evaluation computes it.
+  const float e = ElementError(w_unit, code_value, d_unit);
   const float e_square = MulNoContract(e, e);
-  const float r = UnsaturatedErrorBound(MulNoContract(q, p.unit_inverse), d_unit);
   return BoundExceedsThreshold(
       MulNoContract(e_square, precision),
       CanonicalRoundingAllowance(p.bounds->abs_norm, p.amax_unit, p.square_sum_unit, e_square,
-                                 kBlockSize - 1, r, d_unit),
+                                 unknown_square, d_unit),
       threshold);
+}
+
+// Whether the one-element test can prune anything against `threshold`.
+NVFP4_HD bool BlockPruningApplies(const BlockPruning& p, float threshold) {
+  return p.bounds != nullptr && p.precision > 0.0f && threshold < 3.0e38f;
+}
+
+// The test with the quotient w_m / q given (the GPU computes it with a shared reciprocal).
+NVFP4_HD bool CandidateCannotWinGivenQuotient(const BlockPruning& p, float quotient, float q,
+                                              float d_unit, float threshold) {
+  if (!BlockPruningApplies(p, threshold)) return false;
+  const float r = UnsaturatedErrorBound(MulNoContract(q, p.unit_inverse), d_unit);
+  return ElementCannotWin(p, p.w_unit, p.precision, RoundToE2M1Value(quotient), d_unit,
+                          UnknownSquareBound(kBlockSize - 1, MulNoContract(r, r)), threshold);
 }
 
 NVFP4_HD bool CandidateCannotWin(const BlockPruning& p, float q, float d_unit, float threshold) {
