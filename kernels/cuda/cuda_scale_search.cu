@@ -718,11 +718,13 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
         int k = k_begin + (w * 32) / betas;
         int beta = (w * 32) % betas;
         for (int bit = 0; bit < 32 && w * 32 + bit < count; ++bit) {
+          // The sweep's own (q, d) again (beta = 1 where DssQuantScale rounds like f_k s2)
+          // has the sweep's objective, which no candidate replaces without a strict gain.
+          const float dq = s.dss_scales[k * betas + beta];
+          bool keep = !(k == sweep.candidate && dq == sh.sweep[k].q);
           // CandidateCannotWinGivenQuotient, its per-block checks hoisted (prunable: the
           // threshold is finite, so are the weights, and the quotient is not NaN).
-          bool keep = true;
-          if (prunable) {
-            const float dq = s.dss_scales[k * betas + beta];
+          if (keep && prunable) {
             const float d_unit = sh.sweep[k].d_unit;
             const bool shared = state.shared_reciprocal && SharedReciprocalDivisor(dq);
             const float quotient =
