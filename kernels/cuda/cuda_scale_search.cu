@@ -523,8 +523,12 @@ __device__ __forceinline__ void ScreenSweep(const PrunedTileShared& sh, const Bl
                                             bool shared_reciprocal, float threshold,
                                             int reference_k, uint32_t (&mask)[kSweepWords]) {
   const bool prunable = BlockPruningApplies(pruning, threshold);
+  const float abs_norm = sh.bounds.abs_norm;
   const bool normal_scales = sh.sweep[0].q >= 0x1p-126f;
-  const float monotone_precision = 2.0f * kObjectiveRoundingSlack * sh.bounds.abs_norm;
+  const float monotone_precision = 2.0f * kObjectiveRoundingSlack * abs_norm;
+  // q_k grows with k: the ends decide whether every q_k takes the shared reciprocal.
+  const bool all_shared = shared_reciprocal && SharedReciprocalDivisor(sh.sweep[0].q) &&
+                          SharedReciprocalDivisor(sh.sweep[kNumScaleCandidates - 1].q);
   const bool can_stop = prunable && normal_scales && pruning.precision > monotone_precision;
   bool stop = false;
 #pragma unroll
@@ -537,10 +541,10 @@ __device__ __forceinline__ void ScreenSweep(const PrunedTileShared& sh, const Bl
         continue;
       }
       const SweepScale c = sh.sweep[k];
-      const bool shared = shared_reciprocal && SharedReciprocalDivisor(c.q);
+      const bool shared = all_shared || (shared_reciprocal && SharedReciprocalDivisor(c.q));
       const float unknown_square = UnknownSquareBound(kBlockSize - 1, c.r_square);
       const float quotient = Quotient(pruning.w, c.q, c.q_reciprocal, shared);
-      if (!ElementCannotWin(pruning, pruning.w_unit, pruning.precision,
+      if (!ElementCannotWin(pruning, abs_norm, pruning.w_unit, pruning.precision,
                             RoundToE2M1ValueNotNaN(quotient), c.d_unit, unknown_square,
                             threshold)) {
         mask[w] |= 1u << bit;
@@ -712,6 +716,9 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
       // Word by word (a constant index after unrolling: the mask stays in registers).
       const int count = (k_end - k_begin + 1) * betas;
       const bool prunable = BlockPruningApplies(pruning, sweep.objective);
+      const float abs_norm = sh.bounds.abs_norm;
+      const bool row_shared = state.shared_reciprocal;
+      const float* dss_scales = s.dss_scales;
 #pragma unroll
       for (int w = 0; w < kDssWords; ++w) {
         uint32_t bits = 0;
@@ -720,19 +727,20 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
         for (int bit = 0; bit < 32 && w * 32 + bit < count; ++bit) {
           // The sweep's own (q, d) again (beta = 1 where DssQuantScale rounds like f_k s2)
           // has the sweep's objective, which no candidate replaces without a strict gain.
-          const float dq = s.dss_scales[k * betas + beta];
+          const float dq = __ldg(dss_scales + k * betas + beta);
           bool keep = !(k == sweep.candidate && dq == sh.sweep[k].q);
           // CandidateCannotWinGivenQuotient, its per-block checks hoisted (prunable: the
           // threshold is finite, so are the weights, and the quotient is not NaN).
           if (keep && prunable) {
             const float d_unit = sh.sweep[k].d_unit;
-            const bool shared = state.shared_reciprocal && SharedReciprocalDivisor(dq);
+            const bool shared = row_shared && SharedReciprocalDivisor(dq);
             const float quotient =
                 Quotient(pruning.w, dq, shared ? SharedReciprocal(dq) : 0.0f, shared);
             const float r = UnsaturatedErrorBound(MulNoContract(dq, unit_inverse), d_unit);
-            keep = !ElementCannotWin(
-                pruning, pruning.w_unit, pruning.precision, RoundToE2M1ValueNotNaN(quotient),
-                d_unit, UnknownSquareBound(kBlockSize - 1, MulNoContract(r, r)), sweep.objective);
+            keep = !ElementCannotWin(pruning, abs_norm, pruning.w_unit, pruning.precision,
+                                     RoundToE2M1ValueNotNaN(quotient), d_unit,
+                                     UnknownSquareBound(kBlockSize - 1, MulNoContract(r, r)),
+                                     sweep.objective);
           }
           bits |= keep ? 1u << bit : 0u;
           if (++beta == betas) {

@@ -221,18 +221,17 @@ NVFP4_HD BlockPruning MakeBlockPruning(const ScaledBlock& b, const HessianBlockB
 
 // The one-element test for any element (w_unit, precision) of the block whose code value is
 // given, with `unknown_square` = UnknownSquareBound(15, r) for the other elements. The caller
-// has checked BlockPruningApplies.
-NVFP4_HD bool ElementCannotWin(const BlockPruning& p, float w_unit, float precision,
+// has checked BlockPruningApplies and passes p.bounds->abs_norm (a loop keeps it in a register).
+NVFP4_HD bool ElementCannotWin(const BlockPruning& p, float abs_norm, float w_unit, float precision,
                                float code_value, float d_unit, float unknown_square,
                                float threshold) {
   // e exactly as the full evaluation computes it.
   const float e = ElementError(w_unit, code_value, d_unit);
   const float e_square = MulNoContract(e, e);
-  return BoundExceedsThreshold(
-      MulNoContract(e_square, precision),
-      CanonicalRoundingAllowance(p.bounds->abs_norm, p.amax_unit, p.square_sum_unit, e_square,
-                                 unknown_square, d_unit),
-      threshold);
+  return BoundExceedsThreshold(MulNoContract(e_square, precision),
+                               CanonicalRoundingAllowance(abs_norm, p.amax_unit, p.square_sum_unit,
+                                                          e_square, unknown_square, d_unit),
+                               threshold);
 }
 
 // Whether the one-element test can prune anything against `threshold`.
@@ -245,8 +244,9 @@ NVFP4_HD bool CandidateCannotWinGivenQuotient(const BlockPruning& p, float quoti
                                               float d_unit, float threshold) {
   if (!BlockPruningApplies(p, threshold)) return false;
   const float r = UnsaturatedErrorBound(MulNoContract(q, p.unit_inverse), d_unit);
-  return ElementCannotWin(p, p.w_unit, p.precision, RoundToE2M1Value(quotient), d_unit,
-                          UnknownSquareBound(kBlockSize - 1, MulNoContract(r, r)), threshold);
+  return ElementCannotWin(p, p.bounds->abs_norm, p.w_unit, p.precision, RoundToE2M1Value(quotient),
+                          d_unit, UnknownSquareBound(kBlockSize - 1, MulNoContract(r, r)),
+                          threshold);
 }
 
 NVFP4_HD bool CandidateCannotWin(const BlockPruning& p, float q, float d_unit, float threshold) {
