@@ -605,8 +605,8 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
     const float f = ScaleCandidateValue(static_cast<int>(threadIdx.x));
     const float q = MulNoContract(f, global_scale);
     const float d_unit = MulNoContract(f, global_scale_unit);
-    const float r = UnsaturatedErrorBound(MulNoContract(q, unit_inverse), d_unit);
-    sh.sweep[threadIdx.x] = SweepScale{q, SharedReciprocal(q), d_unit, MulNoContract(r, r)};
+    sh.sweep[threadIdx.x] = SweepScale{q, SharedReciprocal(q), d_unit,
+                                       UnsaturatedErrorBoundSquare(q, unit_inverse, d_unit)};
   }
   sh.non_finite[threadIdx.x] = 0;
   __syncthreads();
@@ -736,11 +736,10 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
             const bool shared = row_shared && SharedReciprocalDivisor(dq);
             const float quotient =
                 Quotient(pruning.w, dq, shared ? SharedReciprocal(dq) : 0.0f, shared);
-            const float r = UnsaturatedErrorBound(MulNoContract(dq, unit_inverse), d_unit);
+            const float r_square = UnsaturatedErrorBoundSquare(dq, unit_inverse, d_unit);
             keep = !ElementCannotWin(pruning, abs_norm, pruning.w_unit, pruning.precision,
                                      RoundToE2M1ValueNotNaN(quotient), d_unit,
-                                     UnknownSquareBound(kBlockSize - 1, MulNoContract(r, r)),
-                                     sweep.objective);
+                                     UnknownSquareBound(kBlockSize - 1, r_square), sweep.objective);
           }
           bits |= keep ? 1u << bit : 0u;
           if (++beta == betas) {
@@ -767,8 +766,8 @@ __global__ void __launch_bounds__(kRowsPerTile, 4)
         int k = 0;
         const float q = dss_candidate(r, j, &k);
         const float d_unit = sh.sweep[k].d_unit;
-        const float bound = UnsaturatedErrorBound(MulNoContract(q, unit_inverse), d_unit);
-        return screen_keeps(r, q, SharedReciprocal(q), d_unit, MulNoContract(bound, bound),
+        return screen_keeps(r, q, SharedReciprocal(q), d_unit,
+                            UnsaturatedErrorBoundSquare(q, unit_inverse, d_unit),
                             rows[r].sweep_objective);
       });
     }

@@ -144,9 +144,8 @@ NVFP4_SIMD void EvaluateCandidates(Vec16 w, Vec16 w_unit, const float* q, const 
 // of the result is set when candidate c provably cannot win. Pruning only needs to be valid,
 // not identical to the scalar test, so a fixed threshold (weaker than the running best) is fine.
 NVFP4_SIMD uint32_t CannotWinMask(const BlockPruning& p, Vec16 q, Vec16 d_unit, float threshold) {
-  if (p.bounds == nullptr) return 0;
+  if (!BlockPruningApplies(p, threshold)) return 0;
   const float precision = p.precision;
-  if (!(precision > 0.0f) || !(threshold < 3.0e38f)) return 0;
   const Vec16 e = Fma(-RoundToE2M1Value(p.w / q), d_unit, Splat(p.w_unit));
   const Vec16 e_square = e * e;
   // UnsaturatedErrorBound and CanonicalRoundingAllowance, lane by lane.

@@ -183,6 +183,13 @@ NVFP4_HD float CanonicalRoundingAllowance(float abs_norm, float amax_unit, float
   return MulNoContract(kObjectiveRoundingSlack * abs_norm, norm_bound);
 }
 
+// r^2 for a candidate with quantization scale q (tensor units) and d_unit: unit_inverse is
+// BlockPruning's.
+NVFP4_HD float UnsaturatedErrorBoundSquare(float q, float unit_inverse, float d_unit) {
+  const float r = UnsaturatedErrorBound(MulNoContract(q, unit_inverse), d_unit);
+  return MulNoContract(r, r);
+}
+
 // n r^2 for CanonicalRoundingAllowance, from r^2.
 NVFP4_HD float UnknownSquareBound(int n, float r_square) {
   return MulNoContract(static_cast<float>(n), r_square);
@@ -243,10 +250,10 @@ NVFP4_HD bool BlockPruningApplies(const BlockPruning& p, float threshold) {
 NVFP4_HD bool CandidateCannotWinGivenQuotient(const BlockPruning& p, float quotient, float q,
                                               float d_unit, float threshold) {
   if (!BlockPruningApplies(p, threshold)) return false;
-  const float r = UnsaturatedErrorBound(MulNoContract(q, p.unit_inverse), d_unit);
-  return ElementCannotWin(p, p.bounds->abs_norm, p.w_unit, p.precision, RoundToE2M1Value(quotient),
-                          d_unit, UnknownSquareBound(kBlockSize - 1, MulNoContract(r, r)),
-                          threshold);
+  return ElementCannotWin(
+      p, p.bounds->abs_norm, p.w_unit, p.precision, RoundToE2M1Value(quotient), d_unit,
+      UnknownSquareBound(kBlockSize - 1, UnsaturatedErrorBoundSquare(q, p.unit_inverse, d_unit)),
+      threshold);
 }
 
 NVFP4_HD bool CandidateCannotWin(const BlockPruning& p, float q, float d_unit, float threshold) {
