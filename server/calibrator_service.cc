@@ -4,8 +4,11 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "nvfp4cal/kernels/scale_search.h"
 #include "server/job_watch_reactor.h"
+#include "server/log.h"
+#include "server/proto_codec.h"
 
 namespace nvfp4cal::server {
 namespace {
@@ -54,8 +57,9 @@ void AddGptqParameters(const SearchParams& defaults, v1::MethodInfo* m) {
             "(beta_step, beta_half_range, scale_neighbours).");
 }
 
-// WatchJob refused before it started (authentication): finishes at once, deletes itself.
-class RefusedWatch : public grpc::ServerWriteReactor<v1::Job> {
+// WatchJob refused before it started (authentication, malformed request): finishes at once,
+// deletes itself.
+class RefusedWatch : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
   RefusedWatch(ServerMetrics* metrics, const absl::Status& status, absl::Time start) {
     const grpc::Status result = ToGrpcStatus(status);
@@ -85,6 +89,10 @@ CalibratorService::CalibratorService(const ServerOptions& options, Scheduler* sc
   environment_.open_streams = &open_streams_;
   environment_.authenticator = authenticator;
   environment_.full_hessians = &full_hessians_;
+  if (options.limits.stream_idle_timeout > absl::ZeroDuration()) {
+    watchdog_ = std::make_unique<StreamWatchdog>(options.limits.stream_idle_timeout);
+    environment_.watchdog = watchdog_.get();
+  }
   environment_.memory_budget_bytes = options.devices.memory_budget_bytes;
 }
 
@@ -93,7 +101,9 @@ absl::Status CalibratorService::Authenticate(const grpc::CallbackServerContext* 
   return authenticator_->Check(context->client_metadata());
 }
 
-grpc::ServerBidiReactor<v1::QuantizeRequest, v1::QuantizeResponse>* CalibratorService::Quantize(
+CalibratorService::~CalibratorService() = default;
+
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* CalibratorService::Quantize(
     grpc::CallbackServerContext* context) {
   return new QuantizeSession(environment_, context);
 }
@@ -109,78 +119,86 @@ grpc::ServerUnaryReactor* CalibratorService::FinishUnary(grpc::CallbackServerCon
   return reactor;
 }
 
-grpc::ServerUnaryReactor* CalibratorService::SubmitJob(grpc::CallbackServerContext* context,
-                                                       const v1::SubmitJobRequest* request,
-                                                       v1::Job* response) {
+absl::Status CalibratorService::ParseRequest(const grpc::CallbackServerContext* context,
+                                             const char* method, const Raw* raw_request,
+                                             google::protobuf::MessageLite* request) {
+  grpc::ByteBuffer bytes(*raw_request);  // shares the slices
+  absl::Status parsed = ParseProto(&bytes, absl::StrCat(method, " request"), request);
+  if (!parsed.ok()) {
+    metrics_->RecordMalformedMessage(method);
+    LogLine(absl::StrCat(method, " from ", context->peer(), ": ", parsed.ToString()));
+  }
+  return parsed;
+}
+
+template <typename Request, typename Handler>
+grpc::ServerUnaryReactor* CalibratorService::Unary(grpc::CallbackServerContext* context,
+                                                   const char* method, const Raw* raw_request,
+                                                   Raw* raw_response, Handler handle) {
   const absl::Time start = absl::Now();
+  // Refused before anything of the request is looked at.
   absl::Status status = Authenticate(context);
-  if (!status.ok()) {
-    // refused before anything else is looked at
-  } else if (draining_) {
-    status = absl::UnavailableError("server is draining; no new jobs are accepted");
-  } else {
-    absl::StatusOr<v1::Job> job = jobs_->Submit(*request);
-    if (job.ok()) {
-      *response = *std::move(job);
+  Request request;
+  if (status.ok()) status = ParseRequest(context, method, raw_request, &request);
+  if (status.ok()) {
+    auto response = handle(request);
+    if (response.ok()) {
+      *raw_response = SerializeProto(*response);
     } else {
-      status = job.status();
+      status = response.status();
     }
   }
-  return FinishUnary(context, "SubmitJob", start, status);
+  return FinishUnary(context, method, start, status);
+}
+
+grpc::ServerUnaryReactor* CalibratorService::SubmitJob(grpc::CallbackServerContext* context,
+                                                       const Raw* request, Raw* response) {
+  return Unary<v1::SubmitJobRequest>(
+      context, "SubmitJob", request, response,
+      [this](const v1::SubmitJobRequest& r) -> absl::StatusOr<v1::Job> {
+        if (draining_) {
+          return absl::UnavailableError("server is draining; no new jobs are accepted");
+        }
+        return jobs_->Submit(r);
+      });
 }
 
 grpc::ServerUnaryReactor* CalibratorService::GetJob(grpc::CallbackServerContext* context,
-                                                    const v1::GetJobRequest* request,
-                                                    v1::Job* response) {
-  const absl::Time start = absl::Now();
-  if (absl::Status s = Authenticate(context); !s.ok()) {
-    return FinishUnary(context, "GetJob", start, s);
-  }
-  absl::StatusOr<v1::Job> job = jobs_->Get(request->job_id(), request->include_result());
-  if (job.ok()) *response = *std::move(job);
-  return FinishUnary(context, "GetJob", start, job.status());
+                                                    const Raw* request, Raw* response) {
+  return Unary<v1::GetJobRequest>(
+      context, "GetJob", request, response,
+      [this](const v1::GetJobRequest& r) { return jobs_->Get(r.job_id(), r.include_result()); });
 }
 
-grpc::ServerWriteReactor<v1::Job>* CalibratorService::WatchJob(grpc::CallbackServerContext* context,
-                                                               const v1::WatchJobRequest* request) {
+grpc::ServerWriteReactor<grpc::ByteBuffer>* CalibratorService::WatchJob(
+    grpc::CallbackServerContext* context, const Raw* raw_request) {
   const absl::Time start = absl::Now();
-  if (absl::Status s = Authenticate(context); !s.ok()) return new RefusedWatch(metrics_, s, start);
-  return JobWatchReactor::Start(jobs_, metrics_, request->job_id());
+  absl::Status status = Authenticate(context);
+  v1::WatchJobRequest request;
+  if (status.ok()) status = ParseRequest(context, "WatchJob", raw_request, &request);
+  if (!status.ok()) return new RefusedWatch(metrics_, status, start);
+  return JobWatchReactor::Start(jobs_, metrics_, request.job_id());
 }
 
 grpc::ServerUnaryReactor* CalibratorService::CancelJob(grpc::CallbackServerContext* context,
-                                                       const v1::CancelJobRequest* request,
-                                                       v1::Job* response) {
-  const absl::Time start = absl::Now();
-  if (absl::Status s = Authenticate(context); !s.ok()) {
-    return FinishUnary(context, "CancelJob", start, s);
-  }
-  absl::StatusOr<v1::Job> job = jobs_->Cancel(request->job_id());
-  if (job.ok()) *response = *std::move(job);
-  return FinishUnary(context, "CancelJob", start, job.status());
+                                                       const Raw* request, Raw* response) {
+  return Unary<v1::CancelJobRequest>(
+      context, "CancelJob", request, response,
+      [this](const v1::CancelJobRequest& r) { return jobs_->Cancel(r.job_id()); });
 }
 
 grpc::ServerUnaryReactor* CalibratorService::ListJobs(grpc::CallbackServerContext* context,
-                                                      const v1::ListJobsRequest* request,
-                                                      v1::ListJobsResponse* response) {
-  const absl::Time start = absl::Now();
-  if (absl::Status s = Authenticate(context); !s.ok()) {
-    return FinishUnary(context, "ListJobs", start, s);
-  }
-  absl::StatusOr<v1::ListJobsResponse> page = jobs_->List(*request);
-  if (page.ok()) *response = *std::move(page);
-  return FinishUnary(context, "ListJobs", start, page.status());
+                                                      const Raw* request, Raw* response) {
+  return Unary<v1::ListJobsRequest>(
+      context, "ListJobs", request, response,
+      [this](const v1::ListJobsRequest& r) { return jobs_->List(r); });
 }
 
-grpc::ServerUnaryReactor* CalibratorService::GetServerInfo(
-    grpc::CallbackServerContext* context, const v1::GetServerInfoRequest* /*request*/,
-    v1::ServerInfo* response) {
-  const absl::Time start = absl::Now();
-  if (absl::Status s = Authenticate(context); !s.ok()) {
-    return FinishUnary(context, "GetServerInfo", start, s);
-  }
-  *response = Info();
-  return FinishUnary(context, "GetServerInfo", start, absl::OkStatus());
+grpc::ServerUnaryReactor* CalibratorService::GetServerInfo(grpc::CallbackServerContext* context,
+                                                           const Raw* request, Raw* response) {
+  return Unary<v1::GetServerInfoRequest>(
+      context, "GetServerInfo", request, response,
+      [this](const v1::GetServerInfoRequest&) -> absl::StatusOr<v1::ServerInfo> { return Info(); });
 }
 
 v1::ServerInfo CalibratorService::Info() const {

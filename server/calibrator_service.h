@@ -5,6 +5,11 @@
 // the options and the devices the server runs on. Every RPC is counted in the metrics by method
 // and status code.
 //
+// Every method is registered raw (bytes in, bytes out) and parses its messages itself
+// (server/proto_codec.h): a message that is not valid protobuf ends the call with
+// INVALID_ARGUMENT, counted and logged, where gRPC's typed handlers would answer UNIMPLEMENTED
+// (unary) or end a stream as if the client had half-closed.
+//
 //   absl::StatusOr<DeviceSetup> devices = SetUpDevices(options.devices);
 //   CalibratorService service(options, &scheduler, &jobs, &metrics, devices->backend,
 //                             devices->workers);
@@ -16,6 +21,7 @@
 #define NVFP4CAL_SERVER_CALIBRATOR_SERVICE_H_
 
 #include <atomic>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -28,6 +34,7 @@
 #include "server/quantize_session.h"
 #include "server/scheduler.h"
 #include "server/server_options.h"
+#include "server/stream_watchdog.h"
 #include "server/token_authenticator.h"
 
 namespace nvfp4cal::server {
@@ -35,7 +42,16 @@ namespace nvfp4cal::server {
 // The server's version string.
 inline constexpr char kServerVersion[] = "0.1.0";
 
-class CalibratorService final : public v1::Calibrator::CallbackService {
+// The generated service with every method in its raw callback form.
+using RawCalibratorService =
+    v1::Calibrator::WithRawCallbackMethod_Quantize<v1::Calibrator::WithRawCallbackMethod_SubmitJob<
+        v1::Calibrator::WithRawCallbackMethod_GetJob<v1::Calibrator::WithRawCallbackMethod_WatchJob<
+            v1::Calibrator::WithRawCallbackMethod_CancelJob<
+                v1::Calibrator::WithRawCallbackMethod_ListJobs<
+                    v1::Calibrator::WithRawCallbackMethod_GetServerInfo<
+                        v1::Calibrator::Service>>>>>>>;
+
+class CalibratorService final : public RawCalibratorService {
  public:
   // `scheduler`, `jobs` and `metrics` must outlive the service; `backend` is "cpu" or "cuda";
   // `devices` are the scheduler's workers. With an `authenticator` (outliving the service too)
@@ -44,24 +60,22 @@ class CalibratorService final : public v1::Calibrator::CallbackService {
                     ServerMetrics* metrics, std::string backend, std::vector<WorkerDevice> devices,
                     const TokenAuthenticator* authenticator = nullptr);
 
-  grpc::ServerBidiReactor<v1::QuantizeRequest, v1::QuantizeResponse>* Quantize(
-      grpc::CallbackServerContext* context) override;
-  grpc::ServerUnaryReactor* SubmitJob(grpc::CallbackServerContext* context,
-                                      const v1::SubmitJobRequest* request,
-                                      v1::Job* response) override;
-  grpc::ServerUnaryReactor* GetJob(grpc::CallbackServerContext* context,
-                                   const v1::GetJobRequest* request, v1::Job* response) override;
-  grpc::ServerWriteReactor<v1::Job>* WatchJob(grpc::CallbackServerContext* context,
-                                              const v1::WatchJobRequest* request) override;
-  grpc::ServerUnaryReactor* CancelJob(grpc::CallbackServerContext* context,
-                                      const v1::CancelJobRequest* request,
-                                      v1::Job* response) override;
-  grpc::ServerUnaryReactor* ListJobs(grpc::CallbackServerContext* context,
-                                     const v1::ListJobsRequest* request,
-                                     v1::ListJobsResponse* response) override;
-  grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context,
-                                          const v1::GetServerInfoRequest* request,
-                                          v1::ServerInfo* response) override;
+  ~CalibratorService() override;
+
+  using Raw = grpc::ByteBuffer;
+  grpc::ServerBidiReactor<Raw, Raw>* Quantize(grpc::CallbackServerContext* context) override;
+  grpc::ServerUnaryReactor* SubmitJob(grpc::CallbackServerContext* context, const Raw* request,
+                                      Raw* response) override;
+  grpc::ServerUnaryReactor* GetJob(grpc::CallbackServerContext* context, const Raw* request,
+                                   Raw* response) override;
+  grpc::ServerWriteReactor<Raw>* WatchJob(grpc::CallbackServerContext* context,
+                                          const Raw* request) override;
+  grpc::ServerUnaryReactor* CancelJob(grpc::CallbackServerContext* context, const Raw* request,
+                                      Raw* response) override;
+  grpc::ServerUnaryReactor* ListJobs(grpc::CallbackServerContext* context, const Raw* request,
+                                     Raw* response) override;
+  grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context, const Raw* request,
+                                          Raw* response) override;
 
   // New streams, new tensors of open streams and new jobs answer UNAVAILABLE from now on.
   void StartDraining() { draining_ = true; }
@@ -78,6 +92,15 @@ class CalibratorService final : public v1::Calibrator::CallbackService {
   // Finishes a unary call with `status` and counts it.
   grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context, const char* method,
                                         absl::Time start, const absl::Status& status);
+  // A unary call: authentication, then `raw_request` parsed as a Request, then
+  // `handle(const Request&) -> absl::StatusOr<Response>`, whose response is serialized into
+  // `raw_response`; counted under `method`.
+  template <typename Request, typename Handler>
+  grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* context, const char* method,
+                                  const Raw* raw_request, Raw* raw_response, Handler handle);
+  // Parses a request of `method`; INVALID_ARGUMENT (counted and logged) when malformed.
+  absl::Status ParseRequest(const grpc::CallbackServerContext* context, const char* method,
+                            const Raw* raw_request, google::protobuf::MessageLite* request);
 
   // OK, or UNAUTHENTICATED when a token is required and the call has no accepted one.
   absl::Status Authenticate(const grpc::CallbackServerContext* context) const;
@@ -93,6 +116,8 @@ class CalibratorService final : public v1::Calibrator::CallbackService {
   // Full Hessians of every session (limits.max_full_hessian_bytes); outlives the sessions,
   // which are all gone once the server drained.
   FullHessianBudget full_hessians_;
+  // Ends idle Quantize streams; null when limits.stream_idle_timeout is zero.
+  std::unique_ptr<StreamWatchdog> watchdog_;
   SessionEnvironment environment_;
 };
 

@@ -6,20 +6,32 @@ namespace nvfp4cal::server {
 
 FullHessianBudget::Reservation::~Reservation() { budget_->Release(bytes_, plan_); }
 
-absl::StatusOr<std::unique_ptr<FullHessianBudget::Reservation>> FullHessianBudget::Reserve(
-    const std::string& what, int64_t bytes) {
+absl::Status FullHessianBudget::Reservation::GrowTo(const std::string& what, int64_t bytes) {
+  if (bytes <= bytes_) return absl::OkStatus();
+  if (absl::Status s = budget_->Admit(what, bytes - bytes_); !s.ok()) return s;
+  bytes_ = bytes;
+  return absl::OkStatus();
+}
+
+absl::Status FullHessianBudget::Admit(const std::string& what, int64_t bytes) {
   {
     absl::MutexLock lock(&mu_);
     if (bytes > limit_bytes_ - in_use_) {
       if (metrics_ != nullptr) metrics_->RecordFullHessianRefused("max_full_hessian_bytes");
       return absl::ResourceExhaustedError(absl::StrFormat(
-          "%s needs %d bytes as a full Hessian; the server holds %d bytes of full Hessians and "
-          "gptq plans and max_full_hessian_bytes = %d",
+          "%s needs %d more bytes as a full Hessian; the server holds %d bytes of full Hessians "
+          "and gptq plans and max_full_hessian_bytes = %d",
           what, bytes, in_use_, limit_bytes_));
     }
     in_use_ += bytes;
   }
   if (metrics_ != nullptr) metrics_->AddFullHessianBytes(bytes);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<FullHessianBudget::Reservation>> FullHessianBudget::Reserve(
+    const std::string& what, int64_t bytes) {
+  if (absl::Status s = Admit(what, bytes); !s.ok()) return s;
   return std::unique_ptr<Reservation>(new Reservation(this, bytes, /*plan=*/false));
 }
 

@@ -1,11 +1,12 @@
 // FullHessianBudget: the server-wide account of the memory full Hessians (method gptq) hold.
 //
-// A full Hessian of n inputs is n * n * 4 bytes (822 MB for n = 14336), so sessions admit one
-// against this budget when the header that defines it arrives, before any of its chunks is
-// buffered, and hold a Reservation until the Hessian is freed (the session ended, however it
-// ended). Prepared gptq plans are charged too, without refusal (their size is known only once
-// they exist): later admissions see them as in use. The bytes in use are mirrored in the
-// metrics (nvfp4cal_full_hessian_bytes, nvfp4cal_gptq_plan_bytes).
+// A full Hessian of n inputs is n * n * 4 bytes (822 MB for n = 14336). Sessions hold a
+// Reservation for each from the header that defines it until the Hessian is freed (the session
+// ended, however it ended), and grow it as the Hessian's chunks arrive: a stream that sends a
+// header and stalls holds nothing of the budget, one that stalls half-way holds half. Prepared gptq
+// plans are charged too, without refusal (their size is known only once they exist): later
+// admissions see them as in use. The bytes in use are mirrored in the metrics
+// (nvfp4cal_full_hessian_bytes, nvfp4cal_gptq_plan_bytes).
 //
 //   FullHessianBudget budget(limits.max_full_hessian_bytes, &metrics);
 //   absl::StatusOr<std::unique_ptr<FullHessianBudget::Reservation>> held =
@@ -35,13 +36,16 @@ class FullHessianBudget {
     Reservation(const Reservation&) = delete;
     Reservation& operator=(const Reservation&) = delete;
     int64_t bytes() const { return bytes_; }
+    // Grows the reservation to `bytes` (no-op when it holds as much already) under the same
+    // rule as Reserve; on RESOURCE_EXHAUSTED it keeps what it held.
+    absl::Status GrowTo(const std::string& what, int64_t bytes);
 
    private:
     friend class FullHessianBudget;
     Reservation(FullHessianBudget* budget, int64_t bytes, bool plan)
         : budget_(budget), bytes_(bytes), plan_(plan) {}
     FullHessianBudget* const budget_;
-    const int64_t bytes_;
+    int64_t bytes_;
     // A plan's charge (nvfp4cal_gptq_plan_bytes) rather than a Hessian's.
     const bool plan_;
   };
@@ -63,6 +67,8 @@ class FullHessianBudget {
   int64_t in_use_bytes() const;
 
  private:
+  // Adds `bytes` to the bytes in use when they fit; else RESOURCE_EXHAUSTED for `what`.
+  absl::Status Admit(const std::string& what, int64_t bytes);
   void Release(int64_t bytes, bool plan);
 
   const int64_t limit_bytes_;

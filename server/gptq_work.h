@@ -49,6 +49,12 @@ class FullHessian {
 
   const std::string& name() const { return name_; }
   int64_t n() const { return n_; }
+  // Grows the budget reservation to `bytes` as the matrix's chunks arrive (at most n * n * 4);
+  // RESOURCE_EXHAUSTED naming `what` when the budget cannot hold them. Called by the session
+  // that fills the matrix, before it stores each chunk.
+  absl::Status GrowReservation(const std::string& what, int64_t bytes) {
+    return reservation_->GrowTo(what, bytes);
+  }
   // Row-major [n, n]; written by the session while the chunks arrive, read-only afterwards.
   float* mutable_data() { return data_.get(); }
   FullHessianView view() const { return FullHessianView{data_.get(), n_}; }

@@ -318,6 +318,7 @@ void JobManager::FinalizeLocked(Record* record, v1::JobState state, const absl::
 }
 
 absl::StatusOr<v1::Job> JobManager::Get(const std::string& job_id, bool include_result) {
+  if (absl::Status s = CheckStringLength("job_id", job_id); !s.ok()) return s;
   absl::MutexLock lock(&mu_);
   SweepLocked();
   const Record* record = FindLocked(job_id);
@@ -339,6 +340,7 @@ absl::StatusOr<v1::Job> JobManager::Get(const std::string& job_id, bool include_
 }
 
 absl::StatusOr<v1::Job> JobManager::Cancel(const std::string& job_id) {
+  if (absl::Status s = CheckStringLength("job_id", job_id); !s.ok()) return s;
   const absl::Status reason = absl::CancelledError("cancelled by CancelJob");
   Delivery delivery;
   bool cancel = false;
@@ -368,6 +370,7 @@ absl::StatusOr<v1::ListJobsResponse> JobManager::List(const v1::ListJobsRequest&
   }
   const int page_size =
       request.page_size() == 0 ? kDefaultPageSize : std::min(request.page_size(), kMaxPageSize);
+  if (absl::Status s = CheckStringLength("page_token", request.page_token()); !s.ok()) return s;
   uint64_t before = std::numeric_limits<uint64_t>::max();
   if (!request.page_token().empty() && !absl::SimpleAtoi(request.page_token(), &before)) {
     return absl::InvalidArgumentError(absl::StrFormat(
@@ -392,6 +395,7 @@ absl::StatusOr<v1::ListJobsResponse> JobManager::List(const v1::ListJobsRequest&
 }
 
 absl::Status JobManager::Watch(const std::string& job_id, std::shared_ptr<JobObserver> observer) {
+  if (absl::Status s = CheckStringLength("job_id", job_id); !s.ok()) return s;
   Delivery delivery;
   {
     absl::MutexLock lock(&mu_);

@@ -2,6 +2,7 @@
 
 #include <utility>
 
+#include "server/proto_codec.h"
 #include "server/quantize_session.h"
 
 namespace nvfp4cal::server {
@@ -9,8 +10,9 @@ namespace nvfp4cal::server {
 JobWatchReactor::JobWatchReactor(JobManager* jobs, ServerMetrics* metrics, std::string job_id)
     : jobs_(jobs), metrics_(metrics), job_id_(std::move(job_id)), started_(absl::Now()) {}
 
-grpc::ServerWriteReactor<v1::Job>* JobWatchReactor::Start(JobManager* jobs, ServerMetrics* metrics,
-                                                          const std::string& job_id) {
+grpc::ServerWriteReactor<grpc::ByteBuffer>* JobWatchReactor::Start(JobManager* jobs,
+                                                                   ServerMetrics* metrics,
+                                                                   const std::string& job_id) {
   std::shared_ptr<JobWatchReactor> reactor(new JobWatchReactor(jobs, metrics, job_id));
   reactor->self_ = reactor;
   // Delivers the current snapshot at once (starting the first write) when the job exists.
@@ -48,7 +50,7 @@ void JobWatchReactor::OnWriteDone(bool ok) {
     write_in_flight_ = false;
     if (!ok) {
       cancelled_ = true;
-    } else if (IsFinalJobState(writing_.state())) {
+    } else if (writing_final_) {
       final_written_ = true;
     }
     NextLocked(&actions);
@@ -75,7 +77,8 @@ void JobWatchReactor::NextLocked(Actions* actions) {
     status_ = grpc::Status::OK;
   } else {
     if (pending_.has_value()) {
-      writing_ = *std::move(pending_);
+      writing_ = SerializeProto(*pending_);
+      writing_final_ = IsFinalJobState(pending_->state());
       pending_.reset();
       write_in_flight_ = true;
       actions->write = true;

@@ -9,9 +9,10 @@
 // Shared ownership: the manager holds a reference while it may deliver, the reactor holds one to
 // itself until OnDone, so a delivery racing with the end of the call never touches freed memory.
 //
-//   grpc::ServerWriteReactor<v1::Job>* WatchJob(grpc::CallbackServerContext* context,
-//                                              const v1::WatchJobRequest* request) override {
-//     return JobWatchReactor::Start(jobs_, metrics_, request->job_id());
+//   grpc::ServerWriteReactor<grpc::ByteBuffer>* WatchJob(grpc::CallbackServerContext* context,
+//                                                       const grpc::ByteBuffer* request) override {
+//     ...   // parse the WatchJobRequest (server/proto_codec.h)
+//     return JobWatchReactor::Start(jobs_, metrics_, request.job_id());
 //   }
 #ifndef NVFP4CAL_SERVER_JOB_WATCH_REACTOR_H_
 #define NVFP4CAL_SERVER_JOB_WATCH_REACTOR_H_
@@ -31,11 +32,13 @@
 
 namespace nvfp4cal::server {
 
-class JobWatchReactor final : public grpc::ServerWriteReactor<v1::Job>, public JobObserver {
+// Writes the Job messages as bytes (the service's methods are raw, server/proto_codec.h).
+class JobWatchReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
+                              public JobObserver {
  public:
   // Creates the reactor for one call and subscribes it; `jobs` and `metrics` must outlive it.
-  static grpc::ServerWriteReactor<v1::Job>* Start(JobManager* jobs, ServerMetrics* metrics,
-                                                  const std::string& job_id);
+  static grpc::ServerWriteReactor<grpc::ByteBuffer>* Start(JobManager* jobs, ServerMetrics* metrics,
+                                                           const std::string& job_id);
 
   void OnJobUpdate(const v1::Job& job, uint64_t version) override ABSL_LOCKS_EXCLUDED(mu_);
   void OnWriteDone(bool ok) override ABSL_LOCKS_EXCLUDED(mu_);
@@ -67,7 +70,9 @@ class JobWatchReactor final : public grpc::ServerWriteReactor<v1::Job>, public J
   uint64_t version_ ABSL_GUARDED_BY(mu_) = 0;
   std::optional<v1::Job> pending_ ABSL_GUARDED_BY(mu_);
   // The message of the write in flight; gRPC reads it until OnWriteDone.
-  v1::Job writing_;
+  grpc::ByteBuffer writing_;
+  // Whether writing_ holds the job's final state.
+  bool writing_final_ = false;
   bool write_in_flight_ ABSL_GUARDED_BY(mu_) = false;
   bool final_written_ ABSL_GUARDED_BY(mu_) = false;
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;

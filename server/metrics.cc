@@ -164,6 +164,20 @@ ServerMetrics::ServerMetrics() : registry_(std::make_shared<prometheus::Registry
                                .Name("nvfp4cal_full_hessian_refused_total")
                                .Help("Full Hessians refused at admission, by the limit reached")
                                .Register(*registry_);
+  unsent_result_bytes_ = &prometheus::BuildGauge()
+                              .Name("nvfp4cal_unsent_result_bytes")
+                              .Help("Codes and scales quantized but not yet taken by the client")
+                              .Register(*registry_)
+                              .Add({});
+  stream_idle_timeouts_ = &prometheus::BuildCounter()
+                               .Name("nvfp4cal_stream_idle_timeouts_total")
+                               .Help("Quantize streams ended by --stream_idle_timeout")
+                               .Register(*registry_)
+                               .Add({});
+  malformed_messages_ = &prometheus::BuildCounter()
+                             .Name("nvfp4cal_malformed_messages_total")
+                             .Help("Messages that were not valid protobuf, by RPC method")
+                             .Register(*registry_);
 }
 
 ServerMetrics::~ServerMetrics() = default;
@@ -237,6 +251,13 @@ void ServerMetrics::RecordGptqPlan(const std::string& backend, double seconds) {
 void ServerMetrics::RecordGptqPlanFailure() { gptq_plan_failures_->Increment(); }
 void ServerMetrics::RecordFullHessianRefused(const std::string& limit) {
   full_hessian_refused_->Add({{"limit", limit}}).Increment();
+}
+void ServerMetrics::AddUnsentResultBytes(int64_t delta_bytes) {
+  unsent_result_bytes_->Increment(static_cast<double>(delta_bytes));
+}
+void ServerMetrics::RecordStreamIdleTimeout() { stream_idle_timeouts_->Increment(); }
+void ServerMetrics::RecordMalformedMessage(const std::string& method) {
+  malformed_messages_->Add({{"method", method}}).Increment();
 }
 
 }  // namespace nvfp4cal::server

@@ -68,6 +68,12 @@ class ServerMetrics {
   void RecordGptqPlanFailure();
   // A full Hessian was refused because a full-Hessian limit was reached.
   void RecordFullHessianRefused(const std::string& limit);
+  // Result bytes (codes and scales) quantized but not yet taken by their streams' clients.
+  void AddUnsentResultBytes(int64_t delta_bytes);
+  // A Quantize stream was ended by --stream_idle_timeout.
+  void RecordStreamIdleTimeout();
+  // A message of `method` was not valid protobuf (the call ended INVALID_ARGUMENT).
+  void RecordMalformedMessage(const std::string& method);
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;
@@ -91,6 +97,9 @@ class ServerMetrics {
   prometheus::Counter* gptq_plan_failures_;
   prometheus::Histogram* gptq_factor_seconds_;
   prometheus::Family<prometheus::Counter>* full_hessian_refused_;
+  prometheus::Gauge* unsent_result_bytes_;
+  prometheus::Counter* stream_idle_timeouts_;
+  prometheus::Family<prometheus::Counter>* malformed_messages_;
 };
 
 // Canonical gRPC code name ("OK", "INVALID_ARGUMENT", ...).

@@ -9,6 +9,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "nvfp4cal/kernels/validation.h"
+#include "server/log.h"
+#include "server/proto_codec.h"
+#include "server/stream_watchdog.h"
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
               "payloads are little-endian and copied as is");
@@ -34,7 +37,7 @@ grpc::Status ToGrpcStatus(const absl::Status& status) {
 
 QuantizeSession::QuantizeSession(const SessionEnvironment& environment,
                                  grpc::CallbackServerContext* context)
-    : env_(environment), context_(context), started_(absl::Now()) {
+    : env_(environment), context_(context), started_(absl::Now()), last_progress_(started_) {
   absl::Status refused;
   if (env_.authenticator != nullptr) {
     refused = env_.authenticator->Check(context->client_metadata());
@@ -64,6 +67,10 @@ QuantizeSession::QuantizeSession(const SessionEnvironment& environment,
       actions.start_read = true;
     }
   }
+  if (env_.watchdog != nullptr && refused.ok()) {
+    watched_ = true;
+    env_.watchdog->Add(this);
+  }
   Perform(&actions);
 }
 
@@ -87,7 +94,15 @@ void QuantizeSession::OnReadDone(bool ok) {
       MaybeFinish(&actions);
     } else if (!failed_) {
       ++messages_read_;
-      absl::Status status = HandleMessage(&actions);
+      last_progress_ = absl::Now();
+      absl::Status status = ParseProto(
+          &read_buffer_, absl::StrFormat("message %d of the stream", messages_read_), &request_);
+      if (!status.ok()) {
+        env_.metrics->RecordMalformedMessage("Quantize");
+        LogLine(absl::StrCat("Quantize from ", context_->peer(), ": ", status.ToString()));
+      } else {
+        status = HandleMessage(&actions);
+      }
       if (!status.ok()) {
         reading_ = false;
         FailLocked(status, &actions);
@@ -114,6 +129,10 @@ absl::Status QuantizeSession::HandleMessage(Actions* actions) {
     case v1::QuantizeRequest::kSession:
       return HandleSessionOptions(request_.session());
     case v1::QuantizeRequest::kHeader:
+      if (env_.draining->load() && CurrentTensorComplete()) {
+        StopForDrain(request_.header().name());
+        return absl::OkStatus();
+      }
       return HandleHeader(request_.header());
     case v1::QuantizeRequest::kHessian:
       return HandleHessianChunk(request_.mutable_hessian());
@@ -136,6 +155,9 @@ absl::Status QuantizeSession::HandleSessionOptions(const v1::SessionOptions& opt
         absl::StrFormat("session.priority = %d is out of range [%d, %d]", options.priority(),
                         kMinPriority, kMaxPriority));
   }
+  if (absl::Status s = CheckStringLength("session.client_name", options.client_name()); !s.ok()) {
+    return s;
+  }
   priority_ = options.priority();
   return absl::OkStatus();
 }
@@ -151,18 +173,21 @@ absl::Status QuantizeSession::HandleHeader(const v1::TensorHeader& header) {
         "header of tensor '%s' arrived before tensor '%s' was complete: %d of %d rows received",
         header.name(), current_->name, current_->rows_received, current_->rows));
   }
-  if (env_.draining->load()) {
-    return absl::UnavailableError(absl::StrFormat(
-        "server is draining; tensor '%s' was not started (tensors sent before it finish)",
-        header.name()));
-  }
-  if (header.name().empty()) return absl::InvalidArgumentError("header.name is empty");
+  absl::StatusOr<TensorSpec> spec = ParseTensorHeader(header, limits);
+  if (!spec.ok()) return spec.status();
   if (tensor_names_.contains(header.name())) {
     return absl::InvalidArgumentError(
         absl::StrFormat("header.name = '%s' was already used in this session", header.name()));
   }
-  absl::StatusOr<TensorSpec> spec = ParseTensorHeader(header, limits);
-  if (!spec.ok()) return spec.status();
+  const int64_t name_bytes =
+      static_cast<int64_t>(header.name().size()) + ServiceLimits::kNameEntryOverheadBytes;
+  if (name_bytes > limits.max_session_tensor_name_bytes - tensor_name_bytes_) {
+    return absl::ResourceExhaustedError(
+        absl::StrFormat("tensor '%s': the session keeps %d bytes of tensor names (%d tensors) and "
+                        "max_session_tensor_name_bytes = %d; start a new session for more tensors",
+                        header.name(), tensor_name_bytes_, tensor_names_.size(),
+                        limits.max_session_tensor_name_bytes));
+  }
   if (!spec->global_amax.has_value() && spec->WeightBytes() > limits.max_buffered_tensor_bytes) {
     return absl::ResourceExhaustedError(
         absl::StrFormat("tensor '%s' without header.global_amax is buffered whole: %d bytes exceed "
@@ -238,6 +263,7 @@ absl::Status QuantizeSession::HandleHeader(const v1::TensorHeader& header) {
     job_ = env_.scheduler->CreateJob(job);
   }
   tensor_names_.insert(tensor->name);
+  tensor_name_bytes_ += name_bytes;
   open_tensors_[tensor->index] = tensor;
   current_ = std::move(tensor);
   return absl::OkStatus();
@@ -290,8 +316,16 @@ absl::StatusOr<std::shared_ptr<QuantizeSession::Hessian>> QuantizeSession::Defin
           "max_session_full_hessian_bytes = %d (start a new session)",
           what, full_bytes, full_hessian_bytes_, limits.max_session_full_hessian_bytes));
     }
+    if (full_bytes > env_.full_hessians->limit_bytes()) {
+      env_.metrics->RecordFullHessianRefused("max_full_hessian_bytes");
+      return absl::ResourceExhaustedError(
+          absl::StrFormat("%s needs %d bytes as a full Hessian; max_full_hessian_bytes = %d", what,
+                          full_bytes, env_.full_hessians->limit_bytes()));
+    }
+    // The server-wide budget is charged as the chunks arrive (HandleHessianChunk): a stream
+    // that stalls after the header holds none of it.
     absl::StatusOr<std::unique_ptr<FullHessianBudget::Reservation>> reservation =
-        env_.full_hessians->Reserve(what, full_bytes);
+        env_.full_hessians->Reserve(what, 0);
     if (!reservation.ok()) return reservation.status();
     absl::StatusOr<std::shared_ptr<FullHessian>> full =
         FullHessian::Create(name, cols, *std::move(reservation), env_.full_hessians, env_.metrics);
@@ -366,6 +400,18 @@ absl::Status QuantizeSession::HandleHessianChunk(v1::HessianChunk* chunk) {
         "hessian chunk [%d, %d) goes beyond the declared shape of Hessian '%s' (%d elements)",
         chunk->element_offset(), chunk->element_offset() + count, hessian.name,
         hessian.expected_elements));
+  }
+  if (hessian.full != nullptr) {
+    // Charged in proportion to the elements received, the whole matrix once complete.
+    const int64_t full_bytes = hessian.cols * hessian.cols * 4;
+    const int64_t received = hessian.received_elements + count;
+    const int64_t charge = static_cast<int64_t>(
+        std::ceil(static_cast<double>(full_bytes) * static_cast<double>(received) /
+                  static_cast<double>(hessian.expected_elements)));
+    absl::Status admitted = hessian.full->GrowReservation(
+        absl::StrFormat("Hessian '%s' of tensor '%s'", hessian.name, current_->name),
+        received == hessian.expected_elements ? full_bytes : std::min(charge, full_bytes));
+    if (!admitted.ok()) return admitted;
   }
   env_.metrics->AddBytesIn(static_cast<int64_t>(data.size()));
   // The bytes of a protobuf string need not be 4-byte aligned.
@@ -535,6 +581,8 @@ void QuantizeSession::OnItemDone(const std::shared_ptr<Tensor>& tensor,
   {
     absl::MutexLock lock(&mu_);
     --items_outstanding_;
+    // The idle clock restarts when the server has something new for the client.
+    last_progress_ = absl::Now();
     if (!outcome.status.ok()) {
       FailLocked(PrefixStatus(outcome.status,
                               absl::StrFormat("tensor '%s' rows [%d, %d): ", tensor->name,
@@ -552,7 +600,7 @@ void QuantizeSession::OnItemDone(const std::shared_ptr<Tensor>& tensor,
       // tensors).
       const int64_t row_bytes = tensor->cols / 2 + tensor->cols / 16;
       const int64_t rows_per_message =
-          std::max<int64_t>(1, env_.limits.max_result_chunk_bytes / row_bytes);
+          std::max<int64_t>(1, env_.limits.ResultPayloadBytes() / row_bytes);
       for (int64_t first = 0; first < task->num_rows; first += rows_per_message) {
         const int64_t rows = std::min(rows_per_message, task->num_rows - first);
         v1::QuantizeResponse response;
@@ -571,7 +619,7 @@ void QuantizeSession::OnItemDone(const std::shared_ptr<Tensor>& tensor,
           result->set_scales(task->scales.substr(static_cast<size_t>(first * tensor->cols / 16),
                                                  static_cast<size_t>(rows * tensor->cols / 16)));
         }
-        pending_writes_.push_back(std::move(response));
+        QueueWrite(std::move(response), rows * row_bytes);
       }
       if (tensor->rows_done == tensor->rows) QueueSummary(*tensor);
     }
@@ -609,7 +657,7 @@ void QuantizeSession::QueueSummary(const Tensor& tensor) {
   summary->mutable_timings()->set_total_us(absl::ToInt64Microseconds(absl::Now() - tensor.started));
   summary->mutable_timings()->set_queue_wait_us(absl::ToInt64Microseconds(tensor.queue_wait));
   summary->mutable_timings()->set_kernel_us(absl::ToInt64Microseconds(tensor.kernel_time));
-  pending_writes_.push_back(std::move(response));
+  QueueWrite(std::move(response), 0);
   open_tensors_.erase(tensor.index);
 }
 
@@ -618,13 +666,59 @@ void QuantizeSession::FailLocked(const absl::Status& status, Actions* actions) {
   failed_ = true;
   final_status_ = ToGrpcStatus(status);
   pending_writes_.clear();
+  SetUnsentResultBytes(writing_result_bytes_);
   if (job_.has_value()) actions->cancel_job = true;
   MaybeFinish(actions);
 }
 
+void QuantizeSession::QueueWrite(v1::QuantizeResponse response, int64_t result_bytes) {
+  pending_writes_.push_back(PendingWrite{std::move(response), result_bytes});
+  SetUnsentResultBytes(unsent_result_bytes_ + result_bytes);
+}
+
+void QuantizeSession::SetUnsentResultBytes(int64_t bytes) {
+  env_.metrics->AddUnsentResultBytes(bytes - unsent_result_bytes_);
+  unsent_result_bytes_ = bytes;
+}
+
+void QuantizeSession::StopForDrain(const std::string& next_tensor) {
+  stopped_ = true;
+  const std::string name = CheckStringLength("", next_tensor).ok()
+                               ? absl::StrCat("'", next_tensor, "'")
+                               : absl::StrFormat("with a name of %d bytes", next_tensor.size());
+  stop_status_ = grpc::Status(
+      grpc::StatusCode::UNAVAILABLE,
+      absl::StrFormat("server is draining; tensor %s (message %d of the stream) and every tensor "
+                      "after it were not started; the stream's first %d tensors finished and "
+                      "their summaries were sent",
+                      name, messages_read_, tensors_started_));
+}
+
+void QuantizeSession::CheckIdle(absl::Time now) {
+  bool cancel_write = false;
+  Actions actions;
+  {
+    absl::MutexLock lock(&mu_);
+    if (failed_ || finish_called_ || items_outstanding_ > 0) return;
+    if (now - last_progress_ < env_.limits.stream_idle_timeout) return;
+    env_.metrics->RecordStreamIdleTimeout();
+    FailLocked(absl::DeadlineExceededError(absl::StrFormat(
+                   "stream idle for %s (stream_idle_timeout): no message arrived and no result "
+                   "was taken; %d tensors of the stream have no summary and were not finished",
+                   absl::FormatDuration(now - last_progress_), open_tensors_.size())),
+               &actions);
+    // A write the client never takes would hold the call open: cancelling completes it.
+    cancel_write = write_in_flight_;
+  }
+  if (cancel_write) context_->TryCancel();
+  Perform(&actions);
+}
+
 void QuantizeSession::MaybeStartRead(Actions* actions) {
-  if (reading_ || half_closed_ || failed_ || finish_called_) return;
+  if (reading_ || half_closed_ || stopped_ || failed_ || finish_called_) return;
   if (items_outstanding_ >= env_.limits.max_inflight_chunks_per_stream) return;
+  // Results the client has not taken count too: a client that never reads stops being read.
+  if (unsent_result_bytes_ >= env_.limits.max_unsent_result_bytes_per_stream) return;
   reading_ = true;
   ++reads_starting_;
   actions->start_read = true;
@@ -632,7 +726,8 @@ void QuantizeSession::MaybeStartRead(Actions* actions) {
 
 void QuantizeSession::MaybeStartWrite(Actions* actions) {
   if (write_in_flight_ || pending_writes_.empty() || finish_called_) return;
-  current_write_ = std::move(pending_writes_.front());
+  current_write_ = SerializeProto(pending_writes_.front().message);
+  writing_result_bytes_ = pending_writes_.front().result_bytes;
   pending_writes_.pop_front();
   write_in_flight_ = true;
   actions->start_write = true;
@@ -646,10 +741,10 @@ void QuantizeSession::MaybeFinish(Actions* actions) {
     actions->finish_status = final_status_;
     return;
   }
-  if (half_closed_ && items_outstanding_ == 0 && pending_writes_.empty() && !reading_ &&
-      open_tensors_.empty()) {
+  if ((half_closed_ || stopped_) && items_outstanding_ == 0 && pending_writes_.empty() &&
+      !reading_ && open_tensors_.empty()) {
     finish_called_ = true;
-    final_status_ = grpc::Status::OK;
+    final_status_ = stopped_ ? stop_status_ : grpc::Status::OK;
     actions->finish = true;
     actions->finish_status = final_status_;
   }
@@ -660,7 +755,14 @@ void QuantizeSession::OnWriteDone(bool ok) {
   {
     absl::MutexLock lock(&mu_);
     write_in_flight_ = false;
-    if (!ok) FailLocked(absl::CancelledError("write failed: the client went away"), &actions);
+    SetUnsentResultBytes(unsent_result_bytes_ - writing_result_bytes_);
+    writing_result_bytes_ = 0;
+    if (ok) {
+      last_progress_ = absl::Now();
+    } else {
+      FailLocked(absl::CancelledError("write failed: the client went away"), &actions);
+    }
+    MaybeStartRead(&actions);
     MaybeStartWrite(&actions);
     MaybeFinish(&actions);
   }
@@ -690,7 +792,7 @@ void QuantizeSession::Perform(Actions* actions) {
   }
   if (actions->start_write) StartWrite(&current_write_);
   if (actions->start_read) {
-    StartRead(&request_);
+    StartRead(&read_buffer_);
     // A failure decided meanwhile waited for this read to be issued before finishing.
     absl::MutexLock lock(&mu_);
     --reads_starting_;
@@ -710,9 +812,12 @@ void QuantizeSession::Unref() {
 }
 
 void QuantizeSession::OnDone() {
+  if (watched_) env_.watchdog->Remove(this);
   {
     absl::MutexLock lock(&mu_);
     if (job_.has_value()) env_.scheduler->ReleaseJob(*job_);
+    pending_writes_.clear();
+    SetUnsentResultBytes(0);
   }
   if (counted_) {
     env_.open_streams->fetch_sub(1);

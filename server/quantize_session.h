@@ -49,6 +49,8 @@
 
 namespace nvfp4cal::server {
 
+class StreamWatchdog;
+
 // What every session shares; owned by the service, which outlives its sessions.
 struct SessionEnvironment {
   Scheduler* scheduler = nullptr;
@@ -62,6 +64,8 @@ struct SessionEnvironment {
   const TokenAuthenticator* authenticator = nullptr;
   // Server-wide account of full Hessians (method gptq); limits.max_full_hessian_bytes.
   FullHessianBudget* full_hessians = nullptr;
+  // Ends idle streams (limits.stream_idle_timeout); null: none is ended.
+  StreamWatchdog* watchdog = nullptr;
   // The scheduler's device memory per batch: a gptq tensor's rows go into items of up to half
   // of it (whole tensors at 8B sizes), since each item pays the ordered group loop once.
   int64_t memory_budget_bytes = int64_t{1} << 30;
@@ -70,9 +74,19 @@ struct SessionEnvironment {
 // Maps an internal status to the status sent to the client.
 grpc::Status ToGrpcStatus(const absl::Status& status);
 
-class QuantizeSession : public grpc::ServerBidiReactor<v1::QuantizeRequest, v1::QuantizeResponse> {
+// Messages travel as bytes and are parsed here (server/proto_codec.h), so a malformed one ends
+// the stream with INVALID_ARGUMENT instead of looking like the client's half-close.
+class QuantizeSession : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   QuantizeSession(const SessionEnvironment& environment, grpc::CallbackServerContext* context);
+
+  // For the StreamWatchdog: ends the stream with DEADLINE_EXCEEDED when it has been idle for
+  // limits.stream_idle_timeout at `now` (nothing of it in the scheduler, no message read and no
+  // result written).
+  void CheckIdle(absl::Time now) ABSL_LOCKS_EXCLUDED(mu_);
+  // A reference that keeps the session alive until the matching Unref.
+  void Ref() { refs_.fetch_add(1); }
+  void Unref();
 
   void OnReadDone(bool ok) override;
   void OnWriteDone(bool ok) override;
@@ -159,17 +173,24 @@ class QuantizeSession : public grpc::ServerBidiReactor<v1::QuantizeRequest, v1::
   void OnItemDone(const std::shared_ptr<Tensor>& tensor, const std::shared_ptr<RowRangeTask>& task,
                   const WorkOutcome& outcome) ABSL_LOCKS_EXCLUDED(mu_);
   void QueueSummary(const Tensor& tensor) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void QueueWrite(v1::QuantizeResponse response, int64_t result_bytes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void SetUnsentResultBytes(int64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Draining: the header of `next_tensor` is refused, the tensors before it finish.
+  void StopForDrain(const std::string& next_tensor) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   void FailLocked(const absl::Status& status, Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void MaybeStartRead(Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void MaybeStartWrite(Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void MaybeFinish(Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Perform(Actions* actions) ABSL_LOCKS_EXCLUDED(mu_);
-  void Unref();
 
   const SessionEnvironment env_;
   grpc::CallbackServerContext* const context_;
   const absl::Time started_;
+  // The message being read (parsed into request_ by OnReadDone) and the one being written.
+  grpc::ByteBuffer read_buffer_;
+  grpc::ByteBuffer current_write_;
   // Whether this stream counts towards open_streams (false when refused at the door).
   bool counted_ = false;
   // gRPC's reference plus one per admitted scheduler item.
@@ -177,8 +198,12 @@ class QuantizeSession : public grpc::ServerBidiReactor<v1::QuantizeRequest, v1::
 
   absl::Mutex mu_;
   v1::QuantizeRequest request_;
-  v1::QuantizeResponse current_write_ ABSL_GUARDED_BY(mu_);
-  std::deque<v1::QuantizeResponse> pending_writes_ ABSL_GUARDED_BY(mu_);
+  // A response waiting to be written; result_bytes: its codes and scales.
+  struct PendingWrite {
+    v1::QuantizeResponse message;
+    int64_t result_bytes = 0;
+  };
+  std::deque<PendingWrite> pending_writes_ ABSL_GUARDED_BY(mu_);
   bool write_in_flight_ ABSL_GUARDED_BY(mu_) = false;
   // A read is pending or its message is being handled.
   bool reading_ ABSL_GUARDED_BY(mu_) = false;
@@ -207,6 +232,21 @@ class QuantizeSession : public grpc::ServerBidiReactor<v1::QuantizeRequest, v1::
   // Full Hessians (method gptq) defined in this session, for
   // limits.max_session_full_hessian_bytes; each holds its own reservation on the budget.
   int64_t full_hessian_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  // Bytes of tensor_names_ (names plus per-entry overhead), for
+  // limits.max_session_tensor_name_bytes.
+  int64_t tensor_name_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  // Codes and scales queued or being written, for limits.max_unsent_result_bytes_per_stream
+  // (mirrored in the metrics); those of the write in flight.
+  int64_t unsent_result_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t writing_result_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  // The server is draining and a new tensor's header arrived: nothing more is read, the
+  // accepted tensors finish, then the call ends with stop_status_ (UNAVAILABLE naming it).
+  bool stopped_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status stop_status_ ABSL_GUARDED_BY(mu_);
+  // Last message read, result written or item finished, for limits.stream_idle_timeout.
+  absl::Time last_progress_ ABSL_GUARDED_BY(mu_);
+  // Registered with env_.watchdog (from the constructor until OnDone).
+  bool watched_ = false;
 };
 
 }  // namespace nvfp4cal::server

@@ -10,6 +10,7 @@
 #ifndef NVFP4CAL_SERVER_SERVER_OPTIONS_H_
 #define NVFP4CAL_SERVER_SERVER_OPTIONS_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -38,6 +39,17 @@ struct ServiceLimits {
   int64_t max_session_full_hessian_bytes = int64_t{4} << 30;
   // Flow-control window: weight items of one stream in the scheduler before reading pauses.
   int max_inflight_chunks_per_stream = 8;
+  // Results (codes and scales) of one stream quantized but not yet taken by its client: reading
+  // pauses above it, so a client that never reads holds at most this plus its in-flight items'
+  // results.
+  int64_t max_unsent_result_bytes_per_stream = int64_t{64} << 20;
+  // Bytes of tensor names one session keeps for its duplicate-name check (each name counts its
+  // length plus kNameEntryOverheadBytes); a whole checkpoint's names take well under 1 MiB.
+  int64_t max_session_tensor_name_bytes = int64_t{16} << 20;
+  // A Quantize stream with nothing of its own in the scheduler that neither sends a message nor
+  // takes a result for this long ends with DEADLINE_EXCEEDED, freeing what it held (stream slot,
+  // Hessians, full-Hessian budget). Zero: never.
+  absl::Duration stream_idle_timeout = absl::Minutes(5);
   // Quantize streams open at once; more answer RESOURCE_EXHAUSTED.
   int max_concurrent_streams = 256;
   // Rows per scheduler work item; larger chunks, buffered tensors and jobs are split.
@@ -54,6 +66,17 @@ struct ServiceLimits {
   int64_t max_job_request_bytes = 8 << 20;
   // How long a finished job (and its result) stays fetchable before it is forgotten.
   absl::Duration job_retention = absl::Minutes(10);
+
+  // Codes and scales of one ResultChunk at most: max_result_chunk_bytes, within what
+  // max_send_message_bytes leaves after the message's other fields.
+  int64_t ResultPayloadBytes() const {
+    return std::min(max_result_chunk_bytes, max_send_message_bytes - kMessageOverheadBytes);
+  }
+  // Room a response message needs beside its payload (names of at most 1 KiB, numbers,
+  // statistics).
+  static constexpr int64_t kMessageOverheadBytes = 16 << 10;
+  // Per name kept by a session, beside its bytes (hash-set entry and string header).
+  static constexpr int64_t kNameEntryOverheadBytes = 64;
 };
 
 // Scheduler and device settings.

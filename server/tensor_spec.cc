@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <utility>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
@@ -68,9 +70,26 @@ absl::Status PrefixStatus(const absl::Status& status, const std::string& prefix)
   return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
 }
 
+absl::Status CheckStringLength(std::string_view field, std::string_view value, int64_t max_bytes) {
+  if (static_cast<int64_t>(value.size()) <= max_bytes) return absl::OkStatus();
+  constexpr size_t kQuoted = 32;
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "%s has %d bytes; the limit is %d (it starts '%s...')", field, value.size(), max_bytes,
+      absl::CHexEscape(absl::string_view(value.data(), std::min(value.size(), kQuoted)))));
+}
+
 absl::StatusOr<TensorSpec> ParseTensorHeader(const v1::TensorHeader& header,
                                              const ServiceLimits& limits) {
   if (header.name().empty()) return absl::InvalidArgumentError("header.name is empty");
+  // Before anything echoes a string: messages quote names whole.
+  for (const auto& [field, value] :
+       {std::pair<const char*, const std::string*>{"header.name", &header.name()},
+        {"header.hessian.name", &header.hessian().name()},
+        {"header.method.name", &header.method().name()},
+        {"header.method.scale_objective", &header.method().scale_objective()},
+        {"header.method.scale_search", &header.method().scale_search()}}) {
+    if (absl::Status s = CheckStringLength(field, *value); !s.ok()) return s;
+  }
   if (header.rows() <= 0 || header.cols() <= 0) {
     return absl::InvalidArgumentError(
         absl::StrFormat("header: tensor '%s' has shape [%d, %d]; rows and cols must be > 0",

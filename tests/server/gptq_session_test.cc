@@ -8,6 +8,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -285,7 +286,7 @@ TEST_F(GptqSessionTest, OnePlanPerSharedHessianAndBytesReleasedAfterTheSession) 
   EXPECT_EQ(MetricValue(after, "nvfp4cal_gptq_plan_bytes"), 0);
 }
 
-TEST_F(GptqSessionTest, ServerBudgetRefusesAFullHessianWhileAnotherSessionHoldsOne) {
+TEST_F(GptqSessionTest, ServerBudgetRefusesHessianChunksThatDoNotFitBesideAnotherSessions) {
   constexpr int64_t kCols = 64;  // 16384 bytes as a full Hessian
   ServiceLimits limits;
   limits.max_full_hessian_bytes = 20000;
@@ -306,17 +307,18 @@ TEST_F(GptqSessionTest, ServerBudgetRefusesAFullHessianWhileAnotherSessionHoldsO
     absl::SleepFor(absl::Milliseconds(2));
   }
   ASSERT_EQ(server_->full_hessian_bytes_in_use(), kCols * kCols * 4);
-  // Session B: refused before any chunk of its Hessian is buffered.
+  // Session B: refused once its chunks pass what the budget has left.
   GptqTensor b =
       MakeGptqTensor("b", 16, kCols, DType::kFloat32, "h", h, v1::HESSIAN_LAYOUT_FULL_UPPER, 51);
   std::vector<v1::QuantizeRequest> second;
   AppendGptq(b, &second);
   const grpc::Status refused = Run(second).status;
   EXPECT_EQ(refused.error_code(), grpc::RESOURCE_EXHAUSTED) << refused.error_message();
-  EXPECT_THAT(refused.error_message(),
-              HasSubstr("Hessian 'h' of tensor 'b' needs 16384 bytes as a full Hessian; the "
-                        "server holds 16384 bytes of full Hessians and gptq plans and "
-                        "max_full_hessian_bytes = 20000"));
+  EXPECT_THAT(refused.error_message(), HasSubstr("Hessian 'h' of tensor 'b' needs "));
+  EXPECT_THAT(
+      refused.error_message(),
+      HasSubstr("bytes of full Hessians and gptq plans and max_full_hessian_bytes = 20000"));
+  EXPECT_EQ(server_->full_hessian_bytes_in_use(), kCols * kCols * 4);
   // A finishes normally; afterwards nothing is held.
   for (size_t i = kHeaderAndHessian; i < first.size(); ++i) ASSERT_TRUE(stream->Write(first[i]));
   ASSERT_TRUE(stream->WritesDone());
@@ -330,6 +332,42 @@ TEST_F(GptqSessionTest, ServerBudgetRefusesAFullHessianWhileAnotherSessionHoldsO
   SessionResult again = Run(second);
   ASSERT_TRUE(again.status.ok()) << again.status.error_message();
   ExpectMatchesGptqReference(again, b);
+  ExpectFullHessiansReleased();
+}
+
+// A stream that sends a gptq header and stalls holds none of the server-wide budget: the
+// Hessian is charged as its chunks arrive. (Reserved at the header, two such streams locked
+// every other gptq session out.)
+TEST_F(GptqSessionTest, AStalledHeaderHoldsNoFullHessianBudget) {
+  constexpr int64_t kCols = 64;  // 16384 bytes as a full Hessian
+  ServiceLimits limits;
+  limits.max_full_hessian_bytes = 20000;
+  Start(limits);
+  const std::vector<float> h = CorrelatedHessian(kCols, 64, 8);
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
+  std::vector<std::unique_ptr<grpc::ClientReaderWriter<v1::QuantizeRequest, v1::QuantizeResponse>>>
+      stalled;
+  for (int i = 0; i < 3; ++i) {
+    GptqTensor t = MakeGptqTensor(absl::StrCat("stalled", i), 16, kCols, DType::kFloat32, "h", h,
+                                  v1::HESSIAN_LAYOUT_FULL, 60 + i);
+    std::vector<v1::QuantizeRequest> requests;
+    AppendGptq(t, &requests);
+    contexts.push_back(std::make_unique<grpc::ClientContext>());
+    stalled.push_back(stub_->Quantize(contexts.back().get()));
+    ASSERT_TRUE(stalled.back()->Write(requests[0]));  // the header only
+  }
+  // The headers were read (a session without the budget would have refused them by now).
+  absl::SleepFor(absl::Milliseconds(200));
+  EXPECT_EQ(server_->full_hessian_bytes_in_use(), 0);
+  GptqTensor b =
+      MakeGptqTensor("b", 16, kCols, DType::kFloat32, "h", h, v1::HESSIAN_LAYOUT_FULL_UPPER, 70);
+  std::vector<v1::QuantizeRequest> requests;
+  AppendGptq(b, &requests);
+  SessionResult result = Run(requests);
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+  ExpectMatchesGptqReference(result, b);
+  for (size_t i = 0; i < stalled.size(); ++i) contexts[i]->TryCancel();
+  for (auto& stream : stalled) stream->Finish().IgnoreError();
   ExpectFullHessiansReleased();
 }
 
