@@ -128,6 +128,8 @@ class Client::Call {
     // matrices (gptq), against max_session_hessian_bytes / max_session_full_hessian_bytes.
     int64_t hessian_bytes = 0;
     int64_t full_hessian_bytes = 0;
+    // Tensor names the server keeps for the session, against max_session_tensor_name_bytes.
+    int64_t name_bytes = 0;
   };
 
   const std::string& Address(size_t a) const { return client_->options_.addresses[a]; }
@@ -390,8 +392,10 @@ class Client::Call {
     std::set<std::string> keys;
     int64_t block_bytes = 0;
     int64_t full_bytes = 0;
+    int64_t name_bytes = 0;
     for (size_t j : unit) {
       const TensorJob& job = jobs_[j];
+      name_bytes += NameBytes(job.name);
       if (job.hessian_key.empty() || session.hessians_sent.count(job.hessian_key) != 0) continue;
       if (!keys.insert(job.hessian_key).second) continue;
       block_bytes += HessianBlockBytes(job.weights.cols);
@@ -399,8 +403,15 @@ class Client::Call {
     }
     const int64_t max_blocks = limits.max_session_hessian_bytes();
     const int64_t max_full = limits.max_session_full_hessian_bytes();
+    const int64_t max_names = limits.max_session_tensor_name_bytes();
     return (max_blocks > 0 && session.hessian_bytes + block_bytes > max_blocks) ||
-           (max_full > 0 && full_bytes > 0 && session.full_hessian_bytes + full_bytes > max_full);
+           (max_full > 0 && full_bytes > 0 && session.full_hessian_bytes + full_bytes > max_full) ||
+           (max_names > 0 && session.name_bytes + name_bytes > max_names);
+  }
+
+  // What the server counts for a tensor name against max_session_tensor_name_bytes.
+  static int64_t NameBytes(const std::string& name) {
+    return static_cast<int64_t>(name.size()) + 64;
   }
 
   absl::Status CheckLimits(const TensorJob& job, const v1::Limits& limits) const {
@@ -454,6 +465,7 @@ class Client::Call {
       header->mutable_hessian()->set_release_after(release);
     }
     if (!session->stream->Write(request)) return false;
+    session->name_bytes += NameBytes(job.name);
     if (define && full) {
       session->hessians_sent.insert(job.hessian_key);
       session->hessian_bytes += HessianBlockBytes(cols);

@@ -1,5 +1,6 @@
 #include "server/calibration_server.h"
 
+#include <algorithm>
 #include <chrono>
 #include <fstream>
 #include <sstream>
@@ -69,6 +70,48 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
   return grpc::SslServerCredentials(ssl);
 }
 
+// Server reflection per builder: the gRPC port serves it, the plaintext health port must not
+// (docs/security.md). Linking gRPC's reflection library registers its plugin for every
+// builder of the process, so the option removes it where unwanted and adds it where missing.
+class ReflectionOption : public grpc::ServerBuilderOption {
+ public:
+  explicit ReflectionOption(bool enabled) : enabled_(enabled) {}
+  void UpdateArguments(grpc::ChannelArguments* /*args*/) override {}
+  void UpdatePlugins(std::vector<std::unique_ptr<grpc::ServerBuilderPlugin>>* plugins) override {
+    const std::string name = grpc::reflection::ProtoServerReflectionPlugin().name();
+    plugins->erase(std::remove_if(plugins->begin(), plugins->end(),
+                                  [&](const auto& plugin) { return plugin->name() == name; }),
+                   plugins->end());
+    if (enabled_)
+      plugins->push_back(std::make_unique<grpc::reflection::ProtoServerReflectionPlugin>());
+  }
+
+ private:
+  const bool enabled_;
+};
+
+// Every method of the health port other than grpc.health.v1's: UNIMPLEMENTED. Registering it
+// also gives that server the callback completion queue its default health service runs on
+// (a server with no method of its own refuses to start).
+class HealthPortFallback : public grpc::CallbackGenericService {
+ public:
+  grpc::ServerGenericBidiReactor* CreateReactor(
+      grpc::GenericCallbackServerContext* context) override {
+    return new Refusal(context->method());
+  }
+
+ private:
+  class Refusal : public grpc::ServerGenericBidiReactor {
+   public:
+    explicit Refusal(const std::string& method) {
+      Finish(grpc::Status(
+          grpc::StatusCode::UNIMPLEMENTED,
+          absl::StrCat("the health port serves grpc.health.v1 only, not ", method.substr(0, 128))));
+    }
+    void OnDone() override { delete this; }
+  };
+};
+
 }  // namespace
 
 CalibrationServer::CalibrationServer(const ServerOptions& options) : options_(options) {}
@@ -76,6 +119,7 @@ CalibrationServer::CalibrationServer(const ServerOptions& options) : options_(op
 CalibrationServer::~CalibrationServer() { Drain(); }
 
 absl::Status CalibrationServer::Start() {
+  if (absl::Status s = ValidateServerOptions(options_); !s.ok()) return s;
   const SecurityOptions& security = options_.security;
   if (absl::Status s = CheckSecurityOptions(security); !s.ok()) return s;
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
@@ -116,8 +160,8 @@ absl::Status CalibrationServer::Start() {
   }
 
   grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
+  builder.SetOption(std::make_unique<ReflectionOption>(/*enabled=*/true));
   int port = 0;
   const bool in_process_only = options_.address.empty();
   if (!in_process_only) builder.AddListeningPort(options_.address, *credentials, &port);
@@ -142,6 +186,9 @@ absl::Status CalibrationServer::Start() {
     // A second server with nothing but the default health service: probes reach it without
     // TLS or tokens, and it exposes no Calibrator method.
     grpc::ServerBuilder health_builder;
+    health_builder.SetOption(std::make_unique<ReflectionOption>(/*enabled=*/false));
+    health_fallback_ = std::make_unique<HealthPortFallback>();
+    health_builder.RegisterCallbackGenericService(health_fallback_.get());
     int health_port = 0;
     health_builder.AddListeningPort(security.health_address, grpc::InsecureServerCredentials(),
                                     &health_port);
@@ -222,7 +269,8 @@ std::string CalibrationServer::DescribeConfig() const {
       "max_session_hessian_bytes = %d\nmax_full_hessian_bytes = %d\n"
       "max_session_full_hessian_bytes = %d\nmax_inflight_chunks_per_stream = %d\n"
       "max_concurrent_streams = %d\nmax_rows_per_item = %d\nmax_result_chunk_bytes = %d\n"
-      "keepalive_time_ms = %d\n"
+      "max_unsent_result_bytes_per_stream = %d\nmax_session_tensor_name_bytes = %d\n"
+      "stream_idle_timeout = %s\nkeepalive_time_ms = %d\n"
       "keepalive_timeout_ms = %d\nkeepalive_min_client_ping_interval_ms = %d\n"
       "keepalive_permit_without_calls = %s\nmax_jobs = %d\nmax_job_request_bytes = %d\n"
       "job_retention = %s\ntls = %s\ntls_client_ca = %s\ntls_require_client_cert = %s\n"
@@ -234,9 +282,10 @@ std::string CalibrationServer::DescribeConfig() const {
       l.max_receive_message_bytes, l.max_send_message_bytes, l.max_tensor_elements,
       l.max_buffered_tensor_bytes, l.max_session_hessian_bytes, l.max_full_hessian_bytes,
       l.max_session_full_hessian_bytes, l.max_inflight_chunks_per_stream, l.max_concurrent_streams,
-      l.max_rows_per_item, l.max_result_chunk_bytes, k.time_ms, k.timeout_ms, k.min_client_ping_interval_ms,
-      k.permit_without_calls ? "true" : "false", l.max_jobs, l.max_job_request_bytes,
-      absl::FormatDuration(l.job_retention),
+      l.max_rows_per_item, l.max_result_chunk_bytes, l.max_unsent_result_bytes_per_stream,
+      l.max_session_tensor_name_bytes, absl::FormatDuration(l.stream_idle_timeout), k.time_ms,
+      k.timeout_ms, k.min_client_ping_interval_ms, k.permit_without_calls ? "true" : "false",
+      l.max_jobs, l.max_job_request_bytes, absl::FormatDuration(l.job_retention),
       sec.tls() ? absl::StrCat("on (cert ", sec.tls_cert_path, ")") : "off (plaintext)",
       sec.tls_client_ca_path.empty() ? "(none)" : sec.tls_client_ca_path,
       sec.tls_require_client_cert ? "true" : "false",

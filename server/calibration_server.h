@@ -105,6 +105,9 @@ class CalibrationServer {
   std::unique_ptr<JobManager> jobs_;
   std::unique_ptr<CalibratorService> service_;
   std::unique_ptr<grpc::Server> server_;
+  // Answers whatever the health port does not serve (everything but grpc.health.v1) with
+  // UNIMPLEMENTED; declared before health_server_, which must go first.
+  std::unique_ptr<grpc::CallbackGenericService> health_fallback_;
   // Plaintext server of the health service alone (security.health_address).
   std::unique_ptr<grpc::Server> health_server_;
   std::string health_address_;

@@ -249,6 +249,11 @@ v1::ServerInfo CalibratorService::Info() const {
   out->set_job_retention_ms(absl::ToInt64Milliseconds(limits.job_retention));
   out->set_max_full_hessian_bytes(limits.max_full_hessian_bytes);
   out->set_max_session_full_hessian_bytes(limits.max_session_full_hessian_bytes);
+  out->set_max_unsent_result_bytes_per_stream(limits.max_unsent_result_bytes_per_stream);
+  out->set_max_session_tensor_name_bytes(limits.max_session_tensor_name_bytes);
+  out->set_max_name_bytes(kMaxNameBytes);
+  out->set_stream_idle_timeout_ms(absl::ToInt64Milliseconds(limits.stream_idle_timeout));
+  out->set_max_result_chunk_bytes(limits.ResultPayloadBytes());
   return info;
 }
 

@@ -149,6 +149,16 @@ absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitJobRequest& request) 
   absl::StatusOr<ParsedJob> parsed = ParseJobRequest(request, options_.limits);
   if (!parsed.ok()) return parsed.status();
   const TensorSpec& spec = parsed->spec;
+  // GetJob returns the result in one message: refuse now what could never be fetched.
+  const int64_t result_bytes = spec.rows * (spec.cols / 2 + spec.cols / kBlockElements);
+  const int64_t result_room =
+      options_.limits.max_send_message_bytes - ServiceLimits::kMessageOverheadBytes;
+  if (result_bytes > result_room) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "tensor '%s': the job's result would be %d bytes of codes and scales, more than one "
+        "GetJob response holds under max_send_message_bytes = %d; stream it with Quantize",
+        spec.name, result_bytes, options_.limits.max_send_message_bytes));
+  }
   uint64_t seq = 0;
   JobId scheduler_job = 0;
   {

@@ -55,6 +55,14 @@ ABSL_FLAG(int64_t, max_session_full_hessian_bytes, kDefaults.limits.max_session_
           "Full Hessians (method gptq) one session may hold");
 ABSL_FLAG(int, max_inflight_chunks_per_stream, kDefaults.limits.max_inflight_chunks_per_stream,
           "Flow-control window: scheduler items per stream before reading pauses");
+ABSL_FLAG(int64_t, max_unsent_result_bytes_per_stream,
+          kDefaults.limits.max_unsent_result_bytes_per_stream,
+          "Results of one stream not yet read by its client; reading pauses above it");
+ABSL_FLAG(int64_t, max_session_tensor_name_bytes, kDefaults.limits.max_session_tensor_name_bytes,
+          "Tensor names one session keeps (each name's bytes + 64); more: RESOURCE_EXHAUSTED");
+ABSL_FLAG(absl::Duration, stream_idle_timeout, kDefaults.limits.stream_idle_timeout,
+          "A stream with nothing in the scheduler that sends no message and reads no result for "
+          "this long ends with DEADLINE_EXCEEDED; 0 = never");
 ABSL_FLAG(int, max_concurrent_streams, kDefaults.limits.max_concurrent_streams,
           "Quantize streams open at once");
 ABSL_FLAG(int64_t, max_rows_per_item, kDefaults.limits.max_rows_per_item,
@@ -112,6 +120,10 @@ nvfp4cal::server::ServerOptions OptionsFromFlags() {
   o.limits.max_session_full_hessian_bytes = absl::GetFlag(FLAGS_max_session_full_hessian_bytes);
   o.limits.max_inflight_chunks_per_stream = absl::GetFlag(FLAGS_max_inflight_chunks_per_stream);
   o.limits.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
+  o.limits.max_unsent_result_bytes_per_stream =
+      absl::GetFlag(FLAGS_max_unsent_result_bytes_per_stream);
+  o.limits.max_session_tensor_name_bytes = absl::GetFlag(FLAGS_max_session_tensor_name_bytes);
+  o.limits.stream_idle_timeout = absl::GetFlag(FLAGS_stream_idle_timeout);
   o.limits.max_rows_per_item = absl::GetFlag(FLAGS_max_rows_per_item);
   o.limits.max_result_chunk_bytes = absl::GetFlag(FLAGS_max_result_chunk_bytes);
   o.limits.max_jobs = absl::GetFlag(FLAGS_max_jobs);
@@ -148,6 +160,11 @@ int main(int argc, char** argv) {
   const nvfp4cal::server::ServerOptions options = OptionsFromFlags();
   if (options.address.empty()) {
     std::cerr << "nvfp4cal-server: --address must not be empty\n";
+    return 1;
+  }
+  // Before anything starts: nonsense limits would otherwise make every request fail or hang.
+  if (absl::Status valid = nvfp4cal::server::ValidateServerOptions(options); !valid.ok()) {
+    std::cerr << "nvfp4cal-server: " << valid.message() << "\n";
     return 1;
   }
   nvfp4cal::server::CalibrationServer server(options);

@@ -14,9 +14,14 @@
 #include <cstdint>
 #include <string>
 
+#include "absl/status/status.h"
 #include "absl/time/time.h"
 
 namespace nvfp4cal::server {
+
+// Longest name or other string a client sends (tensor and Hessian names, method names, client
+// names, job ids, page tokens): names are kept for a session's life and echoed in messages.
+inline constexpr int64_t kMaxNameBytes = 1024;
 
 // Limits on what one client can make the server hold or do.
 struct ServiceLimits {
@@ -77,6 +82,8 @@ struct ServiceLimits {
   static constexpr int64_t kMessageOverheadBytes = 16 << 10;
   // Per name kept by a session, beside its bytes (hash-set entry and string header).
   static constexpr int64_t kNameEntryOverheadBytes = 64;
+  // What the longest name counts.
+  static constexpr int64_t kMaxNameBytesEntry = kMaxNameBytes + kNameEntryOverheadBytes;
 };
 
 // Scheduler and device settings.
@@ -143,6 +150,14 @@ struct ServerOptions {
   KeepaliveOptions keepalive;
   SecurityOptions security;
 };
+
+// OK when every option is in its range; else INVALID_ARGUMENT naming the flag, the range and
+// the value (e.g. "--max_queued_items = 0 is out of range [1, 1073741824]"). Run by
+// CalibrationServer::Start before anything starts, so nvfp4cal-server exits 1 on nonsense.
+absl::Status ValidateServerOptions(const ServerOptions& options);
+
+// OK when `address` (flag `flag`) is host:port with a port in [0, 65535] (or a unix: path).
+absl::Status CheckListenAddress(const char* flag, const std::string& address);
 
 }  // namespace nvfp4cal::server
 

@@ -105,6 +105,15 @@ absl::StatusOr<TensorSpec> ParseTensorHeader(const v1::TensorHeader& header,
         absl::StrFormat("tensor '%s' has %d x %d elements; max_tensor_elements = %d", header.name(),
                         header.rows(), header.cols(), limits.max_tensor_elements));
   }
+  // A result row is never split across messages, so it must fit in one.
+  const int64_t result_row_bytes = header.cols() / 2 + header.cols() / kBlockElements;
+  if (result_row_bytes > limits.ResultPayloadBytes()) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "tensor '%s': one row's codes and scales take %d bytes, more than a result message holds "
+        "(%d under max_send_message_bytes = %d)",
+        header.name(), result_row_bytes, limits.ResultPayloadBytes(),
+        limits.max_send_message_bytes));
+  }
   absl::StatusOr<DType> dtype = ToDType(header.dtype());
   if (!dtype.ok()) return dtype.status();
   absl::StatusOr<SearchParams> params = ToSearchParams(header.method());

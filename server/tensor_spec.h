@@ -30,9 +30,6 @@ inline constexpr int64_t kBlockElements = 16;
 // SessionOptions.priority and SubmitJobRequest.priority range.
 inline constexpr int kMinPriority = 0;
 inline constexpr int kMaxPriority = 10;
-// Longest name or other string a client sends (tensor and Hessian names, method names, client
-// names, job ids, page tokens): names are kept for a session's life and echoed in messages.
-inline constexpr int64_t kMaxNameBytes = 1024;
 
 // OK when `value` (the client's field `field`) has at most `max_bytes` bytes; else
 // INVALID_ARGUMENT naming the field, the limit and the size, quoting only the value's start.

@@ -25,8 +25,8 @@ using ::testing::HasSubstr;
 using HealthResponse = grpc::health::v1::HealthCheckResponse;
 
 TEST(ServerBinary, SigtermMidStreamFinishesAcceptedWorkAndExitsZero) {
-  ServerProcess server({NVFP4CAL_SERVER_BINARY, "--address=127.0.0.1:0", "--metrics_address=",
-                        "--drain_timeout=30s", "--max_rows_per_item=8",
+  ServerProcess server({NVFP4CAL_SERVER_BINARY, "--address=127.0.0.1:0",
+                        "--metrics_address=", "--drain_timeout=30s", "--max_rows_per_item=8",
                         "--cpu_threads_per_worker=1"});
   const std::string address = server.ReadLineStartingWith("listening on ");
   ASSERT_FALSE(address.empty()) << "server did not print its address";
@@ -123,13 +123,49 @@ TEST(ServerBinary, CudaWithoutAGpuExitsOneAndSaysWhy) {
 TEST(ServerBinary, AutoWithoutAGpuLogsTheCpuFallbackAndWhy) {
   std::string reason;
   if (CudaDeviceAvailable(&reason)) GTEST_SKIP() << "a CUDA device is present: auto picks it";
-  ServerProcess server({NVFP4CAL_SERVER_BINARY, "--address=127.0.0.1:0", "--metrics_address=",
-                        "--device=auto", "--cpu_workers=3"});
+  ServerProcess server({NVFP4CAL_SERVER_BINARY, "--address=127.0.0.1:0",
+                        "--metrics_address=", "--device=auto", "--cpu_workers=3"});
   ASSERT_FALSE(server.ReadLineStartingWith("listening on ").empty());
   server.Signal(SIGTERM);
   EXPECT_EQ(server.Wait(), 0);
   EXPECT_THAT(server.Stderr(),
               HasSubstr("device_selection = auto -> cpu (" + reason + "): 3 CPU worker(s)\n"));
+}
+
+// Nonsense limits are refused at start-up, naming the flag, the range and the value. (Before:
+// each started; some made every request fail, --max_inflight_chunks_per_stream=0 made every
+// session hang while health said SERVING, a port of 99999 listened on another port.)
+TEST(ServerBinary, NonsenseFlagsExitOneNamingFlagRangeAndValue) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"--max_inflight_chunks_per_stream=0",
+       "--max_inflight_chunks_per_stream = 0 is out of range [1, "},
+      {"--max_queued_items=0", "--max_queued_items = 0 is out of range [1, "},
+      {"--max_queued_items=-1", "--max_queued_items = -1 is out of range [1, "},
+      {"--memory_budget_bytes=-5", "--memory_budget_bytes = -5 is out of range [1048576, "},
+      {"--max_concurrent_streams=-1", "--max_concurrent_streams = -1 is out of range [1, "},
+      {"--max_tensor_elements=-1", "--max_tensor_elements = -1 is out of range [16, "},
+      {"--max_jobs=0", "--max_jobs = 0 is out of range [1, "},
+      {"--drain_timeout=-1s", "--drain_timeout = -1s is out of range [0s, 24h]"},
+      {"--cpu_workers=0", "--cpu_workers = 0 is out of range [1, 1024]"},
+      {"--max_send_message_bytes=100", "--max_send_message_bytes = 100 is out of range [65536, "},
+      {"--max_receive_message_bytes=4294967296",
+       "--max_receive_message_bytes = 4294967296 is out of range [65536, 2147483647]"},
+      {"--stream_idle_timeout=-5s", "--stream_idle_timeout = -5s is out of range [0s, 24h]"},
+      {"--max_unsent_result_bytes_per_stream=0",
+       "--max_unsent_result_bytes_per_stream = 0 is out of range [1, "},
+      {"--address=127.0.0.1:99999",
+       "--address = \"127.0.0.1:99999\": port \"99999\" is not a number in [0, 65535]"},
+      {"--metrics_address=localhost", "--metrics_address = \"localhost\" is not host:port"},
+  };
+  for (const auto& [flag, message] : cases) {
+    std::vector<std::string> args = {NVFP4CAL_SERVER_BINARY, "--address=127.0.0.1:0",
+                                     "--metrics_address=", "--device=cpu"};
+    args.push_back(flag);
+    ServerProcess server(args);
+    EXPECT_EQ(server.ReadLineStartingWith("listening on "), "") << flag;
+    EXPECT_EQ(server.Wait(), 1) << flag;
+    EXPECT_THAT(server.Stderr(), HasSubstr(message)) << flag;
+  }
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 #include <signal.h>
 
 #include <algorithm>
+#include <chrono>
 #include <string>
 #include <vector>
 
@@ -85,6 +86,34 @@ TEST(ServerBinary, ReflectionListsTheCalibratorAndDescribesItsMethods) {
 
     ASSERT_TRUE(stream->WritesDone());
     EXPECT_TRUE(stream->Finish().ok());
+  }
+  server.Signal(SIGTERM);
+  EXPECT_EQ(server.Wait(), 0);
+}
+
+// The plaintext health port (--health_address) serves grpc.health.v1 only, as docs/security.md
+// says: no reflection of the Calibrator. (Before: it served reflection of the whole API.)
+TEST(ServerBinary, HealthPortServesNoReflection) {
+  ServerProcess server({NVFP4CAL_SERVER_BINARY, "--address=127.0.0.1:0",
+                        "--metrics_address=", "--device=cpu", "--health_address=127.0.0.1:0"});
+  ASSERT_FALSE(server.ReadLineStartingWith("listening on ").empty());
+  const std::string health = server.ReadLineStartingWith("health on ");
+  ASSERT_FALSE(health.empty()) << "server did not print its health address";
+  {
+    grpc::ChannelArguments arguments;
+    arguments.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    auto stub = reflection::ServerReflection::NewStub(
+        grpc::CreateCustomChannel(health, grpc::InsecureChannelCredentials(), arguments));
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    auto stream = stub->ServerReflectionInfo(&context);
+    reflection::ServerReflectionRequest list;
+    list.set_list_services("");
+    stream->Write(list);
+    stream->WritesDone();
+    reflection::ServerReflectionResponse response;
+    EXPECT_FALSE(stream->Read(&response)) << response.DebugString();
+    EXPECT_EQ(stream->Finish().error_code(), grpc::UNIMPLEMENTED);
   }
   server.Signal(SIGTERM);
   EXPECT_EQ(server.Wait(), 0);
