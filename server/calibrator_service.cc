@@ -96,9 +96,10 @@ CalibratorService::CalibratorService(const ServerOptions& options, Scheduler* sc
   environment_.memory_budget_bytes = options.devices.memory_budget_bytes;
 }
 
-absl::Status CalibratorService::Authenticate(const grpc::CallbackServerContext* context) const {
-  if (authenticator_ == nullptr) return absl::OkStatus();
-  return authenticator_->Check(context->client_metadata());
+absl::StatusOr<Caller> CalibratorService::Authenticate(
+    const grpc::CallbackServerContext* context) const {
+  if (authenticator_ == nullptr) return Caller{};
+  return authenticator_->Identify(context->client_metadata());
 }
 
 CalibratorService::~CalibratorService() = default;
@@ -137,11 +138,12 @@ grpc::ServerUnaryReactor* CalibratorService::Unary(grpc::CallbackServerContext* 
                                                    Raw* raw_response, Handler handle) {
   const absl::Time start = absl::Now();
   // Refused before anything of the request is looked at.
-  absl::Status status = Authenticate(context);
+  absl::StatusOr<Caller> caller = Authenticate(context);
+  absl::Status status = caller.status();
   Request request;
   if (status.ok()) status = ParseRequest(context, method, raw_request, &request);
   if (status.ok()) {
-    auto response = handle(request);
+    auto response = handle(request, *caller);
     if (response.ok()) {
       *raw_response = SerializeProto(*response);
     } else {
@@ -155,50 +157,56 @@ grpc::ServerUnaryReactor* CalibratorService::SubmitJob(grpc::CallbackServerConte
                                                        const Raw* request, Raw* response) {
   return Unary<v1::SubmitJobRequest>(
       context, "SubmitJob", request, response,
-      [this](const v1::SubmitJobRequest& r) -> absl::StatusOr<v1::Job> {
+      [this](const v1::SubmitJobRequest& r, const Caller& caller) -> absl::StatusOr<v1::Job> {
         if (draining_) {
           return absl::UnavailableError("server is draining; no new jobs are accepted");
         }
-        return jobs_->Submit(r);
+        return jobs_->Submit(r, caller);
       });
 }
 
 grpc::ServerUnaryReactor* CalibratorService::GetJob(grpc::CallbackServerContext* context,
                                                     const Raw* request, Raw* response) {
-  return Unary<v1::GetJobRequest>(
-      context, "GetJob", request, response,
-      [this](const v1::GetJobRequest& r) { return jobs_->Get(r.job_id(), r.include_result()); });
+  return Unary<v1::GetJobRequest>(context, "GetJob", request, response,
+                                  [this](const v1::GetJobRequest& r, const Caller& caller) {
+                                    return jobs_->Get(r.job_id(), r.include_result(), caller);
+                                  });
 }
 
 grpc::ServerWriteReactor<grpc::ByteBuffer>* CalibratorService::WatchJob(
     grpc::CallbackServerContext* context, const Raw* raw_request) {
   const absl::Time start = absl::Now();
-  absl::Status status = Authenticate(context);
+  absl::StatusOr<Caller> caller = Authenticate(context);
+  absl::Status status = caller.status();
   v1::WatchJobRequest request;
   if (status.ok()) status = ParseRequest(context, "WatchJob", raw_request, &request);
   if (!status.ok()) return new RefusedWatch(metrics_, status, start);
-  return JobWatchReactor::Start(jobs_, metrics_, request.job_id());
+  return JobWatchReactor::Start(jobs_, metrics_, request.job_id(), *caller);
 }
 
 grpc::ServerUnaryReactor* CalibratorService::CancelJob(grpc::CallbackServerContext* context,
                                                        const Raw* request, Raw* response) {
-  return Unary<v1::CancelJobRequest>(
-      context, "CancelJob", request, response,
-      [this](const v1::CancelJobRequest& r) { return jobs_->Cancel(r.job_id()); });
+  return Unary<v1::CancelJobRequest>(context, "CancelJob", request, response,
+                                     [this](const v1::CancelJobRequest& r, const Caller& caller) {
+                                       return jobs_->Cancel(r.job_id(), caller);
+                                     });
 }
 
 grpc::ServerUnaryReactor* CalibratorService::ListJobs(grpc::CallbackServerContext* context,
                                                       const Raw* request, Raw* response) {
-  return Unary<v1::ListJobsRequest>(
-      context, "ListJobs", request, response,
-      [this](const v1::ListJobsRequest& r) { return jobs_->List(r); });
+  return Unary<v1::ListJobsRequest>(context, "ListJobs", request, response,
+                                    [this](const v1::ListJobsRequest& r, const Caller& caller) {
+                                      return jobs_->List(r, caller);
+                                    });
 }
 
 grpc::ServerUnaryReactor* CalibratorService::GetServerInfo(grpc::CallbackServerContext* context,
                                                            const Raw* request, Raw* response) {
   return Unary<v1::GetServerInfoRequest>(
       context, "GetServerInfo", request, response,
-      [this](const v1::GetServerInfoRequest&) -> absl::StatusOr<v1::ServerInfo> { return Info(); });
+      [this](const v1::GetServerInfoRequest&, const Caller&) -> absl::StatusOr<v1::ServerInfo> {
+        return Info();
+      });
 }
 
 v1::ServerInfo CalibratorService::Info() const {

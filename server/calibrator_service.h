@@ -93,8 +93,8 @@ class CalibratorService final : public RawCalibratorService {
   grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context, const char* method,
                                         absl::Time start, const absl::Status& status);
   // A unary call: authentication, then `raw_request` parsed as a Request, then
-  // `handle(const Request&) -> absl::StatusOr<Response>`, whose response is serialized into
-  // `raw_response`; counted under `method`.
+  // `handle(const Request&, const Caller&) -> absl::StatusOr<Response>`, whose response is
+  // serialized into `raw_response`; counted under `method`.
   template <typename Request, typename Handler>
   grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* context, const char* method,
                                   const Raw* raw_request, Raw* raw_response, Handler handle);
@@ -102,8 +102,9 @@ class CalibratorService final : public RawCalibratorService {
   absl::Status ParseRequest(const grpc::CallbackServerContext* context, const char* method,
                             const Raw* raw_request, google::protobuf::MessageLite* request);
 
-  // OK, or UNAUTHENTICATED when a token is required and the call has no accepted one.
-  absl::Status Authenticate(const grpc::CallbackServerContext* context) const;
+  // The caller (the default Caller when no token is required), or UNAUTHENTICATED when a token
+  // is required and the call has no accepted one.
+  absl::StatusOr<Caller> Authenticate(const grpc::CallbackServerContext* context) const;
 
   const ServerOptions options_;
   JobManager* const jobs_;

@@ -145,7 +145,8 @@ JobManager::JobManager(const JobManagerOptions& options, Scheduler* scheduler,
                        ServerMetrics* metrics)
     : options_(options), scheduler_(scheduler), metrics_(metrics) {}
 
-absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitJobRequest& request) {
+absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitJobRequest& request,
+                                           const Caller& caller) {
   absl::StatusOr<ParsedJob> parsed = ParseJobRequest(request, options_.limits);
   if (!parsed.ok()) return parsed.status();
   const TensorSpec& spec = parsed->spec;
@@ -169,6 +170,7 @@ absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitJobRequest& request) 
     Record& record = jobs_[seq];
     record.seq = seq;
     record.id = absl::StrCat("job-", seq);
+    record.owner = caller.identity;
     record.tensor_name = spec.name;
     record.rows = spec.rows;
     record.cols = spec.cols;
@@ -327,11 +329,12 @@ void JobManager::FinalizeLocked(Record* record, v1::JobState state, const absl::
   delivery->version = record->version;
 }
 
-absl::StatusOr<v1::Job> JobManager::Get(const std::string& job_id, bool include_result) {
+absl::StatusOr<v1::Job> JobManager::Get(const std::string& job_id, bool include_result,
+                                        const Caller& caller) {
   if (absl::Status s = CheckStringLength("job_id", job_id); !s.ok()) return s;
   absl::MutexLock lock(&mu_);
   SweepLocked();
-  const Record* record = FindLocked(job_id);
+  const Record* record = FindLocked(job_id, caller);
   if (record == nullptr) return absl::NotFoundError(NotFoundMessage(job_id));
   v1::Job job = SnapshotLocked(*record);
   if (include_result && record->state == v1::JOB_STATE_SUCCEEDED) {
@@ -349,7 +352,7 @@ absl::StatusOr<v1::Job> JobManager::Get(const std::string& job_id, bool include_
   return job;
 }
 
-absl::StatusOr<v1::Job> JobManager::Cancel(const std::string& job_id) {
+absl::StatusOr<v1::Job> JobManager::Cancel(const std::string& job_id, const Caller& caller) {
   if (absl::Status s = CheckStringLength("job_id", job_id); !s.ok()) return s;
   const absl::Status reason = absl::CancelledError("cancelled by CancelJob");
   Delivery delivery;
@@ -359,7 +362,7 @@ absl::StatusOr<v1::Job> JobManager::Cancel(const std::string& job_id) {
   {
     absl::MutexLock lock(&mu_);
     SweepLocked();
-    Record* record = FindLocked(job_id);
+    Record* record = FindLocked(job_id, caller);
     if (record == nullptr) return absl::NotFoundError(NotFoundMessage(job_id));
     if (!IsFinalJobState(record->state)) {
       FinalizeLocked(record, v1::JOB_STATE_CANCELLED, reason, &delivery);
@@ -373,7 +376,8 @@ absl::StatusOr<v1::Job> JobManager::Cancel(const std::string& job_id) {
   return job;
 }
 
-absl::StatusOr<v1::ListJobsResponse> JobManager::List(const v1::ListJobsRequest& request) {
+absl::StatusOr<v1::ListJobsResponse> JobManager::List(const v1::ListJobsRequest& request,
+                                                      const Caller& caller) {
   if (request.page_size() < 0) {
     return absl::InvalidArgumentError(absl::StrFormat("page_size = %d must be >= 0 (0 = %d)",
                                                       request.page_size(), kDefaultPageSize));
@@ -392,7 +396,7 @@ absl::StatusOr<v1::ListJobsResponse> JobManager::List(const v1::ListJobsRequest&
   uint64_t last_seq = 0;
   for (auto it = jobs_.lower_bound(before); it != jobs_.begin();) {
     --it;
-    if (!it->second.admitted) continue;
+    if (!Visible(it->second, caller)) continue;
     if (response.jobs_size() == page_size) {
       // One more job exists beyond the page: the next page starts below the last one listed.
       response.set_next_page_token(absl::StrCat(last_seq));
@@ -404,13 +408,14 @@ absl::StatusOr<v1::ListJobsResponse> JobManager::List(const v1::ListJobsRequest&
   return response;
 }
 
-absl::Status JobManager::Watch(const std::string& job_id, std::shared_ptr<JobObserver> observer) {
+absl::Status JobManager::Watch(const std::string& job_id, std::shared_ptr<JobObserver> observer,
+                               const Caller& caller) {
   if (absl::Status s = CheckStringLength("job_id", job_id); !s.ok()) return s;
   Delivery delivery;
   {
     absl::MutexLock lock(&mu_);
     SweepLocked();
-    Record* record = FindLocked(job_id);
+    Record* record = FindLocked(job_id, caller);
     if (record == nullptr) return absl::NotFoundError(NotFoundMessage(job_id));
     delivery.observers.push_back(observer);
     delivery.job = SnapshotLocked(*record);
@@ -488,11 +493,11 @@ absl::Status JobManager::MakeRoomLocked() {
   return absl::OkStatus();
 }
 
-JobManager::Record* JobManager::FindLocked(const std::string& job_id) {
+JobManager::Record* JobManager::FindLocked(const std::string& job_id, const Caller& caller) {
   auto id = ids_.find(job_id);
   if (id == ids_.end()) return nullptr;
   Record& record = jobs_.at(id->second);
-  return record.admitted ? &record : nullptr;
+  return Visible(record, caller) ? &record : nullptr;
 }
 
 void JobManager::EraseLocked(uint64_t seq) {

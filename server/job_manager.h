@@ -10,6 +10,11 @@
 // answers RESOURCE_EXHAUSTED. A finished job is forgotten limits.job_retention after it
 // finished. Observers (WatchJob streams) get a snapshot at once and after every change.
 //
+// Each job belongs to the caller that submitted it (the bearer token, token_authenticator.h):
+// a caller sees, reads, watches, lists and cancels only its own jobs, an admin caller every
+// job; another caller's job answers NOT_FOUND like an unknown one. Without tokens every caller
+// is an admin of one shared view (the default Caller).
+//
 // The gRPC layer stays thin: CalibratorService maps these calls one to one.
 //
 //   JobManager jobs(options, &scheduler, &metrics);
@@ -37,6 +42,7 @@
 #include "server/metrics.h"
 #include "server/scheduler.h"
 #include "server/server_options.h"
+#include "server/token_authenticator.h"
 
 namespace nvfp4cal::server {
 
@@ -74,24 +80,29 @@ class JobManager {
   // every kept job unfinished at max_jobs, tensor over max_tensor_elements, scheduler queue
   // full), INVALID_ARGUMENT / FAILED_PRECONDITION as for a Quantize session's tensor; each
   // names the field, the limit and the value. Nothing is kept on error.
-  absl::StatusOr<v1::Job> Submit(const v1::SubmitJobRequest& request);
+  // The job belongs to `caller` (its token).
+  absl::StatusOr<v1::Job> Submit(const v1::SubmitJobRequest& request,
+                                 const Caller& caller = Caller{});
 
   // The job's state and progress; with include_result, a succeeded job's codes, scales and
   // summary. NOT_FOUND for unknown or forgotten jobs; RESOURCE_EXHAUSTED when the result
   // exceeds max_send_message_bytes.
-  absl::StatusOr<v1::Job> Get(const std::string& job_id, bool include_result);
+  absl::StatusOr<v1::Job> Get(const std::string& job_id, bool include_result,
+                              const Caller& caller = Caller{});
 
   // Cancels an unfinished job (CANCELLED at once; queued work dropped, a running batch's
   // results discarded). A finished job is returned unchanged. NOT_FOUND for unknown jobs.
-  absl::StatusOr<v1::Job> Cancel(const std::string& job_id);
+  absl::StatusOr<v1::Job> Cancel(const std::string& job_id, const Caller& caller = Caller{});
 
   // Kept jobs, newest first, without results. INVALID_ARGUMENT for a negative page size or a
   // page token this server did not hand out.
-  absl::StatusOr<v1::ListJobsResponse> List(const v1::ListJobsRequest& request);
+  absl::StatusOr<v1::ListJobsResponse> List(const v1::ListJobsRequest& request,
+                                            const Caller& caller = Caller{});
 
   // Delivers the job's snapshot to `observer` at once and, until it is final, after every
   // change. NOT_FOUND for unknown jobs.
-  absl::Status Watch(const std::string& job_id, std::shared_ptr<JobObserver> observer);
+  absl::Status Watch(const std::string& job_id, std::shared_ptr<JobObserver> observer,
+                     const Caller& caller = Caller{});
   // Stops deliveries to `observer` (no-op when it is not watching).
   void Unwatch(const std::string& job_id, const JobObserver* observer);
 
@@ -107,6 +118,8 @@ class JobManager {
   struct Record {
     uint64_t seq = 0;
     std::string id;
+    // The submitting caller's identity (its token; empty without tokens).
+    std::string owner;
     // False until all items were admitted; such a job is invisible to the API.
     bool admitted = false;
     v1::JobState state = v1::JOB_STATE_QUEUED;
@@ -146,7 +159,12 @@ class JobManager {
   // Makes room for one more job, or RESOURCE_EXHAUSTED.
   absl::Status MakeRoomLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The admitted record with this id, or null.
-  Record* FindLocked(const std::string& job_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The admitted job `job_id` when `caller` may see it, else null.
+  Record* FindLocked(const std::string& job_id, const Caller& caller)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  static bool Visible(const Record& record, const Caller& caller) {
+    return record.admitted && (caller.admin || record.owner == caller.identity);
+  }
   void EraseLocked(uint64_t seq) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::string NotFoundMessage(const std::string& job_id) const;
   v1::Job SnapshotLocked(const Record& record) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -12,11 +12,12 @@ JobWatchReactor::JobWatchReactor(JobManager* jobs, ServerMetrics* metrics, std::
 
 grpc::ServerWriteReactor<grpc::ByteBuffer>* JobWatchReactor::Start(JobManager* jobs,
                                                                    ServerMetrics* metrics,
-                                                                   const std::string& job_id) {
+                                                                   const std::string& job_id,
+                                                                   const Caller& caller) {
   std::shared_ptr<JobWatchReactor> reactor(new JobWatchReactor(jobs, metrics, job_id));
   reactor->self_ = reactor;
   // Delivers the current snapshot at once (starting the first write) when the job exists.
-  const absl::Status watched = jobs->Watch(job_id, reactor);
+  const absl::Status watched = jobs->Watch(job_id, reactor, caller);
   if (!watched.ok()) {
     Actions actions;
     {

@@ -12,7 +12,7 @@
 //   grpc::ServerWriteReactor<grpc::ByteBuffer>* WatchJob(grpc::CallbackServerContext* context,
 //                                                       const grpc::ByteBuffer* request) override {
 //     ...   // parse the WatchJobRequest (server/proto_codec.h)
-//     return JobWatchReactor::Start(jobs_, metrics_, request.job_id());
+//     return JobWatchReactor::Start(jobs_, metrics_, request.job_id(), caller);
 //   }
 #ifndef NVFP4CAL_SERVER_JOB_WATCH_REACTOR_H_
 #define NVFP4CAL_SERVER_JOB_WATCH_REACTOR_H_
@@ -37,8 +37,10 @@ class JobWatchReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
                               public JobObserver {
  public:
   // Creates the reactor for one call and subscribes it; `jobs` and `metrics` must outlive it.
+  // A job `caller` may not see (JobManager::Watch) ends the call NOT_FOUND.
   static grpc::ServerWriteReactor<grpc::ByteBuffer>* Start(JobManager* jobs, ServerMetrics* metrics,
-                                                           const std::string& job_id);
+                                                           const std::string& job_id,
+                                                           const Caller& caller);
 
   void OnJobUpdate(const v1::Job& job, uint64_t version) override ABSL_LOCKS_EXCLUDED(mu_);
   void OnWriteDone(bool ok) override ABSL_LOCKS_EXCLUDED(mu_);

@@ -23,25 +23,38 @@ bool ConstantTimeEquals(std::string_view a, std::string_view b) {
   return diff == 0;
 }
 
-absl::Status ParseTokenFile(std::string_view text, std::vector<std::string>* tokens) {
-  std::vector<std::string> parsed;
+absl::Status ParseTokenFile(std::string_view text, std::vector<AcceptedToken>* tokens) {
+  std::vector<AcceptedToken> parsed;
   int line_number = 0;
   for (absl::string_view line : absl::StrSplit(absl::string_view(text.data(), text.size()), '\n')) {
     ++line_number;
-    absl::string_view token = absl::StripAsciiWhitespace(line);
-    if (token.empty() || token[0] == '#') continue;
-    for (char c : token) {
+    absl::string_view content = absl::StripAsciiWhitespace(line);
+    if (content.empty() || content[0] == '#') continue;
+    std::vector<absl::string_view> words =
+        absl::StrSplit(content, absl::ByAnyChar(" \t"), absl::SkipEmpty());
+    if (words.size() > 2 || (words.size() == 2 && words[1] != "admin")) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("token file line ", line_number,
+                       ": expected 'TOKEN' or 'TOKEN admin' (a token must not contain spaces)"));
+    }
+    for (char c : words[0]) {
       const auto u = static_cast<unsigned char>(c);
-      if (u <= 0x20 || u == 0x7f) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("token file line ", line_number,
-                         ": a token must not contain spaces or control characters"));
+      if (u < 0x20 || u == 0x7f) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "token file line ", line_number, ": a token must not contain control characters"));
       }
     }
-    parsed.emplace_back(token);
+    for (const AcceptedToken& earlier : parsed) {
+      if (earlier.token == words[0]) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("token file line ", line_number, ": the token appears twice"));
+      }
+    }
+    parsed.push_back(AcceptedToken{std::string(words[0]), words.size() == 2});
   }
   if (parsed.empty()) {
-    return absl::InvalidArgumentError("token file has no token (one per line, '#' comments)");
+    return absl::InvalidArgumentError(
+        "token file has no token (one per line, optionally 'TOKEN admin'; '#' comments)");
   }
   *tokens = std::move(parsed);
   return absl::OkStatus();
@@ -52,7 +65,7 @@ absl::Status TokenAuthenticator::LoadFile(const std::string& path) {
   if (!in) return absl::NotFoundError(absl::StrCat("cannot read token file '", path, "'"));
   std::stringstream text;
   text << in.rdbuf();
-  std::vector<std::string> tokens;
+  std::vector<AcceptedToken> tokens;
   absl::Status parsed = ParseTokenFile(text.str(), &tokens);
   if (!parsed.ok()) {
     return absl::Status(parsed.code(), absl::StrCat("'", path, "': ", parsed.message()));
@@ -60,9 +73,9 @@ absl::Status TokenAuthenticator::LoadFile(const std::string& path) {
   return SetTokens(std::move(tokens));
 }
 
-absl::Status TokenAuthenticator::SetTokens(std::vector<std::string> tokens) {
+absl::Status TokenAuthenticator::SetTokens(std::vector<AcceptedToken> tokens) {
   if (tokens.empty()) return absl::InvalidArgumentError("no tokens given");
-  auto shared = std::make_shared<const std::vector<std::string>>(std::move(tokens));
+  auto shared = std::make_shared<const std::vector<AcceptedToken>>(std::move(tokens));
   absl::MutexLock lock(&mu_);
   tokens_ = std::move(shared);
   return absl::OkStatus();
@@ -75,13 +88,23 @@ int TokenAuthenticator::num_tokens() const {
 
 absl::Status TokenAuthenticator::Check(
     const std::multimap<grpc::string_ref, grpc::string_ref>& metadata) const {
+  return Identify(metadata).status();
+}
+
+absl::StatusOr<Caller> TokenAuthenticator::Identify(
+    const std::multimap<grpc::string_ref, grpc::string_ref>& metadata) const {
   const auto it = metadata.find(kAuthorizationMetadataKey);
-  if (it == metadata.end()) return CheckAuthorization(nullptr);
+  if (it == metadata.end()) return IdentifyAuthorization(nullptr);
   const std::string_view value(it->second.data(), it->second.size());
-  return CheckAuthorization(&value);
+  return IdentifyAuthorization(&value);
 }
 
 absl::Status TokenAuthenticator::CheckAuthorization(const std::string_view* authorization) const {
+  return IdentifyAuthorization(authorization).status();
+}
+
+absl::StatusOr<Caller> TokenAuthenticator::IdentifyAuthorization(
+    const std::string_view* authorization) const {
   if (authorization == nullptr) {
     return absl::UnauthenticatedError(
         "missing 'authorization: Bearer <token>' metadata (the server requires a token)");
@@ -91,20 +114,20 @@ absl::Status TokenAuthenticator::CheckAuthorization(const std::string_view* auth
     return absl::UnauthenticatedError("authorization metadata is not a 'Bearer <token>' value");
   }
   const std::string_view presented = authorization->substr(prefix.size());
-  std::shared_ptr<const std::vector<std::string>> tokens;
+  std::shared_ptr<const std::vector<AcceptedToken>> tokens;
   {
     absl::MutexLock lock(&mu_);
     tokens = tokens_;
   }
-  bool accepted = false;
+  const AcceptedToken* accepted = nullptr;
   if (tokens != nullptr) {
     // No early exit: every accepted token is compared.
-    for (const std::string& token : *tokens) {
-      accepted = ConstantTimeEquals(presented, token) || accepted;
+    for (const AcceptedToken& token : *tokens) {
+      if (ConstantTimeEquals(presented, token.token) && accepted == nullptr) accepted = &token;
     }
   }
-  if (!accepted) return absl::UnauthenticatedError("bearer token not accepted");
-  return absl::OkStatus();
+  if (accepted == nullptr) return absl::UnauthenticatedError("bearer token not accepted");
+  return Caller{accepted->token, accepted->admin};
 }
 
 }  // namespace nvfp4cal::server

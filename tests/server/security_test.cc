@@ -160,20 +160,30 @@ TEST(TokenAuthenticator, ConstantTimeEqualsComparesWholeStrings) {
   EXPECT_FALSE(ConstantTimeEquals(std::string("ab\0", 3), "ab"));
 }
 
-TEST(TokenAuthenticator, ParsesCommentsBlankLinesAndRejectsEmptyFiles) {
-  std::vector<std::string> tokens;
-  ASSERT_TRUE(ParseTokenFile("# team tokens\n\n  alpha-1 \nbeta-2\r\n#gamma\n", &tokens).ok());
-  EXPECT_THAT(tokens, ::testing::ElementsAre("alpha-1", "beta-2"));
+TEST(TokenAuthenticator, ParsesCommentsBlankLinesAdminAndRejectsEmptyFiles) {
+  std::vector<AcceptedToken> tokens;
+  ASSERT_TRUE(
+      ParseTokenFile("# team tokens\n\n  alpha-1 \nbeta-2\r\n#gamma\nroot-3  admin\n", &tokens)
+          .ok());
+  ASSERT_EQ(tokens.size(), 3u);
+  EXPECT_EQ(tokens[0].token, "alpha-1");
+  EXPECT_FALSE(tokens[0].admin);
+  EXPECT_EQ(tokens[1].token, "beta-2");
+  EXPECT_EQ(tokens[2].token, "root-3");
+  EXPECT_TRUE(tokens[2].admin);
   const absl::Status empty = ParseTokenFile("# nothing\n\n", &tokens);
   EXPECT_EQ(empty.code(), absl::StatusCode::kInvalidArgument);
   const absl::Status spaced = ParseTokenFile("two words\n", &tokens);
   EXPECT_EQ(spaced.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(spaced.message()), Not(HasSubstr("two")));
+  const absl::Status twice = ParseTokenFile("same\nsame admin\n", &tokens);
+  EXPECT_EQ(twice.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(twice.message()), HasSubstr("line 2: the token appears twice"));
 }
 
 TEST(TokenAuthenticator, ChecksTheBearerValue) {
   TokenAuthenticator auth;
-  ASSERT_TRUE(auth.SetTokens({"tok-a", "tok-b"}).ok());
+  ASSERT_TRUE(auth.SetTokens({{"tok-a", false}, {"tok-b", true}}).ok());
   const std::string_view right = "Bearer tok-b";
   const std::string_view wrong = "Bearer tok-c";
   const std::string_view basic = "Basic dG9rLWE=";
@@ -184,6 +194,12 @@ TEST(TokenAuthenticator, ChecksTheBearerValue) {
   EXPECT_EQ(auth.CheckAuthorization(&prefix_only).code(), absl::StatusCode::kUnauthenticated);
   EXPECT_EQ(auth.CheckAuthorization(nullptr).code(), absl::StatusCode::kUnauthenticated);
   EXPECT_THAT(std::string(auth.CheckAuthorization(&wrong).message()), Not(HasSubstr("tok-")));
+  std::multimap<grpc::string_ref, grpc::string_ref> metadata;
+  metadata.emplace("authorization", "Bearer tok-b");
+  const absl::StatusOr<Caller> caller = auth.Identify(metadata);
+  ASSERT_TRUE(caller.ok());
+  EXPECT_EQ(caller->identity, "tok-b");
+  EXPECT_TRUE(caller->admin);
 }
 
 TEST(Tls, ResultsAreByteIdenticalToPlaintextAndTheKernels) {
@@ -263,7 +279,7 @@ class TokenTest : public ::testing::Test {
   void SetUp() override {
     char tmpl[] = "/tmp/nvfp4cal-tokens-XXXXXX";
     dir_ = mkdtemp(tmpl);
-    WriteFile(dir_ / "tokens", "# accepted\ngood-token-1\ngood-token-2\n");
+    WriteFile(dir_ / "tokens", "# accepted\ngood-token-1\ngood-token-2\nroot-token admin\n");
     ServerOptions options = BaseOptions();
     options.security.auth_token_file = dir_ / "tokens";
     server_ = std::make_unique<CalibrationServer>(options);
@@ -344,6 +360,73 @@ TEST_F(TokenTest, AcceptedTokensWorkAndHealthNeedsNone) {
             std::string(ref.packed_codes.begin(), ref.packed_codes.end()));
   EXPECT_EQ(Health(channel_, kLivenessService), grpc::health::v1::HealthCheckResponse::SERVING);
   EXPECT_EQ(Health(channel_, kReadinessService), grpc::health::v1::HealthCheckResponse::SERVING);
+}
+
+// Each token sees only the jobs it submitted; another token's job answers NOT_FOUND as an
+// unknown one would (Get, Cancel, Watch) and is not listed; an admin token sees every job.
+// (Before: any authenticated client could list, read and cancel every other client's jobs.)
+TEST_F(TokenTest, EachTokenSeesOnlyItsOwnJobsAndAdminSeesAll) {
+  auto stub = v1::Calibrator::NewStub(channel_);
+  auto context_for = [](grpc::ClientContext* c, const std::string& token) {
+    c->AddMetadata("authorization", "Bearer " + token);
+    c->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  };
+  std::string mine;
+  {
+    grpc::ClientContext c;
+    context_for(&c, "good-token-1");
+    v1::Job job;
+    ASSERT_TRUE(stub->SubmitJob(&c, JobRequestOf(SampleTensors()[1]), &job).ok());
+    mine = job.job_id();
+  }
+  auto get = [&](const std::string& token) {
+    grpc::ClientContext c;
+    context_for(&c, token);
+    v1::GetJobRequest request;
+    request.set_job_id(mine);
+    v1::Job job;
+    return stub->GetJob(&c, request, &job);
+  };
+  auto listed = [&](const std::string& token) {
+    grpc::ClientContext c;
+    context_for(&c, token);
+    v1::ListJobsResponse page;
+    EXPECT_TRUE(stub->ListJobs(&c, v1::ListJobsRequest(), &page).ok());
+    return page.jobs_size();
+  };
+  EXPECT_TRUE(get("good-token-1").ok());
+  EXPECT_TRUE(get("root-token").ok());
+  const grpc::Status other = get("good-token-2");
+  EXPECT_EQ(other.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(listed("good-token-1"), 1);
+  EXPECT_EQ(listed("good-token-2"), 0);
+  EXPECT_EQ(listed("root-token"), 1);
+  {
+    grpc::ClientContext c;
+    context_for(&c, "good-token-2");
+    v1::CancelJobRequest request;
+    request.set_job_id(mine);
+    v1::Job job;
+    EXPECT_EQ(stub->CancelJob(&c, request, &job).error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+  {
+    grpc::ClientContext c;
+    context_for(&c, "good-token-2");
+    v1::WatchJobRequest request;
+    request.set_job_id(mine);
+    auto reader = stub->WatchJob(&c, request);
+    v1::Job job;
+    EXPECT_FALSE(reader->Read(&job));
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+  {
+    grpc::ClientContext c;
+    context_for(&c, "root-token");
+    v1::CancelJobRequest request;
+    request.set_job_id(mine);
+    v1::Job job;
+    EXPECT_TRUE(stub->CancelJob(&c, request, &job).ok());
+  }
 }
 
 TEST_F(TokenTest, ReloadReplacesTokensAndKeepsThemOnABadFile) {
