@@ -2,13 +2,12 @@
 
 #include <algorithm>
 #include <chrono>
-#include <fstream>
-#include <sstream>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "client/file_util.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 
@@ -21,15 +20,17 @@ std::string HostOf(const std::string& address) {
   return colon == std::string::npos ? address : address.substr(0, colon);
 }
 
+// Regular files only (client/file_util.h): a FIFO given for a certificate must not hang the
+// start-up.
 absl::StatusOr<std::string> ReadPemFile(const char* flag, const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("--", flag, " = '", path, "': cannot read"));
-  std::stringstream text;
-  text << in.rdbuf();
-  if (text.str().empty()) {
+  absl::StatusOr<std::string> text = ReadTextFile(path);
+  if (!text.ok()) {
+    return absl::Status(text.status().code(), absl::StrCat("--", flag, ": ", text.status().message()));
+  }
+  if (text->empty()) {
     return absl::InvalidArgumentError(absl::StrCat("--", flag, " = '", path, "' is empty"));
   }
-  return text.str();
+  return text;
 }
 
 absl::Status CheckSecurityOptions(const SecurityOptions& s) {

@@ -1,13 +1,12 @@
 #include "server/token_authenticator.h"
 
-#include <fstream>
-#include <sstream>
 #include <utility>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "client/file_util.h"
 
 namespace nvfp4cal::server {
 
@@ -61,12 +60,11 @@ absl::Status ParseTokenFile(std::string_view text, std::vector<AcceptedToken>* t
 }
 
 absl::Status TokenAuthenticator::LoadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read token file '", path, "'"));
-  std::stringstream text;
-  text << in.rdbuf();
+  // Regular files only (client/file_util.h): a FIFO must not hang start-up or SIGHUP.
+  absl::StatusOr<std::string> text = ReadTextFile(path);
+  if (!text.ok()) return text.status();  // names the path
   std::vector<AcceptedToken> tokens;
-  absl::Status parsed = ParseTokenFile(text.str(), &tokens);
+  absl::Status parsed = ParseTokenFile(*text, &tokens);
   if (!parsed.ok()) {
     return absl::Status(parsed.code(), absl::StrCat("'", path, "': ", parsed.message()));
   }

@@ -1,10 +1,13 @@
 // The real nvfp4cal-server binary as a subprocess: SIGTERM in the middle of a stream lets the
 // accepted tensor finish, refuses new tensors with UNAVAILABLE, flips readiness and exits 0.
 #include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "gtest/gtest.h"
@@ -166,6 +169,28 @@ TEST(ServerBinary, NonsenseFlagsExitOneNamingFlagRangeAndValue) {
     EXPECT_EQ(server.Wait(), 1) << flag;
     EXPECT_THAT(server.Stderr(), HasSubstr(message)) << flag;
   }
+}
+
+// A named pipe given as a token, certificate or key file is refused at start-up naming it,
+// instead of blocking in open() before the server listens.
+TEST(ServerBinary, FifoGivenForAFileExitsOneNamingIt) {
+  char dir_template[] = "/tmp/nvfp4cal-fifo-XXXXXX";
+  const std::string dir = mkdtemp(dir_template);
+  const std::string fifo = dir + "/pipe";
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  for (const std::string& flag :
+       {"--auth_token_file=" + fifo, "--tls_cert=" + fifo + " --tls_key=" + fifo}) {
+    std::vector<std::string> args = {NVFP4CAL_SERVER_BINARY, "--address=127.0.0.1:0",
+                                     "--metrics_address=", "--device=cpu"};
+    for (absl::string_view part : absl::StrSplit(flag, ' ')) args.emplace_back(part);
+    ServerProcess server(args);
+    EXPECT_EQ(server.ReadLineStartingWith("listening on "), "") << flag;
+    EXPECT_EQ(server.Wait(), 1) << flag;
+    EXPECT_THAT(server.Stderr(), HasSubstr(fifo + ": is a FIFO (named pipe), not a regular file"))
+        << flag;
+  }
+  unlink(fifo.c_str());
+  rmdir(dir.c_str());
 }
 
 }  // namespace
