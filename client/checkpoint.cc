@@ -11,6 +11,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "client/file_util.h"
+#include "client/temp_dir.h"
 #include "nlohmann/json.hpp"
 
 namespace nvfp4cal {
@@ -151,6 +152,13 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
   }
 
   for (const std::string& name : shard_names) {
+    if (checkpoint->sharded_ && !fs::exists(JoinPath(dir, name), ec)) {
+      for (const auto& [tensor, file] : index_map) {
+        if (file != name) continue;
+        return absl::NotFoundError(absl::StrCat(index_path, ": weight_map puts '", tensor, "' in ",
+                                                name, ", which does not exist"));
+      }
+    }
     absl::StatusOr<std::unique_ptr<SafetensorsFile>> file =
         SafetensorsFile::Open(JoinPath(dir, name));
     if (!file.ok()) return file.status();
@@ -184,13 +192,16 @@ const Checkpoint::Entry* Checkpoint::Find(const std::string& name) const {
 }
 
 std::vector<std::string> Checkpoint::OtherFiles() const {
-  std::set<std::string> skip = {kConfigFileName, kIndexFileName};
+  std::set<std::string> skip = {kConfigFileName, kIndexFileName, kHfQuantConfigFileName,
+                                kProducerRecordFileName};
   for (const Shard& shard : shards_) skip.insert(shard.file_name);
   std::vector<std::string> names;
   std::error_code ec;
   for (const fs::directory_entry& e : fs::directory_iterator(dir_, ec)) {
     const std::string name = e.path().filename().string();
-    if (skip.count(name) == 0) names.push_back(name);
+    if (skip.count(name) == 0 && !IsTempDirName(name)) {
+      names.push_back(name);
+    }
   }
   std::sort(names.begin(), names.end());
   return names;

@@ -28,12 +28,16 @@ inline constexpr char kSingleFileName[] = "model.safetensors";
 inline constexpr char kIndexFileName[] = "model.safetensors.index.json";
 inline constexpr char kConfigFileName[] = "config.json";
 inline constexpr char kHfQuantConfigFileName[] = "hf_quant_config.json";
+// The producer record `example` and `dequantize` leave in their output (quantize's is in
+// hf_quant_config.json): {"producer": {"name": "nvfp4cal", "version": ...}, "command": ...}.
+inline constexpr char kProducerRecordFileName[] = "nvfp4cal.json";
 
 class Checkpoint {
  public:
   // Opens the folder. Errors name the folder and the file: NOT_FOUND for a missing folder,
-  // config.json or weights; INVALID_ARGUMENT for an unreadable config or index, a corrupt
-  // shard, a tensor the index puts in a shard that lacks it, or a tensor in two shards.
+  // config.json or weights, or a shard the index names that does not exist; INVALID_ARGUMENT
+  // for an unreadable config or index, a corrupt shard, a tensor the index puts in a shard that
+  // lacks it, a tensor in two shards, or a file that is not a regular file (a FIFO, ...).
   static absl::StatusOr<std::unique_ptr<Checkpoint>> Open(const std::string& dir);
 
   struct Shard {
@@ -57,7 +61,9 @@ class Checkpoint {
   const std::map<std::string, Entry>& tensors() const { return tensors_; }
   const Entry* Find(const std::string& name) const;
   // Files and folders of dir other than config.json, the index and the shards (tokenizer,
-  // generation config, ...), relative to dir.
+  // generation config, ...), relative to dir; without nvfp4cal's own records
+  // (hf_quant_config.json, nvfp4cal.json), which describe the folder rather than the model, and
+  // temporary folders.
   std::vector<std::string> OtherFiles() const;
   // Bytes of all shards' tensor data.
   int64_t total_tensor_bytes() const;

@@ -1,7 +1,5 @@
 #include "client/example_model.h"
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -9,7 +7,6 @@
 #include <functional>
 #include <map>
 #include <string>
-#include <system_error>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -17,7 +14,9 @@
 #include "client/checkpoint.h"
 #include "client/file_util.h"
 #include "client/parallel.h"
+#include "client/quantize_checkpoint.h"
 #include "client/safetensors.h"
+#include "client/temp_dir.h"
 #include "nlohmann/json.hpp"
 #include "nvfp4cal/kernels/example_data.h"
 
@@ -149,11 +148,11 @@ absl::Status CheckOptions(const ExampleModelOptions& o) {
 absl::Status WriteExampleModel(const std::string& out_dir, const ExampleModelOptions& o) {
   absl::Status valid = CheckOptions(o);
   if (!valid.ok()) return valid;
-  std::error_code ec;
-  if (fs::exists(out_dir, ec) && !o.overwrite) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("--out ", out_dir, " already exists; pass --overwrite to replace it"));
-  }
+  OutputTarget target;
+  target.out_dir = out_dir;
+  target.overwrite = o.overwrite;
+  absl::Status out_ok = CheckOutputTarget(target);
+  if (!out_ok.ok()) return out_ok;
   const int64_t hidden = o.hidden;
   const int64_t inter = o.intermediate;
   const int64_t head_dim = hidden / o.heads;
@@ -281,18 +280,13 @@ absl::Status WriteExampleModel(const std::string& out_dir, const ExampleModelOpt
   for (const absl::Status& s :
        {WriteTextFile((fs::path(*temp) / kConfigFileName).string(), config.dump(2) + "\n"),
         WriteTextFile((fs::path(*temp) / "generation_config.json").string(),
-                      generation.dump(2) + "\n")}) {
+                      generation.dump(2) + "\n"),
+        WriteTextFile((fs::path(*temp) / kProducerRecordFileName).string(),
+                      ProducerRecordJson("example"))}) {
     if (!s.ok()) return fail(s);
   }
-  if (fs::exists(out_dir, ec)) {
-    absl::Status removed = RemoveTree(out_dir);
-    if (!removed.ok()) return fail(removed);
-  }
-  fs::rename(*temp, out_dir, ec);
-  if (ec) {
-    return fail(absl::InternalError(
-        absl::StrCat("cannot rename ", *temp, " to ", out_dir, ": ", ec.message())));
-  }
+  absl::Status replaced = ReplaceWithTempDir(*temp, target);
+  if (!replaced.ok()) return fail(replaced);
   return absl::OkStatus();
 }
 

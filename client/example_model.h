@@ -4,7 +4,7 @@
 //   nvfp4cal::ExampleModelOptions options;   // 2 layers, hidden 256, MLP 688, GQA 4/2 heads
 //   absl::Status s = nvfp4cal::WriteExampleModel("/tmp/example", options);
 //   // /tmp/example: config.json, generation_config.json, model.safetensors (or shards and
-//   // model.safetensors.index.json), hessians.safetensors
+//   // model.safetensors.index.json), hessians.safetensors, nvfp4cal.json
 //
 // Weights are bf16 with trained-looking statistics (kernels' example_data.h: per-row spread,
 // rare outliers) plus a few outlier input columns per matrix. Hessians are X^T X / T of
@@ -20,6 +20,7 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "client/output_dir.h"
 
 namespace nvfp4cal {
 
@@ -33,16 +34,17 @@ struct ExampleModelOptions {
   // 1: model.safetensors; more: model-0000i-of-0000n.safetensors with an index.
   int shards = 1;
   uint64_t seed = 1;
-  // Replace an existing folder.
-  bool overwrite = false;
+  // What may happen to an existing folder (output_dir.h).
+  OverwritePolicy overwrite = OverwritePolicy::kNever;
   // Every Hessian full [in, in] (o_proj and down_proj too), so that method gptq can quantize
   // every module; by default o_proj and down_proj get diagonal blocks.
   bool full_hessians = false;
 };
 
-// Writes the example into `out_dir` (through a temporary folder renamed at the end).
-// FAILED_PRECONDITION when it exists without overwrite; INVALID_ARGUMENT for sizes that do not
-// make a Llama (hidden not divisible by heads, heads not by kv_heads, sizes < 16, ...).
+// Writes the example into `out_dir` (through a temporary folder renamed at the end), with
+// nvfp4cal.json recording the producer. Errors of CheckOutputTarget on out_dir; INVALID_ARGUMENT
+// for sizes that do not make a Llama (hidden not divisible by heads, heads not by kv_heads,
+// sizes < 16, ...).
 absl::Status WriteExampleModel(const std::string& out_dir, const ExampleModelOptions& options);
 
 }  // namespace nvfp4cal

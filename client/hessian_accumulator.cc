@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <set>
 #include <utility>
 
 #include "absl/strings/match.h"
@@ -125,7 +126,21 @@ absl::Status WriteHessiansFile(const std::string& path, const std::vector<NamedH
       tensors.push_back(std::move(amax));
     }
   }
-  for (const auto& [entry, target] : aliases) metadata[entry] = target;
+  std::set<std::string> names;
+  for (const NamedHessian& h : hessians) names.insert(h.name);
+  for (const auto& [alias, target] : aliases) {
+    if (names.count(alias) != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": alias '", alias,
+                       "' is also the name of a Hessian written (the entry would win)"));
+    }
+    if (names.count(target) == 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": alias '", alias, "' names '", target,
+                       "', which is not one of the Hessians written"));
+    }
+    metadata[alias] = target;
+  }
   return WriteSafetensorsFile(path, tensors, metadata);
 }
 

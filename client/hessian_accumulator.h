@@ -69,7 +69,9 @@ struct NamedHessian {
 // when it keeps the full matrix, else [in/16, 16, 16]; fp32; next to each `<x>.hessian` the
 // scalar `<x>.input_amax` (HessianAccumulator::input_amax); `__metadata__` records the token
 // count of each entry and any `aliases` (entry name -> name of the entry it shares, see
-// hessians.h). FAILED_PRECONDITION for an accumulator without tokens.
+// hessians.h). FAILED_PRECONDITION for an accumulator without tokens; INVALID_ARGUMENT naming
+// the alias for one whose target is not among `hessians` or whose name is; nothing is written
+// then.
 absl::Status WriteHessiansFile(
     const std::string& path, const std::vector<NamedHessian>& hessians, bool divide_by_tokens,
     const std::vector<std::pair<std::string, std::string>>& aliases = {});

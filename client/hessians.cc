@@ -68,13 +68,16 @@ absl::StatusOr<std::unique_ptr<HessianStore>> HessianStore::Open(const std::stri
   return store;
 }
 
-std::string HessianStore::Resolve(const std::string& module) const {
+absl::StatusOr<std::string> HessianStore::FindEntry(const std::string& module) const {
   const std::string own = module + ".hessian";
-  if (file_->Find(own) != nullptr) return own;
   const auto alias = file_->metadata().find(own);
-  if (alias != file_->metadata().end() && file_->Find(alias->second) != nullptr) {
-    return alias->second;
+  if (alias != file_->metadata().end() && file_->Find(alias->second) == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(path(), ": __metadata__ alias '", own, "' (for ",
+                                                   module, ") names entry '", alias->second,
+                                                   "', which the file does not hold"));
   }
+  if (file_->Find(own) != nullptr) return own;
+  if (alias != file_->metadata().end()) return alias->second;
   const size_t dot = module.rfind('.');
   const std::string parent = dot == std::string::npos ? "" : module.substr(0, dot + 1);
   const std::string leaf = dot == std::string::npos ? module : module.substr(dot + 1);

@@ -7,14 +7,17 @@
 //   1. `<parent>.<leaf>.hessian`;
 //   2. an alias in the file's `__metadata__`: key `<parent>.<leaf>.hessian`, value the name of
 //      another entry, e.g. {"model.layers.0.mlp.up_proj.hessian":
-//      "model.layers.0.mlp.gate_proj.hessian"};
+//      "model.layers.0.mlp.gate_proj.hessian"}. The value must name an entry of the file
+//      (aliases do not chain), even where rule 1 applies: an alias that names nothing is an
+//      error, never a silent fall-through to rule 3;
 //   3. the fused siblings' entries in canonical order: q_proj, k_proj, v_proj; gate_proj,
 //      up_proj; w1, w3 (so `<parent>.q_proj.hessian` serves k_proj and v_proj).
 //
 //   auto store = nvfp4cal::HessianStore::Open("hessians.safetensors");
-//   std::string entry = (*store)->Resolve("model.layers.0.self_attn.k_proj");  // "" if none
+//   absl::StatusOr<std::string> entry =
+//       (*store)->FindEntry("model.layers.0.self_attn.k_proj");  // "" if none
 //   absl::StatusOr<std::shared_ptr<const std::vector<float>>> blocks =
-//       (*store)->Blocks(entry, "model.layers.0.self_attn.k_proj", /*cols=*/4096, 1e-4f);
+//       (*store)->Blocks(*entry, "model.layers.0.self_attn.k_proj", /*cols=*/4096, 1e-4f);
 #ifndef NVFP4CAL_CLIENT_HESSIANS_H_
 #define NVFP4CAL_CLIENT_HESSIANS_H_
 
@@ -39,7 +42,9 @@ class HessianStore {
   const std::string& path() const { return file_->path(); }
 
   // The entry that serves `module` under the rule above, or "" when none does.
-  std::string Resolve(const std::string& module) const;
+  // INVALID_ARGUMENT "FILE: __metadata__ alias 'KEY' (for MODULE) names entry 'VALUE', which
+  // the file does not hold" for the module's alias naming no entry.
+  absl::StatusOr<std::string> FindEntry(const std::string& module) const;
 
   // The diagonal blocks [cols/16, 16, 16] of `entry` for a module with `cols` inputs, extracted
   // and validated once per entry and then shared. INVALID_ARGUMENT naming the entry (and the

@@ -13,6 +13,8 @@
 #include "client/checkpoint.h"
 #include "client/file_util.h"
 #include "client/progress.h"
+#include "client/quantize_checkpoint.h"
+#include "client/temp_dir.h"
 #include "nlohmann/json.hpp"
 #include "nvfp4cal/kernels/codecs.h"
 #include "nvfp4cal/kernels/example_data.h"
@@ -109,6 +111,7 @@ absl::StatusOr<std::string> InspectCheckpoint(const std::string& dir) {
   }
   const std::string hf_path = (fs::path(dir) / kHfQuantConfigFileName).string();
   absl::StatusOr<std::string> hf = ReadTextFile(hf_path);
+  if (!hf.ok() && !absl::IsNotFound(hf.status())) return hf.status();
   if (hf.ok()) {
     const nlohmann::json h = nlohmann::json::parse(*hf, nullptr, false);
     if (!h.is_discarded() && h.contains("quantization") && h.contains("producer")) {
@@ -148,11 +151,12 @@ absl::Status DequantizeCheckpoint(const DequantizeOptions& options) {
   if (options.dtype != SafetensorsDType::kBF16 && options.dtype != SafetensorsDType::kF32) {
     return absl::InvalidArgumentError("dequantize: --dtype must be bfloat16 or float32");
   }
-  std::error_code ec;
-  if (fs::exists(options.out_dir, ec) && !options.overwrite) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("--out ", options.out_dir, " already exists; pass --overwrite to replace it"));
-  }
+  OutputTarget target;
+  target.out_dir = options.out_dir;
+  target.overwrite = options.overwrite;
+  target.inputs = {{"--in", options.in_dir}};
+  absl::Status out_ok = CheckOutputTarget(target);
+  if (!out_ok.ok()) return out_ok;
   absl::StatusOr<std::unique_ptr<Checkpoint>> opened = Checkpoint::Open(options.in_dir);
   if (!opened.ok()) return opened.status();
   const Checkpoint& checkpoint = **opened;
@@ -235,24 +239,21 @@ absl::Status DequantizeCheckpoint(const DequantizeOptions& options) {
   }
   OrderedJson config = OrderedJson::parse(checkpoint.config_text());
   config.erase("quantization_config");
-  absl::Status s =
-      WriteTextFile((fs::path(*temp) / kConfigFileName).string(), config.dump(2) + "\n");
-  if (!s.ok()) return fail(s);
+  for (const absl::Status& s :
+       {WriteTextFile((fs::path(*temp) / kConfigFileName).string(), config.dump(2) + "\n"),
+        WriteTextFile((fs::path(*temp) / kProducerRecordFileName).string(),
+                      ProducerRecordJson("dequantize"))}) {
+    if (!s.ok()) return fail(s);
+  }
+  std::error_code ec;
   for (const std::string& name : checkpoint.OtherFiles()) {
-    if (name == kHfQuantConfigFileName || name.find(".nvfp4cal-tmp-") != std::string::npos)
-      continue;
-    s = CopyPath((fs::path(options.in_dir) / name).string(), (fs::path(*temp) / name).string());
+    const std::string from = (fs::path(options.in_dir) / name).string();
+    if (fs::equivalent(from, options.out_dir, ec)) continue;  // an --out inside --in
+    absl::Status s = CopyPath(from, (fs::path(*temp) / name).string());
     if (!s.ok()) return fail(s);
   }
-  if (fs::exists(options.out_dir, ec)) {
-    s = RemoveTree(options.out_dir);
-    if (!s.ok()) return fail(s);
-  }
-  fs::rename(*temp, options.out_dir, ec);
-  if (ec) {
-    return fail(absl::InternalError(
-        absl::StrCat("cannot rename ", *temp, " to ", options.out_dir, ": ", ec.message())));
-  }
+  absl::Status replaced = ReplaceWithTempDir(*temp, target);
+  if (!replaced.ok()) return fail(replaced);
   return absl::OkStatus();
 }
 

@@ -14,6 +14,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "client/output_dir.h"
 #include "client/safetensors.h"
 
 namespace nvfp4cal {
@@ -28,14 +29,16 @@ struct DequantizeOptions {
   std::string out_dir;
   // kBF16 (the usual weight dtype) or kF32 (exact dequantized values).
   SafetensorsDType dtype = SafetensorsDType::kBF16;
-  bool overwrite = false;
+  // What may happen to an existing out_dir (output_dir.h).
+  OverwritePolicy overwrite = OverwritePolicy::kNever;
 };
 
 // Writes a dense copy of an NVFP4 checkpoint: each `<m>.weight` (U8 codes) with its
 // `weight_scale` and `weight_scale_2` becomes one `<m>.weight` [out, in] in options.dtype;
 // other tensors and files are copied; config.json loses quantization_config; sharding and the
-// index are kept. FAILED_PRECONDITION when out_dir exists without overwrite or when the input
-// has no NVFP4 module.
+// index are kept; nvfp4cal.json records the producer. Errors of CheckOutputTarget on out_dir
+// (which must not be or contain in_dir); FAILED_PRECONDITION when the input has no NVFP4
+// module.
 absl::Status DequantizeCheckpoint(const DequantizeOptions& options);
 
 }  // namespace nvfp4cal

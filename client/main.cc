@@ -5,15 +5,21 @@
 //   nvfp4cal example --out DIR
 //   nvfp4cal dequantize --in DIR --out DIR
 //
+// The commands that write an --out share its rules (output_dir.h: --overwrite, --overwrite-any,
+// never over an input) and first remove the temporary folders killed runs left beside it
+// (temp_dir.h).
+//
 // Exit codes: 0 success, 1 the command failed (message on stderr), 2 bad command line.
 // docs/cli.md describes every option, the formats and the error messages.
 #include <unistd.h>
 
 #include <atomic>
+#include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
+#include <limits>
 #include <memory>
 #include <string>
 
@@ -27,9 +33,11 @@
 #include "client/example_model.h"
 #include "client/inspect.h"
 #include "client/local_quantizer.h"
+#include "client/output_dir.h"
 #include "client/progress.h"
 #include "client/quantize_checkpoint.h"
 #include "client/remote_quantizer.h"
+#include "client/temp_dir.h"
 
 namespace nvfp4cal {
 namespace {
@@ -59,22 +67,95 @@ absl::Status Prefixed(const std::string& prefix, const absl::Status& status) {
   return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
 }
 
-absl::Status ParseInt(const CliArgs& args, const std::string& name, int* out) {
+// An integer option in [min, max]; untouched when absent.
+absl::Status ParseInt(const CliArgs& args, const std::string& name, int* out,
+                      int min = std::numeric_limits<int>::min(),
+                      int max = std::numeric_limits<int>::max()) {
   if (!args.Has(name)) return absl::OkStatus();
-  if (!absl::SimpleAtoi(args.Get(name), out)) {
+  int value = 0;
+  if (!absl::SimpleAtoi(args.Get(name), &value)) {
     return absl::InvalidArgumentError(
         absl::StrCat("--", name, ": \"", args.Get(name), "\" is not an integer"));
   }
+  if (value < min || value > max) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, " = ", value, " is out of range [", min, ", ", max, "]"));
+  }
+  *out = value;
   return absl::OkStatus();
 }
 
-absl::Status ParseFloat(const CliArgs& args, const std::string& name, float* out) {
+// A finite number option in [min, max]; untouched when absent.
+absl::Status ParseFloat(const CliArgs& args, const std::string& name, float* out,
+                        float min = std::numeric_limits<float>::lowest(),
+                        float max = std::numeric_limits<float>::max()) {
   if (!args.Has(name)) return absl::OkStatus();
-  if (!absl::SimpleAtof(args.Get(name), out)) {
+  float value = 0.0f;
+  if (!absl::SimpleAtof(args.Get(name), &value) || !std::isfinite(value)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("--", name, ": \"", args.Get(name), "\" is not a number"));
+        absl::StrCat("--", name, ": \"", args.Get(name), "\" is not a finite number"));
   }
+  if (value < min || value > max) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, " = ", value, " is out of range [", min, ", ", max, "]"));
+  }
+  *out = value;
   return absl::OkStatus();
+}
+
+// --overwrite and --overwrite-any, the same for every command that writes an --out.
+void AddOverwriteSwitches(CliParser* parser) {
+  parser->AddSwitch("overwrite",
+                    "replace an existing --out that an nvfp4cal command wrote (it holds "
+                    "hf_quant_config.json or nvfp4cal.json naming producer nvfp4cal) or an empty "
+                    "folder");
+  parser->AddSwitch("overwrite-any",
+                    "replace an existing --out folder whatever it holds (never one that is or "
+                    "contains an input of the run)");
+}
+
+OverwritePolicy OverwriteFrom(const CliArgs& args) {
+  if (args.Switch("overwrite-any")) return OverwritePolicy::kAnything;
+  if (args.Switch("overwrite")) return OverwritePolicy::kNvfp4calOutput;
+  return OverwritePolicy::kNever;
+}
+
+// Removes the temporary folders that killed runs left beside --out (temp_dir.h), one line each
+// on stderr; names those it leaves alone.
+void CleanStaleTempDirs(const std::string& command, const std::string& out) {
+  using Owner = TempDirCleanup::Owner;
+  const std::string prefix = absl::StrCat("nvfp4cal ", command, ": ");
+  const std::string by_hand =
+      absl::StrCat("; remove it by hand when no nvfp4cal run writes ", out, "\n");
+  for (const TempDirCleanup& c : CleanTempDirsBeside(out)) {
+    const std::string process = absl::StrCat("process ", c.pid);
+    switch (c.owner) {
+      case Owner::kGone:
+        if (c.removed.ok()) {
+          std::cerr << prefix << "removed stale temporary folder " << c.path << " (its owner, "
+                    << process << ", is gone)\n";
+        } else {
+          std::cerr << prefix << "note: cannot remove stale temporary folder " << c.path << ": "
+                    << c.removed.message() << "\n";
+        }
+        break;
+      case Owner::kRunning:
+        std::cerr << prefix << "note: left " << c.path << ": its owner, " << process
+                  << ", is still running\n";
+        break;
+      case Owner::kElsewhere:
+        std::cerr << prefix << "note: left " << c.path << ": its owner, " << process
+                  << ", ran on another machine, container or boot" << by_hand;
+        break;
+      case Owner::kOtherUser:
+        std::cerr << prefix << "note: left " << c.path << ": it belongs to another user\n";
+        break;
+      case Owner::kUnknown:
+        std::cerr << prefix << "note: left " << c.path << ": its owner cannot be told from the name"
+                  << by_hand;
+        break;
+    }
+  }
 }
 
 // An option's value, else the environment variable's, else "".
@@ -164,7 +245,7 @@ CliParser QuantizeParser() {
   p.AddOption("token-file", "FILE",
               "file whose first line is the bearer token sent to the servers (env "
               "NVFP4CAL_TOKEN_FILE)");
-  p.AddSwitch("overwrite", "replace an existing --out");
+  AddOverwriteSwitches(&p);
   p.AddSwitch("quiet", "no progress bar and no statistics table");
   return p;
 }
@@ -182,7 +263,7 @@ int RunQuantize(int argc, const char* const* argv) {
   options.model_dir = args->Get("model");
   options.hessians_path = args->Get("hessians");
   options.out_dir = args->Get("out");
-  options.overwrite = args->Switch("overwrite");
+  options.overwrite = OverwriteFrom(*args);
   options.plan.includes = args->GetAll("include");
   options.plan.excludes = args->GetAll("exclude");
   options.plan.default_excludes = !args->Switch("no-default-excludes");
@@ -200,8 +281,8 @@ int RunQuantize(int argc, const char* const* argv) {
   float timeout_s = 0.0f;
   for (const absl::Status& s :
        {ParseFloat(*args, "beta-step", &options.params.beta_step),
-        ParseInt(*args, "threads", &threads), ParseInt(*args, "retries", &retries),
-        ParseFloat(*args, "timeout", &timeout_s)}) {
+        ParseInt(*args, "threads", &threads, 0, 4096), ParseInt(*args, "retries", &retries, 1, 100),
+        ParseFloat(*args, "timeout", &timeout_s, 0.0f, 1e7f)}) {
     if (!s.ok()) return UsageError(cmd, s);
   }
   const bool gptq = options.params.method == Method::kGptq;
@@ -264,6 +345,11 @@ int RunQuantize(int argc, const char* const* argv) {
     client.timeout = absl::Seconds(static_cast<double>(timeout_s));
     client.send_full_hessian_upper = hessian_layout == "upper";
     if (absl::Status s = ApplySecurityArgs(*args, &client); !s.ok()) return UsageError(cmd, s);
+    options.other_inputs = {
+        {"--tls-ca", client.tls_root_certs_path},
+        {"--tls-cert", client.tls_client_cert_path},
+        {"--tls-key", client.tls_client_key_path},
+        {"--token-file", OptionOrEnv(*args, "token-file", "NVFP4CAL_TOKEN_FILE")}};
     absl::StatusOr<std::unique_ptr<Quantizer>> remote = MakeRemoteQuantizer(client);
     if (!remote.ok()) return UsageError(cmd, remote.status());
     quantizer = *std::move(remote);
@@ -280,6 +366,7 @@ int RunQuantize(int argc, const char* const* argv) {
   ProgressReporter progress(stderr, !quiet && isatty(STDERR_FILENO) != 0);
   std::signal(SIGINT, OnStopSignal);
   std::signal(SIGTERM, OnStopSignal);
+  CleanStaleTempDirs(cmd, options.out_dir);
   absl::StatusOr<QuantizeReport> report = QuantizeCheckpoint(options, quantizer.get(), &progress);
   progress.Finish();
   if (!report.ok()) return Fail(cmd, report.status());
@@ -340,7 +427,7 @@ int RunExample(int argc, const char* const* argv) {
                    std::to_string(defaults.vocab));
   parser.AddOption("shards", "N", "safetensors shards (> 1 writes an index)", false, "1");
   parser.AddOption("seed", "N", "random seed", false, "1");
-  parser.AddSwitch("overwrite", "replace an existing --out");
+  AddOverwriteSwitches(&parser);
   parser.AddSwitch("full-hessians",
                    "full [in, in] Hessians for every module (o_proj and down_proj too), so that "
                    "--method gptq can quantize all of them");
@@ -361,9 +448,10 @@ int RunExample(int argc, const char* const* argv) {
     if (!s.ok()) return UsageError("example", s);
   }
   options.seed = static_cast<uint64_t>(seed);
-  options.overwrite = args->Switch("overwrite");
+  options.overwrite = OverwriteFrom(*args);
   options.full_hessians = args->Switch("full-hessians");
   const std::string out = args->Get("out");
+  CleanStaleTempDirs("example", out);
   absl::Status written = WriteExampleModel(out, options);
   if (!written.ok()) return Fail("example", written);
   std::cout << "wrote " << out << " (" << options.layers << " layers; Hessians in " << out
@@ -378,7 +466,7 @@ int RunDequantize(int argc, const char* const* argv) {
   parser.AddOption("in", "DIR", "NVFP4 checkpoint folder", true);
   parser.AddOption("out", "DIR", "folder to create", true);
   parser.AddOption("dtype", "NAME", "bfloat16 | float32", false, "bfloat16");
-  parser.AddSwitch("overwrite", "replace an existing --out");
+  AddOverwriteSwitches(&parser);
   absl::StatusOr<CliArgs> args = parser.Parse(argc, argv);
   if (!args.ok()) return UsageError("dequantize", args.status());
   if (args->help()) {
@@ -388,7 +476,7 @@ int RunDequantize(int argc, const char* const* argv) {
   DequantizeOptions options;
   options.in_dir = args->Get("in");
   options.out_dir = args->Get("out");
-  options.overwrite = args->Switch("overwrite");
+  options.overwrite = OverwriteFrom(*args);
   const std::string dtype = args->Get("dtype", "bfloat16");
   if (dtype == "float32") {
     options.dtype = SafetensorsDType::kF32;
@@ -397,6 +485,7 @@ int RunDequantize(int argc, const char* const* argv) {
                       absl::InvalidArgumentError(absl::StrCat(
                           "--dtype must be bfloat16 or float32, got \"", dtype, "\"")));
   }
+  CleanStaleTempDirs("dequantize", options.out_dir);
   absl::Status done = DequantizeCheckpoint(options);
   if (!done.ok()) return Fail("dequantize", done);
   std::cout << "wrote " << options.out_dir << "\n";

@@ -1,7 +1,5 @@
 #include "client/quantize_checkpoint.h"
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -21,6 +19,7 @@
 #include "client/file_util.h"
 #include "client/hessians.h"
 #include "client/parallel.h"
+#include "client/temp_dir.h"
 #include "nlohmann/json.hpp"
 
 #ifndef NVFP4CAL_VERSION
@@ -103,7 +102,9 @@ absl::Status PrepareModules(const QuantizeOptions& options, const Checkpoint& ch
     m.tensor = entry->tensor;
     m.params = options.params;
     if (hessians != nullptr) {
-      m.hessian_entry = hessians->Resolve(plan.module);
+      absl::StatusOr<std::string> resolved = hessians->FindEntry(plan.module);
+      if (!resolved.ok()) return resolved.status();
+      m.hessian_entry = *std::move(resolved);
       absl::StatusOr<std::optional<float>> input_amax = hessians->InputAmax(m.hessian_entry);
       if (!input_amax.ok()) return input_amax.status();
       m.input_amax = *input_amax;
@@ -204,26 +205,36 @@ std::vector<SafetensorsTensorSpec> OutputSpecs(
   return specs;
 }
 
-absl::Status ReplaceDirectory(const std::string& temp, const std::string& out, bool overwrite) {
-  std::error_code ec;
-  std::string old;
-  if (fs::exists(out, ec)) {
-    if (!overwrite) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("--out ", out, " appeared during the run; pass --overwrite to replace it"));
-    }
-    old = absl::StrCat(out, ".nvfp4cal-old-", getpid());
-    fs::rename(out, old, ec);
-    if (ec) return absl::InternalError(absl::StrCat("cannot move ", out, " aside: ", ec.message()));
+// What the run reads and where it writes, for CheckOutputTarget.
+OutputTarget QuantizeTarget(const QuantizeOptions& options) {
+  OutputTarget target;
+  target.out_dir = options.out_dir;
+  target.overwrite = options.overwrite;
+  target.inputs = {{"--model", options.model_dir}, {"--hessians", options.hessians_path}};
+  target.inputs.insert(target.inputs.end(), options.other_inputs.begin(),
+                       options.other_inputs.end());
+  return target;
+}
+
+// The model folder's other files (tokenizer, ...) into `temp`: not the Hessians file or the
+// output itself when they live there.
+absl::Status CopyOtherFiles(const QuantizeOptions& options, const Checkpoint& model,
+                            const std::string& temp) {
+  for (const std::string& name : model.OtherFiles()) {
+    const std::string from = (fs::path(model.dir()) / name).string();
+    if (!options.hessians_path.empty() && SamePath(from, options.hessians_path)) continue;
+    if (SamePath(from, options.out_dir)) continue;
+    absl::Status copied = CopyPath(from, (fs::path(temp) / name).string());
+    if (!copied.ok()) return copied;
   }
-  fs::rename(temp, out, ec);
-  if (ec) {
-    if (!old.empty()) fs::rename(old, out, ec);
-    return absl::InternalError(
-        absl::StrCat("cannot rename ", temp, " to ", out, ": ", ec.message()));
-  }
-  if (!old.empty()) return RemoveTree(old);
   return absl::OkStatus();
+}
+
+OrderedJson ProducerJson() {
+  OrderedJson producer = OrderedJson::object();
+  producer["name"] = "nvfp4cal";
+  producer["version"] = NvFp4CalVersion();
+  return producer;
 }
 
 }  // namespace
@@ -250,32 +261,30 @@ absl::StatusOr<std::string> QuantizedConfigJson(const std::string& config_text,
 }
 
 std::string HfQuantConfigJson(const std::vector<std::string>& exclude_modules) {
-  OrderedJson producer = OrderedJson::object();
-  producer["name"] = "nvfp4cal";
-  producer["version"] = NvFp4CalVersion();
   OrderedJson quantization = OrderedJson::object();
   quantization["quant_algo"] = "NVFP4";
   quantization["kv_cache_quant_algo"] = nullptr;
   quantization["group_size"] = 16;
   quantization["exclude_modules"] = exclude_modules;
   OrderedJson root = OrderedJson::object();
-  root["producer"] = std::move(producer);
+  root["producer"] = ProducerJson();
   root["quantization"] = std::move(quantization);
+  return root.dump(2) + "\n";
+}
+
+std::string ProducerRecordJson(const std::string& command) {
+  OrderedJson root = OrderedJson::object();
+  root["producer"] = ProducerJson();
+  root["command"] = command;
   return root.dump(2) + "\n";
 }
 
 absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options,
                                                   Quantizer* quantizer,
                                                   QuantizeObserver* observer) {
-  std::error_code ec;
-  if (options.out_dir.empty()) return absl::InvalidArgumentError("--out is required");
-  if (fs::exists(options.out_dir, ec) && !options.overwrite) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("--out ", options.out_dir, " already exists; pass --overwrite to replace it"));
-  }
-  if (fs::exists(options.out_dir, ec) && SamePath(options.out_dir, options.model_dir)) {
-    return absl::InvalidArgumentError("--out must not be the --model folder");
-  }
+  const OutputTarget target = QuantizeTarget(options);
+  absl::Status out_ok = CheckOutputTarget(target);
+  if (!out_ok.ok()) return out_ok;
   absl::Status params_ok = ValidateParams(options.params);
   if (!params_ok.ok()) return params_ok;
   if (options.fallback_method.has_value() && MethodNeedsHessian(*options.fallback_method)) {
@@ -326,6 +335,9 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
   absl::StatusOr<std::string> temp = MakeTempDirBeside(options.out_dir);
   if (!temp.ok()) return temp.status();
   TempDirGuard guard(*temp);
+  // First the other files: a bad one (a FIFO, say) fails the run before the long part.
+  absl::Status others = CopyOtherFiles(options, **checkpoint, *temp);
+  if (!others.ok()) return others;
 
   std::map<std::string, const ModulePlan*> quantized_by_weight;
   std::set<std::string> with_input_scale;
@@ -490,20 +502,10 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
                       HfQuantConfigJson(exclude_modules))}) {
     if (!s.ok()) return s;
   }
-  for (const std::string& name : model.OtherFiles()) {
-    const std::string from = (fs::path(model.dir()) / name).string();
-    if (name == kHfQuantConfigFileName || name.find(".nvfp4cal-tmp-") != std::string::npos) {
-      continue;
-    }
-    if (!options.hessians_path.empty() && SamePath(from, options.hessians_path)) continue;
-    if (SamePath(from, options.out_dir)) continue;
-    absl::Status copied = CopyPath(from, (fs::path(*temp) / name).string());
-    if (!copied.ok()) return copied;
-  }
   if (options.cancel != nullptr && options.cancel->load()) {
     return absl::CancelledError("interrupted");
   }
-  absl::Status renamed = ReplaceDirectory(*temp, options.out_dir, options.overwrite);
+  absl::Status renamed = ReplaceWithTempDir(*temp, target);
   if (!renamed.ok()) return renamed;
   guard.Release();
   report.write_seconds = absl::ToDoubleSeconds(write_time + (absl::Now() - finish_start));

@@ -1,12 +1,14 @@
 // QuantizeCheckpoint: the `nvfp4cal quantize` pipeline, one for in-process and remote modes.
 //
 // Hugging Face safetensors checkpoint + Hessians in, NVFP4 checkpoint (NUMERICS §5) out:
-//   plan the modules (checkpoint.h) -> resolve Hessians (hessians.h) -> global amax per tensor
-//   or fused group -> per output shard, a SafetensorsWriter with the final header -> copy the
+//   check --out (output_dir.h) -> plan the modules (checkpoint.h) -> resolve Hessians
+//   (hessians.h) -> global amax per tensor or fused group -> the model folder's other files
+//   (tokenizer, ...) -> per output shard, a SafetensorsWriter with the final header -> copy the
 //   untouched tensors -> hand the quantized modules to the Quantizer and write each result as
-//   it arrives -> index, config.json + quantization_config, hf_quant_config.json, other files.
-// Everything is written into a temporary folder beside --out that is renamed onto --out at the
-// very end, so a failed or interrupted run never leaves an --out that looks complete.
+//   it arrives -> index, config.json + quantization_config, hf_quant_config.json.
+// Everything is written into a temporary folder beside --out (temp_dir.h) that is swapped onto
+// --out at the very end, so a failed or interrupted run never leaves an --out that looks
+// complete.
 //
 //   nvfp4cal::QuantizeOptions options;
 //   options.model_dir = "/models/llama";
@@ -26,6 +28,7 @@
 
 #include "absl/status/statusor.h"
 #include "client/checkpoint.h"
+#include "client/output_dir.h"
 #include "client/quantizer.h"
 #include "nvfp4cal/kernels/scale_search.h"
 
@@ -42,8 +45,11 @@ struct QuantizeOptions {
   // itself. Unset: such a module is an error naming it.
   std::optional<Method> fallback_method;
   PlanOptions plan;
-  // Replace an existing out_dir.
-  bool overwrite = false;
+  // What may happen to an existing out_dir (output_dir.h).
+  OverwritePolicy overwrite = OverwritePolicy::kNever;
+  // Other files the run reads (TLS files, the token file), which out_dir must not contain;
+  // model_dir and hessians_path are always checked.
+  std::vector<RunInput> other_inputs;
   // Set from another thread (a signal handler) to stop between tensors with CANCELLED.
   const std::atomic<bool>* cancel = nullptr;
 };
@@ -68,7 +74,7 @@ struct QuantizeReport {
   std::string quantizer;  // Quantizer::Describe()
   // Wall-time split of the run, seconds.
   double read_seconds = 0.0;      // open, plan, read weights and Hessians, global amax
-  double copy_seconds = 0.0;      // untouched tensors copied to the output
+  double copy_seconds = 0.0;      // other files and untouched tensors copied to the output
   double quantize_seconds = 0.0;  // the quantizer (search; with --server also transport)
   double write_seconds = 0.0;     // quantized tensors, index, configs, rename
   // With --server: what the servers reported, summed over tensors (tensors run concurrently,
@@ -92,8 +98,8 @@ class QuantizeObserver {
 
 // Runs the pipeline. Errors (the first one, naming the module, tensor or file): every check of
 // the inputs happens before anything is quantized; on any error the temporary folder is
-// removed and out_dir is left as it was. FAILED_PRECONDITION when out_dir exists without
-// `overwrite`.
+// removed and out_dir is left as it was. The checks of CheckOutputTarget (output_dir.h) on
+// out_dir, before the run and again before the swap.
 absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options,
                                                   Quantizer* quantizer, QuantizeObserver* observer);
 
@@ -101,8 +107,12 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
 absl::StatusOr<std::string> QuantizedConfigJson(const std::string& config_text,
                                                 const std::vector<std::string>& exclude_modules);
 
-// hf_quant_config.json (NUMERICS §5).
+// hf_quant_config.json (NUMERICS §5), with the producer record.
 std::string HfQuantConfigJson(const std::vector<std::string>& exclude_modules);
+
+// nvfp4cal.json (kProducerRecordFileName) of the outputs of `command` ("example",
+// "dequantize"): {"producer": {"name": "nvfp4cal", "version": ...}, "command": ...}.
+std::string ProducerRecordJson(const std::string& command);
 
 // "0.1.0".
 std::string NvFp4CalVersion();

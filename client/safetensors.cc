@@ -2,7 +2,6 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -13,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "client/file_util.h"
 #include "nlohmann/json.hpp"
 
 namespace nvfp4cal {
@@ -159,27 +159,17 @@ std::string ShapeString(absl::Span<const int64_t> shape) {
 // Reader
 
 absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    const std::string message = absl::StrCat(path, ": cannot open: ", ErrnoText());
-    return errno == ENOENT ? absl::NotFoundError(message) : absl::PermissionDeniedError(message);
-  }
-  struct stat st;
-  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    ::close(fd);
-    return Invalid(path, "not a regular file");
-  }
+  absl::StatusOr<ReadableFile> opened = ReadableFile::Open(path);
+  if (!opened.ok()) return opened.status();
   std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
   file->path_ = path;
-  file->file_size_ = static_cast<int64_t>(st.st_size);
+  file->file_size_ = opened->size();
   if (file->file_size_ < 8) {
-    ::close(fd);
     return Invalid(path, absl::StrCat("file is ", file->file_size_,
                                       " bytes, shorter than the 8-byte header length"));
   }
   void* mapping =
-      mmap(nullptr, static_cast<size_t>(file->file_size_), PROT_READ, MAP_SHARED, fd, 0);
-  ::close(fd);
+      mmap(nullptr, static_cast<size_t>(file->file_size_), PROT_READ, MAP_SHARED, opened->fd(), 0);
   if (mapping == MAP_FAILED) return Invalid(path, absl::StrCat("mmap failed: ", ErrnoText()));
   file->mapping_ = mapping;
   const uint8_t* base = static_cast<const uint8_t*>(mapping);

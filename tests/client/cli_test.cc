@@ -1,6 +1,8 @@
 // The nvfp4cal binary: exit codes and the message of each bad input (docs/cli.md's error
 // table), that a failed run leaves neither --out nor a temporary folder, --overwrite, and the
 // example -> quantize -> inspect -> dequantize path a user runs first.
+#include <sys/stat.h>
+
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -253,6 +255,32 @@ TEST_F(BadInputs, MissingHessianNamesTheModule) {
               HasSubstr(std::string(kO) + " has no Hessian; using --fallback-method max"));
 }
 
+TEST_F(BadInputs, DanglingHessianAliasNamesAliasAndMissingEntry) {
+  ASSERT_TRUE(
+      WriteSafetensorsFile(hessians_,
+                           {{{std::string(kQ) + ".hessian", SafetensorsDType::kF32, {64, 64}},
+                             F32Bytes(FullHessian(64))},
+                            {{std::string(kO) + ".hessian", SafetensorsDType::kF32, {64, 64}},
+                             F32Bytes(FullHessian(64))}},
+                           {{std::string(kO) + ".hessian", "model.layers.0.attn_output_input"}})
+          .ok());
+  ExpectFailure(Quantize(), hessians_ + ": __metadata__ alias '" + kO + ".hessian' (for " + kO +
+                                ") names entry 'model.layers.0.attn_output_input', which the "
+                                "file does not hold");
+}
+
+TEST_F(BadInputs, IndexNamingAMissingShard) {
+  fs::rename(model_ + "/model.safetensors", model_ + "/model-00001-of-00002.safetensors");
+  WriteAll(model_ + "/model.safetensors.index.json",
+           "{\"weight_map\": {\"" + std::string(kQ) +
+               ".weight\": \"model-00001-of-00002.safetensors\", \"model.norm.weight\": "
+               "\"model-00002-of-00002.safetensors\"}}");
+  ExpectFailure(Quantize(), model_ +
+                                "/model.safetensors.index.json: weight_map puts "
+                                "'model.norm.weight' in model-00002-of-00002.safetensors, "
+                                "which does not exist");
+}
+
 TEST_F(BadInputs, NoHessiansFileForAHessianMethod) {
   const ProcessResult r = RunCli({"quantize", "--model", model_, "--out", out_});
   ExpectFailure(r, "needs a Hessian, but no --hessians file was given for 2 module(s)");
@@ -307,11 +335,82 @@ TEST_F(BadInputs, ExistingOutputNeedsOverwrite) {
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_THAT(r.err, HasSubstr("--out " + out_ + " already exists; pass --overwrite"));
   EXPECT_EQ(ReadAll(out_ + "/old.txt"), "old");
-  const ProcessResult again = Quantize({"--overwrite"});
+  // Not an nvfp4cal output: --overwrite leaves it, --overwrite-any replaces it.
+  const ProcessResult refused = Quantize({"--overwrite"});
+  EXPECT_EQ(refused.exit_code, 1);
+  EXPECT_THAT(refused.err, HasSubstr("pass --overwrite-any to replace it anyway"));
+  EXPECT_EQ(ReadAll(out_ + "/old.txt"), "old");
+  const ProcessResult again = Quantize({"--overwrite-any"});
   ASSERT_EQ(again.exit_code, 0) << again.err;
   EXPECT_FALSE(fs::exists(out_ + "/old.txt"));
   EXPECT_TRUE(fs::exists(out_ + "/model.safetensors"));
   EXPECT_THAT(testing::LeftoverTempFolders(out_), IsEmpty());
+  // Now it is one, and --overwrite replaces it.
+  const ProcessResult third = Quantize({"--overwrite"});
+  ASSERT_EQ(third.exit_code, 0) << third.err;
+  EXPECT_THAT(testing::LeftoverTempFolders(out_), IsEmpty());
+}
+
+// A FIFO (or a folder, a device) where the CLI expects a file it reads fails at once with the
+// path and its type, instead of blocking in open() until a writer comes.
+TEST_F(BadInputs, NonRegularInputFilesFailAtOnceNamingPathAndType) {
+  constexpr double kLimitSeconds = 5.0;
+  auto make_fifo = [](const std::string& path) {
+    fs::remove(path);
+    ASSERT_EQ(mkfifo(path.c_str(), 0644), 0) << path;
+  };
+  auto expect_refused = [&](const ProcessResult& r, int exit_code, const std::string& message) {
+    EXPECT_FALSE(r.timed_out) << "blocked: " << message;
+    EXPECT_EQ(r.exit_code, exit_code) << r.err;
+    EXPECT_THAT(r.err, HasSubstr(message));
+    EXPECT_FALSE(fs::exists(out_));
+  };
+  auto quantize = [&](std::vector<std::string> extra) {
+    std::vector<std::string> args = {"quantize", "--model", model_, "--hessians",
+                                     hessians_,  "--out",   out_};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return RunCli(args, kLimitSeconds);
+  };
+  const std::string fifo_type = ": is a FIFO (named pipe), not a regular file";
+
+  // The weights, the Hessians, config.json, a file copied to the output, the index.
+  for (const std::string name : {"model.safetensors", "config.json", "tokenizer.json"}) {
+    const std::string saved = ReadAll(model_ + "/" + name);
+    make_fifo(model_ + "/" + name);
+    expect_refused(quantize({}), 1, model_ + "/" + name + fifo_type);
+    fs::remove(model_ + "/" + name);
+    if (name != "tokenizer.json") WriteAll(model_ + "/" + name, saved);
+  }
+  make_fifo(model_ + "/model.safetensors.index.json");
+  expect_refused(quantize({}), 1, model_ + "/model.safetensors.index.json" + fifo_type);
+  fs::remove(model_ + "/model.safetensors.index.json");
+  const std::string pipe = dir_ / "pipe";
+  make_fifo(pipe);
+  hessians_ = pipe;
+  expect_refused(quantize({}), 1, "--hessians: " + pipe + fifo_type);
+  hessians_ = dir_.path();
+  expect_refused(quantize({}), 1, "--hessians: " + dir_.path() + ": is a directory");
+  hessians_ = "/dev/null";
+  expect_refused(quantize({}), 1, "--hessians: /dev/null: is a character device");
+  hessians_ = dir_ / "hessians.safetensors";
+
+  // Files of the remote options, read before any server is contacted.
+  expect_refused(quantize({"--server", "127.0.0.1:1", "--token-file", pipe}), 2, pipe + fifo_type);
+  expect_refused(quantize({"--server", "127.0.0.1:1", "--tls-ca", pipe}), 2, pipe + fifo_type);
+
+  // inspect reads hf_quant_config.json of the folder; dequantize reads its --in.
+  ASSERT_EQ(Quantize().exit_code, 0);
+  make_fifo(out_ + "/hf_quant_config.json");
+  const ProcessResult inspect = RunCli({"inspect", out_}, kLimitSeconds);
+  EXPECT_FALSE(inspect.timed_out);
+  EXPECT_EQ(inspect.exit_code, 1);
+  EXPECT_THAT(inspect.err, HasSubstr(out_ + "/hf_quant_config.json" + fifo_type));
+  make_fifo(out_ + "/model.safetensors");
+  const ProcessResult dequantize =
+      RunCli({"dequantize", "--in", out_, "--out", dir_ / "d"}, kLimitSeconds);
+  EXPECT_FALSE(dequantize.timed_out);
+  EXPECT_EQ(dequantize.exit_code, 1);
+  EXPECT_THAT(dequantize.err, HasSubstr(out_ + "/model.safetensors" + fifo_type));
 }
 
 TEST_F(BadInputs, AlreadyQuantizedInputIsRefused) {
@@ -352,7 +451,16 @@ TEST_F(BadInputs, CommandLineErrorsExitWithUsageCode) {
       {{"quantize", "--model", model_, "--out", out_, "--beta-step", "0.001"},
        "--beta-step: params.beta_step = 0.001 is out of range [0.005, 0.5]"},
       {{"quantize", "--model", model_, "--out", out_, "--beta-step", "abc"},
-       "--beta-step: \"abc\" is not a number"},
+       "--beta-step: \"abc\" is not a finite number"},
+      {{"quantize", "--model", model_, "--out", out_, "--beta-step", "nan"},
+       "--beta-step: \"nan\" is not a finite number"},
+      // Before: accepted (negative threads, no attempts, a negative deadline).
+      {{"quantize", "--model", model_, "--out", out_, "--threads", "-3"},
+       "--threads = -3 is out of range [0, 4096]"},
+      {{"quantize", "--model", model_, "--out", out_, "--retries", "0"},
+       "--retries = 0 is out of range [1, 100]"},
+      {{"quantize", "--model", model_, "--out", out_, "--timeout", "-1"},
+       "--timeout = -1 is out of range [0, 1e+07]"},
       {{"quantize", "--model", model_, "--out", out_, "--server", "localhost"},
        "--server: \"localhost\" is not HOST:PORT"},
       {{"quantize", "--model", model_, "--out"}, "--out needs a value (DIR)"},

@@ -38,7 +38,9 @@ std::vector<LayerResult> RunDevLm(const GptqParams& params, bool* skipped) {
     const std::string suffix = ".weight";
     if (t.shape.size() != 2 || t.name.size() < suffix.size()) continue;
     const std::string module = t.name.substr(0, t.name.size() - suffix.size());
-    const std::string entry = (*store)->Resolve(module);
+    absl::StatusOr<std::string> resolved = (*store)->FindEntry(module);
+    EXPECT_TRUE(resolved.ok()) << resolved.status();
+    const std::string entry = resolved.value_or("");
     if (entry.empty()) continue;
     const int64_t rows = t.shape[0], cols = t.shape[1];
     absl::StatusOr<const float*> h = (*store)->Full(entry, module, cols, 1e-4f);

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <limits>
 #include <string>
 #include <vector>
@@ -97,13 +98,28 @@ TEST(HessianAccumulator, WrittenFileIsReadByTheHessianStoreWithAliases) {
   EXPECT_EQ((*file)->metadata().at("tokens.a.q_proj.hessian"), "64");
   auto store = HessianStore::Open(path);
   ASSERT_TRUE(store.ok());
-  EXPECT_EQ((*store)->Resolve("a.k_proj"), "a.q_proj.hessian");
-  EXPECT_EQ((*store)->Resolve("a.down_proj"), "a.o_proj.hessian");
+  EXPECT_EQ((*store)->FindEntry("a.k_proj").value_or(""), "a.q_proj.hessian");
+  EXPECT_EQ((*store)->FindEntry("a.down_proj").value_or(""), "a.o_proj.hessian");
   auto from_full = (*store)->Blocks("a.q_proj.hessian", "a.q_proj", 32, 1e-4f);
   auto from_blocks = (*store)->Blocks("a.o_proj.hessian", "a.o_proj", 32, 1e-4f);
   ASSERT_TRUE(from_full.ok() && from_blocks.ok());
   EXPECT_EQ(**from_full, **from_blocks);
   EXPECT_EQ(**from_blocks, blocks_only.Blocks(true));
+  // An alias must name an entry of the file, and must not shadow one.
+  const absl::Status dangling =
+      WriteHessiansFile(dir / "dangling.safetensors", {{"a.q_proj.hessian", &full}}, true,
+                        {{"a.k_proj.hessian", "a.x_proj.hessian"}});
+  EXPECT_EQ(dangling.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(dangling.message()),
+              HasSubstr("alias 'a.k_proj.hessian' names 'a.x_proj.hessian', which is not one of "
+                        "the Hessians written"));
+  const absl::Status shadowing = WriteHessiansFile(
+      dir / "shadowing.safetensors", {{"a.q_proj.hessian", &full}, {"a.k_proj.hessian", &full}},
+      true, {{"a.k_proj.hessian", "a.q_proj.hessian"}});
+  EXPECT_EQ(shadowing.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(shadowing.message()),
+              HasSubstr("alias 'a.k_proj.hessian' is also the name of a Hessian written"));
+  EXPECT_FALSE(std::filesystem::exists(dir / "dangling.safetensors"));
   HessianAccumulator empty(16);
   EXPECT_EQ(WriteHessiansFile(dir / "empty.safetensors", {{"e.hessian", &empty}}, false).code(),
             absl::StatusCode::kFailedPrecondition);
@@ -117,7 +133,7 @@ TEST(HessianAccumulator, WrittenFileIsReadByTheHessianStoreWithAliases) {
   float stored = 0.0f;
   std::memcpy(&stored, amax->data, 4);
   EXPECT_EQ(stored, expected_amax);
-  auto via_alias = (*store)->InputAmax((*store)->Resolve("a.down_proj"));
+  auto via_alias = (*store)->InputAmax((*store)->FindEntry("a.down_proj").value_or(""));
   ASSERT_TRUE(via_alias.ok());
   EXPECT_EQ(*via_alias, std::optional<float>(expected_amax));
   auto none = (*store)->InputAmax("not_an_entry");

@@ -491,6 +491,48 @@ TEST(QuantizeCheckpoint, HessianSharingRuleAliasThenSiblings) {
   EXPECT_EQ(used[p + "o_proj"], "attn_output_input");
 }
 
+// An alias names the entry a module uses; when that entry is missing the run must stop (naming
+// the alias and the entry), not fall through to a sibling's Hessian.
+TEST(QuantizeCheckpoint, DanglingHessianAliasIsAnErrorNamingAliasAndEntry) {
+  TempFolder dir("dangling");
+  WriteTinyModel(dir / "model", 32, {"q_proj", "k_proj", "o_proj"});
+  const std::string p = "model.layers.0.self_attn.";
+  const std::vector<SafetensorsTensorData> entries = {IdentityBlocks(p + "q_proj.hessian", 32),
+                                                      IdentityBlocks(p + "o_proj.hessian", 32)};
+  struct Case {
+    std::map<std::string, std::string> metadata;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      // k would silently get q's Hessian through the sibling rule.
+      {{{p + "k_proj.hessian", "attn_k_input"}},
+       "__metadata__ alias '" + p + "k_proj.hessian' (for " + p +
+           "k_proj) names entry 'attn_k_input', which the file does not hold"},
+      // Aliases do not chain: the value must be an entry.
+      {{{p + "k_proj.hessian", "shared"}, {"shared", p + "q_proj.hessian"}},
+       "__metadata__ alias '" + p + "k_proj.hessian' (for " + p +
+           "k_proj) names entry 'shared', which the file does not hold"},
+      // o has its own entry, but its alias says otherwise: the file contradicts itself.
+      {{{p + "o_proj.hessian", "attn_o_input"}},
+       "__metadata__ alias '" + p + "o_proj.hessian' (for " + p +
+           "o_proj) names entry 'attn_o_input', which the file does not hold"},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const std::string hessians = dir / ("h" + std::to_string(i) + ".safetensors");
+    ASSERT_TRUE(WriteSafetensorsFile(hessians, entries, cases[i].metadata).ok());
+    QuantizeOptions options;
+    options.model_dir = dir / "model";
+    options.hessians_path = hessians;
+    options.out_dir = dir / "out";
+    absl::StatusOr<QuantizeReport> report = RunPipeline(options);
+    ASSERT_FALSE(report.ok()) << "case " << i;
+    EXPECT_EQ(report.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(report.status().message()),
+                HasSubstr(hessians + ": " + cases[i].message));
+    EXPECT_FALSE(fs::exists(dir / "out"));
+  }
+}
+
 SafetensorsTensorData Scalar(const std::string& name, float value) {
   SafetensorsTensorData t{{name, SafetensorsDType::kF32, {}}, std::vector<uint8_t>(4)};
   std::memcpy(t.bytes.data(), &value, 4);

@@ -2,13 +2,18 @@
 // requires, and each kind of corrupt header with the message that names it.
 #include "client/safetensors.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "gmock/gmock.h"
@@ -121,6 +126,48 @@ TEST(Safetensors, MissingFileIsNotFound) {
   auto file = SafetensorsFile::Open(TempPath("nope.safetensors"));
   EXPECT_EQ(file.status().code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(std::string(file.status().message()), HasSubstr("nope.safetensors"));
+}
+
+// Opening a FIFO for reading blocks until a writer comes; the reader must refuse it at once.
+// Should Open block, a helper thread opens the FIFO for writing after a few seconds so the test
+// ends (and fails on the time taken).
+TEST(Safetensors, FifoIsRefusedWithoutBlocking) {
+  const std::string path = TempPath("fifo.safetensors");
+  std::remove(path.c_str());
+  ASSERT_EQ(mkfifo(path.c_str(), 0644), 0);
+  std::atomic<bool> done{false};
+  std::thread unblocker([&] {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(3);
+    while (!done.load() && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    // Succeeds only while a reader is blocked in open(); then it lets that reader go on.
+    while (!done.load()) {
+      const int fd = ::open(path.c_str(), O_WRONLY | O_NONBLOCK);
+      if (fd >= 0) ::close(fd);
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  });
+  const auto start = std::chrono::steady_clock::now();
+  auto file = SafetensorsFile::Open(path);
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  done.store(true);
+  unblocker.join();
+  EXPECT_LT(seconds, 1.0) << "SafetensorsFile::Open blocked on a FIFO";
+  ASSERT_FALSE(file.ok());
+  EXPECT_EQ(file.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(file.status().message()),
+              HasSubstr(path + ": is a FIFO (named pipe), not a regular file"));
+  std::remove(path.c_str());
+}
+
+TEST(Safetensors, FolderAndDeviceAreRefusedNamingTheType) {
+  const std::string dir = TempPath("a_folder.safetensors");
+  std::filesystem::create_directories(dir);
+  EXPECT_THAT(OpenError(dir), HasSubstr(dir + ": is a directory, not a regular file"));
+  EXPECT_THAT(OpenError("/dev/null"),
+              HasSubstr("/dev/null: is a character device, not a regular file"));
 }
 
 TEST(SafetensorsCorruption, TooShortForTheLength) {

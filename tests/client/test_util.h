@@ -59,10 +59,14 @@ struct ProcessResult {
   int exit_code = -1;
   std::string out;
   std::string err;
+  // The process was still running after the time limit and was killed (SIGKILL, by PID).
+  bool timed_out = false;
 };
 
-// Runs `args` (args[0] is the binary) to completion with stdout and stderr captured.
-inline ProcessResult RunProcess(const std::vector<std::string>& args) {
+// Runs `args` (args[0] is the binary) to completion with stdout and stderr captured; with a
+// positive `timeout_seconds`, a process still running then is killed and reported timed_out.
+inline ProcessResult RunProcess(const std::vector<std::string>& args,
+                                double timeout_seconds = 0.0) {
   const std::string base = ::testing::TempDir() + "nvfp4cal_proc_" + std::to_string(getpid());
   const std::string out_path = base + ".out";
   const std::string err_path = base + ".err";
@@ -85,7 +89,17 @@ inline ProcessResult RunProcess(const std::vector<std::string>& args) {
     return result;
   }
   int status = 0;
-  waitpid(pid, &status, 0);
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000));
+  while (timeout_seconds > 0.0 && waitpid(pid, &status, WNOHANG) == 0) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      kill(pid, SIGKILL);
+      result.timed_out = true;
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  if (timeout_seconds <= 0.0 || result.timed_out) waitpid(pid, &status, 0);
   result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   result.out = ReadAll(out_path);
   result.err = ReadAll(err_path);
@@ -94,10 +108,10 @@ inline ProcessResult RunProcess(const std::vector<std::string>& args) {
   return result;
 }
 
-// The nvfp4cal CLI with arguments.
-inline ProcessResult RunCli(std::vector<std::string> args) {
+// The nvfp4cal CLI with arguments; killed after `timeout_seconds` when positive.
+inline ProcessResult RunCli(std::vector<std::string> args, double timeout_seconds = 0.0) {
   args.insert(args.begin(), NVFP4CAL_CLI_BINARY);
-  return RunProcess(args);
+  return RunProcess(args, timeout_seconds);
 }
 
 // A real nvfp4cal-server on a free loopback port. Stopped (SIGTERM, then SIGKILL after 10 s)

@@ -66,7 +66,7 @@ void CheckHessians(const std::string& path, const nvfp4cal::SafetensorsFile& fil
     }
     const std::string name = t.name;
     const size_t dot = name.rfind(".hessian");
-    if (dot != std::string::npos) (*store)->Resolve(name.substr(0, dot));
+    if (dot != std::string::npos) (*store)->FindEntry(name.substr(0, dot)).IgnoreError();
   }
 }
 
