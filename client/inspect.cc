@@ -10,6 +10,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "client/checkpoint.h"
 #include "client/file_util.h"
 #include "client/progress.h"
@@ -76,6 +77,45 @@ absl::StatusOr<std::vector<Nvfp4Module>> FindNvfp4Modules(const Checkpoint& chec
   return modules;
 }
 
+// What the labels promise against the tensors (runtimes trust the label): W4A4 "NVFP4" needs
+// every NVFP4 module's input_scale, "W4A16_NVFP4" none; config.json and hf_quant_config.json
+// must agree. One "warning: ..." line per problem.
+std::string LabelWarnings(const std::string& config_algo, const std::string& hf_algo,
+                          const std::vector<Nvfp4Module>& modules, const Checkpoint& checkpoint) {
+  std::vector<std::string> with, without;
+  for (const Nvfp4Module& m : modules) {
+    (checkpoint.Find(m.module + ".input_scale") != nullptr ? with : without).push_back(m.module);
+  }
+  std::string out =
+      absl::StrCat("input_scale: ", with.size(), " of ", modules.size(), " NVFP4 modules\n");
+  auto first = [](const std::vector<std::string>& names) {
+    std::string list =
+        absl::StrJoin(names.begin(), names.begin() + std::min<size_t>(names.size(), 5), ", ");
+    if (names.size() > 5) absl::StrAppend(&list, ", ...");
+    return list;
+  };
+  if (!config_algo.empty() && !hf_algo.empty() && config_algo != hf_algo) {
+    absl::StrAppend(&out, "warning: config.json says quant_algo ", config_algo,
+                    " but hf_quant_config.json says ", hf_algo, "\n");
+  }
+  for (const std::string& algo : {config_algo, hf_algo}) {
+    if (algo == "NVFP4" && !without.empty()) {
+      absl::StrAppend(&out,
+                      "warning: quant_algo NVFP4 (W4A4) promises an input_scale for every "
+                      "quantized module; ",
+                      without.size(), " have none (", first(without),
+                      "): runtimes would scale their activations by an uninitialised value\n");
+      break;
+    }
+    if (algo == "W4A16_NVFP4" && !with.empty()) {
+      absl::StrAppend(&out, "warning: quant_algo W4A16_NVFP4 (weight-only) but ", with.size(),
+                      " modules have an input_scale (", first(with), "), which runtimes ignore\n");
+      break;
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 absl::StatusOr<std::string> InspectCheckpoint(const std::string& dir) {
@@ -104,8 +144,10 @@ absl::StatusOr<std::string> InspectCheckpoint(const std::string& dir) {
     absl::StrAppendFormat(&out, "  %-8s %5d tensors  %s\n", dtype, count.first,
                           FormatBytes(count.second));
   }
-  if (config.contains("quantization_config")) {
+  std::string config_algo, hf_algo;
+  if (config.contains("quantization_config") && config["quantization_config"].is_object()) {
     const nlohmann::json& q = config["quantization_config"];
+    config_algo = q.value("quant_algo", "");
     absl::StrAppend(&out, "quantization_config: quant_method ", q.value("quant_method", "?"),
                     ", quant_algo ", q.value("quant_algo", "?"), "\n");
   }
@@ -115,6 +157,7 @@ absl::StatusOr<std::string> InspectCheckpoint(const std::string& dir) {
   if (hf.ok()) {
     const nlohmann::json h = nlohmann::json::parse(*hf, nullptr, false);
     if (!h.is_discarded() && h.contains("quantization") && h.contains("producer")) {
+      hf_algo = h["quantization"].value("quant_algo", "");
       absl::StrAppend(&out, "hf_quant_config: ", h["quantization"].value("quant_algo", "?"),
                       ", group size ", h["quantization"].value("group_size", 0), ", producer ",
                       h["producer"].value("name", "?"), " ", h["producer"].value("version", "?"),
@@ -134,6 +177,7 @@ absl::StatusOr<std::string> InspectCheckpoint(const std::string& dir) {
   absl::StrAppendFormat(&out, "NVFP4 modules: %d, %d weights in %s (%.3f bits per weight)\n",
                         modules->size(), elements, FormatBytes(packed_bytes),
                         8.0 * static_cast<double>(packed_bytes) / static_cast<double>(elements));
+  absl::StrAppend(&out, LabelWarnings(config_algo, hf_algo, *modules, checkpoint));
   size_t width = 6;
   for (const Nvfp4Module& m : *modules) width = std::max(width, m.module.size());
   absl::StrAppendFormat(&out, "  %-*s  %-11s  %14s  %12s  %s\n", static_cast<int>(width), "module",

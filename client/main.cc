@@ -221,6 +221,12 @@ CliParser QuantizeParser() {
               "gptq with --server: how full Hessians travel: upper (the upper triangle, half "
               "the bytes) | full (the whole matrix)",
               false, "upper");
+  p.AddOption("activations", "auto|none|nvfp4",
+              "nvfp4: W4A4 output (label NVFP4, an input_scale per module; every module's "
+              "<input>.input_amax must be in the Hessians file); none: weights only (label "
+              "W4A16_NVFP4, no input_scale); auto: nvfp4 when every module has its amax, none "
+              "when none has (with a note), an error naming the others when only some have",
+              false, "auto");
   p.AddOption("fallback-method", "NAME",
               "max | mse for modules without a Hessian (otherwise "
               "such a module is an error)");
@@ -271,6 +277,10 @@ int RunQuantize(int argc, const char* const* argv) {
   absl::StatusOr<Method> method = ParseMethod(args->Get("method", "dss"));
   if (!method.ok()) return UsageError(cmd, Prefixed("--", method.status()));
   options.params.method = *method;
+  absl::StatusOr<ActivationMode> activations =
+      ParseActivationMode(args->Get("activations", "auto"));
+  if (!activations.ok()) return UsageError(cmd, activations.status());
+  options.activations = *activations;
   if (args->Has("fallback-method")) {
     absl::StatusOr<Method> fallback = ParseMethod(args->Get("fallback-method"));
     if (!fallback.ok()) return UsageError(cmd, Prefixed("--fallback-", fallback.status()));
@@ -371,9 +381,10 @@ int RunQuantize(int argc, const char* const* argv) {
   progress.Finish();
   if (!report.ok()) return Fail(cmd, report.status());
   if (!quiet) {
-    std::cout << "quantized " << report->modules.size() << " modules with " << report->quantizer
-              << " (" << FormatBytes(report->bytes_in) << " -> " << FormatBytes(report->bytes_out)
-              << "), not quantized: " << report->skipped.size() << "\n\n"
+    std::cout << "quantized " << report->modules.size() << " modules (" << report->quant_algo
+              << ") with " << report->quantizer << " (" << FormatBytes(report->bytes_in) << " -> "
+              << FormatBytes(report->bytes_out) << "), not quantized: " << report->skipped.size()
+              << "\n\n"
               << FormatStatsTable(*report);
     const double total = report->read_seconds + report->copy_seconds + report->quantize_seconds +
                          report->write_seconds;

@@ -230,6 +230,63 @@ absl::Status CopyOtherFiles(const QuantizeOptions& options, const Checkpoint& mo
   return absl::OkStatus();
 }
 
+// W4A4 (true) or weight-only (false) under `mode`, from which modules have an activation amax;
+// the label must never promise an input_scale the checkpoint lacks.
+absl::StatusOr<bool> DecideActivations(ActivationMode mode,
+                                       const std::vector<PreparedModule>& prepared,
+                                       QuantizeObserver* observer) {
+  std::vector<std::string> without;
+  for (const PreparedModule& m : prepared) {
+    if (!m.input_amax.has_value()) without.push_back(m.plan->module);
+  }
+  const size_t with = prepared.size() - without.size();
+  auto note = [observer](const std::string& line) {
+    if (observer != nullptr) observer->OnMessage(line);
+  };
+  constexpr size_t kNamed = 5;
+  auto named = [&]() {
+    std::string list =
+        absl::StrJoin(without.begin(), without.begin() + std::min(without.size(), kNamed), ", ");
+    if (without.size() > kNamed) absl::StrAppend(&list, ", ... (", without.size(), " in all)");
+    return list;
+  };
+  switch (mode) {
+    case ActivationMode::kNone:
+      if (with > 0) {
+        note(absl::StrCat("note: --activations none: weight-only output (", kQuantAlgoWeightOnly,
+                          "); the activation amax of ", with,
+                          " modules is not used and no input_scale is written"));
+      }
+      return false;
+    case ActivationMode::kNvfp4:
+      if (!without.empty()) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "--activations nvfp4 needs the activation amax (`<input>.input_amax` in the Hessians "
+            "file) of every quantized module; ",
+            without.size(), " of ", prepared.size(), " have none: ", named(),
+            ". Record it (HessianAccumulator does) or pass --activations none"));
+      }
+      return true;
+    case ActivationMode::kAuto:
+      if (without.empty() && !prepared.empty()) return true;
+      if (with == 0) {
+        note(absl::StrCat("note: weight-only output (", kQuantAlgoWeightOnly,
+                          "): the Hessians file has no activation amax (`<input>.input_amax`), "
+                          "so no input_scale is written; record it (HessianAccumulator does) "
+                          "for a W4A4 ",
+                          kQuantAlgoW4A4, " checkpoint"));
+        return false;
+      }
+      return absl::FailedPreconditionError(absl::StrCat(
+          "the Hessians file has the activation amax (`<input>.input_amax`) of ", with, " of ",
+          prepared.size(), " quantized modules, not of ", named(), ": a W4A4 (", kQuantAlgoW4A4,
+          ") checkpoint needs it for every module. Record the missing ones, or pass "
+          "--activations none for a weight-only (",
+          kQuantAlgoWeightOnly, ") checkpoint"));
+  }
+  return false;
+}
+
 OrderedJson ProducerJson() {
   OrderedJson producer = OrderedJson::object();
   producer["name"] = "nvfp4cal";
@@ -241,28 +298,37 @@ OrderedJson ProducerJson() {
 
 std::string NvFp4CalVersion() { return NVFP4CAL_VERSION; }
 
+absl::StatusOr<ActivationMode> ParseActivationMode(const std::string& text) {
+  if (text == "auto") return ActivationMode::kAuto;
+  if (text == "none") return ActivationMode::kNone;
+  if (text == "nvfp4") return ActivationMode::kNvfp4;
+  return absl::InvalidArgumentError(absl::StrCat("--activations: unknown value \"", text,
+                                                 "\"; expected one of auto, none, nvfp4"));
+}
+
 absl::StatusOr<std::string> QuantizedConfigJson(const std::string& config_text,
-                                                const std::vector<std::string>& exclude_modules) {
+                                                const std::vector<std::string>& exclude_modules,
+                                                bool activations) {
   OrderedJson config = OrderedJson::parse(config_text, nullptr, /*allow_exceptions=*/false);
   if (config.is_discarded() || !config.is_object()) {
     return absl::InvalidArgumentError("config.json is not a JSON object");
   }
   OrderedJson group = OrderedJson::object();
   group["weights"] = QuantArgs();
-  group["input_activations"] = QuantArgs();
+  if (activations) group["input_activations"] = QuantArgs();
   group["targets"] = {"Linear"};
   OrderedJson q = OrderedJson::object();
   q["quant_method"] = "modelopt";
-  q["quant_algo"] = "NVFP4";
+  q["quant_algo"] = activations ? kQuantAlgoW4A4 : kQuantAlgoWeightOnly;
   q["config_groups"] = {{"group_0", group}};
   q["ignore"] = exclude_modules;
   config["quantization_config"] = std::move(q);
   return config.dump(2) + "\n";
 }
 
-std::string HfQuantConfigJson(const std::vector<std::string>& exclude_modules) {
+std::string HfQuantConfigJson(const std::vector<std::string>& exclude_modules, bool activations) {
   OrderedJson quantization = OrderedJson::object();
-  quantization["quant_algo"] = "NVFP4";
+  quantization["quant_algo"] = activations ? kQuantAlgoW4A4 : kQuantAlgoWeightOnly;
   quantization["kv_cache_quant_algo"] = nullptr;
   quantization["group_size"] = 16;
   quantization["exclude_modules"] = exclude_modules;
@@ -328,6 +394,9 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
   absl::Status ready =
       PrepareModules(options, **checkpoint, *plans, hessians.get(), observer, &prepared);
   if (!ready.ok()) return ready;
+  absl::StatusOr<bool> activations = DecideActivations(options.activations, prepared, observer);
+  if (!activations.ok()) return activations.status();
+  report.quant_algo = *activations ? kQuantAlgoW4A4 : kQuantAlgoWeightOnly;
   report.read_seconds = absl::ToDoubleSeconds(absl::Now() - start);
   const absl::Time copy_start = absl::Now();
 
@@ -343,14 +412,7 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
   std::set<std::string> with_input_scale;
   for (const PreparedModule& m : prepared) {
     quantized_by_weight[m.plan->weight_name] = m.plan;
-    if (m.input_amax.has_value()) with_input_scale.insert(m.plan->module);
-  }
-  if (observer != nullptr && with_input_scale.size() < prepared.size()) {
-    observer->OnMessage(absl::StrCat(
-        "note: ", prepared.size() - with_input_scale.size(), " of ", prepared.size(),
-        " quantized modules have no activation amax (`<input>.input_amax` in the Hessians "
-        "file): their input_scale is not written; runtimes that quantize activations need it "
-        "(HessianAccumulator records it)"));
+    if (*activations) with_input_scale.insert(m.plan->module);
   }
   const Checkpoint& model = **checkpoint;
   std::vector<std::unique_ptr<SafetensorsWriter>> writers;
@@ -432,7 +494,7 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
               writer.Write(p.module + ".weight_scale_2", FloatBytes(result.global_scale))}) {
           if (!s.ok()) return s;
         }
-        if (m.input_amax.has_value()) {
+        if (*activations) {
           // NUMERICS §5: input_scale = activation amax / (6 * 448).
           absl::Status s =
               writer.Write(p.module + ".input_scale", FloatBytes(*m.input_amax / 2688.0f));
@@ -494,12 +556,13 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
         WriteTextFile((fs::path(*temp) / kIndexFileName).string(), index.dump(2) + "\n");
     if (!written.ok()) return written;
   }
-  absl::StatusOr<std::string> config = QuantizedConfigJson(model.config_text(), exclude_modules);
+  absl::StatusOr<std::string> config =
+      QuantizedConfigJson(model.config_text(), exclude_modules, *activations);
   if (!config.ok()) return config.status();
   for (const absl::Status& s :
        {WriteTextFile((fs::path(*temp) / kConfigFileName).string(), *config),
         WriteTextFile((fs::path(*temp) / kHfQuantConfigFileName).string(),
-                      HfQuantConfigJson(exclude_modules))}) {
+                      HfQuantConfigJson(exclude_modules, *activations))}) {
     if (!s.ok()) return s;
   }
   if (options.cancel != nullptr && options.cancel->load()) {

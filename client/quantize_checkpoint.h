@@ -34,6 +34,23 @@
 
 namespace nvfp4cal {
 
+// Whether the output quantizes activations too (W4A4, label NVFP4: every quantized module
+// has its input_scale) or weights only (W4A16, label W4A16_NVFP4, no input_scale at all).
+// A label never promises tensors the checkpoint lacks: runtimes trust it and would scale
+// activations by an uninitialised input_scale.
+enum class ActivationMode {
+  // nvfp4 when the Hessians file has `<input>.input_amax` for every quantized module, none
+  // when it has it for none (with a note); for some only: an error naming the others.
+  kAuto,
+  // Weights only, whatever amax the Hessians file has (none is written).
+  kNone,
+  // W4A4: an error naming the modules without an amax, if any.
+  kNvfp4,
+};
+
+// "auto", "none", "nvfp4" (the CLI's --activations); INVALID_ARGUMENT otherwise.
+absl::StatusOr<ActivationMode> ParseActivationMode(const std::string& text);
+
 struct QuantizeOptions {
   std::string model_dir;
   // Empty: no Hessians (only `max` and `mse`, or a fallback method, can run).
@@ -45,6 +62,8 @@ struct QuantizeOptions {
   // itself. Unset: such a module is an error naming it.
   std::optional<Method> fallback_method;
   PlanOptions plan;
+  // W4A4 or weight-only output (and its label).
+  ActivationMode activations = ActivationMode::kAuto;
   // What may happen to an existing out_dir (output_dir.h).
   OverwritePolicy overwrite = OverwritePolicy::kNever;
   // Other files the run reads (TLS files, the token file), which out_dir must not contain;
@@ -82,6 +101,9 @@ struct QuantizeReport {
   // of quantize_seconds is transport, protobuf and validation.
   double server_kernel_seconds = 0.0;
   double server_queue_seconds = 0.0;
+  // The label written: "NVFP4" (W4A4, every quantized module has input_scale) or
+  // "W4A16_NVFP4" (weights only, no input_scale).
+  std::string quant_algo;
 };
 
 // Hears about progress; every method may be called from several threads, one call at a time.
@@ -103,12 +125,19 @@ class QuantizeObserver {
 absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options,
                                                   Quantizer* quantizer, QuantizeObserver* observer);
 
-// config.json with `quantization_config` added (NUMERICS §5), pretty-printed, key order kept.
-absl::StatusOr<std::string> QuantizedConfigJson(const std::string& config_text,
-                                                const std::vector<std::string>& exclude_modules);
+// Labels of a W4A4 output (every quantized module has input_scale) and of a weight-only one.
+inline constexpr char kQuantAlgoW4A4[] = "NVFP4";
+inline constexpr char kQuantAlgoWeightOnly[] = "W4A16_NVFP4";
 
-// hf_quant_config.json (NUMERICS §5), with the producer record.
-std::string HfQuantConfigJson(const std::vector<std::string>& exclude_modules);
+// config.json with `quantization_config` added (NUMERICS §5; weight-only: quant_algo
+// W4A16_NVFP4 and a config group with `weights` only), pretty-printed, key order kept.
+absl::StatusOr<std::string> QuantizedConfigJson(const std::string& config_text,
+                                                const std::vector<std::string>& exclude_modules,
+                                                bool activations);
+
+// hf_quant_config.json (NUMERICS §5; weight-only: quant_algo W4A16_NVFP4), with the producer
+// record.
+std::string HfQuantConfigJson(const std::vector<std::string>& exclude_modules, bool activations);
 
 // nvfp4cal.json (kProducerRecordFileName) of the outputs of `command` ("example",
 // "dequantize"): {"producer": {"name": "nvfp4cal", "version": ...}, "command": ...}.

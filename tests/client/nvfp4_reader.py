@@ -182,6 +182,11 @@ def run(quantized_dir, original_dir, dequantized_dir, method):
         check(g_dtype == "F32" and g_shape == [], f"{m}.weight_scale_2: {g_dtype} {g_shape}")
         check(c_file == s_file == g_file == original[m + ".weight"][3], f"{m}: moved shard")
         quantized_parts.update([m + ".weight", m + ".weight_scale", m + ".weight_scale_2"])
+        if m + ".input_scale" in q:
+            i_dtype, i_shape, _, i_file = q[m + ".input_scale"]
+            check(i_dtype == "F32" and i_shape == [] and i_file == c_file,
+                  f"{m}.input_scale: {i_dtype} {i_shape} in {i_file}")
+            quantized_parts.add(m + ".input_scale")
 
         s2 = np.frombuffer(g_raw, dtype="<f4")[0]
         g = group_amax[group_key(m)]
@@ -227,17 +232,27 @@ def run(quantized_dir, original_dir, dequantized_dir, method):
     # Configs and index.
     config = json.load(open(os.path.join(quantized_dir, "config.json")))
     qc = config["quantization_config"]
-    check(qc["quant_method"] == "modelopt" and qc["quant_algo"] == "NVFP4", f"config: {qc}")
+    # The label must not promise what the tensors lack (runtimes trust it): W4A4 "NVFP4" with an
+    # input_scale for every module, or weight-only "W4A16_NVFP4" with none.
+    with_input_scale = sum(m + ".input_scale" in q for m in modules)
+    check(with_input_scale in (0, len(modules)),
+          f"{with_input_scale} of {len(modules)} modules have input_scale: neither label fits")
+    algo = "NVFP4" if with_input_scale == len(modules) else "W4A16_NVFP4"
+    check(qc["quant_method"] == "modelopt" and qc["quant_algo"] == algo, f"config: {qc}")
     args = {"num_bits": 4, "type": "float", "group_size": 16, "dynamic": False}
     check(qc["config_groups"]["group_0"]["weights"] == args, "config weights")
-    check(qc["config_groups"]["group_0"]["input_activations"] == args, "config activations")
+    if algo == "NVFP4":
+        check(qc["config_groups"]["group_0"]["input_activations"] == args, "config activations")
+    else:
+        check(qc["config_groups"]["group_0"].get("input_activations") is None,
+              "weight-only config with input_activations")
     check(qc["config_groups"]["group_0"]["targets"] == ["Linear"], "config targets")
     not_quantized = sorted(n[:-len(".weight")] for n, (d, s, _, _) in original.items()
                            if n.endswith(".weight") and len(s) == 2 and n[:-7] not in modules)
     check(sorted(qc["ignore"]) == not_quantized, f"ignore {qc['ignore']} != {not_quantized}")
     hf = json.load(open(os.path.join(quantized_dir, "hf_quant_config.json")))
     check(hf["producer"]["name"] == "nvfp4cal", "hf_quant_config producer")
-    check(hf["quantization"]["quant_algo"] == "NVFP4", "hf_quant_config quant_algo")
+    check(hf["quantization"]["quant_algo"] == algo, "hf_quant_config quant_algo")
     check(hf["quantization"]["group_size"] == 16, "hf_quant_config group_size")
     check(hf["quantization"]["kv_cache_quant_algo"] is None, "hf_quant_config kv cache")
     check(sorted(hf["quantization"]["exclude_modules"]) == not_quantized, "exclude_modules")

@@ -13,6 +13,7 @@
 
 #include "client/checkpoint.h"
 #include "client/example_model.h"
+#include "client/inspect.h"
 #include "client/local_quantizer.h"
 #include "client/quantize_checkpoint.h"
 #include "client/safetensors.h"
@@ -31,6 +32,7 @@ namespace fs = std::filesystem;
 using ::nvfp4cal::testing::ReadAll;
 using ::nvfp4cal::testing::TempFolder;
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 // Collects observer messages.
 class RecordingObserver : public QuantizeObserver {
@@ -331,20 +333,21 @@ TEST(QuantizeCheckpoint, WritesConfigsIndexAndOtherFilesPerNumerics5) {
   for (auto it = original.begin(); it != original.end(); ++it) {
     EXPECT_EQ(config[it.key()], it.value()) << it.key();
   }
+  // The example's Hessians carry no activation amax: a weight-only checkpoint, labelled so.
   const nlohmann::json& q = config["quantization_config"];
   EXPECT_EQ(q["quant_method"], "modelopt");
-  EXPECT_EQ(q["quant_algo"], "NVFP4");
+  EXPECT_EQ(q["quant_algo"], "W4A16_NVFP4");
   const nlohmann::json args = {
       {"num_bits", 4}, {"type", "float"}, {"group_size", 16}, {"dynamic", false}};
   EXPECT_EQ(q["config_groups"]["group_0"]["weights"], args);
-  EXPECT_EQ(q["config_groups"]["group_0"]["input_activations"], args);
+  EXPECT_FALSE(q["config_groups"]["group_0"].contains("input_activations"));
   EXPECT_EQ(q["config_groups"]["group_0"]["targets"], nlohmann::json({"Linear"}));
   const nlohmann::json excluded = {"lm_head", "model.embed_tokens"};
   EXPECT_EQ(q["ignore"], excluded);
   const nlohmann::json hf = nlohmann::json::parse(ReadAll(dir / "out/hf_quant_config.json"));
   EXPECT_EQ(hf["producer"]["name"], "nvfp4cal");
   EXPECT_EQ(hf["producer"]["version"], NvFp4CalVersion());
-  EXPECT_EQ(hf["quantization"]["quant_algo"], "NVFP4");
+  EXPECT_EQ(hf["quantization"]["quant_algo"], "W4A16_NVFP4");
   EXPECT_TRUE(hf["quantization"]["kv_cache_quant_algo"].is_null());
   EXPECT_EQ(hf["quantization"]["group_size"], 16);
   EXPECT_EQ(hf["quantization"]["exclude_modules"], excluded);
@@ -539,40 +542,120 @@ SafetensorsTensorData Scalar(const std::string& name, float value) {
   return t;
 }
 
-TEST(QuantizeCheckpoint, InputScaleFromTheRecordedActivationAmax) {
-  TempFolder dir("input_scale");
+// The label never promises tensors the checkpoint lacks (runtimes that read NVFP4 allocate an
+// input_scale per module and do not complain when it is missing). Every quantized module has
+// its activation amax: W4A4 NVFP4 with every input_scale. None has: W4A16_NVFP4, none written.
+// Some have: an error naming the others, unless --activations none. (Before: NVFP4 with an
+// input_activations group whatever the tensors.)
+TEST(QuantizeCheckpoint, LabelsNeverPromiseTensorsTheCheckpointLacks) {
+  TempFolder dir("labels");
   WriteTinyModel(dir / "model", 32, {"q_proj", "k_proj", "o_proj"});
   const std::string p = "model.layers.0.self_attn.";
-  // q's entry carries the amax of the attention input (k shares it); o has none.
-  ASSERT_TRUE(WriteSafetensorsFile(
-                  dir / "h.safetensors",
-                  {IdentityBlocks(p + "q_proj.hessian", 32), Scalar(p + "q_proj.input_amax", 13.5f),
-                   IdentityBlocks(p + "o_proj.hessian", 32)},
-                  {})
-                  .ok());
-  QuantizeOptions options;
-  options.model_dir = dir / "model";
-  options.hessians_path = dir / "h.safetensors";
-  options.out_dir = dir / "out";
+  // q's entry carries the amax of the attention input (k shares it); o's entry may.
+  const std::vector<SafetensorsTensorData> partial = {IdentityBlocks(p + "q_proj.hessian", 32),
+                                                      Scalar(p + "q_proj.input_amax", 13.5f),
+                                                      IdentityBlocks(p + "o_proj.hessian", 32)};
+  std::vector<SafetensorsTensorData> full = partial;
+  full.push_back(Scalar(p + "o_proj.input_amax", 7.0f));
+  ASSERT_TRUE(WriteSafetensorsFile(dir / "partial.safetensors", partial, {}).ok());
+  ASSERT_TRUE(WriteSafetensorsFile(dir / "full.safetensors", full, {}).ok());
+  ASSERT_TRUE(
+      WriteSafetensorsFile(
+          dir / "none.safetensors",
+          {IdentityBlocks(p + "q_proj.hessian", 32), IdentityBlocks(p + "o_proj.hessian", 32)}, {})
+          .ok());
+  auto run = [&](const std::string& hessians, ActivationMode mode, const std::string& out,
+                 RecordingObserver* observer = nullptr) {
+    QuantizeOptions options;
+    options.model_dir = dir / "model";
+    options.hessians_path = dir / hessians;
+    options.out_dir = dir / out;
+    options.activations = mode;
+    return RunPipeline(options, observer);
+  };
+  auto labels = [&](const std::string& out) {
+    const nlohmann::json config = nlohmann::json::parse(ReadAll(dir / out + "/config.json"));
+    const nlohmann::json hf = nlohmann::json::parse(ReadAll(dir / out + "/hf_quant_config.json"));
+    EXPECT_EQ(config["quantization_config"]["quant_algo"], hf["quantization"]["quant_algo"]);
+    return std::make_pair(config["quantization_config"],
+                          hf["quantization"]["quant_algo"].get<std::string>());
+  };
+  auto input_scales = [&](const std::string& out) {
+    auto file = SafetensorsFile::Open(dir / out + "/model.safetensors");
+    EXPECT_TRUE(file.ok()) << file.status();
+    std::map<std::string, float> scales;
+    for (const char* leaf : {"q_proj", "k_proj", "o_proj"}) {
+      const SafetensorsTensor* t = (*file)->Find(p + leaf + ".input_scale");
+      if (t == nullptr) continue;
+      EXPECT_TRUE(t->shape.empty()) << leaf;
+      float v = 0.0f;
+      std::memcpy(&v, t->data, 4);
+      scales[leaf] = v;
+    }
+    return scales;
+  };
+
+  // Every module has its amax: W4A4.
+  ASSERT_TRUE(run("full.safetensors", ActivationMode::kAuto, "w4a4").ok());
+  auto [w4a4_config, w4a4_algo] = labels("w4a4");
+  EXPECT_EQ(w4a4_algo, "NVFP4");
+  EXPECT_TRUE(w4a4_config["config_groups"]["group_0"].contains("input_activations"));
+  const std::map<std::string, float> want = {
+      {"q_proj", 13.5f / 2688.0f}, {"k_proj", 13.5f / 2688.0f}, {"o_proj", 7.0f / 2688.0f}};
+  EXPECT_EQ(input_scales("w4a4"), want);  // NUMERICS §5: amax / (6 * 448)
+
+  // None has: weight-only, with a note.
   RecordingObserver observer;
-  ASSERT_TRUE(RunPipeline(options, &observer).ok());
-  auto out = SafetensorsFile::Open(dir / "out/model.safetensors");
-  ASSERT_TRUE(out.ok()) << out.status();
-  for (const char* leaf : {"q_proj", "k_proj"}) {
-    const SafetensorsTensor* t = (*out)->Find(p + leaf + ".input_scale");
-    ASSERT_NE(t, nullptr) << leaf;
-    EXPECT_TRUE(t->shape.empty());
-    float v = 0.0f;
-    std::memcpy(&v, t->data, 4);
-    EXPECT_EQ(v, 13.5f / 2688.0f) << leaf;  // NUMERICS §5: amax / (6 * 448)
-  }
-  EXPECT_EQ((*out)->Find(p + "o_proj.input_scale"), nullptr);
+  ASSERT_TRUE(run("none.safetensors", ActivationMode::kAuto, "w4a16", &observer).ok());
+  auto [w4a16_config, w4a16_algo] = labels("w4a16");
+  EXPECT_EQ(w4a16_algo, "W4A16_NVFP4");
+  EXPECT_FALSE(w4a16_config["config_groups"]["group_0"].contains("input_activations"));
+  EXPECT_TRUE(input_scales("w4a16").empty());
   bool noted = false;
   for (const std::string& m : observer.messages) {
-    noted =
-        noted || m.find("1 of 3 quantized modules have no activation amax") != std::string::npos;
+    noted = noted || m.find("weight-only output (W4A16_NVFP4)") != std::string::npos;
   }
   EXPECT_TRUE(noted);
+
+  // Some have: an error naming the module without, nothing written.
+  absl::StatusOr<QuantizeReport> mixed = run("partial.safetensors", ActivationMode::kAuto, "mixed");
+  ASSERT_FALSE(mixed.ok());
+  EXPECT_EQ(mixed.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(mixed.status().message()),
+              HasSubstr("of 2 of 3 quantized modules, not of " + p + "o_proj"));
+  EXPECT_THAT(std::string(mixed.status().message()), HasSubstr("--activations none"));
+  EXPECT_FALSE(fs::exists(dir / "mixed"));
+
+  // ... unless the user asks for weight-only.
+  ASSERT_TRUE(run("partial.safetensors", ActivationMode::kNone, "asked_none").ok());
+  EXPECT_EQ(labels("asked_none").second, "W4A16_NVFP4");
+  EXPECT_TRUE(input_scales("asked_none").empty());
+  ASSERT_TRUE(run("full.safetensors", ActivationMode::kNone, "full_none").ok());
+  EXPECT_TRUE(input_scales("full_none").empty());
+
+  // Asking for W4A4 without every amax is an error naming the missing.
+  absl::StatusOr<QuantizeReport> asked = run("none.safetensors", ActivationMode::kNvfp4, "asked");
+  ASSERT_FALSE(asked.ok());
+  EXPECT_THAT(std::string(asked.status().message()),
+              HasSubstr("--activations nvfp4 needs the activation amax"));
+  EXPECT_THAT(std::string(asked.status().message()), HasSubstr("3 of 3 have none: "));
+  EXPECT_FALSE(fs::exists(dir / "asked"));
+
+  // inspect reads the labels against the tensors.
+  absl::StatusOr<std::string> inspected = InspectCheckpoint(dir / "w4a4");
+  ASSERT_TRUE(inspected.ok());
+  EXPECT_THAT(*inspected, HasSubstr("input_scale: 3 of 3 NVFP4 modules"));
+  EXPECT_THAT(*inspected, Not(HasSubstr("warning")));
+  // A planted fault: a W4A4 label on the weight-only output.
+  std::string config_text = ReadAll(dir / "w4a16/config.json");
+  config_text.replace(config_text.find("W4A16_NVFP4"), 11, "NVFP4");
+  testing::WriteAll(dir / "w4a16/config.json", config_text);
+  inspected = InspectCheckpoint(dir / "w4a16");
+  ASSERT_TRUE(inspected.ok());
+  EXPECT_THAT(*inspected, HasSubstr("warning: config.json says quant_algo NVFP4 but "
+                                    "hf_quant_config.json says W4A16_NVFP4"));
+  EXPECT_THAT(*inspected, HasSubstr("warning: quant_algo NVFP4 (W4A4) promises an input_scale for "
+                                    "every quantized module; 3 have none"));
 
   // A malformed amax is an error naming it, before anything is written.
   ASSERT_TRUE(
@@ -580,9 +663,7 @@ TEST(QuantizeCheckpoint, InputScaleFromTheRecordedActivationAmax) {
           dir / "bad.safetensors",
           {IdentityBlocks(p + "q_proj.hessian", 32), Scalar(p + "q_proj.input_amax", -1.0f)}, {})
           .ok());
-  options.hessians_path = dir / "bad.safetensors";
-  options.out_dir = dir / "out_bad";
-  absl::StatusOr<QuantizeReport> bad = RunPipeline(options);
+  absl::StatusOr<QuantizeReport> bad = run("bad.safetensors", ActivationMode::kAuto, "out_bad");
   ASSERT_FALSE(bad.ok());
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(bad.status().message()), HasSubstr(p + "q_proj.input_amax = -1"));
