@@ -97,7 +97,8 @@ absl::StatusOr<std::vector<float>> HessianAccumulator::FullMatrix(bool divide_by
 
 absl::Status WriteHessiansFile(const std::string& path, const std::vector<NamedHessian>& hessians,
                                bool divide_by_tokens,
-                               const std::vector<std::pair<std::string, std::string>>& aliases) {
+                               const std::vector<std::pair<std::string, std::string>>& aliases,
+                               const std::vector<std::pair<std::string, float>>& output_amax) {
   std::vector<SafetensorsTensorData> tensors;
   std::map<std::string, std::string> metadata;
   for (const NamedHessian& h : hessians) {
@@ -140,6 +141,22 @@ absl::Status WriteHessiansFile(const std::string& path, const std::vector<NamedH
                        "', which is not one of the Hessians written"));
     }
     metadata[alias] = target;
+  }
+  std::set<std::string> outputs;
+  for (const auto& [module, amax] : output_amax) {
+    if (!(amax >= 0.0f) || !std::isfinite(amax)) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": output amax of '", module,
+                                                     "' = ", amax, " must be finite and >= 0"));
+    }
+    if (!outputs.insert(module).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": output amax of '", module, "' given twice"));
+    }
+    SafetensorsTensorData t;
+    t.spec.name = module + ".output_amax";
+    t.spec.dtype = SafetensorsDType::kF32;
+    t.bytes = ToBytes(std::vector<float>{amax});
+    tensors.push_back(std::move(t));
   }
   return WriteSafetensorsFile(path, tensors, metadata);
 }

@@ -69,12 +69,15 @@ struct NamedHessian {
 // when it keeps the full matrix, else [in/16, 16, 16]; fp32; next to each `<x>.hessian` the
 // scalar `<x>.input_amax` (HessianAccumulator::input_amax); `__metadata__` records the token
 // count of each entry and any `aliases` (entry name -> name of the entry it shares, see
-// hessians.h). FAILED_PRECONDITION for an accumulator without tokens; INVALID_ARGUMENT naming
-// the alias for one whose target is not among `hessians` or whose name is; nothing is written
-// then.
-absl::Status WriteHessiansFile(
-    const std::string& path, const std::vector<NamedHessian>& hessians, bool divide_by_tokens,
-    const std::vector<std::pair<std::string, std::string>>& aliases = {});
+// hessians.h). `output_amax` (module name -> max |y| over the module's outputs, e.g. of k_proj
+// and v_proj for `quantize --kv-cache fp8`) adds the scalars `<module>.output_amax`.
+// FAILED_PRECONDITION for an accumulator without tokens; INVALID_ARGUMENT naming the alias for
+// one whose target is not among `hessians` or whose name is, and naming the module for an
+// output amax that is negative or not finite; nothing is written then.
+absl::Status WriteHessiansFile(const std::string& path, const std::vector<NamedHessian>& hessians,
+                               bool divide_by_tokens,
+                               const std::vector<std::pair<std::string, std::string>>& aliases = {},
+                               const std::vector<std::pair<std::string, float>>& output_amax = {});
 
 }  // namespace nvfp4cal
 

@@ -91,8 +91,14 @@ absl::StatusOr<std::string> HessianStore::FindEntry(const std::string& module) c
 absl::StatusOr<std::optional<float>> HessianStore::InputAmax(const std::string& entry) const {
   const std::string suffix = ".hessian";
   if (!absl::EndsWith(entry, suffix)) return std::optional<float>();
-  const std::string name =
-      absl::StrCat(entry.substr(0, entry.size() - suffix.size()), ".input_amax");
+  return ScalarAmax(absl::StrCat(entry.substr(0, entry.size() - suffix.size()), ".input_amax"));
+}
+
+absl::StatusOr<std::optional<float>> HessianStore::OutputAmax(const std::string& module) const {
+  return ScalarAmax(module + ".output_amax");
+}
+
+absl::StatusOr<std::optional<float>> HessianStore::ScalarAmax(const std::string& name) const {
   const SafetensorsTensor* t = file_->Find(name);
   if (t == nullptr) return std::optional<float>();
   if (t->dtype != SafetensorsDType::kF32 || NumElements(t->shape) != 1) {

@@ -62,6 +62,11 @@ class HessianStore {
   // another dtype or shape, or a value that is negative or not finite.
   absl::StatusOr<std::optional<float>> InputAmax(const std::string& entry) const;
 
+  // The amax recorded for `module`'s output (`<module>.output_amax`, scalar fp32; for k_proj and
+  // v_proj the FP8 KV-cache scale is amax / 448); nullopt when the file has none. Same errors
+  // as InputAmax.
+  absl::StatusOr<std::optional<float>> OutputAmax(const std::string& module) const;
+
   // The full [cols, cols] matrix of `entry` for `module` (method gptq), validated once per entry
   // like Blocks: a pointer into the memory-mapped file, or into a cached aligned copy when the
   // file's data is not 4-byte aligned. Valid while the store lives. INVALID_ARGUMENT naming the
@@ -73,6 +78,8 @@ class HessianStore {
 
  private:
   HessianStore() = default;
+  // The scalar amax entry `name`, nullopt when absent (InputAmax's rules).
+  absl::StatusOr<std::optional<float>> ScalarAmax(const std::string& name) const;
   // The entry `entry` (for `module`, in messages), which must exist and be F32.
   absl::StatusOr<const SafetensorsTensor*> FindF32(const std::string& entry,
                                                    const std::string& module) const;

@@ -116,6 +116,43 @@ std::string LabelWarnings(const std::string& config_algo, const std::string& hf_
   return out;
 }
 
+// The FP8 KV cache the label promises (kv_cache_quant_algo FP8) against the k_scale / v_scale
+// tensors of the k_proj / v_proj modules.
+std::string KvCacheReport(const std::string& kv_algo, const Checkpoint& checkpoint) {
+  int64_t attention = 0;
+  std::vector<std::string> without;
+  int64_t scales = 0;
+  for (const auto& [name, entry] : checkpoint.tensors()) {
+    for (const auto& [weight, scale] :
+         {std::pair<std::string, std::string>{".k_proj.weight", ".k_scale"},
+          {".v_proj.weight", ".v_scale"}}) {
+      if (!absl::EndsWith(name, weight)) continue;
+      ++attention;
+      const std::string module = name.substr(0, name.size() - std::string(".weight").size());
+      if (checkpoint.Find(module + scale) != nullptr) {
+        ++scales;
+      } else {
+        without.push_back(module);
+      }
+    }
+  }
+  std::string out = absl::StrCat("kv cache: ", kv_algo.empty() ? "not quantized" : kv_algo, ", ",
+                                 scales, " of ", attention,
+                                 " k_proj / v_proj with k_scale / "
+                                 "v_scale\n");
+  if (kv_algo == "FP8" && !without.empty()) {
+    absl::StrAppend(&out, "warning: kv_cache_quant_algo FP8 but ", without.size(),
+                    " k_proj / v_proj have no scale (", without.front(),
+                    without.size() > 1 ? ", ..." : "", ")\n");
+  }
+  if (kv_algo.empty() && scales > 0) {
+    absl::StrAppend(
+        &out, "warning: ", scales,
+        " k_scale / v_scale tensors but no kv_cache_quant_algo: runtimes ignore them\n");
+  }
+  return out;
+}
+
 }  // namespace
 
 absl::StatusOr<std::string> InspectCheckpoint(const std::string& dir) {
@@ -144,7 +181,7 @@ absl::StatusOr<std::string> InspectCheckpoint(const std::string& dir) {
     absl::StrAppendFormat(&out, "  %-8s %5d tensors  %s\n", dtype, count.first,
                           FormatBytes(count.second));
   }
-  std::string config_algo, hf_algo;
+  std::string config_algo, hf_algo, kv_algo;
   if (config.contains("quantization_config") && config["quantization_config"].is_object()) {
     const nlohmann::json& q = config["quantization_config"];
     config_algo = q.value("quant_algo", "");
@@ -158,6 +195,10 @@ absl::StatusOr<std::string> InspectCheckpoint(const std::string& dir) {
     const nlohmann::json h = nlohmann::json::parse(*hf, nullptr, false);
     if (!h.is_discarded() && h.contains("quantization") && h.contains("producer")) {
       hf_algo = h["quantization"].value("quant_algo", "");
+      if (h["quantization"].contains("kv_cache_quant_algo") &&
+          h["quantization"]["kv_cache_quant_algo"].is_string()) {
+        kv_algo = h["quantization"]["kv_cache_quant_algo"].get<std::string>();
+      }
       absl::StrAppend(&out, "hf_quant_config: ", h["quantization"].value("quant_algo", "?"),
                       ", group size ", h["quantization"].value("group_size", 0), ", producer ",
                       h["producer"].value("name", "?"), " ", h["producer"].value("version", "?"),
@@ -178,6 +219,7 @@ absl::StatusOr<std::string> InspectCheckpoint(const std::string& dir) {
                         modules->size(), elements, FormatBytes(packed_bytes),
                         8.0 * static_cast<double>(packed_bytes) / static_cast<double>(elements));
   absl::StrAppend(&out, LabelWarnings(config_algo, hf_algo, *modules, checkpoint));
+  absl::StrAppend(&out, KvCacheReport(kv_algo, checkpoint));
   size_t width = 6;
   for (const Nvfp4Module& m : *modules) width = std::max(width, m.module.size());
   absl::StrAppendFormat(&out, "  %-*s  %-11s  %14s  %12s  %s\n", static_cast<int>(width), "module",

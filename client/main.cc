@@ -227,6 +227,11 @@ CliParser QuantizeParser() {
               "W4A16_NVFP4, no input_scale); auto: nvfp4 when every module has its amax, none "
               "when none has (with a note), an error naming the others when only some have",
               false, "auto");
+  p.AddOption("kv-cache", "none|fp8",
+              "fp8: FP8 KV-cache scales as ModelOpt exports them (k_proj.k_scale, v_proj.v_scale "
+              "= output amax / 448 from <module>.output_amax in the Hessians file; label "
+              "kv_cache_quant_algo FP8)",
+              false, "none");
   p.AddOption("fallback-method", "NAME",
               "max | mse for modules without a Hessian (otherwise "
               "such a module is an error)");
@@ -281,6 +286,9 @@ int RunQuantize(int argc, const char* const* argv) {
       ParseActivationMode(args->Get("activations", "auto"));
   if (!activations.ok()) return UsageError(cmd, activations.status());
   options.activations = *activations;
+  absl::StatusOr<KvCacheMode> kv_cache = ParseKvCacheMode(args->Get("kv-cache", "none"));
+  if (!kv_cache.ok()) return UsageError(cmd, kv_cache.status());
+  options.kv_cache = *kv_cache;
   if (args->Has("fallback-method")) {
     absl::StatusOr<Method> fallback = ParseMethod(args->Get("fallback-method"));
     if (!fallback.ok()) return UsageError(cmd, Prefixed("--fallback-", fallback.status()));
@@ -382,6 +390,9 @@ int RunQuantize(int argc, const char* const* argv) {
   if (!report.ok()) return Fail(cmd, report.status());
   if (!quiet) {
     std::cout << "quantized " << report->modules.size() << " modules (" << report->quant_algo
+              << (report->kv_cache_scales > 0
+                      ? absl::StrCat(", FP8 KV cache: ", report->kv_cache_scales, " scales")
+                      : "")
               << ") with " << report->quantizer << " (" << FormatBytes(report->bytes_in) << " -> "
               << FormatBytes(report->bytes_out) << "), not quantized: " << report->skipped.size()
               << "\n\n"

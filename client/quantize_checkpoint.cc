@@ -183,12 +183,66 @@ absl::Status PrepareModules(const QuantizeOptions& options, const Checkpoint& ch
 
 // Output tensor specs of one shard: untouched tensors as they are, quantized modules as the
 // three NVFP4 tensors.
+// An FP8 KV-cache scale: `<m>.k_scale` or `<m>.v_scale` = output amax / 448.
+struct KvScale {
+  std::string tensor;
+  float value = 0.0f;
+};
+// By the weight tensor of the module it belongs to (written in the same shard).
+using KvScalesByWeight = std::map<std::string, KvScale>;
+
+// The k_scale of every k_proj and the v_scale of every v_proj among `plans` (quantized or
+// not: the KV cache is the attention's), from the Hessians file's `<m>.output_amax`.
+absl::StatusOr<KvScalesByWeight> KvCacheScales(KvCacheMode mode,
+                                               const std::vector<ModulePlan>& plans,
+                                               const HessianStore* hessians) {
+  KvScalesByWeight scales;
+  if (mode == KvCacheMode::kNone) return scales;
+  std::vector<std::string> missing;
+  for (const ModulePlan& p : plans) {
+    const size_t dot = p.module.rfind('.');
+    const std::string leaf = dot == std::string::npos ? p.module : p.module.substr(dot + 1);
+    if (leaf != "k_proj" && leaf != "v_proj") continue;
+    std::optional<float> amax;
+    if (hessians != nullptr) {
+      absl::StatusOr<std::optional<float>> recorded = hessians->OutputAmax(p.module);
+      if (!recorded.ok()) return recorded.status();
+      amax = *recorded;
+    }
+    if (!amax.has_value()) {
+      missing.push_back(p.module);
+      continue;
+    }
+    // FP8 E4M3's largest value: the cache stores k / k_scale within [-448, 448].
+    scales[p.weight_name] = {p.module + (leaf == "k_proj" ? ".k_scale" : ".v_scale"),
+                             *amax / 448.0f};
+  }
+  if (scales.empty() && missing.empty()) {
+    return absl::FailedPreconditionError(
+        "--kv-cache fp8: the model has no k_proj or v_proj module to attach k_scale / v_scale "
+        "to");
+  }
+  if (!missing.empty()) {
+    std::string list =
+        absl::StrJoin(missing.begin(), missing.begin() + std::min<size_t>(missing.size(), 5), ", ");
+    if (missing.size() > 5) absl::StrAppend(&list, ", ... (", missing.size(), " in all)");
+    return absl::FailedPreconditionError(absl::StrCat(
+        "--kv-cache fp8 needs the output amax (`<module>.output_amax` in the Hessians file) of "
+        "every k_proj and v_proj; missing for ",
+        list, ". Record it during calibration, or pass --kv-cache none"));
+  }
+  return scales;
+}
+
 std::vector<SafetensorsTensorSpec> OutputSpecs(
     const SafetensorsFile& shard,
     const std::map<std::string, const ModulePlan*>& quantized_by_weight,
-    const std::set<std::string>& with_input_scale) {
+    const std::set<std::string>& with_input_scale, const KvScalesByWeight& kv_scales) {
   std::vector<SafetensorsTensorSpec> specs;
   for (const SafetensorsTensor& t : shard.tensors()) {
+    if (const auto kv = kv_scales.find(t.name); kv != kv_scales.end()) {
+      specs.push_back({kv->second.tensor, SafetensorsDType::kF32, {}});
+    }
     const auto it = quantized_by_weight.find(t.name);
     if (it == quantized_by_weight.end()) {
       specs.push_back({t.name, t.dtype, t.shape});
@@ -306,30 +360,42 @@ absl::StatusOr<ActivationMode> ParseActivationMode(const std::string& text) {
                                                  "\"; expected one of auto, none, nvfp4"));
 }
 
+absl::StatusOr<KvCacheMode> ParseKvCacheMode(const std::string& text) {
+  if (text == "none") return KvCacheMode::kNone;
+  if (text == "fp8") return KvCacheMode::kFp8;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--kv-cache: unknown value \"", text, "\"; expected one of none, fp8"));
+}
+
 absl::StatusOr<std::string> QuantizedConfigJson(const std::string& config_text,
                                                 const std::vector<std::string>& exclude_modules,
-                                                bool activations) {
+                                                const QuantizationLabel& label) {
   OrderedJson config = OrderedJson::parse(config_text, nullptr, /*allow_exceptions=*/false);
   if (config.is_discarded() || !config.is_object()) {
     return absl::InvalidArgumentError("config.json is not a JSON object");
   }
   OrderedJson group = OrderedJson::object();
   group["weights"] = QuantArgs();
-  if (activations) group["input_activations"] = QuantArgs();
+  if (label.activations) group["input_activations"] = QuantArgs();
   group["targets"] = {"Linear"};
   OrderedJson q = OrderedJson::object();
   q["quant_method"] = "modelopt";
-  q["quant_algo"] = activations ? kQuantAlgoW4A4 : kQuantAlgoWeightOnly;
+  q["quant_algo"] = label.activations ? kQuantAlgoW4A4 : kQuantAlgoWeightOnly;
   q["config_groups"] = {{"group_0", group}};
   q["ignore"] = exclude_modules;
+  if (label.kv_cache_fp8) {
+    q["kv_cache_quant_algo"] = "FP8";
+    q["kv_cache_scheme"] = {{"dynamic", false}, {"num_bits", 8}, {"type", "float"}};
+  }
   config["quantization_config"] = std::move(q);
   return config.dump(2) + "\n";
 }
 
-std::string HfQuantConfigJson(const std::vector<std::string>& exclude_modules, bool activations) {
+std::string HfQuantConfigJson(const std::vector<std::string>& exclude_modules,
+                              const QuantizationLabel& label) {
   OrderedJson quantization = OrderedJson::object();
-  quantization["quant_algo"] = activations ? kQuantAlgoW4A4 : kQuantAlgoWeightOnly;
-  quantization["kv_cache_quant_algo"] = nullptr;
+  quantization["quant_algo"] = label.activations ? kQuantAlgoW4A4 : kQuantAlgoWeightOnly;
+  quantization["kv_cache_quant_algo"] = label.kv_cache_fp8 ? OrderedJson("FP8") : OrderedJson();
   quantization["group_size"] = 16;
   quantization["exclude_modules"] = exclude_modules;
   OrderedJson root = OrderedJson::object();
@@ -397,6 +463,10 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
   absl::StatusOr<bool> activations = DecideActivations(options.activations, prepared, observer);
   if (!activations.ok()) return activations.status();
   report.quant_algo = *activations ? kQuantAlgoW4A4 : kQuantAlgoWeightOnly;
+  absl::StatusOr<KvScalesByWeight> kv_scales =
+      KvCacheScales(options.kv_cache, *plans, hessians.get());
+  if (!kv_scales.ok()) return kv_scales.status();
+  const QuantizationLabel label{*activations, options.kv_cache == KvCacheMode::kFp8};
   report.read_seconds = absl::ToDoubleSeconds(absl::Now() - start);
   const absl::Time copy_start = absl::Now();
 
@@ -420,7 +490,7 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
   int64_t total_bytes = 0;
   for (const Checkpoint::Shard& shard : model.shards()) {
     std::vector<SafetensorsTensorSpec> specs =
-        OutputSpecs(*shard.file, quantized_by_weight, with_input_scale);
+        OutputSpecs(*shard.file, quantized_by_weight, with_input_scale, *kv_scales);
     for (const SafetensorsTensorSpec& s : specs) {
       weight_map[s.name] = shard.file_name;
       report.bytes_out += NumElements(s.shape) * SafetensorsDTypeSize(s.dtype);
@@ -447,6 +517,13 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
           writers[s]->Write(t.name, absl::MakeConstSpan(t.data, static_cast<size_t>(t.num_bytes)));
       if (!written.ok()) return written;
       if (observer != nullptr) observer->OnTensorDone(t.name, t.num_bytes);
+    }
+    for (const SafetensorsTensor& t : model.shards()[s].file->tensors()) {
+      const auto kv = kv_scales->find(t.name);
+      if (kv == kv_scales->end()) continue;
+      absl::Status written = writers[s]->Write(kv->second.tensor, FloatBytes(kv->second.value));
+      if (!written.ok()) return written;
+      ++report.kv_cache_scales;
     }
   }
 
@@ -557,12 +634,12 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
     if (!written.ok()) return written;
   }
   absl::StatusOr<std::string> config =
-      QuantizedConfigJson(model.config_text(), exclude_modules, *activations);
+      QuantizedConfigJson(model.config_text(), exclude_modules, label);
   if (!config.ok()) return config.status();
   for (const absl::Status& s :
        {WriteTextFile((fs::path(*temp) / kConfigFileName).string(), *config),
         WriteTextFile((fs::path(*temp) / kHfQuantConfigFileName).string(),
-                      HfQuantConfigJson(exclude_modules, *activations))}) {
+                      HfQuantConfigJson(exclude_modules, label))}) {
     if (!s.ok()) return s;
   }
   if (options.cancel != nullptr && options.cancel->load()) {

@@ -51,6 +51,22 @@ enum class ActivationMode {
 // "auto", "none", "nvfp4" (the CLI's --activations); INVALID_ARGUMENT otherwise.
 absl::StatusOr<ActivationMode> ParseActivationMode(const std::string& text);
 
+// FP8 KV cache as ModelOpt exports it: `<m>.k_scale` for every k_proj and `<m>.v_scale` for
+// every v_proj (F32 scalars, = the module's output amax / 448, from `<m>.output_amax` in the
+// Hessians file; an error naming the modules without one), label kv_cache_quant_algo FP8.
+enum class KvCacheMode { kNone, kFp8 };
+
+// "none", "fp8" (the CLI's --kv-cache); INVALID_ARGUMENT otherwise.
+absl::StatusOr<KvCacheMode> ParseKvCacheMode(const std::string& text);
+
+// What the labels of an output say (and its tensors hold).
+struct QuantizationLabel {
+  // W4A4 NVFP4 (every quantized module has input_scale), else weight-only W4A16_NVFP4.
+  bool activations = false;
+  // FP8 KV cache (every k_proj / v_proj has k_scale / v_scale).
+  bool kv_cache_fp8 = false;
+};
+
 struct QuantizeOptions {
   std::string model_dir;
   // Empty: no Hessians (only `max` and `mse`, or a fallback method, can run).
@@ -64,6 +80,8 @@ struct QuantizeOptions {
   PlanOptions plan;
   // W4A4 or weight-only output (and its label).
   ActivationMode activations = ActivationMode::kAuto;
+  // FP8 KV-cache scales (and the label) or none.
+  KvCacheMode kv_cache = KvCacheMode::kNone;
   // What may happen to an existing out_dir (output_dir.h).
   OverwritePolicy overwrite = OverwritePolicy::kNever;
   // Other files the run reads (TLS files, the token file), which out_dir must not contain;
@@ -104,6 +122,8 @@ struct QuantizeReport {
   // The label written: "NVFP4" (W4A4, every quantized module has input_scale) or
   // "W4A16_NVFP4" (weights only, no input_scale).
   std::string quant_algo;
+  // k_scale / v_scale tensors written (--kv-cache fp8).
+  int64_t kv_cache_scales = 0;
 };
 
 // Hears about progress; every method may be called from several threads, one call at a time.
@@ -130,14 +150,16 @@ inline constexpr char kQuantAlgoW4A4[] = "NVFP4";
 inline constexpr char kQuantAlgoWeightOnly[] = "W4A16_NVFP4";
 
 // config.json with `quantization_config` added (NUMERICS §5; weight-only: quant_algo
-// W4A16_NVFP4 and a config group with `weights` only), pretty-printed, key order kept.
+// W4A16_NVFP4 and a config group with `weights` only; FP8 KV cache: kv_cache_quant_algo FP8 and
+// kv_cache_scheme), pretty-printed, key order kept.
 absl::StatusOr<std::string> QuantizedConfigJson(const std::string& config_text,
                                                 const std::vector<std::string>& exclude_modules,
-                                                bool activations);
+                                                const QuantizationLabel& label);
 
-// hf_quant_config.json (NUMERICS §5; weight-only: quant_algo W4A16_NVFP4), with the producer
-// record.
-std::string HfQuantConfigJson(const std::vector<std::string>& exclude_modules, bool activations);
+// hf_quant_config.json (NUMERICS §5; weight-only: quant_algo W4A16_NVFP4; FP8 KV cache:
+// kv_cache_quant_algo FP8), with the producer record.
+std::string HfQuantConfigJson(const std::vector<std::string>& exclude_modules,
+                              const QuantizationLabel& label);
 
 // nvfp4cal.json (kProducerRecordFileName) of the outputs of `command` ("example",
 // "dequantize"): {"producer": {"name": "nvfp4cal", "version": ...}, "command": ...}.

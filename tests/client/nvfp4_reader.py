@@ -221,6 +221,19 @@ def run(quantized_dir, original_dir, dequantized_dir, method):
                   f"{m}: {np.count_nonzero(want_codes != codes)} codes differ from the "
                   f"independent max method")
 
+    # FP8 KV cache: a scalar scale beside every k_proj / v_proj weight exactly when labelled.
+    hf = json.load(open(os.path.join(quantized_dir, "hf_quant_config.json")))
+    kv_fp8 = hf["quantization"].get("kv_cache_quant_algo") == "FP8"
+    for name in original:
+        for weight, scale in ((".k_proj.weight", ".k_scale"), (".v_proj.weight", ".v_scale")):
+            if name.endswith(weight):
+                scale_name = name[:-len(".weight")] + scale
+                check((scale_name in q) == kv_fp8, f"{scale_name}: present {scale_name in q}, "
+                      f"kv_cache_quant_algo {hf['quantization'].get('kv_cache_quant_algo')}")
+                if kv_fp8:
+                    check(q[scale_name][:2] == ("F32", []), f"{scale_name}: {q[scale_name][:2]}")
+                    quantized_parts.add(scale_name)
+
     # Untouched tensors: identical bytes.
     for name, (dtype, shape, raw, file) in original.items():
         if name in quantized_parts:
@@ -250,11 +263,10 @@ def run(quantized_dir, original_dir, dequantized_dir, method):
     not_quantized = sorted(n[:-len(".weight")] for n, (d, s, _, _) in original.items()
                            if n.endswith(".weight") and len(s) == 2 and n[:-7] not in modules)
     check(sorted(qc["ignore"]) == not_quantized, f"ignore {qc['ignore']} != {not_quantized}")
-    hf = json.load(open(os.path.join(quantized_dir, "hf_quant_config.json")))
     check(hf["producer"]["name"] == "nvfp4cal", "hf_quant_config producer")
     check(hf["quantization"]["quant_algo"] == algo, "hf_quant_config quant_algo")
     check(hf["quantization"]["group_size"] == 16, "hf_quant_config group_size")
-    check(hf["quantization"]["kv_cache_quant_algo"] is None, "hf_quant_config kv cache")
+    check(kv_fp8 or hf["quantization"]["kv_cache_quant_algo"] is None, "hf_quant_config kv cache")
     check(sorted(hf["quantization"]["exclude_modules"]) == not_quantized, "exclude_modules")
     index_path = os.path.join(quantized_dir, "model.safetensors.index.json")
     if os.path.exists(os.path.join(original_dir, "model.safetensors.index.json")):

@@ -13,6 +13,7 @@
 
 #include "client/checkpoint.h"
 #include "client/example_model.h"
+#include "client/hessian_accumulator.h"
 #include "client/inspect.h"
 #include "client/local_quantizer.h"
 #include "client/quantize_checkpoint.h"
@@ -668,6 +669,93 @@ TEST(QuantizeCheckpoint, LabelsNeverPromiseTensorsTheCheckpointLacks) {
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(bad.status().message()), HasSubstr(p + "q_proj.input_amax = -1"));
   EXPECT_FALSE(fs::exists(dir / "out_bad"));
+}
+
+// --kv-cache fp8 writes ModelOpt's FP8 KV-cache scales: k_proj.k_scale and v_proj.v_scale =
+// the module's output amax / 448 (F32 scalars, beside the module's weight), and labels
+// kv_cache_quant_algo FP8 in both configs; without every amax it is an error naming the missing
+// module and nothing is written. Without the option nothing of it appears.
+TEST(QuantizeCheckpoint, FpEightKvCacheScalesFromRecordedOutputAmax) {
+  TempFolder dir("kv_cache");
+  WriteTinyModel(dir / "model", 32, {"q_proj", "k_proj", "v_proj", "o_proj"});
+  const std::string p = "model.layers.0.self_attn.";
+  // Written the way a C++ calibration would: accumulators plus the outputs' amax.
+  HessianAccumulator attention(32);
+  HessianAccumulator o_input(32);
+  std::vector<float> x(4 * 32);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i % 7) - 3.0f;
+  ASSERT_TRUE(attention.AddBatch(x.data(), 4).ok());
+  ASSERT_TRUE(o_input.AddBatch(x.data(), 4).ok());
+  const std::vector<NamedHessian> hessians = {{p + "q_proj.hessian", &attention},
+                                              {p + "o_proj.hessian", &o_input}};
+  ASSERT_TRUE(WriteHessiansFile(dir / "h.safetensors", hessians, true, {},
+                                {{p + "k_proj", 44.8f}, {p + "v_proj", 3.5f}})
+                  .ok());
+  ASSERT_TRUE(
+      WriteHessiansFile(dir / "no_v.safetensors", hessians, true, {}, {{p + "k_proj", 44.8f}})
+          .ok());
+  EXPECT_THAT(std::string(WriteHessiansFile(dir / "bad.safetensors", hessians, true, {},
+                                            {{p + "k_proj", -1.0f}})
+                              .message()),
+              HasSubstr("output amax of '" + p + "k_proj' = -1 must be finite and >= 0"));
+
+  QuantizeOptions options;
+  options.model_dir = dir / "model";
+  options.hessians_path = dir / "h.safetensors";
+  options.out_dir = dir / "fp8";
+  options.kv_cache = KvCacheMode::kFp8;
+  absl::StatusOr<QuantizeReport> report = RunPipeline(options);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_EQ(report->kv_cache_scales, 2);
+  EXPECT_EQ(report->quant_algo, "NVFP4");  // the accumulators recorded every input's amax
+  auto out = SafetensorsFile::Open(dir / "fp8/model.safetensors");
+  ASSERT_TRUE(out.ok()) << out.status();
+  for (const auto& [tensor, want] : std::vector<std::pair<std::string, float>>{
+           {p + "k_proj.k_scale", 44.8f / 448.0f}, {p + "v_proj.v_scale", 3.5f / 448.0f}}) {
+    const SafetensorsTensor* t = (*out)->Find(tensor);
+    ASSERT_NE(t, nullptr) << tensor;
+    EXPECT_EQ(t->dtype, SafetensorsDType::kF32);
+    EXPECT_TRUE(t->shape.empty());
+    float v = 0.0f;
+    std::memcpy(&v, t->data, 4);
+    EXPECT_EQ(v, want) << tensor;
+  }
+  EXPECT_EQ((*out)->Find(p + "q_proj.k_scale"), nullptr);
+  const nlohmann::json hf = nlohmann::json::parse(ReadAll(dir / "fp8/hf_quant_config.json"));
+  EXPECT_EQ(hf["quantization"]["kv_cache_quant_algo"], "FP8");
+  const nlohmann::json q =
+      nlohmann::json::parse(ReadAll(dir / "fp8/config.json"))["quantization_config"];
+  EXPECT_EQ(q["kv_cache_quant_algo"], "FP8");
+  const nlohmann::json scheme = {{"dynamic", false}, {"num_bits", 8}, {"type", "float"}};
+  EXPECT_EQ(q["kv_cache_scheme"], scheme);
+  absl::StatusOr<std::string> inspected = InspectCheckpoint(dir / "fp8");
+  ASSERT_TRUE(inspected.ok());
+  EXPECT_THAT(*inspected, HasSubstr("kv cache: FP8, 2 of 2 k_proj / v_proj with k_scale"));
+  EXPECT_THAT(*inspected, Not(HasSubstr("warning")));
+
+  // A missing amax: an error naming the module, nothing written.
+  options.hessians_path = dir / "no_v.safetensors";
+  options.out_dir = dir / "no_v";
+  absl::StatusOr<QuantizeReport> missing = RunPipeline(options);
+  ASSERT_FALSE(missing.ok());
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(missing.status().message()),
+              HasSubstr("--kv-cache fp8 needs the output amax (`<module>.output_amax` in the "
+                        "Hessians file) of every k_proj and v_proj; missing for " +
+                        p + "v_proj."));
+  EXPECT_FALSE(fs::exists(dir / "no_v"));
+
+  // Not asked: no scales, no label, even with the amax recorded.
+  options.hessians_path = dir / "h.safetensors";
+  options.out_dir = dir / "none";
+  options.kv_cache = KvCacheMode::kNone;
+  ASSERT_TRUE(RunPipeline(options).ok());
+  auto plain = SafetensorsFile::Open(dir / "none/model.safetensors");
+  ASSERT_TRUE(plain.ok());
+  EXPECT_EQ((*plain)->Find(p + "k_proj.k_scale"), nullptr);
+  EXPECT_TRUE(nlohmann::json::parse(
+                  ReadAll(dir / "none/hf_quant_config.json"))["quantization"]["kv_cache_quant_algo"]
+                  .is_null());
 }
 
 TEST(QuantizeCheckpoint, WarnsOncePerTensorAboutAllZeroHessianBlocks) {
