@@ -108,7 +108,12 @@ struct ModulePlan {
   std::string fused_group;
 };
 
-// The Linear-like weights in name order with the decision for each. INVALID_ARGUMENT naming the
+// Whether `t` is a 3-D fused expert weight [experts, out, in] (a `.weight`, or a tensor under
+// `.experts.` as gpt-oss-style checkpoints name them) in a float dtype.
+bool IsFusedExpertTensor(const std::string& name, const SafetensorsTensor& t);
+
+// The Linear-like weights in name order with the decision for each; 3-D fused expert tensors
+// are listed, not quantized (IsFusedExpertTensor). INVALID_ARGUMENT naming the
 // tensor for a selected 2-D `.weight` whose dtype is not BF16, F16 or F32, or whose output
 // tensor names (`.weight_scale`, `.weight_scale_2`) already exist.
 absl::StatusOr<std::vector<ModulePlan>> PlanModules(const Checkpoint& checkpoint,

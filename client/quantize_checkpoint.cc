@@ -451,7 +451,8 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
     if (p.quantize) continue;
     exclude_modules.push_back(p.module);
     report.skipped.push_back(absl::StrCat(p.module, ": ", p.skip_reason));
-    if (observer != nullptr && p.skip_reason.find("multiple of 16") != std::string::npos) {
+    if (observer != nullptr && (p.skip_reason.find("multiple of 16") != std::string::npos ||
+                                p.skip_reason.find("3-D expert tensor") != std::string::npos)) {
       observer->OnMessage(absl::StrCat("note: ", p.module, " not quantized: ", p.skip_reason));
     }
   }

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "client/checkpoint.h"
 #include "client/example_model.h"
 #include "client/hessian_accumulator.h"
@@ -756,6 +757,68 @@ TEST(QuantizeCheckpoint, FpEightKvCacheScalesFromRecordedOutputAmax) {
   EXPECT_TRUE(nlohmann::json::parse(
                   ReadAll(dir / "none/hf_quant_config.json"))["quantization"]["kv_cache_quant_algo"]
                   .is_null());
+}
+
+// 3-D fused expert tensors ([experts, out, in], gpt-oss / Qwen-MoE style) are not quantized yet:
+// they are copied unchanged, named in a note, and listed in `ignore` / `exclude_modules`, so a
+// runtime never expects NVFP4 experts the checkpoint lacks. (Before: skipped silently and left
+// out of the exclude lists.) The lists are checked against the output by walking it: every
+// weight tensor that is not NVFP4 is listed.
+TEST(QuantizeCheckpoint, FusedExpertTensorsAreListedAsNotQuantized) {
+  TempFolder dir("moe");
+  WriteTinyModel(dir / "model", 32, {"q_proj", "o_proj"});
+  // Add two 3-D expert tensors to the model file.
+  auto file = SafetensorsFile::Open(dir / "model/model.safetensors");
+  ASSERT_TRUE(file.ok());
+  std::vector<SafetensorsTensorData> tensors;
+  for (const SafetensorsTensor& t : (*file)->tensors()) {
+    tensors.push_back(
+        {{t.name, t.dtype, t.shape}, std::vector<uint8_t>(t.data, t.data + t.num_bytes)});
+  }
+  file->reset();
+  const std::string experts = "model.layers.0.mlp.experts.";
+  tensors.push_back({{experts + "gate_up_proj", SafetensorsDType::kBF16, {4, 64, 32}},
+                     std::vector<uint8_t>(4 * 64 * 32 * 2, 0x3c)});
+  tensors.push_back({{experts + "down_proj.weight", SafetensorsDType::kBF16, {4, 32, 32}},
+                     std::vector<uint8_t>(4 * 32 * 32 * 2, 0x3b)});
+  ASSERT_TRUE(WriteSafetensorsFile(dir / "model/model.safetensors", tensors, {}).ok());
+  QuantizeOptions options;
+  options.model_dir = dir / "model";
+  options.out_dir = dir / "out";
+  options.params.method = Method::kMax;
+  RecordingObserver observer;
+  ASSERT_TRUE(RunPipeline(options, &observer).ok());
+  bool noted = false;
+  for (const std::string& m : observer.messages) {
+    noted = noted ||
+            m.find(experts + "gate_up_proj not quantized: 3-D expert tensor") != std::string::npos;
+  }
+  EXPECT_TRUE(noted);
+  auto out = SafetensorsFile::Open(dir / "out/model.safetensors");
+  ASSERT_TRUE(out.ok());
+  const nlohmann::json config = nlohmann::json::parse(ReadAll(dir / "out/config.json"));
+  const nlohmann::json hf = nlohmann::json::parse(ReadAll(dir / "out/hf_quant_config.json"));
+  std::set<std::string> ignore, excluded;
+  for (const auto& m : config["quantization_config"]["ignore"]) ignore.insert(m.get<std::string>());
+  for (const auto& m : hf["quantization"]["exclude_modules"]) excluded.insert(m.get<std::string>());
+  EXPECT_EQ(ignore, excluded);
+  // Walk the output: each tensor is NVFP4 (a module with .weight_scale_2) or, when it is a
+  // weight (2-D or 3-D, `.weight` or an expert tensor), listed.
+  for (const SafetensorsTensor& t : (*out)->tensors()) {
+    const bool weight = absl::EndsWith(t.name, ".weight") || t.shape.size() == 3;
+    if (!weight) continue;
+    const std::string module =
+        absl::EndsWith(t.name, ".weight") ? t.name.substr(0, t.name.size() - 7) : t.name;
+    const bool nvfp4 = (*out)->Find(module + ".weight_scale_2") != nullptr;
+    EXPECT_TRUE(nvfp4 || ignore.count(module) != 0) << t.name << " is neither NVFP4 nor listed";
+    EXPECT_FALSE(nvfp4 && ignore.count(module) != 0) << t.name << " is NVFP4 and listed";
+  }
+  EXPECT_EQ(ignore.count(experts + "gate_up_proj"), 1u);
+  EXPECT_EQ(ignore.count(experts + "down_proj"), 1u);
+  const SafetensorsTensor* copied = (*out)->Find(experts + "gate_up_proj");
+  ASSERT_NE(copied, nullptr);
+  EXPECT_EQ(copied->shape, (std::vector<int64_t>{4, 64, 32}));
+  EXPECT_EQ(copied->data[0], 0x3c);
 }
 
 TEST(QuantizeCheckpoint, WarnsOncePerTensorAboutAllZeroHessianBlocks) {
