@@ -31,6 +31,7 @@
 #include "client/cli_args.h"
 #include "client/client.h"
 #include "client/example_model.h"
+#include "client/file_util.h"
 #include "client/inspect.h"
 #include "client/local_quantizer.h"
 #include "client/output_dir.h"
@@ -257,6 +258,10 @@ CliParser QuantizeParser() {
               "file whose first line is the bearer token sent to the servers (env "
               "NVFP4CAL_TOKEN_FILE)");
   AddOverwriteSwitches(&p);
+  p.AddOption("stats-json", "FILE",
+              "also write the statistics as JSON: per module method, objective before and "
+              "after, blocks changed, amax; totals, label and timings (never inside an input "
+              "or --out)");
   p.AddSwitch("quiet", "no progress bar and no statistics table");
   return p;
 }
@@ -384,10 +389,25 @@ int RunQuantize(int argc, const char* const* argv) {
   ProgressReporter progress(stderr, !quiet && isatty(STDERR_FILENO) != 0);
   std::signal(SIGINT, OnStopSignal);
   std::signal(SIGTERM, OnStopSignal);
+  const std::string stats_json = args->Get("stats-json", "");
+  if (!stats_json.empty()) {
+    std::vector<RunInput> inputs = {{"--model", options.model_dir},
+                                    {"--hessians", options.hessians_path},
+                                    {"--out", options.out_dir}};
+    inputs.insert(inputs.end(), options.other_inputs.begin(), options.other_inputs.end());
+    if (absl::Status s = CheckOutputFile("--stats-json", stats_json, inputs); !s.ok()) {
+      return UsageError(cmd, s);
+    }
+  }
   CleanStaleTempDirs(cmd, options.out_dir);
   absl::StatusOr<QuantizeReport> report = QuantizeCheckpoint(options, quantizer.get(), &progress);
   progress.Finish();
   if (!report.ok()) return Fail(cmd, report.status());
+  if (!stats_json.empty()) {
+    if (absl::Status s = WriteTextFile(stats_json, FormatStatsJson(*report)); !s.ok()) {
+      return Fail(cmd, s);
+    }
+  }
   if (!quiet) {
     std::cout << "quantized " << report->modules.size() << " modules (" << report->quant_algo
               << (report->kv_cache_scales > 0

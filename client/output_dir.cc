@@ -126,6 +126,27 @@ absl::Status ReplaceInTwoSteps(const std::string& temp, const std::string& out) 
 
 }  // namespace
 
+absl::Status CheckOutputFile(const std::string& flag, const std::string& path,
+                             const std::vector<RunInput>& inputs) {
+  const fs::path file = Resolved(path);
+  std::error_code ec;
+  const bool exists = fs::exists(file, ec);
+  for (const RunInput& input : inputs) {
+    if (input.path.empty()) continue;
+    const fs::path in = Resolved(input.path);
+    if (PathWithin(file, in) || (exists && fs::equivalent(file, in, ec))) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          flag, " ", path, " is or lies inside ", input.flag, " ", input.path,
+          ": writing it could overwrite an input of the run; choose a path outside the inputs"));
+    }
+  }
+  if (exists && !fs::is_regular_file(file, ec)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(flag, " ", path, " exists and is not a regular file"));
+  }
+  return absl::OkStatus();
+}
+
 bool IsNvfp4calOutput(const std::string& dir) {
   for (const char* record : {kHfQuantConfigFileName, kProducerRecordFileName}) {
     absl::StatusOr<std::string> text = ReadTextFile((fs::path(dir) / record).string());

@@ -59,6 +59,12 @@ absl::Status CheckOutputTarget(const OutputTarget& target);
 // remove and out_dir is as it was.
 absl::Status ReplaceWithTempDir(const std::string& temp, const OutputTarget& target);
 
+// Whether the file `path` (option `flag`, e.g. "--stats-json") may be written: INVALID_ARGUMENT
+// when it is, or lies inside, one of `inputs` (symlinks resolved), FAILED_PRECONDITION when it
+// exists and is not a regular file.
+absl::Status CheckOutputFile(const std::string& flag, const std::string& path,
+                             const std::vector<RunInput>& inputs);
+
 // Whether `dir` holds the producer record of an nvfp4cal command: hf_quant_config.json
 // (quantize) or nvfp4cal.json (example, dequantize) with "producer": {"name": "nvfp4cal"}.
 bool IsNvfp4calOutput(const std::string& dir);

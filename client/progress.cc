@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "nlohmann/json.hpp"
 
 namespace nvfp4cal {
 namespace {
@@ -95,6 +96,74 @@ void ProgressReporter::DrawLocked() {
                FormatBytes(static_cast<int64_t>(rate)).c_str(), eta.c_str());
   std::fflush(out_);
   drawn_ = true;
+}
+
+std::string FormatStatsJson(const QuantizeReport& report) {
+  using Json = nlohmann::ordered_json;
+  Json modules = Json::array();
+  Json totals = {{"modules", report.modules.size()}, {"blocks", 0},
+                 {"objective_before", 0.0},          {"objective_after", 0.0},
+                 {"blocks_scale_changed", 0},        {"blocks_beta_not_one", 0},
+                 {"blocks_offset_not_zero", 0}};
+  for (const ModuleReport& m : report.modules) {
+    const TensorStats& s = m.stats;
+    Json j = {{"module", m.module},
+              {"rows", m.rows},
+              {"cols", m.cols},
+              {"method", std::string(MethodName(s.method))},
+              {"hessian", m.hessian_entry},
+              {"blocks", s.num_blocks},
+              {"objective_before", s.objective_before},
+              {"objective_after", s.objective_after},
+              {"mse_before", s.mse_before},
+              {"mse_after", s.mse_after},
+              {"hessian_error_before", s.hessian_error_before},
+              {"hessian_error_after", s.hessian_error_after},
+              {"blocks_scale_changed", s.blocks_scale_changed},
+              {"blocks_beta_not_one", s.blocks_beta_not_one},
+              {"blocks_offset_not_zero", s.blocks_offset_not_zero},
+              {"zero_hessian_blocks", s.zero_hessian_blocks},
+              {"global_amax", s.global_amax},
+              {"global_scale", s.global_scale}};
+    if (s.method == Method::kGptq) {
+      j["gptq"] = {{"full_hessian_error", s.gptq.full_hessian_error},
+                   {"full_hessian_error_local_hessian", s.gptq.full_hessian_error_local_hessian},
+                   {"damping_relative", s.gptq.damping_relative},
+                   {"damping_increases", s.gptq.damping_increases},
+                   {"factor_seconds", s.gptq.factor_seconds},
+                   {"quantize_seconds", s.gptq.quantize_seconds}};
+    }
+    modules.push_back(std::move(j));
+    totals["blocks"] = totals["blocks"].get<int64_t>() + s.num_blocks;
+    totals["objective_before"] = totals["objective_before"].get<double>() + s.objective_before;
+    totals["objective_after"] = totals["objective_after"].get<double>() + s.objective_after;
+    for (const char* key :
+         {"blocks_scale_changed", "blocks_beta_not_one", "blocks_offset_not_zero"}) {
+      totals[key] = totals[key].get<int64_t>() + modules.back()[key].get<int64_t>();
+    }
+  }
+  Json skipped = Json::array();
+  for (const std::string& line : report.skipped) {
+    const size_t colon = line.find(": ");
+    skipped.push_back({{"module", line.substr(0, colon)},
+                       {"reason", colon == std::string::npos ? "" : line.substr(colon + 2)}});
+  }
+  Json root = {{"label",
+                {{"quant_algo", report.quant_algo},
+                 {"kv_cache_quant_algo", report.kv_cache_scales > 0 ? Json("FP8") : Json()}}},
+               {"quantizer", report.quantizer},
+               {"modules", std::move(modules)},
+               {"not_quantized", std::move(skipped)},
+               {"totals", std::move(totals)},
+               {"seconds",
+                {{"read", report.read_seconds},
+                 {"copy", report.copy_seconds},
+                 {"quantize", report.quantize_seconds},
+                 {"write", report.write_seconds},
+                 {"server_kernel", report.server_kernel_seconds},
+                 {"server_queue", report.server_queue_seconds}}},
+               {"bytes", {{"in", report.bytes_in}, {"out", report.bytes_out}}}};
+  return root.dump(2) + "\n";
 }
 
 std::string FormatStatsTable(const QuantizeReport& report) {

@@ -49,6 +49,14 @@ class ProgressReporter : public QuantizeObserver {
 // with beta != 1 and offset != 0; then a total line.
 std::string FormatStatsTable(const QuantizeReport& report);
 
+// The same statistics as JSON (`quantize --stats-json`): {"label": {...}, "quantizer", "modules":
+// [{module, rows, cols, method, hessian, blocks, objective_before, objective_after, mse_before,
+// mse_after, hessian_error_before, hessian_error_after, blocks_scale_changed,
+// blocks_beta_not_one, blocks_offset_not_zero, zero_hessian_blocks, global_amax, global_scale,
+// gptq: {...} for gptq}], "not_quantized": [{module, reason}], "totals": {...}, "seconds":
+// {read, copy, quantize, write, server_kernel, server_queue}, "bytes": {in, out}}.
+std::string FormatStatsJson(const QuantizeReport& report);
+
 // "1.5 MB", "3.2 GB".
 std::string FormatBytes(int64_t bytes);
 

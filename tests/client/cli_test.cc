@@ -136,6 +136,38 @@ TEST_F(BadInputs, BaselineSucceeds) {
   EXPECT_THAT(r.err, ::testing::Not(HasSubstr("tensors  ")));
 }
 
+// --stats-json: the statistics as JSON, totals the sums of the modules, the label written; a
+// path inside an input or --out is a usage error before anything runs.
+TEST_F(BadInputs, StatsJsonHoldsEveryModuleAndTheTotals) {
+  const std::string stats = dir_ / "stats.json";
+  const ProcessResult r = Quantize({"--stats-json", stats, "--quiet"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const nlohmann::json j = nlohmann::json::parse(ReadAll(stats));
+  ASSERT_EQ(j["modules"].size(), 2u);
+  double before = 0.0;
+  int64_t blocks = 0;
+  for (const auto& m : j["modules"]) {
+    EXPECT_EQ(m["method"], "dss");
+    EXPECT_EQ(m["blocks"], m["rows"].get<int64_t>() * m["cols"].get<int64_t>() / 16);
+    EXPECT_LE(m["objective_after"].get<double>(), m["objective_before"].get<double>());
+    before += m["objective_before"].get<double>();
+    blocks += m["blocks"].get<int64_t>();
+  }
+  EXPECT_EQ(j["totals"]["blocks"], blocks);
+  EXPECT_DOUBLE_EQ(j["totals"]["objective_before"].get<double>(), before);
+  const nlohmann::json hf = nlohmann::json::parse(ReadAll(out_ + "/hf_quant_config.json"));
+  EXPECT_EQ(j["label"]["quant_algo"], hf["quantization"]["quant_algo"]);
+  EXPECT_GE(j["seconds"]["quantize"].get<double>(), 0.0);
+
+  fs::remove_all(out_);
+  const ProcessResult bad = Quantize({"--stats-json", model_ + "/stats.json"});
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_THAT(bad.err,
+              HasSubstr("--stats-json " + model_ + "/stats.json is or lies inside --model"));
+  EXPECT_FALSE(fs::exists(out_));
+  EXPECT_FALSE(fs::exists(model_ + "/stats.json"));
+}
+
 TEST_F(BadInputs, MissingModelFolder) {
   model_ = dir_ / "nope";
   ExpectFailure(Quantize(), "--model " + model_ + ": no such folder");
