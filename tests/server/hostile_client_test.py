@@ -156,7 +156,8 @@ class HostileClientTest(unittest.TestCase):
                 self.assertIn("header.name has 4194305 bytes; the limit is 1024", details)
                 self.assertLess(len(details), 300)
             # 100 x 4 MiB names sent; before the fix the server kept them all (> 400 MB).
-            self.assertLess(server.rss_bytes() - before, 100 << 20)
+            if not ARGS.sanitized:
+                self.assertLess(server.rss_bytes() - before, 100 << 20)
         finally:
             server.stop()
 
@@ -180,7 +181,8 @@ class HostileClientTest(unittest.TestCase):
             responses.cancel()
             # Before the fix: 1 GB for 1,500 tensors. Bound: unsent results (4 MiB) + the
             # in-flight items (8 x 1024 rows) + HTTP/2 and gRPC buffers, well under 256 MiB.
-            self.assertLess(grown, 256 << 20, f"server RSS grew by {grown >> 20} MiB")
+            if not ARGS.sanitized:
+                self.assertLess(grown, 256 << 20, f"server RSS grew by {grown >> 20} MiB")
             self.assertLess(pulled[0], 300, "the server kept reading a client that never reads")
         finally:
             server.stop()
@@ -286,6 +288,9 @@ def main():
     parser.add_argument("--proto_root", required=True, help="folder holding nvfp4cal/v1/")
     parser.add_argument("--protoc", required=True, help="the system protoc (3.21)")
     parser.add_argument("--out", required=True, help="build folder for the generated stubs")
+    parser.add_argument("--sanitized", action="store_true",
+                        help="the server is an AddressSanitizer build: its quarantine keeps freed "
+                             "memory resident, so resident-set bounds are not checked")
     ARGS, rest = parser.parse_known_args()
     PB, _ = generate_stubs(ARGS.proto_root, ARGS.protoc, ARGS.out)
     unittest.main(argv=[sys.argv[0]] + rest, verbosity=2)
