@@ -40,9 +40,11 @@ class ServerFaults : public ::testing::Test {
   }
 
   std::vector<std::string> Quantize(const std::string& out, std::vector<std::string> extra) {
+    // mse: seconds per run on one CPU thread per server, enough to kill servers mid-run (dss
+    // took a minute per run and made these the slowest tests of the suite).
     std::vector<std::string> args = {
         "quantize", "--model",  dir_ / "model", "--hessians", dir_ / "model/hessians.safetensors",
-        "--out",    dir_ / out, "--quiet"};
+        "--out",    dir_ / out, "--method",     "mse",        "--quiet"};
     args.insert(args.end(), extra.begin(), extra.end());
     return args;
   }
