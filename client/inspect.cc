@@ -77,116 +77,114 @@ absl::StatusOr<std::vector<Nvfp4Module>> FindNvfp4Modules(const Checkpoint& chec
   return modules;
 }
 
-// What the labels promise against the tensors (runtimes trust the label): W4A4 "NVFP4" needs
-// every NVFP4 module's input_scale, "W4A16_NVFP4" none; config.json and hf_quant_config.json
-// must agree. One "warning: ..." line per problem.
-std::string LabelWarnings(const std::string& config_algo, const std::string& hf_algo,
-                          const std::vector<Nvfp4Module>& modules, const Checkpoint& checkpoint) {
-  std::vector<std::string> with, without;
-  for (const Nvfp4Module& m : modules) {
-    (checkpoint.Find(m.module + ".input_scale") != nullptr ? with : without).push_back(m.module);
-  }
-  std::string out =
-      absl::StrCat("input_scale: ", with.size(), " of ", modules.size(), " NVFP4 modules\n");
-  auto first = [](const std::vector<std::string>& names) {
-    std::string list =
-        absl::StrJoin(names.begin(), names.begin() + std::min<size_t>(names.size(), 5), ", ");
-    if (names.size() > 5) absl::StrAppend(&list, ", ...");
-    return list;
-  };
-  if (!config_algo.empty() && !hf_algo.empty() && config_algo != hf_algo) {
-    absl::StrAppend(&out, "warning: config.json says quant_algo ", config_algo,
-                    " but hf_quant_config.json says ", hf_algo, "\n");
-  }
-  for (const std::string& algo : {config_algo, hf_algo}) {
-    if (algo == "NVFP4" && !without.empty()) {
-      absl::StrAppend(&out,
-                      "warning: quant_algo NVFP4 (W4A4) promises an input_scale for every "
-                      "quantized module; ",
-                      without.size(), " have none (", first(without),
-                      "): runtimes would scale their activations by an uninitialised value\n");
-      break;
-    }
-    if (algo == "W4A16_NVFP4" && !with.empty()) {
-      absl::StrAppend(&out, "warning: quant_algo W4A16_NVFP4 (weight-only) but ", with.size(),
-                      " modules have an input_scale (", first(with), "), which runtimes ignore\n");
-      break;
-    }
-  }
-  return out;
+// What `inspect` finds in a checkpoint, printed as text or JSON.
+struct Inspection {
+  std::string dir;
+  nlohmann::json architectures;  // null when config.json has none
+  size_t shards = 0;
+  bool sharded = false;
+  size_t tensors = 0;
+  int64_t tensor_bytes = 0;
+  std::map<std::string, std::pair<int64_t, int64_t>> by_dtype;  // dtype -> (tensors, bytes)
+  std::string config_method, config_algo;  // quantization_config of config.json
+  bool hf_quant_config = false;            // hf_quant_config.json with a producer
+  std::string hf_algo, kv_algo, producer_name, producer_version;
+  int64_t group_size = 0;
+  nlohmann::json exclude_modules;
+  std::vector<Nvfp4Module> modules;
+  std::vector<std::string> with_input_scale;
+  int64_t kv_modules = 0;  // k_proj and v_proj weights
+  int64_t kv_scales = 0;   // of those, with k_scale / v_scale
+  std::vector<std::string> warnings;
+};
+
+std::string FirstFew(const std::vector<std::string>& names) {
+  std::string list =
+      absl::StrJoin(names.begin(), names.begin() + std::min<size_t>(names.size(), 5), ", ");
+  if (names.size() > 5) absl::StrAppend(&list, ", ...");
+  return list;
 }
 
-// The FP8 KV cache the label promises (kv_cache_quant_algo FP8) against the k_scale / v_scale
-// tensors of the k_proj / v_proj modules.
-std::string KvCacheReport(const std::string& kv_algo, const Checkpoint& checkpoint) {
-  int64_t attention = 0;
+// What the labels promise against the tensors (runtimes trust the label): W4A4 "NVFP4" needs
+// every NVFP4 module's input_scale, "W4A16_NVFP4" none, FP8 KV cache a scale for every k_proj /
+// v_proj; config.json and hf_quant_config.json must agree.
+void CheckLabels(const Checkpoint& checkpoint, Inspection* in) {
   std::vector<std::string> without;
-  int64_t scales = 0;
+  for (const Nvfp4Module& m : in->modules) {
+    if (checkpoint.Find(m.module + ".input_scale") != nullptr) {
+      in->with_input_scale.push_back(m.module);
+    } else {
+      without.push_back(m.module);
+    }
+  }
+  if (!in->config_algo.empty() && !in->hf_algo.empty() && in->config_algo != in->hf_algo) {
+    in->warnings.push_back(absl::StrCat("config.json says quant_algo ", in->config_algo,
+                                        " but hf_quant_config.json says ", in->hf_algo));
+  }
+  for (const std::string& algo : {in->config_algo, in->hf_algo}) {
+    if (algo == "NVFP4" && !without.empty()) {
+      in->warnings.push_back(absl::StrCat(
+          "quant_algo NVFP4 (W4A4) promises an input_scale for every quantized module; ",
+          without.size(), " have none (", FirstFew(without),
+          "): runtimes would scale their activations by an uninitialised value"));
+      break;
+    }
+    if (algo == "W4A16_NVFP4" && !in->with_input_scale.empty()) {
+      in->warnings.push_back(
+          absl::StrCat("quant_algo W4A16_NVFP4 (weight-only) but ", in->with_input_scale.size(),
+                       " modules have an input_scale (", FirstFew(in->with_input_scale),
+                       "), which runtimes ignore"));
+      break;
+    }
+  }
+  std::vector<std::string> kv_without;
   for (const auto& [name, entry] : checkpoint.tensors()) {
     for (const auto& [weight, scale] :
          {std::pair<std::string, std::string>{".k_proj.weight", ".k_scale"},
           {".v_proj.weight", ".v_scale"}}) {
       if (!absl::EndsWith(name, weight)) continue;
-      ++attention;
+      ++in->kv_modules;
       const std::string module = name.substr(0, name.size() - std::string(".weight").size());
       if (checkpoint.Find(module + scale) != nullptr) {
-        ++scales;
+        ++in->kv_scales;
       } else {
-        without.push_back(module);
+        kv_without.push_back(module);
       }
     }
   }
-  std::string out = absl::StrCat("kv cache: ", kv_algo.empty() ? "not quantized" : kv_algo, ", ",
-                                 scales, " of ", attention,
-                                 " k_proj / v_proj with k_scale / "
-                                 "v_scale\n");
-  if (kv_algo == "FP8" && !without.empty()) {
-    absl::StrAppend(&out, "warning: kv_cache_quant_algo FP8 but ", without.size(),
-                    " k_proj / v_proj have no scale (", without.front(),
-                    without.size() > 1 ? ", ..." : "", ")\n");
+  if (in->kv_algo == "FP8" && !kv_without.empty()) {
+    in->warnings.push_back(absl::StrCat("kv_cache_quant_algo FP8 but ", kv_without.size(),
+                                        " k_proj / v_proj have no scale (", FirstFew(kv_without),
+                                        ")"));
   }
-  if (kv_algo.empty() && scales > 0) {
-    absl::StrAppend(
-        &out, "warning: ", scales,
-        " k_scale / v_scale tensors but no kv_cache_quant_algo: runtimes ignore them\n");
+  if (in->kv_algo.empty() && in->kv_scales > 0) {
+    in->warnings.push_back(absl::StrCat(in->kv_scales,
+                                        " k_scale / v_scale tensors but no kv_cache_quant_algo: "
+                                        "runtimes ignore them"));
   }
-  return out;
 }
 
-}  // namespace
-
-absl::StatusOr<std::string> InspectCheckpoint(const std::string& dir) {
-  absl::StatusOr<std::unique_ptr<Checkpoint>> opened = Checkpoint::Open(dir);
-  if (!opened.ok()) return opened.status();
-  const Checkpoint& checkpoint = **opened;
+absl::StatusOr<Inspection> Inspect(const std::string& dir, const Checkpoint& checkpoint) {
+  Inspection in;
+  in.dir = dir;
   absl::StatusOr<std::vector<Nvfp4Module>> modules = FindNvfp4Modules(checkpoint);
   if (!modules.ok()) return modules.status();
-
-  std::string out = absl::StrCat("checkpoint: ", dir, "\n");
+  in.modules = *std::move(modules);
   const nlohmann::json config = nlohmann::json::parse(checkpoint.config_text());
-  if (config.contains("architectures")) {
-    absl::StrAppend(&out, "architecture: ", config["architectures"].dump(), "\n");
-  }
-  absl::StrAppend(&out, "shards: ", checkpoint.shards().size(),
-                  checkpoint.sharded() ? " (with model.safetensors.index.json)" : "", "\n");
-  absl::StrAppend(&out, "tensors: ", checkpoint.tensors().size(), ", ",
-                  FormatBytes(checkpoint.total_tensor_bytes()), "\n");
-  std::map<std::string, std::pair<int64_t, int64_t>> by_dtype;
+  if (config.contains("architectures")) in.architectures = config["architectures"];
+  in.shards = checkpoint.shards().size();
+  in.sharded = checkpoint.sharded();
+  in.tensors = checkpoint.tensors().size();
+  in.tensor_bytes = checkpoint.total_tensor_bytes();
   for (const auto& [name, entry] : checkpoint.tensors()) {
-    auto& d = by_dtype[std::string(SafetensorsDTypeName(entry.tensor->dtype))];
+    auto& d = in.by_dtype[std::string(SafetensorsDTypeName(entry.tensor->dtype))];
     ++d.first;
     d.second += entry.tensor->num_bytes;
   }
-  for (const auto& [dtype, count] : by_dtype) {
-    absl::StrAppendFormat(&out, "  %-8s %5d tensors  %s\n", dtype, count.first,
-                          FormatBytes(count.second));
-  }
-  std::string config_algo, hf_algo, kv_algo;
   if (config.contains("quantization_config") && config["quantization_config"].is_object()) {
     const nlohmann::json& q = config["quantization_config"];
-    config_algo = q.value("quant_algo", "");
-    absl::StrAppend(&out, "quantization_config: quant_method ", q.value("quant_method", "?"),
-                    ", quant_algo ", q.value("quant_algo", "?"), "\n");
+    in.config_method = q.value("quant_method", "?");
+    in.config_algo = q.value("quant_algo", "");
   }
   const std::string hf_path = (fs::path(dir) / kHfQuantConfigFileName).string();
   absl::StatusOr<std::string> hf = ReadTextFile(hf_path);
@@ -194,43 +192,129 @@ absl::StatusOr<std::string> InspectCheckpoint(const std::string& dir) {
   if (hf.ok()) {
     const nlohmann::json h = nlohmann::json::parse(*hf, nullptr, false);
     if (!h.is_discarded() && h.contains("quantization") && h.contains("producer")) {
-      hf_algo = h["quantization"].value("quant_algo", "");
-      if (h["quantization"].contains("kv_cache_quant_algo") &&
-          h["quantization"]["kv_cache_quant_algo"].is_string()) {
-        kv_algo = h["quantization"]["kv_cache_quant_algo"].get<std::string>();
+      const nlohmann::json& q = h["quantization"];
+      in.hf_quant_config = true;
+      in.hf_algo = q.value("quant_algo", "");
+      if (q.contains("kv_cache_quant_algo") && q["kv_cache_quant_algo"].is_string()) {
+        in.kv_algo = q["kv_cache_quant_algo"].get<std::string>();
       }
-      absl::StrAppend(&out, "hf_quant_config: ", h["quantization"].value("quant_algo", "?"),
-                      ", group size ", h["quantization"].value("group_size", 0), ", producer ",
-                      h["producer"].value("name", "?"), " ", h["producer"].value("version", "?"),
-                      ", excluded modules: ", h["quantization"]["exclude_modules"].dump(), "\n");
+      in.group_size = q.value("group_size", 0);
+      in.exclude_modules = q.contains("exclude_modules") ? q["exclude_modules"] : nlohmann::json();
+      in.producer_name = h["producer"].value("name", "?");
+      in.producer_version = h["producer"].value("version", "?");
     }
   }
-  if (modules->empty()) {
+  CheckLabels(checkpoint, &in);
+  return in;
+}
+
+std::string FormatText(const Inspection& in, const Checkpoint& checkpoint) {
+  std::string out = absl::StrCat("checkpoint: ", in.dir, "\n");
+  if (!in.architectures.is_null()) {
+    absl::StrAppend(&out, "architecture: ", in.architectures.dump(), "\n");
+  }
+  absl::StrAppend(&out, "shards: ", in.shards,
+                  in.sharded ? " (with model.safetensors.index.json)" : "", "\n");
+  absl::StrAppend(&out, "tensors: ", in.tensors, ", ", FormatBytes(in.tensor_bytes), "\n");
+  for (const auto& [dtype, count] : in.by_dtype) {
+    absl::StrAppendFormat(&out, "  %-8s %5d tensors  %s\n", dtype, count.first,
+                          FormatBytes(count.second));
+  }
+  if (!in.config_method.empty()) {
+    absl::StrAppend(&out, "quantization_config: quant_method ", in.config_method, ", quant_algo ",
+                    in.config_algo.empty() ? "?" : in.config_algo, "\n");
+  }
+  if (in.hf_quant_config) {
+    absl::StrAppend(&out, "hf_quant_config: ", in.hf_algo.empty() ? "?" : in.hf_algo,
+                    ", group size ", in.group_size, ", producer ", in.producer_name, " ",
+                    in.producer_version, ", excluded modules: ", in.exclude_modules.dump(), "\n");
+  }
+  if (in.modules.empty()) {
     absl::StrAppend(&out, "NVFP4 modules: none\n");
     return out;
   }
   int64_t packed_bytes = 0;
   int64_t elements = 0;
-  for (const Nvfp4Module& m : *modules) {
+  for (const Nvfp4Module& m : in.modules) {
     packed_bytes += m.codes->tensor->num_bytes + m.scales->tensor->num_bytes + 4;
     elements += m.rows * m.cols;
   }
   absl::StrAppendFormat(&out, "NVFP4 modules: %d, %d weights in %s (%.3f bits per weight)\n",
-                        modules->size(), elements, FormatBytes(packed_bytes),
+                        in.modules.size(), elements, FormatBytes(packed_bytes),
                         8.0 * static_cast<double>(packed_bytes) / static_cast<double>(elements));
-  absl::StrAppend(&out, LabelWarnings(config_algo, hf_algo, *modules, checkpoint));
-  absl::StrAppend(&out, KvCacheReport(kv_algo, checkpoint));
+  absl::StrAppend(&out, "input_scale: ", in.with_input_scale.size(), " of ", in.modules.size(),
+                  " NVFP4 modules\n");
+  absl::StrAppend(&out, "kv cache: ", in.kv_algo.empty() ? "not quantized" : in.kv_algo, ", ",
+                  in.kv_scales, " of ", in.kv_modules, " k_proj / v_proj with k_scale / v_scale\n");
+  for (const std::string& w : in.warnings) absl::StrAppend(&out, "warning: ", w, "\n");
   size_t width = 6;
-  for (const Nvfp4Module& m : *modules) width = std::max(width, m.module.size());
+  for (const Nvfp4Module& m : in.modules) width = std::max(width, m.module.size());
   absl::StrAppendFormat(&out, "  %-*s  %-11s  %14s  %12s  %s\n", static_cast<int>(width), "module",
                         "shape", "weight_scale_2", "global amax", "shard");
-  for (const Nvfp4Module& m : *modules) {
+  for (const Nvfp4Module& m : in.modules) {
     absl::StrAppendFormat(&out, "  %-*s  %-11s  %14.6g  %12.6g  %s\n", static_cast<int>(width),
                           m.module, absl::StrCat(m.rows, "x", m.cols), m.global_scale,
                           m.global_scale * kGlobalScaleDivisor,
                           checkpoint.shards()[m.codes->shard].file_name);
   }
   return out;
+}
+
+std::string FormatJson(const Inspection& in, const Checkpoint& checkpoint) {
+  OrderedJson dtypes = OrderedJson::object();
+  for (const auto& [dtype, count] : in.by_dtype) {
+    dtypes[dtype] = {{"tensors", count.first}, {"bytes", count.second}};
+  }
+  OrderedJson modules = OrderedJson::array();
+  for (const Nvfp4Module& m : in.modules) {
+    const Checkpoint::Entry* input_scale = checkpoint.Find(m.module + ".input_scale");
+    OrderedJson scale;  // null when absent
+    if (input_scale != nullptr && input_scale->tensor->num_bytes == 4) {
+      float v = 0.0f;
+      std::memcpy(&v, input_scale->tensor->data, 4);
+      scale = v;
+    }
+    modules.push_back({{"module", m.module},
+                       {"rows", m.rows},
+                       {"cols", m.cols},
+                       {"weight_scale_2", m.global_scale},
+                       {"global_amax", m.global_scale * kGlobalScaleDivisor},
+                       {"input_scale", scale},
+                       {"shard", checkpoint.shards()[m.codes->shard].file_name}});
+  }
+  auto or_null = [](const std::string& s) { return s.empty() ? OrderedJson() : OrderedJson(s); };
+  OrderedJson root = {
+      {"checkpoint", in.dir},
+      {"architectures", OrderedJson::parse(in.architectures.dump())},
+      {"shards", in.shards},
+      {"tensors", in.tensors},
+      {"tensor_bytes", in.tensor_bytes},
+      {"dtypes", std::move(dtypes)},
+      {"label",
+       {{"config_quant_method", or_null(in.config_method)},
+        {"config_quant_algo", or_null(in.config_algo)},
+        {"hf_quant_algo", or_null(in.hf_algo)},
+        {"kv_cache_quant_algo", or_null(in.kv_algo)},
+        {"group_size", in.hf_quant_config ? OrderedJson(in.group_size) : OrderedJson()},
+        {"exclude_modules", OrderedJson::parse(in.exclude_modules.dump())},
+        {"producer", in.hf_quant_config ? OrderedJson({{"name", in.producer_name},
+                                                       {"version", in.producer_version}})
+                                        : OrderedJson()}}},
+      {"nvfp4_modules", std::move(modules)},
+      {"input_scales", in.with_input_scale.size()},
+      {"kv_cache", {{"k_v_projections", in.kv_modules}, {"scales", in.kv_scales}}},
+      {"warnings", in.warnings}};
+  return root.dump(2) + "\n";
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> InspectCheckpoint(const std::string& dir, InspectFormat format) {
+  absl::StatusOr<std::unique_ptr<Checkpoint>> opened = Checkpoint::Open(dir);
+  if (!opened.ok()) return opened.status();
+  absl::StatusOr<Inspection> in = Inspect(dir, **opened);
+  if (!in.ok()) return in.status();
+  return format == InspectFormat::kJson ? FormatJson(*in, **opened) : FormatText(*in, **opened);
 }
 
 absl::Status DequantizeCheckpoint(const DequantizeOptions& options) {

@@ -19,10 +19,16 @@
 
 namespace nvfp4cal {
 
-// A human-readable summary of a checkpoint folder (quantized or not). Errors as
-// Checkpoint::Open; INVALID_ARGUMENT naming the module when NVFP4 tensors have inconsistent
-// shapes or dtypes.
-absl::StatusOr<std::string> InspectCheckpoint(const std::string& dir);
+enum class InspectFormat { kText, kJson };
+
+// A summary of a checkpoint folder (quantized or not, made by any tool): shards, tensors, sizes
+// by dtype, the labels (config.json's quantization_config, hf_quant_config.json), the NVFP4
+// modules, how many have an input_scale and a KV-cache scale, and a warning for every label
+// that promises more or less than the tensors hold. kText: lines for people ("warning: ...");
+// kJson: the same as one JSON object (`inspect --json`). Errors as Checkpoint::Open;
+// INVALID_ARGUMENT naming the module when NVFP4 tensors have inconsistent shapes or dtypes.
+absl::StatusOr<std::string> InspectCheckpoint(const std::string& dir,
+                                              InspectFormat format = InspectFormat::kText);
 
 struct DequantizeOptions {
   std::string in_dir;

@@ -437,16 +437,19 @@ int RunQuantize(int argc, const char* const* argv) {
 
 int RunInspect(int argc, const char* const* argv) {
   CliParser parser("inspect",
-                   "Summarises a checkpoint: shards, tensors and sizes by dtype, "
-                   "quantization config, NVFP4 modules.");
+                   "Summarises a checkpoint made by any tool: shards, tensors and sizes by dtype, "
+                   "its labels, NVFP4 modules, input_scale and KV-cache scale coverage, and a "
+                   "warning for every label that promises more or less than the tensors hold.");
   parser.SetPositional("DIR", 1);
+  parser.AddSwitch("json", "print the summary as one JSON object");
   absl::StatusOr<CliArgs> args = parser.Parse(argc, argv);
   if (!args.ok()) return UsageError("inspect", args.status());
   if (args->help()) {
     std::cout << parser.Help();
     return 0;
   }
-  absl::StatusOr<std::string> summary = InspectCheckpoint(args->positional()[0]);
+  absl::StatusOr<std::string> summary = InspectCheckpoint(
+      args->positional()[0], args->Switch("json") ? InspectFormat::kJson : InspectFormat::kText);
   if (!summary.ok()) return Fail("inspect", summary.status());
   std::cout << *summary;
   return 0;

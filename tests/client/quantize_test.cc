@@ -658,6 +658,22 @@ TEST(QuantizeCheckpoint, LabelsNeverPromiseTensorsTheCheckpointLacks) {
                                     "hf_quant_config.json says W4A16_NVFP4"));
   EXPECT_THAT(*inspected, HasSubstr("warning: quant_algo NVFP4 (W4A4) promises an input_scale for "
                                     "every quantized module; 3 have none"));
+  absl::StatusOr<std::string> as_json = InspectCheckpoint(dir / "w4a16", InspectFormat::kJson);
+  ASSERT_TRUE(as_json.ok());
+  const nlohmann::json j = nlohmann::json::parse(*as_json);
+  EXPECT_EQ(j["label"]["config_quant_algo"], "NVFP4");
+  EXPECT_EQ(j["label"]["hf_quant_algo"], "W4A16_NVFP4");
+  EXPECT_EQ(j["nvfp4_modules"].size(), 3u);
+  EXPECT_TRUE(j["nvfp4_modules"][0]["input_scale"].is_null());
+  EXPECT_EQ(j["input_scales"], 0);
+  ASSERT_EQ(j["warnings"].size(), 2u);
+  EXPECT_THAT(j["warnings"][1].get<std::string>(), HasSubstr("3 have none"));
+  as_json = InspectCheckpoint(dir / "w4a4", InspectFormat::kJson);
+  ASSERT_TRUE(as_json.ok());
+  const nlohmann::json w4a4 = nlohmann::json::parse(*as_json);
+  EXPECT_EQ(w4a4["input_scales"], 3);
+  EXPECT_TRUE(w4a4["warnings"].empty());
+  EXPECT_EQ(w4a4["nvfp4_modules"][0]["input_scale"], 13.5f / 2688.0f);
 
   // A malformed amax is an error naming it, before anything is written.
   ASSERT_TRUE(
