@@ -154,6 +154,20 @@ absl::Status WriteTextFile(const std::string& path, const std::string& text) {
   return absl::OkStatus();
 }
 
+absl::Status ReplaceTextFile(const std::string& path, const std::string& text) {
+  const std::string temp = absl::StrCat(path, ".nvfp4cal-tmp-", ::getpid());
+  if (absl::Status written = WriteTextFile(temp, text); !written.ok()) {
+    ::unlink(temp.c_str());
+    return written;
+  }
+  if (::rename(temp.c_str(), path.c_str()) != 0) {
+    const std::string why = ErrnoText();
+    ::unlink(temp.c_str());
+    return absl::InternalError(absl::StrCat(path, ": cannot rename ", temp, " onto it: ", why));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CopyPath(const std::string& from, const std::string& to) {
   std::error_code ec;
   if (!fs::is_directory(from, ec)) return CopyFile(from, to);

@@ -58,6 +58,10 @@ absl::StatusOr<std::string> ReadTextFile(const std::string& path);
 // Creates or truncates `path` with `text` and flushes it to disk.
 absl::Status WriteTextFile(const std::string& path, const std::string& text);
 
+// WriteTextFile into `path`.nvfp4cal-tmp-PID, then renamed onto `path`: a reader (or a run
+// killed meanwhile) sees the old file or the whole new one, never a part.
+absl::Status ReplaceTextFile(const std::string& path, const std::string& text);
+
 // Copies a file or a folder (recursively, symlinks followed) to `to`, which must not exist.
 // Files are read through ReadableFile::Open: a FIFO, socket or device anywhere in `from` is an
 // error naming it.

@@ -404,7 +404,7 @@ int RunQuantize(int argc, const char* const* argv) {
   progress.Finish();
   if (!report.ok()) return Fail(cmd, report.status());
   if (!stats_json.empty()) {
-    if (absl::Status s = WriteTextFile(stats_json, FormatStatsJson(*report)); !s.ok()) {
+    if (absl::Status s = ReplaceTextFile(stats_json, FormatStatsJson(*report)); !s.ok()) {
       return Fail(cmd, s);
     }
   }

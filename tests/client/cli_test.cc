@@ -158,6 +158,10 @@ TEST_F(BadInputs, StatsJsonHoldsEveryModuleAndTheTotals) {
   const nlohmann::json hf = nlohmann::json::parse(ReadAll(out_ + "/hf_quant_config.json"));
   EXPECT_EQ(j["label"]["quant_algo"], hf["quantization"]["quant_algo"]);
   EXPECT_GE(j["seconds"]["quantize"].get<double>(), 0.0);
+  for (const auto& entry : fs::directory_iterator(std::string(dir_ / ""))) {
+    EXPECT_EQ(entry.path().filename().string().find("stats.json.nvfp4cal-tmp"), std::string::npos)
+        << entry.path() << " left behind";
+  }
 
   fs::remove_all(out_);
   const ProcessResult bad = Quantize({"--stats-json", model_ + "/stats.json"});
