@@ -10,6 +10,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "client/file_util.h"
 #include "client/temp_dir.h"
 #include "nlohmann/json.hpp"
@@ -221,30 +222,46 @@ bool IsFusedExpertTensor(const std::string& name, const SafetensorsTensor& t) {
   return absl::EndsWith(name, ".weight") || name.find(".experts.") != std::string::npos;
 }
 
+std::string FirstNames(const std::vector<std::string>& names, size_t shown) {
+  const size_t n = std::min(names.size(), shown);
+  std::string list =
+      absl::StrJoin(names.begin(), names.begin() + static_cast<std::ptrdiff_t>(n), ", ");
+  if (names.size() > n) absl::StrAppend(&list, ", ... (", names.size(), " in all)");
+  return list;
+}
+
+std::string ExpertName(const std::string& module, int64_t expert) {
+  return expert < 0 ? module : absl::StrCat(module, ".", expert);
+}
+
 absl::StatusOr<std::vector<ModulePlan>> PlanModules(const Checkpoint& checkpoint,
                                                     const PlanOptions& options) {
   std::vector<ModulePlan> plans;
   for (const auto& [name, entry] : checkpoint.tensors()) {
     const SafetensorsTensor& t = *entry.tensor;
-    if (IsFusedExpertTensor(name, t)) {
+    const bool experts = IsFusedExpertTensor(name, t);
+    if (experts && !absl::EndsWith(name, ".weight")) {
       // Not quantized, but listed: a runtime reading the label must not expect NVFP4 experts.
       ModulePlan plan;
       plan.weight_name = name;
-      plan.module = absl::EndsWith(name, ".weight") ? name.substr(0, name.size() - 7) : name;
-      plan.rows = t.shape[0] * t.shape[1];
+      plan.module = name;
+      plan.experts = t.shape[0];
+      plan.rows = t.shape[1];
       plan.cols = t.shape[2];
-      plan.skip_reason = absl::StrCat("3-D expert tensor ", ShapeString(t.shape),
-                                      " [experts, out, in]: per-expert quantization of fused "
-                                      "expert tensors is not supported yet; kept as is");
+      plan.skip_reason = absl::StrCat(
+          "3-D expert tensor ", ShapeString(t.shape),
+          " without a .weight suffix: its layout ([experts, out, in] or [experts, in, out]) "
+          "differs between models, so it is kept as is");
       plans.push_back(std::move(plan));
       continue;
     }
-    if (!absl::EndsWith(name, ".weight") || t.shape.size() != 2) continue;
+    if (!absl::EndsWith(name, ".weight") || (t.shape.size() != 2 && !experts)) continue;
     ModulePlan plan;
     plan.weight_name = name;
     plan.module = name.substr(0, name.size() - 7);
-    plan.rows = t.shape[0];
-    plan.cols = t.shape[1];
+    plan.experts = experts ? t.shape[0] : 0;
+    plan.rows = t.shape[t.shape.size() - 2];
+    plan.cols = t.shape[t.shape.size() - 1];
     auto matches = [&](const std::string& glob) {
       return GlobMatch(glob, plan.module) || GlobMatch(glob, plan.weight_name);
     };
@@ -273,6 +290,9 @@ absl::StatusOr<std::vector<ModulePlan>> PlanModules(const Checkpoint& checkpoint
     if (dtype.ok()) plan.dtype = *dtype;
     if (plan.skip_reason.empty() && (plan.cols % 16 != 0 || plan.cols == 0 || plan.rows == 0)) {
       plan.skip_reason = absl::StrCat("in = ", plan.cols, " is not a positive multiple of 16");
+    }
+    if (plan.skip_reason.empty() && experts && plan.experts == 0) {
+      plan.skip_reason = "a 3-D expert tensor with no experts";
     }
     plan.quantize = plan.skip_reason.empty();
     if (plan.quantize) {

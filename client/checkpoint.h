@@ -92,11 +92,13 @@ struct PlanOptions {
 // vision towers.
 const std::vector<std::string>& DefaultExcludes();
 
-// One Linear-like weight of the checkpoint (a 2-D float tensor named `<module>.weight`).
+// One Linear-like weight of the checkpoint: a 2-D float tensor named `<module>.weight`
+// [out, in], or a 3-D one [experts, out, in] (fused MoE experts, quantized expert by expert).
 struct ModulePlan {
   std::string module;       // "model.layers.0.self_attn.q_proj"
   std::string weight_name;  // module + ".weight"
-  int64_t rows = 0;         // out features
+  int64_t experts = 0;      // 0: a 2-D weight; else the leading dimension of a 3-D one
+  int64_t rows = 0;         // out features (of one expert)
   int64_t cols = 0;         // in features
   DType dtype = DType::kBFloat16;
   bool quantize = false;
@@ -108,14 +110,20 @@ struct ModulePlan {
   std::string fused_group;
 };
 
-// Whether `t` is a 3-D fused expert weight [experts, out, in] (a `.weight`, or a tensor under
-// `.experts.` as gpt-oss-style checkpoints name them) in a float dtype.
+// Whether `t` is a 3-D fused expert weight (a `.weight`, or a tensor under `.experts.` as
+// gpt-oss-style checkpoints name them) in a float dtype.
 bool IsFusedExpertTensor(const std::string& name, const SafetensorsTensor& t);
 
-// The Linear-like weights in name order with the decision for each; 3-D fused expert tensors
-// are listed, not quantized (IsFusedExpertTensor). INVALID_ARGUMENT naming the
-// tensor for a selected 2-D `.weight` whose dtype is not BF16, F16 or F32, or whose output
-// tensor names (`.weight_scale`, `.weight_scale_2`) already exist.
+// The name of expert `e` of a 3-D module, as Hessian entries and reports name it:
+// "<module>.<e>" ("model.layers.0.mlp.experts.w1.3"); the module itself for a 2-D one (e < 0).
+std::string ExpertName(const std::string& module, int64_t expert);
+
+// The Linear-like weights in name order with the decision for each. A 3-D `.weight` is
+// [experts, out, in] (the nn.Linear convention per expert) and is planned like a 2-D one; a 3-D
+// tensor under `.experts.` without `.weight` (gpt-oss / Llama-4 style `gate_up_proj`, stored
+// [experts, in, out] by some models and [experts, out, in] by others) is listed, not quantized.
+// INVALID_ARGUMENT naming the tensor for a selected `.weight` whose dtype is not BF16, F16 or
+// F32, or whose output tensor names (`.weight_scale`, `.weight_scale_2`) already exist.
 absl::StatusOr<std::vector<ModulePlan>> PlanModules(const Checkpoint& checkpoint,
                                                     const PlanOptions& options);
 
@@ -125,6 +133,10 @@ std::string FusedGroupKey(const std::string& module);
 // The fused siblings of a module's leaf name in their canonical order ({"q_proj", "k_proj",
 // "v_proj"} for "k_proj"), empty when it has none.
 std::vector<std::string> FusedSiblingLeaves(const std::string& leaf);
+
+// The first `shown` names joined by ", ", then ", ... (N in all)" when there are more: how
+// messages name a list of modules.
+std::string FirstNames(const std::vector<std::string>& names, size_t shown = 5);
 
 // fnmatch without flags: `*` matches any characters, dots included.
 bool GlobMatch(const std::string& pattern, const std::string& text);

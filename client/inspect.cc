@@ -1,9 +1,11 @@
 #include "client/inspect.h"
 
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <optional>
 #include <system_error>
 #include <vector>
 
@@ -26,53 +28,106 @@ namespace {
 namespace fs = std::filesystem;
 using OrderedJson = nlohmann::ordered_json;
 
+// The tensor names of an NVFP4 module's parts in one of the two layouts.
+struct Nvfp4Layout {
+  const char* format;        // "modelopt", "compressed-tensors"
+  const char* codes;         // U8 [out, in/2]
+  const char* global_scale;  // F32
+  const char* input_scale;   // F32, when activations are quantized
+  // compressed-tensors stores the reciprocal: w = code * (weight_scale / weight_global_scale);
+  // ModelOpt: w = code * weight_scale * weight_scale_2.
+  bool divisor;
+};
+constexpr Nvfp4Layout kModelOptLayout{"modelopt", ".weight", ".weight_scale_2", ".input_scale",
+                                      false};
+constexpr Nvfp4Layout kCompressedTensorsLayout{"compressed-tensors", ".weight_packed",
+                                               ".weight_global_scale", ".input_global_scale", true};
+
 struct Nvfp4Module {
   std::string module;
+  const Nvfp4Layout* layout = &kModelOptLayout;
   const Checkpoint::Entry* codes = nullptr;
   const Checkpoint::Entry* scales = nullptr;
   const Checkpoint::Entry* scale_2 = nullptr;
+  int64_t experts = 0;  // 0: [out, in]; else a 3-D expert tensor [experts, out, in]
   int64_t rows = 0;
   int64_t cols = 0;
-  float global_scale = 0.0f;
+  // The stored global scale, one per expert (one for a 2-D module).
+  std::vector<float> global_scales;
+  // ModelOpt's weight_scale_2 of expert e (the reciprocal of compressed-tensors' divisor).
+  float WeightScale2(size_t e) const {
+    return layout->divisor ? 1.0f / global_scales[e] : global_scales[e];
+  }
 };
 
-// Every `<m>.weight_scale_2` with its codes and block scales, shapes checked.
+// The NVFP4 module whose global scale is tensor `name` in `layout`, shapes checked; nullopt
+// when `name` is not such a tensor.
+absl::StatusOr<std::optional<Nvfp4Module>> ReadNvfp4Module(const Checkpoint& checkpoint,
+                                                           const std::string& name,
+                                                           const Checkpoint::Entry& entry,
+                                                           const Nvfp4Layout& layout) {
+  if (!absl::EndsWith(name, layout.global_scale)) return std::nullopt;
+  Nvfp4Module m;
+  m.layout = &layout;
+  m.module = name.substr(0, name.size() - std::string(layout.global_scale).size());
+  m.scale_2 = &entry;
+  m.codes = checkpoint.Find(m.module + layout.codes);
+  m.scales = checkpoint.Find(m.module + ".weight_scale");
+  auto bad = [&](const std::string& what) {
+    return absl::InvalidArgumentError(absl::StrCat("NVFP4 module ", m.module, ": ", what));
+  };
+  if (m.codes == nullptr || m.scales == nullptr) {
+    return bad(
+        absl::StrCat(layout.global_scale + 1, " without ", layout.codes, " and .weight_scale"));
+  }
+  const SafetensorsTensor& c = *m.codes->tensor;
+  const SafetensorsTensor& s = *m.scales->tensor;
+  const SafetensorsTensor& s2 = *entry.tensor;
+  // [out, in/2], or [experts, out, in/2] for a 3-D expert tensor (ModelOpt layout).
+  const bool experts = c.shape.size() == 3 && !layout.divisor;
+  if (c.dtype != SafetensorsDType::kU8 || (c.shape.size() != 2 && !experts)) {
+    return bad(absl::StrCat(layout.codes, " is ", std::string(SafetensorsDTypeName(c.dtype)), " ",
+                            ShapeString(c.shape), ", expected U8 [out, in/2]",
+                            layout.divisor ? "" : " or [experts, out, in/2]"));
+  }
+  m.experts = experts ? c.shape[0] : 0;
+  m.rows = c.shape[c.shape.size() - 2];
+  m.cols = c.shape[c.shape.size() - 1] * 2;
+  std::vector<int64_t> want_scales = {m.rows, m.cols / 16};
+  if (experts) want_scales.insert(want_scales.begin(), m.experts);
+  if (s.dtype != SafetensorsDType::kF8E4M3 || s.shape != want_scales) {
+    return bad(absl::StrCat(".weight_scale is ", std::string(SafetensorsDTypeName(s.dtype)), " ",
+                            ShapeString(s.shape), ", expected F8_E4M3 ", ShapeString(want_scales)));
+  }
+  const int64_t count = std::max<int64_t>(m.experts, 1);
+  if (s2.dtype != SafetensorsDType::kF32 || s2.num_bytes != 4 * count) {
+    return bad(absl::StrCat(layout.global_scale, " is ",
+                            std::string(SafetensorsDTypeName(s2.dtype)), " ", ShapeString(s2.shape),
+                            ", expected F32 with ", count,
+                            count == 1 ? " value" : " values (one per expert)"));
+  }
+  m.global_scales.resize(static_cast<size_t>(count));
+  std::memcpy(m.global_scales.data(), s2.data, static_cast<size_t>(4 * count));
+  for (float g : m.global_scales) {
+    // ModelOpt's weight_scale_2 is 0 for an all-zero tensor; a divisor must be positive.
+    if (!std::isfinite(g) || g < 0.0f || (layout.divisor && g == 0.0f)) {
+      return bad(absl::StrCat(layout.global_scale, " holds ", g, "; expected a finite ",
+                              layout.divisor ? "positive" : "non-negative", " value"));
+    }
+  }
+  return m;
+}
+
+// Every NVFP4 module of either layout, shapes checked.
 absl::StatusOr<std::vector<Nvfp4Module>> FindNvfp4Modules(const Checkpoint& checkpoint) {
   std::vector<Nvfp4Module> modules;
   for (const auto& [name, entry] : checkpoint.tensors()) {
-    if (!absl::EndsWith(name, ".weight_scale_2")) continue;
-    Nvfp4Module m;
-    m.module = name.substr(0, name.size() - std::string(".weight_scale_2").size());
-    m.scale_2 = &entry;
-    m.codes = checkpoint.Find(m.module + ".weight");
-    m.scales = checkpoint.Find(m.module + ".weight_scale");
-    auto bad = [&](const std::string& what) {
-      return absl::InvalidArgumentError(absl::StrCat("NVFP4 module ", m.module, ": ", what));
-    };
-    if (m.codes == nullptr || m.scales == nullptr) {
-      return bad("weight_scale_2 without .weight and .weight_scale");
+    for (const Nvfp4Layout* layout : {&kModelOptLayout, &kCompressedTensorsLayout}) {
+      absl::StatusOr<std::optional<Nvfp4Module>> m =
+          ReadNvfp4Module(checkpoint, name, entry, *layout);
+      if (!m.ok()) return m.status();
+      if (m->has_value()) modules.push_back(**std::move(m));
     }
-    const SafetensorsTensor& c = *m.codes->tensor;
-    const SafetensorsTensor& s = *m.scales->tensor;
-    const SafetensorsTensor& s2 = *entry.tensor;
-    if (c.dtype != SafetensorsDType::kU8 || c.shape.size() != 2) {
-      return bad(absl::StrCat(".weight is ", std::string(SafetensorsDTypeName(c.dtype)), " ",
-                              ShapeString(c.shape), ", expected U8 [out, in/2]"));
-    }
-    m.rows = c.shape[0];
-    m.cols = c.shape[1] * 2;
-    if (s.dtype != SafetensorsDType::kF8E4M3 || s.shape.size() != 2 || s.shape[0] != m.rows ||
-        s.shape[1] * 16 != m.cols) {
-      return bad(absl::StrCat(".weight_scale is ", std::string(SafetensorsDTypeName(s.dtype)), " ",
-                              ShapeString(s.shape), ", expected F8_E4M3 [", m.rows, ", ",
-                              m.cols / 16, "]"));
-    }
-    if (s2.dtype != SafetensorsDType::kF32 || s2.num_bytes != 4) {
-      return bad(absl::StrCat(".weight_scale_2 is ", std::string(SafetensorsDTypeName(s2.dtype)),
-                              " ", ShapeString(s2.shape), ", expected an F32 scalar"));
-    }
-    std::memcpy(&m.global_scale, s2.data, 4);
-    modules.push_back(m);
   }
   return modules;
 }
@@ -98,20 +153,13 @@ struct Inspection {
   std::vector<std::string> warnings;
 };
 
-std::string FirstFew(const std::vector<std::string>& names) {
-  std::string list =
-      absl::StrJoin(names.begin(), names.begin() + std::min<size_t>(names.size(), 5), ", ");
-  if (names.size() > 5) absl::StrAppend(&list, ", ...");
-  return list;
-}
-
 // What the labels promise against the tensors (runtimes trust the label): W4A4 "NVFP4" needs
 // every NVFP4 module's input_scale, "W4A16_NVFP4" none, FP8 KV cache a scale for every k_proj /
 // v_proj; config.json and hf_quant_config.json must agree.
 void CheckLabels(const Checkpoint& checkpoint, Inspection* in) {
   std::vector<std::string> without;
   for (const Nvfp4Module& m : in->modules) {
-    if (checkpoint.Find(m.module + ".input_scale") != nullptr) {
+    if (checkpoint.Find(m.module + m.layout->input_scale) != nullptr) {
       in->with_input_scale.push_back(m.module);
     } else {
       without.push_back(m.module);
@@ -125,14 +173,14 @@ void CheckLabels(const Checkpoint& checkpoint, Inspection* in) {
     if (algo == "NVFP4" && !without.empty()) {
       in->warnings.push_back(absl::StrCat(
           "quant_algo NVFP4 (W4A4) promises an input_scale for every quantized module; ",
-          without.size(), " have none (", FirstFew(without),
+          without.size(), " have none (", FirstNames(without),
           "): runtimes would scale their activations by an uninitialised value"));
       break;
     }
     if (algo == "W4A16_NVFP4" && !in->with_input_scale.empty()) {
       in->warnings.push_back(
           absl::StrCat("quant_algo W4A16_NVFP4 (weight-only) but ", in->with_input_scale.size(),
-                       " modules have an input_scale (", FirstFew(in->with_input_scale),
+                       " modules have an input_scale (", FirstNames(in->with_input_scale),
                        "), which runtimes ignore"));
       break;
     }
@@ -154,7 +202,7 @@ void CheckLabels(const Checkpoint& checkpoint, Inspection* in) {
   }
   if (in->kv_algo == "FP8" && !kv_without.empty()) {
     in->warnings.push_back(absl::StrCat("kv_cache_quant_algo FP8 but ", kv_without.size(),
-                                        " k_proj / v_proj have no scale (", FirstFew(kv_without),
+                                        " k_proj / v_proj have no scale (", FirstNames(kv_without),
                                         ")"));
   }
   if (in->kv_algo.empty() && in->kv_scales > 0) {
@@ -236,8 +284,9 @@ std::string FormatText(const Inspection& in, const Checkpoint& checkpoint) {
   int64_t packed_bytes = 0;
   int64_t elements = 0;
   for (const Nvfp4Module& m : in.modules) {
-    packed_bytes += m.codes->tensor->num_bytes + m.scales->tensor->num_bytes + 4;
-    elements += m.rows * m.cols;
+    packed_bytes +=
+        m.codes->tensor->num_bytes + m.scales->tensor->num_bytes + m.scale_2->tensor->num_bytes;
+    elements += std::max<int64_t>(m.experts, 1) * m.rows * m.cols;
   }
   absl::StrAppendFormat(&out, "NVFP4 modules: %d, %d weights in %s (%.3f bits per weight)\n",
                         in.modules.size(), elements, FormatBytes(packed_bytes),
@@ -252,10 +301,15 @@ std::string FormatText(const Inspection& in, const Checkpoint& checkpoint) {
   absl::StrAppendFormat(&out, "  %-*s  %-11s  %14s  %12s  %s\n", static_cast<int>(width), "module",
                         "shape", "weight_scale_2", "global amax", "shard");
   for (const Nvfp4Module& m : in.modules) {
-    absl::StrAppendFormat(&out, "  %-*s  %-11s  %14.6g  %12.6g  %s\n", static_cast<int>(width),
-                          m.module, absl::StrCat(m.rows, "x", m.cols), m.global_scale,
-                          m.global_scale * kGlobalScaleDivisor,
-                          checkpoint.shards()[m.codes->shard].file_name);
+    // A 3-D expert tensor: its experts' largest weight_scale_2.
+    float s2 = 0.0f;
+    for (size_t e = 0; e < m.global_scales.size(); ++e) s2 = std::max(s2, m.WeightScale2(e));
+    const std::string shape = m.experts > 0 ? absl::StrCat(m.experts, "x", m.rows, "x", m.cols)
+                                            : absl::StrCat(m.rows, "x", m.cols);
+    absl::StrAppendFormat(&out, "  %-*s  %-11s  %14.6g  %12.6g  %s%s\n", static_cast<int>(width),
+                          m.module, shape, s2, s2 * kGlobalScaleDivisor,
+                          checkpoint.shards()[m.codes->shard].file_name,
+                          m.experts > 0 ? "  (largest of the experts')" : "");
   }
   return out;
 }
@@ -267,19 +321,34 @@ std::string FormatJson(const Inspection& in, const Checkpoint& checkpoint) {
   }
   OrderedJson modules = OrderedJson::array();
   for (const Nvfp4Module& m : in.modules) {
-    const Checkpoint::Entry* input_scale = checkpoint.Find(m.module + ".input_scale");
-    OrderedJson scale;  // null when absent
-    if (input_scale != nullptr && input_scale->tensor->num_bytes == 4) {
-      float v = 0.0f;
-      std::memcpy(&v, input_scale->tensor->data, 4);
-      scale = v;
+    // Scales as ModelOpt defines them (compressed-tensors stores their reciprocals): a number,
+    // or an array with one per expert for a 3-D expert tensor.
+    const size_t count = m.global_scales.size();
+    auto per_module = [&m, count](auto value_of) {
+      if (m.experts == 0) return OrderedJson(value_of(0));
+      OrderedJson values = OrderedJson::array();
+      for (size_t e = 0; e < count; ++e) values.push_back(value_of(e));
+      return values;
+    };
+    const Checkpoint::Entry* input = checkpoint.Find(m.module + m.layout->input_scale);
+    OrderedJson input_scale;  // null when absent
+    if (input != nullptr && input->tensor->num_bytes == static_cast<int64_t>(4 * count)) {
+      input_scale = per_module([&](size_t e) {
+        float v = 0.0f;
+        std::memcpy(&v, input->tensor->data + 4 * e, 4);
+        return m.layout->divisor ? 1.0f / v : v;
+      });
     }
     modules.push_back({{"module", m.module},
+                       {"format", m.layout->format},
+                       {"experts", m.experts > 0 ? OrderedJson(m.experts) : OrderedJson()},
                        {"rows", m.rows},
                        {"cols", m.cols},
-                       {"weight_scale_2", m.global_scale},
-                       {"global_amax", m.global_scale * kGlobalScaleDivisor},
-                       {"input_scale", scale},
+                       {"weight_scale_2", per_module([&](size_t e) { return m.WeightScale2(e); })},
+                       {"global_amax", per_module([&](size_t e) {
+                          return m.WeightScale2(e) * kGlobalScaleDivisor;
+                        })},
+                       {"input_scale", std::move(input_scale)},
                        {"shard", checkpoint.shards()[m.codes->shard].file_name}});
   }
   auto or_null = [](const std::string& s) { return s.empty() ? OrderedJson() : OrderedJson(s); };
@@ -338,9 +407,9 @@ absl::Status DequantizeCheckpoint(const DequantizeOptions& options) {
   }
   std::map<std::string, const Nvfp4Module*> by_part;  // every NVFP4 tensor -> its module
   for (const Nvfp4Module& m : *modules) {
-    by_part[m.module + ".weight"] = &m;
+    by_part[m.module + m.layout->codes] = &m;
     by_part[m.module + ".weight_scale"] = &m;
-    by_part[m.module + ".weight_scale_2"] = &m;
+    by_part[m.module + m.layout->global_scale] = &m;
   }
   absl::StatusOr<std::string> temp = MakeTempDirBeside(options.out_dir);
   if (!temp.ok()) return temp.status();
@@ -357,8 +426,11 @@ absl::Status DequantizeCheckpoint(const DequantizeOptions& options) {
       const auto it = by_part.find(t.name);
       if (it == by_part.end()) {
         specs.push_back({t.name, t.dtype, t.shape});
-      } else if (t.name == it->second->module + ".weight") {
-        specs.push_back({t.name, options.dtype, {it->second->rows, it->second->cols}});
+      } else if (t.name == it->second->module + it->second->layout->codes) {
+        const Nvfp4Module& m = *it->second;
+        std::vector<int64_t> shape = {m.rows, m.cols};
+        if (m.experts > 0) shape.insert(shape.begin(), m.experts);
+        specs.push_back({m.module + ".weight", options.dtype, shape});
       }
     }
     for (const SafetensorsTensorSpec& s : specs) {
@@ -373,17 +445,22 @@ absl::Status DequantizeCheckpoint(const DequantizeOptions& options) {
       absl::Status s;
       if (it == by_part.end()) {
         s = (*writer)->Write(t.name, absl::MakeConstSpan(t.data, static_cast<size_t>(t.num_bytes)));
-      } else if (t.name == it->second->module + ".weight") {
+      } else if (t.name == it->second->module + it->second->layout->codes) {
         const Nvfp4Module& m = *it->second;
         const uint8_t* codes = m.codes->tensor->data;
         const uint8_t* scales = m.scales->tensor->data;
         std::vector<uint8_t> row(static_cast<size_t>(m.cols * element));
-        for (int64_t r = 0; r < m.rows && s.ok(); ++r) {
+        // Rows of every expert in turn (a 2-D module is one expert).
+        for (int64_t r = 0; r < std::max<int64_t>(m.experts, 1) * m.rows && s.ok(); ++r) {
+          const float g = m.global_scales[static_cast<size_t>(r / m.rows)];
           for (int64_t c = 0; c < m.cols; ++c) {
             const uint8_t byte = codes[(r * m.cols + c) / 2];
             const uint8_t code = (c % 2 == 0) ? UnpackE2M1Low(byte) : UnpackE2M1High(byte);
             const float block = DecodeE4M3(scales[(r * m.cols + c) / 16]);
-            const float w = (DecodeE2M1(code) * block) * m.global_scale;
+            // Each layout's own rule: ModelOpt multiplies by weight_scale_2, compressed-tensors
+            // divides the block scale by weight_global_scale.
+            const float w =
+                m.layout->divisor ? DecodeE2M1(code) * (block / g) : (DecodeE2M1(code) * block) * g;
             if (options.dtype == SafetensorsDType::kF32) {
               std::memcpy(&row[static_cast<size_t>(c * 4)], &w, 4);
             } else {
@@ -391,7 +468,7 @@ absl::Status DequantizeCheckpoint(const DequantizeOptions& options) {
               std::memcpy(&row[static_cast<size_t>(c * 2)], &bits, 2);
             }
           }
-          s = (*writer)->Write(t.name, row);
+          s = (*writer)->Write(m.module + ".weight", row);
         }
       }
       if (!s.ok()) return fail(s);

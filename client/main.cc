@@ -233,6 +233,11 @@ CliParser QuantizeParser() {
               "= output amax / 448 from <module>.output_amax in the Hessians file; label "
               "kv_cache_quant_algo FP8)",
               false, "none");
+  p.AddOption("expert-hessian", "per-expert|shared",
+              "3-D expert tensors <m>.weight [experts, out, in] are quantized expert by expert: "
+              "per-expert: expert e uses the Hessian of module <m>.<e> (entry <m>.<e>.hessian or "
+              "an alias); shared: every expert uses <m>'s",
+              false, "per-expert");
   p.AddOption("fallback-method", "NAME",
               "max | mse for modules without a Hessian (otherwise "
               "such a module is an error)");
@@ -294,6 +299,10 @@ int RunQuantize(int argc, const char* const* argv) {
   absl::StatusOr<KvCacheMode> kv_cache = ParseKvCacheMode(args->Get("kv-cache", "none"));
   if (!kv_cache.ok()) return UsageError(cmd, kv_cache.status());
   options.kv_cache = *kv_cache;
+  absl::StatusOr<ExpertHessian> expert_hessian =
+      ParseExpertHessian(args->Get("expert-hessian", "per-expert"));
+  if (!expert_hessian.ok()) return UsageError(cmd, expert_hessian.status());
+  options.expert_hessian = *expert_hessian;
   if (args->Has("fallback-method")) {
     absl::StatusOr<Method> fallback = ParseMethod(args->Get("fallback-method"));
     if (!fallback.ok()) return UsageError(cmd, Prefixed("--fallback-", fallback.status()));

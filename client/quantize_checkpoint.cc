@@ -32,12 +32,17 @@ namespace {
 namespace fs = std::filesystem;
 using OrderedJson = nlohmann::ordered_json;
 
-// A quantized module with everything its job needs.
+// A quantized module (or one expert of a 3-D expert tensor) with everything its job needs.
 struct PreparedModule {
   const ModulePlan* plan = nullptr;
+  // -1 for a 2-D module, else the expert of plan's 3-D tensor.
+  int64_t expert = -1;
+  // ExpertName(plan->module, expert): how messages, Hessian entries and reports name it.
+  std::string name;
   size_t shard = 0;
   const SafetensorsTensor* tensor = nullptr;
-  // Aligned copy of the weights when the mapping is not aligned to the element size.
+  // Aligned copy of the weights (of this expert) when the mapping is not aligned to the
+  // element size.
   std::vector<uint8_t> aligned_copy;
   const void* weights = nullptr;
   std::string hessian_entry;
@@ -88,59 +93,72 @@ bool SamePath(const std::string& a, const std::string& b) {
   return fs::equivalent(a, b, ec);
 }
 
-// Everything that can be checked before any output is written.
-absl::Status PrepareModules(const QuantizeOptions& options, const Checkpoint& checkpoint,
-                            const std::vector<ModulePlan>& plans, HessianStore* hessians,
-                            QuantizeObserver* observer, std::vector<PreparedModule>* prepared) {
-  std::vector<std::string> missing;
-  for (const ModulePlan& plan : plans) {
-    if (!plan.quantize) continue;
-    PreparedModule m;
-    m.plan = &plan;
-    const Checkpoint::Entry* entry = checkpoint.Find(plan.weight_name);
-    m.shard = entry->shard;
-    m.tensor = entry->tensor;
-    m.params = options.params;
-    if (hessians != nullptr) {
-      absl::StatusOr<std::string> resolved = hessians->FindEntry(plan.module);
-      if (!resolved.ok()) return resolved.status();
-      m.hessian_entry = *std::move(resolved);
-      absl::StatusOr<std::optional<float>> input_amax = hessians->InputAmax(m.hessian_entry);
-      if (!input_amax.ok()) return input_amax.status();
-      m.input_amax = *input_amax;
-    }
-    if (m.hessian_entry.empty() && MethodNeedsHessian(m.params.method)) {
-      if (!options.fallback_method.has_value()) {
-        missing.push_back(plan.module);
-        continue;
-      }
-      m.params.method = *options.fallback_method;
-      if (observer != nullptr) {
-        observer->OnMessage(absl::StrCat("note: ", plan.module,
-                                         " has no Hessian; using --fallback-method ",
-                                         std::string(MethodName(m.params.method))));
-      }
-    }
-    if (!m.hessian_entry.empty() && m.params.method == Method::kGptq) {
-      absl::StatusOr<const float*> full = hessians->Full(m.hessian_entry, plan.module, plan.cols,
-                                                         options.params.symmetry_tolerance);
-      if (!full.ok()) return full.status();
-      m.hessian_full = *full;
-    } else if (!m.hessian_entry.empty()) {
-      absl::StatusOr<std::shared_ptr<const std::vector<float>>> blocks = hessians->Blocks(
-          m.hessian_entry, plan.module, plan.cols, options.params.symmetry_tolerance);
-      if (!blocks.ok()) return blocks.status();
-      m.hessian_blocks = *std::move(blocks);
-    }
-    const int element = DTypeSize(plan.dtype);
-    m.weights = m.tensor->data;
-    if (reinterpret_cast<uintptr_t>(m.tensor->data) % static_cast<uintptr_t>(element) != 0) {
-      m.aligned_copy.assign(m.tensor->data, m.tensor->data + m.tensor->num_bytes);
-      m.weights = m.aligned_copy.data();
-    }
-    prepared->push_back(std::move(m));
+// One unit (a 2-D module, or expert `expert` of a 3-D one) into `prepared`, or its name into
+// `missing` when it needs a Hessian that the file lacks and no fallback is given.
+absl::Status PrepareUnit(const QuantizeOptions& options, const Checkpoint& checkpoint,
+                         const ModulePlan& plan, int64_t expert, HessianStore* hessians,
+                         QuantizeObserver* observer, std::vector<PreparedModule>* prepared,
+                         std::vector<std::string>* missing) {
+  PreparedModule m;
+  m.plan = &plan;
+  m.expert = expert;
+  m.name = ExpertName(plan.module, expert);
+  const Checkpoint::Entry* entry = checkpoint.Find(plan.weight_name);
+  m.shard = entry->shard;
+  m.tensor = entry->tensor;
+  m.params = options.params;
+  if (hessians != nullptr) {
+    // Each expert has its own Hessian ("<module>.<e>.hessian") unless they share the module's.
+    const std::string& lookup =
+        expert >= 0 && options.expert_hessian == ExpertHessian::kShared ? plan.module : m.name;
+    absl::StatusOr<std::string> resolved = hessians->FindEntry(lookup);
+    if (!resolved.ok()) return resolved.status();
+    m.hessian_entry = *std::move(resolved);
+    absl::StatusOr<std::optional<float>> input_amax = hessians->InputAmax(m.hessian_entry);
+    if (!input_amax.ok()) return input_amax.status();
+    m.input_amax = *input_amax;
   }
-  // Each module's amax (a full scan that also rejects NaN/Inf), on every hardware thread.
+  if (m.hessian_entry.empty() && MethodNeedsHessian(m.params.method)) {
+    if (!options.fallback_method.has_value()) {
+      missing->push_back(m.name);
+      return absl::OkStatus();
+    }
+    m.params.method = *options.fallback_method;
+    if (observer != nullptr) {
+      observer->OnMessage(absl::StrCat("note: ", m.name,
+                                       " has no Hessian; using --fallback-method ",
+                                       std::string(MethodName(m.params.method))));
+    }
+  }
+  if (!m.hessian_entry.empty() && m.params.method == Method::kGptq) {
+    absl::StatusOr<const float*> full =
+        hessians->Full(m.hessian_entry, m.name, plan.cols, options.params.symmetry_tolerance);
+    if (!full.ok()) return full.status();
+    m.hessian_full = *full;
+  } else if (!m.hessian_entry.empty()) {
+    absl::StatusOr<std::shared_ptr<const std::vector<float>>> blocks =
+        hessians->Blocks(m.hessian_entry, m.name, plan.cols, options.params.symmetry_tolerance);
+    if (!blocks.ok()) return blocks.status();
+    m.hessian_blocks = *std::move(blocks);
+  }
+  const int element = DTypeSize(plan.dtype);
+  const int64_t bytes = plan.rows * plan.cols * element;
+  const uint8_t* data = m.tensor->data + std::max<int64_t>(expert, 0) * bytes;
+  m.weights = data;
+  if (reinterpret_cast<uintptr_t>(data) % static_cast<uintptr_t>(element) != 0) {
+    m.aligned_copy.assign(data, data + bytes);
+    m.weights = m.aligned_copy.data();
+  }
+  prepared->push_back(std::move(m));
+  return absl::OkStatus();
+}
+
+// After every unit is prepared: each one's amax (a full scan that also rejects NaN/Inf), the
+// error for the units without a Hessian, the fused groups' shared amax.
+absl::Status FinishPreparing(const QuantizeOptions& options, const HessianStore* hessians,
+                             const std::vector<std::string>& missing,
+                             std::vector<PreparedModule>* prepared) {
+  // On every hardware thread.
   std::vector<absl::Status> scans(prepared->size());
   ParallelFor(prepared->size(), [&](size_t i) {
     PreparedModule& m = (*prepared)[i];
@@ -148,7 +166,10 @@ absl::Status PrepareModules(const QuantizeOptions& options, const Checkpoint& ch
     absl::StatusOr<float> amax =
         ComputeGlobalAmax(WeightView{m.weights, plan.dtype, plan.rows, plan.cols});
     if (!amax.ok()) {
-      scans[i] = WithContext(amax.status(), absl::StrCat("tensor '", plan.weight_name, "'"));
+      const std::string where =
+          m.expert < 0 ? absl::StrCat("tensor '", plan.weight_name, "'")
+                       : absl::StrCat("tensor '", plan.weight_name, "', expert ", m.expert);
+      scans[i] = WithContext(amax.status(), where);
       return;
     }
     m.own_amax = *amax;
@@ -157,28 +178,45 @@ absl::Status PrepareModules(const QuantizeOptions& options, const Checkpoint& ch
     if (!s.ok()) return s;  // the first module in order that failed
   }
   if (!missing.empty()) {
-    const size_t shown = std::min<size_t>(missing.size(), 5);
     return absl::FailedPreconditionError(absl::StrCat(
         "--method ", std::string(MethodName(options.params.method)), " needs a Hessian, but ",
         hessians == nullptr ? std::string("no --hessians file was given")
                             : absl::StrCat(hessians->path(), " has none"),
-        " for ", missing.size(), " module(s): ",
-        absl::StrJoin(missing.begin(), missing.begin() + static_cast<std::ptrdiff_t>(shown), ", "),
-        missing.size() > shown ? ", ..." : "",
+        " for ", missing.size(), " module(s): ", FirstNames(missing),
         " (looked for '<module>.hessian', a __metadata__ alias and the fused siblings' entries; "
-        "pass --fallback-method max|mse to quantize them without one)"));
+        "experts of a 3-D tensor look for '<module>.<expert>.hessian', or '<module>.hessian' with "
+        "--expert-hessian shared; pass --fallback-method max|mse to quantize them without one)"));
   }
-  // Fused siblings share g = the max over the group (NUMERICS §1).
+  // Fused siblings share g = the max over the group (NUMERICS §1), expert by expert.
+  auto group_key = [](const PreparedModule& m) {
+    return absl::StrCat(m.plan->fused_group, "#", m.expert);
+  };
   std::map<std::string, float> group_amax;
   for (const PreparedModule& m : *prepared) {
     if (m.plan->fused_group.empty()) continue;
-    float& g = group_amax[m.plan->fused_group];
+    float& g = group_amax[group_key(m)];
     g = std::max(g, m.own_amax);
   }
   for (PreparedModule& m : *prepared) {
-    m.global_amax = m.plan->fused_group.empty() ? m.own_amax : group_amax[m.plan->fused_group];
+    m.global_amax = m.plan->fused_group.empty() ? m.own_amax : group_amax[group_key(m)];
   }
   return absl::OkStatus();
+}
+
+// Everything that can be checked before any output is written.
+absl::Status PrepareModules(const QuantizeOptions& options, const Checkpoint& checkpoint,
+                            const std::vector<ModulePlan>& plans, HessianStore* hessians,
+                            QuantizeObserver* observer, std::vector<PreparedModule>* prepared) {
+  std::vector<std::string> missing;
+  for (const ModulePlan& plan : plans) {
+    if (!plan.quantize) continue;
+    for (int64_t e = plan.experts == 0 ? -1 : 0; e < plan.experts; ++e) {
+      absl::Status unit =
+          PrepareUnit(options, checkpoint, plan, e, hessians, observer, prepared, &missing);
+      if (!unit.ok()) return unit;
+    }
+  }
+  return FinishPreparing(options, hessians, missing, prepared);
 }
 
 // Output tensor specs of one shard: untouched tensors as they are, quantized modules as the
@@ -200,6 +238,7 @@ absl::StatusOr<KvScalesByWeight> KvCacheScales(KvCacheMode mode,
   if (mode == KvCacheMode::kNone) return scales;
   std::vector<std::string> missing;
   for (const ModulePlan& p : plans) {
+    if (p.experts > 0) continue;  // MoE experts are no attention projections
     const size_t dot = p.module.rfind('.');
     const std::string leaf = dot == std::string::npos ? p.module : p.module.substr(dot + 1);
     if (leaf != "k_proj" && leaf != "v_proj") continue;
@@ -223,13 +262,10 @@ absl::StatusOr<KvScalesByWeight> KvCacheScales(KvCacheMode mode,
         "to");
   }
   if (!missing.empty()) {
-    std::string list =
-        absl::StrJoin(missing.begin(), missing.begin() + std::min<size_t>(missing.size(), 5), ", ");
-    if (missing.size() > 5) absl::StrAppend(&list, ", ... (", missing.size(), " in all)");
     return absl::FailedPreconditionError(absl::StrCat(
         "--kv-cache fp8 needs the output amax (`<module>.output_amax` in the Hessians file) of "
         "every k_proj and v_proj; missing for ",
-        list, ". Record it during calibration, or pass --kv-cache none"));
+        FirstNames(missing), ". Record it during calibration, or pass --kv-cache none"));
   }
   return scales;
 }
@@ -249,15 +285,66 @@ std::vector<SafetensorsTensorSpec> OutputSpecs(
       continue;
     }
     const ModulePlan& p = *it->second;
-    specs.push_back({p.module + ".weight", SafetensorsDType::kU8, {p.rows, p.cols / 2}});
-    specs.push_back({p.module + ".weight_scale", SafetensorsDType::kF8E4M3, {p.rows, p.cols / 16}});
-    specs.push_back({p.module + ".weight_scale_2", SafetensorsDType::kF32, {}});
+    // A 3-D expert tensor keeps its leading dimension; its scalars become one per expert.
+    auto shape = [&p](std::vector<int64_t> dims) {
+      if (p.experts > 0) dims.insert(dims.begin(), p.experts);
+      return dims;
+    };
+    specs.push_back({p.module + ".weight", SafetensorsDType::kU8, shape({p.rows, p.cols / 2})});
+    specs.push_back(
+        {p.module + ".weight_scale", SafetensorsDType::kF8E4M3, shape({p.rows, p.cols / 16})});
+    specs.push_back({p.module + ".weight_scale_2", SafetensorsDType::kF32, shape({})});
     if (with_input_scale.count(p.module) != 0) {
-      specs.push_back({p.module + ".input_scale", SafetensorsDType::kF32, {}});
+      specs.push_back({p.module + ".input_scale", SafetensorsDType::kF32, shape({})});
     }
   }
   return specs;
 }
+
+// Writes one quantized module's tensors as its results arrive: a 2-D module at once, the
+// experts of a 3-D one in expert order (results that arrive early wait here), then the
+// per-expert weight_scale_2 and input_scale vectors. Thread-safe.
+class ModuleOutput {
+ public:
+  ModuleOutput(const ModulePlan& plan, SafetensorsWriter* writer, bool input_scale)
+      : plan_(plan), writer_(writer), input_scale_(input_scale) {}
+
+  // Expert `expert`'s result (0 for a 2-D module) with its input_scale (used when written).
+  absl::Status Add(int64_t expert, QuantizedTensor result, float input_scale) {
+    absl::MutexLock lock(&mu_);
+    waiting_[expert] = {std::move(result), input_scale};
+    for (auto it = waiting_.find(next_); it != waiting_.end(); it = waiting_.find(next_)) {
+      const QuantizedTensor& r = it->second.first;
+      for (const absl::Status& s : {writer_->Write(plan_.module + ".weight", r.packed_codes),
+                                    writer_->Write(plan_.module + ".weight_scale", r.scales)}) {
+        if (!s.ok()) return s;
+      }
+      AppendFloat(r.global_scale, &global_scales_);
+      AppendFloat(it->second.second, &input_scales_);
+      waiting_.erase(it);
+      ++next_;
+    }
+    if (next_ < std::max<int64_t>(plan_.experts, 1)) return absl::OkStatus();
+    absl::Status s = writer_->Write(plan_.module + ".weight_scale_2", global_scales_);
+    if (s.ok() && input_scale_) s = writer_->Write(plan_.module + ".input_scale", input_scales_);
+    return s;
+  }
+
+ private:
+  static void AppendFloat(float value, std::vector<uint8_t>* bytes) {
+    const std::vector<uint8_t> b = FloatBytes(value);
+    bytes->insert(bytes->end(), b.begin(), b.end());
+  }
+
+  const ModulePlan& plan_;
+  SafetensorsWriter* const writer_;
+  const bool input_scale_;
+  absl::Mutex mu_;
+  int64_t next_ ABSL_GUARDED_BY(mu_) = 0;
+  std::map<int64_t, std::pair<QuantizedTensor, float>> waiting_ ABSL_GUARDED_BY(mu_);
+  std::vector<uint8_t> global_scales_ ABSL_GUARDED_BY(mu_);
+  std::vector<uint8_t> input_scales_ ABSL_GUARDED_BY(mu_);
+};
 
 // What the run reads and where it writes, for CheckOutputTarget.
 OutputTarget QuantizeTarget(const QuantizeOptions& options) {
@@ -297,13 +384,6 @@ absl::StatusOr<bool> DecideActivations(ActivationMode mode,
   auto note = [observer](const std::string& line) {
     if (observer != nullptr) observer->OnMessage(line);
   };
-  constexpr size_t kNamed = 5;
-  auto named = [&]() {
-    std::string list =
-        absl::StrJoin(without.begin(), without.begin() + std::min(without.size(), kNamed), ", ");
-    if (without.size() > kNamed) absl::StrAppend(&list, ", ... (", without.size(), " in all)");
-    return list;
-  };
   switch (mode) {
     case ActivationMode::kNone:
       if (with > 0) {
@@ -317,7 +397,7 @@ absl::StatusOr<bool> DecideActivations(ActivationMode mode,
         return absl::FailedPreconditionError(absl::StrCat(
             "--activations nvfp4 needs the activation amax (`<input>.input_amax` in the Hessians "
             "file) of every quantized module; ",
-            without.size(), " of ", prepared.size(), " have none: ", named(),
+            without.size(), " of ", prepared.size(), " have none: ", FirstNames(without),
             ". Record it (HessianAccumulator does) or pass --activations none"));
       }
       return true;
@@ -331,12 +411,13 @@ absl::StatusOr<bool> DecideActivations(ActivationMode mode,
                           kQuantAlgoW4A4, " checkpoint"));
         return false;
       }
-      return absl::FailedPreconditionError(absl::StrCat(
-          "the Hessians file has the activation amax (`<input>.input_amax`) of ", with, " of ",
-          prepared.size(), " quantized modules, not of ", named(), ": a W4A4 (", kQuantAlgoW4A4,
-          ") checkpoint needs it for every module. Record the missing ones, or pass "
-          "--activations none for a weight-only (",
-          kQuantAlgoWeightOnly, ") checkpoint"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("the Hessians file has the activation amax (`<input>.input_amax`) of ", with,
+                       " of ", prepared.size(), " quantized modules, not of ", FirstNames(without),
+                       ": a W4A4 (", kQuantAlgoW4A4,
+                       ") checkpoint needs it for every module. Record the missing ones, or pass "
+                       "--activations none for a weight-only (",
+                       kQuantAlgoWeightOnly, ") checkpoint"));
   }
   return false;
 }
@@ -358,6 +439,13 @@ absl::StatusOr<ActivationMode> ParseActivationMode(const std::string& text) {
   if (text == "nvfp4") return ActivationMode::kNvfp4;
   return absl::InvalidArgumentError(absl::StrCat("--activations: unknown value \"", text,
                                                  "\"; expected one of auto, none, nvfp4"));
+}
+
+absl::StatusOr<ExpertHessian> ParseExpertHessian(const std::string& text) {
+  if (text == "per-expert") return ExpertHessian::kPerExpert;
+  if (text == "shared") return ExpertHessian::kShared;
+  return absl::InvalidArgumentError(absl::StrCat("--expert-hessian: unknown value \"", text,
+                                                 "\"; expected one of per-expert, shared"));
 }
 
 absl::StatusOr<KvCacheMode> ParseKvCacheMode(const std::string& text) {
@@ -504,7 +592,12 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
   }
   report.bytes_in = total_bytes;
   if (observer != nullptr) {
-    observer->OnStart(static_cast<int64_t>(model.tensors().size()), total_bytes);
+    // A 3-D expert tensor counts once per expert.
+    int64_t units = static_cast<int64_t>(model.tensors().size());
+    for (const auto& [weight, plan] : quantized_by_weight) {
+      if (plan->experts > 0) units += plan->experts - 1;
+    }
+    observer->OnStart(units, total_bytes);
   }
 
   // Untouched tensors: copied straight from the mapping.
@@ -536,7 +629,8 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
   std::vector<TensorJob> jobs;
   for (const PreparedModule& m : prepared) {
     TensorJob job;
-    job.name = m.plan->weight_name;
+    job.name =
+        m.expert < 0 ? m.plan->weight_name : absl::StrCat(m.plan->weight_name, "[", m.expert, "]");
     job.weights = {m.weights, m.plan->dtype, m.plan->rows, m.plan->cols};
     if (m.hessian_blocks != nullptr) {
       job.hessians = {m.hessian_blocks->data(), m.plan->cols / 16};
@@ -550,8 +644,17 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
     job.global_amax = m.global_amax;
     jobs.push_back(std::move(job));
   }
+  std::vector<std::string> job_names;
+  for (const TensorJob& job : jobs) job_names.push_back(job.name);
   absl::Mutex report_mu;
   std::vector<std::optional<ModuleReport>> module_reports(prepared.size());
+  std::map<const ModulePlan*, std::unique_ptr<ModuleOutput>> outputs;
+  for (const PreparedModule& m : prepared) {
+    std::unique_ptr<ModuleOutput>& out = outputs[m.plan];
+    if (out == nullptr) {
+      out = std::make_unique<ModuleOutput>(*m.plan, writers[m.shard].get(), *activations);
+    }
+  }
   absl::Status quantized =
       quantizer->QuantizeAll(jobs, [&](size_t index, QuantizedTensor result) -> absl::Status {
         if (options.cancel != nullptr && options.cancel->load()) {
@@ -564,45 +667,41 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
             result.scales.size() != static_cast<size_t>(p.rows * p.cols / 16)) {
           return absl::InternalError(absl::StrCat(p.weight_name, ": result has the wrong size"));
         }
-        SafetensorsWriter& writer = *writers[m.shard];
-        const absl::Time write_start = absl::Now();
-        for (const absl::Status& s :
-             {writer.Write(p.module + ".weight", result.packed_codes),
-              writer.Write(p.module + ".weight_scale", result.scales),
-              writer.Write(p.module + ".weight_scale_2", FloatBytes(result.global_scale))}) {
-          if (!s.ok()) return s;
-        }
-        if (*activations) {
-          // NUMERICS §5: input_scale = activation amax / (6 * 448).
-          absl::Status s =
-              writer.Write(p.module + ".input_scale", FloatBytes(*m.input_amax / 2688.0f));
-          if (!s.ok()) return s;
-        }
-        {
-          absl::MutexLock lock(&report_mu);
-          write_time += absl::Now() - write_start;
-          report.server_kernel_seconds += result.server_kernel_seconds;
-          report.server_queue_seconds += result.server_queue_seconds;
-        }
         ModuleReport r;
-        r.module = p.module;
+        r.module = m.name;
         r.rows = p.rows;
         r.cols = p.cols;
         r.hessian_entry = m.hessian_entry;
         r.stats = result.stats;
+        const double kernel_seconds = result.server_kernel_seconds;
+        const double queue_seconds = result.server_queue_seconds;
+        const absl::Time write_start = absl::Now();
+        // NUMERICS §5: input_scale = activation amax / (6 * 448).
+        const float input_scale = *activations ? *m.input_amax / 2688.0f : 0.0f;
+        absl::Status written =
+            outputs[&p]->Add(std::max<int64_t>(m.expert, 0), std::move(result), input_scale);
+        if (!written.ok()) return written;
+        {
+          absl::MutexLock lock(&report_mu);
+          write_time += absl::Now() - write_start;
+          report.server_kernel_seconds += kernel_seconds;
+          report.server_queue_seconds += queue_seconds;
+        }
         if (observer != nullptr && r.stats.zero_hessian_blocks > 0) {
           observer->OnMessage(
-              absl::StrCat("warning: ", p.module, ": ", r.stats.zero_hessian_blocks, " of ",
+              absl::StrCat("warning: ", m.name, ": ", r.stats.zero_hessian_blocks, " of ",
                            r.stats.num_blocks, " blocks have an all-zero Hessian block (",
                            m.hessian_entry, " missed those inputs); the smallest scale won there"));
         }
         if (observer != nullptr && r.stats.gptq.damping_increases > 0) {
-          observer->OnMessage(absl::StrCat("warning: ", p.module, ": ", m.hessian_entry,
+          observer->OnMessage(absl::StrCat("warning: ", m.name, ": ", m.hessian_entry,
                                            " is not positive definite with --gptq-damping ",
                                            m.params.gptq.damping, "; gptq used ",
                                            r.stats.gptq.damping_relative, " x mean diagonal"));
         }
-        if (observer != nullptr) observer->OnTensorDone(p.weight_name, m.tensor->num_bytes);
+        if (observer != nullptr) {
+          observer->OnTensorDone(job_names[index], p.rows * p.cols * DTypeSize(p.dtype));
+        }
         absl::MutexLock lock(&report_mu);
         module_reports[index] = std::move(r);
         return absl::OkStatus();

@@ -59,6 +59,19 @@ enum class KvCacheMode { kNone, kFp8 };
 // "none", "fp8" (the CLI's --kv-cache); INVALID_ARGUMENT otherwise.
 absl::StatusOr<KvCacheMode> ParseKvCacheMode(const std::string& text);
 
+// Where the experts of a 3-D expert tensor `<m>.weight` [experts, out, in] find their Hessians.
+enum class ExpertHessian {
+  // Expert e: the module "<m>.<e>" (entry "<m>.<e>.hessian", an alias, ...), as a capture
+  // that hooks each expert records it.
+  kPerExpert,
+  // Every expert: the module "<m>" (one Hessian of the whole layer's input, as routed tokens
+  // averaged over experts).
+  kShared,
+};
+
+// "per-expert", "shared" (the CLI's --expert-hessian); INVALID_ARGUMENT otherwise.
+absl::StatusOr<ExpertHessian> ParseExpertHessian(const std::string& text);
+
 // What the labels of an output say (and its tensors hold).
 struct QuantizationLabel {
   // W4A4 NVFP4 (every quantized module has input_scale), else weight-only W4A16_NVFP4.
@@ -82,6 +95,8 @@ struct QuantizeOptions {
   ActivationMode activations = ActivationMode::kAuto;
   // FP8 KV-cache scales (and the label) or none.
   KvCacheMode kv_cache = KvCacheMode::kNone;
+  // Hessians of the experts of 3-D expert tensors.
+  ExpertHessian expert_hessian = ExpertHessian::kPerExpert;
   // What may happen to an existing out_dir (output_dir.h).
   OverwritePolicy overwrite = OverwritePolicy::kNever;
   // Other files the run reads (TLS files, the token file), which out_dir must not contain;
@@ -91,7 +106,8 @@ struct QuantizeOptions {
   const std::atomic<bool>* cancel = nullptr;
 };
 
-// One quantized module's outcome, for the final table.
+// One quantized module's outcome (of each expert of a 3-D expert tensor: "<m>.<e>"), for the
+// final table.
 struct ModuleReport {
   std::string module;
   int64_t rows = 0;
