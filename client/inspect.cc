@@ -496,6 +496,8 @@ absl::Status DequantizeCheckpoint(const DequantizeOptions& options) {
   for (const std::string& name : checkpoint.OtherFiles()) {
     const std::string from = (fs::path(options.in_dir) / name).string();
     if (fs::equivalent(from, options.out_dir, ec)) continue;  // an --out inside --in
+    // Runtimes would load a `.safetensors` file that is no shard as weights.
+    if (absl::EndsWith(name, ".safetensors")) continue;
     absl::Status s = CopyPath(from, (fs::path(*temp) / name).string());
     if (!s.ok()) return fail(s);
   }

@@ -39,11 +39,14 @@ struct DequantizeOptions {
   OverwritePolicy overwrite = OverwritePolicy::kNever;
 };
 
-// Writes a dense copy of an NVFP4 checkpoint: each `<m>.weight` (U8 codes) with its
-// `weight_scale` and `weight_scale_2` becomes one `<m>.weight` [out, in] in options.dtype;
-// other tensors and files are copied; config.json loses quantization_config; sharding and the
-// index are kept; nvfp4cal.json records the producer. Errors of CheckOutputTarget on out_dir
-// (which must not be or contain in_dir); FAILED_PRECONDITION when the input has no NVFP4
+// Writes a dense copy of an NVFP4 checkpoint (ModelOpt or compressed-tensors layout): each
+// module's codes (`<m>.weight` or `<m>.weight_packed`, U8) with its `weight_scale` and global
+// scale become one `<m>.weight` [out, in] ([experts, out, in] for a 3-D expert tensor) in
+// options.dtype, by each layout's own rule (ModelOpt: code * weight_scale * weight_scale_2;
+// compressed-tensors: code * (weight_scale / weight_global_scale)); other tensors and files
+// are copied (no `.safetensors` file that is not a shard); config.json loses quantization_config;
+// sharding and the index are kept; nvfp4cal.json records the producer. Errors of CheckOutputTarget
+// on out_dir (which must not be or contain in_dir); FAILED_PRECONDITION when the input has no NVFP4
 // module.
 absl::Status DequantizeCheckpoint(const DequantizeOptions& options);
 

@@ -11,6 +11,7 @@
 #include <system_error>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
@@ -358,13 +359,24 @@ OutputTarget QuantizeTarget(const QuantizeOptions& options) {
 }
 
 // The model folder's other files (tokenizer, ...) into `temp`: not the Hessians file or the
-// output itself when they live there.
+// output itself when they live there, and no `.safetensors` file that is not a shard of the
+// model (runtimes load every `*.safetensors` of a folder without an index as weights; a
+// Hessians file beside the weights would break the output), with a note naming each.
 absl::Status CopyOtherFiles(const QuantizeOptions& options, const Checkpoint& model,
-                            const std::string& temp) {
+                            const std::string& temp, QuantizeObserver* observer) {
   for (const std::string& name : model.OtherFiles()) {
     const std::string from = (fs::path(model.dir()) / name).string();
     if (!options.hessians_path.empty() && SamePath(from, options.hessians_path)) continue;
     if (SamePath(from, options.out_dir)) continue;
+    if (absl::EndsWith(name, ".safetensors")) {
+      if (observer != nullptr) {
+        observer->OnMessage(
+            absl::StrCat("note: ", name,
+                         " is not copied to the output: it is no shard of the model, and "
+                         "runtimes would load it as weights"));
+      }
+      continue;
+    }
     absl::Status copied = CopyPath(from, (fs::path(temp) / name).string());
     if (!copied.ok()) return copied;
   }
@@ -564,7 +576,7 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
   if (!temp.ok()) return temp.status();
   TempDirGuard guard(*temp);
   // First the other files: a bad one (a FIFO, say) fails the run before the long part.
-  absl::Status others = CopyOtherFiles(options, **checkpoint, *temp);
+  absl::Status others = CopyOtherFiles(options, **checkpoint, *temp, observer);
   if (!others.ok()) return others;
 
   std::map<std::string, const ModulePlan*> quantized_by_weight;

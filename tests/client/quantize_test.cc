@@ -322,11 +322,19 @@ TEST(QuantizeCheckpoint, WritesConfigsIndexAndOtherFilesPerNumerics5) {
   example.shards = 3;
   ASSERT_TRUE(WriteExampleModel(dir / "model", example).ok());
   testing::WriteAll(dir / "model/tokenizer.json", "{\"version\": \"1.0\"}");
+  // A Hessians file beside the weights that the run does not read: never copied (runtimes
+  // load every *.safetensors of the folder), with a note.
+  fs::copy_file(dir / "model/hessians.safetensors", dir / "model/other.safetensors");
   QuantizeOptions options;
   options.model_dir = dir / "model";
   options.hessians_path = dir / "model/hessians.safetensors";
   options.out_dir = dir / "out";
-  ASSERT_TRUE(RunPipeline(options).ok());
+  RecordingObserver observer;
+  ASSERT_TRUE(RunPipeline(options, &observer).ok());
+  EXPECT_FALSE(fs::exists(dir / "out/other.safetensors"));
+  EXPECT_FALSE(fs::exists(dir / "out/hessians.safetensors"));
+  EXPECT_THAT(observer.messages,
+              ::testing::Contains(HasSubstr("other.safetensors is not copied to the output")));
 
   EXPECT_EQ(ReadAll(dir / "out/tokenizer.json"), "{\"version\": \"1.0\"}");
   EXPECT_EQ(ReadAll(dir / "out/generation_config.json"),
