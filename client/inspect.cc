@@ -83,12 +83,12 @@ absl::StatusOr<std::optional<Nvfp4Module>> ReadNvfp4Module(const Checkpoint& che
   const SafetensorsTensor& c = *m.codes->tensor;
   const SafetensorsTensor& s = *m.scales->tensor;
   const SafetensorsTensor& s2 = *entry.tensor;
-  // [out, in/2], or [experts, out, in/2] for a 3-D expert tensor (ModelOpt layout).
-  const bool experts = c.shape.size() == 3 && !layout.divisor;
+  // [out, in/2], or [experts, out, in/2] for a 3-D expert tensor.
+  const bool experts = c.shape.size() == 3;
   if (c.dtype != SafetensorsDType::kU8 || (c.shape.size() != 2 && !experts)) {
     return bad(absl::StrCat(layout.codes, " is ", std::string(SafetensorsDTypeName(c.dtype)), " ",
-                            ShapeString(c.shape), ", expected U8 [out, in/2]",
-                            layout.divisor ? "" : " or [experts, out, in/2]"));
+                            ShapeString(c.shape),
+                            ", expected U8 [out, in/2] or [experts, out, in/2]"));
   }
   m.experts = experts ? c.shape[0] : 0;
   m.rows = c.shape[c.shape.size() - 2];
@@ -141,8 +141,11 @@ struct Inspection {
   size_t tensors = 0;
   int64_t tensor_bytes = 0;
   std::map<std::string, std::pair<int64_t, int64_t>> by_dtype;  // dtype -> (tensors, bytes)
-  std::string config_method, config_algo;  // quantization_config of config.json
-  bool hf_quant_config = false;            // hf_quant_config.json with a producer
+  // quantization_config of config.json; for compressed-tensors, config_algo is what its
+  // config groups amount to (NVFP4 with input_activations, else W4A16_NVFP4).
+  std::string config_method, config_algo;
+  bool compressed_tensors = false;
+  bool hf_quant_config = false;  // hf_quant_config.json with a producer
   std::string hf_algo, kv_algo, producer_name, producer_version;
   int64_t group_size = 0;
   nlohmann::json exclude_modules;
@@ -193,7 +196,12 @@ void CheckLabels(const Checkpoint& checkpoint, Inspection* in) {
       if (!absl::EndsWith(name, weight)) continue;
       ++in->kv_modules;
       const std::string module = name.substr(0, name.size() - std::string(".weight").size());
-      if (checkpoint.Find(module + scale) != nullptr) {
+      // compressed-tensors names the scale after the attention module, ModelOpt after the
+      // projection.
+      const size_t dot = module.rfind('.');
+      const std::string owner =
+          in->compressed_tensors && dot != std::string::npos ? module.substr(0, dot) : module;
+      if (checkpoint.Find(owner + scale) != nullptr) {
         ++in->kv_scales;
       } else {
         kv_without.push_back(module);
@@ -233,6 +241,20 @@ absl::StatusOr<Inspection> Inspect(const std::string& dir, const Checkpoint& che
     const nlohmann::json& q = config["quantization_config"];
     in.config_method = q.value("quant_method", "?");
     in.config_algo = q.value("quant_algo", "");
+    in.compressed_tensors = in.config_method == "compressed-tensors";
+    if (in.compressed_tensors) {
+      const nlohmann::json* group = nullptr;
+      if (q.contains("config_groups") && q["config_groups"].is_object() &&
+          !q["config_groups"].empty()) {
+        group = &q["config_groups"].begin().value();
+      }
+      const bool activations = group != nullptr && group->is_object() &&
+                               group->contains("input_activations") &&
+                               !(*group)["input_activations"].is_null();
+      in.config_algo = activations ? "NVFP4" : "W4A16_NVFP4";
+      if (q.contains("kv_cache_scheme") && !q["kv_cache_scheme"].is_null()) in.kv_algo = "FP8";
+      if (q.contains("ignore")) in.exclude_modules = q["ignore"];
+    }
   }
   const std::string hf_path = (fs::path(dir) / kHfQuantConfigFileName).string();
   absl::StatusOr<std::string> hf = ReadTextFile(hf_path);
@@ -269,7 +291,8 @@ std::string FormatText(const Inspection& in, const Checkpoint& checkpoint) {
                           FormatBytes(count.second));
   }
   if (!in.config_method.empty()) {
-    absl::StrAppend(&out, "quantization_config: quant_method ", in.config_method, ", quant_algo ",
+    absl::StrAppend(&out, "quantization_config: quant_method ", in.config_method,
+                    in.compressed_tensors ? ", config groups amount to " : ", quant_algo ",
                     in.config_algo.empty() ? "?" : in.config_algo, "\n");
   }
   if (in.hf_quant_config) {

@@ -233,6 +233,11 @@ CliParser QuantizeParser() {
               "= output amax / 448 from <module>.output_amax in the Hessians file; label "
               "kv_cache_quant_algo FP8)",
               false, "none");
+  p.AddOption("format", "modelopt|compressed-tensors",
+              "checkpoint layout (the same codes and scales): modelopt (hf_quant_config.json; "
+              "vLLM, TensorRT-LLM, SGLang) | compressed-tensors (nvfp4-pack-quantized, as "
+              "llm-compressor writes it; vLLM)",
+              false, "modelopt");
   p.AddOption("expert-hessian", "per-expert|shared",
               "3-D expert tensors <m>.weight [experts, out, in] are quantized expert by expert: "
               "per-expert: expert e uses the Hessian of module <m>.<e> (entry <m>.<e>.hessian or "
@@ -303,6 +308,9 @@ int RunQuantize(int argc, const char* const* argv) {
       ParseExpertHessian(args->Get("expert-hessian", "per-expert"));
   if (!expert_hessian.ok()) return UsageError(cmd, expert_hessian.status());
   options.expert_hessian = *expert_hessian;
+  absl::StatusOr<OutputFormat> format = ParseOutputFormat(args->Get("format", "modelopt"));
+  if (!format.ok()) return UsageError(cmd, format.status());
+  options.format = *format;
   if (args->Has("fallback-method")) {
     absl::StatusOr<Method> fallback = ParseMethod(args->Get("fallback-method"));
     if (!fallback.ok()) return UsageError(cmd, Prefixed("--fallback-", fallback.status()));

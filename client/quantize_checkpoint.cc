@@ -232,7 +232,7 @@ using KvScalesByWeight = std::map<std::string, KvScale>;
 
 // The k_scale of every k_proj and the v_scale of every v_proj among `plans` (quantized or
 // not: the KV cache is the attention's), from the Hessians file's `<m>.output_amax`.
-absl::StatusOr<KvScalesByWeight> KvCacheScales(KvCacheMode mode,
+absl::StatusOr<KvScalesByWeight> KvCacheScales(KvCacheMode mode, const Nvfp4Layout& layout,
                                                const std::vector<ModulePlan>& plans,
                                                const HessianStore* hessians) {
   KvScalesByWeight scales;
@@ -254,8 +254,11 @@ absl::StatusOr<KvScalesByWeight> KvCacheScales(KvCacheMode mode,
       continue;
     }
     // FP8 E4M3's largest value: the cache stores k / k_scale within [-448, 448].
-    scales[p.weight_name] = {p.module + (leaf == "k_proj" ? ".k_scale" : ".v_scale"),
-                             *amax / 448.0f};
+    // ModelOpt names the scale after the projection, compressed-tensors after the attention.
+    const std::string owner = layout.format == OutputFormat::kModelOpt || dot == std::string::npos
+                                  ? p.module
+                                  : p.module.substr(0, dot);
+    scales[p.weight_name] = {owner + (leaf == "k_proj" ? ".k_scale" : ".v_scale"), *amax / 448.0f};
   }
   if (scales.empty() && missing.empty()) {
     return absl::FailedPreconditionError(
@@ -272,13 +275,15 @@ absl::StatusOr<KvScalesByWeight> KvCacheScales(KvCacheMode mode,
 }
 
 std::vector<SafetensorsTensorSpec> OutputSpecs(
-    const SafetensorsFile& shard,
+    const SafetensorsFile& shard, const Nvfp4Layout& layout,
     const std::map<std::string, const ModulePlan*>& quantized_by_weight,
     const std::set<std::string>& with_input_scale, const KvScalesByWeight& kv_scales) {
   std::vector<SafetensorsTensorSpec> specs;
+  const std::vector<int64_t> scalar =
+      layout.scalar_as_vector ? std::vector<int64_t>{1} : std::vector<int64_t>{};
   for (const SafetensorsTensor& t : shard.tensors()) {
     if (const auto kv = kv_scales.find(t.name); kv != kv_scales.end()) {
-      specs.push_back({kv->second.tensor, SafetensorsDType::kF32, {}});
+      specs.push_back({kv->second.tensor, SafetensorsDType::kF32, scalar});
     }
     const auto it = quantized_by_weight.find(t.name);
     if (it == quantized_by_weight.end()) {
@@ -291,12 +296,14 @@ std::vector<SafetensorsTensorSpec> OutputSpecs(
       if (p.experts > 0) dims.insert(dims.begin(), p.experts);
       return dims;
     };
-    specs.push_back({p.module + ".weight", SafetensorsDType::kU8, shape({p.rows, p.cols / 2})});
+    // Per-tensor scales: [] or [1] as the layout has them, [experts] for a 3-D tensor.
+    const std::vector<int64_t> per_tensor = p.experts > 0 ? shape({}) : scalar;
+    specs.push_back({p.module + layout.codes, SafetensorsDType::kU8, shape({p.rows, p.cols / 2})});
     specs.push_back(
         {p.module + ".weight_scale", SafetensorsDType::kF8E4M3, shape({p.rows, p.cols / 16})});
-    specs.push_back({p.module + ".weight_scale_2", SafetensorsDType::kF32, shape({})});
+    specs.push_back({p.module + layout.global_scale, SafetensorsDType::kF32, per_tensor});
     if (with_input_scale.count(p.module) != 0) {
-      specs.push_back({p.module + ".input_scale", SafetensorsDType::kF32, shape({})});
+      specs.push_back({p.module + layout.input_scale, SafetensorsDType::kF32, per_tensor});
     }
   }
   return specs;
@@ -307,27 +314,31 @@ std::vector<SafetensorsTensorSpec> OutputSpecs(
 // per-expert weight_scale_2 and input_scale vectors. Thread-safe.
 class ModuleOutput {
  public:
-  ModuleOutput(const ModulePlan& plan, SafetensorsWriter* writer, bool input_scale)
-      : plan_(plan), writer_(writer), input_scale_(input_scale) {}
+  ModuleOutput(const ModulePlan& plan, const Nvfp4Layout& layout, SafetensorsWriter* writer,
+               bool input_scale)
+      : plan_(plan), layout_(layout), writer_(writer), input_scale_(input_scale) {}
 
-  // Expert `expert`'s result (0 for a 2-D module) with its input_scale (used when written).
-  absl::Status Add(int64_t expert, QuantizedTensor result, float input_scale) {
+  // Expert `expert`'s result (0 for a 2-D module) with its input amax (used when an input scale
+  // is written).
+  absl::Status Add(int64_t expert, QuantizedTensor result, float input_amax) {
     absl::MutexLock lock(&mu_);
-    waiting_[expert] = {std::move(result), input_scale};
+    waiting_[expert] = {std::move(result), input_amax};
     for (auto it = waiting_.find(next_); it != waiting_.end(); it = waiting_.find(next_)) {
       const QuantizedTensor& r = it->second.first;
-      for (const absl::Status& s : {writer_->Write(plan_.module + ".weight", r.packed_codes),
+      for (const absl::Status& s : {writer_->Write(plan_.module + layout_.codes, r.packed_codes),
                                     writer_->Write(plan_.module + ".weight_scale", r.scales)}) {
         if (!s.ok()) return s;
       }
-      AppendFloat(r.global_scale, &global_scales_);
-      AppendFloat(it->second.second, &input_scales_);
+      AppendFloat(StoredGlobalScale(layout_, r.global_scale), &global_scales_);
+      AppendFloat(StoredInputScale(layout_, it->second.second), &input_scales_);
       waiting_.erase(it);
       ++next_;
     }
     if (next_ < std::max<int64_t>(plan_.experts, 1)) return absl::OkStatus();
-    absl::Status s = writer_->Write(plan_.module + ".weight_scale_2", global_scales_);
-    if (s.ok() && input_scale_) s = writer_->Write(plan_.module + ".input_scale", input_scales_);
+    absl::Status s = writer_->Write(plan_.module + layout_.global_scale, global_scales_);
+    if (s.ok() && input_scale_) {
+      s = writer_->Write(plan_.module + layout_.input_scale, input_scales_);
+    }
     return s;
   }
 
@@ -338,6 +349,7 @@ class ModuleOutput {
   }
 
   const ModulePlan& plan_;
+  const Nvfp4Layout& layout_;
   SafetensorsWriter* const writer_;
   const bool input_scale_;
   absl::Mutex mu_;
@@ -453,6 +465,37 @@ absl::StatusOr<ActivationMode> ParseActivationMode(const std::string& text) {
                                                  "\"; expected one of auto, none, nvfp4"));
 }
 
+absl::StatusOr<OutputFormat> ParseOutputFormat(const std::string& text) {
+  if (text == "modelopt") return OutputFormat::kModelOpt;
+  if (text == "compressed-tensors") return OutputFormat::kCompressedTensors;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "--format: unknown value \"", text, "\"; expected one of modelopt, compressed-tensors"));
+}
+
+const Nvfp4Layout& LayoutOf(OutputFormat format) {
+  static constexpr Nvfp4Layout kModelOpt{
+      OutputFormat::kModelOpt, "modelopt", ".weight", ".weight_scale_2",
+      ".input_scale",          false,      false};
+  static constexpr Nvfp4Layout kCompressedTensors{OutputFormat::kCompressedTensors,
+                                                  "compressed-tensors",
+                                                  ".weight_packed",
+                                                  ".weight_global_scale",
+                                                  ".input_global_scale",
+                                                  true,
+                                                  true};
+  return format == OutputFormat::kModelOpt ? kModelOpt : kCompressedTensors;
+}
+
+float StoredGlobalScale(const Nvfp4Layout& layout, float s2) {
+  if (!layout.divisor) return s2;
+  return s2 > 0.0f ? 1.0f / s2 : 1.0f;
+}
+
+float StoredInputScale(const Nvfp4Layout& layout, float amax) {
+  if (!layout.divisor) return amax / kGlobalScaleDivisor;  // NUMERICS §5
+  return amax > 0.0f ? kGlobalScaleDivisor / amax : 1.0f;
+}
+
 absl::StatusOr<ExpertHessian> ParseExpertHessian(const std::string& text) {
   if (text == "per-expert") return ExpertHessian::kPerExpert;
   if (text == "shared") return ExpertHessian::kShared;
@@ -487,6 +530,53 @@ absl::StatusOr<std::string> QuantizedConfigJson(const std::string& config_text,
     q["kv_cache_quant_algo"] = "FP8";
     q["kv_cache_scheme"] = {{"dynamic", false}, {"num_bits", 8}, {"type", "float"}};
   }
+  config["quantization_config"] = std::move(q);
+  return config.dump(2) + "\n";
+}
+
+absl::StatusOr<std::string> CompressedTensorsConfigJson(const std::string& config_text,
+                                                        const std::vector<std::string>& ignore,
+                                                        const QuantizationLabel& label) {
+  OrderedJson config = OrderedJson::parse(config_text, nullptr, /*allow_exceptions=*/false);
+  if (config.is_discarded() || !config.is_object()) {
+    return absl::InvalidArgumentError("config.json is not a JSON object");
+  }
+  // compressed-tensors' QuantizationArgs of NVFP4: FP4 values in groups of 16 with an FP8
+  // scale each and one global scale per tensor ("tensor_group"); activations are quantized
+  // at run time per group ("local") with the calibrated global scale.
+  auto args = [](OrderedJson dynamic) {
+    OrderedJson a = OrderedJson::object();
+    a["num_bits"] = 4;
+    a["type"] = "float";
+    a["symmetric"] = true;
+    a["group_size"] = 16;
+    a["strategy"] = "tensor_group";
+    a["block_structure"] = nullptr;
+    a["dynamic"] = std::move(dynamic);
+    a["actorder"] = nullptr;
+    return a;
+  };
+  constexpr char kFormat[] = "nvfp4-pack-quantized";
+  OrderedJson group = OrderedJson::object();
+  group["targets"] = {"Linear"};
+  group["weights"] = args(false);
+  group["input_activations"] = label.activations ? args("local") : OrderedJson();
+  group["output_activations"] = nullptr;
+  group["format"] = kFormat;
+  OrderedJson q = OrderedJson::object();
+  q["quant_method"] = "compressed-tensors";
+  q["format"] = kFormat;
+  q["quantization_status"] = "compressed";
+  q["config_groups"] = {{"group_0", std::move(group)}};
+  q["ignore"] = ignore;
+  q["kv_cache_scheme"] = label.kv_cache_fp8 ? OrderedJson({{"num_bits", 8},
+                                                           {"type", "float"},
+                                                           {"symmetric", true},
+                                                           {"strategy", "tensor"},
+                                                           {"dynamic", false}})
+                                            : OrderedJson();
+  q["sparsity_config"] = OrderedJson::object();
+  q["producer"] = ProducerJson();
   config["quantization_config"] = std::move(q);
   return config.dump(2) + "\n";
 }
@@ -565,9 +655,10 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
   if (!activations.ok()) return activations.status();
   report.quant_algo = *activations ? kQuantAlgoW4A4 : kQuantAlgoWeightOnly;
   absl::StatusOr<KvScalesByWeight> kv_scales =
-      KvCacheScales(options.kv_cache, *plans, hessians.get());
+      KvCacheScales(options.kv_cache, LayoutOf(options.format), *plans, hessians.get());
   if (!kv_scales.ok()) return kv_scales.status();
   const QuantizationLabel label{*activations, options.kv_cache == KvCacheMode::kFp8};
+  const Nvfp4Layout& layout = LayoutOf(options.format);
   report.read_seconds = absl::ToDoubleSeconds(absl::Now() - start);
   const absl::Time copy_start = absl::Now();
 
@@ -591,7 +682,7 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
   int64_t total_bytes = 0;
   for (const Checkpoint::Shard& shard : model.shards()) {
     std::vector<SafetensorsTensorSpec> specs =
-        OutputSpecs(*shard.file, quantized_by_weight, with_input_scale, *kv_scales);
+        OutputSpecs(*shard.file, layout, quantized_by_weight, with_input_scale, *kv_scales);
     for (const SafetensorsTensorSpec& s : specs) {
       weight_map[s.name] = shard.file_name;
       report.bytes_out += NumElements(s.shape) * SafetensorsDTypeSize(s.dtype);
@@ -664,7 +755,7 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
   for (const PreparedModule& m : prepared) {
     std::unique_ptr<ModuleOutput>& out = outputs[m.plan];
     if (out == nullptr) {
-      out = std::make_unique<ModuleOutput>(*m.plan, writers[m.shard].get(), *activations);
+      out = std::make_unique<ModuleOutput>(*m.plan, layout, writers[m.shard].get(), *activations);
     }
   }
   absl::Status quantized =
@@ -688,10 +779,8 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
         const double kernel_seconds = result.server_kernel_seconds;
         const double queue_seconds = result.server_queue_seconds;
         const absl::Time write_start = absl::Now();
-        // NUMERICS §5: input_scale = activation amax / (6 * 448).
-        const float input_scale = *activations ? *m.input_amax / 2688.0f : 0.0f;
-        absl::Status written =
-            outputs[&p]->Add(std::max<int64_t>(m.expert, 0), std::move(result), input_scale);
+        absl::Status written = outputs[&p]->Add(std::max<int64_t>(m.expert, 0), std::move(result),
+                                                m.input_amax.value_or(0.0f));
         if (!written.ok()) return written;
         {
           absl::MutexLock lock(&report_mu);
@@ -745,15 +834,19 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
         WriteTextFile((fs::path(*temp) / kIndexFileName).string(), index.dump(2) + "\n");
     if (!written.ok()) return written;
   }
+  // compressed-tensors has its label in config.json only (an hf_quant_config.json would make
+  // tools that look for it first read the folder as ModelOpt's).
+  const bool modelopt = options.format == OutputFormat::kModelOpt;
   absl::StatusOr<std::string> config =
-      QuantizedConfigJson(model.config_text(), exclude_modules, label);
+      modelopt ? QuantizedConfigJson(model.config_text(), exclude_modules, label)
+               : CompressedTensorsConfigJson(model.config_text(), exclude_modules, label);
   if (!config.ok()) return config.status();
-  for (const absl::Status& s :
-       {WriteTextFile((fs::path(*temp) / kConfigFileName).string(), *config),
-        WriteTextFile((fs::path(*temp) / kHfQuantConfigFileName).string(),
-                      HfQuantConfigJson(exclude_modules, label))}) {
-    if (!s.ok()) return s;
+  absl::Status written = WriteTextFile((fs::path(*temp) / kConfigFileName).string(), *config);
+  if (written.ok() && modelopt) {
+    written = WriteTextFile((fs::path(*temp) / kHfQuantConfigFileName).string(),
+                            HfQuantConfigJson(exclude_modules, label));
   }
+  if (!written.ok()) return written;
   if (options.cancel != nullptr && options.cancel->load()) {
     return absl::CancelledError("interrupted");
   }

@@ -72,6 +72,43 @@ enum class ExpertHessian {
 // "per-expert", "shared" (the CLI's --expert-hessian); INVALID_ARGUMENT otherwise.
 absl::StatusOr<ExpertHessian> ParseExpertHessian(const std::string& text);
 
+// The checkpoint layout written: the same codes and block-scale bytes either way.
+enum class OutputFormat {
+  // NVIDIA ModelOpt's (hf_quant_config.json, quant_method "modelopt"): `<m>.weight` U8,
+  // `<m>.weight_scale` F8_E4M3, `<m>.weight_scale_2` F32 [] = g / 2688, `<m>.input_scale`
+  // F32 [] = amax / 2688; KV scales `<k_proj>.k_scale`, `<v_proj>.v_scale`.
+  kModelOpt,
+  // compressed-tensors' nvfp4-pack-quantized (what llm-compressor writes; quant_method
+  // "compressed-tensors"): `<m>.weight_packed` U8, `<m>.weight_scale` F8_E4M3,
+  // `<m>.weight_global_scale` F32 [1] = 1 / weight_scale_2 (the divisor:
+  // w = code * (weight_scale / weight_global_scale)), `<m>.input_global_scale` F32 [1] =
+  // 2688 / amax; KV scales `<attention>.k_scale`, `<attention>.v_scale` F32 [1].
+  kCompressedTensors,
+};
+
+// "modelopt", "compressed-tensors" (the CLI's --format); INVALID_ARGUMENT otherwise.
+absl::StatusOr<OutputFormat> ParseOutputFormat(const std::string& text);
+
+// The tensor names and conventions of an NVFP4 module in one layout.
+struct Nvfp4Layout {
+  OutputFormat format;
+  const char* name;          // "modelopt", "compressed-tensors"
+  const char* codes;         // ".weight", ".weight_packed"
+  const char* global_scale;  // ".weight_scale_2", ".weight_global_scale"
+  const char* input_scale;   // ".input_scale", ".input_global_scale"
+  // The global and input scales are stored as reciprocals (divisors) of ModelOpt's.
+  bool divisor;
+  // The shape of a per-tensor scale: [] (ModelOpt) or [1] (compressed-tensors).
+  bool scalar_as_vector;
+};
+const Nvfp4Layout& LayoutOf(OutputFormat format);
+
+// The stored global scale of a tensor whose ModelOpt weight_scale_2 is `s2`: s2, or 1 / s2
+// for compressed-tensors (1 for an all-zero tensor's s2 = 0: its codes are all 0).
+float StoredGlobalScale(const Nvfp4Layout& layout, float s2);
+// The stored activation scale for an activation amax: amax / 2688, or 2688 / amax.
+float StoredInputScale(const Nvfp4Layout& layout, float amax);
+
 // What the labels of an output say (and its tensors hold).
 struct QuantizationLabel {
   // W4A4 NVFP4 (every quantized module has input_scale), else weight-only W4A16_NVFP4.
@@ -95,6 +132,8 @@ struct QuantizeOptions {
   ActivationMode activations = ActivationMode::kAuto;
   // FP8 KV-cache scales (and the label) or none.
   KvCacheMode kv_cache = KvCacheMode::kNone;
+  // The checkpoint layout.
+  OutputFormat format = OutputFormat::kModelOpt;
   // Hessians of the experts of 3-D expert tensors.
   ExpertHessian expert_hessian = ExpertHessian::kPerExpert;
   // What may happen to an existing out_dir (output_dir.h).
@@ -164,6 +203,12 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
 // Labels of a W4A4 output (every quantized module has input_scale) and of a weight-only one.
 inline constexpr char kQuantAlgoW4A4[] = "NVFP4";
 inline constexpr char kQuantAlgoWeightOnly[] = "W4A16_NVFP4";
+
+// config.json with compressed-tensors' `quantization_config` (format nvfp4-pack-quantized;
+// input_activations null for weight-only; kv_cache_scheme for FP8 KV), pretty-printed.
+absl::StatusOr<std::string> CompressedTensorsConfigJson(const std::string& config_text,
+                                                        const std::vector<std::string>& ignore,
+                                                        const QuantizationLabel& label);
 
 // config.json with `quantization_config` added (NUMERICS §5; weight-only: quant_algo
 // W4A16_NVFP4 and a config group with `weights` only; FP8 KV cache: kv_cache_quant_algo FP8 and
