@@ -12,6 +12,7 @@ packages=(
   libgtest-dev libgmock-dev googletest          # GoogleTest / GoogleMock
   libbenchmark-dev                              # Google Benchmark
   python3-grpcio python3-grpc-tools python3-numpy  # Python client test of the server
+  python3-torch python3-tqdm python3-protobuf   # the Python package (python/) and its tests
   clang-format                                  # formatting check (.clang-format)
   nlohmann-json3-dev                            # JSON for the client (safetensors headers, configs)
   liblapack-dev                                 # LAPACK (dpotrf, dtrtri) for gptq's Hessian factor
