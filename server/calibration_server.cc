@@ -25,7 +25,8 @@ std::string HostOf(const std::string& address) {
 absl::StatusOr<std::string> ReadPemFile(const char* flag, const std::string& path) {
   absl::StatusOr<std::string> text = ReadTextFile(path);
   if (!text.ok()) {
-    return absl::Status(text.status().code(), absl::StrCat("--", flag, ": ", text.status().message()));
+    return absl::Status(text.status().code(),
+                        absl::StrCat("--", flag, ": ", text.status().message()));
   }
   if (text->empty()) {
     return absl::InvalidArgumentError(absl::StrCat("--", flag, " = '", path, "' is empty"));

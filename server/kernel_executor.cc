@@ -86,8 +86,8 @@ std::string_view KernelExecutor::BackendName() const {
 absl::Status KernelExecutor::ExecuteBatch(int worker, absl::Span<Work* const> batch,
                                           std::vector<absl::Status>* item_status) {
   if (worker < 0 || worker >= static_cast<int>(backends_.size())) {
-    return absl::InternalError(absl::StrFormat("no backend for worker %d (have %d)", worker,
-                                               backends_.size()));
+    return absl::InternalError(
+        absl::StrFormat("no backend for worker %d (have %d)", worker, backends_.size()));
   }
   ScaleSearch& backend = *backends_[static_cast<size_t>(worker)];
   item_status->assign(batch.size(), absl::OkStatus());

@@ -88,8 +88,7 @@ void Scheduler::Shutdown() {
     absl::MutexLock lock(&mu_);
     if (stopping_) return;
     stopping_ = true;
-    const absl::Status reason =
-        absl::UnavailableError("scheduler shut down before the work ran");
+    const absl::Status reason = absl::UnavailableError("scheduler shut down before the work ran");
     for (auto& [id, job] : jobs_) {
       if (job.failure.ok()) FailJob(id, &job, reason, &completions);
     }
@@ -134,9 +133,9 @@ void Scheduler::WorkerLoop(int worker) {
         executor_->ExecuteBatch(worker, absl::MakeSpan(works), &item_status);
     const absl::Time end = options_.clock();
     if (batch_status.ok() && item_status.size() != batch.size()) {
-      batch_status = absl::InternalError(absl::StrFormat(
-          "executor returned %d item statuses for a batch of %d", item_status.size(),
-          batch.size()));
+      batch_status = absl::InternalError(
+          absl::StrFormat("executor returned %d item statuses for a batch of %d",
+                          item_status.size(), batch.size()));
     }
 
     {

@@ -180,8 +180,8 @@ class Scheduler {
   // Fails every job whose deadline passed. Requires mu_.
   void ExpireDeadlines(std::vector<Completion>* completions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Marks a job failed and moves its queued items to `completions`.
-  void FailJob(JobId id, Job* job, const absl::Status& reason,
-               std::vector<Completion>* completions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void FailJob(JobId id, Job* job, const absl::Status& reason, std::vector<Completion>* completions)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Forgets a released job with no work left.
   void MaybeForget(JobId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool HasRunnableWork() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

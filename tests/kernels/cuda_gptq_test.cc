@@ -212,7 +212,9 @@ TEST_F(CudaGptqTest, DampingAndIndefiniteHessiansAsOnTheCpu) {
   EXPECT_EQ(gs.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(gs.message(), HasSubstr("not positive definite"));
   // The same damping and column; the pivot's value comes from each library's own elimination.
-  auto upto_value = [](absl::string_view m) { return std::string(m.substr(0, m.find(" is ", 40))); };
+  auto upto_value = [](absl::string_view m) {
+    return std::string(m.substr(0, m.find(" is ", 40)));
+  };
   EXPECT_EQ(upto_value(gs.message()), upto_value(cs.message())) << gs << "\n" << cs;
   // Validation before any device work.
   EXPECT_THAT(gpu->Prepare({bad.data(), 40}, params).status().message(),

@@ -26,7 +26,7 @@ constexpr absl::Duration kHangLimit = absl::Seconds(30);
 
 struct FakeWork : Work {
   std::string label;
-  bool hold = false;           // block in the executor until Release()
+  bool hold = false;             // block in the executor until Release()
   bool fail_allocation = false;  // the batch containing it fails with RESOURCE_EXHAUSTED
 };
 
@@ -98,9 +98,8 @@ class Outcomes {
   }
   void WaitFor(size_t count) {
     absl::MutexLock lock(&mu_);
-    auto reached = [this, count]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-      return done_.size() >= count;
-    };
+    auto reached = [this, count]()
+                       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return done_.size() >= count; };
     ASSERT_TRUE(mu_.AwaitWithTimeout(absl::Condition(&reached), kHangLimit))
         << "only " << done_.size() << " of " << count << " items finished";
   }
