@@ -21,6 +21,7 @@
 #include "client/file_util.h"
 #include "client/proto_convert.h"
 #include "grpcpp/grpcpp.h"
+#include "proto/wire_codec.h"
 
 namespace nvfp4cal {
 namespace {
@@ -450,8 +451,8 @@ class Client::Call {
     header->set_name(job.name);
     header->set_rows(rows);
     header->set_cols(cols);
-    header->set_dtype(ToProto(job.weights.dtype));
-    FillMethod(job.params, header->mutable_method());
+    header->set_dtype(DTypeToProto(job.weights.dtype));
+    SearchParamsToProto(job.params, header->mutable_method());
     header->set_global_amax(job.global_amax);
     const bool full = SendsFullHessian(job);
     const bool upper = client_->options_.send_full_hessian_upper;
@@ -611,7 +612,7 @@ class Client::Call {
       result.scales = std::move(p.scales);
       result.global_amax = summary.global_amax();
       result.global_scale = summary.global_scale();
-      result.stats = StatsFromSummary(summary, job.params);
+      result.stats = StatsFromProto(summary, job.params);
       result.server_kernel_seconds = static_cast<double>(summary.timings().kernel_us()) * 1e-6;
       result.server_queue_seconds = static_cast<double>(summary.timings().queue_wait_us()) * 1e-6;
     }

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "nvfp4cal/kernels/validation.h"
+#include "proto/wire_codec.h"
 #include "server/tensor_spec.h"
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
@@ -288,7 +289,7 @@ void JobManager::OnItemDone(uint64_t seq, const std::shared_ptr<RowRangeTask>& t
         summary.set_cols(record.cols);
         summary.set_global_amax(record.input->global_amax);
         summary.set_global_scale(GlobalScaleFromAmax(record.input->global_amax));
-        FillStatistics(total, summary.mutable_stats());
+        StatsToProto(total, summary.mutable_stats());
         summary.mutable_timings()->set_total_us(
             absl::ToInt64Microseconds(options_.clock() - record.created));
         summary.mutable_timings()->set_queue_wait_us(absl::ToInt64Microseconds(record.queue_wait));

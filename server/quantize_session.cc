@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "nvfp4cal/kernels/validation.h"
+#include "proto/wire_codec.h"
 #include "server/log.h"
 #include "server/proto_codec.h"
 #include "server/stream_watchdog.h"
@@ -653,7 +654,7 @@ void QuantizeSession::QueueSummary(const Tensor& tensor) {
   summary->set_cols(tensor.cols);
   summary->set_global_amax(tensor.input->global_amax);
   summary->set_global_scale(GlobalScaleFromAmax(tensor.input->global_amax));
-  FillStatistics(total, summary->mutable_stats());
+  StatsToProto(total, summary->mutable_stats());
   summary->mutable_timings()->set_total_us(absl::ToInt64Microseconds(absl::Now() - tensor.started));
   summary->mutable_timings()->set_queue_wait_us(absl::ToInt64Microseconds(tensor.queue_wait));
   summary->mutable_timings()->set_kernel_us(absl::ToInt64Microseconds(tensor.kernel_time));

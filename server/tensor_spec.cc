@@ -8,63 +8,9 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "proto/wire_codec.h"
 
 namespace nvfp4cal::server {
-namespace {
-
-absl::StatusOr<DType> ToDType(v1::DType dtype) {
-  switch (dtype) {
-    case v1::DTYPE_FLOAT32:
-      return DType::kFloat32;
-    case v1::DTYPE_BFLOAT16:
-      return DType::kBFloat16;
-    case v1::DTYPE_FLOAT16:
-      return DType::kFloat16;
-    default:
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "header.dtype = %d is not one of DTYPE_FLOAT32, DTYPE_BFLOAT16, DTYPE_FLOAT16",
-          static_cast<int>(dtype)));
-  }
-}
-
-absl::StatusOr<SearchParams> ToSearchParams(const v1::MethodConfig& config) {
-  absl::StatusOr<Method> method = ParseMethod(config.name());
-  if (!method.ok()) return PrefixStatus(method.status(), "header.");
-  SearchParams params;
-  params.method = *method;
-  if (config.has_beta_step()) params.beta_step = config.beta_step();
-  if (config.has_beta_half_range()) params.beta_half_range = config.beta_half_range();
-  if (config.has_scale_neighbours()) params.scale_neighbours = config.scale_neighbours();
-  if (config.has_symmetry_tolerance()) params.symmetry_tolerance = config.symmetry_tolerance();
-  const bool gptq_parameter = config.has_damping() || config.has_act_order() ||
-                              config.has_block_columns() || config.has_scale_objective() ||
-                              config.has_scale_search();
-  if (gptq_parameter && *method != Method::kGptq) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("header.method has gptq parameters (damping, act_order, block_columns, "
-                        "scale_objective, scale_search) but name = \"%s\"; they apply to gptq only",
-                        config.name()));
-  }
-  GptqParams& gptq = params.gptq;
-  if (config.has_damping()) gptq.damping = config.damping();
-  if (config.has_act_order()) gptq.act_order = config.act_order();
-  if (config.has_block_columns()) gptq.block_columns = config.block_columns();
-  if (config.has_scale_objective()) {
-    absl::StatusOr<GptqScaleObjective> objective =
-        ParseGptqScaleObjective(config.scale_objective());
-    if (!objective.ok()) return PrefixStatus(objective.status(), "header.method.");
-    gptq.scale_objective = *objective;
-  }
-  if (config.has_scale_search()) {
-    absl::StatusOr<GptqScaleSearch> search = ParseGptqScaleSearch(config.scale_search());
-    if (!search.ok()) return PrefixStatus(search.status(), "header.method.");
-    gptq.scale_search = *search;
-  }
-  if (absl::Status s = ValidateParams(params); !s.ok()) return PrefixStatus(s, "header.method.");
-  return params;
-}
-
-}  // namespace
 
 absl::Status PrefixStatus(const absl::Status& status, const std::string& prefix) {
   return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
@@ -114,9 +60,9 @@ absl::StatusOr<TensorSpec> ParseTensorHeader(const v1::TensorHeader& header,
         header.name(), result_row_bytes, limits.ResultPayloadBytes(),
         limits.max_send_message_bytes));
   }
-  absl::StatusOr<DType> dtype = ToDType(header.dtype());
+  absl::StatusOr<DType> dtype = DTypeFromProto(header.dtype(), "header.dtype");
   if (!dtype.ok()) return dtype.status();
-  absl::StatusOr<SearchParams> params = ToSearchParams(header.method());
+  absl::StatusOr<SearchParams> params = SearchParamsFromProto(header.method(), "header");
   if (!params.ok()) return params.status();
   TensorSpec spec;
   spec.name = header.name();
@@ -196,42 +142,6 @@ void ExtractDiagonalBlocksUpper(const float* src, int64_t offset, int64_t count,
                           b[(c % kB) * kB + (row % kB)] = value;
                         }
                       });
-}
-
-void FillStatistics(const TensorStats& stats, v1::TensorStatistics* out) {
-  out->set_method(std::string(MethodName(stats.method)));
-  v1::MethodConfig* params = out->mutable_params();
-  params->set_name(std::string(MethodName(stats.params.method)));
-  params->set_beta_step(stats.params.beta_step);
-  params->set_beta_half_range(stats.params.beta_half_range);
-  params->set_scale_neighbours(stats.params.scale_neighbours);
-  params->set_symmetry_tolerance(stats.params.symmetry_tolerance);
-  if (stats.params.method == Method::kGptq) {
-    const GptqParams& gptq = stats.params.gptq;
-    params->set_damping(gptq.damping);
-    params->set_act_order(gptq.act_order);
-    params->set_block_columns(gptq.block_columns);
-    params->set_scale_objective(std::string(GptqScaleObjectiveName(gptq.scale_objective)));
-    params->set_scale_search(std::string(GptqScaleSearchName(gptq.scale_search)));
-    out->set_full_hessian_error(stats.gptq.full_hessian_error);
-    out->set_full_hessian_error_local_hessian(stats.gptq.full_hessian_error_local_hessian);
-    out->set_damping_relative(stats.gptq.damping_relative);
-    out->set_damping_increases(stats.gptq.damping_increases);
-    out->set_factor_seconds(stats.gptq.factor_seconds);
-    out->set_gptq_quantize_seconds(stats.gptq.quantize_seconds);
-    out->set_gptq_compare_seconds(stats.gptq.compare_seconds);
-  }
-  out->set_num_blocks(stats.num_blocks);
-  out->set_objective_before(stats.objective_before);
-  out->set_objective_after(stats.objective_after);
-  out->set_mse_before(stats.mse_before);
-  out->set_mse_after(stats.mse_after);
-  out->set_hessian_error_before(stats.hessian_error_before);
-  out->set_hessian_error_after(stats.hessian_error_after);
-  out->set_blocks_scale_changed(stats.blocks_scale_changed);
-  out->set_blocks_beta_not_one(stats.blocks_beta_not_one);
-  out->set_blocks_offset_not_zero(stats.blocks_offset_not_zero);
-  out->set_zero_hessian_blocks(stats.zero_hessian_blocks);
 }
 
 }  // namespace nvfp4cal::server

@@ -1,13 +1,11 @@
 // TensorSpec: what a client declares about one tensor (TensorHeader), parsed and checked
 // against the server's limits; shared by Quantize sessions and async jobs, so both answer the
-// same malformed header with the same status and message. Also the proto form of results'
-// statistics.
+// same malformed header with the same status and message. The statistics of results go back
+// through proto/wire_codec.h.
 //
 //   absl::StatusOr<TensorSpec> spec = ParseTensorHeader(request.header(), limits);
 //   if (!spec.ok()) return spec.status();   // INVALID_ARGUMENT / RESOURCE_EXHAUSTED, named
 //   const int64_t bytes = spec->WeightBytes();
-//   ...
-//   FillStatistics(total_stats, summary->mutable_stats());
 #ifndef NVFP4CAL_SERVER_TENSOR_SPEC_H_
 #define NVFP4CAL_SERVER_TENSOR_SPEC_H_
 
@@ -82,9 +80,6 @@ void ForEachUpperSegment(
 // block into its lower half too.
 void ExtractDiagonalBlocksUpper(const float* src, int64_t offset, int64_t count, int64_t cols,
                                 float* blocks);
-
-// The proto form of the kernels' statistics (gptq's too).
-void FillStatistics(const TensorStats& stats, v1::TensorStatistics* out);
 
 }  // namespace nvfp4cal::server
 
