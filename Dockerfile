@@ -3,6 +3,7 @@
 #
 #   docker build -t nvfp4cal:0.1.0 .
 #   docker run --gpus all -p 50051:50051 -p 9400:9400 nvfp4cal:0.1.0 --device=auto
+#   docker build --build-arg BACKEND=cpu -t nvfp4cal:0.1.0-cpu .     # CPU backend only
 #
 # Base images. NVIDIA publishes CUDA images for Ubuntu, Rocky Linux and UBI only, not for
 # Debian, and the binaries link Debian 12's gRPC 1.51 / Protobuf 3.21 / Abseil 20220623
@@ -15,21 +16,32 @@
 #            NVIDIA_VISIBLE_DEVICES / NVIDIA_DRIVER_CAPABILITIES variables set below (the same
 #            variables nvidia/cuda images set). Without a GPU the server runs on the CPU backend
 #            (--device=auto or --device=cpu).
+# BACKEND=cpu compiles without CUDA (no NVIDIA repository needed); BACKEND=prebuilt takes the
+# binaries from the build context (deploy/image-test.sh, which builds and runs this image).
 # deploy/check.sh checks this file: the build stage runs scripts/install-deps.sh, the runtime
 # packages provide every shared library of the built binaries, entrypoint flags exist, user and
 # ports.
 
 ARG CUDA_PKG_VERSION=13-0
 ARG CUDA_VERSION=13.0
+# Where the binaries come from: cuda (default; the CUDA and CPU backends, compiled in stage
+# build-cuda), cpu (the CPU backend only, compiled in build-cpu; needs no NVIDIA repository) or
+# prebuilt (bin/nvfp4cal-server, bin/nvfp4cal and lib/ of the build context, built on a Debian 12
+# host; deploy/image-test.sh uses it). Every stage after the build stage is the same for all
+# three; stages the chosen one does not use are skipped.
+ARG BACKEND=cuda
 
-FROM debian:12 AS build
+# Toolchain: the packages of a development machine (scripts/install-deps.sh).
+FROM debian:12 AS deps
+WORKDIR /src
+COPY scripts/install-deps.sh scripts/install-deps.sh
+RUN bash scripts/install-deps.sh --build-only && rm -rf /var/lib/apt/lists/*
+
+FROM deps AS build-cuda
 ARG CUDA_PKG_VERSION
 ARG CUDA_VERSION
 # Compute capabilities compiled into the CUDA backend (90 = H100/H200).
 ARG CUDA_ARCHITECTURES=90
-WORKDIR /src
-COPY scripts/install-deps.sh scripts/install-deps.sh
-RUN bash scripts/install-deps.sh && rm -rf /var/lib/apt/lists/*
 # CUDA toolkit (compiler, runtime, cuBLAS and cuSOLVER for gptq) from NVIDIA's Debian 12
 # repository.
 ADD https://developer.download.nvidia.com/compute/cuda/repos/debian12/x86_64/cuda-keyring_1.1-1_all.deb /tmp/cuda-keyring.deb
@@ -53,6 +65,20 @@ RUN cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release \
  && for lib in libcublas.so.13 libcublasLt.so.13 libcusolver.so.12 libcusparse.so.12 \
                libnvJitLink.so.13; do \
       cp -P /usr/local/cuda-${CUDA_VERSION}/targets/x86_64-linux/lib/$lib* /out/lib/; done
+
+FROM deps AS build-cpu
+COPY . .
+RUN cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DNVFP4CAL_CUDA=OFF \
+      -DNVFP4CAL_BUILD_TESTS=OFF -DNVFP4CAL_BUILD_BENCH=OFF \
+ && cmake --build build --target nvfp4cal-server nvfp4cal \
+ && mkdir -p /out/bin /out/lib \
+ && cp build/server/nvfp4cal-server build/client/nvfp4cal /out/bin/
+
+FROM scratch AS build-prebuilt
+COPY bin/nvfp4cal-server bin/nvfp4cal /out/bin/
+COPY lib/ /out/lib/
+
+FROM build-${BACKEND} AS build
 
 FROM debian:12-slim AS runtime
 # Runtime libraries of nvfp4cal-server and nvfp4cal (Debian 12 packages of the -dev packages in

@@ -76,7 +76,7 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 # searches (and the model-level comparisons built on them) run in step 1 only.
 slow_numerics='EventSearch\.|CandidatePruning\.|LocalHessianSweep\.ChoiceIsTheExhaustive'
 slow_numerics+='|DecoupledScaleSearch\.|OutputEqualsKernelsCalledDirectly|WeightsEqualKernels'
-ctest --test-dir "$san_dir" --output-on-failure -j "$jobs" -LE 'gpu|deploy|soak_long' \
+ctest --test-dir "$san_dir" --output-on-failure -j "$jobs" -LE 'gpu|deploy|image|soak_long' \
   -E "_NOT_BUILT|$slow_numerics"
 
 if [ "$fuzz_seconds" = 0 ]; then

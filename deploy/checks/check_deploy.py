@@ -354,12 +354,14 @@ def check_dockerfile(path, install_deps, known, binaries):
     if len(stages) < 2:
         fail(where, "not a multi-stage build")
         return
+    # Every stage before the last one is a build stage (deps, build-cuda, build-cpu, ...).
     build, runtime = stages[0], stages[-1]
+    build_ins = [i for st in stages[:-1] for i in st["ins"]]
     if not re.match(r"debian:12(\s|$)", build["from"]):
         fail(where, f"build stage is {build['from']!r}, expected debian:12")
-    runs = [r for w, r in build["ins"] if w == "RUN"]
+    runs = [r for w, r in build_ins if w == "RUN"]
     if not any(re.search(r"\bscripts/install-deps\.sh\b", r) for r in runs) or not any(
-            w == "COPY" and "scripts/install-deps.sh" in r for w, r in build["ins"]):
+            w == "COPY" and "scripts/install-deps.sh" in r for w, r in build_ins):
         fail(where, "build stage does not COPY and RUN scripts/install-deps.sh")
     deps_text = re.sub(r"#.*", "", open(install_deps, encoding="utf-8").read())
     m = re.search(r"packages=\((.*?)\)", deps_text, re.S)
