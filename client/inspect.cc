@@ -20,7 +20,6 @@
 #include "client/temp_dir.h"
 #include "nlohmann/json.hpp"
 #include "nvfp4cal/kernels/codecs.h"
-#include "nvfp4cal/kernels/example_data.h"
 
 namespace nvfp4cal {
 namespace {

@@ -37,12 +37,12 @@
 
 #include "absl/strings/str_format.h"
 #include "cuda_status.h"
-#include "nvfp4cal/kernels/block_search.h"
 #include "nvfp4cal/kernels/cuda_gptq.h"
 #include "nvfp4cal/kernels/dtype.h"
 #include "nvfp4cal/kernels/gptq.h"
-#include "nvfp4cal/kernels/gptq_group.h"
-#include "nvfp4cal/kernels/hessian_bounds.h"
+#include "nvfp4cal/kernels/internal/block_search.h"
+#include "nvfp4cal/kernels/internal/gptq_group.h"
+#include "nvfp4cal/kernels/internal/hessian_bounds.h"
 #include "nvfp4cal/kernels/validation.h"
 
 namespace nvfp4cal {

@@ -15,10 +15,10 @@
 
 #include "absl/strings/str_format.h"
 #include "cuda_status.h"
-#include "nvfp4cal/kernels/block_search.h"
 #include "nvfp4cal/kernels/cuda_scale_search.h"
-#include "nvfp4cal/kernels/event_search.h"
-#include "nvfp4cal/kernels/hessian_bounds.h"
+#include "nvfp4cal/kernels/internal/block_search.h"
+#include "nvfp4cal/kernels/internal/event_search.h"
+#include "nvfp4cal/kernels/internal/hessian_bounds.h"
 #include "nvfp4cal/kernels/validation.h"
 
 namespace nvfp4cal {

@@ -12,7 +12,7 @@
 #include <cstring>
 #include <vector>
 
-#include "nvfp4cal/kernels/block_search.h"
+#include "nvfp4cal/kernels/internal/block_search.h"
 
 namespace nvfp4cal {
 namespace simd {

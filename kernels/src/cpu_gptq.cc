@@ -17,11 +17,11 @@
 
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "nvfp4cal/kernels/block_search.h"
 #include "nvfp4cal/kernels/dtype.h"
 #include "nvfp4cal/kernels/gptq.h"
-#include "nvfp4cal/kernels/gptq_group.h"
-#include "nvfp4cal/kernels/hessian_bounds.h"
+#include "nvfp4cal/kernels/internal/block_search.h"
+#include "nvfp4cal/kernels/internal/gptq_group.h"
+#include "nvfp4cal/kernels/internal/hessian_bounds.h"
 #include "nvfp4cal/kernels/validation.h"
 
 #if defined(__clang__)

@@ -6,8 +6,8 @@
 #include <vector>
 
 #include "cpu_block_search_simd.h"
-#include "nvfp4cal/kernels/block_search.h"
-#include "nvfp4cal/kernels/hessian_bounds.h"
+#include "nvfp4cal/kernels/internal/block_search.h"
+#include "nvfp4cal/kernels/internal/hessian_bounds.h"
 #include "nvfp4cal/kernels/validation.h"
 
 namespace nvfp4cal {

@@ -25,26 +25,6 @@ double ExampleRng::Normal() {
   return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
 }
 
-uint16_t FloatToBFloat16(float value) {
-  uint32_t bits = FloatBits(value);
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
-uint16_t FloatToFloat16(float value) {
-  const uint32_t bits = FloatBits(value);
-  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
-  const float a = std::fabs(value);
-  if (a >= 65520.0f) return sign | 0x7C00u;  // rounds to Inf
-  if (a < 6.103515625e-05f) {
-    // Subnormal half: multiples of 2^-24; rintf rounds half to even.
-    return sign | static_cast<uint16_t>(rintf(a * 16777216.0f));
-  }
-  uint32_t m = FloatBits(a);
-  m += 0xFFFu + ((m >> 13) & 1u);
-  return sign | static_cast<uint16_t>((m >> 13) - ((127u - 15u) << 10));
-}
-
 std::vector<float> MakeExampleWeights(int64_t rows, int64_t cols, uint64_t seed) {
   ExampleRng rng(seed);
   std::vector<float> w(static_cast<size_t>(rows * cols));

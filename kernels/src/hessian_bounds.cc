@@ -1,4 +1,4 @@
-#include "nvfp4cal/kernels/hessian_bounds.h"
+#include "nvfp4cal/kernels/internal/hessian_bounds.h"
 
 #include <algorithm>
 #include <cmath>

@@ -6,8 +6,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "nvfp4cal/kernels/block_search.h"
 #include "nvfp4cal/kernels/codecs.h"
+#include "nvfp4cal/kernels/internal/block_search.h"
 #include "nvfp4cal/kernels/validation.h"
 
 namespace nvfp4cal {

@@ -1,6 +1,6 @@
 // Method golden cases small enough to check by hand (NUMERICS §3), and block-level properties
 // against an independent double-precision brute force.
-#include "nvfp4cal/kernels/block_search.h"
+#include "nvfp4cal/kernels/internal/block_search.h"
 
 #include <array>
 #include <cmath>

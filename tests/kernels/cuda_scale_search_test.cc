@@ -12,9 +12,9 @@
 #if defined(NVFP4CAL_HAVE_CUDA)
 #include <cuda_runtime.h>
 #endif
-#include "nvfp4cal/kernels/block_search.h"
 #include "nvfp4cal/kernels/cpu_scale_search.h"
 #include "nvfp4cal/kernels/example_data.h"
+#include "nvfp4cal/kernels/internal/block_search.h"
 #include "nvfp4cal/kernels/scale_search.h"
 
 namespace nvfp4cal {

@@ -12,10 +12,10 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "nvfp4cal/kernels/block_search.h"
 #include "nvfp4cal/kernels/codecs.h"
 #include "nvfp4cal/kernels/cpu_scale_search.h"
 #include "nvfp4cal/kernels/example_data.h"
+#include "nvfp4cal/kernels/internal/block_search.h"
 #include "tests/kernels/gptq_test_data.h"
 
 namespace nvfp4cal {

@@ -9,11 +9,11 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "nvfp4cal/kernels/block_search.h"
 #include "nvfp4cal/kernels/cpu_scale_search.h"
-#include "nvfp4cal/kernels/event_search.h"
 #include "nvfp4cal/kernels/example_data.h"
-#include "nvfp4cal/kernels/hessian_bounds.h"
+#include "nvfp4cal/kernels/internal/block_search.h"
+#include "nvfp4cal/kernels/internal/event_search.h"
+#include "nvfp4cal/kernels/internal/hessian_bounds.h"
 
 namespace nvfp4cal {
 namespace {

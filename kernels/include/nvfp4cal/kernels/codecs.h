@@ -113,6 +113,28 @@ NVFP4_HD float Float16ToFloat(uint16_t h) {
   return BitsToFloat(sign | ((exponent + 112u) << 23) | (mantissa << 13));
 }
 
+// fp32 -> bfloat16 bits, round to nearest even (finite inputs).
+NVFP4_HD uint16_t FloatToBFloat16(float value) {
+  uint32_t bits = FloatBits(value);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// fp32 -> IEEE binary16 bits, round to nearest even (finite inputs; beyond 65520 -> Inf).
+inline uint16_t FloatToFloat16(float value) {
+  const uint32_t bits = FloatBits(value);
+  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+  const float a = std::fabs(value);
+  if (a >= 65520.0f) return sign | 0x7C00u;  // rounds to Inf
+  if (a < 6.103515625e-05f) {
+    // Subnormal half: multiples of 2^-24; rintf rounds half to even.
+    return sign | static_cast<uint16_t>(rintf(a * 16777216.0f));
+  }
+  uint32_t m = FloatBits(a);
+  m += 0xFFFu + ((m >> 13) & 1u);
+  return sign | static_cast<uint16_t>((m >> 13) - ((127u - 15u) << 10));
+}
+
 // ---------------------------------------------------------------------------------------------
 // E2M1 (FP4): magnitude index 0..7 -> 0, 0.5, 1, 1.5, 2, 3, 4, 6; bit 3 is the sign.
 // ---------------------------------------------------------------------------------------------

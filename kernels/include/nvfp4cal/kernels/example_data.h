@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "nvfp4cal/kernels/codecs.h"  // FloatToBFloat16, FloatToFloat16
+
 namespace nvfp4cal {
 
 // SplitMix64-based generator: identical sequences on every platform.
@@ -25,11 +27,6 @@ class ExampleRng {
  private:
   uint64_t state_;
 };
-
-// fp32 -> bfloat16 bits, round to nearest even (finite inputs).
-uint16_t FloatToBFloat16(float value);
-// fp32 -> IEEE binary16 bits, round to nearest even (finite inputs within range).
-uint16_t FloatToFloat16(float value);
 
 // rows x cols weights as fp32, row-major.
 std::vector<float> MakeExampleWeights(int64_t rows, int64_t cols, uint64_t seed);

@@ -2,12 +2,12 @@
 //
 //   std::vector<HessianBlockBounds> bounds = ComputeHessianBlockBounds(hessians);
 //   QuantizeBlock(w, g, s2, h_j, method, grid, &bounds[j], &identity);
-#ifndef NVFP4CAL_KERNELS_HESSIAN_BOUNDS_H_
-#define NVFP4CAL_KERNELS_HESSIAN_BOUNDS_H_
+#ifndef NVFP4CAL_KERNELS_INTERNAL_HESSIAN_BOUNDS_H_
+#define NVFP4CAL_KERNELS_INTERNAL_HESSIAN_BOUNDS_H_
 
 #include <vector>
 
-#include "nvfp4cal/kernels/block_search.h"
+#include "nvfp4cal/kernels/internal/block_search.h"
 #include "nvfp4cal/kernels/scale_search.h"
 
 namespace nvfp4cal {
@@ -52,4 +52,4 @@ std::vector<HessianBlockScreen> ComputeHessianBlockScreens(
 
 }  // namespace nvfp4cal
 
-#endif  // NVFP4CAL_KERNELS_HESSIAN_BOUNDS_H_
+#endif  // NVFP4CAL_KERNELS_INTERNAL_HESSIAN_BOUNDS_H_

@@ -19,10 +19,10 @@
 //
 // Code changes are located exactly: an estimate from the E2M1 thresholds, then the monotone
 // predicate "magnitude index < L" evaluated with the same fp32 division the full search uses.
-#ifndef NVFP4CAL_KERNELS_EVENT_SEARCH_H_
-#define NVFP4CAL_KERNELS_EVENT_SEARCH_H_
+#ifndef NVFP4CAL_KERNELS_INTERNAL_EVENT_SEARCH_H_
+#define NVFP4CAL_KERNELS_INTERNAL_EVENT_SEARCH_H_
 
-#include "nvfp4cal/kernels/block_search.h"
+#include "nvfp4cal/kernels/internal/block_search.h"
 
 namespace nvfp4cal {
 
@@ -390,4 +390,4 @@ NVFP4_HD BlockOutcome QuantizeBlockEvents(const float* w, float global_amax, flo
 
 }  // namespace nvfp4cal
 
-#endif  // NVFP4CAL_KERNELS_EVENT_SEARCH_H_
+#endif  // NVFP4CAL_KERNELS_INTERNAL_EVENT_SEARCH_H_

@@ -10,13 +10,13 @@
 // columns. This header holds that group step: the scale choice (block_search.h's sweep and DSS,
 // with either the group's 16x16 block of H or the exact GPTQ cost as objective) and the
 // sequential pass. The CPU driver (cpu_gptq.cc) applies the errors to the columns after the group.
-#ifndef NVFP4CAL_KERNELS_GPTQ_GROUP_H_
-#define NVFP4CAL_KERNELS_GPTQ_GROUP_H_
+#ifndef NVFP4CAL_KERNELS_INTERNAL_GPTQ_GROUP_H_
+#define NVFP4CAL_KERNELS_INTERNAL_GPTQ_GROUP_H_
 
 #include <cstdint>
 
-#include "nvfp4cal/kernels/block_search.h"
 #include "nvfp4cal/kernels/codecs.h"
+#include "nvfp4cal/kernels/internal/block_search.h"
 #include "nvfp4cal/kernels/scale_search.h"
 
 namespace nvfp4cal {
@@ -161,4 +161,4 @@ NVFP4_HD GptqGroupStats GptqGroupStatistics(const float* orig, float global_amax
 
 }  // namespace nvfp4cal
 
-#endif  // NVFP4CAL_KERNELS_GPTQ_GROUP_H_
+#endif  // NVFP4CAL_KERNELS_INTERNAL_GPTQ_GROUP_H_

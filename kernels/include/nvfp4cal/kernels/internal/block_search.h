@@ -16,8 +16,8 @@
 //   hess   = TreeSum16(e_i * t_i)             (pairwise: i + 8, then + 4, + 2, + 1)
 //   mse    = TreeSum16(e_i * e_i)
 // so with H = I the Hessian objective equals the squared error bit for bit.
-#ifndef NVFP4CAL_KERNELS_BLOCK_SEARCH_H_
-#define NVFP4CAL_KERNELS_BLOCK_SEARCH_H_
+#ifndef NVFP4CAL_KERNELS_INTERNAL_BLOCK_SEARCH_H_
+#define NVFP4CAL_KERNELS_INTERNAL_BLOCK_SEARCH_H_
 
 #include <cstdint>
 
@@ -550,4 +550,4 @@ NVFP4_HD BlockOutcome QuantizeBlock(const float* w, float global_amax, float glo
 
 }  // namespace nvfp4cal
 
-#endif  // NVFP4CAL_KERNELS_BLOCK_SEARCH_H_
+#endif  // NVFP4CAL_KERNELS_INTERNAL_BLOCK_SEARCH_H_
