@@ -8,6 +8,8 @@
     q = nvfp4cal.Client(["host:50051"]).quantize(weight, hessian=H, method="dss")
     # or layer by layer, earlier layers replaced by their dequantized NVFP4 weights:
     nvfp4cal.calibrate_sequential(model, batches, client, method="gptq").save("hessians.safetensors")
+    # fine-tune the block scales of a checkpoint against the model (distillation):
+    nvfp4cal.finetune_scales(model, "model-nvfp4", train_windows, val_windows, out="model-ft")
 
 `capture` needs torch only. `Client` needs grpcio, protobuf and the generated stubs, and is
 imported on first use (see nvfp4cal._proto for where the stubs come from).
@@ -19,13 +21,16 @@ from .capture import (CaptureMemoryError, HessianCapture, capture,  # noqa: E402
                       layout_for_method)
 from .hessians_file import (read_safetensors, resolve_hessian_entry,  # noqa: E402
                             write_hessians, write_safetensors)
+from .finetune import (FinetuneError, FinetuneResult, finetune_scales,  # noqa: E402
+                       snap_e4m3)
 from .sequential import (LocalServer, SequentialCalibration, SequentialError,  # noqa: E402
                          calibrate_sequential, find_decoder_layers)
 
 __all__ = ["__version__", "capture", "HessianCapture", "CaptureMemoryError", "layout_for_method",
            "write_hessians", "write_safetensors", "read_safetensors", "resolve_hessian_entry",
            "calibrate_sequential", "SequentialCalibration", "SequentialError", "LocalServer",
-           "find_decoder_layers",
+           "find_decoder_layers", "finetune_scales", "FinetuneResult", "FinetuneError",
+           "snap_e4m3",
            "Client", "Session", "QuantizedTensor", "ServerError"]
 
 _CLIENT_NAMES = ("Client", "Session", "QuantizedTensor", "ServerError")

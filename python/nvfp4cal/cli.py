@@ -3,6 +3,7 @@
     python -m nvfp4cal calibrate --model DIR --data FILE --out hessians.safetensors
     nvfp4cal-calibrate --model DIR --data FILE --out hessians.safetensors      # same
     nvfp4cal-calibrate-quantize --model DIR --data FILE --out DIR-nvfp4 [quantize options]
+    python -m nvfp4cal finetune-scales --model DIR --checkpoint DIR-nvfp4 --data FILE --out DIR
 
 `calibrate` runs the model over calibration samples with nvfp4cal.capture and writes the
 Hessians file `nvfp4cal quantize --hessians` reads. `calibrate-quantize` then runs the C++
@@ -28,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from . import __version__
+from . import finetune
 from .capture import LAYOUTS, METHODS, CaptureMemoryError, capture
 from .data import TOKEN_DTYPES, ByteTokenizer, DataError, HFTokenizer, batches, count_tokens
 from .data import make_samples, read_documents
@@ -161,6 +163,13 @@ def build_parser(prog: str = "python -m nvfp4cal") -> argparse.ArgumentParser:
                     help="the nvfp4cal binary (default: $NVFP4CAL_BIN, then nvfp4cal on PATH)")
     cq.add_argument("--keep-hessians", metavar="FILE",
                     help="write the Hessians file here and keep it (default: a temporary file)")
+    ft = sub.add_parser("finetune-scales", allow_abbrev=False,
+                        help="fine-tune the block scales of an NVFP4 checkpoint",
+                        description="Train the E4M3 block scales of an NVFP4 checkpoint (codes "
+                                    "and weight_scale_2 fixed) by distillation from the "
+                                    "unquantized model; write the checkpoint with only the "
+                                    "weight_scale bytes changed.")
+    finetune.add_arguments(ft)
     return parser
 
 
@@ -516,6 +525,9 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m nvfp4cal") -> 
     try:
         if args.command == "calibrate":
             calibrate(args, args.out)
+            return 0
+        if args.command == "finetune-scales":
+            finetune.run_command(args)
             return 0
         return calibrate_quantize(args, passthrough)
     except (CalibrateError, DataError, CaptureMemoryError, SequentialError, ValueError,
