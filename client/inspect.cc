@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/strip.h"
 #include "client/checkpoint.h"
 #include "client/file_util.h"
 #include "client/progress.h"
@@ -277,6 +278,114 @@ absl::StatusOr<Inspection> Inspect(const std::string& dir, const Checkpoint& che
   return in;
 }
 
+// How one NVFP4 module differs from the same module of another checkpoint (`--against`).
+struct ModuleDifference {
+  std::string module;
+  int64_t blocks = 0;
+  int64_t scales_moved = 0;  // weight_scale bytes that differ
+  int64_t weights = 0;
+  int64_t codes_changed = 0;  // E2M1 codes that differ
+  bool global_scale_equal = true;
+};
+
+struct Comparison {
+  std::string against;
+  std::vector<ModuleDifference> modules;  // in both, same shapes
+  std::vector<std::string> unmatched;     // NVFP4 in one only, or of another shape
+};
+
+// Block scales, codes and global scales of every NVFP4 module that both checkpoints have.
+Comparison Compare(const std::string& against, const std::vector<Nvfp4Module>& mine,
+                   const std::vector<Nvfp4Module>& theirs) {
+  Comparison c;
+  c.against = against;
+  std::map<std::string, const Nvfp4Module*> other;
+  for (const Nvfp4Module& m : theirs) other[m.module] = &m;
+  for (const Nvfp4Module& m : mine) {
+    const auto it = other.find(m.module);
+    if (it == other.end() || it->second->codes->tensor->num_bytes != m.codes->tensor->num_bytes ||
+        it->second->scales->tensor->num_bytes != m.scales->tensor->num_bytes ||
+        it->second->global_scales.size() != m.global_scales.size()) {
+      c.unmatched.push_back(m.module);
+      continue;
+    }
+    const Nvfp4Module& o = *it->second;
+    other.erase(it);
+    ModuleDifference d;
+    d.module = m.module;
+    d.blocks = m.scales->tensor->num_bytes;
+    d.weights = 2 * m.codes->tensor->num_bytes;
+    for (int64_t i = 0; i < d.blocks; ++i) {
+      d.scales_moved += m.scales->tensor->data[i] != o.scales->tensor->data[i];
+    }
+    for (int64_t i = 0; i < m.codes->tensor->num_bytes; ++i) {
+      const uint8_t a = m.codes->tensor->data[i];
+      const uint8_t b = o.codes->tensor->data[i];
+      d.codes_changed += ((a ^ b) & 0x0F) != 0;
+      d.codes_changed += ((a ^ b) & 0xF0) != 0;
+    }
+    for (size_t e = 0; e < m.global_scales.size(); ++e) {
+      d.global_scale_equal = d.global_scale_equal && m.WeightScale2(e) == o.WeightScale2(e);
+    }
+    c.modules.push_back(d);
+  }
+  for (const auto& [name, module] : other) c.unmatched.push_back(name);
+  return c;
+}
+
+std::string Percent(int64_t part, int64_t whole) {
+  return absl::StrFormat(
+      "%.2f%%", whole == 0 ? 0.0 : 100.0 * static_cast<double>(part) / static_cast<double>(whole));
+}
+
+std::string FormatComparisonText(const Comparison& c) {
+  int64_t blocks = 0, moved = 0, weights = 0, changed = 0, global_differs = 0;
+  for (const ModuleDifference& d : c.modules) {
+    blocks += d.blocks;
+    moved += d.scales_moved;
+    weights += d.weights;
+    changed += d.codes_changed;
+    global_differs += d.global_scale_equal ? 0 : 1;
+  }
+  std::string out =
+      absl::StrCat("against ", c.against, ": ", c.modules.size(), " NVFP4 modules compared");
+  if (!c.unmatched.empty()) {
+    absl::StrAppend(&out, ", ", c.unmatched.size(), " in one checkpoint only or of another shape (",
+                    FirstNames(c.unmatched), ")");
+  }
+  absl::StrAppend(&out, "\n  block scales moved: ", moved, " of ", blocks, " (",
+                  Percent(moved, blocks), "); codes changed: ", changed, " of ", weights, " (",
+                  Percent(changed, weights), "); weight_scale_2 differs in ", global_differs,
+                  " modules\n");
+  for (const ModuleDifference& d : c.modules) {
+    if (d.scales_moved == 0 && d.codes_changed == 0 && d.global_scale_equal) continue;
+    absl::StrAppend(&out, "  ", d.module, ": scales moved ", d.scales_moved, " of ", d.blocks,
+                    ", codes changed ", d.codes_changed, " of ", d.weights,
+                    d.global_scale_equal ? "" : ", weight_scale_2 differs", "\n");
+  }
+  return out;
+}
+
+OrderedJson ComparisonJson(const Comparison& c) {
+  OrderedJson modules = OrderedJson::array();
+  for (const ModuleDifference& d : c.modules) {
+    modules.push_back({{"module", d.module},
+                       {"blocks", d.blocks},
+                       {"scales_moved", d.scales_moved},
+                       {"weights", d.weights},
+                       {"codes_changed", d.codes_changed},
+                       {"weight_scale_2_equal", d.global_scale_equal}});
+  }
+  return {{"checkpoint", c.against}, {"modules", std::move(modules)}, {"unmatched", c.unmatched}};
+}
+
+// An error of the --against checkpoint, named as that option (Checkpoint::Open names --model).
+absl::Status AgainstError(const absl::Status& status) {
+  absl::string_view message = status.message();
+  absl::ConsumePrefix(&message, "--model ");
+  return absl::Status(status.code(), absl::StrCat("--against ", message));
+}
+
 std::string FormatText(const Inspection& in, const Checkpoint& checkpoint) {
   std::string out = absl::StrCat("checkpoint: ", in.dir, "\n");
   if (!in.architectures.is_null()) {
@@ -400,12 +509,26 @@ std::string FormatJson(const Inspection& in, const Checkpoint& checkpoint) {
 
 }  // namespace
 
-absl::StatusOr<std::string> InspectCheckpoint(const std::string& dir, InspectFormat format) {
+absl::StatusOr<std::string> InspectCheckpoint(const std::string& dir, InspectFormat format,
+                                              const std::string& against) {
   absl::StatusOr<std::unique_ptr<Checkpoint>> opened = Checkpoint::Open(dir);
   if (!opened.ok()) return opened.status();
   absl::StatusOr<Inspection> in = Inspect(dir, **opened);
   if (!in.ok()) return in.status();
-  return format == InspectFormat::kJson ? FormatJson(*in, **opened) : FormatText(*in, **opened);
+  if (against.empty()) {
+    return format == InspectFormat::kJson ? FormatJson(*in, **opened) : FormatText(*in, **opened);
+  }
+  absl::StatusOr<std::unique_ptr<Checkpoint>> other = Checkpoint::Open(against);
+  if (!other.ok()) return AgainstError(other.status());
+  absl::StatusOr<std::vector<Nvfp4Module>> theirs = FindNvfp4Modules(**other);
+  if (!theirs.ok()) return AgainstError(theirs.status());
+  const Comparison comparison = Compare(against, in->modules, *theirs);
+  if (format == InspectFormat::kText) {
+    return FormatText(*in, **opened) + FormatComparisonText(comparison);
+  }
+  OrderedJson root = OrderedJson::parse(FormatJson(*in, **opened));
+  root["against"] = ComparisonJson(comparison);
+  return root.dump(2) + "\n";
 }
 
 absl::Status DequantizeCheckpoint(const DequantizeOptions& options) {

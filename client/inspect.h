@@ -27,8 +27,12 @@ enum class InspectFormat { kText, kJson };
 // that promises more or less than the tensors hold. kText: lines for people ("warning: ...");
 // kJson: the same as one JSON object (`inspect --json`). Errors as Checkpoint::Open;
 // INVALID_ARGUMENT naming the module when NVFP4 tensors have inconsistent shapes or dtypes.
+// With `against` (another checkpoint folder, `inspect --against`): for every NVFP4 module both
+// have with the same shapes, how many block scales (weight_scale bytes) and E2M1 codes differ
+// and whether weight_scale_2 does (e.g. after `finetune-scales`, or between two methods).
 absl::StatusOr<std::string> InspectCheckpoint(const std::string& dir,
-                                              InspectFormat format = InspectFormat::kText);
+                                              InspectFormat format = InspectFormat::kText,
+                                              const std::string& against = "");
 
 struct DequantizeOptions {
   std::string in_dir;

@@ -459,6 +459,9 @@ int RunInspect(int argc, const char* const* argv) {
                    "warning for every label that promises more or less than the tensors hold.");
   parser.SetPositional("DIR", 1);
   parser.AddSwitch("json", "print the summary as one JSON object");
+  parser.AddOption("against", "DIR",
+                   "another checkpoint: per NVFP4 module, how many block scales and codes differ "
+                   "(e.g. before and after finetune-scales)");
   absl::StatusOr<CliArgs> args = parser.Parse(argc, argv);
   if (!args.ok()) return UsageError("inspect", args.status());
   if (args->help()) {
@@ -466,7 +469,8 @@ int RunInspect(int argc, const char* const* argv) {
     return 0;
   }
   absl::StatusOr<std::string> summary = InspectCheckpoint(
-      args->positional()[0], args->Switch("json") ? InspectFormat::kJson : InspectFormat::kText);
+      args->positional()[0], args->Switch("json") ? InspectFormat::kJson : InspectFormat::kText,
+      args->Get("against", ""));
   if (!summary.ok()) return Fail("inspect", summary.status());
   std::cout << *summary;
   return 0;

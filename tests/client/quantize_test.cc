@@ -1079,6 +1079,62 @@ TEST(QuantizeCheckpoint, ExpertHessiansPerExpertOrShared) {
             ReadAll(dir / "per-expert-out/model.safetensors"));
 }
 
+// inspect --against counts, per module, the block scales and codes that differ between two
+// checkpoints (how users see what finetune-scales moved): checked against a direct count, and
+// a checkpoint against itself differs nowhere.
+TEST(QuantizeCheckpoint, InspectAgainstCountsMovedScalesAndChangedCodes) {
+  TempFolder dir("against");
+  ASSERT_TRUE(WriteExampleModel(dir / "model", ExampleModelOptions{}).ok());
+  for (const auto& [name, method] :
+       std::vector<std::pair<std::string, Method>>{{"max", Method::kMax}, {"dss", Method::kDss}}) {
+    QuantizeOptions options;
+    options.model_dir = dir / "model";
+    options.hessians_path = dir / "model/hessians.safetensors";
+    options.out_dir = dir / name;
+    options.params.method = method;
+    ASSERT_TRUE(RunPipeline(options).ok());
+  }
+  absl::StatusOr<std::string> json =
+      InspectCheckpoint(dir / "dss", InspectFormat::kJson, dir / "max");
+  ASSERT_TRUE(json.ok()) << json.status();
+  const nlohmann::json against = nlohmann::json::parse(*json)["against"];
+  auto dss = SafetensorsFile::Open(dir / "dss/model.safetensors");
+  auto max = SafetensorsFile::Open(dir / "max/model.safetensors");
+  ASSERT_TRUE(dss.ok() && max.ok());
+  ASSERT_EQ(against["modules"].size(), 14u);
+  EXPECT_TRUE(against["unmatched"].empty());
+  int64_t total_moved = 0;
+  for (const nlohmann::json& m : against["modules"]) {
+    const std::string module = m["module"];
+    const SafetensorsTensor* a = (*dss)->Find(module + ".weight_scale");
+    const SafetensorsTensor* b = (*max)->Find(module + ".weight_scale");
+    const SafetensorsTensor* ca = (*dss)->Find(module + ".weight");
+    const SafetensorsTensor* cb = (*max)->Find(module + ".weight");
+    ASSERT_TRUE(a && b && ca && cb);
+    int64_t moved = 0, changed = 0;
+    for (int64_t i = 0; i < a->num_bytes; ++i) moved += a->data[i] != b->data[i];
+    for (int64_t i = 0; i < ca->num_bytes; ++i) {
+      changed += (ca->data[i] & 0x0F) != (cb->data[i] & 0x0F);
+      changed += (ca->data[i] >> 4) != (cb->data[i] >> 4);
+    }
+    EXPECT_EQ(m["scales_moved"], moved) << module;
+    EXPECT_EQ(m["codes_changed"], changed) << module;
+    EXPECT_EQ(m["blocks"], a->num_bytes);
+    EXPECT_EQ(m["weights"], 2 * ca->num_bytes);
+    EXPECT_EQ(m["weight_scale_2_equal"], true);  // same g whatever the method
+    total_moved += moved;
+  }
+  EXPECT_GT(total_moved, 0);
+  absl::StatusOr<std::string> self =
+      InspectCheckpoint(dir / "dss", InspectFormat::kText, dir / "dss");
+  ASSERT_TRUE(self.ok());
+  EXPECT_THAT(*self, HasSubstr("block scales moved: 0 of "));
+  absl::StatusOr<std::string> missing =
+      InspectCheckpoint(dir / "dss", InspectFormat::kText, dir / "nowhere");
+  ASSERT_FALSE(missing.ok());
+  EXPECT_THAT(std::string(missing.status().message()), HasSubstr("--against "));
+}
+
 TEST(QuantizeCheckpoint, WarnsOncePerTensorAboutAllZeroHessianBlocks) {
   TempFolder dir("zero");
   WriteTinyModel(dir / "model", 64, {"q_proj", "o_proj"});
