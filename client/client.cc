@@ -19,8 +19,8 @@
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "client/file_util.h"
-#include "client/proto_convert.h"
 #include "grpcpp/grpcpp.h"
+#include "proto/grpc_status.h"
 #include "proto/wire_codec.h"
 
 namespace nvfp4cal {

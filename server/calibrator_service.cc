@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "nvfp4cal/kernels/scale_search.h"
+#include "proto/grpc_status.h"
 #include "server/job_watch_reactor.h"
 #include "server/log.h"
 #include "server/proto_codec.h"

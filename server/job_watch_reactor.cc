@@ -2,6 +2,7 @@
 
 #include <utility>
 
+#include "proto/grpc_status.h"
 #include "server/proto_codec.h"
 #include "server/quantize_session.h"
 

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "nvfp4cal/kernels/validation.h"
+#include "proto/grpc_status.h"
 #include "proto/wire_codec.h"
 #include "server/log.h"
 #include "server/proto_codec.h"
@@ -31,10 +32,6 @@ absl::Time DeadlineOf(const grpc::CallbackServerContext& context) {
 }
 
 }  // namespace
-
-grpc::Status ToGrpcStatus(const absl::Status& status) {
-  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
-}
 
 QuantizeSession::QuantizeSession(const SessionEnvironment& environment,
                                  grpc::CallbackServerContext* context)

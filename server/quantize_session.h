@@ -71,9 +71,6 @@ struct SessionEnvironment {
   int64_t memory_budget_bytes = int64_t{1} << 30;
 };
 
-// Maps an internal status to the status sent to the client.
-grpc::Status ToGrpcStatus(const absl::Status& status);
-
 // Messages travel as bytes and are parsed here (server/proto_codec.h), so a malformed one ends
 // the stream with INVALID_ARGUMENT instead of looking like the client's half-close.
 class QuantizeSession : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {

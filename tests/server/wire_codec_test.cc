@@ -1,11 +1,13 @@
-// proto/wire_codec.h: every conversion against its inverse, on non-default values (so a field
-// that is dropped or crossed over shows), and the errors a malformed MethodConfig gets.
+// proto/wire_codec.h and proto/grpc_status.h: every conversion against its inverse, on
+// non-default values (so a field that is dropped or crossed over shows), and the errors a
+// malformed MethodConfig gets.
 #include "proto/wire_codec.h"
 
 #include <string>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "proto/grpc_status.h"
 
 namespace nvfp4cal {
 namespace {
@@ -148,6 +150,21 @@ TEST(WireCodec, StatisticsRoundTrip) {
   EXPECT_EQ(back.gptq.factor_seconds, stats.gptq.factor_seconds);
   EXPECT_EQ(back.gptq.quantize_seconds, stats.gptq.quantize_seconds);
   EXPECT_EQ(back.gptq.compare_seconds, stats.gptq.compare_seconds);
+}
+
+TEST(GrpcStatus, EveryCodeAndMessageRoundTrips) {
+  for (int code = 1; code <= 16; ++code) {
+    const absl::Status status(static_cast<absl::StatusCode>(code),
+                              "message " + std::to_string(code));
+    const grpc::Status wire = ToGrpcStatus(status);
+    EXPECT_EQ(static_cast<int>(wire.error_code()), code);
+    EXPECT_EQ(wire.error_message(), "message " + std::to_string(code));
+    const absl::Status back = FromGrpc(wire, "server a:1");
+    EXPECT_EQ(back.code(), status.code());
+    EXPECT_EQ(back.message(), "server a:1: message " + std::to_string(code));
+  }
+  EXPECT_TRUE(ToGrpcStatus(absl::OkStatus()).ok());
+  EXPECT_TRUE(FromGrpc(grpc::Status::OK, "server a:1").ok());
 }
 
 }  // namespace
