@@ -546,3 +546,8 @@ def calibrate_main() -> int:
 def calibrate_quantize_main() -> int:
     """Console script `nvfp4cal-calibrate-quantize`."""
     return main(["calibrate-quantize"] + sys.argv[1:], prog="nvfp4cal-calibrate-quantize")
+
+
+def finetune_scales_main() -> int:
+    """Console script `nvfp4cal-finetune-scales` = `python -m nvfp4cal finetune-scales`."""
+    return main(["finetune-scales"] + sys.argv[1:], prog="nvfp4cal-finetune-scales")
