@@ -28,24 +28,10 @@ namespace {
 namespace fs = std::filesystem;
 using OrderedJson = nlohmann::ordered_json;
 
-// The tensor names of an NVFP4 module's parts in one of the two layouts.
-struct Nvfp4Layout {
-  const char* format;        // "modelopt", "compressed-tensors"
-  const char* codes;         // U8 [out, in/2]
-  const char* global_scale;  // F32
-  const char* input_scale;   // F32, when activations are quantized
-  // compressed-tensors stores the reciprocal: w = code * (weight_scale / weight_global_scale);
-  // ModelOpt: w = code * weight_scale * weight_scale_2.
-  bool divisor;
-};
-constexpr Nvfp4Layout kModelOptLayout{"modelopt", ".weight", ".weight_scale_2", ".input_scale",
-                                      false};
-constexpr Nvfp4Layout kCompressedTensorsLayout{"compressed-tensors", ".weight_packed",
-                                               ".weight_global_scale", ".input_global_scale", true};
-
 struct Nvfp4Module {
   std::string module;
-  const Nvfp4Layout* layout = &kModelOptLayout;
+  // Tensor names and conventions (quantize_checkpoint.h).
+  const Nvfp4Layout* layout = &LayoutOf(OutputFormat::kModelOpt);
   const Checkpoint::Entry* codes = nullptr;
   const Checkpoint::Entry* scales = nullptr;
   const Checkpoint::Entry* scale_2 = nullptr;
@@ -122,7 +108,8 @@ absl::StatusOr<std::optional<Nvfp4Module>> ReadNvfp4Module(const Checkpoint& che
 absl::StatusOr<std::vector<Nvfp4Module>> FindNvfp4Modules(const Checkpoint& checkpoint) {
   std::vector<Nvfp4Module> modules;
   for (const auto& [name, entry] : checkpoint.tensors()) {
-    for (const Nvfp4Layout* layout : {&kModelOptLayout, &kCompressedTensorsLayout}) {
+    for (const Nvfp4Layout* layout :
+         {&LayoutOf(OutputFormat::kModelOpt), &LayoutOf(OutputFormat::kCompressedTensors)}) {
       absl::StatusOr<std::optional<Nvfp4Module>> m =
           ReadNvfp4Module(checkpoint, name, entry, *layout);
       if (!m.ok()) return m.status();
@@ -189,23 +176,21 @@ void CheckLabels(const Checkpoint& checkpoint, Inspection* in) {
     }
   }
   std::vector<std::string> kv_without;
+  const Nvfp4Layout& layout =
+      LayoutOf(in->compressed_tensors ? OutputFormat::kCompressedTensors : OutputFormat::kModelOpt);
   for (const auto& [name, entry] : checkpoint.tensors()) {
-    for (const auto& [weight, scale] :
-         {std::pair<std::string, std::string>{".k_proj.weight", ".k_scale"},
-          {".v_proj.weight", ".v_scale"}}) {
-      if (!absl::EndsWith(name, weight)) continue;
-      ++in->kv_modules;
-      const std::string module = name.substr(0, name.size() - std::string(".weight").size());
-      // compressed-tensors names the scale after the attention module, ModelOpt after the
-      // projection.
-      const size_t dot = module.rfind('.');
-      const std::string owner =
-          in->compressed_tensors && dot != std::string::npos ? module.substr(0, dot) : module;
-      if (checkpoint.Find(owner + scale) != nullptr) {
-        ++in->kv_scales;
-      } else {
-        kv_without.push_back(module);
-      }
+    // A projection's weight: `.weight`, or its codes in the layout (`.weight_packed`).
+    std::string module;
+    for (const char* suffix : {".weight", layout.codes}) {
+      if (absl::EndsWith(name, suffix)) module = name.substr(0, name.size() - std::strlen(suffix));
+    }
+    const std::string scale = module.empty() ? "" : KvScaleName(layout, module);
+    if (scale.empty()) continue;
+    ++in->kv_modules;
+    if (checkpoint.Find(scale) != nullptr) {
+      ++in->kv_scales;
+    } else {
+      kv_without.push_back(module);
     }
   }
   if (in->kv_algo == "FP8" && !kv_without.empty()) {
@@ -471,7 +456,7 @@ std::string FormatJson(const Inspection& in, const Checkpoint& checkpoint) {
       });
     }
     modules.push_back({{"module", m.module},
-                       {"format", m.layout->format},
+                       {"format", m.layout->name},
                        {"experts", m.experts > 0 ? OrderedJson(m.experts) : OrderedJson()},
                        {"rows", m.rows},
                        {"cols", m.cols},

@@ -240,9 +240,8 @@ absl::StatusOr<KvScalesByWeight> KvCacheScales(KvCacheMode mode, const Nvfp4Layo
   std::vector<std::string> missing;
   for (const ModulePlan& p : plans) {
     if (p.experts > 0) continue;  // MoE experts are no attention projections
-    const size_t dot = p.module.rfind('.');
-    const std::string leaf = dot == std::string::npos ? p.module : p.module.substr(dot + 1);
-    if (leaf != "k_proj" && leaf != "v_proj") continue;
+    const std::string scale_name = KvScaleName(layout, p.module);
+    if (scale_name.empty()) continue;
     std::optional<float> amax;
     if (hessians != nullptr) {
       absl::StatusOr<std::optional<float>> recorded = hessians->OutputAmax(p.module);
@@ -254,11 +253,7 @@ absl::StatusOr<KvScalesByWeight> KvCacheScales(KvCacheMode mode, const Nvfp4Layo
       continue;
     }
     // FP8 E4M3's largest value: the cache stores k / k_scale within [-448, 448].
-    // ModelOpt names the scale after the projection, compressed-tensors after the attention.
-    const std::string owner = layout.format == OutputFormat::kModelOpt || dot == std::string::npos
-                                  ? p.module
-                                  : p.module.substr(0, dot);
-    scales[p.weight_name] = {owner + (leaf == "k_proj" ? ".k_scale" : ".v_scale"), *amax / 448.0f};
+    scales[p.weight_name] = {scale_name, *amax / 448.0f};
   }
   if (scales.empty() && missing.empty()) {
     return absl::FailedPreconditionError(
@@ -494,6 +489,16 @@ float StoredGlobalScale(const Nvfp4Layout& layout, float s2) {
 float StoredInputScale(const Nvfp4Layout& layout, float amax) {
   if (!layout.divisor) return amax / kGlobalScaleDivisor;  // NUMERICS §5
   return amax > 0.0f ? kGlobalScaleDivisor / amax : 1.0f;
+}
+
+std::string KvScaleName(const Nvfp4Layout& layout, const std::string& module) {
+  const size_t dot = module.rfind('.');
+  const std::string leaf = dot == std::string::npos ? module : module.substr(dot + 1);
+  if (leaf != "k_proj" && leaf != "v_proj") return "";
+  const std::string owner = layout.format == OutputFormat::kModelOpt || dot == std::string::npos
+                                ? module
+                                : module.substr(0, dot);
+  return owner + (leaf == "k_proj" ? ".k_scale" : ".v_scale");
 }
 
 absl::StatusOr<ExpertHessian> ParseExpertHessian(const std::string& text) {

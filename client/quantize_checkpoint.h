@@ -109,6 +109,12 @@ float StoredGlobalScale(const Nvfp4Layout& layout, float s2);
 // The stored activation scale for an activation amax: amax / 2688, or 2688 / amax.
 float StoredInputScale(const Nvfp4Layout& layout, float amax);
 
+// The FP8 KV-cache scale tensor of a k_proj / v_proj module in `layout`: "<m>.k_scale" /
+// "<m>.v_scale" (ModelOpt names it after the projection), "<attention>.k_scale" /
+// "<attention>.v_scale" (compressed-tensors, after the projection's parent); "" for any other
+// module.
+std::string KvScaleName(const Nvfp4Layout& layout, const std::string& module);
+
 // What the labels of an output say (and its tensors hold).
 struct QuantizationLabel {
   // W4A4 NVFP4 (every quantized module has input_scale), else weight-only W4A16_NVFP4.

@@ -216,6 +216,15 @@ def main():
                 not os.path.exists(r.path(f"{layout}-w4a4-kv", "hf_quant_config.json")),
                 "compressed-tensors output has an hf_quant_config.json")
 
+    # inspect reads both layouts' labels and KV scales: no warning, every k/v_proj has its scale.
+    for name in runs:
+        info = json.loads(r.cli("inspect", "--json", r.path(name)).stdout)
+        r.check(not info["warnings"], f"inspect {name}: {info['warnings']}")
+        kv = info["kv_cache"]
+        want = 4 if name.endswith("w4a4-kv") else 0
+        r.check(kv["scales"] == want and (want == 0 or kv["k_v_projections"] == want),
+                f"inspect {name}: kv_cache {kv}, expected {want} scales")
+
     # Round trip between the layouts, and each dequantization against numpy.
     mismatched = elements = 0
     amaxes = read_st(r.path("amax.safetensors"))[0]
