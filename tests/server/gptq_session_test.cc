@@ -303,7 +303,8 @@ TEST_F(GptqSessionTest, ServerBudgetRefusesHessianChunksThatDoNotFitBesideAnothe
   auto stream = stub_->Quantize(&context);
   for (size_t i = 0; i < kHeaderAndHessian; ++i) ASSERT_TRUE(stream->Write(first[i]));
   const absl::Time deadline = absl::Now() + absl::Seconds(10);
-  while (server_->full_hessian_bytes_in_use() == 0 && absl::Now() < deadline) {
+  // The budget is charged chunk by chunk: wait for all three.
+  while (server_->full_hessian_bytes_in_use() < kCols * kCols * 4 && absl::Now() < deadline) {
     absl::SleepFor(absl::Milliseconds(2));
   }
   ASSERT_EQ(server_->full_hessian_bytes_in_use(), kCols * kCols * 4);
