@@ -7,9 +7,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
 #include "client/file_util.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "nvfp4cal/kernels/cuda_scale_search.h"
 
 namespace nvfp4cal::server {
 namespace {
@@ -157,7 +159,7 @@ absl::Status CalibrationServer::Start() {
     for (const WorkerDevice& w : devices->workers) {
       if (w.cuda_device >= 0) cuda_devices.push_back(w.cuda_device);
     }
-    metrics_.ExposeDeviceMemory(std::move(cuda_devices));
+    metrics_.ExposeDeviceMemory(std::move(cuda_devices), CudaDeviceMemory);
     if (absl::Status s = metrics_.Serve(options_.metrics_address); !s.ok()) return s;
   }
 
@@ -242,6 +244,13 @@ void CalibrationServer::Drain() {
     const auto deadline =
         std::chrono::system_clock::now() +
         std::chrono::microseconds(absl::ToInt64Microseconds(options_.drain_timeout));
+    // Open Quantize streams end on their own (their accepted tensors finish; a new tensor is
+    // refused) while the transport is still up: gRPC's Shutdown closes a connection as soon as
+    // its last call is done, which can reset it before the client has read that call's status.
+    const absl::Time streams_deadline = absl::FromChrono(deadline);
+    while (service_->open_streams() > 0 && absl::Now() < streams_deadline) {
+      absl::SleepFor(absl::Milliseconds(5));
+    }
     // Stops accepting calls, waits for in-flight ones until the deadline, then cancels them.
     server_->Shutdown(deadline);
     server_->Wait();

@@ -28,10 +28,20 @@
 #include "absl/synchronization/mutex.h"
 #include "nvfp4cal/kernels/gptq.h"
 #include "server/full_hessian_budget.h"
-#include "server/kernel_executor.h"
 #include "server/metrics.h"
+#include "server/work_model.h"
 
 namespace nvfp4cal::server {
+
+// The gptq backend of one scheduler worker (RunGptqTasks runs tasks with it).
+struct GptqWorker {
+  std::unique_ptr<GptqBackend> backend;
+  // Where its plans live: "cpu" (a CPU plan serves every CPU backend) or "cuda:N".
+  std::string device;
+  // More backends on the same device (CUDA streams): the gptq runs of different tensors in one
+  // batch go to `backend` and these in parallel, sharing the device's plans.
+  std::vector<std::unique_ptr<GptqBackend>> streams;
+};
 
 // The largest cols gptq accepts (the kernels' ValidateGptqHessian limit); checked on the
 // header so that n * n * 4 is computed only for sizes that can run.

@@ -38,11 +38,11 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "nvfp4cal/v1/calibrator.pb.h"
-#include "server/kernel_executor.h"
 #include "server/metrics.h"
 #include "server/scheduler.h"
 #include "server/server_options.h"
 #include "server/token_authenticator.h"
+#include "server/work_model.h"
 
 namespace nvfp4cal::server {
 

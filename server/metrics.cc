@@ -6,7 +6,6 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "nvfp4cal/kernels/cuda_scale_search.h"
 #include "prometheus/collectable.h"
 #include "prometheus/metric_family.h"
 
@@ -18,10 +17,11 @@ prometheus::Histogram::BucketBoundaries LatencyBuckets() {
   return {0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 120};
 }
 
-// Gauges read from the CUDA driver at scrape time, so they are current without a sampler thread.
+// Gauges read from the driver at scrape time, so they are current without a sampler thread.
 class DeviceMemoryCollector final : public prometheus::Collectable {
  public:
-  explicit DeviceMemoryCollector(std::vector<int> devices) : devices_(std::move(devices)) {}
+  DeviceMemoryCollector(std::vector<int> devices, ServerMetrics::DeviceMemoryReader read)
+      : devices_(std::move(devices)), read_(std::move(read)) {}
 
   std::vector<prometheus::MetricFamily> Collect() const override {
     prometheus::MetricFamily used{
@@ -36,7 +36,7 @@ class DeviceMemoryCollector final : public prometheus::Collectable {
     for (int device : devices_) {
       int64_t free_bytes = 0;
       int64_t total_bytes = 0;
-      if (!CudaDeviceMemory(device, &free_bytes, &total_bytes).ok()) continue;
+      if (!read_(device, &free_bytes, &total_bytes).ok()) continue;
       prometheus::ClientMetric u;
       u.label = {{"device", std::to_string(device)}};
       u.gauge.value = static_cast<double>(total_bytes - free_bytes);
@@ -51,6 +51,7 @@ class DeviceMemoryCollector final : public prometheus::Collectable {
 
  private:
   std::vector<int> devices_;
+  ServerMetrics::DeviceMemoryReader read_;
 };
 
 }  // namespace
@@ -224,9 +225,10 @@ void ServerMetrics::AddInflightJobs(int64_t delta) {
 void ServerMetrics::RecordJobFinished(const std::string& state) {
   jobs_finished_->Add({{"state", state}}).Increment();
 }
-void ServerMetrics::ExposeDeviceMemory(std::vector<int> cuda_devices) {
-  if (cuda_devices.empty()) return;
-  device_memory_collector_ = std::make_shared<DeviceMemoryCollector>(std::move(cuda_devices));
+void ServerMetrics::ExposeDeviceMemory(std::vector<int> devices, DeviceMemoryReader read) {
+  if (devices.empty()) return;
+  device_memory_collector_ =
+      std::make_shared<DeviceMemoryCollector>(std::move(devices), std::move(read));
 }
 
 void ServerMetrics::AddDeviceMemoryInUse(int64_t delta_bytes) {

@@ -10,6 +10,7 @@
 #define NVFP4CAL_SERVER_METRICS_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -51,9 +52,12 @@ class ServerMetrics {
   void RecordJobFinished(const std::string& state);
   // Bytes held for batches that run or wait on the devices (weights, outputs, Hessians).
   void AddDeviceMemoryInUse(int64_t delta_bytes);
-  // Reports, at every scrape, the memory the driver says is in use on these CUDA devices
+  // How a device's memory is read at scrape time: bytes free and in total (the driver's view).
+  using DeviceMemoryReader =
+      std::function<absl::Status(int device, int64_t* free_bytes, int64_t* total_bytes)>;
+  // Reports, at every scrape, the memory `read` says is in use on these devices
   // (nvfp4cal_device_memory_used_bytes / _total_bytes, label device). Call before Serve.
-  void ExposeDeviceMemory(std::vector<int> cuda_devices);
+  void ExposeDeviceMemory(std::vector<int> devices, DeviceMemoryReader read);
   // Per work item: time queued and time of the batch that ran it.
   void ObserveQueueWait(absl::Duration wait);
   void ObserveKernelTime(absl::Duration time);

@@ -90,6 +90,10 @@ void QuantizeSession::OnReadDone(bool ok) {
                    &actions);
       }
       MaybeFinish(&actions);
+    } else if (stopped_) {
+      // Draining: what the client sends after the refused header is read and dropped, so that
+      // the call ends with every client message consumed (see MaybeFinish).
+      ++messages_read_;
     } else if (!failed_) {
       ++messages_read_;
       last_progress_ = absl::Now();
@@ -681,6 +685,7 @@ void QuantizeSession::SetUnsentResultBytes(int64_t bytes) {
 
 void QuantizeSession::StopForDrain(const std::string& next_tensor) {
   stopped_ = true;
+  stopped_at_ = absl::Now();
   const std::string name = CheckStringLength("", next_tensor).ok()
                                ? absl::StrCat("'", next_tensor, "'")
                                : absl::StrFormat("with a name of %d bytes", next_tensor.size());
@@ -697,23 +702,28 @@ void QuantizeSession::CheckIdle(absl::Time now) {
   Actions actions;
   {
     absl::MutexLock lock(&mu_);
-    if (failed_ || finish_called_ || items_outstanding_ > 0) return;
-    if (now - last_progress_ < env_.limits.stream_idle_timeout) return;
-    env_.metrics->RecordStreamIdleTimeout();
-    FailLocked(absl::DeadlineExceededError(absl::StrFormat(
-                   "stream idle for %s (stream_idle_timeout): no message arrived and no result "
-                   "was taken; %d tensors of the stream have no summary and were not finished",
-                   absl::FormatDuration(now - last_progress_), open_tensors_.size())),
-               &actions);
-    // A write the client never takes would hold the call open: cancelling completes it.
-    cancel_write = write_in_flight_;
+    if (stopped_) {
+      // Draining: ends the wait for the client's half-close once kDrainReadGrace has passed.
+      MaybeFinish(&actions);
+    } else if (!failed_ && !finish_called_ && items_outstanding_ == 0 &&
+               now - last_progress_ >= env_.limits.stream_idle_timeout) {
+      env_.metrics->RecordStreamIdleTimeout();
+      FailLocked(absl::DeadlineExceededError(absl::StrFormat(
+                     "stream idle for %s (stream_idle_timeout): no message arrived and no result "
+                     "was taken; %d tensors of the stream have no summary and were not finished",
+                     absl::FormatDuration(now - last_progress_), open_tensors_.size())),
+                 &actions);
+      // A write the client never takes would hold the call open: cancelling completes it.
+      cancel_write = write_in_flight_;
+    }
   }
   if (cancel_write) context_->TryCancel();
   Perform(&actions);
 }
 
 void QuantizeSession::MaybeStartRead(Actions* actions) {
-  if (reading_ || half_closed_ || stopped_ || failed_ || finish_called_) return;
+  if (reading_ || half_closed_ || failed_ || finish_called_) return;
+  if (stopped_ && absl::Now() - stopped_at_ >= kDrainReadGrace) return;
   if (items_outstanding_ >= env_.limits.max_inflight_chunks_per_stream) return;
   // Results the client has not taken count too: a client that never reads stops being read.
   if (unsent_result_bytes_ >= env_.limits.max_unsent_result_bytes_per_stream) return;
@@ -739,8 +749,12 @@ void QuantizeSession::MaybeFinish(Actions* actions) {
     actions->finish_status = final_status_;
     return;
   }
+  // Draining, the call ends once the accepted tensors are done and the client half-closed (its
+  // messages read and dropped meanwhile; a call ended with unread client data can reach the
+  // client as a connection reset instead of the status), or kDrainReadGrace after the stop.
+  const bool reads_done = !reading_ || (stopped_ && absl::Now() - stopped_at_ >= kDrainReadGrace);
   if ((half_closed_ || stopped_) && items_outstanding_ == 0 && pending_writes_.empty() &&
-      !reading_ && open_tensors_.empty()) {
+      reads_done && open_tensors_.empty()) {
     finish_called_ = true;
     final_status_ = stopped_ ? stop_status_ : grpc::Status::OK;
     actions->finish = true;

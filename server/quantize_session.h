@@ -40,12 +40,12 @@
 #include "nvfp4cal/v1/calibrator.pb.h"
 #include "server/full_hessian_budget.h"
 #include "server/gptq_work.h"
-#include "server/kernel_executor.h"
 #include "server/metrics.h"
 #include "server/scheduler.h"
 #include "server/server_options.h"
 #include "server/tensor_spec.h"
 #include "server/token_authenticator.h"
+#include "server/work_model.h"
 
 namespace nvfp4cal::server {
 
@@ -239,6 +239,9 @@ class QuantizeSession : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::B
   // The server is draining and a new tensor's header arrived: nothing more is read, the
   // accepted tensors finish, then the call ends with stop_status_ (UNAVAILABLE naming it).
   bool stopped_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Time stopped_at_ ABSL_GUARDED_BY(mu_);
+  // How long a stopped stream waits for the client's half-close (MaybeFinish).
+  static constexpr absl::Duration kDrainReadGrace = absl::Milliseconds(500);
   grpc::Status stop_status_ ABSL_GUARDED_BY(mu_);
   // Last message read, result written or item finished, for limits.stream_idle_timeout.
   absl::Time last_progress_ ABSL_GUARDED_BY(mu_);
