@@ -118,7 +118,8 @@ class HealthPortFallback : public grpc::CallbackGenericService {
 
 }  // namespace
 
-CalibrationServer::CalibrationServer(const ServerOptions& options) : options_(options) {}
+CalibrationServer::CalibrationServer(const ServerOptions& options)
+    : options_(options), full_hessians_(options.limits.max_full_hessian_bytes, &metrics_) {}
 
 CalibrationServer::~CalibrationServer() { Drain(); }
 
@@ -150,9 +151,12 @@ absl::Status CalibrationServer::Start() {
   scheduler_ = std::make_unique<Scheduler>(scheduler, executor_.get());
   JobManagerOptions jobs;
   jobs.limits = options_.limits;
+  jobs.full_hessians = &full_hessians_;
+  jobs.memory_budget_bytes = options_.devices.memory_budget_bytes;
   jobs_ = std::make_unique<JobManager>(jobs, scheduler_.get(), &metrics_);
   service_ = std::make_unique<CalibratorService>(options_, scheduler_.get(), jobs_.get(), &metrics_,
-                                                 backend_, devices->workers, authenticator_.get());
+                                                 &full_hessians_, backend_, devices->workers,
+                                                 authenticator_.get());
 
   if (!options_.metrics_address.empty()) {
     std::vector<int> cuda_devices;

@@ -25,6 +25,7 @@
 #include "grpcpp/grpcpp.h"
 #include "server/calibrator_service.h"
 #include "server/device_setup.h"
+#include "server/full_hessian_budget.h"
 #include "server/job_manager.h"
 #include "server/metrics.h"
 #include "server/scheduler.h"
@@ -73,10 +74,8 @@ class CalibrationServer {
   const std::string& backend() const { return backend_; }
   // Which backend --device chose and why (set by Start).
   const std::string& device_selection() const { return device_selection_; }
-  // Bytes of full Hessians (method gptq) and gptq plans the sessions hold now.
-  int64_t full_hessian_bytes_in_use() const {
-    return service_ == nullptr ? 0 : service_->full_hessian_bytes_in_use();
-  }
+  // Bytes of full Hessians (method gptq) and gptq plans the sessions and jobs hold now.
+  int64_t full_hessian_bytes_in_use() const { return full_hessians_.in_use_bytes(); }
 
   // Readiness NOT_SERVING, new streams/tensors/jobs UNAVAILABLE, in-flight calls and unfinished
   // jobs get up to options.drain_timeout to finish, then are cancelled; then the scheduler
@@ -100,6 +99,9 @@ class CalibrationServer {
   std::string device_selection_;
   std::string address_;
   ServerMetrics metrics_;
+  // Full Hessians and gptq plans of Quantize sessions and jobs (limits.max_full_hessian_bytes);
+  // declared before everything that holds them.
+  FullHessianBudget full_hessians_;
   std::unique_ptr<BatchExecutor> executor_;
   std::unique_ptr<Scheduler> scheduler_;
   std::unique_ptr<JobManager> jobs_;

@@ -73,7 +73,8 @@ class RefusedWatch : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
 }  // namespace
 
 CalibratorService::CalibratorService(const ServerOptions& options, Scheduler* scheduler,
-                                     JobManager* jobs, ServerMetrics* metrics, std::string backend,
+                                     JobManager* jobs, ServerMetrics* metrics,
+                                     FullHessianBudget* full_hessians, std::string backend,
                                      std::vector<WorkerDevice> devices,
                                      const TokenAuthenticator* authenticator)
     : options_(options),
@@ -81,15 +82,14 @@ CalibratorService::CalibratorService(const ServerOptions& options, Scheduler* sc
       authenticator_(authenticator),
       metrics_(metrics),
       backend_(std::move(backend)),
-      devices_(std::move(devices)),
-      full_hessians_(options.limits.max_full_hessian_bytes, metrics) {
+      devices_(std::move(devices)) {
   environment_.scheduler = scheduler;
   environment_.metrics = metrics;
   environment_.limits = options.limits;
   environment_.draining = &draining_;
   environment_.open_streams = &open_streams_;
   environment_.authenticator = authenticator;
-  environment_.full_hessians = &full_hessians_;
+  environment_.full_hessians = full_hessians;
   if (options.limits.stream_idle_timeout > absl::ZeroDuration()) {
     watchdog_ = std::make_unique<StreamWatchdog>(options.limits.stream_idle_timeout);
     environment_.watchdog = watchdog_.get();

@@ -56,8 +56,10 @@ class CalibratorService final : public RawCalibratorService {
   // `scheduler`, `jobs` and `metrics` must outlive the service; `backend` is "cpu" or "cuda";
   // `devices` are the scheduler's workers. With an `authenticator` (outliving the service too)
   // every call must carry an accepted bearer token, else it ends UNAUTHENTICATED.
+  // `full_hessians`: the server-wide budget of full Hessians (shared with the jobs).
   CalibratorService(const ServerOptions& options, Scheduler* scheduler, JobManager* jobs,
-                    ServerMetrics* metrics, std::string backend, std::vector<WorkerDevice> devices,
+                    ServerMetrics* metrics, FullHessianBudget* full_hessians, std::string backend,
+                    std::vector<WorkerDevice> devices,
                     const TokenAuthenticator* authenticator = nullptr);
 
   ~CalibratorService() override;
@@ -84,9 +86,6 @@ class CalibratorService final : public RawCalibratorService {
 
   // The ServerInfo this service advertises.
   v1::ServerInfo Info() const;
-
-  // Bytes of full Hessians and gptq plans its sessions hold now.
-  int64_t full_hessian_bytes_in_use() const { return full_hessians_.in_use_bytes(); }
 
  private:
   // Finishes a unary call with `status` and counts it.
@@ -116,7 +115,6 @@ class CalibratorService final : public RawCalibratorService {
   std::atomic<int> open_streams_{0};
   // Full Hessians of every session (limits.max_full_hessian_bytes); outlives the sessions,
   // which are all gone once the server drained.
-  FullHessianBudget full_hessians_;
   // Ends idle Quantize streams; null when limits.stream_idle_timeout is zero.
   std::unique_ptr<StreamWatchdog> watchdog_;
   SessionEnvironment environment_;

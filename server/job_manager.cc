@@ -10,6 +10,7 @@
 #include "absl/strings/str_format.h"
 #include "nvfp4cal/kernels/validation.h"
 #include "proto/wire_codec.h"
+#include "server/gptq_work.h"
 #include "server/tensor_spec.h"
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
@@ -28,14 +29,28 @@ struct ParsedJob {
   std::shared_ptr<const std::string> weights;
 };
 
-// Hessian blocks [cols / 16, 16, 16] from the request's bytes in header.hessian.layout.
-absl::StatusOr<std::shared_ptr<std::vector<float>>> ParseHessian(
-    const v1::SubmitJobRequest& request, const TensorSpec& spec) {
+// The request's Hessian in header.hessian.layout: its diagonal blocks [cols / 16, 16, 16], and
+// for method gptq also the whole matrix, admitted on `budget` (released with the last task).
+struct ParsedHessian {
+  std::shared_ptr<std::vector<float>> blocks;
+  std::shared_ptr<FullHessian> full;
+};
+
+absl::StatusOr<ParsedHessian> ParseHessian(const v1::SubmitJobRequest& request,
+                                           const TensorSpec& spec, FullHessianBudget* budget,
+                                           ServerMetrics* metrics) {
   const v1::HessianLayout layout = request.header().hessian().layout();
   if (layout != v1::HESSIAN_LAYOUT_BLOCK_DIAGONAL && layout != v1::HESSIAN_LAYOUT_FULL) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "header.hessian.layout = %d of job tensor '%s' is not BLOCK_DIAGONAL or FULL",
         static_cast<int>(layout), spec.name));
+  }
+  const bool gptq = spec.params.method == Method::kGptq;
+  if (gptq && layout != v1::HESSIAN_LAYOUT_FULL) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "header.hessian.layout = BLOCK_DIAGONAL of job tensor '%s', but method gptq propagates "
+        "errors across blocks and needs the full matrix: send it as FULL",
+        spec.name));
   }
   const bool full = layout == v1::HESSIAN_LAYOUT_FULL;
   const int64_t elements = full ? spec.cols * spec.cols : spec.cols * kBlockElements;
@@ -45,20 +60,41 @@ absl::StatusOr<std::shared_ptr<std::vector<float>>> ParseHessian(
         absl::StrFormat("hessian has %d bytes; layout %s for cols = %d needs %d (fp32)",
                         bytes.size(), full ? "FULL" : "BLOCK_DIAGONAL", spec.cols, elements * 4));
   }
-  auto blocks =
+  ParsedHessian parsed;
+  parsed.blocks =
       std::make_shared<std::vector<float>>(static_cast<size_t>(spec.cols * kBlockElements));
-  if (full) {
-    std::vector<float> values(static_cast<size_t>(elements));
-    std::memcpy(values.data(), bytes.data(), bytes.size());
-    ExtractDiagonalBlocks(values.data(), 0, elements, spec.cols, blocks->data());
-  } else {
-    std::memcpy(blocks->data(), bytes.data(), bytes.size());
+  if (!full) {
+    std::memcpy(parsed.blocks->data(), bytes.data(), bytes.size());
+    return parsed;
   }
-  return blocks;
+  std::vector<float> copy;
+  float* values = nullptr;
+  if (gptq) {
+    const std::string what = absl::StrFormat("Hessian of job tensor '%s'", spec.name);
+    absl::StatusOr<std::unique_ptr<FullHessianBudget::Reservation>> reservation =
+        budget->Reserve(what, elements * 4);
+    if (!reservation.ok()) {
+      metrics->RecordFullHessianRefused("max_full_hessian_bytes");
+      return reservation.status();
+    }
+    absl::StatusOr<std::shared_ptr<FullHessian>> matrix = FullHessian::Create(
+        request.header().hessian().name().empty() ? spec.name : request.header().hessian().name(),
+        spec.cols, *std::move(reservation), budget, metrics);
+    if (!matrix.ok()) return matrix.status();
+    parsed.full = *std::move(matrix);
+    values = parsed.full->mutable_data();
+  } else {
+    copy.resize(static_cast<size_t>(elements));
+    values = copy.data();
+  }
+  std::memcpy(values, bytes.data(), bytes.size());
+  ExtractDiagonalBlocks(values, 0, elements, spec.cols, parsed.blocks->data());
+  return parsed;
 }
 
 absl::StatusOr<ParsedJob> ParseJobRequest(const v1::SubmitJobRequest& request,
-                                          const ServiceLimits& limits) {
+                                          const ServiceLimits& limits, FullHessianBudget* budget,
+                                          ServerMetrics* metrics) {
   const int64_t request_bytes = static_cast<int64_t>(request.ByteSizeLong());
   if (request_bytes > limits.max_job_request_bytes) {
     return absl::ResourceExhaustedError(absl::StrFormat(
@@ -76,13 +112,11 @@ absl::StatusOr<ParsedJob> ParseJobRequest(const v1::SubmitJobRequest& request,
   }
   absl::StatusOr<TensorSpec> spec = ParseTensorHeader(request.header(), limits);
   if (!spec.ok()) return spec.status();
-  if (spec->params.method == Method::kGptq) {
-    // A full Hessian is cols^2 * 4 bytes and its factorisation is prepared once per Hessian and
-    // shared by the tensors using it: that is what a Quantize session holds, not a job.
-    return absl::UnimplementedError(absl::StrFormat(
-        "job tensor '%s': SubmitJob does not run method gptq (its full Hessian and factorisation "
-        "are kept per Quantize session); stream it with Quantize",
-        spec->name));
+  const bool gptq = spec->params.method == Method::kGptq;
+  if (gptq && spec->cols > kMaxGptqColumns) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("header.cols = %d of gptq tensor '%s' exceeds the gptq limit %d",
+                        spec->cols, spec->name, kMaxGptqColumns));
   }
   if (static_cast<int64_t>(request.weights().size()) != spec->WeightBytes()) {
     return absl::InvalidArgumentError(absl::StrFormat(
@@ -101,17 +135,22 @@ absl::StatusOr<ParsedJob> ParseJobRequest(const v1::SubmitJobRequest& request,
                           MethodName(spec->params.method), spec->name));
     }
   } else {
-    absl::StatusOr<std::shared_ptr<std::vector<float>>> blocks = ParseHessian(request, *spec);
-    if (!blocks.ok()) return blocks.status();
-    QuantizeRequest shape;
-    static const float kDummy = 0.0f;  // only the shape is read here
-    shape.weights = {&kDummy, spec->dtype, 1, spec->cols};
-    shape.hessians = {(*blocks)->data(), spec->cols / kBlockElements};
-    shape.params = spec->params;
-    if (absl::Status s = ValidateShapeHessiansAndParams(shape); !s.ok()) {
-      return PrefixStatus(s, absl::StrFormat("Hessian of job tensor '%s': ", spec->name));
+    absl::StatusOr<ParsedHessian> hessian = ParseHessian(request, *spec, budget, metrics);
+    if (!hessian.ok()) return hessian.status();
+    if (gptq) {
+      // gptq validates its full Hessian on a scheduler worker, with the factorisation (once).
+      input->full_hessian = std::move(hessian->full);
+    } else {
+      QuantizeRequest shape;
+      static const float kDummy = 0.0f;  // only the shape is read here
+      shape.weights = {&kDummy, spec->dtype, 1, spec->cols};
+      shape.hessians = {hessian->blocks->data(), spec->cols / kBlockElements};
+      shape.params = spec->params;
+      if (absl::Status s = ValidateShapeHessiansAndParams(shape); !s.ok()) {
+        return PrefixStatus(s, absl::StrFormat("Hessian of job tensor '%s': ", spec->name));
+      }
+      input->hessian_blocks = std::move(hessian->blocks);
     }
-    input->hessian_blocks = *std::move(blocks);
   }
   const WeightView view{request.weights().data(), spec->dtype, spec->rows, spec->cols};
   absl::StatusOr<float> amax = ScanWeightRows(view, 0, spec->rows);
@@ -144,11 +183,19 @@ bool IsFinalJobState(v1::JobState state) {
 
 JobManager::JobManager(const JobManagerOptions& options, Scheduler* scheduler,
                        ServerMetrics* metrics)
-    : options_(options), scheduler_(scheduler), metrics_(metrics) {}
+    : options_(options), scheduler_(scheduler), metrics_(metrics) {
+  if (options_.full_hessians == nullptr) {
+    own_full_hessians_ =
+        std::make_unique<FullHessianBudget>(options_.limits.max_full_hessian_bytes, metrics);
+  }
+}
 
 absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitJobRequest& request,
                                            const Caller& caller) {
-  absl::StatusOr<ParsedJob> parsed = ParseJobRequest(request, options_.limits);
+  absl::StatusOr<ParsedJob> parsed = ParseJobRequest(
+      request, options_.limits,
+      options_.full_hessians != nullptr ? options_.full_hessians : own_full_hessians_.get(),
+      metrics_);
   if (!parsed.ok()) return parsed.status();
   const TensorSpec& spec = parsed->spec;
   // GetJob returns the result in one message: refuse now what could never be fetched.
@@ -176,7 +223,7 @@ absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitJobRequest& request,
     record.rows = spec.rows;
     record.cols = spec.cols;
     record.created = options_.clock();
-    record.input = parsed->input;
+    record.run = std::make_unique<TensorRun>(parsed->input, spec.rows, record.created);
     record.packed_codes.assign(static_cast<size_t>(spec.rows * spec.cols / 2), '\0');
     record.scales.assign(static_cast<size_t>(spec.rows * spec.cols / kBlockElements), '\0');
     JobOptions job_options;
@@ -193,22 +240,23 @@ absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitJobRequest& request,
   }
   metrics_->AddInflightJobs(1);
 
-  // Enqueue outside mu_: a rejected or expiring item runs its completion on this thread.
-  const int64_t row_bytes = spec.cols * DTypeSize(spec.dtype);
-  const int64_t step = std::max<int64_t>(1, options_.limits.max_rows_per_item);
+  // Enqueue outside mu_: a rejected or expiring item runs its completion on this thread. (The
+  // run's tasks are made under mu_ and the run is read-only until its first completion.)
+  std::vector<std::shared_ptr<RowRangeTask>> tasks;
+  {
+    absl::MutexLock lock(&mu_);
+    tasks = jobs_.at(seq).run->MakeTasks(
+        parsed->weights, 0, spec.rows,
+        RowSplit{options_.limits.max_rows_per_item, options_.memory_budget_bytes});
+  }
   absl::Status rejected;
-  for (int64_t first = 0; first < spec.rows && rejected.ok(); first += step) {
-    auto task = std::make_shared<RowRangeTask>();
-    task->tensor = parsed->input;
-    task->weights = parsed->weights;
-    task->byte_offset = static_cast<size_t>(first * row_bytes);
-    task->row_begin = first;
-    task->num_rows = std::min(step, spec.rows - first);
+  for (const std::shared_ptr<RowRangeTask>& task : tasks) {
     const int64_t bytes = task->MemoryBytes();
     WorkItem item = MakeRowRangeItem(
         task, [this, seq, task](const WorkOutcome& outcome) { OnItemDone(seq, task, outcome); });
     rejected = scheduler_->Enqueue(scheduler_job, std::move(item));
-    if (rejected.ok()) metrics_->AddDeviceMemoryInUse(bytes);
+    if (!rejected.ok()) break;
+    metrics_->AddDeviceMemoryInUse(bytes);
   }
   metrics_->SetQueueDepth(scheduler_->Stats().queued_items);
   if (!rejected.ok()) {
@@ -269,31 +317,13 @@ void JobManager::OnItemDone(uint64_t seq, const std::shared_ptr<RowRangeTask>& t
                   task->packed_codes.data(), task->packed_codes.size());
       std::memcpy(&record.scales[static_cast<size_t>(task->row_begin) * scale_row],
                   task->scales.data(), task->scales.size());
-      record.range_stats[task->row_begin] = task->stats;
-      record.rows_done += task->num_rows;
-      record.queue_wait += outcome.queue_wait;
-      record.kernel_time += outcome.kernel_time;
+      const bool job_done = record.run->RecordDone(*task, outcome);
+      record.rows_done = record.run->rows_done();
       metrics_->AddBlocksQuantized(task->stats.num_blocks);
       metrics_->AddBytesOut(static_cast<int64_t>(task->packed_codes.size() + task->scales.size()));
       record.state = v1::JOB_STATE_RUNNING;
-      if (record.rows_done == record.rows) {
-        TensorStats total = record.range_stats.begin()->second;
-        for (auto range = std::next(record.range_stats.begin()); range != record.range_stats.end();
-             ++range) {
-          AccumulateStats(range->second, &total);
-        }
-        v1::TensorSummary& summary = record.summary;
-        summary.set_tensor_name(record.tensor_name);
-        summary.set_tensor_index(0);
-        summary.set_rows(record.rows);
-        summary.set_cols(record.cols);
-        summary.set_global_amax(record.input->global_amax);
-        summary.set_global_scale(GlobalScaleFromAmax(record.input->global_amax));
-        StatsToProto(total, summary.mutable_stats());
-        summary.mutable_timings()->set_total_us(
-            absl::ToInt64Microseconds(options_.clock() - record.created));
-        summary.mutable_timings()->set_queue_wait_us(absl::ToInt64Microseconds(record.queue_wait));
-        summary.mutable_timings()->set_kernel_us(absl::ToInt64Microseconds(record.kernel_time));
+      if (job_done) {
+        record.summary = record.run->Summary(0, options_.clock());
         FinalizeLocked(&record, v1::JOB_STATE_SUCCEEDED, absl::OkStatus(), &delivery);
       } else {
         ++record.version;
@@ -321,8 +351,9 @@ void JobManager::FinalizeLocked(Record* record, v1::JobState state, const absl::
     std::string().swap(record->packed_codes);
     std::string().swap(record->scales);
   }
-  record->range_stats.clear();
-  record->input.reset();
+  // Frees the run's statistics and its Hessian (a gptq job's full matrix and plans go with the
+  // last task that still holds them).
+  record->run.reset();
   ++record->version;
   delivery->observers = std::move(record->observers);
   record->observers.clear();

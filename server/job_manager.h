@@ -2,8 +2,10 @@
 //
 // A job is one tensor given whole in a SubmitJobRequest. Submit checks the request (the same
 // header rules and messages as a Quantize session), splits its rows into items of one scheduler
-// job and returns at once; the items' completions fill in the result and the progress. So jobs
-// share the device, the fairness and the batching with Quantize streams.
+// job (a TensorRun, as a Quantize session's tensor) and returns at once; the items' completions
+// fill in the result and the progress. So jobs share the device, the fairness, the batching and
+// every method with Quantize streams. A gptq job's full Hessian (FULL layout) is admitted on the
+// server-wide full-Hessian budget and freed when its job is final.
 //
 // Jobs live in memory. At most limits.max_jobs are kept (queued, running and finished): a new
 // job makes the oldest finished one forgotten, and when every kept job is unfinished Submit
@@ -38,9 +40,11 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "nvfp4cal/v1/calibrator.pb.h"
+#include "server/full_hessian_budget.h"
 #include "server/metrics.h"
 #include "server/scheduler.h"
 #include "server/server_options.h"
+#include "server/tensor_run.h"
 #include "server/token_authenticator.h"
 #include "server/work_model.h"
 
@@ -62,6 +66,11 @@ struct JobManagerOptions {
   ServiceLimits limits;
   // Time source of job timestamps, deadlines and retention; tests inject a fake clock.
   std::function<absl::Time()> clock = [] { return absl::Now(); };
+  // Method gptq: the server-wide budget its full Hessians are admitted on (shared with Quantize
+  // sessions); null: the manager keeps its own of limits.max_full_hessian_bytes.
+  FullHessianBudget* full_hessians = nullptr;
+  // The scheduler's device memory per batch (RowSplit: how gptq rows are cut into items).
+  int64_t memory_budget_bytes = int64_t{1} << 30;
 };
 
 // Whether a state is final (SUCCEEDED, FAILED, CANCELLED).
@@ -132,13 +141,11 @@ class JobManager {
     absl::Time finished = absl::InfiniteFuture();
     uint64_t version = 1;
     JobId scheduler_job = 0;
-    std::shared_ptr<const TensorInput> input;
+    // Tasks, statistics and summary of the job's tensor; freed when the job is final.
+    std::unique_ptr<TensorRun> run;
     // The result, assembled as row ranges finish.
     std::string packed_codes;
     std::string scales;
-    std::map<int64_t, TensorStats> range_stats;
-    absl::Duration queue_wait;
-    absl::Duration kernel_time;
     v1::TensorSummary summary;
     std::vector<std::shared_ptr<JobObserver>> observers;
   };
@@ -173,6 +180,8 @@ class JobManager {
   const JobManagerOptions options_;
   Scheduler* const scheduler_;
   ServerMetrics* const metrics_;
+  // When options_.full_hessians is null.
+  std::unique_ptr<FullHessianBudget> own_full_hessians_;
 
   mutable absl::Mutex mu_;
   // By creation order (seq); ListJobs walks it backwards.

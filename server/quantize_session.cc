@@ -501,7 +501,7 @@ absl::Status QuantizeSession::HandleWeightChunk(v1::WeightChunk* chunk, Actions*
 
 void QuantizeSession::MakeTasks(Tensor* tensor, std::shared_ptr<const std::string> bytes,
                                 int64_t row_begin, int64_t num_rows, Actions* actions) {
-  if (tensor->input == nullptr) {
+  if (tensor->run == nullptr) {
     auto input = std::make_shared<TensorInput>();
     input->name = tensor->name;
     input->dtype = tensor->dtype;
@@ -513,27 +513,14 @@ void QuantizeSession::MakeTasks(Tensor* tensor, std::shared_ptr<const std::strin
     } else if (tensor->hessian != nullptr) {
       input->hessian_blocks = tensor->hessian->blocks;
     }
-    tensor->input = std::move(input);
+    tensor->run = std::make_unique<TensorRun>(std::move(input), tensor->rows, tensor->started);
   }
-  const int64_t row_bytes = tensor->cols * DTypeSize(tensor->dtype);
-  int64_t step = std::max<int64_t>(1, env_.limits.max_rows_per_item);
-  if (tensor->params.method == Method::kGptq) {
-    // As many rows as half the batch memory budget holds (RowRangeTask::MemoryBytes: input,
-    // outputs and the fp32 working copy), at least max_rows_per_item.
-    const int64_t per_row = row_bytes + tensor->cols / 2 + tensor->cols / 16 + tensor->cols * 4;
-    step = std::max(step, env_.memory_budget_bytes / 2 / per_row);
-  }
-  for (int64_t first = 0; first < num_rows; first += step) {
-    auto task = std::make_shared<RowRangeTask>();
-    task->tensor = tensor->input;
-    task->weights = bytes;
-    task->byte_offset = static_cast<size_t>(first * row_bytes);
-    task->row_begin = row_begin + first;
-    task->num_rows = std::min(step, num_rows - first);
-    actions->enqueue.push_back(std::move(task));
-  }
+  std::vector<std::shared_ptr<RowRangeTask>> tasks =
+      tensor->run->MakeTasks(std::move(bytes), row_begin, num_rows,
+                             RowSplit{env_.limits.max_rows_per_item, env_.memory_budget_bytes});
+  items_outstanding_ += static_cast<int64_t>(tasks.size());
+  for (std::shared_ptr<RowRangeTask>& task : tasks) actions->enqueue.push_back(std::move(task));
   actions->enqueue_tensor = current_;
-  items_outstanding_ += static_cast<int64_t>(actions->enqueue.size());
 }
 
 void QuantizeSession::EnqueueTasks(Actions* actions) {
@@ -591,10 +578,7 @@ void QuantizeSession::OnItemDone(const std::shared_ptr<Tensor>& tensor,
                                               task->row_begin, task->row_begin + task->num_rows)),
                  &actions);
     } else if (!failed_) {
-      tensor->rows_done += task->num_rows;
-      tensor->range_stats[task->row_begin] = task->stats;
-      tensor->queue_wait += outcome.queue_wait;
-      tensor->kernel_time += outcome.kernel_time;
+      const bool tensor_done = tensor->run->RecordDone(*task, outcome);
       env_.metrics->AddBlocksQuantized(task->stats.num_blocks);
       env_.metrics->AddBytesOut(
           static_cast<int64_t>(task->packed_codes.size() + task->scales.size()));
@@ -623,7 +607,7 @@ void QuantizeSession::OnItemDone(const std::shared_ptr<Tensor>& tensor,
         }
         QueueWrite(std::move(response), rows * row_bytes);
       }
-      if (tensor->rows_done == tensor->rows) QueueSummary(*tensor);
+      if (tensor_done) QueueSummary(*tensor);
     }
     MaybeStartRead(&actions);
     MaybeStartWrite(&actions);
@@ -634,31 +618,8 @@ void QuantizeSession::OnItemDone(const std::shared_ptr<Tensor>& tensor,
 }
 
 void QuantizeSession::QueueSummary(const Tensor& tensor) {
-  TensorStats total;
-  bool first = true;
-  for (const auto& [row, stats] : tensor.range_stats) {
-    if (first) {
-      total = stats;
-      first = false;
-    } else {
-      AccumulateStats(stats, &total);
-      // Wall times of gptq's row ranges; the plan's factor time and damping are every range's.
-      total.gptq.quantize_seconds += stats.gptq.quantize_seconds;
-      total.gptq.compare_seconds += stats.gptq.compare_seconds;
-    }
-  }
   v1::QuantizeResponse response;
-  v1::TensorSummary* summary = response.mutable_summary();
-  summary->set_tensor_name(tensor.name);
-  summary->set_tensor_index(tensor.index);
-  summary->set_rows(tensor.rows);
-  summary->set_cols(tensor.cols);
-  summary->set_global_amax(tensor.input->global_amax);
-  summary->set_global_scale(GlobalScaleFromAmax(tensor.input->global_amax));
-  StatsToProto(total, summary->mutable_stats());
-  summary->mutable_timings()->set_total_us(absl::ToInt64Microseconds(absl::Now() - tensor.started));
-  summary->mutable_timings()->set_queue_wait_us(absl::ToInt64Microseconds(tensor.queue_wait));
-  summary->mutable_timings()->set_kernel_us(absl::ToInt64Microseconds(tensor.kernel_time));
+  *response.mutable_summary() = tensor.run->Summary(tensor.index, absl::Now());
   QueueWrite(std::move(response), 0);
   open_tensors_.erase(tensor.index);
 }

@@ -43,6 +43,7 @@
 #include "server/metrics.h"
 #include "server/scheduler.h"
 #include "server/server_options.h"
+#include "server/tensor_run.h"
 #include "server/tensor_spec.h"
 #include "server/token_authenticator.h"
 #include "server/work_model.h"
@@ -116,18 +117,14 @@ class QuantizeSession : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::B
     SearchParams params;
     std::optional<float> header_amax;
     std::shared_ptr<Hessian> hessian;
-    // Built when the first rows are admitted (the Hessian is complete by then).
-    std::shared_ptr<const TensorInput> input;
+    // Made when the first rows are admitted (the Hessian is complete by then).
+    std::unique_ptr<TensorRun> run;
     int64_t rows_received = 0;
-    int64_t rows_done = 0;
     // Buffered mode (no header amax): the whole tensor and its running amax.
     std::shared_ptr<std::string> buffer;
     float buffered_amax = 0.0f;
-    // Per row range statistics, summed in row order for the summary.
-    std::map<int64_t, TensorStats> range_stats;
+    // When its header arrived.
     absl::Time started;
-    absl::Duration queue_wait;
-    absl::Duration kernel_time;
   };
   // Reactor operations decided under mu_ and started after it is released (gRPC may run a
   // reaction inline inside a Start* call).

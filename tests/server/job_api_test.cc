@@ -413,8 +413,8 @@ TEST_F(JobApiTest, InvalidJobsNameTheFieldTheLimitAndTheValue) {
   {
     v1::SubmitJobRequest r = JobRequestOf(plain);
     r.mutable_header()->mutable_method()->set_name("gptq");
-    cases.push_back({"gptq (sessions only)", grpc::UNIMPLEMENTED,
-                     "job tensor 'w': SubmitJob does not run method gptq", r});
+    cases.push_back({"gptq without a Hessian", grpc::FAILED_PRECONDITION,
+                     "hessian is empty but method gptq of job tensor 'w' needs a Hessian", r});
   }
   {
     v1::SubmitJobRequest r = JobRequestOf(plain);
