@@ -30,8 +30,6 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/container/flat_hash_map.h"
-#include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
@@ -39,12 +37,11 @@
 #include "nvfp4cal/kernels/scale_search.h"
 #include "nvfp4cal/v1/calibrator.pb.h"
 #include "server/full_hessian_budget.h"
-#include "server/gptq_work.h"
 #include "server/metrics.h"
 #include "server/scheduler.h"
 #include "server/server_options.h"
+#include "server/session_protocol.h"
 #include "server/tensor_run.h"
-#include "server/tensor_spec.h"
 #include "server/token_authenticator.h"
 #include "server/work_model.h"
 
@@ -92,40 +89,7 @@ class QuantizeSession : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::B
   void OnDone() override;
 
  private:
-  // A Hessian defined in this session, kept as diagonal blocks whatever layout it came in, and
-  // also whole when the header defining it had method gptq (a full layout).
-  struct Hessian {
-    std::string name;
-    v1::HessianLayout layout = v1::HESSIAN_LAYOUT_UNSPECIFIED;
-    int64_t cols = 0;
-    int64_t expected_elements = 0;
-    int64_t received_elements = 0;
-    std::shared_ptr<std::vector<float>> blocks;
-    // Method gptq: the whole matrix and its plans; null when kept as blocks only.
-    std::shared_ptr<FullHessian> full;
-    // The tensor whose header defined it and that tensor's method, for error messages.
-    std::string defined_by;
-    bool complete() const { return received_elements == expected_elements; }
-  };
-  // A tensor of the session, from its header until its summary was queued.
-  struct Tensor {
-    int64_t index = 0;
-    std::string name;
-    int64_t rows = 0;
-    int64_t cols = 0;
-    DType dtype = DType::kBFloat16;
-    SearchParams params;
-    std::optional<float> header_amax;
-    std::shared_ptr<Hessian> hessian;
-    // Made when the first rows are admitted (the Hessian is complete by then).
-    std::unique_ptr<TensorRun> run;
-    int64_t rows_received = 0;
-    // Buffered mode (no header amax): the whole tensor and its running amax.
-    std::shared_ptr<std::string> buffer;
-    float buffered_amax = 0.0f;
-    // When its header arrived.
-    absl::Time started;
-  };
+  using Tensor = SessionProtocol::Tensor;
   // Reactor operations decided under mu_ and started after it is released (gRPC may run a
   // reaction inline inside a Start* call).
   struct Actions {
@@ -138,29 +102,10 @@ class QuantizeSession : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::B
     std::shared_ptr<Tensor> enqueue_tensor;
   };
 
-  absl::Status HandleMessage(Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status HandleSessionOptions(const v1::SessionOptions& options)
+  // Carries out what the protocol asked for one message: a new tensor (the stream's scheduler
+  // job on the first), rows to split into tasks, or the drain's stop.
+  void Apply(const SessionProtocol::Step& step, Actions* actions)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status HandleHeader(const v1::TensorHeader& header) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status HandleHessianChunk(v1::HessianChunk* chunk) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // A Hessian not seen before in the session, named by `header`: layout, limits, admission of
-  // a full Hessian on the server-wide budget (method gptq), allocation.
-  absl::StatusOr<std::shared_ptr<Hessian>> DefineHessian(const v1::TensorHeader& header,
-                                                         const TensorSpec& spec)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Stores `count` fp32 elements at the Hessian's next position (blocks, and the whole matrix
-  // when kept).
-  void StoreHessianElements(Hessian* hessian, const float* values, int64_t count)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status HandleWeightChunk(v1::WeightChunk* chunk, Actions* actions)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Validates the current tensor's shape, Hessian and parameters once its Hessian is complete.
-  absl::Status ValidateTensorHessian(const Tensor& tensor) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Splits rows [row_begin, row_begin + num_rows) held in `bytes` into scheduler tasks.
-  void MakeTasks(Tensor* tensor, std::shared_ptr<const std::string> bytes, int64_t row_begin,
-                 int64_t num_rows, Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Whether every row of the current tensor was received (true when there is none).
-  bool CurrentTensorComplete() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Admits tasks to the scheduler; called without mu_.
   void EnqueueTasks(Actions* actions) ABSL_LOCKS_EXCLUDED(mu_);
@@ -170,8 +115,6 @@ class QuantizeSession : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::B
   void QueueWrite(v1::QuantizeResponse response, int64_t result_bytes)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void SetUnsentResultBytes(int64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Draining: the header of `next_tensor` is refused, the tensors before it finish.
-  void StopForDrain(const std::string& next_tensor) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   void FailLocked(const absl::Status& status, Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void MaybeStartRead(Actions* actions) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -214,27 +157,16 @@ class QuantizeSession : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::B
   grpc::Status final_status_ ABSL_GUARDED_BY(mu_);
 
   std::optional<JobId> job_ ABSL_GUARDED_BY(mu_);
-  int priority_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t items_outstanding_ ABSL_GUARDED_BY(mu_) = 0;
-  int64_t tensors_started_ ABSL_GUARDED_BY(mu_) = 0;
-  std::shared_ptr<Tensor> current_ ABSL_GUARDED_BY(mu_);
+  SessionProtocol protocol_ ABSL_GUARDED_BY(mu_);
   // Tensors whose summary is not sent yet, by index.
   std::map<int64_t, std::shared_ptr<Tensor>> open_tensors_ ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_set<std::string> tensor_names_ ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_map<std::string, std::shared_ptr<Hessian>> hessians_ ABSL_GUARDED_BY(mu_);
-  int64_t hessian_bytes_ ABSL_GUARDED_BY(mu_) = 0;
-  // Full Hessians (method gptq) defined in this session, for
-  // limits.max_session_full_hessian_bytes; each holds its own reservation on the budget.
-  int64_t full_hessian_bytes_ ABSL_GUARDED_BY(mu_) = 0;
-  // Bytes of tensor_names_ (names plus per-entry overhead), for
-  // limits.max_session_tensor_name_bytes.
-  int64_t tensor_name_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   // Codes and scales queued or being written, for limits.max_unsent_result_bytes_per_stream
   // (mirrored in the metrics); those of the write in flight.
   int64_t unsent_result_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t writing_result_bytes_ ABSL_GUARDED_BY(mu_) = 0;
-  // The server is draining and a new tensor's header arrived: nothing more is read, the
-  // accepted tensors finish, then the call ends with stop_status_ (UNAVAILABLE naming it).
+  // The server is draining and a new tensor's header arrived: what follows is read and dropped,
+  // the accepted tensors finish, then the call ends with stop_status_ (UNAVAILABLE naming it).
   bool stopped_ ABSL_GUARDED_BY(mu_) = false;
   absl::Time stopped_at_ ABSL_GUARDED_BY(mu_);
   // How long a stopped stream waits for the client's half-close (MaybeFinish).
