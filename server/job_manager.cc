@@ -149,6 +149,8 @@ absl::StatusOr<ParsedJob> ParseJobRequest(const v1::SubmitJobRequest& request,
       if (absl::Status s = ValidateShapeHessiansAndParams(shape); !s.ok()) {
         return PrefixStatus(s, absl::StrFormat("Hessian of job tensor '%s': ", spec->name));
       }
+      input->hessian_bounds =
+          ComputeSharedHessianBounds({hessian->blocks->data(), spec->cols / kBlockElements});
       input->hessian_blocks = std::move(hessian->blocks);
     }
   }

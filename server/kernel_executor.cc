@@ -36,9 +36,10 @@ absl::Status KernelExecutor::ExecuteBatch(int worker, absl::Span<Work* const> ba
       gptq_tasks.push_back(&task);
       continue;
     }
+    // The front checked the tensor's Hessian and parameters and these rows on arrival.
     const QuantizeRequest request = RequestOf(task);
-    (*item_status)[i] = backend.QuantizeRows(request, task.tensor->global_amax, 0, task.num_rows,
-                                             OutputOf(&task), &task.stats);
+    (*item_status)[i] = backend.QuantizePrevalidatedRows(
+        request, task.tensor->global_amax, 0, task.num_rows, OutputOf(&task), &task.stats);
   }
   RunGptqItems(gptq_, worker, gptq_items, gptq_tasks, item_status);
   return absl::OkStatus();

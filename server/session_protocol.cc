@@ -419,7 +419,13 @@ void SessionProtocol::Ready(std::shared_ptr<const std::string> bytes, int64_t ro
     if (tensor.params.method == Method::kGptq) {
       input->full_hessian = tensor.hessian->full;
     } else if (tensor.hessian != nullptr) {
-      input->hessian_blocks = tensor.hessian->blocks;
+      Hessian& hessian = *tensor.hessian;
+      if (hessian.bounds == nullptr) {
+        hessian.bounds =
+            ComputeSharedHessianBounds({hessian.blocks->data(), hessian.cols / kBlock});
+      }
+      input->hessian_blocks = hessian.blocks;
+      input->hessian_bounds = hessian.bounds;
     }
     tensor.run = std::make_unique<TensorRun>(std::move(input), tensor.rows, tensor.started);
   }

@@ -61,6 +61,7 @@ QuantizeRequest RequestOf(const RowRangeTask& task) {
     request.hessians = {tensor.hessian_blocks->data(),
                         static_cast<int64_t>(tensor.hessian_blocks->size() / 256)};
   }
+  request.hessian_bounds = tensor.hessian_bounds.get();
   request.params = tensor.params;
   return request;
 }

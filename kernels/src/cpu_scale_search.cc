@@ -126,6 +126,17 @@ class CpuScaleSearch final : public ScaleSearch {
     return absl::OkStatus();
   }
 
+  absl::Status QuantizePrevalidatedRows(const QuantizeRequest& request, float global_amax,
+                                        int64_t row_begin, int64_t row_end, RowRangeOutput output,
+                                        TensorStats* stats) override {
+    if (absl::Status s = ValidateRowRange(request.weights, row_begin, row_end, output); !s.ok()) {
+      return s;
+    }
+    InitTensorStats(request.params, global_amax, stats);
+    Run(request, global_amax, row_begin, row_end, output, stats);
+    return absl::OkStatus();
+  }
+
  private:
   // Quantizes rows [row_begin, row_end) of a validated request; output spans start at
   // row_begin. Statistics are summed per task, then in task order (thread-count independent).
@@ -142,7 +153,11 @@ class CpuScaleSearch final : public ScaleSearch {
     const DssGrid grid{request.params.scale_neighbours, DssBetaSteps(request.params),
                        request.params.beta_step};
     const simd::CandidateScales scales(global_amax, global_scale, grid);
-    const std::vector<HessianBlockBounds> bounds = ComputeHessianBlockBounds(request.hessians);
+    std::vector<HessianBlockBounds> computed;
+    if (request.hessian_bounds == nullptr) computed = ComputeHessianBlockBounds(request.hessians);
+    const HessianBlockBounds* bounds = request.hessian_bounds != nullptr ? request.hessian_bounds
+                                       : computed.empty()                ? nullptr
+                                                                         : computed.data();
     const HessianBlockBounds identity = IdentityBounds();
     const TensorTask tensor_task{&request,
                                  &scales,
@@ -150,7 +165,7 @@ class CpuScaleSearch final : public ScaleSearch {
                                  global_scale,
                                  ObjectiveUnit(global_scale),
                                  ToBlockMethod(request.params.method),
-                                 bounds.empty() ? nullptr : bounds.data(),
+                                 request.hessians.data == nullptr ? nullptr : bounds,
                                  &identity,
                                  row_begin,
                                  output};

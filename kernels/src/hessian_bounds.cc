@@ -90,6 +90,17 @@ std::vector<HessianBlockBounds> ComputeHessianBlockBounds(const BlockHessiansVie
   return out;
 }
 
+std::shared_ptr<const HessianBlockBounds[]> ComputeSharedHessianBounds(
+    const BlockHessiansView& hessians) {
+  if (hessians.data == nullptr) return nullptr;
+  std::shared_ptr<HessianBlockBounds[]> out(
+      new HessianBlockBounds[static_cast<size_t>(hessians.num_blocks)]);
+  for (int64_t j = 0; j < hessians.num_blocks; ++j) {
+    out[static_cast<size_t>(j)] = ComputeHessianBlockBounds(hessians.data + j * kN * kN);
+  }
+  return out;
+}
+
 HessianBlockBounds IdentityBounds() {
   HessianBlockBounds bounds{};
   for (float& p : bounds.precision) p = RoundDown(1.0 - 1e-6);

@@ -15,6 +15,7 @@
 #define NVFP4CAL_KERNELS_SCALE_SEARCH_H_
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -158,6 +159,8 @@ void InitTensorStats(const SearchParams& params, float global_amax, TensorStats*
 void AccumulateStats(const TensorStats& part, TensorStats* total);
 
 // One tensor to quantize.
+struct HessianBlockBounds;  // internal/block_search.h
+
 struct QuantizeRequest {
   WeightView weights;
   BlockHessiansView hessians;
@@ -165,6 +168,10 @@ struct QuantizeRequest {
   // Shared global amax for fused siblings (q/k/v, gate/up): must be >= this tensor's own amax.
   // Computed from the weights when absent.
   std::optional<float> global_amax;
+  // Optional: the CPU search's pruning bounds of `hessians` (ComputeHessianBlockBounds, one per
+  // block), computed once by a caller that quantizes many row ranges of tensors sharing the
+  // blocks (a server), instead of once per call. Must be those of `hessians`; null: computed.
+  const HessianBlockBounds* hessian_bounds = nullptr;
 };
 
 // NVFP4 result of one tensor.
@@ -206,6 +213,18 @@ class ScaleSearch {
   virtual absl::Status QuantizeRows(const QuantizeRequest& request, float global_amax,
                                     int64_t row_begin, int64_t row_end, RowRangeOutput output,
                                     TensorStats* stats) = 0;
+
+  // QuantizeRows for a request its caller checked once, where the data entered the process (a
+  // server's Quantize session or job): ValidateShapeHessiansAndParams for the tensor,
+  // ScanWeightRows and ValidateGlobalAmax for these rows. Only the row range and the output
+  // sizes are checked again, so many small row ranges of one tensor do not each pay the
+  // O(cols x 16) Hessian check and the O(rows x cols) scan. Give it only data that passed those
+  // checks. The default runs QuantizeRows (every check).
+  virtual absl::Status QuantizePrevalidatedRows(const QuantizeRequest& request, float global_amax,
+                                                int64_t row_begin, int64_t row_end,
+                                                RowRangeOutput output, TensorStats* stats) {
+    return QuantizeRows(request, global_amax, row_begin, row_end, output, stats);
+  }
 };
 
 // Checks a request against NUMERICS (shape, finiteness, Hessian shape and symmetry, parameter
@@ -220,6 +239,11 @@ absl::StatusOr<float> ComputeGlobalAmax(const WeightView& weights);
 
 // s2 = g / 2688.
 float GlobalScaleFromAmax(float global_amax);
+
+// QuantizeRequest::hessian_bounds for `hessians` (one per block), computed once to be shared by
+// every call that quantizes with them; null when hessians.data is null.
+std::shared_ptr<const HessianBlockBounds[]> ComputeSharedHessianBounds(
+    const BlockHessiansView& hessians);
 
 // n = round(beta_half_range / beta_step): the number of betas on each side of 1.
 int DssBetaSteps(const SearchParams& params);
