@@ -1,4 +1,5 @@
-// CUDA runtime errors as absl::Status, shared by the CUDA backends (not installed).
+// CUDA runtime errors as absl::Status, and early returns on errors, shared by the CUDA backends
+// (not installed).
 #ifndef NVFP4CAL_KERNELS_CUDA_CUDA_STATUS_H_
 #define NVFP4CAL_KERNELS_CUDA_CUDA_STATUS_H_
 
@@ -29,6 +30,13 @@ inline absl::Status CudaStatus(cudaError_t error, const char* what) {
       (void)cudaGetLastError();               \
       return CudaStatus(nvfp4_error_, #expr); \
     }                                         \
+  } while (0)
+
+// Returns a non-OK absl::Status.
+#define NVFP4_RETURN_IF_ERROR(expr)                \
+  do {                                             \
+    const absl::Status nvfp4_status_ = (expr);     \
+    if (!nvfp4_status_.ok()) return nvfp4_status_; \
   } while (0)
 
 #endif  // NVFP4CAL_KERNELS_CUDA_CUDA_STATUS_H_

@@ -1,0 +1,89 @@
+#include "device_memory.h"
+
+#include "absl/strings/str_format.h"
+#include "cuda_status.h"
+
+namespace nvfp4cal::cuda_internal {
+
+absl::Status DeviceBuffer::Reserve(int device, int64_t bytes, cudaStream_t stream,
+                                   cudaStream_t free_stream) {
+  if (bytes <= bytes_) return absl::OkStatus();
+  Free();
+  device_ = device;
+  stream_ordered_ = true;
+  free_stream_ = free_stream;
+  NVFP4_CUDA_RETURN_IF_ERROR(cudaMallocAsync(&data_, static_cast<size_t>(bytes), stream));
+  bytes_ = bytes;
+  return absl::OkStatus();
+}
+
+absl::Status DeviceBuffer::ReserveSynchronous(int device, int64_t bytes) {
+  if (bytes <= bytes_) return absl::OkStatus();
+  Free();
+  void* p = nullptr;
+  const cudaError_t error = cudaMalloc(&p, static_cast<size_t>(bytes));
+  if (error != cudaSuccess) {
+    (void)cudaGetLastError();
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "CUDA device %d: cannot allocate a %d-byte workspace (%s); lower the memory budget or "
+        "free device memory",
+        device, bytes, cudaGetErrorString(error)));
+  }
+  device_ = device;
+  stream_ordered_ = false;
+  free_stream_ = nullptr;
+  data_ = p;
+  bytes_ = bytes;
+  return absl::OkStatus();
+}
+
+void DeviceBuffer::Free() {
+  if (data_ != nullptr) {
+    cudaSetDevice(device_);
+    if (stream_ordered_) {
+      cudaFreeAsync(data_, free_stream_);
+    } else {
+      cudaFree(data_);
+    }
+  }
+  data_ = nullptr;
+  bytes_ = 0;
+}
+
+BackendStream::~BackendStream() {
+  if (owned_ != nullptr) cudaStreamDestroy(owned_);
+}
+
+absl::Status BackendStream::Init(cudaStream_t given) {
+  stream_ = given;
+  if (given == nullptr) {
+    NVFP4_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&owned_, cudaStreamNonBlocking));
+    stream_ = owned_;
+  }
+  return absl::OkStatus();
+}
+
+StreamTimer::~StreamTimer() {
+  if (start_ != nullptr) cudaEventDestroy(start_);
+  if (stop_ != nullptr) cudaEventDestroy(stop_);
+}
+
+absl::Status StreamTimer::Init() {
+  NVFP4_CUDA_RETURN_IF_ERROR(cudaEventCreate(&start_));
+  NVFP4_CUDA_RETURN_IF_ERROR(cudaEventCreate(&stop_));
+  return absl::OkStatus();
+}
+
+absl::Status StreamTimer::Start(cudaStream_t stream) {
+  NVFP4_CUDA_RETURN_IF_ERROR(cudaEventRecord(start_, stream));
+  return absl::OkStatus();
+}
+
+absl::Status StreamTimer::Stop(cudaStream_t stream, float* elapsed_ms) {
+  NVFP4_CUDA_RETURN_IF_ERROR(cudaEventRecord(stop_, stream));
+  NVFP4_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(stop_));
+  NVFP4_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(elapsed_ms, start_, stop_));
+  return absl::OkStatus();
+}
+
+}  // namespace nvfp4cal::cuda_internal
