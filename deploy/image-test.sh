@@ -24,12 +24,13 @@
 #                  manifests' terminationGracePeriodSeconds minus preStop
 #
 # usage: deploy/image-test.sh [--server BIN --cli BIN] [--backend=prebuilt|cpu]
-#                             [--dockerfile FILE] [--self-test]
+#                             [--dockerfile FILE] [--fail-fast] [--self-test]
 #   --server/--cli: the host's binaries (default build/server/nvfp4cal-server and
 #     build/client/nvfp4cal); the CLI makes the example checkpoint and the reference quantize.
 #   --backend=prebuilt (default): the image's build stage takes these binaries (Dockerfile
 #     BACKEND=prebuilt, built on the host: Debian 12, same libraries) instead of compiling;
 #     --backend=cpu compiles them in the image's build stage (debian:12 + install-deps.sh; slow).
+#   --fail-fast: exit 1 at the first failed check (the self-test's variants use it).
 #   --self-test: builds deliberately broken variants of the Dockerfile (a runtime library
 #     package removed, USER root, a build tree left in /src, SIGKILL as stop signal) and
 #     requires this script to fail each of them on the check that covers the fault.
@@ -52,6 +53,7 @@ cli="$root/build/client/nvfp4cal"
 backend=prebuilt
 dockerfile="$root/Dockerfile"
 self_test=0
+fail_fast=0
 tag=localhost/nvfp4cal-image-test:latest
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -61,6 +63,7 @@ while [ $# -gt 0 ]; do
     --dockerfile) dockerfile="$2"; shift 2 ;;
     --tag) tag="$2"; shift 2 ;;
     --self-test) self_test=1; shift ;;
+    --fail-fast) fail_fast=1; shift ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -125,7 +128,7 @@ if [ $self_test = 1 ]; then
     fi
     log "self-test $name: expecting FAIL $expect"
     local rc=0
-    "$0" --server "$server" --cli "$cli" --backend="$backend" \
+    "$0" --server "$server" --cli "$cli" --backend="$backend" --fail-fast \
       --dockerfile "$work/$name/Dockerfile" --tag "localhost/nvfp4cal-image-test:$name" \
       > "$work/$name.log" 2>&1 || rc=$?
     if [ $rc = 1 ] && grep -q "^FAIL $expect" "$work/$name.log"; then
@@ -229,7 +232,10 @@ log "built"
 
 status=0
 ok() { echo "ok $*"; }
-fail() { echo "FAIL $*"; status=1; }
+fail() {
+  echo "FAIL $*"; status=1
+  if [ $fail_fast = 1 ]; then exit 1; fi
+}
 
 # --- static checks ---------------------------------------------------------------------------
 # podman's default rlimits for root (nofile 1048576, nproc 4194304) can be above what this
