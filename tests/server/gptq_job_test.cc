@@ -76,14 +76,7 @@ class GptqJobTest : public ::testing::Test {
     return job;
   }
 
-  // The last task lets go of the full Hessian just after the job became final.
-  void ExpectFullHessiansReleased() {
-    const absl::Time deadline = absl::Now() + absl::Seconds(10);
-    while (server_->full_hessian_bytes_in_use() != 0 && absl::Now() < deadline) {
-      absl::SleepFor(absl::Milliseconds(5));
-    }
-    EXPECT_EQ(server_->full_hessian_bytes_in_use(), 0);
-  }
+  void ExpectFullHessiansReleased() { testing::ExpectFullHessiansReleased(*server_); }
 
   std::unique_ptr<CalibrationServer> server_;
   std::unique_ptr<v1::Calibrator::Stub> stub_;

@@ -120,15 +120,7 @@ class GptqSessionTest : public ::testing::Test {
     return RunSession(stub_.get(), requests);
   }
 
-  // Sessions release their full Hessians when the last work item let go of them, which may be
-  // just after the client saw the status.
-  void ExpectFullHessiansReleased() {
-    const absl::Time deadline = absl::Now() + absl::Seconds(10);
-    while (server_->full_hessian_bytes_in_use() != 0 && absl::Now() < deadline) {
-      absl::SleepFor(absl::Milliseconds(5));
-    }
-    EXPECT_EQ(server_->full_hessian_bytes_in_use(), 0);
-  }
+  void ExpectFullHessiansReleased() { testing::ExpectFullHessiansReleased(*server_); }
 
   std::unique_ptr<CalibrationServer> server_;
   std::unique_ptr<v1::Calibrator::Stub> stub_;

@@ -8,12 +8,25 @@
 #include <string>
 #include <vector>
 
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "gtest/gtest.h"
 #include "nvfp4cal/kernels/example_data.h"
 #include "nvfp4cal/kernels/gptq.h"
+#include "server/calibration_server.h"
 #include "tests/server/test_client.h"
 
 namespace nvfp4cal::server::testing {
+
+// Full Hessians are released when the last work item let go of them, which may be just after
+// the client saw the status or the job became final.
+inline void ExpectFullHessiansReleased(const CalibrationServer& server) {
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (server.full_hessian_bytes_in_use() != 0 && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  EXPECT_EQ(server.full_hessian_bytes_in_use(), 0);
+}
 
 // H = X^T X / T of `tokens` correlated activations (a few strong channels), exactly symmetric.
 inline std::vector<float> CorrelatedHessian(int64_t n, int64_t tokens, uint64_t seed) {
