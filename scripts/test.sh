@@ -64,8 +64,9 @@ cmake -S . -B "$san_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release "-DCMAKE_CXX_COMPIL
   -DNVFP4CAL_SANITIZE=address,undefined -DNVFP4CAL_BUILD_FUZZERS=ON
 san_targets=(kernels_test scheduler_test server_loopback_test server_job_api_test
   server_job_manager_test server_security_test server_fault_injection_test server_soak_test
-  server_hostile_client_test safetensors_test client_cli_test client_cli_output_test
-  client_quantize_test client_hessian_accumulator_test
+  server_hostile_client_test server_session_protocol_test server_gptq_session_test
+  safetensors_test client_cli_test client_cli_output_test
+  client_quantize_test client_hessian_accumulator_test remote_only_link_check
   safetensors_fuzzer_replay validation_fuzzer_replay session_fuzzer_replay)
 fuzz_targets=(safetensors validation session)
 for t in "${fuzz_targets[@]}"; do san_targets+=("${t}_fuzzer"); done
