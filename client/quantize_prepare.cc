@@ -1,0 +1,235 @@
+#include "client/quantize_prepare.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "client/parallel.h"
+
+namespace nvfp4cal::client_internal {
+namespace {
+
+absl::Status WithContext(const absl::Status& status, const std::string& context) {
+  return absl::Status(status.code(), absl::StrCat(context, ": ", status.message()));
+}
+
+// One unit (a 2-D module, or expert `expert` of a 3-D one) into `prepared`, or its name into
+// `missing` when it needs a Hessian that the file lacks and no fallback is given.
+absl::Status PrepareUnit(const QuantizeOptions& options, const Checkpoint& checkpoint,
+                         const ModulePlan& plan, int64_t expert, HessianStore* hessians,
+                         QuantizeObserver* observer, std::vector<PreparedModule>* prepared,
+                         std::vector<std::string>* missing) {
+  PreparedModule m;
+  m.plan = &plan;
+  m.expert = expert;
+  m.name = ExpertName(plan.module, expert);
+  const Checkpoint::Entry* entry = checkpoint.Find(plan.weight_name);
+  m.shard = entry->shard;
+  m.tensor = entry->tensor;
+  m.params = options.params;
+  if (hessians != nullptr) {
+    // Each expert has its own Hessian ("<module>.<e>.hessian") unless they share the module's.
+    const std::string& lookup =
+        expert >= 0 && options.expert_hessian == ExpertHessian::kShared ? plan.module : m.name;
+    absl::StatusOr<std::string> resolved = hessians->FindEntry(lookup);
+    if (!resolved.ok()) return resolved.status();
+    m.hessian_entry = *std::move(resolved);
+    absl::StatusOr<std::optional<float>> input_amax = hessians->InputAmax(m.hessian_entry);
+    if (!input_amax.ok()) return input_amax.status();
+    m.input_amax = *input_amax;
+  }
+  if (m.hessian_entry.empty() && MethodNeedsHessian(m.params.method)) {
+    if (!options.fallback_method.has_value()) {
+      missing->push_back(m.name);
+      return absl::OkStatus();
+    }
+    m.params.method = *options.fallback_method;
+    if (observer != nullptr) {
+      observer->OnMessage(absl::StrCat("note: ", m.name,
+                                       " has no Hessian; using --fallback-method ",
+                                       std::string(MethodName(m.params.method))));
+    }
+  }
+  if (!m.hessian_entry.empty() && m.params.method == Method::kGptq) {
+    absl::StatusOr<const float*> full =
+        hessians->Full(m.hessian_entry, m.name, plan.cols, options.params.symmetry_tolerance);
+    if (!full.ok()) return full.status();
+    m.hessian_full = *full;
+  } else if (!m.hessian_entry.empty()) {
+    absl::StatusOr<std::shared_ptr<const std::vector<float>>> blocks =
+        hessians->Blocks(m.hessian_entry, m.name, plan.cols, options.params.symmetry_tolerance);
+    if (!blocks.ok()) return blocks.status();
+    m.hessian_blocks = *std::move(blocks);
+  }
+  const int element = DTypeSize(plan.dtype);
+  const int64_t bytes = plan.rows * plan.cols * element;
+  const uint8_t* data = m.tensor->data + std::max<int64_t>(expert, 0) * bytes;
+  m.weights = data;
+  if (reinterpret_cast<uintptr_t>(data) % static_cast<uintptr_t>(element) != 0) {
+    m.aligned_copy.assign(data, data + bytes);
+    m.weights = m.aligned_copy.data();
+  }
+  prepared->push_back(std::move(m));
+  return absl::OkStatus();
+}
+
+// After every unit is prepared: each one's amax (a full scan that also rejects NaN/Inf), the
+// error for the units without a Hessian, the fused groups' shared amax.
+absl::Status FinishPreparing(const QuantizeOptions& options, const HessianStore* hessians,
+                             const std::vector<std::string>& missing,
+                             std::vector<PreparedModule>* prepared) {
+  // On every hardware thread.
+  std::vector<absl::Status> scans(prepared->size());
+  ParallelFor(prepared->size(), [&](size_t i) {
+    PreparedModule& m = (*prepared)[i];
+    const ModulePlan& plan = *m.plan;
+    absl::StatusOr<float> amax =
+        ComputeGlobalAmax(WeightView{m.weights, plan.dtype, plan.rows, plan.cols});
+    if (!amax.ok()) {
+      const std::string where =
+          m.expert < 0 ? absl::StrCat("tensor '", plan.weight_name, "'")
+                       : absl::StrCat("tensor '", plan.weight_name, "', expert ", m.expert);
+      scans[i] = WithContext(amax.status(), where);
+      return;
+    }
+    m.own_amax = *amax;
+  });
+  for (const absl::Status& s : scans) {
+    if (!s.ok()) return s;  // the first module in order that failed
+  }
+  if (!missing.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "--method ", std::string(MethodName(options.params.method)), " needs a Hessian, but ",
+        hessians == nullptr ? std::string("no --hessians file was given")
+                            : absl::StrCat(hessians->path(), " has none"),
+        " for ", missing.size(), " module(s): ", FirstNames(missing),
+        " (looked for '<module>.hessian', a __metadata__ alias and the fused siblings' entries; "
+        "experts of a 3-D tensor look for '<module>.<expert>.hessian', or '<module>.hessian' with "
+        "--expert-hessian shared; pass --fallback-method max|mse to quantize them without one)"));
+  }
+  // Fused siblings share g = the max over the group (NUMERICS §1), expert by expert.
+  auto group_key = [](const PreparedModule& m) {
+    return absl::StrCat(m.plan->fused_group, "#", m.expert);
+  };
+  std::map<std::string, float> group_amax;
+  for (const PreparedModule& m : *prepared) {
+    if (m.plan->fused_group.empty()) continue;
+    float& g = group_amax[group_key(m)];
+    g = std::max(g, m.own_amax);
+  }
+  for (PreparedModule& m : *prepared) {
+    m.global_amax = m.plan->fused_group.empty() ? m.own_amax : group_amax[group_key(m)];
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+// Everything that can be checked before any output is written.
+absl::Status PrepareModules(const QuantizeOptions& options, const Checkpoint& checkpoint,
+                            const std::vector<ModulePlan>& plans, HessianStore* hessians,
+                            QuantizeObserver* observer, std::vector<PreparedModule>* prepared) {
+  std::vector<std::string> missing;
+  for (const ModulePlan& plan : plans) {
+    if (!plan.quantize) continue;
+    for (int64_t e = plan.experts == 0 ? -1 : 0; e < plan.experts; ++e) {
+      absl::Status unit =
+          PrepareUnit(options, checkpoint, plan, e, hessians, observer, prepared, &missing);
+      if (!unit.ok()) return unit;
+    }
+  }
+  return FinishPreparing(options, hessians, missing, prepared);
+}
+
+// The k_scale of every k_proj and the v_scale of every v_proj among `plans` (quantized or
+// not: the KV cache is the attention's), from the Hessians file's `<m>.output_amax`.
+absl::StatusOr<KvScalesByWeight> KvCacheScales(KvCacheMode mode, const Nvfp4Layout& layout,
+                                               const std::vector<ModulePlan>& plans,
+                                               const HessianStore* hessians) {
+  KvScalesByWeight scales;
+  if (mode == KvCacheMode::kNone) return scales;
+  std::vector<std::string> missing;
+  for (const ModulePlan& p : plans) {
+    if (p.experts > 0) continue;  // MoE experts are no attention projections
+    const std::string scale_name = KvScaleName(layout, p.module);
+    if (scale_name.empty()) continue;
+    std::optional<float> amax;
+    if (hessians != nullptr) {
+      absl::StatusOr<std::optional<float>> recorded = hessians->OutputAmax(p.module);
+      if (!recorded.ok()) return recorded.status();
+      amax = *recorded;
+    }
+    if (!amax.has_value()) {
+      missing.push_back(p.module);
+      continue;
+    }
+    // FP8 E4M3's largest value: the cache stores k / k_scale within [-448, 448].
+    scales[p.weight_name] = {scale_name, *amax / 448.0f};
+  }
+  if (scales.empty() && missing.empty()) {
+    return absl::FailedPreconditionError(
+        "--kv-cache fp8: the model has no k_proj or v_proj module to attach k_scale / v_scale "
+        "to");
+  }
+  if (!missing.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "--kv-cache fp8 needs the output amax (`<module>.output_amax` in the Hessians file) of "
+        "every k_proj and v_proj; missing for ",
+        FirstNames(missing), ". Record it during calibration, or pass --kv-cache none"));
+  }
+  return scales;
+}
+
+// W4A4 (true) or weight-only (false) under `mode`, from which modules have an activation amax;
+// the label must never promise an input_scale the checkpoint lacks.
+absl::StatusOr<bool> DecideActivations(ActivationMode mode,
+                                       const std::vector<PreparedModule>& prepared,
+                                       QuantizeObserver* observer) {
+  std::vector<std::string> without;
+  for (const PreparedModule& m : prepared) {
+    if (!m.input_amax.has_value()) without.push_back(m.plan->module);
+  }
+  const size_t with = prepared.size() - without.size();
+  auto note = [observer](const std::string& line) {
+    if (observer != nullptr) observer->OnMessage(line);
+  };
+  switch (mode) {
+    case ActivationMode::kNone:
+      if (with > 0) {
+        note(absl::StrCat("note: --activations none: weight-only output (", kQuantAlgoWeightOnly,
+                          "); the activation amax of ", with,
+                          " modules is not used and no input_scale is written"));
+      }
+      return false;
+    case ActivationMode::kNvfp4:
+      if (!without.empty()) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "--activations nvfp4 needs the activation amax (`<input>.input_amax` in the Hessians "
+            "file) of every quantized module; ",
+            without.size(), " of ", prepared.size(), " have none: ", FirstNames(without),
+            ". Record it (HessianAccumulator does) or pass --activations none"));
+      }
+      return true;
+    case ActivationMode::kAuto:
+      if (without.empty() && !prepared.empty()) return true;
+      if (with == 0) {
+        note(absl::StrCat("note: weight-only output (", kQuantAlgoWeightOnly,
+                          "): the Hessians file has no activation amax (`<input>.input_amax`), "
+                          "so no input_scale is written; record it (HessianAccumulator does) "
+                          "for a W4A4 ",
+                          kQuantAlgoW4A4, " checkpoint"));
+        return false;
+      }
+      return absl::FailedPreconditionError(
+          absl::StrCat("the Hessians file has the activation amax (`<input>.input_amax`) of ", with,
+                       " of ", prepared.size(), " quantized modules, not of ", FirstNames(without),
+                       ": a W4A4 (", kQuantAlgoW4A4,
+                       ") checkpoint needs it for every module. Record the missing ones, or pass "
+                       "--activations none for a weight-only (",
+                       kQuantAlgoWeightOnly, ") checkpoint"));
+  }
+  return false;
+}
+
+}  // namespace nvfp4cal::client_internal

@@ -1,0 +1,93 @@
+// The checks and preparation of QuantizeCheckpoint's inputs, before any output is written.
+// Internal to the quantize pipeline (quantize_checkpoint.cc); callers use QuantizeCheckpoint
+// (quantize_checkpoint.h).
+//
+// From the module plans (checkpoint.h) and the Hessians file (hessians.h): one PreparedModule
+// per quantized 2-D module or expert of a 3-D expert tensor, with its weights, its Hessian
+// (diagonal blocks, or the full matrix for gptq), the method that runs (the fallback's for a
+// module without a Hessian), its activation amax and its global amax (shared by fused
+// siblings); then whether the output is W4A4 or weight-only, and its FP8 KV-cache scales.
+//
+//   std::vector<PreparedModule> prepared;
+//   absl::Status ready =
+//       PrepareModules(options, checkpoint, plans, hessians, observer, &prepared);
+//   absl::StatusOr<bool> w4a4 = DecideActivations(options.activations, prepared, observer);
+//   absl::StatusOr<KvScalesByWeight> kv =
+//       KvCacheScales(options.kv_cache, LayoutOf(options.format), plans, hessians);
+#ifndef NVFP4CAL_CLIENT_QUANTIZE_PREPARE_H_
+#define NVFP4CAL_CLIENT_QUANTIZE_PREPARE_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "client/checkpoint.h"
+#include "client/hessians.h"
+#include "client/quantize_checkpoint.h"
+#include "client/safetensors.h"
+#include "nvfp4cal/kernels/scale_search.h"
+
+namespace nvfp4cal::client_internal {
+
+// A quantized module (or one expert of a 3-D expert tensor) with everything its job needs.
+struct PreparedModule {
+  const ModulePlan* plan = nullptr;
+  // -1 for a 2-D module, else the expert of plan's 3-D tensor.
+  int64_t expert = -1;
+  // ExpertName(plan->module, expert): how messages, Hessian entries and reports name it.
+  std::string name;
+  size_t shard = 0;
+  const SafetensorsTensor* tensor = nullptr;
+  // Aligned copy of the weights (of this expert) when the mapping is not aligned to the
+  // element size.
+  std::vector<uint8_t> aligned_copy;
+  const void* weights = nullptr;
+  std::string hessian_entry;
+  // Activation amax of the module's input (the Hessians file's `.input_amax`), when recorded.
+  std::optional<float> input_amax;
+  std::shared_ptr<const std::vector<float>> hessian_blocks;
+  // Full [cols, cols] Hessian (method gptq), owned by the HessianStore.
+  const float* hessian_full = nullptr;
+  SearchParams params;
+  float own_amax = 0.0f;
+  float global_amax = 0.0f;
+};
+
+// Everything that can be checked before any output is written: every quantized module of
+// `plans` (each expert of a 3-D one) into *prepared, in plan order, with its global amax (a
+// full scan that also rejects NaN/Inf; fused siblings share the group's, expert by expert).
+// `hessians` may be null (no --hessians). The first error, naming the module or tensor; one
+// error naming every module that needs a Hessian the file lacks when there is no fallback.
+absl::Status PrepareModules(const QuantizeOptions& options, const Checkpoint& checkpoint,
+                            const std::vector<ModulePlan>& plans, HessianStore* hessians,
+                            QuantizeObserver* observer, std::vector<PreparedModule>* prepared);
+
+// W4A4 (true) or weight-only (false) under `mode`, from which modules have an activation amax;
+// the label must never promise an input_scale the checkpoint lacks.
+absl::StatusOr<bool> DecideActivations(ActivationMode mode,
+                                       const std::vector<PreparedModule>& prepared,
+                                       QuantizeObserver* observer);
+
+// An FP8 KV-cache scale: `<m>.k_scale` or `<m>.v_scale` = output amax / 448.
+struct KvScale {
+  std::string tensor;
+  float value = 0.0f;
+};
+// By the weight tensor of the module it belongs to (written in the same shard).
+using KvScalesByWeight = std::map<std::string, KvScale>;
+
+// The k_scale of every k_proj and the v_scale of every v_proj among `plans` (quantized or
+// not: the KV cache is the attention's), from the Hessians file's `<m>.output_amax`; none
+// for KvCacheMode::kNone.
+absl::StatusOr<KvScalesByWeight> KvCacheScales(KvCacheMode mode, const Nvfp4Layout& layout,
+                                               const std::vector<ModulePlan>& plans,
+                                               const HessianStore* hessians);
+
+}  // namespace nvfp4cal::client_internal
+
+#endif  // NVFP4CAL_CLIENT_QUANTIZE_PREPARE_H_

@@ -1,0 +1,336 @@
+#include "client/server_stream.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "proto/wire_codec.h"
+
+namespace nvfp4cal::client_internal {
+namespace {
+
+// What a Hessian of a tensor with `cols` inputs costs a session on the server: its diagonal
+// blocks always, and for gptq the whole matrix too.
+int64_t HessianBlockBytes(int64_t cols) { return cols * 16 * 4; }
+int64_t FullHessianBytes(int64_t cols) { return cols * cols * 4; }
+
+// What the server counts for a tensor name against max_session_tensor_name_bytes.
+int64_t NameBytes(const std::string& name) { return static_cast<int64_t>(name.size()) + 64; }
+
+int64_t ChunkBytes(const ClientOptions& options, const v1::Limits& limits) {
+  int64_t chunk_bytes = options.chunk_bytes;
+  if (limits.max_receive_message_bytes() > 0) {
+    chunk_bytes = std::min(chunk_bytes, limits.max_receive_message_bytes() / 4);
+  }
+  return std::max<int64_t>(chunk_bytes, 1024);
+}
+
+}  // namespace
+
+bool SendsFullHessian(const TensorJob& job) {
+  return job.params.method == Method::kGptq && job.full_hessian.data != nullptr &&
+         !job.hessian_key.empty();
+}
+
+ServerStream::ServerStream(const ClientOptions& options, std::string address,
+                           absl::Span<const TensorJob> jobs, const v1::Limits& limits,
+                           QuantizeResultCallback on_result, ErrorSink on_error)
+    : options_(options),
+      address_(std::move(address)),
+      jobs_(jobs),
+      limits_(limits),
+      chunk_bytes_(ChunkBytes(options, limits)),
+      on_result_(std::move(on_result)),
+      on_error_(std::move(on_error)) {
+  if (options_.timeout > absl::ZeroDuration()) {
+    context_.set_deadline(std::chrono::system_clock::now() +
+                          absl::ToChronoMilliseconds(options_.timeout));
+  }
+}
+
+bool ServerStream::Open(v1::Calibrator::Stub* stub) {
+  stream_ = stub->Quantize(&context_);
+  reader_ = std::thread([this] { ReadResponses(); });
+  v1::QuantizeRequest options_message;
+  options_message.mutable_session()->set_priority(options_.priority);
+  options_message.mutable_session()->set_client_name(options_.client_name);
+  return stream_->Write(options_message);
+}
+
+grpc::Status ServerStream::Close(bool cancel, bool writable) {
+  if (cancel) {
+    context_.TryCancel();
+  } else if (writable) {
+    stream_->WritesDone();
+  }
+  reader_.join();
+  return stream_->Finish();
+}
+
+absl::Status ServerStream::CollectIncomplete(absl::Span<const size_t> session_jobs,
+                                             std::vector<size_t>* incomplete) {
+  absl::MutexLock lock(&mu_);
+  for (size_t j : session_jobs) {
+    const auto it = pending_.find(jobs_[j].name);
+    if (it == pending_.end() || !it->second.done) incomplete->push_back(j);
+  }
+  return reader_error_;
+}
+
+bool ServerStream::ExceedsSessionLimits(absl::Span<const size_t> unit) const {
+  std::set<std::string> keys;
+  int64_t block_bytes = 0;
+  int64_t full_bytes = 0;
+  int64_t name_bytes = 0;
+  for (size_t j : unit) {
+    const TensorJob& job = jobs_[j];
+    name_bytes += NameBytes(job.name);
+    if (job.hessian_key.empty() || hessians_sent_.count(job.hessian_key) != 0) continue;
+    if (!keys.insert(job.hessian_key).second) continue;
+    block_bytes += HessianBlockBytes(job.weights.cols);
+    if (SendsFullHessian(job)) full_bytes += FullHessianBytes(job.weights.cols);
+  }
+  const int64_t max_blocks = limits_.max_session_hessian_bytes();
+  const int64_t max_full = limits_.max_session_full_hessian_bytes();
+  const int64_t max_names = limits_.max_session_tensor_name_bytes();
+  return (max_blocks > 0 && hessian_bytes_ + block_bytes > max_blocks) ||
+         (max_full > 0 && full_bytes > 0 && full_hessian_bytes_ + full_bytes > max_full) ||
+         (max_names > 0 && name_bytes_ + name_bytes > max_names);
+}
+
+absl::Status ServerStream::CheckLimits(const TensorJob& job) const {
+  const int64_t elements = job.weights.rows * job.weights.cols;
+  if (limits_.max_tensor_elements() > 0 && elements > limits_.max_tensor_elements()) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(job.name, ": ", elements, " elements exceed the server's max_tensor_elements ",
+                     limits_.max_tensor_elements()));
+  }
+  const int64_t row_bytes = job.weights.cols * DTypeSize(job.weights.dtype);
+  if (limits_.max_receive_message_bytes() > 0 &&
+      row_bytes + 4096 > limits_.max_receive_message_bytes()) {
+    return absl::ResourceExhaustedError(absl::StrCat(job.name, ": one row is ", row_bytes,
+                                                     " bytes, over the server's "
+                                                     "max_receive_message_bytes ",
+                                                     limits_.max_receive_message_bytes()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ServerStream::SendUnit(absl::Span<const size_t> unit, bool* writable) {
+  for (size_t k = 0; k < unit.size(); ++k) {
+    const size_t j = unit[k];
+    absl::Status within = CheckLimits(jobs_[j]);
+    if (!within.ok()) return within;
+    // The unit holds every job of its Hessian: the last one lets the server free it.
+    bool last_use = true;
+    for (size_t later = k + 1; later < unit.size(); ++later) {
+      last_use = last_use && jobs_[unit[later]].hessian_key != jobs_[j].hessian_key;
+    }
+    *writable = SendTensor(j, last_use);
+    if (!*writable) break;
+  }
+  return absl::OkStatus();
+}
+
+bool ServerStream::SendTensor(size_t j, bool release) {
+  const TensorJob& job = jobs_[j];
+  const int64_t rows = job.weights.rows;
+  const int64_t cols = job.weights.cols;
+  {
+    absl::MutexLock lock(&mu_);
+    Pending& p = pending_[job.name];
+    p.job = j;
+    p.codes.assign(static_cast<size_t>(rows * cols / 2), 0);
+    p.scales.assign(static_cast<size_t>(rows * cols / 16), 0);
+  }
+  v1::QuantizeRequest request;
+  v1::TensorHeader* header = request.mutable_header();
+  header->set_name(job.name);
+  header->set_rows(rows);
+  header->set_cols(cols);
+  header->set_dtype(DTypeToProto(job.weights.dtype));
+  SearchParamsToProto(job.params, header->mutable_method());
+  header->set_global_amax(job.global_amax);
+  const bool full = SendsFullHessian(job);
+  const bool upper = options_.send_full_hessian_upper;
+  const bool has_hessian = (full || job.hessians.data != nullptr) && !job.hessian_key.empty();
+  const bool define = has_hessian && hessians_sent_.count(job.hessian_key) == 0;
+  if (has_hessian) {
+    header->mutable_hessian()->set_name(job.hessian_key);
+    header->mutable_hessian()->set_layout(!full   ? v1::HESSIAN_LAYOUT_BLOCK_DIAGONAL
+                                          : upper ? v1::HESSIAN_LAYOUT_FULL_UPPER
+                                                  : v1::HESSIAN_LAYOUT_FULL);
+    header->mutable_hessian()->set_release_after(release);
+  }
+  if (!stream_->Write(request)) return false;
+  name_bytes_ += NameBytes(job.name);
+  if (define && full) {
+    hessians_sent_.insert(job.hessian_key);
+    hessian_bytes_ += HessianBlockBytes(cols);
+    full_hessian_bytes_ += FullHessianBytes(cols);
+    if (!SendFullHessian(job.full_hessian, upper)) return false;
+  } else if (define) {
+    hessians_sent_.insert(job.hessian_key);
+    hessian_bytes_ += HessianBlockBytes(cols);
+    if (!SendHessianBlocks(job)) return false;
+  }
+  if (has_hessian && release) {
+    // The server forgot it with this header; it no longer counts against the session.
+    hessians_sent_.erase(job.hessian_key);
+    hessian_bytes_ -= HessianBlockBytes(cols);
+    if (full) full_hessian_bytes_ -= FullHessianBytes(cols);
+  }
+  return SendWeightRows(job);
+}
+
+bool ServerStream::SendHessianBlocks(const TensorJob& job) {
+  const int64_t total = job.hessians.num_blocks * 256;
+  const int64_t step = std::max<int64_t>(256, chunk_bytes_ / 4 / 256 * 256);
+  for (int64_t offset = 0; offset < total; offset += step) {
+    const int64_t n = std::min(step, total - offset);
+    v1::QuantizeRequest chunk;
+    chunk.mutable_hessian()->set_element_offset(offset);
+    chunk.mutable_hessian()->set_data(reinterpret_cast<const char*>(job.hessians.data + offset),
+                                      static_cast<size_t>(n * 4));
+    if (!stream_->Write(chunk)) return false;
+  }
+  return true;
+}
+
+// The whole matrix row-major, or (upper) row r's elements H[r, r..n-1] one row after the other.
+bool ServerStream::SendFullHessian(const FullHessianView& h, bool upper) {
+  const int64_t n = h.n;
+  const int64_t step = std::max<int64_t>(256, chunk_bytes_ / 4);
+  int64_t sent = 0;
+  std::string buffer;
+  auto flush = [&]() {
+    if (buffer.empty()) return true;
+    v1::QuantizeRequest chunk;
+    chunk.mutable_hessian()->set_element_offset(sent);
+    sent += static_cast<int64_t>(buffer.size() / 4);
+    chunk.mutable_hessian()->set_data(std::move(buffer));
+    buffer.clear();
+    return stream_->Write(chunk);
+  };
+  const int64_t rows = upper ? n : 1;
+  for (int64_t r = 0; r < rows; ++r) {
+    // Upper: one row's tail; whole matrix: all n * n elements as one "row".
+    const float* begin = upper ? h.data + r * n + r : h.data;
+    const int64_t count = upper ? n - r : n * n;
+    for (int64_t done = 0; done < count;) {
+      const int64_t take = std::min(count - done, step - static_cast<int64_t>(buffer.size() / 4));
+      buffer.append(reinterpret_cast<const char*>(begin + done), static_cast<size_t>(take * 4));
+      done += take;
+      if (static_cast<int64_t>(buffer.size() / 4) == step && !flush()) return false;
+    }
+  }
+  return flush();
+}
+
+bool ServerStream::SendWeightRows(const TensorJob& job) {
+  const int64_t rows = job.weights.rows;
+  const int64_t row_bytes = job.weights.cols * DTypeSize(job.weights.dtype);
+  const int64_t rows_per_chunk = std::max<int64_t>(1, chunk_bytes_ / row_bytes);
+  const char* data = static_cast<const char*>(job.weights.data);
+  for (int64_t r = 0; r < rows; r += rows_per_chunk) {
+    const int64_t n = std::min(rows_per_chunk, rows - r);
+    v1::QuantizeRequest chunk;
+    v1::WeightChunk* w = chunk.mutable_weights();
+    w->set_row_begin(r);
+    w->set_num_rows(n);
+    w->set_data(data + r * row_bytes, static_cast<size_t>(n * row_bytes));
+    if (!stream_->Write(chunk)) return false;
+  }
+  return true;
+}
+
+void ServerStream::ReadResponses() {
+  v1::QuantizeResponse response;
+  while (stream_->Read(&response)) {
+    absl::Status status = HandleResponse(response);
+    if (!status.ok()) {
+      absl::Status first_error;
+      {
+        absl::MutexLock lock(&mu_);
+        if (reader_error_.ok()) {
+          reader_error_ = absl::Status(status.code(),
+                                       absl::StrCat("server ", address_, ": ", status.message()));
+        }
+        first_error = reader_error_;
+      }
+      on_error_(first_error);
+      context_.TryCancel();
+    }
+  }
+}
+
+absl::Status ServerStream::HandleResponse(const v1::QuantizeResponse& response) {
+  if (response.has_result()) return AddResultChunk(response.result());
+  if (response.has_summary()) return FinishTensor(response.summary());
+  return absl::OkStatus();
+}
+
+absl::Status ServerStream::AddResultChunk(const v1::ResultChunk& chunk) {
+  absl::MutexLock lock(&mu_);
+  const auto it = pending_.find(chunk.tensor_name());
+  if (it == pending_.end() || it->second.done) {
+    return absl::InternalError(
+        absl::StrCat("result for unexpected tensor '", chunk.tensor_name(), "'"));
+  }
+  Pending& p = it->second;
+  const TensorJob& job = jobs_[p.job];
+  const int64_t cols = job.weights.cols;
+  if (chunk.row_begin() < 0 || chunk.num_rows() <= 0 ||
+      chunk.row_begin() + chunk.num_rows() > job.weights.rows ||
+      static_cast<int64_t>(chunk.packed_codes().size()) != chunk.num_rows() * cols / 2 ||
+      static_cast<int64_t>(chunk.scales().size()) != chunk.num_rows() * cols / 16) {
+    return absl::InternalError(absl::StrCat(job.name, ": malformed result chunk for rows ",
+                                            chunk.row_begin(), "+", chunk.num_rows()));
+  }
+  std::memcpy(p.codes.data() + chunk.row_begin() * cols / 2, chunk.packed_codes().data(),
+              chunk.packed_codes().size());
+  std::memcpy(p.scales.data() + chunk.row_begin() * cols / 16, chunk.scales().data(),
+              chunk.scales().size());
+  p.rows_covered += chunk.num_rows();
+  return absl::OkStatus();
+}
+
+absl::Status ServerStream::FinishTensor(const v1::TensorSummary& summary) {
+  QuantizedTensor result;
+  size_t job_index = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    const auto it = pending_.find(summary.tensor_name());
+    if (it == pending_.end() || it->second.done) {
+      return absl::InternalError(
+          absl::StrCat("summary for unexpected tensor '", summary.tensor_name(), "'"));
+    }
+    Pending& p = it->second;
+    const TensorJob& job = jobs_[p.job];
+    if (p.rows_covered != job.weights.rows) {
+      return absl::InternalError(absl::StrCat(job.name, ": summary after ", p.rows_covered, " of ",
+                                              job.weights.rows, " rows"));
+    }
+    if (summary.global_amax() != job.global_amax) {
+      return absl::InternalError(absl::StrCat(job.name, ": server used global amax ",
+                                              summary.global_amax(), ", sent ", job.global_amax));
+    }
+    p.done = true;
+    job_index = p.job;
+    result.rows = job.weights.rows;
+    result.cols = job.weights.cols;
+    result.packed_codes = std::move(p.codes);
+    result.scales = std::move(p.scales);
+    result.global_amax = summary.global_amax();
+    result.global_scale = summary.global_scale();
+    result.stats = StatsFromProto(summary, job.params);
+    result.server_kernel_seconds = static_cast<double>(summary.timings().kernel_us()) * 1e-6;
+    result.server_queue_seconds = static_cast<double>(summary.timings().queue_wait_us()) * 1e-6;
+  }
+  return on_result_(job_index, std::move(result));
+}
+
+}  // namespace nvfp4cal::client_internal

@@ -1,0 +1,154 @@
+// ServerStream: one Quantize stream of nvfp4cal::Client with one server. Internal to the
+// client library (client.cc); callers use nvfp4cal::Client (client.h).
+//
+// A Client call (client.cc) owns the units of work (tensors sharing a Hessian travel together),
+// the queues, work stealing, retries and the call's statistics. For each Quantize session it
+// creates a ServerStream, which owns that session's wire protocol and nothing beyond it: the
+// session options, each tensor as a header, its Hessian's chunks (once per session; blocks, or
+// the full matrix for gptq) and its weight rows in chunks under the server's limits, and a
+// reader thread that assembles the result chunks and hands each finished tensor to the call.
+//
+//   ServerStream stream(options, address, jobs, limits, on_result, on_error);
+//   // register &stream so that another thread may Cancel() it; add call metadata:
+//   authorize(stream.context());
+//   bool writable = stream.Open(stub);
+//   absl::Status local_error;
+//   for (each unit while writable) {
+//     if (stream.ExceedsSessionLimits(unit)) break;  // the unit goes to a fresh session
+//     local_error = stream.SendUnit(unit, &writable);
+//     if (!local_error.ok()) break;
+//   }
+//   const grpc::Status finished = stream.Close(/*cancel=*/!local_error.ok(), writable);
+//   const absl::Status reader_error = stream.CollectIncomplete(session_jobs, &incomplete);
+//
+// Thread-safety: Cancel() from any thread; every other method from the thread that owns the
+// stream. on_result and on_error run on the stream's reader thread.
+#ifndef NVFP4CAL_CLIENT_SERVER_STREAM_H_
+#define NVFP4CAL_CLIENT_SERVER_STREAM_H_
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
+#include "client/client.h"
+#include "client/quantizer.h"
+#include "grpcpp/grpcpp.h"
+#include "nvfp4cal/v1/calibrator.grpc.pb.h"
+
+namespace nvfp4cal::client_internal {
+
+// Whether the job runs gptq with its full Hessian (sent whole rather than as blocks).
+bool SendsFullHessian(const TensorJob& job);
+
+class ServerStream {
+ public:
+  // Told the reader's first error (a malformed or unexpected response, or on_result's error),
+  // prefixed with "server <address>: ", so that the call can stop its other streams.
+  using ErrorSink = std::function<void(const absl::Status& error)>;
+
+  // `options`, `jobs` and the callbacks' targets must outlive the stream. `limits`: the
+  // server's GetServerInfo limits, which size the chunks and bound the session. Sets the
+  // stream's deadline (options.timeout); no connection is made before Open.
+  ServerStream(const ClientOptions& options, std::string address, absl::Span<const TensorJob> jobs,
+               const v1::Limits& limits, QuantizeResultCallback on_result, ErrorSink on_error);
+  ServerStream(const ServerStream&) = delete;
+  ServerStream& operator=(const ServerStream&) = delete;
+
+  // For call metadata (credentials) before Open.
+  grpc::ClientContext* context() { return &context_; }
+
+  // Cancels the stream (before or after Open); any thread.
+  void Cancel() { context_.TryCancel(); }
+
+  // Starts the stream on `stub` and its reader thread and writes the session options; false
+  // when that write failed (the server is gone: the reader reports why). After Open, Close
+  // must run before the stream is destroyed.
+  bool Open(v1::Calibrator::Stub* stub);
+
+  // Whether the unit's Hessians not yet sent, or its tensor names, would take the session over
+  // the server's limits (max_session_hessian_bytes, max_session_full_hessian_bytes,
+  // max_session_tensor_name_bytes).
+  bool ExceedsSessionLimits(absl::Span<const size_t> unit) const;
+
+  // Sends the unit's tensors in order; the last tensor of a Hessian lets the server free it.
+  // An error (RESOURCE_EXHAUSTED) for the first tensor over the server's per-tensor limits,
+  // before any of it is sent; *writable = false when a write failed (the stream is broken).
+  absl::Status SendUnit(absl::Span<const size_t> unit, bool* writable);
+
+  // Ends the stream: cancels it (`cancel`), else half-closes it when still `writable`; waits
+  // for the reader and returns the stream's final status.
+  grpc::Status Close(bool cancel, bool writable);
+
+  // After Close: appends the jobs among `session_jobs` whose result did not arrive to
+  // *incomplete and returns the reader's error (OK when none).
+  absl::Status CollectIncomplete(absl::Span<const size_t> session_jobs,
+                                 std::vector<size_t>* incomplete);
+
+ private:
+  using QuantizeStream = grpc::ClientReaderWriter<v1::QuantizeRequest, v1::QuantizeResponse>;
+
+  // A tensor sent and not yet finished: its result chunks land here.
+  struct Pending {
+    size_t job = 0;
+    std::vector<uint8_t> codes;
+    std::vector<uint8_t> scales;
+    int64_t rows_covered = 0;
+    bool done = false;
+  };
+
+  absl::Status CheckLimits(const TensorJob& job) const;
+  // Header, the Hessian's chunks when this session has not seen it, then the weight rows.
+  // release: the session's last tensor with this Hessian (HessianRef.release_after).
+  bool SendTensor(size_t j, bool release);
+  // The diagonal blocks of the job's Hessian in chunks of about chunk_bytes_.
+  bool SendHessianBlocks(const TensorJob& job);
+  // The full Hessian in chunks of about chunk_bytes_, cut straight from `h`.
+  bool SendFullHessian(const FullHessianView& h, bool upper);
+  // The job's weight rows in chunks of about chunk_bytes_ (at least one row each).
+  bool SendWeightRows(const TensorJob& job);
+
+  void ReadResponses();
+  absl::Status HandleResponse(const v1::QuantizeResponse& response);
+  // Copies a result chunk into its tensor's pending buffers.
+  absl::Status AddResultChunk(const v1::ResultChunk& chunk);
+  // Checks a tensor's summary against its job and hands the assembled result to on_result.
+  absl::Status FinishTensor(const v1::TensorSummary& summary);
+
+  const ClientOptions& options_;
+  const std::string address_;
+  const absl::Span<const TensorJob> jobs_;
+  const v1::Limits limits_;
+  // Target size of a weight or Hessian chunk: options.chunk_bytes, at most a quarter of the
+  // server's max_receive_message_bytes, at least 1 KiB.
+  const int64_t chunk_bytes_;
+  const QuantizeResultCallback on_result_;
+  const ErrorSink on_error_;
+
+  grpc::ClientContext context_;
+  std::unique_ptr<QuantizeStream> stream_;
+  std::thread reader_;
+  absl::Mutex mu_;
+  std::map<std::string, Pending> pending_ ABSL_GUARDED_BY(mu_);
+  absl::Status reader_error_ ABSL_GUARDED_BY(mu_);
+  // Hessians the server holds for this session, and what they cost it: diagonal blocks (every
+  // Hessian) and full matrices (gptq), against max_session_hessian_bytes /
+  // max_session_full_hessian_bytes.
+  std::set<std::string> hessians_sent_;
+  int64_t hessian_bytes_ = 0;
+  int64_t full_hessian_bytes_ = 0;
+  // Tensor names the server keeps for the session, against max_session_tensor_name_bytes.
+  int64_t name_bytes_ = 0;
+};
+
+}  // namespace nvfp4cal::client_internal
+
+#endif  // NVFP4CAL_CLIENT_SERVER_STREAM_H_
