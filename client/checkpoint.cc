@@ -11,8 +11,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "client/file_util.h"
 #include "client/temp_dir.h"
+#include "common/file_util.h"
 #include "nlohmann/json.hpp"
 
 namespace nvfp4cal {

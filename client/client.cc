@@ -17,8 +17,8 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
-#include "client/file_util.h"
 #include "client/server_stream.h"
+#include "common/file_util.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/grpc_status.h"
 

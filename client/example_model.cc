@@ -12,11 +12,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "client/checkpoint.h"
-#include "client/file_util.h"
 #include "client/parallel.h"
 #include "client/quantize_checkpoint.h"
 #include "client/safetensors.h"
 #include "client/temp_dir.h"
+#include "common/file_util.h"
 #include "nlohmann/json.hpp"
 #include "nvfp4cal/kernels/example_data.h"
 

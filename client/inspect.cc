@@ -15,10 +15,10 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
 #include "client/checkpoint.h"
-#include "client/file_util.h"
 #include "client/progress.h"
 #include "client/quantize_checkpoint.h"
 #include "client/temp_dir.h"
+#include "common/file_util.h"
 #include "nlohmann/json.hpp"
 #include "nvfp4cal/kernels/codecs.h"
 

@@ -31,7 +31,6 @@
 #include "client/cli_args.h"
 #include "client/client.h"
 #include "client/example_model.h"
-#include "client/file_util.h"
 #include "client/inspect.h"
 #include "client/local_quantizer.h"
 #include "client/output_dir.h"
@@ -39,6 +38,7 @@
 #include "client/quantize_checkpoint.h"
 #include "client/remote_quantizer.h"
 #include "client/temp_dir.h"
+#include "common/file_util.h"
 
 namespace nvfp4cal {
 namespace {

@@ -10,7 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "client/checkpoint.h"
-#include "client/file_util.h"
+#include "common/file_util.h"
 #include "nlohmann/json.hpp"
 
 namespace nvfp4cal {

@@ -13,11 +13,11 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "client/file_util.h"
 #include "client/hessians.h"
 #include "client/quantize_output.h"
 #include "client/quantize_prepare.h"
 #include "client/temp_dir.h"
+#include "common/file_util.h"
 #include "nlohmann/json.hpp"
 
 namespace nvfp4cal {

@@ -7,7 +7,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "client/file_util.h"
+#include "common/file_util.h"
 #include "nlohmann/json.hpp"
 
 namespace nvfp4cal::client_internal {

@@ -12,7 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "client/file_util.h"
+#include "common/file_util.h"
 #include "nlohmann/json.hpp"
 
 namespace nvfp4cal {

@@ -16,7 +16,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "client/file_util.h"
+#include "common/file_util.h"
 
 namespace nvfp4cal {
 namespace {

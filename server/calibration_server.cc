@@ -8,7 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
-#include "client/file_util.h"
+#include "common/file_util.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "nvfp4cal/kernels/cuda_scale_search.h"
@@ -22,7 +22,7 @@ std::string HostOf(const std::string& address) {
   return colon == std::string::npos ? address : address.substr(0, colon);
 }
 
-// Regular files only (client/file_util.h): a FIFO given for a certificate must not hang the
+// Regular files only (common/file_util.h): a FIFO given for a certificate must not hang the
 // start-up.
 absl::StatusOr<std::string> ReadPemFile(const char* flag, const std::string& path) {
   absl::StatusOr<std::string> text = ReadTextFile(path);

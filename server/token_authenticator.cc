@@ -6,7 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
-#include "client/file_util.h"
+#include "common/file_util.h"
 
 namespace nvfp4cal::server {
 
@@ -60,7 +60,7 @@ absl::Status ParseTokenFile(std::string_view text, std::vector<AcceptedToken>* t
 }
 
 absl::Status TokenAuthenticator::LoadFile(const std::string& path) {
-  // Regular files only (client/file_util.h): a FIFO must not hang start-up or SIGHUP.
+  // Regular files only (common/file_util.h): a FIFO must not hang start-up or SIGHUP.
   absl::StatusOr<std::string> text = ReadTextFile(path);
   if (!text.ok()) return text.status();  // names the path
   std::vector<AcceptedToken> tokens;

@@ -37,7 +37,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -244,6 +244,322 @@ def split_windows(windows: Sequence[np.ndarray], val_count: int,
     return train, val
 
 
+@dataclass
+class _Options:
+    """The training options that decide the result (the fingerprint and the statistics hold
+    them, in this order)."""
+    lr: float
+    lr_schedule: str
+    batch_size: int
+    steps: int
+    eval_every: int
+    patience: int
+    seed: int
+    pad_id: int
+
+
+def _check_options(options: _Options, stop_at: Optional[int]) -> None:
+    for name, value, low in (("steps", options.steps, 1), ("batch_size", options.batch_size, 1),
+                             ("eval_every", options.eval_every, 1),
+                             ("patience", options.patience, 0)):
+        if value < low:
+            raise FinetuneError(f"--{name.replace('_', '-')} = {value} must be >= {low}")
+    if not (options.lr >= 0 and math.isfinite(options.lr)):
+        raise FinetuneError(f"--lr = {options.lr} must be finite and >= 0")
+    if options.lr_schedule not in ("constant", "cosine"):
+        raise FinetuneError(f"--lr-schedule {options.lr_schedule}: constant or cosine")
+    if stop_at is not None and stop_at < 1:
+        raise FinetuneError(f"--stop-at = {stop_at} must be >= 1")
+
+
+def _windows(train: Sequence[np.ndarray], validation: Optional[Sequence[np.ndarray]],
+             val_fraction: float, seed: int) -> Tuple[List[np.ndarray], List[np.ndarray]]:
+    """(training, validation) as flat int64 arrays without empty ones; `validation` None:
+    `val_fraction` of `train`, drawn with `seed`."""
+    train = [np.asarray(w, np.int64).reshape(-1) for w in train]
+    train = [w for w in train if w.size]
+    if validation is None:
+        train, validation = split_windows(train, int(round(val_fraction * len(train))), seed)
+    validation = [np.asarray(w, np.int64).reshape(-1) for w in validation]
+    validation = [w for w in validation if w.size]
+    if not train:
+        raise FinetuneError("no training data (empty calibration data)")
+    if not validation:
+        raise FinetuneError("no validation data (empty calibration data)")
+    return train, validation
+
+
+def _read_resume(resume_path: Optional[str], resume: bool, fingerprint: str,
+                 say: Callable[[str], None]) -> Optional[Dict[str, Any]]:
+    """The saved state of the run `fingerprint` names, or None to start from step 0;
+    FinetuneError for a resume file that is not to be used."""
+    if resume_path is not None and os.path.exists(resume_path):
+        if not resume:
+            raise FinetuneError(f"{resume_path} (the resume file of an earlier run) exists: pass "
+                                "--resume to continue that run, or delete it")
+        saved = load_resume_file(resume_path)
+        if saved.get("version") != _RESUME_VERSION or saved.get("fingerprint") != fingerprint:
+            raise FinetuneError(f"{resume_path} belongs to another run (other checkpoint, data "
+                                "or options): delete it or run with the same inputs")
+        return saved
+    if resume:
+        say(f"note: no resume file {resume_path}: starting from step 0")
+    return None
+
+
+@dataclass
+class _Scales:
+    """The trainable block scales of the NVFP4 modules `names` (lists in that order), with the
+    fixed codes and per-tensor scales they dequantize."""
+    names: List[str]
+    codes: List[torch.Tensor]                # int8, twice the E2M1 value, one per weight
+    scales_2: List[torch.Tensor]             # fp32 scalar weight_scale_2
+    log_scales: List[torch.nn.Parameter]     # the trained log s, [out, in/16]
+    initial_bytes: Dict[str, np.ndarray]     # the checkpoint's weight_scale bytes
+    zero_blocks: Dict[str, np.ndarray]       # blocks whose codes are all zero
+
+    @classmethod
+    def from_modules(cls, modules: Dict[str, NVFP4Module], names: List[str],
+                     device) -> "_Scales":
+        unpacked = {n: _unpacked_codes(modules[n].codes) for n in names}
+        codes = [torch.from_numpy(unpacked[n]).to(device) for n in names]
+        scales_2 = [torch.tensor(modules[n].scale_2, dtype=torch.float32, device=device)
+                    for n in names]
+        initial_bytes = {n: modules[n].scale_bytes for n in names}
+        log_scales = [torch.nn.Parameter(torch.from_numpy(np.log(np.maximum(
+            e4m3_decode(modules[n].scale_bytes), E4M3_MIN))).to(device)) for n in names]
+        # Blocks whose codes are all zero keep their byte: their scale does not change the weight.
+        zero_blocks = {n: ~np.any(unpacked.pop(n).reshape(
+            modules[n].scale_bytes.shape + (16,)) != 0, axis=-1) for n in names}
+        return cls(names, codes, scales_2, log_scales, initial_bytes, zero_blocks)
+
+    def current_bytes(self) -> Dict[str, np.ndarray]:
+        result = {}
+        with torch.no_grad():
+            for n, p in zip(self.names, self.log_scales):
+                value = e4m3_bytes(snap_e4m3(torch.exp(p)).cpu().numpy())
+                result[n] = np.where(self.zero_blocks[n], self.initial_bytes[n],
+                                     value).astype(np.uint8)
+        return result
+
+    def dequantized(self, dtype: torch.dtype) -> List[torch.Tensor]:
+        return [_DequantizeScales.apply(p, c, s2, dtype)
+                for p, c, s2 in zip(self.log_scales, self.codes, self.scales_2)]
+
+    def clamp_(self) -> None:
+        """Keeps every scale within the finite positive E4M3 range."""
+        log_min, log_max = math.log(E4M3_MIN), math.log(E4M3_MAX)
+        with torch.no_grad():
+            for p in self.log_scales:
+                p.clamp_(log_min, log_max)
+
+
+@dataclass
+class _RunState:
+    """Where a run stands: what the resume file keeps besides the scales and Adam's state."""
+    best_bytes: Dict[str, np.ndarray]
+    step: int = 0
+    best_step: int = 0
+    best_loss: float = math.inf
+    since_best: int = 0
+    evaluations: List[Dict[str, float]] = field(default_factory=list)
+
+
+def _resume_state(saved: Dict[str, Any], scales: _Scales, optimizer: torch.optim.Optimizer,
+                  device) -> _RunState:
+    """Loads a resume file's scales and Adam state into `scales` and `optimizer`; returns the
+    run's state."""
+    with torch.no_grad():
+        for p, value in zip(scales.log_scales, saved["log_scales"]):
+            p.copy_(value.to(device))
+    optimizer.load_state_dict(saved["optimizer"])
+    return _RunState(best_bytes=dict(zip(scales.names, saved["best_bytes"])),
+                     step=saved["step"], best_step=saved["best_step"],
+                     best_loss=saved["best_loss"], since_best=saved["since_best"],
+                     evaluations=[dict(e) for e in saved["evaluations"]])
+
+
+class _Teacher:
+    """The teacher's next-token log-probabilities (the model with its own weights) of token
+    windows, indexed by their position in train + validation: computed once and cached when
+    they fit the budget (prepare), else again for every batch."""
+
+    def __init__(self, model: torch.nn.Module, slots: _WeightSlots, pad_id: int, device) -> None:
+        self.model, self.slots, self.pad_id, self.device = model, slots, pad_id, device
+        self.vocab: Optional[int] = None
+        self.cache: Optional[Dict[int, torch.Tensor]] = None
+
+    def compute(self, windows: Sequence[np.ndarray]):
+        """(log-probabilities, ids, mask) of one batch of windows."""
+        self.slots.teacher()
+        with torch.no_grad():
+            ids, mask = _batch(windows, self.pad_id, self.device)
+            return torch.log_softmax(_logits(self.model(input_ids=ids, attention_mask=mask))
+                                     .float(), dim=-1), ids, mask
+
+    def prepare(self, train: Sequence[np.ndarray], validation: Sequence[np.ndarray],
+                batch_size: int, cache_bytes_limit: int) -> None:
+        probe, _, _ = self.compute(train[:1])
+        self.vocab = probe.shape[-1]
+        longest = max(w.size for w in list(train) + list(validation))
+        cache_bytes = (len(train) + len(validation)) * longest * self.vocab * 4
+        if cache_bytes <= cache_bytes_limit:
+            self.cache = {}
+            every = list(train) + list(validation)
+            for begin in range(0, len(every), batch_size):
+                logp, _, _ = self.compute(every[begin:begin + batch_size])
+                for row in range(logp.shape[0]):
+                    self.cache[begin + row] = logp[row, :every[begin + row].size]
+
+    def batch(self, indices: Sequence[int], windows: Sequence[np.ndarray]):
+        """(log-probabilities, ids, mask) of the windows at `indices`."""
+        if self.cache is None:
+            return self.compute(windows)
+        ids, mask = _batch(windows, self.pad_id, self.device)
+        logp = torch.zeros(ids.shape + (self.vocab,), dtype=torch.float32, device=self.device)
+        for row, index in enumerate(indices):
+            logp[row, :windows[row].size] = self.cache[index]
+        return logp, ids, mask
+
+
+@dataclass
+class _Student:
+    """The model with the dequantized NVFP4 weights of the current scales."""
+    model: torch.nn.Module
+    slots: _WeightSlots
+    scales: _Scales
+    dtype: torch.dtype
+
+    def logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.slots.student(self.scales.dequantized(self.dtype))
+        return _logits(self.model(input_ids=ids, attention_mask=mask))
+
+
+@dataclass
+class _Run:
+    """What the training loop, its evaluations and its resume file share."""
+    student: _Student
+    teacher: _Teacher
+    optimizer: torch.optim.Optimizer
+    state: _RunState
+    options: _Options
+    train: List[np.ndarray]
+    validation: List[np.ndarray]
+    resume_path: Optional[str]
+    fingerprint: str
+
+
+def _validation_kl(run: _Run) -> float:
+    total, count = 0.0, 0.0
+    batch_size, first = run.options.batch_size, len(run.train)
+    with torch.no_grad():
+        for begin in range(0, len(run.validation), batch_size):
+            windows = run.validation[begin:begin + batch_size]
+            indices = range(first + begin, first + begin + len(windows))
+            logp, ids, mask = run.teacher.batch(indices, windows)
+            loss, tokens = _kl(logp, run.student.logits(ids, mask), mask)
+            total += float(loss)
+            count += float(tokens)
+    return total / max(count, 1.0)
+
+
+def _evaluate(run: _Run, on_eval, bar, say: Callable[[str], None]) -> bool:
+    """Validation at the current step; True when patience says stop."""
+    state, patience = run.state, run.options.patience
+    loss = _validation_kl(run)
+    state.evaluations.append({"step": state.step, "val_kl": loss})
+    snapshot = run.student.scales.current_bytes()
+    if loss < state.best_loss:
+        state.best_step, state.best_loss, state.best_bytes = state.step, loss, snapshot
+        state.since_best = 0
+    else:
+        state.since_best += 1
+    if on_eval is not None:
+        on_eval(state.step, loss, snapshot)
+    if bar is not None:
+        bar.set_postfix(val_kl=f"{loss:.5f}", best=state.best_step)
+    else:
+        say(f"step {state.step}: validation KL {loss:.6g} (best: step {state.best_step}, "
+            f"{state.best_loss:.6g})")
+    return patience > 0 and state.since_best >= patience
+
+
+def _save_state(run: _Run) -> None:
+    if run.resume_path is None:
+        return
+    state, scales = run.state, run.student.scales
+    meta = {"version": _RESUME_VERSION, "fingerprint": run.fingerprint, "step": state.step,
+            "best_step": state.best_step, "best_loss": state.best_loss,
+            "since_best": state.since_best, "evaluations": state.evaluations}
+    save_resume_file(run.resume_path, meta, [p.detach() for p in scales.log_scales],
+                     [state.best_bytes[n] for n in scales.names], run.optimizer.state_dict())
+
+
+def _train_step(run: _Run) -> None:
+    """One Adam step on the batch of the current step (the epoch's order drawn with the seed)."""
+    options, step, train = run.options, run.state.step, run.train
+    per_epoch = max(1, len(train) // options.batch_size)
+    epoch, index = divmod(step, per_epoch)
+    order = _epoch_order(options.seed, epoch, len(train))
+    chosen = order[index * options.batch_size:(index + 1) * options.batch_size].tolist()
+    factor = (1.0 if options.lr_schedule == "constant"
+              else 0.5 * (1 + math.cos(math.pi * step / options.steps)))
+    for group in run.optimizer.param_groups:
+        group["lr"] = options.lr * factor
+    logp, ids, mask = run.teacher.batch(chosen, [train[i] for i in chosen])
+    loss, tokens = _kl(logp, run.student.logits(ids, mask), mask)
+    run.optimizer.zero_grad(set_to_none=True)
+    (loss / tokens.clamp(min=1)).backward()
+    run.optimizer.step()
+    run.student.scales.clamp_()
+
+
+def _progress_bar(progress: Optional[bool], steps: int, initial: int):
+    """A tqdm bar on stderr when `progress` (None: stderr is a terminal) and tqdm is installed."""
+    show = progress if progress is not None else sys.stderr.isatty()
+    if not show:
+        return None
+    try:
+        from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+        return tqdm(total=steps, initial=initial, desc="finetune-scales", unit="step",
+                    file=sys.stderr)
+    except ImportError:
+        return None
+
+
+def _train(run: _Run, stop_at: Optional[int], progress: Optional[bool], on_eval,
+           say: Callable[[str], None]) -> Tuple[bool, bool]:
+    """Trains from the run's step to the last (or `stop_at`, or until patience says stop),
+    evaluating every eval_every steps and saving the resume file then; returns
+    (stopped_early, paused), paused when stopped at `stop_at` before the last step."""
+    state, options = run.state, run.options
+    bar = _progress_bar(progress, options.steps, state.step)
+    try:
+        stopped_early = False
+        if state.step == 0:
+            stopped_early = _evaluate(run, on_eval, bar, say)
+            _save_state(run)
+        elif state.evaluations and state.evaluations[-1]["step"] == state.step and \
+                options.patience and state.since_best >= options.patience:
+            stopped_early = True
+        while state.step < options.steps and not stopped_early and \
+                (stop_at is None or state.step < stop_at):
+            _train_step(run)
+            state.step += 1
+            if bar is not None:
+                bar.update(1)
+            if state.step % options.eval_every == 0 or state.step == options.steps:
+                stopped_early = _evaluate(run, on_eval, bar, say)
+                _save_state(run)
+        paused = state.step < options.steps and not stopped_early
+        if paused:
+            _save_state(run)
+    finally:
+        if bar is not None:
+            bar.close()
+    return stopped_early, paused
+
+
 def finetune_scales(model: torch.nn.Module, checkpoint: str, train: Sequence[np.ndarray],
                     validation: Optional[Sequence[np.ndarray]] = None, out: Optional[str] = None,
                     *, steps: int = 1000, lr: float = 1e-3, lr_schedule: str = "constant",
@@ -267,26 +583,10 @@ def finetune_scales(model: torch.nn.Module, checkpoint: str, train: Sequence[np.
     the caller has it already. FinetuneError for bad input, before any
     training; nothing is written then."""
     say = log or (lambda s: None)
-    for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1),
-                             ("eval_every", eval_every, 1), ("patience", patience, 0)):
-        if value < low:
-            raise FinetuneError(f"--{name.replace('_', '-')} = {value} must be >= {low}")
-    if not (lr >= 0 and math.isfinite(lr)):
-        raise FinetuneError(f"--lr = {lr} must be finite and >= 0")
-    if lr_schedule not in ("constant", "cosine"):
-        raise FinetuneError(f"--lr-schedule {lr_schedule}: constant or cosine")
-    if stop_at is not None and stop_at < 1:
-        raise FinetuneError(f"--stop-at = {stop_at} must be >= 1")
-    train = [np.asarray(w, np.int64).reshape(-1) for w in train]
-    train = [w for w in train if w.size]
-    if validation is None:
-        train, validation = split_windows(train, int(round(val_fraction * len(train))), seed)
-    validation = [np.asarray(w, np.int64).reshape(-1) for w in validation]
-    validation = [w for w in validation if w.size]
-    if not train:
-        raise FinetuneError("no training data (empty calibration data)")
-    if not validation:
-        raise FinetuneError("no validation data (empty calibration data)")
+    options = _Options(lr=lr, lr_schedule=lr_schedule, batch_size=batch_size, steps=steps,
+                       eval_every=eval_every, patience=patience, seed=seed, pad_id=pad_id)
+    _check_options(options, stop_at)
+    train, validation = _windows(train, validation, val_fraction, seed)
     checkpoint = checkpoint.rstrip("/") or checkpoint
     if out is not None:
         check_out(out, checkpoint, overwrite=overwrite)
@@ -296,219 +596,73 @@ def finetune_scales(model: torch.nn.Module, checkpoint: str, train: Sequence[np.
     modules = modules if modules is not None else read_nvfp4_modules(checkpoint)
     linears = match_model(model, modules)
     names = sorted(modules)
-    settings = {"lr": lr, "lr_schedule": lr_schedule, "batch_size": batch_size, "steps": steps,
-                "eval_every": eval_every, "patience": patience, "seed": seed, "pad_id": pad_id}
-    fingerprint = _fingerprint(modules, settings, list(train) + [np.array([-1])] + list(validation))
-    state = None
-    if resume_path is not None and os.path.exists(resume_path):
-        if not resume:
-            raise FinetuneError(f"{resume_path} (the resume file of an earlier run) exists: pass "
-                                "--resume to continue that run, or delete it")
-        state = load_resume_file(resume_path)
-        if state.get("version") != _RESUME_VERSION or state.get("fingerprint") != fingerprint:
-            raise FinetuneError(f"{resume_path} belongs to another run (other checkpoint, data "
-                                "or options): delete it or run with the same inputs")
-    elif resume:
-        say(f"note: no resume file {resume_path}: starting from step 0")
+    fingerprint = _fingerprint(modules, asdict(options),
+                               list(train) + [np.array([-1])] + list(validation))
+    saved = _read_resume(resume_path, resume, fingerprint, say)
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    unpacked = {n: _unpacked_codes(modules[n].codes) for n in names}
-    codes = [torch.from_numpy(unpacked[n]).to(device) for n in names]
-    scales_2 = [torch.tensor(modules[n].scale_2, dtype=torch.float32, device=device)
-                for n in names]
-    initial_bytes = {n: modules[n].scale_bytes for n in names}
-    log_scales = [torch.nn.Parameter(torch.from_numpy(np.log(np.maximum(
-        e4m3_decode(modules[n].scale_bytes), E4M3_MIN))).to(device)) for n in names]
-    # Blocks whose codes are all zero keep their byte: their scale does not change the weight.
-    zero_blocks = {n: ~np.any(unpacked.pop(n).reshape(
-        modules[n].scale_bytes.shape + (16,)) != 0, axis=-1) for n in names}
-    optimizer = torch.optim.Adam(log_scales, lr=lr)
-    log_min, log_max = math.log(E4M3_MIN), math.log(E4M3_MAX)
+    scales = _Scales.from_modules(modules, names, device)
+    optimizer = torch.optim.Adam(scales.log_scales, lr=lr)
+    state = _RunState(best_bytes=scales.initial_bytes)
+    if saved is not None:
+        state = _resume_state(saved, scales, optimizer, device)
+        say(f"resuming from step {state.step} (best so far: step {state.best_step}, validation "
+            f"KL {state.best_loss:.6g})")
 
-    def current_bytes() -> Dict[str, np.ndarray]:
-        result = {}
-        with torch.no_grad():
-            for n, p in zip(names, log_scales):
-                value = e4m3_bytes(snap_e4m3(torch.exp(p)).cpu().numpy())
-                result[n] = np.where(zero_blocks[n], initial_bytes[n], value).astype(np.uint8)
-        return result
-
-    step, best_step, best_loss, best_bytes, since_best = 0, 0, math.inf, initial_bytes, 0
-    evaluations: List[Dict[str, float]] = []
-    if state is not None:
-        with torch.no_grad():
-            for p, saved in zip(log_scales, state["log_scales"]):
-                p.copy_(saved.to(device))
-        optimizer.load_state_dict(state["optimizer"])
-        step, best_step, best_loss = state["step"], state["best_step"], state["best_loss"]
-        since_best = state["since_best"]
-        best_bytes = dict(zip(names, state["best_bytes"]))
-        evaluations = [dict(e) for e in state["evaluations"]]
-        say(f"resuming from step {step} (best so far: step {best_step}, validation KL "
-            f"{best_loss:.6g})")
-
-    # The teacher's log-probabilities: computed once and kept when they fit the budget.
-    vocab = None
-    cache: Optional[Dict[int, torch.Tensor]] = None
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     slots = _WeightSlots([linears[n] for n in names])
     start = time.monotonic()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bar = None
+    teacher = _Teacher(model, slots, pad_id, device)
+    run = _Run(_Student(model, slots, scales, dtype), teacher, optimizer, state, options, train,
+               validation, resume_path, fingerprint)
     try:
         model.eval()
         for p, _ in frozen:
             p.requires_grad_(False)
-
-        def teacher_logp(windows):
-            slots.teacher()
-            with torch.no_grad():
-                ids, mask = _batch(windows, pad_id, device)
-                return torch.log_softmax(_logits(model(input_ids=ids, attention_mask=mask))
-                                         .float(), dim=-1), ids, mask
-
-        probe, _, _ = teacher_logp(train[:1])
-        vocab = probe.shape[-1]
-        longest = max(w.size for w in list(train) + list(validation))
-        cache_bytes = (len(train) + len(validation)) * longest * vocab * 4
-        if cache_bytes <= teacher_cache_bytes:
-            cache = {}
-            every = list(train) + list(validation)
-            for begin in range(0, len(every), batch_size):
-                logp, _, _ = teacher_logp(every[begin:begin + batch_size])
-                for row in range(logp.shape[0]):
-                    cache[begin + row] = logp[row, :every[begin + row].size]
-
-        def batch_teacher(indices: Sequence[int], windows: Sequence[np.ndarray]):
-            if cache is None:
-                return teacher_logp(windows)
-            ids, mask = _batch(windows, pad_id, device)
-            logp = torch.zeros(ids.shape + (vocab,), dtype=torch.float32, device=device)
-            for row, index in enumerate(indices):
-                logp[row, :windows[row].size] = cache[index]
-            return logp, ids, mask
-
-        def student_forward(ids, mask):
-            slots.student([_DequantizeScales.apply(p, c, s2, dtype)
-                           for p, c, s2 in zip(log_scales, codes, scales_2)])
-            return _logits(model(input_ids=ids, attention_mask=mask))
-
-        def validate() -> float:
-            total, count = 0.0, 0.0
-            with torch.no_grad():
-                for begin in range(0, len(validation), batch_size):
-                    windows = validation[begin:begin + batch_size]
-                    indices = range(len(train) + begin, len(train) + begin + len(windows))
-                    logp, ids, mask = batch_teacher(indices, windows)
-                    loss, tokens = _kl(logp, student_forward(ids, mask), mask)
-                    total += float(loss)
-                    count += float(tokens)
-            return total / max(count, 1.0)
-
-        def save_state() -> None:
-            if resume_path is None:
-                return
-            meta = {"version": _RESUME_VERSION, "fingerprint": fingerprint, "step": step,
-                    "best_step": best_step, "best_loss": best_loss, "since_best": since_best,
-                    "evaluations": evaluations}
-            save_resume_file(resume_path, meta, [p.detach() for p in log_scales],
-                             [best_bytes[n] for n in names], optimizer.state_dict())
-
-        def evaluate() -> bool:
-            """Validation at `step`; True when patience says stop."""
-            nonlocal best_step, best_loss, best_bytes, since_best
-            loss = validate()
-            evaluations.append({"step": step, "val_kl": loss})
-            snapshot = current_bytes()
-            if loss < best_loss:
-                best_step, best_loss, best_bytes, since_best = step, loss, snapshot, 0
-            else:
-                since_best += 1
-            if on_eval is not None:
-                on_eval(step, loss, snapshot)
-            if bar is not None:
-                bar.set_postfix(val_kl=f"{loss:.5f}", best=best_step)
-            else:
-                say(f"step {step}: validation KL {loss:.6g} (best: step {best_step}, "
-                    f"{best_loss:.6g})")
-            return patience > 0 and since_best >= patience
-
-        paused = False
-        show = progress if progress is not None else sys.stderr.isatty()
-        if show:
-            try:
-                from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-                bar = tqdm(total=steps, initial=step, desc="finetune-scales", unit="step",
-                           file=sys.stderr)
-            except ImportError:
-                bar = None
-        stopped_early = False
-        if step == 0:
-            stopped_early = evaluate()
-            save_state()
-        elif evaluations and evaluations[-1]["step"] == step and patience and \
-                since_best >= patience:
-            stopped_early = True
-        per_epoch = max(1, len(train) // batch_size)
-        while step < steps and not stopped_early and (stop_at is None or step < stop_at):
-            epoch, index = divmod(step, per_epoch)
-            order = _epoch_order(seed, epoch, len(train))
-            chosen = order[index * batch_size:(index + 1) * batch_size].tolist()
-            factor = (1.0 if lr_schedule == "constant"
-                      else 0.5 * (1 + math.cos(math.pi * step / steps)))
-            for group in optimizer.param_groups:
-                group["lr"] = lr * factor
-            logp, ids, mask = batch_teacher(chosen, [train[i] for i in chosen])
-            loss, tokens = _kl(logp, student_forward(ids, mask), mask)
-            optimizer.zero_grad(set_to_none=True)
-            (loss / tokens.clamp(min=1)).backward()
-            optimizer.step()
-            with torch.no_grad():
-                for p in log_scales:
-                    p.clamp_(log_min, log_max)
-            step += 1
-            if bar is not None:
-                bar.update(1)
-            if step % eval_every == 0 or step == steps:
-                stopped_early = evaluate()
-                save_state()
-        paused = step < steps and not stopped_early
-        if paused:
-            save_state()
+        teacher.prepare(train, validation, batch_size, teacher_cache_bytes)
+        stopped_early, paused = _train(run, stop_at, progress, on_eval, say)
     finally:
-        if bar is not None:
-            bar.close()
         slots.restore()
         for p, flag in frozen:
             p.requires_grad_(flag)
         model.train(was_training)
-    seconds = time.monotonic() - start
-    stats = _statistics(modules, names, initial_bytes, best_bytes)
-    stats.update({
-        "producer": {"name": "nvfp4cal", "version": __version__, "command": "finetune-scales"},
-        "checkpoint": os.path.abspath(checkpoint), "steps_run": step, "steps": steps,
-        "stopped_early": bool(stopped_early), "best_step": best_step,
-        "initial_val_kl": evaluations[0]["val_kl"] if evaluations else None,
-        "best_val_kl": best_loss, "evaluations": evaluations,
-        "train_windows": len(train), "val_windows": len(validation),
-        "windows_per_step": min(batch_size, len(train)),
-        "options": settings, "seconds": seconds, "device": str(device), "dtype": str(dtype),
-        "teacher_cached": cache is not None,
-        "peak_gpu_memory_bytes": (int(torch.cuda.max_memory_allocated(device))
-                                  if device.type == "cuda" else None)})
-    result = FinetuneResult(checkpoint, modules, best_bytes, stats, finished=not paused)
+    stats = _run_statistics(run, modules, checkpoint, stopped_early,
+                            time.monotonic() - start, device)
+    result = FinetuneResult(checkpoint, modules, state.best_bytes, stats, finished=not paused)
     if paused:
-        say(f"stopped at step {step} (--stop-at); the state is in {resume_path}: run again with "
-            "--resume to continue")
+        say(f"stopped at step {state.step} (--stop-at); the state is in {resume_path}: run again "
+            "with --resume to continue")
         return result
     if out is not None:
         result.save(out, overwrite=overwrite, stats_json=stats_json)
         if resume_path is not None and os.path.exists(resume_path):
             os.unlink(resume_path)
     return result
+
+
+def _run_statistics(run: _Run, modules: Dict[str, NVFP4Module], checkpoint: str,
+                    stopped_early: bool, seconds: float, device) -> Dict[str, Any]:
+    """The statistics of a finished (or paused) run, JSON-ready."""
+    state, options, scales = run.state, run.options, run.student.scales
+    stats = _statistics(modules, scales.names, scales.initial_bytes, state.best_bytes)
+    stats.update({
+        "producer": {"name": "nvfp4cal", "version": __version__, "command": "finetune-scales"},
+        "checkpoint": os.path.abspath(checkpoint), "steps_run": state.step,
+        "steps": options.steps, "stopped_early": bool(stopped_early),
+        "best_step": state.best_step,
+        "initial_val_kl": state.evaluations[0]["val_kl"] if state.evaluations else None,
+        "best_val_kl": state.best_loss, "evaluations": state.evaluations,
+        "train_windows": len(run.train), "val_windows": len(run.validation),
+        "windows_per_step": min(options.batch_size, len(run.train)),
+        "options": asdict(options), "seconds": seconds, "device": str(device),
+        "dtype": str(run.student.dtype), "teacher_cached": run.teacher.cache is not None,
+        "peak_gpu_memory_bytes": (int(torch.cuda.max_memory_allocated(device))
+                                  if device.type == "cuda" else None)})
+    return stats
 
 
 def _statistics(modules: Dict[str, NVFP4Module], names: Sequence[str],

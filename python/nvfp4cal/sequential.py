@@ -39,7 +39,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -209,6 +209,146 @@ def _quantize_layer(session, modules: Mapping[str, torch.nn.Linear],
 # --- the run -----------------------------------------------------------------------------------
 
 
+def _check_arguments(method: str, layout: str, params: Optional[Mapping[str, Any]],
+                     fallback_method: Optional[str],
+                     full_hessian_layout: str) -> Tuple[str, Dict[str, Any]]:
+    """(the layout, the checked params); ValueError / TypeError for a bad argument."""
+    layout = layout_for_method(method) if layout == "auto" else layout
+    params = _check_params(method, dict(params or {}))
+    if fallback_method not in (None, "max", "mse"):
+        raise ValueError(f"fallback_method {fallback_method!r}: expected max or mse")
+    if full_hessian_layout not in ("upper", "full"):
+        raise ValueError(f"full_hessian_layout {full_hessian_layout!r}: expected upper or full")
+    return layout, params
+
+
+def _layer_captures(layer_list: torch.nn.ModuleList, prefixes: Sequence[str],
+                    selected: Sequence[str], options: Dict[str, Any], memory_fraction: float,
+                    check_memory: bool) -> List[Optional[HessianCapture]]:
+    """A capture of each decoder layer's selected modules (None: the layer has none)."""
+    layer_caps: List[Optional[HessianCapture]] = []
+    for i, layer in enumerate(layer_list):
+        if any(n.startswith(prefixes[i]) for n in selected):
+            layer_caps.append(HessianCapture(layer, prefix=prefixes[i],
+                                             memory_fraction=memory_fraction,
+                                             check_memory=check_memory, **options))
+        else:
+            layer_caps.append(None)
+    return layer_caps
+
+
+def _input_memory_limit(batches: Sequence[Any], layers_name: str,
+                        layer_list: torch.nn.ModuleList, module_count: int, hessian_bytes: int,
+                        check_memory: bool, memory_fraction: float,
+                        say: Callable[[str], None]) -> Optional[int]:
+    """Says what the cached layer inputs and one layer's Hessians take on the layers' device;
+    returns the bytes the cached inputs may take (None: unchecked). CaptureMemoryError when the
+    batches' token count already says they would not fit."""
+    first = next(p for p in layer_list[0].parameters())
+    device = first.device
+    tokens = [_batch_tokens(b) for b in batches]
+    width = next((m.in_features for m in layer_list[0].modules()
+                  if isinstance(m, torch.nn.Linear)), 0)
+    free = available_memory_bytes(device) if device.type in ("cuda", "cpu") else None
+    limit = int(free * memory_fraction) - hessian_bytes if (check_memory and free) else None
+    if None not in tokens:
+        estimate = sum(tokens) * width * first.element_size()
+        say(f"nvfp4cal sequential: {len(layer_list)} decoder layers ({layers_name}), "
+            f"{module_count} Linear modules; the layer inputs of {sum(tokens)} token "
+            f"positions need about {format_bytes(estimate)} on {device} (x {width}, "
+            f"{str(first.dtype).replace('torch.', '')}), one layer's Hessians "
+            f"{format_bytes(hessian_bytes)}"
+            + (f"; {format_bytes(free)} available" if free is not None else ""))
+        if limit is not None and estimate > limit:
+            raise CaptureMemoryError(
+                f"sequential calibration caches the inputs of a decoder layer on {device}: about "
+                f"{format_bytes(estimate)} for {sum(tokens)} token positions, plus "
+                f"{format_bytes(hessian_bytes)} of one layer's Hessians, but only "
+                f"{format_bytes(free)} is available (limit {memory_fraction:.0%} of it): use "
+                "fewer or shorter samples, or a device with more memory")
+    else:
+        say(f"nvfp4cal sequential: {len(layer_list)} decoder layers ({layers_name}), "
+            f"{module_count} Linear modules; one layer's Hessians need "
+            f"{format_bytes(hessian_bytes)} on {device}"
+            + (f"; {format_bytes(free)} available" if free is not None else ""))
+    return limit
+
+
+@dataclass
+class _LayerWork:
+    """What is done with each decoder layer's capture: where its Hessians go and how its
+    modules are quantized (as the final `nvfp4cal quantize` will)."""
+    result: SequentialCalibration
+    spill_dir: Optional[str]
+    method: str
+    params: Dict[str, Any]
+    fallback_method: Optional[str]
+    full_hessian_layout: str
+    keep_quantized: bool
+    originals: Optional[Dict[str, torch.Tensor]]   # module -> original weight (restore_weights)
+
+
+def _capture_and_quantize(cap: HessianCapture, layer: torch.nn.Module, inputs: _LayerInputs,
+                          client, work: _LayerWork) -> int:
+    """Runs `layer` on the cached inputs under `cap`, then quantizes its modules and replaces
+    their weights by the dequantized values; returns the number of modules."""
+    with cap:
+        for k in range(len(inputs.hidden)):
+            cap.set_mask(inputs.masks[k])
+            inputs.call(layer, k)
+    hessians = _collect(cap, work.result, work.spill_dir)
+    with client.session() as session:
+        _quantize_layer(session, cap.modules, hessians, work.method, work.params,
+                        work.fallback_method, work.full_hessian_layout, work.result,
+                        work.keep_quantized, work.originals)
+    return len(cap.modules)
+
+
+def _calibrate_layers(layer_list: torch.nn.ModuleList,
+                      layer_caps: List[Optional[HessianCapture]], prefixes: Sequence[str],
+                      inputs: _LayerInputs, client, work: _LayerWork,
+                      say: Callable[[str], None]) -> None:
+    """Layer by layer: capture and quantize, then the layer's outputs (with the quantized
+    weights) become the next layer's inputs. Each capture is dropped once used."""
+    for i, layer in enumerate(layer_list):
+        layer_start = time.monotonic()
+        quantized = 0
+        if layer_caps[i] is not None:
+            quantized = _capture_and_quantize(layer_caps[i], layer, inputs, client, work)
+            layer_caps[i] = None  # free its accumulators
+        if i + 1 < len(layer_list):
+            for k in range(len(inputs.hidden)):
+                inputs.hidden[k] = inputs.call(layer, k).detach()
+        say(f"nvfp4cal sequential: {prefixes[i][:-1]} ({i + 1}/{len(layer_list)}): "
+            f"{quantized} modules captured and quantized ({work.method}) in "
+            f"{time.monotonic() - layer_start:.2f} s")
+
+
+def _capture_outside(model: torch.nn.Module, batches: Sequence[Any],
+                     forward: Callable[[torch.nn.Module, Any], Any], outside: Sequence[str],
+                     options: Dict[str, Any], result: SequentialCalibration,
+                     spill_dir: Optional[str], say: Callable[[str], None]) -> None:
+    """Captures the selected modules outside the decoder layers with one more pass of every
+    batch through the whole, now quantized, model."""
+    only = [_fnmatch_escape(n) for n in outside]
+    cap = HessianCapture(model, **dict(options, include=only))
+    with cap:
+        for batch in batches:
+            cap.set_mask(_batch_mask(batch))
+            forward(model, batch)
+    _collect(cap, result, spill_dir)
+    say(f"nvfp4cal sequential: {len(outside)} modules outside the decoder layers "
+        f"captured after them: {', '.join(outside[:4])}"
+        f"{' ...' if len(outside) > 4 else ''}")
+
+
+def _restore_originals(model: torch.nn.Module, originals: Dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        modules = dict(model.named_modules())
+        for name, weight in originals.items():
+            modules[name].weight.copy_(weight.to(modules[name].weight.device))
+
+
 def calibrate_sequential(model: torch.nn.Module, batches: Sequence[Any], client=None,
                          method: str = "dss", layout: str = "auto", *,
                          forward: Optional[Callable[[torch.nn.Module, Any], Any]] = None,
@@ -241,12 +381,8 @@ def calibrate_sequential(model: torch.nn.Module, batches: Sequence[Any], client=
     instead of host memory until save().
     check_memory / memory_fraction: refuse (CaptureMemoryError) when the cached layer inputs and
     one layer's Hessians would take more than that fraction of the device's free memory."""
-    layout = layout_for_method(method) if layout == "auto" else layout
-    params = _check_params(method, dict(params or {}))
-    if fallback_method not in (None, "max", "mse"):
-        raise ValueError(f"fallback_method {fallback_method!r}: expected max or mse")
-    if full_hessian_layout not in ("upper", "full"):
-        raise ValueError(f"full_hessian_layout {full_hessian_layout!r}: expected upper or full")
+    layout, params = _check_arguments(method, layout, params, fallback_method,
+                                      full_hessian_layout)
     forward = forward or _default_forward
     say = log if verbose else (lambda s: None)
     options = dict(layout=layout, method=method, dtype=dtype, include=include, exclude=exclude,
@@ -256,8 +392,7 @@ def calibrate_sequential(model: torch.nn.Module, batches: Sequence[Any], client=
     _check_uniform_layers(model, len(layer_list))
     prefixes = [f"{layers_name}.{i}." if layers_name else f"{i}." for i in range(len(layer_list))]
     outside = [n for n in whole.modules if not any(n.startswith(p) for p in prefixes)]
-    first = next(p for p in layer_list[0].parameters())
-    device = first.device
+    device = next(p for p in layer_list[0].parameters()).device
     started = time.monotonic()
     result = SequentialCalibration(layout=whole.layout, method=method,
                                    accumulation=str(dtype).replace("torch.", ""),
@@ -265,45 +400,17 @@ def calibrate_sequential(model: torch.nn.Module, batches: Sequence[Any], client=
                                    params=dict(params))
 
     # Memory: the cached inputs of a layer plus one layer's Hessians, on the layers' device.
-    layer_caps = []
-    for i, layer in enumerate(layer_list):
-        if any(n.startswith(prefixes[i]) for n in whole.modules):
-            layer_caps.append(HessianCapture(layer, prefix=prefixes[i],
-                                             memory_fraction=memory_fraction,
-                                             check_memory=check_memory, **options))
-        else:
-            layer_caps.append(None)
+    layer_caps = _layer_captures(layer_list, prefixes, whole.modules, options, memory_fraction,
+                                 check_memory)
     hessian_bytes = max((sum(e for e, _ in c.memory_plan().values()) for c in layer_caps if c),
                         default=0)
-    tokens = [_batch_tokens(b) for b in batches]
-    width = next((m.in_features for m in layer_list[0].modules()
-                  if isinstance(m, torch.nn.Linear)), 0)
-    free = available_memory_bytes(device) if device.type in ("cuda", "cpu") else None
-    limit = int(free * memory_fraction) - hessian_bytes if (check_memory and free) else None
-    if None not in tokens:
-        estimate = sum(tokens) * width * first.element_size()
-        say(f"nvfp4cal sequential: {len(layer_list)} decoder layers ({layers_name}), "
-            f"{len(whole.modules)} Linear modules; the layer inputs of {sum(tokens)} token "
-            f"positions need about {format_bytes(estimate)} on {device} (x {width}, "
-            f"{str(first.dtype).replace('torch.', '')}), one layer's Hessians "
-            f"{format_bytes(hessian_bytes)}"
-            + (f"; {format_bytes(free)} available" if free is not None else ""))
-        if limit is not None and estimate > limit:
-            raise CaptureMemoryError(
-                f"sequential calibration caches the inputs of a decoder layer on {device}: about "
-                f"{format_bytes(estimate)} for {sum(tokens)} token positions, plus "
-                f"{format_bytes(hessian_bytes)} of one layer's Hessians, but only "
-                f"{format_bytes(free)} is available (limit {memory_fraction:.0%} of it): use "
-                "fewer or shorter samples, or a device with more memory")
-    else:
-        say(f"nvfp4cal sequential: {len(layer_list)} decoder layers ({layers_name}), "
-            f"{len(whole.modules)} Linear modules; one layer's Hessians need "
-            f"{format_bytes(hessian_bytes)} on {device}"
-            + (f"; {format_bytes(free)} available" if free is not None else ""))
+    limit = _input_memory_limit(batches, layers_name, layer_list, len(whole.modules),
+                                hessian_bytes, check_memory, memory_fraction, say)
 
     own_client = None
     server = None
-    originals: Optional[Dict[str, torch.Tensor]] = {} if restore_weights else None
+    work = _LayerWork(result, spill_dir, method, params, fallback_method, full_hessian_layout,
+                      keep_quantized, originals={} if restore_weights else None)
     try:
         if client is None:
             server = LocalServer(find_server_binary(server_binary),
@@ -319,47 +426,14 @@ def calibrate_sequential(model: torch.nn.Module, batches: Sequence[Any], client=
             say(f"nvfp4cal sequential: cached the inputs of layer 0 for {len(inputs.hidden)} "
                 f"batches: hidden states {format_bytes(hidden_bytes)}, other layer arguments "
                 f"{format_bytes(other_bytes)}")
-            for i, layer in enumerate(layer_list):
-                layer_start = time.monotonic()
-                cap = layer_caps[i]
-                quantized = 0
-                if cap is not None:
-                    with cap:
-                        for k in range(len(inputs.hidden)):
-                            cap.set_mask(inputs.masks[k])
-                            inputs.call(layer, k)
-                    hessians = _collect(cap, result, spill_dir)
-                    with client.session() as session:
-                        _quantize_layer(session, cap.modules, hessians, method, params,
-                                        fallback_method, full_hessian_layout, result,
-                                        keep_quantized, originals)
-                    quantized = len(cap.modules)
-                    layer_caps[i] = None  # free its accumulators
-                    del cap
-                if i + 1 < len(layer_list):
-                    for k in range(len(inputs.hidden)):
-                        inputs.hidden[k] = inputs.call(layer, k).detach()
-                say(f"nvfp4cal sequential: {prefixes[i][:-1]} ({i + 1}/{len(layer_list)}): "
-                    f"{quantized} modules captured and quantized ({method}) in "
-                    f"{time.monotonic() - layer_start:.2f} s")
+            _calibrate_layers(layer_list, layer_caps, prefixes, inputs, client, work, say)
             del inputs
             if outside:
-                only = [_fnmatch_escape(n) for n in outside]
-                cap = HessianCapture(model, **dict(options, include=only))
-                with cap:
-                    for batch in batches:
-                        cap.set_mask(_batch_mask(batch))
-                        forward(model, batch)
-                _collect(cap, result, spill_dir)
-                say(f"nvfp4cal sequential: {len(outside)} modules outside the decoder layers "
-                    f"captured after them: {', '.join(outside[:4])}"
-                    f"{' ...' if len(outside) > 4 else ''}")
+                _capture_outside(model, batches, forward, outside, options, result, spill_dir,
+                                 say)
     finally:
-        if originals:  # restore_weights: also when the run failed part way
-            with torch.no_grad():
-                modules = dict(model.named_modules())
-                for name, weight in originals.items():
-                    modules[name].weight.copy_(weight.to(modules[name].weight.device))
+        if work.originals:  # restore_weights: also when the run failed part way
+            _restore_originals(model, work.originals)
         if own_client is not None:
             own_client.close()
         if server is not None:

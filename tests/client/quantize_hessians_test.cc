@@ -105,45 +105,51 @@ TEST(QuantizeCheckpoint, DanglingHessianAliasIsAnErrorNamingAliasAndEntry) {
 // its activation amax: W4A4 NVFP4 with every input_scale. None has: W4A16_NVFP4, none written.
 // Some have: an error naming the others, unless --activations none. (Before: NVFP4 with an
 // input_activations group whatever the tensors.)
-TEST(QuantizeCheckpoint, LabelsNeverPromiseTensorsTheCheckpointLacks) {
-  TempFolder dir("labels");
-  WriteTinyModel(dir / "model", 32, {"q_proj", "k_proj", "o_proj"});
-  const std::string p = "model.layers.0.self_attn.";
-  // q's entry carries the amax of the attention input (k shares it); o's entry may.
-  const std::vector<SafetensorsTensorData> partial = {IdentityBlocks(p + "q_proj.hessian", 32),
-                                                      Scalar(p + "q_proj.input_amax", 13.5f),
-                                                      IdentityBlocks(p + "o_proj.hessian", 32)};
-  std::vector<SafetensorsTensorData> full = partial;
-  full.push_back(Scalar(p + "o_proj.input_amax", 7.0f));
-  ASSERT_TRUE(WriteSafetensorsFile(dir / "partial.safetensors", partial, {}).ok());
-  ASSERT_TRUE(WriteSafetensorsFile(dir / "full.safetensors", full, {}).ok());
-  ASSERT_TRUE(
-      WriteSafetensorsFile(
-          dir / "none.safetensors",
-          {IdentityBlocks(p + "q_proj.hessian", 32), IdentityBlocks(p + "o_proj.hessian", 32)}, {})
-          .ok());
-  auto run = [&](const std::string& hessians, ActivationMode mode, const std::string& out,
-                 RecordingObserver* observer = nullptr) {
+class Labels : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    WriteTinyModel(dir_ / "model", 32, {"q_proj", "k_proj", "o_proj"});
+    // q's entry carries the amax of the attention input (k shares it); o's entry may.
+    const std::vector<SafetensorsTensorData> partial = {IdentityBlocks(p_ + "q_proj.hessian", 32),
+                                                        Scalar(p_ + "q_proj.input_amax", 13.5f),
+                                                        IdentityBlocks(p_ + "o_proj.hessian", 32)};
+    std::vector<SafetensorsTensorData> full = partial;
+    full.push_back(Scalar(p_ + "o_proj.input_amax", 7.0f));
+    ASSERT_TRUE(WriteSafetensorsFile(dir_ / "partial.safetensors", partial, {}).ok());
+    ASSERT_TRUE(WriteSafetensorsFile(dir_ / "full.safetensors", full, {}).ok());
+    ASSERT_TRUE(WriteSafetensorsFile(dir_ / "none.safetensors",
+                                     {IdentityBlocks(p_ + "q_proj.hessian", 32),
+                                      IdentityBlocks(p_ + "o_proj.hessian", 32)},
+                                     {})
+                    .ok());
+  }
+
+  absl::StatusOr<QuantizeReport> Run(const std::string& hessians, ActivationMode mode,
+                                     const std::string& out,
+                                     RecordingObserver* observer = nullptr) {
     QuantizeOptions options;
-    options.model_dir = dir / "model";
-    options.hessians_path = dir / hessians;
-    options.out_dir = dir / out;
+    options.model_dir = dir_ / "model";
+    options.hessians_path = dir_ / hessians;
+    options.out_dir = dir_ / out;
     options.activations = mode;
     return RunPipeline(options, observer);
-  };
-  auto labels = [&](const std::string& out) {
-    const nlohmann::json config = nlohmann::json::parse(ReadAll(dir / out + "/config.json"));
-    const nlohmann::json hf = nlohmann::json::parse(ReadAll(dir / out + "/hf_quant_config.json"));
+  }
+
+  // config.json's quantization_config and hf_quant_config.json's quant_algo (checked equal).
+  std::pair<nlohmann::json, std::string> LabelsOf(const std::string& out) {
+    const nlohmann::json config = nlohmann::json::parse(ReadAll(dir_ / out + "/config.json"));
+    const nlohmann::json hf = nlohmann::json::parse(ReadAll(dir_ / out + "/hf_quant_config.json"));
     EXPECT_EQ(config["quantization_config"]["quant_algo"], hf["quantization"]["quant_algo"]);
     return std::make_pair(config["quantization_config"],
                           hf["quantization"]["quant_algo"].get<std::string>());
-  };
-  auto input_scales = [&](const std::string& out) {
-    auto file = SafetensorsFile::Open(dir / out + "/model.safetensors");
+  }
+
+  std::map<std::string, float> InputScales(const std::string& out) {
+    auto file = SafetensorsFile::Open(dir_ / out + "/model.safetensors");
     EXPECT_TRUE(file.ok()) << file.status();
     std::map<std::string, float> scales;
     for (const char* leaf : {"q_proj", "k_proj", "o_proj"}) {
-      const SafetensorsTensor* t = (*file)->Find(p + leaf + ".input_scale");
+      const SafetensorsTensor* t = (*file)->Find(p_ + leaf + ".input_scale");
       if (t == nullptr) continue;
       EXPECT_TRUE(t->shape.empty()) << leaf;
       float v = 0.0f;
@@ -151,70 +157,80 @@ TEST(QuantizeCheckpoint, LabelsNeverPromiseTensorsTheCheckpointLacks) {
       scales[leaf] = v;
     }
     return scales;
-  };
+  }
 
-  // Every module has its amax: W4A4.
-  ASSERT_TRUE(run("full.safetensors", ActivationMode::kAuto, "w4a4").ok());
-  auto [w4a4_config, w4a4_algo] = labels("w4a4");
+  TempFolder dir_{"labels"};
+  const std::string p_ = "model.layers.0.self_attn.";
+};
+
+TEST_F(Labels, EveryAmaxGivesW4A4WithEveryInputScale) {
+  ASSERT_TRUE(Run("full.safetensors", ActivationMode::kAuto, "w4a4").ok());
+  auto [w4a4_config, w4a4_algo] = LabelsOf("w4a4");
   EXPECT_EQ(w4a4_algo, "NVFP4");
   EXPECT_TRUE(w4a4_config["config_groups"]["group_0"].contains("input_activations"));
   const std::map<std::string, float> want = {
       {"q_proj", 13.5f / 2688.0f}, {"k_proj", 13.5f / 2688.0f}, {"o_proj", 7.0f / 2688.0f}};
-  EXPECT_EQ(input_scales("w4a4"), want);  // NUMERICS §5: amax / (6 * 448)
+  EXPECT_EQ(InputScales("w4a4"), want);  // NUMERICS §5: amax / (6 * 448)
+}
 
-  // None has: weight-only, with a note.
+TEST_F(Labels, NoAmaxGivesWeightOnlyWithANote) {
   RecordingObserver observer;
-  ASSERT_TRUE(run("none.safetensors", ActivationMode::kAuto, "w4a16", &observer).ok());
-  auto [w4a16_config, w4a16_algo] = labels("w4a16");
+  ASSERT_TRUE(Run("none.safetensors", ActivationMode::kAuto, "w4a16", &observer).ok());
+  auto [w4a16_config, w4a16_algo] = LabelsOf("w4a16");
   EXPECT_EQ(w4a16_algo, "W4A16_NVFP4");
   EXPECT_FALSE(w4a16_config["config_groups"]["group_0"].contains("input_activations"));
-  EXPECT_TRUE(input_scales("w4a16").empty());
+  EXPECT_TRUE(InputScales("w4a16").empty());
   bool noted = false;
   for (const std::string& m : observer.messages) {
     noted = noted || m.find("weight-only output (W4A16_NVFP4)") != std::string::npos;
   }
   EXPECT_TRUE(noted);
+}
 
+TEST_F(Labels, SomeAmaxIsAnErrorUnlessWeightOnlyIsAsked) {
   // Some have: an error naming the module without, nothing written.
-  absl::StatusOr<QuantizeReport> mixed = run("partial.safetensors", ActivationMode::kAuto, "mixed");
+  absl::StatusOr<QuantizeReport> mixed = Run("partial.safetensors", ActivationMode::kAuto, "mixed");
   ASSERT_FALSE(mixed.ok());
   EXPECT_EQ(mixed.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(std::string(mixed.status().message()),
-              HasSubstr("of 2 of 3 quantized modules, not of " + p + "o_proj"));
+              HasSubstr("of 2 of 3 quantized modules, not of " + p_ + "o_proj"));
   EXPECT_THAT(std::string(mixed.status().message()), HasSubstr("--activations none"));
-  EXPECT_FALSE(fs::exists(dir / "mixed"));
+  EXPECT_FALSE(fs::exists(dir_ / "mixed"));
 
   // ... unless the user asks for weight-only.
-  ASSERT_TRUE(run("partial.safetensors", ActivationMode::kNone, "asked_none").ok());
-  EXPECT_EQ(labels("asked_none").second, "W4A16_NVFP4");
-  EXPECT_TRUE(input_scales("asked_none").empty());
-  ASSERT_TRUE(run("full.safetensors", ActivationMode::kNone, "full_none").ok());
-  EXPECT_TRUE(input_scales("full_none").empty());
+  ASSERT_TRUE(Run("partial.safetensors", ActivationMode::kNone, "asked_none").ok());
+  EXPECT_EQ(LabelsOf("asked_none").second, "W4A16_NVFP4");
+  EXPECT_TRUE(InputScales("asked_none").empty());
+  ASSERT_TRUE(Run("full.safetensors", ActivationMode::kNone, "full_none").ok());
+  EXPECT_TRUE(InputScales("full_none").empty());
 
   // Asking for W4A4 without every amax is an error naming the missing.
-  absl::StatusOr<QuantizeReport> asked = run("none.safetensors", ActivationMode::kNvfp4, "asked");
+  absl::StatusOr<QuantizeReport> asked = Run("none.safetensors", ActivationMode::kNvfp4, "asked");
   ASSERT_FALSE(asked.ok());
   EXPECT_THAT(std::string(asked.status().message()),
               HasSubstr("--activations nvfp4 needs the activation amax"));
   EXPECT_THAT(std::string(asked.status().message()), HasSubstr("3 of 3 have none: "));
-  EXPECT_FALSE(fs::exists(dir / "asked"));
+  EXPECT_FALSE(fs::exists(dir_ / "asked"));
+}
 
-  // inspect reads the labels against the tensors.
-  absl::StatusOr<std::string> inspected = InspectCheckpoint(dir / "w4a4");
+TEST_F(Labels, InspectReadsTheLabelsAgainstTheTensors) {
+  ASSERT_TRUE(Run("full.safetensors", ActivationMode::kAuto, "w4a4").ok());
+  ASSERT_TRUE(Run("none.safetensors", ActivationMode::kAuto, "w4a16").ok());
+  absl::StatusOr<std::string> inspected = InspectCheckpoint(dir_ / "w4a4");
   ASSERT_TRUE(inspected.ok());
   EXPECT_THAT(*inspected, HasSubstr("input_scale: 3 of 3 NVFP4 modules"));
   EXPECT_THAT(*inspected, Not(HasSubstr("warning")));
   // A planted fault: a W4A4 label on the weight-only output.
-  std::string config_text = ReadAll(dir / "w4a16/config.json");
+  std::string config_text = ReadAll(dir_ / "w4a16/config.json");
   config_text.replace(config_text.find("W4A16_NVFP4"), 11, "NVFP4");
-  testing::WriteAll(dir / "w4a16/config.json", config_text);
-  inspected = InspectCheckpoint(dir / "w4a16");
+  testing::WriteAll(dir_ / "w4a16/config.json", config_text);
+  inspected = InspectCheckpoint(dir_ / "w4a16");
   ASSERT_TRUE(inspected.ok());
   EXPECT_THAT(*inspected, HasSubstr("warning: config.json says quant_algo NVFP4 but "
                                     "hf_quant_config.json says W4A16_NVFP4"));
   EXPECT_THAT(*inspected, HasSubstr("warning: quant_algo NVFP4 (W4A4) promises an input_scale for "
                                     "every quantized module; 3 have none"));
-  absl::StatusOr<std::string> as_json = InspectCheckpoint(dir / "w4a16", InspectFormat::kJson);
+  absl::StatusOr<std::string> as_json = InspectCheckpoint(dir_ / "w4a16", InspectFormat::kJson);
   ASSERT_TRUE(as_json.ok());
   const nlohmann::json j = nlohmann::json::parse(*as_json);
   EXPECT_EQ(j["label"]["config_quant_algo"], "NVFP4");
@@ -224,24 +240,25 @@ TEST(QuantizeCheckpoint, LabelsNeverPromiseTensorsTheCheckpointLacks) {
   EXPECT_EQ(j["input_scales"], 0);
   ASSERT_EQ(j["warnings"].size(), 2u);
   EXPECT_THAT(j["warnings"][1].get<std::string>(), HasSubstr("3 have none"));
-  as_json = InspectCheckpoint(dir / "w4a4", InspectFormat::kJson);
+  as_json = InspectCheckpoint(dir_ / "w4a4", InspectFormat::kJson);
   ASSERT_TRUE(as_json.ok());
   const nlohmann::json w4a4 = nlohmann::json::parse(*as_json);
   EXPECT_EQ(w4a4["input_scales"], 3);
   EXPECT_TRUE(w4a4["warnings"].empty());
   EXPECT_EQ(w4a4["nvfp4_modules"][0]["input_scale"], 13.5f / 2688.0f);
+}
 
-  // A malformed amax is an error naming it, before anything is written.
+TEST_F(Labels, MalformedAmaxIsAnErrorBeforeAnythingIsWritten) {
   ASSERT_TRUE(
       WriteSafetensorsFile(
-          dir / "bad.safetensors",
-          {IdentityBlocks(p + "q_proj.hessian", 32), Scalar(p + "q_proj.input_amax", -1.0f)}, {})
+          dir_ / "bad.safetensors",
+          {IdentityBlocks(p_ + "q_proj.hessian", 32), Scalar(p_ + "q_proj.input_amax", -1.0f)}, {})
           .ok());
-  absl::StatusOr<QuantizeReport> bad = run("bad.safetensors", ActivationMode::kAuto, "out_bad");
+  absl::StatusOr<QuantizeReport> bad = Run("bad.safetensors", ActivationMode::kAuto, "out_bad");
   ASSERT_FALSE(bad.ok());
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(std::string(bad.status().message()), HasSubstr(p + "q_proj.input_amax = -1"));
-  EXPECT_FALSE(fs::exists(dir / "out_bad"));
+  EXPECT_THAT(std::string(bad.status().message()), HasSubstr(p_ + "q_proj.input_amax = -1"));
+  EXPECT_FALSE(fs::exists(dir_ / "out_bad"));
 }
 
 // --kv-cache fp8 writes ModelOpt's FP8 KV-cache scales: k_proj.k_scale and v_proj.v_scale =

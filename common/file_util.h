@@ -1,14 +1,14 @@
-// File helpers of the client with absl::Status errors that name the path. Every file the client
-// reads is opened through ReadableFile::Open, which never blocks and accepts regular files only:
-// a FIFO, socket, device or folder where a file is expected is an error naming the path and its
-// type, not a hang in open() or a read that never ends.
+// File helpers with absl::Status errors that name the path (client, server and tools). Every file
+// they read is opened through ReadableFile::Open, which never blocks and accepts regular files
+// only: a FIFO, socket, device or folder where a file is expected is an error naming the path and
+// its type, not a hang in open() or a read that never ends.
 //
 //   absl::StatusOr<std::string> text = nvfp4cal::ReadTextFile(dir + "/config.json");
 //   absl::StatusOr<nvfp4cal::ReadableFile> file = nvfp4cal::ReadableFile::Open(path);
 //   // mmap(..., file->size(), ..., file->fd(), 0); the descriptor closes with `file`
 //   absl::Status s = nvfp4cal::WriteTextFile(out + "/config.json", json_text);
-#ifndef NVFP4CAL_CLIENT_FILE_UTIL_H_
-#define NVFP4CAL_CLIENT_FILE_UTIL_H_
+#ifndef NVFP4CAL_COMMON_FILE_UTIL_H_
+#define NVFP4CAL_COMMON_FILE_UTIL_H_
 
 #include <cstdint>
 #include <string>
@@ -72,4 +72,4 @@ absl::Status RemoveTree(const std::string& path);
 
 }  // namespace nvfp4cal
 
-#endif  // NVFP4CAL_CLIENT_FILE_UTIL_H_
+#endif  // NVFP4CAL_COMMON_FILE_UTIL_H_
