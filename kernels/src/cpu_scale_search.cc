@@ -121,9 +121,7 @@ class CpuScaleSearch final : public ScaleSearch {
         !s.ok()) {
       return s;
     }
-    InitTensorStats(request.params, global_amax, stats);
-    Run(request, global_amax, row_begin, row_end, output, stats);
-    return absl::OkStatus();
+    return QuantizePrevalidatedRows(request, global_amax, row_begin, row_end, output, stats);
   }
 
   absl::Status QuantizePrevalidatedRows(const QuantizeRequest& request, float global_amax,
