@@ -1,0 +1,304 @@
+#!/usr/bin/env python3
+"""End-to-end `nvfp4cal quantize` of a Llama-3-8B-shaped example, beside each stage's floor.
+
+Builds the example once (`nvfp4cal example` with Llama-3-8B's shapes, 16 GB; `--small` for a
+CPU-sized one), then in one run times:
+
+  in-process     `nvfp4cal quantize` (a first run fills the page cache; the figures are of the
+                 warm runs, as a second run sees them)
+  1 server       the same through one `nvfp4cal-server` on loopback
+  N servers      through --servers servers on loopback, sharing this machine's GPU
+
+Every output is compared byte for byte with the in-process one. Per run: wall seconds, the CLI's
+own split (read / copy / quantize / write), peak RSS of the CLI (and of the servers), peak device
+memory (nvidia-smi, above the level before the run). Then each stage alone (stage_floor_bench:
+read, h2d, d2h, write; cuda_layer_bench: the kernels) with the word "floor", and how far the
+end-to-end figure is from the largest floor.
+
+  bench/end_to_end_bench.py --build BUILD_DIR --work DIR [--small] [--method dss]
+                            [--servers 3] [--repeat 2] [--keep]
+
+BUILD_DIR is searched for nvfp4cal, nvfp4cal-server, stage_floor_bench and cuda_layer_bench
+(a build folder or a gpu-bundle's bin/). Standard library only.
+"""
+import argparse
+import filecmp
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+LLAMA3_8B = ["--layers", "32", "--hidden", "4096", "--intermediate", "14336", "--heads", "32",
+             "--kv-heads", "8", "--vocab", "128256", "--shards", "4"]
+SMALL = ["--layers", "2", "--hidden", "512", "--intermediate", "1408", "--heads", "8",
+         "--kv-heads", "2", "--vocab", "4096", "--shards", "2"]
+
+
+def find_binary(build, name):
+    for root, dirs, files in os.walk(build):
+        dirs[:] = [d for d in dirs if d != "CMakeFiles"]
+        if name in files and os.access(os.path.join(root, name), os.X_OK):
+            return os.path.join(root, name)
+    return None
+
+
+def safetensors_header(path):
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+def shard_files(folder):
+    return sorted(f for f in os.listdir(folder)
+                  if f.endswith(".safetensors") and f != "hessians.safetensors")
+
+
+def output_bytes(out_dir):
+    """(quantized bf16 bytes in, codes + block scales out, all shard bytes) of an output."""
+    weights_in = device_out = total = 0
+    for name in shard_files(out_dir):
+        path = os.path.join(out_dir, name)
+        total += os.path.getsize(path)
+        for tensor, info in safetensors_header(path).items():
+            begin, end = info["data_offsets"]
+            if tensor.endswith(".weight") and info["dtype"] == "U8":
+                weights_in += 4 * (end - begin)  # two bf16 bytes per element, half a byte out
+                device_out += end - begin
+            elif tensor.endswith(".weight_scale"):
+                device_out += end - begin
+    return weights_in, device_out, total
+
+
+class DeviceMemoryPeak:
+    """Polls nvidia-smi's used memory while a run lasts; MiB above the level at the start."""
+
+    def __init__(self):
+        self.available = shutil.which("nvidia-smi") is not None
+        self.peak = None
+
+    def _used(self):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used",
+                                  "--format=csv,noheader,nounits", "-i", "0"],
+                                 capture_output=True, text=True, timeout=10).stdout
+            return int(out.split()[0])
+        except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+            return None
+
+    def __enter__(self):
+        if self.available:
+            self.base = self._used()
+            self.peak = self.base
+            self.stop = threading.Event()
+            self.thread = threading.Thread(target=self._poll, daemon=True)
+            self.thread.start()
+        return self
+
+    def _poll(self):
+        while not self.stop.wait(0.2):
+            used = self._used()
+            if used is not None and self.peak is not None:
+                self.peak = max(self.peak, used)
+
+    def __exit__(self, *exc):
+        if self.available:
+            self.stop.set()
+            self.thread.join()
+
+    def text(self):
+        if not self.available or self.peak is None or self.base is None:
+            return "n/a"
+        return f"{self.peak - self.base} MiB"
+
+
+def run_timed(cmd, log):
+    """Runs cmd; returns (wall seconds, peak RSS in MiB). Exits on failure, printing its log."""
+    start = time.monotonic()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.stdout.write(open(log).read()[-4000:])
+        sys.exit(f"end_to_end_bench: failed ({os.waitstatus_to_exitcode(status)}): {' '.join(cmd)}")
+    return wall, usage.ru_maxrss / 1024.0
+
+
+def same_outputs(a, b):
+    names = shard_files(a)
+    if names != shard_files(b):
+        return False
+    return all(filecmp.cmp(os.path.join(a, n), os.path.join(b, n), shallow=False) for n in names)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port, proc, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"end_to_end_bench: server on port {port} exited ({proc.returncode})")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    sys.exit(f"end_to_end_bench: server on port {port} did not listen within {timeout} s")
+
+
+class Servers:
+    """N nvfp4cal-server processes on loopback; their peak RSS is read when they stop."""
+
+    def __init__(self, binary, count, work):
+        self.ports = [free_port() for _ in range(count)]
+        self.procs = []
+        for i, port in enumerate(self.ports):
+            log = open(os.path.join(work, f"server-{count}-{i}.log"), "w")
+            self.procs.append(subprocess.Popen(
+                [binary, f"--address=127.0.0.1:{port}", "--metrics_address="],
+                stdout=log, stderr=subprocess.STDOUT))
+        for port, proc in zip(self.ports, self.procs):
+            wait_for_port(port, proc)
+
+    def addresses(self):
+        return ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def stop(self):
+        rss = []
+        for proc in self.procs:
+            proc.terminate()
+            _, _, usage = os.wait4(proc.pid, 0)
+            rss.append(usage.ru_maxrss / 1024.0)
+        return rss
+
+
+def quantize(cli, args, model, out, extra, stats, log):
+    cmd = [cli, "quantize", "--model", model, "--hessians",
+           os.path.join(model, "hessians.safetensors"), "--out", out, "--method", args.method,
+           "--overwrite", "--quiet", "--stats-json", stats] + extra
+    with DeviceMemoryPeak() as mem:
+        wall, rss = run_timed(cmd, log)
+    with open(stats) as f:
+        seconds = json.load(f)["seconds"]
+    return {"wall": wall, "rss": rss, "device": mem.text(), "seconds": seconds}
+
+
+def best_of(runs):
+    return min(runs, key=lambda r: r["wall"])
+
+
+def describe(label, r, baseline=None):
+    s = r["seconds"]
+    ratio = f"  {r['wall'] / baseline:.2f}x in-process" if baseline else ""
+    print(f"{label:<14} {r['wall']:7.2f} s  (read {s['read']:.2f}, copy {s['copy']:.2f}, "
+          f"quantize {s['quantize']:.2f}, write {s['write']:.2f}; server kernels "
+          f"{s.get('server_kernel', 0.0):.2f})  peak RSS {r['rss']:.0f} MiB, device "
+          f"{r['device']}{ratio}")
+
+
+def kernel_floor(binary, method):
+    if binary is None:
+        return None
+    proc = subprocess.run([binary, "--layers=32", f"--methods={method}", "--nofull",
+                           "--cpu_rows_fraction=0.0005"], capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        fields = line.split()
+        if fields and fields[0] == method and len(fields) > 2:
+            return float(fields[2]) / 1000.0  # the "x32 layers" column, in ms
+    print(f"(no kernel floor: cuda_layer_bench said: {(proc.stderr or proc.stdout)[-300:]})")
+    return None
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--build", required=True, help="folder holding the binaries")
+    p.add_argument("--work", required=True, help="folder for the example and the outputs")
+    p.add_argument("--small", action="store_true", help="a CPU-sized example instead of 8B")
+    p.add_argument("--method", default="dss")
+    p.add_argument("--servers", type=int, default=3, help="servers of the multi-server run")
+    p.add_argument("--repeat", type=int, default=2, help="timed runs per configuration")
+    p.add_argument("--keep", action="store_true", help="keep the outputs")
+    args = p.parse_args()
+    cli = find_binary(args.build, "nvfp4cal")
+    server = find_binary(args.build, "nvfp4cal-server")
+    floors = find_binary(args.build, "stage_floor_bench")
+    layer_bench = find_binary(args.build, "cuda_layer_bench")
+    if cli is None:
+        sys.exit(f"end_to_end_bench: no nvfp4cal under {args.build}")
+    os.makedirs(args.work, exist_ok=True)
+    shapes = SMALL if args.small else LLAMA3_8B
+    model = os.path.join(args.work, "small" if args.small else "llama3-8b-shaped")
+    marker = os.path.join(model, ".end_to_end_bench")
+    if not os.path.exists(marker) or open(marker).read() != " ".join(shapes):
+        start = time.monotonic()
+        run_timed([cli, "example", "--out", model, "--overwrite-any"] + shapes,
+                  os.path.join(args.work, "example.log"))
+        with open(marker, "w") as f:
+            f.write(" ".join(shapes))
+        print(f"example: {' '.join(shapes)}: written in {time.monotonic() - start:.1f} s")
+    in_bytes = sum(os.path.getsize(os.path.join(model, f)) for f in shard_files(model))
+    print(f"model: {model}, {in_bytes / 1e9:.2f} GB of shards, method {args.method}")
+
+    ref = os.path.join(args.work, "out-in-process")
+    out = os.path.join(args.work, "out")
+    stats = os.path.join(args.work, "stats.json")
+    log = os.path.join(args.work, "quantize.log")
+    first = quantize(cli, args, model, ref, [], stats, log)
+    describe("first run", first)
+    results = {}
+    results["in-process"] = best_of(
+        [quantize(cli, args, model, ref, [], stats, log) for _ in range(args.repeat)])
+    describe("in-process", results["in-process"])
+    baseline = results["in-process"]["wall"]
+
+    for count in sorted({1, args.servers}) if server else []:
+        servers = Servers(server, count, args.work)
+        runs = [quantize(cli, args, model, out, ["--server", servers.addresses()], stats, log)
+                for _ in range(args.repeat)]
+        rss = servers.stop()
+        label = f"{count} server" + ("s" if count > 1 else "")
+        results[label] = best_of(runs)
+        describe(label, results[label], baseline)
+        print(f"{'':<14} servers' peak RSS: {', '.join(f'{r:.0f} MiB' for r in rss)}; output "
+              f"{'byte-identical to' if same_outputs(ref, out) else 'DIFFERS FROM'} in-process")
+
+    weights_in, device_out, total_out = output_bytes(ref)
+    print(f"\nbytes: {in_bytes / 1e9:.2f} GB read, {weights_in / 1e9:.2f} GB of weights to the "
+          f"device, {device_out / 1e9:.2f} GB back, {total_out / 1e9:.2f} GB written")
+    floor_values = {}
+    if floors:
+        proc = subprocess.run([floors, "--model", model, "--out-dir", args.work, "--h2d-bytes",
+                               str(weights_in), "--d2h-bytes", str(device_out), "--write-bytes",
+                               str(total_out)], capture_output=True, text=True)
+        sys.stdout.write(proc.stdout + proc.stderr)
+        for line in proc.stdout.splitlines():
+            f = line.split()
+            if len(f) > 2 and f[0] == "floor" and f[2] != "no":  # the best way of a stage
+                floor_values[f[1]] = min(float(f[2]), floor_values.get(f[1], float("inf")))
+    kernels = None if args.small else kernel_floor(layer_bench, args.method)
+    if kernels is not None:
+        floor_values["kernel"] = kernels
+        print(f"floor kernel {kernels:8.3f} s  (cuda_layer_bench, {args.method}, 32 layers)")
+    if floor_values:
+        stage, largest = max(floor_values.items(), key=lambda kv: kv[1])
+        print(f"largest floor: {stage} {largest:.3f} s; sum of floors "
+              f"{sum(floor_values.values()):.3f} s; in-process {baseline:.2f} s = "
+              f"{baseline / largest:.2f}x the largest floor")
+    if not args.keep:
+        shutil.rmtree(ref, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
