@@ -229,11 +229,15 @@ def main():
     p.add_argument("--servers", type=int, default=3, help="servers of the multi-server run")
     p.add_argument("--repeat", type=int, default=2, help="timed runs per configuration")
     p.add_argument("--keep", action="store_true", help="keep the outputs")
+    p.add_argument("--tools", help="folder of stage_floor_bench and cuda_layer_bench "
+                   "[default: --build]")
+    p.add_argument("--baseline-cli", help="another nvfp4cal (an earlier build): its in-process "
+                   "runs are timed in the same run and its output compared")
     args = p.parse_args()
     cli = find_binary(args.build, "nvfp4cal")
     server = find_binary(args.build, "nvfp4cal-server")
-    floors = find_binary(args.build, "stage_floor_bench")
-    layer_bench = find_binary(args.build, "cuda_layer_bench")
+    floors = find_binary(args.tools or args.build, "stage_floor_bench")
+    layer_bench = find_binary(args.tools or args.build, "cuda_layer_bench")
     if cli is None:
         sys.exit(f"end_to_end_bench: no nvfp4cal under {args.build}")
     os.makedirs(args.work, exist_ok=True)
@@ -261,6 +265,12 @@ def main():
         [quantize(cli, args, model, ref, [], stats, log) for _ in range(args.repeat)])
     describe("in-process", results["in-process"])
     baseline = results["in-process"]["wall"]
+    if args.baseline_cli:
+        runs = [quantize(args.baseline_cli, args, model, out, [], stats, log)
+                for _ in range(args.repeat)]
+        describe("baseline CLI", best_of(runs), baseline)
+        print(f"{'':<14} output {'byte-identical to' if same_outputs(ref, out) else 'DIFFERS FROM'}"
+              " in-process")
 
     for count in sorted({1, args.servers}) if server else []:
         servers = Servers(server, count, args.work)

@@ -89,7 +89,12 @@ class LocalQuantizer : public Quantizer {
       request.hessians = job.hessians;
       request.params = job.params;
       request.global_amax = job.global_amax;
-      result = search->Quantize(request);
+      // Checked once: with the scan the caller took (its amax pass), else scanned here.
+      absl::StatusOr<ValidatedRequest> validated =
+          job.weight_scan.has_value() ? ValidateQuantizeRequest(request, *job.weight_scan)
+                                      : ValidateQuantizeRequest(request);
+      result = validated.ok() ? search->QuantizeValidated(*validated)
+                              : absl::StatusOr<QuantizedTensor>(validated.status());
     }
     if (!result.ok()) {
       return absl::Status(result.status().code(),
@@ -108,28 +113,18 @@ class LocalQuantizer : public Quantizer {
       absl::MutexLock lock(&plans_mu_);
       entry = &plans_[job.full_hessian.data];
     }
-    absl::MutexLock lock(&entry->mu);
-    if (!entry->done) {
-      entry->plan = backend.Prepare(job.full_hessian, job.params);
-      entry->done = true;
-    }
-    return entry->plan;
+    return entry->plan.Get(backend, job.full_hessian, job.params);
   }
 
   // Frees the plan after its last job (device memory: a layer's plans are gigabytes).
   void ReleasePlan(const TensorJob& job) {
     absl::MutexLock lock(&plans_mu_);
     PlanEntry& entry = plans_[job.full_hessian.data];
-    if (--entry.uses == 0) {
-      absl::MutexLock entry_lock(&entry.mu);
-      entry.plan = absl::FailedPreconditionError("gptq plan released after its last tensor");
-    }
+    if (--entry.uses == 0) entry.plan.Release();
   }
 
   struct PlanEntry {
-    absl::Mutex mu;
-    bool done = false;
-    absl::StatusOr<std::shared_ptr<const GptqPlan>> plan;
+    SharedGptqPlan plan;
     int uses = 0;  // gptq jobs still to finish (guarded by plans_mu_)
   };
 

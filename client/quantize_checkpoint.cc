@@ -222,6 +222,7 @@ std::vector<TensorJob> MakeJobs(const std::vector<PreparedModule>& prepared) {
     }
     job.params = m.params;
     job.global_amax = m.global_amax;
+    job.weight_scan = m.scan;
     jobs.push_back(std::move(job));
   }
   return jobs;

@@ -84,16 +84,17 @@ absl::Status FinishPreparing(const QuantizeOptions& options, const HessianStore*
   ParallelFor(prepared->size(), [&](size_t i) {
     PreparedModule& m = (*prepared)[i];
     const ModulePlan& plan = *m.plan;
-    absl::StatusOr<float> amax =
-        ComputeGlobalAmax(WeightView{m.weights, plan.dtype, plan.rows, plan.cols});
-    if (!amax.ok()) {
+    absl::StatusOr<WeightScan> scan =
+        ScanWeights(WeightView{m.weights, plan.dtype, plan.rows, plan.cols});
+    if (!scan.ok()) {
       const std::string where =
           m.expert < 0 ? absl::StrCat("tensor '", plan.weight_name, "'")
                        : absl::StrCat("tensor '", plan.weight_name, "', expert ", m.expert);
-      scans[i] = WithContext(amax.status(), where);
+      scans[i] = WithContext(scan.status(), where);
       return;
     }
-    m.own_amax = *amax;
+    m.own_amax = scan->amax();
+    m.scan = *scan;
   });
   for (const absl::Status& s : scans) {
     if (!s.ok()) return s;  // the first module in order that failed

@@ -55,6 +55,9 @@ struct PreparedModule {
   const float* hessian_full = nullptr;
   SearchParams params;
   float own_amax = 0.0f;
+  // The scan that found own_amax and proved the weights finite (the only one: the in-process
+  // quantizer validates the job with it instead of reading the weights again).
+  std::optional<WeightScan> scan;
   float global_amax = 0.0f;
 };
 

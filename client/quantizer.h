@@ -16,6 +16,7 @@
 
 #include <cstddef>
 #include <functional>
+#include <optional>
 #include <string>
 
 #include "absl/status/status.h"
@@ -43,6 +44,9 @@ struct TensorJob {
   // Full Hessian [cols, cols] for Method::kGptq (null data otherwise); a view into the
   // memory-mapped Hessians file, not a copy.
   FullHessianView full_hessian;
+  // The scan of `weights` when the caller took one (ScanWeights: finite, their amax): the
+  // in-process quantizer validates the job with it instead of reading the weights again.
+  std::optional<WeightScan> weight_scan;
 };
 
 // Receives the result of jobs[index]. Called once per job, possibly from several threads at

@@ -218,23 +218,17 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
     return timing_;
   }
 
-  absl::StatusOr<QuantizedTensor> Quantize(const QuantizeRequest& request) override {
-    absl::StatusOr<QuantizedTensor> result = PrepareQuantizedTensor(request);
-    if (!result.ok()) return result.status();
-    const Slice slice{
-        &request,
-        result->global_amax,
-        0,
-        result->rows,
-        RowRangeOutput{absl::MakeSpan(result->packed_codes), absl::MakeSpan(result->scales)},
-        &result->stats};
-    if (absl::Status s = QuantizeBatch(absl::MakeConstSpan(&slice, 1)); !s.ok()) return s;
-    return result;
-  }
-
   absl::Status QuantizeRows(const QuantizeRequest& request, float global_amax, int64_t row_begin,
                             int64_t row_end, RowRangeOutput output, TensorStats* stats) override {
     const Slice slice{&request, global_amax, row_begin, row_end, output, stats};
+    return QuantizeBatch(absl::MakeConstSpan(&slice, 1));
+  }
+
+  absl::Status QuantizePrevalidatedRows(const QuantizeRequest& request, float global_amax,
+                                        int64_t row_begin, int64_t row_end, RowRangeOutput output,
+                                        TensorStats* stats) override {
+    Slice slice{&request, global_amax, row_begin, row_end, output, stats};
+    slice.prevalidated = true;
     return QuantizeBatch(absl::MakeConstSpan(&slice, 1));
   }
 

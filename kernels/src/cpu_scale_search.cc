@@ -106,15 +106,6 @@ class CpuScaleSearch final : public ScaleSearch {
 
   std::string_view BackendName() const override { return "cpu"; }
 
-  absl::StatusOr<QuantizedTensor> Quantize(const QuantizeRequest& request) override {
-    absl::StatusOr<QuantizedTensor> result = PrepareQuantizedTensor(request);
-    if (!result.ok()) return result.status();
-    Run(request, result->global_amax, 0, result->rows,
-        RowRangeOutput{absl::MakeSpan(result->packed_codes), absl::MakeSpan(result->scales)},
-        &result->stats);
-    return result;
-  }
-
   absl::Status QuantizeRows(const QuantizeRequest& request, float global_amax, int64_t row_begin,
                             int64_t row_end, RowRangeOutput output, TensorStats* stats) override {
     if (absl::Status s = ValidateRowRangeRequest(request, global_amax, row_begin, row_end, output);

@@ -157,7 +157,31 @@ absl::StatusOr<float> ComputeGlobalAmax(const WeightView& weights) {
 }
 
 absl::Status ValidateRequest(const QuantizeRequest& request) {
-  return ValidatedGlobalAmax(request).status();
+  return ValidateQuantizeRequest(request).status();
+}
+
+absl::StatusOr<QuantizedTensor> ScaleSearch::Quantize(const QuantizeRequest& request) {
+  absl::StatusOr<ValidatedRequest> validated = ValidateQuantizeRequest(request);
+  if (!validated.ok()) return validated.status();
+  return QuantizeValidated(*validated);
+}
+
+absl::StatusOr<QuantizedTensor> ScaleSearch::QuantizeValidated(const ValidatedRequest& validated) {
+  const WeightView& w = validated.request().weights;
+  QuantizedTensor result;
+  result.rows = w.rows;
+  result.cols = w.cols;
+  result.packed_codes.resize(static_cast<size_t>(w.rows * w.cols / 2));
+  result.scales.resize(static_cast<size_t>(w.rows * w.cols / kBlockSize));
+  result.global_amax = validated.global_amax();
+  result.global_scale = GlobalScaleFromAmax(result.global_amax);
+  InitTensorStats(validated.request().params, result.global_amax, &result.stats);
+  absl::Status searched = QuantizePrevalidatedRows(
+      validated.request(), result.global_amax, 0, w.rows,
+      RowRangeOutput{absl::MakeSpan(result.packed_codes), absl::MakeSpan(result.scales)},
+      &result.stats);
+  if (!searched.ok()) return searched;
+  return result;
 }
 
 }  // namespace nvfp4cal

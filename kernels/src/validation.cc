@@ -1,8 +1,12 @@
 #include "nvfp4cal/kernels/validation.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <vector>
 
 #include "absl/strings/str_format.h"
 #include "nvfp4cal/kernels/codecs.h"
@@ -97,32 +101,71 @@ absl::Status ValidateShapeHessiansAndParams(const QuantizeRequest& request) {
   return absl::OkStatus();
 }
 
+namespace {
+
+// The largest magnitude bits of a row of 16-bit floats (bf16 and fp16 alike: sign bit cleared,
+// the bits of non-negative values order as the values do; NaN and Inf have the largest).
+// Written so that the compiler vectorises it: one pass of integer max over the row.
+uint16_t RowMagnitudeBits16(const uint16_t* row, int64_t cols) {
+  int16_t m = 0;
+  for (int64_t c = 0; c < cols; ++c) {
+    const int16_t a = static_cast<int16_t>(row[c] & 0x7fff);
+    m = a > m ? a : m;
+  }
+  return static_cast<uint16_t>(m);
+}
+
+uint32_t RowMagnitudeBits32(const uint32_t* row, int64_t cols) {
+  uint32_t m = 0;
+  for (int64_t c = 0; c < cols; ++c) {
+    const uint32_t a = row[c] & 0x7fffffffu;
+    m = a > m ? a : m;
+  }
+  return m;
+}
+
+absl::Status NonFinite(const WeightView& weights, int64_t row) {
+  std::vector<float> values(static_cast<size_t>(weights.cols));
+  LoadAsFloat(weights.data, weights.dtype, row * weights.cols, static_cast<int>(weights.cols),
+              values.data());
+  for (int64_t c = 0; c < weights.cols; ++c) {
+    if (!std::isfinite(values[static_cast<size_t>(c)])) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("weights: element (%d, %d) is %g; weights must be finite", row, c,
+                          values[static_cast<size_t>(c)]));
+    }
+  }
+  return absl::InternalError("weights: a non-finite element was flagged but not found");
+}
+
+}  // namespace
+
 absl::StatusOr<float> ScanWeightRows(const WeightView& weights, int64_t row_begin,
                                      int64_t row_end) {
   if (weights.data == nullptr) return absl::InvalidArgumentError("weights.data is null");
-  float amax = 0.0f;
-  float chunk[kBlockSize];
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    for (int64_t c = 0; c < weights.cols; c += kBlockSize) {
-      const int count = static_cast<int>(std::min<int64_t>(kBlockSize, weights.cols - c));
-      LoadAsFloat(weights.data, weights.dtype, r * weights.cols + c, count, chunk);
-      bool finite = true;
-      for (int i = 0; i < count; ++i) {
-        finite = finite && std::isfinite(chunk[i]);
-        const float a = std::fabs(chunk[i]);
-        amax = a > amax ? a : amax;  // a NaN is reported below
-      }
-      if (!finite) {
-        for (int i = 0; i < count; ++i) {
-          if (!std::isfinite(chunk[i])) {
-            return absl::InvalidArgumentError(absl::StrFormat(
-                "weights: element (%d, %d) is %g; weights must be finite", r, c + i, chunk[i]));
-          }
-        }
-      }
+  // Per row the largest magnitude's bits; a row holding NaN or Inf is searched for the first
+  // one, so the error names the first in row-major order.
+  if (weights.dtype == DType::kFloat32) {
+    const uint32_t* bits = static_cast<const uint32_t*>(weights.data);
+    uint32_t amax = 0;
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      const uint32_t m = RowMagnitudeBits32(bits + r * weights.cols, weights.cols);
+      if (m >= 0x7f800000u) return NonFinite(weights, r);
+      amax = std::max(amax, m);
     }
+    float value;
+    std::memcpy(&value, &amax, sizeof(value));
+    return value;
   }
-  return amax;
+  const uint16_t* bits = static_cast<const uint16_t*>(weights.data);
+  const uint16_t inf = weights.dtype == DType::kBFloat16 ? 0x7f80 : 0x7c00;
+  uint16_t amax = 0;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const uint16_t m = RowMagnitudeBits16(bits + r * weights.cols, weights.cols);
+    if (m >= inf) return NonFinite(weights, r);
+    amax = std::max(amax, m);
+  }
+  return weights.dtype == DType::kBFloat16 ? BFloat16ToFloat(amax) : Float16ToFloat(amax);
 }
 
 absl::Status ValidateGlobalAmax(float global_amax, float weights_amax) {
@@ -139,13 +182,35 @@ absl::Status ValidateGlobalAmax(float global_amax, float weights_amax) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<float> ValidatedGlobalAmax(const QuantizeRequest& request) {
+absl::StatusOr<WeightScan> ScanWeights(const WeightView& weights) {
+  absl::StatusOr<float> amax = ScanWeightRows(weights, 0, weights.rows);
+  if (!amax.ok()) return amax.status();
+  return WeightScan(weights, *amax);
+}
+
+absl::StatusOr<ValidatedRequest> ValidateQuantizeRequest(const QuantizeRequest& request,
+                                                         const WeightScan& scan) {
+  const WeightView& w = request.weights;
+  const WeightView& scanned = scan.weights();
+  if (w.data != scanned.data || w.dtype != scanned.dtype || w.rows != scanned.rows ||
+      w.cols != scanned.cols) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "weights: the scan given is of other weights ([%d, %d] at %p, the request's [%d, %d] "
+        "at %p)",
+        scanned.rows, scanned.cols, scanned.data, w.rows, w.cols, w.data));
+  }
   if (absl::Status s = ValidateShapeHessiansAndParams(request); !s.ok()) return s;
-  absl::StatusOr<float> own_amax = ScanWeightRows(request.weights, 0, request.weights.rows);
-  if (!own_amax.ok()) return own_amax.status();
-  if (!request.global_amax.has_value()) return *own_amax;
-  if (absl::Status s = ValidateGlobalAmax(*request.global_amax, *own_amax); !s.ok()) return s;
-  return *request.global_amax;
+  if (!request.global_amax.has_value()) return ValidatedRequest(request, scan.amax());
+  if (absl::Status s = ValidateGlobalAmax(*request.global_amax, scan.amax()); !s.ok()) return s;
+  return ValidatedRequest(request, *request.global_amax);
+}
+
+absl::StatusOr<ValidatedRequest> ValidateQuantizeRequest(const QuantizeRequest& request) {
+  // Shape first: the scan must not read a view whose shape is wrong.
+  if (absl::Status s = ValidateShapeHessiansAndParams(request); !s.ok()) return s;
+  absl::StatusOr<WeightScan> scan = ScanWeights(request.weights);
+  if (!scan.ok()) return scan.status();
+  return ValidateQuantizeRequest(request, *scan);
 }
 
 absl::Status ValidateRowRangeRequest(const QuantizeRequest& request, float global_amax,
@@ -158,21 +223,6 @@ absl::Status ValidateRowRangeRequest(const QuantizeRequest& request, float globa
   absl::StatusOr<float> rows_amax = ScanWeightRows(request.weights, row_begin, row_end);
   if (!rows_amax.ok()) return rows_amax.status();
   return ValidateGlobalAmax(global_amax, *rows_amax);
-}
-
-absl::StatusOr<QuantizedTensor> PrepareQuantizedTensor(const QuantizeRequest& request) {
-  absl::StatusOr<float> global_amax = ValidatedGlobalAmax(request);
-  if (!global_amax.ok()) return global_amax.status();
-  const WeightView& w = request.weights;
-  QuantizedTensor result;
-  result.rows = w.rows;
-  result.cols = w.cols;
-  result.packed_codes.resize(static_cast<size_t>(w.rows * w.cols / 2));
-  result.scales.resize(static_cast<size_t>(w.rows * w.cols / kBlockSize));
-  result.global_amax = *global_amax;
-  result.global_scale = GlobalScaleFromAmax(*global_amax);
-  InitTensorStats(request.params, *global_amax, &result.stats);
-  return result;
 }
 
 absl::Status ValidateRowRange(const WeightView& weights, int64_t row_begin, int64_t row_end,

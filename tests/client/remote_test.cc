@@ -356,11 +356,13 @@ TEST(ClientLibrary, AsyncAndSingleTensorCallsReturnTheKernelsBytes) {
   const std::vector<float> h128 = MakeExampleHessianBlocks(8, 4);
   const std::vector<float> h64 = MakeExampleHessianBlocks(4, 5);
   std::vector<TensorJob> jobs(3);
-  jobs[0] = {"a.weight", {w0.data(), DType::kBFloat16, 64, 128}, {h128.data(), 8}, "h128", {}, 0.0f,
-             {}};
-  jobs[1] = {"b.weight", {w1.data(), DType::kBFloat16, 48, 128}, {h128.data(), 8}, "h128", {}, 0.0f,
-             {}};
-  jobs[2] = {"c.weight", {w2.data(), DType::kFloat32, 32, 64}, {h64.data(), 4}, "h64", {}, 0.0f,
+  jobs[0] = {
+      "a.weight", {w0.data(), DType::kBFloat16, 64, 128}, {h128.data(), 8}, "h128", {}, 0.0f, {},
+      {}};
+  jobs[1] = {
+      "b.weight", {w1.data(), DType::kBFloat16, 48, 128}, {h128.data(), 8}, "h128", {}, 0.0f, {},
+      {}};
+  jobs[2] = {"c.weight", {w2.data(), DType::kFloat32, 32, 64}, {h64.data(), 4}, "h64", {}, 0.0f, {},
              {}};
   jobs[2].params.method = Method::kLocalHessian;
   std::unique_ptr<ScaleSearch> kernels = MakeCpuScaleSearch({});

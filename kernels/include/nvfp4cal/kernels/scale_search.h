@@ -195,6 +195,54 @@ struct RowRangeOutput {
   absl::Span<uint8_t> scales;        // (row_end - row_begin) * cols / 16 bytes
 };
 
+// The weights of a tensor and their amax, from the one scan that also proves every element
+// finite. Only ScanWeights makes one: holding a WeightScan means that scan ran over exactly
+// these weights (same memory, dtype and shape).
+class WeightScan {
+ public:
+  const WeightView& weights() const { return weights_; }
+  float amax() const { return amax_; }
+
+ private:
+  friend absl::StatusOr<WeightScan> ScanWeights(const WeightView& weights);
+  WeightScan(const WeightView& weights, float amax) : weights_(weights), amax_(amax) {}
+
+  WeightView weights_;
+  float amax_ = 0.0f;
+};
+
+// Scans every weight: INVALID_ARGUMENT naming the first NaN or Inf (row-major), else the scan
+// with max |W|. Integer passes over the bits, several GB/s per thread.
+absl::StatusOr<WeightScan> ScanWeights(const WeightView& weights);
+
+// A whole-tensor request checked once, where its data entered the process: shape, Hessians and
+// parameters, finite weights, and the global amax against theirs. Only ValidateQuantizeRequest
+// makes one, and ScaleSearch::QuantizeValidated searches it without looking at the data again.
+// The request's views must stay valid while it is used.
+class ValidatedRequest {
+ public:
+  const QuantizeRequest& request() const { return request_; }
+  // The request's shared global amax, else the weights' own.
+  float global_amax() const { return global_amax_; }
+
+ private:
+  friend absl::StatusOr<ValidatedRequest> ValidateQuantizeRequest(const QuantizeRequest& request,
+                                                                  const WeightScan& scan);
+  ValidatedRequest(const QuantizeRequest& request, float global_amax)
+      : request_(request), global_amax_(global_amax) {}
+
+  QuantizeRequest request_;
+  float global_amax_ = 0.0f;
+};
+
+// Validates `request` with the scan of its weights (taken earlier, e.g. with the amax pass of a
+// reader): INVALID_ARGUMENT when the scan is of other weights, or what ValidateRequest reports.
+// O(cols x 16): the weights are not read again.
+absl::StatusOr<ValidatedRequest> ValidateQuantizeRequest(const QuantizeRequest& request,
+                                                         const WeightScan& scan);
+// Scans the weights, then validates.
+absl::StatusOr<ValidatedRequest> ValidateQuantizeRequest(const QuantizeRequest& request);
+
 // A backend that quantizes tensors. Implementations are thread-safe.
 class ScaleSearch {
  public:
@@ -203,9 +251,13 @@ class ScaleSearch {
   // "cpu" or "cuda".
   virtual std::string_view BackendName() const = 0;
 
-  // Quantizes a whole tensor. Validates the request first (ValidateRequest) and returns its
-  // error without side effects.
-  virtual absl::StatusOr<QuantizedTensor> Quantize(const QuantizeRequest& request) = 0;
+  // Quantizes a whole tensor: validates the request first (ValidateQuantizeRequest) and
+  // returns its error without side effects, then QuantizeValidated.
+  absl::StatusOr<QuantizedTensor> Quantize(const QuantizeRequest& request);
+
+  // Quantizes a request validated once: allocates the result and searches every row
+  // (QuantizePrevalidatedRows); the weights are read once more only by the search itself.
+  absl::StatusOr<QuantizedTensor> QuantizeValidated(const ValidatedRequest& validated);
 
   // Quantizes rows [row_begin, row_end) with the given global amax g into caller-owned spans,
   // accumulating statistics into *stats. For streaming huge tensors: call ComputeGlobalAmax
@@ -215,16 +267,14 @@ class ScaleSearch {
                                     TensorStats* stats) = 0;
 
   // QuantizeRows for a request its caller checked once, where the data entered the process (a
-  // server's Quantize session or job): ValidateShapeHessiansAndParams for the tensor,
-  // ScanWeightRows and ValidateGlobalAmax for these rows. Only the row range and the output
-  // sizes are checked again, so many small row ranges of one tensor do not each pay the
-  // O(cols x 16) Hessian check and the O(rows x cols) scan. Give it only data that passed those
-  // checks. The default runs QuantizeRows (every check).
+  // server's Quantize session or job, a ValidatedRequest): ValidateShapeHessiansAndParams for
+  // the tensor, ScanWeightRows and ValidateGlobalAmax for these rows. Only the row range and
+  // the output sizes are checked again, so many small row ranges of one tensor do not each pay
+  // the O(cols x 16) Hessian check and the O(rows x cols) scan. Give it only data that passed
+  // those checks: invalid data gives unspecified codes, never a crash.
   virtual absl::Status QuantizePrevalidatedRows(const QuantizeRequest& request, float global_amax,
                                                 int64_t row_begin, int64_t row_end,
-                                                RowRangeOutput output, TensorStats* stats) {
-    return QuantizeRows(request, global_amax, row_begin, row_end, output, stats);
-  }
+                                                RowRangeOutput output, TensorStats* stats) = 0;
 };
 
 // Checks a request against NUMERICS (shape, finiteness, Hessian shape and symmetry, parameter

@@ -24,21 +24,12 @@ absl::StatusOr<float> ScanWeightRows(const WeightView& weights, int64_t row_begi
 // A caller-given global amax must be finite and cover the weights it scales.
 absl::Status ValidateGlobalAmax(float global_amax, float weights_amax);
 
-// Validates a whole-tensor request (ValidateRequest) and returns the global amax it uses: the
-// request's shared one, else the weights' own.
-absl::StatusOr<float> ValidatedGlobalAmax(const QuantizeRequest& request);
-
 // Everything ScaleSearch::QuantizeRows checks before searching rows [row_begin, row_end) with
 // global amax g: shape, Hessians and parameters, the range and output sizes, the rows' values
 // and g against their amax.
 absl::Status ValidateRowRangeRequest(const QuantizeRequest& request, float global_amax,
                                      int64_t row_begin, int64_t row_end,
                                      const RowRangeOutput& output);
-
-// What every backend's Quantize does before searching: validates the whole request, settles the
-// global amax (the request's shared one, else the weights' own) and returns a result with its
-// buffers allocated and the descriptive statistics set.
-absl::StatusOr<QuantizedTensor> PrepareQuantizedTensor(const QuantizeRequest& request);
 
 // Row range and output span sizes of ScaleSearch::QuantizeRows.
 absl::Status ValidateRowRange(const WeightView& weights, int64_t row_begin, int64_t row_end,
