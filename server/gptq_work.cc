@@ -65,24 +65,22 @@ absl::StatusOr<std::shared_ptr<const GptqPlan>> FullHessian::Plan(GptqBackend& b
     if (slot == nullptr) slot = std::make_unique<PlanEntry>();
     entry = slot.get();
   }
-  // Held while preparing: items of the same plan on other workers wait instead of repeating
-  // the factorisation.
-  absl::MutexLock lock(&entry->mu);
-  if (entry->done) return entry->plan;
-  entry->plan = backend.Prepare(view(), params);
-  entry->done = true;
-  if (entry->plan.ok()) {
-    const GptqPlan& plan = **entry->plan;
-    if (budget_ != nullptr) entry->charge = budget_->ChargePlan(plan.memory_bytes);
-    if (metrics_ != nullptr) {
-      metrics_->RecordGptqPlan(std::string(backend.BackendName()), plan.factor_seconds);
-    }
-    absl::MutexLock count(&mu_);
-    ++plans_prepared_;
-  } else if (metrics_ != nullptr) {
-    metrics_->RecordGptqPlanFailure();
-  }
-  return entry->plan;
+  // Items of the same plan on other workers wait for the first instead of repeating the
+  // factorisation.
+  return entry->plan.Get(
+      backend, view(), params,
+      [this, entry, &backend](const absl::StatusOr<std::shared_ptr<const GptqPlan>>& plan) {
+        if (!plan.ok()) {
+          if (metrics_ != nullptr) metrics_->RecordGptqPlanFailure();
+          return;
+        }
+        if (budget_ != nullptr) entry->charge = budget_->ChargePlan((*plan)->memory_bytes);
+        if (metrics_ != nullptr) {
+          metrics_->RecordGptqPlan(std::string(backend.BackendName()), (*plan)->factor_seconds);
+        }
+        absl::MutexLock count(&mu_);
+        ++plans_prepared_;
+      });
 }
 
 int FullHessian::plans_prepared() const {

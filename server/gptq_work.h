@@ -82,10 +82,9 @@ class FullHessian {
 
  private:
   struct PlanEntry {
-    absl::Mutex mu;
-    bool done ABSL_GUARDED_BY(mu) = false;
-    absl::StatusOr<std::shared_ptr<const GptqPlan>> plan ABSL_GUARDED_BY(mu);
-    std::unique_ptr<FullHessianBudget::Reservation> charge ABSL_GUARDED_BY(mu);
+    SharedGptqPlan plan;
+    // The plan's memory on the budget: set once by the plan's PreparedHook, freed with it.
+    std::unique_ptr<FullHessianBudget::Reservation> charge;
   };
 
   FullHessian(std::string name, int64_t n, std::unique_ptr<float[]> data,

@@ -3,10 +3,13 @@
 // determinism and validation.
 #include "nvfp4cal/kernels/gptq.h"
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -541,6 +544,76 @@ TEST(CpuGptq, ParsesItsNames) {
               HasSubstr("expected one of sweep, dss"));
   EXPECT_THAT(ParseGptqScaleObjective("x").status().message(),
               HasSubstr("expected one of hessian_block, gptq_cost"));
+}
+
+// A backend whose Prepare counts its calls, takes a while (so that callers overlap) and
+// succeeds or fails as told; QuantizeRows is never called.
+class CountingGptq : public GptqBackend {
+ public:
+  explicit CountingGptq(bool fail) : fail_(fail) {}
+  std::string_view BackendName() const override { return "counting"; }
+  absl::StatusOr<std::shared_ptr<const GptqPlan>> Prepare(const FullHessianView& hessian,
+                                                          const SearchParams& params) override {
+    prepares_.fetch_add(1);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    if (fail_) return absl::InvalidArgumentError("hessian is not symmetric (test)");
+    auto plan = std::make_shared<GptqPlan>();
+    plan->n = hessian.n;
+    plan->params = params;
+    return plan;
+  }
+  absl::Status QuantizeRows(const GptqPlan&, const WeightView&, float, int64_t, int64_t,
+                            RowRangeOutput, TensorStats*) override {
+    return absl::InternalError("not used");
+  }
+  int prepares() const { return prepares_.load(); }
+
+ private:
+  const bool fail_;
+  std::atomic<int> prepares_{0};
+};
+
+TEST(SharedGptqPlan, PreparedOnceForConcurrentCallersAndReleased) {
+  for (const bool fail : {false, true}) {
+    CountingGptq backend(fail);
+    SharedGptqPlan cell;
+    std::atomic<int> hooks{0};
+    const std::vector<float> h(32 * 32, 0.0f);
+    std::vector<absl::StatusOr<std::shared_ptr<const GptqPlan>>> got(8);
+    std::vector<std::thread> callers;
+    for (size_t i = 0; i < got.size(); ++i) {
+      callers.emplace_back([&, i] {
+        got[i] = cell.Get(backend, {h.data(), 32}, SearchParams{},
+                          [&](const absl::StatusOr<std::shared_ptr<const GptqPlan>>& p) {
+                            hooks.fetch_add(1);
+                            EXPECT_EQ(p.ok(), !fail);
+                          });
+      });
+    }
+    for (std::thread& t : callers) t.join();
+    EXPECT_EQ(backend.prepares(), 1);
+    EXPECT_EQ(hooks.load(), 1);
+    EXPECT_EQ(cell.prepared(), !fail);
+    for (const auto& g : got) {
+      ASSERT_EQ(g.ok(), !fail);
+      if (fail) {
+        EXPECT_THAT(g.status().message(), HasSubstr("not symmetric"));
+      } else {
+        EXPECT_EQ(g->get(), got[0]->get());  // the very same plan
+      }
+    }
+    cell.Release();
+    const absl::StatusOr<std::shared_ptr<const GptqPlan>> after =
+        cell.Get(backend, {h.data(), 32}, SearchParams{});
+    EXPECT_EQ(backend.prepares(), 1);  // never prepared again
+    if (fail) {
+      EXPECT_THAT(after.status().message(), HasSubstr("not symmetric"));  // the failure stays
+    } else {
+      EXPECT_EQ(after.status().code(), absl::StatusCode::kFailedPrecondition);
+      EXPECT_THAT(after.status().message(), HasSubstr("released"));
+      EXPECT_EQ(got[0]->use_count(), static_cast<long>(got.size()));  // callers keep theirs
+    }
+  }
 }
 
 }  // namespace

@@ -24,13 +24,16 @@
 #define NVFP4CAL_KERNELS_GPTQ_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string_view>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "nvfp4cal/kernels/scale_search.h"
 
 namespace nvfp4cal {
@@ -165,6 +168,42 @@ absl::StatusOr<QuantizedTensor> GptqQuantize(GptqBackend& backend, const GptqReq
 // the plan); the Hessian is not validated again, the weights are.
 absl::StatusOr<QuantizedTensor> GptqQuantizeWithPlan(GptqBackend& backend, const GptqPlan& plan,
                                                      const GptqRequest& request);
+
+// A gptq plan prepared once and shared by every tensor (and row range) that uses its Hessian
+// with the same parameters on one kind of backend: the first Get prepares it
+// (GptqBackend::Prepare: validation, damping, factorisation, seconds for large n) while
+// concurrent callers wait, and a failed preparation is kept and returned to every later caller,
+// so H is validated once. Release frees the plan (gigabytes of device memory for a layer)
+// after its last use; Get then answers FAILED_PRECONDITION. Thread-safe.
+//
+//   SharedGptqPlan plan;                                   // one per (Hessian, parameters)
+//   absl::StatusOr<std::shared_ptr<const GptqPlan>> p = plan.Get(backend, hessian, params);
+//   ... GptqQuantizeWithPlan(backend, **p, request) ...
+//   plan.Release();                                        // after the last tensor
+class SharedGptqPlan {
+ public:
+  // Called once, right after the preparation and before any caller sees its result, with that
+  // result (a server charges the plan's memory and records metrics there).
+  using PreparedHook =
+      std::function<void(const absl::StatusOr<std::shared_ptr<const GptqPlan>>& plan)>;
+
+  absl::StatusOr<std::shared_ptr<const GptqPlan>> Get(GptqBackend& backend,
+                                                      const FullHessianView& hessian,
+                                                      const SearchParams& params,
+                                                      const PreparedHook& on_prepared = nullptr);
+
+  // Drops this cell's reference to the plan (callers still holding it keep it alive).
+  void Release();
+
+  // Whether a preparation succeeded (also after Release).
+  bool prepared() const;
+
+ private:
+  mutable absl::Mutex mu_;
+  bool done_ ABSL_GUARDED_BY(mu_) = false;
+  bool succeeded_ ABSL_GUARDED_BY(mu_) = false;
+  absl::StatusOr<std::shared_ptr<const GptqPlan>> plan_ ABSL_GUARDED_BY(mu_);
+};
 
 struct CpuGptqOptions {
   // Worker threads; 0 uses every hardware thread. Results do not depend on it.
