@@ -166,6 +166,7 @@ absl::StatusOr<std::shared_ptr<const std::vector<float>>> HessianStore::Blocks(
       return Bad(path(), entry, module, what);
     }
     blocks = ExtractDiagonalBlocks(t->data, cols);
+    file_->DropPages(t->data, t->num_bytes);  // only the blocks are kept
   } else {
     blocks.resize(static_cast<size_t>(cols * 16));
     std::memcpy(blocks.data(), t->data, blocks.size() * sizeof(float));
@@ -176,6 +177,7 @@ absl::StatusOr<std::shared_ptr<const std::vector<float>>> HessianStore::Blocks(
                                 ", ", i % 16, "]"));
       }
     }
+    file_->DropPages(t->data, t->num_bytes);  // copied
   }
   auto shared = std::make_shared<const std::vector<float>>(std::move(blocks));
   absl::MutexLock lock(&mu_);
@@ -209,6 +211,7 @@ absl::StatusOr<const float*> HessianStore::Full(const std::string& entry, const 
   if (!CheckFullMatrix(t->data, cols, symmetry_tolerance, &what).ok()) {
     return Bad(path(), entry, module, what);
   }
+  file_->DropPages(t->data, t->num_bytes);  // read again when its gptq plan is prepared
   absl::MutexLock lock(&mu_);
   const auto it = full_.find(entry);
   if (it != full_.end()) return it->second;

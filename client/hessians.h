@@ -40,6 +40,9 @@ class HessianStore {
   static absl::StatusOr<std::unique_ptr<HessianStore>> Open(const std::string& path);
 
   const std::string& path() const { return file_->path(); }
+  // SafetensorsFile::DropPages of the Hessians' mapping (after a full Hessian's last use; Blocks
+  // and Full drop an entry's pages themselves once they have read and checked it).
+  void DropPages(const void* data, int64_t bytes) const { file_->DropPages(data, bytes); }
 
   // The entry that serves `module` under the rule above, or "" when none does.
   // INVALID_ARGUMENT "FILE: __metadata__ alias 'KEY' (for MODULE) names entry 'VALUE', which

@@ -438,9 +438,10 @@ int RunQuantize(int argc, const char* const* argv) {
                          report->write_seconds;
     std::cout << absl::StrFormat(
         "time: read %.2f s, copy %.2f s, quantize %.2f s, write %.2f s; total %.2f s, %.0f MB/s "
-        "of input\n",
+        "of input; peak RSS %.0f MB\n",
         report->read_seconds, report->copy_seconds, report->quantize_seconds, report->write_seconds,
-        total, total > 0 ? static_cast<double>(report->bytes_in) / total / 1e6 : 0.0);
+        total, total > 0 ? static_cast<double>(report->bytes_in) / total / 1e6 : 0.0,
+        static_cast<double>(report->peak_rss_bytes) / 1e6);
     if (report->server_kernel_seconds > 0.0 || report->server_queue_seconds > 0.0) {
       std::cout << absl::StrFormat(
           "server time (summed over tensors): kernels %.2f s, queued %.2f s; the rest of "

@@ -162,7 +162,8 @@ std::string FormatStatsJson(const QuantizeReport& report) {
                  {"write", report.write_seconds},
                  {"server_kernel", report.server_kernel_seconds},
                  {"server_queue", report.server_queue_seconds}}},
-               {"bytes", {{"in", report.bytes_in}, {"out", report.bytes_out}}}};
+               {"bytes", {{"in", report.bytes_in}, {"out", report.bytes_out}}},
+               {"memory", {{"peak_rss_bytes", report.peak_rss_bytes}}}};
   return root.dump(2) + "\n";
 }
 

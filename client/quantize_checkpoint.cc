@@ -1,5 +1,7 @@
 #include "client/quantize_checkpoint.h"
 
+#include <sys/resource.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <filesystem>
@@ -34,6 +36,9 @@ using client_internal::OutputSpecs;
 using client_internal::PreparedModule;
 using client_internal::PrepareModules;
 using client_internal::WriteIndexAndConfigs;
+
+// Untouched tensors are copied in pieces of this size.
+constexpr int64_t kCopyPieceBytes = int64_t{64} << 20;
 
 // Removes a folder when it goes out of scope unless released.
 class TempDirGuard {
@@ -187,9 +192,16 @@ absl::Status StartShards(const QuantizeOptions& options, const RunInputs& in,
       if (options.cancel != nullptr && options.cancel->load()) {
         return absl::CancelledError("interrupted");
       }
-      absl::Status written = out->writers[s]->Write(
-          t.name, absl::MakeConstSpan(t.data, static_cast<size_t>(t.num_bytes)));
-      if (!written.ok()) return written;
+      // In pieces, each dropped once written: an embedding of gigabytes is never resident.
+      int64_t at = 0;
+      do {
+        const int64_t n = std::min(kCopyPieceBytes, t.num_bytes - at);
+        absl::Status written = out->writers[s]->Write(
+            t.name, absl::MakeConstSpan(t.data + at, static_cast<size_t>(n)));
+        if (!written.ok()) return written;
+        model.shards()[s].file->DropPages(t.data + at, n);
+        at += n;
+      } while (at < t.num_bytes);
       if (observer != nullptr) observer->OnTensorDone(t.name, t.num_bytes);
     }
     for (const SafetensorsTensor& t : model.shards()[s].file->tensors()) {
@@ -243,7 +255,10 @@ absl::Status QuantizeModules(const QuantizeOptions& options, const RunInputs& in
   absl::Mutex report_mu;  // guards *write_time, *report and *module_reports in the callbacks
   module_reports->assign(prepared.size(), std::nullopt);
   std::map<const ModulePlan*, std::unique_ptr<ModuleOutput>> outputs;
+  // Units still to finish per full Hessian (gptq): its pages are dropped after the last.
+  std::map<const float*, int> full_hessian_uses;
   for (const PreparedModule& m : prepared) {
+    if (m.hessian_full != nullptr) ++full_hessian_uses[m.hessian_full];
     std::unique_ptr<ModuleOutput>& out = outputs[m.plan];
     if (out == nullptr) {
       out = std::make_unique<ModuleOutput>(*m.plan, layout, shards.writers[m.shard].get(),
@@ -270,11 +285,17 @@ absl::Status QuantizeModules(const QuantizeOptions& options, const RunInputs& in
     const double kernel_seconds = result.server_kernel_seconds;
     const double queue_seconds = result.server_queue_seconds;
     const absl::Time write_start = absl::Now();
-    absl::Status written = outputs[&p]->Add(std::max<int64_t>(m.expert, 0), std::move(result),
-                                            m.input_amax.value_or(0.0f));
+    absl::Status written = outputs.at(&p)->Add(std::max<int64_t>(m.expert, 0), std::move(result),
+                                               m.input_amax.value_or(0.0f));
     if (!written.ok()) return written;
+    // Done with its inputs: resident memory stays near the units in flight.
+    if (m.file != nullptr) m.file->DropPages(m.weights, WeightBytes(m));
     {
       absl::MutexLock lock(&report_mu);
+      if (m.hessian_full != nullptr && --full_hessian_uses[m.hessian_full] == 0) {
+        in.hessians->DropPages(m.hessian_full,
+                               p.cols * p.cols * static_cast<int64_t>(sizeof(float)));
+      }
       *write_time += absl::Now() - write_start;
       report->server_kernel_seconds += kernel_seconds;
       report->server_queue_seconds += queue_seconds;
@@ -359,6 +380,8 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
   if (!renamed.ok()) return renamed;
   guard.Release();
   report.write_seconds = absl::ToDoubleSeconds(write_time + (absl::Now() - finish_start));
+  struct rusage usage {};
+  if (getrusage(RUSAGE_SELF, &usage) == 0) report.peak_rss_bytes = int64_t{usage.ru_maxrss} * 1024;
   return report;
 }
 

@@ -185,6 +185,9 @@ struct QuantizeReport {
   std::string quant_algo;
   // k_scale / v_scale tensors written (--kv-cache fp8).
   int64_t kv_cache_scales = 0;
+  // Peak resident memory of the process so far (getrusage), bytes. Inputs are memory-mapped
+  // and their pages dropped after use, so it stays near the tensors in flight, not the model.
+  int64_t peak_rss_bytes = 0;
 };
 
 // Hears about progress; every method may be called from several threads, one call at a time.

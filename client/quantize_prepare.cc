@@ -27,6 +27,7 @@ absl::Status PrepareUnit(const QuantizeOptions& options, const Checkpoint& check
   const Checkpoint::Entry* entry = checkpoint.Find(plan.weight_name);
   m.shard = entry->shard;
   m.tensor = entry->tensor;
+  m.file = checkpoint.shards()[entry->shard].file.get();
   m.params = options.params;
   if (hessians != nullptr) {
     // Each expert has its own Hessian ("<module>.<e>.hessian") unless they share the module's.
@@ -69,6 +70,7 @@ absl::Status PrepareUnit(const QuantizeOptions& options, const Checkpoint& check
   if (reinterpret_cast<uintptr_t>(data) % static_cast<uintptr_t>(element) != 0) {
     m.aligned_copy.assign(data, data + bytes);
     m.weights = m.aligned_copy.data();
+    m.file = nullptr;
   }
   prepared->push_back(std::move(m));
   return absl::OkStatus();
@@ -95,6 +97,7 @@ absl::Status FinishPreparing(const QuantizeOptions& options, const HessianStore*
     }
     m.own_amax = scan->amax();
     m.scan = *scan;
+    if (m.file != nullptr) m.file->DropPages(m.weights, WeightBytes(m));
   });
   for (const absl::Status& s : scans) {
     if (!s.ok()) return s;  // the first module in order that failed

@@ -43,6 +43,9 @@ struct PreparedModule {
   std::string name;
   size_t shard = 0;
   const SafetensorsTensor* tensor = nullptr;
+  // The mapping `weights` point into (null for an aligned copy): its pages are dropped after
+  // the scan and after the unit is written, so resident memory stays near the units in flight.
+  const SafetensorsFile* file = nullptr;
   // Aligned copy of the weights (of this expert) when the mapping is not aligned to the
   // element size.
   std::vector<uint8_t> aligned_copy;
@@ -60,6 +63,11 @@ struct PreparedModule {
   std::optional<WeightScan> scan;
   float global_amax = 0.0f;
 };
+
+// Bytes of the unit's weights (rows x cols x element size).
+inline int64_t WeightBytes(const PreparedModule& m) {
+  return m.plan->rows * m.plan->cols * DTypeSize(m.plan->dtype);
+}
 
 // Everything that can be checked before any output is written: every quantized module of
 // `plans` (each expert of a 3-D one) into *prepared, in plan order, with its global amax (a

@@ -266,6 +266,22 @@ SafetensorsFile::~SafetensorsFile() {
   if (mapping_ != nullptr) munmap(mapping_, static_cast<size_t>(file_size_));
 }
 
+void SafetensorsFile::DropPages(const void* data, int64_t bytes) const {
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(mapping_);
+  const uintptr_t end = begin + static_cast<uintptr_t>(file_size_);
+  const uintptr_t from = reinterpret_cast<uintptr_t>(data);
+  if (mapping_ == nullptr || bytes <= 0 || from < begin ||
+      from + static_cast<uintptr_t>(bytes) > end) {
+    return;
+  }
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t first = from / page * page;
+  const uintptr_t last =
+      std::min(end, (from + static_cast<uintptr_t>(bytes) + page - 1) / page * page);
+  // Advice only: a failure leaves the pages resident, which is never wrong.
+  (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+}
+
 const SafetensorsTensor* SafetensorsFile::Find(std::string_view name) const {
   const auto it = index_.find(std::string(name));
   return it == index_.end() ? nullptr : &tensors_[it->second];

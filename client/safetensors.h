@@ -97,6 +97,13 @@ class SafetensorsFile {
   // Size of the file in bytes.
   int64_t file_size() const { return file_size_; }
 
+  // Hands the pages of [data, data + bytes) back to the page cache once the caller is done
+  // with them (MADV_DONTNEED on the pages the range touches): the process's resident memory
+  // drops, and a later read maps them again from the cache (or the file). Whole pages, so a
+  // neighbouring tensor's first or last page may be dropped too (it is read again on use). A
+  // range outside the mapping is ignored.
+  void DropPages(const void* data, int64_t bytes) const;
+
  private:
   SafetensorsFile() = default;
 

@@ -293,5 +293,47 @@ TEST(Safetensors, ReadsTheRealDevModel) {
   EXPECT_EQ((*file)->metadata().at("format"), "pt");
 }
 
+// Resident pages of this process (/proc/self/statm, second field).
+int64_t ResidentPages() {
+  std::ifstream statm("/proc/self/statm");
+  int64_t size = 0;
+  int64_t resident = 0;
+  statm >> size >> resident;
+  return resident;
+}
+
+TEST(Safetensors, DropPagesReleasesResidentMemoryAndKeepsTheData) {
+  // 8 MiB of U8 with a pattern, then a small tensor sharing its last page.
+  SafetensorsTensorData big{{"big", SafetensorsDType::kU8, {8 << 20}}, {}};
+  big.bytes.resize(8 << 20);
+  for (size_t i = 0; i < big.bytes.size(); ++i) big.bytes[i] = static_cast<uint8_t>(i * 7 + 3);
+  SafetensorsTensorData small{{"small", SafetensorsDType::kU8, {100}},
+                              std::vector<uint8_t>(100, 9)};
+  const std::string path = TempPath("drop_pages.safetensors");
+  ASSERT_TRUE(WriteSafetensorsFile(path, {big, small}, {}).ok());
+  absl::StatusOr<std::unique_ptr<SafetensorsFile>> file = SafetensorsFile::Open(path);
+  ASSERT_TRUE(file.ok()) << file.status();
+  const SafetensorsTensor* t = (*file)->Find("big");
+  ASSERT_NE(t, nullptr);
+
+  const int64_t before = ResidentPages();
+  EXPECT_EQ(std::memcmp(t->data, big.bytes.data(), big.bytes.size()), 0);  // touches every page
+  const int64_t touched = ResidentPages();
+  EXPECT_GE(touched - before, 1500);  // 2048 pages of 4 KiB (fewer if pages are larger)
+  (*file)->DropPages(t->data, t->num_bytes);
+  EXPECT_LE(ResidentPages(), before + 16);
+  // Read again from the page cache: the same bytes, the neighbour too.
+  EXPECT_EQ(std::memcmp(t->data, big.bytes.data(), big.bytes.size()), 0);
+  const SafetensorsTensor* s = (*file)->Find("small");
+  EXPECT_EQ(std::vector<uint8_t>(s->data, s->data + s->num_bytes), small.bytes);
+
+  // Memory that is not the file's mapping is left alone (MADV_DONTNEED would zero it).
+  std::vector<uint8_t> heap(1 << 20, 5);
+  (*file)->DropPages(heap.data(), static_cast<int64_t>(heap.size()));
+  EXPECT_EQ(heap, std::vector<uint8_t>(1 << 20, 5));
+  (*file)->DropPages(t->data + t->num_bytes - 10, 1 << 30);  // runs past the mapping: ignored
+  EXPECT_EQ(std::vector<uint8_t>(s->data, s->data + s->num_bytes), small.bytes);
+}
+
 }  // namespace
 }  // namespace nvfp4cal
