@@ -434,10 +434,10 @@ int RunQuantize(int argc, const char* const* argv) {
               << FormatBytes(report->bytes_out) << "), not quantized: " << report->skipped.size()
               << "\n\n"
               << FormatStatsTable(*report);
-    const double total = report->read_seconds + report->copy_seconds + report->quantize_seconds +
-                         report->write_seconds;
+    const double total = report->total_seconds;
     std::cout << absl::StrFormat(
-        "time: read %.2f s, copy %.2f s, quantize %.2f s, write %.2f s; total %.2f s, %.0f MB/s "
+        "time: read %.2f s, copy %.2f s (beside quantize), quantize %.2f s, write %.2f s; total "
+        "%.2f s, %.0f MB/s "
         "of input; peak RSS %.0f MB\n",
         report->read_seconds, report->copy_seconds, report->quantize_seconds, report->write_seconds,
         total, total > 0 ? static_cast<double>(report->bytes_in) / total / 1e6 : 0.0,

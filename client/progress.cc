@@ -160,6 +160,7 @@ std::string FormatStatsJson(const QuantizeReport& report) {
                  {"copy", report.copy_seconds},
                  {"quantize", report.quantize_seconds},
                  {"write", report.write_seconds},
+                 {"total", report.total_seconds},
                  {"server_kernel", report.server_kernel_seconds},
                  {"server_queue", report.server_queue_seconds}}},
                {"bytes", {{"in", report.bytes_in}, {"out", report.bytes_out}}},

@@ -3,12 +3,14 @@
 #include <sys/resource.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <filesystem>
 #include <map>
 #include <memory>
 #include <optional>
 #include <set>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -36,6 +38,29 @@ using client_internal::OutputSpecs;
 using client_internal::PreparedModule;
 using client_internal::PrepareModules;
 using client_internal::WriteIndexAndConfigs;
+
+// Forwards to another observer one call at a time (the copy of untouched tensors runs beside
+// the quantizer's callbacks).
+class SerialObserver : public QuantizeObserver {
+ public:
+  explicit SerialObserver(QuantizeObserver* inner) : inner_(inner) {}
+  void OnStart(int64_t tensors, int64_t bytes) override {
+    absl::MutexLock lock(&mu_);
+    inner_->OnStart(tensors, bytes);
+  }
+  void OnTensorDone(const std::string& name, int64_t bytes) override {
+    absl::MutexLock lock(&mu_);
+    inner_->OnTensorDone(name, bytes);
+  }
+  void OnMessage(const std::string& line) override {
+    absl::MutexLock lock(&mu_);
+    inner_->OnMessage(line);
+  }
+
+ private:
+  QuantizeObserver* const inner_;
+  absl::Mutex mu_;
+};
 
 // Untouched tensors are copied in pieces of this size.
 constexpr int64_t kCopyPieceBytes = int64_t{64} << 20;
@@ -149,10 +174,8 @@ struct ShardOutputs {
 };
 
 // Creates a writer with the final header per shard in `temp` (bytes_in and bytes_out go into
-// *report; the observer hears the start), then copies every untouched tensor straight from the
-// mapping and writes the KV-cache scales.
-absl::Status StartShards(const QuantizeOptions& options, const RunInputs& in,
-                         const Nvfp4Layout& layout, const std::string& temp,
+// *report; the observer hears the start).
+absl::Status StartShards(const RunInputs& in, const Nvfp4Layout& layout, const std::string& temp,
                          QuantizeObserver* observer, ShardOutputs* out, QuantizeReport* report) {
   std::map<std::string, const ModulePlan*> quantized_by_weight;
   std::set<std::string> with_input_scale;
@@ -184,11 +207,21 @@ absl::Status StartShards(const QuantizeOptions& options, const RunInputs& in,
     }
     observer->OnStart(units, total_bytes);
   }
+  return absl::OkStatus();
+}
 
-  // Untouched tensors: copied straight from the mapping.
+// Copies every untouched tensor straight from the mapping and writes the KV-cache scales; runs
+// beside the quantizer, so it stops early when `stop` is set (the quantizer failed).
+absl::Status CopyUntouched(const QuantizeOptions& options, const RunInputs& in,
+                           const ShardOutputs& out, QuantizeObserver* observer,
+                           const std::atomic<bool>& stop, int64_t* kv_cache_scales) {
+  std::set<std::string> quantized;
+  for (const PreparedModule& m : in.prepared) quantized.insert(m.plan->weight_name);
+  const Checkpoint& model = *in.checkpoint;
   for (size_t s = 0; s < model.shards().size(); ++s) {
     for (const SafetensorsTensor& t : model.shards()[s].file->tensors()) {
-      if (quantized_by_weight.count(t.name) != 0) continue;
+      if (quantized.count(t.name) != 0) continue;
+      if (stop.load()) return absl::OkStatus();  // the quantizer's error is the run's
       if (options.cancel != nullptr && options.cancel->load()) {
         return absl::CancelledError("interrupted");
       }
@@ -196,8 +229,8 @@ absl::Status StartShards(const QuantizeOptions& options, const RunInputs& in,
       int64_t at = 0;
       do {
         const int64_t n = std::min(kCopyPieceBytes, t.num_bytes - at);
-        absl::Status written = out->writers[s]->Write(
-            t.name, absl::MakeConstSpan(t.data + at, static_cast<size_t>(n)));
+        absl::Status written =
+            out.writers[s]->Write(t.name, absl::MakeConstSpan(t.data + at, static_cast<size_t>(n)));
         if (!written.ok()) return written;
         model.shards()[s].file->DropPages(t.data + at, n);
         at += n;
@@ -207,10 +240,9 @@ absl::Status StartShards(const QuantizeOptions& options, const RunInputs& in,
     for (const SafetensorsTensor& t : model.shards()[s].file->tensors()) {
       const auto kv = in.kv_scales.find(t.name);
       if (kv == in.kv_scales.end()) continue;
-      absl::Status written =
-          out->writers[s]->Write(kv->second.tensor, FloatBytes(kv->second.value));
+      absl::Status written = out.writers[s]->Write(kv->second.tensor, FloatBytes(kv->second.value));
       if (!written.ok()) return written;
-      ++report->kv_cache_scales;
+      ++*kv_cache_scales;
     }
   }
   return absl::OkStatus();
@@ -246,6 +278,7 @@ std::vector<TensorJob> MakeJobs(const std::vector<PreparedModule>& prepared) {
 absl::Status QuantizeModules(const QuantizeOptions& options, const RunInputs& in,
                              const Nvfp4Layout& layout, Quantizer* quantizer,
                              QuantizeObserver* observer, const ShardOutputs& shards,
+                             const std::atomic<bool>& copy_failed,
                              std::vector<std::optional<ModuleReport>>* module_reports,
                              absl::Duration* write_time, QuantizeReport* report) {
   const std::vector<PreparedModule>& prepared = in.prepared;
@@ -269,6 +302,7 @@ absl::Status QuantizeModules(const QuantizeOptions& options, const RunInputs& in
     if (options.cancel != nullptr && options.cancel->load()) {
       return absl::CancelledError("interrupted");
     }
+    if (copy_failed.load()) return absl::CancelledError("the copy of untouched tensors failed");
     const PreparedModule& m = prepared[index];
     const ModulePlan& p = *m.plan;
     if (result.rows != p.rows || result.cols != p.cols ||
@@ -332,6 +366,9 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
 
   const absl::Time start = absl::Now();
   QuantizeReport report;
+  // The copy of untouched tensors reports progress beside the quantizer's callbacks.
+  std::optional<SerialObserver> serial;
+  if (observer != nullptr) observer = &serial.emplace(observer);
   RunInputs in;
   absl::Status read = ReadInputs(options, quantizer, observer, &in, &report);
   if (!read.ok()) return read;
@@ -348,17 +385,35 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
   absl::Status others = CopyOtherFiles(options, *in.checkpoint, *temp, observer);
   if (!others.ok()) return others;
   ShardOutputs shards;
-  absl::Status started = StartShards(options, in, layout, *temp, observer, &shards, &report);
+  absl::Status started = StartShards(in, layout, *temp, observer, &shards, &report);
   if (!started.ok()) return started;
-
   report.copy_seconds = absl::ToDoubleSeconds(absl::Now() - copy_start);
+
+  // The untouched tensors are copied beside the quantizer; whichever fails stops the other.
   const absl::Time quantize_start = absl::Now();
+  std::atomic<bool> quantize_failed{false};
+  std::atomic<bool> copy_failed{false};
+  absl::Status copied;
+  absl::Duration copy_time;
+  int64_t kv_cache_scales = 0;
+  std::thread copier([&] {
+    const absl::Time copy_begin = absl::Now();
+    copied = CopyUntouched(options, in, shards, observer, quantize_failed, &kv_cache_scales);
+    if (!copied.ok()) copy_failed.store(true);
+    copy_time = absl::Now() - copy_begin;
+  });
   absl::Duration write_time;  // inside the quantizer's callbacks
   std::vector<std::optional<ModuleReport>> module_reports;
   absl::Status quantized = QuantizeModules(options, in, layout, quantizer, observer, shards,
-                                           &module_reports, &write_time, &report);
+                                           copy_failed, &module_reports, &write_time, &report);
+  const absl::Time quantize_end = absl::Now();
+  if (!quantized.ok()) quantize_failed.store(true);
+  copier.join();
+  if (!copied.ok()) return copied;
   if (!quantized.ok()) return quantized;
-  report.quantize_seconds = absl::ToDoubleSeconds(absl::Now() - quantize_start - write_time);
+  report.kv_cache_scales = kv_cache_scales;
+  report.copy_seconds += absl::ToDoubleSeconds(copy_time);
+  report.quantize_seconds = absl::ToDoubleSeconds(quantize_end - quantize_start - write_time);
   const absl::Time finish_start = absl::Now();
   for (std::optional<ModuleReport>& r : module_reports) {
     if (!r.has_value()) return absl::InternalError("a module's result never arrived");
@@ -380,6 +435,7 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
   if (!renamed.ok()) return renamed;
   guard.Release();
   report.write_seconds = absl::ToDoubleSeconds(write_time + (absl::Now() - finish_start));
+  report.total_seconds = absl::ToDoubleSeconds(absl::Now() - start);
   struct rusage usage {};
   if (getrusage(RUSAGE_SELF, &usage) == 0) report.peak_rss_bytes = int64_t{usage.ru_maxrss} * 1024;
   return report;

@@ -173,8 +173,10 @@ struct QuantizeReport {
   // Wall-time split of the run, seconds.
   double read_seconds = 0.0;      // open, plan, read weights and Hessians, global amax
   double copy_seconds = 0.0;      // other files and untouched tensors copied to the output
+                                  // (the tensors beside the quantizer, so it overlaps)
   double quantize_seconds = 0.0;  // the quantizer (search; with --server also transport)
   double write_seconds = 0.0;     // quantized tensors, index, configs, rename
+  double total_seconds = 0.0;     // wall time of the whole run
   // With --server: what the servers reported, summed over tensors (tensors run concurrently,
   // so these may exceed quantize_seconds): time in their kernels and in their queues. The rest
   // of quantize_seconds is transport, protobuf and validation.

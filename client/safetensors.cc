@@ -413,7 +413,14 @@ absl::Status SafetensorsWriter::Write(std::string_view name, absl::Span<const ui
     offset = slot.file_offset + slot.written;
     slot.written += size;
   }
-  return PwriteAll(fd_, bytes.data(), static_cast<int64_t>(bytes.size()), offset, path_);
+  absl::Status written =
+      PwriteAll(fd_, bytes.data(), static_cast<int64_t>(bytes.size()), offset, path_);
+  if (!written.ok()) return written;
+  // Start writing these pages to the disk now (asynchronously), so that the disk works while
+  // the run goes on and Finish's fsync waits only for the tail. Advice: errors are Finish's.
+  (void)::sync_file_range(fd_, static_cast<off_t>(offset), static_cast<off_t>(bytes.size()),
+                          SYNC_FILE_RANGE_WRITE);
+  return absl::OkStatus();
 }
 
 absl::Status SafetensorsWriter::Finish() {
