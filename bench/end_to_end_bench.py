@@ -215,7 +215,7 @@ def kernel_floor(binary, method):
     for line in proc.stdout.splitlines():
         fields = line.split()
         if fields and fields[0] == method and len(fields) > 2:
-            return float(fields[2]) / 1000.0  # the "x32 layers" column, in ms
+            return float(fields[2])  # the "x32 layers s" column
     print(f"(no kernel floor: cuda_layer_bench said: {(proc.stderr or proc.stdout)[-300:]})")
     return None
 

@@ -159,9 +159,12 @@ absl::Status CalibrationServer::Start() {
                                                  authenticator_.get());
 
   if (!options_.metrics_address.empty()) {
-    std::vector<int> cuda_devices;
+    std::vector<int> cuda_devices;  // each GPU once, however many workers it has
     for (const WorkerDevice& w : devices->workers) {
-      if (w.cuda_device >= 0) cuda_devices.push_back(w.cuda_device);
+      if (w.cuda_device >= 0 && std::find(cuda_devices.begin(), cuda_devices.end(),
+                                          w.cuda_device) == cuda_devices.end()) {
+        cuda_devices.push_back(w.cuda_device);
+      }
     }
     metrics_.ExposeDeviceMemory(std::move(cuda_devices), CudaDeviceMemory);
     if (absl::Status s = metrics_.Serve(options_.metrics_address); !s.ok()) return s;
@@ -278,7 +281,8 @@ std::string CalibrationServer::DescribeConfig() const {
   return absl::StrFormat(
       "address = %s\nmetrics_address = %s\ndrain_timeout = %s\ndevice = %s (backend %s)\n"
       "device_selection = %s\n"
-      "cpu_workers = %d\ncpu_threads_per_worker = %d\nmax_queued_items = %d\n"
+      "cpu_workers = %d\ncuda_workers_per_device = %d\ncpu_threads_per_worker = %d\n"
+      "max_queued_items = %d\n"
       "memory_budget_bytes = %d\nmax_items_per_batch = %d\nmax_receive_message_bytes = %d\n"
       "max_send_message_bytes = %d\nmax_tensor_elements = %d\nmax_buffered_tensor_bytes = %d\n"
       "max_session_hessian_bytes = %d\nmax_full_hessian_bytes = %d\n"
@@ -293,11 +297,12 @@ std::string CalibrationServer::DescribeConfig() const {
       options_.address, options_.metrics_address.empty() ? "(disabled)" : options_.metrics_address,
       absl::FormatDuration(options_.drain_timeout), d.device, backend_,
       device_selection_.empty() ? "(not started)" : device_selection_, d.cpu_workers,
-      d.cpu_threads_per_worker, d.max_queued_items, d.memory_budget_bytes, d.max_items_per_batch,
-      l.max_receive_message_bytes, l.max_send_message_bytes, l.max_tensor_elements,
-      l.max_buffered_tensor_bytes, l.max_session_hessian_bytes, l.max_full_hessian_bytes,
-      l.max_session_full_hessian_bytes, l.max_inflight_chunks_per_stream, l.max_concurrent_streams,
-      l.max_rows_per_item, l.max_result_chunk_bytes, l.max_unsent_result_bytes_per_stream,
+      d.cuda_workers_per_device, d.cpu_threads_per_worker, d.max_queued_items,
+      d.memory_budget_bytes, d.max_items_per_batch, l.max_receive_message_bytes,
+      l.max_send_message_bytes, l.max_tensor_elements, l.max_buffered_tensor_bytes,
+      l.max_session_hessian_bytes, l.max_full_hessian_bytes, l.max_session_full_hessian_bytes,
+      l.max_inflight_chunks_per_stream, l.max_concurrent_streams, l.max_rows_per_item,
+      l.max_result_chunk_bytes, l.max_unsent_result_bytes_per_stream,
       l.max_session_tensor_name_bytes, absl::FormatDuration(l.stream_idle_timeout), k.time_ms,
       k.timeout_ms, k.min_client_ping_interval_ms, k.permit_without_calls ? "true" : "false",
       l.max_jobs, l.max_job_request_bytes, absl::FormatDuration(l.job_retention),

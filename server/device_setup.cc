@@ -69,11 +69,35 @@ absl::StatusOr<DeviceSetup> CudaSetup(const DeviceOptions& options, const std::s
     }
     break;
   }
+  // More workers per device, each with its own stream and workspace (ordinal-major order).
+  const int per_device = std::max(1, options.cuda_workers_per_device);
+  std::vector<std::unique_ptr<CudaScaleSearch>> workers;
+  std::vector<int> worker_ordinal;
+  for (size_t ordinal = 0; ordinal < devices.size(); ++ordinal) {
+    workers.push_back(std::move(devices[ordinal]));
+    worker_ordinal.push_back(static_cast<int>(ordinal));
+    for (int w = 1; w < per_device; ++w) {
+      CudaScaleSearchOptions cuda;
+      cuda.device = static_cast<int>(ordinal);
+      cuda.memory_budget_bytes = options.memory_budget_bytes;
+      absl::StatusOr<std::unique_ptr<CudaScaleSearch>> more = MakeCudaScaleSearch(cuda);
+      if (!more.ok()) {
+        return PrefixStatus(
+            more.status(),
+            absl::StrFormat("--cuda_workers_per_device=%d: CUDA device %d: ", per_device, ordinal));
+      }
+      workers.push_back(*std::move(more));
+      worker_ordinal.push_back(static_cast<int>(ordinal));
+    }
+  }
   // gptq on each device through the CUDA gptq backend; a device where it cannot be created runs
-  // its gptq items on the CPU backend, and the start-up log says why.
+  // its gptq items on the CPU backend, and the start-up log says why. Plans are per device
+  // ("cuda:N"), shared by its workers.
   std::vector<GptqWorker> gptq;
   std::vector<std::string> gptq_fallbacks;
-  for (size_t ordinal = 0; ordinal < devices.size(); ++ordinal) {
+  for (size_t w = 0; w < workers.size(); ++w) {
+    const size_t ordinal = static_cast<size_t>(worker_ordinal[w]);
+    const bool first_of_device = w == 0 || worker_ordinal[w - 1] != worker_ordinal[w];
     CudaGptqOptions cuda;
     cuda.device = static_cast<int>(ordinal);
     cuda.memory_budget_bytes = options.memory_budget_bytes;
@@ -81,8 +105,8 @@ absl::StatusOr<DeviceSetup> CudaSetup(const DeviceOptions& options, const std::s
     if (backend.ok()) {
       gptq.push_back(GptqWorker{*std::move(backend), absl::StrCat("cuda:", ordinal), {}});
       // More streams: a batch's gptq tensors overlap on the device (each stream's group loop
-      // leaves most of the GPU idle).
-      for (int s = 1; s < kGptqStreamsPerDevice; ++s) {
+      // leaves most of the GPU idle); with several workers per device they overlap already.
+      for (int s = 1; s < kGptqStreamsPerDevice / per_device; ++s) {
         absl::StatusOr<std::unique_ptr<GptqBackend>> more = MakeCudaGptq(cuda);
         if (!more.ok()) break;
         gptq.back().streams.push_back(*std::move(more));
@@ -90,26 +114,28 @@ absl::StatusOr<DeviceSetup> CudaSetup(const DeviceOptions& options, const std::s
       continue;
     }
     gptq.push_back(CpuGptqWorker(options));
-    gptq_fallbacks.push_back(
-        absl::StrFormat("device %d (%s)", ordinal, backend.status().ToString()));
+    if (first_of_device) {
+      gptq_fallbacks.push_back(
+          absl::StrFormat("device %d (%s)", ordinal, backend.status().ToString()));
+    }
   }
   DeviceSetup setup;
   setup.backend = "cuda";
   std::vector<std::string> names;
-  for (size_t ordinal = 0; ordinal < devices.size(); ++ordinal) {
-    const std::unique_ptr<CudaScaleSearch>& device = devices[ordinal];
-    setup.workers.push_back(WorkerDevice{"cuda", device->DeviceDescription(),
-                                         options.memory_budget_bytes, static_cast<int>(ordinal)});
-    names.push_back(device->DeviceDescription());
+  for (size_t w = 0; w < workers.size(); ++w) {
+    setup.workers.push_back(WorkerDevice{"cuda", workers[w]->DeviceDescription(),
+                                         options.memory_budget_bytes, worker_ordinal[w]});
+    if (w == 0 || worker_ordinal[w - 1] != worker_ordinal[w]) {
+      names.push_back(workers[w]->DeviceDescription());
+    }
   }
-  setup.selection =
-      absl::StrFormat("%s -> cuda (%s): %d worker(s), one per GPU: %s", options.device, why,
-                      devices.size(), absl::StrJoin(names, "; "));
+  setup.selection = absl::StrFormat("%s -> cuda (%s): %d worker(s), %d per GPU: %s", options.device,
+                                    why, workers.size(), per_device, absl::StrJoin(names, "; "));
   if (!gptq_fallbacks.empty()) {
     absl::StrAppend(&setup.selection, "; gptq runs on the CPU backend for ",
                     absl::StrJoin(gptq_fallbacks, ", "));
   }
-  setup.executor = std::make_unique<CudaBatchExecutor>(std::move(devices), std::move(gptq));
+  setup.executor = std::make_unique<CudaBatchExecutor>(std::move(workers), std::move(gptq));
   return setup;
 }
 

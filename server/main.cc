@@ -27,10 +27,13 @@ ABSL_FLAG(std::string, metrics_address, kDefaults.metrics_address,
           "Prometheus /metrics listen address host:port; empty disables it");
 ABSL_FLAG(std::string, device, kDefaults.devices.device,
           "auto|cpu|cuda: where quantization runs (auto: CUDA when a GPU is usable, else CPU; "
-          "cuda: every GPU, one worker each, exit 1 when there is none)");
+          "cuda: every GPU, --cuda_workers_per_device workers each, exit 1 when there is none)");
 ABSL_FLAG(absl::Duration, drain_timeout, kDefaults.drain_timeout,
           "On SIGTERM, how long in-flight work may take before it is cancelled");
 ABSL_FLAG(int, cpu_workers, kDefaults.devices.cpu_workers, "Scheduler workers on the CPU backend");
+ABSL_FLAG(int, cuda_workers_per_device, kDefaults.devices.cuda_workers_per_device,
+          "Scheduler workers per GPU (each its own stream and --memory_budget_bytes workspace), "
+          "so that one worker's copies overlap another's kernels");
 ABSL_FLAG(int, cpu_threads_per_worker, kDefaults.devices.cpu_threads_per_worker,
           "Threads of the CPU backend per batch; 0 = all hardware threads");
 ABSL_FLAG(int64_t, max_queued_items, kDefaults.devices.max_queued_items,
@@ -107,6 +110,7 @@ nvfp4cal::server::ServerOptions OptionsFromFlags() {
   o.drain_timeout = absl::GetFlag(FLAGS_drain_timeout);
   o.devices.device = absl::GetFlag(FLAGS_device);
   o.devices.cpu_workers = absl::GetFlag(FLAGS_cpu_workers);
+  o.devices.cuda_workers_per_device = absl::GetFlag(FLAGS_cuda_workers_per_device);
   o.devices.cpu_threads_per_worker = absl::GetFlag(FLAGS_cpu_threads_per_worker);
   o.devices.max_queued_items = absl::GetFlag(FLAGS_max_queued_items);
   o.devices.memory_budget_bytes = absl::GetFlag(FLAGS_memory_budget_bytes);

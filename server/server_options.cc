@@ -80,6 +80,7 @@ absl::Status ValidateServerOptions(const ServerOptions& o) {
   const absl::Status checks[] = {
       CheckDuration("drain_timeout", o.drain_timeout, kDay),
       CheckRange("cpu_workers", d.cpu_workers, 1, 1024),
+      CheckRange("cuda_workers_per_device", d.cuda_workers_per_device, 1, 16),
       CheckRange("cpu_threads_per_worker", d.cpu_threads_per_worker, 0, 4096),
       CheckRange("max_queued_items", d.max_queued_items, 1, int64_t{1} << 30),
       CheckRange("memory_budget_bytes", d.memory_budget_bytes, kMiB, kTiB),

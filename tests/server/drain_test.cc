@@ -150,6 +150,7 @@ TEST(ServerBinary, NonsenseFlagsExitOneNamingFlagRangeAndValue) {
       {"--max_jobs=0", "--max_jobs = 0 is out of range [1, "},
       {"--drain_timeout=-1s", "--drain_timeout = -1s is out of range [0s, 24h]"},
       {"--cpu_workers=0", "--cpu_workers = 0 is out of range [1, 1024]"},
+      {"--cuda_workers_per_device=17", "--cuda_workers_per_device = 17 is out of range [1, 16]"},
       {"--max_send_message_bytes=100", "--max_send_message_bytes = 100 is out of range [65536, "},
       {"--max_receive_message_bytes=4294967296",
        "--max_receive_message_bytes = 4294967296 is out of range [65536, 2147483647]"},
