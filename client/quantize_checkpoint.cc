@@ -37,6 +37,7 @@ using client_internal::ModuleOutput;
 using client_internal::OutputSpecs;
 using client_internal::PreparedModule;
 using client_internal::PrepareModules;
+using client_internal::ScanModules;
 using client_internal::WriteIndexAndConfigs;
 
 // Forwards to another observer one call at a time (the copy of untouched tensors runs beside
@@ -389,8 +390,8 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
   if (!started.ok()) return started;
   report.copy_seconds = absl::ToDoubleSeconds(absl::Now() - copy_start);
 
-  // The untouched tensors are copied beside the quantizer; whichever fails stops the other.
-  const absl::Time quantize_start = absl::Now();
+  // The untouched tensors are copied (and their pages start for the disk) beside the scan of
+  // the weights and the quantizer; whichever fails stops the other.
   std::atomic<bool> quantize_failed{false};
   std::atomic<bool> copy_failed{false};
   absl::Status copied;
@@ -402,10 +403,16 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
     if (!copied.ok()) copy_failed.store(true);
     copy_time = absl::Now() - copy_begin;
   });
+  const absl::Time scan_start = absl::Now();
+  absl::Status quantized = ScanModules(&in.prepared);
+  report.read_seconds += absl::ToDoubleSeconds(absl::Now() - scan_start);
+  const absl::Time quantize_start = absl::Now();
   absl::Duration write_time;  // inside the quantizer's callbacks
   std::vector<std::optional<ModuleReport>> module_reports;
-  absl::Status quantized = QuantizeModules(options, in, layout, quantizer, observer, shards,
-                                           copy_failed, &module_reports, &write_time, &report);
+  if (quantized.ok()) {
+    quantized = QuantizeModules(options, in, layout, quantizer, observer, shards, copy_failed,
+                                &module_reports, &write_time, &report);
+  }
   const absl::Time quantize_end = absl::Now();
   if (!quantized.ok()) quantize_failed.store(true);
   copier.join();

@@ -76,11 +76,39 @@ absl::Status PrepareUnit(const QuantizeOptions& options, const Checkpoint& check
   return absl::OkStatus();
 }
 
-// After every unit is prepared: each one's amax (a full scan that also rejects NaN/Inf), the
-// error for the units without a Hessian, the fused groups' shared amax.
-absl::Status FinishPreparing(const QuantizeOptions& options, const HessianStore* hessians,
-                             const std::vector<std::string>& missing,
-                             std::vector<PreparedModule>* prepared) {
+// The error for the units without a Hessian (none: OK).
+absl::Status MissingHessians(const QuantizeOptions& options, const HessianStore* hessians,
+                             const std::vector<std::string>& missing) {
+  if (missing.empty()) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      "--method ", std::string(MethodName(options.params.method)), " needs a Hessian, but ",
+      hessians == nullptr ? std::string("no --hessians file was given")
+                          : absl::StrCat(hessians->path(), " has none"),
+      " for ", missing.size(), " module(s): ", FirstNames(missing),
+      " (looked for '<module>.hessian', a __metadata__ alias and the fused siblings' entries; "
+      "experts of a 3-D tensor look for '<module>.<expert>.hessian', or '<module>.hessian' with "
+      "--expert-hessian shared; pass --fallback-method max|mse to quantize them without one)"));
+}
+
+}  // namespace
+
+// Everything that can be checked before any output is written.
+absl::Status PrepareModules(const QuantizeOptions& options, const Checkpoint& checkpoint,
+                            const std::vector<ModulePlan>& plans, HessianStore* hessians,
+                            QuantizeObserver* observer, std::vector<PreparedModule>* prepared) {
+  std::vector<std::string> missing;
+  for (const ModulePlan& plan : plans) {
+    if (!plan.quantize) continue;
+    for (int64_t e = plan.experts == 0 ? -1 : 0; e < plan.experts; ++e) {
+      absl::Status unit =
+          PrepareUnit(options, checkpoint, plan, e, hessians, observer, prepared, &missing);
+      if (!unit.ok()) return unit;
+    }
+  }
+  return MissingHessians(options, hessians, missing);
+}
+
+absl::Status ScanModules(std::vector<PreparedModule>* prepared) {
   // On every hardware thread.
   std::vector<absl::Status> scans(prepared->size());
   ParallelFor(prepared->size(), [&](size_t i) {
@@ -102,16 +130,6 @@ absl::Status FinishPreparing(const QuantizeOptions& options, const HessianStore*
   for (const absl::Status& s : scans) {
     if (!s.ok()) return s;  // the first module in order that failed
   }
-  if (!missing.empty()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "--method ", std::string(MethodName(options.params.method)), " needs a Hessian, but ",
-        hessians == nullptr ? std::string("no --hessians file was given")
-                            : absl::StrCat(hessians->path(), " has none"),
-        " for ", missing.size(), " module(s): ", FirstNames(missing),
-        " (looked for '<module>.hessian', a __metadata__ alias and the fused siblings' entries; "
-        "experts of a 3-D tensor look for '<module>.<expert>.hessian', or '<module>.hessian' with "
-        "--expert-hessian shared; pass --fallback-method max|mse to quantize them without one)"));
-  }
   // Fused siblings share g = the max over the group (NUMERICS §1), expert by expert.
   auto group_key = [](const PreparedModule& m) {
     return absl::StrCat(m.plan->fused_group, "#", m.expert);
@@ -126,24 +144,6 @@ absl::Status FinishPreparing(const QuantizeOptions& options, const HessianStore*
     m.global_amax = m.plan->fused_group.empty() ? m.own_amax : group_amax[group_key(m)];
   }
   return absl::OkStatus();
-}
-
-}  // namespace
-
-// Everything that can be checked before any output is written.
-absl::Status PrepareModules(const QuantizeOptions& options, const Checkpoint& checkpoint,
-                            const std::vector<ModulePlan>& plans, HessianStore* hessians,
-                            QuantizeObserver* observer, std::vector<PreparedModule>* prepared) {
-  std::vector<std::string> missing;
-  for (const ModulePlan& plan : plans) {
-    if (!plan.quantize) continue;
-    for (int64_t e = plan.experts == 0 ? -1 : 0; e < plan.experts; ++e) {
-      absl::Status unit =
-          PrepareUnit(options, checkpoint, plan, e, hessians, observer, prepared, &missing);
-      if (!unit.ok()) return unit;
-    }
-  }
-  return FinishPreparing(options, hessians, missing, prepared);
 }
 
 // The k_scale of every k_proj and the v_scale of every v_proj among `plans` (quantized or

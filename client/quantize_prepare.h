@@ -14,6 +14,8 @@
 //   absl::StatusOr<bool> w4a4 = DecideActivations(options.activations, prepared, observer);
 //   absl::StatusOr<KvScalesByWeight> kv =
 //       KvCacheScales(options.kv_cache, LayoutOf(options.format), plans, hessians);
+//   ... output writers created, the copy of untouched tensors started ...
+//   absl::Status scanned = ScanModules(&prepared);   // the weights' one pass: NaN/Inf, amax
 #ifndef NVFP4CAL_CLIENT_QUANTIZE_PREPARE_H_
 #define NVFP4CAL_CLIENT_QUANTIZE_PREPARE_H_
 
@@ -69,14 +71,18 @@ inline int64_t WeightBytes(const PreparedModule& m) {
   return m.plan->rows * m.plan->cols * DTypeSize(m.plan->dtype);
 }
 
-// Everything that can be checked before any output is written: every quantized module of
-// `plans` (each expert of a 3-D one) into *prepared, in plan order, with its global amax (a
-// full scan that also rejects NaN/Inf; fused siblings share the group's, expert by expert).
-// `hessians` may be null (no --hessians). The first error, naming the module or tensor; one
-// error naming every module that needs a Hessian the file lacks when there is no fallback.
+// Every quantized module of `plans` (each expert of a 3-D one) into *prepared, in plan order,
+// with its Hessian found and checked; `hessians` may be null (no --hessians). The first error,
+// naming the module or tensor; one error naming every module that needs a Hessian the file
+// lacks when there is no fallback. The weights are not read yet (ScanModules).
 absl::Status PrepareModules(const QuantizeOptions& options, const Checkpoint& checkpoint,
                             const std::vector<ModulePlan>& plans, HessianStore* hessians,
                             QuantizeObserver* observer, std::vector<PreparedModule>* prepared);
+
+// The one pass over every prepared unit's weights, on every hardware thread: ScanWeights (rejects
+// NaN/Inf naming the tensor; its scan goes into the unit), then each unit's global amax (fused
+// siblings share the group's, expert by expert). The weights' pages are dropped after.
+absl::Status ScanModules(std::vector<PreparedModule>* prepared);
 
 // W4A4 (true) or weight-only (false) under `mode`, from which modules have an activation amax;
 // the label must never promise an input_scale the checkpoint lacks.
