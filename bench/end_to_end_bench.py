@@ -160,13 +160,13 @@ def wait_for_port(port, proc, timeout=60.0):
 class Servers:
     """N nvfp4cal-server processes on loopback; their peak RSS is read when they stop."""
 
-    def __init__(self, binary, count, work):
+    def __init__(self, binary, count, work, extra=()):
         self.ports = [free_port() for _ in range(count)]
         self.procs = []
         for i, port in enumerate(self.ports):
             log = open(os.path.join(work, f"server-{count}-{i}.log"), "w")
             self.procs.append(subprocess.Popen(
-                [binary, f"--address=127.0.0.1:{port}", "--metrics_address="],
+                [binary, f"--address=127.0.0.1:{port}", "--metrics_address="] + list(extra),
                 stdout=log, stderr=subprocess.STDOUT))
         for port, proc in zip(self.ports, self.procs):
             wait_for_port(port, proc)
@@ -233,6 +233,10 @@ def main():
                    "[default: --build]")
     p.add_argument("--baseline-cli", help="another nvfp4cal (an earlier build): its in-process "
                    "runs are timed in the same run and its output compared")
+    p.add_argument("--no-servers", action="store_true", help="in-process runs only")
+    p.add_argument("--no-floors", action="store_true", help="skip the stage floors")
+    p.add_argument("--baseline-server-flags", help="also time one server started with these "
+                   "extra flags (e.g. --cuda_workers_per_device=1), for comparison")
     args = p.parse_args()
     cli = find_binary(args.build, "nvfp4cal")
     server = find_binary(args.build, "nvfp4cal-server")
@@ -272,12 +276,17 @@ def main():
         print(f"{'':<14} output {'byte-identical to' if same_outputs(ref, out) else 'DIFFERS FROM'}"
               " in-process")
 
-    for count in sorted({1, args.servers}) if server else []:
-        servers = Servers(server, count, args.work)
+    configs = [(1, [])]
+    if args.baseline_server_flags:
+        configs.append((1, args.baseline_server_flags.split()))
+    if args.servers != 1:
+        configs.append((args.servers, []))
+    for count, extra in configs if server and not args.no_servers else []:
+        servers = Servers(server, count, args.work, extra)
         runs = [quantize(cli, args, model, out, ["--server", servers.addresses()], stats, log)
                 for _ in range(args.repeat)]
         rss = servers.stop()
-        label = f"{count} server" + ("s" if count > 1 else "")
+        label = f"{count} server" + ("s" if count > 1 else "") + (" " + " ".join(extra) if extra else "")
         results[label] = best_of(runs)
         describe(label, results[label], baseline)
         print(f"{'':<14} servers' peak RSS: {', '.join(f'{r:.0f} MiB' for r in rss)}; output "
@@ -287,7 +296,7 @@ def main():
     print(f"\nbytes: {in_bytes / 1e9:.2f} GB read, {weights_in / 1e9:.2f} GB of weights to the "
           f"device, {device_out / 1e9:.2f} GB back, {total_out / 1e9:.2f} GB written")
     floor_values = {}
-    if floors:
+    if floors and not args.no_floors:
         proc = subprocess.run([floors, "--model", model, "--out-dir", args.work, "--h2d-bytes",
                                str(weights_in), "--d2h-bytes", str(device_out), "--write-bytes",
                                str(total_out)], capture_output=True, text=True)
@@ -296,7 +305,7 @@ def main():
             f = line.split()
             if len(f) > 2 and f[0] == "floor" and f[2] != "no":  # the best way of a stage
                 floor_values[f[1]] = min(float(f[2]), floor_values.get(f[1], float("inf")))
-    kernels = None if args.small else kernel_floor(layer_bench, args.method)
+    kernels = None if args.small or args.no_floors else kernel_floor(layer_bench, args.method)
     if kernels is not None:
         floor_values["kernel"] = kernels
         print(f"floor kernel {kernels:8.3f} s  (cuda_layer_bench, {args.method}, 32 layers)")

@@ -256,6 +256,10 @@ CliParser QuantizeParser() {
   p.AddOption("server", "HOST:PORT[,...]",
               "quantize on nvfp4cal servers, tensors spread "
               "over all");
+  p.AddOption("streams-per-server", "N",
+              "Quantize streams (connections) to each server, in [1, 16]: a server works on "
+              "several streams' tensors at once",
+              false, "1");
   p.AddOption("timeout", "SECONDS", "deadline of each server stream, 0 = none", false, "0");
   p.AddOption("retries", "N", "attempts per server when it is unavailable", false, "4");
   p.AddSwitch("tls", "connect to the servers with TLS (implied by --tls-ca/-cert/-key)");
@@ -318,10 +322,12 @@ int RunQuantize(int argc, const char* const* argv) {
   }
   int threads = 0;
   int retries = 4;
+  int streams_per_server = 1;
   float timeout_s = 0.0f;
   for (const absl::Status& s :
        {ParseFloat(*args, "beta-step", &options.params.beta_step),
         ParseInt(*args, "threads", &threads, 0, 4096), ParseInt(*args, "retries", &retries, 1, 100),
+        ParseInt(*args, "streams-per-server", &streams_per_server, 1, 16),
         ParseFloat(*args, "timeout", &timeout_s, 0.0f, 1e7f)}) {
     if (!s.ok()) return UsageError(cmd, s);
   }
@@ -332,6 +338,10 @@ int RunQuantize(int argc, const char* const* argv) {
       return UsageError(cmd, absl::InvalidArgumentError(
                                  absl::StrCat("--", name, " applies to --method gptq only")));
     }
+  }
+  if (args->Has("streams-per-server") && !args->Has("server")) {
+    return UsageError(
+        cmd, absl::InvalidArgumentError("--streams-per-server applies with --server only"));
   }
   if (args->Has("gptq-hessian-layout") && !args->Has("server")) {
     return UsageError(cmd, absl::InvalidArgumentError(
@@ -380,7 +390,10 @@ int RunQuantize(int argc, const char* const* argv) {
     absl::StatusOr<std::vector<std::string>> addresses = ParseServerList(args->Get("server"));
     if (!addresses.ok()) return UsageError(cmd, addresses.status());
     ClientOptions client;
-    client.addresses = *addresses;
+    // Each address once per stream, interleaved (a, b, a, b): every entry is a connection.
+    for (int k = 0; k < streams_per_server; ++k) {
+      client.addresses.insert(client.addresses.end(), addresses->begin(), addresses->end());
+    }
     client.max_attempts = retries;
     client.timeout = absl::Seconds(static_cast<double>(timeout_s));
     client.send_full_hessian_upper = hessian_layout == "upper";

@@ -176,6 +176,13 @@ TEST_F(Remote, OneServerIsByteIdenticalToInProcess) {
   EXPECT_THAT(r.out, ::testing::HasSubstr("server time (summed over tensors): kernels "));
 }
 
+TEST_F(Remote, SeveralStreamsToOneServerAreByteIdenticalToInProcess) {
+  ServerProcess server;
+  ASSERT_FALSE(server.address().empty());
+  ExpectIdentical(server.address(), "streams", {"--streams-per-server", "3"},
+                  /*example_only=*/true);
+}
+
 TEST_F(Remote, ThreeServersAreByteIdenticalToInProcess) {
   // Small limits on two of them: 64 KiB messages force many chunks per tensor, and a 200 kB
   // Hessian budget per session forces new sessions within one run. Each server's metrics
