@@ -234,6 +234,8 @@ def main():
     p.add_argument("--baseline-cli", help="another nvfp4cal (an earlier build): its in-process "
                    "runs are timed in the same run and its output compared")
     p.add_argument("--no-servers", action="store_true", help="in-process runs only")
+    p.add_argument("--streams-per-server", type=int, default=1,
+                   help="also time one server with this many client streams (when > 1)")
     p.add_argument("--no-floors", action="store_true", help="skip the stage floors")
     p.add_argument("--baseline-server-flags", help="also time one server started with these "
                    "extra flags (e.g. --cuda_workers_per_device=1), for comparison")
@@ -281,10 +283,13 @@ def main():
         configs.append((1, args.baseline_server_flags.split()))
     if args.servers != 1:
         configs.append((args.servers, []))
+    if args.streams_per_server > 1:
+        configs.insert(1, (1, ["--streams-per-server", str(args.streams_per_server)]))
     for count, extra in configs if server and not args.no_servers else []:
-        servers = Servers(server, count, args.work, extra)
-        runs = [quantize(cli, args, model, out, ["--server", servers.addresses()], stats, log)
-                for _ in range(args.repeat)]
+        client_flags = extra if extra and extra[0] == "--streams-per-server" else []
+        servers = Servers(server, count, args.work, [] if client_flags else extra)
+        runs = [quantize(cli, args, model, out, ["--server", servers.addresses()] + client_flags,
+                         stats, log) for _ in range(args.repeat)]
         rss = servers.stop()
         label = f"{count} server" + ("s" if count > 1 else "") + (" " + " ".join(extra) if extra else "")
         results[label] = best_of(runs)
