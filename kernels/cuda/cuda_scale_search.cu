@@ -332,15 +332,27 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
     char* const base = workspace_.As<char>();
     const cudaStream_t stream = stream_.get();
     std::vector<DeviceSlice> device_slices(pieces.size());
+    // The weights through pinned staging, filled on several threads (the previous launch's
+    // copies finished at its synchronisation below); pageable copies when it cannot be had.
+    int64_t weight_bytes = 0;
+    for (size_t p = 0; p < pieces.size(); ++p) weight_bytes += PieceWeightBytes(slices, pieces[p]);
+    const bool staged = weight_bytes >= kMinStagedBytes && weight_bytes <= kMaxStagedBytes &&
+                        staging_.Reserve(weight_bytes);
+    int64_t staged_at = 0;
     for (size_t p = 0; p < pieces.size(); ++p) {
       const Slice& s = slices[static_cast<size_t>(pieces[p].slice)];
       const WeightView& w = s.request->weights;
-      const int64_t rows = pieces[p].row_end - pieces[p].row_begin;
-      const int64_t elem = DTypeSize(w.dtype);
-      NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
-          base + layout.weight_at[p],
-          static_cast<const char*>(w.data) + pieces[p].row_begin * w.cols * elem,
-          static_cast<size_t>(rows * w.cols * elem), cudaMemcpyHostToDevice, stream));
+      const int64_t bytes = PieceWeightBytes(slices, pieces[p]);
+      const char* from =
+          static_cast<const char*>(w.data) + pieces[p].row_begin * w.cols * DTypeSize(w.dtype);
+      if (staged) {
+        ParallelHostCopy(staging_.data() + staged_at, from, bytes, kStagingThreads);
+        from = staging_.data() + staged_at;
+        staged_at += bytes;
+      }
+      NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(base + layout.weight_at[p], from,
+                                                 static_cast<size_t>(bytes), cudaMemcpyHostToDevice,
+                                                 stream));
       device_slices[p] = MakeDeviceSlice(s, pieces[p], p, layout, base);
     }
     // Host copies stay alive until the stream synchronisation below.
@@ -418,9 +430,23 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
     return absl::OkStatus();
   }
 
+  // Bytes of a piece's weights.
+  static int64_t PieceWeightBytes(absl::Span<const Slice> slices, const Piece& piece) {
+    const WeightView& w = slices[static_cast<size_t>(piece.slice)].request->weights;
+    return (piece.row_end - piece.row_begin) * w.cols * DTypeSize(w.dtype);
+  }
+
+  // Launches with fewer weight bytes copy straight from the caller's memory, and so do larger
+  // ones (a server's batch may fill a budget of gigabytes; pinned memory is locked RAM).
+  static constexpr int64_t kMinStagedBytes = int64_t{1} << 20;
+  static constexpr int64_t kMaxStagedBytes = int64_t{256} << 20;
+  // Threads that fill the staging (several backends may do so at once).
+  static constexpr int kStagingThreads = 4;
+
   CudaScaleSearchOptions options_;
   std::string description_;
   mutable std::mutex mutex_;
+  PinnedHostBuffer staging_;
   CudaCallTiming timing_;
   // Destroyed in reverse order: the workspace, the events, then an owned stream.
   BackendStream stream_;

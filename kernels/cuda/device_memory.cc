@@ -1,5 +1,10 @@
 #include "device_memory.h"
 
+#include <algorithm>
+#include <cstring>
+#include <thread>
+#include <vector>
+
 #include "absl/strings/str_format.h"
 #include "cuda_status.h"
 
@@ -48,6 +53,39 @@ void DeviceBuffer::Free() {
   }
   data_ = nullptr;
   bytes_ = 0;
+}
+
+PinnedHostBuffer::~PinnedHostBuffer() {
+  if (data_ != nullptr) cudaFreeHost(data_);
+}
+
+bool PinnedHostBuffer::Reserve(int64_t bytes) {
+  if (bytes <= bytes_) return true;
+  if (data_ != nullptr) cudaFreeHost(data_);
+  data_ = nullptr;
+  bytes_ = 0;
+  void* p = nullptr;
+  if (cudaMallocHost(&p, static_cast<size_t>(bytes)) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  data_ = static_cast<char*>(p);
+  bytes_ = bytes;
+  return true;
+}
+
+void ParallelHostCopy(char* to, const char* from, int64_t bytes, int threads) {
+  constexpr int64_t kMinPiece = int64_t{4} << 20;
+  const int64_t pieces = std::max<int64_t>(1, std::min<int64_t>(threads, bytes / kMinPiece));
+  const int64_t step = (bytes + pieces - 1) / pieces;
+  std::vector<std::thread> pool;
+  for (int64_t p = 1; p < pieces; ++p) {
+    const int64_t at = p * step;
+    const int64_t n = std::min(step, bytes - at);
+    if (n > 0) pool.emplace_back([=] { std::memcpy(to + at, from + at, static_cast<size_t>(n)); });
+  }
+  std::memcpy(to, from, static_cast<size_t>(std::min(step, bytes)));
+  for (std::thread& t : pool) t.join();
 }
 
 BackendStream::~BackendStream() {

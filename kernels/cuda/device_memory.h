@@ -64,6 +64,31 @@ class DeviceBuffer {
   int64_t bytes_ = 0;
 };
 
+// Page-locked host memory for copies at the bus's pace (a copy from pageable memory goes through
+// the driver's staging at a fraction of it). Grows on request, never shrinks; freed on
+// destruction.
+class PinnedHostBuffer {
+ public:
+  PinnedHostBuffer() = default;
+  PinnedHostBuffer(const PinnedHostBuffer&) = delete;
+  PinnedHostBuffer& operator=(const PinnedHostBuffer&) = delete;
+  ~PinnedHostBuffer();
+
+  // Holds at least `bytes`; false (and empty) when the allocation fails, so that the caller can
+  // copy from pageable memory instead.
+  bool Reserve(int64_t bytes);
+  char* data() const { return data_; }
+
+ private:
+  char* data_ = nullptr;
+  int64_t bytes_ = 0;
+};
+
+// Copies `bytes` from `from` to `to` on up to `threads` threads (pieces of at least 4 MiB), for
+// filling pinned staging from memory-mapped files: one thread's memcpy with page faults runs at
+// a fraction of the bus.
+void ParallelHostCopy(char* to, const char* from, int64_t bytes, int threads);
+
 // The stream a backend runs on: the caller's, or a non-blocking stream it creates and destroys
 // with itself.
 class BackendStream {
