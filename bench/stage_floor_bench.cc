@@ -5,6 +5,7 @@
 //   h2d    --h2d-bytes from pinned host memory to the device (two streams, 64 MiB copies)
 //   d2h    --d2h-bytes from the device to pinned host memory
 //   write  --write-bytes into files in --out-dir (page cache; every hardware thread, then one)
+//   disk   the same with an fsync of every file (a durable output waits for the disk)
 //
 // The kernels' floor comes from cuda_layer_bench. end_to_end_bench.py runs this beside the
 // end-to-end runs and prints each floor next to them.
@@ -96,9 +97,13 @@ void ReadFloor(const std::string& model, int threads) {
   }
 }
 
+// Page-cache writes on `threads` threads and on one, then on every thread with an fsync of each
+// file at the end (what a durable output costs: the disk).
 void WriteFloor(const std::string& dir, int64_t bytes, int threads) {
   const std::vector<char> buffer(static_cast<size_t>(kChunk), 1);
-  for (int t : {threads, 1}) {
+  for (int pass = 0; pass < 3; ++pass) {
+    const int t = pass == 1 ? 1 : threads;
+    const bool sync = pass == 2;
     std::atomic<bool> failed{false};
     const double seconds = OnThreads(t, [&](int i) {
       const std::string path = dir + "/floor-" + std::to_string(i) + ".bin";
@@ -112,6 +117,7 @@ void WriteFloor(const std::string& dir, int64_t bytes, int threads) {
         if (write(fd, buffer.data(), static_cast<size_t>(n)) != n) failed = true;
         done += n;
       }
+      if (sync && fsync(fd) != 0) failed = true;
       close(fd);
     });
     for (int i = 0; i < t; ++i) unlink((dir + "/floor-" + std::to_string(i) + ".bin").c_str());
@@ -119,7 +125,8 @@ void WriteFloor(const std::string& dir, int64_t bytes, int threads) {
       std::fprintf(stderr, "stage_floor_bench: writing into %s failed\n", dir.c_str());
       std::exit(1);
     }
-    Print("write", bytes, seconds, std::to_string(t) + (t == 1 ? " thread" : " threads"));
+    Print(sync ? "disk" : "write", bytes, seconds,
+          std::to_string(t) + (t == 1 ? " thread" : " threads") + (sync ? ", fsync" : ""));
   }
 }
 
