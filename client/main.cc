@@ -259,8 +259,8 @@ CliParser QuantizeParser() {
   p.AddOption("streams-per-server", "N",
               "Quantize streams (connections) to each server, in [1, 16]: a server works on "
               "several streams' tensors at once (each stream sends its own copy of a shared "
-              "Hessian, so gptq's full Hessians default to one stream)",
-              false, "3, or 1 with --method gptq");
+              "Hessian; the server must allow that many more streams: max_concurrent_streams)",
+              false, "1");
   p.AddOption("timeout", "SECONDS", "deadline of each server stream, 0 = none", false, "0");
   p.AddOption("retries", "N", "attempts per server when it is unavailable", false, "4");
   p.AddSwitch("tls", "connect to the servers with TLS (implied by --tls-ca/-cert/-key)");
@@ -323,7 +323,7 @@ int RunQuantize(int argc, const char* const* argv) {
   }
   int threads = 0;
   int retries = 4;
-  int streams_per_server = 0;  // not given: 3, or 1 for gptq
+  int streams_per_server = 1;
   float timeout_s = 0.0f;
   for (const absl::Status& s :
        {ParseFloat(*args, "beta-step", &options.params.beta_step),
@@ -333,7 +333,6 @@ int RunQuantize(int argc, const char* const* argv) {
     if (!s.ok()) return UsageError(cmd, s);
   }
   const bool gptq = options.params.method == Method::kGptq;
-  if (streams_per_server == 0) streams_per_server = gptq ? 1 : 3;
   for (const char* name : {"gptq-damping", "gptq-act-order", "gptq-block-columns",
                            "gptq-scale-objective", "gptq-scale-search", "gptq-hessian-layout"}) {
     if (args->Has(name) && !gptq) {
