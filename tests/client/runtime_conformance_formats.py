@@ -445,29 +445,30 @@ def _ct_check_ignore(c, quantized, fp_modules, ignore, schemes):
             continue
         if _ct_scheme_of(m, schemes) is None:
             continue  # no target would quantize it
-        for view in vllm_views(m):
-            if view == experts_prefix(m):
-                continue
-            r = ct_should_ignore(view, ignore)
-            if r is _MIXED:
-                c.v("ignore-fused-mixed", "%s: ignore names some but not all shards of %s "
-                    "(should_ignore_layer raises)" % (m, view))
-                break
-            if not r:
-                c.v("not-excluded", "%s.weight is %s %s, not quantized, and not matched by "
-                    "ignore (exact name or 're:' regex, as %s)"
-                    % (m, T[m + ".weight"].dtype, T[m + ".weight"].shape, view))
-                break
+        view = _first_view_ignored(c, m, ignore, False)
+        if view is not None:
+            c.v("not-excluded", "%s.weight is %s %s, not quantized, and not matched by "
+                "ignore (exact name or 're:' regex, as %s)"
+                % (m, T[m + ".weight"].dtype, T[m + ".weight"].shape, view))
     for m in sorted(quantized):
-        for view in vllm_views(m):
-            if view == experts_prefix(m):
-                continue
-            r = ct_should_ignore(view, ignore)
-            if r is _MIXED:
-                c.v("ignore-fused-mixed", "%s: ignore names some but not all shards of %s "
-                    "(should_ignore_layer raises)" % (m, view))
-                break
-            if r:
-                c.v("excluded-but-quantized", "%s is quantized but matched by ignore (as %s)"
-                    % (m, view))
-                break
+        view = _first_view_ignored(c, m, ignore, True)
+        if view is not None:
+            c.v("excluded-but-quantized", "%s is quantized but matched by ignore (as %s)"
+                % (m, view))
+
+
+def _first_view_ignored(c, m, ignore, ignored):
+    """The first vLLM view of module m (an expert tensor's own prefix aside) that the ignore
+    list matches (ignored=True) or does not (False); None when there is none, or when a fused
+    view is named for some shards only (reported here: should_ignore_layer raises)."""
+    for view in vllm_views(m):
+        if view == experts_prefix(m):
+            continue
+        r = ct_should_ignore(view, ignore)
+        if r is _MIXED:
+            c.v("ignore-fused-mixed", "%s: ignore names some but not all shards of %s "
+                "(should_ignore_layer raises)" % (m, view))
+            return None
+        if r == ignored:
+            return view
+    return None
