@@ -200,9 +200,7 @@ absl::StatusOr<ValidatedRequest> ValidateQuantizeRequest(const QuantizeRequest& 
         scanned.rows, scanned.cols, scanned.data, w.rows, w.cols, w.data));
   }
   if (absl::Status s = ValidateShapeHessiansAndParams(request); !s.ok()) return s;
-  if (!request.global_amax.has_value()) return ValidatedRequest(request, scan.amax());
-  if (absl::Status s = ValidateGlobalAmax(*request.global_amax, scan.amax()); !s.ok()) return s;
-  return ValidatedRequest(request, *request.global_amax);
+  return ValidatedRequest::WithWeightsAmax(request, scan.amax());
 }
 
 absl::StatusOr<ValidatedRequest> ValidateQuantizeRequest(const QuantizeRequest& request) {
@@ -210,7 +208,14 @@ absl::StatusOr<ValidatedRequest> ValidateQuantizeRequest(const QuantizeRequest& 
   if (absl::Status s = ValidateShapeHessiansAndParams(request); !s.ok()) return s;
   absl::StatusOr<WeightScan> scan = ScanWeights(request.weights);
   if (!scan.ok()) return scan.status();
-  return ValidateQuantizeRequest(request, *scan);
+  return ValidatedRequest::WithWeightsAmax(request, scan->amax());
+}
+
+absl::StatusOr<ValidatedRequest> ValidatedRequest::WithWeightsAmax(const QuantizeRequest& request,
+                                                                   float weights_amax) {
+  if (!request.global_amax.has_value()) return ValidatedRequest(request, weights_amax);
+  if (absl::Status s = ValidateGlobalAmax(*request.global_amax, weights_amax); !s.ok()) return s;
+  return ValidatedRequest(request, *request.global_amax);
 }
 
 absl::Status ValidateRowRangeRequest(const QuantizeRequest& request, float global_amax,

@@ -228,8 +228,12 @@ class ValidatedRequest {
  private:
   friend absl::StatusOr<ValidatedRequest> ValidateQuantizeRequest(const QuantizeRequest& request,
                                                                   const WeightScan& scan);
+  friend absl::StatusOr<ValidatedRequest> ValidateQuantizeRequest(const QuantizeRequest& request);
   ValidatedRequest(const QuantizeRequest& request, float global_amax)
       : request_(request), global_amax_(global_amax) {}
+  // The last step of both: the request's shared global amax against the weights' own.
+  static absl::StatusOr<ValidatedRequest> WithWeightsAmax(const QuantizeRequest& request,
+                                                          float weights_amax);
 
   QuantizeRequest request_;
   float global_amax_ = 0.0f;
@@ -240,7 +244,7 @@ class ValidatedRequest {
 // O(cols x 16): the weights are not read again.
 absl::StatusOr<ValidatedRequest> ValidateQuantizeRequest(const QuantizeRequest& request,
                                                          const WeightScan& scan);
-// Scans the weights, then validates.
+// Checks shape, Hessians and parameters, scans the weights, then checks the global amax.
 absl::StatusOr<ValidatedRequest> ValidateQuantizeRequest(const QuantizeRequest& request);
 
 // A backend that quantizes tensors. Implementations are thread-safe.
