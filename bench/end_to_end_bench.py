@@ -138,6 +138,10 @@ def same_outputs(a, b):
     return all(filecmp.cmp(os.path.join(a, n), os.path.join(b, n), shallow=False) for n in names)
 
 
+def compared(a, b):
+    return "byte-identical to" if same_outputs(a, b) else "DIFFERS FROM"
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -275,27 +279,27 @@ def main():
         runs = [quantize(args.baseline_cli, args, model, out, [], stats, log)
                 for _ in range(args.repeat)]
         describe("baseline CLI", best_of(runs), baseline)
-        print(f"{'':<14} output {'byte-identical to' if same_outputs(ref, out) else 'DIFFERS FROM'}"
-              " in-process")
+        print(f"{'':<14} output {compared(ref, out)} in-process")
 
-    configs = [(1, [])]
-    if args.baseline_server_flags:
-        configs.append((1, args.baseline_server_flags.split()))
-    if args.servers != 1:
-        configs.append((args.servers, []))
+    # (servers, their extra flags, the CLI's extra flags)
+    configs = [(1, [], [])]
     if args.streams_per_server > 1:
-        configs.insert(1, (1, ["--streams-per-server", str(args.streams_per_server)]))
-    for count, extra in configs if server and not args.no_servers else []:
-        client_flags = extra if extra and extra[0] == "--streams-per-server" else []
-        servers = Servers(server, count, args.work, [] if client_flags else extra)
+        configs.append((1, [], ["--streams-per-server", str(args.streams_per_server)]))
+    if args.baseline_server_flags:
+        configs.append((1, args.baseline_server_flags.split(), []))
+    if args.servers != 1:
+        configs.append((args.servers, [], []))
+    for count, server_flags, client_flags in configs if server and not args.no_servers else []:
+        servers = Servers(server, count, args.work, server_flags)
         runs = [quantize(cli, args, model, out, ["--server", servers.addresses()] + client_flags,
                          stats, log) for _ in range(args.repeat)]
         rss = servers.stop()
+        extra = server_flags + client_flags
         label = f"{count} server" + ("s" if count > 1 else "") + (" " + " ".join(extra) if extra else "")
         results[label] = best_of(runs)
         describe(label, results[label], baseline)
         print(f"{'':<14} servers' peak RSS: {', '.join(f'{r:.0f} MiB' for r in rss)}; output "
-              f"{'byte-identical to' if same_outputs(ref, out) else 'DIFFERS FROM'} in-process")
+              f"{compared(ref, out)} in-process")
 
     weights_in, device_out, total_out = output_bytes(ref)
     print(f"\nbytes: {in_bytes / 1e9:.2f} GB read, {weights_in / 1e9:.2f} GB of weights to the "
