@@ -348,5 +348,66 @@ TEST_F(OutputFolder, ARunKilledMidwayLeavesAFolderTheNextRunRemoves) {
   EXPECT_THAT(testing::LeftoverTempFolders(out), ::testing::IsEmpty());
 }
 
+// SIGINT or SIGTERM while tensors are being copied and quantized: the run stops at the next
+// tensor with "interrupted", exit 1, and leaves neither the output nor its temporary folder.
+TEST_F(OutputFolder, StopSignalMidRunLeavesNothing) {
+  const std::string big = dir_ / "big";
+  const ProcessResult made =
+      RunCli({"example", "--out", big, "--layers", "2", "--hidden", "512", "--intermediate", "1408",
+              "--heads", "8", "--kv-heads", "2", "--vocab", "4096"});
+  ASSERT_EQ(made.exit_code, 0) << made.err;
+  for (const int sig : {SIGINT, SIGTERM}) {
+    const std::string out = dir_ / ("stopped" + std::to_string(sig));
+    const std::string err = dir_ / ("stopped" + std::to_string(sig) + ".err");
+    std::vector<std::string> args = {NVFP4CAL_CLI_BINARY,
+                                     "quantize",
+                                     "--model",
+                                     big,
+                                     "--hessians",
+                                     big + "/hessians.safetensors",
+                                     "--out",
+                                     out,
+                                     "--method",
+                                     "dss",
+                                     "--device",
+                                     "cpu",
+                                     "--threads",
+                                     "1",
+                                     "--quiet"};
+    std::vector<char*> argv;
+    for (std::string& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
+    posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, err.c_str(),
+                                     O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    pid_t pid = -1;
+    ASSERT_EQ(posix_spawn(&pid, argv[0], &actions, nullptr, argv.data(), environ), 0);
+    posix_spawn_file_actions_destroy(&actions);
+    // Signal once the run writes into its temporary folder (the untouched tensors' copy and the
+    // search are under way).
+    const std::string prefix = ".stopped" + std::to_string(sig) + ".nvfp4cal-tmp-";
+    bool started = false;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (!started && std::chrono::steady_clock::now() < deadline) {
+      for (const auto& e : fs::directory_iterator(dir_.path())) {
+        if (e.path().filename().string().rfind(prefix, 0) == 0) started = true;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    kill(pid, sig);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    ASSERT_TRUE(started) << "the run never made its temporary folder";
+    ASSERT_TRUE(WIFEXITED(status)) << "signal " << sig << " killed the process";
+    EXPECT_EQ(WEXITSTATUS(status), 1);
+    EXPECT_THAT(ReadAll(err), HasSubstr("interrupted"));
+    EXPECT_FALSE(fs::exists(out));
+    EXPECT_THAT(testing::LeftoverTempFolders(out), ::testing::IsEmpty());
+  }
+}
+
 }  // namespace
 }  // namespace nvfp4cal
