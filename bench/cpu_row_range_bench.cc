@@ -2,7 +2,7 @@
 // blocks quantized in row ranges of 1 to 256 rows, each range the way the server's executor ran
 // it before (ScaleSearch::QuantizeRows: the Hessian blocks re-checked, the rows re-scanned, g
 // re-checked and the blocks' pruning bounds recomputed per range) and runs it now
-// (QuantizePrevalidatedRows with the bounds the session or job computed once per Hessian; the
+// (QuantizeValidatedRows with the bounds the session or job computed once per Hessian; the
 // data was checked on arrival). Same backend, same data, same run; the outputs are compared.
 //
 //   cpu_row_range_bench [--benchmark_filter=dss] [google benchmark flags]
@@ -47,6 +47,8 @@ void BM_RowRanges(benchmark::State& state) {
   const std::shared_ptr<const HessianBlockBounds[]> bounds =
       ComputeSharedHessianBounds(request.hessians);
   if (prevalidated) request.hessian_bounds = bounds.get();
+  // Checked once, as a session or job does: the tensor, then its rows.
+  const ValidatedRows all = ValidateQuantizeRequest(request)->AllRows();
   std::vector<uint8_t> codes(static_cast<size_t>(kRows * kCols / 2));
   std::vector<uint8_t> scales(static_cast<size_t>(kRows * kCols / 16));
   for (auto _ : state) {
@@ -58,9 +60,9 @@ void BM_RowRanges(benchmark::State& state) {
           absl::MakeSpan(scales).subspan(static_cast<size_t>(r * kCols / 16),
                                          static_cast<size_t>((end - r) * kCols / 16))};
       TensorStats stats;
-      const absl::Status s = prevalidated
-                                 ? search->QuantizePrevalidatedRows(request, g, r, end, out, &stats)
-                                 : search->QuantizeRows(request, g, r, end, out, &stats);
+      const absl::Status s =
+          prevalidated ? search->QuantizeValidatedRows(*all.Subrange(r, end - r), out, &stats)
+                       : search->QuantizeRows(request, g, r, end, out, &stats);
       if (!s.ok()) {
         state.SkipWithError(s.ToString().c_str());
         return;

@@ -230,6 +230,8 @@ def main():
     p.add_argument("--work", required=True, help="folder for the example and the outputs")
     p.add_argument("--small", action="store_true", help="a CPU-sized example instead of 8B")
     p.add_argument("--method", default="dss")
+    p.add_argument("--layers", type=int, help="decoder layers of the example [default: 32, "
+                   "--small 2]; gptq's full Hessians take ~1 GB per 8B-shaped layer")
     p.add_argument("--servers", type=int, default=3, help="servers of the multi-server run")
     p.add_argument("--repeat", type=int, default=2, help="timed runs per configuration")
     p.add_argument("--keep", action="store_true", help="keep the outputs")
@@ -251,7 +253,11 @@ def main():
     if cli is None:
         sys.exit(f"end_to_end_bench: no nvfp4cal under {args.build}")
     os.makedirs(args.work, exist_ok=True)
-    shapes = SMALL if args.small else LLAMA3_8B
+    shapes = list(SMALL if args.small else LLAMA3_8B)
+    if args.layers is not None:
+        shapes[shapes.index("--layers") + 1] = str(args.layers)
+    if args.method == "gptq":
+        shapes.append("--full-hessians")  # gptq needs the full [in, in] Hessians
     model = os.path.join(args.work, "small" if args.small else "llama3-8b-shaped")
     marker = os.path.join(model, ".end_to_end_bench")
     if not os.path.exists(marker) or open(marker).read() != " ".join(shapes):

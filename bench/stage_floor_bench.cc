@@ -253,7 +253,8 @@ int main(int argc, char** argv) {
     std::printf("floor h2d/d2h: no CUDA device\n");
   }
 #else
-  std::printf("floor h2d/d2h: built without CUDA\n");
+  std::printf("floor h2d/d2h: built without CUDA (%lld and %lld bytes not copied)\n",
+              static_cast<long long>(h2d), static_cast<long long>(d2h));
 #endif
   if (written > 0) WriteFloor(out_dir, written, threads);
   return 0;

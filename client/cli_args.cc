@@ -3,12 +3,59 @@
 #include <algorithm>
 #include <utility>
 
+#include "CLI/CLI.hpp"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 
 namespace nvfp4cal {
+namespace {
+
+// CLI11 splits the words of argv a little differently from our rules (docs/cli.md): it reads
+// `-x` as a short option and a bare `--` as "only positional arguments follow", where we read
+// both as positional arguments; it reads `---x` as a positional argument, where we read an
+// option (which no command has); and it reads `--name=` as `--name` without a value, taking the
+// next word, where we give `--name` the empty value. No word of argv can hold a NUL byte, so a
+// NUL inserted where CLI11 looks makes it read the word our way, and erasing every NUL from what
+// it collected gives back the word as typed (Unmark):
+//   - a word that is not `--name[=value]` (nor -h) gets a leading NUL: CLI11 reads a positional
+//     argument or, after an option, that option's value (which it takes whatever it is);
+//   - `--name=value` becomes `--name=<NUL>value`: the value is never empty, and a switch refuses
+//     every value (even `=true`, which CLI11 would accept);
+//   - `--` followed by a character that CLI11 does not accept to start a name (`---x`, `--!x`)
+//     gets a NUL after the dashes: CLI11 reads an option, which it does not know.
+constexpr char kMark = '\0';
+
+std::string MarkForCli11(const std::string& word) {
+  if (word == "-h") return word;
+  if (!absl::StartsWith(word, "--") || word == "--")
+    return absl::StrCat(std::string(1, kMark), word);
+  std::string marked = word;
+  const size_t eq = marked.find('=');
+  if (eq != std::string::npos) marked.insert(eq + 1, 1, kMark);
+  std::string name, value;
+  if (!CLI::detail::split_long(marked, name, value)) marked.insert(2, 1, kMark);
+  return marked;
+}
+
+std::string Unmark(std::string word) {
+  word.erase(std::remove(word.begin(), word.end(), kMark), word.end());
+  return word;
+}
+
+// The end of every message: where to read the command's options.
+std::string SeeHelp(const std::string& command) {
+  return absl::StrCat(" (see nvfp4cal ", command, " --help)");
+}
+
+// "name" of `--name` or `--name=value`.
+std::string OptionName(const std::string& word) {
+  const size_t eq = word.find('=');
+  return word.substr(2, eq == std::string::npos ? std::string::npos : eq - 2);
+}
+
+}  // namespace
 
 std::string CliArgs::Get(const std::string& name, const std::string& fallback) const {
   const auto it = values_.find(name);
@@ -47,53 +94,80 @@ const CliParser::Spec* CliParser::Find(const std::string& name) const {
 }
 
 absl::StatusOr<CliArgs> CliParser::Parse(int argc, const char* const* argv) const {
-  CliArgs args;
-  const std::string see = absl::StrCat(" (see nvfp4cal ", command_, " --help)");
-  for (int i = 0; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg == "--help" || arg == "-h") {
-      args.help_ = true;
-      continue;
-    }
-    if (!absl::StartsWith(arg, "--") || arg == "--") {
-      args.positional_.push_back(arg);
-      continue;
-    }
-    std::string name = arg.substr(2);
-    std::string value;
-    bool has_value = false;
-    const size_t eq = name.find('=');
-    if (eq != std::string::npos) {
-      value = name.substr(eq + 1);
-      name = name.substr(0, eq);
-      has_value = true;
-    }
-    const Spec* spec = Find(name);
-    if (spec == nullptr) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("unknown option --", name, " for '", command_, "'", see));
-    }
-    if (spec->value_name.empty()) {
-      if (has_value) {
-        return absl::InvalidArgumentError(absl::StrCat("--", name, " takes no value", see));
+  const std::string see = SeeHelp(command_);
+  CLI::App app(summary_, absl::StrCat("nvfp4cal ", command_));
+  std::vector<CLI::Option*> options;  // options[i] is specs_[i]
+  CLI::Option* positional = nullptr;
+  try {
+    app.allow_extras(false);
+    app.set_help_flag("-h,--help")->disable_flag_override();
+    for (const Spec& s : specs_) {
+      if (s.value_name.empty()) {
+        options.push_back(app.add_flag("--" + s.name, s.help)->disable_flag_override());
+      } else {
+        options.push_back(app.add_option("--" + s.name, s.help)
+                              ->multi_option_policy(s.repeated ? CLI::MultiOptionPolicy::TakeAll
+                                                               : CLI::MultiOptionPolicy::TakeLast)
+                              ->required(s.required));
       }
-      args.values_[name].push_back("true");
-      continue;
     }
-    if (!has_value) {
-      if (i + 1 >= argc) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("--", name, " needs a value (", spec->value_name, ")", see));
-      }
-      value = argv[++i];
-    }
-    args.values_[name].push_back(value);
+    // Every positional argument, however many: the count is checked below, with our message.
+    positional = app.add_option("positional")->expected(0, -1)->allow_extra_args();
+  } catch (const CLI::Error& e) {  // a name twice, or one CLI11 cannot take
+    return absl::InternalError(absl::StrCat("options of '", command_, "': ", e.what()));
   }
+
+  std::vector<std::string> words;  // reversed: CLI::App::parse takes them off the back
+  for (int i = argc - 1; i >= 0; --i) words.push_back(MarkForCli11(argv[i]));
+  CliArgs args;
+  bool required_missing = false;
+  int stopped_at = -1;
+  std::string unexpected;
+  try {
+    app.parse(words);
+  } catch (const CLI::CallForHelp&) {
+    args.help_ = true;
+  } catch (const CLI::RequiredError&) {
+    required_missing = true;
+  } catch (const CLI::ArgumentMismatch&) {
+    // Thrown while reading the word it has just taken off `words`.
+    stopped_at = argc - static_cast<int>(words.size()) - 1;
+  } catch (const CLI::ExtrasError&) {
+    // Unknown options, read from app.remaining() below.
+  } catch (const CLI::Error& e) {
+    unexpected = e.what();
+  }
+
+  // The first error in argv order (docs/cli.md): CLI11 collects unknown options and reports them
+  // after everything else, but holds only those before a word it stopped at.
+  const std::vector<std::string> unknown = app.remaining();
+  if (!unknown.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "unknown option --", OptionName(Unmark(unknown.front())), " for '", command_, "'", see));
+  }
+  if (stopped_at >= 0) return StoppedAt(argc, argv, stopped_at);
+  if (!unexpected.empty()) {
+    return absl::InternalError(absl::StrCat("nvfp4cal ", command_, ": ", unexpected));
+  }
+
+  for (size_t i = 0; i < specs_.size(); ++i) {
+    const Spec& s = specs_[i];
+    if (s.value_name.empty()) {
+      for (size_t n = 0; n < options[i]->count(); ++n) args.values_[s.name].push_back("true");
+    } else {
+      for (const std::string& value : options[i]->results()) {
+        args.values_[s.name].push_back(Unmark(value));
+      }
+    }
+  }
+  for (const std::string& word : positional->results()) args.positional_.push_back(Unmark(word));
   if (args.help_) return args;
-  for (const Spec& s : specs_) {
-    if (s.required && !args.Has(s.name)) {
-      return absl::InvalidArgumentError(absl::StrCat("nvfp4cal ", command_, ": --", s.name, " ",
-                                                     s.value_name, " is required", see));
+  if (required_missing) {
+    for (const Spec& s : specs_) {
+      if (s.required && !args.Has(s.name)) {
+        return absl::InvalidArgumentError(absl::StrCat("nvfp4cal ", command_, ": --", s.name, " ",
+                                                       s.value_name, " is required", see));
+      }
     }
   }
   if (static_cast<int>(args.positional_.size()) != positional_count_) {
@@ -103,6 +177,29 @@ absl::StatusOr<CliArgs> CliParser::Parse(int argc, const char* const* argv) cons
                      ", got ", args.positional_.size(), see));
   }
   return args;
+}
+
+absl::Status CliParser::StoppedAt(int argc, const char* const* argv, int at) const {
+  const std::string see = SeeHelp(command_);
+  const std::string word = argv[at];
+  if (absl::StartsWith(word, "--")) {
+    const std::string name = OptionName(word);
+    const bool has_value = word.find('=') != std::string::npos;
+    const Spec* spec = Find(name);
+    if (spec == nullptr) {  // --help=x: our rules know only --help and -h
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown option --", name, " for '", command_, "'", see));
+    }
+    if (spec->value_name.empty() && has_value) {
+      return absl::InvalidArgumentError(absl::StrCat("--", name, " takes no value", see));
+    }
+    if (!spec->value_name.empty() && !has_value && at == argc - 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", name, " needs a value (", spec->value_name, ")", see));
+    }
+  }
+  return absl::InternalError(
+      absl::StrCat("nvfp4cal ", command_, ": the parser stopped at '", word, "' unexpectedly"));
 }
 
 std::string CliParser::Help() const {

@@ -1,5 +1,6 @@
-// A small command-line parser for the nvfp4cal subcommands: `--name value`, `--name=value`,
-// repeatable options and switches, with generated --help text.
+// The command-line parser of the nvfp4cal subcommands: `--name value`, `--name=value`,
+// repeatable options and switches, with generated --help text. Parsing is CLI11's (Debian's
+// libcli11-dev, kept inside cli_args.cc); the rules and messages are docs/cli.md's.
 //
 //   nvfp4cal::CliParser parser("quantize", "Quantize a checkpoint to NVFP4.");
 //   parser.AddOption("model", "DIR", "Hugging Face checkpoint folder", /*required=*/true);
@@ -14,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 
 namespace nvfp4cal {
@@ -53,8 +55,11 @@ class CliParser {
   // Positional arguments: their names for the usage line and how many are required.
   void SetPositional(const std::string& names, int count);
 
-  // INVALID_ARGUMENT naming the unknown option, the missing value or required option. --help
-  // / -h anywhere sets help() and skips the required checks.
+  // INVALID_ARGUMENT naming the unknown option, the switch given a value, the missing value or
+  // required option, or the wrong number of positional arguments; the first error in argv
+  // order wins. A word starting with `--` (other than `--` itself) is an option, every other
+  // word a positional argument, and the word after an option that needs a value is that value
+  // whatever it is. --help / -h anywhere sets help() and skips the required checks.
   absl::StatusOr<CliArgs> Parse(int argc, const char* const* argv) const;
 
   // The --help text.
@@ -70,6 +75,8 @@ class CliParser {
     std::string default_text;
   };
   const Spec* Find(const std::string& name) const;
+  // The error of argv[at], the word where CLI11 stopped with a mismatch.
+  absl::Status StoppedAt(int argc, const char* const* argv, int at) const;
 
   std::string command_;
   std::string summary_;

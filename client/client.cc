@@ -42,15 +42,15 @@ bool Retryable(const absl::Status& status) {
 // server.
 class Client::Call {
  public:
-  Call(Client* client, absl::Span<const TensorJob> jobs, const QuantizeResultCallback& on_result)
-      : client_(client), jobs_(jobs), on_result_(on_result), delivered_(jobs.size(), false) {}
+  Call(Client* client, absl::Span<const TensorTask> tasks, const QuantizeResultCallback& on_result)
+      : client_(client), tasks_(tasks), on_result_(on_result), delivered_(tasks.size(), false) {}
 
   absl::Status Run(ClientCallStats* stats) {
-    // Units: jobs sharing a Hessian key travel together; then round robin over the addresses.
+    // Units: tasks sharing a Hessian key travel together; then round robin over the addresses.
     std::vector<Unit> units;
     std::map<std::string, size_t> unit_of_key;
-    for (size_t i = 0; i < jobs_.size(); ++i) {
-      const std::string& key = jobs_[i].hessian_key;
+    for (size_t i = 0; i < tasks_.size(); ++i) {
+      const std::string& key = tasks_[i].hessian_key;
       if (!key.empty()) {
         const auto it = unit_of_key.find(key);
         if (it != unit_of_key.end()) {
@@ -65,7 +65,7 @@ class Client::Call {
     // gptq tensors go first within a unit whose block-method tensors share the Hessian.
     for (Unit& unit : units) {
       std::stable_partition(unit.begin(), unit.end(), [this](size_t j) {
-        return client_internal::SendsFullHessian(jobs_[j]);
+        return client_internal::SendsFullHessian(tasks_[j]);
       });
     }
     const size_t n = client_->stubs_.size();
@@ -91,9 +91,9 @@ class Client::Call {
       stats->failed_attempts = failed_attempts_;
     }
     if (!first_error_.ok()) return first_error_;
-    for (size_t i = 0; i < jobs_.size(); ++i) {
+    for (size_t i = 0; i < tasks_.size(); ++i) {
       if (!delivered_[i]) {
-        return absl::InternalError(absl::StrCat(jobs_[i].name, ": no result was received"));
+        return absl::InternalError(absl::StrCat(tasks_[i].name, ": no result was received"));
       }
     }
     return absl::OkStatus();
@@ -113,11 +113,11 @@ class Client::Call {
   }
 
   // Hands a finished tensor of address `a`'s stream to the caller and counts it.
-  absl::Status Deliver(size_t a, size_t job, QuantizedTensor result) {
-    absl::Status delivered = on_result_(job, std::move(result));
+  absl::Status Deliver(size_t a, size_t task, QuantizedTensor result) {
+    absl::Status delivered = on_result_(task, std::move(result));
     if (!delivered.ok()) return delivered;
     absl::MutexLock lock(&mu_);
-    delivered_[job] = true;
+    delivered_[task] = true;
     ++tensors_per_address_[a];
     return absl::OkStatus();
   }
@@ -178,7 +178,7 @@ class Client::Call {
     return PopUnitLocked(a, unit);
   }
 
-  // Returns `done` units to the call; `retry` (jobs of a failed session without a result)
+  // Returns `done` units to the call; `retry` (tasks of a failed session without a result)
   // goes to the orphans that every live worker takes first after its own queue.
   void Settle(size_t done, const std::vector<size_t>& retry) {
     absl::MutexLock lock(&mu_);
@@ -272,14 +272,14 @@ class Client::Call {
   }
 
   // Runs one session starting with *unit and taking more units while the queue has some.
-  // *units_sent counts the units this session took; *incomplete lists their jobs without a
+  // *units_sent counts the units this session took; *incomplete lists their tasks without a
   // result when the session failed.
   absl::Status RunSession(size_t a, const v1::Limits& limits, Unit* unit, size_t* units_sent,
                           std::vector<size_t>* incomplete) {
     ServerStream stream(
-        client_->options_, Address(a), jobs_, limits,
-        [this, a](size_t job, QuantizedTensor result) {
-          return Deliver(a, job, std::move(result));
+        client_->options_, Address(a), tasks_, limits,
+        [this, a](size_t task, QuantizedTensor result) {
+          return Deliver(a, task, std::move(result));
         },
         [this](const absl::Status& error) { Abort(error); });
     {
@@ -293,8 +293,8 @@ class Client::Call {
     client_->Authorize(stream.context());
     bool writable = stream.Open(client_->stubs_[a].get());
     // The first unit belongs to this session even when not even the session options could be
-    // written (server gone): its jobs are then reported incomplete and retried elsewhere.
-    std::vector<size_t> session_jobs(unit->begin(), unit->end());
+    // written (server gone): its tasks are then reported incomplete and retried elsewhere.
+    std::vector<size_t> session_tasks(unit->begin(), unit->end());
     ++*units_sent;
     absl::Status local_error;
     bool first = true;
@@ -306,7 +306,7 @@ class Client::Call {
           break;
         }
         ++*units_sent;
-        session_jobs.insert(session_jobs.end(), unit->begin(), unit->end());
+        session_tasks.insert(session_tasks.end(), unit->begin(), unit->end());
       }
       first = false;
       local_error = stream.SendUnit(*unit, &writable);
@@ -317,7 +317,7 @@ class Client::Call {
       absl::MutexLock lock(&mu_);
       active_.erase(&stream);
     }
-    const absl::Status reader_error = stream.CollectIncomplete(session_jobs, incomplete);
+    const absl::Status reader_error = stream.CollectIncomplete(session_tasks, incomplete);
     if (!local_error.ok()) return local_error;
     if (!reader_error.ok()) return reader_error;
     if (!finished.ok()) return FromGrpc(finished, absl::StrCat("server ", Address(a)));
@@ -325,13 +325,13 @@ class Client::Call {
       return absl::InternalError(absl::StrCat("server ", Address(a),
                                               " ended the stream without "
                                               "results for ",
-                                              jobs_[incomplete->front()].name));
+                                              tasks_[incomplete->front()].name));
     }
     return absl::OkStatus();
   }
 
   Client* const client_;
-  const absl::Span<const TensorJob> jobs_;
+  const absl::Span<const TensorTask> tasks_;
   const QuantizeResultCallback& on_result_;
 
   absl::Mutex mu_;
@@ -471,31 +471,31 @@ absl::StatusOr<v1::ServerInfo> Client::GetServerInfo(size_t index) {
       absl::StrCat("unavailable after ", options_.max_attempts, " attempts: ", last.message()));
 }
 
-absl::Status Client::QuantizeTensors(absl::Span<const TensorJob> jobs,
+absl::Status Client::QuantizeTensors(absl::Span<const TensorTask> tasks,
                                      const QuantizeResultCallback& on_result,
                                      ClientCallStats* stats) {
-  if (jobs.empty()) return absl::OkStatus();
+  if (tasks.empty()) return absl::OkStatus();
   std::set<std::string> names;
-  for (const TensorJob& job : jobs) {
-    if (!names.insert(job.name).second) {
-      return absl::InvalidArgumentError(absl::StrCat("duplicate tensor name '", job.name, "'"));
+  for (const TensorTask& task : tasks) {
+    if (!names.insert(task.name).second) {
+      return absl::InvalidArgumentError(absl::StrCat("duplicate tensor name '", task.name, "'"));
     }
   }
-  Call call(this, jobs, on_result);
+  Call call(this, tasks, on_result);
   return call.Run(stats);
 }
 
-std::future<absl::Status> Client::QuantizeTensorsAsync(absl::Span<const TensorJob> jobs,
+std::future<absl::Status> Client::QuantizeTensorsAsync(absl::Span<const TensorTask> tasks,
                                                        QuantizeResultCallback on_result) {
-  return std::async(std::launch::async, [this, jobs, on_result = std::move(on_result)] {
-    return QuantizeTensors(jobs, on_result);
+  return std::async(std::launch::async, [this, tasks, on_result = std::move(on_result)] {
+    return QuantizeTensors(tasks, on_result);
   });
 }
 
-absl::StatusOr<QuantizedTensor> Client::Quantize(const TensorJob& job) {
+absl::StatusOr<QuantizedTensor> Client::Quantize(const TensorTask& task) {
   QuantizedTensor out;
   absl::Status status =
-      QuantizeTensors(absl::MakeConstSpan(&job, 1), [&out](size_t, QuantizedTensor result) {
+      QuantizeTensors(absl::MakeConstSpan(&task, 1), [&out](size_t, QuantizedTensor result) {
         out = std::move(result);
         return absl::OkStatus();
       });

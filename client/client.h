@@ -7,7 +7,7 @@
 // idle sessions stealing queued tensors of busier ones, and the unfinished tensors of a failed
 // server going to the others.
 // Tensors sharing a Hessian (q/k/v, gate/up) travel together so that a session sends the
-// Hessian once. Method gptq sends the full Hessian (TensorJob::full_hessian, upper triangle by
+// Hessian once. Method gptq sends the full Hessian (TensorTask::full_hessian, upper triangle by
 // default) and starts a new session when the next one would exceed the server's
 // max_session_full_hessian_bytes. Results are the kernel library's bytes (the server runs
 // kernels/).
@@ -15,12 +15,12 @@
 //   nvfp4cal::ClientOptions options;
 //   options.addresses = {"gpu-0:50051", "gpu-1:50051"};
 //   absl::StatusOr<std::unique_ptr<nvfp4cal::Client>> client = nvfp4cal::Client::Create(options);
-//   absl::Status done = (*client)->QuantizeTensors(jobs, [](size_t i, nvfp4cal::QuantizedTensor r)
+//   absl::Status done = (*client)->QuantizeTensors(tasks, [](size_t i, nvfp4cal::QuantizedTensor r)
 //   {
-//     ...;   // called from the client's threads, once per job
+//     ...;   // called from the client's threads, once per task
 //     return absl::OkStatus();
 //   });
-//   absl::StatusOr<nvfp4cal::QuantizedTensor> one = (*client)->Quantize(job);
+//   absl::StatusOr<nvfp4cal::QuantizedTensor> one = (*client)->Quantize(task);
 #ifndef NVFP4CAL_CLIENT_CLIENT_H_
 #define NVFP4CAL_CLIENT_CLIENT_H_
 
@@ -79,7 +79,7 @@ struct ClientOptions {
   bool work_stealing = true;
   // Method gptq: send each full Hessian as its upper triangle (HESSIAN_LAYOUT_FULL_UPPER, half
   // the bytes; the server mirrors it) rather than the whole matrix (HESSIAN_LAYOUT_FULL).
-  // Either way the chunks are cut from TensorJob::full_hessian, never from a second copy.
+  // Either way the chunks are cut from TensorTask::full_hessian, never from a second copy.
   bool send_full_hessian_upper = true;
   // Session options sent to the servers.
   int priority = 0;
@@ -109,21 +109,21 @@ class Client {
   // GetServerInfo of addresses[index], retried on UNAVAILABLE like the streams.
   absl::StatusOr<v1::ServerInfo> GetServerInfo(size_t index);
 
-  // Quantizes every job over all addresses and hands each result to `on_result` (called from
-  // the client's threads, possibly concurrently for different jobs). Blocks until all are done
-  // or the first error: a job's or the callback's error, or UNAVAILABLE after max_attempts,
+  // Quantizes every task over all addresses and hands each result to `on_result` (called from
+  // the client's threads, possibly concurrently for different tasks). Blocks until all are done
+  // or the first error: a task's or the callback's error, or UNAVAILABLE after max_attempts,
   // naming the server and the tensor. On error the other streams are cancelled.
-  absl::Status QuantizeTensors(absl::Span<const TensorJob> jobs,
+  absl::Status QuantizeTensors(absl::Span<const TensorTask> tasks,
                                const QuantizeResultCallback& on_result,
                                ClientCallStats* stats = nullptr);
 
-  // QuantizeTensors on a new thread; `jobs`, what they point to and `on_result` must outlive
+  // QuantizeTensors on a new thread; `tasks`, what they point to and `on_result` must outlive
   // the future.
-  std::future<absl::Status> QuantizeTensorsAsync(absl::Span<const TensorJob> jobs,
+  std::future<absl::Status> QuantizeTensorsAsync(absl::Span<const TensorTask> tasks,
                                                  QuantizeResultCallback on_result);
 
   // One tensor, blocking.
-  absl::StatusOr<QuantizedTensor> Quantize(const TensorJob& job);
+  absl::StatusOr<QuantizedTensor> Quantize(const TensorTask& task);
 
  private:
   class Call;

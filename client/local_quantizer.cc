@@ -1,7 +1,6 @@
 #include "client/local_quantizer.h"
 
 #include <atomic>
-#include <map>
 #include <memory>
 #include <thread>
 #include <utility>
@@ -9,47 +8,44 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "engine/devices.h"
+#include "engine/gptq_plan_cache.h"
 #include "nvfp4cal/kernels/cpu_scale_search.h"
-#include "nvfp4cal/kernels/cuda_gptq.h"
-#include "nvfp4cal/kernels/cuda_scale_search.h"
 #include "nvfp4cal/kernels/gptq.h"
 
 namespace nvfp4cal {
 namespace {
 
-// CUDA tensors in flight in-process (each stream holds a workspace of the default budget).
-constexpr int kCudaStreams = 3;
+// CUDA tensors in flight in-process (each worker holds a stream and a workspace of the
+// default budget).
+constexpr int kCudaWorkers = 3;
 
-// Quantizes jobs on one or more backends. With several (CUDA: one per stream), that many jobs
+// Quantizes tasks on one or more backends. With several (CUDA: one per stream), that many tasks
 // are in flight, so one tensor's validation scan and host-device copies overlap another's
 // kernels; results are handed over as they finish, one callback at a time, from the worker
 // threads.
 class LocalQuantizer : public Quantizer {
  public:
-  // gptq[i] serves the worker of searches[i] (all of one kind: plans are shared between them;
-  // one CPU backend may serve every worker).
-  LocalQuantizer(std::vector<std::unique_ptr<ScaleSearch>> searches,
-                 std::vector<std::shared_ptr<GptqBackend>> gptq, std::string description)
-      : searches_(std::move(searches)),
-        gptq_(std::move(gptq)),
-        description_(std::move(description)) {}
+  // One worker (a thread) per engine worker.
+  LocalQuantizer(std::vector<EngineWorker> workers, std::string description)
+      : workers_(std::move(workers)), description_(std::move(description)) {}
 
   std::string Describe() const override { return description_; }
 
-  absl::Status QuantizeAll(absl::Span<const TensorJob> jobs,
+  absl::Status QuantizeAll(absl::Span<const TensorTask> tasks,
                            const QuantizeResultCallback& on_result) override {
     std::atomic<size_t> next{0};
     std::atomic<bool> failed{false};
-    std::vector<absl::Status> errors(jobs.size());
-    // One gptq plan per full Hessian, prepared by the first job that needs it and freed after
-    // the last (q/k/v and gate/up share theirs).
-    plans_.clear();
-    for (const TensorJob& job : jobs) {
-      if (job.params.method == Method::kGptq) ++plans_[job.full_hessian.data].uses;
+    std::vector<absl::Status> errors(tasks.size());
+    // One gptq plan per full Hessian (and plan domain), prepared by the first task that needs
+    // it and freed after the last (q/k/v and gate/up share theirs).
+    GptqPlanCache plans;
+    for (const TensorTask& task : tasks) {
+      if (task.params.method == Method::kGptq) plans.ExpectUses(task.full_hessian.data, 1);
     }
     auto work = [&](size_t worker) {
-      for (size_t i; !failed.load() && (i = next.fetch_add(1)) < jobs.size();) {
-        absl::Status status = RunJob(jobs[i], worker, i, on_result);
+      for (size_t i; !failed.load() && (i = next.fetch_add(1)) < tasks.size();) {
+        absl::Status status = RunTask(tasks[i], workers_[worker], i, plans, on_result);
         if (!status.ok()) {
           errors[i] = std::move(status);
           failed.store(true);
@@ -57,82 +53,56 @@ class LocalQuantizer : public Quantizer {
       }
     };
     std::vector<std::thread> pool;
-    for (size_t w = 1; w < searches_.size(); ++w) pool.emplace_back(work, w);
+    for (size_t w = 1; w < workers_.size(); ++w) pool.emplace_back(work, w);
     work(0);
     for (std::thread& t : pool) t.join();
     for (absl::Status& s : errors) {
-      if (!s.ok()) return s;  // the first failing job in order
+      if (!s.ok()) return s;  // the first failing task in order
     }
     return absl::OkStatus();
   }
 
  private:
-  absl::Status RunJob(const TensorJob& job, size_t worker, size_t index,
-                      const QuantizeResultCallback& on_result) {
+  absl::Status RunTask(const TensorTask& task, EngineWorker& worker, size_t index,
+                       GptqPlanCache& plans, const QuantizeResultCallback& on_result) {
     absl::StatusOr<QuantizedTensor> result;
-    ScaleSearch* search = searches_[worker].get();
-    if (job.params.method == Method::kGptq) {
+    if (task.params.method == Method::kGptq) {
       // Full-Hessian propagation on the worker's gptq backend, with the Hessian's shared plan.
       GptqRequest gptq;
-      gptq.weights = job.weights;
-      gptq.hessian = job.full_hessian;
-      gptq.params = job.params;
-      gptq.global_amax = job.global_amax;
-      GptqBackend& backend = *gptq_[worker];
-      absl::StatusOr<std::shared_ptr<const GptqPlan>> plan = Plan(backend, job);
+      gptq.weights = task.weights;
+      gptq.hessian = task.full_hessian;
+      gptq.params = task.params;
+      gptq.global_amax = task.global_amax;
+      GptqBackend& backend = *worker.gptq.streams[0];
+      GptqPlanCache::PlanOrError plan =
+          plans.Get(backend, worker.gptq.plan_domain, task.full_hessian, task.params);
       result = plan.ok() ? GptqQuantizeWithPlan(backend, **plan, gptq)
                          : absl::StatusOr<QuantizedTensor>(plan.status());
-      ReleasePlan(job);
+      plans.Release(task.full_hessian.data);
     } else {
       QuantizeRequest request;
-      request.weights = job.weights;
-      request.hessians = job.hessians;
-      request.params = job.params;
-      request.global_amax = job.global_amax;
+      request.weights = task.weights;
+      request.hessians = task.hessians;
+      request.params = task.params;
+      request.global_amax = task.global_amax;
       // Checked once: with the scan the caller took (its amax pass), else scanned here.
       absl::StatusOr<ValidatedRequest> validated =
-          job.weight_scan.has_value() ? ValidateQuantizeRequest(request, *job.weight_scan)
-                                      : ValidateQuantizeRequest(request);
-      result = validated.ok() ? search->QuantizeValidated(*validated)
+          task.weight_scan.has_value() ? ValidateQuantizeRequest(request, *task.weight_scan)
+                                       : ValidateQuantizeRequest(request);
+      result = validated.ok() ? worker.search().QuantizeValidated(*validated)
                               : absl::StatusOr<QuantizedTensor>(validated.status());
     }
     if (!result.ok()) {
       return absl::Status(result.status().code(),
-                          absl::StrCat(job.name, ": ", result.status().message()));
+                          absl::StrCat(task.name, ": ", result.status().message()));
     }
     // One result at a time: the callback writes the output and reports progress.
     absl::MutexLock lock(&result_mu_);
     return on_result(index, *std::move(result));
   }
 
-  // The plan of the job's full Hessian: prepared (validated and factorised) by the first job,
-  // which the others wait for; a failure is kept and returned to each.
-  absl::StatusOr<std::shared_ptr<const GptqPlan>> Plan(GptqBackend& backend, const TensorJob& job) {
-    PlanEntry* entry = nullptr;
-    {
-      absl::MutexLock lock(&plans_mu_);
-      entry = &plans_[job.full_hessian.data];
-    }
-    return entry->plan.Get(backend, job.full_hessian, job.params);
-  }
-
-  // Frees the plan after its last job (device memory: a layer's plans are gigabytes).
-  void ReleasePlan(const TensorJob& job) {
-    absl::MutexLock lock(&plans_mu_);
-    PlanEntry& entry = plans_[job.full_hessian.data];
-    if (--entry.uses == 0) entry.plan.Release();
-  }
-
-  struct PlanEntry {
-    SharedGptqPlan plan;
-    int uses = 0;  // gptq jobs still to finish (guarded by plans_mu_)
-  };
-
-  std::vector<std::unique_ptr<ScaleSearch>> searches_;
-  std::vector<std::shared_ptr<GptqBackend>> gptq_;
+  std::vector<EngineWorker> workers_;
   std::string description_;
-  absl::Mutex plans_mu_;
-  std::map<const float*, PlanEntry> plans_;
   absl::Mutex result_mu_;
 };
 
@@ -140,73 +110,32 @@ class LocalQuantizer : public Quantizer {
 
 absl::StatusOr<std::unique_ptr<Quantizer>> MakeLocalQuantizer(
     const LocalQuantizerOptions& options) {
-  if (options.device != "auto" && options.device != "cpu" && options.device != "cuda") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--device must be auto, cpu or cuda; got \"", options.device, "\""));
-  }
-  if (options.device != "cpu") {
-    std::string reason;
-    if (CudaDeviceAvailable(&reason)) {
-      // Several streams, each with its own backend (stream and workspace): tensors overlap.
-      std::vector<std::unique_ptr<ScaleSearch>> streams;
-      absl::Status failure;
-      std::string name;
-      for (int s = 0; s < kCudaStreams; ++s) {
-        CudaScaleSearchOptions cuda;
-        cuda.device = options.cuda_device;
-        absl::StatusOr<std::unique_ptr<CudaScaleSearch>> gpu = MakeCudaScaleSearch(cuda);
-        if (!gpu.ok()) {
-          failure = gpu.status();
-          break;
-        }
-        name = (*gpu)->DeviceDescription();
-        streams.push_back(*std::move(gpu));
-      }
-      if (!streams.empty()) {
-        // gptq on the same device, one backend per stream; the CPU's for every stream when
-        // the CUDA gptq backend is not available (plans must be of one kind).
-        std::vector<std::shared_ptr<GptqBackend>> gptq;
-        std::string gptq_note;
-        for (size_t s = 0; s < streams.size(); ++s) {
-          CudaGptqOptions cuda;
-          cuda.device = options.cuda_device;
-          absl::StatusOr<std::unique_ptr<GptqBackend>> g = MakeCudaGptq(cuda);
-          if (!g.ok()) {
-            gptq_note = absl::StrCat("; gptq on the cpu: ", g.status().message());
-            gptq.clear();
-            break;
-          }
-          gptq.push_back(*std::move(g));
-        }
-        if (gptq.empty()) {
-          std::shared_ptr<GptqBackend> cpu =
-              MakeCpuGptq(CpuGptqOptions{options.cpu_threads, 16, true});
-          gptq.assign(streams.size(), cpu);
-        }
-        std::string description = absl::StrCat("in-process cuda (", name, ", ", streams.size(),
-                                               " streams", gptq_note, ")");
-        return std::make_unique<LocalQuantizer>(std::move(streams), std::move(gptq),
-                                                std::move(description));
-      }
-      reason = std::string(failure.message());
-    }
-    if (options.device == "cuda") {
-      return absl::UnavailableError(absl::StrCat("--device cuda: no usable GPU: ", reason));
-    }
-  }
-  CpuScaleSearchOptions cpu;
-  cpu.num_threads = options.cpu_threads;
-  return MakeLocalQuantizer(MakeCpuScaleSearch(cpu), "in-process cpu", options.cpu_threads);
+  EngineOptions engine_options;
+  engine_options.device = options.device;
+  engine_options.cuda_device = options.cuda_device;
+  engine_options.workers_per_gpu = kCudaWorkers;
+  engine_options.gptq_streams_per_gpu = kCudaWorkers;  // one per worker
+  engine_options.cpu_workers = 1;                      // its threads share each tensor
+  engine_options.cpu_threads_per_worker = options.cpu_threads;
+  // A usable GPU that cannot be set up (its memory taken by another process) leaves the CPU.
+  engine_options.auto_falls_back_to_cpu = true;
+  absl::StatusOr<Engine> engine = SelectDevices(engine_options);
+  if (!engine.ok()) return engine.status();
+  std::string description = absl::StrCat("in-process: ", engine->selection);
+  return std::make_unique<LocalQuantizer>(std::move(engine->workers), std::move(description));
 }
 
 std::unique_ptr<Quantizer> MakeLocalQuantizer(std::unique_ptr<ScaleSearch> search,
                                               std::string description, int gptq_threads) {
-  std::vector<std::unique_ptr<ScaleSearch>> searches;
-  searches.push_back(std::move(search));
-  std::vector<std::shared_ptr<GptqBackend>> gptq;
-  gptq.push_back(MakeCpuGptq(CpuGptqOptions{gptq_threads, 16, true}));
-  return std::make_unique<LocalQuantizer>(std::move(searches), std::move(gptq),
-                                          std::move(description));
+  EngineWorker worker;
+  worker.kind = "cpu";
+  worker.name = "CPU worker";
+  worker.cpu_search = std::move(search);
+  worker.gptq.streams.push_back(MakeCpuGptq(CpuGptqOptions{gptq_threads, 16, true}));
+  worker.gptq.plan_domain = "cpu";
+  std::vector<EngineWorker> workers;
+  workers.push_back(std::move(worker));
+  return std::make_unique<LocalQuantizer>(std::move(workers), std::move(description));
 }
 
 }  // namespace nvfp4cal

@@ -249,28 +249,28 @@ absl::Status CopyUntouched(const QuantizeOptions& options, const RunInputs& in,
   return absl::OkStatus();
 }
 
-// The quantizer's job of every prepared module, in the same order.
-std::vector<TensorJob> MakeJobs(const std::vector<PreparedModule>& prepared) {
-  std::vector<TensorJob> jobs;
+// The quantizer's task of every prepared module, in the same order.
+std::vector<TensorTask> MakeTasks(const std::vector<PreparedModule>& prepared) {
+  std::vector<TensorTask> tasks;
   for (const PreparedModule& m : prepared) {
-    TensorJob job;
-    job.name =
+    TensorTask task;
+    task.name =
         m.expert < 0 ? m.plan->weight_name : absl::StrCat(m.plan->weight_name, "[", m.expert, "]");
-    job.weights = {m.weights, m.plan->dtype, m.plan->rows, m.plan->cols};
+    task.weights = {m.weights, m.plan->dtype, m.plan->rows, m.plan->cols};
     if (m.hessian_blocks != nullptr) {
-      job.hessians = {m.hessian_blocks->data(), m.plan->cols / 16};
-      job.hessian_key = m.hessian_entry;
+      task.hessians = {m.hessian_blocks->data(), m.plan->cols / 16};
+      task.hessian_key = m.hessian_entry;
     }
     if (m.hessian_full != nullptr) {
-      job.full_hessian = {m.hessian_full, m.plan->cols};
-      job.hessian_key = m.hessian_entry;
+      task.full_hessian = {m.hessian_full, m.plan->cols};
+      task.hessian_key = m.hessian_entry;
     }
-    job.params = m.params;
-    job.global_amax = m.global_amax;
-    job.weight_scan = m.scan;
-    jobs.push_back(std::move(job));
+    task.params = m.params;
+    task.global_amax = m.global_amax;
+    task.weight_scan = m.scan;
+    tasks.push_back(std::move(task));
   }
-  return jobs;
+  return tasks;
 }
 
 // Hands the prepared modules to the quantizer and writes each result as it arrives; one
@@ -283,9 +283,9 @@ absl::Status QuantizeModules(const QuantizeOptions& options, const RunInputs& in
                              std::vector<std::optional<ModuleReport>>* module_reports,
                              absl::Duration* write_time, QuantizeReport* report) {
   const std::vector<PreparedModule>& prepared = in.prepared;
-  const std::vector<TensorJob> jobs = MakeJobs(prepared);
-  std::vector<std::string> job_names;
-  for (const TensorJob& job : jobs) job_names.push_back(job.name);
+  const std::vector<TensorTask> tasks = MakeTasks(prepared);
+  std::vector<std::string> task_names;
+  for (const TensorTask& task : tasks) task_names.push_back(task.name);
   absl::Mutex report_mu;  // guards *write_time, *report and *module_reports in the callbacks
   module_reports->assign(prepared.size(), std::nullopt);
   std::map<const ModulePlan*, std::unique_ptr<ModuleOutput>> outputs;
@@ -299,7 +299,7 @@ absl::Status QuantizeModules(const QuantizeOptions& options, const RunInputs& in
                                            in.activations);
     }
   }
-  return quantizer->QuantizeAll(jobs, [&](size_t index, QuantizedTensor result) -> absl::Status {
+  return quantizer->QuantizeAll(tasks, [&](size_t index, QuantizedTensor result) -> absl::Status {
     if (options.cancel != nullptr && options.cancel->load()) {
       return absl::CancelledError("interrupted");
     }
@@ -348,7 +348,7 @@ absl::Status QuantizeModules(const QuantizeOptions& options, const RunInputs& in
                                        r.stats.gptq.damping_relative, " x mean diagonal"));
     }
     if (observer != nullptr) {
-      observer->OnTensorDone(job_names[index], p.rows * p.cols * DTypeSize(p.dtype));
+      observer->OnTensorDone(task_names[index], p.rows * p.cols * DTypeSize(p.dtype));
     }
     absl::MutexLock lock(&report_mu);
     (*module_reports)[index] = std::move(r);

@@ -4,12 +4,12 @@
 // memory-mapped files), resolves Hessians and the shared global amax of fused siblings, and then
 // gives every tensor to a Quantizer. MakeLocalQuantizer (local_quantizer.h) runs kernels/
 // in-process; MakeRemoteQuantizer (remote_quantizer.h) streams to nvfp4cal servers. Both return
-// the kernel library's bytes for the same job, so outputs are byte-identical.
+// the kernel library's bytes for the same task, so outputs are byte-identical.
 //
 //   std::unique_ptr<nvfp4cal::Quantizer> q = *nvfp4cal::MakeLocalQuantizer({});
-//   std::vector<nvfp4cal::TensorJob> jobs = ...;
-//   absl::Status done = q->QuantizeAll(jobs, [&](size_t index, nvfp4cal::QuantizedTensor r) {
-//     return Write(jobs[index].name, r);   // may run on any thread, one call at a time per job
+//   std::vector<nvfp4cal::TensorTask> tasks = ...;
+//   absl::Status done = q->QuantizeAll(tasks, [&](size_t index, nvfp4cal::QuantizedTensor r) {
+//     return Write(tasks[index].name, r);   // may run on any thread, one call at a time per task
 //   });
 #ifndef NVFP4CAL_CLIENT_QUANTIZER_H_
 #define NVFP4CAL_CLIENT_QUANTIZER_H_
@@ -27,14 +27,14 @@
 namespace nvfp4cal {
 
 // One weight tensor to quantize. Pointers are not owned and stay valid during QuantizeAll.
-struct TensorJob {
+struct TensorTask {
   // Tensor name, e.g. "model.layers.0.mlp.up_proj.weight" (unique within a QuantizeAll call).
   std::string name;
   WeightView weights;
   // Diagonal Hessian blocks [cols / 16, 16, 16]; null data when the method needs none and none
   // was given.
   BlockHessiansView hessians;
-  // Identifies the Hessian: jobs with equal non-empty keys share the very same blocks (q/k/v,
+  // Identifies the Hessian: tasks with equal non-empty keys share the very same blocks (q/k/v,
   // gate/up), so a remote session sends them once.
   std::string hessian_key;
   SearchParams params;
@@ -45,12 +45,12 @@ struct TensorJob {
   // memory-mapped Hessians file, not a copy.
   FullHessianView full_hessian;
   // The scan of `weights` when the caller took one (ScanWeights: finite, their amax): the
-  // in-process quantizer validates the job with it instead of reading the weights again.
+  // in-process quantizer validates the task with it instead of reading the weights again.
   std::optional<WeightScan> weight_scan;
 };
 
-// Receives the result of jobs[index]. Called once per job, possibly from several threads at
-// once (for different jobs), in any job order. A non-OK return stops QuantizeAll with it.
+// Receives the result of tasks[index]. Called once per task, possibly from several threads at
+// once (for different tasks), in any task order. A non-OK return stops QuantizeAll with it.
 using QuantizeResultCallback = std::function<absl::Status(size_t index, QuantizedTensor result)>;
 
 class Quantizer {
@@ -61,10 +61,10 @@ class Quantizer {
   // "remote 127.0.0.1:50051 (cpu)".
   virtual std::string Describe() const = 0;
 
-  // Quantizes every job and hands each result to `on_result`. Returns the first error (a
-  // job's, the callback's or the transport's, naming the tensor where there is one); results
+  // Quantizes every task and hands each result to `on_result`. Returns the first error (a
+  // task's, the callback's or the transport's, naming the tensor where there is one); results
   // already delivered stay delivered.
-  virtual absl::Status QuantizeAll(absl::Span<const TensorJob> jobs,
+  virtual absl::Status QuantizeAll(absl::Span<const TensorTask> tasks,
                                    const QuantizeResultCallback& on_result) = 0;
 };
 

@@ -17,9 +17,9 @@ class RemoteQuantizer : public Quantizer {
     return absl::StrCat("remote ", absl::StrJoin(client_->options().addresses, ","));
   }
 
-  absl::Status QuantizeAll(absl::Span<const TensorJob> jobs,
+  absl::Status QuantizeAll(absl::Span<const TensorTask> tasks,
                            const QuantizeResultCallback& on_result) override {
-    return client_->QuantizeTensors(jobs, on_result);
+    return client_->QuantizeTensors(tasks, on_result);
   }
 
  private:

@@ -30,17 +30,17 @@ int64_t ChunkBytes(const ClientOptions& options, const v1::Limits& limits) {
 
 }  // namespace
 
-bool SendsFullHessian(const TensorJob& job) {
-  return job.params.method == Method::kGptq && job.full_hessian.data != nullptr &&
-         !job.hessian_key.empty();
+bool SendsFullHessian(const TensorTask& task) {
+  return task.params.method == Method::kGptq && task.full_hessian.data != nullptr &&
+         !task.hessian_key.empty();
 }
 
 ServerStream::ServerStream(const ClientOptions& options, std::string address,
-                           absl::Span<const TensorJob> jobs, const v1::Limits& limits,
+                           absl::Span<const TensorTask> tasks, const v1::Limits& limits,
                            QuantizeResultCallback on_result, ErrorSink on_error)
     : options_(options),
       address_(std::move(address)),
-      jobs_(jobs),
+      tasks_(tasks),
       limits_(limits),
       chunk_bytes_(ChunkBytes(options, limits)),
       on_result_(std::move(on_result)),
@@ -70,11 +70,11 @@ grpc::Status ServerStream::Close(bool cancel, bool writable) {
   return stream_->Finish();
 }
 
-absl::Status ServerStream::CollectIncomplete(absl::Span<const size_t> session_jobs,
+absl::Status ServerStream::CollectIncomplete(absl::Span<const size_t> session_tasks,
                                              std::vector<size_t>* incomplete) {
   absl::MutexLock lock(&mu_);
-  for (size_t j : session_jobs) {
-    const auto it = pending_.find(jobs_[j].name);
+  for (size_t j : session_tasks) {
+    const auto it = pending_.find(tasks_[j].name);
     if (it == pending_.end() || !it->second.done) incomplete->push_back(j);
   }
   return reader_error_;
@@ -86,12 +86,12 @@ bool ServerStream::ExceedsSessionLimits(absl::Span<const size_t> unit) const {
   int64_t full_bytes = 0;
   int64_t name_bytes = 0;
   for (size_t j : unit) {
-    const TensorJob& job = jobs_[j];
-    name_bytes += NameBytes(job.name);
-    if (job.hessian_key.empty() || hessians_sent_.count(job.hessian_key) != 0) continue;
-    if (!keys.insert(job.hessian_key).second) continue;
-    block_bytes += HessianBlockBytes(job.weights.cols);
-    if (SendsFullHessian(job)) full_bytes += FullHessianBytes(job.weights.cols);
+    const TensorTask& task = tasks_[j];
+    name_bytes += NameBytes(task.name);
+    if (task.hessian_key.empty() || hessians_sent_.count(task.hessian_key) != 0) continue;
+    if (!keys.insert(task.hessian_key).second) continue;
+    block_bytes += HessianBlockBytes(task.weights.cols);
+    if (SendsFullHessian(task)) full_bytes += FullHessianBytes(task.weights.cols);
   }
   const int64_t max_blocks = limits_.max_session_hessian_bytes();
   const int64_t max_full = limits_.max_session_full_hessian_bytes();
@@ -101,17 +101,17 @@ bool ServerStream::ExceedsSessionLimits(absl::Span<const size_t> unit) const {
          (max_names > 0 && name_bytes_ + name_bytes > max_names);
 }
 
-absl::Status ServerStream::CheckLimits(const TensorJob& job) const {
-  const int64_t elements = job.weights.rows * job.weights.cols;
+absl::Status ServerStream::CheckLimits(const TensorTask& task) const {
+  const int64_t elements = task.weights.rows * task.weights.cols;
   if (limits_.max_tensor_elements() > 0 && elements > limits_.max_tensor_elements()) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat(job.name, ": ", elements, " elements exceed the server's max_tensor_elements ",
-                     limits_.max_tensor_elements()));
+    return absl::ResourceExhaustedError(absl::StrCat(
+        task.name, ": ", elements, " elements exceed the server's max_tensor_elements ",
+        limits_.max_tensor_elements()));
   }
-  const int64_t row_bytes = job.weights.cols * DTypeSize(job.weights.dtype);
+  const int64_t row_bytes = task.weights.cols * DTypeSize(task.weights.dtype);
   if (limits_.max_receive_message_bytes() > 0 &&
       row_bytes + 4096 > limits_.max_receive_message_bytes()) {
-    return absl::ResourceExhaustedError(absl::StrCat(job.name, ": one row is ", row_bytes,
+    return absl::ResourceExhaustedError(absl::StrCat(task.name, ": one row is ", row_bytes,
                                                      " bytes, over the server's "
                                                      "max_receive_message_bytes ",
                                                      limits_.max_receive_message_bytes()));
@@ -122,12 +122,12 @@ absl::Status ServerStream::CheckLimits(const TensorJob& job) const {
 absl::Status ServerStream::SendUnit(absl::Span<const size_t> unit, bool* writable) {
   for (size_t k = 0; k < unit.size(); ++k) {
     const size_t j = unit[k];
-    absl::Status within = CheckLimits(jobs_[j]);
+    absl::Status within = CheckLimits(tasks_[j]);
     if (!within.ok()) return within;
-    // The unit holds every job of its Hessian: the last one lets the server free it.
+    // The unit holds every task of its Hessian: the last one lets the server free it.
     bool last_use = true;
     for (size_t later = k + 1; later < unit.size(); ++later) {
-      last_use = last_use && jobs_[unit[later]].hessian_key != jobs_[j].hessian_key;
+      last_use = last_use && tasks_[unit[later]].hessian_key != tasks_[j].hessian_key;
     }
     *writable = SendTensor(j, last_use);
     if (!*writable) break;
@@ -136,64 +136,64 @@ absl::Status ServerStream::SendUnit(absl::Span<const size_t> unit, bool* writabl
 }
 
 bool ServerStream::SendTensor(size_t j, bool release) {
-  const TensorJob& job = jobs_[j];
-  const int64_t rows = job.weights.rows;
-  const int64_t cols = job.weights.cols;
+  const TensorTask& task = tasks_[j];
+  const int64_t rows = task.weights.rows;
+  const int64_t cols = task.weights.cols;
   {
     absl::MutexLock lock(&mu_);
-    Pending& p = pending_[job.name];
-    p.job = j;
+    Pending& p = pending_[task.name];
+    p.task = j;
     p.codes.assign(static_cast<size_t>(rows * cols / 2), 0);
     p.scales.assign(static_cast<size_t>(rows * cols / 16), 0);
   }
   v1::QuantizeRequest request;
   v1::TensorHeader* header = request.mutable_header();
-  header->set_name(job.name);
+  header->set_name(task.name);
   header->set_rows(rows);
   header->set_cols(cols);
-  header->set_dtype(DTypeToProto(job.weights.dtype));
-  SearchParamsToProto(job.params, header->mutable_method());
-  header->set_global_amax(job.global_amax);
-  const bool full = SendsFullHessian(job);
+  header->set_dtype(DTypeToProto(task.weights.dtype));
+  SearchParamsToProto(task.params, header->mutable_method());
+  header->set_global_amax(task.global_amax);
+  const bool full = SendsFullHessian(task);
   const bool upper = options_.send_full_hessian_upper;
-  const bool has_hessian = (full || job.hessians.data != nullptr) && !job.hessian_key.empty();
-  const bool define = has_hessian && hessians_sent_.count(job.hessian_key) == 0;
+  const bool has_hessian = (full || task.hessians.data != nullptr) && !task.hessian_key.empty();
+  const bool define = has_hessian && hessians_sent_.count(task.hessian_key) == 0;
   if (has_hessian) {
-    header->mutable_hessian()->set_name(job.hessian_key);
+    header->mutable_hessian()->set_name(task.hessian_key);
     header->mutable_hessian()->set_layout(!full   ? v1::HESSIAN_LAYOUT_BLOCK_DIAGONAL
                                           : upper ? v1::HESSIAN_LAYOUT_FULL_UPPER
                                                   : v1::HESSIAN_LAYOUT_FULL);
     header->mutable_hessian()->set_release_after(release);
   }
   if (!stream_->Write(request)) return false;
-  name_bytes_ += NameBytes(job.name);
+  name_bytes_ += NameBytes(task.name);
   if (define && full) {
-    hessians_sent_.insert(job.hessian_key);
+    hessians_sent_.insert(task.hessian_key);
     hessian_bytes_ += HessianBlockBytes(cols);
     full_hessian_bytes_ += FullHessianBytes(cols);
-    if (!SendFullHessian(job.full_hessian, upper)) return false;
+    if (!SendFullHessian(task.full_hessian, upper)) return false;
   } else if (define) {
-    hessians_sent_.insert(job.hessian_key);
+    hessians_sent_.insert(task.hessian_key);
     hessian_bytes_ += HessianBlockBytes(cols);
-    if (!SendHessianBlocks(job)) return false;
+    if (!SendHessianBlocks(task)) return false;
   }
   if (has_hessian && release) {
     // The server forgot it with this header; it no longer counts against the session.
-    hessians_sent_.erase(job.hessian_key);
+    hessians_sent_.erase(task.hessian_key);
     hessian_bytes_ -= HessianBlockBytes(cols);
     if (full) full_hessian_bytes_ -= FullHessianBytes(cols);
   }
-  return SendWeightRows(job);
+  return SendWeightRows(task);
 }
 
-bool ServerStream::SendHessianBlocks(const TensorJob& job) {
-  const int64_t total = job.hessians.num_blocks * 256;
+bool ServerStream::SendHessianBlocks(const TensorTask& task) {
+  const int64_t total = task.hessians.num_blocks * 256;
   const int64_t step = std::max<int64_t>(256, chunk_bytes_ / 4 / 256 * 256);
   for (int64_t offset = 0; offset < total; offset += step) {
     const int64_t n = std::min(step, total - offset);
     v1::QuantizeRequest chunk;
     chunk.mutable_hessian()->set_element_offset(offset);
-    chunk.mutable_hessian()->set_data(reinterpret_cast<const char*>(job.hessians.data + offset),
+    chunk.mutable_hessian()->set_data(reinterpret_cast<const char*>(task.hessians.data + offset),
                                       static_cast<size_t>(n * 4));
     if (!stream_->Write(chunk)) return false;
   }
@@ -230,11 +230,11 @@ bool ServerStream::SendFullHessian(const FullHessianView& h, bool upper) {
   return flush();
 }
 
-bool ServerStream::SendWeightRows(const TensorJob& job) {
-  const int64_t rows = job.weights.rows;
-  const int64_t row_bytes = job.weights.cols * DTypeSize(job.weights.dtype);
+bool ServerStream::SendWeightRows(const TensorTask& task) {
+  const int64_t rows = task.weights.rows;
+  const int64_t row_bytes = task.weights.cols * DTypeSize(task.weights.dtype);
   const int64_t rows_per_chunk = std::max<int64_t>(1, chunk_bytes_ / row_bytes);
-  const char* data = static_cast<const char*>(job.weights.data);
+  const char* data = static_cast<const char*>(task.weights.data);
   for (int64_t r = 0; r < rows; r += rows_per_chunk) {
     const int64_t n = std::min(rows_per_chunk, rows - r);
     v1::QuantizeRequest chunk;
@@ -281,13 +281,13 @@ absl::Status ServerStream::AddResultChunk(const v1::ResultChunk& chunk) {
         absl::StrCat("result for unexpected tensor '", chunk.tensor_name(), "'"));
   }
   Pending& p = it->second;
-  const TensorJob& job = jobs_[p.job];
-  const int64_t cols = job.weights.cols;
+  const TensorTask& task = tasks_[p.task];
+  const int64_t cols = task.weights.cols;
   if (chunk.row_begin() < 0 || chunk.num_rows() <= 0 ||
-      chunk.row_begin() + chunk.num_rows() > job.weights.rows ||
+      chunk.row_begin() + chunk.num_rows() > task.weights.rows ||
       static_cast<int64_t>(chunk.packed_codes().size()) != chunk.num_rows() * cols / 2 ||
       static_cast<int64_t>(chunk.scales().size()) != chunk.num_rows() * cols / 16) {
-    return absl::InternalError(absl::StrCat(job.name, ": malformed result chunk for rows ",
+    return absl::InternalError(absl::StrCat(task.name, ": malformed result chunk for rows ",
                                             chunk.row_begin(), "+", chunk.num_rows()));
   }
   std::memcpy(p.codes.data() + chunk.row_begin() * cols / 2, chunk.packed_codes().data(),
@@ -300,7 +300,7 @@ absl::Status ServerStream::AddResultChunk(const v1::ResultChunk& chunk) {
 
 absl::Status ServerStream::FinishTensor(const v1::TensorSummary& summary) {
   QuantizedTensor result;
-  size_t job_index = 0;
+  size_t task_index = 0;
   {
     absl::MutexLock lock(&mu_);
     const auto it = pending_.find(summary.tensor_name());
@@ -309,28 +309,28 @@ absl::Status ServerStream::FinishTensor(const v1::TensorSummary& summary) {
           absl::StrCat("summary for unexpected tensor '", summary.tensor_name(), "'"));
     }
     Pending& p = it->second;
-    const TensorJob& job = jobs_[p.job];
-    if (p.rows_covered != job.weights.rows) {
-      return absl::InternalError(absl::StrCat(job.name, ": summary after ", p.rows_covered, " of ",
-                                              job.weights.rows, " rows"));
+    const TensorTask& task = tasks_[p.task];
+    if (p.rows_covered != task.weights.rows) {
+      return absl::InternalError(absl::StrCat(task.name, ": summary after ", p.rows_covered, " of ",
+                                              task.weights.rows, " rows"));
     }
-    if (summary.global_amax() != job.global_amax) {
-      return absl::InternalError(absl::StrCat(job.name, ": server used global amax ",
-                                              summary.global_amax(), ", sent ", job.global_amax));
+    if (summary.global_amax() != task.global_amax) {
+      return absl::InternalError(absl::StrCat(task.name, ": server used global amax ",
+                                              summary.global_amax(), ", sent ", task.global_amax));
     }
     p.done = true;
-    job_index = p.job;
-    result.rows = job.weights.rows;
-    result.cols = job.weights.cols;
+    task_index = p.task;
+    result.rows = task.weights.rows;
+    result.cols = task.weights.cols;
     result.packed_codes = std::move(p.codes);
     result.scales = std::move(p.scales);
     result.global_amax = summary.global_amax();
     result.global_scale = summary.global_scale();
-    result.stats = StatsFromProto(summary, job.params);
+    result.stats = StatsFromProto(summary, task.params);
     result.server_kernel_seconds = static_cast<double>(summary.timings().kernel_us()) * 1e-6;
     result.server_queue_seconds = static_cast<double>(summary.timings().queue_wait_us()) * 1e-6;
   }
-  return on_result_(job_index, std::move(result));
+  return on_result_(task_index, std::move(result));
 }
 
 }  // namespace nvfp4cal::client_internal

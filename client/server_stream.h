@@ -8,7 +8,7 @@
 // the full matrix for gptq) and its weight rows in chunks under the server's limits, and a
 // reader thread that assembles the result chunks and hands each finished tensor to the call.
 //
-//   ServerStream stream(options, address, jobs, limits, on_result, on_error);
+//   ServerStream stream(options, address, tasks, limits, on_result, on_error);
 //   // register &stream so that another thread may Cancel() it; add call metadata:
 //   authorize(stream.context());
 //   bool writable = stream.Open(stub);
@@ -19,7 +19,7 @@
 //     if (!local_error.ok()) break;
 //   }
 //   const grpc::Status finished = stream.Close(/*cancel=*/!local_error.ok(), writable);
-//   const absl::Status reader_error = stream.CollectIncomplete(session_jobs, &incomplete);
+//   const absl::Status reader_error = stream.CollectIncomplete(session_tasks, &incomplete);
 //
 // Thread-safety: Cancel() from any thread; every other method from the thread that owns the
 // stream. on_result and on_error run on the stream's reader thread.
@@ -46,8 +46,8 @@
 
 namespace nvfp4cal::client_internal {
 
-// Whether the job runs gptq with its full Hessian (sent whole rather than as blocks).
-bool SendsFullHessian(const TensorJob& job);
+// Whether the task runs gptq with its full Hessian (sent whole rather than as blocks).
+bool SendsFullHessian(const TensorTask& task);
 
 class ServerStream {
  public:
@@ -55,11 +55,12 @@ class ServerStream {
   // prefixed with "server <address>: ", so that the call can stop its other streams.
   using ErrorSink = std::function<void(const absl::Status& error)>;
 
-  // `options`, `jobs` and the callbacks' targets must outlive the stream. `limits`: the
+  // `options`, `tasks` and the callbacks' targets must outlive the stream. `limits`: the
   // server's GetServerInfo limits, which size the chunks and bound the session. Sets the
   // stream's deadline (options.timeout); no connection is made before Open.
-  ServerStream(const ClientOptions& options, std::string address, absl::Span<const TensorJob> jobs,
-               const v1::Limits& limits, QuantizeResultCallback on_result, ErrorSink on_error);
+  ServerStream(const ClientOptions& options, std::string address,
+               absl::Span<const TensorTask> tasks, const v1::Limits& limits,
+               QuantizeResultCallback on_result, ErrorSink on_error);
   ServerStream(const ServerStream&) = delete;
   ServerStream& operator=(const ServerStream&) = delete;
 
@@ -88,9 +89,9 @@ class ServerStream {
   // for the reader and returns the stream's final status.
   grpc::Status Close(bool cancel, bool writable);
 
-  // After Close: appends the jobs among `session_jobs` whose result did not arrive to
+  // After Close: appends the tasks among `session_tasks` whose result did not arrive to
   // *incomplete and returns the reader's error (OK when none).
-  absl::Status CollectIncomplete(absl::Span<const size_t> session_jobs,
+  absl::Status CollectIncomplete(absl::Span<const size_t> session_tasks,
                                  std::vector<size_t>* incomplete);
 
  private:
@@ -98,34 +99,34 @@ class ServerStream {
 
   // A tensor sent and not yet finished: its result chunks land here.
   struct Pending {
-    size_t job = 0;
+    size_t task = 0;
     std::vector<uint8_t> codes;
     std::vector<uint8_t> scales;
     int64_t rows_covered = 0;
     bool done = false;
   };
 
-  absl::Status CheckLimits(const TensorJob& job) const;
+  absl::Status CheckLimits(const TensorTask& task) const;
   // Header, the Hessian's chunks when this session has not seen it, then the weight rows.
   // release: the session's last tensor with this Hessian (HessianRef.release_after).
   bool SendTensor(size_t j, bool release);
-  // The diagonal blocks of the job's Hessian in chunks of about chunk_bytes_.
-  bool SendHessianBlocks(const TensorJob& job);
+  // The diagonal blocks of the task's Hessian in chunks of about chunk_bytes_.
+  bool SendHessianBlocks(const TensorTask& task);
   // The full Hessian in chunks of about chunk_bytes_, cut straight from `h`.
   bool SendFullHessian(const FullHessianView& h, bool upper);
-  // The job's weight rows in chunks of about chunk_bytes_ (at least one row each).
-  bool SendWeightRows(const TensorJob& job);
+  // The task's weight rows in chunks of about chunk_bytes_ (at least one row each).
+  bool SendWeightRows(const TensorTask& task);
 
   void ReadResponses();
   absl::Status HandleResponse(const v1::QuantizeResponse& response);
   // Copies a result chunk into its tensor's pending buffers.
   absl::Status AddResultChunk(const v1::ResultChunk& chunk);
-  // Checks a tensor's summary against its job and hands the assembled result to on_result.
+  // Checks a tensor's summary against its task and hands the assembled result to on_result.
   absl::Status FinishTensor(const v1::TensorSummary& summary);
 
   const ClientOptions& options_;
   const std::string address_;
-  const absl::Span<const TensorJob> jobs_;
+  const absl::Span<const TensorTask> tasks_;
   const v1::Limits limits_;
   // Target size of a weight or Hessian chunk: options.chunk_bytes, at most a quarter of the
   // server's max_receive_message_bytes, at least 1 KiB.

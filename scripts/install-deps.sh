@@ -13,6 +13,7 @@ packages=(
   libgtest-dev libgmock-dev googletest          # GoogleTest / GoogleMock
   libbenchmark-dev                              # Google Benchmark
   nlohmann-json3-dev                            # JSON for the client (safetensors headers, configs)
+  libcli11-dev                                  # CLI11 2.1 (the CLI's argument parsing; headers)
   liblapack-dev                                 # LAPACK (dpotrf, dtrtri) for gptq's Hessian factor
 )
 test_packages=(

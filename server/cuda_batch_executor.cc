@@ -10,7 +10,7 @@
 namespace nvfp4cal::server {
 
 CudaBatchExecutor::CudaBatchExecutor(std::vector<std::unique_ptr<CudaScaleSearch>> devices,
-                                     std::vector<GptqWorker> gptq)
+                                     std::vector<GptqBackends> gptq)
     : devices_(std::move(devices)), gptq_(std::move(gptq)) {}
 
 std::string CudaBatchExecutor::DeviceDescription(int i) const {
@@ -29,12 +29,9 @@ absl::Status CudaBatchExecutor::ExecuteBatch(int worker, absl::Span<Work* const>
   std::vector<size_t> gptq_items;
   std::vector<RowRangeTask*> gptq_tasks;
 
-  // The requests must outlive the call: the slices point at them.
-  std::vector<QuantizeRequest> requests;
   std::vector<CudaScaleSearch::Slice> slices;
   // slices[k] is batch[sliced[k]]; gptq items run on their own below.
   std::vector<size_t> sliced;
-  requests.reserve(batch.size());
   slices.reserve(batch.size());
   for (size_t i = 0; i < batch.size(); ++i) {
     RowRangeTask& task = RowRangeTaskOf(batch[i]);
@@ -44,12 +41,13 @@ absl::Status CudaBatchExecutor::ExecuteBatch(int worker, absl::Span<Work* const>
       gptq_tasks.push_back(&task);
       continue;
     }
-    sliced.push_back(i);
-    requests.push_back(RequestOf(task));
-    slices.push_back(CudaScaleSearch::Slice{&requests.back(), task.tensor->global_amax, 0,
-                                            task.num_rows, OutputOf(&task), &task.stats});
+    if (!task.rows.has_value()) {
+      (*item_status)[i] = UncheckedRows(task);
+      continue;
+    }
     // Sessions and jobs validated the header, the Hessian and every chunk's rows on arrival.
-    slices.back().prevalidated = true;
+    sliced.push_back(i);
+    slices.push_back(CudaScaleSearch::Slice::Of(*task.rows, OutputOf(&task), &task.stats));
   }
   RunGptqItems(gptq_, worker, gptq_items, gptq_tasks, item_status);
   if (slices.empty()) return absl::OkStatus();

@@ -38,7 +38,7 @@ class CudaBatchExecutor : public BatchExecutor {
   // devices[i] and gptq[i] serve scheduler worker i (gptq may be empty: gptq items then fail
   // with INTERNAL).
   explicit CudaBatchExecutor(std::vector<std::unique_ptr<CudaScaleSearch>> devices,
-                             std::vector<GptqWorker> gptq = {});
+                             std::vector<GptqBackends> gptq = {});
 
   // Quantizes the batch's RowRangeTasks (see kernel_executor.h) in one QuantizeBatch call.
   absl::Status ExecuteBatch(int worker, absl::Span<Work* const> batch,
@@ -51,7 +51,7 @@ class CudaBatchExecutor : public BatchExecutor {
 
  private:
   std::vector<std::unique_ptr<CudaScaleSearch>> devices_;
-  std::vector<GptqWorker> gptq_;
+  std::vector<GptqBackends> gptq_;
 };
 
 }  // namespace nvfp4cal::server

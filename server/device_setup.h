@@ -1,18 +1,7 @@
-// Device setup: decides where quantization runs (--device auto|cpu|cuda) and builds the
-// scheduler's executor with one worker per device: one per GPU with CUDA, --cpu_workers
-// otherwise.
-//
-//   auto  CUDA when CudaDeviceAvailable() says a device is usable, else the CPU; `selection`
-//         says which and why (the server logs it at start).
-//   cpu   the CPU backend.
-//   cuda  every CUDA device; FAILED_PRECONDITION naming the reason when none is usable.
-//
-// Method gptq gets a GptqBackend per worker: the CPU one on CPU workers; on each GPU the CUDA
-// one (MakeCudaGptq), or the CPU one when that fails, which `selection` then says with the
-// reason.
-//
-// GPUs are counted without CUDA headers: MakeCudaScaleSearch is tried with ordinals 0, 1, ...
-// until it answers UNAVAILABLE or INVALID_ARGUMENT (ordinal out of range).
+// Device setup: the server's scheduler workers and executor over the engine's device selection
+// (engine/devices.h: --device auto|cpu|cuda, workers per GPU, gptq backends and their fallback,
+// the one-line `selection` the server logs at start). The CPU workers run batches through
+// KernelExecutor, the GPU workers through CudaBatchExecutor.
 //
 //   absl::StatusOr<DeviceSetup> setup = SetUpDevices(options.devices);
 //   if (!setup.ok()) return setup.status();

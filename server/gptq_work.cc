@@ -14,24 +14,7 @@
 #include "server/tensor_spec.h"
 
 namespace nvfp4cal::server {
-namespace {
-
-uint32_t Bits(float value) {
-  uint32_t bits = 0;
-  std::memcpy(&bits, &value, sizeof(bits));
-  return bits;
-}
-
-// Exact (bit patterns) so that two parameter sets share a plan only when they are equal.
-std::string PlanKey(const std::string& device, const SearchParams& p) {
-  return absl::StrCat(device, "|", Bits(p.beta_step), ",", Bits(p.beta_half_range), ",",
-                      p.scale_neighbours, ",", Bits(p.symmetry_tolerance), ",",
-                      Bits(p.gptq.damping), ",", p.gptq.act_order ? 1 : 0, ",",
-                      p.gptq.block_columns, ",", static_cast<int>(p.gptq.scale_objective), ",",
-                      static_cast<int>(p.gptq.scale_search));
-}
-
-}  // namespace
+namespace {}  // namespace
 
 absl::StatusOr<std::shared_ptr<FullHessian>> FullHessian::Create(
     std::string name, int64_t n, std::unique_ptr<FullHessianBudget::Reservation> reservation,
@@ -56,51 +39,37 @@ FullHessian::FullHessian(std::string name, int64_t n, std::unique_ptr<float[]> d
       metrics_(metrics) {}
 
 absl::StatusOr<std::shared_ptr<const GptqPlan>> FullHessian::Plan(GptqBackend& backend,
-                                                                  const std::string& device,
+                                                                  const std::string& plan_domain,
                                                                   const SearchParams& params) {
-  PlanEntry* entry = nullptr;
-  {
-    absl::MutexLock lock(&mu_);
-    std::unique_ptr<PlanEntry>& slot = plans_[PlanKey(device, params)];
-    if (slot == nullptr) slot = std::make_unique<PlanEntry>();
-    entry = slot.get();
-  }
-  // Items of the same plan on other workers wait for the first instead of repeating the
-  // factorisation.
-  return entry->plan.Get(
-      backend, view(), params,
-      [this, entry, &backend](const absl::StatusOr<std::shared_ptr<const GptqPlan>>& plan) {
-        if (!plan.ok()) {
-          if (metrics_ != nullptr) metrics_->RecordGptqPlanFailure();
-          return;
-        }
-        if (budget_ != nullptr) entry->charge = budget_->ChargePlan((*plan)->memory_bytes);
-        if (metrics_ != nullptr) {
-          metrics_->RecordGptqPlan(std::string(backend.BackendName()), (*plan)->factor_seconds);
-        }
-        absl::MutexLock count(&mu_);
-        ++plans_prepared_;
-      });
-}
-
-int FullHessian::plans_prepared() const {
-  absl::MutexLock lock(&mu_);
-  return plans_prepared_;
+  return plans_.Get(backend, plan_domain, view(), params,
+                    [this, &backend](const GptqPlanCache::PlanOrError& plan) {
+                      std::shared_ptr<void> charge;
+                      if (!plan.ok()) {
+                        if (metrics_ != nullptr) metrics_->RecordGptqPlanFailure();
+                        return charge;
+                      }
+                      if (budget_ != nullptr) charge = budget_->ChargePlan((*plan)->memory_bytes);
+                      if (metrics_ != nullptr) {
+                        metrics_->RecordGptqPlan(std::string(backend.BackendName()),
+                                                 (*plan)->factor_seconds);
+                      }
+                      return charge;
+                    });
 }
 
 namespace {
 
 // Quantizes `rows` rows in `weights` (the rows of tasks run[0..]) into the outputs.
-absl::Status RunGptqRows(GptqBackend* backend, const std::string& device, const TensorInput& tensor,
-                         const char* weights, int64_t rows, RowRangeOutput output,
-                         TensorStats* stats) {
+absl::Status RunGptqRows(GptqBackend* backend, const std::string& plan_domain,
+                         const TensorInput& tensor, const char* weights, int64_t rows,
+                         RowRangeOutput output, TensorStats* stats) {
   if (tensor.full_hessian == nullptr || backend == nullptr) {
     return absl::InternalError(
         absl::StrFormat("gptq rows of tensor '%s' reached a worker without %s", tensor.name,
                         tensor.full_hessian == nullptr ? "a full Hessian" : "a gptq backend"));
   }
   absl::StatusOr<std::shared_ptr<const GptqPlan>> plan =
-      tensor.full_hessian->Plan(*backend, device, tensor.params);
+      tensor.full_hessian->Plan(*backend, plan_domain, tensor.params);
   if (!plan.ok()) {
     return PrefixStatus(plan.status(),
                         absl::StrFormat("Hessian '%s': ", tensor.full_hessian->name()));
@@ -115,7 +84,7 @@ absl::Status RunGptqRows(GptqBackend* backend, const std::string& device, const 
 
 }  // namespace
 
-void RunGptqTasks(GptqWorker& worker, const std::vector<RowRangeTask*>& tasks,
+void RunGptqTasks(GptqBackends& worker, const std::vector<RowRangeTask*>& tasks,
                   std::vector<absl::Status>* status) {
   status->assign(tasks.size(), absl::OkStatus());
   // Tasks by tensor, then row.
@@ -141,7 +110,7 @@ void RunGptqTasks(GptqWorker& worker, const std::vector<RowRangeTask*>& tasks,
     if (last - first == 1) {
       RowRangeTask& t = *tasks[order[first]];
       (*status)[order[first]] =
-          RunGptqRows(backend, worker.device, *t.tensor, t.weights->data() + t.byte_offset,
+          RunGptqRows(backend, worker.plan_domain, *t.tensor, t.weights->data() + t.byte_offset,
                       t.num_rows, OutputOf(&t), &t.stats);
       return;
     }
@@ -171,7 +140,7 @@ void RunGptqTasks(GptqWorker& worker, const std::vector<RowRangeTask*>& tasks,
       }
       RowRangeTask& head = *tasks[order[first]];
       run_status = RunGptqRows(
-          backend, worker.device, tensor, weights.data(), rows,
+          backend, worker.plan_domain, tensor, weights.data(), rows,
           RowRangeOutput{absl::MakeSpan(reinterpret_cast<uint8_t*>(codes.data()), codes.size()),
                          absl::MakeSpan(reinterpret_cast<uint8_t*>(scales.data()), scales.size())},
           &head.stats);
@@ -189,8 +158,8 @@ void RunGptqTasks(GptqWorker& worker, const std::vector<RowRangeTask*>& tasks,
     for (size_t k = first; k < last; ++k) (*status)[order[k]] = run_status;
   };
   // The worker's backends take runs in parallel (one each at a time).
-  std::vector<GptqBackend*> backends = {worker.backend.get()};
-  for (const std::unique_ptr<GptqBackend>& b : worker.streams) backends.push_back(b.get());
+  std::vector<GptqBackend*> backends;
+  for (const std::shared_ptr<GptqBackend>& b : worker.streams) backends.push_back(b.get());
   const size_t threads = std::min(backends.size(), runs.size());
   std::atomic<size_t> next{0};
   auto drain = [&](GptqBackend* backend) {
@@ -203,11 +172,12 @@ void RunGptqTasks(GptqWorker& worker, const std::vector<RowRangeTask*>& tasks,
   for (std::thread& t : pool) t.join();
 }
 
-void RunGptqItems(std::vector<GptqWorker>& workers, int worker, const std::vector<size_t>& items,
+void RunGptqItems(std::vector<GptqBackends>& workers, int worker, const std::vector<size_t>& items,
                   const std::vector<RowRangeTask*>& tasks, std::vector<absl::Status>* item_status) {
   if (tasks.empty()) return;
   std::vector<absl::Status> status;
-  if (worker >= 0 && static_cast<size_t>(worker) < workers.size()) {
+  if (worker >= 0 && static_cast<size_t>(worker) < workers.size() &&
+      !workers[static_cast<size_t>(worker)].streams.empty()) {
     RunGptqTasks(workers[static_cast<size_t>(worker)], tasks, &status);
   } else {
     status.assign(tasks.size(), absl::InternalError("no gptq backend for this worker"));

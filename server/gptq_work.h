@@ -10,38 +10,27 @@
 //
 // Executors collect a batch's items whose tensor has method gptq and run them together:
 //
-//   std::vector<GptqWorker> gptq;   // one per scheduler worker
-//   gptq.push_back(GptqWorker{nvfp4cal::MakeCpuGptq({}), "cpu", {}});
+//   std::vector<GptqBackends> gptq;   // one per scheduler worker (engine/devices.h)
+//   gptq.push_back(GptqBackends{{nvfp4cal::MakeCpuGptq({})}, "cpu"});
 //   if (absl::Status s = AllocateOutputs(&task); !s.ok()) return s;   // for each gptq item
 //   RunGptqItems(gptq, worker, gptq_items, gptq_tasks, item_status);
 #ifndef NVFP4CAL_SERVER_GPTQ_WORK_H_
 #define NVFP4CAL_SERVER_GPTQ_WORK_H_
 
 #include <cstdint>
-#include <map>
 #include <memory>
 #include <string>
 
-#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
+#include "engine/devices.h"
+#include "engine/gptq_plan_cache.h"
 #include "nvfp4cal/kernels/gptq.h"
 #include "server/full_hessian_budget.h"
 #include "server/metrics.h"
 #include "server/work_model.h"
 
 namespace nvfp4cal::server {
-
-// The gptq backend of one scheduler worker (RunGptqTasks runs tasks with it).
-struct GptqWorker {
-  std::unique_ptr<GptqBackend> backend;
-  // Where its plans live: "cpu" (a CPU plan serves every CPU backend) or "cuda:N".
-  std::string device;
-  // More backends on the same device (CUDA streams): the gptq runs of different tensors in one
-  // batch go to `backend` and these in parallel, sharing the device's plans.
-  std::vector<std::unique_ptr<GptqBackend>> streams;
-};
 
 // The largest cols gptq accepts (the kernels' ValidateGptqHessian limit); checked on the
 // header so that n * n * 4 is computed only for sizes that can run.
@@ -69,24 +58,18 @@ class FullHessian {
   float* mutable_data() { return data_.get(); }
   FullHessianView view() const { return FullHessianView{data_.get(), n_}; }
 
-  // The plan for `params` on `device` ("cpu", or "cuda:N" for a device backend), prepared by
-  // `backend` on the first call (GptqBackend::Prepare: validation, damping, factorisation) and
-  // shared afterwards; concurrent callers wait for the first. A failed preparation is kept and
-  // returned to every later caller, so H is validated once.
+  // The plan for `params` in `plan_domain` ("cpu", or "cuda:N" for a device backend), prepared
+  // by `backend` on the first call (GptqBackend::Prepare: validation, damping, factorisation)
+  // and shared afterwards (GptqPlanCache: concurrent callers wait for the first; a failed
+  // preparation is kept, so H is validated once). Its memory is charged to the budget.
   absl::StatusOr<std::shared_ptr<const GptqPlan>> Plan(GptqBackend& backend,
-                                                       const std::string& device,
+                                                       const std::string& plan_domain,
                                                        const SearchParams& params);
 
   // Plans prepared (successfully) so far.
-  int plans_prepared() const;
+  int plans_prepared() const { return plans_.plans_prepared(); }
 
  private:
-  struct PlanEntry {
-    SharedGptqPlan plan;
-    // The plan's memory on the budget: set once by the plan's PreparedHook, freed with it.
-    std::unique_ptr<FullHessianBudget::Reservation> charge;
-  };
-
   FullHessian(std::string name, int64_t n, std::unique_ptr<float[]> data,
               std::unique_ptr<FullHessianBudget::Reservation> reservation,
               FullHessianBudget* budget, ServerMetrics* metrics);
@@ -97,10 +80,8 @@ class FullHessian {
   const std::unique_ptr<FullHessianBudget::Reservation> reservation_;
   FullHessianBudget* const budget_;
   ServerMetrics* const metrics_;
-  mutable absl::Mutex mu_;
-  // Keyed by device and every parameter that changes the plan or its results.
-  std::map<std::string, std::unique_ptr<PlanEntry>> plans_ ABSL_GUARDED_BY(mu_);
-  int plans_prepared_ ABSL_GUARDED_BY(mu_) = 0;
+  // Dropped with the matrix, each plan with its charge on the budget.
+  GptqPlanCache plans_;
 };
 
 // The gptq tasks of one batch (outputs allocated), each with the plan of its tensor's full
@@ -110,12 +91,12 @@ class FullHessian {
 // rows as for 14336 on a GPU, so merging the chunks of a tensor that arrive together saves most of
 // it); the bytes are those of separate calls. (*status)[k] receives tasks[k]'s status; a merged
 // run's statistics go to its first task.
-void RunGptqTasks(GptqWorker& worker, const std::vector<RowRangeTask*>& tasks,
+void RunGptqTasks(GptqBackends& worker, const std::vector<RowRangeTask*>& tasks,
                   std::vector<absl::Status>* status);
 
 // What executors call for a batch's gptq items: RunGptqTasks on workers[worker] (an error
 // for each item when there is none); (*item_status)[items[k]] receives tasks[k]'s status.
-void RunGptqItems(std::vector<GptqWorker>& workers, int worker, const std::vector<size_t>& items,
+void RunGptqItems(std::vector<GptqBackends>& workers, int worker, const std::vector<size_t>& items,
                   const std::vector<RowRangeTask*>& tasks, std::vector<absl::Status>* item_status);
 
 }  // namespace nvfp4cal::server

@@ -27,6 +27,8 @@ struct ParsedJob {
   TensorSpec spec;
   std::shared_ptr<const TensorInput> input;
   std::shared_ptr<const std::string> weights;
+  // `weights` as checked (every method but gptq, whose backend checks its rows).
+  std::optional<ValidatedRows> rows;
 };
 
 // The request's Hessian in header.hessian.layout: its diagonal blocks [cols / 16, 16, 16], and
@@ -128,6 +130,12 @@ absl::StatusOr<ParsedJob> ParseJobRequest(const v1::SubmitJobRequest& request,
   input->dtype = spec->dtype;
   input->cols = spec->cols;
   input->params = spec->params;
+  ParsedJob parsed;
+  parsed.weights = std::make_shared<const std::string>(request.weights());
+  // The tensor as the kernels check it (shape, Hessian blocks, parameters); not for gptq.
+  QuantizeRequest shape;
+  shape.weights = {parsed.weights->data(), spec->dtype, spec->rows, spec->cols};
+  shape.params = spec->params;
   if (request.hessian().empty()) {
     if (MethodNeedsHessian(spec->params.method)) {
       return absl::FailedPreconditionError(
@@ -141,34 +149,41 @@ absl::StatusOr<ParsedJob> ParseJobRequest(const v1::SubmitJobRequest& request,
       // gptq validates its full Hessian on a scheduler worker, with the factorisation (once).
       input->full_hessian = std::move(hessian->full);
     } else {
-      QuantizeRequest shape;
-      static const float kDummy = 0.0f;  // only the shape is read here
-      shape.weights = {&kDummy, spec->dtype, 1, spec->cols};
-      shape.hessians = {hessian->blocks->data(), spec->cols / kBlockElements};
-      shape.params = spec->params;
-      if (absl::Status s = ValidateShapeHessiansAndParams(shape); !s.ok()) {
-        return PrefixStatus(s, absl::StrFormat("Hessian of job tensor '%s': ", spec->name));
-      }
       input->hessian_bounds =
           ComputeSharedHessianBounds({hessian->blocks->data(), spec->cols / kBlockElements});
       input->hessian_blocks = std::move(hessian->blocks);
+      shape.hessians = {input->hessian_blocks->data(), spec->cols / kBlockElements};
+      shape.hessian_bounds = input->hessian_bounds.get();
     }
   }
-  const WeightView view{request.weights().data(), spec->dtype, spec->rows, spec->cols};
-  absl::StatusOr<float> amax = ScanWeightRows(view, 0, spec->rows);
-  if (!amax.ok()) {
-    return PrefixStatus(amax.status(), absl::StrFormat("job tensor '%s' weights: ", spec->name));
+  std::optional<ValidatedTensor> checked;
+  if (!gptq) {
+    absl::StatusOr<ValidatedTensor> tensor = ValidateTensor(shape);
+    if (!tensor.ok()) {
+      return PrefixStatus(tensor.status(),
+                          absl::StrCat(request.hessian().empty() ? "" : "Hessian of ",
+                                       "job tensor '", spec->name, "': "));
+    }
+    checked = *std::move(tensor);
+  }
+  absl::StatusOr<WeightScan> scan = ScanWeights(shape.weights);
+  if (!scan.ok()) {
+    return PrefixStatus(scan.status(), absl::StrFormat("job tensor '%s' weights: ", spec->name));
   }
   if (spec->global_amax.has_value()) {
-    if (absl::Status s = ValidateGlobalAmax(*spec->global_amax, *amax); !s.ok()) {
+    if (absl::Status s = ValidateGlobalAmax(*spec->global_amax, scan->amax()); !s.ok()) {
       return PrefixStatus(s, absl::StrFormat("job tensor '%s': header.", spec->name));
     }
   }
-  input->global_amax = spec->global_amax.value_or(*amax);
-  ParsedJob parsed;
+  input->global_amax = spec->global_amax.value_or(scan->amax());
+  if (checked.has_value()) {
+    absl::StatusOr<ValidatedRows> rows =
+        ValidateRows(*checked, input->global_amax, absl::MakeConstSpan(&*scan, 1));
+    if (!rows.ok()) return rows.status();
+    parsed.rows = *std::move(rows);
+  }
   parsed.spec = *std::move(spec);
   parsed.input = std::move(input);
-  parsed.weights = std::make_shared<const std::string>(request.weights());
   return parsed;
 }
 
@@ -211,7 +226,7 @@ absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitJobRequest& request,
         spec.name, result_bytes, options_.limits.max_send_message_bytes));
   }
   uint64_t seq = 0;
-  JobId scheduler_job = 0;
+  FlowId scheduler_flow = 0;
   {
     absl::MutexLock lock(&mu_);
     SweepLocked();
@@ -228,15 +243,15 @@ absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitJobRequest& request,
     record.run = std::make_unique<TensorRun>(parsed->input, spec.rows, record.created);
     record.packed_codes.assign(static_cast<size_t>(spec.rows * spec.cols / 2), '\0');
     record.scales.assign(static_cast<size_t>(spec.rows * spec.cols / kBlockElements), '\0');
-    JobOptions job_options;
-    job_options.priority = request.priority();
+    FlowOptions flow_options;
+    flow_options.priority = request.priority();
     if (request.timeout_ms() > 0) {
-      job_options.deadline = record.created + absl::Milliseconds(request.timeout_ms());
+      flow_options.deadline = record.created + absl::Milliseconds(request.timeout_ms());
     }
-    job_options.name = absl::StrCat(record.id, " (tensor '", spec.name, "')");
-    // CreateJob runs no completions, so calling it under mu_ cannot re-enter OnItemDone.
-    scheduler_job = scheduler_->CreateJob(job_options);
-    record.scheduler_job = scheduler_job;
+    flow_options.name = absl::StrCat(record.id, " (tensor '", spec.name, "')");
+    // OpenFlow runs no completions, so calling it under mu_ cannot re-enter OnItemDone.
+    scheduler_flow = scheduler_->OpenFlow(flow_options);
+    record.scheduler_flow = scheduler_flow;
     ids_[record.id] = seq;
     ++unfinished_;
   }
@@ -249,14 +264,15 @@ absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitJobRequest& request,
     absl::MutexLock lock(&mu_);
     tasks = jobs_.at(seq).run->MakeTasks(
         parsed->weights, 0, spec.rows,
-        RowSplit{options_.limits.max_rows_per_item, options_.memory_budget_bytes});
+        RowSplit{options_.limits.max_rows_per_item, options_.memory_budget_bytes},
+        parsed->rows.has_value() ? &*parsed->rows : nullptr);
   }
   absl::Status rejected;
   for (const std::shared_ptr<RowRangeTask>& task : tasks) {
     const int64_t bytes = task->MemoryBytes();
     WorkItem item = MakeRowRangeItem(
         task, [this, seq, task](const WorkOutcome& outcome) { OnItemDone(seq, task, outcome); });
-    rejected = scheduler_->Enqueue(scheduler_job, std::move(item));
+    rejected = scheduler_->Enqueue(scheduler_flow, std::move(item));
     if (!rejected.ok()) break;
     metrics_->AddDeviceMemoryInUse(bytes);
   }
@@ -275,14 +291,14 @@ absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitJobRequest& request,
     }
     if (!failed_by_item) {
       metrics_->AddInflightJobs(-1);
-      scheduler_->CancelJob(scheduler_job, rejected);
-      scheduler_->ReleaseJob(scheduler_job);
+      scheduler_->CancelFlow(scheduler_flow, rejected);
+      scheduler_->CloseFlow(scheduler_flow);
       absl::MutexLock lock(&mu_);
       EraseLocked(seq);
       return PrefixStatus(rejected, absl::StrFormat("SubmitJob of tensor '%s': ", spec.name));
     }
   }
-  scheduler_->ReleaseJob(scheduler_job);
+  scheduler_->CloseFlow(scheduler_flow);
   metrics_->AddBytesIn(static_cast<int64_t>(request.weights().size() + request.hessian().size()));
   absl::MutexLock lock(&mu_);
   Record& record = jobs_.at(seq);
@@ -300,7 +316,7 @@ void JobManager::OnItemDone(uint64_t seq, const std::shared_ptr<RowRangeTask>& t
   }
   Delivery delivery;
   absl::Status failure;
-  JobId scheduler_job = 0;
+  FlowId scheduler_flow = 0;
   {
     absl::MutexLock lock(&mu_);
     auto it = jobs_.find(seq);
@@ -310,7 +326,7 @@ void JobManager::OnItemDone(uint64_t seq, const std::shared_ptr<RowRangeTask>& t
       failure = PrefixStatus(outcome.status,
                              absl::StrFormat("tensor '%s' rows [%d, %d): ", record.tensor_name,
                                              task->row_begin, task->row_begin + task->num_rows));
-      scheduler_job = record.scheduler_job;
+      scheduler_flow = record.scheduler_flow;
       FinalizeLocked(&record, v1::JOB_STATE_FAILED, failure, &delivery);
     } else {
       const size_t code_row = static_cast<size_t>(record.cols / 2);
@@ -336,7 +352,7 @@ void JobManager::OnItemDone(uint64_t seq, const std::shared_ptr<RowRangeTask>& t
     }
   }
   // A row range failed on its own: drop the job's other queued work.
-  if (!failure.ok()) scheduler_->CancelJob(scheduler_job, failure);
+  if (!failure.ok()) scheduler_->CancelFlow(scheduler_flow, failure);
   Deliver(delivery);
 }
 
@@ -391,7 +407,7 @@ absl::StatusOr<v1::Job> JobManager::Cancel(const std::string& job_id, const Call
   const absl::Status reason = absl::CancelledError("cancelled by CancelJob");
   Delivery delivery;
   bool cancel = false;
-  JobId scheduler_job = 0;
+  FlowId scheduler_flow = 0;
   v1::Job job;
   {
     absl::MutexLock lock(&mu_);
@@ -401,11 +417,11 @@ absl::StatusOr<v1::Job> JobManager::Cancel(const std::string& job_id, const Call
     if (!IsFinalJobState(record->state)) {
       FinalizeLocked(record, v1::JOB_STATE_CANCELLED, reason, &delivery);
       cancel = true;
-      scheduler_job = record->scheduler_job;
+      scheduler_flow = record->scheduler_flow;
     }
     job = SnapshotLocked(*record);
   }
-  if (cancel) scheduler_->CancelJob(scheduler_job, reason);
+  if (cancel) scheduler_->CancelFlow(scheduler_flow, reason);
   Deliver(delivery);
   return job;
 }
@@ -480,17 +496,17 @@ bool JobManager::WaitUntilIdle(absl::Time deadline) {
 
 void JobManager::CancelAll(const absl::Status& reason) {
   std::vector<Delivery> deliveries;
-  std::vector<JobId> scheduler_jobs;
+  std::vector<FlowId> scheduler_flows;
   {
     absl::MutexLock lock(&mu_);
     for (auto& [seq, record] : jobs_) {
       if (!record.admitted || IsFinalJobState(record.state)) continue;
       deliveries.emplace_back();
       FinalizeLocked(&record, v1::JOB_STATE_CANCELLED, reason, &deliveries.back());
-      scheduler_jobs.push_back(record.scheduler_job);
+      scheduler_flows.push_back(record.scheduler_flow);
     }
   }
-  for (JobId job : scheduler_jobs) scheduler_->CancelJob(job, reason);
+  for (FlowId job : scheduler_flows) scheduler_->CancelFlow(job, reason);
   for (const Delivery& delivery : deliveries) Deliver(delivery);
 }
 

@@ -140,7 +140,7 @@ class JobManager {
     absl::Time created;
     absl::Time finished = absl::InfiniteFuture();
     uint64_t version = 1;
-    JobId scheduler_job = 0;
+    FlowId scheduler_flow = 0;
     // Tasks, statistics and summary of the job's tensor; freed when the job is final.
     std::unique_ptr<TensorRun> run;
     // The result, assembled as row ranges finish.

@@ -8,7 +8,7 @@
 namespace nvfp4cal::server {
 
 KernelExecutor::KernelExecutor(std::vector<std::unique_ptr<ScaleSearch>> backends,
-                               std::vector<GptqWorker> gptq)
+                               std::vector<GptqBackends> gptq)
     : backends_(std::move(backends)), gptq_(std::move(gptq)) {}
 
 KernelExecutor::~KernelExecutor() = default;
@@ -37,9 +37,9 @@ absl::Status KernelExecutor::ExecuteBatch(int worker, absl::Span<Work* const> ba
       continue;
     }
     // The front checked the tensor's Hessian and parameters and these rows on arrival.
-    const QuantizeRequest request = RequestOf(task);
-    (*item_status)[i] = backend.QuantizePrevalidatedRows(
-        request, task.tensor->global_amax, 0, task.num_rows, OutputOf(&task), &task.stats);
+    (*item_status)[i] = task.rows.has_value() ? backend.QuantizeValidatedRows(
+                                                    *task.rows, OutputOf(&task), &task.stats)
+                                              : UncheckedRows(task);
   }
   RunGptqItems(gptq_, worker, gptq_items, gptq_tasks, item_status);
   return absl::OkStatus();

@@ -27,7 +27,7 @@ class KernelExecutor : public BatchExecutor {
   // backends[i] and gptq[i] serve worker i; there must be one per scheduler worker (gptq may
   // be empty: gptq items then fail with INTERNAL).
   explicit KernelExecutor(std::vector<std::unique_ptr<ScaleSearch>> backends,
-                          std::vector<GptqWorker> gptq = {});
+                          std::vector<GptqBackends> gptq = {});
   ~KernelExecutor() override;
 
   // Quantizes each task (gptq tasks through RunGptqItems); an allocation failure fails the
@@ -40,7 +40,7 @@ class KernelExecutor : public BatchExecutor {
 
  private:
   std::vector<std::unique_ptr<ScaleSearch>> backends_;
-  std::vector<GptqWorker> gptq_;
+  std::vector<GptqBackends> gptq_;
 };
 
 }  // namespace nvfp4cal::server

@@ -127,12 +127,12 @@ void QuantizeSession::OnReadDone(bool ok) {
 
 void QuantizeSession::Apply(const SessionProtocol::Step& step, Actions* actions) {
   if (step.opened != nullptr) {
-    if (!job_.has_value()) {
-      JobOptions job;
-      job.priority = protocol_.priority();
-      job.deadline = DeadlineOf(*context_);
-      job.name = absl::StrCat("stream ", context_->peer());
-      job_ = env_.scheduler->CreateJob(job);
+    if (!flow_.has_value()) {
+      FlowOptions flow;
+      flow.priority = protocol_.priority();
+      flow.deadline = DeadlineOf(*context_);
+      flow.name = absl::StrCat("stream ", context_->peer());
+      flow_ = env_.scheduler->OpenFlow(flow);
     }
     open_tensors_[step.opened->index] = step.opened;
   }
@@ -144,7 +144,8 @@ void QuantizeSession::Apply(const SessionProtocol::Step& step, Actions* actions)
   if (step.ready != nullptr) {
     std::vector<std::shared_ptr<RowRangeTask>> tasks = step.ready->run->MakeTasks(
         step.bytes, step.row_begin, step.num_rows,
-        RowSplit{env_.limits.max_rows_per_item, env_.memory_budget_bytes});
+        RowSplit{env_.limits.max_rows_per_item, env_.memory_budget_bytes},
+        step.rows.has_value() ? &*step.rows : nullptr);
     items_outstanding_ += static_cast<int64_t>(tasks.size());
     for (std::shared_ptr<RowRangeTask>& task : tasks) actions->enqueue.push_back(std::move(task));
     actions->enqueue_tensor = step.ready;
@@ -153,10 +154,10 @@ void QuantizeSession::Apply(const SessionProtocol::Step& step, Actions* actions)
 
 void QuantizeSession::EnqueueTasks(Actions* actions) {
   if (actions->enqueue.empty()) return;
-  JobId job;
+  FlowId flow;
   {
     absl::MutexLock lock(&mu_);
-    job = *job_;
+    flow = *flow_;
   }
   std::shared_ptr<Tensor> tensor = std::move(actions->enqueue_tensor);
   size_t admitted = 0;
@@ -167,7 +168,7 @@ void QuantizeSession::EnqueueTasks(Actions* actions) {
     WorkItem item = MakeRowRangeItem(task, [this, tensor, task](const WorkOutcome& outcome) {
       OnItemDone(tensor, task, outcome);
     });
-    rejected = env_.scheduler->Enqueue(job, std::move(item));
+    rejected = env_.scheduler->Enqueue(flow, std::move(item));
     if (!rejected.ok()) {
       refs_.fetch_sub(1);  // the constructor's reference is still held: never the last
       break;
@@ -258,7 +259,7 @@ void QuantizeSession::FailLocked(const absl::Status& status, Actions* actions) {
   final_status_ = ToGrpcStatus(status);
   pending_writes_.clear();
   SetUnsentResultBytes(writing_result_bytes_);
-  if (job_.has_value()) actions->cancel_job = true;
+  if (flow_.has_value()) actions->cancel_flow = true;
   MaybeFinish(actions);
 }
 
@@ -366,16 +367,17 @@ void QuantizeSession::OnCancel() {
 }
 
 void QuantizeSession::Perform(Actions* actions) {
-  if (actions->cancel_job) {
-    JobId job;
+  if (actions->cancel_flow) {
+    FlowId flow;
     grpc::Status reason;
     {
       absl::MutexLock lock(&mu_);
-      job = *job_;
+      flow = *flow_;
       reason = final_status_;
     }
-    env_.scheduler->CancelJob(job, absl::Status(static_cast<absl::StatusCode>(reason.error_code()),
-                                                reason.error_message()));
+    env_.scheduler->CancelFlow(
+        flow,
+        absl::Status(static_cast<absl::StatusCode>(reason.error_code()), reason.error_message()));
   }
   if (actions->start_write) StartWrite(&current_write_);
   if (actions->start_read) {
@@ -391,7 +393,7 @@ void QuantizeSession::Perform(Actions* actions) {
                                 absl::Now() - started_);
     Finish(actions->finish_status);
   }
-  actions->start_read = actions->start_write = actions->cancel_job = actions->finish = false;
+  actions->start_read = actions->start_write = actions->cancel_flow = actions->finish = false;
 }
 
 void QuantizeSession::Unref() {
@@ -402,7 +404,7 @@ void QuantizeSession::OnDone() {
   if (watched_) env_.watchdog->Remove(this);
   {
     absl::MutexLock lock(&mu_);
-    if (job_.has_value()) env_.scheduler->ReleaseJob(*job_);
+    if (flow_.has_value()) env_.scheduler->CloseFlow(*flow_);
     pending_writes_.clear();
     SetUnsentResultBytes(0);
   }

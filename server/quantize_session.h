@@ -95,7 +95,7 @@ class QuantizeSession : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::B
   struct Actions {
     bool start_read = false;
     bool start_write = false;
-    bool cancel_job = false;
+    bool cancel_flow = false;
     bool finish = false;
     grpc::Status finish_status;
     std::vector<std::shared_ptr<RowRangeTask>> enqueue;
@@ -156,7 +156,7 @@ class QuantizeSession : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::B
   bool finish_called_ ABSL_GUARDED_BY(mu_) = false;
   grpc::Status final_status_ ABSL_GUARDED_BY(mu_);
 
-  std::optional<JobId> job_ ABSL_GUARDED_BY(mu_);
+  std::optional<FlowId> flow_ ABSL_GUARDED_BY(mu_);
   int64_t items_outstanding_ ABSL_GUARDED_BY(mu_) = 0;
   SessionProtocol protocol_ ABSL_GUARDED_BY(mu_);
   // Tensors whose summary is not sent yet, by index.

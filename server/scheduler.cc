@@ -16,33 +16,33 @@ Scheduler::Scheduler(const SchedulerOptions& options, BatchExecutor* executor)
 
 Scheduler::~Scheduler() { Shutdown(); }
 
-JobId Scheduler::CreateJob(const JobOptions& options) {
+FlowId Scheduler::OpenFlow(const FlowOptions& options) {
   absl::MutexLock lock(&mu_);
-  const JobId id = next_job_id_++;
-  jobs_[id].options = options;
+  const FlowId id = next_flow_id_++;
+  flows_[id].options = options;
   return id;
 }
 
-absl::Status Scheduler::Enqueue(JobId id, WorkItem item) {
+absl::Status Scheduler::Enqueue(FlowId id, WorkItem item) {
   std::vector<Completion> completions;
   absl::Status status;
   {
     absl::MutexLock lock(&mu_);
-    auto it = jobs_.find(id);
+    auto it = flows_.find(id);
     if (stopping_) {
       status = absl::UnavailableError("scheduler is shutting down; no new work is accepted");
-    } else if (it == jobs_.end()) {
-      status = absl::NotFoundError(absl::StrFormat("scheduler: unknown job %d", id));
+    } else if (it == flows_.end()) {
+      status = absl::NotFoundError(absl::StrFormat("scheduler: unknown flow %d", id));
     } else if (!it->second.failure.ok()) {
       status = it->second.failure;
     } else if (it->second.released) {
       status = absl::FailedPreconditionError(
-          absl::StrFormat("scheduler: job %d was released; no more items may be added", id));
+          absl::StrFormat("scheduler: flow %d was released; no more items may be added", id));
     } else if (options_.clock() >= it->second.options.deadline) {
       status = absl::DeadlineExceededError(
-          absl::StrFormat("job '%s' passed its deadline %s before all work was queued",
+          absl::StrFormat("flow '%s' passed its deadline %s before all work was queued",
                           it->second.options.name, absl::FormatTime(it->second.options.deadline)));
-      FailJob(id, &it->second, status, &completions);
+      FailFlow(id, &it->second, status, &completions);
     } else if (item.memory_bytes > options_.memory_budget_bytes) {
       status = absl::ResourceExhaustedError(absl::StrFormat(
           "work item needs %d bytes of device memory; the per-batch memory budget is %d bytes",
@@ -52,9 +52,9 @@ absl::Status Scheduler::Enqueue(JobId id, WorkItem item) {
           absl::StrFormat("scheduler queue is full: max_queued_items = %d, queued = %d",
                           options_.max_queued_items, queued_items_));
     } else {
-      Job& job = it->second;
-      if (job.queue.empty()) ready_[job.options.priority].push_back(id);
-      job.queue.push_back(QueuedItem{std::move(item), options_.clock()});
+      Flow& flow = it->second;
+      if (flow.queue.empty()) ready_[flow.options.priority].push_back(id);
+      flow.queue.push_back(QueuedItem{std::move(item), options_.clock()});
       ++queued_items_;
     }
   }
@@ -62,22 +62,22 @@ absl::Status Scheduler::Enqueue(JobId id, WorkItem item) {
   return status;
 }
 
-void Scheduler::CancelJob(JobId id, const absl::Status& reason) {
+void Scheduler::CancelFlow(FlowId id, const absl::Status& reason) {
   std::vector<Completion> completions;
   {
     absl::MutexLock lock(&mu_);
-    auto it = jobs_.find(id);
-    if (it == jobs_.end() || !it->second.failure.ok()) return;
-    FailJob(id, &it->second, reason, &completions);
+    auto it = flows_.find(id);
+    if (it == flows_.end() || !it->second.failure.ok()) return;
+    FailFlow(id, &it->second, reason, &completions);
     MaybeForget(id);
   }
   RunCompletions(&completions);
 }
 
-void Scheduler::ReleaseJob(JobId id) {
+void Scheduler::CloseFlow(FlowId id) {
   absl::MutexLock lock(&mu_);
-  auto it = jobs_.find(id);
-  if (it == jobs_.end()) return;
+  auto it = flows_.find(id);
+  if (it == flows_.end()) return;
   it->second.released = true;
   MaybeForget(id);
 }
@@ -89,8 +89,8 @@ void Scheduler::Shutdown() {
     if (stopping_) return;
     stopping_ = true;
     const absl::Status reason = absl::UnavailableError("scheduler shut down before the work ran");
-    for (auto& [id, job] : jobs_) {
-      if (job.failure.ok()) FailJob(id, &job, reason, &completions);
+    for (auto& [id, flow] : flows_) {
+      if (flow.failure.ok()) FailFlow(id, &flow, reason, &completions);
     }
   }
   RunCompletions(&completions);
@@ -103,7 +103,7 @@ SchedulerStats Scheduler::Stats() const {
   SchedulerStats stats;
   stats.queued_items = queued_items_;
   stats.running_items = running_items_;
-  stats.jobs = static_cast<int64_t>(jobs_.size());
+  stats.flows = static_cast<int64_t>(flows_.size());
   stats.batches = batches_;
   return stats;
 }
@@ -113,7 +113,7 @@ bool Scheduler::HasRunnableWork() const { return stopping_ || queued_items_ > 0;
 void Scheduler::WorkerLoop(int worker) {
   for (;;) {
     std::vector<Completion> completions;
-    std::vector<std::pair<JobId, QueuedItem>> batch;
+    std::vector<std::pair<FlowId, QueuedItem>> batch;
     {
       absl::MutexLock lock(&mu_);
       mu_.Await(absl::Condition(this, &Scheduler::HasRunnableWork));
@@ -142,13 +142,14 @@ void Scheduler::WorkerLoop(int worker) {
       absl::MutexLock lock(&mu_);
       ++batches_;
       for (size_t i = 0; i < batch.size(); ++i) {
-        const JobId id = batch[i].first;
-        Job& job = jobs_.at(id);
-        --job.running;
+        const FlowId id = batch[i].first;
+        Flow& flow = flows_.at(id);
+        --flow.running;
         --running_items_;
-        if (!batch_status.ok() && job.failure.ok()) FailJob(id, &job, batch_status, &completions);
+        if (!batch_status.ok() && flow.failure.ok())
+          FailFlow(id, &flow, batch_status, &completions);
         WorkOutcome outcome;
-        outcome.status = !job.failure.ok() ? job.failure : item_status[i];
+        outcome.status = !flow.failure.ok() ? flow.failure : item_status[i];
         outcome.queue_wait = start - batch[i].second.enqueued;
         outcome.kernel_time = end - start;
         outcome.worker = worker;
@@ -160,25 +161,25 @@ void Scheduler::WorkerLoop(int worker) {
   }
 }
 
-std::vector<std::pair<JobId, Scheduler::QueuedItem>> Scheduler::TakeBatch() {
-  std::vector<std::pair<JobId, QueuedItem>> batch;
+std::vector<std::pair<FlowId, Scheduler::QueuedItem>> Scheduler::TakeBatch() {
+  std::vector<std::pair<FlowId, QueuedItem>> batch;
   int64_t memory_bytes = 0;
   while (static_cast<int>(batch.size()) < std::max(1, options_.max_items_per_batch) &&
          !ready_.empty()) {
     auto level = ready_.begin();
-    std::deque<JobId>& turn = level->second;
-    const JobId id = turn.front();
-    Job& job = jobs_.at(id);
-    const int64_t item_bytes = job.queue.front().item.memory_bytes;
+    std::deque<FlowId>& turn = level->second;
+    const FlowId id = turn.front();
+    Flow& flow = flows_.at(id);
+    const int64_t item_bytes = flow.queue.front().item.memory_bytes;
     if (!batch.empty() && memory_bytes + item_bytes > options_.memory_budget_bytes) break;
     memory_bytes += item_bytes;
-    batch.emplace_back(id, std::move(job.queue.front()));
-    job.queue.pop_front();
+    batch.emplace_back(id, std::move(flow.queue.front()));
+    flow.queue.pop_front();
     --queued_items_;
-    ++job.running;
+    ++flow.running;
     ++running_items_;
     turn.pop_front();
-    if (!job.queue.empty()) turn.push_back(id);
+    if (!flow.queue.empty()) turn.push_back(id);
     if (turn.empty()) ready_.erase(level);
   }
   return batch;
@@ -186,47 +187,47 @@ std::vector<std::pair<JobId, Scheduler::QueuedItem>> Scheduler::TakeBatch() {
 
 void Scheduler::ExpireDeadlines(std::vector<Completion>* completions) {
   const absl::Time now = options_.clock();
-  for (auto& [id, job] : jobs_) {
-    if (job.failure.ok() && !job.queue.empty() && now >= job.options.deadline) {
-      FailJob(id, &job,
-              absl::DeadlineExceededError(absl::StrFormat(
-                  "job '%s' passed its deadline %s with %d work items still queued",
-                  job.options.name, absl::FormatTime(job.options.deadline), job.queue.size())),
-              completions);
+  for (auto& [id, flow] : flows_) {
+    if (flow.failure.ok() && !flow.queue.empty() && now >= flow.options.deadline) {
+      FailFlow(id, &flow,
+               absl::DeadlineExceededError(absl::StrFormat(
+                   "flow '%s' passed its deadline %s with %d work items still queued",
+                   flow.options.name, absl::FormatTime(flow.options.deadline), flow.queue.size())),
+               completions);
     }
   }
   // Forgetting is deferred: erasing inside the loop above would invalidate the iteration.
-  std::vector<JobId> finished;
-  for (const auto& [id, job] : jobs_) {
-    if (job.released && job.queue.empty() && job.running == 0) finished.push_back(id);
+  std::vector<FlowId> finished;
+  for (const auto& [id, flow] : flows_) {
+    if (flow.released && flow.queue.empty() && flow.running == 0) finished.push_back(id);
   }
-  for (JobId id : finished) jobs_.erase(id);
+  for (FlowId id : finished) flows_.erase(id);
 }
 
-void Scheduler::FailJob(JobId id, Job* job, const absl::Status& reason,
-                        std::vector<Completion>* completions) {
-  job->failure = reason;
-  if (job->queue.empty()) return;
-  for (QueuedItem& queued : job->queue) {
+void Scheduler::FailFlow(FlowId id, Flow* flow, const absl::Status& reason,
+                         std::vector<Completion>* completions) {
+  flow->failure = reason;
+  if (flow->queue.empty()) return;
+  for (QueuedItem& queued : flow->queue) {
     WorkOutcome outcome;
     outcome.status = reason;
     completions->push_back(Completion{std::move(queued.item.done), outcome});
   }
-  queued_items_ -= static_cast<int64_t>(job->queue.size());
-  job->queue.clear();
-  auto level = ready_.find(job->options.priority);
+  queued_items_ -= static_cast<int64_t>(flow->queue.size());
+  flow->queue.clear();
+  auto level = ready_.find(flow->options.priority);
   if (level != ready_.end()) {
-    std::deque<JobId>& turn = level->second;
+    std::deque<FlowId>& turn = level->second;
     turn.erase(std::remove(turn.begin(), turn.end(), id), turn.end());
     if (turn.empty()) ready_.erase(level);
   }
 }
 
-void Scheduler::MaybeForget(JobId id) {
-  auto it = jobs_.find(id);
-  if (it == jobs_.end()) return;
-  const Job& job = it->second;
-  if (job.released && job.queue.empty() && job.running == 0) jobs_.erase(it);
+void Scheduler::MaybeForget(FlowId id) {
+  auto it = flows_.find(id);
+  if (it == flows_.end()) return;
+  const Flow& flow = it->second;
+  if (flow.released && flow.queue.empty() && flow.running == 0) flows_.erase(it);
 }
 
 void Scheduler::RunCompletions(std::vector<Completion>* completions) {

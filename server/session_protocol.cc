@@ -168,8 +168,8 @@ absl::Status SessionProtocol::HandleHeader(const v1::TensorHeader& header, Step*
   tensor->header_amax = spec->global_amax;
   tensor->started = absl::Now();
   // gptq validates its full Hessian on a scheduler worker, with the factorisation.
-  if (!gptq && tensor->hessian != nullptr && tensor->hessian->complete()) {
-    if (absl::Status s = ValidateTensorHessian(*tensor); !s.ok()) return s;
+  if (!gptq && (tensor->hessian == nullptr || tensor->hessian->complete())) {
+    if (absl::Status s = CheckTensor(tensor.get()); !s.ok()) return s;
   }
   tensor_names_.insert(tensor->name);
   tensor_name_bytes_ += name_bytes;
@@ -270,18 +270,30 @@ void SessionProtocol::StoreHessianElements(Hessian* hessian, const float* values
   }
 }
 
-absl::Status SessionProtocol::ValidateTensorHessian(const Tensor& tensor) {
+absl::Status SessionProtocol::CheckTensor(Tensor* tensor) {
   QuantizeRequest request;
-  static const float kDummy = 0.0f;  // only the shape is read here
-  request.weights = {&kDummy, tensor.dtype, 1, tensor.cols};
-  request.hessians = {tensor.hessian->blocks->data(), tensor.cols / kBlock};
-  request.params = tensor.params;
-  absl::Status status = ValidateShapeHessiansAndParams(request);
-  if (!status.ok()) {
-    return PrefixStatus(
-        status,
-        absl::StrFormat("Hessian '%s' of tensor '%s': ", tensor.hessian->name, tensor.name));
+  static const float kDummy = 0.0f;  // only the shape is read here; rows replace it
+  request.weights = {&kDummy, tensor->dtype, tensor->rows, tensor->cols};
+  request.params = tensor->params;
+  if (tensor->hessian != nullptr) {
+    Hessian& hessian = *tensor->hessian;
+    request.hessians = {hessian.blocks->data(), tensor->cols / kBlock};
+    // Pruning bounds once per Hessian, shared by every tensor and row range that uses it.
+    if (hessian.bounds == nullptr) {
+      hessian.bounds = ComputeSharedHessianBounds({hessian.blocks->data(), hessian.cols / kBlock});
+    }
+    request.hessian_bounds = hessian.bounds.get();
   }
+  absl::StatusOr<ValidatedTensor> checked = ValidateTensor(request);
+  if (!checked.ok()) {
+    if (tensor->hessian == nullptr) {
+      return PrefixStatus(checked.status(), absl::StrFormat("tensor '%s': ", tensor->name));
+    }
+    return PrefixStatus(
+        checked.status(),
+        absl::StrFormat("Hessian '%s' of tensor '%s': ", tensor->hessian->name, tensor->name));
+  }
+  tensor->checked = *std::move(checked);
   return absl::OkStatus();
 }
 
@@ -330,7 +342,7 @@ absl::Status SessionProtocol::HandleHessianChunk(v1::HessianChunk* chunk) {
   hessian.received_elements += count;
   // gptq validates its full Hessian on a scheduler worker, with the factorisation.
   if (hessian.complete() && current_->params.method != Method::kGptq) {
-    return ValidateTensorHessian(*current_);
+    return CheckTensor(current_.get());
   }
   return absl::OkStatus();
 }
@@ -368,10 +380,32 @@ absl::Status SessionProtocol::HandleWeightChunk(v1::WeightChunk* chunk, Step* st
         chunk->num_rows(), tensor.cols, DTypeName(tensor.dtype), expected_bytes));
   }
   metrics_->AddBytesIn(expected_bytes);
-  const WeightView view{chunk->data().data(), tensor.dtype, chunk->num_rows(), tensor.cols};
-  absl::StatusOr<float> amax = ScanWeightRows(view, 0, view.rows);
-  if (!amax.ok()) {
-    return PrefixStatus(amax.status(),
+  const bool gptq = tensor.params.method == Method::kGptq;
+  // Rows go straight to the scheduler when the header gave g (gptq is buffered too: on a GPU
+  // its ordered group loop costs about the same for a chunk as for the whole tensor, so the
+  // rows run together); else into the tensor's buffer, as g is max |W| over the whole tensor.
+  const bool direct = tensor.header_amax.has_value() && !gptq;
+  std::shared_ptr<std::string> bytes;
+  const char* rows_data = nullptr;
+  if (direct) {
+    bytes = std::make_shared<std::string>(std::move(*chunk->mutable_data()));
+    rows_data = bytes->data();
+  } else {
+    if (tensor.buffer == nullptr) {
+      tensor.buffer = std::make_shared<std::string>();
+      // Reserved whole: appending never moves the rows scanned so far.
+      tensor.buffer->reserve(
+          static_cast<size_t>(tensor.rows * tensor.cols * DTypeSize(tensor.dtype)));
+    }
+    const size_t at = tensor.buffer->size();
+    tensor.buffer->append(chunk->data());
+    rows_data = tensor.buffer->data() + at;
+  }
+  // Scanned where they will be read from, so that the scan vouches for exactly these bytes.
+  absl::StatusOr<WeightScan> scan =
+      ScanWeights(WeightView{rows_data, tensor.dtype, chunk->num_rows(), tensor.cols});
+  if (!scan.ok()) {
+    return PrefixStatus(scan.status(),
                         absl::StrFormat("tensor '%s', weight chunk at row_begin = %d (element "
                                         "indices relative to the chunk): ",
                                         tensor.name, chunk->row_begin()));
@@ -379,35 +413,37 @@ absl::Status SessionProtocol::HandleWeightChunk(v1::WeightChunk* chunk, Step* st
   const int64_t row_begin = chunk->row_begin();
   tensor.rows_received += chunk->num_rows();
   if (tensor.header_amax.has_value()) {
-    if (absl::Status s = ValidateGlobalAmax(*tensor.header_amax, *amax); !s.ok()) {
+    if (absl::Status s = ValidateGlobalAmax(*tensor.header_amax, scan->amax()); !s.ok()) {
       return PrefixStatus(s, absl::StrFormat("tensor '%s': header.", tensor.name));
     }
-    // gptq is buffered too: on a GPU its ordered group loop costs about the same for a chunk
-    // as for the whole tensor, so the rows run together.
-    if (tensor.params.method != Method::kGptq) {
-      auto bytes = std::make_shared<std::string>(std::move(*chunk->mutable_data()));
-      Ready(std::move(bytes), row_begin, chunk->num_rows(), step);
-      return absl::OkStatus();
-    }
   }
-  // Buffered: g is max |W| over the whole tensor (unless the header gave it), known after the
-  // last row.
-  if (tensor.buffer == nullptr) {
-    tensor.buffer = std::make_shared<std::string>();
-    tensor.buffer->reserve(
-        static_cast<size_t>(tensor.rows * tensor.cols * DTypeSize(tensor.dtype)));
+  if (direct) {
+    absl::StatusOr<ValidatedRows> rows =
+        ValidateRows(*tensor.checked, *tensor.header_amax, absl::MakeConstSpan(&*scan, 1));
+    if (!rows.ok()) return rows.status();
+    Ready(std::move(bytes), row_begin, chunk->num_rows(), *std::move(rows), step);
+    return absl::OkStatus();
   }
-  tensor.buffer->append(chunk->data());
-  tensor.buffered_amax = std::max(tensor.buffered_amax, *amax);
+  tensor.buffered_amax = std::max(tensor.buffered_amax, scan->amax());
+  if (!gptq) tensor.buffered_scans.push_back(*std::move(scan));
   if (tensor.rows_received == tensor.rows) {
+    std::optional<ValidatedRows> rows;
+    if (!gptq) {
+      absl::StatusOr<ValidatedRows> checked =
+          ValidateRows(*tensor.checked, tensor.header_amax.value_or(tensor.buffered_amax),
+                       tensor.buffered_scans);
+      if (!checked.ok()) return checked.status();
+      rows = *std::move(checked);
+      tensor.buffered_scans.clear();
+    }
     std::shared_ptr<const std::string> whole = std::move(tensor.buffer);
-    Ready(std::move(whole), 0, tensor.rows, step);
+    Ready(std::move(whole), 0, tensor.rows, std::move(rows), step);
   }
   return absl::OkStatus();
 }
 
 void SessionProtocol::Ready(std::shared_ptr<const std::string> bytes, int64_t row_begin,
-                            int64_t num_rows, Step* step) {
+                            int64_t num_rows, std::optional<ValidatedRows> rows, Step* step) {
   Tensor& tensor = *current_;
   if (tensor.run == nullptr) {
     auto input = std::make_shared<TensorInput>();
@@ -419,13 +455,9 @@ void SessionProtocol::Ready(std::shared_ptr<const std::string> bytes, int64_t ro
     if (tensor.params.method == Method::kGptq) {
       input->full_hessian = tensor.hessian->full;
     } else if (tensor.hessian != nullptr) {
-      Hessian& hessian = *tensor.hessian;
-      if (hessian.bounds == nullptr) {
-        hessian.bounds =
-            ComputeSharedHessianBounds({hessian.blocks->data(), hessian.cols / kBlock});
-      }
-      input->hessian_blocks = hessian.blocks;
-      input->hessian_bounds = hessian.bounds;
+      // Bounds computed when the tensor was checked (CheckTensor).
+      input->hessian_blocks = tensor.hessian->blocks;
+      input->hessian_bounds = tensor.hessian->bounds;
     }
     tensor.run = std::make_unique<TensorRun>(std::move(input), tensor.rows, tensor.started);
   }
@@ -433,6 +465,7 @@ void SessionProtocol::Ready(std::shared_ptr<const std::string> bytes, int64_t ro
   step->bytes = std::move(bytes);
   step->row_begin = row_begin;
   step->num_rows = num_rows;
+  step->rows = std::move(rows);
 }
 
 }  // namespace nvfp4cal::server

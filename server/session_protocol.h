@@ -81,6 +81,11 @@ class SessionProtocol {
     // Buffered mode (no header amax, and gptq): the whole tensor and its running amax.
     std::shared_ptr<std::string> buffer;
     float buffered_amax = 0.0f;
+    // Every method but gptq: the header and Hessian as checked once (set when the Hessian is
+    // complete, or at the header without one), and in buffered mode the scans of the rows
+    // appended so far (each chunk's rows in the buffer).
+    std::optional<ValidatedTensor> checked;
+    std::vector<WeightScan> buffered_scans;
     // When its header arrived.
     absl::Time started;
   };
@@ -95,6 +100,8 @@ class SessionProtocol {
     std::shared_ptr<const std::string> bytes;
     int64_t row_begin = 0;
     int64_t num_rows = 0;
+    // The same rows as checked (ValidateRows); absent for gptq.
+    std::optional<ValidatedRows> rows;
     // The server drains and this message was the next tensor's header: it is refused and the
     // stream ends with `stop_status` (UNAVAILABLE naming it) once the accepted tensors are done.
     bool stop = false;
@@ -128,11 +135,13 @@ class SessionProtocol {
   // Stores `count` fp32 elements at the Hessian's next position (blocks, and the whole matrix
   // when kept).
   static void StoreHessianElements(Hessian* hessian, const float* values, int64_t count);
-  // Validates the tensor's shape, Hessian and parameters once its Hessian is complete.
-  static absl::Status ValidateTensorHessian(const Tensor& tensor);
-  // Marks rows of the current tensor ready (making its run on first use).
+  // Validates the tensor's shape, Hessian (when it has one, once complete) and parameters, and
+  // keeps the result in tensor->checked. Not for gptq (its worker validates the full Hessian).
+  static absl::Status CheckTensor(Tensor* tensor);
+  // Marks rows of the current tensor ready (making its run on first use); `rows`: them as
+  // checked (absent for gptq).
   void Ready(std::shared_ptr<const std::string> bytes, int64_t row_begin, int64_t num_rows,
-             Step* step);
+             std::optional<ValidatedRows> rows, Step* step);
 
   const ServiceLimits& limits_;
   ServerMetrics* const metrics_;

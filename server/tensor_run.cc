@@ -12,7 +12,7 @@ TensorRun::TensorRun(std::shared_ptr<const TensorInput> input, int64_t rows, abs
 
 std::vector<std::shared_ptr<RowRangeTask>> TensorRun::MakeTasks(
     std::shared_ptr<const std::string> bytes, int64_t row_begin, int64_t num_rows,
-    const RowSplit& split) const {
+    const RowSplit& split, const ValidatedRows* rows) const {
   const int64_t cols = input_->cols;
   const int64_t row_bytes = cols * DTypeSize(input_->dtype);
   int64_t step = std::max<int64_t>(1, split.max_rows_per_item);
@@ -31,6 +31,7 @@ std::vector<std::shared_ptr<RowRangeTask>> TensorRun::MakeTasks(
     task->byte_offset = static_cast<size_t>(first * row_bytes);
     task->row_begin = row_begin + first;
     task->num_rows = std::min(step, num_rows - first);
+    if (rows != nullptr) task->rows = rows->Subrange(first, task->num_rows).value();
     tasks.push_back(std::move(task));
   }
   return tasks;

@@ -5,7 +5,7 @@
 // where results go); the run is not thread-safe: the front calls it under its own lock.
 //
 //   TensorRun run(input, rows, absl::Now());
-//   for (auto& task : run.MakeTasks(bytes, first_row, num_rows, limits)) Enqueue(task);
+//   for (auto& task : run.MakeTasks(bytes, first_row, num_rows, limits, &rows)) Enqueue(task);
 //   ...  // in each task's done callback, with a successful outcome:
 //   if (run.RecordDone(*task, outcome)) Send(run.Summary(index, absl::Now()));
 #ifndef NVFP4CAL_SERVER_TENSOR_RUN_H_
@@ -44,10 +44,12 @@ class TensorRun {
   bool done() const { return rows_done_ == rows_; }
 
   // Tasks for rows [row_begin, row_begin + num_rows), whose bytes start at the beginning of
-  // `bytes` (a chunk, or the whole buffered tensor with row_begin = 0).
+  // `bytes` (a chunk, or the whole buffered tensor with row_begin = 0). `rows`: the same rows as
+  // the front checked them (ValidateRows), each task gets its part; null for gptq.
   std::vector<std::shared_ptr<RowRangeTask>> MakeTasks(std::shared_ptr<const std::string> bytes,
                                                        int64_t row_begin, int64_t num_rows,
-                                                       const RowSplit& split) const;
+                                                       const RowSplit& split,
+                                                       const ValidatedRows* rows) const;
 
   // Takes a successful task's statistics and times; true when it was the last row range.
   bool RecordDone(const RowRangeTask& task, const WorkOutcome& outcome);

@@ -52,18 +52,11 @@ absl::Status AllocateOutputs(RowRangeTask* task) {
   return absl::OkStatus();
 }
 
-QuantizeRequest RequestOf(const RowRangeTask& task) {
-  const TensorInput& tensor = *task.tensor;
-  QuantizeRequest request;
-  request.weights = {task.weights->data() + task.byte_offset, tensor.dtype, task.num_rows,
-                     tensor.cols};
-  if (tensor.hessian_blocks != nullptr) {
-    request.hessians = {tensor.hessian_blocks->data(),
-                        static_cast<int64_t>(tensor.hessian_blocks->size() / 256)};
-  }
-  request.hessian_bounds = tensor.hessian_bounds.get();
-  request.params = tensor.params;
-  return request;
+absl::Status UncheckedRows(const RowRangeTask& task) {
+  return absl::InternalError(
+      absl::StrFormat("rows [%d, %d) of tensor '%s' reached the executor "
+                      "without the front's check",
+                      task.row_begin, task.row_begin + task.num_rows, task.tensor->name));
 }
 
 RowRangeOutput OutputOf(RowRangeTask* task) {

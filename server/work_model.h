@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -55,6 +56,9 @@ struct RowRangeTask {
   size_t byte_offset = 0;
   int64_t row_begin = 0;
   int64_t num_rows = 0;
+  // The same rows as checked by the front (ValidateRows): what block-Hessian executors search,
+  // without checking again. Absent for gptq, whose backend checks its rows itself.
+  std::optional<ValidatedRows> rows;
 
   // Outputs, filled by the executor.
   std::string packed_codes;
@@ -76,8 +80,8 @@ RowRangeTask& RowRangeTaskOf(Work* work);
 // Sizes the task's outputs for its rows; RESOURCE_EXHAUSTED when host memory runs out.
 absl::Status AllocateOutputs(RowRangeTask* task);
 
-// The kernels' request for the task's rows (pointing into the task; valid while it lives).
-QuantizeRequest RequestOf(const RowRangeTask& task);
+// INTERNAL: a block-Hessian task without checked rows reached an executor (a front's defect).
+absl::Status UncheckedRows(const RowRangeTask& task);
 
 // Spans over the task's allocated outputs.
 RowRangeOutput OutputOf(RowRangeTask* task);

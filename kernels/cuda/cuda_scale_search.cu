@@ -227,15 +227,23 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
   absl::Status QuantizePrevalidatedRows(const QuantizeRequest& request, float global_amax,
                                         int64_t row_begin, int64_t row_end, RowRangeOutput output,
                                         TensorStats* stats) override {
-    Slice slice{&request, global_amax, row_begin, row_end, output, stats};
-    slice.prevalidated = true;
-    return QuantizeBatch(absl::MakeConstSpan(&slice, 1));
+    const Slice slice{&request, global_amax, row_begin, row_end, output, stats};
+    if (absl::Status st = ValidateSliceSizes(slice); !st.ok()) return st;
+    return RunBatch(absl::MakeConstSpan(&slice, 1));
   }
 
   absl::Status QuantizeBatch(absl::Span<const Slice> slices) override {
     for (const Slice& s : slices) {
       if (absl::Status st = ValidateSlice(s); !st.ok()) return st;
     }
+    return RunBatch(slices);
+  }
+
+ private:
+  explicit CudaScaleSearchImpl(const CudaScaleSearchOptions& options) : options_(options) {}
+
+  // QuantizeBatch after its checks.
+  absl::Status RunBatch(absl::Span<const Slice> slices) {
     std::lock_guard<std::mutex> lock(mutex_);
     timing_ = CudaCallTiming{};
     NVFP4_CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device));
@@ -269,16 +277,26 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
     return absl::OkStatus();
   }
 
- private:
-  explicit CudaScaleSearchImpl(const CudaScaleSearchOptions& options) : options_(options) {}
-
-  static absl::Status ValidateSlice(const Slice& s) {
+  // What protects memory whatever the data: pointers, the row range and the output sizes.
+  static absl::Status ValidateSliceSizes(const Slice& s) {
     if (s.request == nullptr || s.stats == nullptr) {
       return absl::InvalidArgumentError("slice: request and stats must not be null");
     }
-    // Prevalidated slices: only the checks that protect memory (range and output sizes).
-    if (s.prevalidated)
-      return ValidateRowRange(s.request->weights, s.row_begin, s.row_end, s.output);
+    return ValidateRowRange(s.request->weights, s.row_begin, s.row_end, s.output);
+  }
+
+  static absl::Status ValidateSlice(const Slice& s) {
+    if (s.validated != nullptr) {
+      // Checked rows: the slice must be exactly them (their request, g and rows).
+      if (s.request != &s.validated->request() || s.global_amax != s.validated->global_amax() ||
+          s.row_begin != 0 || s.row_end != s.validated->rows()) {
+        return absl::InvalidArgumentError(
+            "slice: with validated rows, request, global_amax and the row range must be theirs "
+            "(use Slice::Of)");
+      }
+      return ValidateSliceSizes(s);
+    }
+    if (absl::Status st = ValidateSliceSizes(s); !st.ok()) return st;
     return ValidateRowRangeRequest(*s.request, s.global_amax, s.row_begin, s.row_end, s.output);
   }
 

@@ -184,4 +184,10 @@ absl::StatusOr<QuantizedTensor> ScaleSearch::QuantizeValidated(const ValidatedRe
   return result;
 }
 
+absl::Status ScaleSearch::QuantizeValidatedRows(const ValidatedRows& rows, RowRangeOutput output,
+                                                TensorStats* stats) {
+  return QuantizePrevalidatedRows(rows.request(), rows.global_amax(), 0, rows.rows(), output,
+                                  stats);
+}
+
 }  // namespace nvfp4cal

@@ -188,6 +188,51 @@ absl::StatusOr<WeightScan> ScanWeights(const WeightView& weights) {
   return WeightScan(weights, *amax);
 }
 
+absl::StatusOr<ValidatedTensor> ValidateTensor(const QuantizeRequest& request) {
+  if (absl::Status s = ValidateShapeHessiansAndParams(request); !s.ok()) return s;
+  return ValidatedTensor(request);
+}
+
+absl::StatusOr<ValidatedRows> ValidateRows(const ValidatedTensor& tensor, float global_amax,
+                                           absl::Span<const WeightScan> pieces) {
+  const WeightView& shape = tensor.request().weights;
+  if (pieces.empty()) return absl::InvalidArgumentError("rows: no scanned pieces given");
+  const char* const first = static_cast<const char*>(pieces[0].weights().data);
+  const int64_t row_bytes = shape.cols * DTypeSize(shape.dtype);
+  int64_t rows = 0;
+  float amax = 0.0f;
+  for (size_t k = 0; k < pieces.size(); ++k) {
+    const WeightView& w = pieces[k].weights();
+    if (w.dtype != shape.dtype || w.cols != shape.cols || w.rows <= 0 ||
+        static_cast<const char*>(w.data) != first + rows * row_bytes) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "rows: scanned piece %d ([%d, %d] of %s at %p) does not continue the tensor's rows "
+          "([%d rows, %d] of %s at %p)",
+          k, w.rows, w.cols, DTypeName(w.dtype), w.data, rows, shape.cols, DTypeName(shape.dtype),
+          static_cast<const void*>(first)));
+    }
+    rows += w.rows;
+    amax = std::max(amax, pieces[k].amax());
+  }
+  if (absl::Status s = ValidateGlobalAmax(global_amax, amax); !s.ok()) return s;
+  QuantizeRequest request = tensor.request();
+  request.weights = WeightView{first, shape.dtype, rows, shape.cols};
+  return ValidatedRows(request, global_amax);
+}
+
+absl::StatusOr<ValidatedRows> ValidatedRows::Subrange(int64_t first, int64_t count) const {
+  const WeightView& w = request_.weights;
+  if (first < 0 || count <= 0 || first > w.rows - count) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("rows [%d, %d) are empty or outside the checked rows [0, %d)", first,
+                        first + count, w.rows));
+  }
+  QuantizeRequest sub = request_;
+  sub.weights.data = static_cast<const char*>(w.data) + first * w.cols * DTypeSize(w.dtype);
+  sub.weights.rows = count;
+  return ValidatedRows(sub, global_amax_);
+}
+
 absl::StatusOr<ValidatedRequest> ValidateQuantizeRequest(const QuantizeRequest& request,
                                                          const WeightScan& scan) {
   const WeightView& w = request.weights;

@@ -362,41 +362,41 @@ TEST(ClientLibrary, AsyncAndSingleTensorCallsReturnTheKernelsBytes) {
   const std::vector<float> w2 = MakeExampleWeights(32, 64, 3);
   const std::vector<float> h128 = MakeExampleHessianBlocks(8, 4);
   const std::vector<float> h64 = MakeExampleHessianBlocks(4, 5);
-  std::vector<TensorJob> jobs(3);
-  jobs[0] = {
+  std::vector<TensorTask> tasks(3);
+  tasks[0] = {
       "a.weight", {w0.data(), DType::kBFloat16, 64, 128}, {h128.data(), 8}, "h128", {}, 0.0f, {},
       {}};
-  jobs[1] = {
+  tasks[1] = {
       "b.weight", {w1.data(), DType::kBFloat16, 48, 128}, {h128.data(), 8}, "h128", {}, 0.0f, {},
       {}};
-  jobs[2] = {"c.weight", {w2.data(), DType::kFloat32, 32, 64}, {h64.data(), 4}, "h64", {}, 0.0f, {},
-             {}};
-  jobs[2].params.method = Method::kLocalHessian;
+  tasks[2] = {
+      "c.weight", {w2.data(), DType::kFloat32, 32, 64}, {h64.data(), 4}, "h64", {}, 0.0f, {}, {}};
+  tasks[2].params.method = Method::kLocalHessian;
   std::unique_ptr<ScaleSearch> kernels = MakeCpuScaleSearch({});
   std::vector<QuantizedTensor> want;
-  for (TensorJob& job : jobs) {
-    job.global_amax = *ComputeGlobalAmax(job.weights);
+  for (TensorTask& task : tasks) {
+    task.global_amax = *ComputeGlobalAmax(task.weights);
     QuantizeRequest request;
-    request.weights = job.weights;
-    request.hessians = job.hessians;
-    request.params = job.params;
-    request.global_amax = job.global_amax;
+    request.weights = task.weights;
+    request.hessians = task.hessians;
+    request.params = task.params;
+    request.global_amax = task.global_amax;
     want.push_back(*kernels->Quantize(request));
   }
   std::map<size_t, QuantizedTensor> got;
   absl::Mutex mu;
   std::future<absl::Status> done =
-      (*client)->QuantizeTensorsAsync(jobs, [&](size_t i, QuantizedTensor r) {
+      (*client)->QuantizeTensorsAsync(tasks, [&](size_t i, QuantizedTensor r) {
         absl::MutexLock lock(&mu);
         got[i] = std::move(r);
         return absl::OkStatus();
       });
   ASSERT_TRUE(done.get().ok());
   ASSERT_EQ(got.size(), 3u);
-  for (size_t i = 0; i < jobs.size(); ++i) {
-    EXPECT_EQ(got[i].packed_codes, want[i].packed_codes) << jobs[i].name;
-    EXPECT_EQ(got[i].scales, want[i].scales) << jobs[i].name;
-    EXPECT_EQ(got[i].global_scale, want[i].global_scale) << jobs[i].name;
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    EXPECT_EQ(got[i].packed_codes, want[i].packed_codes) << tasks[i].name;
+    EXPECT_EQ(got[i].scales, want[i].scales) << tasks[i].name;
+    EXPECT_EQ(got[i].global_scale, want[i].global_scale) << tasks[i].name;
     EXPECT_EQ(got[i].stats.blocks_scale_changed, want[i].stats.blocks_scale_changed);
   }
   // Concurrent calls on one client are independent.
@@ -404,42 +404,42 @@ TEST(ClientLibrary, AsyncAndSingleTensorCallsReturnTheKernelsBytes) {
   std::vector<std::future<absl::Status>> calls;
   for (size_t c = 0; c < parallel.size(); ++c) {
     calls.push_back(
-        (*client)->QuantizeTensorsAsync(jobs, [&parallel, c](size_t i, QuantizedTensor r) {
+        (*client)->QuantizeTensorsAsync(tasks, [&parallel, c](size_t i, QuantizedTensor r) {
           parallel[c][i] = std::move(r);
           return absl::OkStatus();
         }));
   }
   for (size_t c = 0; c < calls.size(); ++c) {
     ASSERT_TRUE(calls[c].get().ok());
-    for (size_t i = 0; i < jobs.size(); ++i) {
+    for (size_t i = 0; i < tasks.size(); ++i) {
       EXPECT_EQ(parallel[c][i].packed_codes, want[i].packed_codes) << c << " " << i;
       EXPECT_EQ(parallel[c][i].scales, want[i].scales) << c << " " << i;
     }
   }
-  absl::StatusOr<QuantizedTensor> one = (*client)->Quantize(jobs[2]);
+  absl::StatusOr<QuantizedTensor> one = (*client)->Quantize(tasks[2]);
   ASSERT_TRUE(one.ok()) << one.status();
   EXPECT_EQ(one->packed_codes, want[2].packed_codes);
 
   // A callback error stops the call with that error.
   absl::Status stopped = (*client)->QuantizeTensors(
-      jobs, [](size_t, QuantizedTensor) { return absl::DataLossError("disk full"); });
+      tasks, [](size_t, QuantizedTensor) { return absl::DataLossError("disk full"); });
   EXPECT_EQ(stopped.code(), absl::StatusCode::kDataLoss);
   EXPECT_THAT(std::string(stopped.message()), HasSubstr("disk full"));
 }
 
 // Seven tensors without shared Hessians over three servers.
-std::vector<TensorJob> SevenJobs(std::vector<std::vector<uint16_t>>* storage) {
-  std::vector<TensorJob> jobs;
+std::vector<TensorTask> SevenTasks(std::vector<std::vector<uint16_t>>* storage) {
+  std::vector<TensorTask> tasks;
   for (int i = 0; i < 7; ++i) storage->push_back(MakeExampleWeightsBf16(16, 64, 10 + i));
   for (int i = 0; i < 7; ++i) {
-    TensorJob job;
-    job.name = "t" + std::to_string(i);
-    job.weights = {(*storage)[static_cast<size_t>(i)].data(), DType::kBFloat16, 16, 64};
-    job.params.method = Method::kMse;
-    job.global_amax = *ComputeGlobalAmax(job.weights);
-    jobs.push_back(job);
+    TensorTask task;
+    task.name = "t" + std::to_string(i);
+    task.weights = {(*storage)[static_cast<size_t>(i)].data(), DType::kBFloat16, 16, 64};
+    task.params.method = Method::kMse;
+    task.global_amax = *ComputeGlobalAmax(task.weights);
+    tasks.push_back(task);
   }
-  return jobs;
+  return tasks;
 }
 
 TEST(ClientLibrary, RoundRobinSpreadsTensorsOverServers) {
@@ -450,11 +450,11 @@ TEST(ClientLibrary, RoundRobinSpreadsTensorsOverServers) {
   auto client = Client::Create(options);
   ASSERT_TRUE(client.ok()) << client.status();
   std::vector<std::vector<uint16_t>> storage;
-  const std::vector<TensorJob> jobs = SevenJobs(&storage);
+  const std::vector<TensorTask> tasks = SevenTasks(&storage);
   ClientCallStats stats;
   ASSERT_TRUE((*client)
                   ->QuantizeTensors(
-                      jobs, [](size_t, QuantizedTensor) { return absl::OkStatus(); }, &stats)
+                      tasks, [](size_t, QuantizedTensor) { return absl::OkStatus(); }, &stats)
                   .ok());
   EXPECT_EQ(stats.tensors_per_address, (std::vector<int64_t>{3, 2, 2}));
   EXPECT_EQ(stats.failed_attempts, 0);
@@ -470,10 +470,10 @@ TEST(ClientLibrary, TensorsOfADeadServerGoToTheLiveOnes) {
   auto client = Client::Create(options);
   ASSERT_TRUE(client.ok()) << client.status();
   std::vector<std::vector<uint16_t>> storage;
-  const std::vector<TensorJob> jobs = SevenJobs(&storage);
+  const std::vector<TensorTask> tasks = SevenTasks(&storage);
   ClientCallStats stats;
   absl::Status done = (*client)->QuantizeTensors(
-      jobs, [](size_t, QuantizedTensor) { return absl::OkStatus(); }, &stats);
+      tasks, [](size_t, QuantizedTensor) { return absl::OkStatus(); }, &stats);
   ASSERT_TRUE(done.ok()) << done;
   EXPECT_EQ(stats.tensors_per_address, (std::vector<int64_t>{0, 7}));
   EXPECT_EQ(stats.failed_attempts, 2);

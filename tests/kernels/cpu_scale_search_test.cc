@@ -10,6 +10,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "nvfp4cal/kernels/dtype.h"
 #include "nvfp4cal/kernels/example_data.h"
 #include "nvfp4cal/kernels/scale_search.h"
 #include "nvfp4cal/kernels/validation.h"
@@ -93,48 +94,102 @@ TEST(CpuScaleSearch, RowRangesReassembleTheWholeTensor) {
 // What the server's executor runs: the same bytes and statistics as QuantizeRows for checked
 // data; the row range and the output sizes are still refused when wrong; the data checks
 // (NaN rows, g below the rows' amax, a bad Hessian) are left to the caller.
-TEST(CpuScaleSearch, PrevalidatedRowsEqualCheckedRowsAndStillCheckTheRange) {
+TEST(CpuScaleSearch, ValidatedRowsEqualCheckedRowsAndStillCheckTheOutput) {
   const ExampleTensor t = MakeTensor(40, 128, 33);
   auto search = MakeCpuScaleSearch({2, 16});
   for (Method m : {Method::kMax, Method::kMse, Method::kLocalHessian, Method::kDss}) {
     const QuantizeRequest request = RequestFor(t, m);
     const float g = *ComputeGlobalAmax(request.weights);
+    absl::StatusOr<ValidatedTensor> tensor = ValidateTensor(request);
+    ASSERT_TRUE(tensor.ok()) << tensor.status();
     for (int64_t begin = 0; begin < t.rows; begin += 13) {
       const int64_t end = std::min<int64_t>(t.rows, begin + 13);
       const size_t codes = static_cast<size_t>((end - begin) * t.cols / 2);
       const size_t scales = static_cast<size_t>((end - begin) * t.cols / 16);
       std::vector<uint8_t> c1(codes), s1(scales), c2(codes), s2(scales);
       TensorStats checked;
-      TensorStats prevalidated;
+      TensorStats validated;
       ASSERT_TRUE(search
                       ->QuantizeRows(request, g, begin, end,
                                      {absl::MakeSpan(c1), absl::MakeSpan(s1)}, &checked)
                       .ok());
-      ASSERT_TRUE(search
-                      ->QuantizePrevalidatedRows(request, g, begin, end,
-                                                 {absl::MakeSpan(c2), absl::MakeSpan(s2)},
-                                                 &prevalidated)
-                      .ok());
+      // The rows as a front checks them: a scan of each piece (here two), then ValidateRows.
+      const DType dtype = request.weights.dtype;
+      const int64_t row_bytes = t.cols * DTypeSize(dtype);
+      const char* data = static_cast<const char*>(request.weights.data) + begin * row_bytes;
+      const int64_t half = (end - begin + 1) / 2;
+      std::vector<WeightScan> pieces = {*ScanWeights({data, dtype, half, t.cols})};
+      if (end - begin > half) {
+        pieces.push_back(
+            *ScanWeights({data + half * row_bytes, dtype, end - begin - half, t.cols}));
+      }
+      absl::StatusOr<ValidatedRows> rows = ValidateRows(*tensor, g, pieces);
+      ASSERT_TRUE(rows.ok()) << rows.status();
+      ASSERT_EQ(rows->rows(), end - begin);
+      ASSERT_TRUE(
+          search->QuantizeValidatedRows(*rows, {absl::MakeSpan(c2), absl::MakeSpan(s2)}, &validated)
+              .ok());
       EXPECT_EQ(c1, c2);
       EXPECT_EQ(s1, s2);
-      EXPECT_EQ(checked.objective_after, prevalidated.objective_after);
-      EXPECT_EQ(checked.blocks_scale_changed, prevalidated.blocks_scale_changed);
+      EXPECT_EQ(checked.objective_after, validated.objective_after);
+      EXPECT_EQ(checked.blocks_scale_changed, validated.blocks_scale_changed);
     }
   }
   const QuantizeRequest request = RequestFor(t, Method::kDss);
+  absl::StatusOr<ValidatedRequest> whole = ValidateQuantizeRequest(request);
+  ASSERT_TRUE(whole.ok());
+  const ValidatedRows all = whole->AllRows();
+  ASSERT_EQ(all.rows(), t.rows);
   std::vector<uint8_t> codes(static_cast<size_t>(4 * t.cols / 2));
   std::vector<uint8_t> scales(static_cast<size_t>(4 * t.cols / 16));
   TensorStats stats;
-  absl::Status s = search->QuantizePrevalidatedRows(
-      request, 1.0f, 38, 42, {absl::MakeSpan(codes), absl::MakeSpan(scales)}, &stats);
+  // Output sizes are always checked.
+  absl::Status s = search->QuantizeValidatedRows(
+      *all.Subrange(0, 4), {absl::MakeSpan(codes).subspan(1), absl::MakeSpan(scales)}, &stats);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
-  s = search->QuantizePrevalidatedRows(
-      request, 1.0f, 0, 4, {absl::MakeSpan(codes).subspan(1), absl::MakeSpan(scales)}, &stats);
-  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
-  // QuantizeRows refuses g below the rows' amax; the prevalidated path trusts its caller.
-  s = search->QuantizeRows(request, 1e-6f, 0, 4, {absl::MakeSpan(codes), absl::MakeSpan(scales)},
-                           &stats);
-  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  s = search->QuantizeValidatedRows(*all.Subrange(36, 4),
+                                    {absl::MakeSpan(codes), absl::MakeSpan(scales)}, &stats);
+  EXPECT_TRUE(s.ok()) << s;
+  // A subrange is the same rows as the whole tensor's.
+  absl::StatusOr<QuantizedTensor> r = search->Quantize(request);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(codes,
+            std::vector<uint8_t>(r->packed_codes.end() - 4 * t.cols / 2, r->packed_codes.end()));
+}
+
+TEST(ValidateRows, RefusesPiecesThatAreNotTheTensorsRowsAndGBelowTheirAmax) {
+  const ExampleTensor t = MakeTensor(8, 64, 5);
+  const QuantizeRequest request = RequestFor(t, Method::kMse);
+  absl::StatusOr<ValidatedTensor> tensor = ValidateTensor(request);
+  ASSERT_TRUE(tensor.ok());
+  const char* data = static_cast<const char*>(request.weights.data);
+  const DType dtype = request.weights.dtype;
+  const int64_t row_bytes = t.cols * DTypeSize(dtype);
+  const WeightScan first = *ScanWeights({data, dtype, 3, t.cols});
+  const WeightScan rest = *ScanWeights({data + 3 * row_bytes, dtype, 5, t.cols});
+  const WeightScan gap = *ScanWeights({data + 4 * row_bytes, dtype, 4, t.cols});
+  const WeightScan narrow = *ScanWeights({data + 3 * row_bytes, dtype, 5, 32});
+  const float g = std::max(first.amax(), rest.amax());
+  ASSERT_TRUE(ValidateRows(*tensor, g, {first, rest}).ok());
+  for (const std::vector<WeightScan>& bad :
+       std::vector<std::vector<WeightScan>>{{}, {first, gap}, {rest, first}, {first, narrow}}) {
+    absl::StatusOr<ValidatedRows> rows = ValidateRows(*tensor, g, bad);
+    ASSERT_FALSE(rows.ok());
+    EXPECT_EQ(rows.status().code(), absl::StatusCode::kInvalidArgument) << rows.status();
+  }
+  absl::StatusOr<ValidatedRows> low = ValidateRows(*tensor, g * 0.5f, {first, rest});
+  ASSERT_FALSE(low.ok());
+  EXPECT_EQ(low.status().code(), absl::StatusCode::kInvalidArgument);
+  absl::StatusOr<ValidatedRows> rows = ValidateRows(*tensor, g, {first, rest});
+  EXPECT_FALSE(rows->Subrange(5, 4).ok());
+  EXPECT_FALSE(rows->Subrange(-1, 2).ok());
+  EXPECT_FALSE(rows->Subrange(2, 0).ok());
+  ASSERT_TRUE(rows->Subrange(7, 1).ok());
+  EXPECT_EQ(rows->Subrange(7, 1)->request().weights.data, data + 7 * row_bytes);
+  // A tensor whose Hessian is wrong makes no ValidatedTensor.
+  QuantizeRequest bad = RequestFor(t, Method::kLocalHessian);
+  bad.hessians.num_blocks -= 1;
+  EXPECT_FALSE(ValidateTensor(bad).ok());
 }
 
 TEST(CpuScaleSearch, StatisticsMatchTheDequantizedOutput) {

@@ -369,31 +369,48 @@ TEST_F(CudaScaleSearchTest, AllocationFailureIsResourceExhaustedAndTheBackendRec
 }
 #endif
 
-TEST_F(CudaScaleSearchTest, PrevalidatedSlicesSkipOnlyTheDataScans) {
+TEST_F(CudaScaleSearchTest, ValidatedSlicesSkipOnlyTheDataScans) {
   HardTensor t = MakeHardTensor(Kind::kTypical, 64, 256, 11);
   const QuantizeRequest request = RequestFor(t, Method::kDss);
   absl::StatusOr<QuantizedTensor> cpu = cpu_->Quantize(request);
   ASSERT_TRUE(cpu.ok());
+  absl::StatusOr<ValidatedRequest> validated = ValidateQuantizeRequest(request);
+  ASSERT_TRUE(validated.ok());
+  const ValidatedRows rows = validated->AllRows();
   std::vector<uint8_t> codes(cpu->packed_codes.size()), scales(cpu->scales.size());
   TensorStats stats;
-  CudaScaleSearch::Slice slice{
-      &request, cpu->global_amax, 0, t.rows, {absl::MakeSpan(codes), absl::MakeSpan(scales)},
-      &stats};
-  slice.prevalidated = true;
+  CudaScaleSearch::Slice slice =
+      CudaScaleSearch::Slice::Of(rows, {absl::MakeSpan(codes), absl::MakeSpan(scales)}, &stats);
   ASSERT_TRUE(gpu_->QuantizeBatch(absl::MakeConstSpan(&slice, 1)).ok());
   EXPECT_EQ(codes, cpu->packed_codes);
   EXPECT_EQ(scales, cpu->scales);
-  // A global amax below the weights' is caught only without the flag.
-  slice.global_amax = cpu->global_amax * 0.5f;
-  EXPECT_TRUE(gpu_->QuantizeBatch(absl::MakeConstSpan(&slice, 1)).ok());
-  slice.prevalidated = false;
-  EXPECT_EQ(gpu_->QuantizeBatch(absl::MakeConstSpan(&slice, 1)).code(),
+  // A slice that is not exactly its validated rows is refused.
+  CudaScaleSearch::Slice changed = slice;
+  changed.global_amax = cpu->global_amax * 0.5f;
+  EXPECT_EQ(gpu_->QuantizeBatch(absl::MakeConstSpan(&changed, 1)).code(),
+            absl::StatusCode::kInvalidArgument);
+  changed = slice;
+  changed.row_end = t.rows / 2;
+  EXPECT_EQ(gpu_->QuantizeBatch(absl::MakeConstSpan(&changed, 1)).code(),
+            absl::StatusCode::kInvalidArgument);
+  // Without the rows everything is checked: g below the weights' amax is caught.
+  changed = slice;
+  changed.validated = nullptr;
+  changed.global_amax = cpu->global_amax * 0.5f;
+  EXPECT_EQ(gpu_->QuantizeBatch(absl::MakeConstSpan(&changed, 1)).code(),
             absl::StatusCode::kInvalidArgument);
   // Output sizes are always checked.
-  slice.prevalidated = true;
-  slice.output.scales = slice.output.scales.subspan(1);
-  EXPECT_EQ(gpu_->QuantizeBatch(absl::MakeConstSpan(&slice, 1)).code(),
+  changed = slice;
+  changed.output.scales = changed.output.scales.subspan(1);
+  EXPECT_EQ(gpu_->QuantizeBatch(absl::MakeConstSpan(&changed, 1)).code(),
             absl::StatusCode::kInvalidArgument);
+  // QuantizeValidatedRows takes the same path.
+  std::vector<uint8_t> codes2(codes.size()), scales2(scales.size());
+  TensorStats stats2;
+  ASSERT_TRUE(
+      gpu_->QuantizeValidatedRows(rows, {absl::MakeSpan(codes2), absl::MakeSpan(scales2)}, &stats2)
+          .ok());
+  EXPECT_EQ(codes2, cpu->packed_codes);
 }
 
 TEST_F(CudaScaleSearchTest, ValidationErrorsLaunchNothing) {

@@ -560,7 +560,7 @@ TEST(GptqWork, ContiguousTasksOfATensorRunAsOneCallWithTheSameBytes) {
     tasks.push_back(task.get());
   }
   // Two more backends: the runs of the two tensors go to different ones in parallel.
-  GptqWorker worker{MakeCpuGptq({}), "cpu", {}};
+  GptqBackends worker{{MakeCpuGptq({})}, "cpu"};
   worker.streams.push_back(MakeCpuGptq({}));
   worker.streams.push_back(MakeCpuGptq({}));
   std::vector<absl::Status> status;

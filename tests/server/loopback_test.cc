@@ -518,8 +518,8 @@ TEST_F(GatedLoopbackTest, DeviceOutOfMemoryFailsTheStreamAndTheServerKeepsServin
                           "CUDA device 0: cannot allocate a 4096-byte workspace (out of memory)"));
   const SessionResult failed = RunWithinTheWindow("oom", 74);
   EXPECT_EQ(failed.status.error_code(), grpc::RESOURCE_EXHAUSTED);
-  // The stream's job fails with the batch's status: seen first either by a row range of the
-  // failed batch or by the next chunk's admission, which names only the tensor.
+  // The stream's scheduler flow fails with the batch's status: seen first either by a row range of
+  // the failed batch or by the next chunk's admission, which names only the tensor.
   EXPECT_THAT(failed.status.error_message(),
               ::testing::MatchesRegex("tensor 'oom'( rows \\[[0-9], [0-9]\\))?: CUDA device 0: "
                                       "cannot allocate a 4096-byte workspace \\(out of memory\\)"));

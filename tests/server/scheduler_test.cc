@@ -133,8 +133,8 @@ WorkItem MakeItem(Outcomes* outcomes, const std::string& label, int64_t bytes = 
   return item;
 }
 
-JobOptions Named(const std::string& name, int priority = 0) {
-  JobOptions options;
+FlowOptions Named(const std::string& name, int priority = 0) {
+  FlowOptions options;
   options.name = name;
   options.priority = priority;
   return options;
@@ -147,21 +147,21 @@ SchedulerOptions OneByOne() {
   return options;
 }
 
-// Starts a job whose single item occupies the only worker until executor.Release().
-JobId OccupyWorker(Scheduler* scheduler, FakeExecutor* executor, Outcomes* outcomes) {
-  const JobId blocker = scheduler->CreateJob(Named("blocker"));
+// Starts a flow whose single item occupies the only worker until executor.Release().
+FlowId OccupyWorker(Scheduler* scheduler, FakeExecutor* executor, Outcomes* outcomes) {
+  const FlowId blocker = scheduler->OpenFlow(Named("blocker"));
   EXPECT_TRUE(scheduler->Enqueue(blocker, MakeItem(outcomes, "hold", 1, /*hold=*/true)).ok());
   executor->WaitUntilHeld(1);
   return blocker;
 }
 
-TEST(Scheduler, SmallJobTakesTurnsWithLargeJob) {
+TEST(Scheduler, SmallFlowTakesTurnsWithLargeFlow) {
   FakeExecutor executor;
   Outcomes outcomes;
   Scheduler scheduler(OneByOne(), &executor);
   OccupyWorker(&scheduler, &executor, &outcomes);
-  const JobId large = scheduler.CreateJob(Named("checkpoint"));
-  const JobId small = scheduler.CreateJob(Named("small"));
+  const FlowId large = scheduler.OpenFlow(Named("checkpoint"));
+  const FlowId small = scheduler.OpenFlow(Named("small"));
   for (int i = 0; i < 5; ++i) {
     ASSERT_TRUE(scheduler.Enqueue(large, MakeItem(&outcomes, "L" + std::to_string(i))).ok());
   }
@@ -178,8 +178,8 @@ TEST(Scheduler, HigherPriorityRunsFirst) {
   Outcomes outcomes;
   Scheduler scheduler(OneByOne(), &executor);
   OccupyWorker(&scheduler, &executor, &outcomes);
-  const JobId low = scheduler.CreateJob(Named("low", 0));
-  const JobId high = scheduler.CreateJob(Named("high", 5));
+  const FlowId low = scheduler.OpenFlow(Named("low", 0));
+  const FlowId high = scheduler.OpenFlow(Named("high", 5));
   ASSERT_TRUE(scheduler.Enqueue(low, MakeItem(&outcomes, "low0")).ok());
   ASSERT_TRUE(scheduler.Enqueue(low, MakeItem(&outcomes, "low1")).ok());
   ASSERT_TRUE(scheduler.Enqueue(high, MakeItem(&outcomes, "high0")).ok());
@@ -197,18 +197,18 @@ TEST(Scheduler, ExpiredDeadlineFailsQueuedWorkWithoutRunningIt) {
   Outcomes outcomes;
   Scheduler scheduler(options, &executor);
   OccupyWorker(&scheduler, &executor, &outcomes);
-  JobOptions job_options = Named("hurried");
-  job_options.deadline = absl::FromUnixSeconds(1010);
-  const JobId job = scheduler.CreateJob(job_options);
-  ASSERT_TRUE(scheduler.Enqueue(job, MakeItem(&outcomes, "d0")).ok());
-  ASSERT_TRUE(scheduler.Enqueue(job, MakeItem(&outcomes, "d1")).ok());
+  FlowOptions flow_options = Named("hurried");
+  flow_options.deadline = absl::FromUnixSeconds(1010);
+  const FlowId flow = scheduler.OpenFlow(flow_options);
+  ASSERT_TRUE(scheduler.Enqueue(flow, MakeItem(&outcomes, "d0")).ok());
+  ASSERT_TRUE(scheduler.Enqueue(flow, MakeItem(&outcomes, "d1")).ok());
   now_s = 1011;
   executor.Release();
   outcomes.WaitFor(3);
   EXPECT_THAT(executor.Executed(), ElementsAre("hold"));
   EXPECT_EQ(outcomes.StatusOf("d0").code(), absl::StatusCode::kDeadlineExceeded);
   EXPECT_THAT(outcomes.StatusOf("d1").message(), HasSubstr("hurried"));
-  const absl::Status late = scheduler.Enqueue(job, MakeItem(&outcomes, "d2"));
+  const absl::Status late = scheduler.Enqueue(flow, MakeItem(&outcomes, "d2"));
   EXPECT_EQ(late.code(), absl::StatusCode::kDeadlineExceeded);
 }
 
@@ -216,19 +216,19 @@ TEST(Scheduler, CancelDropsQueuedWorkAtOnceAndRunningWorkAtBatchEnd) {
   FakeExecutor executor;
   Outcomes outcomes;
   Scheduler scheduler(OneByOne(), &executor);
-  const JobId job = scheduler.CreateJob(Named("doomed"));
-  ASSERT_TRUE(scheduler.Enqueue(job, MakeItem(&outcomes, "running", 1, /*hold=*/true)).ok());
+  const FlowId flow = scheduler.OpenFlow(Named("doomed"));
+  ASSERT_TRUE(scheduler.Enqueue(flow, MakeItem(&outcomes, "running", 1, /*hold=*/true)).ok());
   executor.WaitUntilHeld(1);
-  ASSERT_TRUE(scheduler.Enqueue(job, MakeItem(&outcomes, "queued0")).ok());
-  ASSERT_TRUE(scheduler.Enqueue(job, MakeItem(&outcomes, "queued1")).ok());
+  ASSERT_TRUE(scheduler.Enqueue(flow, MakeItem(&outcomes, "queued0")).ok());
+  ASSERT_TRUE(scheduler.Enqueue(flow, MakeItem(&outcomes, "queued1")).ok());
   EXPECT_EQ(scheduler.Stats().queued_items, 2);
 
-  scheduler.CancelJob(job, absl::CancelledError("client cancelled"));
-  // Queued items finished before CancelJob returned, while the batch is still held.
+  scheduler.CancelFlow(flow, absl::CancelledError("client cancelled"));
+  // Queued items finished before CancelFlow returned, while the batch is still held.
   EXPECT_EQ(outcomes.Count(), 2u);
   EXPECT_EQ(outcomes.StatusOf("queued0").code(), absl::StatusCode::kCancelled);
   EXPECT_EQ(scheduler.Stats().queued_items, 0);
-  EXPECT_EQ(scheduler.Enqueue(job, MakeItem(&outcomes, "after")).code(),
+  EXPECT_EQ(scheduler.Enqueue(flow, MakeItem(&outcomes, "after")).code(),
             absl::StatusCode::kCancelled);
 
   executor.Release();
@@ -237,7 +237,7 @@ TEST(Scheduler, CancelDropsQueuedWorkAtOnceAndRunningWorkAtBatchEnd) {
   EXPECT_THAT(executor.Executed(), ElementsAre("running"));
 }
 
-TEST(Scheduler, BatchesAcrossJobsWithinMemoryBudget) {
+TEST(Scheduler, BatchesAcrossFlowsWithinMemoryBudget) {
   SchedulerOptions options;
   options.num_workers = 1;
   options.memory_budget_bytes = 100;
@@ -245,8 +245,8 @@ TEST(Scheduler, BatchesAcrossJobsWithinMemoryBudget) {
   Outcomes outcomes;
   Scheduler scheduler(options, &executor);
   OccupyWorker(&scheduler, &executor, &outcomes);
-  const JobId a = scheduler.CreateJob(Named("a"));
-  const JobId b = scheduler.CreateJob(Named("b"));
+  const FlowId a = scheduler.OpenFlow(Named("a"));
+  const FlowId b = scheduler.OpenFlow(Named("b"));
   for (int i = 0; i < 3; ++i) {
     ASSERT_TRUE(scheduler.Enqueue(a, MakeItem(&outcomes, "a" + std::to_string(i), 40)).ok());
   }
@@ -273,21 +273,21 @@ TEST(Scheduler, FullQueueAnswersResourceExhaustedAtOnce) {
   Outcomes outcomes;
   Scheduler scheduler(options, &executor);
   OccupyWorker(&scheduler, &executor, &outcomes);
-  const JobId job = scheduler.CreateJob(Named("burst"));
-  ASSERT_TRUE(scheduler.Enqueue(job, MakeItem(&outcomes, "q0")).ok());
-  ASSERT_TRUE(scheduler.Enqueue(job, MakeItem(&outcomes, "q1")).ok());
-  const absl::Status full = scheduler.Enqueue(job, MakeItem(&outcomes, "q2"));
+  const FlowId flow = scheduler.OpenFlow(Named("burst"));
+  ASSERT_TRUE(scheduler.Enqueue(flow, MakeItem(&outcomes, "q0")).ok());
+  ASSERT_TRUE(scheduler.Enqueue(flow, MakeItem(&outcomes, "q1")).ok());
+  const absl::Status full = scheduler.Enqueue(flow, MakeItem(&outcomes, "q2"));
   EXPECT_EQ(full.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(full.message(), HasSubstr("max_queued_items = 2, queued = 2"));
   executor.Release();
   outcomes.WaitFor(3);
-  // Rejection did not poison the job: accepted work ran.
+  // Rejection did not poison the flow: accepted work ran.
   EXPECT_TRUE(outcomes.StatusOf("q1").ok());
-  EXPECT_TRUE(scheduler.Enqueue(job, MakeItem(&outcomes, "q3")).ok());
+  EXPECT_TRUE(scheduler.Enqueue(flow, MakeItem(&outcomes, "q3")).ok());
   outcomes.WaitFor(4);
 }
 
-TEST(Scheduler, AllocationFailureFailsTheBatchJobsAndKeepsServing) {
+TEST(Scheduler, AllocationFailureFailsTheBatchFlowsAndKeepsServing) {
   SchedulerOptions options;
   options.num_workers = 1;
   options.max_items_per_batch = 2;
@@ -295,8 +295,8 @@ TEST(Scheduler, AllocationFailureFailsTheBatchJobsAndKeepsServing) {
   Outcomes outcomes;
   Scheduler scheduler(options, &executor);
   OccupyWorker(&scheduler, &executor, &outcomes);
-  const JobId a = scheduler.CreateJob(Named("a"));
-  const JobId b = scheduler.CreateJob(Named("b"));
+  const FlowId a = scheduler.OpenFlow(Named("a"));
+  const FlowId b = scheduler.OpenFlow(Named("b"));
   ASSERT_TRUE(scheduler.Enqueue(a, MakeItem(&outcomes, "a0", 1, false, /*fail=*/true)).ok());
   ASSERT_TRUE(scheduler.Enqueue(a, MakeItem(&outcomes, "a1")).ok());
   ASSERT_TRUE(scheduler.Enqueue(a, MakeItem(&outcomes, "a2")).ok());
@@ -312,7 +312,7 @@ TEST(Scheduler, AllocationFailureFailsTheBatchJobsAndKeepsServing) {
   EXPECT_EQ(scheduler.Enqueue(b, MakeItem(&outcomes, "b1")).code(),
             absl::StatusCode::kResourceExhausted);
 
-  const JobId c = scheduler.CreateJob(Named("c"));
+  const FlowId c = scheduler.OpenFlow(Named("c"));
   ASSERT_TRUE(scheduler.Enqueue(c, MakeItem(&outcomes, "c0")).ok());
   outcomes.WaitFor(6);
   EXPECT_TRUE(outcomes.StatusOf("c0").ok());
@@ -324,8 +324,8 @@ TEST(Scheduler, OneWorkerPerDeviceRunsBatchesConcurrently) {
   FakeExecutor executor;
   Outcomes outcomes;
   Scheduler scheduler(options, &executor);
-  const JobId a = scheduler.CreateJob(Named("a"));
-  const JobId b = scheduler.CreateJob(Named("b"));
+  const FlowId a = scheduler.OpenFlow(Named("a"));
+  const FlowId b = scheduler.OpenFlow(Named("b"));
   ASSERT_TRUE(scheduler.Enqueue(a, MakeItem(&outcomes, "a0", 1, /*hold=*/true)).ok());
   ASSERT_TRUE(scheduler.Enqueue(b, MakeItem(&outcomes, "b0", 1, /*hold=*/true)).ok());
   executor.WaitUntilHeld(2);  // both workers are inside a batch at once
@@ -335,25 +335,25 @@ TEST(Scheduler, OneWorkerPerDeviceRunsBatchesConcurrently) {
   outcomes.WaitFor(2);
 }
 
-TEST(Scheduler, ReleasedJobsAreForgottenAndShutdownFailsQueuedWork) {
+TEST(Scheduler, ReleasedFlowsAreForgottenAndShutdownFailsQueuedWork) {
   FakeExecutor executor;
   Outcomes outcomes;
   auto scheduler = std::make_unique<Scheduler>(OneByOne(), &executor);
-  const JobId blocker = OccupyWorker(scheduler.get(), &executor, &outcomes);
-  const JobId job = scheduler->CreateJob(Named("late"));
-  ASSERT_TRUE(scheduler->Enqueue(job, MakeItem(&outcomes, "late0")).ok());
-  scheduler->ReleaseJob(blocker);
-  scheduler->ReleaseJob(job);
-  EXPECT_EQ(scheduler->Enqueue(job, MakeItem(&outcomes, "x")).code(),
+  const FlowId blocker = OccupyWorker(scheduler.get(), &executor, &outcomes);
+  const FlowId flow = scheduler->OpenFlow(Named("late"));
+  ASSERT_TRUE(scheduler->Enqueue(flow, MakeItem(&outcomes, "late0")).ok());
+  scheduler->CloseFlow(blocker);
+  scheduler->CloseFlow(flow);
+  EXPECT_EQ(scheduler->Enqueue(flow, MakeItem(&outcomes, "x")).code(),
             absl::StatusCode::kFailedPrecondition);
-  EXPECT_EQ(scheduler->Stats().jobs, 2);  // both still have work
+  EXPECT_EQ(scheduler->Stats().flows, 2);  // both still have work
 
   executor.Release();
   outcomes.WaitFor(2);
   EXPECT_TRUE(outcomes.StatusOf("late0").ok());
-  EXPECT_EQ(scheduler->Stats().jobs, 0);
+  EXPECT_EQ(scheduler->Stats().flows, 0);
 
-  const JobId held = scheduler->CreateJob(Named("held"));
+  const FlowId held = scheduler->OpenFlow(Named("held"));
   ASSERT_TRUE(scheduler->Enqueue(held, MakeItem(&outcomes, "run", 1, /*hold=*/true)).ok());
   executor.WaitUntilHeld(1);
   ASSERT_TRUE(scheduler->Enqueue(held, MakeItem(&outcomes, "never")).ok());

@@ -78,12 +78,15 @@ class CudaScaleSearch : public ScaleSearch {
     int64_t row_end = 0;
     RowRangeOutput output;
     TensorStats* stats = nullptr;
-    // The caller has already validated this request (ValidateShapeHessiansAndParams), checked
-    // these rows for NaN/Inf and global_amax against their amax (ScanWeightRows,
-    // ValidateGlobalAmax), as the server does per chunk: skips those O(rows x cols) scans.
-    // Row range and output sizes are still checked. Invalid data with this flag set gives
-    // unspecified codes, never a crash.
-    bool prevalidated = false;
+    // Rows checked where they entered the process (as the server does per chunk): the slice
+    // is exactly them (Of) and skips the O(cols x 16) Hessian check and the O(rows x cols)
+    // scan; row range and output sizes are still checked. Null: everything is checked.
+    const ValidatedRows* validated = nullptr;
+
+    // The slice of all of `rows` (which must outlive the call).
+    static Slice Of(const ValidatedRows& rows, RowRangeOutput output, TensorStats* stats) {
+      return Slice{&rows.request(), rows.global_amax(), 0, rows.rows(), output, stats, &rows};
+    }
   };
 
   // Quantizes many row ranges of many tensors, each with its own Hessians, method and global

@@ -215,6 +215,58 @@ class WeightScan {
 // with max |W|. Integer passes over the bits, several GB/s per thread.
 absl::StatusOr<WeightScan> ScanWeights(const WeightView& weights);
 
+// A tensor's shape, Hessians and parameters checked once, where its header entered the process
+// (ValidateShapeHessiansAndParams; O(cols x 16)), before its rows arrive. Only ValidateTensor
+// makes one. The request's weights carry the dtype and cols of the rows to come; their data and
+// rows are not used. Hessian views must stay valid while it (or rows made from it) is used.
+class ValidatedTensor {
+ public:
+  const QuantizeRequest& request() const { return request_; }
+
+ private:
+  friend absl::StatusOr<ValidatedTensor> ValidateTensor(const QuantizeRequest& request);
+  explicit ValidatedTensor(const QuantizeRequest& request) : request_(request) {}
+
+  QuantizeRequest request_;
+};
+
+// Checks `request` (shape, Hessians, parameters) as ValidateShapeHessiansAndParams does.
+absl::StatusOr<ValidatedTensor> ValidateTensor(const QuantizeRequest& request);
+
+// Rows of a tensor, checked where their data entered the process: the tensor (ValidatedTensor or
+// ValidatedRequest), the rows' values (a WeightScan of each piece) and the global amax against
+// their amax. Only ValidateRows, ValidatedRequest::AllRows and Subrange make one; a backend
+// searches it without looking at the data again (ScaleSearch::QuantizeValidatedRows). The
+// views must stay valid while it is used.
+class ValidatedRows {
+ public:
+  // The tensor's request with `weights` = these rows.
+  const QuantizeRequest& request() const { return request_; }
+  float global_amax() const { return global_amax_; }
+  int64_t rows() const { return request_.weights.rows; }
+
+  // Rows [first, first + count) of these (also checked): INVALID_ARGUMENT outside them.
+  absl::StatusOr<ValidatedRows> Subrange(int64_t first, int64_t count) const;
+
+ private:
+  friend class ValidatedRequest;
+  friend absl::StatusOr<ValidatedRows> ValidateRows(const ValidatedTensor& tensor,
+                                                    float global_amax,
+                                                    absl::Span<const WeightScan> pieces);
+  ValidatedRows(const QuantizeRequest& request, float global_amax)
+      : request_(request), global_amax_(global_amax) {}
+
+  QuantizeRequest request_;
+  float global_amax_ = 0.0f;
+};
+
+// The rows that `pieces` scanned, which must follow each other in memory (one buffer, in
+// order) with the tensor's dtype and cols, quantized with `global_amax`: INVALID_ARGUMENT when
+// the pieces are not such rows or global_amax is not finite or does not cover their amax.
+// O(pieces): the rows are not read again.
+absl::StatusOr<ValidatedRows> ValidateRows(const ValidatedTensor& tensor, float global_amax,
+                                           absl::Span<const WeightScan> pieces);
+
 // A whole-tensor request checked once, where its data entered the process: shape, Hessians and
 // parameters, finite weights, and the global amax against theirs. Only ValidateQuantizeRequest
 // makes one, and ScaleSearch::QuantizeValidated searches it without looking at the data again.
@@ -224,6 +276,8 @@ class ValidatedRequest {
   const QuantizeRequest& request() const { return request_; }
   // The request's shared global amax, else the weights' own.
   float global_amax() const { return global_amax_; }
+  // Every row of the request, with global_amax().
+  ValidatedRows AllRows() const { return ValidatedRows(request_, global_amax_); }
 
  private:
   friend absl::StatusOr<ValidatedRequest> ValidateQuantizeRequest(const QuantizeRequest& request,
@@ -260,7 +314,7 @@ class ScaleSearch {
   absl::StatusOr<QuantizedTensor> Quantize(const QuantizeRequest& request);
 
   // Quantizes a request validated once: allocates the result and searches every row
-  // (QuantizePrevalidatedRows); the weights are read once more only by the search itself.
+  // (QuantizeValidatedRows of AllRows); the weights are read once more only by the search.
   absl::StatusOr<QuantizedTensor> QuantizeValidated(const ValidatedRequest& validated);
 
   // Quantizes rows [row_begin, row_end) with the given global amax g into caller-owned spans,
@@ -270,12 +324,17 @@ class ScaleSearch {
                                     int64_t row_begin, int64_t row_end, RowRangeOutput output,
                                     TensorStats* stats) = 0;
 
-  // QuantizeRows for a request its caller checked once, where the data entered the process (a
-  // server's Quantize session or job, a ValidatedRequest): ValidateShapeHessiansAndParams for
-  // the tensor, ScanWeightRows and ValidateGlobalAmax for these rows. Only the row range and
-  // the output sizes are checked again, so many small row ranges of one tensor do not each pay
-  // the O(cols x 16) Hessian check and the O(rows x cols) scan. Give it only data that passed
-  // those checks: invalid data gives unspecified codes, never a crash.
+  // Quantizes rows checked once where their data entered the process (a server's Quantize
+  // session or job, a ValidatedRequest): only the output sizes are checked again, so many small
+  // row ranges of one tensor do not each pay the O(cols x 16) Hessian check and the
+  // O(rows x cols) scan. Output spans hold rows.rows() rows; statistics are added to *stats.
+  absl::Status QuantizeValidatedRows(const ValidatedRows& rows, RowRangeOutput output,
+                                     TensorStats* stats);
+
+ protected:
+  // The search of QuantizeRows without its checks of the tensor and the rows' values (the
+  // row range and output sizes are still checked). Reached only through QuantizeValidatedRows
+  // and QuantizeValidated, whose arguments prove the checks ran.
   virtual absl::Status QuantizePrevalidatedRows(const QuantizeRequest& request, float global_amax,
                                                 int64_t row_begin, int64_t row_end,
                                                 RowRangeOutput output, TensorStats* stats) = 0;
