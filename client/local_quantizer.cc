@@ -121,7 +121,15 @@ absl::StatusOr<std::unique_ptr<Quantizer>> MakeLocalQuantizer(
   engine_options.auto_falls_back_to_cpu = true;
   absl::StatusOr<Engine> engine = SelectDevices(engine_options);
   if (!engine.ok()) return engine.status();
-  std::string description = absl::StrCat("in-process: ", engine->selection);
+  // "in-process cpu", or "in-process cuda (NVIDIA H100 ..., 3 streams)" (the CLI's report).
+  std::string description = "in-process cpu";
+  if (engine->backend == "cuda") {
+    description = absl::StrCat(
+        "in-process cuda (", engine->workers.front().name, ", ", engine->workers.size(), " streams",
+        engine->gptq_fallback.empty() ? ""
+                                      : absl::StrCat("; gptq on the cpu: ", engine->gptq_fallback),
+        ")");
+  }
   return std::make_unique<LocalQuantizer>(std::move(engine->workers), std::move(description));
 }
 

@@ -57,7 +57,7 @@ class Quantizer {
  public:
   virtual ~Quantizer() = default;
 
-  // One line for logs: "in-process: auto -> cuda (...): 3 worker(s), 3 per GPU: NVIDIA H100 ...",
+  // One line for logs: "in-process cpu", "in-process cuda (NVIDIA H100 ..., 3 streams)",
   // "remote 127.0.0.1:50051 (cpu)".
   virtual std::string Describe() const = 0;
 

@@ -127,8 +127,8 @@ absl::StatusOr<Engine> CudaEngine(const EngineOptions& options, const std::strin
       absl::StrFormat("%s -> cuda (%s): %d worker(s), %d per GPU: %s", options.device, why,
                       engine.workers.size(), per_gpu, absl::StrJoin(names, "; "));
   if (!gptq_fallbacks.empty()) {
-    absl::StrAppend(&engine.selection, "; gptq runs on the CPU backend for ",
-                    absl::StrJoin(gptq_fallbacks, ", "));
+    engine.gptq_fallback = absl::StrJoin(gptq_fallbacks, ", ");
+    absl::StrAppend(&engine.selection, "; gptq runs on the CPU backend for ", engine.gptq_fallback);
   }
   return engine;
 }

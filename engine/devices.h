@@ -91,6 +91,9 @@ struct Engine {
   std::string selection;
   // Device-major: a GPU's workers are adjacent.
   std::vector<EngineWorker> workers;
+  // Why gptq runs on the CPU backend on some GPUs ("device 0 (UNAVAILABLE: ...)"); empty when
+  // it runs on every GPU (or the backend is the CPU).
+  std::string gptq_fallback;
 };
 
 // Errors: INVALID_ARGUMENT for an unknown device name or an option out of range;

@@ -28,6 +28,7 @@ TEST(SelectDevices, CpuAsAskedBuildsEveryWorkerWithItsGptqBackend) {
   ASSERT_TRUE(engine.ok()) << engine.status();
   EXPECT_EQ(engine->backend, "cpu");
   EXPECT_EQ(engine->selection, "cpu -> cpu (as asked): 3 CPU worker(s)");
+  EXPECT_EQ(engine->gptq_fallback, "");
   ASSERT_EQ(engine->workers.size(), 3u);
   for (const EngineWorker& w : engine->workers) {
     EXPECT_EQ(w.kind, "cpu");
@@ -121,6 +122,7 @@ TEST(SelectDevices, AutoAndCudaFollowTheMachine) {
     } else {
       EXPECT_EQ(w.gptq.plan_domain, "cpu");
       EXPECT_THAT(asked->selection, HasSubstr("gptq runs on the CPU backend for device 0"));
+      EXPECT_THAT(asked->gptq_fallback, StartsWith("device 0 ("));
     }
   }
   EXPECT_NE(asked->workers[0].cuda_search.get(), asked->workers[1].cuda_search.get());
