@@ -10,7 +10,6 @@
 #include "absl/synchronization/mutex.h"
 #include "engine/devices.h"
 #include "engine/gptq_plan_cache.h"
-#include "nvfp4cal/kernels/cpu_scale_search.h"
 #include "nvfp4cal/kernels/gptq.h"
 
 namespace nvfp4cal {
@@ -135,14 +134,8 @@ absl::StatusOr<std::unique_ptr<Quantizer>> MakeLocalQuantizer(
 
 std::unique_ptr<Quantizer> MakeLocalQuantizer(std::unique_ptr<ScaleSearch> search,
                                               std::string description, int gptq_threads) {
-  EngineWorker worker;
-  worker.kind = "cpu";
-  worker.name = "CPU worker";
-  worker.cpu_search = std::move(search);
-  worker.gptq.streams.push_back(MakeCpuGptq(CpuGptqOptions{gptq_threads, 16, true}));
-  worker.gptq.plan_domain = "cpu";
   std::vector<EngineWorker> workers;
-  workers.push_back(std::move(worker));
+  workers.push_back(CpuWorker(std::move(search), gptq_threads));
   return std::make_unique<LocalQuantizer>(std::move(workers), std::move(description));
 }
 

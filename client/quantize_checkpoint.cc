@@ -172,13 +172,15 @@ struct ShardOutputs {
   std::vector<std::unique_ptr<SafetensorsWriter>> writers;
   // Output tensor -> shard file, for the index.
   std::map<std::string, std::string> weight_map;
+  // The quantized weights by name (the input tensors not copied as they are).
+  std::map<std::string, const ModulePlan*> quantized_by_weight;
 };
 
 // Creates a writer with the final header per shard in `temp` (bytes_in and bytes_out go into
 // *report; the observer hears the start).
 absl::Status StartShards(const RunInputs& in, const Nvfp4Layout& layout, const std::string& temp,
                          QuantizeObserver* observer, ShardOutputs* out, QuantizeReport* report) {
-  std::map<std::string, const ModulePlan*> quantized_by_weight;
+  std::map<std::string, const ModulePlan*>& quantized_by_weight = out->quantized_by_weight;
   std::set<std::string> with_input_scale;
   for (const PreparedModule& m : in.prepared) {
     quantized_by_weight[m.plan->weight_name] = m.plan;
@@ -216,12 +218,10 @@ absl::Status StartShards(const RunInputs& in, const Nvfp4Layout& layout, const s
 absl::Status CopyUntouched(const QuantizeOptions& options, const RunInputs& in,
                            const ShardOutputs& out, QuantizeObserver* observer,
                            const std::atomic<bool>& stop, int64_t* kv_cache_scales) {
-  std::set<std::string> quantized;
-  for (const PreparedModule& m : in.prepared) quantized.insert(m.plan->weight_name);
   const Checkpoint& model = *in.checkpoint;
   for (size_t s = 0; s < model.shards().size(); ++s) {
     for (const SafetensorsTensor& t : model.shards()[s].file->tensors()) {
-      if (quantized.count(t.name) != 0) continue;
+      if (out.quantized_by_weight.count(t.name) != 0) continue;
       if (stop.load()) return absl::OkStatus();  // the quantizer's error is the run's
       if (options.cancel != nullptr && options.cancel->load()) {
         return absl::CancelledError("interrupted");

@@ -19,9 +19,9 @@ absl::Status Prefixed(const absl::Status& status, const std::string& prefix) {
   return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
 }
 
-GptqBackends CpuGptq(const EngineOptions& options) {
+GptqBackends CpuGptq(int threads) {
   CpuGptqOptions cpu;
-  cpu.num_threads = options.cpu_threads_per_worker;
+  cpu.num_threads = threads;
   GptqBackends gptq;
   gptq.streams.push_back(MakeCpuGptq(cpu));
   gptq.plan_domain = "cpu";
@@ -49,7 +49,7 @@ GptqBackends CudaGptq(const EngineOptions& options, int ordinal, int streams,
     if (!backend.ok()) {
       if (s > 0) break;  // fewer streams; the device works
       *fallback = backend.status();
-      return CpuGptq(options);
+      return CpuGptq(options.cpu_threads_per_worker);
     }
     gptq.streams.push_back(*std::move(backend));
   }
@@ -115,7 +115,7 @@ absl::StatusOr<Engine> CudaEngine(const EngineOptions& options, const std::strin
         worker.cuda_search = *std::move(more);
       }
       worker.gptq = gptq_fallback.ok() ? CudaGptq(options, ordinal, gptq_streams, &gptq_fallback)
-                                       : CpuGptq(options);
+                                       : CpuGptq(options.cpu_threads_per_worker);
       engine.workers.push_back(std::move(worker));
     }
     if (!gptq_fallback.ok()) {
@@ -164,16 +164,20 @@ Engine CpuEngine(const EngineOptions& options, std::string selection) {
   engine.backend = "cpu";
   engine.selection = std::move(selection);
   for (int w = 0; w < std::max(1, options.cpu_workers); ++w) {
-    EngineWorker worker;
-    worker.kind = "cpu";
-    worker.name = "CPU worker";
     CpuScaleSearchOptions cpu;
     cpu.num_threads = options.cpu_threads_per_worker;
-    worker.cpu_search = MakeCpuScaleSearch(cpu);
-    worker.gptq = CpuGptq(options);
-    engine.workers.push_back(std::move(worker));
+    engine.workers.push_back(CpuWorker(MakeCpuScaleSearch(cpu), options.cpu_threads_per_worker));
   }
   return engine;
+}
+
+EngineWorker CpuWorker(std::unique_ptr<ScaleSearch> search, int threads) {
+  EngineWorker worker;
+  worker.kind = "cpu";
+  worker.name = "CPU worker";
+  worker.cpu_search = std::move(search);
+  worker.gptq = CpuGptq(threads);
+  return worker;
 }
 
 absl::StatusOr<Engine> SelectDevices(const EngineOptions& options) {

@@ -73,7 +73,7 @@ struct EngineWorker {
   // CUDA device ordinal; -1 for the CPU.
   int cuda_device = -1;
   // The backend: exactly one of the two is set, by `kind` (the server's CUDA executor needs the
-  // CUDA type for whole batches).
+  // CUDA type for whole batches); cpu_search may also be a backend a test injects.
   std::unique_ptr<ScaleSearch> cpu_search;
   std::unique_ptr<CudaScaleSearch> cuda_search;
   GptqBackends gptq;
@@ -103,6 +103,10 @@ absl::StatusOr<Engine> SelectDevices(const EngineOptions& options);
 
 // The CPU workers alone (tests and the CPU path of SelectDevices).
 Engine CpuEngine(const EngineOptions& options, std::string selection);
+
+// One CPU worker around `search` (the CPU backend, or one a test injects), with the CPU gptq
+// backend on `threads` threads (0 = every hardware thread).
+EngineWorker CpuWorker(std::unique_ptr<ScaleSearch> search, int threads);
 
 }  // namespace nvfp4cal
 

@@ -3,7 +3,6 @@
 // --overwrite replaces only a folder an nvfp4cal command wrote and --overwrite-any any folder;
 // temporary folders left by killed runs are removed by the next run beside the same --out
 // when their owner is gone, and left alone (and named) otherwise.
-#include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <spawn.h>
@@ -29,7 +28,9 @@ namespace fs = std::filesystem;
 using ::nvfp4cal::testing::ProcessResult;
 using ::nvfp4cal::testing::ReadAll;
 using ::nvfp4cal::testing::RunCli;
+using ::nvfp4cal::testing::SpawnProcess;
 using ::nvfp4cal::testing::TempFolder;
+using ::nvfp4cal::testing::WaitForTempFolder;
 using ::nvfp4cal::testing::WriteAll;
 using ::testing::HasSubstr;
 using ::testing::Not;
@@ -312,26 +313,10 @@ TEST_F(OutputFolder, ARunKilledMidwayLeavesAFolderTheNextRunRemoves) {
   SilentListener server;
   std::vector<std::string> args = With(Quantize(out), {"--server", server.address()});
   args.insert(args.begin(), NVFP4CAL_CLI_BINARY);
-  std::vector<char*> argv;
-  for (std::string& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
-  posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
-  pid_t pid = -1;
-  ASSERT_EQ(posix_spawn(&pid, argv[0], &actions, nullptr, argv.data(), environ), 0);
-  posix_spawn_file_actions_destroy(&actions);
+  const pid_t pid = SpawnProcess(args, "/dev/null", "/dev/null");
+  ASSERT_GT(pid, 0);
   // The run writes into its temporary folder, then waits on the silent server: kill it there.
-  std::string temp;
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while (temp.empty() && std::chrono::steady_clock::now() < deadline) {
-    for (const auto& e : fs::directory_iterator(dir_.path())) {
-      const std::string name = e.path().filename().string();
-      if (name.rfind(".q.nvfp4cal-tmp-", 0) == 0) temp = e.path().string();
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
+  const std::string temp = WaitForTempFolder(out, std::chrono::seconds(30));
   kill(pid, SIGKILL);
   int status = 0;
   waitpid(pid, &status, 0);
@@ -374,28 +359,11 @@ TEST_F(OutputFolder, StopSignalMidRunLeavesNothing) {
                                      "--threads",
                                      "1",
                                      "--quiet"};
-    std::vector<char*> argv;
-    for (std::string& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
-    posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, err.c_str(),
-                                     O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    pid_t pid = -1;
-    ASSERT_EQ(posix_spawn(&pid, argv[0], &actions, nullptr, argv.data(), environ), 0);
-    posix_spawn_file_actions_destroy(&actions);
+    const pid_t pid = SpawnProcess(args, "/dev/null", err);
+    ASSERT_GT(pid, 0);
     // Signal once the run writes into its temporary folder (the untouched tensors' copy and the
     // search are under way).
-    const std::string prefix = ".stopped" + std::to_string(sig) + ".nvfp4cal-tmp-";
-    bool started = false;
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-    while (!started && std::chrono::steady_clock::now() < deadline) {
-      for (const auto& e : fs::directory_iterator(dir_.path())) {
-        if (e.path().filename().string().rfind(prefix, 0) == 0) started = true;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
+    const bool started = !WaitForTempFolder(out, std::chrono::seconds(30)).empty();
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
     kill(pid, sig);
     int status = 0;

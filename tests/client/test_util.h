@@ -63,13 +63,11 @@ struct ProcessResult {
   bool timed_out = false;
 };
 
-// Runs `args` (args[0] is the binary) to completion with stdout and stderr captured; with a
-// positive `timeout_seconds`, a process still running then is killed and reported timed_out.
-inline ProcessResult RunProcess(const std::vector<std::string>& args,
-                                double timeout_seconds = 0.0) {
-  const std::string base = ::testing::TempDir() + "nvfp4cal_proc_" + std::to_string(getpid());
-  const std::string out_path = base + ".out";
-  const std::string err_path = base + ".err";
+// Starts `args` (args[0] is the binary) with stdout and stderr written to the given files
+// (truncated; "/dev/null" to drop them) and stdin from /dev/null. The PID, or -1 (and a test
+// failure) when it cannot start.
+inline pid_t SpawnProcess(const std::vector<std::string>& args, const std::string& out_path,
+                          const std::string& err_path) {
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
   posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, out_path.c_str(),
@@ -81,13 +79,25 @@ inline ProcessResult RunProcess(const std::vector<std::string>& args,
   for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
   argv.push_back(nullptr);
   pid_t pid = -1;
-  ProcessResult result;
   const int spawned = posix_spawn(&pid, argv[0], &actions, nullptr, argv.data(), environ);
   posix_spawn_file_actions_destroy(&actions);
   if (spawned != 0) {
     ADD_FAILURE() << "cannot start " << args[0];
-    return result;
+    return -1;
   }
+  return pid;
+}
+
+// Runs `args` (args[0] is the binary) to completion with stdout and stderr captured; with a
+// positive `timeout_seconds`, a process still running then is killed and reported timed_out.
+inline ProcessResult RunProcess(const std::vector<std::string>& args,
+                                double timeout_seconds = 0.0) {
+  const std::string base = ::testing::TempDir() + "nvfp4cal_proc_" + std::to_string(getpid());
+  const std::string out_path = base + ".out";
+  const std::string err_path = base + ".err";
+  ProcessResult result;
+  const pid_t pid = SpawnProcess(args, out_path, err_path);
+  if (pid < 0) return result;
   int status = 0;
   const auto deadline = std::chrono::steady_clock::now() +
                         std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000));
@@ -214,6 +224,21 @@ inline std::vector<std::string> LeftoverTempFolders(const std::string& path) {
     }
   }
   return found;
+}
+
+// Waits up to `timeout` for a run writing `out` to make its temporary folder beside it
+// (".<name of out>.nvfp4cal-tmp-..."); its path, or "" when none appeared.
+inline std::string WaitForTempFolder(const std::string& out, std::chrono::seconds timeout) {
+  const std::filesystem::path target(out);
+  const std::string prefix = "." + target.filename().string() + ".nvfp4cal-tmp-";
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < deadline) {
+    for (const auto& e : std::filesystem::directory_iterator(target.parent_path())) {
+      if (e.path().filename().string().rfind(prefix, 0) == 0) return e.path().string();
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return "";
 }
 
 }  // namespace nvfp4cal::testing
