@@ -3,7 +3,8 @@
 // 32 layers.
 //
 //   cuda_gptq_bench [--layers=N] [--streams=S] [--update=ordered|cublas] [--search=sweep|dss]
-//                   [--nocompare] [--measure_update] [--cpu_rows=R]
+//                   [--nocompare] [--measure_update] [--cpu_rows=R] [--serial_plans]
+//                   [--pool_strict]
 //
 // A layer: q, k, v share the attention input's Hessian, gate and up the MLP input's; o and down
 // have their own (4 Hessians, n = 4096 x 3 and 14336). Hessians: MakeExampleFullHessian; weights:
@@ -11,6 +12,13 @@
 // 7 tensors run on S backends (CUDA streams) at once, as the CLI runs them. Layers after the
 // first reuse the data: the figures are steady-state timings. --cpu_rows=R also runs the CPU
 // backend on the first R rows of q_proj (same plan parameters) for the speed-up.
+// Every layer's timeline (start and end of each plan and tensor, seconds since the layer began)
+// shows how the streams overlap. --serial_plans prepares the plans one after another (each
+// plan's time alone); --pool_strict forbids the stream-ordered allocator to reuse memory freed
+// on another stream before that stream's work is known to be done (no hidden cross-stream
+// waits).
+#include <cuda_runtime.h>
+
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -49,6 +57,8 @@ int main(int argc, char** argv) {
   int layers = 1;
   int streams = 3;
   int64_t cpu_rows = 0;
+  bool serial_plans = false;
+  bool pool_strict = false;
   nvfp4cal::CudaGptqOptions options;
   nvfp4cal::SearchParams params;
   params.method = nvfp4cal::Method::kGptq;
@@ -70,11 +80,26 @@ int main(int argc, char** argv) {
       options.compare_local_hessian = false;
     } else if (arg == "--measure_update") {
       options.measure_update = true;
+    } else if (arg == "--serial_plans") {
+      serial_plans = true;
+    } else if (arg == "--pool_strict") {
+      pool_strict = true;
     } else if (arg.rfind("--cpu_rows=", 0) == 0) {
       cpu_rows = std::atoll(arg.c_str() + 11);
     } else {
       std::fprintf(stderr, "unknown argument %s\n", arg.c_str());
       return 2;
+    }
+  }
+  if (pool_strict) {
+    cudaMemPool_t pool = nullptr;
+    int off = 0;
+    if (cudaDeviceGetDefaultMemPool(&pool, options.device) != cudaSuccess ||
+        cudaMemPoolSetAttribute(pool, cudaMemPoolReuseAllowInternalDependencies, &off) !=
+            cudaSuccess ||
+        cudaMemPoolSetAttribute(pool, cudaMemPoolReuseAllowOpportunistic, &off) != cudaSuccess) {
+      std::fprintf(stderr, "--pool_strict: cannot set the default memory pool's attributes\n");
+      return 1;
     }
   }
   std::vector<std::unique_ptr<nvfp4cal::GptqBackend>> backends;
@@ -108,24 +133,34 @@ int main(int argc, char** argv) {
   for (int l = 0; l < layers; ++l) {
     const auto layer_start = std::chrono::steady_clock::now();
     std::vector<std::shared_ptr<const nvfp4cal::GptqPlan>> plans(4);
+    double plan_span[4][2] = {};
     {
+      auto prepare = [&](int k) {
+        plan_span[k][0] = SecondsSince(layer_start);
+        absl::StatusOr<std::shared_ptr<const nvfp4cal::GptqPlan>> p =
+            backends[static_cast<size_t>(k % streams)]->Prepare(
+                {hessians[static_cast<size_t>(k)].data(), hessian_n[k]}, params);
+        if (!p.ok()) Fail(p.status(), "Prepare");
+        plans[static_cast<size_t>(k)] = *std::move(p);
+        plan_span[k][1] = SecondsSince(layer_start);
+      };
       std::vector<std::thread> pool;
       for (int k = 0; k < 4; ++k) {
-        pool.emplace_back([&, k] {
-          absl::StatusOr<std::shared_ptr<const nvfp4cal::GptqPlan>> p =
-              backends[static_cast<size_t>(k % streams)]->Prepare(
-                  {hessians[static_cast<size_t>(k)].data(), hessian_n[k]}, params);
-          if (!p.ok()) Fail(p.status(), "Prepare");
-          plans[static_cast<size_t>(k)] = *std::move(p);
-        });
+        if (serial_plans) {
+          prepare(k);
+        } else {
+          pool.emplace_back(prepare, k);
+        }
       }
       for (std::thread& t : pool) t.join();
     }
     const double prepare_wall = SecondsSince(layer_start);
     std::vector<nvfp4cal::TensorStats> stats(layer.size());
     std::vector<double> seconds(layer.size());
+    std::vector<double> begins(layer.size());
+    std::vector<int> on_stream(layer.size());
     std::atomic<size_t> next{0};
-    auto work = [&](nvfp4cal::GptqBackend* backend) {
+    auto work = [&](nvfp4cal::GptqBackend* backend, int stream_index) {
       for (size_t t = next++; t < layer.size(); t = next++) {
         const Linear& lin = layer[t];
         std::vector<uint8_t> codes(static_cast<size_t>(lin.rows * lin.cols / 2));
@@ -133,6 +168,8 @@ int main(int argc, char** argv) {
         const nvfp4cal::WeightView view{weights[t].data(), nvfp4cal::DType::kBFloat16, lin.rows,
                                         lin.cols};
         const auto start = std::chrono::steady_clock::now();
+        begins[t] = SecondsSince(layer_start);
+        on_stream[t] = stream_index;
         absl::Status s = backend->QuantizeRows(
             *plans[static_cast<size_t>(lin.hessian)], view, 8.0f, 0, lin.rows,
             nvfp4cal::RowRangeOutput{absl::MakeSpan(codes), absl::MakeSpan(scales)}, &stats[t]);
@@ -142,12 +179,21 @@ int main(int argc, char** argv) {
     };
     std::vector<std::thread> pool;
     for (int s = 1; s < streams; ++s)
-      pool.emplace_back(work, backends[static_cast<size_t>(s)].get());
-    work(backends[0].get());
+      pool.emplace_back(work, backends[static_cast<size_t>(s)].get(), s);
+    work(backends[0].get(), 0);
     for (std::thread& t : pool) t.join();
     const double wall = SecondsSince(layer_start);
     total_wall += wall;
     std::printf("\nlayer %d: %.3f s wall (plans %.3f s)\n", l, wall, prepare_wall);
+    std::printf("timeline:");
+    for (int k = 0; k < 4; ++k) {
+      std::printf(" plan%d[s%d %.3f-%.3f]", k, k % streams, plan_span[k][0], plan_span[k][1]);
+    }
+    for (size_t t = 0; t < layer.size(); ++t) {
+      std::printf(" %s[s%d %.3f-%.3f]", layer[t].name, on_stream[t], begins[t],
+                  begins[t] + seconds[t]);
+    }
+    std::printf("\n");
     if (l == 0) {
       std::printf("%-10s %6s %6s %9s %9s %9s %9s %14s %14s %8s\n", "tensor", "rows", "cols",
                   "wall_s", "quant_s", "update_s", "compare_s", "tr_gptq", "tr_lh", "change");

@@ -205,7 +205,8 @@ def best_of(runs):
 def describe(label, r, baseline=None):
     s = r["seconds"]
     ratio = f"  {r['wall'] / baseline:.2f}x in-process" if baseline else ""
-    print(f"{label:<14} {r['wall']:7.2f} s  (read {s['read']:.2f}, copy {s['copy']:.2f}, "
+    print(f"{label:<14} {r['wall']:7.2f} s  (read {s['read']:.2f}, scan {s.get('scan', 0):.2f}, "
+          f"copy {s['copy']:.2f}, "
           f"quantize {s['quantize']:.2f}, write {s['write']:.2f}; server kernels "
           f"{s.get('server_kernel', 0.0):.2f})  peak RSS {r['rss']:.0f} MiB, device "
           f"{r['device']}{ratio}")
@@ -240,8 +241,9 @@ def main():
     p.add_argument("--baseline-cli", help="another nvfp4cal (an earlier build): its in-process "
                    "runs are timed in the same run and its output compared")
     p.add_argument("--no-servers", action="store_true", help="in-process runs only")
-    p.add_argument("--streams-per-server", type=int, default=1,
-                   help="also time one server with this many client streams (when > 1)")
+    p.add_argument("--streams-per-server", type=int,
+                   help="also time one server with this many client streams (the other runs "
+                   "use the CLI's default)")
     p.add_argument("--no-floors", action="store_true", help="skip the stage floors")
     p.add_argument("--baseline-server-flags", help="also time one server started with these "
                    "extra flags (e.g. --cuda_workers_per_device=1), for comparison")
@@ -289,7 +291,7 @@ def main():
 
     # (servers, their extra flags, the CLI's extra flags)
     configs = [(1, [], [])]
-    if args.streams_per_server > 1:
+    if args.streams_per_server is not None:
         configs.append((1, [], ["--streams-per-server", str(args.streams_per_server)]))
     if args.baseline_server_flags:
         configs.append((1, args.baseline_server_flags.split(), []))

@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -35,11 +36,18 @@ bool Retryable(const absl::Status& status) {
   return status.code() == absl::StatusCode::kUnavailable;
 }
 
+// Whether a stream's final status is its server's refusal for max_concurrent_streams
+// (server/quantize_session.cc: "too many Quantize streams: max_concurrent_streams = ...").
+bool RefusedForStreamLimit(const grpc::Status& status) {
+  return status.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED &&
+         absl::StrContains(status.error_message(), "max_concurrent_streams");
+}
+
 }  // namespace
 
 // One QuantizeTensors call: a shared queue of units (tensors sharing a Hessian travel together)
-// and one worker thread per address, each running Quantize sessions (ServerStream) with its
-// server.
+// and one worker thread per address entry, each running Quantize sessions (ServerStream) with
+// its server; entries naming the same address are that server's concurrent sessions.
 class Client::Call {
  public:
   Call(Client* client, absl::Span<const TensorTask> tasks, const QuantizeResultCallback& on_result)
@@ -81,6 +89,7 @@ class Client::Call {
     {
       absl::MutexLock lock(&mu_);
       alive_workers_ = static_cast<int>(n);
+      worker_alive_.assign(n, true);
     }
     std::vector<std::thread> workers;
     for (size_t a = 0; a < n; ++a) workers.emplace_back([this, a] { Worker(a); });
@@ -89,6 +98,7 @@ class Client::Call {
     if (stats != nullptr) {
       stats->tensors_per_address = tensors_per_address_;
       stats->failed_attempts = failed_attempts_;
+      stats->streams_refused = streams_refused_;
     }
     if (!first_error_.ok()) return first_error_;
     for (size_t i = 0; i < tasks_.size(); ++i) {
@@ -102,6 +112,16 @@ class Client::Call {
  private:
   using Unit = std::vector<size_t>;
   using ServerStream = client_internal::ServerStream;
+
+  // How a session ended, beyond its status.
+  struct SessionEnd {
+    // Units the session took from the queues (the first one included).
+    size_t units_taken = 0;
+    // Its tasks without a result, grouped as the units they came in, for the queues.
+    std::vector<Unit> incomplete;
+    // The server refused the stream for max_concurrent_streams before any result arrived.
+    bool refused = false;
+  };
 
   const std::string& Address(size_t a) const { return client_->options_.addresses[a]; }
 
@@ -178,12 +198,56 @@ class Client::Call {
     return PopUnitLocked(a, unit);
   }
 
-  // Returns `done` units to the call; `retry` (tasks of a failed session without a result)
-  // goes to the orphans that every live worker takes first after its own queue.
-  void Settle(size_t done, const std::vector<size_t>& retry) {
+  // Returns `done` units to the call; `retry` (units of a failed session, each cut to its tasks
+  // without a result) goes in order to the front of the orphans that every live worker takes
+  // first after its own queue.
+  void Settle(size_t done, std::vector<Unit> retry) {
     absl::MutexLock lock(&mu_);
-    if (!retry.empty()) orphans_.push_front(retry);
+    for (auto it = retry.rbegin(); it != retry.rend(); ++it) orphans_.push_front(std::move(*it));
     in_flight_ -= static_cast<int64_t>(done);
+  }
+
+  // Worker `a` leaves the call; its queued units become everyone's. Returns whether it was the
+  // last live worker.
+  bool RetireLocked(size_t a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    worker_alive_[a] = false;
+    while (!queues_[a].empty()) {
+      orphans_.push_back(std::move(queues_[a].front()));
+      queues_[a].pop_front();
+    }
+    return --alive_workers_ == 0;
+  }
+
+  // Live workers other than `a` whose entry names `a`'s address.
+  int OtherLiveWorkersOf(size_t a) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    int live = 0;
+    for (size_t b = 0; b < worker_alive_.size(); ++b) {
+      live += b != a && worker_alive_[b] && Address(b) == Address(a) ? 1 : 0;
+    }
+    return live;
+  }
+
+  // After the server refused worker `a`'s session for max_concurrent_streams: while other
+  // workers of the same address live, `a` retires and leaves them the session's units (true);
+  // the address's last live worker goes on (false), so that the server keeps at least one.
+  bool LeaveToOtherStreams(size_t a, SessionEnd* end) {
+    int others = 0;
+    {
+      absl::MutexLock lock(&mu_);
+      others = OtherLiveWorkersOf(a);
+      if (others == 0) return false;
+      RetireLocked(a);
+      ++streams_refused_;
+    }
+    Settle(end->units_taken, std::move(end->incomplete));
+    Note(absl::StrCat("note: server ", Address(a),
+                      " refused a stream (max_concurrent_streams); going on with ", others,
+                      others == 1 ? " stream" : " streams", " to it"));
+    return true;
+  }
+
+  void Note(const std::string& line) const {
+    if (client_->options_.on_note) client_->options_.on_note(line);
   }
 
   // Waits up to `d` unless the call aborts first.
@@ -209,37 +273,35 @@ class Client::Call {
   void Worker(size_t a) {
     int failures = 0;
     std::optional<v1::Limits> limits;
-    absl::Status last_error;
     Unit unit;
     while (NextUnit(a, &unit)) {
       absl::Status status;
-      size_t units_sent = 0;
-      std::vector<size_t> incomplete;
+      SessionEnd end;
       if (!limits.has_value()) {
         absl::StatusOr<v1::ServerInfo> info = FetchInfo(a);
         if (info.ok()) {
           limits = info->limits();
         } else {
           status = info.status();
-          incomplete = unit;
-          units_sent = 1;
+          end.units_taken = 1;
+          end.incomplete = {unit};
         }
       }
-      if (limits.has_value()) {
-        status = RunSession(a, *limits, &unit, &units_sent, &incomplete);
-      }
+      if (limits.has_value()) status = RunSession(a, *limits, &unit, &end);
       if (status.ok()) {
         failures = 0;
-        Settle(units_sent, {});
+        Settle(end.units_taken, {});
         continue;
       }
-      if (!Retryable(status)) {
+      if (end.refused && LeaveToOtherStreams(a, &end)) return;
+      // A refusal of the address's last live session is retried like an unavailable server:
+      // the stream it exceeds the limit with may be one the server has not released yet.
+      if (!end.refused && !Retryable(status)) {
         Abort(status);
-        Settle(units_sent, {});
+        Settle(end.units_taken, {});
         return;
       }
       ++failures;
-      last_error = status;
       {
         absl::MutexLock lock(&mu_);
         ++failed_attempts_;
@@ -248,34 +310,31 @@ class Client::Call {
         bool last_one = false;
         {
           absl::MutexLock lock(&mu_);
-          last_one = --alive_workers_ == 0;
-          // Its queued units become everyone's.
-          while (!queues_[a].empty()) {
-            orphans_.push_back(std::move(queues_[a].front()));
-            queues_[a].pop_front();
-          }
+          last_one = RetireLocked(a);
         }
         const absl::Status given_up =
-            absl::UnavailableError(absl::StrCat("server ", Address(a), " unavailable after ",
-                                                failures, " attempts: ", status.message()));
+            end.refused
+                ? absl::ResourceExhaustedError(absl::StrCat("server ", Address(a),
+                                                            " refused the stream after ", failures,
+                                                            " attempts: ", status.message()))
+                : absl::UnavailableError(absl::StrCat("server ", Address(a), " unavailable after ",
+                                                      failures, " attempts: ", status.message()));
         if (last_one) {
           Abort(given_up);
-          Settle(units_sent, {});
+          Settle(end.units_taken, {});
         } else {
-          Settle(units_sent, incomplete);  // the other servers take it
+          Settle(end.units_taken, std::move(end.incomplete));  // the other servers take it
         }
         return;
       }
-      Settle(units_sent, incomplete);
+      Settle(end.units_taken, std::move(end.incomplete));
       Sleep(Backoff(client_->options_, failures));
     }
   }
 
-  // Runs one session starting with *unit and taking more units while the queue has some.
-  // *units_sent counts the units this session took; *incomplete lists their tasks without a
-  // result when the session failed.
-  absl::Status RunSession(size_t a, const v1::Limits& limits, Unit* unit, size_t* units_sent,
-                          std::vector<size_t>* incomplete) {
+  // Runs one session starting with *unit and taking more units while the queue has some; *end
+  // says what it took and, when it failed, what is left.
+  absl::Status RunSession(size_t a, const v1::Limits& limits, Unit* unit, SessionEnd* end) {
     ServerStream stream(
         client_->options_, Address(a), tasks_, limits,
         [this, a](size_t task, QuantizedTensor result) {
@@ -285,7 +344,7 @@ class Client::Call {
     {
       absl::MutexLock lock(&mu_);
       if (aborted_) {
-        *units_sent = 1;
+        end->units_taken = 1;
         return first_error_;
       }
       active_.insert(&stream);
@@ -294,18 +353,20 @@ class Client::Call {
     bool writable = stream.Open(client_->stubs_[a].get());
     // The first unit belongs to this session even when not even the session options could be
     // written (server gone): its tasks are then reported incomplete and retried elsewhere.
+    std::vector<Unit> session_units = {*unit};
     std::vector<size_t> session_tasks(unit->begin(), unit->end());
-    ++*units_sent;
+    ++end->units_taken;
     absl::Status local_error;
     bool first = true;
     while (writable) {
       if (!first) {
         if (!TryNextUnit(a, unit)) break;
         if (stream.ExceedsSessionLimits(*unit)) {
-          Settle(1, *unit);  // back to the queue for a fresh session
+          Settle(1, {*unit});  // back to the queue for a fresh session
           break;
         }
-        ++*units_sent;
+        ++end->units_taken;
+        session_units.push_back(*unit);
         session_tasks.insert(session_tasks.end(), unit->begin(), unit->end());
       }
       first = false;
@@ -317,15 +378,27 @@ class Client::Call {
       absl::MutexLock lock(&mu_);
       active_.erase(&stream);
     }
-    const absl::Status reader_error = stream.CollectIncomplete(session_tasks, incomplete);
+    std::vector<size_t> missing;
+    const absl::Status reader_error = stream.CollectIncomplete(session_tasks, &missing);
+    const std::set<size_t> without_result(missing.begin(), missing.end());
+    for (const Unit& taken : session_units) {
+      Unit left;
+      for (size_t j : taken) {
+        if (without_result.count(j) != 0) left.push_back(j);
+      }
+      if (!left.empty()) end->incomplete.push_back(std::move(left));
+    }
     if (!local_error.ok()) return local_error;
     if (!reader_error.ok()) return reader_error;
-    if (!finished.ok()) return FromGrpc(finished, absl::StrCat("server ", Address(a)));
-    if (!incomplete->empty()) {
+    if (!finished.ok()) {
+      end->refused = RefusedForStreamLimit(finished) && missing.size() == session_tasks.size();
+      return FromGrpc(finished, absl::StrCat("server ", Address(a)));
+    }
+    if (!missing.empty()) {
       return absl::InternalError(absl::StrCat("server ", Address(a),
                                               " ended the stream without "
                                               "results for ",
-                                              tasks_[incomplete->front()].name));
+                                              tasks_[missing.front()].name));
     }
     return absl::OkStatus();
   }
@@ -341,6 +414,9 @@ class Client::Call {
   int64_t failed_attempts_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t in_flight_ ABSL_GUARDED_BY(mu_) = 0;
   int alive_workers_ ABSL_GUARDED_BY(mu_) = 0;
+  // Per address entry: whether its worker still takes units.
+  std::vector<bool> worker_alive_ ABSL_GUARDED_BY(mu_);
+  int64_t streams_refused_ ABSL_GUARDED_BY(mu_) = 0;
   bool aborted_ ABSL_GUARDED_BY(mu_) = false;
   absl::Status first_error_ ABSL_GUARDED_BY(mu_);
   std::set<ServerStream*> active_ ABSL_GUARDED_BY(mu_);

@@ -5,7 +5,9 @@
 // sets deadlines, retries UNAVAILABLE (unreachable, draining) with exponential backoff, and
 // spreads tensors over several server addresses: round robin, one Quantize session per address,
 // idle sessions stealing queued tensors of busier ones, and the unfinished tensors of a failed
-// server going to the others.
+// server going to the others. An address given k times gets k sessions at once; when the server
+// refuses some of them for its max_concurrent_streams, the others of that address take their
+// tensors.
 // Tensors sharing a Hessian (q/k/v, gate/up) travel together so that a session sends the
 // Hessian once. Method gptq sends the full Hessian (TensorTask::full_hessian, upper triangle by
 // default) and starts a new session when the next one would exceed the server's
@@ -26,6 +28,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <future>
 #include <memory>
 #include <string>
@@ -52,7 +55,12 @@ absl::StatusOr<std::string> ReadBearerTokenFile(const std::string& path);
 
 struct ClientOptions {
   // Server addresses "host:port" (any gRPC target). Tensors are spread over all of them; a
-  // "dns:///name:port" entry counts once per resolved address (ExpandServerAddresses).
+  // "dns:///name:port" entry counts once per resolved address (ExpandServerAddresses). Every
+  // entry is a connection with its own session, so an address given k times is worked on by k
+  // sessions at once. A session that its server refuses for max_concurrent_streams
+  // (RESOURCE_EXHAUSTED, before any result) leaves its tensors to the other sessions of that
+  // address and ends; the last one of the address retries it like UNAVAILABLE (the server counts
+  // a stream until it has released it, which can be after the client saw its end).
   std::vector<std::string> addresses;
   // TLS: off by default (plain text). With use_tls, the PEM files below (empty: system roots /
   // no client certificate).
@@ -84,14 +92,22 @@ struct ClientOptions {
   // Session options sent to the servers.
   int priority = 0;
   std::string client_name = "nvfp4cal";
+  // Receives the client's notes for the user, one line each ("note: server ADDR refused a
+  // stream (max_concurrent_streams); going on with 2 streams to it"), from the client's threads,
+  // possibly concurrently; empty: the notes are dropped.
+  std::function<void(const std::string& line)> on_note;
 };
 
 // What one QuantizeTensors call did, for logs and tests.
 struct ClientCallStats {
   // Tensors whose result came from each address (ClientOptions::addresses order).
   std::vector<int64_t> tensors_per_address;
-  // Sessions or connections that failed with UNAVAILABLE and were retried or given up.
+  // Sessions or connections that failed with UNAVAILABLE and were retried or given up (and
+  // sessions refused for max_concurrent_streams by the last live session of an address).
   int64_t failed_attempts = 0;
+  // Sessions refused for max_concurrent_streams while other sessions of the same address went
+  // on: each left its tensors to them and ended (ClientOptions::addresses).
+  int64_t streams_refused = 0;
 };
 
 class Client {
@@ -111,8 +127,9 @@ class Client {
 
   // Quantizes every task over all addresses and hands each result to `on_result` (called from
   // the client's threads, possibly concurrently for different tasks). Blocks until all are done
-  // or the first error: a task's or the callback's error, or UNAVAILABLE after max_attempts,
-  // naming the server and the tensor. On error the other streams are cancelled.
+  // or the first error: a task's or the callback's error, or UNAVAILABLE (RESOURCE_EXHAUSTED for
+  // refused streams) after max_attempts, naming the server and the tensor. On error the other
+  // streams are cancelled.
   absl::Status QuantizeTensors(absl::Span<const TensorTask> tasks,
                                const QuantizeResultCallback& on_result,
                                ClientCallStats* stats = nullptr);

@@ -64,6 +64,9 @@ class LocalQuantizer : public Quantizer {
  private:
   absl::Status RunTask(const TensorTask& task, EngineWorker& worker, size_t index,
                        GptqPlanCache& plans, const QuantizeResultCallback& on_result) {
+    // Its global amax and scan may still be on their way (the caller's scan runs beside).
+    absl::Status ready = AwaitTask(task);
+    if (!ready.ok()) return ready;
     absl::StatusOr<QuantizedTensor> result;
     if (task.params.method == Method::kGptq) {
       // Full-Hessian propagation on the worker's gptq backend, with the Hessian's shared plan.

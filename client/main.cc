@@ -259,8 +259,9 @@ CliParser QuantizeParser() {
   p.AddOption("streams-per-server", "N",
               "Quantize streams (connections) to each server, in [1, 16]: a server works on "
               "several streams' tensors at once (each stream sends its own copy of a shared "
-              "Hessian; the server must allow that many more streams: max_concurrent_streams)",
-              false, "1");
+              "Hessian); streams a server refuses (max_concurrent_streams) leave their tensors "
+              "to its other streams",
+              false, "3");
   p.AddOption("timeout", "SECONDS", "deadline of each server stream, 0 = none", false, "0");
   p.AddOption("retries", "N", "attempts per server when it is unavailable", false, "4");
   p.AddSwitch("tls", "connect to the servers with TLS (implied by --tls-ca/-cert/-key)");
@@ -323,7 +324,7 @@ int RunQuantize(int argc, const char* const* argv) {
   }
   int threads = 0;
   int retries = 4;
-  int streams_per_server = 1;
+  int streams_per_server = 3;
   float timeout_s = 0.0f;
   for (const absl::Status& s :
        {ParseFloat(*args, "beta-step", &options.params.beta_step),
@@ -382,6 +383,8 @@ int RunQuantize(int argc, const char* const* argv) {
     return UsageError(cmd, Prefixed(flag + ": ", params_ok));
   }
 
+  const bool quiet = args->Switch("quiet");
+  ProgressReporter progress(stderr, !quiet && isatty(STDERR_FILENO) != 0);
   std::unique_ptr<Quantizer> quantizer;
   if (args->Has("server")) {
     if (args->Get("device", "auto") != "auto") {
@@ -398,6 +401,7 @@ int RunQuantize(int argc, const char* const* argv) {
     client.max_attempts = retries;
     client.timeout = absl::Seconds(static_cast<double>(timeout_s));
     client.send_full_hessian_upper = hessian_layout == "upper";
+    client.on_note = [&progress](const std::string& line) { progress.OnMessage(line); };
     if (absl::Status s = ApplySecurityArgs(*args, &client); !s.ok()) return UsageError(cmd, s);
     options.other_inputs = {
         {"--tls-ca", client.tls_root_certs_path},
@@ -416,8 +420,6 @@ int RunQuantize(int argc, const char* const* argv) {
     quantizer = *std::move(in_process);
   }
 
-  const bool quiet = args->Switch("quiet");
-  ProgressReporter progress(stderr, !quiet && isatty(STDERR_FILENO) != 0);
   std::signal(SIGINT, OnStopSignal);
   std::signal(SIGTERM, OnStopSignal);
   const std::string stats_json = args->Get("stats-json", "");
@@ -450,11 +452,11 @@ int RunQuantize(int argc, const char* const* argv) {
               << FormatStatsTable(*report);
     const double total = report->total_seconds;
     std::cout << absl::StrFormat(
-        "time: read %.2f s, copy %.2f s (beside quantize), quantize %.2f s, write %.2f s; total "
-        "%.2f s, %.0f MB/s "
-        "of input; peak RSS %.0f MB\n",
-        report->read_seconds, report->copy_seconds, report->quantize_seconds, report->write_seconds,
-        total, total > 0 ? static_cast<double>(report->bytes_in) / total / 1e6 : 0.0,
+        "time: read %.2f s, scan %.2f s and copy %.2f s (beside quantize), quantize %.2f s, write "
+        "%.2f s; total %.2f s, %.0f MB/s of input; peak RSS %.0f MB\n",
+        report->read_seconds, report->scan_seconds, report->copy_seconds, report->quantize_seconds,
+        report->write_seconds, total,
+        total > 0 ? static_cast<double>(report->bytes_in) / total / 1e6 : 0.0,
         static_cast<double>(report->peak_rss_bytes) / 1e6);
     if (report->server_kernel_seconds > 0.0 || report->server_queue_seconds > 0.0) {
       std::cout << absl::StrFormat(

@@ -157,6 +157,7 @@ std::string FormatStatsJson(const QuantizeReport& report) {
                {"totals", std::move(totals)},
                {"seconds",
                 {{"read", report.read_seconds},
+                 {"scan", report.scan_seconds},
                  {"copy", report.copy_seconds},
                  {"quantize", report.quantize_seconds},
                  {"write", report.write_seconds},

@@ -249,7 +249,8 @@ absl::Status CopyUntouched(const QuantizeOptions& options, const RunInputs& in,
   return absl::OkStatus();
 }
 
-// The quantizer's task of every prepared module, in the same order.
+// The quantizer's task of every prepared module, in the same order; the scan sets each one's
+// global amax and scan later (ScanModules).
 std::vector<TensorTask> MakeTasks(const std::vector<PreparedModule>& prepared) {
   std::vector<TensorTask> tasks;
   for (const PreparedModule& m : prepared) {
@@ -266,24 +267,19 @@ std::vector<TensorTask> MakeTasks(const std::vector<PreparedModule>& prepared) {
       task.hessian_key = m.hessian_entry;
     }
     task.params = m.params;
-    task.global_amax = m.global_amax;
-    task.weight_scan = m.scan;
     tasks.push_back(std::move(task));
   }
   return tasks;
 }
 
-// Hands the prepared modules to the quantizer and writes each result as it arrives; one
-// report row per module into *module_reports (in prepared order), the time spent writing
-// inside the callbacks into *write_time, the servers' times into *report.
-absl::Status QuantizeModules(const QuantizeOptions& options, const RunInputs& in,
-                             const Nvfp4Layout& layout, Quantizer* quantizer,
-                             QuantizeObserver* observer, const ShardOutputs& shards,
-                             const std::atomic<bool>& copy_failed,
-                             std::vector<std::optional<ModuleReport>>* module_reports,
-                             absl::Duration* write_time, QuantizeReport* report) {
+// QuantizeModules' quantizer call and the callback that writes each result.
+absl::Status QuantizeTasks(const QuantizeOptions& options, const RunInputs& in,
+                           const Nvfp4Layout& layout, absl::Span<const TensorTask> tasks,
+                           Quantizer* quantizer, QuantizeObserver* observer,
+                           const ShardOutputs& shards, const std::atomic<bool>& copy_failed,
+                           std::vector<std::optional<ModuleReport>>* module_reports,
+                           absl::Duration* write_time, QuantizeReport* report) {
   const std::vector<PreparedModule>& prepared = in.prepared;
-  const std::vector<TensorTask> tasks = MakeTasks(prepared);
   std::vector<std::string> task_names;
   for (const TensorTask& task : tasks) task_names.push_back(task.name);
   absl::Mutex report_mu;  // guards *write_time, *report and *module_reports in the callbacks
@@ -356,6 +352,52 @@ absl::Status QuantizeModules(const QuantizeOptions& options, const RunInputs& in
   });
 }
 
+// Hands the prepared modules to the quantizer while their weights are scanned (a task waits for
+// its scan: ScanModules beside the quantizer) and writes each result as it arrives; one report
+// row per module into *module_reports (in prepared order), the time spent writing inside the
+// callbacks into *write_time, the scan's wall time into *scan_time, the servers' times into
+// *report.
+absl::Status QuantizeModules(const QuantizeOptions& options, RunInputs& in,
+                             const Nvfp4Layout& layout, Quantizer* quantizer,
+                             QuantizeObserver* observer, const ShardOutputs& shards,
+                             const std::atomic<bool>& copy_failed,
+                             std::vector<std::optional<ModuleReport>>* module_reports,
+                             absl::Duration* write_time, absl::Duration* scan_time,
+                             QuantizeReport* report) {
+  const std::vector<PreparedModule>& prepared = in.prepared;
+  std::vector<TensorTask> tasks = MakeTasks(prepared);
+  // Each task's gate opens once the scan has set its global amax (or failed).
+  std::vector<std::unique_ptr<TaskGate>> gates;
+  for (TensorTask& task : tasks) {
+    gates.push_back(std::make_unique<TaskGate>());
+    task.ready = gates.back().get();
+  }
+  std::atomic<bool> quantizer_done{false};
+  std::thread scanner([&] {
+    const absl::Time scan_start = absl::Now();
+    ScanModules(
+        &in.prepared,
+        [&] {
+          return quantizer_done.load() || copy_failed.load() ||
+                 (options.cancel != nullptr && options.cancel->load());
+        },
+        [&](size_t i, const absl::Status& status) {
+          if (status.ok()) {
+            tasks[i].global_amax = prepared[i].global_amax;
+            tasks[i].weight_scan = prepared[i].scan;
+          }
+          gates[i]->Open(status);
+        });
+    *scan_time = absl::Now() - scan_start;
+  });
+  absl::Status quantized = QuantizeTasks(options, in, layout, tasks, quantizer, observer, shards,
+                                         copy_failed, module_reports, write_time, report);
+  // After a failure the tasks not yet scanned need no scan.
+  quantizer_done.store(true);
+  scanner.join();
+  return quantized;
+}
+
 }  // namespace
 
 absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options,
@@ -403,17 +445,15 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
     if (!copied.ok()) copy_failed.store(true);
     copy_time = absl::Now() - copy_begin;
   });
-  const absl::Time scan_start = absl::Now();
-  absl::Status quantized = ScanModules(&in.prepared);
-  report.read_seconds += absl::ToDoubleSeconds(absl::Now() - scan_start);
   const absl::Time quantize_start = absl::Now();
   absl::Duration write_time;  // inside the quantizer's callbacks
+  absl::Duration scan_time;   // beside the quantizer
   std::vector<std::optional<ModuleReport>> module_reports;
-  if (quantized.ok()) {
-    quantized = QuantizeModules(options, in, layout, quantizer, observer, shards, copy_failed,
-                                &module_reports, &write_time, &report);
-  }
+  absl::Status quantized =
+      QuantizeModules(options, in, layout, quantizer, observer, shards, copy_failed,
+                      &module_reports, &write_time, &scan_time, &report);
   const absl::Time quantize_end = absl::Now();
+  report.scan_seconds = absl::ToDoubleSeconds(scan_time);
   if (!quantized.ok()) quantize_failed.store(true);
   copier.join();
   if (!copied.ok()) return copied;

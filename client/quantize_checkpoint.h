@@ -171,7 +171,9 @@ struct QuantizeReport {
   int64_t bytes_out = 0;  // tensor bytes written
   std::string quantizer;  // Quantizer::Describe()
   // Wall-time split of the run, seconds.
-  double read_seconds = 0.0;      // open, plan, read weights and Hessians, global amax
+  double read_seconds = 0.0;      // open, plan, read the Hessians
+  double scan_seconds = 0.0;      // the weights' one pass (NaN/Inf, global amax), beside the
+                                  // quantizer: a tensor is quantized once its scan is done
   double copy_seconds = 0.0;      // other files and untouched tensors copied to the output
                                   // (the tensors beside the quantizer, so it overlaps)
   double quantize_seconds = 0.0;  // the quantizer (search; with --server also transport)

@@ -2,9 +2,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "client/parallel.h"
 
 namespace nvfp4cal::client_internal {
@@ -108,42 +112,66 @@ absl::Status PrepareModules(const QuantizeOptions& options, const Checkpoint& ch
   return MissingHessians(options, hessians, missing);
 }
 
-absl::Status ScanModules(std::vector<PreparedModule>* prepared) {
-  // On every hardware thread.
-  std::vector<absl::Status> scans(prepared->size());
-  ParallelFor(prepared->size(), [&](size_t i) {
-    PreparedModule& m = (*prepared)[i];
-    const ModulePlan& plan = *m.plan;
-    absl::StatusOr<WeightScan> scan =
-        ScanWeights(WeightView{m.weights, plan.dtype, plan.rows, plan.cols});
-    if (!scan.ok()) {
-      const std::string where =
-          m.expert < 0 ? absl::StrCat("tensor '", plan.weight_name, "'")
-                       : absl::StrCat("tensor '", plan.weight_name, "', expert ", m.expert);
-      scans[i] = WithContext(scan.status(), where);
-      return;
+void ScanModules(std::vector<PreparedModule>* prepared, const std::function<bool()>& stopped,
+                 const std::function<void(size_t, const absl::Status&)>& on_ready) {
+  // Fused siblings share g = the max over the group (NUMERICS §1), expert by expert; every other
+  // unit is a group of its own. Members in prepared order.
+  const size_t n = prepared->size();
+  std::vector<size_t> group_of(n);
+  std::vector<std::vector<size_t>> members;
+  std::map<std::string, size_t> fused;
+  for (size_t i = 0; i < n; ++i) {
+    const PreparedModule& m = (*prepared)[i];
+    size_t g = members.size();
+    if (!m.plan->fused_group.empty()) {
+      g = fused.emplace(absl::StrCat(m.plan->fused_group, "#", m.expert), members.size())
+              .first->second;
     }
-    m.own_amax = scan->amax();
-    m.scan = *scan;
-    if (m.file != nullptr) m.file->DropPages(m.weights, WeightBytes(m));
+    if (g == members.size()) members.emplace_back();
+    members[g].push_back(i);
+    group_of[i] = g;
+  }
+  std::vector<size_t> remaining(members.size());
+  for (size_t g = 0; g < members.size(); ++g) remaining[g] = members[g].size();
+  std::vector<absl::Status> scans(n);
+  absl::Mutex mu;  // guards remaining, scans and the global amax of finished groups
+  // In order on every hardware thread, so that the first tasks are ready first.
+  ParallelFor(n, [&](size_t i) {
+    PreparedModule& m = (*prepared)[i];
+    absl::Status status;
+    if (stopped()) {
+      status = absl::CancelledError("the run stopped before this tensor was scanned");
+    } else {
+      const ModulePlan& plan = *m.plan;
+      absl::StatusOr<WeightScan> scan =
+          ScanWeights(WeightView{m.weights, plan.dtype, plan.rows, plan.cols});
+      if (scan.ok()) {
+        m.own_amax = scan->amax();
+        m.scan = *scan;
+      } else {
+        status = WithContext(
+            scan.status(),
+            m.expert < 0 ? absl::StrCat("tensor '", plan.weight_name, "'")
+                         : absl::StrCat("tensor '", plan.weight_name, "', expert ", m.expert));
+      }
+      if (m.file != nullptr) m.file->DropPages(m.weights, WeightBytes(m));
+    }
+    absl::MutexLock lock(&mu);
+    scans[i] = std::move(status);
+    const size_t g = group_of[i];
+    if (--remaining[g] > 0) return;
+    // The group's last scan: its amax, or the first failure among its members.
+    absl::Status group_status;
+    float amax = 0.0f;
+    for (size_t j : members[g]) {
+      if (!scans[j].ok() && group_status.ok()) group_status = scans[j];
+      amax = std::max(amax, (*prepared)[j].own_amax);
+    }
+    for (size_t j : members[g]) {
+      (*prepared)[j].global_amax = amax;
+      on_ready(j, group_status);
+    }
   });
-  for (const absl::Status& s : scans) {
-    if (!s.ok()) return s;  // the first module in order that failed
-  }
-  // Fused siblings share g = the max over the group (NUMERICS §1), expert by expert.
-  auto group_key = [](const PreparedModule& m) {
-    return absl::StrCat(m.plan->fused_group, "#", m.expert);
-  };
-  std::map<std::string, float> group_amax;
-  for (const PreparedModule& m : *prepared) {
-    if (m.plan->fused_group.empty()) continue;
-    float& g = group_amax[group_key(m)];
-    g = std::max(g, m.own_amax);
-  }
-  for (PreparedModule& m : *prepared) {
-    m.global_amax = m.plan->fused_group.empty() ? m.own_amax : group_amax[group_key(m)];
-  }
-  return absl::OkStatus();
 }
 
 // The k_scale of every k_proj and the v_scale of every v_proj among `plans` (quantized or

@@ -15,11 +15,13 @@
 //   absl::StatusOr<KvScalesByWeight> kv =
 //       KvCacheScales(options.kv_cache, LayoutOf(options.format), plans, hessians);
 //   ... output writers created, the copy of untouched tensors started ...
-//   absl::Status scanned = ScanModules(&prepared);   // the weights' one pass: NaN/Inf, amax
+//   ScanModules(&prepared, stopped, on_ready);  // the weights' one pass (NaN/Inf, amax), beside
+//                                               // the quantizer: on_ready(i, status) per unit
 #ifndef NVFP4CAL_CLIENT_QUANTIZE_PREPARE_H_
 #define NVFP4CAL_CLIENT_QUANTIZE_PREPARE_H_
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -79,10 +81,16 @@ absl::Status PrepareModules(const QuantizeOptions& options, const Checkpoint& ch
                             const std::vector<ModulePlan>& plans, HessianStore* hessians,
                             QuantizeObserver* observer, std::vector<PreparedModule>* prepared);
 
-// The one pass over every prepared unit's weights, on every hardware thread: ScanWeights (rejects
-// NaN/Inf naming the tensor; its scan goes into the unit), then each unit's global amax (fused
-// siblings share the group's, expert by expert). The weights' pages are dropped after.
-absl::Status ScanModules(std::vector<PreparedModule>* prepared);
+// The one pass over every prepared unit's weights, in order on every hardware thread, meant to
+// run beside the quantizer: ScanWeights (rejects NaN/Inf naming the tensor; its scan and amax go
+// into the unit), the weights' pages dropped after. As soon as a unit's global amax is known
+// (fused siblings share the group's, expert by expert: once the whole group is scanned) it is
+// set and on_ready(index, status) is called for each unit of the group, with the first failure
+// among the group's scans, if any. Once stopped() returns true the units not yet scanned get
+// CANCELLED. Returns after on_ready was called for every unit; on_ready runs on the scanning
+// threads, one call at a time.
+void ScanModules(std::vector<PreparedModule>* prepared, const std::function<bool()>& stopped,
+                 const std::function<void(size_t, const absl::Status&)>& on_ready);
 
 // W4A4 (true) or weight-only (false) under `mode`, from which modules have an activation amax;
 // the label must never promise an input_scale the checkpoint lacks.

@@ -18,13 +18,49 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 #include "nvfp4cal/kernels/gptq.h"
 #include "nvfp4cal/kernels/scale_search.h"
 
 namespace nvfp4cal {
+
+// When a task's late fields are set. The pipeline hands every task to the quantizer at once and
+// fills global_amax and weight_scan as the scan of the weights (which runs beside the quantizer)
+// reaches each task; it opens the task's gate then, or with the error that stopped it.
+//
+//   TaskGate gate;                       // the pipeline, one per task
+//   task.ready = &gate;
+//   ... later, on the scanning thread: task.global_amax = ...; gate.Open(absl::OkStatus());
+//   absl::Status ok = AwaitTask(task);   // the quantizer, before it reads the late fields
+class TaskGate {
+ public:
+  TaskGate() = default;
+  TaskGate(const TaskGate&) = delete;
+  TaskGate& operator=(const TaskGate&) = delete;
+
+  // Sets the outcome and wakes every waiter; only the first call counts.
+  void Open(absl::Status status) {
+    absl::MutexLock lock(&mu_);
+    if (open_) return;
+    status_ = std::move(status);
+    open_ = true;
+  }
+
+  // Blocks until Open, then returns its status.
+  absl::Status Wait() const {
+    absl::MutexLock lock(&mu_, absl::Condition(&open_));
+    return status_;
+  }
+
+ private:
+  mutable absl::Mutex mu_;
+  bool open_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Status status_ ABSL_GUARDED_BY(mu_);
+};
 
 // One weight tensor to quantize. Pointers are not owned and stay valid during QuantizeAll.
 struct TensorTask {
@@ -47,7 +83,16 @@ struct TensorTask {
   // The scan of `weights` when the caller took one (ScanWeights: finite, their amax): the
   // in-process quantizer validates the task with it instead of reading the weights again.
   std::optional<WeightScan> weight_scan;
+  // Null when every field is set; otherwise global_amax and weight_scan may be read only after
+  // AwaitTask returned OK (a quantizer waits for each task before its first use of them).
+  const TaskGate* ready = nullptr;
 };
+
+// Waits until `task`'s late fields are set (at once without a gate); non-OK: the error that
+// kept them from being set (the task must not run).
+inline absl::Status AwaitTask(const TensorTask& task) {
+  return task.ready == nullptr ? absl::OkStatus() : task.ready->Wait();
+}
 
 // Receives the result of tasks[index]. Called once per task, possibly from several threads at
 // once (for different tasks), in any task order. A non-OK return stops QuantizeAll with it.

@@ -122,6 +122,9 @@ absl::Status ServerStream::CheckLimits(const TensorTask& task) const {
 absl::Status ServerStream::SendUnit(absl::Span<const size_t> unit, bool* writable) {
   for (size_t k = 0; k < unit.size(); ++k) {
     const size_t j = unit[k];
+    // Its global amax may still be on its way (the caller's scan runs beside the sessions).
+    absl::Status ready = AwaitTask(tasks_[j]);
+    if (!ready.ok()) return ready;
     absl::Status within = CheckLimits(tasks_[j]);
     if (!within.ok()) return within;
     // The unit holds every task of its Hessian: the last one lets the server free it.

@@ -1,6 +1,7 @@
 // Remote mode against real nvfp4cal-server processes on loopback ports: output folders are
 // byte-identical to in-process with 1 and 3 servers (one of them with small message and
-// Hessian limits, so chunking and session splitting run), a dead address among live ones is
+// Hessian limits, so chunking and session splitting run) and with 3 streams to a server that
+// allows fewer, a dead address among live ones is
 // routed around, an unreachable server fails after the retries naming it, and the Client
 // library's async and single-tensor calls return the kernel library's bytes.
 #include <fcntl.h>
@@ -180,6 +181,15 @@ TEST_F(Remote, SeveralStreamsToOneServerAreByteIdenticalToInProcess) {
   ServerProcess server;
   ASSERT_FALSE(server.address().empty());
   ExpectIdentical(server.address(), "streams", {"--streams-per-server", "3"},
+                  /*example_only=*/true);
+}
+
+// A server that allows one stream refuses the CLI's other two: their tensors go to the
+// accepted one (stream_limit_test.cc checks the refusals themselves) and the output is the same.
+TEST_F(Remote, StreamsBeyondTheServersLimitAreByteIdenticalToInProcess) {
+  ServerProcess server({"--max_concurrent_streams=1"});
+  ASSERT_FALSE(server.address().empty());
+  ExpectIdentical(server.address(), "limited", {"--streams-per-server", "3"},
                   /*example_only=*/true);
 }
 
