@@ -44,7 +44,7 @@ class LocalQuantizer : public Quantizer {
     }
     auto work = [&](size_t worker) {
       for (size_t i; !failed.load() && (i = next.fetch_add(1)) < tasks.size();) {
-        absl::Status status = RunTask(tasks[i], workers_[worker], i, plans, on_result);
+        absl::Status status = RunTask(tasks[i], workers_[worker], i, plans, failed, on_result);
         if (!status.ok()) {
           errors[i] = std::move(status);
           failed.store(true);
@@ -63,9 +63,11 @@ class LocalQuantizer : public Quantizer {
 
  private:
   absl::Status RunTask(const TensorTask& task, EngineWorker& worker, size_t index,
-                       GptqPlanCache& plans, const QuantizeResultCallback& on_result) {
-    // Its global amax and scan may still be on their way (the caller's scan runs beside).
-    absl::Status ready = AwaitTask(task);
+                       GptqPlanCache& plans, const std::atomic<bool>& failed,
+                       const QuantizeResultCallback& on_result) {
+    // Its weights may still be on their way (the caller reads them beside); a failed call
+    // stops waiting (the reader may wait for memory the failed tasks hold).
+    absl::Status ready = AwaitTask(task, [&failed] { return failed.load(); });
     if (!ready.ok()) return ready;
     absl::StatusOr<QuantizedTensor> result;
     if (task.params.method == Method::kGptq) {

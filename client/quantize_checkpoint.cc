@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -37,6 +38,8 @@ using client_internal::ModuleOutput;
 using client_internal::OutputSpecs;
 using client_internal::PreparedModule;
 using client_internal::PrepareModules;
+using client_internal::ReadAhead;
+using client_internal::ScanGroups;
 using client_internal::ScanModules;
 using client_internal::WriteIndexAndConfigs;
 
@@ -62,6 +65,11 @@ class SerialObserver : public QuantizeObserver {
   QuantizeObserver* const inner_;
   absl::Mutex mu_;
 };
+
+// The scan reads weights ahead of the quantizer into at most this many times the largest fused
+// group's bytes (gate and up of a decoder layer: 8 x 235 MB for Llama-3-8B), so resident memory
+// follows the model's largest tensors, not its size.
+constexpr int64_t kReadAheadGroups = 8;
 
 // Untouched tensors are copied in pieces of this size.
 constexpr int64_t kCopyPieceBytes = int64_t{64} << 20;
@@ -249,11 +257,13 @@ absl::Status CopyUntouched(const QuantizeOptions& options, const RunInputs& in,
   return absl::OkStatus();
 }
 
-// The quantizer's task of every prepared module, in the same order; the scan sets each one's
-// global amax and scan later (ScanModules).
-std::vector<TensorTask> MakeTasks(const std::vector<PreparedModule>& prepared) {
+// The quantizer's task of every prepared module, tasks[k] of prepared[order[k]]; the scan sets
+// each one's weights, global amax and scan later (ScanModules).
+std::vector<TensorTask> MakeTasks(const std::vector<PreparedModule>& prepared,
+                                  const std::vector<size_t>& order) {
   std::vector<TensorTask> tasks;
-  for (const PreparedModule& m : prepared) {
+  for (size_t i : order) {
+    const PreparedModule& m = prepared[i];
     TensorTask task;
     task.name =
         m.expert < 0 ? m.plan->weight_name : absl::StrCat(m.plan->weight_name, "[", m.expert, "]");
@@ -272,11 +282,14 @@ std::vector<TensorTask> MakeTasks(const std::vector<PreparedModule>& prepared) {
   return tasks;
 }
 
-// QuantizeModules' quantizer call and the callback that writes each result.
+// QuantizeModules' quantizer call (tasks[k] of prepared[order[k]]) and the callback that
+// writes each result and then calls done(prepared index).
 absl::Status QuantizeTasks(const QuantizeOptions& options, const RunInputs& in,
                            const Nvfp4Layout& layout, absl::Span<const TensorTask> tasks,
-                           Quantizer* quantizer, QuantizeObserver* observer,
-                           const ShardOutputs& shards, const std::atomic<bool>& copy_failed,
+                           const std::vector<size_t>& order,
+                           const std::function<void(size_t)>& done, Quantizer* quantizer,
+                           QuantizeObserver* observer, const ShardOutputs& shards,
+                           const std::atomic<bool>& copy_failed,
                            std::vector<std::optional<ModuleReport>>* module_reports,
                            absl::Duration* write_time, QuantizeReport* report) {
   const std::vector<PreparedModule>& prepared = in.prepared;
@@ -295,7 +308,8 @@ absl::Status QuantizeTasks(const QuantizeOptions& options, const RunInputs& in,
                                            in.activations);
     }
   }
-  return quantizer->QuantizeAll(tasks, [&](size_t index, QuantizedTensor result) -> absl::Status {
+  return quantizer->QuantizeAll(tasks, [&](size_t task, QuantizedTensor result) -> absl::Status {
+    const size_t index = order[task];
     if (options.cancel != nullptr && options.cancel->load()) {
       return absl::CancelledError("interrupted");
     }
@@ -320,7 +334,7 @@ absl::Status QuantizeTasks(const QuantizeOptions& options, const RunInputs& in,
                                                m.input_amax.value_or(0.0f));
     if (!written.ok()) return written;
     // Done with its inputs: resident memory stays near the units in flight.
-    if (m.file != nullptr) m.file->DropPages(m.weights, WeightBytes(m));
+    done(index);
     {
       absl::MutexLock lock(&report_mu);
       if (m.hessian_full != nullptr && --full_hessian_uses[m.hessian_full] == 0) {
@@ -344,7 +358,7 @@ absl::Status QuantizeTasks(const QuantizeOptions& options, const RunInputs& in,
                                        r.stats.gptq.damping_relative, " x mean diagonal"));
     }
     if (observer != nullptr) {
-      observer->OnTensorDone(task_names[index], p.rows * p.cols * DTypeSize(p.dtype));
+      observer->OnTensorDone(task_names[task], p.rows * p.cols * DTypeSize(p.dtype));
     }
     absl::MutexLock lock(&report_mu);
     (*module_reports)[index] = std::move(r);
@@ -364,35 +378,60 @@ absl::Status QuantizeModules(const QuantizeOptions& options, RunInputs& in,
                              std::vector<std::optional<ModuleReport>>* module_reports,
                              absl::Duration* write_time, absl::Duration* scan_time,
                              QuantizeReport* report) {
-  const std::vector<PreparedModule>& prepared = in.prepared;
-  std::vector<TensorTask> tasks = MakeTasks(prepared);
-  // Each task's gate opens once the scan has set its global amax (or failed).
+  std::vector<PreparedModule>& prepared = in.prepared;
+  // Tasks in the scan's order (fused siblings together), so that the quantizer takes them as
+  // they become ready and the read-ahead memory always goes to tasks it takes next.
+  const std::vector<std::vector<size_t>> groups = ScanGroups(prepared);
+  std::vector<size_t> order;
+  int64_t largest_group = 0;
+  for (const std::vector<size_t>& group : groups) {
+    int64_t bytes = 0;
+    for (size_t i : group) {
+      order.push_back(i);
+      bytes += WeightBytes(prepared[i]);
+    }
+    largest_group = std::max(largest_group, bytes);
+  }
+  std::vector<size_t> task_of(prepared.size());
+  for (size_t k = 0; k < order.size(); ++k) task_of[order[k]] = k;
+  std::vector<TensorTask> tasks = MakeTasks(prepared, order);
+  // Each task's gate opens once the scan has set its weights and global amax (or failed).
   std::vector<std::unique_ptr<TaskGate>> gates;
   for (TensorTask& task : tasks) {
     gates.push_back(std::make_unique<TaskGate>());
     task.ready = gates.back().get();
   }
+  ReadAhead read_ahead(kReadAheadGroups * std::max<int64_t>(largest_group, 1));
   std::atomic<bool> quantizer_done{false};
   std::thread scanner([&] {
     const absl::Time scan_start = absl::Now();
     ScanModules(
-        &in.prepared,
+        &prepared, groups, &read_ahead,
         [&] {
           return quantizer_done.load() || copy_failed.load() ||
                  (options.cancel != nullptr && options.cancel->load());
         },
         [&](size_t i, const absl::Status& status) {
+          TensorTask& task = tasks[task_of[i]];
           if (status.ok()) {
-            tasks[i].global_amax = prepared[i].global_amax;
-            tasks[i].weight_scan = prepared[i].scan;
+            task.weights.data = prepared[i].weights;
+            task.global_amax = prepared[i].global_amax;
+            task.weight_scan = prepared[i].scan;
           }
-          gates[i]->Open(status);
+          gates[task_of[i]]->Open(status);
         });
     *scan_time = absl::Now() - scan_start;
   });
-  absl::Status quantized = QuantizeTasks(options, in, layout, tasks, quantizer, observer, shards,
-                                         copy_failed, module_reports, write_time, report);
-  // After a failure the tasks not yet scanned need no scan.
+  // A unit's result is written: its read copy goes.
+  auto done = [&](size_t i) {
+    PreparedModule& m = prepared[i];
+    m.read_copy.reset();
+    read_ahead.Release(m.read_bytes);
+  };
+  absl::Status quantized =
+      QuantizeTasks(options, in, layout, tasks, order, done, quantizer, observer, shards,
+                    copy_failed, module_reports, write_time, report);
+  // After a failure the tasks not yet read need no reading.
   quantizer_done.store(true);
   scanner.join();
   return quantized;

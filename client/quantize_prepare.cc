@@ -112,64 +112,113 @@ absl::Status PrepareModules(const QuantizeOptions& options, const Checkpoint& ch
   return MissingHessians(options, hessians, missing);
 }
 
-void ScanModules(std::vector<PreparedModule>* prepared, const std::function<bool()>& stopped,
-                 const std::function<void(size_t, const absl::Status&)>& on_ready) {
-  // Fused siblings share g = the max over the group (NUMERICS §1), expert by expert; every other
-  // unit is a group of its own. Members in prepared order.
-  const size_t n = prepared->size();
-  std::vector<size_t> group_of(n);
-  std::vector<std::vector<size_t>> members;
+std::vector<std::vector<size_t>> ScanGroups(const std::vector<PreparedModule>& prepared) {
+  // Fused siblings share g = the max over the group (NUMERICS §1), expert by expert.
+  std::vector<std::vector<size_t>> groups;
   std::map<std::string, size_t> fused;
-  for (size_t i = 0; i < n; ++i) {
-    const PreparedModule& m = (*prepared)[i];
-    size_t g = members.size();
+  for (size_t i = 0; i < prepared.size(); ++i) {
+    const PreparedModule& m = prepared[i];
+    size_t g = groups.size();
     if (!m.plan->fused_group.empty()) {
-      g = fused.emplace(absl::StrCat(m.plan->fused_group, "#", m.expert), members.size())
+      g = fused.emplace(absl::StrCat(m.plan->fused_group, "#", m.expert), groups.size())
               .first->second;
     }
-    if (g == members.size()) members.emplace_back();
-    members[g].push_back(i);
-    group_of[i] = g;
+    if (g == groups.size()) groups.emplace_back();
+    groups[g].push_back(i);
   }
-  std::vector<size_t> remaining(members.size());
-  for (size_t g = 0; g < members.size(); ++g) remaining[g] = members[g].size();
-  std::vector<absl::Status> scans(n);
-  absl::Mutex mu;  // guards remaining, scans and the global amax of finished groups
-  // In order on every hardware thread, so that the first tasks are ready first.
-  ParallelFor(n, [&](size_t i) {
-    PreparedModule& m = (*prepared)[i];
-    absl::Status status;
-    if (stopped()) {
-      status = absl::CancelledError("the run stopped before this tensor was scanned");
+  return groups;
+}
+
+bool ReadAhead::Acquire(size_t ticket, int64_t bytes, const std::function<bool()>& stopped) {
+  absl::MutexLock lock(&mu_);
+  auto ready = [&] {
+    mu_.AssertHeld();
+    return next_ticket_ == ticket && (held_ == 0 || held_ + bytes <= budget_);
+  };
+  for (;;) {
+    if (next_ticket_ == ticket) {
+      // A stopped run's groups still take their turns, so that none waits for an earlier one.
+      if (stopped()) {
+        ++next_ticket_;
+        return false;
+      }
+      if (ready()) {
+        held_ += bytes;
+        ++next_ticket_;
+        return true;
+      }
+    }
+    // Releases and earlier tickets wake it; stopped() (the caller's flag) is polled.
+    mu_.AwaitWithTimeout(absl::Condition(&ready), absl::Milliseconds(20));
+  }
+}
+
+void ReadAhead::Release(int64_t bytes) {
+  absl::MutexLock lock(&mu_);
+  held_ -= bytes;
+}
+
+int64_t ReadAhead::held() const {
+  absl::MutexLock lock(&mu_);
+  return held_;
+}
+
+void ScanModules(std::vector<PreparedModule>* prepared,
+                 const std::vector<std::vector<size_t>>& groups, ReadAhead* read_ahead,
+                 const std::function<bool()>& stopped,
+                 const std::function<void(size_t, const absl::Status&)>& on_ready) {
+  absl::Mutex mu;  // one on_ready call at a time
+  // Group by group in order on every hardware thread, so that the first tasks are ready first.
+  ParallelFor(groups.size(), [&](size_t g) {
+    int64_t bytes = 0;
+    for (size_t i : groups[g]) {
+      const PreparedModule& m = (*prepared)[i];
+      if (m.file != nullptr) bytes += WeightBytes(m);
+    }
+    std::vector<absl::Status> scans(groups[g].size());
+    if (!read_ahead->Acquire(g, bytes, stopped)) {
+      for (absl::Status& s : scans) {
+        s = absl::CancelledError("the run stopped before this tensor was read");
+      }
     } else {
-      const ModulePlan& plan = *m.plan;
-      absl::StatusOr<WeightScan> scan =
-          ScanWeights(WeightView{m.weights, plan.dtype, plan.rows, plan.cols});
-      if (scan.ok()) {
+      for (size_t k = 0; k < groups[g].size(); ++k) {
+        PreparedModule& m = (*prepared)[groups[g][k]];
+        const ModulePlan& plan = *m.plan;
+        const std::string where =
+            m.expert < 0 ? absl::StrCat("tensor '", plan.weight_name, "'")
+                         : absl::StrCat("tensor '", plan.weight_name, "', expert ", m.expert);
+        if (m.file != nullptr) {
+          const int64_t n = WeightBytes(m);
+          m.read_copy.reset(new uint8_t[static_cast<size_t>(std::max<int64_t>(n, 1))]);
+          m.read_bytes = n;
+          scans[k] = m.file->ReadRange(m.weights, n, m.read_copy.get());
+          if (!scans[k].ok()) {
+            scans[k] = WithContext(scans[k], where);
+            continue;
+          }
+          m.weights = m.read_copy.get();
+        }
+        absl::StatusOr<WeightScan> scan =
+            ScanWeights(WeightView{m.weights, plan.dtype, plan.rows, plan.cols});
+        if (!scan.ok()) {
+          scans[k] = WithContext(scan.status(), where);
+          continue;
+        }
         m.own_amax = scan->amax();
         m.scan = *scan;
-      } else {
-        status = WithContext(
-            scan.status(),
-            m.expert < 0 ? absl::StrCat("tensor '", plan.weight_name, "'")
-                         : absl::StrCat("tensor '", plan.weight_name, "', expert ", m.expert));
       }
-      if (m.file != nullptr) m.file->DropPages(m.weights, WeightBytes(m));
     }
-    absl::MutexLock lock(&mu);
-    scans[i] = std::move(status);
-    const size_t g = group_of[i];
-    if (--remaining[g] > 0) return;
-    // The group's last scan: its amax, or the first failure among its members.
+    // The group's amax, or the first failure among its units.
     absl::Status group_status;
     float amax = 0.0f;
-    for (size_t j : members[g]) {
-      if (!scans[j].ok() && group_status.ok()) group_status = scans[j];
-      amax = std::max(amax, (*prepared)[j].own_amax);
+    for (size_t k = 0; k < groups[g].size(); ++k) {
+      if (!scans[k].ok() && group_status.ok()) group_status = scans[k];
+      amax = std::max(amax, (*prepared)[groups[g][k]].own_amax);
     }
-    for (size_t j : members[g]) {
-      (*prepared)[j].global_amax = amax;
-      on_ready(j, group_status);
+    absl::MutexLock lock(&mu);
+    for (size_t i : groups[g]) {
+      (*prepared)[i].global_amax = amax;
+      on_ready(i, group_status);
     }
   });
 }

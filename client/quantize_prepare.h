@@ -30,6 +30,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "client/checkpoint.h"
 #include "client/hessians.h"
 #include "client/quantize_checkpoint.h"
@@ -53,6 +54,10 @@ struct PreparedModule {
   // Aligned copy of the weights (of this expert) when the mapping is not aligned to the
   // element size.
   std::vector<uint8_t> aligned_copy;
+  // The weights read from the file by the scan (ScanModules), which `weights` then points to;
+  // freed (ReadAhead::Release) once the unit's result is written.
+  std::unique_ptr<uint8_t[]> read_copy;
+  int64_t read_bytes = 0;
   const void* weights = nullptr;
   std::string hessian_entry;
   // Activation amax of the module's input (the Hessians file's `.input_amax`), when recorded.
@@ -81,15 +86,45 @@ absl::Status PrepareModules(const QuantizeOptions& options, const Checkpoint& ch
                             const std::vector<ModulePlan>& plans, HessianStore* hessians,
                             QuantizeObserver* observer, std::vector<PreparedModule>* prepared);
 
-// The one pass over every prepared unit's weights, in order on every hardware thread, meant to
-// run beside the quantizer: ScanWeights (rejects NaN/Inf naming the tensor; its scan and amax go
-// into the unit), the weights' pages dropped after. As soon as a unit's global amax is known
-// (fused siblings share the group's, expert by expert: once the whole group is scanned) it is
-// set and on_ready(index, status) is called for each unit of the group, with the first failure
-// among the group's scans, if any. Once stopped() returns true the units not yet scanned get
-// CANCELLED. Returns after on_ready was called for every unit; on_ready runs on the scanning
-// threads, one call at a time.
-void ScanModules(std::vector<PreparedModule>* prepared, const std::function<bool()>& stopped,
+// The units in the order the scan reads them and the quantizer takes them: groups of fused
+// siblings (expert by expert; each group's units in prepared order) and every other unit as a
+// group of its own, groups in the order of their first unit.
+std::vector<std::vector<size_t>> ScanGroups(const std::vector<PreparedModule>& prepared);
+
+// The memory the scan reads weights into ahead of the quantizer: groups take their bytes in
+// group order (a group's ticket is its position in ScanGroups), at most `budget` bytes held at
+// once (a larger group alone), and give them back as their units' results are written.
+class ReadAhead {
+ public:
+  explicit ReadAhead(int64_t budget) : budget_(budget) {}
+
+  // Waits for group `ticket`'s turn (every earlier ticket taken) and for `bytes` to fit, then
+  // takes them; false (nothing taken, the ticket passed on) once stopped() is true.
+  bool Acquire(size_t ticket, int64_t bytes, const std::function<bool()>& stopped);
+  // Gives back bytes taken before.
+  void Release(int64_t bytes);
+  // Bytes held now.
+  int64_t held() const;
+
+ private:
+  const int64_t budget_;
+  mutable absl::Mutex mu_;
+  size_t next_ticket_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t held_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+// The one pass over every prepared unit's weights, meant to run beside the quantizer: group by
+// group (`groups` from ScanGroups) on every hardware thread, each group's bytes taken from
+// `read_ahead`, each unit's weights read from its file (pread, into read_copy, which `weights`
+// then points to; units without a file are scanned where they are), then ScanWeights (rejects
+// NaN/Inf naming the tensor; its scan and amax go into the unit). Once a group is scanned its
+// global amax (fused siblings share the group's max) is set and on_ready(index, status) is
+// called for each of its units, with the first failure among the group's reads and scans, if
+// any. Once stopped() returns true the units not yet read get CANCELLED. Returns after on_ready
+// was called for every unit; on_ready runs on the scanning threads, one call at a time.
+void ScanModules(std::vector<PreparedModule>* prepared,
+                 const std::vector<std::vector<size_t>>& groups, ReadAhead* read_ahead,
+                 const std::function<bool()>& stopped,
                  const std::function<void(size_t, const absl::Status&)>& on_ready);
 
 // W4A4 (true) or weight-only (false) under `mode`, from which modules have an activation amax;

@@ -22,6 +22,7 @@
 
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "nvfp4cal/kernels/gptq.h"
 #include "nvfp4cal/kernels/scale_search.h"
@@ -29,12 +30,14 @@
 namespace nvfp4cal {
 
 // When a task's late fields are set. The pipeline hands every task to the quantizer at once and
-// fills global_amax and weight_scan as the scan of the weights (which runs beside the quantizer)
-// reaches each task; it opens the task's gate then, or with the error that stopped it.
+// fills weights.data, global_amax and weight_scan as the read and scan of the weights (which run
+// beside the quantizer) reach each task; it opens the task's gate then, or with the error that
+// stopped it.
 //
 //   TaskGate gate;                       // the pipeline, one per task
 //   task.ready = &gate;
-//   ... later, on the scanning thread: task.global_amax = ...; gate.Open(absl::OkStatus());
+//   ... later, on the scanning thread: task.weights.data = ...; task.global_amax = ...;
+//   gate.Open(absl::OkStatus());
 //   absl::Status ok = AwaitTask(task);   // the quantizer, before it reads the late fields
 class TaskGate {
  public:
@@ -50,9 +53,15 @@ class TaskGate {
     open_ = true;
   }
 
-  // Blocks until Open, then returns its status.
-  absl::Status Wait() const {
-    absl::MutexLock lock(&mu_, absl::Condition(&open_));
+  // Blocks until Open, then returns its status; CANCELLED once give_up() (polled every few
+  // milliseconds while it waits) returns true first.
+  absl::Status Wait(const std::function<bool()>& give_up = nullptr) const {
+    absl::MutexLock lock(&mu_);
+    while (!mu_.AwaitWithTimeout(absl::Condition(&open_), absl::Milliseconds(10))) {
+      if (give_up && give_up()) {
+        return absl::CancelledError("stopped while waiting for the tensor's weights");
+      }
+    }
     return status_;
   }
 
@@ -62,7 +71,8 @@ class TaskGate {
   absl::Status status_ ABSL_GUARDED_BY(mu_);
 };
 
-// One weight tensor to quantize. Pointers are not owned and stay valid during QuantizeAll.
+// One weight tensor to quantize. Pointers are not owned and stay valid during QuantizeAll (but
+// see `ready` for weights.data).
 struct TensorTask {
   // Tensor name, e.g. "model.layers.0.mlp.up_proj.weight" (unique within a QuantizeAll call).
   std::string name;
@@ -83,15 +93,20 @@ struct TensorTask {
   // The scan of `weights` when the caller took one (ScanWeights: finite, their amax): the
   // in-process quantizer validates the task with it instead of reading the weights again.
   std::optional<WeightScan> weight_scan;
-  // Null when every field is set; otherwise global_amax and weight_scan may be read only after
-  // AwaitTask returned OK (a quantizer waits for each task before its first use of them).
+  // Null when every field is set; otherwise weights.data, global_amax and weight_scan may be
+  // read only after AwaitTask returned OK (a quantizer waits for each task before its first use
+  // of them), and weights.data only until the task's result was handed over (the pipeline then
+  // frees the weights it read).
   const TaskGate* ready = nullptr;
 };
 
 // Waits until `task`'s late fields are set (at once without a gate); non-OK: the error that
-// kept them from being set (the task must not run).
-inline absl::Status AwaitTask(const TensorTask& task) {
-  return task.ready == nullptr ? absl::OkStatus() : task.ready->Wait();
+// kept them from being set (the task must not run), or CANCELLED when give_up() returned true
+// first. A quantizer passes a give_up that turns true once its call has failed or its stream
+// ended: the producer may be waiting for other tasks to finish (read-ahead memory).
+inline absl::Status AwaitTask(const TensorTask& task,
+                              const std::function<bool()>& give_up = nullptr) {
+  return task.ready == nullptr ? absl::OkStatus() : task.ready->Wait(give_up);
 }
 
 // Receives the result of tasks[index]. Called once per task, possibly from several threads at

@@ -172,6 +172,8 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
       mmap(nullptr, static_cast<size_t>(file->file_size_), PROT_READ, MAP_SHARED, opened->fd(), 0);
   if (mapping == MAP_FAILED) return Invalid(path, absl::StrCat("mmap failed: ", ErrnoText()));
   file->mapping_ = mapping;
+  file->fd_ = ::fcntl(opened->fd(), F_DUPFD_CLOEXEC, 0);
+  if (file->fd_ < 0) return Invalid(path, absl::StrCat("dup failed: ", ErrnoText()));
   const uint8_t* base = static_cast<const uint8_t*>(mapping);
 
   uint64_t header_len = 0;
@@ -264,6 +266,32 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
 
 SafetensorsFile::~SafetensorsFile() {
   if (mapping_ != nullptr) munmap(mapping_, static_cast<size_t>(file_size_));
+  if (fd_ >= 0) ::close(fd_);
+}
+
+absl::Status SafetensorsFile::ReadRange(const void* data, int64_t bytes, void* out) const {
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(mapping_);
+  const uintptr_t from = reinterpret_cast<uintptr_t>(data);
+  if (mapping_ == nullptr || bytes < 0 || from < begin ||
+      from - begin > static_cast<uintptr_t>(file_size_) ||
+      bytes > file_size_ - static_cast<int64_t>(from - begin)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path_, ": a read of ", bytes, " bytes outside the file's mapping"));
+  }
+  const int64_t offset = static_cast<int64_t>(from - begin);
+  char* to = static_cast<char*>(out);
+  for (int64_t done = 0; done < bytes;) {
+    const ssize_t n = ::pread(fd_, to + done, static_cast<size_t>(bytes - done),
+                              static_cast<off_t>(offset + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      return absl::DataLossError(absl::StrCat(
+          path_, ": cannot read ", bytes - done, " bytes at offset ", offset + done, ": ",
+          n == 0 ? "the file ends there (changed since it was opened)" : ErrnoText()));
+    }
+    done += n;
+  }
+  return absl::OkStatus();
 }
 
 void SafetensorsFile::DropPages(const void* data, int64_t bytes) const {

@@ -122,8 +122,13 @@ absl::Status ServerStream::CheckLimits(const TensorTask& task) const {
 absl::Status ServerStream::SendUnit(absl::Span<const size_t> unit, bool* writable) {
   for (size_t k = 0; k < unit.size(); ++k) {
     const size_t j = unit[k];
-    // Its global amax may still be on its way (the caller's scan runs beside the sessions).
-    absl::Status ready = AwaitTask(tasks_[j]);
+    // Its weights may still be on their way (the caller reads them beside the sessions); a
+    // stream that ended meanwhile stops waiting, so that its tasks go elsewhere.
+    absl::Status ready = AwaitTask(tasks_[j], [this] { return ended_.load(); });
+    if (ended_.load()) {
+      *writable = false;
+      return absl::OkStatus();
+    }
     if (!ready.ok()) return ready;
     absl::Status within = CheckLimits(tasks_[j]);
     if (!within.ok()) return within;
@@ -268,6 +273,7 @@ void ServerStream::ReadResponses() {
       context_.TryCancel();
     }
   }
+  ended_.store(true);
 }
 
 absl::Status ServerStream::HandleResponse(const v1::QuantizeResponse& response) {

@@ -26,6 +26,7 @@
 #ifndef NVFP4CAL_CLIENT_SERVER_STREAM_H_
 #define NVFP4CAL_CLIENT_SERVER_STREAM_H_
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -68,7 +69,10 @@ class ServerStream {
   grpc::ClientContext* context() { return &context_; }
 
   // Cancels the stream (before or after Open); any thread.
-  void Cancel() { context_.TryCancel(); }
+  void Cancel() {
+    ended_.store(true);
+    context_.TryCancel();
+  }
 
   // Starts the stream on `stub` and its reader thread and writes the session options; false
   // when that write failed (the server is gone: the reader reports why). After Open, Close
@@ -135,6 +139,8 @@ class ServerStream {
   const ErrorSink on_error_;
 
   grpc::ClientContext context_;
+  // Set once the stream can carry nothing more (cancelled, or the reader saw its end).
+  std::atomic<bool> ended_{false};
   std::unique_ptr<QuantizeStream> stream_;
   std::thread reader_;
   absl::Mutex mu_;

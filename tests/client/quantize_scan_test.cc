@@ -24,6 +24,8 @@ namespace nvfp4cal::testing {
 namespace {
 
 using client_internal::PreparedModule;
+using client_internal::ReadAhead;
+using client_internal::ScanGroups;
 using client_internal::ScanModules;
 using ::testing::HasSubstr;
 
@@ -103,8 +105,9 @@ TEST(ScanModules, EachUnitOpensOnceWithItsFusedGroupsAmax) {
   Layer layer(7);
   std::map<size_t, int> calls;
   std::map<size_t, absl::Status> outcome;
+  ReadAhead read_ahead(1 << 20);
   ScanModules(
-      &layer.prepared, [] { return false; },
+      &layer.prepared, ScanGroups(layer.prepared), &read_ahead, [] { return false; },
       [&](size_t i, const absl::Status& s) {
         ++calls[i];
         outcome[i] = s;
@@ -128,8 +131,9 @@ TEST(ScanModules, AFailedScanFailsItsWholeGroupAndNoOtherUnit) {
   layer.weights[1][37] = Bf16(std::numeric_limits<float>::quiet_NaN());  // k: element (1, 5)
   std::map<size_t, absl::Status> outcome;
   std::map<size_t, int> calls;
+  ReadAhead read_ahead(1 << 20);
   ScanModules(
-      &layer.prepared, [] { return false; },
+      &layer.prepared, ScanGroups(layer.prepared), &read_ahead, [] { return false; },
       [&](size_t i, const absl::Status& s) {
         ++calls[i];
         outcome[i] = s;
@@ -149,11 +153,105 @@ TEST(ScanModules, AFailedScanFailsItsWholeGroupAndNoOtherUnit) {
 TEST(ScanModules, StoppedRunCancelsTheUnitsNotScannedAndStillOpensEveryOne) {
   Layer layer(13);
   std::map<size_t, absl::Status> outcome;
+  ReadAhead read_ahead(1 << 20);
   ScanModules(
-      &layer.prepared, [] { return true; },
+      &layer.prepared, ScanGroups(layer.prepared), &read_ahead, [] { return true; },
       [&](size_t i, const absl::Status& s) { outcome[i] = s; });
   ASSERT_EQ(outcome.size(), 7u);
   for (const auto& [i, s] : outcome) EXPECT_EQ(s.code(), absl::StatusCode::kCancelled) << i;
+}
+
+TEST(ScanGroups, FusedSiblingsTogetherWhereTheFirstOneIs) {
+  Layer layer(3);  // q k v o gate up down
+  using Groups = std::vector<std::vector<size_t>>;
+  EXPECT_EQ(ScanGroups(layer.prepared), (Groups{{0, 1, 2}, {3}, {4, 5}, {6}}));
+  // Name order puts o_proj between k_proj and q_proj: the group goes where k is.
+  std::vector<PreparedModule> by_name;
+  for (size_t i : {1, 3, 0, 2}) {
+    PreparedModule m;
+    m.plan = &layer.plans[i];
+    by_name.push_back(std::move(m));
+  }
+  EXPECT_EQ(ScanGroups(by_name), (Groups{{0, 2, 3}, {1}}));
+  // Experts of one fused pair form one group per expert.
+  std::vector<PreparedModule> experts;
+  for (int64_t e : {0, 1}) {
+    for (size_t i : {4, 5}) {
+      PreparedModule m;
+      m.plan = &layer.plans[i];
+      m.expert = e;
+      experts.push_back(std::move(m));
+    }
+  }
+  EXPECT_EQ(ScanGroups(experts), (Groups{{0, 1}, {2, 3}}));
+}
+
+TEST(ReadAhead, TicketsInOrderWithinTheBudgetAndALargerGroupAlone) {
+  ReadAhead budget(100);
+  auto never = [] { return false; };
+  std::atomic<int> taken{0};
+  // Ticket 1 waits for ticket 0 even though its bytes fit.
+  std::thread second([&] {
+    EXPECT_TRUE(budget.Acquire(1, 10, never));
+    taken.fetch_add(1);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(60));
+  EXPECT_EQ(taken.load(), 0);
+  EXPECT_TRUE(budget.Acquire(0, 80, never));
+  second.join();
+  EXPECT_EQ(budget.held(), 90);
+  // 90 + 20 > 100: ticket 2 waits for a release.
+  std::thread third([&] {
+    EXPECT_TRUE(budget.Acquire(2, 20, never));
+    taken.fetch_add(1);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(60));
+  EXPECT_EQ(taken.load(), 1);
+  budget.Release(80);
+  third.join();
+  EXPECT_EQ(budget.held(), 30);
+  // A group larger than the whole budget goes once nothing is held.
+  budget.Release(30);
+  EXPECT_TRUE(budget.Acquire(3, 500, never));
+  EXPECT_EQ(budget.held(), 500);
+  // Stopped: the ticket passes without taking anything, also while over the budget.
+  std::atomic<bool> stop{false};
+  std::thread stopped([&] { EXPECT_FALSE(budget.Acquire(4, 10, [&] { return stop.load(); })); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(60));
+  stop.store(true);
+  stopped.join();
+  EXPECT_EQ(budget.held(), 500);
+  EXPECT_FALSE(budget.Acquire(5, 0, [] { return true; }));
+  budget.Release(500);
+  EXPECT_TRUE(budget.Acquire(6, 100, never));
+}
+
+TEST(SafetensorsFile, ReadRangeEqualsTheMappedBytesAndRefusesOutsideRanges) {
+  TempFolder dir("read_range");
+  std::vector<SafetensorsTensorData> tensors(2);
+  tensors[0].spec = {"a", SafetensorsDType::kU8, {3}};
+  tensors[0].bytes = {1, 2, 3};
+  tensors[1].spec = {"b", SafetensorsDType::kF32, {1000}};
+  tensors[1].bytes.resize(4000);
+  for (size_t i = 0; i < 4000; ++i) tensors[1].bytes[i] = static_cast<uint8_t>(i * 7 + 1);
+  ASSERT_TRUE(WriteSafetensorsFile(dir / "t.safetensors", tensors, {}).ok());
+  absl::StatusOr<std::unique_ptr<SafetensorsFile>> file =
+      SafetensorsFile::Open(dir / "t.safetensors");
+  ASSERT_TRUE(file.ok()) << file.status();
+  const SafetensorsTensor* b = (*file)->Find("b");
+  ASSERT_NE(b, nullptr);
+  std::vector<uint8_t> out(3000, 0);
+  ASSERT_TRUE((*file)->ReadRange(b->data + 500, 3000, out.data()).ok());
+  EXPECT_EQ(0, std::memcmp(out.data(), tensors[1].bytes.data() + 500, 3000));
+  const SafetensorsTensor* a = (*file)->Find("a");
+  ASSERT_TRUE((*file)->ReadRange(a->data, 3, out.data()).ok());
+  EXPECT_EQ(out[0], 1);
+  EXPECT_EQ(out[2], 3);
+  // Past the end of the file, and a pointer that is not in the mapping.
+  EXPECT_EQ((*file)->ReadRange(b->data + 3999, 2, out.data()).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*file)->ReadRange(out.data(), 1, out.data()).code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 // Wraps the CPU quantizer and checks, for every task it is handed, that the late fields are
