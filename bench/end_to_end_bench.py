@@ -244,6 +244,8 @@ def main():
     p.add_argument("--streams-per-server", type=int,
                    help="also time one server with this many client streams (the other runs "
                    "use the CLI's default)")
+    p.add_argument("--client-flags", help="also time one server with these extra CLI flags "
+                   "(e.g. '--chunk-kib 4096')")
     p.add_argument("--no-floors", action="store_true", help="skip the stage floors")
     p.add_argument("--baseline-server-flags", help="also time one server started with these "
                    "extra flags (e.g. --cuda_workers_per_device=1), for comparison")
@@ -293,6 +295,8 @@ def main():
     configs = [(1, [], [])]
     if args.streams_per_server is not None:
         configs.append((1, [], ["--streams-per-server", str(args.streams_per_server)]))
+    if args.client_flags:
+        configs.append((1, [], args.client_flags.split()))
     if args.baseline_server_flags:
         configs.append((1, args.baseline_server_flags.split(), []))
     if args.servers != 1:

@@ -7,7 +7,6 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
 #include "engine/devices.h"
 #include "engine/gptq_plan_cache.h"
 #include "nvfp4cal/kernels/gptq.h"
@@ -21,8 +20,7 @@ constexpr int kCudaWorkers = 3;
 
 // Quantizes tasks on one or more backends. With several (CUDA: one per stream), that many tasks
 // are in flight, so one tensor's validation scan and host-device copies overlap another's
-// kernels; results are handed over as they finish, one callback at a time, from the worker
-// threads.
+// kernels; results are handed over as they finish, from the worker threads (several at once).
 class LocalQuantizer : public Quantizer {
  public:
   // One worker (a thread) per engine worker.
@@ -100,14 +98,13 @@ class LocalQuantizer : public Quantizer {
       return absl::Status(result.status().code(),
                           absl::StrCat(task.name, ": ", result.status().message()));
     }
-    // One result at a time: the callback writes the output and reports progress.
-    absl::MutexLock lock(&result_mu_);
+    // The callback may run for several tasks at once (Quantizer's contract): the workers' writes
+    // of their results overlap.
     return on_result(index, *std::move(result));
   }
 
   std::vector<EngineWorker> workers_;
   std::string description_;
-  absl::Mutex result_mu_;
 };
 
 }  // namespace

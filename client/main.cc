@@ -262,6 +262,10 @@ CliParser QuantizeParser() {
               "Hessian); streams a server refuses (max_concurrent_streams) leave their tensors "
               "to its other streams",
               false, "3");
+  p.AddOption("chunk-kib", "N",
+              "KiB of weights (or Hessian) per message to a server, in [1, 65536]; at most a "
+              "quarter of the server's max_receive_message_bytes is used",
+              false, "1024");
   p.AddOption("timeout", "SECONDS", "deadline of each server stream, 0 = none", false, "0");
   p.AddOption("retries", "N", "attempts per server when it is unavailable", false, "4");
   p.AddSwitch("tls", "connect to the servers with TLS (implied by --tls-ca/-cert/-key)");
@@ -325,11 +329,13 @@ int RunQuantize(int argc, const char* const* argv) {
   int threads = 0;
   int retries = 4;
   int streams_per_server = 3;
+  int chunk_kib = 1024;
   float timeout_s = 0.0f;
   for (const absl::Status& s :
        {ParseFloat(*args, "beta-step", &options.params.beta_step),
         ParseInt(*args, "threads", &threads, 0, 4096), ParseInt(*args, "retries", &retries, 1, 100),
         ParseInt(*args, "streams-per-server", &streams_per_server, 1, 16),
+        ParseInt(*args, "chunk-kib", &chunk_kib, 1, 65536),
         ParseFloat(*args, "timeout", &timeout_s, 0.0f, 1e7f)}) {
     if (!s.ok()) return UsageError(cmd, s);
   }
@@ -341,9 +347,11 @@ int RunQuantize(int argc, const char* const* argv) {
                                  absl::StrCat("--", name, " applies to --method gptq only")));
     }
   }
-  if (args->Has("streams-per-server") && !args->Has("server")) {
-    return UsageError(
-        cmd, absl::InvalidArgumentError("--streams-per-server applies with --server only"));
+  for (const char* name : {"streams-per-server", "chunk-kib"}) {
+    if (args->Has(name) && !args->Has("server")) {
+      return UsageError(cmd, absl::InvalidArgumentError(
+                                 absl::StrCat("--", name, " applies with --server only")));
+    }
   }
   if (args->Has("gptq-hessian-layout") && !args->Has("server")) {
     return UsageError(cmd, absl::InvalidArgumentError(
@@ -399,6 +407,7 @@ int RunQuantize(int argc, const char* const* argv) {
       client.addresses.insert(client.addresses.end(), addresses->begin(), addresses->end());
     }
     client.max_attempts = retries;
+    client.chunk_bytes = int64_t{chunk_kib} << 10;
     client.timeout = absl::Seconds(static_cast<double>(timeout_s));
     client.send_full_hessian_upper = hessian_layout == "upper";
     client.on_note = [&progress](const std::string& line) { progress.OnMessage(line); };
