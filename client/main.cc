@@ -349,8 +349,8 @@ int RunQuantize(int argc, const char* const* argv) {
   }
   for (const char* name : {"streams-per-server", "chunk-kib"}) {
     if (args->Has(name) && !args->Has("server")) {
-      return UsageError(cmd, absl::InvalidArgumentError(
-                                 absl::StrCat("--", name, " applies with --server only")));
+      return UsageError(
+          cmd, absl::InvalidArgumentError(absl::StrCat("--", name, " applies with --server only")));
     }
   }
   if (args->Has("gptq-hessian-layout") && !args->Has("server")) {
