@@ -1,13 +1,18 @@
 #include "client/hessians.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <memory>
+#include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "client/checkpoint.h"
+#include "client/parallel.h"
 
 namespace nvfp4cal {
 namespace {
@@ -25,34 +30,68 @@ absl::Status Bad(const std::string& path, const std::string& entry, const std::s
 }
 
 // Finiteness and symmetry of a full [n, n] matrix, in 64x64 tiles so that the transposed reads
-// stay in cache.
+// stay in cache; bands of 64 rows on every hardware thread. The error is the one a sequential
+// pass in (band, tile, row, column) order meets first: each band stops at its own first one and
+// the lowest band with one wins.
 absl::Status CheckFullMatrix(const uint8_t* m, int64_t n, float tolerance, std::string* what) {
   float max_diagonal = 0.0f;
   for (int64_t i = 0; i < n; ++i) max_diagonal = std::max(max_diagonal, LoadFloat(m, i * n + i));
   const float limit = tolerance * max_diagonal;
   constexpr int64_t kTile = 64;
-  for (int64_t r0 = 0; r0 < n; r0 += kTile) {
+  const int64_t bands = (n + kTile - 1) / kTile;
+  std::vector<std::string> band_error(static_cast<size_t>(bands));
+  std::atomic<int64_t> first_bad{bands};
+  ParallelFor(static_cast<size_t>(bands), [&](size_t band) {
+    const int64_t r0 = static_cast<int64_t>(band) * kTile;
     for (int64_t c0 = r0; c0 < n; c0 += kTile) {
+      // A lower band already failed: this one's error cannot be the first.
+      if (first_bad.load(std::memory_order_relaxed) < static_cast<int64_t>(band)) return;
       for (int64_t r = r0; r < std::min(n, r0 + kTile); ++r) {
         for (int64_t c = c0; c < std::min(n, c0 + kTile); ++c) {
           const float a = LoadFloat(m, r * n + c);
           const float b = LoadFloat(m, c * n + r);
+          std::string& error = band_error[band];
           if (!std::isfinite(a) || !std::isfinite(b)) {
-            *what = absl::StrCat("non-finite value at [", std::isfinite(a) ? c : r, ", ",
+            error = absl::StrCat("non-finite value at [", std::isfinite(a) ? c : r, ", ",
                                  std::isfinite(a) ? r : c, "]");
-            return absl::InvalidArgumentError(*what);
-          }
-          if (std::fabs(a - b) > limit) {
-            *what = absl::StrCat("not symmetric: H[", r, ", ", c, "] = ", a, " but H[", c, ", ", r,
+          } else if (std::fabs(a - b) > limit) {
+            error = absl::StrCat("not symmetric: H[", r, ", ", c, "] = ", a, " but H[", c, ", ", r,
                                  "] = ", b, " (tolerance ", tolerance, " x max diagonal ",
                                  max_diagonal, ")");
-            return absl::InvalidArgumentError(*what);
+          }
+          if (!error.empty()) {
+            int64_t seen = first_bad.load();
+            while (static_cast<int64_t>(band) < seen &&
+                   !first_bad.compare_exchange_weak(seen, static_cast<int64_t>(band))) {
+            }
+            return;
           }
         }
       }
     }
+  });
+  if (first_bad.load() == bands) return absl::OkStatus();
+  *what = band_error[static_cast<size_t>(first_bad.load())];
+  return absl::InvalidArgumentError(*what);
+}
+
+// The bytes of `t` read from the file with pread in pieces on every hardware thread (a
+// temporary copy: checking the mapping itself would fault every page in, one at a time).
+absl::StatusOr<std::unique_ptr<uint8_t[]>> ReadTensor(const SafetensorsFile& file,
+                                                      const SafetensorsTensor& t) {
+  constexpr int64_t kPiece = int64_t{16} << 20;
+  std::unique_ptr<uint8_t[]> copy(
+      new uint8_t[static_cast<size_t>(std::max<int64_t>(t.num_bytes, 1))]);
+  const int64_t pieces = (t.num_bytes + kPiece - 1) / kPiece;
+  std::vector<absl::Status> read(static_cast<size_t>(pieces));
+  ParallelFor(static_cast<size_t>(pieces), [&](size_t k) {
+    const int64_t at = static_cast<int64_t>(k) * kPiece;
+    read[k] = file.ReadRange(t.data + at, std::min(kPiece, t.num_bytes - at), copy.get() + at);
+  });
+  for (const absl::Status& s : read) {
+    if (!s.ok()) return s;
   }
-  return absl::OkStatus();
+  return copy;
 }
 
 }  // namespace
@@ -161,12 +200,13 @@ absl::StatusOr<std::shared_ptr<const std::vector<float>>> HessianStore::Blocks(
   }
   std::vector<float> blocks;
   if (full) {
+    absl::StatusOr<std::unique_ptr<uint8_t[]>> copy = ReadTensor(*file_, *t);
+    if (!copy.ok()) return copy.status();
     std::string what;
-    if (!CheckFullMatrix(t->data, cols, symmetry_tolerance, &what).ok()) {
+    if (!CheckFullMatrix(copy->get(), cols, symmetry_tolerance, &what).ok()) {
       return Bad(path(), entry, module, what);
     }
-    blocks = ExtractDiagonalBlocks(t->data, cols);
-    file_->DropPages(t->data, t->num_bytes);  // only the blocks are kept
+    blocks = ExtractDiagonalBlocks(copy->get(), cols);  // only the blocks are kept
   } else {
     blocks.resize(static_cast<size_t>(cols * 16));
     std::memcpy(blocks.data(), t->data, blocks.size() * sizeof(float));
@@ -207,11 +247,15 @@ absl::StatusOr<const float*> HessianStore::Full(const std::string& entry, const 
     const auto it = full_.find(entry);
     if (it != full_.end()) return it->second;
   }
-  std::string what;
-  if (!CheckFullMatrix(t->data, cols, symmetry_tolerance, &what).ok()) {
-    return Bad(path(), entry, module, what);
+  {
+    // Checked on a copy that goes right after (the plan reads the mapping again).
+    absl::StatusOr<std::unique_ptr<uint8_t[]>> copy = ReadTensor(*file_, *t);
+    if (!copy.ok()) return copy.status();
+    std::string what;
+    if (!CheckFullMatrix(copy->get(), cols, symmetry_tolerance, &what).ok()) {
+      return Bad(path(), entry, module, what);
+    }
   }
-  file_->DropPages(t->data, t->num_bytes);  // read again when its gptq plan is prepared
   absl::MutexLock lock(&mu_);
   const auto it = full_.find(entry);
   if (it != full_.end()) return it->second;

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <map>
 #include <memory>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "client/hessians.h"
 #include "client/quantize_prepare.h"
 #include "client/quantizer.h"
 #include "gmock/gmock.h"
@@ -252,6 +254,61 @@ TEST(SafetensorsFile, ReadRangeEqualsTheMappedBytesAndRefusesOutsideRanges) {
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ((*file)->ReadRange(out.data(), 1, out.data()).code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// A symmetric [n, n] fp32 Hessian with entries set by `edit`, as a file of one entry "h".
+std::unique_ptr<HessianStore> FullHessianFile(const std::string& path, int64_t n,
+                                              const std::function<void(float*)>& edit) {
+  std::vector<float> h(static_cast<size_t>(n * n));
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t c = 0; c < n; ++c) {
+      h[static_cast<size_t>(r * n + c)] = r == c ? 4.0f : 1.0f / static_cast<float>(1 + r + c);
+    }
+  }
+  edit(h.data());
+  SafetensorsTensorData t{{"h", SafetensorsDType::kF32, {n, n}}, {}};
+  t.bytes.resize(h.size() * 4);
+  std::memcpy(t.bytes.data(), h.data(), t.bytes.size());
+  EXPECT_TRUE(WriteSafetensorsFile(path, {t}, {}).ok());
+  absl::StatusOr<std::unique_ptr<HessianStore>> store = HessianStore::Open(path);
+  EXPECT_TRUE(store.ok()) << store.status();
+  return store.ok() ? *std::move(store) : nullptr;
+}
+
+TEST(HessianStore, FullMatrixCheckNamesTheFirstDefectInRowBandOrder) {
+  TempFolder dir("full_check");
+  constexpr int64_t n = 256;  // four bands of 64 rows, checked on several threads
+  auto at = [](float* h, int64_t r, int64_t c) -> float& { return h[r * n + c]; };
+  // Defects in bands 3 and 1 (H[70, 200] differs from H[200, 70]), and a NaN in band 2: band
+  // 1's comes first.
+  std::unique_ptr<HessianStore> store = FullHessianFile(dir / "a.safetensors", n, [&](float* h) {
+    at(h, 200, 230) = 9.0f;
+    at(h, 70, 200) = 5.0f;
+    at(h, 150, 160) = std::numeric_limits<float>::quiet_NaN();
+  });
+  ASSERT_NE(store, nullptr);
+  absl::StatusOr<const float*> full = store->Full("h", "m", n, 1e-3f);
+  EXPECT_EQ(full.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(full.status().message()), HasSubstr("not symmetric: H[70, 200] = 5"));
+  // Within a band, tiles in order: the NaN at [10, 190] (tile 2) after [20, 100] (tile 1).
+  store = FullHessianFile(dir / "b.safetensors", n, [&](float* h) {
+    at(h, 10, 190) = std::numeric_limits<float>::infinity();
+    at(h, 20, 100) = 7.0f;
+  });
+  ASSERT_NE(store, nullptr);
+  full = store->Full("h", "m", n, 1e-3f);
+  EXPECT_THAT(std::string(full.status().message()), HasSubstr("not symmetric: H[20, 100] = 7"));
+  // A clean matrix passes, and its blocks are its diagonal 16x16 blocks.
+  store = FullHessianFile(dir / "c.safetensors", n, [](float*) {});
+  ASSERT_NE(store, nullptr);
+  full = store->Full("h", "m", n, 1e-3f);
+  ASSERT_TRUE(full.ok()) << full.status();
+  EXPECT_EQ((*full)[1 * n + 1], 4.0f);
+  absl::StatusOr<std::shared_ptr<const std::vector<float>>> blocks =
+      store->Blocks("h", "m", n, 1e-3f);
+  ASSERT_TRUE(blocks.ok()) << blocks.status();
+  EXPECT_EQ((**blocks)[256 + 0], 4.0f);                  // block 1, [0, 0] = H[16, 16]
+  EXPECT_EQ((**blocks)[256 + 1], 1.0f / (1 + 16 + 17));  // block 1, [0, 1] = H[16, 17]
 }
 
 // Wraps the CPU quantizer and checks, for every task it is handed, that the late fields are
