@@ -194,7 +194,7 @@ int main(int argc, char** argv) {
                   begins[t] + seconds[t]);
     }
     std::printf("\n");
-    if (l == 0) {
+    if (l == layers - 1) {  // steady state
       std::printf("%-10s %6s %6s %9s %9s %9s %9s %14s %14s %8s\n", "tensor", "rows", "cols",
                   "wall_s", "quant_s", "update_s", "compare_s", "tr_gptq", "tr_lh", "change");
       for (size_t t = 0; t < layer.size(); ++t) {
@@ -209,11 +209,14 @@ int main(int argc, char** argv) {
                         : 0.0);
       }
       for (int k = 0; k < 4; ++k) {
-        std::printf("plan %d (n = %lld): %.3f s, %.0f MB on the device, damping %g\n", k,
-                    static_cast<long long>(hessian_n[k]),
-                    plans[static_cast<size_t>(k)]->factor_seconds,
-                    static_cast<double>(plans[static_cast<size_t>(k)]->memory_bytes) / 1e6,
-                    plans[static_cast<size_t>(k)]->damping_relative);
+        std::printf(
+            "plan %d (n = %lld): %.3f s (host %.3f, waiting %.3f), %.0f MB on the "
+            "device, damping %g\n",
+            k, static_cast<long long>(hessian_n[k]), plans[static_cast<size_t>(k)]->factor_seconds,
+            plans[static_cast<size_t>(k)]->host_seconds,
+            plans[static_cast<size_t>(k)]->wait_seconds,
+            static_cast<double>(plans[static_cast<size_t>(k)]->memory_bytes) / 1e6,
+            plans[static_cast<size_t>(k)]->damping_relative);
       }
     }
   }

@@ -212,7 +212,9 @@ class CudaGptq : public GptqBackend {
         ComputeHessianBlockBounds(BlockHessiansView{host_blocks.data(), groups});
     bounds.push_back(IdentityBounds());
 
+    plan->host_seconds = SecondsSince(start);
     std::lock_guard<std::mutex> lock(mutex_);
+    plan->wait_seconds = SecondsSince(start) - plan->host_seconds;
     NVFP4_CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device));
     DeviceBuffer h_float;  // H, fp32 [n, n]
     DeviceBuffer b;        // the reversed damped matrix, its factor, then the factor's inverse

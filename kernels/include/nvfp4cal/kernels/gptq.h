@@ -127,6 +127,10 @@ struct GptqPlan {
   double damping_relative = 0.0;  // lambda / mean(diag H) actually used
   int damping_increases = 0;      // tenfold increases it took to be positive definite
   double factor_seconds = 0.0;    // wall time of Prepare
+  // Of factor_seconds (the CUDA backend; 0 elsewhere): the host-side checks and preparation
+  // before the device work, and the wait for the backend's other calls to finish.
+  double host_seconds = 0.0;
+  double wait_seconds = 0.0;
   // Bytes the plan holds (host memory for the CPU backend, device memory for CUDA).
   int64_t memory_bytes = 0;
 };
