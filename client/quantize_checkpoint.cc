@@ -71,8 +71,9 @@ class SerialObserver : public QuantizeObserver {
 // follows the model's largest tensors, not its size.
 constexpr int64_t kReadAheadGroups = 8;
 
-// Untouched tensors are copied in pieces of this size.
-constexpr int64_t kCopyPieceBytes = int64_t{64} << 20;
+// Untouched tensors are copied in pieces of this size, on this many threads.
+constexpr int64_t kCopyPieceBytes = int64_t{16} << 20;
+constexpr int kCopyThreads = 3;
 
 // Removes a folder when it goes out of scope unless released.
 class TempDirGuard {
@@ -221,31 +222,56 @@ absl::Status StartShards(const RunInputs& in, const Nvfp4Layout& layout, const s
   return absl::OkStatus();
 }
 
-// Copies every untouched tensor straight from the mapping and writes the KV-cache scales; runs
-// beside the quantizer, so it stops early when `stop` is set (the quantizer failed).
+// Copies every untouched tensor (read with pread in pieces, so no page of the mapping is
+// faulted in) on a few threads of its own and then writes the KV-cache scales; runs beside the
+// quantizer, so it stops early when `stop` is set (the quantizer failed).
 absl::Status CopyUntouched(const QuantizeOptions& options, const RunInputs& in,
                            const ShardOutputs& out, QuantizeObserver* observer,
                            const std::atomic<bool>& stop, int64_t* kv_cache_scales) {
   const Checkpoint& model = *in.checkpoint;
+  std::vector<std::pair<size_t, const SafetensorsTensor*>> untouched;
   for (size_t s = 0; s < model.shards().size(); ++s) {
     for (const SafetensorsTensor& t : model.shards()[s].file->tensors()) {
-      if (out.quantized_by_weight.count(t.name) != 0) continue;
-      if (stop.load()) return absl::OkStatus();  // the quantizer's error is the run's
-      if (options.cancel != nullptr && options.cancel->load()) {
-        return absl::CancelledError("interrupted");
-      }
-      // In pieces, each dropped once written: an embedding of gigabytes is never resident.
-      int64_t at = 0;
-      do {
-        const int64_t n = std::min(kCopyPieceBytes, t.num_bytes - at);
-        absl::Status written =
-            out.writers[s]->Write(t.name, absl::MakeConstSpan(t.data + at, static_cast<size_t>(n)));
-        if (!written.ok()) return written;
-        model.shards()[s].file->DropPages(t.data + at, n);
-        at += n;
-      } while (at < t.num_bytes);
-      if (observer != nullptr) observer->OnTensorDone(t.name, t.num_bytes);
+      if (out.quantized_by_weight.count(t.name) == 0) untouched.emplace_back(s, &t);
     }
+  }
+  std::atomic<size_t> next{0};
+  std::atomic<bool> failed{false};
+  std::vector<absl::Status> errors(untouched.size());
+  auto copy = [&] {
+    std::unique_ptr<uint8_t[]> piece(new uint8_t[static_cast<size_t>(kCopyPieceBytes)]);
+    for (size_t k; !failed.load() && (k = next.fetch_add(1)) < untouched.size();) {
+      const auto [s, t] = untouched[k];
+      absl::Status status;
+      if (stop.load()) return;  // the quantizer's error is the run's
+      if (options.cancel != nullptr && options.cancel->load()) {
+        status = absl::CancelledError("interrupted");
+      }
+      for (int64_t at = 0; status.ok() && at < t->num_bytes; at += kCopyPieceBytes) {
+        const int64_t n = std::min(kCopyPieceBytes, t->num_bytes - at);
+        status = model.shards()[s].file->ReadRange(t->data + at, n, piece.get());
+        if (status.ok()) {
+          status = out.writers[s]->Write(
+              t->name, absl::MakeConstSpan(piece.get(), static_cast<size_t>(n)));
+        }
+      }
+      if (!status.ok()) {
+        errors[k] = std::move(status);
+        failed.store(true);
+        return;
+      }
+      if (observer != nullptr) observer->OnTensorDone(t->name, t->num_bytes);
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int i = 1; i < kCopyThreads; ++i) pool.emplace_back(copy);
+  copy();
+  for (std::thread& t : pool) t.join();
+  for (absl::Status& e : errors) {
+    if (!e.ok()) return e;  // the first failing tensor in order
+  }
+  if (stop.load()) return absl::OkStatus();
+  for (size_t s = 0; s < model.shards().size(); ++s) {
     for (const SafetensorsTensor& t : model.shards()[s].file->tensors()) {
       const auto kv = in.kv_scales.find(t.name);
       if (kv == in.kv_scales.end()) continue;
@@ -506,9 +532,17 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
     report.modules.push_back(*std::move(r));
   }
 
-  for (std::unique_ptr<SafetensorsWriter>& writer : shards.writers) {
-    absl::Status finished = writer->Finish();
-    if (!finished.ok()) return finished;
+  // Every shard's tail goes to the disk at once (fsync on a thread per shard).
+  std::vector<absl::Status> finished(shards.writers.size());
+  {
+    std::vector<std::thread> pool;
+    for (size_t s = 0; s < shards.writers.size(); ++s) {
+      pool.emplace_back([&, s] { finished[s] = shards.writers[s]->Finish(); });
+    }
+    for (std::thread& t : pool) t.join();
+  }
+  for (absl::Status& f : finished) {
+    if (!f.ok()) return f;
   }
   // Index, configs.
   absl::Status written = WriteIndexAndConfigs(*in.checkpoint, shards.weight_map, report.bytes_out,
