@@ -251,8 +251,8 @@ absl::Status CopyUntouched(const QuantizeOptions& options, const RunInputs& in,
         const int64_t n = std::min(kCopyPieceBytes, t->num_bytes - at);
         status = model.shards()[s].file->ReadRange(t->data + at, n, piece.get());
         if (status.ok()) {
-          status = out.writers[s]->Write(
-              t->name, absl::MakeConstSpan(piece.get(), static_cast<size_t>(n)));
+          status = out.writers[s]->Write(t->name,
+                                         absl::MakeConstSpan(piece.get(), static_cast<size_t>(n)));
         }
       }
       if (!status.ok()) {
