@@ -260,7 +260,7 @@ CliParser QuantizeParser() {
               "Quantize streams (connections) to each server, in [1, 16]: a server works on "
               "several streams' tensors at once (each stream sends its own copy of a shared "
               "Hessian); streams a server refuses (max_concurrent_streams) leave their tensors "
-              "to its other streams",
+              "to its other streams. Default 3, 1 with --method gptq (full Hessians)",
               false, "3");
   p.AddOption("chunk-kib", "N",
               "KiB of weights (or Hessian) per message to a server, in [1, 65536]; at most a "
@@ -402,6 +402,9 @@ int RunQuantize(int argc, const char* const* argv) {
     absl::StatusOr<std::vector<std::string>> addresses = ParseServerList(args->Get("server"));
     if (!addresses.ok()) return UsageError(cmd, addresses.status());
     ClientOptions client;
+    // gptq sends full Hessians, which each stream would hold on the server beside the others'
+    // (its max_full_hessian_bytes): one stream per server unless asked for more.
+    if (gptq && !args->Has("streams-per-server")) streams_per_server = 1;
     // Each address once per stream, interleaved (a, b, a, b): every entry is a connection.
     for (int k = 0; k < streams_per_server; ++k) {
       client.addresses.insert(client.addresses.end(), addresses->begin(), addresses->end());
