@@ -103,24 +103,35 @@ struct Layer {
   }
 };
 
-TEST(ScanModules, EachUnitOpensOnceWithItsFusedGroupsAmax) {
-  Layer layer(7);
+// What ScanModules reported for each unit of `layer` (budget: 1 MiB; stopped() as given).
+struct ScanOutcome {
   std::map<size_t, int> calls;
-  std::map<size_t, absl::Status> outcome;
+  std::map<size_t, absl::Status> status;
+};
+ScanOutcome Scan(Layer& layer, bool stopped) {
+  ScanOutcome out;
   ReadAhead read_ahead(1 << 20);
   ScanModules(
-      &layer.prepared, ScanGroups(layer.prepared), &read_ahead, [] { return false; },
+      &layer.prepared, ScanGroups(layer.prepared), &read_ahead, [stopped] { return stopped; },
       [&](size_t i, const absl::Status& s) {
-        ++calls[i];
-        outcome[i] = s;
+        ++out.calls[i];
+        out.status[i] = s;
       });
+  return out;
+}
+
+TEST(ScanModules, EachUnitOpensOnceWithItsFusedGroupsAmax) {
+  Layer layer(7);
+  const ScanOutcome scanned = Scan(layer, false);
+  const std::map<size_t, int>& calls = scanned.calls;
+  const std::map<size_t, absl::Status>& outcome = scanned.status;
   const std::vector<float>& a = layer.own_amax;
   const float qkv = std::max({a[0], a[1], a[2]});
   const float mlp = std::max(a[4], a[5]);
   const float expected[] = {qkv, qkv, qkv, a[3], mlp, mlp, a[6]};
   for (size_t i = 0; i < 7; ++i) {
-    EXPECT_EQ(calls[i], 1) << i;
-    EXPECT_TRUE(outcome[i].ok()) << i << ": " << outcome[i];
+    EXPECT_EQ(calls.at(i), 1) << i;
+    EXPECT_TRUE(outcome.at(i).ok()) << i << ": " << outcome.at(i);
     EXPECT_EQ(layer.prepared[i].own_amax, a[i]) << i;
     EXPECT_EQ(layer.prepared[i].global_amax, expected[i]) << i;
     ASSERT_TRUE(layer.prepared[i].scan.has_value()) << i;
@@ -131,36 +142,29 @@ TEST(ScanModules, EachUnitOpensOnceWithItsFusedGroupsAmax) {
 TEST(ScanModules, AFailedScanFailsItsWholeGroupAndNoOtherUnit) {
   Layer layer(11);
   layer.weights[1][37] = Bf16(std::numeric_limits<float>::quiet_NaN());  // k: element (1, 5)
-  std::map<size_t, absl::Status> outcome;
-  std::map<size_t, int> calls;
-  ReadAhead read_ahead(1 << 20);
-  ScanModules(
-      &layer.prepared, ScanGroups(layer.prepared), &read_ahead, [] { return false; },
-      [&](size_t i, const absl::Status& s) {
-        ++calls[i];
-        outcome[i] = s;
-      });
+  const ScanOutcome scanned = Scan(layer, false);
+  const std::map<size_t, int>& calls = scanned.calls;
+  const std::map<size_t, absl::Status>& outcome = scanned.status;
   for (size_t i : {0, 1, 2}) {
-    EXPECT_EQ(calls[i], 1);
-    EXPECT_EQ(outcome[i].code(), absl::StatusCode::kInvalidArgument) << i;
-    EXPECT_THAT(std::string(outcome[i].message()), HasSubstr("tensor 'layer.k.weight'")) << i;
-    EXPECT_THAT(std::string(outcome[i].message()), HasSubstr("(1, 5) is nan")) << i;
+    EXPECT_EQ(calls.at(i), 1);
+    EXPECT_EQ(outcome.at(i).code(), absl::StatusCode::kInvalidArgument) << i;
+    EXPECT_THAT(std::string(outcome.at(i).message()), HasSubstr("tensor 'layer.k.weight'")) << i;
+    EXPECT_THAT(std::string(outcome.at(i).message()), HasSubstr("(1, 5) is nan")) << i;
   }
   for (size_t i : {3, 4, 5, 6}) {
-    EXPECT_EQ(calls[i], 1);
-    EXPECT_TRUE(outcome[i].ok()) << i << ": " << outcome[i];
+    EXPECT_EQ(calls.at(i), 1);
+    EXPECT_TRUE(outcome.at(i).ok()) << i << ": " << outcome.at(i);
   }
 }
 
 TEST(ScanModules, StoppedRunCancelsTheUnitsNotScannedAndStillOpensEveryOne) {
   Layer layer(13);
-  std::map<size_t, absl::Status> outcome;
-  ReadAhead read_ahead(1 << 20);
-  ScanModules(
-      &layer.prepared, ScanGroups(layer.prepared), &read_ahead, [] { return true; },
-      [&](size_t i, const absl::Status& s) { outcome[i] = s; });
-  ASSERT_EQ(outcome.size(), 7u);
-  for (const auto& [i, s] : outcome) EXPECT_EQ(s.code(), absl::StatusCode::kCancelled) << i;
+  const ScanOutcome scanned = Scan(layer, true);
+  ASSERT_EQ(scanned.status.size(), 7u);
+  for (const auto& [i, s] : scanned.status) {
+    EXPECT_EQ(scanned.calls.at(i), 1) << i;
+    EXPECT_EQ(s.code(), absl::StatusCode::kCancelled) << i;
+  }
 }
 
 TEST(ScanGroups, FusedSiblingsTogetherWhereTheFirstOneIs) {

@@ -198,6 +198,59 @@ TEST(StreamLimit, RefusedSessionsLeaveTheirTensorsToTheAcceptedOne) {
   EXPECT_EQ(single.stats.streams_refused, 0);
 }
 
+// Another client's call to `address` that holds the server's only stream slot: its first result
+// waits until Release, so its stream stays open.
+class SlotHolder {
+ public:
+  SlotHolder(const std::string& address, const std::vector<TensorTask>& tasks)
+      : collector_([this] {
+          holding_.Notify();
+          release_.WaitForNotificationWithTimeout(kPatience);
+        }) {
+    ClientOptions options = OptionsFor({address});
+    collector_.Attach(&options);
+    absl::StatusOr<std::unique_ptr<Client>> client = Client::Create(options);
+    if (!client.ok()) {
+      ADD_FAILURE() << client.status();
+      return;
+    }
+    client_ = *std::move(client);
+    call_ = client_->QuantizeTensorsAsync(tasks, collector_.OnResult());
+  }
+  ~SlotHolder() {
+    Release();
+    if (call_.valid()) call_.wait();
+  }
+
+  // Whether the holding call's first result arrived (its stream holds the slot).
+  bool Holding() {
+    return client_ != nullptr && holding_.WaitForNotificationWithTimeout(kPatience);
+  }
+  void Release() {
+    if (!release_.HasBeenNotified()) release_.Notify();
+  }
+  // Releases the slot and returns the holding call's outcome.
+  CallOutcome Finish() {
+    Release();
+    CallOutcome outcome;
+    if (!call_.valid() ||
+        call_.wait_for(absl::ToChronoSeconds(kPatience)) != std::future_status::ready) {
+      outcome.status = absl::DeadlineExceededError("the holding call did not finish");
+      return outcome;
+    }
+    const absl::Status status = call_.get();
+    outcome = collector_.Take();
+    outcome.status = status;
+    return outcome;
+  }
+
+ private:
+  absl::Notification holding_, release_;
+  Collector collector_;
+  std::unique_ptr<Client> client_;
+  std::future<absl::Status> call_;
+};
+
 // A session of another client holds the server's only slot: every session of the call is
 // refused. Two retire, the last one retries and gives up, and the call fails naming the limit.
 TEST(StreamLimit, EverySessionRefusedFailsWithTheLimitInsteadOfHanging) {
@@ -206,22 +259,12 @@ TEST(StreamLimit, EverySessionRefusedFailsWithTheLimitInsteadOfHanging) {
   const Tasks in;
   const std::string a = server.address();
 
-  absl::Notification holding, release;
-  Collector holder_collector([&] {
-    holding.Notify();
-    release.WaitForNotificationWithTimeout(kPatience);
-  });
-  ClientOptions holder_options = OptionsFor({a});
-  holder_collector.Attach(&holder_options);
-  absl::StatusOr<std::unique_ptr<Client>> holder = Client::Create(holder_options);
-  ASSERT_TRUE(holder.ok()) << holder.status();
-  std::future<absl::Status> held =
-      (*holder)->QuantizeTensorsAsync(in.tasks, holder_collector.OnResult());
-  ASSERT_TRUE(holding.WaitForNotificationWithTimeout(kPatience));
+  SlotHolder holder(a, in.tasks);
+  ASSERT_TRUE(holder.Holding());
 
   Collector collector;
   const CallOutcome refused = RunCall(OptionsFor({a, a, a}), in.tasks, &collector);
-  release.Notify();
+  holder.Release();
   EXPECT_EQ(refused.status.code(), absl::StatusCode::kResourceExhausted) << refused.status;
   EXPECT_THAT(std::string(refused.status.message()),
               HasSubstr("server " + a + " refused the stream after 3 attempts: "));
@@ -234,9 +277,9 @@ TEST(StreamLimit, EverySessionRefusedFailsWithTheLimitInsteadOfHanging) {
   EXPECT_THAT(refused.notes, Each(HasSubstr("refused a stream (max_concurrent_streams)")));
 
   // The holder was never disturbed.
-  ASSERT_EQ(held.wait_for(absl::ToChronoSeconds(kPatience)), std::future_status::ready);
-  EXPECT_TRUE(held.get().ok());
-  EXPECT_THAT(holder_collector.Take().results, SizeIs(in.tasks.size()));
+  const CallOutcome held = holder.Finish();
+  EXPECT_TRUE(held.status.ok()) << held.status;
+  EXPECT_THAT(held.results, SizeIs(in.tasks.size()));
 }
 
 // The same full server among others: its tensors go to the other server, and the call succeeds.
@@ -247,24 +290,14 @@ TEST(StreamLimit, AServerRefusingEverySessionLeavesItsTensorsToTheOthers) {
   const Tasks in;
   const std::string a = full.address();
 
-  absl::Notification holding, release;
-  Collector holder_collector([&] {
-    holding.Notify();
-    release.WaitForNotificationWithTimeout(kPatience);
-  });
-  ClientOptions holder_options = OptionsFor({a});
-  holder_collector.Attach(&holder_options);
-  absl::StatusOr<std::unique_ptr<Client>> holder = Client::Create(holder_options);
-  ASSERT_TRUE(holder.ok()) << holder.status();
-  std::future<absl::Status> held =
-      (*holder)->QuantizeTensorsAsync(in.tasks, holder_collector.OnResult());
-  ASSERT_TRUE(holding.WaitForNotificationWithTimeout(kPatience));
+  SlotHolder holder(a, in.tasks);
+  ASSERT_TRUE(holder.Holding());
 
   Collector collector;
   ClientOptions options = OptionsFor({a, other.address(), a});
   options.work_stealing = false;  // the full server's queued tensors reach the other as orphans
   const CallOutcome call = RunCall(options, in.tasks, &collector);
-  release.Notify();
+  holder.Release();
   ASSERT_TRUE(call.status.ok()) << call.status;
   ASSERT_THAT(call.deliveries, SizeIs(in.tasks.size()));
   for (const auto& [i, count] : call.deliveries) EXPECT_EQ(count, 1) << in.tasks[i].name;
@@ -272,9 +305,8 @@ TEST(StreamLimit, AServerRefusingEverySessionLeavesItsTensorsToTheOthers) {
             (std::vector<int64_t>{0, static_cast<int64_t>(in.tasks.size()), 0}));
   EXPECT_EQ(call.stats.streams_refused, 1);
 
-  ASSERT_EQ(held.wait_for(absl::ToChronoSeconds(kPatience)), std::future_status::ready);
-  EXPECT_TRUE(held.get().ok());
-  const CallOutcome reference = holder_collector.Take();
+  const CallOutcome reference = holder.Finish();
+  ASSERT_TRUE(reference.status.ok()) << reference.status;
   for (const auto& [i, want] : reference.results) {
     EXPECT_EQ(call.results.at(i).packed_codes, want.packed_codes) << in.tasks[i].name;
     EXPECT_EQ(call.results.at(i).scales, want.scales) << in.tasks[i].name;
