@@ -319,8 +319,6 @@ absl::Status QuantizeTasks(const QuantizeOptions& options, const RunInputs& in,
                            std::vector<std::optional<ModuleReport>>* module_reports,
                            absl::Duration* write_time, QuantizeReport* report) {
   const std::vector<PreparedModule>& prepared = in.prepared;
-  std::vector<std::string> task_names;
-  for (const TensorTask& task : tasks) task_names.push_back(task.name);
   absl::Mutex report_mu;  // guards *write_time, *report and *module_reports in the callbacks
   module_reports->assign(prepared.size(), std::nullopt);
   std::map<const ModulePlan*, std::unique_ptr<ModuleOutput>> outputs;
@@ -384,7 +382,7 @@ absl::Status QuantizeTasks(const QuantizeOptions& options, const RunInputs& in,
                                        r.stats.gptq.damping_relative, " x mean diagonal"));
     }
     if (observer != nullptr) {
-      observer->OnTensorDone(task_names[task], p.rows * p.cols * DTypeSize(p.dtype));
+      observer->OnTensorDone(tasks[task].name, p.rows * p.cols * DTypeSize(p.dtype));
     }
     absl::MutexLock lock(&report_mu);
     (*module_reports)[index] = std::move(r);
@@ -451,8 +449,9 @@ absl::Status QuantizeModules(const QuantizeOptions& options, RunInputs& in,
   // A unit's result is written: its read copy goes.
   auto done = [&](size_t i) {
     PreparedModule& m = prepared[i];
+    if (m.read_copy == nullptr) return;
     m.read_copy.reset();
-    read_ahead.Release(m.read_bytes);
+    read_ahead.Release(WeightBytes(m));
   };
   absl::Status quantized =
       QuantizeTasks(options, in, layout, tasks, order, done, quantizer, observer, shards,

@@ -69,13 +69,8 @@ absl::Status PrepareUnit(const QuantizeOptions& options, const Checkpoint& check
   }
   const int element = DTypeSize(plan.dtype);
   const int64_t bytes = plan.rows * plan.cols * element;
-  const uint8_t* data = m.tensor->data + std::max<int64_t>(expert, 0) * bytes;
-  m.weights = data;
-  if (reinterpret_cast<uintptr_t>(data) % static_cast<uintptr_t>(element) != 0) {
-    m.aligned_copy.assign(data, data + bytes);
-    m.weights = m.aligned_copy.data();
-    m.file = nullptr;
-  }
+  // Possibly not aligned to the element size: the scan reads it into aligned memory.
+  m.weights = m.tensor->data + std::max<int64_t>(expert, 0) * bytes;
   prepared->push_back(std::move(m));
   return absl::OkStatus();
 }
@@ -190,7 +185,6 @@ void ScanModules(std::vector<PreparedModule>* prepared,
         if (m.file != nullptr) {
           const int64_t n = WeightBytes(m);
           m.read_copy.reset(new uint8_t[static_cast<size_t>(std::max<int64_t>(n, 1))]);
-          m.read_bytes = n;
           scans[k] = m.file->ReadRange(m.weights, n, m.read_copy.get());
           if (!scans[k].ok()) {
             scans[k] = WithContext(scans[k], where);

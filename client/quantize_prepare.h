@@ -15,8 +15,10 @@
 //   absl::StatusOr<KvScalesByWeight> kv =
 //       KvCacheScales(options.kv_cache, LayoutOf(options.format), plans, hessians);
 //   ... output writers created, the copy of untouched tensors started ...
-//   ScanModules(&prepared, stopped, on_ready);  // the weights' one pass (NaN/Inf, amax), beside
-//                                               // the quantizer: on_ready(i, status) per unit
+//   ReadAhead read_ahead(budget);
+//   ScanModules(&prepared, ScanGroups(prepared), &read_ahead, stopped, on_ready);
+//                       // the weights' one pass (read, NaN/Inf, amax) beside the quantizer:
+//                       // on_ready(i, status) per unit
 #ifndef NVFP4CAL_CLIENT_QUANTIZE_PREPARE_H_
 #define NVFP4CAL_CLIENT_QUANTIZE_PREPARE_H_
 
@@ -48,16 +50,12 @@ struct PreparedModule {
   std::string name;
   size_t shard = 0;
   const SafetensorsTensor* tensor = nullptr;
-  // The mapping `weights` point into (null for an aligned copy): its pages are dropped after
-  // the scan and after the unit is written, so resident memory stays near the units in flight.
+  // The file `weights` first point into (its mapping, possibly not aligned to the element
+  // size); null for weights already in memory (tests).
   const SafetensorsFile* file = nullptr;
-  // Aligned copy of the weights (of this expert) when the mapping is not aligned to the
-  // element size.
-  std::vector<uint8_t> aligned_copy;
-  // The weights read from the file by the scan (ScanModules), which `weights` then points to;
-  // freed (ReadAhead::Release) once the unit's result is written.
+  // The weights read from `file` by the scan (ScanModules) into aligned memory, which `weights`
+  // then points to; freed (with its ReadAhead bytes) once the unit's result is written.
   std::unique_ptr<uint8_t[]> read_copy;
-  int64_t read_bytes = 0;
   const void* weights = nullptr;
   std::string hessian_entry;
   // Activation amax of the module's input (the Hessians file's `.input_amax`), when recorded.

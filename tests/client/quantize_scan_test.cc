@@ -315,6 +315,50 @@ TEST(HessianStore, FullMatrixCheckNamesTheFirstDefectInRowBandOrder) {
   EXPECT_EQ((**blocks)[256 + 1], 1.0f / (1 + 16 + 17));  // block 1, [0, 1] = H[16, 17]
 }
 
+// A bf16 weight at an odd offset of its file (after a 3-byte tensor) is read into aligned memory
+// and quantizes to the same bytes as the same weight at an aligned offset.
+TEST(ScanModules, WeightsAtAnUnalignedOffsetGiveTheAlignedBytes) {
+  TempFolder dir("unaligned");
+  const std::string q = "model.layers.0.self_attn.q_proj.weight";
+  SafetensorsTensorData weight{{q, SafetensorsDType::kBF16, {32, 64}}, {}};
+  for (int i = 0; i < 32 * 64; ++i) {
+    const uint16_t bits = Bf16(static_cast<float>(i % 29 - 14) / 8.0f);
+    weight.bytes.push_back(static_cast<uint8_t>(bits & 0xff));
+    weight.bytes.push_back(static_cast<uint8_t>(bits >> 8));
+  }
+  const SafetensorsTensorData odd{{"a.flags", SafetensorsDType::kU8, {3}}, {1, 2, 3}};
+  auto run = [&](const std::string& name, const std::vector<SafetensorsTensorData>& tensors) {
+    std::filesystem::create_directories(dir / name);
+    WriteAll(dir / (name + "/config.json"), "{\"model_type\": \"llama\"}");
+    EXPECT_TRUE(WriteSafetensorsFile(dir / (name + "/model.safetensors"), tensors, {}).ok());
+    QuantizeOptions options;
+    options.model_dir = dir / name;
+    options.out_dir = dir / (name + "-out");
+    options.params.method = Method::kMax;
+    absl::StatusOr<QuantizeReport> report = RunPipeline(options);
+    EXPECT_TRUE(report.ok()) << report.status();
+  };
+  run("aligned", {weight});
+  run("unaligned", {odd, weight});
+  absl::StatusOr<std::unique_ptr<SafetensorsFile>> input =
+      SafetensorsFile::Open(dir / "unaligned/model.safetensors");
+  ASSERT_TRUE(input.ok()) << input.status();
+  ASSERT_EQ(reinterpret_cast<uintptr_t>((*input)->Find(q)->data) % 2, 1u);  // really unaligned
+  absl::StatusOr<std::unique_ptr<SafetensorsFile>> a =
+      SafetensorsFile::Open(dir / "aligned-out/model.safetensors");
+  absl::StatusOr<std::unique_ptr<SafetensorsFile>> b =
+      SafetensorsFile::Open(dir / "unaligned-out/model.safetensors");
+  ASSERT_TRUE(a.ok() && b.ok());
+  for (const std::string suffix : {"weight", "weight_scale", "weight_scale_2"}) {
+    const std::string name = "model.layers.0.self_attn.q_proj." + suffix;
+    const SafetensorsTensor* x = (*a)->Find(name);
+    const SafetensorsTensor* y = (*b)->Find(name);
+    ASSERT_TRUE(x != nullptr && y != nullptr) << name;
+    ASSERT_EQ(x->num_bytes, y->num_bytes) << name;
+    EXPECT_EQ(0, std::memcmp(x->data, y->data, static_cast<size_t>(x->num_bytes))) << name;
+  }
+}
+
 // Wraps the CPU quantizer and checks, for every task it is handed, that the late fields are
 // there once AwaitTask returns, and that the pipeline handed every task over at once.
 class CheckingQuantizer : public Quantizer {
