@@ -258,6 +258,15 @@ TEST(SafetensorsFile, ReadRangeEqualsTheMappedBytesAndRefusesOutsideRanges) {
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ((*file)->ReadRange(out.data(), 1, out.data()).code(),
             absl::StatusCode::kInvalidArgument);
+  // The file cut short after it was opened: DATA_LOSS naming it and the offset (reading the
+  // mapping there would raise SIGBUS instead).
+  const int64_t b_offset = b->file_offset;
+  std::filesystem::resize_file(dir / "t.safetensors", static_cast<uintmax_t>(b_offset + 1000));
+  const absl::Status cut = (*file)->ReadRange(b->data + 500, 3000, out.data());
+  EXPECT_EQ(cut.code(), absl::StatusCode::kDataLoss) << cut;
+  EXPECT_THAT(std::string(cut.message()),
+              HasSubstr("t.safetensors: cannot read 2500 bytes at offset "));
+  EXPECT_THAT(std::string(cut.message()), HasSubstr("the file ends there"));
 }
 
 // A symmetric [n, n] fp32 Hessian with entries set by `edit`, as a file of one entry "h".
