@@ -75,23 +75,20 @@ absl::Status CheckFullMatrix(const uint8_t* m, int64_t n, float tolerance, std::
   return absl::InvalidArgumentError(*what);
 }
 
-// The bytes of `t` read from the file with pread in pieces on every hardware thread (a
-// temporary copy: checking the mapping itself would fault every page in, one at a time).
-absl::StatusOr<std::unique_ptr<uint8_t[]>> ReadTensor(const SafetensorsFile& file,
-                                                      const SafetensorsTensor& t) {
+// The bytes of `t` read from the file into `to` with pread in pieces on every hardware thread
+// (checking the mapping itself would fault every page in, one at a time).
+absl::Status ReadTensor(const SafetensorsFile& file, const SafetensorsTensor& t, uint8_t* to) {
   constexpr int64_t kPiece = int64_t{16} << 20;
-  std::unique_ptr<uint8_t[]> copy(
-      new uint8_t[static_cast<size_t>(std::max<int64_t>(t.num_bytes, 1))]);
   const int64_t pieces = (t.num_bytes + kPiece - 1) / kPiece;
   std::vector<absl::Status> read(static_cast<size_t>(pieces));
   ParallelFor(static_cast<size_t>(pieces), [&](size_t k) {
     const int64_t at = static_cast<int64_t>(k) * kPiece;
-    read[k] = file.ReadRange(t.data + at, std::min(kPiece, t.num_bytes - at), copy.get() + at);
+    read[k] = file.ReadRange(t.data + at, std::min(kPiece, t.num_bytes - at), to + at);
   });
   for (const absl::Status& s : read) {
     if (!s.ok()) return s;
   }
-  return copy;
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -200,13 +197,15 @@ absl::StatusOr<std::shared_ptr<const std::vector<float>>> HessianStore::Blocks(
   }
   std::vector<float> blocks;
   if (full) {
-    absl::StatusOr<std::unique_ptr<uint8_t[]>> copy = ReadTensor(*file_, *t);
-    if (!copy.ok()) return copy.status();
+    // A temporary copy: only the blocks are kept.
+    std::unique_ptr<uint8_t[]> copy(
+        new uint8_t[static_cast<size_t>(std::max<int64_t>(t->num_bytes, 1))]);
+    if (absl::Status read = ReadTensor(*file_, *t, copy.get()); !read.ok()) return read;
     std::string what;
-    if (!CheckFullMatrix(copy->get(), cols, symmetry_tolerance, &what).ok()) {
+    if (!CheckFullMatrix(copy.get(), cols, symmetry_tolerance, &what).ok()) {
       return Bad(path(), entry, module, what);
     }
-    blocks = ExtractDiagonalBlocks(copy->get(), cols);  // only the blocks are kept
+    blocks = ExtractDiagonalBlocks(copy.get(), cols);
   } else {
     blocks.resize(static_cast<size_t>(cols * 16));
     std::memcpy(blocks.data(), t->data, blocks.size() * sizeof(float));
@@ -225,49 +224,78 @@ absl::StatusOr<std::shared_ptr<const std::vector<float>>> HessianStore::Blocks(
   return shared;
 }
 
-absl::StatusOr<const float*> HessianStore::Full(const std::string& entry, const std::string& module,
-                                                int64_t cols, float symmetry_tolerance) {
+absl::StatusOr<const SafetensorsTensor*> HessianStore::FullEntry(const std::string& entry,
+                                                                 const std::string& module,
+                                                                 int64_t cols) const {
   absl::StatusOr<const SafetensorsTensor*> found = FindF32(entry, module);
   if (!found.ok()) return found.status();
   const SafetensorsTensor* t = *found;
-  const bool full = t->shape.size() == 2 && t->shape[0] == cols && t->shape[1] == cols;
-  if (!full) {
-    const bool blocked =
-        t->shape.size() == 3 && t->shape[0] * 16 == cols && t->shape[1] == 16 && t->shape[2] == 16;
-    return Bad(path(), entry, module,
-               blocked
-                   ? absl::StrCat("method gptq needs the full [", cols, ", ", cols,
-                                  "] Hessian, but this entry holds only the diagonal blocks ",
-                                  ShapeString(t->shape), " (gptq propagates errors across blocks)")
-                   : absl::StrCat("shape ", ShapeString(t->shape), " does not match in = ", cols,
-                                  " (method gptq needs [", cols, ", ", cols, "])"));
+  if (t->shape.size() == 2 && t->shape[0] == cols && t->shape[1] == cols) return t;
+  const bool blocked =
+      t->shape.size() == 3 && t->shape[0] * 16 == cols && t->shape[1] == 16 && t->shape[2] == 16;
+  return Bad(path(), entry, module,
+             blocked
+                 ? absl::StrCat("method gptq needs the full [", cols, ", ", cols,
+                                "] Hessian, but this entry holds only the diagonal blocks ",
+                                ShapeString(t->shape), " (gptq propagates errors across blocks)")
+                 : absl::StrCat("shape ", ShapeString(t->shape), " does not match in = ", cols,
+                                " (method gptq needs [", cols, ", ", cols, "])"));
+}
+
+absl::StatusOr<std::shared_ptr<const FullHessian>> HessianStore::ReadFull(
+    const SafetensorsTensor& t, const std::string& entry, const std::string& module, int64_t cols,
+    float symmetry_tolerance) const {
+  auto matrix = std::make_shared<FullHessian>();
+  matrix->data.reset(new float[static_cast<size_t>(cols * cols)]);
+  matrix->n = cols;
+  uint8_t* bytes = reinterpret_cast<uint8_t*>(matrix->data.get());
+  if (absl::Status read = ReadTensor(*file_, t, bytes); !read.ok()) return read;
+  std::string what;
+  if (!CheckFullMatrix(bytes, cols, symmetry_tolerance, &what).ok()) {
+    return Bad(path(), entry, module, what);
   }
+  return std::shared_ptr<const FullHessian>(std::move(matrix));
+}
+
+absl::Status HessianStore::ExpectFull(const std::string& entry, const std::string& module,
+                                      int64_t cols) {
+  absl::StatusOr<const SafetensorsTensor*> t = FullEntry(entry, module, cols);
+  if (!t.ok()) return t.status();
+  absl::MutexLock lock(&mu_);
+  FullUses& uses = full_[entry];
+  if (uses.slot == nullptr) uses.slot = std::make_shared<FullSlot>();
+  ++uses.uses;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<const FullHessian>> HessianStore::Full(const std::string& entry,
+                                                                      const std::string& module,
+                                                                      int64_t cols,
+                                                                      float symmetry_tolerance) {
+  absl::StatusOr<const SafetensorsTensor*> t = FullEntry(entry, module, cols);
+  if (!t.ok()) return t.status();
+  std::shared_ptr<FullSlot> slot;
   {
     absl::MutexLock lock(&mu_);
     const auto it = full_.find(entry);
-    if (it != full_.end()) return it->second;
+    if (it != full_.end()) slot = it->second.slot;
   }
-  {
-    // Checked on a copy that goes right after (the plan reads the mapping again).
-    absl::StatusOr<std::unique_ptr<uint8_t[]>> copy = ReadTensor(*file_, *t);
-    if (!copy.ok()) return copy.status();
-    std::string what;
-    if (!CheckFullMatrix(copy->get(), cols, symmetry_tolerance, &what).ok()) {
-      return Bad(path(), entry, module, what);
-    }
+  if (slot == nullptr) return ReadFull(**t, entry, module, cols, symmetry_tolerance);
+  absl::MutexLock lock(&slot->mu);  // a second caller waits for the first one's read
+  if (!slot->done) {
+    slot->matrix = ReadFull(**t, entry, module, cols, symmetry_tolerance);
+    slot->done = true;
   }
+  return slot->matrix;
+}
+
+void HessianStore::ReleaseFull(const std::string& entry) {
+  std::shared_ptr<FullSlot> dropped;  // freed after mu_ is released
   absl::MutexLock lock(&mu_);
   const auto it = full_.find(entry);
-  if (it != full_.end()) return it->second;
-  const float* data = reinterpret_cast<const float*>(t->data);
-  if (reinterpret_cast<uintptr_t>(t->data) % alignof(float) != 0) {
-    std::vector<float>& copy = full_copies_[entry];
-    copy.resize(static_cast<size_t>(cols * cols));
-    std::memcpy(copy.data(), t->data, copy.size() * sizeof(float));
-    data = copy.data();
-  }
-  full_[entry] = data;
-  return data;
+  if (it == full_.end() || --it->second.uses > 0) return;
+  dropped = std::move(it->second.slot);
+  full_.erase(it);
 }
 
 }  // namespace nvfp4cal

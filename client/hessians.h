@@ -34,16 +34,18 @@
 
 namespace nvfp4cal {
 
+// A full [n, n] fp32 Hessian, row-major, read into memory of its own (method gptq).
+struct FullHessian {
+  std::unique_ptr<float[]> data;
+  int64_t n = 0;
+};
+
 class HessianStore {
  public:
   // Opens the file (NOT_FOUND / INVALID_ARGUMENT naming it, as SafetensorsFile::Open).
   static absl::StatusOr<std::unique_ptr<HessianStore>> Open(const std::string& path);
 
   const std::string& path() const { return file_->path(); }
-  // SafetensorsFile::DropPages of the Hessians' mapping (after a full Hessian's last use; Blocks
-  // and Full drop an entry's pages themselves once they have read and checked it).
-  void DropPages(const void* data, int64_t bytes) const { file_->DropPages(data, bytes); }
-
   // The entry that serves `module` under the rule above, or "" when none does.
   // INVALID_ARGUMENT "FILE: __metadata__ alias 'KEY' (for MODULE) names entry 'VALUE', which
   // the file does not hold" for the module's alias naming no entry.
@@ -70,14 +72,24 @@ class HessianStore {
   // as InputAmax.
   absl::StatusOr<std::optional<float>> OutputAmax(const std::string& module) const;
 
-  // The full [cols, cols] matrix of `entry` for `module` (method gptq), validated once per entry
-  // like Blocks: a pointer into the memory-mapped file, or into a cached aligned copy when the
-  // file's data is not 4-byte aligned. Valid while the store lives. INVALID_ARGUMENT naming the
-  // entry and the module for the diagonal-block layout [cols/16, 16, 16] (gptq propagates
-  // errors across blocks and needs the whole matrix) and for everything Blocks rejects.
-  // Thread-safe.
-  absl::StatusOr<const float*> Full(const std::string& entry, const std::string& module,
-                                    int64_t cols, float symmetry_tolerance);
+  // Method gptq's full matrices. Checked in two steps, so that the slow one (reading and checking
+  // gigabytes) runs beside the quantizer instead of before it:
+  //   ExpectFull  at preparation: the header (F32, shape [cols, cols]); counts one more use;
+  //   Full        as the unit is read: the matrix read with pread on every hardware thread
+  //               into memory the store owns and checked (finite; |H_ab - H_ba| <=
+  //               symmetry_tolerance * max_c H_cc), once per entry; later callers share the
+  //               copy (concurrent first callers wait for one read) or the same error;
+  //   ReleaseFull after each use: after the entry's last expected use the store drops its copy
+  //               (holders keep theirs alive), so resident memory follows the units in flight.
+  // INVALID_ARGUMENT naming the entry and the module for the diagonal-block layout [cols/16, 16,
+  // 16] (gptq propagates errors across blocks and needs the whole matrix) and for everything
+  // Blocks rejects; DATA_LOSS when the file is shorter than its header says. Full without
+  // expected uses reads a copy that is not kept. Thread-safe.
+  absl::Status ExpectFull(const std::string& entry, const std::string& module, int64_t cols);
+  absl::StatusOr<std::shared_ptr<const FullHessian>> Full(const std::string& entry,
+                                                          const std::string& module, int64_t cols,
+                                                          float symmetry_tolerance);
+  void ReleaseFull(const std::string& entry);
 
  private:
   HessianStore() = default;
@@ -90,9 +102,27 @@ class HessianStore {
   std::unique_ptr<SafetensorsFile> file_;
   absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<const std::vector<float>>> cache_ ABSL_GUARDED_BY(mu_);
-  // Full matrices already validated: the pointer handed out (mapping or aligned copy).
-  std::map<std::string, const float*> full_ ABSL_GUARDED_BY(mu_);
-  std::map<std::string, std::vector<float>> full_copies_ ABSL_GUARDED_BY(mu_);
+  // A full matrix with expected uses: read and checked once (under its own lock), kept until the
+  // uses are released.
+  struct FullSlot {
+    absl::Mutex mu;
+    bool done ABSL_GUARDED_BY(mu) = false;
+    absl::StatusOr<std::shared_ptr<const FullHessian>> matrix ABSL_GUARDED_BY(mu);
+  };
+  struct FullUses {
+    int uses = 0;
+    std::shared_ptr<FullSlot> slot;
+  };
+  // The header checks that ExpectFull and Full share; the entry's tensor.
+  absl::StatusOr<const SafetensorsTensor*> FullEntry(const std::string& entry,
+                                                     const std::string& module, int64_t cols) const;
+  // Reads and checks the matrix (no caching).
+  absl::StatusOr<std::shared_ptr<const FullHessian>> ReadFull(const SafetensorsTensor& t,
+                                                              const std::string& entry,
+                                                              const std::string& module,
+                                                              int64_t cols,
+                                                              float symmetry_tolerance) const;
+  std::map<std::string, FullUses> full_ ABSL_GUARDED_BY(mu_);
 };
 
 // Extracts the diagonal 16x16 blocks of a row-major [n, n] fp32 matrix (n % 16 == 0) read from

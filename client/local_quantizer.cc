@@ -1,12 +1,16 @@
 #include "client/local_quantizer.h"
 
 #include <atomic>
+#include <map>
 #include <memory>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
 #include "engine/devices.h"
 #include "engine/gptq_plan_cache.h"
 #include "nvfp4cal/kernels/gptq.h"
@@ -17,6 +21,48 @@ namespace {
 // CUDA tensors in flight in-process (each worker holds a stream and a workspace of the
 // default budget).
 constexpr int kCudaWorkers = 3;
+
+// The gptq plans of one QuantizeAll call: a cache per full Hessian (tasks with equal
+// hessian_key share one; a task without a key has its own), dropped with its plans after its
+// last task. Per Hessian, not per matrix address: the pipeline sets full_hessian.data late (the
+// scan reads the matrix beside the quantizer) and frees it after the Hessian's last task, so an
+// address can come back for another Hessian within one call.
+class HessianPlans {
+ public:
+  explicit HessianPlans(absl::Span<const TensorTask> tasks) : key_of_(tasks.size()) {
+    for (size_t i = 0; i < tasks.size(); ++i) {
+      if (tasks[i].params.method != Method::kGptq) continue;
+      key_of_[i] =
+          tasks[i].hessian_key.empty() ? absl::StrCat("\x01task ", i) : tasks[i].hessian_key;
+      Entry& e = entries_[key_of_[i]];
+      if (e.cache == nullptr) e.cache = std::make_unique<GptqPlanCache>();
+      ++e.remaining;
+    }
+  }
+
+  // The cache of gptq task `task`'s Hessian (until Done for its last task).
+  GptqPlanCache& Of(size_t task) {
+    absl::MutexLock lock(&mu_);
+    return *entries_.at(key_of_[task]).cache;
+  }
+
+  // Task `task` no longer uses its plan: after the Hessian's last task its plans are freed.
+  void Done(size_t task) {
+    std::unique_ptr<GptqPlanCache> dropped;  // freed after mu_ is released
+    absl::MutexLock lock(&mu_);
+    Entry& e = entries_.at(key_of_[task]);
+    if (--e.remaining == 0) dropped = std::move(e.cache);
+  }
+
+ private:
+  struct Entry {
+    std::unique_ptr<GptqPlanCache> cache;
+    int remaining = 0;
+  };
+  std::vector<std::string> key_of_;
+  absl::Mutex mu_;
+  std::map<std::string, Entry> entries_ ABSL_GUARDED_BY(mu_);
+};
 
 // Quantizes tasks on one or more backends. With several (CUDA: one per stream), that many tasks
 // are in flight, so one tensor's validation scan and host-device copies overlap another's
@@ -36,10 +82,7 @@ class LocalQuantizer : public Quantizer {
     std::vector<absl::Status> errors(tasks.size());
     // One gptq plan per full Hessian (and plan domain), prepared by the first task that needs
     // it and freed after the last (q/k/v and gate/up share theirs).
-    GptqPlanCache plans;
-    for (const TensorTask& task : tasks) {
-      if (task.params.method == Method::kGptq) plans.ExpectUses(task.full_hessian.data, 1);
-    }
+    HessianPlans plans(tasks);
     auto work = [&](size_t worker) {
       for (size_t i; !failed.load() && (i = next.fetch_add(1)) < tasks.size();) {
         absl::Status status = RunTask(tasks[i], workers_[worker], i, plans, failed, on_result);
@@ -61,7 +104,7 @@ class LocalQuantizer : public Quantizer {
 
  private:
   absl::Status RunTask(const TensorTask& task, EngineWorker& worker, size_t index,
-                       GptqPlanCache& plans, const std::atomic<bool>& failed,
+                       HessianPlans& plans, const std::atomic<bool>& failed,
                        const QuantizeResultCallback& on_result) {
     // Its weights may still be on their way (the caller reads them beside); a failed call
     // stops waiting (the reader may wait for memory the failed tasks hold).
@@ -76,11 +119,13 @@ class LocalQuantizer : public Quantizer {
       gptq.params = task.params;
       gptq.global_amax = task.global_amax;
       GptqBackend& backend = *worker.gptq.streams[0];
-      GptqPlanCache::PlanOrError plan =
-          plans.Get(backend, worker.gptq.plan_domain, task.full_hessian, task.params);
-      result = plan.ok() ? GptqQuantizeWithPlan(backend, **plan, gptq)
-                         : absl::StatusOr<QuantizedTensor>(plan.status());
-      plans.Release(task.full_hessian.data);
+      {
+        GptqPlanCache::PlanOrError plan =
+            plans.Of(index).Get(backend, worker.gptq.plan_domain, task.full_hessian, task.params);
+        result = plan.ok() ? GptqQuantizeWithPlan(backend, **plan, gptq)
+                           : absl::StatusOr<QuantizedTensor>(plan.status());
+      }
+      plans.Done(index);
     } else {
       QuantizeRequest request;
       request.weights = task.weights;

@@ -35,7 +35,9 @@ using client_internal::FloatBytes;
 using client_internal::KvCacheScales;
 using client_internal::KvScalesByWeight;
 using client_internal::ModuleOutput;
+using client_internal::NeedsFullHessian;
 using client_internal::OutputSpecs;
+using client_internal::PlanReadAhead;
 using client_internal::PreparedModule;
 using client_internal::PrepareModules;
 using client_internal::ReadAhead;
@@ -65,11 +67,6 @@ class SerialObserver : public QuantizeObserver {
   QuantizeObserver* const inner_;
   absl::Mutex mu_;
 };
-
-// The scan reads weights ahead of the quantizer into at most this many times the largest fused
-// group's bytes (gate and up of a decoder layer: 8 x 235 MB for Llama-3-8B), so resident memory
-// follows the model's largest tensors, not its size.
-constexpr int64_t kReadAheadGroups = 8;
 
 // Untouched tensors are copied in pieces of this size, on this many threads.
 constexpr int64_t kCopyPieceBytes = int64_t{16} << 20;
@@ -298,8 +295,8 @@ std::vector<TensorTask> MakeTasks(const std::vector<PreparedModule>& prepared,
       task.hessians = {m.hessian_blocks->data(), m.plan->cols / 16};
       task.hessian_key = m.hessian_entry;
     }
-    if (m.hessian_full != nullptr) {
-      task.full_hessian = {m.hessian_full, m.plan->cols};
+    if (NeedsFullHessian(m)) {
+      task.full_hessian = {nullptr, m.plan->cols};  // data: the scan's read
       task.hessian_key = m.hessian_entry;
     }
     task.params = m.params;
@@ -322,10 +319,7 @@ absl::Status QuantizeTasks(const QuantizeOptions& options, const RunInputs& in,
   absl::Mutex report_mu;  // guards *write_time, *report and *module_reports in the callbacks
   module_reports->assign(prepared.size(), std::nullopt);
   std::map<const ModulePlan*, std::unique_ptr<ModuleOutput>> outputs;
-  // Units still to finish per full Hessian (gptq): its pages are dropped after the last.
-  std::map<const float*, int> full_hessian_uses;
   for (const PreparedModule& m : prepared) {
-    if (m.hessian_full != nullptr) ++full_hessian_uses[m.hessian_full];
     std::unique_ptr<ModuleOutput>& out = outputs[m.plan];
     if (out == nullptr) {
       out = std::make_unique<ModuleOutput>(*m.plan, layout, shards.writers[m.shard].get(),
@@ -361,10 +355,6 @@ absl::Status QuantizeTasks(const QuantizeOptions& options, const RunInputs& in,
     done(index);
     {
       absl::MutexLock lock(&report_mu);
-      if (m.hessian_full != nullptr && --full_hessian_uses[m.hessian_full] == 0) {
-        in.hessians->DropPages(m.hessian_full,
-                               p.cols * p.cols * static_cast<int64_t>(sizeof(float)));
-      }
       *write_time += absl::Now() - write_start;
       report->server_kernel_seconds += kernel_seconds;
       report->server_queue_seconds += queue_seconds;
@@ -407,14 +397,8 @@ absl::Status QuantizeModules(const QuantizeOptions& options, RunInputs& in,
   // they become ready and the read-ahead memory always goes to tasks it takes next.
   const std::vector<std::vector<size_t>> groups = ScanGroups(prepared);
   std::vector<size_t> order;
-  int64_t largest_group = 0;
   for (const std::vector<size_t>& group : groups) {
-    int64_t bytes = 0;
-    for (size_t i : group) {
-      order.push_back(i);
-      bytes += WeightBytes(prepared[i]);
-    }
-    largest_group = std::max(largest_group, bytes);
+    order.insert(order.end(), group.begin(), group.end());
   }
   std::vector<size_t> task_of(prepared.size());
   for (size_t k = 0; k < order.size(); ++k) task_of[order[k]] = k;
@@ -425,12 +409,12 @@ absl::Status QuantizeModules(const QuantizeOptions& options, RunInputs& in,
     gates.push_back(std::make_unique<TaskGate>());
     task.ready = gates.back().get();
   }
-  ReadAhead read_ahead(kReadAheadGroups * std::max<int64_t>(largest_group, 1));
+  ReadAhead read_ahead(PlanReadAhead(groups, &prepared));
   std::atomic<bool> quantizer_done{false};
   std::thread scanner([&] {
     const absl::Time scan_start = absl::Now();
     ScanModules(
-        &prepared, groups, &read_ahead,
+        &prepared, groups, in.hessians.get(), &read_ahead,
         [&] {
           return quantizer_done.load() || copy_failed.load() ||
                  (options.cancel != nullptr && options.cancel->load());
@@ -441,17 +425,23 @@ absl::Status QuantizeModules(const QuantizeOptions& options, RunInputs& in,
             task.weights.data = prepared[i].weights;
             task.global_amax = prepared[i].global_amax;
             task.weight_scan = prepared[i].scan;
+            if (prepared[i].hessian_full != nullptr) {
+              task.full_hessian.data = prepared[i].hessian_full->data.get();
+            }
           }
           gates[task_of[i]]->Open(status);
         });
     *scan_time = absl::Now() - scan_start;
   });
-  // A unit's result is written: its read copy goes.
+  // A unit's result is written: its read copy and its hold on the full Hessian go.
   auto done = [&](size_t i) {
     PreparedModule& m = prepared[i];
-    if (m.read_copy == nullptr) return;
     m.read_copy.reset();
-    read_ahead.Release(WeightBytes(m));
+    if (NeedsFullHessian(m)) {
+      m.hessian_full.reset();
+      in.hessians->ReleaseFull(m.hessian_entry);
+    }
+    read_ahead.Release(std::exchange(m.read_ahead_bytes, 0));
   };
   absl::Status quantized =
       QuantizeTasks(options, in, layout, tasks, order, done, quantizer, observer, shards,

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <set>
 #include <string>
 #include <utility>
 
@@ -57,10 +58,10 @@ absl::Status PrepareUnit(const QuantizeOptions& options, const Checkpoint& check
     }
   }
   if (!m.hessian_entry.empty() && m.params.method == Method::kGptq) {
-    absl::StatusOr<const float*> full =
-        hessians->Full(m.hessian_entry, m.name, plan.cols, options.params.symmetry_tolerance);
-    if (!full.ok()) return full.status();
-    m.hessian_full = *full;
+    // The header now; the matrix is read and checked by the scan (ScanModules).
+    if (absl::Status full = hessians->ExpectFull(m.hessian_entry, m.name, plan.cols); !full.ok()) {
+      return full;
+    }
   } else if (!m.hessian_entry.empty()) {
     absl::StatusOr<std::shared_ptr<const std::vector<float>>> blocks =
         hessians->Blocks(m.hessian_entry, m.name, plan.cols, options.params.symmetry_tolerance);
@@ -158,18 +159,49 @@ int64_t ReadAhead::held() const {
   return held_;
 }
 
+int64_t PlanReadAhead(const std::vector<std::vector<size_t>>& groups,
+                      std::vector<PreparedModule>* prepared) {
+  // 8 x 235 MB (gate and up of a Llama-3-8B layer) for weights alone; with gptq's full
+  // Hessians 3 x 939 MB (down_proj and its [14336, 14336] matrix). Resident memory follows the
+  // model's largest tensors, not its size.
+  constexpr int64_t kWeightGroups = 8;
+  constexpr int64_t kHessianGroups = 3;
+  std::set<std::string> hessians_read;
+  int64_t largest_weights = 0;
+  int64_t largest = 0;
+  for (const std::vector<size_t>& group : groups) {
+    int64_t weights = 0;
+    int64_t total = 0;
+    for (size_t k = 0; k < group.size(); ++k) {
+      PreparedModule& m = (*prepared)[group[k]];
+      m.read_ahead_bytes = m.file != nullptr ? WeightBytes(m) : 0;
+      weights += m.read_ahead_bytes;
+      total += m.read_ahead_bytes;
+    }
+    // Each Hessian this group reads first goes with the group's last unit that uses it.
+    for (size_t k = group.size(); k-- > 0;) {
+      PreparedModule& m = (*prepared)[group[k]];
+      if (NeedsFullHessian(m) && hessians_read.insert(m.hessian_entry).second) {
+        const int64_t bytes = m.plan->cols * m.plan->cols * static_cast<int64_t>(sizeof(float));
+        m.read_ahead_bytes += bytes;
+        total += bytes;
+      }
+    }
+    largest_weights = std::max(largest_weights, weights);
+    largest = std::max(largest, total);
+  }
+  return std::max<int64_t>({kWeightGroups * largest_weights, kHessianGroups * largest, 1});
+}
+
 void ScanModules(std::vector<PreparedModule>* prepared,
-                 const std::vector<std::vector<size_t>>& groups, ReadAhead* read_ahead,
-                 const std::function<bool()>& stopped,
+                 const std::vector<std::vector<size_t>>& groups, HessianStore* hessians,
+                 ReadAhead* read_ahead, const std::function<bool()>& stopped,
                  const std::function<void(size_t, const absl::Status&)>& on_ready) {
   absl::Mutex mu;  // one on_ready call at a time
   // Group by group in order on every hardware thread, so that the first tasks are ready first.
   ParallelFor(groups.size(), [&](size_t g) {
     int64_t bytes = 0;
-    for (size_t i : groups[g]) {
-      const PreparedModule& m = (*prepared)[i];
-      if (m.file != nullptr) bytes += WeightBytes(m);
-    }
+    for (size_t i : groups[g]) bytes += (*prepared)[i].read_ahead_bytes;
     std::vector<absl::Status> scans(groups[g].size());
     if (!read_ahead->Acquire(g, bytes, stopped)) {
       for (absl::Status& s : scans) {
@@ -200,6 +232,15 @@ void ScanModules(std::vector<PreparedModule>* prepared,
         }
         m.own_amax = scan->amax();
         m.scan = *scan;
+        if (NeedsFullHessian(m) && hessians != nullptr) {
+          absl::StatusOr<std::shared_ptr<const FullHessian>> full =
+              hessians->Full(m.hessian_entry, m.name, plan.cols, m.params.symmetry_tolerance);
+          if (!full.ok()) {
+            scans[k] = full.status();  // names the file, the entry and the module
+            continue;
+          }
+          m.hessian_full = *std::move(full);
+        }
       }
     }
     // The group's amax, or the first failure among its units.

@@ -15,10 +15,11 @@
 //   absl::StatusOr<KvScalesByWeight> kv =
 //       KvCacheScales(options.kv_cache, LayoutOf(options.format), plans, hessians);
 //   ... output writers created, the copy of untouched tensors started ...
-//   ReadAhead read_ahead(budget);
-//   ScanModules(&prepared, ScanGroups(prepared), &read_ahead, stopped, on_ready);
-//                       // the weights' one pass (read, NaN/Inf, amax) beside the quantizer:
-//                       // on_ready(i, status) per unit
+//   std::vector<std::vector<size_t>> groups = ScanGroups(prepared);
+//   ReadAhead read_ahead(PlanReadAhead(groups, &prepared));
+//   ScanModules(&prepared, groups, hessians, &read_ahead, stopped, on_ready);
+//                       // the weights' one pass (read, NaN/Inf, amax) and gptq's full
+//                       // Hessians, beside the quantizer: on_ready(i, status) per unit
 #ifndef NVFP4CAL_CLIENT_QUANTIZE_PREPARE_H_
 #define NVFP4CAL_CLIENT_QUANTIZE_PREPARE_H_
 
@@ -56,13 +57,17 @@ struct PreparedModule {
   // The weights read from `file` by the scan (ScanModules) into aligned memory, which `weights`
   // then points to; freed (with its ReadAhead bytes) once the unit's result is written.
   std::unique_ptr<uint8_t[]> read_copy;
+  // What the unit gives back to the ReadAhead once its result is written (PlanReadAhead).
+  int64_t read_ahead_bytes = 0;
   const void* weights = nullptr;
   std::string hessian_entry;
   // Activation amax of the module's input (the Hessians file's `.input_amax`), when recorded.
   std::optional<float> input_amax;
   std::shared_ptr<const std::vector<float>> hessian_blocks;
-  // Full [cols, cols] Hessian (method gptq), owned by the HessianStore.
-  const float* hessian_full = nullptr;
+  // Full [cols, cols] Hessian (method gptq, NeedsFullHessian): read and checked by the scan
+  // (HessianStore::Full, shared by the units of one entry), dropped once the unit's result is
+  // written (with HessianStore::ReleaseFull).
+  std::shared_ptr<const FullHessian> hessian_full;
   SearchParams params;
   float own_amax = 0.0f;
   // The scan that found own_amax and proved the weights finite (the only one: the in-process
@@ -74,6 +79,11 @@ struct PreparedModule {
 // Bytes of the unit's weights (rows x cols x element size).
 inline int64_t WeightBytes(const PreparedModule& m) {
   return m.plan->rows * m.plan->cols * DTypeSize(m.plan->dtype);
+}
+
+// Whether the scan reads the unit's full Hessian (method gptq with a Hessian entry).
+inline bool NeedsFullHessian(const PreparedModule& m) {
+  return m.params.method == Method::kGptq && !m.hessian_entry.empty();
 }
 
 // Every quantized module of `plans` (each expert of a 3-D one) into *prepared, in plan order,
@@ -111,18 +121,28 @@ class ReadAhead {
   int64_t held_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
-// The one pass over every prepared unit's weights, meant to run beside the quantizer: group by
-// group (`groups` from ScanGroups) on every hardware thread, each group's bytes taken from
-// `read_ahead`, each unit's weights read from its file (pread, into read_copy, which `weights`
-// then points to; units without a file are scanned where they are), then ScanWeights (rejects
-// NaN/Inf naming the tensor; its scan and amax go into the unit). Once a group is scanned its
-// global amax (fused siblings share the group's max) is set and on_ready(index, status) is
-// called for each of its units, with the first failure among the group's reads and scans, if
-// any. Once stopped() returns true the units not yet read get CANCELLED. Returns after on_ready
-// was called for every unit; on_ready runs on the scanning threads, one call at a time.
+// Sets each unit's read_ahead_bytes and returns the ReadAhead's budget: a unit takes its
+// weights' bytes (when read from a file) and, for the last unit of the group that reads a full
+// Hessian first, that Hessian's bytes; the budget holds 8 groups' weights or 3 groups with
+// their Hessians, the larger. (A Hessian shared by later groups counts with its first group
+// only, so that no group waits for memory that only a later group gives back.)
+int64_t PlanReadAhead(const std::vector<std::vector<size_t>>& groups,
+                      std::vector<PreparedModule>* prepared);
+
+// The one pass over every prepared unit's weights and full Hessians, meant to run beside the
+// quantizer: group by group (`groups` from ScanGroups) on every hardware thread, each group's
+// read_ahead_bytes taken from `read_ahead`, each unit's weights read from its file (pread, into
+// read_copy, which `weights` then points to; units without a file are scanned where they are),
+// then ScanWeights (rejects NaN/Inf naming the tensor; its scan and amax go into the unit), and
+// for NeedsFullHessian units the matrix (`hessians`->Full: read and checked once per entry)
+// into hessian_full. Once a group is done its global amax (fused siblings share the group's
+// max) is set and on_ready(index, status) is called for each of its units, with the first
+// failure among the group's reads and checks, if any. Once stopped() returns true the units not
+// yet read get CANCELLED. Returns after on_ready was called for every unit; on_ready runs on
+// the scanning threads, one call at a time.
 void ScanModules(std::vector<PreparedModule>* prepared,
-                 const std::vector<std::vector<size_t>>& groups, ReadAhead* read_ahead,
-                 const std::function<bool()>& stopped,
+                 const std::vector<std::vector<size_t>>& groups, HessianStore* hessians,
+                 ReadAhead* read_ahead, const std::function<bool()>& stopped,
                  const std::function<void(size_t, const absl::Status&)>& on_ready);
 
 // W4A4 (true) or weight-only (false) under `mode`, from which modules have an activation amax;

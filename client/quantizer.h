@@ -30,9 +30,9 @@
 namespace nvfp4cal {
 
 // When a task's late fields are set. The pipeline hands every task to the quantizer at once and
-// fills weights.data, global_amax and weight_scan as the read and scan of the weights (which run
-// beside the quantizer) reach each task; it opens the task's gate then, or with the error that
-// stopped it.
+// fills weights.data, global_amax, weight_scan and full_hessian.data as the read and scan of the
+// weights and full Hessians (which run beside the quantizer) reach each task; it opens the
+// task's gate then, or with the error that stopped it.
 //
 //   TaskGate gate;                       // the pipeline, one per task
 //   task.ready = &gate;
@@ -87,16 +87,18 @@ struct TensorTask {
   // The global amax g to quantize with: max |W| of the tensor, or of its fused group.
   float global_amax = 0.0f;
   // Last, so that positional initialisers of the fields above stay valid.
-  // Full Hessian [cols, cols] for Method::kGptq (null data otherwise); a view into the
-  // memory-mapped Hessians file, not a copy.
+  // Full Hessian [cols, cols] for Method::kGptq (n = 0 otherwise). Tasks with equal non-empty
+  // hessian_key share the matrix. With a gate, n is set at once and data late (like
+  // weights.data: the pipeline reads the matrix beside the quantizer and frees it after the
+  // Hessian's last task).
   FullHessianView full_hessian;
   // The scan of `weights` when the caller took one (ScanWeights: finite, their amax): the
   // in-process quantizer validates the task with it instead of reading the weights again.
   std::optional<WeightScan> weight_scan;
-  // Null when every field is set; otherwise weights.data, global_amax and weight_scan may be
-  // read only after AwaitTask returned OK (a quantizer waits for each task before its first use
-  // of them), and weights.data only until the task's result was handed over (the pipeline then
-  // frees the weights it read).
+  // Null when every field is set; otherwise weights.data, global_amax, weight_scan and
+  // full_hessian.data may be read only after AwaitTask returned OK (a quantizer waits for each
+  // task before its first use of them), and weights.data and full_hessian.data only until the
+  // task's result was handed over (the pipeline then frees what it read).
   const TaskGate* ready = nullptr;
 };
 

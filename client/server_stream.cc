@@ -31,7 +31,8 @@ int64_t ChunkBytes(const ClientOptions& options, const v1::Limits& limits) {
 }  // namespace
 
 bool SendsFullHessian(const TensorTask& task) {
-  return task.params.method == Method::kGptq && task.full_hessian.data != nullptr &&
+  // full_hessian.n is set with the task; its data may come later (TaskGate).
+  return task.params.method == Method::kGptq && task.full_hessian.n > 0 &&
          !task.hessian_key.empty();
 }
 

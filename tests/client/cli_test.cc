@@ -333,6 +333,22 @@ TEST_F(BadInputs, NonSymmetricHessian) {
   ExpectFailure(Quantize(), "not symmetric: H[0, 1] = 1.5 but H[1, 0] = 0.5");
 }
 
+TEST_F(BadInputs, NonSymmetricHessianWithGptqFailsMidRunAndLeavesNothing) {
+  // gptq's full matrices are checked as the run reads them (beside the quantizer), after the
+  // output folder was begun: the failure still leaves no --out and no temporary folder.
+  std::vector<float> h = FullHessian(64);
+  h[3 * 64 + 40] = 2.5f;  // H[3, 40] != H[40, 3]
+  WriteHessians({{std::string(kQ) + ".hessian", SafetensorsDType::kF32, {64, 64}},
+                 {std::string(kO) + ".hessian", SafetensorsDType::kF32, {64, 64}}},
+                {F32Bytes(FullHessian(64)), F32Bytes(h)});
+  for (const char* device : {"cpu", "auto"}) {
+    SCOPED_TRACE(device);
+    ExpectFailure(Quantize({"--method", "gptq", "--device", device}),
+                  std::string("Hessian '") + kO + ".hessian' (for " + kO +
+                      "): not symmetric: H[3, 40] = 2.5 but H[40, 3]");
+  }
+}
+
 TEST_F(BadInputs, NonFiniteHessian) {
   std::vector<float> h = FullHessian(64);
   h[5 * 64 + 5] = std::numeric_limits<float>::infinity();

@@ -43,13 +43,14 @@ std::vector<LayerResult> RunDevLm(const GptqParams& params, bool* skipped) {
     const std::string entry = resolved.value_or("");
     if (entry.empty()) continue;
     const int64_t rows = t.shape[0], cols = t.shape[1];
-    absl::StatusOr<const float*> h = (*store)->Full(entry, module, cols, 1e-4f);
+    absl::StatusOr<std::shared_ptr<const FullHessian>> h =
+        (*store)->Full(entry, module, cols, 1e-4f);
     EXPECT_TRUE(h.ok()) << h.status();
     if (!h.ok()) continue;
     std::vector<uint8_t> aligned(t.data, t.data + t.num_bytes);  // bf16 needs 2-byte alignment
     GptqRequest request;
     request.weights = {aligned.data(), DType::kBFloat16, rows, cols};
-    request.hessian = {*h, cols};
+    request.hessian = {(*h)->data.get(), cols};
     request.params.method = Method::kGptq;
     request.params.gptq = params;
     absl::StatusOr<QuantizedTensor> r = CpuGptqQuantize(request, {});

@@ -25,6 +25,7 @@
 namespace nvfp4cal::testing {
 namespace {
 
+using client_internal::PlanReadAhead;
 using client_internal::PreparedModule;
 using client_internal::ReadAhead;
 using client_internal::ScanGroups;
@@ -108,11 +109,12 @@ struct ScanOutcome {
   std::map<size_t, int> calls;
   std::map<size_t, absl::Status> status;
 };
-ScanOutcome Scan(Layer& layer, bool stopped) {
+ScanOutcome Scan(Layer& layer, bool stopped, HessianStore* hessians = nullptr) {
   ScanOutcome out;
   ReadAhead read_ahead(1 << 20);
   ScanModules(
-      &layer.prepared, ScanGroups(layer.prepared), &read_ahead, [stopped] { return stopped; },
+      &layer.prepared, ScanGroups(layer.prepared), hessians, &read_ahead,
+      [stopped] { return stopped; },
       [&](size_t i, const absl::Status& s) {
         ++out.calls[i];
         out.status[i] = s;
@@ -300,7 +302,7 @@ TEST(HessianStore, FullMatrixCheckNamesTheFirstDefectInRowBandOrder) {
     at(h, 150, 160) = std::numeric_limits<float>::quiet_NaN();
   });
   ASSERT_NE(store, nullptr);
-  absl::StatusOr<const float*> full = store->Full("h", "m", n, 1e-3f);
+  absl::StatusOr<std::shared_ptr<const FullHessian>> full = store->Full("h", "m", n, 1e-3f);
   EXPECT_EQ(full.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(full.status().message()), HasSubstr("not symmetric: H[70, 200] = 5"));
   // Within a band, tiles in order: the NaN at [10, 190] (tile 2) after [20, 100] (tile 1).
@@ -316,7 +318,7 @@ TEST(HessianStore, FullMatrixCheckNamesTheFirstDefectInRowBandOrder) {
   ASSERT_NE(store, nullptr);
   full = store->Full("h", "m", n, 1e-3f);
   ASSERT_TRUE(full.ok()) << full.status();
-  EXPECT_EQ((*full)[1 * n + 1], 4.0f);
+  EXPECT_EQ((*full)->data[1 * n + 1], 4.0f);
   absl::StatusOr<std::shared_ptr<const std::vector<float>>> blocks =
       store->Blocks("h", "m", n, 1e-3f);
   ASSERT_TRUE(blocks.ok()) << blocks.status();
@@ -409,6 +411,117 @@ TEST(ScanModules, PipelineHandsTasksWithGatesAndTheirGroupsAmax) {
   // WriteTinyModel's values: (k - 11) / 64 for k in [0, 22], so max |w| = 11/64 for each.
   for (const char* leaf : {"q_proj", "k_proj", "v_proj", "o_proj"}) {
     EXPECT_EQ(quantizer.amax_.at(p + leaf + ".weight"), 11.0f / 64.0f) << leaf;
+  }
+}
+
+TEST(HessianStore, FullIsReadOnceWhileExpectedAndDroppedAfterTheLastRelease) {
+  TempFolder dir("full_uses");
+  constexpr int64_t n = 64;
+  std::unique_ptr<HessianStore> store = FullHessianFile(dir / "h.safetensors", n, [](float*) {});
+  ASSERT_NE(store, nullptr);
+  ASSERT_TRUE(store->ExpectFull("h", "q", n).ok());
+  ASSERT_TRUE(store->ExpectFull("h", "k", n).ok());
+  const absl::Status wrong = store->ExpectFull("h", "o", 32);
+  EXPECT_EQ(wrong.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(wrong.message()),
+              HasSubstr("Hessian 'h' (for o): shape [64, 64] does not match in = 32"));
+  // Concurrent first callers share one read.
+  std::vector<std::shared_ptr<const FullHessian>> got(4);
+  std::vector<std::thread> callers;
+  for (size_t t = 0; t < got.size(); ++t) {
+    callers.emplace_back([&, t] {
+      absl::StatusOr<std::shared_ptr<const FullHessian>> full = store->Full("h", "q", n, 1e-3f);
+      if (full.ok()) got[t] = *std::move(full);
+    });
+  }
+  for (std::thread& t : callers) t.join();
+  for (const auto& g : got) {
+    ASSERT_NE(g, nullptr);
+    EXPECT_EQ(g.get(), got[0].get());
+  }
+  EXPECT_EQ(got[0]->n, n);
+  EXPECT_EQ(got[0]->data[5 * n + 5], 4.0f);
+  EXPECT_EQ(got[0]->data[2 * n + 7], 1.0f / 10.0f);
+  const std::weak_ptr<const FullHessian> weak = got[0];
+  const float* address = got[0]->data.get();
+  got.assign(1, nullptr);  // no caller holds it: the store does, for its second use
+  store->ReleaseFull("h");
+  EXPECT_FALSE(weak.expired());
+  absl::StatusOr<std::shared_ptr<const FullHessian>> again = store->Full("h", "k", n, 1e-3f);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ((*again)->data.get(), address);
+  store->ReleaseFull("h");  // the last expected use: the store lets go, the holder keeps it
+  EXPECT_FALSE(weak.expired());
+  again = absl::CancelledError("dropped");
+  EXPECT_TRUE(weak.expired());
+  store->ReleaseFull("h");  // more releases than uses change nothing
+  // Without expected uses every call reads a copy of its own.
+  absl::StatusOr<std::shared_ptr<const FullHessian>> a = store->Full("h", "q", n, 1e-3f);
+  absl::StatusOr<std::shared_ptr<const FullHessian>> b = store->Full("h", "q", n, 1e-3f);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_NE((*a).get(), (*b).get());
+  EXPECT_EQ(std::memcmp((*a)->data.get(), (*b)->data.get(), n * n * sizeof(float)), 0);
+}
+
+TEST(HessianStore, FullsErrorGoesToEveryCaller) {
+  TempFolder dir("full_error");
+  constexpr int64_t n = 32;
+  std::unique_ptr<HessianStore> store = FullHessianFile(dir / "h.safetensors", n, [](float* h) {
+    h[1 * n + 30] = -std::numeric_limits<float>::infinity();
+  });
+  ASSERT_NE(store, nullptr);
+  ASSERT_TRUE(store->ExpectFull("h", "q", n).ok());  // the header is fine
+  ASSERT_TRUE(store->ExpectFull("h", "k", n).ok());
+  for (const char* module : {"q", "k"}) {
+    absl::StatusOr<std::shared_ptr<const FullHessian>> full = store->Full("h", module, n, 1e-3f);
+    EXPECT_EQ(full.status().code(), absl::StatusCode::kInvalidArgument);
+    // The first reader's message, for both.
+    EXPECT_THAT(std::string(full.status().message()),
+                HasSubstr("Hessian 'h' (for q): non-finite value at [1, 30]"));
+  }
+}
+
+TEST(ScanModules, GptqUnitsGetTheirFullHessianReadOnceAndItsBytesGoWithTheGroup) {
+  TempFolder dir("scan_full");
+  constexpr int64_t n = 32;  // Layer's cols
+  for (const bool bad : {false, true}) {
+    SCOPED_TRACE(bad ? "asymmetric" : "clean");
+    std::unique_ptr<HessianStore> store =
+        FullHessianFile(dir / (bad ? "bad.safetensors" : "h.safetensors"), n, [bad](float* h) {
+          if (bad) h[4 * n + 9] = 3.0f;
+        });
+    ASSERT_NE(store, nullptr);
+    Layer layer(11);
+    for (size_t i : {0, 1, 2, 6}) {  // q, k, v share "h"; down uses it too (another group)
+      PreparedModule& m = layer.prepared[i];
+      m.params.method = Method::kGptq;
+      m.hessian_entry = "h";
+      ASSERT_TRUE(store->ExpectFull("h", m.name, n).ok());
+    }
+    const std::vector<std::vector<size_t>> groups = ScanGroups(layer.prepared);
+    // No unit has a file (its weights are in memory): only the Hessian counts, once, with the
+    // last unit of the first group that reads it (v); 3 such groups fit.
+    EXPECT_EQ(PlanReadAhead(groups, &layer.prepared), 3 * n * n * 4);
+    for (size_t i = 0; i < 7; ++i) {
+      EXPECT_EQ(layer.prepared[i].read_ahead_bytes, i == 2 ? n * n * 4 : 0) << i;
+    }
+    const ScanOutcome scanned = Scan(layer, false, store.get());
+    for (size_t i = 0; i < 7; ++i) {
+      const bool gptq = i <= 2 || i == 6;
+      const absl::Status& s = scanned.status.at(i);
+      if (bad && gptq) {
+        EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << i;
+        EXPECT_THAT(std::string(s.message()), HasSubstr("not symmetric: H[4, 9] = 3")) << i;
+        EXPECT_EQ(layer.prepared[i].hessian_full, nullptr) << i;
+        continue;
+      }
+      EXPECT_TRUE(s.ok()) << i << ": " << s;
+      EXPECT_EQ(layer.prepared[i].hessian_full != nullptr, gptq) << i;
+      if (gptq) {
+        EXPECT_EQ(layer.prepared[i].hessian_full.get(), layer.prepared[0].hessian_full.get());
+        EXPECT_EQ(layer.prepared[i].hessian_full->data[3 * n + 3], 4.0f);
+      }
+    }
   }
 }
 
