@@ -4,7 +4,7 @@
 //
 //   cuda_gptq_bench [--layers=N] [--streams=S] [--update=ordered|cublas] [--search=sweep|dss]
 //                   [--nocompare] [--measure_update] [--cpu_rows=R] [--serial_plans]
-//                   [--pool_strict]
+//                   [--pool_strict] [--pool_keep_gib=G]
 //
 // A layer: q, k, v share the attention input's Hessian, gate and up the MLP input's; o and down
 // have their own (4 Hessians, n = 4096 x 3 and 14336). Hessians: MakeExampleFullHessian; weights:
@@ -16,11 +16,14 @@
 // shows how the streams overlap. --serial_plans prepares the plans one after another (each
 // plan's time alone); --pool_strict forbids the stream-ordered allocator to reuse memory freed
 // on another stream before that stream's work is known to be done (no hidden cross-stream
-// waits).
+// waits); --pool_keep_gib=G lets the default pool keep up to G GiB of freed memory across
+// synchronisations (the release threshold; CUDA's default 0 hands it back at each one, so the
+// next plan's temporaries are mapped again).
 #include <cuda_runtime.h>
 
 #include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -59,6 +62,7 @@ int main(int argc, char** argv) {
   int64_t cpu_rows = 0;
   bool serial_plans = false;
   bool pool_strict = false;
+  int64_t pool_keep_gib = -1;
   nvfp4cal::CudaGptqOptions options;
   nvfp4cal::SearchParams params;
   params.method = nvfp4cal::Method::kGptq;
@@ -84,6 +88,8 @@ int main(int argc, char** argv) {
       serial_plans = true;
     } else if (arg == "--pool_strict") {
       pool_strict = true;
+    } else if (arg.rfind("--pool_keep_gib=", 0) == 0) {
+      pool_keep_gib = std::atoll(arg.c_str() + 16);
     } else if (arg.rfind("--cpu_rows=", 0) == 0) {
       cpu_rows = std::atoll(arg.c_str() + 11);
     } else {
@@ -99,6 +105,15 @@ int main(int argc, char** argv) {
             cudaSuccess ||
         cudaMemPoolSetAttribute(pool, cudaMemPoolReuseAllowOpportunistic, &off) != cudaSuccess) {
       std::fprintf(stderr, "--pool_strict: cannot set the default memory pool's attributes\n");
+      return 1;
+    }
+  }
+  if (pool_keep_gib >= 0) {
+    cudaMemPool_t pool = nullptr;
+    uint64_t keep = static_cast<uint64_t>(pool_keep_gib) << 30;
+    if (cudaDeviceGetDefaultMemPool(&pool, options.device) != cudaSuccess ||
+        cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep) != cudaSuccess) {
+      std::fprintf(stderr, "--pool_keep_gib: cannot set the default pool's release threshold\n");
       return 1;
     }
   }
