@@ -21,7 +21,9 @@
 #include <iostream>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <string>
+#include <utility>
 
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
@@ -38,6 +40,7 @@
 #include "client/quantize_checkpoint.h"
 #include "client/remote_quantizer.h"
 #include "client/temp_dir.h"
+#include "client/trace.h"
 #include "common/file_util.h"
 
 namespace nvfp4cal {
@@ -282,6 +285,11 @@ CliParser QuantizeParser() {
               "also write the statistics as JSON: per module method, objective before and "
               "after, blocks changed, amax; totals, label and timings (never inside an input "
               "or --out)");
+  p.AddOption("trace", "FILE",
+              "also write a timeline of the run's stages (open, read-ahead waits, reads, scans, "
+              "each tensor from its scan to its result, writes, copies, fsyncs) as Chrome "
+              "trace-event JSON, for https://ui.perfetto.dev; written when the run ends, also "
+              "after a failure (never inside an input or --out)");
   p.AddSwitch("quiet", "no progress bar and no statistics table");
   return p;
 }
@@ -435,18 +443,26 @@ int RunQuantize(int argc, const char* const* argv) {
   std::signal(SIGINT, OnStopSignal);
   std::signal(SIGTERM, OnStopSignal);
   const std::string stats_json = args->Get("stats-json", "");
-  if (!stats_json.empty()) {
-    std::vector<RunInput> inputs = {{"--model", options.model_dir},
-                                    {"--hessians", options.hessians_path},
-                                    {"--out", options.out_dir}};
-    inputs.insert(inputs.end(), options.other_inputs.begin(), options.other_inputs.end());
-    if (absl::Status s = CheckOutputFile("--stats-json", stats_json, inputs); !s.ok()) {
-      return UsageError(cmd, s);
-    }
+  const std::string trace_path = args->Get("trace", "");
+  std::vector<RunInput> inputs = {{"--model", options.model_dir},
+                                  {"--hessians", options.hessians_path},
+                                  {"--out", options.out_dir}};
+  inputs.insert(inputs.end(), options.other_inputs.begin(), options.other_inputs.end());
+  for (const auto& [flag, path] :
+       {std::pair<std::string, std::string>{"--stats-json", stats_json}, {"--trace", trace_path}}) {
+    if (path.empty()) continue;
+    if (absl::Status s = CheckOutputFile(flag, path, inputs); !s.ok()) return UsageError(cmd, s);
   }
+  std::optional<Trace> trace;
+  if (!trace_path.empty()) options.trace = &trace.emplace();
   CleanStaleTempDirs(cmd, options.out_dir);
   absl::StatusOr<QuantizeReport> report = QuantizeCheckpoint(options, quantizer.get(), &progress);
   progress.Finish();
+  if (trace.has_value()) {
+    absl::Status s = ReplaceTextFile(trace_path, trace->Json());
+    if (!s.ok() && report.ok()) return Fail(cmd, s);
+    if (!s.ok()) std::cerr << "nvfp4cal quantize: --trace: " << s.message() << "\n";
+  }
   if (!report.ok()) return Fail(cmd, report.status());
   if (!stats_json.empty()) {
     if (absl::Status s = ReplaceTextFile(stats_json, FormatStatsJson(*report)); !s.ok()) {

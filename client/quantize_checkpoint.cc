@@ -244,6 +244,7 @@ absl::Status CopyUntouched(const QuantizeOptions& options, const RunInputs& in,
       if (options.cancel != nullptr && options.cancel->load()) {
         status = absl::CancelledError("interrupted");
       }
+      TraceSpan span(options.trace, "copy " + t->name, "copy");
       for (int64_t at = 0; status.ok() && at < t->num_bytes; at += kCopyPieceBytes) {
         const int64_t n = std::min(kCopyPieceBytes, t->num_bytes - at);
         status = model.shards()[s].file->ReadRange(t->data + at, n, piece.get());
@@ -314,9 +315,9 @@ absl::Status QuantizeTasks(const QuantizeOptions& options, const RunInputs& in,
                            QuantizeObserver* observer, const ShardOutputs& shards,
                            const std::atomic<bool>& copy_failed,
                            std::vector<std::optional<ModuleReport>>* module_reports,
-                           absl::Duration* write_time, QuantizeReport* report) {
+                           QuantizeReport* report) {
   const std::vector<PreparedModule>& prepared = in.prepared;
-  absl::Mutex report_mu;  // guards *write_time, *report and *module_reports in the callbacks
+  absl::Mutex report_mu;  // guards *report and *module_reports in the callbacks
   module_reports->assign(prepared.size(), std::nullopt);
   std::map<const ModulePlan*, std::unique_ptr<ModuleOutput>> outputs;
   for (const PreparedModule& m : prepared) {
@@ -347,7 +348,10 @@ absl::Status QuantizeTasks(const QuantizeOptions& options, const RunInputs& in,
     r.stats = result.stats;
     const double kernel_seconds = result.server_kernel_seconds;
     const double queue_seconds = result.server_queue_seconds;
-    const absl::Time write_start = absl::Now();
+    if (options.trace != nullptr) {
+      options.trace->Async(tasks[task].name, "quantize", m.scanned_at, absl::Now());
+    }
+    TraceSpan span(options.trace, "write " + tasks[task].name, "write");
     absl::Status written = outputs.at(&p)->Add(std::max<int64_t>(m.expert, 0), std::move(result),
                                                m.input_amax.value_or(0.0f));
     if (!written.ok()) return written;
@@ -355,7 +359,6 @@ absl::Status QuantizeTasks(const QuantizeOptions& options, const RunInputs& in,
     done(index);
     {
       absl::MutexLock lock(&report_mu);
-      *write_time += absl::Now() - write_start;
       report->server_kernel_seconds += kernel_seconds;
       report->server_queue_seconds += queue_seconds;
     }
@@ -382,16 +385,14 @@ absl::Status QuantizeTasks(const QuantizeOptions& options, const RunInputs& in,
 
 // Hands the prepared modules to the quantizer while their weights are scanned (a task waits for
 // its scan: ScanModules beside the quantizer) and writes each result as it arrives; one report
-// row per module into *module_reports (in prepared order), the time spent writing inside the
-// callbacks into *write_time, the scan's wall time into *scan_time, the servers' times into
-// *report.
+// row per module into *module_reports (in prepared order), the scan's wall time into
+// *scan_time, the servers' times into *report.
 absl::Status QuantizeModules(const QuantizeOptions& options, RunInputs& in,
                              const Nvfp4Layout& layout, Quantizer* quantizer,
                              QuantizeObserver* observer, const ShardOutputs& shards,
                              const std::atomic<bool>& copy_failed,
                              std::vector<std::optional<ModuleReport>>* module_reports,
-                             absl::Duration* write_time, absl::Duration* scan_time,
-                             QuantizeReport* report) {
+                             absl::Duration* scan_time, QuantizeReport* report) {
   std::vector<PreparedModule>& prepared = in.prepared;
   // Tasks in the scan's order (fused siblings together), so that the quantizer takes them as
   // they become ready and the read-ahead memory always goes to tasks it takes next.
@@ -414,7 +415,7 @@ absl::Status QuantizeModules(const QuantizeOptions& options, RunInputs& in,
   std::thread scanner([&] {
     const absl::Time scan_start = absl::Now();
     ScanModules(
-        &prepared, groups, in.hessians.get(), &read_ahead,
+        &prepared, groups, in.hessians.get(), &read_ahead, options.trace,
         [&] {
           return quantizer_done.load() || copy_failed.load() ||
                  (options.cancel != nullptr && options.cancel->load());
@@ -443,9 +444,8 @@ absl::Status QuantizeModules(const QuantizeOptions& options, RunInputs& in,
     }
     read_ahead.Release(std::exchange(m.read_ahead_bytes, 0));
   };
-  absl::Status quantized =
-      QuantizeTasks(options, in, layout, tasks, order, done, quantizer, observer, shards,
-                    copy_failed, module_reports, write_time, report);
+  absl::Status quantized = QuantizeTasks(options, in, layout, tasks, order, done, quantizer,
+                                         observer, shards, copy_failed, module_reports, report);
   // After a failure the tasks not yet read need no reading.
   quantizer_done.store(true);
   scanner.join();
@@ -467,7 +467,11 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
   std::optional<SerialObserver> serial;
   if (observer != nullptr) observer = &serial.emplace(observer);
   RunInputs in;
-  absl::Status read = ReadInputs(options, quantizer, observer, &in, &report);
+  absl::Status read;
+  {
+    TraceSpan span(options.trace, "open and plan", "read");
+    read = ReadInputs(options, quantizer, observer, &in, &report);
+  }
   if (!read.ok()) return read;
   const QuantizationLabel label{in.activations, options.kv_cache == KvCacheMode::kFp8};
   const Nvfp4Layout& layout = LayoutOf(options.format);
@@ -500,12 +504,10 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
     copy_time = absl::Now() - copy_begin;
   });
   const absl::Time quantize_start = absl::Now();
-  absl::Duration write_time;  // inside the quantizer's callbacks
-  absl::Duration scan_time;   // beside the quantizer
+  absl::Duration scan_time;  // beside the quantizer
   std::vector<std::optional<ModuleReport>> module_reports;
-  absl::Status quantized =
-      QuantizeModules(options, in, layout, quantizer, observer, shards, copy_failed,
-                      &module_reports, &write_time, &scan_time, &report);
+  absl::Status quantized = QuantizeModules(options, in, layout, quantizer, observer, shards,
+                                           copy_failed, &module_reports, &scan_time, &report);
   const absl::Time quantize_end = absl::Now();
   report.scan_seconds = absl::ToDoubleSeconds(scan_time);
   if (!quantized.ok()) quantize_failed.store(true);
@@ -514,7 +516,8 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
   if (!quantized.ok()) return quantized;
   report.kv_cache_scales = kv_cache_scales;
   report.copy_seconds += absl::ToDoubleSeconds(copy_time);
-  report.quantize_seconds = absl::ToDoubleSeconds(quantize_end - quantize_start - write_time);
+  // Results are written as they arrive, inside the quantize phase; `write` is what is left.
+  report.quantize_seconds = absl::ToDoubleSeconds(quantize_end - quantize_start);
   const absl::Time finish_start = absl::Now();
   for (std::optional<ModuleReport>& r : module_reports) {
     if (!r.has_value()) return absl::InternalError("a module's result never arrived");
@@ -526,7 +529,10 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
   {
     std::vector<std::thread> pool;
     for (size_t s = 0; s < shards.writers.size(); ++s) {
-      pool.emplace_back([&, s] { finished[s] = shards.writers[s]->Finish(); });
+      pool.emplace_back([&, s] {
+        TraceSpan span(options.trace, absl::StrCat("fsync shard ", s + 1), "write");
+        finished[s] = shards.writers[s]->Finish();
+      });
     }
     for (std::thread& t : pool) t.join();
   }
@@ -543,7 +549,7 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
   absl::Status renamed = ReplaceWithTempDir(*temp, target);
   if (!renamed.ok()) return renamed;
   guard.Release();
-  report.write_seconds = absl::ToDoubleSeconds(write_time + (absl::Now() - finish_start));
+  report.write_seconds = absl::ToDoubleSeconds(absl::Now() - finish_start);
   report.total_seconds = absl::ToDoubleSeconds(absl::Now() - start);
   struct rusage usage {};
   if (getrusage(RUSAGE_SELF, &usage) == 0) report.peak_rss_bytes = int64_t{usage.ru_maxrss} * 1024;

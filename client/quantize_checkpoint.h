@@ -30,6 +30,7 @@
 #include "client/checkpoint.h"
 #include "client/output_dir.h"
 #include "client/quantizer.h"
+#include "client/trace.h"
 #include "nvfp4cal/kernels/scale_search.h"
 
 namespace nvfp4cal {
@@ -149,6 +150,8 @@ struct QuantizeOptions {
   std::vector<RunInput> other_inputs;
   // Set from another thread (a signal handler) to stop between tensors with CANCELLED.
   const std::atomic<bool>* cancel = nullptr;
+  // Where the run records its stages' timeline (--trace), or null.
+  Trace* trace = nullptr;
 };
 
 // One quantized module's outcome (of each expert of a 3-D expert tensor: "<m>.<e>"), for the

@@ -195,7 +195,7 @@ int64_t PlanReadAhead(const std::vector<std::vector<size_t>>& groups,
 
 void ScanModules(std::vector<PreparedModule>* prepared,
                  const std::vector<std::vector<size_t>>& groups, HessianStore* hessians,
-                 ReadAhead* read_ahead, const std::function<bool()>& stopped,
+                 ReadAhead* read_ahead, Trace* trace, const std::function<bool()>& stopped,
                  const std::function<void(size_t, const absl::Status&)>& on_ready) {
   absl::Mutex mu;  // one on_ready call at a time
   // Group by group in order on every hardware thread, so that the first tasks are ready first.
@@ -203,7 +203,12 @@ void ScanModules(std::vector<PreparedModule>* prepared,
     int64_t bytes = 0;
     for (size_t i : groups[g]) bytes += (*prepared)[i].read_ahead_bytes;
     std::vector<absl::Status> scans(groups[g].size());
-    if (!read_ahead->Acquire(g, bytes, stopped)) {
+    bool acquired = false;
+    {
+      TraceSpan span(trace, "wait for read-ahead memory", "scan");
+      acquired = read_ahead->Acquire(g, bytes, stopped);
+    }
+    if (!acquired) {
       for (absl::Status& s : scans) {
         s = absl::CancelledError("the run stopped before this tensor was read");
       }
@@ -216,6 +221,7 @@ void ScanModules(std::vector<PreparedModule>* prepared,
                          : absl::StrCat("tensor '", plan.weight_name, "', expert ", m.expert);
         if (m.file != nullptr) {
           const int64_t n = WeightBytes(m);
+          TraceSpan span(trace, "read " + m.name, "scan");
           m.read_copy.reset(new uint8_t[static_cast<size_t>(std::max<int64_t>(n, 1))]);
           scans[k] = m.file->ReadRange(m.weights, n, m.read_copy.get());
           if (!scans[k].ok()) {
@@ -224,8 +230,10 @@ void ScanModules(std::vector<PreparedModule>* prepared,
           }
           m.weights = m.read_copy.get();
         }
-        absl::StatusOr<WeightScan> scan =
-            ScanWeights(WeightView{m.weights, plan.dtype, plan.rows, plan.cols});
+        absl::StatusOr<WeightScan> scan = [&] {
+          TraceSpan span(trace, "scan " + m.name, "scan");
+          return ScanWeights(WeightView{m.weights, plan.dtype, plan.rows, plan.cols});
+        }();
         if (!scan.ok()) {
           scans[k] = WithContext(scan.status(), where);
           continue;
@@ -233,6 +241,7 @@ void ScanModules(std::vector<PreparedModule>* prepared,
         m.own_amax = scan->amax();
         m.scan = *scan;
         if (NeedsFullHessian(m) && hessians != nullptr) {
+          TraceSpan span(trace, "Hessian " + m.hessian_entry, "scan");
           absl::StatusOr<std::shared_ptr<const FullHessian>> full =
               hessians->Full(m.hessian_entry, m.name, plan.cols, m.params.symmetry_tolerance);
           if (!full.ok()) {
@@ -251,8 +260,10 @@ void ScanModules(std::vector<PreparedModule>* prepared,
       amax = std::max(amax, (*prepared)[groups[g][k]].own_amax);
     }
     absl::MutexLock lock(&mu);
+    const absl::Time now = absl::Now();
     for (size_t i : groups[g]) {
       (*prepared)[i].global_amax = amax;
+      (*prepared)[i].scanned_at = now;
       on_ready(i, group_status);
     }
   });

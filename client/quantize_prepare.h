@@ -34,10 +34,12 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "client/checkpoint.h"
 #include "client/hessians.h"
 #include "client/quantize_checkpoint.h"
 #include "client/safetensors.h"
+#include "client/trace.h"
 #include "nvfp4cal/kernels/scale_search.h"
 
 namespace nvfp4cal::client_internal {
@@ -74,6 +76,8 @@ struct PreparedModule {
   // quantizer validates the job with it instead of reading the weights again).
   std::optional<WeightScan> scan;
   float global_amax = 0.0f;
+  // When the scan opened the unit (ScanModules, before on_ready): its start in --trace.
+  absl::Time scanned_at;
 };
 
 // Bytes of the unit's weights (rows x cols x element size).
@@ -139,10 +143,10 @@ int64_t PlanReadAhead(const std::vector<std::vector<size_t>>& groups,
 // max) is set and on_ready(index, status) is called for each of its units, with the first
 // failure among the group's reads and checks, if any. Once stopped() returns true the units not
 // yet read get CANCELLED. Returns after on_ready was called for every unit; on_ready runs on
-// the scanning threads, one call at a time.
+// the scanning threads, one call at a time. Its stages go to `trace` when not null.
 void ScanModules(std::vector<PreparedModule>* prepared,
                  const std::vector<std::vector<size_t>>& groups, HessianStore* hessians,
-                 ReadAhead* read_ahead, const std::function<bool()>& stopped,
+                 ReadAhead* read_ahead, Trace* trace, const std::function<bool()>& stopped,
                  const std::function<void(size_t, const absl::Status&)>& on_ready);
 
 // W4A4 (true) or weight-only (false) under `mode`, from which modules have an activation amax;

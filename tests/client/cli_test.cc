@@ -7,6 +7,7 @@
 #include <cstring>
 #include <filesystem>
 #include <limits>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -170,6 +171,53 @@ TEST_F(BadInputs, StatsJsonHoldsEveryModuleAndTheTotals) {
               HasSubstr("--stats-json " + model_ + "/stats.json is or lies inside --model"));
   EXPECT_FALSE(fs::exists(out_));
   EXPECT_FALSE(fs::exists(model_ + "/stats.json"));
+}
+
+// --trace: every quantized tensor from its scan to its result (an async pair), its read, scan
+// and write, and each shard's fsync, in Chrome's trace-event JSON; also written after a failure;
+// a path inside an input or --out is a usage error.
+TEST_F(BadInputs, TraceHoldsEveryStageOfEveryTensor) {
+  const std::string trace = dir_ / "trace.json";
+  const ProcessResult r = Quantize({"--trace", trace, "--quiet"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const nlohmann::json j = nlohmann::json::parse(ReadAll(trace));
+  std::map<std::string, int> spans;  // "phase name"
+  for (const auto& e : j["traceEvents"]) {
+    const std::string phase = e["ph"];
+    if (phase == "M") continue;
+    spans[phase + " " + e["name"].get<std::string>()]++;
+    EXPECT_GE(e["ts"].get<int64_t>(), 0) << e;
+    if (phase == "X") {
+      EXPECT_GE(e["dur"].get<int64_t>(), 0) << e;
+    }
+  }
+  for (const char* module : {kQ, kO}) {
+    const std::string weight = std::string(module) + ".weight";
+    EXPECT_EQ(spans["b " + weight], 1) << weight;
+    EXPECT_EQ(spans["e " + weight], 1) << weight;
+    EXPECT_EQ(spans["X write " + weight], 1) << weight;
+    EXPECT_EQ(spans["X read " + std::string(module)], 1) << module;
+    EXPECT_EQ(spans["X scan " + std::string(module)], 1) << module;
+  }
+  EXPECT_EQ(spans["X fsync shard 1"], 1);
+  EXPECT_EQ(spans["X open and plan"], 1);
+
+  // After a failure (a Hessian the run finds non-finite) the trace still holds what ran.
+  fs::remove_all(out_);
+  fs::remove(trace);
+  std::vector<float> h = FullHessian(64);
+  h[7] = std::numeric_limits<float>::quiet_NaN();
+  WriteHessians({{std::string(kQ) + ".hessian", SafetensorsDType::kF32, {64, 64}},
+                 {std::string(kO) + ".hessian", SafetensorsDType::kF32, {64, 64}}},
+                {F32Bytes(FullHessian(64)), F32Bytes(h)});
+  const ProcessResult failed = Quantize({"--trace", trace, "--method", "gptq", "--device", "cpu"});
+  EXPECT_EQ(failed.exit_code, 1) << failed.err;
+  EXPECT_THAT(ReadAll(trace), HasSubstr("\"open and plan\""));
+
+  const ProcessResult bad = Quantize({"--trace", out_ + "/t.json"});
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_THAT(bad.err, HasSubstr("--trace " + out_ + "/t.json is or lies inside --out"));
+  EXPECT_FALSE(fs::exists(out_));
 }
 
 TEST_F(BadInputs, MissingModelFolder) {

@@ -113,7 +113,7 @@ ScanOutcome Scan(Layer& layer, bool stopped, HessianStore* hessians = nullptr) {
   ScanOutcome out;
   ReadAhead read_ahead(1 << 20);
   ScanModules(
-      &layer.prepared, ScanGroups(layer.prepared), hessians, &read_ahead,
+      &layer.prepared, ScanGroups(layer.prepared), hessians, &read_ahead, nullptr,
       [stopped] { return stopped; },
       [&](size_t i, const absl::Status& s) {
         ++out.calls[i];
