@@ -437,7 +437,7 @@ absl::Status QuantizeModules(const QuantizeOptions& options, RunInputs& in,
   // A unit's result is written: its read copy and its hold on the full Hessian go.
   auto done = [&](size_t i) {
     PreparedModule& m = prepared[i];
-    m.read_copy.reset();
+    read_ahead.Give(std::move(m.read_copy), WeightBytes(m));
     if (NeedsFullHessian(m)) {
       m.hessian_full.reset();
       in.hessians->ReleaseFull(m.hessian_entry);

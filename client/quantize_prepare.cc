@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <functional>
+#include <iterator>
 #include <map>
+#include <memory>
 #include <set>
 #include <string>
 #include <utility>
@@ -159,6 +161,40 @@ int64_t ReadAhead::held() const {
   return held_;
 }
 
+std::unique_ptr<uint8_t[]> ReadAhead::Take(int64_t bytes) {
+  std::vector<std::unique_ptr<uint8_t[]>> dropped;  // freed after mu_ is released
+  {
+    absl::MutexLock lock(&mu_);
+    const auto same = pool_.find(bytes);
+    if (same != pool_.end()) {
+      std::unique_ptr<uint8_t[]> buffer = std::move(same->second);
+      pool_.erase(same);
+      pooled_ -= bytes;
+      return buffer;
+    }
+    // held_ counts this buffer already: make room for it among the pooled ones.
+    while (!pool_.empty() && pooled_ + held_ > budget_) {
+      const auto largest = std::prev(pool_.end());
+      pooled_ -= largest->first;
+      dropped.push_back(std::move(largest->second));
+      pool_.erase(largest);
+    }
+  }
+  return std::unique_ptr<uint8_t[]>(new uint8_t[static_cast<size_t>(std::max<int64_t>(bytes, 1))]);
+}
+
+void ReadAhead::Give(std::unique_ptr<uint8_t[]> buffer, int64_t bytes) {
+  if (buffer == nullptr) return;
+  absl::MutexLock lock(&mu_);
+  pool_.emplace(bytes, std::move(buffer));
+  pooled_ += bytes;
+}
+
+int64_t ReadAhead::pooled() const {
+  absl::MutexLock lock(&mu_);
+  return pooled_;
+}
+
 int64_t PlanReadAhead(const std::vector<std::vector<size_t>>& groups,
                       std::vector<PreparedModule>* prepared) {
   // 8 x 235 MB (gate and up of a Llama-3-8B layer) for weights alone; with gptq's full
@@ -222,7 +258,7 @@ void ScanModules(std::vector<PreparedModule>* prepared,
         if (m.file != nullptr) {
           const int64_t n = WeightBytes(m);
           TraceSpan span(trace, "read " + m.name, "scan");
-          m.read_copy.reset(new uint8_t[static_cast<size_t>(std::max<int64_t>(n, 1))]);
+          m.read_copy = read_ahead->Take(n);
           scans[k] = m.file->ReadRange(m.weights, n, m.read_copy.get());
           if (!scans[k].ok()) {
             scans[k] = WithContext(scans[k], where);

@@ -118,11 +118,25 @@ class ReadAhead {
   // Bytes held now.
   int64_t held() const;
 
+  // Memory for one read copy of `bytes` (within bytes taken by Acquire): a buffer of that size
+  // given back earlier when there is one, else a new one. Reuse matters: a new allocation this
+  // large is fresh pages, and the read that fills it faults every page in (slowly on sandboxed
+  // kernels), which is what reading with pread instead of through the mapping avoids. Pooled
+  // buffers of other sizes are freed first while pooled + held bytes would exceed the budget.
+  std::unique_ptr<uint8_t[]> Take(int64_t bytes);
+  // A read copy of `bytes` back for reuse by Take (before its bytes are Released).
+  void Give(std::unique_ptr<uint8_t[]> buffer, int64_t bytes);
+  // Bytes of the buffers kept for reuse.
+  int64_t pooled() const;
+
  private:
   const int64_t budget_;
   mutable absl::Mutex mu_;
   size_t next_ticket_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t held_ ABSL_GUARDED_BY(mu_) = 0;
+  // Given-back buffers by size.
+  std::multimap<int64_t, std::unique_ptr<uint8_t[]>> pool_ ABSL_GUARDED_BY(mu_);
+  int64_t pooled_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 // Sets each unit's read_ahead_bytes and returns the ReadAhead's budget: a unit takes its

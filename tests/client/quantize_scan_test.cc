@@ -525,5 +525,39 @@ TEST(ScanModules, GptqUnitsGetTheirFullHessianReadOnceAndItsBytesGoWithTheGroup)
   }
 }
 
+TEST(ReadAhead, GivenBackBuffersAreReusedBySizeAndThePoolStaysWithinTheBudget) {
+  ReadAhead read_ahead(1000);
+  ASSERT_TRUE(read_ahead.Acquire(0, 600, [] { return false; }));
+  std::unique_ptr<uint8_t[]> a = read_ahead.Take(400);
+  std::unique_ptr<uint8_t[]> b = read_ahead.Take(200);
+  const uint8_t* a_address = a.get();
+  read_ahead.Give(std::move(a), 400);
+  read_ahead.Give(std::move(b), 200);
+  read_ahead.Release(600);
+  EXPECT_EQ(read_ahead.pooled(), 600);
+  // The same size comes back; another size is new.
+  ASSERT_TRUE(read_ahead.Acquire(1, 700, [] { return false; }));
+  std::unique_ptr<uint8_t[]> c = read_ahead.Take(400);
+  EXPECT_EQ(c.get(), a_address);
+  EXPECT_EQ(read_ahead.pooled(), 200);
+  // 300 new bytes: held 700 + pooled 200 is within 1000, the pooled 200 stay.
+  std::unique_ptr<uint8_t[]> d = read_ahead.Take(300);
+  ASSERT_NE(d, nullptr);
+  EXPECT_EQ(read_ahead.pooled(), 200);
+  read_ahead.Give(std::move(c), 400);
+  read_ahead.Give(std::move(d), 300);
+  read_ahead.Release(700);
+  EXPECT_EQ(read_ahead.pooled(), 900);
+  // A group of 900 in sizes the pool lacks: pooled buffers go until pooled + held <= 1000.
+  ASSERT_TRUE(read_ahead.Acquire(2, 900, [] { return false; }));
+  std::unique_ptr<uint8_t[]> e = read_ahead.Take(900);
+  ASSERT_NE(e, nullptr);
+  EXPECT_LE(read_ahead.pooled() + read_ahead.held(), 1000);
+  EXPECT_EQ(read_ahead.pooled(), 0);
+  e[899] = 7;                   // the whole size is usable
+  read_ahead.Give(nullptr, 5);  // nothing to keep
+  EXPECT_EQ(read_ahead.pooled(), 0);
+}
+
 }  // namespace
 }  // namespace nvfp4cal::testing
