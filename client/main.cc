@@ -18,6 +18,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <iostream>
 #include <limits>
 #include <memory>
@@ -452,6 +453,13 @@ int RunQuantize(int argc, const char* const* argv) {
        {std::pair<std::string, std::string>{"--stats-json", stats_json}, {"--trace", trace_path}}) {
     if (path.empty()) continue;
     if (absl::Status s = CheckOutputFile(flag, path, inputs); !s.ok()) return UsageError(cmd, s);
+  }
+  if (!stats_json.empty() && !trace_path.empty() &&
+      std::filesystem::absolute(stats_json).lexically_normal() ==
+          std::filesystem::absolute(trace_path).lexically_normal()) {
+    return UsageError(
+        cmd, absl::InvalidArgumentError(absl::StrCat("--stats-json and --trace name the same file ",
+                                                     trace_path, "; give each its own")));
   }
   std::optional<Trace> trace;
   if (!trace_path.empty()) options.trace = &trace.emplace();

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <stdio.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
@@ -143,6 +144,17 @@ absl::Status CheckOutputFile(const std::string& flag, const std::string& path,
   if (exists && !fs::is_regular_file(file, ec)) {
     return absl::FailedPreconditionError(
         absl::StrCat(flag, " ", path, " exists and is not a regular file"));
+  }
+  // Checked now, so that a run of minutes does not end in "cannot create".
+  const fs::path folder = file.parent_path();
+  if (!fs::is_directory(folder, ec)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(flag, " ", path, ": its folder ", folder.string(), " does not exist"));
+  }
+  if (::access(folder.c_str(), W_OK) != 0) {
+    return absl::PermissionDeniedError(absl::StrCat(flag, " ", path,
+                                                    ": cannot write in its folder ",
+                                                    folder.string(), ": ", std::strerror(errno)));
   }
   return absl::OkStatus();
 }

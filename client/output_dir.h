@@ -61,7 +61,8 @@ absl::Status ReplaceWithTempDir(const std::string& temp, const OutputTarget& tar
 
 // Whether the file `path` (option `flag`, e.g. "--stats-json") may be written: INVALID_ARGUMENT
 // when it is, or lies inside, one of `inputs` (symlinks resolved), FAILED_PRECONDITION when it
-// exists and is not a regular file.
+// exists and is not a regular file or its folder does not exist, PERMISSION_DENIED when the
+// folder is not writable.
 absl::Status CheckOutputFile(const std::string& flag, const std::string& path,
                              const std::vector<RunInput>& inputs);
 

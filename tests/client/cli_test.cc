@@ -218,6 +218,21 @@ TEST_F(BadInputs, TraceHoldsEveryStageOfEveryTensor) {
   EXPECT_EQ(bad.exit_code, 2);
   EXPECT_THAT(bad.err, HasSubstr("--trace " + out_ + "/t.json is or lies inside --out"));
   EXPECT_FALSE(fs::exists(out_));
+  // Refused before the run, not after it: a folder that does not exist, one file for both.
+  const std::string nowhere = dir_ / "no-such-folder/f.json";
+  for (const char* flag : {"--trace", "--stats-json"}) {
+    const ProcessResult missing = Quantize({flag, nowhere});
+    EXPECT_EQ(missing.exit_code, 2) << flag;
+    EXPECT_THAT(missing.err, HasSubstr(std::string(flag) + " " + nowhere + ": its folder " +
+                                       (dir_ / "no-such-folder") + " does not exist"));
+    EXPECT_FALSE(fs::exists(out_)) << flag;
+  }
+  const ProcessResult same =
+      Quantize({"--trace", dir_ / "both.json", "--stats-json", dir_ / "./both.json"});
+  EXPECT_EQ(same.exit_code, 2);
+  EXPECT_THAT(same.err, HasSubstr("--stats-json and --trace name the same file"));
+  EXPECT_FALSE(fs::exists(out_));
+  EXPECT_FALSE(fs::exists(dir_ / "both.json"));
 }
 
 TEST_F(BadInputs, MissingModelFolder) {
