@@ -1,6 +1,7 @@
 #include "client/local_quantizer.h"
 
 #include <atomic>
+#include <cstdint>
 #include <map>
 #include <memory>
 #include <string>
@@ -23,7 +24,7 @@ namespace {
 constexpr int kCudaWorkers = 3;
 
 // The gptq plans of one QuantizeAll call: a cache per full Hessian (tasks with equal
-// hessian_key share one; a task without a key has its own), dropped with its plans after its
+// hessian_key share one; see KeyOf for tasks without one), dropped with its plans after its
 // last task. Per Hessian, not per matrix address: the pipeline sets full_hessian.data late (the
 // scan reads the matrix beside the quantizer) and frees it after the Hessian's last task, so an
 // address can come back for another Hessian within one call.
@@ -32,12 +33,24 @@ class HessianPlans {
   explicit HessianPlans(absl::Span<const TensorTask> tasks) : key_of_(tasks.size()) {
     for (size_t i = 0; i < tasks.size(); ++i) {
       if (tasks[i].params.method != Method::kGptq) continue;
-      key_of_[i] =
-          tasks[i].hessian_key.empty() ? absl::StrCat("\x01task ", i) : tasks[i].hessian_key;
+      key_of_[i] = KeyOf(tasks[i], i);
       Entry& e = entries_[key_of_[i]];
       if (e.cache == nullptr) e.cache = std::make_unique<GptqPlanCache>();
       ++e.remaining;
     }
+  }
+
+  // A task's Hessian: its key; without one, the matrix's address when it is set already (no
+  // gate: the caller holds it for the whole call), else the task alone.
+  static std::string KeyOf(const TensorTask& task, size_t index) {
+    if (!task.hessian_key.empty()) return task.hessian_key;
+    if (task.ready == nullptr && task.full_hessian.data != nullptr) {
+      return absl::StrCat(
+          "\x01"
+          "address ",
+          reinterpret_cast<uintptr_t>(task.full_hessian.data));
+    }
+    return absl::StrCat("\x01task ", index);
   }
 
   // The cache of gptq task `task`'s Hessian (until Done for its last task).

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -15,11 +16,15 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
 #include "client/hessians.h"
+#include "client/local_quantizer.h"
 #include "client/quantize_prepare.h"
 #include "client/quantizer.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "nvfp4cal/kernels/cpu_scale_search.h"
+#include "nvfp4cal/kernels/gptq.h"
 #include "tests/client/quantize_test_util.h"
 
 namespace nvfp4cal::testing {
@@ -557,6 +562,94 @@ TEST(ReadAhead, GivenBackBuffersAreReusedBySizeAndThePoolStaysWithinTheBudget) {
   e[899] = 7;                   // the whole size is usable
   read_ahead.Give(nullptr, 5);  // nothing to keep
   EXPECT_EQ(read_ahead.pooled(), 0);
+}
+
+// The pipeline frees a full Hessian after its last task and reads the next one into memory that
+// may sit at the same address: in-process gptq plans must follow the Hessian (its key), not the
+// address. Here two Hessians pass through one buffer, one after the other, with gated tasks.
+TEST(LocalQuantizer, GptqPlansFollowTheHessianKeyNotTheMatrixAddress) {
+  constexpr int64_t n = 32;
+  constexpr int64_t rows = 16;
+  std::vector<float> ha(n * n), hb(n * n);
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t c = 0; c < n; ++c) {
+      const float d = static_cast<float>(std::abs(r - c));
+      ha[r * n + c] = r == c ? 4.0f : 1.0f / static_cast<float>(1 + r + c);
+      hb[r * n + c] = r == c ? 6.0f : 1.0f / ((1.0f + d) * (1.0f + d));
+    }
+  }
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<std::vector<uint16_t>> weights(4, std::vector<uint16_t>(rows * n));
+  for (auto& w : weights) {
+    for (uint16_t& x : w) x = Bf16(normal(rng));
+  }
+  SearchParams params;
+  params.method = Method::kGptq;
+  auto reference = [&](size_t t, const std::vector<float>& h) {
+    GptqRequest request;
+    request.weights = {weights[t].data(), DType::kBFloat16, rows, n};
+    request.hessian = {h.data(), n};
+    request.params = params;
+    request.global_amax = 8.0f;
+    absl::StatusOr<QuantizedTensor> r = CpuGptqQuantize(request, {});
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r.ok() ? *std::move(r) : QuantizedTensor{};
+  };
+  // Tasks 0, 1 use Hessian "a"; 2, 3 use "b".
+  const QuantizedTensor wrong = reference(2, ha);  // what a stale plan would give
+  std::vector<QuantizedTensor> want;
+  for (size_t t = 0; t < 4; ++t) want.push_back(reference(t, t < 2 ? ha : hb));
+  ASSERT_NE(wrong.packed_codes, want[2].packed_codes);  // the Hessians lead to other codes
+
+  std::vector<float> buffer(n * n);
+  std::vector<TensorTask> tasks(4);
+  std::vector<std::unique_ptr<TaskGate>> gates;
+  for (size_t t = 0; t < 4; ++t) {
+    tasks[t].name = "t" + std::to_string(t);
+    tasks[t].weights = {weights[t].data(), DType::kBFloat16, rows, n};
+    tasks[t].params = params;
+    tasks[t].global_amax = 8.0f;
+    tasks[t].hessian_key = t < 2 ? "a" : "b";
+    tasks[t].full_hessian = {nullptr, n};
+    gates.push_back(std::make_unique<TaskGate>());
+    tasks[t].ready = gates.back().get();
+  }
+  std::vector<QuantizedTensor> got(4);
+  absl::Mutex mu;
+  int done = 0;
+  std::thread feeder([&] {
+    for (size_t first : {size_t{0}, size_t{2}}) {
+      std::memcpy(buffer.data(), (first == 0 ? ha : hb).data(), buffer.size() * sizeof(float));
+      for (size_t t = first; t < first + 2; ++t) {
+        tasks[t].full_hessian.data = buffer.data();
+        gates[t]->Open(absl::OkStatus());
+      }
+      // The next Hessian goes into the buffer once this one's tasks are done with it.
+      absl::MutexLock lock(&mu);
+      const int target = static_cast<int>(first) + 2;
+      auto finished = [&] {
+        mu.AssertHeld();
+        return done >= target;
+      };
+      mu.Await(absl::Condition(&finished));
+    }
+  });
+  std::unique_ptr<Quantizer> quantizer =
+      MakeLocalQuantizer(MakeCpuScaleSearch({}), "in-process cpu", 1);
+  const absl::Status status =
+      quantizer->QuantizeAll(tasks, [&](size_t t, QuantizedTensor result) -> absl::Status {
+        absl::MutexLock lock(&mu);
+        got[t] = std::move(result);
+        ++done;
+        return absl::OkStatus();
+      });
+  feeder.join();
+  ASSERT_TRUE(status.ok()) << status;
+  for (size_t t = 0; t < 4; ++t) {
+    EXPECT_EQ(got[t].packed_codes, want[t].packed_codes) << t;
+    EXPECT_EQ(got[t].scales, want[t].scales) << t;
+  }
 }
 
 }  // namespace
