@@ -16,7 +16,7 @@ read, h2d, d2h, write; cuda_layer_bench: the kernels) with the word "floor", and
 end-to-end figure is from the largest floor.
 
   bench/end_to_end_bench.py --build BUILD_DIR --work DIR [--small] [--method dss]
-                            [--servers 3] [--repeat 2] [--keep]
+                            [--servers 3] [--repeat 2] [--keep] [--trace-dir DIR]
 
 BUILD_DIR is searched for nvfp4cal, nvfp4cal-server, stage_floor_bench and cuda_layer_bench
 (a build folder or a gpu-bundle's bin/). Standard library only.
@@ -187,7 +187,15 @@ class Servers:
         return rss
 
 
-def quantize(cli, args, model, out, extra, stats, log):
+TRACES = []  # the --trace files written so far
+
+
+def quantize(cli, args, model, out, extra, stats, log, trace=None):
+    """One timed run; with --trace-dir and a `trace` label, also that run's --trace file."""
+    if args.trace_dir and trace:
+        path = os.path.join(args.trace_dir, f"{len(TRACES) + 1:02d}-{trace}.json")
+        TRACES.append(path)
+        extra = extra + ["--trace", path]
     cmd = [cli, "quantize", "--model", model, "--hessians",
            os.path.join(model, "hessians.safetensors"), "--out", out, "--method", args.method,
            "--overwrite", "--quiet", "--stats-json", stats] + extra
@@ -247,6 +255,8 @@ def main():
     p.add_argument("--client-flags", help="also time one server with these extra CLI flags "
                    "(e.g. '--chunk-kib 4096')")
     p.add_argument("--no-floors", action="store_true", help="skip the stage floors")
+    p.add_argument("--trace-dir", help="write each run's --trace timeline of this build's CLI "
+                   "into this folder (NN-LABEL.json; the baseline CLI's runs have none)")
     p.add_argument("--baseline-server-flags", help="also time one server started with these "
                    "extra flags (e.g. --cuda_workers_per_device=1), for comparison")
     args = p.parse_args()
@@ -278,11 +288,14 @@ def main():
     out = os.path.join(args.work, "out")
     stats = os.path.join(args.work, "stats.json")
     log = os.path.join(args.work, "quantize.log")
-    first = quantize(cli, args, model, ref, [], stats, log)
+    if args.trace_dir:
+        os.makedirs(args.trace_dir, exist_ok=True)
+    first = quantize(cli, args, model, ref, [], stats, log, "first")
     describe("first run", first)
     results = {}
     results["in-process"] = best_of(
-        [quantize(cli, args, model, ref, [], stats, log) for _ in range(args.repeat)])
+        [quantize(cli, args, model, ref, [], stats, log, "in-process")
+         for _ in range(args.repeat)])
     describe("in-process", results["in-process"])
     baseline = results["in-process"]["wall"]
     if args.baseline_cli:
@@ -303,8 +316,9 @@ def main():
         configs.append((args.servers, [], []))
     for count, server_flags, client_flags in configs if server and not args.no_servers else []:
         servers = Servers(server, count, args.work, server_flags)
+        tag = f"{count}-server" + ("-flags" if server_flags or client_flags else "")
         runs = [quantize(cli, args, model, out, ["--server", servers.addresses()] + client_flags,
-                         stats, log) for _ in range(args.repeat)]
+                         stats, log, tag) for _ in range(args.repeat)]
         rss = servers.stop()
         extra = server_flags + client_flags
         label = f"{count} server" + ("s" if count > 1 else "") + (" " + " ".join(extra) if extra else "")
@@ -313,6 +327,8 @@ def main():
         print(f"{'':<14} servers' peak RSS: {', '.join(f'{r:.0f} MiB' for r in rss)}; output "
               f"{compared(ref, out)} in-process")
 
+    if TRACES:
+        print(f"{'':<14} timelines (--trace): {len(TRACES)} files in {args.trace_dir}")
     weights_in, device_out, total_out = output_bytes(ref)
     print(f"\nbytes: {in_bytes / 1e9:.2f} GB read, {weights_in / 1e9:.2f} GB of weights to the "
           f"device, {device_out / 1e9:.2f} GB back, {total_out / 1e9:.2f} GB written")
