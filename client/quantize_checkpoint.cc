@@ -19,6 +19,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "client/hessians.h"
+#include "client/parallel.h"
 #include "client/quantize_output.h"
 #include "client/quantize_prepare.h"
 #include "client/temp_dir.h"
@@ -526,16 +527,10 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
 
   // Every shard's tail goes to the disk at once (fsync on a thread per shard).
   std::vector<absl::Status> finished(shards.writers.size());
-  {
-    std::vector<std::thread> pool;
-    for (size_t s = 0; s < shards.writers.size(); ++s) {
-      pool.emplace_back([&, s] {
-        TraceSpan span(options.trace, absl::StrCat("fsync shard ", s + 1), "write");
-        finished[s] = shards.writers[s]->Finish();
-      });
-    }
-    for (std::thread& t : pool) t.join();
-  }
+  ParallelFor(shards.writers.size(), [&](size_t s) {
+    TraceSpan span(options.trace, absl::StrCat("fsync shard ", s + 1), "write");
+    finished[s] = shards.writers[s]->Finish();
+  });
   for (absl::Status& f : finished) {
     if (!f.ok()) return f;
   }
