@@ -3,7 +3,6 @@
 #include <cstdint>
 #include <cstring>
 #include <utility>
-#include <vector>
 
 #include "absl/strings/str_cat.h"
 
@@ -39,35 +38,13 @@ GptqPlanCache::PlanOrError GptqPlanCache::Get(GptqBackend& backend, const std::s
     entry = slot.get();  // entries are never erased: the pointer stays valid
   }
   // The cell's lock is held while preparing and while the hook runs; mu_ is taken inside it,
-  // never the other way round (Release lets go of mu_ before it releases the cells).
+  // never the other way round.
   return entry->plan.Get(backend, hessian, params, [&](const PlanOrError& plan) {
     std::shared_ptr<void> keep = on_prepared ? on_prepared(plan) : nullptr;
     absl::MutexLock lock(&mu_);
     entry->keep = std::move(keep);
     if (plan.ok()) ++plans_prepared_;
   });
-}
-
-void GptqPlanCache::ExpectUses(const float* hessian, int uses) {
-  absl::MutexLock lock(&mu_);
-  uses_[hessian] += uses;
-}
-
-void GptqPlanCache::Release(const float* hessian) {
-  std::vector<Entry*> released;
-  std::vector<std::shared_ptr<void>> kept;  // dropped after mu_ is released
-  {
-    absl::MutexLock lock(&mu_);
-    auto it = uses_.find(hessian);
-    if (it == uses_.end() || --it->second > 0) return;
-    uses_.erase(it);
-    for (auto e = entries_.lower_bound(Key(hessian, "")); e != entries_.end(); ++e) {
-      if (std::get<0>(e->first) != hessian) break;
-      released.push_back(e->second.get());
-      kept.push_back(std::move(e->second->keep));
-    }
-  }
-  for (Entry* entry : released) entry->plan.Release();
 }
 
 int GptqPlanCache::plans_prepared() const {

@@ -8,18 +8,14 @@
 // (SharedGptqPlan) instead of repeating the factorisation; a failed preparation is kept and
 // returned to every later caller, so a Hessian is validated once.
 //
-// Lifetime, two ways:
-//   - counted: ExpectUses(hessian, n) before the work, Release(hessian) after each use; the
-//     Hessian's plans are dropped after the last (the CLI: q/k/v share one Hessian);
-//   - owned: never released, dropped with the cache (the server: one cache per full Hessian,
-//     freed when its session and last work item let go of it).
+// Plans live as long as the cache: the server keeps one cache per full Hessian, freed when its
+// session and last work item let go of it; the CLI one per Hessian (key) of a call, freed after
+// the Hessian's last tensor.
 //
-//   nvfp4cal::GptqPlanCache plans;
-//   plans.ExpectUses(h.data, 3);
+//   nvfp4cal::GptqPlanCache plans;  // one per Hessian
 //   absl::StatusOr<std::shared_ptr<const nvfp4cal::GptqPlan>> plan =
 //       plans.Get(backend, "cuda:0", h, params);
 //   ... GptqQuantizeWithPlan(backend, **plan, request) ...
-//   plans.Release(h.data);
 #ifndef NVFP4CAL_ENGINE_GPTQ_PLAN_CACHE_H_
 #define NVFP4CAL_ENGINE_GPTQ_PLAN_CACHE_H_
 
@@ -49,12 +45,6 @@ class GptqPlanCache {
                   const FullHessianView& hessian, const SearchParams& params,
                   const PreparedHook& on_prepared = nullptr);
 
-  // Counted lifetime: `uses` more uses of `hessian`'s plans are to come.
-  void ExpectUses(const float* hessian, int uses);
-  // One use of `hessian`'s plans ended; after the last expected one they are dropped (callers
-  // still holding a plan keep it alive; a later Get answers FAILED_PRECONDITION).
-  void Release(const float* hessian);
-
   // Plans prepared successfully so far.
   int plans_prepared() const;
 
@@ -68,7 +58,6 @@ class GptqPlanCache {
 
   mutable absl::Mutex mu_;
   std::map<Key, std::unique_ptr<Entry>> entries_ ABSL_GUARDED_BY(mu_);
-  std::map<const float*, int> uses_ ABSL_GUARDED_BY(mu_);
   int plans_prepared_ ABSL_GUARDED_BY(mu_) = 0;
 };
 

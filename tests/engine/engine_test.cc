@@ -215,41 +215,6 @@ TEST(GptqPlanCache, FailureIsKeptAndTheHookRunsOnceWithTheResult) {
   EXPECT_EQ(cache.plans_prepared(), 0);
 }
 
-TEST(GptqPlanCache, CountedUsesDropThePlanAndWhatTheHookKeptAfterTheLast) {
-  const std::vector<float> h(16 * 16, 1.0f);
-  const FullHessianView view{h.data(), 16};
-  CountingGptq backend;
-  std::weak_ptr<void> charge;  // stands for the server's budget charge
-  std::weak_ptr<const GptqPlan> weak_plan;
-  {
-    GptqPlanCache cache;
-    cache.ExpectUses(h.data(), 2);
-    const GptqPlanCache::PreparedHook hook = [&](const GptqPlanCache::PlanOrError&) {
-      auto kept = std::make_shared<int>(7);
-      charge = kept;
-      return std::shared_ptr<void>(kept);
-    };
-    for (const char* domain : {"cuda:0", "cpu"}) {
-      GptqPlanCache::PlanOrError plan = cache.Get(backend, domain, view, GptqParams(0.01f), hook);
-      ASSERT_TRUE(plan.ok());
-      if (std::string(domain) == "cpu") weak_plan = *plan;
-    }
-    cache.Release(h.data());  // one use left: everything stays
-    EXPECT_FALSE(charge.expired());
-    EXPECT_FALSE(weak_plan.expired());
-    EXPECT_TRUE(cache.Get(backend, "cpu", view, GptqParams(0.01f)).ok());
-    cache.Release(h.data());  // the last
-    EXPECT_TRUE(charge.expired());
-    EXPECT_TRUE(weak_plan.expired());
-    GptqPlanCache::PlanOrError late = cache.Get(backend, "cpu", view, GptqParams(0.01f));
-    ASSERT_FALSE(late.ok());
-    EXPECT_TRUE(absl::IsFailedPrecondition(late.status()));
-    EXPECT_EQ(backend.prepared.load(), 2);
-    // Releasing a Hessian with no expected uses changes nothing.
-    cache.Release(h.data());
-  }
-}
-
 TEST(GptqPlanCache, OwnedPlansLiveUntilTheCacheGoes) {
   const std::vector<float> h(16 * 16, 1.0f);
   CountingGptq backend;
