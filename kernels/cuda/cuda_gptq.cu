@@ -195,8 +195,8 @@ class CudaGptq : public GptqBackend {
 
   absl::StatusOr<std::shared_ptr<const GptqPlan>> Prepare(const FullHessianView& hessian,
                                                           const SearchParams& params) override {
-    NVFP4_RETURN_IF_ERROR(ValidateGptqHessian(hessian, params));
     const auto start = std::chrono::steady_clock::now();
+    NVFP4_RETURN_IF_ERROR(ValidateGptqHessian(hessian, params));
     absl::StatusOr<GptqOrder> order = ComputeGptqOrder(hessian, params.gptq.act_order);
     if (!order.ok()) return order.status();
     const int64_t n = hessian.n;
