@@ -175,8 +175,8 @@ absl::StatusOr<const SafetensorsTensor*> HessianStore::FindF32(const std::string
   return t;
 }
 
-absl::StatusOr<std::shared_ptr<const std::vector<float>>> HessianStore::Blocks(
-    const std::string& entry, const std::string& module, int64_t cols, float symmetry_tolerance) {
+absl::StatusOr<bool> HessianStore::BlocksFromFull(const std::string& entry,
+                                                  const std::string& module, int64_t cols) const {
   absl::StatusOr<const SafetensorsTensor*> found = FindF32(entry, module);
   if (!found.ok()) return found.status();
   const SafetensorsTensor* t = *found;
@@ -188,27 +188,30 @@ absl::StatusOr<std::shared_ptr<const std::vector<float>>> HessianStore::Blocks(
                absl::StrCat("shape ", ShapeString(t->shape), " does not match in = ", cols,
                             " (expected [", cols, ", ", cols, "] or [", cols / 16, ", 16, 16])"));
   }
-  {
-    absl::MutexLock lock(&mu_);
-    const auto it = cache_.find(entry);
-    if (it != cache_.end() && it->second->size() == static_cast<size_t>(cols * 16)) {
-      return it->second;
-    }
-  }
+  return full;
+}
+
+absl::StatusOr<std::shared_ptr<const std::vector<float>>> HessianStore::ExtractBlocks(
+    const SafetensorsTensor& t, bool full, const std::string& entry, const std::string& module,
+    int64_t cols, float symmetry_tolerance, const ScratchMemory* scratch) const {
   std::vector<float> blocks;
   if (full) {
     // A temporary copy: only the blocks are kept.
-    std::unique_ptr<uint8_t[]> copy(
-        new uint8_t[static_cast<size_t>(std::max<int64_t>(t->num_bytes, 1))]);
-    if (absl::Status read = ReadTensor(*file_, *t, copy.get()); !read.ok()) return read;
+    const int64_t bytes = std::max<int64_t>(t.num_bytes, 1);
+    std::unique_ptr<uint8_t[]> copy =
+        scratch != nullptr ? scratch->take(bytes)
+                           : std::unique_ptr<uint8_t[]>(new uint8_t[static_cast<size_t>(bytes)]);
+    absl::Status checked = ReadTensor(*file_, t, copy.get());
     std::string what;
-    if (!CheckFullMatrix(copy.get(), cols, symmetry_tolerance, &what).ok()) {
-      return Bad(path(), entry, module, what);
+    if (checked.ok() && !CheckFullMatrix(copy.get(), cols, symmetry_tolerance, &what).ok()) {
+      checked = Bad(path(), entry, module, what);
     }
-    blocks = ExtractDiagonalBlocks(copy.get(), cols);
+    if (checked.ok()) blocks = ExtractDiagonalBlocks(copy.get(), cols);
+    if (scratch != nullptr) scratch->give(std::move(copy), bytes);
+    if (!checked.ok()) return checked;
   } else {
     blocks.resize(static_cast<size_t>(cols * 16));
-    std::memcpy(blocks.data(), t->data, blocks.size() * sizeof(float));
+    std::memcpy(blocks.data(), t.data, blocks.size() * sizeof(float));
     for (size_t i = 0; i < blocks.size(); ++i) {
       if (!std::isfinite(blocks[i])) {
         return Bad(path(), entry, module,
@@ -216,12 +219,30 @@ absl::StatusOr<std::shared_ptr<const std::vector<float>>> HessianStore::Blocks(
                                 ", ", i % 16, "]"));
       }
     }
-    file_->DropPages(t->data, t->num_bytes);  // copied
+    file_->DropPages(t.data, t.num_bytes);  // copied
   }
-  auto shared = std::make_shared<const std::vector<float>>(std::move(blocks));
-  absl::MutexLock lock(&mu_);
-  cache_[entry] = shared;
-  return shared;
+  return std::make_shared<const std::vector<float>>(std::move(blocks));
+}
+
+absl::StatusOr<std::shared_ptr<const std::vector<float>>> HessianStore::Blocks(
+    const std::string& entry, const std::string& module, int64_t cols, float symmetry_tolerance,
+    const ScratchMemory* scratch) {
+  absl::StatusOr<bool> full = BlocksFromFull(entry, module, cols);
+  if (!full.ok()) return full.status();
+  std::shared_ptr<BlockSlot> slot;
+  {
+    absl::MutexLock lock(&mu_);
+    std::shared_ptr<BlockSlot>& s = blocks_[entry];
+    if (s == nullptr) s = std::make_shared<BlockSlot>();
+    slot = s;
+  }
+  absl::MutexLock lock(&slot->mu);  // a second caller waits for the first one's extraction
+  if (!slot->done) {
+    slot->blocks =
+        ExtractBlocks(*file_->Find(entry), *full, entry, module, cols, symmetry_tolerance, scratch);
+    slot->done = true;
+  }
+  return slot->blocks;
 }
 
 absl::StatusOr<const SafetensorsTensor*> HessianStore::FullEntry(const std::string& entry,

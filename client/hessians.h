@@ -22,6 +22,7 @@
 #define NVFP4CAL_CLIENT_HESSIANS_H_
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -40,6 +41,14 @@ struct FullHessian {
   int64_t n = 0;
 };
 
+// Where HessianStore::Blocks takes the temporary copy of a full matrix from and gives it back
+// to (the pipeline's read-ahead pool, so that the copy is counted and its pages are reused);
+// without one it allocates.
+struct ScratchMemory {
+  std::function<std::unique_ptr<uint8_t[]>(int64_t bytes)> take;
+  std::function<void(std::unique_ptr<uint8_t[]>, int64_t bytes)> give;
+};
+
 class HessianStore {
  public:
   // Opens the file (NOT_FOUND / INVALID_ARGUMENT naming it, as SafetensorsFile::Open).
@@ -52,14 +61,20 @@ class HessianStore {
   absl::StatusOr<std::string> FindEntry(const std::string& module) const;
 
   // The diagonal blocks [cols/16, 16, 16] of `entry` for a module with `cols` inputs, extracted
-  // and validated once per entry and then shared. INVALID_ARGUMENT naming the entry (and the
-  // module) for a dtype other than F32, a shape other than [cols, cols] or [cols/16, 16, 16],
-  // non-finite values, or (full matrices) |H_ab - H_ba| > symmetry_tolerance * max_c H_cc.
-  // Thread-safe.
-  absl::StatusOr<std::shared_ptr<const std::vector<float>>> Blocks(const std::string& entry,
-                                                                   const std::string& module,
-                                                                   int64_t cols,
-                                                                   float symmetry_tolerance);
+  // and validated once per entry and then shared (concurrent first callers wait for one
+  // extraction; later callers share the blocks or the same error). A full matrix is read with
+  // pread on every hardware thread into a temporary copy (from `scratch` when given), checked
+  // and cut into its blocks. INVALID_ARGUMENT naming the entry (and the module) for a dtype
+  // other than F32, a shape other than [cols, cols] or [cols/16, 16, 16], non-finite values, or
+  // (full matrices) |H_ab - H_ba| > symmetry_tolerance * max_c H_cc. Thread-safe.
+  absl::StatusOr<std::shared_ptr<const std::vector<float>>> Blocks(
+      const std::string& entry, const std::string& module, int64_t cols, float symmetry_tolerance,
+      const ScratchMemory* scratch = nullptr);
+  // Whether Blocks of `entry` reads a full [cols, cols] matrix (gigabytes for a large model: the
+  // pipeline runs it beside the quantizer) rather than the block layout (read at once). The
+  // header checks of Blocks (dtype, shape) without reading the data.
+  absl::StatusOr<bool> BlocksFromFull(const std::string& entry, const std::string& module,
+                                      int64_t cols) const;
 
   // The activation amax recorded for `entry`'s input: the scalar fp32 entry named like it with
   // `.input_amax` instead of `.hessian` (shape [] or [1]); nullopt when the file has none, so
@@ -101,7 +116,17 @@ class HessianStore {
 
   std::unique_ptr<SafetensorsFile> file_;
   absl::Mutex mu_;
-  std::map<std::string, std::shared_ptr<const std::vector<float>>> cache_ ABSL_GUARDED_BY(mu_);
+  // An entry's diagonal blocks (or its error), extracted once under the slot's own lock.
+  struct BlockSlot {
+    absl::Mutex mu;
+    bool done ABSL_GUARDED_BY(mu) = false;
+    absl::StatusOr<std::shared_ptr<const std::vector<float>>> blocks ABSL_GUARDED_BY(mu);
+  };
+  std::map<std::string, std::shared_ptr<BlockSlot>> blocks_ ABSL_GUARDED_BY(mu_);
+  // Reads and checks `t` (BlocksFromFull's header checks passed) and extracts its blocks.
+  absl::StatusOr<std::shared_ptr<const std::vector<float>>> ExtractBlocks(
+      const SafetensorsTensor& t, bool full, const std::string& entry, const std::string& module,
+      int64_t cols, float symmetry_tolerance, const ScratchMemory* scratch) const;
   // A full matrix with expected uses: read and checked once (under its own lock), kept until the
   // uses are released.
   struct FullSlot {

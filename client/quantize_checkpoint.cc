@@ -293,8 +293,9 @@ std::vector<TensorTask> MakeTasks(const std::vector<PreparedModule>& prepared,
     task.name =
         m.expert < 0 ? m.plan->weight_name : absl::StrCat(m.plan->weight_name, "[", m.expert, "]");
     task.weights = {m.weights, m.plan->dtype, m.plan->rows, m.plan->cols};
-    if (m.hessian_blocks != nullptr) {
-      task.hessians = {m.hessian_blocks->data(), m.plan->cols / 16};
+    if (m.hessian_blocks != nullptr || m.blocks_from_full) {
+      // From a full matrix the blocks come with the scan (data set then).
+      task.hessians = {m.blocks_from_full ? nullptr : m.hessian_blocks->data(), m.plan->cols / 16};
       task.hessian_key = m.hessian_entry;
     }
     if (NeedsFullHessian(m)) {
@@ -430,6 +431,9 @@ absl::Status QuantizeModules(const QuantizeOptions& options, RunInputs& in,
             if (prepared[i].hessian_full != nullptr) {
               task.full_hessian.data = prepared[i].hessian_full->data.get();
             }
+            if (prepared[i].blocks_from_full) {
+              task.hessians.data = prepared[i].hessian_blocks->data();
+            }
           }
           gates[task_of[i]]->Open(status);
         });
@@ -535,13 +539,22 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
     if (!f.ok()) return f;
   }
   // Index, configs.
-  absl::Status written = WriteIndexAndConfigs(*in.checkpoint, shards.weight_map, report.bytes_out,
-                                              in.exclude_modules, label, options.format, *temp);
+  absl::Status written;
+  {
+    TraceSpan span(options.trace, "index and configs", "write");
+    written = WriteIndexAndConfigs(*in.checkpoint, shards.weight_map, report.bytes_out,
+                                   in.exclude_modules, label, options.format, *temp);
+  }
   if (!written.ok()) return written;
   if (options.cancel != nullptr && options.cancel->load()) {
     return absl::CancelledError("interrupted");
   }
-  absl::Status renamed = ReplaceWithTempDir(*temp, target);
+  absl::Status renamed;
+  {
+    // With --overwrite this removes the previous output.
+    TraceSpan span(options.trace, "rename to --out", "write");
+    renamed = ReplaceWithTempDir(*temp, target);
+  }
   if (!renamed.ok()) return renamed;
   guard.Release();
   report.write_seconds = absl::ToDoubleSeconds(absl::Now() - finish_start);

@@ -65,10 +65,16 @@ absl::Status PrepareUnit(const QuantizeOptions& options, const Checkpoint& check
       return full;
     }
   } else if (!m.hessian_entry.empty()) {
-    absl::StatusOr<std::shared_ptr<const std::vector<float>>> blocks =
-        hessians->Blocks(m.hessian_entry, m.name, plan.cols, options.params.symmetry_tolerance);
-    if (!blocks.ok()) return blocks.status();
-    m.hessian_blocks = *std::move(blocks);
+    // A full matrix: the header now; the scan reads and checks it and cuts out the blocks.
+    absl::StatusOr<bool> from_full = hessians->BlocksFromFull(m.hessian_entry, m.name, plan.cols);
+    if (!from_full.ok()) return from_full.status();
+    m.blocks_from_full = *from_full;
+    if (!m.blocks_from_full) {
+      absl::StatusOr<std::shared_ptr<const std::vector<float>>> blocks =
+          hessians->Blocks(m.hessian_entry, m.name, plan.cols, options.params.symmetry_tolerance);
+      if (!blocks.ok()) return blocks.status();
+      m.hessian_blocks = *std::move(blocks);
+    }
   }
   const int element = DTypeSize(plan.dtype);
   const int64_t bytes = plan.rows * plan.cols * element;
@@ -217,7 +223,7 @@ int64_t PlanReadAhead(const std::vector<std::vector<size_t>>& groups,
     // Each Hessian this group reads first goes with the group's last unit that uses it.
     for (size_t k = group.size(); k-- > 0;) {
       PreparedModule& m = (*prepared)[group[k]];
-      if (NeedsFullHessian(m) && hessians_read.insert(m.hessian_entry).second) {
+      if (ScanReadsFullMatrix(m) && hessians_read.insert(m.hessian_entry).second) {
         const int64_t bytes = m.plan->cols * m.plan->cols * static_cast<int64_t>(sizeof(float));
         m.read_ahead_bytes += bytes;
         total += bytes;
@@ -285,6 +291,21 @@ void ScanModules(std::vector<PreparedModule>* prepared,
             continue;
           }
           m.hessian_full = *std::move(full);
+        }
+        if (m.blocks_from_full && hessians != nullptr) {
+          TraceSpan span(trace, "Hessian blocks " + m.hessian_entry, "scan");
+          const ScratchMemory scratch{
+              [read_ahead](int64_t size) { return read_ahead->Take(size); },
+              [read_ahead](std::unique_ptr<uint8_t[]> buffer, int64_t size) {
+                read_ahead->Give(std::move(buffer), size);
+              }};
+          absl::StatusOr<std::shared_ptr<const std::vector<float>>> blocks = hessians->Blocks(
+              m.hessian_entry, m.name, plan.cols, m.params.symmetry_tolerance, &scratch);
+          if (!blocks.ok()) {
+            scans[k] = blocks.status();  // names the file, the entry and the module
+            continue;
+          }
+          m.hessian_blocks = *std::move(blocks);
         }
       }
     }

@@ -65,7 +65,11 @@ struct PreparedModule {
   std::string hessian_entry;
   // Activation amax of the module's input (the Hessians file's `.input_amax`), when recorded.
   std::optional<float> input_amax;
+  // The Hessian's diagonal blocks (HessianStore::Blocks). From a block-layout entry set by
+  // PrepareModules; from a full [cols, cols] one (blocks_from_full) set by the scan, which reads
+  // and checks the matrix beside the quantizer (once per entry).
   std::shared_ptr<const std::vector<float>> hessian_blocks;
+  bool blocks_from_full = false;
   // Full [cols, cols] Hessian (method gptq, NeedsFullHessian): read and checked by the scan
   // (HessianStore::Full, shared by the units of one entry), dropped once the unit's result is
   // written (with HessianStore::ReleaseFull).
@@ -88,6 +92,12 @@ inline int64_t WeightBytes(const PreparedModule& m) {
 // Whether the scan reads the unit's full Hessian (method gptq with a Hessian entry).
 inline bool NeedsFullHessian(const PreparedModule& m) {
   return m.params.method == Method::kGptq && !m.hessian_entry.empty();
+}
+
+// Whether the scan reads a full [cols, cols] matrix for the unit: gptq's, or one the diagonal
+// blocks are cut from (its temporary copy counts in the read-ahead as gptq's does).
+inline bool ScanReadsFullMatrix(const PreparedModule& m) {
+  return NeedsFullHessian(m) || m.blocks_from_full;
 }
 
 // Every quantized module of `plans` (each expert of a 3-D one) into *prepared, in plan order,
@@ -141,9 +151,9 @@ class ReadAhead {
 
 // Sets each unit's read_ahead_bytes and returns the ReadAhead's budget: a unit takes its
 // weights' bytes (when read from a file) and, for the last unit of the group that reads a full
-// Hessian first, that Hessian's bytes; the budget holds 8 groups' weights or 3 groups with
-// their Hessians, the larger. (A Hessian shared by later groups counts with its first group
-// only, so that no group waits for memory that only a later group gives back.)
+// matrix first (ScanReadsFullMatrix), that matrix's bytes; the budget holds 8 groups' weights or 3
+// groups with their Hessians, the larger. (A Hessian shared by later groups counts with its first
+// group only, so that no group waits for memory that only a later group gives back.)
 int64_t PlanReadAhead(const std::vector<std::vector<size_t>>& groups,
                       std::vector<PreparedModule>* prepared);
 
@@ -153,7 +163,9 @@ int64_t PlanReadAhead(const std::vector<std::vector<size_t>>& groups,
 // read_copy, which `weights` then points to; units without a file are scanned where they are),
 // then ScanWeights (rejects NaN/Inf naming the tensor; its scan and amax go into the unit), and
 // for NeedsFullHessian units the matrix (`hessians`->Full: read and checked once per entry)
-// into hessian_full. Once a group is done its global amax (fused siblings share the group's
+// into hessian_full, for blocks_from_full units the diagonal blocks (`hessians`->Blocks: the
+// matrix read into a buffer of `read_ahead`'s pool, checked and cut, once per entry) into
+// hessian_blocks. Once a group is done its global amax (fused siblings share the group's
 // max) is set and on_ready(index, status) is called for each of its units, with the first
 // failure among the group's reads and checks, if any. Once stopped() returns true the units not
 // yet read get CANCELLED. Returns after on_ready was called for every unit; on_ready runs on

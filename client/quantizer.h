@@ -30,8 +30,9 @@
 namespace nvfp4cal {
 
 // When a task's late fields are set. The pipeline hands every task to the quantizer at once and
-// fills weights.data, global_amax, weight_scan and full_hessian.data as the read and scan of the
-// weights and full Hessians (which run beside the quantizer) reach each task; it opens the
+// fills weights.data, global_amax, weight_scan, full_hessian.data and (blocks cut from a full
+// matrix) hessians.data as the read and scan of the weights and full Hessians (which run beside
+// the quantizer) reach each task; it opens the
 // task's gate then, or with the error that stopped it.
 //
 //   TaskGate gate;                       // the pipeline, one per task
@@ -78,7 +79,8 @@ struct TensorTask {
   std::string name;
   WeightView weights;
   // Diagonal Hessian blocks [cols / 16, 16, 16]; null data when the method needs none and none
-  // was given.
+  // was given. With a gate, num_blocks is set at once and data may come late (blocks the
+  // pipeline cuts from a full matrix as it reads it).
   BlockHessiansView hessians;
   // Identifies the Hessian: tasks with equal non-empty keys share the very same blocks (q/k/v,
   // gate/up), so a remote session sends them once.
@@ -95,10 +97,10 @@ struct TensorTask {
   // The scan of `weights` when the caller took one (ScanWeights: finite, their amax): the
   // in-process quantizer validates the task with it instead of reading the weights again.
   std::optional<WeightScan> weight_scan;
-  // Null when every field is set; otherwise weights.data, global_amax, weight_scan and
-  // full_hessian.data may be read only after AwaitTask returned OK (a quantizer waits for each
-  // task before its first use of them), and weights.data and full_hessian.data only until the
-  // task's result was handed over (the pipeline then frees what it read).
+  // Null when every field is set; otherwise weights.data, global_amax, weight_scan,
+  // hessians.data and full_hessian.data may be read only after AwaitTask returned OK (a quantizer
+  // waits for each task before its first use of them), and weights.data and full_hessian.data only
+  // until the task's result was handed over (the pipeline then frees what it read).
   const TaskGate* ready = nullptr;
 };
 

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_join.h"
 #include "client/safetensors.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -396,19 +397,23 @@ TEST_F(BadInputs, NonSymmetricHessian) {
   ExpectFailure(Quantize(), "not symmetric: H[0, 1] = 1.5 but H[1, 0] = 0.5");
 }
 
-TEST_F(BadInputs, NonSymmetricHessianWithGptqFailsMidRunAndLeavesNothing) {
-  // gptq's full matrices are checked as the run reads them (beside the quantizer), after the
-  // output folder was begun: the failure still leaves no --out and no temporary folder.
+TEST_F(BadInputs, NonSymmetricFullHessianFailsMidRunAndLeavesNothing) {
+  // Full matrices (gptq's, and those the other methods cut their diagonal blocks from) are
+  // checked as the run reads them (beside the quantizer), after the output folder was begun:
+  // the failure still leaves no --out and no temporary folder.
   std::vector<float> h = FullHessian(64);
   h[3 * 64 + 40] = 2.5f;  // H[3, 40] != H[40, 3]
   WriteHessians({{std::string(kQ) + ".hessian", SafetensorsDType::kF32, {64, 64}},
                  {std::string(kO) + ".hessian", SafetensorsDType::kF32, {64, 64}}},
                 {F32Bytes(FullHessian(64)), F32Bytes(h)});
-  for (const char* device : {"cpu", "auto"}) {
-    SCOPED_TRACE(device);
-    ExpectFailure(Quantize({"--method", "gptq", "--device", device}),
-                  std::string("Hessian '") + kO + ".hessian' (for " + kO +
-                      "): not symmetric: H[3, 40] = 2.5 but H[40, 3]");
+  const std::vector<std::vector<std::string>> runs = {{"--method", "gptq", "--device", "cpu"},
+                                                      {"--method", "gptq", "--device", "auto"},
+                                                      {"--method", "dss", "--device", "cpu"},
+                                                      {"--method", "local_hessian"}};
+  for (const std::vector<std::string>& flags : runs) {
+    SCOPED_TRACE(absl::StrJoin(flags, " "));
+    ExpectFailure(Quantize(flags), std::string("Hessian '") + kO + ".hessian' (for " + kO +
+                                       "): not symmetric: H[3, 40] = 2.5 but H[40, 3]");
   }
 }
 

@@ -530,6 +530,157 @@ TEST(ScanModules, GptqUnitsGetTheirFullHessianReadOnceAndItsBytesGoWithTheGroup)
   }
 }
 
+TEST(HessianStore, BlocksFromFullTellsTheLayoutByTheHeaderAlone) {
+  TempFolder dir("blocks_layout");
+  constexpr int64_t n = 32;
+  std::vector<float> blocks(static_cast<size_t>(n * 16), 1.0f);
+  blocks[3] = std::numeric_limits<float>::quiet_NaN();  // not read by BlocksFromFull
+  SafetensorsTensorData blocked{{"b", SafetensorsDType::kF32, {n / 16, 16, 16}}, {}};
+  blocked.bytes.resize(blocks.size() * 4);
+  std::memcpy(blocked.bytes.data(), blocks.data(), blocked.bytes.size());
+  SafetensorsTensorData half{{"f16", SafetensorsDType::kF16, {n, n}}, {}};
+  half.bytes.resize(static_cast<size_t>(n * n * 2));
+  std::vector<float> full(static_cast<size_t>(n * n), std::numeric_limits<float>::infinity());
+  SafetensorsTensorData matrix{{"h", SafetensorsDType::kF32, {n, n}}, {}};
+  matrix.bytes.resize(full.size() * 4);
+  std::memcpy(matrix.bytes.data(), full.data(), matrix.bytes.size());
+  ASSERT_TRUE(WriteSafetensorsFile(dir / "h.safetensors", {blocked, half, matrix}, {}).ok());
+  absl::StatusOr<std::unique_ptr<HessianStore>> store = HessianStore::Open(dir / "h.safetensors");
+  ASSERT_TRUE(store.ok()) << store.status();
+  absl::StatusOr<bool> from_full = (*store)->BlocksFromFull("h", "m", n);
+  ASSERT_TRUE(from_full.ok()) << from_full.status();
+  EXPECT_TRUE(*from_full);  // its values are not read: all infinite
+  from_full = (*store)->BlocksFromFull("b", "m", n);
+  ASSERT_TRUE(from_full.ok()) << from_full.status();
+  EXPECT_FALSE(*from_full);
+  from_full = (*store)->BlocksFromFull("h", "m", 48);
+  EXPECT_EQ(from_full.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(from_full.status().message()),
+              HasSubstr("Hessian 'h' (for m): shape [32, 32] does not match in = 48"));
+  from_full = (*store)->BlocksFromFull("f16", "m", n);
+  EXPECT_THAT(std::string(from_full.status().message()), HasSubstr("dtype F16, expected F32"));
+  from_full = (*store)->BlocksFromFull("none", "m", n);
+  EXPECT_THAT(std::string(from_full.status().message()), HasSubstr("no such entry"));
+  // Blocks reads them: the full matrix's and the blocks' defects show there.
+  EXPECT_THAT(std::string((*store)->Blocks("h", "m", n, 1e-3f).status().message()),
+              HasSubstr("non-finite value at [0, 0]"));
+  EXPECT_THAT(std::string((*store)->Blocks("b", "m", n, 1e-3f).status().message()),
+              HasSubstr("non-finite value in block 0 at [0, 3]"));
+}
+
+TEST(HessianStore, BlocksOfAFullMatrixAreCutOnceInScratchMemoryForConcurrentCallers) {
+  TempFolder dir("blocks_once");
+  constexpr int64_t n = 64;
+  std::unique_ptr<HessianStore> store = FullHessianFile(dir / "h.safetensors", n, [](float*) {});
+  ASSERT_NE(store, nullptr);
+  std::atomic<int> taken{0};
+  std::atomic<int> given{0};
+  std::atomic<int64_t> given_bytes{0};
+  const ScratchMemory scratch{
+      [&](int64_t bytes) {
+        ++taken;
+        return std::unique_ptr<uint8_t[]>(new uint8_t[static_cast<size_t>(bytes)]);
+      },
+      [&](std::unique_ptr<uint8_t[]> buffer, int64_t bytes) {
+        EXPECT_NE(buffer, nullptr);
+        ++given;
+        given_bytes += bytes;
+      }};
+  std::vector<std::shared_ptr<const std::vector<float>>> got(4);
+  std::vector<std::thread> callers;
+  for (size_t t = 0; t < got.size(); ++t) {
+    callers.emplace_back([&, t] {
+      absl::StatusOr<std::shared_ptr<const std::vector<float>>> blocks =
+          store->Blocks("h", "q", n, 1e-3f, &scratch);
+      if (blocks.ok()) got[t] = *std::move(blocks);
+    });
+  }
+  for (std::thread& t : callers) t.join();
+  EXPECT_EQ(taken.load(), 1);
+  EXPECT_EQ(given.load(), 1);
+  EXPECT_EQ(given_bytes.load(), n * n * 4);
+  for (const auto& g : got) {
+    ASSERT_NE(g, nullptr);
+    EXPECT_EQ(g.get(), got[0].get());
+  }
+  ASSERT_EQ(got[0]->size(), static_cast<size_t>(n * 16));
+  // Block j, [a, b] = H[16 j + a, 16 j + b] (FullHessianFile: 4 on the diagonal, 1 / (1 + r + c)).
+  for (int64_t j = 0; j < n / 16; ++j) {
+    for (int64_t a = 0; a < 16; ++a) {
+      for (int64_t b = 0; b < 16; ++b) {
+        const int64_t r = 16 * j + a;
+        const int64_t c = 16 * j + b;
+        EXPECT_EQ((*got[0])[static_cast<size_t>(j * 256 + a * 16 + b)],
+                  r == c ? 4.0f : 1.0f / static_cast<float>(1 + r + c));
+      }
+    }
+  }
+  // A defect: the scratch memory still goes back, and every caller gets the first one's error.
+  store = FullHessianFile(dir / "bad.safetensors", n, [](float* h) { h[5 * n + 40] = 2.0f; });
+  ASSERT_NE(store, nullptr);
+  for (const char* module : {"q", "k"}) {
+    absl::StatusOr<std::shared_ptr<const std::vector<float>>> blocks =
+        store->Blocks("h", module, n, 1e-3f, &scratch);
+    EXPECT_EQ(blocks.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(blocks.status().message()),
+                HasSubstr("Hessian 'h' (for q): not symmetric: H[5, 40] = 2"));
+  }
+  EXPECT_EQ(taken.load(), 2);
+  EXPECT_EQ(given.load(), 2);
+}
+
+TEST(ScanModules, BlocksOfAFullMatrixComeFromTheScanOncePerEntryThroughThePool) {
+  TempFolder dir("scan_blocks");
+  constexpr int64_t n = 32;  // Layer's cols
+  for (const bool bad : {false, true}) {
+    SCOPED_TRACE(bad ? "asymmetric" : "clean");
+    std::unique_ptr<HessianStore> store =
+        FullHessianFile(dir / (bad ? "bad.safetensors" : "h.safetensors"), n, [bad](float* h) {
+          if (bad) h[4 * n + 9] = 3.0f;
+        });
+    ASSERT_NE(store, nullptr);
+    Layer layer(12);
+    for (size_t i : {0, 1, 2, 6}) {  // q, k, v share "h"; down uses it too (another group)
+      PreparedModule& m = layer.prepared[i];
+      m.hessian_entry = "h";
+      absl::StatusOr<bool> from_full = store->BlocksFromFull("h", m.name, n);
+      ASSERT_TRUE(from_full.ok()) << from_full.status();
+      m.blocks_from_full = *from_full;
+      ASSERT_TRUE(ScanReadsFullMatrix(m));
+    }
+    const std::vector<std::vector<size_t>> groups = ScanGroups(layer.prepared);
+    // The temporary copy counts like gptq's matrix: once, with v (the first group's last unit).
+    const int64_t budget = PlanReadAhead(groups, &layer.prepared);
+    EXPECT_EQ(budget, 3 * n * n * 4);
+    for (size_t i = 0; i < 7; ++i) {
+      EXPECT_EQ(layer.prepared[i].read_ahead_bytes, i == 2 ? n * n * 4 : 0) << i;
+    }
+    ReadAhead read_ahead(budget);
+    std::map<size_t, absl::Status> status;
+    ScanModules(
+        &layer.prepared, groups, store.get(), &read_ahead, nullptr, [] { return false; },
+        [&](size_t i, const absl::Status& s) { status[i] = s; });
+    // One read: one buffer of the matrix's size went back to the pool.
+    EXPECT_EQ(read_ahead.pooled(), n * n * 4);
+    for (size_t i = 0; i < 7; ++i) {
+      const bool with = i <= 2 || i == 6;
+      if (bad && with) {
+        EXPECT_EQ(status.at(i).code(), absl::StatusCode::kInvalidArgument) << i;
+        EXPECT_THAT(std::string(status.at(i).message()), HasSubstr("not symmetric: H[4, 9] = 3"))
+            << i;
+        EXPECT_EQ(layer.prepared[i].hessian_blocks, nullptr) << i;
+        continue;
+      }
+      EXPECT_TRUE(status.at(i).ok()) << i << ": " << status.at(i);
+      EXPECT_EQ(layer.prepared[i].hessian_blocks != nullptr, with) << i;
+      if (with) {
+        EXPECT_EQ(layer.prepared[i].hessian_blocks.get(), layer.prepared[0].hessian_blocks.get());
+        EXPECT_EQ((*layer.prepared[i].hessian_blocks)[256 + 1], 1.0f / (1 + 16 + 17));
+      }
+    }
+  }
+}
+
 TEST(ReadAhead, GivenBackBuffersAreReusedBySizeAndThePoolStaysWithinTheBudget) {
   ReadAhead read_ahead(1000);
   ASSERT_TRUE(read_ahead.Acquire(0, 600, [] { return false; }));
