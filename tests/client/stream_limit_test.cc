@@ -10,6 +10,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -166,13 +167,20 @@ TEST(StreamLimit, RefusedSessionsLeaveTheirTensorsToTheAcceptedOne) {
   ASSERT_TRUE(single.status.ok()) << single.status;
   ASSERT_THAT(single.results, SizeIs(in.tasks.size()));
 
-  // Three sessions; the first result holds the accepted session (and the server's one slot)
-  // until the other two were refused, so that both are, whatever the threads' timing.
-  Collector* collector_ptr = nullptr;
-  Collector collector([&collector_ptr] { collector_ptr->AwaitNotes(2); });
-  collector_ptr = &collector;
+  // Three sessions; every task waits for a gate that opens once the other two were refused, so
+  // that the accepted session (and the server's one slot) stays open until then, whatever the
+  // threads' timing (a stream whose results were all sent ends, freeing the slot).
+  std::vector<TensorTask> gated = in.tasks;
+  TaskGate gate;
+  for (TensorTask& task : gated) task.ready = &gate;
+  Collector collector;
+  std::thread opener([&] {
+    collector.AwaitNotes(2);  // kPatience at most: then the notes' expectations below fail
+    gate.Open(absl::OkStatus());
+  });
   const std::string a = server.address();
-  const CallOutcome three = RunCall(OptionsFor({a, a, a}), in.tasks, &collector);
+  const CallOutcome three = RunCall(OptionsFor({a, a, a}), gated, &collector);
+  opener.join();
   ASSERT_TRUE(three.status.ok()) << three.status;
 
   // Every task's result arrived exactly once, with the single session's bytes.
