@@ -245,6 +245,23 @@ absl::StatusOr<std::shared_ptr<const std::vector<float>>> HessianStore::Blocks(
   return slot->blocks;
 }
 
+void HessianStore::ExpectBlocks(const std::string& entry) {
+  absl::MutexLock lock(&mu_);
+  ++block_uses_[entry];
+}
+
+void HessianStore::ReleaseBlocks(const std::string& entry) {
+  std::shared_ptr<BlockSlot> dropped;  // freed after mu_ is released
+  absl::MutexLock lock(&mu_);
+  const auto uses = block_uses_.find(entry);
+  if (uses == block_uses_.end() || --uses->second > 0) return;
+  block_uses_.erase(uses);
+  const auto slot = blocks_.find(entry);
+  if (slot == blocks_.end()) return;
+  dropped = std::move(slot->second);
+  blocks_.erase(slot);
+}
+
 absl::StatusOr<const SafetensorsTensor*> HessianStore::FullEntry(const std::string& entry,
                                                                  const std::string& module,
                                                                  int64_t cols) const {

@@ -70,6 +70,12 @@ class HessianStore {
   absl::StatusOr<std::shared_ptr<const std::vector<float>>> Blocks(
       const std::string& entry, const std::string& module, int64_t cols, float symmetry_tolerance,
       const ScratchMemory* scratch = nullptr);
+  // The blocks' lifetime within a run: ExpectBlocks counts one more unit that will use
+  // `entry`'s blocks, ReleaseBlocks is called after each such unit; after the last one the store
+  // lets its blocks go (holders keep theirs), so that a run holds the blocks of the units in
+  // flight, not of the whole model. Blocks of entries never expected stay while the store does.
+  void ExpectBlocks(const std::string& entry);
+  void ReleaseBlocks(const std::string& entry);
   // Whether Blocks of `entry` reads a full [cols, cols] matrix (gigabytes for a large model: the
   // pipeline runs it beside the quantizer) rather than the block layout (read at once). The
   // header checks of Blocks (dtype, shape) without reading the data.
@@ -123,6 +129,7 @@ class HessianStore {
     absl::StatusOr<std::shared_ptr<const std::vector<float>>> blocks ABSL_GUARDED_BY(mu);
   };
   std::map<std::string, std::shared_ptr<BlockSlot>> blocks_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, int> block_uses_ ABSL_GUARDED_BY(mu_);  // ExpectBlocks - ReleaseBlocks
   // Reads and checks `t` (BlocksFromFull's header checks passed) and extracts its blocks.
   absl::StatusOr<std::shared_ptr<const std::vector<float>>> ExtractBlocks(
       const SafetensorsTensor& t, bool full, const std::string& entry, const std::string& module,

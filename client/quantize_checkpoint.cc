@@ -439,13 +439,16 @@ absl::Status QuantizeModules(const QuantizeOptions& options, RunInputs& in,
         });
     *scan_time = absl::Now() - scan_start;
   });
-  // A unit's result is written: its read copy and its hold on the full Hessian go.
+  // A unit's result is written: its read copy and its hold on its Hessian go.
   auto done = [&](size_t i) {
     PreparedModule& m = prepared[i];
     read_ahead.Give(std::move(m.read_copy), WeightBytes(m));
     if (NeedsFullHessian(m)) {
       m.hessian_full.reset();
       in.hessians->ReleaseFull(m.hessian_entry);
+    } else if (!m.hessian_entry.empty()) {
+      m.hessian_blocks.reset();
+      in.hessians->ReleaseBlocks(m.hessian_entry);
     }
     read_ahead.Release(std::exchange(m.read_ahead_bytes, 0));
   };

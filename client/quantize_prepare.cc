@@ -69,6 +69,7 @@ absl::Status PrepareUnit(const QuantizeOptions& options, const Checkpoint& check
     absl::StatusOr<bool> from_full = hessians->BlocksFromFull(m.hessian_entry, m.name, plan.cols);
     if (!from_full.ok()) return from_full.status();
     m.blocks_from_full = *from_full;
+    hessians->ExpectBlocks(m.hessian_entry);  // released once the unit's result is written
     if (!m.blocks_from_full) {
       absl::StatusOr<std::shared_ptr<const std::vector<float>>> blocks =
           hessians->Blocks(m.hessian_entry, m.name, plan.cols, options.params.symmetry_tolerance);

@@ -99,8 +99,9 @@ struct TensorTask {
   std::optional<WeightScan> weight_scan;
   // Null when every field is set; otherwise weights.data, global_amax, weight_scan,
   // hessians.data and full_hessian.data may be read only after AwaitTask returned OK (a quantizer
-  // waits for each task before its first use of them), and weights.data and full_hessian.data only
-  // until the task's result was handed over (the pipeline then frees what it read).
+  // waits for each task before its first use of them), and weights.data, hessians.data and
+  // full_hessian.data only until the task's result was handed over (the pipeline then frees what
+  // it read, and a Hessian after its last task).
   const TaskGate* ready = nullptr;
 };
 

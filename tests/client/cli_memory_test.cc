@@ -55,9 +55,13 @@ TEST(CliMemory, PeakResidentMemoryDoesNotGrowWithTheModel) {
   const MemoryRun large = QuantizeExample(dir, 16);
   // The larger model has ~94 MB more to read; mapping it all would add that much.
   ASSERT_GT(large.model_bytes - small.model_bytes, 80 << 20);
-  // The largest tensor (1408 x 512 bf16, 1.4 MB) and its Hessian are small: the peak may move by
-  // allocator noise only.
-  EXPECT_LT(large.peak_rss - small.peak_rss, 12 << 20)
+  // The largest tensor (1408 x 512 bf16, 1.4 MB) and its Hessian are small, and so is the
+  // read-ahead (23 MB here). Measured on the 2-core VM (2026-12-07): the peak still creeps up by
+  // about 7 MB per doubling of the layers (4/8/16/32/64 layers: 34/40/46/54/62 MB) while the heap's
+  // peak stays flat (heaptrack: 56 MB at 16 layers, 46 MB at 64): allocator and page-cache
+  // residue, not data held per layer; 4 -> 16 layers gave 10-15 MB. A bound well below the 94 MB
+  // that mapping or holding the model would add.
+  EXPECT_LT(large.peak_rss - small.peak_rss, 24 << 20)
       << "peak RSS " << small.peak_rss << " bytes for " << small.model_bytes << " bytes of model, "
       << large.peak_rss << " for " << large.model_bytes;
   fs::remove_all(dir);

@@ -486,15 +486,20 @@ TEST(HessianStore, FullsErrorGoesToEveryCaller) {
   }
 }
 
+// FullHessianFile's matrix as entry "h" of a file in `dir`; with `bad`, H[4, 9] = 3 (not
+// symmetric).
+std::unique_ptr<HessianStore> CleanOrAsymmetric(const TempFolder& dir, int64_t n, bool bad) {
+  return FullHessianFile(dir / (bad ? "bad.safetensors" : "h.safetensors"), n, [bad, n](float* h) {
+    if (bad) h[4 * n + 9] = 3.0f;
+  });
+}
+
 TEST(ScanModules, GptqUnitsGetTheirFullHessianReadOnceAndItsBytesGoWithTheGroup) {
   TempFolder dir("scan_full");
   constexpr int64_t n = 32;  // Layer's cols
   for (const bool bad : {false, true}) {
     SCOPED_TRACE(bad ? "asymmetric" : "clean");
-    std::unique_ptr<HessianStore> store =
-        FullHessianFile(dir / (bad ? "bad.safetensors" : "h.safetensors"), n, [bad](float* h) {
-          if (bad) h[4 * n + 9] = 3.0f;
-        });
+    std::unique_ptr<HessianStore> store = CleanOrAsymmetric(dir, n, bad);
     ASSERT_NE(store, nullptr);
     Layer layer(11);
     for (size_t i : {0, 1, 2, 6}) {  // q, k, v share "h"; down uses it too (another group)
@@ -629,15 +634,44 @@ TEST(HessianStore, BlocksOfAFullMatrixAreCutOnceInScratchMemoryForConcurrentCall
   EXPECT_EQ(given.load(), 2);
 }
 
+TEST(HessianStore, ExpectedBlocksAreDroppedAfterTheLastRelease) {
+  TempFolder dir("blocks_release");
+  constexpr int64_t n = 32;
+  std::unique_ptr<HessianStore> store = FullHessianFile(dir / "h.safetensors", n, [](float*) {});
+  ASSERT_NE(store, nullptr);
+  store->ExpectBlocks("h");
+  store->ExpectBlocks("h");
+  absl::StatusOr<std::shared_ptr<const std::vector<float>>> first =
+      store->Blocks("h", "q", n, 1e-3f);
+  ASSERT_TRUE(first.ok()) << first.status();
+  const std::weak_ptr<const std::vector<float>> weak = *first;
+  const std::vector<float> values = **first;
+  first = absl::CancelledError("let go");  // the store still holds them
+  EXPECT_FALSE(weak.expired());
+  store->ReleaseBlocks("h");  // one use left
+  EXPECT_FALSE(weak.expired());
+  absl::StatusOr<std::shared_ptr<const std::vector<float>>> second =
+      store->Blocks("h", "k", n, 1e-3f);
+  ASSERT_TRUE(second.ok());
+  EXPECT_EQ(second->get(), weak.lock().get());  // shared, not extracted again
+  store->ReleaseBlocks("h");  // the last: the store lets go, the holder keeps them
+  EXPECT_FALSE(weak.expired());
+  second = absl::CancelledError("let go");
+  EXPECT_TRUE(weak.expired());
+  store->ReleaseBlocks("h");  // more releases than uses change nothing
+  // A later call extracts them again, the same values.
+  absl::StatusOr<std::shared_ptr<const std::vector<float>>> again =
+      store->Blocks("h", "q", n, 1e-3f);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(**again, values);
+}
+
 TEST(ScanModules, BlocksOfAFullMatrixComeFromTheScanOncePerEntryThroughThePool) {
   TempFolder dir("scan_blocks");
   constexpr int64_t n = 32;  // Layer's cols
   for (const bool bad : {false, true}) {
     SCOPED_TRACE(bad ? "asymmetric" : "clean");
-    std::unique_ptr<HessianStore> store =
-        FullHessianFile(dir / (bad ? "bad.safetensors" : "h.safetensors"), n, [bad](float* h) {
-          if (bad) h[4 * n + 9] = 3.0f;
-        });
+    std::unique_ptr<HessianStore> store = CleanOrAsymmetric(dir, n, bad);
     ASSERT_NE(store, nullptr);
     Layer layer(12);
     for (size_t i : {0, 1, 2, 6}) {  // q, k, v share "h"; down uses it too (another group)
