@@ -83,8 +83,8 @@ class HessianPlans {
 class LocalQuantizer : public Quantizer {
  public:
   // One worker (a thread) per engine worker.
-  LocalQuantizer(std::vector<EngineWorker> workers, std::string description)
-      : workers_(std::move(workers)), description_(std::move(description)) {}
+  LocalQuantizer(std::vector<EngineWorker> workers, std::string description, Trace* trace)
+      : workers_(std::move(workers)), description_(std::move(description)), trace_(trace) {}
 
   std::string Describe() const override { return description_; }
 
@@ -121,8 +121,13 @@ class LocalQuantizer : public Quantizer {
                        const QuantizeResultCallback& on_result) {
     // Its weights may still be on their way (the caller reads them beside); a failed call
     // stops waiting (the reader may wait for memory the failed tasks hold).
-    absl::Status ready = AwaitTask(task, [&failed] { return failed.load(); });
+    absl::Status ready;
+    {
+      TraceSpan span(trace_, "wait for " + task.name, "quantize");
+      ready = AwaitTask(task, [&failed] { return failed.load(); });
+    }
     if (!ready.ok()) return ready;
+    TraceSpan quantize_span(trace_, "quantize " + task.name, "quantize");
     absl::StatusOr<QuantizedTensor> result;
     if (task.params.method == Method::kGptq) {
       // Full-Hessian propagation on the worker's gptq backend, with the Hessian's shared plan.
@@ -156,6 +161,7 @@ class LocalQuantizer : public Quantizer {
       return absl::Status(result.status().code(),
                           absl::StrCat(task.name, ": ", result.status().message()));
     }
+    quantize_span.End();
     // The callback may run for several tasks at once (Quantizer's contract): the workers' writes
     // of their results overlap.
     return on_result(index, *std::move(result));
@@ -163,6 +169,7 @@ class LocalQuantizer : public Quantizer {
 
   std::vector<EngineWorker> workers_;
   std::string description_;
+  Trace* const trace_;
 };
 
 }  // namespace
@@ -189,14 +196,16 @@ absl::StatusOr<std::unique_ptr<Quantizer>> MakeLocalQuantizer(
                                       : absl::StrCat("; gptq on the cpu: ", engine->gptq_fallback),
         ")");
   }
-  return std::make_unique<LocalQuantizer>(std::move(engine->workers), std::move(description));
+  return std::make_unique<LocalQuantizer>(std::move(engine->workers), std::move(description),
+                                          options.trace);
 }
 
 std::unique_ptr<Quantizer> MakeLocalQuantizer(std::unique_ptr<ScaleSearch> search,
                                               std::string description, int gptq_threads) {
   std::vector<EngineWorker> workers;
   workers.push_back(CpuWorker(std::move(search), gptq_threads));
-  return std::make_unique<LocalQuantizer>(std::move(workers), std::move(description));
+  return std::make_unique<LocalQuantizer>(std::move(workers), std::move(description),
+                                          /*trace=*/nullptr);
 }
 
 }  // namespace nvfp4cal

@@ -12,6 +12,7 @@
 
 #include "absl/status/statusor.h"
 #include "client/quantizer.h"
+#include "client/trace.h"
 
 namespace nvfp4cal {
 
@@ -22,6 +23,9 @@ struct LocalQuantizerOptions {
   int cpu_threads = 0;
   // CUDA device ordinal.
   int cuda_device = 0;
+  // When not null, each task's wait for its weights and its quantization as spans on the
+  // worker's row (--trace); it must outlive the quantizer.
+  Trace* trace = nullptr;
 };
 
 // The backend the options pick. INVALID_ARGUMENT for an unknown device name; UNAVAILABLE for

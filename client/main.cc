@@ -402,6 +402,10 @@ int RunQuantize(int argc, const char* const* argv) {
 
   const bool quiet = args->Switch("quiet");
   ProgressReporter progress(stderr, !quiet && isatty(STDERR_FILENO) != 0);
+  // The timeline begins before the backend starts (a CUDA context takes a moment).
+  const std::string trace_path = args->Get("trace", "");
+  std::optional<Trace> trace;
+  if (!trace_path.empty()) options.trace = &trace.emplace();
   std::unique_ptr<Quantizer> quantizer;
   if (args->Has("server")) {
     if (args->Get("device", "auto") != "auto") {
@@ -436,7 +440,11 @@ int RunQuantize(int argc, const char* const* argv) {
     LocalQuantizerOptions local;
     local.device = args->Get("device", "auto");
     local.cpu_threads = threads;
-    absl::StatusOr<std::unique_ptr<Quantizer>> in_process = MakeLocalQuantizer(local);
+    local.trace = options.trace;
+    absl::StatusOr<std::unique_ptr<Quantizer>> in_process = [&] {
+      TraceSpan span(options.trace, "start the in-process backend", "setup");
+      return MakeLocalQuantizer(local);
+    }();
     if (!in_process.ok()) return Fail(cmd, in_process.status());
     quantizer = *std::move(in_process);
   }
@@ -444,7 +452,6 @@ int RunQuantize(int argc, const char* const* argv) {
   std::signal(SIGINT, OnStopSignal);
   std::signal(SIGTERM, OnStopSignal);
   const std::string stats_json = args->Get("stats-json", "");
-  const std::string trace_path = args->Get("trace", "");
   std::vector<RunInput> inputs = {{"--model", options.model_dir},
                                   {"--hessians", options.hessians_path},
                                   {"--out", options.out_dir}};
@@ -461,8 +468,6 @@ int RunQuantize(int argc, const char* const* argv) {
         cmd, absl::InvalidArgumentError(absl::StrCat("--stats-json and --trace name the same file ",
                                                      trace_path, "; give each its own")));
   }
-  std::optional<Trace> trace;
-  if (!trace_path.empty()) options.trace = &trace.emplace();
   CleanStaleTempDirs(cmd, options.out_dir);
   absl::StatusOr<QuantizeReport> report = QuantizeCheckpoint(options, quantizer.get(), &progress);
   progress.Finish();

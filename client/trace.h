@@ -1,8 +1,9 @@
 // Trace: a timeline of one quantize run's stages (`nvfp4cal quantize --trace FILE`), written as
 // Chrome's trace-event JSON (open it in https://ui.perfetto.dev or chrome://tracing): a row per
-// thread for the stages that run on one (open and plan, wait for read-ahead memory, read, scan,
-// copy, write a result, fsync), and an async row per tensor from its scan's end to its result
-// (queued for a worker, then quantized). Times are microseconds since the trace began.
+// thread for the stages that run on one (the backend's start, open and plan, wait for read-ahead
+// memory, read, scan, copy, an in-process worker's wait for a tensor and its quantization, write
+// a result, fsync), and an async row per tensor from its scan's end to its result (queued for a
+// worker, then quantized). Times are microseconds since the trace began.
 //
 //   Trace trace;                                  // the origin: now
 //   { TraceSpan span(&trace, "read q_proj", "scan"); ... }
@@ -65,13 +66,17 @@ class TraceSpan {
         begin_(absl::Now()) {}
   TraceSpan(const TraceSpan&) = delete;
   TraceSpan& operator=(const TraceSpan&) = delete;
-  ~TraceSpan() {
+  ~TraceSpan() { End(); }
+
+  // Records the span now (the destructor then records nothing).
+  void End() {
     if (trace_ != nullptr)
       trace_->Span(std::move(name_), std::move(category_), begin_, absl::Now());
+    trace_ = nullptr;
   }
 
  private:
-  Trace* const trace_;
+  Trace* trace_;
   std::string name_;
   std::string category_;
   const absl::Time begin_;

@@ -174,8 +174,9 @@ TEST_F(BadInputs, StatsJsonHoldsEveryModuleAndTheTotals) {
   EXPECT_FALSE(fs::exists(model_ + "/stats.json"));
 }
 
-// --trace: every quantized tensor from its scan to its result (an async pair), its read, scan
-// and write, and each shard's fsync, in Chrome's trace-event JSON; also written after a failure;
+// --trace: every quantized tensor from its scan to its result (an async pair), its read, scan,
+// wait for a worker, quantization and write, the backend's start, each shard's fsync, the index
+// and the rename, in Chrome's trace-event JSON; also written after a failure;
 // a path inside an input or --out is a usage error.
 TEST_F(BadInputs, TraceHoldsEveryStageOfEveryTensor) {
   const std::string trace = dir_ / "trace.json";
@@ -199,9 +200,14 @@ TEST_F(BadInputs, TraceHoldsEveryStageOfEveryTensor) {
     EXPECT_EQ(spans["X write " + weight], 1) << weight;
     EXPECT_EQ(spans["X read " + std::string(module)], 1) << module;
     EXPECT_EQ(spans["X scan " + std::string(module)], 1) << module;
+    EXPECT_EQ(spans["X wait for " + weight], 1) << weight;
+    EXPECT_EQ(spans["X quantize " + weight], 1) << weight;
   }
   EXPECT_EQ(spans["X fsync shard 1"], 1);
   EXPECT_EQ(spans["X open and plan"], 1);
+  EXPECT_EQ(spans["X start the in-process backend"], 1);
+  EXPECT_EQ(spans["X index and configs"], 1);
+  EXPECT_EQ(spans["X rename to --out"], 1);
 
   // After a failure (a Hessian the run finds non-finite) the trace still holds what ran.
   fs::remove_all(out_);
