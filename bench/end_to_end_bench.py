@@ -30,6 +30,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 
@@ -257,6 +258,8 @@ def main():
     p.add_argument("--no-floors", action="store_true", help="skip the stage floors")
     p.add_argument("--trace-dir", help="write each run's --trace timeline of this build's CLI "
                    "into this folder (NN-LABEL.json; the baseline CLI's runs have none)")
+    p.add_argument("--trace-archive", help="with --trace-dir: also pack the timelines into this "
+                   ".tar.gz (one file: the GPU machine's calls bring back a few files only)")
     p.add_argument("--baseline-server-flags", help="also time one server started with these "
                    "extra flags (e.g. --cuda_workers_per_device=1), for comparison")
     args = p.parse_args()
@@ -266,6 +269,8 @@ def main():
     layer_bench = find_binary(args.tools or args.build, "cuda_layer_bench")
     if cli is None:
         sys.exit(f"end_to_end_bench: no nvfp4cal under {args.build}")
+    if args.trace_archive and not args.trace_dir:
+        sys.exit("end_to_end_bench: --trace-archive needs --trace-dir")
     os.makedirs(args.work, exist_ok=True)
     shapes = list(SMALL if args.small else LLAMA3_8B)
     if args.layers is not None:
@@ -329,6 +334,11 @@ def main():
 
     if TRACES:
         print(f"{'':<14} timelines (--trace): {len(TRACES)} files in {args.trace_dir}")
+        if args.trace_archive:
+            with tarfile.open(args.trace_archive, "w:gz") as archive:
+                for path in TRACES:
+                    archive.add(path, arcname=os.path.basename(path))
+            print(f"{'':<14} packed into {args.trace_archive}")
     weights_in, device_out, total_out = output_bytes(ref)
     print(f"\nbytes: {in_bytes / 1e9:.2f} GB read, {weights_in / 1e9:.2f} GB of weights to the "
           f"device, {device_out / 1e9:.2f} GB back, {total_out / 1e9:.2f} GB written")

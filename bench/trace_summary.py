@@ -94,7 +94,10 @@ def summarise(path, buckets):
         print(f"  results: first at {(ends[0] - t0) / 1e6:.2f} s, last at "
               f"{(ends[-1] - t0) / 1e6:.2f} s")
     cats = sorted(by_cat)
-    letters = {c: c[0] for c in cats}
+    letters = {}  # one letter per category, distinct (its first not taken yet)
+    for c in cats:
+        letters[c] = next((ch for ch in c.lower() if ch.isalpha() and ch not in letters.values()),
+                          "?")
     print("time line (" + ", ".join(f"{letters[c]}={c}" for c in cats) +
           "; upper case: more than half of the bucket):")
     width = (t1 - t0) / buckets
