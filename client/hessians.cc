@@ -229,37 +229,45 @@ absl::StatusOr<std::shared_ptr<const std::vector<float>>> HessianStore::Blocks(
     const ScratchMemory* scratch) {
   absl::StatusOr<bool> full = BlocksFromFull(entry, module, cols);
   if (!full.ok()) return full.status();
-  std::shared_ptr<BlockSlot> slot;
+  std::shared_ptr<Slot<BlocksPtr>> slot;
   {
     absl::MutexLock lock(&mu_);
-    std::shared_ptr<BlockSlot>& s = blocks_[entry];
-    if (s == nullptr) s = std::make_shared<BlockSlot>();
+    std::shared_ptr<Slot<BlocksPtr>>& s = blocks_[entry].slot;
+    if (s == nullptr) s = std::make_shared<Slot<BlocksPtr>>();
     slot = s;
   }
-  absl::MutexLock lock(&slot->mu);  // a second caller waits for the first one's extraction
-  if (!slot->done) {
-    slot->blocks =
-        ExtractBlocks(*file_->Find(entry), *full, entry, module, cols, symmetry_tolerance, scratch);
-    slot->done = true;
-  }
-  return slot->blocks;
+  return slot->Get([&] {
+    return ExtractBlocks(*file_->Find(entry), *full, entry, module, cols, symmetry_tolerance,
+                         scratch);
+  });
+}
+
+template <typename T>
+void HessianStore::ExpectUse(std::map<std::string, Counted<T>>& slots, const std::string& entry) {
+  Counted<T>& counted = slots[entry];
+  if (counted.slot == nullptr) counted.slot = std::make_shared<Slot<T>>();
+  ++counted.uses;
+}
+
+template <typename T>
+std::shared_ptr<HessianStore::Slot<T>> HessianStore::ReleaseUse(
+    std::map<std::string, Counted<T>>& slots, const std::string& entry) {
+  const auto it = slots.find(entry);
+  if (it == slots.end() || it->second.uses == 0 || --it->second.uses > 0) return nullptr;
+  std::shared_ptr<Slot<T>> dropped = std::move(it->second.slot);
+  slots.erase(it);
+  return dropped;
 }
 
 void HessianStore::ExpectBlocks(const std::string& entry) {
   absl::MutexLock lock(&mu_);
-  ++block_uses_[entry];
+  ExpectUse(blocks_, entry);
 }
 
 void HessianStore::ReleaseBlocks(const std::string& entry) {
-  std::shared_ptr<BlockSlot> dropped;  // freed after mu_ is released
+  std::shared_ptr<Slot<BlocksPtr>> dropped;  // freed after mu_ is released
   absl::MutexLock lock(&mu_);
-  const auto uses = block_uses_.find(entry);
-  if (uses == block_uses_.end() || --uses->second > 0) return;
-  block_uses_.erase(uses);
-  const auto slot = blocks_.find(entry);
-  if (slot == blocks_.end()) return;
-  dropped = std::move(slot->second);
-  blocks_.erase(slot);
+  dropped = ReleaseUse(blocks_, entry);
 }
 
 absl::StatusOr<const SafetensorsTensor*> HessianStore::FullEntry(const std::string& entry,
@@ -300,9 +308,7 @@ absl::Status HessianStore::ExpectFull(const std::string& entry, const std::strin
   absl::StatusOr<const SafetensorsTensor*> t = FullEntry(entry, module, cols);
   if (!t.ok()) return t.status();
   absl::MutexLock lock(&mu_);
-  FullUses& uses = full_[entry];
-  if (uses.slot == nullptr) uses.slot = std::make_shared<FullSlot>();
-  ++uses.uses;
+  ExpectUse(full_, entry);
   return absl::OkStatus();
 }
 
@@ -312,28 +318,20 @@ absl::StatusOr<std::shared_ptr<const FullHessian>> HessianStore::Full(const std:
                                                                       float symmetry_tolerance) {
   absl::StatusOr<const SafetensorsTensor*> t = FullEntry(entry, module, cols);
   if (!t.ok()) return t.status();
-  std::shared_ptr<FullSlot> slot;
+  std::shared_ptr<Slot<FullPtr>> slot;
   {
     absl::MutexLock lock(&mu_);
     const auto it = full_.find(entry);
     if (it != full_.end()) slot = it->second.slot;
   }
   if (slot == nullptr) return ReadFull(**t, entry, module, cols, symmetry_tolerance);
-  absl::MutexLock lock(&slot->mu);  // a second caller waits for the first one's read
-  if (!slot->done) {
-    slot->matrix = ReadFull(**t, entry, module, cols, symmetry_tolerance);
-    slot->done = true;
-  }
-  return slot->matrix;
+  return slot->Get([&] { return ReadFull(**t, entry, module, cols, symmetry_tolerance); });
 }
 
 void HessianStore::ReleaseFull(const std::string& entry) {
-  std::shared_ptr<FullSlot> dropped;  // freed after mu_ is released
+  std::shared_ptr<Slot<FullPtr>> dropped;  // freed after mu_ is released
   absl::MutexLock lock(&mu_);
-  const auto it = full_.find(entry);
-  if (it == full_.end() || --it->second.uses > 0) return;
-  dropped = std::move(it->second.slot);
-  full_.erase(it);
+  dropped = ReleaseUse(full_, entry);
 }
 
 }  // namespace nvfp4cal

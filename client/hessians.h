@@ -122,29 +122,44 @@ class HessianStore {
 
   std::unique_ptr<SafetensorsFile> file_;
   absl::Mutex mu_;
-  // An entry's diagonal blocks (or its error), extracted once under the slot's own lock.
-  struct BlockSlot {
+  // A value of one entry (its blocks, its full matrix) made once under the slot's own lock:
+  // concurrent first callers wait for it, later ones share it or its error.
+  template <typename T>
+  struct Slot {
     absl::Mutex mu;
     bool done ABSL_GUARDED_BY(mu) = false;
-    absl::StatusOr<std::shared_ptr<const std::vector<float>>> blocks ABSL_GUARDED_BY(mu);
+    absl::StatusOr<T> value ABSL_GUARDED_BY(mu);
+    absl::StatusOr<T> Get(const std::function<absl::StatusOr<T>()>& make) {
+      absl::MutexLock lock(&mu);
+      if (!done) {
+        value = make();
+        done = true;
+      }
+      return value;
+    }
   };
-  std::map<std::string, std::shared_ptr<BlockSlot>> blocks_ ABSL_GUARDED_BY(mu_);
-  std::map<std::string, int> block_uses_ ABSL_GUARDED_BY(mu_);  // ExpectBlocks - ReleaseBlocks
+  // A slot and the uses expected of it (Expect... minus Release...).
+  template <typename T>
+  struct Counted {
+    int uses = 0;
+    std::shared_ptr<Slot<T>> slot;
+  };
+  using BlocksPtr = std::shared_ptr<const std::vector<float>>;
+  using FullPtr = std::shared_ptr<const FullHessian>;
+  // One more expected use of `entry` (its slot made if new). The caller holds mu_.
+  template <typename T>
+  static void ExpectUse(std::map<std::string, Counted<T>>& slots, const std::string& entry);
+  // One expected use fewer; after the last one the entry leaves `slots` and its slot is returned
+  // (for the caller to free after mu_ is released). Entries never expected stay. The caller
+  // holds mu_.
+  template <typename T>
+  static std::shared_ptr<Slot<T>> ReleaseUse(std::map<std::string, Counted<T>>& slots,
+                                             const std::string& entry);
+  std::map<std::string, Counted<BlocksPtr>> blocks_ ABSL_GUARDED_BY(mu_);
   // Reads and checks `t` (BlocksFromFull's header checks passed) and extracts its blocks.
   absl::StatusOr<std::shared_ptr<const std::vector<float>>> ExtractBlocks(
       const SafetensorsTensor& t, bool full, const std::string& entry, const std::string& module,
       int64_t cols, float symmetry_tolerance, const ScratchMemory* scratch) const;
-  // A full matrix with expected uses: read and checked once (under its own lock), kept until the
-  // uses are released.
-  struct FullSlot {
-    absl::Mutex mu;
-    bool done ABSL_GUARDED_BY(mu) = false;
-    absl::StatusOr<std::shared_ptr<const FullHessian>> matrix ABSL_GUARDED_BY(mu);
-  };
-  struct FullUses {
-    int uses = 0;
-    std::shared_ptr<FullSlot> slot;
-  };
   // The header checks that ExpectFull and Full share; the entry's tensor.
   absl::StatusOr<const SafetensorsTensor*> FullEntry(const std::string& entry,
                                                      const std::string& module, int64_t cols) const;
@@ -154,7 +169,8 @@ class HessianStore {
                                                               const std::string& module,
                                                               int64_t cols,
                                                               float symmetry_tolerance) const;
-  std::map<std::string, FullUses> full_ ABSL_GUARDED_BY(mu_);
+  // Full matrices with expected uses: read and checked once, kept until the uses are released.
+  std::map<std::string, Counted<FullPtr>> full_ ABSL_GUARDED_BY(mu_);
 };
 
 // Extracts the diagonal 16x16 blocks of a row-major [n, n] fp32 matrix (n % 16 == 0) read from
