@@ -241,6 +241,11 @@ void ScanModules(std::vector<PreparedModule>* prepared,
                  ReadAhead* read_ahead, Trace* trace, const std::function<bool()>& stopped,
                  const std::function<void(size_t, const absl::Status&)>& on_ready) {
   absl::Mutex mu;  // one on_ready call at a time
+  // Full matrices cut into blocks are read into the read-ahead's pooled buffers.
+  const ScratchMemory scratch{[read_ahead](int64_t size) { return read_ahead->Take(size); },
+                              [read_ahead](std::unique_ptr<uint8_t[]> buffer, int64_t size) {
+                                read_ahead->Give(std::move(buffer), size);
+                              }};
   // Group by group in order on every hardware thread, so that the first tasks are ready first.
   ParallelFor(groups.size(), [&](size_t g) {
     int64_t bytes = 0;
@@ -295,11 +300,6 @@ void ScanModules(std::vector<PreparedModule>* prepared,
         }
         if (m.blocks_from_full && hessians != nullptr) {
           TraceSpan span(trace, "Hessian blocks " + m.hessian_entry, "scan");
-          const ScratchMemory scratch{
-              [read_ahead](int64_t size) { return read_ahead->Take(size); },
-              [read_ahead](std::unique_ptr<uint8_t[]> buffer, int64_t size) {
-                read_ahead->Give(std::move(buffer), size);
-              }};
           absl::StatusOr<std::shared_ptr<const std::vector<float>>> blocks = hessians->Blocks(
               m.hessian_entry, m.name, plan.cols, m.params.symmetry_tolerance, &scratch);
           if (!blocks.ok()) {
