@@ -27,9 +27,9 @@ int main(int argc, char** argv) {
   request.weights = {w.data(), nvfp4cal::DType::kBFloat16, rows, cols};
   request.hessian = {h.data(), cols};
   request.params.method = nvfp4cal::Method::kGptq;
+  request.params.gptq.compare_local_hessian = compare;
   nvfp4cal::CpuGptqOptions options;
   options.num_threads = threads;
-  options.compare_local_hessian = compare;
   const auto start = std::chrono::steady_clock::now();
   absl::StatusOr<nvfp4cal::QuantizedTensor> result = nvfp4cal::CpuGptqQuantize(request, options);
   const double total =

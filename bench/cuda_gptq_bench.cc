@@ -66,6 +66,7 @@ int main(int argc, char** argv) {
   nvfp4cal::CudaGptqOptions options;
   nvfp4cal::SearchParams params;
   params.method = nvfp4cal::Method::kGptq;
+  params.gptq.compare_local_hessian = true;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg.rfind("--layers=", 0) == 0) {
@@ -81,7 +82,7 @@ int main(int argc, char** argv) {
     } else if (arg == "--search=sweep") {
       params.gptq.scale_search = nvfp4cal::GptqScaleSearch::kSweep;
     } else if (arg == "--nocompare") {
-      options.compare_local_hessian = false;
+      params.gptq.compare_local_hessian = false;
     } else if (arg == "--measure_update") {
       options.measure_update = true;
     } else if (arg == "--serial_plans") {
@@ -142,7 +143,7 @@ int main(int argc, char** argv) {
   std::printf("update %s, scale search %s, compare %s, %d stream(s)\n",
               options.update == nvfp4cal::CudaGptqUpdate::kOrdered ? "ordered" : "cublas",
               params.gptq.scale_search == nvfp4cal::GptqScaleSearch::kDss ? "dss" : "sweep",
-              options.compare_local_hessian ? "on" : "off", streams);
+              params.gptq.compare_local_hessian ? "on" : "off", streams);
 
   double total_wall = 0.0;
   for (int l = 0; l < layers; ++l) {
@@ -187,6 +188,7 @@ int main(int argc, char** argv) {
         on_stream[t] = stream_index;
         absl::Status s = backend->QuantizeRows(
             *plans[static_cast<size_t>(lin.hessian)], view, 8.0f, 0, lin.rows,
+            params.gptq.compare_local_hessian,
             nvfp4cal::RowRangeOutput{absl::MakeSpan(codes), absl::MakeSpan(scales)}, &stats[t]);
         if (!s.ok()) Fail(s, lin.name);
         seconds[t] = SecondsSince(start);
@@ -253,7 +255,7 @@ int main(int argc, char** argv) {
     nvfp4cal::TensorStats cpu_stats;
     const auto start = std::chrono::steady_clock::now();
     absl::Status s = cpu->QuantizeRows(
-        **plan, view, 8.0f, 0, cpu_rows,
+        **plan, view, 8.0f, 0, cpu_rows, params.gptq.compare_local_hessian,
         nvfp4cal::RowRangeOutput{absl::MakeSpan(codes), absl::MakeSpan(scales)}, &cpu_stats);
     if (!s.ok()) Fail(s, "cpu QuantizeRows");
     const double cpu_seconds = SecondsSince(start);

@@ -126,12 +126,16 @@ std::string FormatStatsJson(const QuantizeReport& report) {
               {"global_amax", s.global_amax},
               {"global_scale", s.global_scale}};
     if (s.method == Method::kGptq) {
-      j["gptq"] = {{"full_hessian_error", s.gptq.full_hessian_error},
-                   {"full_hessian_error_local_hessian", s.gptq.full_hessian_error_local_hessian},
-                   {"damping_relative", s.gptq.damping_relative},
+      j["gptq"] = {{"damping_relative", s.gptq.damping_relative},
                    {"damping_increases", s.gptq.damping_increases},
                    {"factor_seconds", s.gptq.factor_seconds},
                    {"quantize_seconds", s.gptq.quantize_seconds}};
+      // Computed only when asked (--gptq-compare); absent rather than a misleading 0.
+      if (s.params.gptq.compare_local_hessian) {
+        j["gptq"]["full_hessian_error"] = s.gptq.full_hessian_error;
+        j["gptq"]["full_hessian_error_local_hessian"] = s.gptq.full_hessian_error_local_hessian;
+        j["gptq"]["compare_seconds"] = s.gptq.compare_seconds;
+      }
     }
     modules.push_back(std::move(j));
     totals["blocks"] = totals["blocks"].get<int64_t>() + s.num_blocks;
@@ -205,7 +209,7 @@ std::string FormatStatsTable(const QuantizeReport& report) {
   int gptq_modules = 0;
   std::string gptq_rows;
   for (const ModuleReport& m : report.modules) {
-    if (m.stats.method != Method::kGptq) continue;
+    if (m.stats.method != Method::kGptq || !m.stats.params.gptq.compare_local_hessian) continue;
     const GptqStats& g = m.stats.gptq;
     gptq_rows += absl::StrFormat("%-*s  %14.6g  %14.6g  %8s  %8.3g\n", w, m.module,
                                  g.full_hessian_error_local_hessian, g.full_hessian_error,

@@ -52,6 +52,7 @@ void SearchParamsToProto(const SearchParams& params, v1::MethodConfig* method) {
     method->set_block_columns(gptq.block_columns);
     method->set_scale_objective(std::string(GptqScaleObjectiveName(gptq.scale_objective)));
     method->set_scale_search(std::string(GptqScaleSearchName(gptq.scale_search)));
+    method->set_compare_local_hessian(gptq.compare_local_hessian);
   }
 }
 
@@ -67,11 +68,12 @@ absl::StatusOr<SearchParams> SearchParamsFromProto(const v1::MethodConfig& confi
   if (config.has_symmetry_tolerance()) params.symmetry_tolerance = config.symmetry_tolerance();
   const bool gptq_parameter = config.has_damping() || config.has_act_order() ||
                               config.has_block_columns() || config.has_scale_objective() ||
-                              config.has_scale_search();
+                              config.has_scale_search() || config.has_compare_local_hessian();
   if (gptq_parameter && *method != Method::kGptq) {
     return absl::InvalidArgumentError(
         absl::StrFormat("%s.method has gptq parameters (damping, act_order, block_columns, "
-                        "scale_objective, scale_search) but name = \"%s\"; they apply to gptq only",
+                        "scale_objective, scale_search, compare_local_hessian) but name = "
+                        "\"%s\"; they apply to gptq only",
                         message, config.name()));
   }
   const std::string field = message + ".method.";
@@ -79,6 +81,9 @@ absl::StatusOr<SearchParams> SearchParamsFromProto(const v1::MethodConfig& confi
   if (config.has_damping()) gptq.damping = config.damping();
   if (config.has_act_order()) gptq.act_order = config.act_order();
   if (config.has_block_columns()) gptq.block_columns = config.block_columns();
+  if (config.has_compare_local_hessian()) {
+    gptq.compare_local_hessian = config.compare_local_hessian();
+  }
   if (config.has_scale_objective()) {
     absl::StatusOr<GptqScaleObjective> objective =
         ParseGptqScaleObjective(config.scale_objective());

@@ -42,6 +42,9 @@ void AddGptqParameters(const SearchParams& defaults, v1::MethodInfo* m) {
                "while H is not positive definite.");
   AddParameter(m, "act_order", 0, 1, true, gptq.act_order ? 1 : 0,
                "1: quantize 16-column groups in descending order of their Hessian diagonal.");
+  AddParameter(m, "compare_local_hessian", 0, 1, true, gptq.compare_local_hessian ? 1 : 0,
+               "1: also quantize with local_hessian and report tr(E H E^T) of both results "
+               "(about a quarter more GPU time; codes unchanged).");
   AddParameter(m, "block_columns", 16, 8192, true, gptq.block_columns,
                "Lazy-batch width in columns; must be a multiple of 16.");
   AddChoice(m, "scale_objective",

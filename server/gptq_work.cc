@@ -77,7 +77,8 @@ absl::Status RunGptqRows(GptqBackend* backend, const std::string& plan_domain,
   InitTensorStats(tensor.params, tensor.global_amax, stats);
   const WeightView view{weights, tensor.dtype, rows, tensor.cols};
   absl::Status status =
-      backend->QuantizeRows(**plan, view, tensor.global_amax, 0, rows, output, stats);
+      backend->QuantizeRows(**plan, view, tensor.global_amax, 0, rows,
+                            tensor.params.gptq.compare_local_hessian, output, stats);
   stats->gptq.factor_seconds = (*plan)->factor_seconds;
   return status;
 }

@@ -232,8 +232,8 @@ class CudaGptq : public GptqBackend {
   }
 
   absl::Status QuantizeRows(const GptqPlan& plan_base, const WeightView& weights, float global_amax,
-                            int64_t row_begin, int64_t row_end, RowRangeOutput output,
-                            TensorStats* stats) override {
+                            int64_t row_begin, int64_t row_end, bool compare_local_hessian,
+                            RowRangeOutput output, TensorStats* stats) override {
     const auto* plan = dynamic_cast<const CudaGptqPlan*>(&plan_base);
     if (plan == nullptr || plan->device != options_.device) {
       return absl::InvalidArgumentError(absl::StrFormat(
@@ -246,12 +246,11 @@ class CudaGptq : public GptqBackend {
     const int64_t n = plan->n;
     const int64_t batch = plan->params.gptq.block_columns;
     const int64_t element_bytes = DTypeSize(weights.dtype);
-    const bool compare = options_.compare_local_hessian;
     // Per row: weights, working weights, the batch's errors, outputs, statistics, and for
     // the comparison the local_hessian outputs and two double error rows.
     const int64_t per_row = n * element_bytes + n * 4 + batch * 4 + n / 2 + n / kBlockSize +
                             static_cast<int64_t>(sizeof(BlockStatistics)) +
-                            (compare ? n / 2 + n / kBlockSize + 4 * n * 8 : 0) + 64;
+                            (compare_local_hessian ? n / 2 + n / kBlockSize + 4 * n * 8 : 0) + 64;
     int64_t chunk = std::max<int64_t>(1, options_.memory_budget_bytes / per_row);
     // cuBLAS level-1 lengths are 32-bit.
     chunk = std::min<int64_t>(chunk, (int64_t{1} << 31) / (2 * n) - 1);
@@ -260,7 +259,8 @@ class CudaGptq : public GptqBackend {
     std::lock_guard<std::mutex> lock(mutex_);
     NVFP4_CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device));
     ChunkBuffers buffers{};
-    NVFP4_RETURN_IF_ERROR(ReserveChunk(chunk, n, batch, element_bytes, compare, &buffers));
+    NVFP4_RETURN_IF_ERROR(
+        ReserveChunk(chunk, n, batch, element_bytes, compare_local_hessian, &buffers));
     ChunkArgs a = MakeChunkArgs(*plan, weights.dtype, global_amax, buffers);
     const double objective_unit = ObjectiveUnit(a.global_scale);
 
@@ -274,7 +274,7 @@ class CudaGptq : public GptqBackend {
       NVFP4_RETURN_IF_ERROR(QuantizeChunk(a, batch, weights, c0, row_begin, buffers, output,
                                           &row_stats, &update_seconds));
       for (const BlockStatistics& s : row_stats) AddBlockStatistics(s, objective_unit, &part);
-      if (compare) {
+      if (compare_local_hessian) {
         const auto compare_start = std::chrono::steady_clock::now();
         NVFP4_CUDA_RETURN_IF_ERROR(
             LaunchLocalHessian(a, buffers.lh_codes, buffers.lh_scales, stream()));

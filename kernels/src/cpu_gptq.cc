@@ -214,9 +214,9 @@ void ErrorRows(const GptqTensor& t, int64_t first, int64_t last, const uint8_t* 
   }
 }
 
-// tr(E H E^T) of the gptq result and (optionally) of local_hessian's for rows [first, last).
+// tr(E H E^T) of the gptq result and of local_hessian's for rows [first, last).
 NVFP4CAL_CLONES_FLATTEN void CompareRows(const GptqTensor& t, int64_t first, int64_t last,
-                                         bool local_hessian, TensorStats* stats) {
+                                         TensorStats* stats) {
   const int64_t n = t.n;
   const float* h = t.plan->hessian.data();
   const int64_t blocks_per_row = n / kBlockSize;
@@ -226,7 +226,6 @@ NVFP4CAL_CLONES_FLATTEN void CompareRows(const GptqTensor& t, int64_t first, int
       t.output.packed_codes.data() + (first - t.row_begin) * blocks_per_row * (kBlockSize / 2),
       t.output.scales.data() + (first - t.row_begin) * blocks_per_row, &e);
   stats->gptq.full_hessian_error += FullHessianError(h, n, e, last - first);
-  if (!local_hessian) return;
   // local_hessian on the same rows and g.
   std::vector<uint8_t> packed(static_cast<size_t>((last - first) * blocks_per_row * 8));
   std::vector<uint8_t> scales(static_cast<size_t>((last - first) * blocks_per_row));
@@ -299,8 +298,8 @@ class CpuGptq : public GptqBackend {
   }
 
   absl::Status QuantizeRows(const GptqPlan& plan_base, const WeightView& weights, float global_amax,
-                            int64_t row_begin, int64_t row_end, RowRangeOutput output,
-                            TensorStats* stats) override {
+                            int64_t row_begin, int64_t row_end, bool compare_local_hessian,
+                            RowRangeOutput output, TensorStats* stats) override {
     const auto* plan = dynamic_cast<const CpuGptqPlan*>(&plan_base);
     if (plan == nullptr) {
       return absl::InvalidArgumentError(
@@ -337,17 +336,21 @@ class CpuGptq : public GptqBackend {
                      &task_stats[static_cast<size_t>(task)]);
     });
     const absl::Time compare_start = absl::Now();
-    RunTasks(num_tasks, threads, [&](int64_t task) {
-      const int64_t first = row_begin + task * rows_per_task;
-      CompareRows(t, first, std::min(row_end, first + rows_per_task),
-                  options_.compare_local_hessian, &task_stats[static_cast<size_t>(task)]);
-    });
+    if (compare_local_hessian) {
+      RunTasks(num_tasks, threads, [&](int64_t task) {
+        const int64_t first = row_begin + task * rows_per_task;
+        CompareRows(t, first, std::min(row_end, first + rows_per_task),
+                    &task_stats[static_cast<size_t>(task)]);
+      });
+    }
     for (const TensorStats& s : task_stats) AccumulateStats(s, stats);
     GptqStats& g = stats->gptq;
     g.damping_relative = plan->damping_relative;
     g.damping_increases = plan->damping_increases;
     g.quantize_seconds += absl::ToDoubleSeconds(compare_start - quantize_start);
-    g.compare_seconds += absl::ToDoubleSeconds(absl::Now() - compare_start);
+    if (compare_local_hessian) {
+      g.compare_seconds += absl::ToDoubleSeconds(absl::Now() - compare_start);
+    }
     return absl::OkStatus();
   }
 

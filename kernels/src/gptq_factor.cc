@@ -177,9 +177,12 @@ absl::StatusOr<QuantizedTensor> GptqQuantizeWithPlan(GptqBackend& backend, const
   result.scales.assign(static_cast<size_t>(wv.rows * wv.cols / kBlockSize), 0);
   result.global_amax = global_amax;
   result.global_scale = GlobalScaleFromAmax(global_amax);
-  InitTensorStats(plan.params, global_amax, &result.stats);
+  // The codes follow the plan's parameters; the report follows the request.
+  SearchParams reported = plan.params;
+  reported.gptq.compare_local_hessian = request.params.gptq.compare_local_hessian;
+  InitTensorStats(reported, global_amax, &result.stats);
   if (absl::Status s = backend.QuantizeRows(
-          plan, wv, global_amax, 0, wv.rows,
+          plan, wv, global_amax, 0, wv.rows, reported.gptq.compare_local_hessian,
           RowRangeOutput{absl::MakeSpan(result.packed_codes), absl::MakeSpan(result.scales)},
           &result.stats);
       !s.ok()) {

@@ -119,6 +119,7 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gptq-block-columns", type=int, metavar="N")
     g.add_argument("--gptq-scale-objective", choices=("hessian_block", "gptq_cost"))
     g.add_argument("--gptq-scale-search", choices=("sweep", "dss"))
+    g.add_argument("--gptq-compare", action="store_true")
     g.add_argument("--gptq-hessian-layout", choices=("upper", "full"))
     g.add_argument("--fallback-method", choices=("max", "mse"))
 
@@ -126,7 +127,7 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
 _QUANTIZE_DESTS = ("server", "timeout", "retries", "tls", "tls_ca", "tls_cert", "tls_key",
                    "token_file", "beta_step", "gptq_damping", "gptq_act_order",
                    "gptq_block_columns", "gptq_scale_objective", "gptq_scale_search",
-                   "gptq_hessian_layout", "fallback_method")
+                   "gptq_compare", "gptq_hessian_layout", "fallback_method")
 
 
 def _quantize_options_from(passthrough: List[str]) -> argparse.Namespace:
@@ -194,7 +195,8 @@ def _check_quantize_arguments(args) -> None:
     """The quantize options' rules, as the C++ CLI checks them (before any work is done)."""
     given = [d for d in ("server", "beta_step", "gptq_damping", "gptq_act_order",
                          "gptq_block_columns", "gptq_scale_objective", "gptq_scale_search",
-                         "gptq_hessian_layout", "fallback_method") if getattr(args, d, None)]
+                         "gptq_compare", "gptq_hessian_layout", "fallback_method")
+             if getattr(args, d, None)]
     if args.command == "calibrate" and given and not args.sequential:
         raise CalibrateError(f"--{given[0].replace('_', '-')} applies with --sequential only "
                              "(it says how each layer is quantized)")
@@ -204,7 +206,7 @@ def _check_quantize_arguments(args) -> None:
         return
     if args.method != "gptq":
         for d in ("gptq_damping", "gptq_act_order", "gptq_block_columns", "gptq_scale_objective",
-                  "gptq_scale_search", "gptq_hessian_layout"):
+                  "gptq_scale_search", "gptq_compare", "gptq_hessian_layout"):
             if getattr(args, d, None):
                 raise CalibrateError(f"--{d.replace('_', '-')} applies to --method gptq only")
     if args.gptq_hessian_layout and not args.server:
@@ -443,7 +445,8 @@ def _calibrate_sequential(args, model, client, samples, tokenizer, device, out, 
               "act_order": True if args.gptq_act_order else None,
               "block_columns": args.gptq_block_columns,
               "scale_objective": args.gptq_scale_objective,
-              "scale_search": args.gptq_scale_search}
+              "scale_search": args.gptq_scale_search,
+              "compare_local_hessian": True if args.gptq_compare else None}
     data = [{"input_ids": b.input_ids.to(device), "attention_mask": b.attention_mask.to(device)}
             for b in batches(samples, args.batch, tokenizer.pad_id)]
     parent = os.path.dirname(os.path.abspath(out))

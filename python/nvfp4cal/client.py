@@ -33,8 +33,10 @@ from . import _proto
 METHODS = ("max", "mse", "local_hessian", "dss", "gptq")
 # MethodConfig fields a caller may set, and which apply to gptq only.
 _PARAMS = ("beta_step", "beta_half_range", "scale_neighbours", "symmetry_tolerance", "damping",
-           "act_order", "block_columns", "scale_objective", "scale_search")
-_GPTQ_PARAMS = ("damping", "act_order", "block_columns", "scale_objective", "scale_search")
+           "act_order", "block_columns", "scale_objective", "scale_search",
+           "compare_local_hessian")
+_GPTQ_PARAMS = ("damping", "act_order", "block_columns", "scale_objective", "scale_search",
+                "compare_local_hessian")
 _SERVICE = "/nvfp4cal.v1.Calibrator/"
 # E2M1 magnitudes by code (NUMERICS §2); bit 3 is the sign.
 _E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=np.float32)
@@ -309,7 +311,7 @@ class Session:
         fused group's shared value). full_hessian_layout: "upper" (half the bytes) or "full".
         params: MethodConfig fields (beta_step, beta_half_range, scale_neighbours,
         symmetry_tolerance; gptq: damping, act_order, block_columns, scale_objective,
-        scale_search); unset ones take the server's defaults."""
+        scale_search, compare_local_hessian); unset ones take the server's defaults."""
         if method not in METHODS:
             raise ValueError(f"method {method!r} is unknown; expected one of {', '.join(METHODS)}")
         for key in params:

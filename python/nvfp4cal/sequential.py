@@ -59,7 +59,8 @@ from .sequential_layers import (  # noqa: F401
 
 # Methods whose quantization reads the Hessian (the others take it for statistics only).
 _NEEDS_HESSIAN = ("local_hessian", "dss", "gptq")
-_GPTQ_PARAMS = ("damping", "act_order", "block_columns", "scale_objective", "scale_search")
+_GPTQ_PARAMS = ("damping", "act_order", "block_columns", "scale_objective", "scale_search",
+                "compare_local_hessian")
 _ALL_PARAMS = ("beta_step", "beta_half_range", "scale_neighbours", "symmetry_tolerance") + \
     _GPTQ_PARAMS
 
@@ -372,7 +373,7 @@ def calibrate_sequential(model: torch.nn.Module, batches: Sequence[Any], client=
     or nvfp4cal-server on PATH).
     method / params / fallback_method: what the final `nvfp4cal quantize` will use: params are
     MethodConfig fields (beta_step; gptq: damping, act_order, block_columns, scale_objective,
-    scale_search); fallback_method (max or mse) for a module no token reached.
+    scale_search, compare_local_hessian); fallback_method (max or mse) for a module no token reached.
     layout / dtype / include / exclude / default_excludes: as nvfp4cal.capture.
     layers: the decoder layers (a ModuleList or its name), default find_decoder_layers(model).
     keep_quantized: keep each module's QuantizedTensor in result.quantized.

@@ -320,12 +320,35 @@ TEST_F(BadInputs, GptqRefusesBlockHessiansNamingTheModule) {
                     "the diagonal blocks [4, 16, 16]");
 }
 
-TEST_F(BadInputs, GptqReportsTheFullHessianError) {
-  const ProcessResult r = Quantize({"--method", "gptq", "--gptq-act-order"});
+// The local_hessian comparison is opt-in (--gptq-compare): a table and JSON fields when asked,
+// neither otherwise, and the same output bytes either way.
+TEST_F(BadInputs, GptqReportsTheFullHessianErrorWhenAsked) {
+  const std::string stats = dir_ / "stats.json";
+  const ProcessResult plain =
+      Quantize({"--method", "gptq", "--gptq-act-order", "--stats-json", stats});
+  ASSERT_EQ(plain.exit_code, 0) << plain.err;
+  EXPECT_THAT(plain.out, ::testing::Not(HasSubstr("full-Hessian error")));
+  nlohmann::json j = nlohmann::json::parse(ReadAll(stats));
+  ASSERT_FALSE(j["modules"].empty());
+  for (const nlohmann::json& m : j["modules"]) {
+    EXPECT_TRUE(m["gptq"].contains("damping_relative")) << m.dump();
+    EXPECT_FALSE(m["gptq"].contains("full_hessian_error")) << m.dump();
+  }
+  const std::string plain_bytes = ReadAll(out_ + "/model.safetensors");
+  fs::remove_all(out_);
+
+  const ProcessResult r =
+      Quantize({"--method", "gptq", "--gptq-act-order", "--gptq-compare", "--stats-json", stats});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_THAT(r.out, HasSubstr("full-Hessian error tr(E H E^T), local_hessian vs gptq"));
   EXPECT_THAT(r.out, HasSubstr("total (2)"));
-  EXPECT_TRUE(fs::exists(out_ + "/model.safetensors"));
+  j = nlohmann::json::parse(ReadAll(stats));
+  for (const nlohmann::json& m : j["modules"]) {
+    // (Random 64-column example data: gptq need not beat local_hessian here.)
+    EXPECT_GT(m["gptq"]["full_hessian_error"].get<double>(), 0.0) << m.dump();
+    EXPECT_GT(m["gptq"]["full_hessian_error_local_hessian"].get<double>(), 0.0) << m.dump();
+  }
+  EXPECT_EQ(ReadAll(out_ + "/model.safetensors"), plain_bytes);
 }
 
 TEST_F(BadInputs, ExampleWithFullHessiansQuantizesEveryModuleWithGptq) {
@@ -560,6 +583,8 @@ TEST_F(BadInputs, CommandLineErrorsExitWithUsageCode) {
        "--method: unknown value \"gptqx\"; expected one of max, mse, local_hessian, dss, gptq"},
       {{"quantize", "--model", model_, "--out", out_, "--gptq-damping", "0.1"},
        "--gptq-damping applies to --method gptq only"},
+      {{"quantize", "--model", model_, "--out", out_, "--method", "dss", "--gptq-compare"},
+       "--gptq-compare applies to --method gptq only"},
       {{"quantize", "--model", model_, "--out", out_, "--method", "gptq", "--gptq-damping", "-1"},
        "--gptq-damping: params.gptq.damping = -1 is out of range [0, 10]"},
       {{"quantize", "--model", model_, "--out", out_, "--method", "gptq", "--gptq-block-columns",

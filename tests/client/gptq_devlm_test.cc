@@ -53,6 +53,7 @@ std::vector<LayerResult> RunDevLm(const GptqParams& params, bool* skipped) {
     request.hessian = {(*h)->data.get(), cols};
     request.params.method = Method::kGptq;
     request.params.gptq = params;
+    request.params.gptq.compare_local_hessian = true;
     absl::StatusOr<QuantizedTensor> r = CpuGptqQuantize(request, {});
     EXPECT_TRUE(r.ok()) << module << ": " << r.status();
     if (!r.ok()) continue;

@@ -262,6 +262,7 @@ TEST_F(Remote, GptqIsByteIdenticalToInProcess) {
   // in-process one: the servers' summaries carry gptq's statistics.
   auto gptq_table = [&](const std::string& out, std::vector<std::string> flags) {
     std::vector<std::string> args = Args(m, out, gptq);
+    args.push_back("--gptq-compare");
     args.erase(std::find(args.begin(), args.end(), "--quiet"));
     args.insert(args.end(), flags.begin(), flags.end());
     const ProcessResult run = RunCli(args);

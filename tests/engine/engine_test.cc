@@ -144,7 +144,7 @@ class CountingGptq : public GptqBackend {
     plan->params = params;
     return std::shared_ptr<const GptqPlan>(plan);
   }
-  absl::Status QuantizeRows(const GptqPlan&, const WeightView&, float, int64_t, int64_t,
+  absl::Status QuantizeRows(const GptqPlan&, const WeightView&, float, int64_t, int64_t, bool,
                             RowRangeOutput, TensorStats*) override {
     return absl::UnimplementedError("not used");
   }

@@ -87,6 +87,7 @@ TEST_F(CudaGptqTest, OrderedUpdateIsBitIdenticalToTheCpu) {
     request.params.gptq.scale_search = c.search;
     request.params.gptq.scale_objective = c.objective;
     request.params.gptq.block_columns = c.block_columns;
+    request.params.gptq.compare_local_hessian = true;
     absl::StatusOr<QuantizedTensor> cpu = CpuGptqQuantize(request, {});
     ASSERT_TRUE(cpu.ok()) << cpu.status();
     absl::StatusOr<QuantizedTensor> cuda = GptqQuantize(*gpu, request);
@@ -117,6 +118,7 @@ TEST_F(CudaGptqTest, RowSplitsAndChunksGiveTheSameBytes) {
   SearchParams params;
   params.method = Method::kGptq;
   params.gptq.act_order = true;
+  params.gptq.compare_local_hessian = true;
   GptqRequest request;
   request.weights = {w.data(), DType::kFloat32, rows, cols};
   request.hessian = {h.data(), cols};
@@ -139,20 +141,28 @@ TEST_F(CudaGptqTest, RowSplitsAndChunksGiveTheSameBytes) {
     const RowRangeOutput out{
         absl::MakeSpan(codes).subspan(begin * cols / 2, (end - begin) * cols / 2),
         absl::MakeSpan(scales).subspan(begin * cols / 16, (end - begin) * cols / 16)};
-    ASSERT_TRUE(chunked->QuantizeRows(**plan, request.weights, 5.5f, begin, end, out, &stats).ok());
+    ASSERT_TRUE(
+        chunked->QuantizeRows(**plan, request.weights, 5.5f, begin, end, true, out, &stats).ok());
   }
   EXPECT_EQ(codes, whole->packed_codes);
   EXPECT_EQ(scales, whole->scales);
   EXPECT_EQ(stats.num_blocks, rows * cols / 16);
+  EXPECT_NEAR(stats.gptq.full_hessian_error, whole->stats.gptq.full_hessian_error,
+              1e-9 * whole->stats.gptq.full_hessian_error);
+  EXPECT_NEAR(stats.gptq.full_hessian_error_local_hessian,
+              whole->stats.gptq.full_hessian_error_local_hessian,
+              1e-9 * whole->stats.gptq.full_hessian_error_local_hessian);
   // A plan of one backend does not run on another.
   std::unique_ptr<GptqBackend> cpu = MakeCpuGptq({});
   const RowRangeOutput all{absl::MakeSpan(codes), absl::MakeSpan(scales)};
-  EXPECT_THAT(cpu->QuantizeRows(**plan, request.weights, 5.5f, 0, rows, all, &stats).message(),
-              HasSubstr("prepared by another backend"));
+  EXPECT_THAT(
+      cpu->QuantizeRows(**plan, request.weights, 5.5f, 0, rows, false, all, &stats).message(),
+      HasSubstr("prepared by another backend"));
   absl::StatusOr<std::shared_ptr<const GptqPlan>> cpu_plan = cpu->Prepare({h.data(), cols}, params);
   ASSERT_TRUE(cpu_plan.ok());
-  EXPECT_THAT(gpu->QuantizeRows(**cpu_plan, request.weights, 5.5f, 0, rows, all, &stats).message(),
-              HasSubstr("prepared by another backend"));
+  EXPECT_THAT(
+      gpu->QuantizeRows(**cpu_plan, request.weights, 5.5f, 0, rows, false, all, &stats).message(),
+      HasSubstr("prepared by another backend"));
 }
 
 TEST_F(CudaGptqTest, CublasUpdateIsDeterministicAndDriftsLittle) {

@@ -32,6 +32,7 @@ GptqRequest MakeGptqRequest(const std::vector<float>& w, int64_t rows, int64_t c
   request.weights = {w.data(), DType::kFloat32, rows, cols};
   request.hessian = {h.data(), cols};
   request.params.method = Method::kGptq;
+  request.params.gptq.compare_local_hessian = true;  // most tests read tr(E H E^T) of both
   return request;
 }
 
@@ -301,6 +302,7 @@ TEST(CpuGptq, NeverWorseThanLocalHessianOnCorrelatedData) {
     for (const Variant& v : Variants()) {
       GptqRequest request = MakeGptqRequest(w, rows, cols, h);
       request.params.gptq = v.params;
+      request.params.gptq.compare_local_hessian = true;
       absl::StatusOr<QuantizedTensor> gptq = CpuGptqQuantize(request, {});
       ASSERT_TRUE(gptq.ok()) << gptq.status();
       const GptqStats& s = gptq->stats.gptq;
@@ -345,10 +347,10 @@ TEST(CpuGptq, DeterministicForAnyThreadCount) {
   request.params.method = Method::kGptq;
   request.params.gptq.act_order = true;
   request.params.gptq.scale_search = GptqScaleSearch::kDss;
-  absl::StatusOr<QuantizedTensor> one = CpuGptqQuantize(request, {1, 16, true});
+  absl::StatusOr<QuantizedTensor> one = CpuGptqQuantize(request, {1, 16});
   ASSERT_TRUE(one.ok()) << one.status();
   for (int threads : {2, 3, 8}) {
-    absl::StatusOr<QuantizedTensor> many = CpuGptqQuantize(request, {threads, 16, true});
+    absl::StatusOr<QuantizedTensor> many = CpuGptqQuantize(request, {threads, 16});
     ASSERT_TRUE(many.ok()) << many.status();
     EXPECT_EQ(many->packed_codes, one->packed_codes) << threads;
     EXPECT_EQ(many->scales, one->scales) << threads;
@@ -371,7 +373,8 @@ TEST(CpuGptq, OnePlanServesRowRangesOfSeveralTensors) {
   SearchParams params;
   params.method = Method::kGptq;
   params.gptq.act_order = true;
-  std::unique_ptr<GptqBackend> backend = MakeCpuGptq({2, 5, true});
+  params.gptq.compare_local_hessian = true;
+  std::unique_ptr<GptqBackend> backend = MakeCpuGptq({2, 5});
   absl::StatusOr<std::shared_ptr<const GptqPlan>> plan = backend->Prepare({h.data(), cols}, params);
   ASSERT_TRUE(plan.ok()) << plan.status();
   EXPECT_EQ((*plan)->n, cols);
@@ -389,7 +392,7 @@ TEST(CpuGptq, OnePlanServesRowRangesOfSeveralTensors) {
       const RowRangeOutput out{
           absl::MakeSpan(codes).subspan(begin * cols / 2, (end - begin) * cols / 2),
           absl::MakeSpan(scales).subspan(begin * cols / 16, (end - begin) * cols / 16)};
-      ASSERT_TRUE(backend->QuantizeRows(**plan, view, 6.0f, begin, end, out, &stats).ok());
+      ASSERT_TRUE(backend->QuantizeRows(**plan, view, 6.0f, begin, end, true, out, &stats).ok());
     }
     EXPECT_EQ(codes, whole->packed_codes);
     EXPECT_EQ(scales, whole->scales);
@@ -402,22 +405,22 @@ TEST(CpuGptq, OnePlanServesRowRangesOfSeveralTensors) {
   const RowRangeOutput one_row{absl::MakeSpan(codes), absl::MakeSpan(scales)};
   TensorStats stats;
   const WeightView narrow{a.data(), DType::kFloat32, rows * 2, cols / 2};
-  absl::Status s = backend->QuantizeRows(**plan, narrow, 6.0f, 0, 1,
+  absl::Status s = backend->QuantizeRows(**plan, narrow, 6.0f, 0, 1, false,
                                          RowRangeOutput{one_row.packed_codes.subspan(0, cols / 4),
                                                         one_row.scales.subspan(0, cols / 32)},
                                          &stats);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(s.message(), HasSubstr("weights.cols = 48 but the gptq plan's Hessian is [96, 96]"));
   const WeightView view{a.data(), DType::kFloat32, rows, cols};
-  s = backend->QuantizeRows(**plan, view, 0.5f, 0, 1, one_row, &stats);
+  s = backend->QuantizeRows(**plan, view, 0.5f, 0, 1, false, one_row, &stats);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
-  s = backend->QuantizeRows(**plan, view, 6.0f, 5, 5, one_row, &stats);
+  s = backend->QuantizeRows(**plan, view, 6.0f, 5, 5, false, one_row, &stats);
   EXPECT_THAT(s.message(), HasSubstr("row range [5, 5)"));
   EXPECT_EQ(codes, std::vector<uint8_t>(static_cast<size_t>(cols / 2), 0xAB));
   struct OtherPlan : GptqPlan {};
   OtherPlan other;
   other.n = cols;
-  s = backend->QuantizeRows(other, view, 6.0f, 0, 1, one_row, &stats);
+  s = backend->QuantizeRows(other, view, 6.0f, 0, 1, false, one_row, &stats);
   EXPECT_THAT(s.message(), HasSubstr("prepared by another backend"));
   // Prepare validates H and the parameters.
   SearchParams not_gptq = params;
@@ -562,7 +565,7 @@ class CountingGptq : public GptqBackend {
     plan->params = params;
     return plan;
   }
-  absl::Status QuantizeRows(const GptqPlan&, const WeightView&, float, int64_t, int64_t,
+  absl::Status QuantizeRows(const GptqPlan&, const WeightView&, float, int64_t, int64_t, bool,
                             RowRangeOutput, TensorStats*) override {
     return absl::InternalError("not used");
   }

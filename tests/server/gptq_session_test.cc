@@ -46,6 +46,7 @@ void SetGptqParameters(const SearchParams& p, v1::QuantizeRequest* header) {
   m->set_scale_objective(std::string(GptqScaleObjectiveName(p.gptq.scale_objective)));
   m->set_scale_search(std::string(GptqScaleSearchName(p.gptq.scale_search)));
   m->set_beta_step(p.beta_step);
+  if (p.gptq.compare_local_hessian) m->set_compare_local_hessian(true);  // else unset: off
 }
 
 void AppendGptq(const GptqTensor& g, std::vector<v1::QuantizeRequest>* out) {
@@ -87,7 +88,15 @@ void ExpectMatchesGptqReference(const SessionResult& result, const GptqTensor& g
                 want.stats.gptq.full_hessian_error_local_hessian,
                 relative_tolerance * want.stats.gptq.full_hessian_error_local_hessian);
   }
-  EXPECT_GT(stats.full_hessian_error(), 0.0);
+  EXPECT_EQ(stats.params().compare_local_hessian(), g.params.gptq.compare_local_hessian);
+  if (g.params.gptq.compare_local_hessian) {
+    EXPECT_GT(stats.full_hessian_error(), 0.0);
+    EXPECT_GT(stats.full_hessian_error_local_hessian(), stats.full_hessian_error());
+  } else {
+    EXPECT_EQ(stats.full_hessian_error(), 0.0);
+    EXPECT_EQ(stats.full_hessian_error_local_hessian(), 0.0);
+    EXPECT_EQ(stats.gptq_compare_seconds(), 0.0);
+  }
   EXPECT_DOUBLE_EQ(stats.damping_relative(), want.stats.gptq.damping_relative);
   EXPECT_EQ(stats.damping_increases(), want.stats.gptq.damping_increases);
   EXPECT_GT(stats.factor_seconds(), 0.0);
@@ -156,6 +165,8 @@ void RunSharedHessiansSession(GptqSessionTest* test, double relative_tolerance) 
     tensors.back().params.gptq.scale_search = GptqScaleSearch::kDss;
     tensors.back().tensor.global_amax = 6.5f;
   }
+  // k_proj without the comparison shares q/v's plan (the comparison is not part of a plan).
+  tensors[1].params.gptq.compare_local_hessian = false;
   // gate (buffered: the server computes g) and up in the full layout, default parameters.
   tensors.push_back(MakeGptqTensor("gate_proj", 33, kCols, DType::kFloat32, "mlp", mlp,
                                    v1::HESSIAN_LAYOUT_FULL, 30));

@@ -83,6 +83,7 @@ inline GptqTensor MakeGptqTensor(const std::string& name, int64_t rows, int64_t 
   g.tensor.hessian = layout == v1::HESSIAN_LAYOUT_FULL_UPPER ? UpperTriangle(full, cols) : full;
   g.full = full;
   g.params.method = Method::kGptq;
+  g.params.gptq.compare_local_hessian = true;  // the tests read tr(E H E^T) of both
   return g;
 }
 

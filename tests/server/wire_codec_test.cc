@@ -42,6 +42,7 @@ SearchParams GptqParamsOffDefault() {
   p.gptq.block_columns = 64;
   p.gptq.scale_objective = GptqScaleObjective::kGptqCost;
   p.gptq.scale_search = GptqScaleSearch::kDss;
+  p.gptq.compare_local_hessian = true;
   return p;
 }
 
@@ -56,6 +57,7 @@ void ExpectSameParams(const SearchParams& a, const SearchParams& b) {
   EXPECT_EQ(a.gptq.block_columns, b.gptq.block_columns);
   EXPECT_EQ(a.gptq.scale_objective, b.gptq.scale_objective);
   EXPECT_EQ(a.gptq.scale_search, b.gptq.scale_search);
+  EXPECT_EQ(a.gptq.compare_local_hessian, b.gptq.compare_local_hessian);
 }
 
 TEST(WireCodec, SearchParamsRoundTripForEveryMethod) {
@@ -81,6 +83,16 @@ TEST(WireCodec, MalformedMethodConfigsAreNamed) {
   ASSERT_FALSE(gptq_only.ok());
   EXPECT_THAT(std::string(gptq_only.status().message()),
               HasSubstr("header.method has gptq parameters"));
+  config.Clear();
+  config.set_name("local_hessian");
+  config.set_compare_local_hessian(false);  // present, even false: still gptq's own
+  EXPECT_THAT(std::string(SearchParamsFromProto(config, "header").status().message()),
+              HasSubstr("compare_local_hessian) but name = \"local_hessian\""));
+  config.Clear();
+  config.set_name("gptq");  // unset: no comparison
+  absl::StatusOr<SearchParams> plain = SearchParamsFromProto(config, "header");
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  EXPECT_FALSE(plain->gptq.compare_local_hessian);
   config.Clear();
   config.set_name("gptq");
   config.set_scale_search("nonsense");

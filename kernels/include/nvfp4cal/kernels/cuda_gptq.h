@@ -43,8 +43,6 @@ struct CudaGptqOptions {
   // Device memory one QuantizeRows call may hold for its rows (working weights, errors,
   // outputs); larger row ranges are processed in row chunks. Plans are not counted here.
   int64_t memory_budget_bytes = int64_t{4} << 30;
-  // Also quantize with local_hessian and report tr(E H E^T) of both (GptqStats).
-  bool compare_local_hessian = true;
   CudaGptqUpdate update = CudaGptqUpdate::kOrdered;
   // Synchronise around every update to report GptqStats::update_seconds (benchmarks; slower).
   bool measure_update = false;

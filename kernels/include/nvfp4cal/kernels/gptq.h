@@ -10,6 +10,7 @@
 //   request.hessian = {h_data, 4096};              // full [in, in] fp32, row-major
 //   request.params.method = nvfp4cal::Method::kGptq;
 //   request.params.gptq.act_order = true;
+//   request.params.gptq.compare_local_hessian = true;  // report tr(E H E^T) of both below
 //   absl::StatusOr<nvfp4cal::QuantizedTensor> result = nvfp4cal::CpuGptqQuantize(request, {});
 //   // result->stats.gptq.full_hessian_error vs .full_hessian_error_local_hessian
 //
@@ -149,14 +150,16 @@ class GptqBackend {
 
   // Quantizes rows [row_begin, row_end) of `weights` (cols = plan.n) with global amax g into the
   // caller's spans and adds the rows' statistics to *stats: TensorStats' block sums,
-  // gptq.full_hessian_error (and full_hessian_error_local_hessian when the backend compares),
-  // quantize_seconds / compare_seconds; sets damping_relative / damping_increases from the
-  // plan. Rows are independent: any split of a tensor into ranges gives the same bytes. Checks
-  // the plan's origin, shapes, spans, NaN/Inf in the rows and g >= their amax (INVALID_ARGUMENT)
-  // before writing anything.
+  // quantize_seconds, and with compare_local_hessian (GptqParams) gptq.full_hessian_error,
+  // full_hessian_error_local_hessian and compare_seconds; sets damping_relative /
+  // damping_increases from the plan. The codes follow the plan's parameters only. Rows are
+  // independent: any split of a tensor into ranges gives the same bytes. Checks the plan's origin,
+  // shapes, spans, NaN/Inf in the rows and g >= their amax (INVALID_ARGUMENT) before writing
+  // anything.
   virtual absl::Status QuantizeRows(const GptqPlan& plan, const WeightView& weights,
                                     float global_amax, int64_t row_begin, int64_t row_end,
-                                    RowRangeOutput output, TensorStats* stats) = 0;
+                                    bool compare_local_hessian, RowRangeOutput output,
+                                    TensorStats* stats) = 0;
 };
 
 // What every backend's QuantizeRows checks before writing: cols = plan.n, dtype and data, the
@@ -215,9 +218,6 @@ struct CpuGptqOptions {
   // Rows per task: rows are independent given H, so tasks are row ranges that each run the
   // whole column loop; small enough to balance, large enough that each pass over U is shared.
   int rows_per_task = 16;
-  // Also quantize with local_hessian and report tr(E H E^T) of both (GptqStats). Costs about
-  // two extra passes of rows * cols^2 multiply-adds.
-  bool compare_local_hessian = true;
 };
 
 // The CPU backend: LAPACK factor, row tasks over threads. TensorStats as for local_hessian

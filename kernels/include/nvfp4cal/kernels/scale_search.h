@@ -90,6 +90,11 @@ struct GptqParams {
   int block_columns = 128;
   GptqScaleObjective scale_objective = GptqScaleObjective::kHessianBlock;
   GptqScaleSearch scale_search = GptqScaleSearch::kSweep;
+  // Also quantize each tensor with local_hessian and report tr(E H E^T) of both results
+  // (GptqStats::full_hessian_error and full_hessian_error_local_hessian; both stay 0 without
+  // it). Changes no code or scale; costs about a quarter more of a layer's time on a GPU (two
+  // rows * n^2 products in double). Not part of a plan's identity: QuantizeRows is told per call.
+  bool compare_local_hessian = false;
 };
 
 // Method parameters. Defaults are the spec's.
@@ -111,9 +116,10 @@ struct SearchParams {
 // What gptq adds to a tensor's statistics: errors under the full Hessian, where propagation
 // across blocks shows (the block sums of TensorStats only see each block's own H_j).
 struct GptqStats {
-  // tr(E H E^T) with E = W - W_hat and the full, undamped H: the gptq result...
+  // With GptqParams::compare_local_hessian (else 0): tr(E H E^T) with E = W - W_hat and the
+  // full, undamped H of the gptq result...
   double full_hessian_error = 0.0;
-  // ...and, for comparison, the local_hessian method's result on the same tensor and g.
+  // ...and of the local_hessian method's result on the same tensor and g.
   double full_hessian_error_local_hessian = 0.0;
   // Damping used, relative to mean(diag H), and how many tenfold increases it took.
   double damping_relative = 0.0;
