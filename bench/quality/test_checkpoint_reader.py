@@ -25,8 +25,10 @@ def main():
     results = {}
     for method in ("gptq", "local_hessian"):
         out = os.path.join(work, method)
+        compare = ["--gptq-compare"] if method == "gptq" else []
         r = subprocess.run([binary, "quantize", "--model", model, "--hessians", hessians, "--out",
-                            out, "--method", method], capture_output=True, text=True, check=True)
+                            out, "--method", method] + compare, capture_output=True, text=True,
+                           check=True)
         results[method] = (r.stdout, nvfp4_checkpoint.full_hessian_errors(model, out, hessians))
     table = results["gptq"][0].split("full-Hessian error")[1]
     m = re.search(r"total \(28\)\s+(\S+)\s+(\S+)", table)
