@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -172,7 +173,55 @@ class LocalQuantizer : public Quantizer {
   Trace* const trace_;
 };
 
+// A quantizer being made on its own thread; every call waits for it.
+class BackgroundQuantizer : public Quantizer {
+ public:
+  explicit BackgroundQuantizer(std::function<absl::StatusOr<std::unique_ptr<Quantizer>>()> make)
+      : thread_([this, make = std::move(make)] {
+          absl::StatusOr<std::unique_ptr<Quantizer>> made = make();
+          absl::MutexLock lock(&mu_);
+          made_ = std::move(made);
+          done_ = true;
+        }) {}
+  ~BackgroundQuantizer() override { thread_.join(); }
+
+  std::string Describe() const override {
+    const absl::StatusOr<std::unique_ptr<Quantizer>>& made = Wait();
+    return made.ok() ? (*made)->Describe()
+                     : absl::StrCat("in-process (not started: ", made.status().message(), ")");
+  }
+
+  absl::Status QuantizeAll(absl::Span<const TensorTask> tasks,
+                           const QuantizeResultCallback& on_result) override {
+    const absl::StatusOr<std::unique_ptr<Quantizer>>& made = Wait();
+    if (!made.ok()) return made.status();
+    return (*made)->QuantizeAll(tasks, on_result);
+  }
+
+ private:
+  // The result, once made (it never changes after).
+  const absl::StatusOr<std::unique_ptr<Quantizer>>& Wait() const {
+    absl::MutexLock lock(&mu_, absl::Condition(&done_));
+    return made_;
+  }
+
+  mutable absl::Mutex mu_;
+  bool done_ ABSL_GUARDED_BY(mu_) = false;
+  absl::StatusOr<std::unique_ptr<Quantizer>> made_ ABSL_GUARDED_BY(mu_) =
+      absl::UnknownError("not made yet");
+  std::thread thread_;  // last: it starts once the members it sets exist
+};
+
 }  // namespace
+
+absl::StatusOr<std::unique_ptr<Quantizer>> StartLocalQuantizer(
+    const LocalQuantizerOptions& options) {
+  if (absl::Status s = CheckDeviceName(options.device); !s.ok()) return s;
+  return std::make_unique<BackgroundQuantizer>([options] {
+    TraceSpan span(options.trace, "start the in-process backend", "setup");
+    return MakeLocalQuantizer(options);
+  });
+}
 
 absl::StatusOr<std::unique_ptr<Quantizer>> MakeLocalQuantizer(
     const LocalQuantizerOptions& options) {

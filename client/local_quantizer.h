@@ -32,6 +32,14 @@ struct LocalQuantizerOptions {
 // "cuda" without a usable GPU (the message says why).
 absl::StatusOr<std::unique_ptr<Quantizer>> MakeLocalQuantizer(const LocalQuantizerOptions& options);
 
+// MakeLocalQuantizer on a thread of its own: returns at once, so that opening the checkpoint,
+// planning and the first reads overlap the backend's start (a CUDA context, its streams and
+// library handles: a noticeable part of a short run). Describe and QuantizeAll wait for the
+// start; a failed start is QuantizeAll's error (and Describe says it). An unknown device name
+// is INVALID_ARGUMENT here, before any work. The start goes to options.trace as a span.
+absl::StatusOr<std::unique_ptr<Quantizer>> StartLocalQuantizer(
+    const LocalQuantizerOptions& options);
+
 // Wraps an existing backend (tests inject one).
 // Jobs with Method::kGptq run on the CPU gptq driver (gptq.h) with `gptq_threads` threads
 // (0 = all), whatever the backend.

@@ -447,11 +447,9 @@ int RunQuantize(int argc, const char* const* argv) {
     local.device = args->Get("device", "auto");
     local.cpu_threads = threads;
     local.trace = options.trace;
-    absl::StatusOr<std::unique_ptr<Quantizer>> in_process = [&] {
-      TraceSpan span(options.trace, "start the in-process backend", "setup");
-      return MakeLocalQuantizer(local);
-    }();
-    if (!in_process.ok()) return Fail(cmd, in_process.status());
+    // Starts beside the reading and planning; a failed start fails the run (nothing written).
+    absl::StatusOr<std::unique_ptr<Quantizer>> in_process = StartLocalQuantizer(local);
+    if (!in_process.ok()) return UsageError(cmd, in_process.status());
     quantizer = *std::move(in_process);
   }
 

@@ -126,9 +126,9 @@ struct RunInputs {
 };
 
 // Opens the model and the Hessians, plans and prepares the modules, decides the label and the
-// KV-cache scales; the skipped modules, the quantizer and the label go into *report.
-absl::Status ReadInputs(const QuantizeOptions& options, Quantizer* quantizer,
-                        QuantizeObserver* observer, RunInputs* in, QuantizeReport* report) {
+// KV-cache scales; the skipped modules and the label go into *report.
+absl::Status ReadInputs(const QuantizeOptions& options, QuantizeObserver* observer, RunInputs* in,
+                        QuantizeReport* report) {
   absl::StatusOr<std::unique_ptr<Checkpoint>> checkpoint = Checkpoint::Open(options.model_dir);
   if (!checkpoint.ok()) return checkpoint.status();
   in->checkpoint = *std::move(checkpoint);
@@ -148,7 +148,6 @@ absl::Status ReadInputs(const QuantizeOptions& options, Quantizer* quantizer,
     in->hessians = *std::move(store);
   }
 
-  report->quantizer = quantizer->Describe();
   for (const ModulePlan& p : in->plans) {
     if (p.quantize) continue;
     in->exclude_modules.push_back(p.module);
@@ -478,7 +477,7 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
   absl::Status read;
   {
     TraceSpan span(options.trace, "open and plan", "read");
-    read = ReadInputs(options, quantizer, observer, &in, &report);
+    read = ReadInputs(options, observer, &in, &report);
   }
   if (!read.ok()) return read;
   const QuantizationLabel label{in.activations, options.kv_cache == KvCacheMode::kFp8};
@@ -518,6 +517,8 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
                                            copy_failed, &module_reports, &scan_time, &report);
   const absl::Time quantize_end = absl::Now();
   report.scan_seconds = absl::ToDoubleSeconds(scan_time);
+  // After the quantizer's work: an in-process backend may still be starting before it.
+  report.quantizer = quantizer->Describe();
   if (!quantized.ok()) quantize_failed.store(true);
   copier.join();
   if (!copied.ok()) return copied;

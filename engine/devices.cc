@@ -10,6 +10,15 @@
 #include "nvfp4cal/kernels/cuda_gptq.h"
 
 namespace nvfp4cal {
+
+absl::Status CheckDeviceName(const std::string& device) {
+  if (device != "auto" && device != "cpu" && device != "cuda") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--device = \"", device, "\" is not one of auto, cpu, cuda"));
+  }
+  return absl::OkStatus();
+}
+
 namespace {
 
 // Far more GPUs than one host has; bounds the probing loop.
@@ -134,10 +143,7 @@ absl::StatusOr<Engine> CudaEngine(const EngineOptions& options, const std::strin
 }
 
 absl::Status CheckOptions(const EngineOptions& options) {
-  if (options.device != "auto" && options.device != "cpu" && options.device != "cuda") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--device = \"", options.device, "\" is not one of auto, cpu, cuda"));
-  }
+  if (absl::Status s = CheckDeviceName(options.device); !s.ok()) return s;
   struct Range {
     const char* name;
     int64_t value;

@@ -96,6 +96,9 @@ struct Engine {
   std::string gptq_fallback;
 };
 
+// INVALID_ARGUMENT naming the value unless `device` is "auto", "cpu" or "cuda".
+absl::Status CheckDeviceName(const std::string& device);
+
 // Errors: INVALID_ARGUMENT for an unknown device name or an option out of range;
 // FAILED_PRECONDITION for "cuda" without a usable device; a present device that cannot be set
 // up: the backend's own error prefixed with the device (unless auto_falls_back_to_cpu).

@@ -320,6 +320,14 @@ TEST_F(BadInputs, GptqRefusesBlockHessiansNamingTheModule) {
                     "the diagonal blocks [4, 16, 16]");
 }
 
+// The in-process backend starts beside the reading: a start that fails still fails the run
+// and leaves nothing behind.
+TEST_F(BadInputs, DeviceCudaWithoutAUsableGpuFailsTheRunLeavingNothing) {
+  const ProcessResult r = Quantize({"--device", "cuda"});
+  if (r.exit_code == 0) GTEST_SKIP() << "a GPU is usable here";
+  ExpectFailure(r, "--device=cuda: ");
+}
+
 // The local_hessian comparison is opt-in (--gptq-compare): a table and JSON fields when asked,
 // neither otherwise, and the same output bytes either way.
 TEST_F(BadInputs, GptqReportsTheFullHessianErrorWhenAsked) {
@@ -583,6 +591,8 @@ TEST_F(BadInputs, CommandLineErrorsExitWithUsageCode) {
        "--method: unknown value \"gptqx\"; expected one of max, mse, local_hessian, dss, gptq"},
       {{"quantize", "--model", model_, "--out", out_, "--gptq-damping", "0.1"},
        "--gptq-damping applies to --method gptq only"},
+      {{"quantize", "--model", model_, "--out", out_, "--device", "gpu"},
+       "--device = \"gpu\" is not one of auto, cpu, cuda"},
       {{"quantize", "--model", model_, "--out", out_, "--method", "dss", "--gptq-compare"},
        "--gptq-compare applies to --method gptq only"},
       {{"quantize", "--model", model_, "--out", out_, "--method", "gptq", "--gptq-damping", "-1"},

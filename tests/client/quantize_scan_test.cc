@@ -24,6 +24,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nvfp4cal/kernels/cpu_scale_search.h"
+#include "nvfp4cal/kernels/cuda_scale_search.h"
 #include "nvfp4cal/kernels/gptq.h"
 #include "tests/client/quantize_test_util.h"
 
@@ -838,4 +839,53 @@ TEST(LocalQuantizer, GptqPlansFollowTheHessianKeyNotTheMatrixAddress) {
 }
 
 }  // namespace
+// The CLI's in-process backend starts on its own thread: calls wait for it, a bad device name is
+// refused at once, and a failed start is QuantizeAll's error.
+TEST(LocalQuantizer, StartedInTheBackgroundGivesTheSameBytesAndReportsAFailedStart) {
+  constexpr int64_t rows = 8, cols = 64;
+  std::mt19937 rng(9);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<uint16_t> weights(rows * cols);
+  for (uint16_t& x : weights) x = Bf16(normal(rng));
+  TensorTask task;
+  task.name = "w";
+  task.weights = {weights.data(), DType::kBFloat16, rows, cols};
+  task.params.method = Method::kMse;
+  task.global_amax = 8.0f;
+  auto run = [&](Quantizer& q, QuantizedTensor* out) {
+    return q.QuantizeAll(absl::MakeConstSpan(&task, 1),
+                         [&](size_t, QuantizedTensor r) -> absl::Status {
+                           *out = std::move(r);
+                           return absl::OkStatus();
+                         });
+  };
+  QuantizedTensor want, got;
+  std::unique_ptr<Quantizer> direct = MakeLocalQuantizer(MakeCpuScaleSearch({}), "cpu", 1);
+  const absl::Status direct_status = run(*direct, &want);
+  ASSERT_TRUE(direct_status.ok()) << direct_status;
+
+  LocalQuantizerOptions options;
+  options.device = "gpu";
+  EXPECT_EQ(StartLocalQuantizer(options).status().message(),
+            "--device = \"gpu\" is not one of auto, cpu, cuda");
+  options.device = "cpu";
+  options.cpu_threads = 1;
+  absl::StatusOr<std::unique_ptr<Quantizer>> cpu = StartLocalQuantizer(options);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  ASSERT_TRUE(run(**cpu, &got).ok());
+  EXPECT_EQ(got.packed_codes, want.packed_codes);
+  EXPECT_EQ(got.scales, want.scales);
+  EXPECT_EQ((*cpu)->Describe(), "in-process cpu");
+
+  std::string reason;
+  if (CudaDeviceAvailable(&reason)) return;  // the failed start needs a machine without a GPU
+  options.device = "cuda";
+  const absl::Status direct_error = MakeLocalQuantizer(options).status();
+  ASSERT_FALSE(direct_error.ok());
+  absl::StatusOr<std::unique_ptr<Quantizer>> cuda = StartLocalQuantizer(options);
+  ASSERT_TRUE(cuda.ok()) << cuda.status();  // the start itself runs behind
+  EXPECT_EQ(run(**cuda, &got), direct_error);
+  EXPECT_THAT((*cuda)->Describe(), HasSubstr("not started: "));
+}
+
 }  // namespace nvfp4cal::testing
