@@ -20,10 +20,6 @@
 namespace nvfp4cal {
 namespace {
 
-// CUDA tensors in flight in-process (each worker holds a stream and a workspace of the
-// default budget).
-constexpr int kCudaWorkers = 3;
-
 // The gptq plans of one QuantizeAll call: a cache per full Hessian (tasks with equal
 // hessian_key share one; see KeyOf for tasks without one), dropped with its plans after its
 // last task. Per Hessian, not per matrix address: the pipeline sets full_hessian.data late (the
@@ -228,9 +224,9 @@ absl::StatusOr<std::unique_ptr<Quantizer>> MakeLocalQuantizer(
   EngineOptions engine_options;
   engine_options.device = options.device;
   engine_options.cuda_device = options.cuda_device;
-  engine_options.workers_per_gpu = kCudaWorkers;
-  engine_options.gptq_streams_per_gpu = kCudaWorkers;  // one per worker
-  engine_options.cpu_workers = 1;                      // its threads share each tensor
+  engine_options.workers_per_gpu = options.cuda_workers;
+  engine_options.gptq_streams_per_gpu = options.cuda_workers;  // one per worker
+  engine_options.cpu_workers = 1;                              // its threads share each tensor
   engine_options.cpu_threads_per_worker = options.cpu_threads;
   // A usable GPU that cannot be set up (its memory taken by another process) leaves the CPU.
   engine_options.auto_falls_back_to_cpu = true;

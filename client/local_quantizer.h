@@ -23,6 +23,10 @@ struct LocalQuantizerOptions {
   int cpu_threads = 0;
   // CUDA device ordinal.
   int cuda_device = 0;
+  // CUDA tensors in flight, in [1, 16]: each worker has its own stream, workspace, pinned
+  // staging and gptq backend, so that one tensor's host copies and result write overlap the
+  // others' kernels.
+  int cuda_workers = 3;
   // When not null, each task's wait for its weights and its quantization as spans on the
   // worker's row (--trace); it must outlive the quantizer.
   Trace* trace = nullptr;

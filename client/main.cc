@@ -261,6 +261,11 @@ CliParser QuantizeParser() {
               "MoE gates, output layers, vision towers)");
   p.AddOption("device", "NAME", "in-process backend: auto | cpu | cuda", false, "auto");
   p.AddOption("threads", "N", "CPU backend threads, 0 = all", false, "0");
+  p.AddOption("cuda-workers", "N",
+              "in-process CUDA: tensors in flight on the GPU, in [1, 16], each with its own "
+              "stream, workspace and pinned staging: one tensor's host copies and write overlap "
+              "the others' kernels",
+              false, "3");
   p.AddOption("server", "HOST:PORT[,...]",
               "quantize on nvfp4cal servers, tensors spread "
               "over all");
@@ -340,6 +345,7 @@ int RunQuantize(int argc, const char* const* argv) {
     options.fallback_method = *fallback;
   }
   int threads = 0;
+  int cuda_workers = 3;
   int retries = 4;
   int streams_per_server = 3;
   int chunk_kib = 1024;
@@ -347,6 +353,7 @@ int RunQuantize(int argc, const char* const* argv) {
   for (const absl::Status& s :
        {ParseFloat(*args, "beta-step", &options.params.beta_step),
         ParseInt(*args, "threads", &threads, 0, 4096), ParseInt(*args, "retries", &retries, 1, 100),
+        ParseInt(*args, "cuda-workers", &cuda_workers, 1, 16),
         ParseInt(*args, "streams-per-server", &streams_per_server, 1, 16),
         ParseInt(*args, "chunk-kib", &chunk_kib, 1, 65536),
         ParseFloat(*args, "timeout", &timeout_s, 0.0f, 1e7f)}) {
@@ -418,6 +425,11 @@ int RunQuantize(int argc, const char* const* argv) {
       return UsageError(cmd, absl::InvalidArgumentError(
                                  "--device applies in-process only; servers pick their device"));
     }
+    if (args->Has("cuda-workers")) {
+      return UsageError(cmd, absl::InvalidArgumentError(
+                                 "--cuda-workers applies in-process only; servers set their own "
+                                 "(--cuda_workers_per_device)"));
+    }
     absl::StatusOr<std::vector<std::string>> addresses = ParseServerList(args->Get("server"));
     if (!addresses.ok()) return UsageError(cmd, addresses.status());
     ClientOptions client;
@@ -446,6 +458,7 @@ int RunQuantize(int argc, const char* const* argv) {
     LocalQuantizerOptions local;
     local.device = args->Get("device", "auto");
     local.cpu_threads = threads;
+    local.cuda_workers = cuda_workers;
     local.trace = options.trace;
     // Starts beside the reading and planning; a failed start fails the run (nothing written).
     absl::StatusOr<std::unique_ptr<Quantizer>> in_process = StartLocalQuantizer(local);
