@@ -79,9 +79,10 @@ def summarise(path, buckets):
         print(f"{cat + '/' + kind:<28} {len(iv):6d} {sum(e - b for b, e in iv) / 1e6:8.3f} "
               f"{union_length(iv) / 1e6:10.3f} {max(e - b for b, e in iv) / 1e3:8.1f}")
     per_thread = defaultdict(lambda: defaultdict(float))
-    for cat, tid, b, e, _ in spans:
-        per_thread[tid][cat] += (e - b) / 1e6
-    print("threads (busy seconds by category):")
+    for cat, tid, b, e, name in spans:
+        # Waits ("wait for <tensor>", "wait for read-ahead memory") apart from the work.
+        per_thread[tid]["wait" if name.startswith("wait for") else cat] += (e - b) / 1e6
+    print("threads (seconds by category; waits apart):")
     for tid in sorted(per_thread):
         parts = ", ".join(f"{c} {s:.2f}" for c, s in sorted(per_thread[tid].items()))
         print(f"  {names.get(tid, tid)}: {parts}")
