@@ -153,6 +153,24 @@ class ClientTest(unittest.TestCase):
         error = (q.dequantize() - self.weight(m).float()).abs().max()
         self.assertLess(float(error), float(self.weight(m).float().abs().max()) / 4)
 
+    def test_gptq_comparison_is_opt_in_and_changes_no_byte(self):
+        m = "model.layers.0.mlp.down_proj"
+        w, h = self.weight(m), self.hessian(m)
+        with nvfp4cal.Client([self.server.address]) as client:
+            plain = client.quantize(w, hessian=h, method="gptq")
+            compared = client.quantize(w, hessian=h, method="gptq", compare_local_hessian=True)
+            with self.assertRaisesRegex(ValueError, "applies to method gptq only"):
+                client.quantize(w, hessian=h, method="dss", compare_local_hessian=True)
+        self.assertEqual(plain.packed_codes.numpy().tobytes(),
+                         compared.packed_codes.numpy().tobytes())
+        self.assertEqual(plain.scales.numpy().tobytes(), compared.scales.numpy().tobytes())
+        self.assertEqual(plain.stats["full_hessian_error"], 0.0)
+        self.assertEqual(plain.stats["full_hessian_error_local_hessian"], 0.0)
+        self.assertFalse(plain.stats["params"].get("compare_local_hessian", False))
+        self.assertGreater(compared.stats["full_hessian_error"], 0.0)
+        self.assertGreater(compared.stats["full_hessian_error_local_hessian"], 0.0)
+        self.assertTrue(compared.stats["params"]["compare_local_hessian"])
+
     def test_errors_carry_the_status_and_the_message(self):
         w = self.weight("model.layers.0.mlp.down_proj")
         h = self.hessian("model.layers.0.mlp.down_proj")
