@@ -22,6 +22,7 @@
 #include "client/parallel.h"
 #include "client/quantize_output.h"
 #include "client/quantize_prepare.h"
+#include "client/result_writer.h"
 #include "client/temp_dir.h"
 #include "common/file_util.h"
 #include "nlohmann/json.hpp"
@@ -72,6 +73,10 @@ class SerialObserver : public QuantizeObserver {
 // Untouched tensors are copied in pieces of this size, on this many threads.
 constexpr int64_t kCopyPieceBytes = int64_t{16} << 20;
 constexpr int kCopyThreads = 3;
+// Threads that write results (to the page cache, each write then started for the disk), and
+// the result bytes that may wait for them (a Llama-3-8B gate_proj's result is 33 MB).
+constexpr int kResultWriters = 4;
+constexpr int64_t kMaxQueuedResultBytes = int64_t{256} << 20;
 
 // Removes a folder when it goes out of scope unless released.
 class TempDirGuard {
@@ -307,6 +312,53 @@ std::vector<TensorTask> MakeTasks(const std::vector<PreparedModule>& prepared,
   return tasks;
 }
 
+// One result into its module's output, then its inputs given back (done(index)), its report
+// row into *module_report and the observer's messages. Runs on the result writer's threads.
+absl::Status WriteResult(const QuantizeOptions& options, const TensorTask& task, size_t index,
+                         const PreparedModule& m, QuantizedTensor result, ModuleOutput& output,
+                         const std::function<void(size_t)>& done, QuantizeObserver* observer,
+                         absl::Mutex& report_mu, QuantizeReport* report,
+                         std::optional<ModuleReport>* module_report) {
+  const ModulePlan& p = *m.plan;
+  ModuleReport r;
+  r.module = m.name;
+  r.rows = p.rows;
+  r.cols = p.cols;
+  r.hessian_entry = m.hessian_entry;
+  r.stats = result.stats;
+  const double kernel_seconds = result.server_kernel_seconds;
+  const double queue_seconds = result.server_queue_seconds;
+  if (options.trace != nullptr) {
+    options.trace->Async(task.name, "quantize", m.scanned_at, absl::Now());
+  }
+  {
+    TraceSpan span(options.trace, "write " + task.name, "write");
+    absl::Status written =
+        output.Add(std::max<int64_t>(m.expert, 0), std::move(result), m.input_amax.value_or(0.0f));
+    if (!written.ok()) return written;
+  }
+  // Done with its inputs: resident memory stays near the units in flight.
+  done(index);
+  if (observer != nullptr && r.stats.zero_hessian_blocks > 0) {
+    observer->OnMessage(absl::StrCat("warning: ", m.name, ": ", r.stats.zero_hessian_blocks, " of ",
+                                     r.stats.num_blocks, " blocks have an all-zero Hessian block (",
+                                     m.hessian_entry,
+                                     " missed those inputs); the smallest scale won there"));
+  }
+  if (observer != nullptr && r.stats.gptq.damping_increases > 0) {
+    observer->OnMessage(absl::StrCat("warning: ", m.name, ": ", m.hessian_entry,
+                                     " is not positive definite with --gptq-damping ",
+                                     m.params.gptq.damping, "; gptq used ",
+                                     r.stats.gptq.damping_relative, " x mean diagonal"));
+  }
+  if (observer != nullptr) observer->OnTensorDone(task.name, p.rows * p.cols * DTypeSize(p.dtype));
+  absl::MutexLock lock(&report_mu);
+  report->server_kernel_seconds += kernel_seconds;
+  report->server_queue_seconds += queue_seconds;
+  *module_report = std::move(r);
+  return absl::OkStatus();
+}
+
 // QuantizeModules' quantizer call (tasks[k] of prepared[order[k]]) and the callback that
 // writes each result and then calls done(prepared index).
 absl::Status QuantizeTasks(const QuantizeOptions& options, const RunInputs& in,
@@ -328,60 +380,35 @@ absl::Status QuantizeTasks(const QuantizeOptions& options, const RunInputs& in,
                                            in.activations);
     }
   }
-  return quantizer->QuantizeAll(tasks, [&](size_t task, QuantizedTensor result) -> absl::Status {
-    const size_t index = order[task];
-    if (options.cancel != nullptr && options.cancel->load()) {
-      return absl::CancelledError("interrupted");
-    }
-    if (copy_failed.load()) return absl::CancelledError("the copy of untouched tensors failed");
-    const PreparedModule& m = prepared[index];
-    const ModulePlan& p = *m.plan;
-    if (result.rows != p.rows || result.cols != p.cols ||
-        result.packed_codes.size() != static_cast<size_t>(p.rows * p.cols / 2) ||
-        result.scales.size() != static_cast<size_t>(p.rows * p.cols / 16)) {
-      return absl::InternalError(absl::StrCat(p.weight_name, ": result has the wrong size"));
-    }
-    ModuleReport r;
-    r.module = m.name;
-    r.rows = p.rows;
-    r.cols = p.cols;
-    r.hessian_entry = m.hessian_entry;
-    r.stats = result.stats;
-    const double kernel_seconds = result.server_kernel_seconds;
-    const double queue_seconds = result.server_queue_seconds;
-    if (options.trace != nullptr) {
-      options.trace->Async(tasks[task].name, "quantize", m.scanned_at, absl::Now());
-    }
-    TraceSpan span(options.trace, "write " + tasks[task].name, "write");
-    absl::Status written = outputs.at(&p)->Add(std::max<int64_t>(m.expert, 0), std::move(result),
-                                               m.input_amax.value_or(0.0f));
-    if (!written.ok()) return written;
-    // Done with its inputs: resident memory stays near the units in flight.
-    done(index);
-    {
-      absl::MutexLock lock(&report_mu);
-      report->server_kernel_seconds += kernel_seconds;
-      report->server_queue_seconds += queue_seconds;
-    }
-    if (observer != nullptr && r.stats.zero_hessian_blocks > 0) {
-      observer->OnMessage(absl::StrCat("warning: ", m.name, ": ", r.stats.zero_hessian_blocks,
-                                       " of ", r.stats.num_blocks,
-                                       " blocks have an all-zero Hessian block (", m.hessian_entry,
-                                       " missed those inputs); the smallest scale won there"));
-    }
-    if (observer != nullptr && r.stats.gptq.damping_increases > 0) {
-      observer->OnMessage(absl::StrCat("warning: ", m.name, ": ", m.hessian_entry,
-                                       " is not positive definite with --gptq-damping ",
-                                       m.params.gptq.damping, "; gptq used ",
-                                       r.stats.gptq.damping_relative, " x mean diagonal"));
-    }
-    if (observer != nullptr) {
-      observer->OnTensorDone(tasks[task].name, p.rows * p.cols * DTypeSize(p.dtype));
-    }
-    absl::MutexLock lock(&report_mu);
-    (*module_reports)[index] = std::move(r);
-    return absl::OkStatus();
-  });
+  // Each result is written, and its inputs given back, by the writer's threads, so that the
+  // quantizer's workers (one per CUDA stream in-process) go on to their next tensor at once.
+  ResultWriter writer(kResultWriters, kMaxQueuedResultBytes);
+  absl::Status quantized =
+      quantizer->QuantizeAll(tasks, [&](size_t task, QuantizedTensor result) -> absl::Status {
+        const size_t index = order[task];
+        if (options.cancel != nullptr && options.cancel->load()) {
+          return absl::CancelledError("interrupted");
+        }
+        if (copy_failed.load()) {
+          return absl::CancelledError("the copy of untouched tensors failed");
+        }
+        const ModulePlan& p = *prepared[index].plan;
+        if (result.rows != p.rows || result.cols != p.cols ||
+            result.packed_codes.size() != static_cast<size_t>(p.rows * p.cols / 2) ||
+            result.scales.size() != static_cast<size_t>(p.rows * p.cols / 16)) {
+          return absl::InternalError(absl::StrCat(p.weight_name, ": result has the wrong size"));
+        }
+        const int64_t bytes =
+            static_cast<int64_t>(result.packed_codes.size() + result.scales.size());
+        auto held = std::make_shared<QuantizedTensor>(std::move(result));
+        return writer.Submit(bytes, [&, task, index, held]() {
+          return WriteResult(options, tasks[task], index, prepared[index], std::move(*held),
+                             *outputs.at(prepared[index].plan), done, observer, report_mu, report,
+                             &(*module_reports)[index]);
+        });
+      });
+  absl::Status written = writer.Finish();
+  return quantized.ok() ? written : quantized;
 }
 
 // Hands the prepared modules to the quantizer while their weights are scanned (a task waits for

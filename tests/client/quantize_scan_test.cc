@@ -17,10 +17,12 @@
 
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "client/hessians.h"
 #include "client/local_quantizer.h"
 #include "client/quantize_prepare.h"
 #include "client/quantizer.h"
+#include "client/result_writer.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nvfp4cal/kernels/cpu_scale_search.h"
@@ -886,6 +888,81 @@ TEST(LocalQuantizer, StartedInTheBackgroundGivesTheSameBytesAndReportsAFailedSta
   ASSERT_TRUE(cuda.ok()) << cuda.status();  // the start itself runs behind
   EXPECT_EQ(run(**cuda, &got), direct_error);
   EXPECT_THAT((*cuda)->Describe(), HasSubstr("not started: "));
+}
+
+TEST(ResultWriter, WritesInFlightStayWithinTheBoundAndALargerOneRunsAlone) {
+  absl::Mutex mu;
+  int64_t in_flight = 0;  // bytes of the writes running now
+  int running = 0, most_running = 0, ran = 0;
+  bool over_bound = false;
+  auto job = [&](int64_t bytes) {
+    return [&, bytes]() -> absl::Status {
+      {
+        absl::MutexLock lock(&mu);
+        in_flight += bytes;
+        ++running;
+        most_running = std::max(most_running, running);
+        // Within the bound, or a larger write alone.
+        if (in_flight > 100 && running > 1) over_bound = true;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      absl::MutexLock lock(&mu);
+      in_flight -= bytes;
+      --running;
+      ++ran;
+      return absl::OkStatus();
+    };
+  };
+  ResultWriter writer(3, 100);
+  for (int k = 0; k < 40; ++k) {
+    const int64_t bytes = k == 20 ? 500 : 30;
+    ASSERT_TRUE(writer.Submit(bytes, job(bytes)).ok());
+  }
+  EXPECT_TRUE(writer.Finish().ok());
+  absl::MutexLock lock(&mu);
+  EXPECT_EQ(ran, 40);
+  EXPECT_FALSE(over_bound);
+  EXPECT_LE(most_running, 3);
+  EXPECT_GE(most_running, 2);  // 30-byte writes fit three at a time
+}
+
+TEST(ResultWriter, TheFirstFailureStopsSubmissionsAndQueuedWritesStillRun) {
+  ResultWriter writer(1, 1 << 20);
+  std::atomic<int> ran{0};
+  absl::Notification release;
+  // The first write waits, so that the next two queue behind it; the second fails.
+  ASSERT_TRUE(writer
+                  .Submit(1,
+                          [&] {
+                            release.WaitForNotification();
+                            ++ran;
+                            return absl::OkStatus();
+                          })
+                  .ok());
+  ASSERT_TRUE(writer
+                  .Submit(1,
+                          [&] {
+                            ++ran;
+                            return absl::DataLossError("disk full");
+                          })
+                  .ok());
+  ASSERT_TRUE(writer
+                  .Submit(1,
+                          [&] {
+                            ++ran;
+                            return absl::InternalError("later");
+                          })
+                  .ok());
+  release.Notify();
+  // Once the failure is in, Submit refuses and returns it.
+  absl::Status refused;
+  for (int k = 0; k < 2000 && refused.ok(); ++k) {
+    refused = writer.Submit(1, [] { return absl::OkStatus(); });
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_EQ(refused, absl::DataLossError("disk full"));
+  EXPECT_EQ(writer.Finish(), absl::DataLossError("disk full"));
+  EXPECT_GE(ran.load(), 3);  // the writes queued before the failure ran
 }
 
 }  // namespace nvfp4cal::testing
