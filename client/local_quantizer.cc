@@ -159,8 +159,8 @@ class LocalQuantizer : public Quantizer {
                           absl::StrCat(task.name, ": ", result.status().message()));
     }
     quantize_span.End();
-    // The callback may run for several tasks at once (Quantizer's contract): the workers' writes
-    // of their results overlap.
+    // The callback may run for several tasks at once (Quantizer's contract); the CLI's only
+    // queues the result for its writer threads, so the worker goes on to its next tensor.
     return on_result(index, *std::move(result));
   }
 
