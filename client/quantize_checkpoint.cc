@@ -312,12 +312,11 @@ std::vector<TensorTask> MakeTasks(const std::vector<PreparedModule>& prepared,
   return tasks;
 }
 
-// One result into its module's output, then its inputs given back (done(index)), its report
-// row into *module_report and the observer's messages. Runs on the result writer's threads.
-absl::Status WriteResult(const QuantizeOptions& options, const TensorTask& task, size_t index,
+// One result into its module's output, its report row into *module_report and the observer's
+// messages. Runs on the result writer's threads.
+absl::Status WriteResult(const QuantizeOptions& options, const TensorTask& task,
                          const PreparedModule& m, QuantizedTensor result, ModuleOutput& output,
-                         const std::function<void(size_t)>& done, QuantizeObserver* observer,
-                         absl::Mutex& report_mu, QuantizeReport* report,
+                         QuantizeObserver* observer, absl::Mutex& report_mu, QuantizeReport* report,
                          std::optional<ModuleReport>* module_report) {
   const ModulePlan& p = *m.plan;
   ModuleReport r;
@@ -337,8 +336,6 @@ absl::Status WriteResult(const QuantizeOptions& options, const TensorTask& task,
         output.Add(std::max<int64_t>(m.expert, 0), std::move(result), m.input_amax.value_or(0.0f));
     if (!written.ok()) return written;
   }
-  // Done with its inputs: resident memory stays near the units in flight.
-  done(index);
   if (observer != nullptr && r.stats.zero_hessian_blocks > 0) {
     observer->OnMessage(absl::StrCat("warning: ", m.name, ": ", r.stats.zero_hessian_blocks, " of ",
                                      r.stats.num_blocks, " blocks have an all-zero Hessian block (",
@@ -359,8 +356,8 @@ absl::Status WriteResult(const QuantizeOptions& options, const TensorTask& task,
   return absl::OkStatus();
 }
 
-// QuantizeModules' quantizer call (tasks[k] of prepared[order[k]]) and the callback that
-// writes each result and then calls done(prepared index).
+// QuantizeModules' quantizer call (tasks[k] of prepared[order[k]]) and the callback that gives
+// each result's inputs back (done(prepared index)) and queues the result for writing.
 absl::Status QuantizeTasks(const QuantizeOptions& options, const RunInputs& in,
                            const Nvfp4Layout& layout, absl::Span<const TensorTask> tasks,
                            const std::vector<size_t>& order,
@@ -380,8 +377,8 @@ absl::Status QuantizeTasks(const QuantizeOptions& options, const RunInputs& in,
                                            in.activations);
     }
   }
-  // Each result is written, and its inputs given back, by the writer's threads, so that the
-  // quantizer's workers (one per CUDA stream in-process) go on to their next tensor at once.
+  // Each result is written by the writer's threads, so that the quantizer's workers (one per
+  // CUDA stream in-process) go on to their next tensor at once.
   ResultWriter writer(kResultWriters, kMaxQueuedResultBytes);
   absl::Status quantized =
       quantizer->QuantizeAll(tasks, [&](size_t task, QuantizedTensor result) -> absl::Status {
@@ -398,12 +395,15 @@ absl::Status QuantizeTasks(const QuantizeOptions& options, const RunInputs& in,
             result.scales.size() != static_cast<size_t>(p.rows * p.cols / 16)) {
           return absl::InternalError(absl::StrCat(p.weight_name, ": result has the wrong size"));
         }
+        // The result no longer needs its inputs: giving them back now (not after the write)
+        // lets the scan read ahead while results wait for the writer's threads.
+        done(index);
         const int64_t bytes =
             static_cast<int64_t>(result.packed_codes.size() + result.scales.size());
         auto held = std::make_shared<QuantizedTensor>(std::move(result));
         return writer.Submit(bytes, [&, task, index, held]() {
-          return WriteResult(options, tasks[task], index, prepared[index], std::move(*held),
-                             *outputs.at(prepared[index].plan), done, observer, report_mu, report,
+          return WriteResult(options, tasks[task], prepared[index], std::move(*held),
+                             *outputs.at(prepared[index].plan), observer, report_mu, report,
                              &(*module_reports)[index]);
         });
       });
@@ -465,7 +465,7 @@ absl::Status QuantizeModules(const QuantizeOptions& options, RunInputs& in,
         });
     *scan_time = absl::Now() - scan_start;
   });
-  // A unit's result is written: its read copy and its hold on its Hessian go.
+  // A unit's result has arrived: its read copy and its hold on its Hessian go.
   auto done = [&](size_t i) {
     PreparedModule& m = prepared[i];
     read_ahead.Give(std::move(m.read_copy), WeightBytes(m));
