@@ -4,7 +4,7 @@
 //
 //   cuda_gptq_bench [--layers=N] [--streams=S] [--update=ordered|cublas] [--search=sweep|dss]
 //                   [--nocompare] [--measure_update] [--cpu_rows=R] [--serial_plans]
-//                   [--pool_strict] [--pool_keep_gib=G]
+//                   [--pool_strict] [--pool_keep_gib=G] [--inverse=blocked|trtri]
 //
 // A layer: q, k, v share the attention input's Hessian, gate and up the MLP input's; o and down
 // have their own (4 Hessians, n = 4096 x 3 and 14336). Hessians: MakeExampleFullHessian; weights:
@@ -18,7 +18,8 @@
 // on another stream before that stream's work is known to be done (no hidden cross-stream
 // waits); --pool_keep_gib=G lets the default pool keep up to G GiB of freed memory across
 // synchronisations (the release threshold; CUDA's default 0 hands it back at each one, so the
-// next plan's temporaries are mapped again).
+// next plan's temporaries are mapped again). --inverse=trtri inverts the factor with cuSOLVER's
+// trtri instead of the backend's blocked inverse.
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -83,6 +84,10 @@ int main(int argc, char** argv) {
       params.gptq.scale_search = nvfp4cal::GptqScaleSearch::kSweep;
     } else if (arg == "--nocompare") {
       params.gptq.compare_local_hessian = false;
+    } else if (arg == "--inverse=trtri") {
+      options.cusolver_inverse = true;
+    } else if (arg == "--inverse=blocked") {
+      options.cusolver_inverse = false;
     } else if (arg == "--measure_update") {
       options.measure_update = true;
     } else if (arg == "--serial_plans") {
@@ -140,6 +145,16 @@ int main(int argc, char** argv) {
     weights.push_back(nvfp4cal::MakeExampleWeightsBf16(layer[t].rows, layer[t].cols, 10 + t));
   }
   std::printf("data generated in %.1f s\n", SecondsSince(gen_start));
+  {
+    // The plan's host check of the largest H, alone (a plan's `host` time beside it shows what
+    // running beside the other plans costs).
+    const auto check_start = std::chrono::steady_clock::now();
+    absl::Status checked =
+        nvfp4cal::ValidateGptqHessian({hessians[3].data(), hessian_n[3]}, params);
+    if (!checked.ok()) Fail(checked, "ValidateGptqHessian");
+    std::printf("host check of H (n = %lld) alone: %.3f s\n", static_cast<long long>(hessian_n[3]),
+                SecondsSince(check_start));
+  }
   std::printf("update %s, scale search %s, compare %s, %d stream(s)\n",
               options.update == nvfp4cal::CudaGptqUpdate::kOrdered ? "ordered" : "cublas",
               params.gptq.scale_search == nvfp4cal::GptqScaleSearch::kDss ? "dss" : "sweep",
@@ -175,6 +190,7 @@ int main(int argc, char** argv) {
     std::vector<double> seconds(layer.size());
     std::vector<double> begins(layer.size());
     std::vector<int> on_stream(layer.size());
+    std::vector<uint64_t> digests(layer.size());
     std::atomic<size_t> next{0};
     auto work = [&](nvfp4cal::GptqBackend* backend, int stream_index) {
       for (size_t t = next++; t < layer.size(); t = next++) {
@@ -192,6 +208,13 @@ int main(int argc, char** argv) {
             nvfp4cal::RowRangeOutput{absl::MakeSpan(codes), absl::MakeSpan(scales)}, &stats[t]);
         if (!s.ok()) Fail(s, lin.name);
         seconds[t] = SecondsSince(start);
+        // FNV-1a of the codes, then the scales: builds and options that must agree print the
+        // same digests.
+        uint64_t digest = 14695981039346656037ull;
+        for (const std::vector<uint8_t>* bytes : {&codes, &scales}) {
+          for (uint8_t byte : *bytes) digest = (digest ^ byte) * 1099511628211ull;
+        }
+        digests[t] = digest;
       }
     };
     std::vector<std::thread> pool;
@@ -210,6 +233,10 @@ int main(int argc, char** argv) {
       std::printf(" %s[s%d %.3f-%.3f]", layer[t].name, on_stream[t], begins[t],
                   begins[t] + seconds[t]);
     }
+    std::printf("\ndigests:");
+    for (size_t t = 0; t < layer.size(); ++t) {
+      std::printf(" %s %016llx", layer[t].name, static_cast<unsigned long long>(digests[t]));
+    }
     std::printf("\n");
     if (l == layers - 1) {  // steady state
       std::printf("%-10s %6s %6s %9s %9s %9s %9s %14s %14s %8s\n", "tensor", "rows", "cols",
@@ -227,11 +254,15 @@ int main(int argc, char** argv) {
       }
       for (int k = 0; k < 4; ++k) {
         std::printf(
-            "plan %d (n = %lld): %.3f s (host %.3f, waiting %.3f), %.0f MB on the "
-            "device, damping %g\n",
+            "plan %d (n = %lld): %.3f s (host %.3f, waiting %.3f, upload %.3f, potrf %.3f, "
+            "inverse %.3f, store %.3f), %.0f MB on the device, damping %g\n",
             k, static_cast<long long>(hessian_n[k]), plans[static_cast<size_t>(k)]->factor_seconds,
             plans[static_cast<size_t>(k)]->host_seconds,
             plans[static_cast<size_t>(k)]->wait_seconds,
+            plans[static_cast<size_t>(k)]->upload_seconds,
+            plans[static_cast<size_t>(k)]->potrf_seconds,
+            plans[static_cast<size_t>(k)]->invert_seconds,
+            plans[static_cast<size_t>(k)]->store_seconds,
             static_cast<double>(plans[static_cast<size_t>(k)]->memory_bytes) / 1e6,
             plans[static_cast<size_t>(k)]->damping_relative);
       }

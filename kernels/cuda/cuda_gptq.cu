@@ -1,8 +1,9 @@
 // CUDA gptq backend (cuda_gptq.h, docs/numerics.md §6).
 //
 // Prepare: H goes to the device once; the damped, permuted and reversed matrix is factorised in
-// double precision with cuSOLVER (potrf, then trtri: the CPU's construction, see
-// ComputeGptqFactor), retrying with more damping by the CPU's rule; the plan keeps U (fp32,
+// double precision with cuSOLVER potrf and the factor inverted by blocks (a kernel for the
+// diagonal blocks, cuBLAS trmm above them; the CPU's construction, see ComputeGptqFactor),
+// retrying with more damping by the CPU's rule; the plan keeps U (fp32,
 // quantization order), H (double, for tr(E H E^T)), the diagonal blocks of H and U, and the
 // pruning bounds of the H blocks.
 //
@@ -12,12 +13,14 @@
 //     GroupBatchKernel   a team of 16 lanes per row runs the batch's groups in order: the scale
 //                        choice with the candidates dealt out to the lanes (the sequential
 //                        search's choice), the sequential pass (gptq_group.h, the CPU's code),
-//                        errors to the rest of the batch, codes, scales and statistics out;
+//                        errors to the rest of the batch, codes and scales out;
 //     the update         the batch's errors reach every later column: OrderedUpdateKernel
 //                        subtracts the rounded products one error at a time, in the CPU's order,
 //                        so results are bit-identical to the CPU backend for the same factor and
 //                        do not depend on how rows are split; cuBLAS SGEMM is the option
 //                        (CudaGptqOptions::update) that gives up both properties.
+//   then GroupStatisticsKernel: each row's block statistics from the final codes (kept out of
+//   the group loop, whose latency per group is the kernel's pace).
 // tr(E H E^T) of the result and of local_hessian's comes from one cuBLAS DGEMM on both error
 // matrices in double, then DDOT. cuBLAS and cuSOLVER are dlopen'ed on first use.
 // The kernels are in gptq_kernels.cu; this file holds the backend: the plan, the cuSOLVER /
@@ -61,7 +64,7 @@ struct MathLibraries {
 // clang-format off
 #define NVFP4_MATH_FUNCTIONS(X)                                                                    \
   X(cublasCreate_v2) X(cublasDestroy_v2) X(cublasSetStream_v2) X(cublasSetMathMode)               \
-  X(cublasSgemm_v2) X(cublasDgemm_v2) X(cublasDdot_v2)                                            \
+  X(cublasSgemm_v2) X(cublasDgemm_v2) X(cublasDdot_v2) X(cublasDtrmm_v2)                          \
   X(cusolverDnCreate) X(cusolverDnDestroy) X(cusolverDnSetStream) X(cusolverDnCreateParams)       \
   X(cusolverDnDestroyParams) X(cusolverDnXpotrf_bufferSize) X(cusolverDnXpotrf)                  \
   X(cusolverDnXtrtri_bufferSize) X(cusolverDnXtrtri)
@@ -218,12 +221,29 @@ class CudaGptq : public GptqBackend {
     NVFP4_CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device));
     DeviceBuffer h_float;  // H, fp32 [n, n]
     DeviceBuffer b;        // the reversed damped matrix, its factor, then the factor's inverse
+    auto step = std::chrono::steady_clock::now();
+    // Each step ends synchronised with the stream, so these are the steps' device times.
+    auto lap = [&step]() {
+      const double seconds = SecondsSince(step);
+      step = std::chrono::steady_clock::now();
+      return seconds;
+    };
     NVFP4_RETURN_IF_ERROR(UploadHessian(hessian, *order, bounds, &h_float, &b, plan.get()));
     DeviceBuffer info;
     NVFP4_RETURN_IF_ERROR(info.Reserve(options_.device, sizeof(int), stream(), stream()));
+    NVFP4_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream()));
+    plan->upload_seconds = lap();
     NVFP4_RETURN_IF_ERROR(FactorDamped(*order, h_float, b, info, plan.get()));
-    NVFP4_RETURN_IF_ERROR(InvertFactor(n, b, info));
+    plan->potrf_seconds = lap();
+    if (options_.cusolver_inverse) {
+      NVFP4_RETURN_IF_ERROR(InvertFactor(n, b, info));
+    } else {
+      NVFP4_RETURN_IF_ERROR(InvertLowerTriangular(b.As<double>(), n));
+      NVFP4_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream()));
+    }
+    plan->invert_seconds = lap();
     NVFP4_RETURN_IF_ERROR(StoreFactor(h_float, b, host_blocks, plan.get()));
+    plan->store_seconds = lap();
     plan->memory_bytes = plan->hessian.bytes() + plan->factor.bytes() +
                          plan->factor_blocks.bytes() + plan->hessian_blocks.bytes() +
                          plan->bounds.bytes() + plan->group_order.bytes() + plan->column.bytes();
@@ -415,6 +435,45 @@ class CudaGptq : public GptqBackend {
     return absl::OkStatus();
   }
 
+  // a (lower triangular, column-major [n, n], nonzero diagonal: a Cholesky factor) = its
+  // inverse, in place: the diagonal leaves by a kernel, then for each node of a binary tree over
+  // the leaves, children first, with A = [A11 0; A21 A22] and A11, A22 already inverted,
+  // A21 = -A22^-1 A21 A11^-1 by two cuBLAS trmm (n^3 / 3 flops in all, mostly in large
+  // products; cuSOLVER's trtri took 4x longer for n = 14336 on an H100).
+  absl::Status InvertLowerTriangular(double* a, int64_t n) {
+    NVFP4_CUDA_RETURN_IF_ERROR(LaunchInvertLowerLeaves(a, n, stream()));
+    return InvertLowerAbove(a, n, 0, (n + kInverseLeaf - 1) / kInverseLeaf);
+  }
+
+  // The off-diagonal blocks of leaves [l0, l1) (their diagonal blocks already inverted).
+  absl::Status InvertLowerAbove(double* a, int64_t n, int64_t l0, int64_t l1) {
+    if (l1 - l0 < 2) return absl::OkStatus();
+    const int64_t mid = l0 + (l1 - l0) / 2;
+    NVFP4_RETURN_IF_ERROR(InvertLowerAbove(a, n, l0, mid));
+    NVFP4_RETURN_IF_ERROR(InvertLowerAbove(a, n, mid, l1));
+    const int64_t r0 = l0 * kInverseLeaf;
+    const int64_t r1 = mid * kInverseLeaf;
+    const int64_t r2 = std::min(n, l1 * kInverseLeaf);
+    const int m1 = static_cast<int>(r1 - r0);
+    const int m2 = static_cast<int>(r2 - r1);
+    const int ld = static_cast<int>(n);
+    const double* x11 = a + r0 + r0 * n;
+    const double* x22 = a + r1 + r1 * n;
+    double* a21 = a + r1 + r0 * n;
+    const double one = 1.0;
+    const double minus_one = -1.0;
+    // A21 = A21 X11, then A21 = -X22 A21 (in place: cuBLAS writes C, here B itself).
+    NVFP4_RETURN_IF_ERROR(CublasStatus(
+        libs_->cublasDtrmm(cublas_, CUBLAS_SIDE_RIGHT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N,
+                           CUBLAS_DIAG_NON_UNIT, m2, m1, &one, x11, ld, a21, ld, a21, ld),
+        "trmm"));
+    NVFP4_RETURN_IF_ERROR(CublasStatus(
+        libs_->cublasDtrmm(cublas_, CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N,
+                           CUBLAS_DIAG_NON_UNIT, m2, m1, &minus_one, x22, ld, a21, ld, a21, ld),
+        "trmm"));
+    return absl::OkStatus();
+  }
+
   // The plan's U (from b's inverse), H in double, and the diagonal blocks of both; returns once
   // they are on the device.
   absl::Status StoreFactor(const DeviceBuffer& h_float, const DeviceBuffer& b,
@@ -522,6 +581,7 @@ class CudaGptq : public GptqBackend {
       NVFP4_CUDA_RETURN_IF_ERROR(LaunchGroupBatch(a, b0, b1, stream()));
       if (b1 < n) NVFP4_RETURN_IF_ERROR(Update(a, b0, b1 - b0, update_seconds));
     }
+    NVFP4_CUDA_RETURN_IF_ERROR(LaunchGroupStatistics(a, stream()));
     const int64_t blocks_per_row = n / kBlockSize;
     NVFP4_CUDA_RETURN_IF_ERROR(
         cudaMemcpyAsync(output.packed_codes.data() + (c0 - row_begin) * (n / 2), buffers.codes,

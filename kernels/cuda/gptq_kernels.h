@@ -2,11 +2,12 @@
 // share, and host-callable launchers that size each grid (gptq_kernels.cu holds the kernels).
 // Every launcher enqueues on `stream` and returns the launch's error.
 //
-// Prepare:       LaunchBuildReversed -> (cuSOLVER potrf, trtri) -> LaunchExtractFactor ->
+// Prepare:       LaunchBuildReversed -> cuSOLVER potrf -> LaunchInvertLowerLeaves and cuBLAS
+//                trmm (the factor's inverse) -> LaunchExtractFactor ->
 //                LaunchExtractFactorBlocks
 // QuantizeRows:  per row chunk LaunchLoadWork, then per lazy batch LaunchGroupBatch and (before
-//                the last batch) LaunchOrderedUpdate; for the comparison LaunchLocalHessian and
-//                LaunchErrors for both results.
+//                the last batch) LaunchOrderedUpdate, then LaunchGroupStatistics; for the
+//                comparison LaunchLocalHessian and LaunchErrors for both results.
 #ifndef NVFP4CAL_KERNELS_CUDA_GPTQ_KERNELS_H_
 #define NVFP4CAL_KERNELS_CUDA_GPTQ_KERNELS_H_
 
@@ -49,7 +50,14 @@ struct ChunkArgs {
 cudaError_t LaunchBuildReversed(const float* h, const int32_t* column, int64_t n, double lambda,
                                 double* b, cudaStream_t stream);
 
-// From linv (trtri's inverse of b's factor): U [n, n] fp32 row-major in quantization order, and
+// The lower triangular matrix a (column-major, ld n) is inverted by blocks: first every
+// kInverseLeaf x kInverseLeaf diagonal block (this kernel), then the blocks below them, bottom-up
+// in a binary tree of leaf ranges, with two triangular products each (cuda_gptq.cu,
+// InvertLowerTriangular).
+inline constexpr int kInverseLeaf = 32;
+cudaError_t LaunchInvertLowerLeaves(double* a, int64_t n, cudaStream_t stream);
+
+// From linv (the inverse of b's factor): U [n, n] fp32 row-major in quantization order, and
 // H in double, symmetric (as the CPU's tr(E H E^T) reads it).
 cudaError_t LaunchExtractFactor(const double* linv, const float* h, int64_t n, float* u,
                                 double* h_double, cudaStream_t stream);
@@ -62,9 +70,13 @@ cudaError_t LaunchExtractFactorBlocks(const float* u, int64_t n, int64_t groups,
 cudaError_t LaunchLoadWork(const ChunkArgs& a, cudaStream_t stream);
 
 // Quantizes the groups of quantization positions [b0, b1) (one lazy batch) of every row: codes,
-// scales and statistics out, the batch's scaled errors into a.errors, and each group's errors
+// scales and the dss counts out, the batch's scaled errors into a.errors, and each group's errors
 // applied to the rest of the batch.
 cudaError_t LaunchGroupBatch(const ChunkArgs& a, int64_t b0, int64_t b1, cudaStream_t stream);
+
+// After the chunk's last batch: each row's block statistics (mse and e^T H_j e before and
+// after, scale changes, all-zero H blocks) added to a.stats in quantization order.
+cudaError_t LaunchGroupStatistics(const ChunkArgs& a, cudaStream_t stream);
 
 // The batch's `depth` errors (quantization positions b0 ..) reach every column from c_begin on,
 // each product rounded before its subtraction, in the CPU's order (bit-identical updates).

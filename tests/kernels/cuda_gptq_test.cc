@@ -111,6 +111,35 @@ TEST_F(CudaGptqTest, OrderedUpdateIsBitIdenticalToTheCpu) {
   }
 }
 
+TEST_F(CudaGptqTest, BlockedInverseGivesTheBytesOfTrtriAndOfTheCpu) {
+  // n = 1040: 33 diagonal leaves of 32 (the last one 16 wide), so the tree of trmm products has
+  // uneven halves; an ill-conditioned H (few tokens, strong mixing).
+  const int64_t rows = 48, cols = 1040;
+  const std::vector<float> h = CorrelatedHessian(cols, 1100, 0.3, 41);
+  const std::vector<float> w = RandomWeights(rows, cols, 42);
+  GptqRequest request;
+  request.weights = {w.data(), DType::kFloat32, rows, cols};
+  request.hessian = {h.data(), cols};
+  request.params.method = Method::kGptq;
+  request.params.gptq.act_order = true;
+  absl::StatusOr<QuantizedTensor> cpu = CpuGptqQuantize(request, {});
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  CudaGptqOptions trtri;
+  trtri.cusolver_inverse = true;
+  std::unique_ptr<GptqBackend> blocked_gpu = Gpu();
+  std::unique_ptr<GptqBackend> trtri_gpu = Gpu(trtri);
+  ASSERT_NE(blocked_gpu, nullptr);
+  ASSERT_NE(trtri_gpu, nullptr);
+  absl::StatusOr<QuantizedTensor> blocked = GptqQuantize(*blocked_gpu, request);
+  ASSERT_TRUE(blocked.ok()) << blocked.status();
+  absl::StatusOr<QuantizedTensor> reference = GptqQuantize(*trtri_gpu, request);
+  ASSERT_TRUE(reference.ok()) << reference.status();
+  EXPECT_EQ(DifferentCodes(*blocked, *reference), 0);
+  EXPECT_EQ(blocked->scales, reference->scales);
+  EXPECT_EQ(DifferentCodes(*blocked, *cpu), 0);
+  EXPECT_EQ(blocked->scales, cpu->scales);
+}
+
 TEST_F(CudaGptqTest, RowSplitsAndChunksGiveTheSameBytes) {
   const int64_t rows = 333, cols = 256;
   const std::vector<float> h = CorrelatedHessian(cols, 400, 0.2, 41);

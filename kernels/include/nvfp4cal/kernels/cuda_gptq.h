@@ -46,6 +46,10 @@ struct CudaGptqOptions {
   CudaGptqUpdate update = CudaGptqUpdate::kOrdered;
   // Synchronise around every update to report GptqStats::update_seconds (benchmarks; slower).
   bool measure_update = false;
+  // Invert the Cholesky factor with cuSOLVER's trtri instead of the backend's blocked inverse
+  // (a kernel for the 32 x 32 diagonal blocks, cuBLAS trmm above them); benchmarks compare the
+  // two. Both give the factor to double rounding; U is stored in fp32.
+  bool cusolver_inverse = false;
 };
 
 // The CUDA gptq backend, or UNAVAILABLE (no device / built without CUDA).

@@ -132,6 +132,13 @@ struct GptqPlan {
   // before the device work, and the wait for the backend's other calls to finish.
   double host_seconds = 0.0;
   double wait_seconds = 0.0;
+  // Of factor_seconds after the wait (the CUDA backend; 0 elsewhere): H's upload, the damped
+  // factorisation (potrf, with any damping retries), the factor's inversion (trtri) and storing
+  // U, H in double and the diagonal blocks.
+  double upload_seconds = 0.0;
+  double potrf_seconds = 0.0;
+  double invert_seconds = 0.0;
+  double store_seconds = 0.0;
   // Bytes the plan holds (host memory for the CPU backend, device memory for CUDA).
   int64_t memory_bytes = 0;
 };
