@@ -21,6 +21,7 @@
 // next plan's temporaries are mapped again). --inverse=trtri inverts the factor with cuSOLVER's
 // trtri instead of the backend's blocked inverse.
 #include <cuda_runtime.h>
+#include <sys/mman.h>
 
 #include <atomic>
 #include <chrono>
@@ -146,14 +147,33 @@ int main(int argc, char** argv) {
   }
   std::printf("data generated in %.1f s\n", SecondsSince(gen_start));
   {
-    // The plan's host check of the largest H, alone (a plan's `host` time beside it shows what
-    // running beside the other plans costs).
-    const auto check_start = std::chrono::steady_clock::now();
-    absl::Status checked =
-        nvfp4cal::ValidateGptqHessian({hessians[3].data(), hessian_n[3]}, params);
-    if (!checked.ok()) Fail(checked, "ValidateGptqHessian");
-    std::printf("host check of H (n = %lld) alone: %.3f s\n", static_cast<long long>(hessian_n[3]),
-                SecondsSince(check_start));
+    // The plans' host check of the largest H alone, three times each: in the generated vector,
+    // and in copies whose pages were advised for and against transparent huge pages (the check
+    // reads H and its transpose in 64 x 64 tiles; its time varied 20x between processes).
+    const int64_t n = hessian_n[3];
+    const size_t bytes = static_cast<size_t>(n * n) * sizeof(float);
+    auto time_checks = [&](const float* data, const char* label) {
+      std::printf("host check of H (n = %lld), %s:", static_cast<long long>(n), label);
+      for (int k = 0; k < 3; ++k) {
+        const auto check_start = std::chrono::steady_clock::now();
+        absl::Status checked = nvfp4cal::ValidateGptqHessian({data, n}, params);
+        if (!checked.ok()) Fail(checked, "ValidateGptqHessian");
+        std::printf(" %.3f s", SecondsSince(check_start));
+      }
+      std::printf("\n");
+    };
+    time_checks(hessians[3].data(), "generated vector");
+    for (int advice : {MADV_HUGEPAGE, MADV_NOHUGEPAGE}) {
+      const size_t mapped = (bytes + (size_t{2} << 20) - 1) / (size_t{2} << 20) * (size_t{2} << 20);
+      void* copy =
+          mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (copy == MAP_FAILED) continue;
+      madvise(copy, mapped, advice);
+      std::memcpy(copy, hessians[3].data(), bytes);
+      time_checks(static_cast<const float*>(copy),
+                  advice == MADV_HUGEPAGE ? "copy, MADV_HUGEPAGE" : "copy, MADV_NOHUGEPAGE");
+      munmap(copy, mapped);
+    }
   }
   std::printf("update %s, scale search %s, compare %s, %d stream(s)\n",
               options.update == nvfp4cal::CudaGptqUpdate::kOrdered ? "ordered" : "cublas",

@@ -120,7 +120,8 @@ class DeviceMemoryPeak:
 
 
 def run_timed(cmd, log):
-    """Runs cmd; returns (wall seconds, peak RSS in MiB). Exits on failure, printing its log."""
+    """Runs cmd; returns (wall seconds, peak RSS in MiB, (user, system) CPU seconds). Exits on
+    failure, printing its log."""
     start = time.monotonic()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -129,7 +130,7 @@ def run_timed(cmd, log):
     if os.waitstatus_to_exitcode(status) != 0:
         sys.stdout.write(open(log).read()[-4000:])
         sys.exit(f"end_to_end_bench: failed ({os.waitstatus_to_exitcode(status)}): {' '.join(cmd)}")
-    return wall, usage.ru_maxrss / 1024.0
+    return wall, usage.ru_maxrss / 1024.0, (usage.ru_utime, usage.ru_stime)
 
 
 def same_outputs(a, b):
@@ -180,12 +181,13 @@ class Servers:
         return ",".join(f"127.0.0.1:{p}" for p in self.ports)
 
     def stop(self):
-        rss = []
+        """Stops them; returns each one's (peak RSS in MiB, user CPU s, system CPU s)."""
+        stopped = []
         for proc in self.procs:
             proc.terminate()
             _, _, usage = os.wait4(proc.pid, 0)
-            rss.append(usage.ru_maxrss / 1024.0)
-        return rss
+            stopped.append((usage.ru_maxrss / 1024.0, usage.ru_utime, usage.ru_stime))
+        return stopped
 
 
 TRACES = []  # the --trace files written so far
@@ -201,10 +203,10 @@ def quantize(cli, args, model, out, extra, stats, log, trace=None):
            os.path.join(model, "hessians.safetensors"), "--out", out, "--method", args.method,
            "--overwrite", "--quiet", "--stats-json", stats] + extra
     with DeviceMemoryPeak() as mem:
-        wall, rss = run_timed(cmd, log)
+        wall, rss, cpu = run_timed(cmd, log)
     with open(stats) as f:
         seconds = json.load(f)["seconds"]
-    return {"wall": wall, "rss": rss, "device": mem.text(), "seconds": seconds}
+    return {"wall": wall, "rss": rss, "cpu": cpu, "device": mem.text(), "seconds": seconds}
 
 
 def best_of(runs):
@@ -218,7 +220,7 @@ def describe(label, r, baseline=None):
           f"copy {s['copy']:.2f}, "
           f"quantize {s['quantize']:.2f}, write {s['write']:.2f}; server kernels "
           f"{s.get('server_kernel', 0.0):.2f})  peak RSS {r['rss']:.0f} MiB, device "
-          f"{r['device']}{ratio}")
+          f"{r['device']}, CPU {r['cpu'][0]:.1f} s user + {r['cpu'][1]:.1f} s system{ratio}")
 
 
 def kernel_floor(binary, method):
@@ -324,12 +326,14 @@ def main():
         tag = f"{count}-server" + ("-flags" if server_flags or client_flags else "")
         runs = [quantize(cli, args, model, out, ["--server", servers.addresses()] + client_flags,
                          stats, log, tag) for _ in range(args.repeat)]
-        rss = servers.stop()
+        stopped = servers.stop()
         extra = server_flags + client_flags
         label = f"{count} server" + ("s" if count > 1 else "") + (" " + " ".join(extra) if extra else "")
         results[label] = best_of(runs)
         describe(label, results[label], baseline)
-        print(f"{'':<14} servers' peak RSS: {', '.join(f'{r:.0f} MiB' for r in rss)}; output "
+        print(f"{'':<14} servers' peak RSS: {', '.join(f'{r:.0f} MiB' for r, _, _ in stopped)}; "
+              f"CPU (whole life, user + system): "
+              f"{', '.join(f'{u:.1f} + {y:.1f} s' for _, u, y in stopped)}; output "
               f"{compared(ref, out)} in-process")
 
     if TRACES:
