@@ -9,7 +9,9 @@ CPU-sized one), then in one run times:
   1 server       the same through one `nvfp4cal-server` on loopback
   N servers      through --servers servers on loopback, sharing this machine's GPU
 
-Every output is compared byte for byte with the in-process one. Per run: wall seconds, the CLI's
+Every run writes into a fresh --out: an earlier output there is removed before the clock starts
+(removing 6 GB of old output took 1.0-1.8 s on the H100 machines, a cost of `--overwrite`, not of
+the path measured). Every output is compared byte for byte with the in-process one. Per run: wall seconds, the CLI's
 own split (read / copy / quantize / write), peak RSS of the CLI (and of the servers), peak device
 memory (nvidia-smi, above the level before the run). Then each stage alone (stage_floor_bench:
 read, h2d, d2h, write; cuda_layer_bench: the kernels) with the word "floor", and how far the
@@ -199,6 +201,8 @@ def quantize(cli, args, model, out, extra, stats, log, trace=None):
         path = os.path.join(args.trace_dir, f"{len(TRACES) + 1:02d}-{trace}.json")
         TRACES.append(path)
         extra = extra + ["--trace", path]
+    if os.path.exists(out):
+        shutil.rmtree(out)
     cmd = [cli, "quantize", "--model", model, "--hessians",
            os.path.join(model, "hessians.safetensors"), "--out", out, "--method", args.method,
            "--overwrite", "--quiet", "--stats-json", stats] + extra
