@@ -303,7 +303,9 @@ std::vector<TensorTask> MakeTasks(const std::vector<PreparedModule>& prepared,
       task.hessian_key = m.hessian_entry;
     }
     if (NeedsFullHessian(m)) {
-      task.full_hessian = {nullptr, m.plan->cols};  // data: the scan's read
+      // Data: the scan's read, which checked every value (HessianStore::Full, with this module's
+      // symmetry tolerance), so the plan does not check them again.
+      task.full_hessian = {nullptr, m.plan->cols, /*values_checked=*/true};
       task.hessian_key = m.hessian_entry;
     }
     task.params = m.params;

@@ -524,6 +524,32 @@ TEST(CpuGptq, ValidationNamesFieldLimitAndValue) {
   }
 }
 
+TEST(CpuGptq, ValuesCheckedByTheHolderSkipOnlyTheTilePass) {
+  // A holder that checked H's values (the CLI's reader) sets values_checked: the O(n^2) pass is
+  // skipped, so an asymmetric H it vouched for passes, while the diagonal, shape and parameters
+  // are still checked.
+  const int64_t cols = 32;
+  const std::vector<float> h = CorrelatedHessian(cols, 64, 0.2, 2);
+  SearchParams params;
+  params.method = Method::kGptq;
+  std::vector<float> asymmetric = h;
+  asymmetric[1] += 1.0f;
+  std::vector<float> negative_diagonal = h;
+  negative_diagonal[static_cast<size_t>(5 * cols + 5)] = -1.0f;
+  EXPECT_THAT(ValidateGptqHessian({asymmetric.data(), cols}, params).message(),
+              HasSubstr("not symmetric"));
+  EXPECT_TRUE(ValidateGptqHessian({asymmetric.data(), cols, true}, params).ok());
+  EXPECT_TRUE(ValidateGptqHessian({h.data(), cols, true}, params).ok());
+  EXPECT_THAT(ValidateGptqHessian({negative_diagonal.data(), cols, true}, params).message(),
+              HasSubstr("hessian[5, 5] = -1"));
+  EXPECT_THAT(ValidateGptqHessian({h.data(), 24, true}, params).message(),
+              HasSubstr("hessian.n = 24"));
+  SearchParams wrong = params;
+  wrong.gptq.damping = -0.5f;
+  EXPECT_THAT(ValidateGptqHessian({h.data(), cols, true}, wrong).message(),
+              HasSubstr("params.gptq.damping"));
+}
+
 TEST(CpuGptq, BlockHessianBackendsRefuseGptq) {
   const std::vector<float> w = RandomWeights(2, 32, 1);
   const std::vector<float> blocks = DiagonalBlocks(CorrelatedHessian(32, 64, 0.2, 2), 32);
