@@ -439,7 +439,7 @@ class CudaGptq : public GptqBackend {
   // inverse, in place: the diagonal leaves by a kernel, then for each node of a binary tree over
   // the leaves, children first, with A = [A11 0; A21 A22] and A11, A22 already inverted,
   // A21 = -A22^-1 A21 A11^-1 by two cuBLAS trmm (n^3 / 3 flops in all, mostly in large
-  // products; cuSOLVER's trtri took 4x longer for n = 14336 on an H100).
+  // products; cuSOLVER's trtri took 3x longer for n = 14336 on an H100: 0.14 against 0.044 s).
   absl::Status InvertLowerTriangular(double* a, int64_t n) {
     NVFP4_CUDA_RETURN_IF_ERROR(LaunchInvertLowerLeaves(a, n, stream()));
     return InvertLowerAbove(a, n, 0, (n + kInverseLeaf - 1) / kInverseLeaf);
