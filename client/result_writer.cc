@@ -49,8 +49,8 @@ void ResultWriter::Run() {
       job = std::move(queue_.front());
       queue_.pop_front();
     }
-    // Queued writes run even after a failure: each also gives back its inputs' memory, which
-    // the reads beside the quantizer may be waiting for.
+    // Queued writes run even after a failure (Submit's contract); the first failure is what
+    // Finish returns. (The results' inputs were given back before they were queued.)
     absl::Status status = job.second();
     absl::MutexLock lock(&mu_);
     bytes_ -= job.first;
