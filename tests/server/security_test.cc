@@ -3,6 +3,7 @@
 // (missing, wrong, right) on every Calibrator method, health reachable without a token and on
 // the plaintext health port, and on the real binary: token file reload on SIGHUP with no token
 // ever in its output. Certificates are made at test time by make_test_certs.sh (openssl).
+#include <sys/types.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -11,6 +12,7 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <system_error>
 #include <vector>
 
 #include "gmock/gmock.h"
@@ -48,7 +50,8 @@ void WriteFile(const fs::path& path, const std::string& text) {
   out << text;
 }
 
-// Certificates shared by every test of the binary (made once).
+// Certificates shared by every test of the binary (made once per process, removed at its exit:
+// ctest runs each test in a process of its own, and the keys must not pile up in /tmp).
 class Pki {
  public:
   static const Pki& Get() {
@@ -62,12 +65,23 @@ class Pki {
  private:
   Pki() {
     char tmpl[] = "/tmp/nvfp4cal-pki-XXXXXX";
-    dir_ = mkdtemp(tmpl);
+    if (mkdtemp(tmpl) == nullptr) return;
+    dir_ = tmpl;
+    owner_ = getpid();
+    std::atexit(RemoveAtExit);
     const std::string command = std::string("bash '") + NVFP4CAL_MAKE_CERTS + "' '" +
                                 dir_.string() + "' > '" + (dir_ / "log").string() + "' 2>&1";
     ok_ = std::system(command.c_str()) == 0;
   }
+  // Only in the process that made the folder (not in a forked child that exits).
+  static void RemoveAtExit() {
+    const Pki& pki = Get();
+    if (getpid() != pki.owner_) return;
+    std::error_code ignored;
+    fs::remove_all(pki.dir_, ignored);
+  }
   fs::path dir_;
+  pid_t owner_ = 0;
   bool ok_ = false;
 };
 
