@@ -288,11 +288,44 @@ absl::StatusOr<const SafetensorsTensor*> HessianStore::FullEntry(const std::stri
                                 " (method gptq needs [", cols, ", ", cols, "])"));
 }
 
+std::unique_ptr<float[]> MatrixPool::Take(int64_t count) {
+  {
+    absl::MutexLock lock(&mu_);
+    const auto same = kept_.find(count);
+    if (same != kept_.end()) {
+      std::unique_ptr<float[]> buffer = std::move(same->second);
+      kept_.erase(same);
+      kept_count_ -= count;
+      return buffer;
+    }
+  }
+  return std::unique_ptr<float[]>(new float[static_cast<size_t>(std::max<int64_t>(count, 1))]);
+}
+
+void MatrixPool::Give(std::unique_ptr<float[]> buffer, int64_t count) {
+  if (buffer == nullptr) return;
+  absl::MutexLock lock(&mu_);
+  largest_ = std::max(largest_, count);
+  if (kept_count_ + count > kKeptMatrices * largest_) return;  // freed as `buffer` goes
+  kept_.emplace(count, std::move(buffer));
+  kept_count_ += count;
+}
+
+int64_t MatrixPool::kept_bytes() const {
+  absl::MutexLock lock(&mu_);
+  return kept_count_ * static_cast<int64_t>(sizeof(float));
+}
+
 absl::StatusOr<std::shared_ptr<const FullHessian>> HessianStore::ReadFull(
     const SafetensorsTensor& t, const std::string& entry, const std::string& module, int64_t cols,
     float symmetry_tolerance) const {
-  auto matrix = std::make_shared<FullHessian>();
-  matrix->data.reset(new float[static_cast<size_t>(cols * cols)]);
+  const int64_t count = cols * cols;
+  // The buffer goes back to the pool with the matrix's last holder (or with a failed read).
+  std::shared_ptr<FullHessian> matrix(new FullHessian(), [pool = pool_, count](FullHessian* m) {
+    pool->Give(std::move(m->data), count);
+    delete m;
+  });
+  matrix->data = pool_->Take(count);
   matrix->n = cols;
   uint8_t* bytes = reinterpret_cast<uint8_t*>(matrix->data.get());
   if (absl::Status read = ReadTensor(*file_, t, bytes); !read.ok()) return read;

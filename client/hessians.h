@@ -35,7 +35,8 @@
 
 namespace nvfp4cal {
 
-// A full [n, n] fp32 Hessian, row-major, read into memory of its own (method gptq).
+// A full [n, n] fp32 Hessian, row-major (method gptq), in a buffer of its store's MatrixPool that
+// goes back there with the last holder.
 struct FullHessian {
   std::unique_ptr<float[]> data;
   int64_t n = 0;
@@ -49,12 +50,38 @@ struct ScratchMemory {
   std::function<void(std::unique_ptr<uint8_t[]>, int64_t bytes)> give;
 };
 
+// The memory HessianStore reads full matrices into: a matrix's buffer comes back here when its
+// last holder lets it go, and the next read of the same size reuses it. A fresh buffer of
+// hundreds of megabytes is fresh pages that the read faults in one by one (on a 2-core VM
+// 1.4-2.0 s for an 822 MB matrix, against 0.05 s into a reused buffer); a run's matrices come in
+// a few sizes. Kept buffers hold at most kKeptMatrices times the largest size given back (a
+// buffer beyond that is freed), within the read-ahead's 3 groups with their Hessians.
+// Thread-safe.
+class MatrixPool {
+ public:
+  static constexpr int64_t kKeptMatrices = 3;
+  // A buffer of `count` floats: a kept one of that size, else a new one.
+  std::unique_ptr<float[]> Take(int64_t count);
+  // `buffer` (of `count` floats) back for reuse, or freed.
+  void Give(std::unique_ptr<float[]> buffer, int64_t count);
+  // Bytes of the buffers kept now.
+  int64_t kept_bytes() const;
+
+ private:
+  mutable absl::Mutex mu_;
+  std::multimap<int64_t, std::unique_ptr<float[]>> kept_ ABSL_GUARDED_BY(mu_);
+  int64_t kept_count_ ABSL_GUARDED_BY(mu_) = 0;  // floats
+  int64_t largest_ ABSL_GUARDED_BY(mu_) = 0;     // floats of the largest buffer given back
+};
+
 class HessianStore {
  public:
   // Opens the file (NOT_FOUND / INVALID_ARGUMENT naming it, as SafetensorsFile::Open).
   static absl::StatusOr<std::unique_ptr<HessianStore>> Open(const std::string& path);
 
   const std::string& path() const { return file_->path(); }
+  // Where full matrices are read into (Full's buffers return there with their last holder).
+  const MatrixPool& matrix_pool() const { return *pool_; }
   // The entry that serves `module` under the rule above, or "" when none does.
   // INVALID_ARGUMENT "FILE: __metadata__ alias 'KEY' (for MODULE) names entry 'VALUE', which
   // the file does not hold" for the module's alias naming no entry.
@@ -171,6 +198,9 @@ class HessianStore {
                                                               float symmetry_tolerance) const;
   // Full matrices with expected uses: read and checked once, kept until the uses are released.
   std::map<std::string, Counted<FullPtr>> full_ ABSL_GUARDED_BY(mu_);
+
+  // Buffers of the full matrices (shared with the matrices' deleters).
+  std::shared_ptr<MatrixPool> pool_ = std::make_shared<MatrixPool>();
 };
 
 // Extracts the diagonal 16x16 blocks of a row-major [n, n] fp32 matrix (n % 16 == 0) read from

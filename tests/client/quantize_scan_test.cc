@@ -471,6 +471,41 @@ TEST(HessianStore, FullIsReadOnceWhileExpectedAndDroppedAfterTheLastRelease) {
   EXPECT_EQ(std::memcmp((*a)->data.get(), (*b)->data.get(), n * n * sizeof(float)), 0);
 }
 
+TEST(HessianStore, FullMatricesReuseTheBuffersOfDroppedOnesAndKeepFewOfThem) {
+  TempFolder dir("full_pool");
+  constexpr int64_t n = 64;
+  std::unique_ptr<HessianStore> store = FullHessianFile(dir / "h.safetensors", n, [](float*) {});
+  ASSERT_NE(store, nullptr);
+  const int64_t bytes = n * n * static_cast<int64_t>(sizeof(float));
+  absl::StatusOr<std::shared_ptr<const FullHessian>> first = store->Full("h", "q", n, 1e-3f);
+  ASSERT_TRUE(first.ok()) << first.status();
+  const float* address = (*first)->data.get();
+  EXPECT_EQ(store->matrix_pool().kept_bytes(), 0);
+  first = absl::CancelledError("dropped");
+  EXPECT_EQ(store->matrix_pool().kept_bytes(), bytes);
+  // The next read of the same size goes into the same buffer, with the file's values.
+  absl::StatusOr<std::shared_ptr<const FullHessian>> second = store->Full("h", "k", n, 1e-3f);
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ((*second)->data.get(), address);
+  EXPECT_EQ(store->matrix_pool().kept_bytes(), 0);
+  EXPECT_EQ((*second)->data[5 * n + 5], 4.0f);
+  EXPECT_EQ((*second)->data[2 * n + 7], 1.0f / 10.0f);
+  // Five held at once, then dropped: three of their buffers are kept, two freed.
+  std::vector<std::shared_ptr<const FullHessian>> held;
+  for (int k = 0; k < 5; ++k) {
+    absl::StatusOr<std::shared_ptr<const FullHessian>> m = store->Full("h", "q", n, 1e-3f);
+    ASSERT_TRUE(m.ok()) << m.status();
+    held.push_back(*std::move(m));
+  }
+  held.clear();
+  EXPECT_EQ(store->matrix_pool().kept_bytes(), MatrixPool::kKeptMatrices * bytes);
+  // A matrix may outlive its store: its buffer then goes to the pool the matrix shares.
+  std::shared_ptr<const FullHessian> kept = *std::move(second);
+  store.reset();
+  EXPECT_EQ(kept->data[5 * n + 5], 4.0f);
+  kept.reset();
+}
+
 TEST(HessianStore, FullsErrorGoesToEveryCaller) {
   TempFolder dir("full_error");
   constexpr int64_t n = 32;
