@@ -291,29 +291,22 @@ absl::StatusOr<const SafetensorsTensor*> HessianStore::FullEntry(const std::stri
 std::unique_ptr<float[]> MatrixPool::Take(int64_t count) {
   {
     absl::MutexLock lock(&mu_);
-    const auto same = kept_.find(count);
-    if (same != kept_.end()) {
-      std::unique_ptr<float[]> buffer = std::move(same->second);
-      kept_.erase(same);
-      kept_count_ -= count;
-      return buffer;
-    }
+    if (std::unique_ptr<float[]> same = kept_.TakeSame(count)) return same;
   }
-  return std::unique_ptr<float[]>(new float[static_cast<size_t>(std::max<int64_t>(count, 1))]);
+  return SizedBuffers<float>::New(count);
 }
 
 void MatrixPool::Give(std::unique_ptr<float[]> buffer, int64_t count) {
   if (buffer == nullptr) return;
   absl::MutexLock lock(&mu_);
   largest_ = std::max(largest_, count);
-  if (kept_count_ + count > kKeptMatrices * largest_) return;  // freed as `buffer` goes
-  kept_.emplace(count, std::move(buffer));
-  kept_count_ += count;
+  if (kept_.count() + count > kKeptMatrices * largest_) return;  // freed as `buffer` goes
+  kept_.Put(std::move(buffer), count);
 }
 
 int64_t MatrixPool::kept_bytes() const {
   absl::MutexLock lock(&mu_);
-  return kept_count_ * static_cast<int64_t>(sizeof(float));
+  return kept_.count() * static_cast<int64_t>(sizeof(float));
 }
 
 absl::StatusOr<std::shared_ptr<const FullHessian>> HessianStore::ReadFull(

@@ -32,6 +32,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "client/safetensors.h"
+#include "client/sized_buffers.h"
 
 namespace nvfp4cal {
 
@@ -51,12 +52,11 @@ struct ScratchMemory {
 };
 
 // The memory HessianStore reads full matrices into: a matrix's buffer comes back here when its
-// last holder lets it go, and the next read of the same size reuses it. A fresh buffer of
-// hundreds of megabytes is fresh pages that the read faults in one by one (on a 2-core VM
-// 1.4-2.0 s for an 822 MB matrix, against 0.05 s into a reused buffer); a run's matrices come in
-// a few sizes. Kept buffers hold at most kKeptMatrices times the largest size given back (a
-// buffer beyond that is freed), within the read-ahead's 3 groups with their Hessians.
-// Thread-safe.
+// last holder lets it go, and the next read of the same size reuses it (SizedBuffers; on a 2-core
+// VM reading an 822 MB matrix took 1.4-2.0 s into a fresh buffer, 0.05 s into a reused one); a
+// run's matrices come in a few sizes. Kept buffers hold at most kKeptMatrices times the largest
+// size given back (a buffer beyond that is freed), within the read-ahead's 3 groups with their
+// Hessians. Thread-safe.
 class MatrixPool {
  public:
   static constexpr int64_t kKeptMatrices = 3;
@@ -69,9 +69,8 @@ class MatrixPool {
 
  private:
   mutable absl::Mutex mu_;
-  std::multimap<int64_t, std::unique_ptr<float[]>> kept_ ABSL_GUARDED_BY(mu_);
-  int64_t kept_count_ ABSL_GUARDED_BY(mu_) = 0;  // floats
-  int64_t largest_ ABSL_GUARDED_BY(mu_) = 0;     // floats of the largest buffer given back
+  SizedBuffers<float> kept_ ABSL_GUARDED_BY(mu_);
+  int64_t largest_ ABSL_GUARDED_BY(mu_) = 0;  // floats of the largest buffer given back
 };
 
 class HessianStore {

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <functional>
-#include <iterator>
 #include <map>
 #include <memory>
 #include <set>
@@ -172,34 +171,24 @@ std::unique_ptr<uint8_t[]> ReadAhead::Take(int64_t bytes) {
   std::vector<std::unique_ptr<uint8_t[]>> dropped;  // freed after mu_ is released
   {
     absl::MutexLock lock(&mu_);
-    const auto same = pool_.find(bytes);
-    if (same != pool_.end()) {
-      std::unique_ptr<uint8_t[]> buffer = std::move(same->second);
-      pool_.erase(same);
-      pooled_ -= bytes;
-      return buffer;
-    }
+    if (std::unique_ptr<uint8_t[]> same = pool_.TakeSame(bytes)) return same;
     // held_ counts this buffer already: make room for it among the pooled ones.
-    while (!pool_.empty() && pooled_ + held_ > budget_) {
-      const auto largest = std::prev(pool_.end());
-      pooled_ -= largest->first;
-      dropped.push_back(std::move(largest->second));
-      pool_.erase(largest);
+    while (!pool_.empty() && pool_.count() + held_ > budget_) {
+      dropped.push_back(pool_.TakeLargest());
     }
   }
-  return std::unique_ptr<uint8_t[]>(new uint8_t[static_cast<size_t>(std::max<int64_t>(bytes, 1))]);
+  return SizedBuffers<uint8_t>::New(bytes);
 }
 
 void ReadAhead::Give(std::unique_ptr<uint8_t[]> buffer, int64_t bytes) {
   if (buffer == nullptr) return;
   absl::MutexLock lock(&mu_);
-  pool_.emplace(bytes, std::move(buffer));
-  pooled_ += bytes;
+  pool_.Put(std::move(buffer), bytes);
 }
 
 int64_t ReadAhead::pooled() const {
   absl::MutexLock lock(&mu_);
-  return pooled_;
+  return pool_.count();
 }
 
 int64_t PlanReadAhead(const std::vector<std::vector<size_t>>& groups,

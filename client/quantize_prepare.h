@@ -39,6 +39,7 @@
 #include "client/hessians.h"
 #include "client/quantize_checkpoint.h"
 #include "client/safetensors.h"
+#include "client/sized_buffers.h"
 #include "client/trace.h"
 #include "nvfp4cal/kernels/scale_search.h"
 
@@ -145,8 +146,7 @@ class ReadAhead {
   size_t next_ticket_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t held_ ABSL_GUARDED_BY(mu_) = 0;
   // Given-back buffers by size.
-  std::multimap<int64_t, std::unique_ptr<uint8_t[]>> pool_ ABSL_GUARDED_BY(mu_);
-  int64_t pooled_ ABSL_GUARDED_BY(mu_) = 0;
+  SizedBuffers<uint8_t> pool_ ABSL_GUARDED_BY(mu_);
 };
 
 // Sets each unit's read_ahead_bytes and returns the ReadAhead's budget: a unit takes its
