@@ -44,9 +44,8 @@ void BM_RowRanges(benchmark::State& state) {
   request.hessians = {data.hessians.data(), kCols / 16};
   request.params.method = method;
   const float g = *ComputeGlobalAmax(request.weights);
-  const std::shared_ptr<const HessianBlockBounds[]> bounds =
-      ComputeSharedHessianBounds(request.hessians);
-  if (prevalidated) request.hessian_bounds = bounds.get();
+  const SharedHessianPruning pruning = ComputeSharedHessianPruning(request.hessians);
+  if (prevalidated) pruning.AttachTo(&request);
   // Checked once, as a session or job does: the tensor, then its rows.
   const ValidatedRows all = ValidateQuantizeRequest(request)->AllRows();
   std::vector<uint8_t> codes(static_cast<size_t>(kRows * kCols / 2));

@@ -149,11 +149,11 @@ absl::StatusOr<ParsedJob> ParseJobRequest(const v1::SubmitJobRequest& request,
       // gptq validates its full Hessian on a scheduler worker, with the factorisation (once).
       input->full_hessian = std::move(hessian->full);
     } else {
-      input->hessian_bounds =
-          ComputeSharedHessianBounds({hessian->blocks->data(), spec->cols / kBlockElements});
+      input->hessian_pruning =
+          ComputeSharedHessianPruning({hessian->blocks->data(), spec->cols / kBlockElements});
       input->hessian_blocks = std::move(hessian->blocks);
       shape.hessians = {input->hessian_blocks->data(), spec->cols / kBlockElements};
-      shape.hessian_bounds = input->hessian_bounds.get();
+      input->hessian_pruning.AttachTo(&shape);
     }
   }
   std::optional<ValidatedTensor> checked;

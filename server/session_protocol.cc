@@ -279,10 +279,11 @@ absl::Status SessionProtocol::CheckTensor(Tensor* tensor) {
     Hessian& hessian = *tensor->hessian;
     request.hessians = {hessian.blocks->data(), tensor->cols / kBlock};
     // Pruning bounds once per Hessian, shared by every tensor and row range that uses it.
-    if (hessian.bounds == nullptr) {
-      hessian.bounds = ComputeSharedHessianBounds({hessian.blocks->data(), hessian.cols / kBlock});
+    if (hessian.pruning.bounds == nullptr) {
+      hessian.pruning =
+          ComputeSharedHessianPruning({hessian.blocks->data(), hessian.cols / kBlock});
     }
-    request.hessian_bounds = hessian.bounds.get();
+    hessian.pruning.AttachTo(&request);
   }
   absl::StatusOr<ValidatedTensor> checked = ValidateTensor(request);
   if (!checked.ok()) {
@@ -457,7 +458,7 @@ void SessionProtocol::Ready(std::shared_ptr<const std::string> bytes, int64_t ro
     } else if (tensor.hessian != nullptr) {
       // Bounds computed when the tensor was checked (CheckTensor).
       input->hessian_blocks = tensor.hessian->blocks;
-      input->hessian_bounds = tensor.hessian->bounds;
+      input->hessian_pruning = tensor.hessian->pruning;
     }
     tensor.run = std::make_unique<TensorRun>(std::move(input), tensor.rows, tensor.started);
   }

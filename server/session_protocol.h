@@ -55,8 +55,9 @@ class SessionProtocol {
     int64_t expected_elements = 0;
     int64_t received_elements = 0;
     std::shared_ptr<std::vector<float>> blocks;
-    // The blocks' pruning bounds, computed when the first tensor of a block method runs with them.
-    std::shared_ptr<const HessianBlockBounds[]> bounds;
+    // The blocks' pruning tables, computed when the first tensor of a block method runs with
+    // them.
+    SharedHessianPruning pruning;
     // Method gptq: the whole matrix and its plans; null when kept as blocks only.
     std::shared_ptr<FullHessian> full;
     // The tensor whose header defined it and that tensor's method, for error messages.

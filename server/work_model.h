@@ -41,9 +41,9 @@ struct TensorInput {
   float global_amax = 0.0f;
   // [cols / 16, 16, 16] fp32 Hessian blocks; null when the tensor has none (and for gptq).
   std::shared_ptr<const std::vector<float>> hessian_blocks;
-  // Their pruning bounds (ComputeSharedHessianBounds), computed once per Hessian and shared by
+  // Their pruning tables (ComputeSharedHessianPruning), computed once per Hessian and shared by
   // every row range of every tensor using it; null with the blocks.
-  std::shared_ptr<const HessianBlockBounds[]> hessian_bounds;
+  SharedHessianPruning hessian_pruning;
   // Method gptq: the full Hessian with its plans (gptq_work.h); null otherwise.
   std::shared_ptr<FullHessian> full_hessian;
 };

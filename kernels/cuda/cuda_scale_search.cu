@@ -400,17 +400,23 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
                                                  cudaMemcpyHostToDevice, stream));
       if (options_.search == CudaSearchAlgorithm::kPruned) {
         const int64_t bounds_at = layout.bounds_at.at(host);
-        bounds_host.push_back(ComputeHessianBlockBounds(owner->request->hessians));
-        screens_host.push_back(
-            ComputeHessianBlockScreens(owner->request->hessians, bounds_host.back()));
-        NVFP4_CUDA_RETURN_IF_ERROR(
-            cudaMemcpyAsync(base + bounds_at, bounds_host.back().data(),
-                            sizeof(HessianBlockBounds) * bounds_host.back().size(),
-                            cudaMemcpyHostToDevice, stream));
-        NVFP4_CUDA_RETURN_IF_ERROR(
-            cudaMemcpyAsync(base + bounds_at + BoundsPartBytes(*owner), screens_host.back().data(),
-                            sizeof(HessianBlockScreen) * screens_host.back().size(),
-                            cudaMemcpyHostToDevice, stream));
+        const QuantizeRequest& request = *owner->request;
+        const size_t blocks = static_cast<size_t>(request.hessians.num_blocks);
+        // The caller's tables when it computed them once for many calls (SharedHessianPruning).
+        const HessianBlockBounds* bounds = request.hessian_bounds;
+        const HessianBlockScreen* screens = request.hessian_screens;
+        if (bounds == nullptr || screens == nullptr) {
+          bounds_host.push_back(ComputeHessianBlockBounds(request.hessians));
+          screens_host.push_back(ComputeHessianBlockScreens(request.hessians, bounds_host.back()));
+          bounds = bounds_host.back().data();
+          screens = screens_host.back().data();
+        }
+        NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(base + bounds_at, bounds,
+                                                   sizeof(HessianBlockBounds) * blocks,
+                                                   cudaMemcpyHostToDevice, stream));
+        NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(base + bounds_at + BoundsPartBytes(*owner),
+                                                   screens, sizeof(HessianBlockScreen) * blocks,
+                                                   cudaMemcpyHostToDevice, stream));
       }
     }
     NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(base + layout.slices_at, device_slices.data(),

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 namespace nvfp4cal {
 namespace {
@@ -90,15 +91,25 @@ std::vector<HessianBlockBounds> ComputeHessianBlockBounds(const BlockHessiansVie
   return out;
 }
 
-std::shared_ptr<const HessianBlockBounds[]> ComputeSharedHessianBounds(
-    const BlockHessiansView& hessians) {
-  if (hessians.data == nullptr) return nullptr;
-  std::shared_ptr<HessianBlockBounds[]> out(
-      new HessianBlockBounds[static_cast<size_t>(hessians.num_blocks)]);
-  for (int64_t j = 0; j < hessians.num_blocks; ++j) {
-    out[static_cast<size_t>(j)] = ComputeHessianBlockBounds(hessians.data + j * kN * kN);
+SharedHessianPruning ComputeSharedHessianPruning(const BlockHessiansView& hessians) {
+  SharedHessianPruning out;
+  if (hessians.data == nullptr) return out;
+  const size_t blocks = static_cast<size_t>(hessians.num_blocks);
+  std::shared_ptr<HessianBlockBounds[]> bounds(new HessianBlockBounds[blocks]);
+  std::shared_ptr<HessianBlockScreen[]> screens(new HessianBlockScreen[blocks]);
+  for (size_t j = 0; j < blocks; ++j) {
+    const float* h = hessians.data + static_cast<int64_t>(j) * kN * kN;
+    bounds[j] = ComputeHessianBlockBounds(h);
+    screens[j] = ComputeHessianBlockScreen(h, bounds[j]);
   }
+  out.bounds = std::move(bounds);
+  out.screens = std::move(screens);
   return out;
+}
+
+void SharedHessianPruning::AttachTo(QuantizeRequest* request) const {
+  request->hessian_bounds = bounds.get();
+  request->hessian_screens = screens.get();
 }
 
 HessianBlockBounds IdentityBounds() {

@@ -413,6 +413,44 @@ TEST_F(CudaScaleSearchTest, ValidatedSlicesSkipOnlyTheDataScans) {
   EXPECT_EQ(codes2, cpu->packed_codes);
 }
 
+TEST_F(CudaScaleSearchTest, SharedPruningTablesAreUploadedAndGiveTheComputedTablesBytes) {
+  // A server computes a Hessian's pruning tables once (SharedHessianPruning) and every launch
+  // uploads them instead of computing its own: the bytes and statistics must not change.
+  for (Kind kind : {Kind::kTypical, Kind::kIllConditioned, Kind::kZeroBlocks}) {
+    const HardTensor t = MakeHardTensor(kind, 256, 1024, 40 + static_cast<uint64_t>(kind));
+    const SharedHessianPruning pruning =
+        ComputeSharedHessianPruning(BlockHessiansView{t.h.data(), t.cols / 16});
+    for (Method m : {Method::kLocalHessian, Method::kDss}) {
+      const QuantizeRequest computed = RequestFor(t, m);
+      QuantizeRequest shared = computed;
+      pruning.AttachTo(&shared);
+      absl::StatusOr<QuantizedTensor> a = gpu_->Quantize(computed);
+      absl::StatusOr<QuantizedTensor> b = gpu_->Quantize(shared);
+      ASSERT_TRUE(a.ok() && b.ok()) << a.status() << " " << b.status();
+      EXPECT_EQ(a->packed_codes, b->packed_codes) << MethodName(m);
+      EXPECT_EQ(a->scales, b->scales) << MethodName(m);
+      EXPECT_EQ(FloatBits(static_cast<float>(a->stats.objective_after)),
+                FloatBits(static_cast<float>(b->stats.objective_after)));
+    }
+  }
+  // The given tables are the ones the kernel reads: bounds that claim every block's precision
+  // is enormous prune the true optimum away, so the choice changes (a contract violation no
+  // caller makes; here it shows that the launch did not compute its own).
+  const HardTensor t = MakeHardTensor(Kind::kTypical, 64, 256, 47);
+  const SharedHessianPruning pruning =
+      ComputeSharedHessianPruning(BlockHessiansView{t.h.data(), t.cols / 16});
+  std::vector<HessianBlockBounds> wrong(pruning.bounds.get(), pruning.bounds.get() + t.cols / 16);
+  for (HessianBlockBounds& b : wrong)
+    std::fill(std::begin(b.precision), std::end(b.precision), 1e30f);
+  QuantizeRequest request = RequestFor(t, Method::kLocalHessian);
+  absl::StatusOr<QuantizedTensor> right = gpu_->Quantize(request);
+  pruning.AttachTo(&request);
+  request.hessian_bounds = wrong.data();
+  absl::StatusOr<QuantizedTensor> pruned_away = gpu_->Quantize(request);
+  ASSERT_TRUE(right.ok() && pruned_away.ok());
+  EXPECT_NE(right->scales, pruned_away->scales);
+}
+
 TEST_F(CudaScaleSearchTest, ValidationErrorsLaunchNothing) {
   HardTensor t = MakeHardTensor(Kind::kTypical, 8, 64, 10);
   t.w[5] = std::nanf("");

@@ -323,6 +323,56 @@ TEST(CandidatePruning, BoundsOfTheIdentityAndOfSingularBlocks) {
   EXPECT_EQ(ComputeHessianBlockBounds(zero.data()).precision[3], 0.0f);
 }
 
+TEST(CandidatePruning, SharedTablesAreEachBlocksBoundsAndScreens) {
+  // Blocks of several kinds (random, rank one, all zero, identity) in one Hessian: the shared
+  // tables must be, byte for byte, what ComputeHessianBlockBounds/Screens give block by block,
+  // since the CUDA search uploads whichever it is given.
+  ExampleRng rng(28);
+  constexpr int64_t kBlocks = 40;
+  std::vector<float> h(static_cast<size_t>(kBlocks) * 256);
+  for (int64_t j = 0; j < kBlocks; ++j) {
+    RandomBlock b = MakeRandomBlock(rng, kAllKinds[j % 7], 50000 + static_cast<uint64_t>(j));
+    if (j % 10 == 3) std::fill(b.h.begin(), b.h.end(), 1.0f);
+    if (j % 10 == 5) std::fill(b.h.begin(), b.h.end(), 0.0f);
+    if (j % 10 == 7) {
+      std::fill(b.h.begin(), b.h.end(), 0.0f);
+      for (int i = 0; i < 16; ++i) b.h[static_cast<size_t>(i) * 17] = 1.0f;
+    }
+    std::copy(b.h.begin(), b.h.end(), h.begin() + j * 256);
+  }
+  const BlockHessiansView view{h.data(), kBlocks};
+  const SharedHessianPruning shared = ComputeSharedHessianPruning(view);
+  ASSERT_NE(shared.bounds, nullptr);
+  ASSERT_NE(shared.screens, nullptr);
+  const std::vector<HessianBlockBounds> bounds = ComputeHessianBlockBounds(view);
+  const std::vector<HessianBlockScreen> screens = ComputeHessianBlockScreens(view, bounds);
+  int valid_screens = 0;
+  for (int64_t j = 0; j < kBlocks; ++j) {
+    const size_t k = static_cast<size_t>(j);
+    EXPECT_EQ(std::memcmp(&shared.bounds[k], &bounds[k], sizeof(HessianBlockBounds)), 0)
+        << "block " << j;
+    // Field by field: the struct's padding carries nothing.
+    const HessianBlockScreen& a = shared.screens[k];
+    const HessianBlockScreen& b = screens[k];
+    EXPECT_EQ(std::memcmp(a.factor, b.factor, sizeof(float) * kScreenFactorSize), 0)
+        << "block " << j;
+    EXPECT_EQ(FloatBits(a.kappa_squared), FloatBits(b.kappa_squared)) << "block " << j;
+    EXPECT_EQ(std::memcmp(a.element, b.element, sizeof(a.element)), 0) << "block " << j;
+    EXPECT_EQ(a.valid, b.valid) << "block " << j;
+    valid_screens += shared.screens[k].valid;
+  }
+  EXPECT_GT(valid_screens, kBlocks / 2) << "random and identity blocks are positive definite";
+  EXPECT_EQ(shared.screens[5].valid, 0) << "an all-zero block has no screen";
+
+  QuantizeRequest request;
+  shared.AttachTo(&request);
+  EXPECT_EQ(request.hessian_bounds, shared.bounds.get());
+  EXPECT_EQ(request.hessian_screens, shared.screens.get());
+  const SharedHessianPruning none = ComputeSharedHessianPruning(BlockHessiansView{});
+  EXPECT_EQ(none.bounds, nullptr);
+  EXPECT_EQ(none.screens, nullptr);
+}
+
 // The error bound behind the pruning's rounding allowance: for every element of every candidate
 // (sweep and DSS scales, wide beta grids), |e_i| <= max(|w_i| - 6 d, r) with r =
 // UnsaturatedErrorBound(q, d), up to the fused error's own rounding; and the allowance's norm
