@@ -222,7 +222,8 @@ def describe(label, r, baseline=None):
     ratio = f"  {r['wall'] / baseline:.2f}x in-process" if baseline else ""
     print(f"{label:<14} {r['wall']:7.2f} s  (read {s['read']:.2f}, scan {s.get('scan', 0):.2f}, "
           f"copy {s['copy']:.2f}, "
-          f"quantize {s['quantize']:.2f}, write {s['write']:.2f}; server kernels "
+          + (f"Hessians read {s['hessian_read']:.2f}, " if s.get("hessian_read") else "")
+          + f"quantize {s['quantize']:.2f}, write {s['write']:.2f}; server kernels "
           f"{s.get('server_kernel', 0.0):.2f})  peak RSS {r['rss']:.0f} MiB, device "
           f"{r['device']}, CPU {r['cpu'][0]:.1f} s user + {r['cpu'][1]:.1f} s system{ratio}")
 

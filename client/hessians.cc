@@ -11,6 +11,8 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "client/checkpoint.h"
 #include "client/parallel.h"
 
@@ -90,6 +92,19 @@ absl::Status ReadTensor(const SafetensorsFile& file, const SafetensorsTensor& t,
   }
   return absl::OkStatus();
 }
+
+// Adds the wall time of its scope to *nanos.
+class TimeInto {
+ public:
+  explicit TimeInto(std::atomic<int64_t>* nanos) : nanos_(nanos), start_(absl::Now()) {}
+  ~TimeInto() { nanos_->fetch_add(absl::ToInt64Nanoseconds(absl::Now() - start_)); }
+  TimeInto(const TimeInto&) = delete;
+  TimeInto& operator=(const TimeInto&) = delete;
+
+ private:
+  std::atomic<int64_t>* const nanos_;
+  const absl::Time start_;
+};
 
 }  // namespace
 
@@ -194,6 +209,7 @@ absl::StatusOr<bool> HessianStore::BlocksFromFull(const std::string& entry,
 absl::StatusOr<std::shared_ptr<const std::vector<float>>> HessianStore::ExtractBlocks(
     const SafetensorsTensor& t, bool full, const std::string& entry, const std::string& module,
     int64_t cols, float symmetry_tolerance, const ScratchMemory* scratch) const {
+  const TimeInto timed(&read_nanos_);
   std::vector<float> blocks;
   if (full) {
     // A temporary copy: only the blocks are kept.
@@ -312,6 +328,7 @@ int64_t MatrixPool::kept_bytes() const {
 absl::StatusOr<std::shared_ptr<const FullHessian>> HessianStore::ReadFull(
     const SafetensorsTensor& t, const std::string& entry, const std::string& module, int64_t cols,
     float symmetry_tolerance) const {
+  const TimeInto timed(&read_nanos_);
   const int64_t count = cols * cols;
   // The buffer goes back to the pool with the matrix's last holder (or with a failed read).
   std::shared_ptr<FullHessian> matrix(new FullHessian(), [pool = pool_, count](FullHessian* m) {

@@ -21,6 +21,7 @@
 #ifndef NVFP4CAL_CLIENT_HESSIANS_H_
 #define NVFP4CAL_CLIENT_HESSIANS_H_
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -81,6 +82,10 @@ class HessianStore {
   const std::string& path() const { return file_->path(); }
   // Where full matrices are read into (Full's buffers return there with their last holder).
   const MatrixPool& matrix_pool() const { return *pool_; }
+  // Wall time spent reading and checking entries' data so far (Blocks' extractions, Full's
+  // reads), summed over the reads: reads of different entries that ran at once each count, so
+  // the sum may exceed the time they took together. Full matrices (gptq) are most of it.
+  double read_seconds() const { return static_cast<double>(read_nanos_.load()) * 1e-9; }
   // The entry that serves `module` under the rule above, or "" when none does.
   // INVALID_ARGUMENT "FILE: __metadata__ alias 'KEY' (for MODULE) names entry 'VALUE', which
   // the file does not hold" for the module's alias naming no entry.
@@ -200,6 +205,8 @@ class HessianStore {
 
   // Buffers of the full matrices (shared with the matrices' deleters).
   std::shared_ptr<MatrixPool> pool_ = std::make_shared<MatrixPool>();
+  // read_seconds(), in nanoseconds.
+  mutable std::atomic<int64_t> read_nanos_{0};
 };
 
 // Extracts the diagonal 16x16 blocks of a row-major [n, n] fp32 matrix (n % 16 == 0) read from

@@ -516,6 +516,11 @@ int RunQuantize(int argc, const char* const* argv) {
         report->write_seconds, total,
         total > 0 ? static_cast<double>(report->bytes_in) / total / 1e6 : 0.0,
         static_cast<double>(report->peak_rss_bytes) / 1e6);
+    if (report->hessian_read_seconds > 0.0) {
+      std::cout << absl::StrFormat(
+          "Hessians: read and checked in %.2f s (within read and scan, summed over reads)\n",
+          report->hessian_read_seconds);
+    }
     if (report->server_kernel_seconds > 0.0 || report->server_queue_seconds > 0.0) {
       std::cout << absl::StrFormat(
           "server time (summed over tensors): kernels %.2f s, queued %.2f s; the rest of "

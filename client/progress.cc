@@ -163,6 +163,7 @@ std::string FormatStatsJson(const QuantizeReport& report) {
                 {{"read", report.read_seconds},
                  {"scan", report.scan_seconds},
                  {"copy", report.copy_seconds},
+                 {"hessian_read", report.hessian_read_seconds},
                  {"quantize", report.quantize_seconds},
                  {"write", report.write_seconds},
                  {"total", report.total_seconds},

@@ -556,6 +556,7 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
   report.copy_seconds += absl::ToDoubleSeconds(copy_time);
   // Results are written as they arrive, inside the quantize phase; `write` is what is left.
   report.quantize_seconds = absl::ToDoubleSeconds(quantize_end - quantize_start);
+  if (in.hessians != nullptr) report.hessian_read_seconds = in.hessians->read_seconds();
   const absl::Time finish_start = absl::Now();
   for (std::optional<ModuleReport>& r : module_reports) {
     if (!r.has_value()) return absl::InternalError("a module's result never arrived");

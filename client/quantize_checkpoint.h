@@ -174,14 +174,16 @@ struct QuantizeReport {
   int64_t bytes_out = 0;  // tensor bytes written
   std::string quantizer;  // Quantizer::Describe()
   // Wall-time split of the run, seconds.
-  double read_seconds = 0.0;      // open, plan, read the Hessians
-  double scan_seconds = 0.0;      // the weights' one pass (NaN/Inf, global amax), beside the
-                                  // quantizer: a tensor is quantized once its scan is done
-  double copy_seconds = 0.0;      // other files and untouched tensors copied to the output
-                                  // (the tensors beside the quantizer, so it overlaps)
-  double quantize_seconds = 0.0;  // the quantizer (search; with --server also transport)
-  double write_seconds = 0.0;     // quantized tensors, index, configs, rename
-  double total_seconds = 0.0;     // wall time of the whole run
+  double read_seconds = 0.0;          // open, plan, read the Hessians
+  double scan_seconds = 0.0;          // the weights' one pass (NaN/Inf, global amax), beside the
+                                      // quantizer: a tensor is quantized once its scan is done
+  double copy_seconds = 0.0;          // other files and untouched tensors copied to the output
+                                      // (the tensors beside the quantizer, so it overlaps)
+  double hessian_read_seconds = 0.0;  // within read and scan: the Hessians' data read and
+                                      // checked (HessianStore::read_seconds, summed over reads)
+  double quantize_seconds = 0.0;      // the quantizer (search; with --server also transport)
+  double write_seconds = 0.0;         // quantized tensors, index, configs, rename
+  double total_seconds = 0.0;         // wall time of the whole run
   // With --server: what the servers reported, summed over tensors (tensors run concurrently,
   // so these may exceed quantize_seconds): time in their kernels and in their queues. The rest
   // of quantize_seconds is transport, protobuf and validation.

@@ -160,6 +160,9 @@ TEST_F(BadInputs, StatsJsonHoldsEveryModuleAndTheTotals) {
   const nlohmann::json hf = nlohmann::json::parse(ReadAll(out_ + "/hf_quant_config.json"));
   EXPECT_EQ(j["label"]["quant_algo"], hf["quantization"]["quant_algo"]);
   EXPECT_GE(j["seconds"]["quantize"].get<double>(), 0.0);
+  // The example's Hessians were read and checked: a time above zero, within the run's.
+  EXPECT_GT(j["seconds"]["hessian_read"].get<double>(), 0.0);
+  EXPECT_LT(j["seconds"]["hessian_read"].get<double>(), j["seconds"]["total"].get<double>());
   for (const auto& entry : fs::directory_iterator(std::string(dir_ / ""))) {
     EXPECT_EQ(entry.path().filename().string().find("stats.json.nvfp4cal-tmp"), std::string::npos)
         << entry.path() << " left behind";

@@ -477,8 +477,11 @@ TEST(HessianStore, FullMatricesReuseTheBuffersOfDroppedOnesAndKeepFewOfThem) {
   std::unique_ptr<HessianStore> store = FullHessianFile(dir / "h.safetensors", n, [](float*) {});
   ASSERT_NE(store, nullptr);
   const int64_t bytes = n * n * static_cast<int64_t>(sizeof(float));
+  EXPECT_EQ(store->read_seconds(), 0.0);
   absl::StatusOr<std::shared_ptr<const FullHessian>> first = store->Full("h", "q", n, 1e-3f);
   ASSERT_TRUE(first.ok()) << first.status();
+  const double read_once = store->read_seconds();
+  EXPECT_GT(read_once, 0.0) << "the read is timed";
   const float* address = (*first)->data.get();
   EXPECT_EQ(store->matrix_pool().kept_bytes(), 0);
   first = absl::CancelledError("dropped");
@@ -487,6 +490,7 @@ TEST(HessianStore, FullMatricesReuseTheBuffersOfDroppedOnesAndKeepFewOfThem) {
   absl::StatusOr<std::shared_ptr<const FullHessian>> second = store->Full("h", "k", n, 1e-3f);
   ASSERT_TRUE(second.ok()) << second.status();
   EXPECT_EQ((*second)->data.get(), address);
+  EXPECT_GT(store->read_seconds(), read_once) << "each read adds its time";
   EXPECT_EQ(store->matrix_pool().kept_bytes(), 0);
   EXPECT_EQ((*second)->data[5 * n + 5], 4.0f);
   EXPECT_EQ((*second)->data[2 * n + 7], 1.0f / 10.0f);
