@@ -2,8 +2,7 @@
 # The one test command (README, .ci/run). Three steps:
 #   1. Release build and every ctest test (GPU tests skip with the reason when no CUDA device is
 #      present; the long soak variant, label soak_long, runs only when SOAK_LONG=1).
-#   2. Sanitizer build (ASan + UBSan, LSan through ASan; the client and server test programs at
-#      -O0, their libraries at -O1) of the kernel, server (in-process
+#   2. Sanitizer build (ASan + UBSan, LSan through ASan) of the kernel, server (in-process
 #      loopback servers included), client parser and CLI tests and the fuzz replays, and a run
 #      of them. The exhaustive numerics searches are left to step 1 (minutes under ASan; no
 #      parsing or concurrency in them). Compiler: clang++-14 (it also builds the libFuzzer
@@ -62,7 +61,7 @@ if [ -z "$compiler" ]; then
 fi
 cmake -S . -B "$san_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release "-DCMAKE_CXX_COMPILER=$compiler" \
   "-DCMAKE_CXX_FLAGS_RELEASE=-O1 -g1" -DNVFP4CAL_CUDA=OFF -DNVFP4CAL_BUILD_BENCH=OFF \
-  -DNVFP4CAL_SANITIZE=address,undefined -DNVFP4CAL_BUILD_FUZZERS=ON -DNVFP4CAL_TEST_OPTIMIZE=-O0
+  -DNVFP4CAL_SANITIZE=address,undefined -DNVFP4CAL_BUILD_FUZZERS=ON
 san_targets=(kernels_test scheduler_test server_loopback_test server_job_api_test
   server_job_manager_test server_security_test server_fault_injection_test server_soak_test
   server_hostile_client_test server_session_protocol_test server_gptq_session_test
