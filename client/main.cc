@@ -16,6 +16,7 @@
 #include <atomic>
 #include <cmath>
 #include <csignal>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -77,17 +78,23 @@ absl::Status ParseInt(const CliArgs& args, const std::string& name, int* out,
                       int min = std::numeric_limits<int>::min(),
                       int max = std::numeric_limits<int>::max()) {
   if (!args.Has(name)) return absl::OkStatus();
-  int value = 0;
-  if (!absl::SimpleAtoi(args.Get(name), &value)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--", name, ": \"", args.Get(name), "\" is not an integer"));
+  const std::string& text = args.Get(name);
+  int64_t value = 0;
+  if (!absl::SimpleAtoi(text, &value)) {
+    // Digits beyond 64 bits are an integer too, just out of range.
+    const size_t sign = !text.empty() && (text[0] == '-' || text[0] == '+') ? 1 : 0;
+    const bool digits =
+        text.size() > sign && text.find_first_not_of("0123456789", sign) == std::string::npos;
+    if (!digits) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", name, ": \"", text, "\" is not an integer"));
+    }
+  } else if (value >= min && value <= max) {
+    *out = static_cast<int>(value);
+    return absl::OkStatus();
   }
-  if (value < min || value > max) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--", name, " = ", value, " is out of range [", min, ", ", max, "]"));
-  }
-  *out = value;
-  return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("--", name, " = ", text, " is out of range [", min, ", ", max, "]"));
 }
 
 // A finite number option in [min, max]; untouched when absent.
