@@ -5,6 +5,7 @@
 //   cuda_gptq_bench [--layers=N] [--streams=S] [--update=ordered|cublas] [--search=sweep|dss]
 //                   [--nocompare] [--measure_update] [--cpu_rows=R] [--serial_plans]
 //                   [--pool_strict] [--pool_keep_gib=G] [--inverse=blocked|trtri]
+//                   [--pipelined]
 //
 // A layer: q, k, v share the attention input's Hessian, gate and up the MLP input's; o and down
 // have their own (4 Hessians, n = 4096 x 3 and 14336). Hessians: MakeExampleFullHessian; weights:
@@ -20,16 +21,25 @@
 // synchronisations (the release threshold; CUDA's default 0 hands it back at each one, so the
 // next plan's temporaries are mapped again). --inverse=trtri inverts the factor with cuSOLVER's
 // trtri instead of the backend's blocked inverse.
+//
+// --pipelined runs the N layers as the CLI does, without a barrier between layers: S workers
+// take the layers' tensors in order, the first tensor that needs a plan prepares it (later ones
+// wait for it) and a plan is dropped after its layer's last tensor. The Hessians count as
+// checked by their reader (FullHessianView::values_checked, as the CLI's reader sets it), so the
+// figure is the quantize time with the Hessians in memory; their reading is the CLI's `read`.
+// Every layer's digests must equal the first layer's (same data).
 #include <cuda_runtime.h>
 #include <sys/mman.h>
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -51,6 +61,16 @@ double SecondsSince(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
+// FNV-1a of the codes, then the scales: builds and options that must agree print the same
+// digests.
+uint64_t Digest(const std::vector<uint8_t>& codes, const std::vector<uint8_t>& scales) {
+  uint64_t digest = 14695981039346656037ull;
+  for (const std::vector<uint8_t>* bytes : {&codes, &scales}) {
+    for (uint8_t byte : *bytes) digest = (digest ^ byte) * 1099511628211ull;
+  }
+  return digest;
+}
+
 void Fail(const absl::Status& status, const char* what) {
   std::fprintf(stderr, "%s: %s\n", what, std::string(status.message()).c_str());
   std::exit(1);
@@ -63,6 +83,7 @@ int main(int argc, char** argv) {
   int streams = 3;
   int64_t cpu_rows = 0;
   bool serial_plans = false;
+  bool pipelined = false;
   bool pool_strict = false;
   int64_t pool_keep_gib = -1;
   nvfp4cal::CudaGptqOptions options;
@@ -97,6 +118,8 @@ int main(int argc, char** argv) {
       pool_strict = true;
     } else if (arg.rfind("--pool_keep_gib=", 0) == 0) {
       pool_keep_gib = std::atoll(arg.c_str() + 16);
+    } else if (arg == "--pipelined") {
+      pipelined = true;
     } else if (arg.rfind("--cpu_rows=", 0) == 0) {
       cpu_rows = std::atoll(arg.c_str() + 11);
     } else {
@@ -146,7 +169,7 @@ int main(int argc, char** argv) {
     weights.push_back(nvfp4cal::MakeExampleWeightsBf16(layer[t].rows, layer[t].cols, 10 + t));
   }
   std::printf("data generated in %.1f s\n", SecondsSince(gen_start));
-  {
+  if (!pipelined) {
     // The plans' host check of the largest H alone, three times each: in the generated vector,
     // and in copies whose pages were advised for and against transparent huge pages (the check
     // reads H and its transpose in 64 x 64 tiles; its time varied 20x between processes).
@@ -179,6 +202,89 @@ int main(int argc, char** argv) {
               options.update == nvfp4cal::CudaGptqUpdate::kOrdered ? "ordered" : "cublas",
               params.gptq.scale_search == nvfp4cal::GptqScaleSearch::kDss ? "dss" : "sweep",
               params.gptq.compare_local_hessian ? "on" : "off", streams);
+
+  if (pipelined) {
+    // Jobs in the CLI's order: layer by layer, tensors in the layer's order.
+    struct PlanSlot {
+      std::mutex mutex;
+      std::condition_variable ready;
+      bool preparing = false;
+      std::shared_ptr<const nvfp4cal::GptqPlan> plan;
+      int users_left = 0;
+    };
+    std::vector<PlanSlot> slots(static_cast<size_t>(layers) * 4);
+    for (int l = 0; l < layers; ++l) {
+      for (const Linear& lin : layer) slots[static_cast<size_t>(l * 4 + lin.hessian)].users_left++;
+    }
+    const size_t jobs = static_cast<size_t>(layers) * layer.size();
+    std::vector<uint64_t> digests(jobs);
+    std::vector<double> plan_seconds(jobs, 0.0);
+    std::atomic<size_t> next{0};
+    const auto start = std::chrono::steady_clock::now();
+    auto work = [&](nvfp4cal::GptqBackend* backend) {
+      for (size_t j = next++; j < jobs; j = next++) {
+        const size_t t = j % layer.size();
+        const Linear& lin = layer[t];
+        PlanSlot& slot = slots[j / layer.size() * 4 + static_cast<size_t>(lin.hessian)];
+        std::shared_ptr<const nvfp4cal::GptqPlan> plan;
+        {
+          std::unique_lock<std::mutex> lock(slot.mutex);
+          if (slot.plan == nullptr && !slot.preparing) {
+            slot.preparing = true;
+            lock.unlock();
+            const auto plan_start = std::chrono::steady_clock::now();
+            nvfp4cal::FullHessianView view{hessians[static_cast<size_t>(lin.hessian)].data(),
+                                           hessian_n[lin.hessian]};
+            view.values_checked = true;
+            absl::StatusOr<std::shared_ptr<const nvfp4cal::GptqPlan>> p =
+                backend->Prepare(view, params);
+            if (!p.ok()) Fail(p.status(), "Prepare");
+            plan_seconds[j] = SecondsSince(plan_start);
+            lock.lock();
+            slot.plan = *std::move(p);
+            slot.ready.notify_all();
+          }
+          slot.ready.wait(lock, [&] { return slot.plan != nullptr; });
+          plan = slot.plan;
+        }
+        std::vector<uint8_t> codes(static_cast<size_t>(lin.rows * lin.cols / 2));
+        std::vector<uint8_t> scales(static_cast<size_t>(lin.rows * lin.cols / 16));
+        const nvfp4cal::WeightView view{weights[t].data(), nvfp4cal::DType::kBFloat16, lin.rows,
+                                        lin.cols};
+        nvfp4cal::TensorStats stats;
+        absl::Status s = backend->QuantizeRows(
+            *plan, view, 8.0f, 0, lin.rows, params.gptq.compare_local_hessian,
+            nvfp4cal::RowRangeOutput{absl::MakeSpan(codes), absl::MakeSpan(scales)}, &stats);
+        if (!s.ok()) Fail(s, lin.name);
+        digests[j] = Digest(codes, scales);
+        plan.reset();
+        std::lock_guard<std::mutex> lock(slot.mutex);
+        if (--slot.users_left == 0) slot.plan.reset();
+      }
+    };
+    std::vector<std::thread> pool;
+    for (int s = 1; s < streams; ++s)
+      pool.emplace_back(work, backends[static_cast<size_t>(s)].get());
+    work(backends[0].get());
+    for (std::thread& t : pool) t.join();
+    const double wall = SecondsSince(start);
+    int mismatches = 0;
+    for (size_t j = layer.size(); j < jobs; ++j)
+      mismatches += digests[j] != digests[j % layer.size()];
+    double plans_total = 0.0;
+    for (double p : plan_seconds) plans_total += p;
+    std::printf(
+        "\npipelined: %d layers in %.3f s (%.3f s per layer, 32 layers at this pace: "
+        "%.1f s); plans %.3f s summed over the workers; digests of later layers that "
+        "differ from layer 0's: %d\n",
+        layers, wall, wall / layers, 32.0 * wall / layers, plans_total, mismatches);
+    std::printf("digests:");
+    for (size_t t = 0; t < layer.size(); ++t) {
+      std::printf(" %s %016llx", layer[t].name, static_cast<unsigned long long>(digests[t]));
+    }
+    std::printf("\n");
+    return mismatches == 0 ? 0 : 1;
+  }
 
   double total_wall = 0.0;
   for (int l = 0; l < layers; ++l) {
@@ -228,13 +334,7 @@ int main(int argc, char** argv) {
             nvfp4cal::RowRangeOutput{absl::MakeSpan(codes), absl::MakeSpan(scales)}, &stats[t]);
         if (!s.ok()) Fail(s, lin.name);
         seconds[t] = SecondsSince(start);
-        // FNV-1a of the codes, then the scales: builds and options that must agree print the
-        // same digests.
-        uint64_t digest = 14695981039346656037ull;
-        for (const std::vector<uint8_t>* bytes : {&codes, &scales}) {
-          for (uint8_t byte : *bytes) digest = (digest ^ byte) * 1099511628211ull;
-        }
-        digests[t] = digest;
+        digests[t] = Digest(codes, scales);
       }
     };
     std::vector<std::thread> pool;
