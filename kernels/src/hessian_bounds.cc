@@ -94,22 +94,17 @@ std::vector<HessianBlockBounds> ComputeHessianBlockBounds(const BlockHessiansVie
 SharedHessianPruning ComputeSharedHessianPruning(const BlockHessiansView& hessians) {
   SharedHessianPruning out;
   if (hessians.data == nullptr) return out;
-  const size_t blocks = static_cast<size_t>(hessians.num_blocks);
-  std::shared_ptr<HessianBlockBounds[]> bounds(new HessianBlockBounds[blocks]);
-  std::shared_ptr<HessianBlockScreen[]> screens(new HessianBlockScreen[blocks]);
-  for (size_t j = 0; j < blocks; ++j) {
-    const float* h = hessians.data + static_cast<int64_t>(j) * kN * kN;
-    bounds[j] = ComputeHessianBlockBounds(h);
-    screens[j] = ComputeHessianBlockScreen(h, bounds[j]);
-  }
+  auto bounds =
+      std::make_shared<const std::vector<HessianBlockBounds>>(ComputeHessianBlockBounds(hessians));
+  out.screens = std::make_shared<const std::vector<HessianBlockScreen>>(
+      ComputeHessianBlockScreens(hessians, *bounds));
   out.bounds = std::move(bounds);
-  out.screens = std::move(screens);
   return out;
 }
 
 void SharedHessianPruning::AttachTo(QuantizeRequest* request) const {
-  request->hessian_bounds = bounds.get();
-  request->hessian_screens = screens.get();
+  request->hessian_bounds = bounds == nullptr ? nullptr : bounds->data();
+  request->hessian_screens = screens == nullptr ? nullptr : screens->data();
 }
 
 HessianBlockBounds IdentityBounds() {

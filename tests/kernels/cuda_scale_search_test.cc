@@ -439,7 +439,7 @@ TEST_F(CudaScaleSearchTest, SharedPruningTablesAreUploadedAndGiveTheComputedTabl
   const HardTensor t = MakeHardTensor(Kind::kTypical, 64, 256, 47);
   const SharedHessianPruning pruning =
       ComputeSharedHessianPruning(BlockHessiansView{t.h.data(), t.cols / 16});
-  std::vector<HessianBlockBounds> wrong(pruning.bounds.get(), pruning.bounds.get() + t.cols / 16);
+  std::vector<HessianBlockBounds> wrong = *pruning.bounds;
   for (HessianBlockBounds& b : wrong)
     std::fill(std::begin(b.precision), std::end(b.precision), 1e30f);
   QuantizeRequest request = RequestFor(t, Method::kLocalHessian);

@@ -344,30 +344,33 @@ TEST(CandidatePruning, SharedTablesAreEachBlocksBoundsAndScreens) {
   const SharedHessianPruning shared = ComputeSharedHessianPruning(view);
   ASSERT_NE(shared.bounds, nullptr);
   ASSERT_NE(shared.screens, nullptr);
-  const std::vector<HessianBlockBounds> bounds = ComputeHessianBlockBounds(view);
-  const std::vector<HessianBlockScreen> screens = ComputeHessianBlockScreens(view, bounds);
+  ASSERT_EQ(shared.bounds->size(), static_cast<size_t>(kBlocks));
+  ASSERT_EQ(shared.screens->size(), static_cast<size_t>(kBlocks));
   int valid_screens = 0;
   for (int64_t j = 0; j < kBlocks; ++j) {
     const size_t k = static_cast<size_t>(j);
-    EXPECT_EQ(std::memcmp(&shared.bounds[k], &bounds[k], sizeof(HessianBlockBounds)), 0)
+    // Against the block-by-block functions.
+    const float* block = h.data() + j * 256;
+    const HessianBlockBounds bound = ComputeHessianBlockBounds(block);
+    EXPECT_EQ(std::memcmp(&(*shared.bounds)[k], &bound, sizeof(HessianBlockBounds)), 0)
         << "block " << j;
     // Field by field: the struct's padding carries nothing.
-    const HessianBlockScreen& a = shared.screens[k];
-    const HessianBlockScreen& b = screens[k];
+    const HessianBlockScreen& a = (*shared.screens)[k];
+    const HessianBlockScreen b = ComputeHessianBlockScreen(block, bound);
     EXPECT_EQ(std::memcmp(a.factor, b.factor, sizeof(float) * kScreenFactorSize), 0)
         << "block " << j;
     EXPECT_EQ(FloatBits(a.kappa_squared), FloatBits(b.kappa_squared)) << "block " << j;
     EXPECT_EQ(std::memcmp(a.element, b.element, sizeof(a.element)), 0) << "block " << j;
     EXPECT_EQ(a.valid, b.valid) << "block " << j;
-    valid_screens += shared.screens[k].valid;
+    valid_screens += a.valid;
   }
   EXPECT_GT(valid_screens, kBlocks / 2) << "random and identity blocks are positive definite";
-  EXPECT_EQ(shared.screens[5].valid, 0) << "an all-zero block has no screen";
+  EXPECT_EQ((*shared.screens)[5].valid, 0) << "an all-zero block has no screen";
 
   QuantizeRequest request;
   shared.AttachTo(&request);
-  EXPECT_EQ(request.hessian_bounds, shared.bounds.get());
-  EXPECT_EQ(request.hessian_screens, shared.screens.get());
+  EXPECT_EQ(request.hessian_bounds, shared.bounds->data());
+  EXPECT_EQ(request.hessian_screens, shared.screens->data());
   const SharedHessianPruning none = ComputeSharedHessianPruning(BlockHessiansView{});
   EXPECT_EQ(none.bounds, nullptr);
   EXPECT_EQ(none.screens, nullptr);

@@ -369,8 +369,9 @@ float GlobalScaleFromAmax(float global_amax);
 // and hessian_screens. Recomputing them costs a few microseconds per 16 x 16 block on every call
 // (3 ms for a 14336-column Hessian), which a server quantizing 1 MiB row ranges paid per range.
 struct SharedHessianPruning {
-  std::shared_ptr<const HessianBlockBounds[]> bounds;   // one per block; null without Hessians
-  std::shared_ptr<const HessianBlockScreen[]> screens;  // one per block; null without Hessians
+  // One per block (ComputeHessianBlockBounds / ComputeHessianBlockScreens); null without Hessians.
+  std::shared_ptr<const std::vector<HessianBlockBounds>> bounds;
+  std::shared_ptr<const std::vector<HessianBlockScreen>> screens;
   // Points request->hessian_bounds and hessian_screens at these tables.
   void AttachTo(QuantizeRequest* request) const;
 };
