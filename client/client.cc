@@ -20,6 +20,7 @@
 #include "absl/synchronization/mutex.h"
 #include "client/server_stream.h"
 #include "common/file_util.h"
+#include "common/thread_name.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/grpc_status.h"
 
@@ -271,6 +272,7 @@ class Client::Call {
   }
 
   void Worker(size_t a) {
+    NameThisThread("nvf-send");
     int failures = 0;
     std::optional<v1::Limits> limits;
     Unit unit;

@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
+#include "common/thread_name.h"
 #include "engine/devices.h"
 #include "engine/gptq_plan_cache.h"
 #include "nvfp4cal/kernels/gptq.h"
@@ -94,6 +95,7 @@ class LocalQuantizer : public Quantizer {
     // it and freed after the last (q/k/v and gate/up share theirs).
     HessianPlans plans(tasks);
     auto work = [&](size_t worker) {
+      NameThisThread("nvf-quantize");
       for (size_t i; !failed.load() && (i = next.fetch_add(1)) < tasks.size();) {
         absl::Status status = RunTask(tasks[i], workers_[worker], i, plans, failed, on_result);
         if (!status.ok()) {

@@ -25,6 +25,7 @@
 #include "client/result_writer.h"
 #include "client/temp_dir.h"
 #include "common/file_util.h"
+#include "common/thread_name.h"
 #include "nlohmann/json.hpp"
 
 namespace nvfp4cal {
@@ -241,6 +242,7 @@ absl::Status CopyUntouched(const QuantizeOptions& options, const RunInputs& in,
   std::atomic<bool> failed{false};
   std::vector<absl::Status> errors(untouched.size());
   auto copy = [&] {
+    NameThisThread("nvf-copy");
     std::unique_ptr<uint8_t[]> piece(new uint8_t[static_cast<size_t>(kCopyPieceBytes)]);
     for (size_t k; !failed.load() && (k = next.fetch_add(1)) < untouched.size();) {
       const auto [s, t] = untouched[k];

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "common/thread_name.h"
+
 namespace nvfp4cal {
 
 ResultWriter::ResultWriter(int threads, int64_t max_queued_bytes)
@@ -36,6 +38,7 @@ absl::Status ResultWriter::Finish() {
 }
 
 void ResultWriter::Run() {
+  NameThisThread("nvf-write");
   for (;;) {
     std::pair<int64_t, std::function<absl::Status()>> job;
     {

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "common/thread_name.h"
 #include "proto/wire_codec.h"
 
 namespace nvfp4cal::client_internal {
@@ -257,6 +258,7 @@ bool ServerStream::SendWeightRows(const TensorTask& task) {
 }
 
 void ServerStream::ReadResponses() {
+  NameThisThread("nvf-receive");
   v1::QuantizeResponse response;
   while (stream_->Read(&response)) {
     absl::Status status = HandleResponse(response);

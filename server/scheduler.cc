@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "absl/strings/str_format.h"
+#include "common/thread_name.h"
 
 namespace nvfp4cal::server {
 
@@ -111,6 +112,7 @@ SchedulerStats Scheduler::Stats() const {
 bool Scheduler::HasRunnableWork() const { return stopping_ || queued_items_ > 0; }
 
 void Scheduler::WorkerLoop(int worker) {
+  NameThisThread("nvf-worker");
   for (;;) {
     std::vector<Completion> completions;
     std::vector<std::pair<FlowId, QueuedItem>> batch;
