@@ -352,7 +352,7 @@ class Client::Call {
       active_.insert(&stream);
     }
     client_->Authorize(stream.context());
-    bool writable = stream.Open(client_->stubs_[a].get());
+    bool writable = stream.Open(client_->channels_[a].get());
     // The first unit belongs to this session even when not even the session options could be
     // written (server gone): its tasks are then reported incomplete and retried elsewhere.
     std::vector<Unit> session_units = {*unit};
@@ -512,8 +512,8 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Create(const ClientOptions& give
     args.SetMaxSendMessageSize(-1);
     // A separate connection per address entry, even when two entries name one host.
     args.SetInt("grpc.use_local_subchannel_pool", 1);
-    client->stubs_.push_back(
-        v1::Calibrator::NewStub(grpc::CreateCustomChannel(address, credentials, args)));
+    client->channels_.push_back(grpc::CreateCustomChannel(address, credentials, args));
+    client->stubs_.push_back(v1::Calibrator::NewStub(client->channels_.back()));
   }
   return client;
 }

@@ -149,6 +149,9 @@ class Client {
   void Authorize(grpc::ClientContext* context) const;
 
   ClientOptions options_;
+  // One channel (connection) per address entry; Quantize streams open on the channel itself
+  // (client_internal::ServerStream), the other calls through its stub.
+  std::vector<std::shared_ptr<grpc::Channel>> channels_;
   std::vector<std::unique_ptr<v1::Calibrator::Stub>> stubs_;
   // Round-robin start of the next call, so concurrent calls begin on different servers.
   std::atomic<size_t> next_address_{0};

@@ -3,11 +3,13 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <functional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "common/thread_name.h"
+#include "grpcpp/impl/codegen/proto_utils.h"
 #include "proto/wire_codec.h"
 
 namespace nvfp4cal::client_internal {
@@ -53,13 +55,20 @@ ServerStream::ServerStream(const ClientOptions& options, std::string address,
   }
 }
 
-bool ServerStream::Open(v1::Calibrator::Stub* stub) {
-  stream_ = stub->Quantize(&context_);
+bool ServerStream::Open(grpc::ChannelInterface* channel) {
+  // The generated stub's stream type fixes QuantizeRequest as what is written; this one writes
+  // bytes (grpc::internal is how generated code itself opens its streams).
+  static const std::string method =
+      absl::StrCat("/", v1::Calibrator::service_full_name(), "/Quantize");
+  const grpc::internal::RpcMethod rpc(method.c_str(), grpc::internal::RpcMethod::BIDI_STREAMING);
+  stream_.reset(
+      grpc::internal::ClientReaderWriterFactory<grpc::ByteBuffer, v1::QuantizeResponse>::Create(
+          channel, rpc, &context_));
   reader_ = std::thread([this] { ReadResponses(); });
   v1::QuantizeRequest options_message;
   options_message.mutable_session()->set_priority(options_.priority);
   options_message.mutable_session()->set_client_name(options_.client_name);
-  return stream_->Write(options_message);
+  return WriteMessage(options_message);
 }
 
 grpc::Status ServerStream::Close(bool cancel, bool writable) {
@@ -69,7 +78,55 @@ grpc::Status ServerStream::Close(bool cancel, bool writable) {
     stream_->WritesDone();
   }
   reader_.join();
-  return stream_->Finish();
+  const grpc::Status status = stream_->Finish();
+  // The call, and with it whatever the transport still holds of it, goes now; the caller may
+  // free the tasks' memory once every slice of it was released.
+  stream_.reset();
+  stream_lease_->AwaitNone();
+  return status;
+}
+
+bool ServerStream::WriteMessage(const v1::QuantizeRequest& message) {
+  grpc::ByteBuffer bytes;
+  bool own_buffer = false;
+  if (!grpc::SerializationTraits<v1::QuantizeRequest>::Serialize(message, &bytes, &own_buffer)
+           .ok()) {
+    return false;  // over 2 GiB; chunks are far smaller
+  }
+  return stream_->Write(bytes);
+}
+
+namespace {
+
+// What one zero-copy slice holds until gRPC releases it.
+struct SliceHold {
+  std::function<void()> release;
+};
+
+void ReleaseSlice(void* hold) {
+  auto* h = static_cast<SliceHold*>(hold);
+  h->release();
+  delete h;
+}
+
+}  // namespace
+
+bool ServerStream::WriteWithSlice(const std::string& prefix, const void* data, size_t bytes,
+                                  const std::shared_ptr<SliceLease>& lease) {
+  if (bytes == 0) {
+    const grpc::Slice head(prefix);
+    return stream_->Write(grpc::ByteBuffer(&head, 1));
+  }
+  lease->Add();
+  stream_lease_->Add();
+  auto* hold = new SliceHold{[lease, stream = stream_lease_] {
+    lease->Release();
+    stream->Release();
+  }};
+  // gRPC only reads the slice's bytes; the constructor takes a mutable pointer.
+  const grpc::Slice slices[2] = {grpc::Slice(prefix),
+                                 grpc::Slice(const_cast<void*>(data), bytes, &ReleaseSlice, hold)};
+  return stream_->Write(grpc::ByteBuffer(slices, 2));
 }
 
 absl::Status ServerStream::CollectIncomplete(absl::Span<const size_t> session_tasks,
@@ -149,10 +206,12 @@ bool ServerStream::SendTensor(size_t j, bool release) {
   const TensorTask& task = tasks_[j];
   const int64_t rows = task.weights.rows;
   const int64_t cols = task.weights.cols;
+  auto lease = std::make_shared<SliceLease>();
   {
     absl::MutexLock lock(&mu_);
     Pending& p = pending_[task.name];
     p.task = j;
+    p.lease = lease;
     p.codes.assign(static_cast<size_t>(rows * cols / 2), 0);
     p.scales.assign(static_cast<size_t>(rows * cols / 16), 0);
   }
@@ -175,7 +234,7 @@ bool ServerStream::SendTensor(size_t j, bool release) {
                                                   : v1::HESSIAN_LAYOUT_FULL);
     header->mutable_hessian()->set_release_after(release);
   }
-  if (!stream_->Write(request)) return false;
+  if (!WriteMessage(request)) return false;
   name_bytes_ += NameBytes(task.name);
   if (define && full) {
     hessians_sent_.insert(task.hessian_key);
@@ -185,7 +244,7 @@ bool ServerStream::SendTensor(size_t j, bool release) {
   } else if (define) {
     hessians_sent_.insert(task.hessian_key);
     hessian_bytes_ += HessianBlockBytes(cols);
-    if (!SendHessianBlocks(task)) return false;
+    if (!SendHessianBlocks(task, lease)) return false;
   }
   if (has_hessian && release) {
     // The server forgot it with this header; it no longer counts against the session.
@@ -193,19 +252,19 @@ bool ServerStream::SendTensor(size_t j, bool release) {
     hessian_bytes_ -= HessianBlockBytes(cols);
     if (full) full_hessian_bytes_ -= FullHessianBytes(cols);
   }
-  return SendWeightRows(task);
+  return SendWeightRows(task, lease);
 }
 
-bool ServerStream::SendHessianBlocks(const TensorTask& task) {
+bool ServerStream::SendHessianBlocks(const TensorTask& task,
+                                     const std::shared_ptr<SliceLease>& lease) {
   const int64_t total = task.hessians.num_blocks * 256;
   const int64_t step = std::max<int64_t>(256, chunk_bytes_ / 4 / 256 * 256);
   for (int64_t offset = 0; offset < total; offset += step) {
-    const int64_t n = std::min(step, total - offset);
-    v1::QuantizeRequest chunk;
-    chunk.mutable_hessian()->set_element_offset(offset);
-    chunk.mutable_hessian()->set_data(reinterpret_cast<const char*>(task.hessians.data + offset),
-                                      static_cast<size_t>(n * 4));
-    if (!stream_->Write(chunk)) return false;
+    const size_t bytes = static_cast<size_t>(std::min(step, total - offset) * 4);
+    if (!WriteWithSlice(HessianChunkRequestPrefix(offset, bytes), task.hessians.data + offset,
+                        bytes, lease)) {
+      return false;
+    }
   }
   return true;
 }
@@ -223,7 +282,7 @@ bool ServerStream::SendFullHessian(const FullHessianView& h, bool upper) {
     sent += static_cast<int64_t>(buffer.size() / 4);
     chunk.mutable_hessian()->set_data(std::move(buffer));
     buffer.clear();
-    return stream_->Write(chunk);
+    return WriteMessage(chunk);
   };
   const int64_t rows = upper ? n : 1;
   for (int64_t r = 0; r < rows; ++r) {
@@ -240,19 +299,19 @@ bool ServerStream::SendFullHessian(const FullHessianView& h, bool upper) {
   return flush();
 }
 
-bool ServerStream::SendWeightRows(const TensorTask& task) {
+bool ServerStream::SendWeightRows(const TensorTask& task,
+                                  const std::shared_ptr<SliceLease>& lease) {
   const int64_t rows = task.weights.rows;
   const int64_t row_bytes = task.weights.cols * DTypeSize(task.weights.dtype);
   const int64_t rows_per_chunk = std::max<int64_t>(1, chunk_bytes_ / row_bytes);
   const char* data = static_cast<const char*>(task.weights.data);
   for (int64_t r = 0; r < rows; r += rows_per_chunk) {
     const int64_t n = std::min(rows_per_chunk, rows - r);
-    v1::QuantizeRequest chunk;
-    v1::WeightChunk* w = chunk.mutable_weights();
-    w->set_row_begin(r);
-    w->set_num_rows(n);
-    w->set_data(data + r * row_bytes, static_cast<size_t>(n * row_bytes));
-    if (!stream_->Write(chunk)) return false;
+    const size_t bytes = static_cast<size_t>(n * row_bytes);
+    if (!WriteWithSlice(WeightChunkRequestPrefix(r, n, bytes), data + r * row_bytes, bytes,
+                        lease)) {
+      return false;
+    }
   }
   return true;
 }
@@ -313,6 +372,7 @@ absl::Status ServerStream::AddResultChunk(const v1::ResultChunk& chunk) {
 absl::Status ServerStream::FinishTensor(const v1::TensorSummary& summary) {
   QuantizedTensor result;
   size_t task_index = 0;
+  std::shared_ptr<SliceLease> lease;
   {
     absl::MutexLock lock(&mu_);
     const auto it = pending_.find(summary.tensor_name());
@@ -332,6 +392,7 @@ absl::Status ServerStream::FinishTensor(const v1::TensorSummary& summary) {
     }
     p.done = true;
     task_index = p.task;
+    lease = std::move(p.lease);
     result.rows = task.weights.rows;
     result.cols = task.weights.cols;
     result.packed_codes = std::move(p.codes);
@@ -342,6 +403,9 @@ absl::Status ServerStream::FinishTensor(const v1::TensorSummary& summary) {
     result.server_kernel_seconds = static_cast<double>(summary.timings().kernel_us()) * 1e-6;
     result.server_queue_seconds = static_cast<double>(summary.timings().queue_wait_us()) * 1e-6;
   }
+  // The server has every row, so the transport is done with the task's slices or about to be;
+  // once it released them the caller may free the memory they point into.
+  lease->AwaitNone();
   return on_result_(task_index, std::move(result));
 }
 

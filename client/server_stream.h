@@ -11,7 +11,7 @@
 //   ServerStream stream(options, address, tasks, limits, on_result, on_error);
 //   // register &stream so that another thread may Cancel() it; add call metadata:
 //   authorize(stream.context());
-//   bool writable = stream.Open(stub);
+//   bool writable = stream.Open(channel);
 //   absl::Status local_error;
 //   for (each unit while writable) {
 //     if (stream.ExceedsSessionLimits(unit)) break;  // the unit goes to a fresh session
@@ -20,6 +20,11 @@
 //   }
 //   const grpc::Status finished = stream.Close(/*cancel=*/!local_error.ok(), writable);
 //   const absl::Status reader_error = stream.CollectIncomplete(session_tasks, &incomplete);
+//
+// Weight rows and Hessian blocks go out without a copy: each chunk is a small serialized prefix
+// (proto/wire_codec.h) and a gRPC slice of the task's own memory. Those slices are counted per
+// task and per stream (SliceLease): a task's result is handed over only once gRPC released its
+// slices (the caller may free the memory then), and Close waits for all of the stream's.
 //
 // Thread-safety: Cancel() from any thread; every other method from the thread that owns the
 // stream. on_result and on_error run on the stream's reader thread.
@@ -74,10 +79,10 @@ class ServerStream {
     context_.TryCancel();
   }
 
-  // Starts the stream on `stub` and its reader thread and writes the session options; false
+  // Starts the stream on `channel` and its reader thread and writes the session options; false
   // when that write failed (the server is gone: the reader reports why). After Open, Close
   // must run before the stream is destroyed.
-  bool Open(v1::Calibrator::Stub* stub);
+  bool Open(grpc::ChannelInterface* channel);
 
   // Whether the unit's Hessians not yet sent, or its tensor names, would take the session over
   // the server's limits (max_session_hessian_bytes, max_session_full_hessian_bytes,
@@ -90,7 +95,8 @@ class ServerStream {
   absl::Status SendUnit(absl::Span<const size_t> unit, bool* writable);
 
   // Ends the stream: cancels it (`cancel`), else half-closes it when still `writable`; waits
-  // for the reader and returns the stream's final status.
+  // for the reader and for gRPC to release every slice of the tasks' memory, and returns the
+  // stream's final status.
   grpc::Status Close(bool cancel, bool writable);
 
   // After Close: appends the tasks among `session_tasks` whose result did not arrive to
@@ -99,11 +105,38 @@ class ServerStream {
                                  std::vector<size_t>* incomplete);
 
  private:
-  using QuantizeStream = grpc::ClientReaderWriter<v1::QuantizeRequest, v1::QuantizeResponse>;
+  // Requests go out as bytes (serialized messages, or a prefix and a slice of the caller's
+  // memory); responses are parsed as messages.
+  using QuantizeStream = grpc::ClientReaderWriter<grpc::ByteBuffer, v1::QuantizeResponse>;
+
+  // Slices of caller memory that gRPC still holds.
+  class SliceLease {
+   public:
+    void Add() {
+      absl::MutexLock lock(&mu_);
+      ++held_;
+    }
+    void Release() {
+      absl::MutexLock lock(&mu_);
+      --held_;
+    }
+    // Blocks until every slice counted here was released.
+    void AwaitNone() {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(
+          +[](int64_t* held) { return *held == 0; }, &held_));
+    }
+
+   private:
+    absl::Mutex mu_;
+    int64_t held_ ABSL_GUARDED_BY(mu_) = 0;
+  };
 
   // A tensor sent and not yet finished: its result chunks land here.
   struct Pending {
     size_t task = 0;
+    // The slices of this task's weights (and of the Hessian blocks it defined).
+    std::shared_ptr<SliceLease> lease;
     std::vector<uint8_t> codes;
     std::vector<uint8_t> scales;
     int64_t rows_covered = 0;
@@ -115,11 +148,17 @@ class ServerStream {
   // release: the session's last tensor with this Hessian (HessianRef.release_after).
   bool SendTensor(size_t j, bool release);
   // The diagonal blocks of the task's Hessian in chunks of about chunk_bytes_.
-  bool SendHessianBlocks(const TensorTask& task);
+  bool SendHessianBlocks(const TensorTask& task, const std::shared_ptr<SliceLease>& lease);
   // The full Hessian in chunks of about chunk_bytes_, cut straight from `h`.
   bool SendFullHessian(const FullHessianView& h, bool upper);
   // The task's weight rows in chunks of about chunk_bytes_ (at least one row each).
-  bool SendWeightRows(const TensorTask& task);
+  bool SendWeightRows(const TensorTask& task, const std::shared_ptr<SliceLease>& lease);
+  // One message, serialized.
+  bool WriteMessage(const v1::QuantizeRequest& message);
+  // One message as `prefix` followed by `bytes` of caller memory at `data`, which gRPC sends
+  // from where it is; the slice counts in `lease` and in the stream's lease until released.
+  bool WriteWithSlice(const std::string& prefix, const void* data, size_t bytes,
+                      const std::shared_ptr<SliceLease>& lease);
 
   void ReadResponses();
   absl::Status HandleResponse(const v1::QuantizeResponse& response);
@@ -142,6 +181,8 @@ class ServerStream {
   // Set once the stream can carry nothing more (cancelled, or the reader saw its end).
   std::atomic<bool> ended_{false};
   std::unique_ptr<QuantizeStream> stream_;
+  // Every slice of caller memory this stream gave gRPC and gRPC still holds.
+  const std::shared_ptr<SliceLease> stream_lease_ = std::make_shared<SliceLease>();
   std::thread reader_;
   absl::Mutex mu_;
   std::map<std::string, Pending> pending_ ABSL_GUARDED_BY(mu_);

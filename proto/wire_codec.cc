@@ -10,6 +10,33 @@ absl::Status Prefixed(const absl::Status& status, const std::string& prefix) {
   return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
 }
 
+void AppendVarint(uint64_t value, std::string* out) {
+  while (value >= 0x80) {
+    out->push_back(static_cast<char>((value & 0x7f) | 0x80));
+    value >>= 7;
+  }
+  out->push_back(static_cast<char>(value));
+}
+
+// Wire type 2 (length-delimited) of a field number.
+uint64_t LengthDelimitedTag(int field) { return (static_cast<uint64_t>(field) << 3) | 2; }
+
+// `head` (a chunk message serialized without its data field) followed by the data field's tag
+// and length, wrapped as the request's field `request_field`.
+std::string RequestPrefix(const std::string& head, int data_field, int request_field,
+                          size_t data_bytes) {
+  std::string chunk_head = head;
+  if (data_bytes > 0) {  // proto3 leaves an empty bytes field out
+    AppendVarint(LengthDelimitedTag(data_field), &chunk_head);
+    AppendVarint(data_bytes, &chunk_head);
+  }
+  std::string prefix;
+  AppendVarint(LengthDelimitedTag(request_field), &prefix);
+  AppendVarint(chunk_head.size() + data_bytes, &prefix);
+  prefix += chunk_head;
+  return prefix;
+}
+
 }  // namespace
 
 v1::DType DTypeToProto(DType dtype) {
@@ -149,6 +176,21 @@ TensorStats StatsFromProto(const v1::TensorSummary& summary, const SearchParams&
   gptq.quantize_seconds = s.gptq_quantize_seconds();
   gptq.compare_seconds = s.gptq_compare_seconds();
   return stats;
+}
+
+std::string WeightChunkRequestPrefix(int64_t row_begin, int64_t num_rows, size_t data_bytes) {
+  v1::WeightChunk head;
+  head.set_row_begin(row_begin);
+  head.set_num_rows(num_rows);
+  return RequestPrefix(head.SerializeAsString(), v1::WeightChunk::kDataFieldNumber,
+                       v1::QuantizeRequest::kWeightsFieldNumber, data_bytes);
+}
+
+std::string HessianChunkRequestPrefix(int64_t element_offset, size_t data_bytes) {
+  v1::HessianChunk head;
+  head.set_element_offset(element_offset);
+  return RequestPrefix(head.SerializeAsString(), v1::HessianChunk::kDataFieldNumber,
+                       v1::QuantizeRequest::kHessianFieldNumber, data_bytes);
 }
 
 }  // namespace nvfp4cal

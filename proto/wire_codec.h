@@ -10,6 +10,8 @@
 #ifndef NVFP4CAL_PROTO_WIRE_CODEC_H_
 #define NVFP4CAL_PROTO_WIRE_CODEC_H_
 
+#include <cstddef>
+#include <cstdint>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -39,6 +41,15 @@ void StatsToProto(const TensorStats& stats, v1::TensorStatistics* out);
 // client asked for), the global amax and scale from the summary, every statistic from its
 // `stats`.
 TensorStats StatsFromProto(const v1::TensorSummary& summary, const SearchParams& params);
+
+// The bytes of a serialized QuantizeRequest carrying a WeightChunk (or a HessianChunk) whose
+// `data` holds `data_bytes` bytes, up to those bytes: prefix + data is exactly what
+// SerializeAsString gives for the message with the data in it (the data field is the chunk's
+// last, the chunk the request's only field). A sender passes the data as a slice of its own
+// memory after the prefix instead of copying it into the message and again into the wire
+// buffer (client/server_stream.cc).
+std::string WeightChunkRequestPrefix(int64_t row_begin, int64_t num_rows, size_t data_bytes);
+std::string HessianChunkRequestPrefix(int64_t element_offset, size_t data_bytes);
 
 }  // namespace nvfp4cal
 

@@ -3,6 +3,7 @@
 // malformed MethodConfig gets.
 #include "proto/wire_codec.h"
 
+#include <random>
 #include <string>
 
 #include "gmock/gmock.h"
@@ -162,6 +163,44 @@ TEST(WireCodec, StatisticsRoundTrip) {
   EXPECT_EQ(back.gptq.factor_seconds, stats.gptq.factor_seconds);
   EXPECT_EQ(back.gptq.quantize_seconds, stats.gptq.quantize_seconds);
   EXPECT_EQ(back.gptq.compare_seconds, stats.gptq.compare_seconds);
+}
+
+// The prefixes against protobuf's own serialization of the whole message, on lengths and values
+// at every varint width (1-byte and 2-byte lengths, 0 left out by proto3, negative int64 as 10
+// bytes), and parsed back.
+TEST(WireCodec, ChunkPrefixPlusDataIsTheSerializedRequest) {
+  std::mt19937_64 random(7);
+  const size_t lengths[] = {0, 1, 2, 100, 127, 128, 129, 16383, 16384, 16385, (1 << 20) + 3};
+  const int64_t values[] = {0, 1, 127, 128, 300, int64_t{1} << 35, -1, -(int64_t{1} << 40)};
+  for (size_t length : lengths) {
+    std::string data(length, '\0');
+    for (char& c : data) c = static_cast<char>(random());
+    for (int64_t a : values) {
+      for (int64_t b : {int64_t{0}, int64_t{1}, int64_t{4097}, a}) {
+        v1::QuantizeRequest weights;
+        weights.mutable_weights()->set_row_begin(a);
+        weights.mutable_weights()->set_num_rows(b);
+        weights.mutable_weights()->set_data(data);
+        const std::string sent = WeightChunkRequestPrefix(a, b, length) + data;
+        ASSERT_EQ(sent, weights.SerializeAsString()) << length << " " << a << " " << b;
+        v1::QuantizeRequest back;
+        ASSERT_TRUE(back.ParseFromString(sent));
+        EXPECT_EQ(back.weights().row_begin(), a);
+        EXPECT_EQ(back.weights().num_rows(), b);
+        EXPECT_EQ(back.weights().data(), data);
+      }
+      v1::QuantizeRequest hessian;
+      hessian.mutable_hessian()->set_element_offset(a);
+      hessian.mutable_hessian()->set_data(data);
+      const std::string sent = HessianChunkRequestPrefix(a, length) + data;
+      ASSERT_EQ(sent, hessian.SerializeAsString()) << length << " " << a;
+      v1::QuantizeRequest back;
+      ASSERT_TRUE(back.ParseFromString(sent));
+      EXPECT_TRUE(back.has_hessian());
+      EXPECT_EQ(back.hessian().element_offset(), a);
+      EXPECT_EQ(back.hessian().data(), data);
+    }
+  }
 }
 
 TEST(GrpcStatus, EveryCodeAndMessageRoundTrips) {
