@@ -5,7 +5,7 @@
 //   cuda_gptq_bench [--layers=N] [--streams=S] [--update=ordered|cublas] [--search=sweep|dss]
 //                   [--nocompare] [--measure_update] [--cpu_rows=R] [--serial_plans]
 //                   [--pool_strict] [--pool_keep_gib=G] [--inverse=blocked|trtri]
-//                   [--pipelined]
+//                   [--pipelined [--plan_ahead]]
 //
 // A layer: q, k, v share the attention input's Hessian, gate and up the MLP input's; o and down
 // have their own (4 Hessians, n = 4096 x 3 and 14336). Hessians: MakeExampleFullHessian; weights:
@@ -27,7 +27,9 @@
 // wait for it) and a plan is dropped after its layer's last tensor. The Hessians count as
 // checked by their reader (FullHessianView::values_checked, as the CLI's reader sets it), so the
 // figure is the quantize time with the Hessians in memory; their reading is the CLI's `read`.
-// Every layer's digests must equal the first layer's (same data).
+// Every layer's digests must equal the first layer's (same data). With --plan_ahead a planner
+// thread on a backend (stream) of its own prepares the plans in layer order instead, up to two
+// layers ahead of the oldest layer whose plans are still in use; the workers only quantize.
 #include <cuda_runtime.h>
 #include <sys/mman.h>
 
@@ -84,6 +86,7 @@ int main(int argc, char** argv) {
   int64_t cpu_rows = 0;
   bool serial_plans = false;
   bool pipelined = false;
+  bool plan_ahead = false;
   bool pool_strict = false;
   int64_t pool_keep_gib = -1;
   nvfp4cal::CudaGptqOptions options;
@@ -120,6 +123,8 @@ int main(int argc, char** argv) {
       pool_keep_gib = std::atoll(arg.c_str() + 16);
     } else if (arg == "--pipelined") {
       pipelined = true;
+    } else if (arg == "--plan_ahead") {
+      plan_ahead = true;
     } else if (arg.rfind("--cpu_rows=", 0) == 0) {
       cpu_rows = std::atoll(arg.c_str() + 11);
     } else {
@@ -220,7 +225,41 @@ int main(int argc, char** argv) {
     std::vector<uint64_t> digests(jobs);
     std::vector<double> plan_seconds(jobs, 0.0);
     std::atomic<size_t> next{0};
+    std::unique_ptr<nvfp4cal::GptqBackend> planner_backend;
+    if (plan_ahead) {
+      absl::StatusOr<std::unique_ptr<nvfp4cal::GptqBackend>> b = nvfp4cal::MakeCudaGptq(options);
+      if (!b.ok()) Fail(b.status(), "MakeCudaGptq (planner)");
+      planner_backend = *std::move(b);
+      for (PlanSlot& slot : slots) slot.preparing = true;  // the planner's alone
+    }
+    double planner_seconds = 0.0;
     const auto start = std::chrono::steady_clock::now();
+    auto planner = [&] {
+      for (size_t s = 0; s < slots.size(); ++s) {
+        const int l = static_cast<int>(s / 4);
+        // Layer l's plans once layer l - 3's are all gone (at most three layers of plans).
+        if (l >= 3) {
+          for (size_t old = static_cast<size_t>(l - 3) * 4; old < static_cast<size_t>(l - 2) * 4;
+               ++old) {
+            std::unique_lock<std::mutex> lock(slots[old].mutex);
+            slots[old].ready.wait(lock, [&] { return slots[old].users_left == 0; });
+          }
+        }
+        const int k = static_cast<int>(s % 4);
+        const auto plan_start = std::chrono::steady_clock::now();
+        nvfp4cal::FullHessianView view{hessians[static_cast<size_t>(k)].data(), hessian_n[k]};
+        view.values_checked = true;
+        absl::StatusOr<std::shared_ptr<const nvfp4cal::GptqPlan>> p =
+            planner_backend->Prepare(view, params);
+        if (!p.ok()) Fail(p.status(), "Prepare (planner)");
+        planner_seconds += SecondsSince(plan_start);
+        std::lock_guard<std::mutex> lock(slots[s].mutex);
+        slots[s].plan = *std::move(p);
+        slots[s].ready.notify_all();
+      }
+    };
+    std::thread planner_thread;
+    if (plan_ahead) planner_thread = std::thread(planner);
     auto work = [&](nvfp4cal::GptqBackend* backend) {
       for (size_t j = next++; j < jobs; j = next++) {
         const size_t t = j % layer.size();
@@ -259,7 +298,10 @@ int main(int argc, char** argv) {
         digests[j] = Digest(codes, scales);
         plan.reset();
         std::lock_guard<std::mutex> lock(slot.mutex);
-        if (--slot.users_left == 0) slot.plan.reset();
+        if (--slot.users_left == 0) {
+          slot.plan.reset();
+          slot.ready.notify_all();  // the planner may wait for this
+        }
       }
     };
     std::vector<std::thread> pool;
@@ -267,17 +309,19 @@ int main(int argc, char** argv) {
       pool.emplace_back(work, backends[static_cast<size_t>(s)].get());
     work(backends[0].get());
     for (std::thread& t : pool) t.join();
+    if (planner_thread.joinable()) planner_thread.join();
     const double wall = SecondsSince(start);
     int mismatches = 0;
     for (size_t j = layer.size(); j < jobs; ++j)
       mismatches += digests[j] != digests[j % layer.size()];
-    double plans_total = 0.0;
+    double plans_total = planner_seconds;
     for (double p : plan_seconds) plans_total += p;
     std::printf(
         "\npipelined: %d layers in %.3f s (%.3f s per layer, 32 layers at this pace: "
-        "%.1f s); plans %.3f s summed over the workers; digests of later layers that "
+        "%.1f s); plans %.3f s summed over the %s; digests of later layers that "
         "differ from layer 0's: %d\n",
-        layers, wall, wall / layers, 32.0 * wall / layers, plans_total, mismatches);
+        layers, wall, wall / layers, 32.0 * wall / layers, plans_total,
+        plan_ahead ? "planner (a stream of its own)" : "workers", mismatches);
     std::printf("digests:");
     for (size_t t = 0; t < layer.size(); ++t) {
       std::printf(" %s %016llx", layer[t].name, static_cast<unsigned long long>(digests[t]));
