@@ -33,6 +33,7 @@
 #include <cuda_runtime.h>
 #include <sys/mman.h>
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -40,6 +41,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -233,6 +235,22 @@ int main(int argc, char** argv) {
       for (PlanSlot& slot : slots) slot.preparing = true;  // the planner's alone
     }
     double planner_seconds = 0.0;
+    // Each plan's steps (GptqPlan's timers), summed by size (n = 4096, n = 14336), and the
+    // workers' QuantizeRows wall time.
+    std::mutex steps_mutex;
+    std::map<int64_t, std::array<double, 7>> plan_steps;
+    double quantize_rows_seconds = 0.0;
+    auto add_steps = [&](const nvfp4cal::GptqPlan& p) {
+      std::lock_guard<std::mutex> lock(steps_mutex);
+      std::array<double, 7>& s = plan_steps[p.n];
+      s[0] += 1;
+      s[1] += p.host_seconds;
+      s[2] += p.wait_seconds;
+      s[3] += p.upload_seconds;
+      s[4] += p.potrf_seconds;
+      s[5] += p.invert_seconds;
+      s[6] += p.store_seconds;
+    };
     const auto start = std::chrono::steady_clock::now();
     auto planner = [&] {
       for (size_t s = 0; s < slots.size(); ++s) {
@@ -253,6 +271,7 @@ int main(int argc, char** argv) {
             planner_backend->Prepare(view, params);
         if (!p.ok()) Fail(p.status(), "Prepare (planner)");
         planner_seconds += SecondsSince(plan_start);
+        add_steps(**p);
         std::lock_guard<std::mutex> lock(slots[s].mutex);
         slots[s].plan = *std::move(p);
         slots[s].ready.notify_all();
@@ -279,6 +298,7 @@ int main(int argc, char** argv) {
                 backend->Prepare(view, params);
             if (!p.ok()) Fail(p.status(), "Prepare");
             plan_seconds[j] = SecondsSince(plan_start);
+            add_steps(**p);
             lock.lock();
             slot.plan = *std::move(p);
             slot.ready.notify_all();
@@ -291,10 +311,15 @@ int main(int argc, char** argv) {
         const nvfp4cal::WeightView view{weights[t].data(), nvfp4cal::DType::kBFloat16, lin.rows,
                                         lin.cols};
         nvfp4cal::TensorStats stats;
+        const auto rows_start = std::chrono::steady_clock::now();
         absl::Status s = backend->QuantizeRows(
             *plan, view, 8.0f, 0, lin.rows, params.gptq.compare_local_hessian,
             nvfp4cal::RowRangeOutput{absl::MakeSpan(codes), absl::MakeSpan(scales)}, &stats);
         if (!s.ok()) Fail(s, lin.name);
+        {
+          std::lock_guard<std::mutex> lock(steps_mutex);
+          quantize_rows_seconds += SecondsSince(rows_start);
+        }
         digests[j] = Digest(codes, scales);
         plan.reset();
         std::lock_guard<std::mutex> lock(slot.mutex);
@@ -326,7 +351,13 @@ int main(int argc, char** argv) {
     for (size_t t = 0; t < layer.size(); ++t) {
       std::printf(" %s %016llx", layer[t].name, static_cast<unsigned long long>(digests[t]));
     }
-    std::printf("\n");
+    std::printf("\nQuantizeRows %.3f s summed over the workers\n", quantize_rows_seconds);
+    for (const auto& [n, s] : plan_steps) {
+      std::printf(
+          "plans n = %lld: %.0f, summed: host %.3f, wait for the backend %.3f, upload %.3f, "
+          "potrf %.3f, invert %.3f, store %.3f s\n",
+          static_cast<long long>(n), s[0], s[1], s[2], s[3], s[4], s[5], s[6]);
+    }
     return mismatches == 0 ? 0 : 1;
   }
 
