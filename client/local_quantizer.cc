@@ -5,7 +5,6 @@
 #include <functional>
 #include <map>
 #include <memory>
-#include <set>
 #include <string>
 #include <thread>
 #include <utility>
@@ -13,7 +12,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
-#include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "common/thread_name.h"
 #include "engine/devices.h"
@@ -25,11 +23,9 @@ namespace {
 
 // The gptq plans of one QuantizeAll call: a cache per full Hessian (tasks with equal
 // hessian_key share one; see KeyOf for tasks without one), dropped with its plans after its
-// last task. A planner (LocalQuantizer::PlanAhead) may prepare them before their tasks ask; it
-// keeps at most a few such plans alive at once (AwaitRoomAhead). Per Hessian, not per matrix
-// address: the pipeline sets full_hessian.data late (the scan reads the matrix beside the
-// quantizer) and frees it after the Hessian's last task, so an address can come back for another
-// Hessian within one call.
+// last task. Per Hessian, not per matrix address: the pipeline sets full_hessian.data late (the
+// scan reads the matrix beside the quantizer) and frees it after the Hessian's last task, so an
+// address can come back for another Hessian within one call.
 class HessianPlans {
  public:
   explicit HessianPlans(absl::Span<const TensorTask> tasks) : key_of_(tasks.size()) {
@@ -37,7 +33,7 @@ class HessianPlans {
       if (tasks[i].params.method != Method::kGptq) continue;
       key_of_[i] = KeyOf(tasks[i], i);
       Entry& e = entries_[key_of_[i]];
-      if (e.cache == nullptr) e.cache = std::make_shared<GptqPlanCache>();
+      if (e.cache == nullptr) e.cache = std::make_unique<GptqPlanCache>();
       ++e.remaining;
     }
   }
@@ -63,50 +59,20 @@ class HessianPlans {
 
   // Task `task` no longer uses its plan: after the Hessian's last task its plans are freed.
   void Done(size_t task) {
-    std::shared_ptr<GptqPlanCache> dropped;  // freed after mu_ is released
+    std::unique_ptr<GptqPlanCache> dropped;  // freed after mu_ is released
     absl::MutexLock lock(&mu_);
     Entry& e = entries_.at(key_of_[task]);
-    if (--e.remaining == 0) {
-      dropped = std::move(e.cache);
-      if (e.ahead) --alive_ahead_;
-    }
-  }
-
-  // The planner's side. The Hessian key of gptq task `task` (empty for other tasks).
-  const std::string& KeyOfTask(size_t task) const { return key_of_[task]; }
-
-  // Waits while `limit` Hessians planned ahead still have tasks to run; false once stop()
-  // (polled every few milliseconds) returns true.
-  bool AwaitRoomAhead(int limit, const std::function<bool()>& stop) {
-    absl::MutexLock lock(&mu_);
-    auto room = [this, limit]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return alive_ahead_ < limit; };
-    while (!mu_.AwaitWithTimeout(absl::Condition(&room), absl::Milliseconds(10))) {
-      if (stop()) return false;
-    }
-    return true;
-  }
-
-  // The cache of task `task`'s Hessian for the planner, counted as planned ahead until its
-  // last task is Done; null when that happened already.
-  std::shared_ptr<GptqPlanCache> StartAhead(size_t task) {
-    absl::MutexLock lock(&mu_);
-    Entry& e = entries_.at(key_of_[task]);
-    if (e.cache == nullptr || e.ahead) return nullptr;
-    e.ahead = true;
-    ++alive_ahead_;
-    return e.cache;
+    if (--e.remaining == 0) dropped = std::move(e.cache);
   }
 
  private:
   struct Entry {
-    std::shared_ptr<GptqPlanCache> cache;
+    std::unique_ptr<GptqPlanCache> cache;
     int remaining = 0;
-    bool ahead = false;
   };
   std::vector<std::string> key_of_;
   absl::Mutex mu_;
   std::map<std::string, Entry> entries_ ABSL_GUARDED_BY(mu_);
-  int alive_ahead_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 // Quantizes tasks on one or more backends. With several (CUDA: one per stream), that many tasks
@@ -114,14 +80,9 @@ class HessianPlans {
 // kernels; results are handed over as they finish, from the worker threads (several at once).
 class LocalQuantizer : public Quantizer {
  public:
-  // One worker (a thread) per engine worker; `planner`, when it has a stream, prepares the gptq
-  // plans ahead of the workers (in their plan domain).
-  LocalQuantizer(std::vector<EngineWorker> workers, std::string description, Trace* trace,
-                 GptqBackends planner = {})
-      : workers_(std::move(workers)),
-        description_(std::move(description)),
-        trace_(trace),
-        planner_(std::move(planner)) {}
+  // One worker (a thread) per engine worker.
+  LocalQuantizer(std::vector<EngineWorker> workers, std::string description, Trace* trace)
+      : workers_(std::move(workers)), description_(std::move(description)), trace_(trace) {}
 
   std::string Describe() const override { return description_; }
 
@@ -133,12 +94,6 @@ class LocalQuantizer : public Quantizer {
     // One gptq plan per full Hessian (and plan domain), prepared by the first task that needs
     // it and freed after the last (q/k/v and gate/up share theirs).
     HessianPlans plans(tasks);
-    std::atomic<bool> workers_done{false};
-    std::thread planner;
-    if (!planner_.streams.empty()) {
-      planner = std::thread(
-          [&] { PlanAhead(tasks, plans, [&] { return failed.load() || workers_done.load(); }); });
-    }
     auto work = [&](size_t worker) {
       NameThisThread("nvf-quantize");
       for (size_t i; !failed.load() && (i = next.fetch_add(1)) < tasks.size();) {
@@ -153,8 +108,6 @@ class LocalQuantizer : public Quantizer {
     for (size_t w = 1; w < workers_.size(); ++w) pool.emplace_back(work, w);
     work(0);
     for (std::thread& t : pool) t.join();
-    workers_done.store(true);
-    if (planner.joinable()) planner.join();
     for (absl::Status& s : errors) {
       if (!s.ok()) return s;  // the first failing task in order
     }
@@ -162,34 +115,6 @@ class LocalQuantizer : public Quantizer {
   }
 
  private:
-  // Hessians whose plans the planner keeps prepared ahead of their tensors at most: one
-  // decoder layer's four (attention and MLP inputs, o_proj's and down_proj's), so that the next
-  // layer's plans are ready when the workers reach it.
-  static constexpr int kPlansAhead = 4;
-
-  // The planner's thread: each full Hessian's plan in task order, on its own stream, as soon as
-  // its first task's inputs are read, before a worker asks for it (GptqPlanCache::PrepareAhead:
-  // workers that ask meanwhile wait for it; its failure is left to the workers' own
-  // preparation). Stops at stop().
-  void PlanAhead(absl::Span<const TensorTask> tasks, HessianPlans& plans,
-                 const std::function<bool()>& stop) {
-    NameThisThread("nvf-plan");
-    GptqBackend& backend = *planner_.streams[0];
-    std::set<std::string> seen;
-    for (size_t i = 0; i < tasks.size() && !stop(); ++i) {
-      const TensorTask& task = tasks[i];
-      if (task.params.method != Method::kGptq || task.full_hessian.n == 0) continue;
-      if (!seen.insert(plans.KeyOfTask(i)).second) continue;
-      if (!plans.AwaitRoomAhead(kPlansAhead, stop)) return;
-      // Its Hessian is read beside (the gate); a task that fails is its worker's to report.
-      if (!AwaitTask(task, stop).ok()) return;
-      std::shared_ptr<GptqPlanCache> cache = plans.StartAhead(i);
-      if (cache == nullptr) continue;  // its tensors ran already
-      TraceSpan span(trace_, "plan ahead for " + task.name, "quantize");
-      cache->PrepareAhead(backend, planner_.plan_domain, task.full_hessian, task.params);
-    }
-  }
-
   absl::Status RunTask(const TensorTask& task, EngineWorker& worker, size_t index,
                        HessianPlans& plans, const std::atomic<bool>& failed,
                        const QuantizeResultCallback& on_result) {
@@ -244,7 +169,6 @@ class LocalQuantizer : public Quantizer {
   std::vector<EngineWorker> workers_;
   std::string description_;
   Trace* const trace_;
-  GptqBackends planner_;
 };
 
 // A quantizer being made on its own thread; every call waits for it.
@@ -308,7 +232,6 @@ absl::StatusOr<std::unique_ptr<Quantizer>> MakeLocalQuantizer(
   engine_options.cpu_threads_per_worker = options.cpu_threads;
   // A usable GPU that cannot be set up (its memory taken by another process) leaves the CPU.
   engine_options.auto_falls_back_to_cpu = true;
-  engine_options.gptq_planner = true;
   absl::StatusOr<Engine> engine = SelectDevices(engine_options);
   if (!engine.ok()) return engine.status();
   // "in-process cpu", or "in-process cuda (NVIDIA H100 ..., 3 streams)" (the CLI's report).
@@ -320,26 +243,16 @@ absl::StatusOr<std::unique_ptr<Quantizer>> MakeLocalQuantizer(
                                       : absl::StrCat("; gptq on the cpu: ", engine->gptq_fallback),
         ")");
   }
-  GptqBackends planner;
-  if (!engine->gptq_planners.empty()) planner = std::move(engine->gptq_planners.front());
   return std::make_unique<LocalQuantizer>(std::move(engine->workers), std::move(description),
-                                          options.trace, std::move(planner));
+                                          options.trace);
 }
 
 std::unique_ptr<Quantizer> MakeLocalQuantizer(std::unique_ptr<ScaleSearch> search,
-                                              std::string description, int gptq_threads,
-                                              bool plan_ahead) {
+                                              std::string description, int gptq_threads) {
   std::vector<EngineWorker> workers;
   workers.push_back(CpuWorker(std::move(search), gptq_threads));
-  GptqBackends planner;
-  if (plan_ahead) {
-    CpuGptqOptions cpu;
-    cpu.num_threads = gptq_threads;
-    planner.streams.push_back(MakeCpuGptq(cpu));
-    planner.plan_domain = workers.front().gptq.plan_domain;
-  }
   return std::make_unique<LocalQuantizer>(std::move(workers), std::move(description),
-                                          /*trace=*/nullptr, std::move(planner));
+                                          /*trace=*/nullptr);
 }
 
 }  // namespace nvfp4cal

@@ -46,12 +46,9 @@ absl::StatusOr<std::unique_ptr<Quantizer>> StartLocalQuantizer(
 
 // Wraps an existing backend (tests inject one).
 // Jobs with Method::kGptq run on the CPU gptq driver (gptq.h) with `gptq_threads` threads
-// (0 = all), whatever the backend. With `plan_ahead`, a second CPU gptq backend prepares the
-// plans ahead of their tensors, as the CUDA engine's planner stream does (MakeLocalQuantizer
-// above plans ahead whenever gptq runs on a GPU).
+// (0 = all), whatever the backend.
 std::unique_ptr<Quantizer> MakeLocalQuantizer(std::unique_ptr<ScaleSearch> search,
-                                              std::string description, int gptq_threads = 0,
-                                              bool plan_ahead = false);
+                                              std::string description, int gptq_threads = 0);
 
 }  // namespace nvfp4cal
 

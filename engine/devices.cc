@@ -131,12 +131,6 @@ absl::StatusOr<Engine> CudaEngine(const EngineOptions& options, const std::strin
       gptq_fallbacks.push_back(
           absl::StrFormat("device %d (%s)", ordinal, gptq_fallback.ToString()));
     }
-    if (options.gptq_planner) {
-      absl::Status planner_error = gptq_fallback;
-      GptqBackends planner;
-      if (planner_error.ok()) planner = CudaGptq(options, ordinal, 1, &planner_error);
-      engine.gptq_planners.push_back(planner_error.ok() ? std::move(planner) : GptqBackends{});
-    }
   }
   engine.selection =
       absl::StrFormat("%s -> cuda (%s): %d worker(s), %d per GPU: %s", options.device, why,

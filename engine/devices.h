@@ -54,9 +54,6 @@ struct EngineOptions {
   // With "auto": a usable GPU whose backend cannot be set up (device memory taken by another
   // process, a budget below the minimum) falls back to the CPU (true) or is an error (false).
   bool auto_falls_back_to_cpu = false;
-  // Also a gptq backend per GPU for plans prepared ahead of the tensors that use them
-  // (Engine::gptq_planners; GptqPlanCache::PrepareAhead).
-  bool gptq_planner = false;
 };
 
 // The gptq backends of one worker. streams[0] always exists; more are streams on the same
@@ -97,10 +94,6 @@ struct Engine {
   // Why gptq runs on the CPU backend on some GPUs ("device 0 (UNAVAILABLE: ...)"); empty when
   // it runs on every GPU (or the backend is the CPU).
   std::string gptq_fallback;
-  // With EngineOptions::gptq_planner, per GPU in device order: one CUDA gptq backend (a stream
-  // of its own) in the workers' plan domain; no streams where gptq runs on the CPU or the
-  // extra backend could not be made (planning ahead is an optimisation, never a requirement).
-  std::vector<GptqBackends> gptq_planners;
 };
 
 // INVALID_ARGUMENT naming the value unless `device` is "auto", "cpu" or "cuda".

@@ -26,35 +26,6 @@ std::string ParamsKey(const std::string& plan_domain, const SearchParams& p) {
 
 }  // namespace
 
-GptqPlanCache::Entry* GptqPlanCache::EntryOf(const FullHessianView& hessian,
-                                             const std::string& plan_domain,
-                                             const SearchParams& params) {
-  std::unique_ptr<Entry>& slot = entries_[Key(hessian.data, ParamsKey(plan_domain, params))];
-  if (slot == nullptr) slot = std::make_unique<Entry>();
-  return slot.get();  // entries are never erased: the pointer stays valid
-}
-
-bool GptqPlanCache::PrepareAhead(GptqBackend& backend, const std::string& plan_domain,
-                                 const FullHessianView& hessian, const SearchParams& params,
-                                 const PreparedHook& on_prepared) {
-  Entry* entry = nullptr;
-  {
-    absl::MutexLock lock(&mu_);
-    entry = EntryOf(hessian, plan_domain, params);
-    if (entry->asked || entry->ahead_running || entry->ahead != nullptr) return false;
-    entry->ahead_running = true;
-  }
-  PlanOrError plan = backend.Prepare(hessian, params);
-  std::shared_ptr<void> keep = plan.ok() && on_prepared ? on_prepared(plan) : nullptr;
-  absl::MutexLock lock(&mu_);
-  entry->ahead_running = false;
-  if (!plan.ok()) return false;
-  entry->ahead = *std::move(plan);
-  entry->keep = std::move(keep);
-  ++plans_prepared_;
-  return true;
-}
-
 GptqPlanCache::PlanOrError GptqPlanCache::Get(GptqBackend& backend, const std::string& plan_domain,
                                               const FullHessianView& hessian,
                                               const SearchParams& params,
@@ -62,12 +33,9 @@ GptqPlanCache::PlanOrError GptqPlanCache::Get(GptqBackend& backend, const std::s
   Entry* entry = nullptr;
   {
     absl::MutexLock lock(&mu_);
-    entry = EntryOf(hessian, plan_domain, params);
-    // A plan being prepared ahead is waited for; after a failed one, this caller prepares.
-    mu_.Await(absl::Condition(
-        +[](Entry* e) { return !e->ahead_running; }, entry));
-    if (entry->ahead != nullptr) return entry->ahead;
-    entry->asked = true;
+    std::unique_ptr<Entry>& slot = entries_[Key(hessian.data, ParamsKey(plan_domain, params))];
+    if (slot == nullptr) slot = std::make_unique<Entry>();
+    entry = slot.get();  // entries are never erased: the pointer stays valid
   }
   // The cell's lock is held while preparing and while the hook runs; mu_ is taken inside it,
   // never the other way round.

@@ -12,12 +12,6 @@
 // session and last work item let go of it; the CLI one per Hessian (key) of a call, freed after
 // the Hessian's last tensor.
 //
-// PrepareAhead is the speculative way in: a planner (the CLI's, on a stream of its own) prepares
-// a plan before any tensor asks for it, so that the tensors' streams only quantize. Callers that
-// arrive meanwhile wait for it; its failure is not kept (the next Get prepares again and gets its
-// own answer), so that planning ahead never decides what a run returns (device memory taken by
-// plans prepared ahead is the likely failure).
-//
 //   nvfp4cal::GptqPlanCache plans;  // one per Hessian
 //   absl::StatusOr<std::shared_ptr<const nvfp4cal::GptqPlan>> plan =
 //       plans.Get(backend, "cuda:0", h, params);
@@ -51,13 +45,6 @@ class GptqPlanCache {
                   const FullHessianView& hessian, const SearchParams& params,
                   const PreparedHook& on_prepared = nullptr);
 
-  // Prepares the plan of (hessian, plan_domain, params) on `backend` unless a Get or an earlier
-  // PrepareAhead came first; true when this call prepared it. The plan then serves every Get of
-  // the key (on_prepared ran for it); a failure is dropped.
-  bool PrepareAhead(GptqBackend& backend, const std::string& plan_domain,
-                    const FullHessianView& hessian, const SearchParams& params,
-                    const PreparedHook& on_prepared = nullptr);
-
   // Plans prepared successfully so far.
   int plans_prepared() const;
 
@@ -65,13 +52,7 @@ class GptqPlanCache {
   struct Entry {
     SharedGptqPlan plan;
     std::shared_ptr<void> keep;  // what the PreparedHook returned (guarded by mu_)
-    // Guarded by mu_: a Get reached `plan`; PrepareAhead is preparing; its plan.
-    bool asked = false;
-    bool ahead_running = false;
-    std::shared_ptr<const GptqPlan> ahead;
   };
-  Entry* EntryOf(const FullHessianView& hessian, const std::string& plan_domain,
-                 const SearchParams& params) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // (Hessian, plan domain and parameters as exact bits).
   using Key = std::tuple<const float*, std::string>;
 

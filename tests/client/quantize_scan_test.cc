@@ -829,57 +829,53 @@ TEST(LocalQuantizer, GptqPlansFollowTheHessianKeyNotTheMatrixAddress) {
   for (size_t t = 0; t < 4; ++t) want.push_back(reference(t, t < 2 ? ha : hb));
   ASSERT_NE(wrong.packed_codes, want[2].packed_codes);  // the Hessians lead to other codes
 
-  // Without and with a planner preparing the plans ahead of the tasks (the CUDA engine's).
-  for (bool plan_ahead : {false, true}) {
-    SCOPED_TRACE(plan_ahead ? "planned ahead" : "planned by the tasks");
-    std::vector<float> buffer(n * n);
-    std::vector<TensorTask> tasks(4);
-    std::vector<std::unique_ptr<TaskGate>> gates;
-    for (size_t t = 0; t < 4; ++t) {
-      tasks[t].name = "t" + std::to_string(t);
-      tasks[t].weights = {weights[t].data(), DType::kBFloat16, rows, n};
-      tasks[t].params = params;
-      tasks[t].global_amax = 8.0f;
-      tasks[t].hessian_key = t < 2 ? "a" : "b";
-      tasks[t].full_hessian = {nullptr, n};
-      gates.push_back(std::make_unique<TaskGate>());
-      tasks[t].ready = gates.back().get();
-    }
-    std::vector<QuantizedTensor> got(4);
-    absl::Mutex mu;
-    int done = 0;
-    std::thread feeder([&] {
-      for (size_t first : {size_t{0}, size_t{2}}) {
-        std::memcpy(buffer.data(), (first == 0 ? ha : hb).data(), buffer.size() * sizeof(float));
-        for (size_t t = first; t < first + 2; ++t) {
-          tasks[t].full_hessian.data = buffer.data();
-          gates[t]->Open(absl::OkStatus());
-        }
-        // The next Hessian goes into the buffer once this one's tasks are done with it.
-        absl::MutexLock lock(&mu);
-        const int target = static_cast<int>(first) + 2;
-        auto finished = [&] {
-          mu.AssertHeld();
-          return done >= target;
-        };
-        mu.Await(absl::Condition(&finished));
+  std::vector<float> buffer(n * n);
+  std::vector<TensorTask> tasks(4);
+  std::vector<std::unique_ptr<TaskGate>> gates;
+  for (size_t t = 0; t < 4; ++t) {
+    tasks[t].name = "t" + std::to_string(t);
+    tasks[t].weights = {weights[t].data(), DType::kBFloat16, rows, n};
+    tasks[t].params = params;
+    tasks[t].global_amax = 8.0f;
+    tasks[t].hessian_key = t < 2 ? "a" : "b";
+    tasks[t].full_hessian = {nullptr, n};
+    gates.push_back(std::make_unique<TaskGate>());
+    tasks[t].ready = gates.back().get();
+  }
+  std::vector<QuantizedTensor> got(4);
+  absl::Mutex mu;
+  int done = 0;
+  std::thread feeder([&] {
+    for (size_t first : {size_t{0}, size_t{2}}) {
+      std::memcpy(buffer.data(), (first == 0 ? ha : hb).data(), buffer.size() * sizeof(float));
+      for (size_t t = first; t < first + 2; ++t) {
+        tasks[t].full_hessian.data = buffer.data();
+        gates[t]->Open(absl::OkStatus());
       }
-    });
-    std::unique_ptr<Quantizer> quantizer =
-        MakeLocalQuantizer(MakeCpuScaleSearch({}), "in-process cpu", 1, plan_ahead);
-    const absl::Status status =
-        quantizer->QuantizeAll(tasks, [&](size_t t, QuantizedTensor result) -> absl::Status {
-          absl::MutexLock lock(&mu);
-          got[t] = std::move(result);
-          ++done;
-          return absl::OkStatus();
-        });
-    feeder.join();
-    ASSERT_TRUE(status.ok()) << status;
-    for (size_t t = 0; t < 4; ++t) {
-      EXPECT_EQ(got[t].packed_codes, want[t].packed_codes) << t;
-      EXPECT_EQ(got[t].scales, want[t].scales) << t;
+      // The next Hessian goes into the buffer once this one's tasks are done with it.
+      absl::MutexLock lock(&mu);
+      const int target = static_cast<int>(first) + 2;
+      auto finished = [&] {
+        mu.AssertHeld();
+        return done >= target;
+      };
+      mu.Await(absl::Condition(&finished));
     }
+  });
+  std::unique_ptr<Quantizer> quantizer =
+      MakeLocalQuantizer(MakeCpuScaleSearch({}), "in-process cpu", 1);
+  const absl::Status status =
+      quantizer->QuantizeAll(tasks, [&](size_t t, QuantizedTensor result) -> absl::Status {
+        absl::MutexLock lock(&mu);
+        got[t] = std::move(result);
+        ++done;
+        return absl::OkStatus();
+      });
+  feeder.join();
+  ASSERT_TRUE(status.ok()) << status;
+  for (size_t t = 0; t < 4; ++t) {
+    EXPECT_EQ(got[t].packed_codes, want[t].packed_codes) << t;
+    EXPECT_EQ(got[t].scales, want[t].scales) << t;
   }
 }
 

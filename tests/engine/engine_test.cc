@@ -139,7 +139,6 @@ class CountingGptq : public GptqBackend {
     // Long enough that concurrent callers arrive while it runs.
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
     if (hessian.data[0] < 0) return absl::InvalidArgumentError("hessian is not a Gram matrix");
-    if (fail_first.fetch_sub(1) > 0) return absl::ResourceExhaustedError("out of device memory");
     auto plan = std::make_shared<GptqPlan>();
     plan->n = hessian.n;
     plan->params = params;
@@ -150,8 +149,6 @@ class CountingGptq : public GptqBackend {
     return absl::UnimplementedError("not used");
   }
   std::atomic<int> prepared{0};
-  // Fails this many preparations first (device memory taken, say), whatever the Hessian.
-  std::atomic<int> fail_first{0};
 };
 
 SearchParams GptqParams(float damping) {
@@ -216,89 +213,6 @@ TEST(GptqPlanCache, FailureIsKeptAndTheHookRunsOnceWithTheResult) {
   EXPECT_EQ(hook_calls, 1);
   EXPECT_EQ(hook_saw, "INVALID_ARGUMENT: hessian is not a Gram matrix");
   EXPECT_EQ(cache.plans_prepared(), 0);
-}
-
-TEST(GptqPlanCache, PlanPreparedAheadServesEveryCallerOnce) {
-  const std::vector<float> h(16 * 16, 1.0f);
-  const FullHessianView view{h.data(), 16};
-  CountingGptq planner;
-  CountingGptq workers;
-  GptqPlanCache cache;
-  int hook_calls = 0;
-  std::weak_ptr<void> charge;
-  bool ahead = false;
-  std::thread plan_thread([&] {
-    ahead = cache.PrepareAhead(planner, "cuda:0", view, GptqParams(0.01f),
-                               [&](const GptqPlanCache::PlanOrError& plan) {
-                                 EXPECT_TRUE(plan.ok());
-                                 ++hook_calls;
-                                 auto kept = std::make_shared<int>(1);
-                                 charge = kept;
-                                 return std::shared_ptr<void>(kept);
-                               });
-  });
-  // Callers arriving while it prepares (20 ms) wait for it instead of preparing.
-  std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  std::vector<std::shared_ptr<const GptqPlan>> got(4);
-  std::vector<std::thread> callers;
-  for (size_t t = 0; t < got.size(); ++t) {
-    callers.emplace_back([&, t] {
-      GptqPlanCache::PlanOrError plan = cache.Get(workers, "cuda:0", view, GptqParams(0.01f));
-      if (plan.ok()) got[t] = *plan;
-    });
-  }
-  plan_thread.join();
-  for (std::thread& t : callers) t.join();
-  EXPECT_TRUE(ahead);
-  EXPECT_EQ(planner.prepared.load(), 1);
-  EXPECT_EQ(workers.prepared.load(), 0);
-  EXPECT_EQ(hook_calls, 1);
-  EXPECT_FALSE(charge.expired());
-  for (const auto& plan : got) {
-    ASSERT_NE(plan, nullptr);
-    EXPECT_EQ(plan.get(), got[0].get());
-  }
-  EXPECT_EQ(cache.plans_prepared(), 1);
-  // Once prepared (or asked for), the key is not prepared ahead again.
-  EXPECT_FALSE(cache.PrepareAhead(planner, "cuda:0", view, GptqParams(0.01f)));
-  ASSERT_TRUE(cache.Get(workers, "cuda:0", view, GptqParams(0.02f)).ok());
-  EXPECT_FALSE(cache.PrepareAhead(planner, "cuda:0", view, GptqParams(0.02f)));
-  EXPECT_EQ(planner.prepared.load(), 1);
-  EXPECT_EQ(workers.prepared.load(), 1);
-}
-
-TEST(GptqPlanCache, FailureAheadIsNotKept) {
-  const std::vector<float> h(16 * 16, 1.0f);
-  const FullHessianView view{h.data(), 16};
-  CountingGptq planner;
-  planner.fail_first = 1;
-  CountingGptq workers;
-  GptqPlanCache cache;
-  int hook_calls = 0;
-  EXPECT_FALSE(cache.PrepareAhead(planner, "cpu", view, GptqParams(0.01f),
-                                  [&](const GptqPlanCache::PlanOrError&) {
-                                    ++hook_calls;
-                                    return std::shared_ptr<void>();
-                                  }));
-  EXPECT_EQ(planner.prepared.load(), 1);
-  EXPECT_EQ(hook_calls, 0);
-  // The tensor's own preparation decides: it succeeds here.
-  GptqPlanCache::PlanOrError plan = cache.Get(workers, "cpu", view, GptqParams(0.01f));
-  EXPECT_TRUE(plan.ok()) << plan.status();
-  EXPECT_EQ(workers.prepared.load(), 1);
-  EXPECT_EQ(cache.plans_prepared(), 1);
-  // An invalid Hessian: the ahead failure is dropped, the tensor gets its own error, kept.
-  std::vector<float> bad(16 * 16, 1.0f);
-  bad[0] = -1.0f;
-  EXPECT_FALSE(
-      cache.PrepareAhead(planner, "cpu", FullHessianView{bad.data(), 16}, GptqParams(0.01f)));
-  for (int i = 0; i < 2; ++i) {
-    GptqPlanCache::PlanOrError failed =
-        cache.Get(workers, "cpu", FullHessianView{bad.data(), 16}, GptqParams(0.01f));
-    ASSERT_FALSE(failed.ok());
-    EXPECT_EQ(failed.status().message(), "hessian is not a Gram matrix");
-  }
-  EXPECT_EQ(workers.prepared.load(), 2);
 }
 
 TEST(GptqPlanCache, OwnedPlansLiveUntilTheCacheGoes) {
