@@ -84,7 +84,15 @@ class Client::Call {
       queues_.resize(n);
       tensors_per_address_.assign(n, 0);
       for (size_t u = 0; u < units.size(); ++u) {
-        queues_[(start + u) % n].push_back(std::move(units[u]));
+        // Work stealing: one queue in the caller's order, which is the order the pipeline reads
+        // the weights in (its read-ahead memory comes back as results do). Dealt round robin,
+        // every stream would run through its own share at its own pace, and the slowest one's
+        // units, read long before, would hold that memory while the others wait for weights.
+        if (client_->options_.work_stealing) {
+          shared_.push_back(std::move(units[u]));
+        } else {
+          queues_[(start + u) % n].push_back(std::move(units[u]));
+        }
       }
     }
     {
@@ -143,10 +151,10 @@ class Client::Call {
     return absl::OkStatus();
   }
 
-  // Whether worker `a` could take a unit now: its own queue, units of failed sessions, or
-  // (work stealing) another address's queue.
+  // Whether worker `a` could take a unit now: its own queue, the shared queue (every unit with
+  // work stealing; units of failed sessions), or (work stealing) another address's queue.
   bool HasUnitFor(size_t a) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (!queues_[a].empty() || !orphans_.empty()) return true;
+    if (!queues_[a].empty() || !shared_.empty()) return true;
     if (!client_->options_.work_stealing) return false;
     for (const std::deque<Unit>& q : queues_) {
       if (!q.empty()) return true;
@@ -155,22 +163,22 @@ class Client::Call {
   }
 
   bool AllQueuesEmpty() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (!orphans_.empty()) return false;
+    if (!shared_.empty()) return false;
     for (const std::deque<Unit>& q : queues_) {
       if (!q.empty()) return false;
     }
     return true;
   }
 
-  // Own queue's head, then orphans, then the tail of the longest other queue.
+  // Own queue's head, then the shared queue's, then the tail of the longest other queue.
   bool PopUnitLocked(size_t a, Unit* unit) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (aborted_ || !HasUnitFor(a)) return false;
     if (!queues_[a].empty()) {
       *unit = std::move(queues_[a].front());
       queues_[a].pop_front();
-    } else if (!orphans_.empty()) {
-      *unit = std::move(orphans_.front());
-      orphans_.pop_front();
+    } else if (!shared_.empty()) {
+      *unit = std::move(shared_.front());
+      shared_.pop_front();
     } else {
       size_t victim = a;
       for (size_t b = 0; b < queues_.size(); ++b) {
@@ -184,7 +192,8 @@ class Client::Call {
   }
 
   // Blocks until worker `a` has a unit (true) or everything is done or aborted (false). A
-  // worker without own work waits while others hold units that may fail back to the orphans.
+  // worker without own work waits while others hold units that may fail back to the shared
+  // queue.
   bool NextUnit(size_t a, Unit* unit) {
     absl::MutexLock lock(&mu_);
     auto ready = [this, a]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -200,11 +209,11 @@ class Client::Call {
   }
 
   // Returns `done` units to the call; `retry` (units of a failed session, each cut to its tasks
-  // without a result) goes in order to the front of the orphans that every live worker takes
-  // first after its own queue.
+  // without a result) goes in order to the front of the shared queue that every live worker
+  // takes first after its own queue.
   void Settle(size_t done, std::vector<Unit> retry) {
     absl::MutexLock lock(&mu_);
-    for (auto it = retry.rbegin(); it != retry.rend(); ++it) orphans_.push_front(std::move(*it));
+    for (auto it = retry.rbegin(); it != retry.rend(); ++it) shared_.push_front(std::move(*it));
     in_flight_ -= static_cast<int64_t>(done);
   }
 
@@ -213,7 +222,7 @@ class Client::Call {
   bool RetireLocked(size_t a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     worker_alive_[a] = false;
     while (!queues_[a].empty()) {
-      orphans_.push_back(std::move(queues_[a].front()));
+      shared_.push_back(std::move(queues_[a].front()));
       queues_[a].pop_front();
     }
     return --alive_workers_ == 0;
@@ -411,7 +420,9 @@ class Client::Call {
 
   absl::Mutex mu_;
   std::vector<std::deque<Unit>> queues_ ABSL_GUARDED_BY(mu_);
-  std::deque<Unit> orphans_ ABSL_GUARDED_BY(mu_);
+  // Units any worker takes, front first: every unit with work stealing (in the caller's order),
+  // units of failed sessions (at the front) and of retired addresses.
+  std::deque<Unit> shared_ ABSL_GUARDED_BY(mu_);
   std::vector<int64_t> tensors_per_address_ ABSL_GUARDED_BY(mu_);
   int64_t failed_attempts_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t in_flight_ ABSL_GUARDED_BY(mu_) = 0;

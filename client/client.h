@@ -82,8 +82,9 @@ struct ClientOptions {
   // Target size of a weight or Hessian chunk; capped at a quarter of the server's
   // max_receive_message_bytes. DESIGN: chunks stay well under 4 MiB.
   int64_t chunk_bytes = int64_t{1} << 20;
-  // Round robin gives each address every n-th group of tensors; with work stealing an idle
-  // session also takes queued tensors of other addresses, so faster servers do more.
+  // With work stealing every session takes the next group of tensors, in the caller's order,
+  // from one queue: faster servers do more, and the tensors go out in the order the caller
+  // reads them. Without it, round robin gives each address every n-th group.
   bool work_stealing = true;
   // Method gptq: send each full Hessian as its upper triangle (HESSIAN_LAYOUT_FULL_UPPER, half
   // the bytes; the server mirrors it) rather than the whole matrix (HESSIAN_LAYOUT_FULL).
