@@ -5,7 +5,8 @@
 
 For each file: the run's span; per category, the summed span time and the time covered by at
 least one span (the union: how long that stage was going on somewhere); per thread, its busy
-time by category; the tensors' async rows (scan end to result) as percentiles; and a time
+time by category; the tensors' async rows (scan end to result, and through servers the last
+chunk sent to the result) as percentiles; and a time
 line in N buckets showing which categories were active in each (a letter per category, upper
 case when more than half of the bucket was covered). What it answers: which stage the run
 waited on, and when.
@@ -58,7 +59,8 @@ def summarise(path, buckets):
                           ev["name"]))
         elif ev.get("ph") in ("b", "e"):
             key = (ev["id"], ev["name"])
-            asyncs.setdefault(key, {})[ev["ph"]] = ev["ts"]
+            entry = asyncs.setdefault(key, {"cat": ev.get("cat", "")})
+            entry[ev["ph"]] = ev["ts"]
     if not spans:
         print(f"{path}: no spans")
         return
@@ -86,14 +88,20 @@ def summarise(path, buckets):
     for tid in sorted(per_thread):
         parts = ", ".join(f"{c} {s:.2f}" for c, s in sorted(per_thread[tid].items()))
         print(f"  {names.get(tid, tid)}: {parts}")
-    lat = [(v["e"] - v["b"]) / 1e3 for v in asyncs.values() if "b" in v and "e" in v]
-    if lat:
-        print(f"tensors scan->result: {len(lat)}, ms p10 {percentile(lat, 0.1):.0f} "
+    # Per tensor: scan end to result (category quantize); through servers also the last chunk
+    # sent to the result (category server).
+    for cat, label in (("quantize", "scan->result"), ("server", "sent->result (at the server)")):
+        done = [v for v in asyncs.values() if v["cat"] == cat and "b" in v and "e" in v]
+        lat = [(v["e"] - v["b"]) / 1e3 for v in done]
+        if not lat:
+            continue
+        print(f"tensors {label}: {len(lat)}, ms p10 {percentile(lat, 0.1):.0f} "
               f"p50 {percentile(lat, 0.5):.0f} p90 {percentile(lat, 0.9):.0f} "
               f"max {max(lat):.0f}")
-        ends = sorted(v["e"] for v in asyncs.values() if "e" in v)
-        print(f"  results: first at {(ends[0] - t0) / 1e6:.2f} s, last at "
-              f"{(ends[-1] - t0) / 1e6:.2f} s")
+        if cat == "quantize":
+            ends = sorted(v["e"] for v in done)
+            print(f"  results: first at {(ends[0] - t0) / 1e6:.2f} s, last at "
+                  f"{(ends[-1] - t0) / 1e6:.2f} s")
     cats = sorted(by_cat)
     letters = {}  # one letter per category, distinct (its first not taken yet)
     for c in cats:
@@ -108,7 +116,8 @@ def summarise(path, buckets):
         for c in cats:
             share = covered(by_cat[c], lo, hi) / width
             marks += (letters[c].upper() if share > 0.5 else letters[c]) if share > 0 else "."
-        done = sum(1 for v in asyncs.values() if "e" in v and v["e"] <= hi)
+        done = sum(1 for v in asyncs.values()
+                   if v["cat"] == "quantize" and "e" in v and v["e"] <= hi)
         print(f"  {(lo - t0) / 1e6:6.2f} s {marks}  results {done}")
 
 

@@ -39,6 +39,7 @@
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "client/quantizer.h"
+#include "client/trace.h"
 #include "nvfp4cal/v1/calibrator.grpc.pb.h"
 
 namespace nvfp4cal {
@@ -97,6 +98,11 @@ struct ClientOptions {
   // stream (max_concurrent_streams); going on with 2 streams to it"), from the client's threads,
   // possibly concurrently; empty: the notes are dropped.
   std::function<void(const std::string& line)> on_note;
+  // When not null (`nvfp4cal quantize --trace`), on each stream's row its wait for a tensor's
+  // weights ("wait for NAME", category quantize) and the tensor's sending, blocked writes
+  // included ("send NAME", category send), and on a row per tensor the time from its last
+  // chunk sent to its result ("NAME", category server). It must outlive the calls.
+  Trace* trace = nullptr;
 };
 
 // What one QuantizeTensors call did, for logs and tests.

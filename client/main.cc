@@ -304,9 +304,10 @@ CliParser QuantizeParser() {
               "or --out)");
   p.AddOption("trace", "FILE",
               "also write a timeline of the run's stages (open, read-ahead waits, reads, scans, "
-              "each tensor from its scan to its result, writes, copies, fsyncs) as Chrome "
-              "trace-event JSON, for https://ui.perfetto.dev; written when the run ends, also "
-              "after a failure (never inside an input or --out)");
+              "each tensor from its scan to its result, writes, copies, fsyncs; with --server "
+              "also each stream's waits and sends and each tensor's time at the server) as "
+              "Chrome trace-event JSON, for https://ui.perfetto.dev; written when the run ends, "
+              "also after a failure (never inside an input or --out)");
   p.AddSwitch("quiet", "no progress bar and no statistics table");
   return p;
 }
@@ -452,6 +453,7 @@ int RunQuantize(int argc, const char* const* argv) {
     client.timeout = absl::Seconds(static_cast<double>(timeout_s));
     client.send_full_hessian_upper = hessian_layout == "upper";
     client.on_note = [&progress](const std::string& line) { progress.OnMessage(line); };
+    client.trace = options.trace;
     if (absl::Status s = ApplySecurityArgs(*args, &client); !s.ok()) return UsageError(cmd, s);
     options.other_inputs = {
         {"--tls-ca", client.tls_root_certs_path},

@@ -183,7 +183,11 @@ absl::Status ServerStream::SendUnit(absl::Span<const size_t> unit, bool* writabl
     const size_t j = unit[k];
     // Its weights may still be on their way (the caller reads them beside the sessions); a
     // stream that ended meanwhile stops waiting, so that its tasks go elsewhere.
-    absl::Status ready = AwaitTask(tasks_[j], [this] { return ended_.load(); });
+    absl::Status ready;
+    {
+      TraceSpan wait(options_.trace, "wait for " + tasks_[j].name, "quantize");
+      ready = AwaitTask(tasks_[j], [this] { return ended_.load(); });
+    }
     if (ended_.load()) {
       *writable = false;
       return absl::OkStatus();
@@ -196,7 +200,10 @@ absl::Status ServerStream::SendUnit(absl::Span<const size_t> unit, bool* writabl
     for (size_t later = k + 1; later < unit.size(); ++later) {
       last_use = last_use && tasks_[unit[later]].hessian_key != tasks_[j].hessian_key;
     }
-    *writable = SendTensor(j, last_use);
+    {
+      TraceSpan send(options_.trace, "send " + tasks_[j].name, "send");
+      *writable = SendTensor(j, last_use);
+    }
     if (!*writable) break;
   }
   return absl::OkStatus();
@@ -252,7 +259,11 @@ bool ServerStream::SendTensor(size_t j, bool release) {
     hessian_bytes_ -= HessianBlockBytes(cols);
     if (full) full_hessian_bytes_ -= FullHessianBytes(cols);
   }
-  return SendWeightRows(task, lease);
+  if (!SendWeightRows(task, lease)) return false;
+  absl::MutexLock lock(&mu_);
+  const auto it = pending_.find(task.name);
+  if (it != pending_.end()) it->second.sent_at = absl::Now();
+  return true;
 }
 
 bool ServerStream::SendHessianBlocks(const TensorTask& task,
@@ -402,6 +413,9 @@ absl::Status ServerStream::FinishTensor(const v1::TensorSummary& summary) {
     result.stats = StatsFromProto(summary, task.params);
     result.server_kernel_seconds = static_cast<double>(summary.timings().kernel_us()) * 1e-6;
     result.server_queue_seconds = static_cast<double>(summary.timings().queue_wait_us()) * 1e-6;
+    if (options_.trace != nullptr && p.sent_at != absl::InfinitePast()) {
+      options_.trace->Async(task.name, "server", p.sent_at, absl::Now());
+    }
   }
   // The server has every row, so the transport is done with the task's slices or about to be;
   // once it released them the caller may free the memory they point into.

@@ -44,6 +44,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "client/client.h"
 #include "client/quantizer.h"
@@ -141,6 +142,8 @@ class ServerStream {
     std::vector<uint8_t> scales;
     int64_t rows_covered = 0;
     bool done = false;
+    // When its last chunk was written (for ClientOptions::trace).
+    absl::Time sent_at = absl::InfinitePast();
   };
 
   absl::Status CheckLimits(const TensorTask& task) const;

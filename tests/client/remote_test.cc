@@ -11,20 +11,26 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "client/client.h"
 #include "client/safetensors.h"
+#include "client/trace.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
 #include "nvfp4cal/kernels/cpu_scale_search.h"
 #include "nvfp4cal/kernels/example_data.h"
 #include "tests/client/test_util.h"
@@ -451,6 +457,68 @@ std::vector<TensorTask> SevenTasks(std::vector<std::vector<uint16_t>>* storage) 
     tasks.push_back(task);
   }
   return tasks;
+}
+
+// Two streams to one server, the tensors' weights arriving late and in order (as the pipeline
+// reads them), with a trace: every tensor's result is the kernels' bytes, and the trace holds
+// each tensor's wait for its weights and its send on a stream's row and its time at the server
+// on a row of its own.
+TEST(ClientLibrary, TraceShowsEachStreamsWaitsAndSendsAndEachTensorAtTheServer) {
+  ServerProcess server;
+  ASSERT_FALSE(server.address().empty());
+  Trace trace;
+  ClientOptions options;
+  options.addresses = {server.address(), server.address()};
+  options.chunk_bytes = 1024;  // several chunks per tensor
+  options.trace = &trace;
+  auto client = Client::Create(options);
+  ASSERT_TRUE(client.ok()) << client.status();
+  std::vector<std::vector<uint16_t>> storage;
+  std::vector<TensorTask> tasks = SevenTasks(&storage);
+  std::unique_ptr<ScaleSearch> kernels = MakeCpuScaleSearch({});
+  std::vector<QuantizedTensor> want;
+  for (const TensorTask& task : tasks) {
+    QuantizeRequest request;
+    request.weights = task.weights;
+    request.params = task.params;
+    request.global_amax = task.global_amax;
+    want.push_back(*kernels->Quantize(request));
+  }
+  std::vector<std::unique_ptr<TaskGate>> gates;
+  for (TensorTask& task : tasks) {
+    gates.push_back(std::make_unique<TaskGate>());
+    task.ready = gates.back().get();
+  }
+  std::thread reader([&] {
+    for (auto& gate : gates) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      gate->Open(absl::OkStatus());
+    }
+  });
+  std::map<size_t, QuantizedTensor> got;
+  absl::Mutex mu;
+  const absl::Status status = (*client)->QuantizeTensors(tasks, [&](size_t i, QuantizedTensor r) {
+    absl::MutexLock lock(&mu);
+    got[i] = std::move(r);
+    return absl::OkStatus();
+  });
+  reader.join();
+  ASSERT_TRUE(status.ok()) << status;
+  ASSERT_EQ(got.size(), tasks.size());
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    EXPECT_EQ(got[i].packed_codes, want[i].packed_codes) << tasks[i].name;
+    EXPECT_EQ(got[i].scales, want[i].scales) << tasks[i].name;
+  }
+  std::set<std::pair<std::string, std::string>> spans;  // (category, name)
+  const nlohmann::json parsed = nlohmann::json::parse(trace.Json());
+  for (const nlohmann::json& event : parsed["traceEvents"]) {
+    if (event.contains("cat")) spans.emplace(event["cat"], event["name"]);
+  }
+  for (const TensorTask& task : tasks) {
+    EXPECT_EQ(spans.count({"quantize", "wait for " + task.name}), 1u) << task.name;
+    EXPECT_EQ(spans.count({"send", "send " + task.name}), 1u) << task.name;
+    EXPECT_EQ(spans.count({"server", task.name}), 1u) << task.name;
+  }
 }
 
 TEST(ClientLibrary, RoundRobinSpreadsTensorsOverServers) {
