@@ -78,10 +78,11 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 # CLI runs under the sanitizers) repeat step 1's with nothing parsed that step 2's CLI tests
 # and fuzz replays do not cover.
 # Tests of targets not built here show up as <target>_NOT_BUILT; the exhaustive numerics
-# searches (and the model-level comparisons built on them) run in step 1 only.
+# searches (and the model-level comparisons built on them) and the format check (label style:
+# the sources, not the build) run in step 1 only.
 slow_numerics='EventSearch\.|CandidatePruning\.|LocalHessianSweep\.ChoiceIsTheExhaustive'
 slow_numerics+='|DecoupledScaleSearch\.|OutputEqualsKernelsCalledDirectly|WeightsEqualKernels'
-ctest --test-dir "$san_dir" --output-on-failure -j "$jobs" -LE 'gpu|deploy|image|python|soak_long' \
+ctest --test-dir "$san_dir" --output-on-failure -j "$jobs" -LE 'gpu|deploy|image|python|soak_long|style' \
   -E "_NOT_BUILT|client_output_formats|bench_quality_reader|$slow_numerics"
 
 if [ "$fuzz_seconds" = 0 ]; then
