@@ -18,7 +18,8 @@ read, h2d, d2h, write; cuda_layer_bench: the kernels) with the word "floor", and
 end-to-end figure is from the largest floor.
 
   bench/end_to_end_bench.py --build BUILD_DIR --work DIR [--small] [--method dss]
-                            [--servers 3] [--repeat 2] [--keep] [--trace-dir DIR]
+                            [--servers 3] [--repeat 2] [--keep] [--trace-dir DIR
+                            [--trace-summary]]
 
 BUILD_DIR is searched for nvfp4cal, nvfp4cal-server, stage_floor_bench and cuda_layer_bench
 (a build folder or a gpu-bundle's bin/). Standard library only.
@@ -267,6 +268,8 @@ def main():
                    "into this folder (NN-LABEL.json; the baseline CLI's runs have none)")
     p.add_argument("--trace-archive", help="with --trace-dir: also pack the timelines into this "
                    ".tar.gz (one file: the GPU machine's calls bring back a few files only)")
+    p.add_argument("--trace-summary", action="store_true", help="with --trace-dir: also print "
+                   "each timeline's summary (bench/trace_summary.py, found beside this script)")
     p.add_argument("--baseline-server-flags", help="also time one server started with these "
                    "extra flags (e.g. --cuda_workers_per_device=1), for comparison")
     args = p.parse_args()
@@ -276,8 +279,8 @@ def main():
     layer_bench = find_binary(args.tools or args.build, "cuda_layer_bench")
     if cli is None:
         sys.exit(f"end_to_end_bench: no nvfp4cal under {args.build}")
-    if args.trace_archive and not args.trace_dir:
-        sys.exit("end_to_end_bench: --trace-archive needs --trace-dir")
+    if (args.trace_archive or args.trace_summary) and not args.trace_dir:
+        sys.exit("end_to_end_bench: --trace-archive and --trace-summary need --trace-dir")
     os.makedirs(args.work, exist_ok=True)
     shapes = list(SMALL if args.small else LLAMA3_8B)
     if args.layers is not None:
@@ -343,6 +346,12 @@ def main():
 
     if TRACES:
         print(f"{'':<14} timelines (--trace): {len(TRACES)} files in {args.trace_dir}")
+        if args.trace_summary:
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            import trace_summary
+            for path in TRACES:
+                if os.path.exists(path):
+                    trace_summary.summarise(path, 20)
         if args.trace_archive:
             with tarfile.open(args.trace_archive, "w:gz") as archive:
                 for path in TRACES:
