@@ -19,7 +19,7 @@ end-to-end figure is from the largest floor.
 
   bench/end_to_end_bench.py --build BUILD_DIR --work DIR [--small] [--method dss]
                             [--servers 3] [--repeat 2] [--keep] [--trace-dir DIR
-                            [--trace-summary]]
+                            [--trace-summary]] [--thread-cpu]
 
 BUILD_DIR is searched for nvfp4cal, nvfp4cal-server, stage_floor_bench and cuda_layer_bench
 (a build folder or a gpu-bundle's bin/). Standard library only.
@@ -122,14 +122,33 @@ class DeviceMemoryPeak:
         return f"{self.peak - self.base} MiB"
 
 
-def run_timed(cmd, log):
+def run_timed(cmd, log, thread_cpu_pids=None):
     """Runs cmd; returns (wall seconds, peak RSS in MiB, (user, system) CPU seconds). Exits on
-    failure, printing its log."""
+    failure, printing its log. With thread_cpu_pids (a list, maybe empty), prints the per-thread
+    CPU of cmd and of those processes (bench/thread_cpu.py; theirs since they started)."""
     start = time.monotonic()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        sampler = None
+        if thread_cpu_pids is not None:
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            import thread_cpu
+            pids = [proc.pid] + list(thread_cpu_pids)
+            last, stop = {}, threading.Event()
+
+            def run():
+                while not stop.is_set():
+                    thread_cpu.sample(pids, last)
+                    time.sleep(0.1)
+
+            sampler = threading.Thread(target=run)
+            sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.monotonic() - start
+    if sampler is not None:
+        stop.set()
+        sampler.join()
+        thread_cpu.report(pids, last, wall, sys.stdout)
     if os.waitstatus_to_exitcode(status) != 0:
         sys.stdout.write(open(log).read()[-4000:])
         sys.exit(f"end_to_end_bench: failed ({os.waitstatus_to_exitcode(status)}): {' '.join(cmd)}")
@@ -196,7 +215,7 @@ class Servers:
 TRACES = []  # the --trace files written so far
 
 
-def quantize(cli, args, model, out, extra, stats, log, trace=None):
+def quantize(cli, args, model, out, extra, stats, log, trace=None, servers=None):
     """One timed run; with --trace-dir and a `trace` label, also that run's --trace file."""
     if args.trace_dir and trace:
         path = os.path.join(args.trace_dir, f"{len(TRACES) + 1:02d}-{trace}.json")
@@ -208,7 +227,9 @@ def quantize(cli, args, model, out, extra, stats, log, trace=None):
            os.path.join(model, "hessians.safetensors"), "--out", out, "--method", args.method,
            "--overwrite", "--quiet", "--stats-json", stats] + extra
     with DeviceMemoryPeak() as mem:
-        wall, rss, cpu = run_timed(cmd, log)
+        wall, rss, cpu = run_timed(
+            cmd, log, ([p.pid for p in servers.procs] if servers else []) if args.thread_cpu
+            else None)
     with open(stats) as f:
         seconds = json.load(f)["seconds"]
     return {"wall": wall, "rss": rss, "cpu": cpu, "device": mem.text(), "seconds": seconds}
@@ -268,6 +289,8 @@ def main():
                    "into this folder (NN-LABEL.json; the baseline CLI's runs have none)")
     p.add_argument("--trace-archive", help="with --trace-dir: also pack the timelines into this "
                    ".tar.gz (one file: the GPU machine's calls bring back a few files only)")
+    p.add_argument("--thread-cpu", action="store_true", help="print each run's CPU per thread "
+                   "name of the CLI and its servers (bench/thread_cpu.py, beside this script)")
     p.add_argument("--trace-summary", action="store_true", help="with --trace-dir: also print "
                    "each timeline's summary (bench/trace_summary.py, found beside this script)")
     p.add_argument("--baseline-server-flags", help="also time one server started with these "
@@ -333,7 +356,7 @@ def main():
         servers = Servers(server, count, args.work, server_flags)
         tag = f"{count}-server" + ("-flags" if server_flags or client_flags else "")
         runs = [quantize(cli, args, model, out, ["--server", servers.addresses()] + client_flags,
-                         stats, log, tag) for _ in range(args.repeat)]
+                         stats, log, tag, servers) for _ in range(args.repeat)]
         stopped = servers.stop()
         extra = server_flags + client_flags
         label = f"{count} server" + ("s" if count > 1 else "") + (" " + " ".join(extra) if extra else "")

@@ -95,7 +95,6 @@ class LocalQuantizer : public Quantizer {
     // it and freed after the last (q/k/v and gate/up share theirs).
     HessianPlans plans(tasks);
     auto work = [&](size_t worker) {
-      NameThisThread("nvf-quantize");
       for (size_t i; !failed.load() && (i = next.fetch_add(1)) < tasks.size();) {
         absl::Status status = RunTask(tasks[i], workers_[worker], i, plans, failed, on_result);
         if (!status.ok()) {
@@ -105,8 +104,13 @@ class LocalQuantizer : public Quantizer {
       }
     };
     std::vector<std::thread> pool;
-    for (size_t w = 1; w < workers_.size(); ++w) pool.emplace_back(work, w);
-    work(0);
+    for (size_t w = 1; w < workers_.size(); ++w) {
+      pool.emplace_back([&work, w] {
+        NameThisThread("nvf-quantize");
+        work(w);
+      });
+    }
+    work(0);  // on the caller's thread, whose name stays (the main thread's is the process's)
     for (std::thread& t : pool) t.join();
     for (absl::Status& s : errors) {
       if (!s.ok()) return s;  // the first failing task in order

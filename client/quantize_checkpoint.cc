@@ -242,7 +242,6 @@ absl::Status CopyUntouched(const QuantizeOptions& options, const RunInputs& in,
   std::atomic<bool> failed{false};
   std::vector<absl::Status> errors(untouched.size());
   auto copy = [&] {
-    NameThisThread("nvf-copy");
     std::unique_ptr<uint8_t[]> piece(new uint8_t[static_cast<size_t>(kCopyPieceBytes)]);
     for (size_t k; !failed.load() && (k = next.fetch_add(1)) < untouched.size();) {
       const auto [s, t] = untouched[k];
@@ -444,7 +443,9 @@ absl::Status QuantizeModules(const QuantizeOptions& options, RunInputs& in,
   }
   ReadAhead read_ahead(PlanReadAhead(groups, &prepared));
   std::atomic<bool> quantizer_done{false};
+  // Threads are named for top -H and gdb; the ones they start inherit the name.
   std::thread scanner([&] {
+    NameThisThread("nvf-scan");
     const absl::Time scan_start = absl::Now();
     ScanModules(
         &prepared, groups, in.hessians.get(), &read_ahead, options.trace,
@@ -536,6 +537,7 @@ absl::StatusOr<QuantizeReport> QuantizeCheckpoint(const QuantizeOptions& options
   absl::Duration copy_time;
   int64_t kv_cache_scales = 0;
   std::thread copier([&] {
+    NameThisThread("nvf-copy");
     const absl::Time copy_begin = absl::Now();
     copied = CopyUntouched(options, in, shards, observer, quantize_failed, &kv_cache_scales);
     if (!copied.ok()) copy_failed.store(true);

@@ -12,7 +12,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "client/parallel.h"
-#include "common/thread_name.h"
 
 namespace nvfp4cal::client_internal {
 namespace {
@@ -238,7 +237,6 @@ void ScanModules(std::vector<PreparedModule>* prepared,
                               }};
   // Group by group in order on every hardware thread, so that the first tasks are ready first.
   ParallelFor(groups.size(), [&](size_t g) {
-    NameThisThread("nvf-scan");
     int64_t bytes = 0;
     for (size_t i : groups[g]) bytes += (*prepared)[i].read_ahead_bytes;
     std::vector<absl::Status> scans(groups[g].size());

@@ -1,5 +1,7 @@
 // The weights' scan beside the quantizer: ScanModules (quantize_prepare.h) opens each unit when
 // its global amax is known, and TaskGate / AwaitTask (quantizer.h) hand that to the quantizer.
+#include <pthread.h>
+
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -880,6 +882,30 @@ TEST(LocalQuantizer, GptqPlansFollowTheHessianKeyNotTheMatrixAddress) {
 }
 
 }  // namespace
+// The in-process quantizer runs one worker on the caller's thread: it names its own threads
+// (nvf-quantize) but never the caller's, whose name may be the process's (the main thread's is
+// what ps, top and pkill see).
+TEST(LocalQuantizer, TheCallersThreadKeepsItsName) {
+  constexpr int64_t rows = 8, cols = 64;
+  std::mt19937 rng(4);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<uint16_t> weights(rows * cols);
+  for (uint16_t& x : weights) x = Bf16(normal(rng));
+  TensorTask task;
+  task.name = "w";
+  task.weights = {weights.data(), DType::kBFloat16, rows, cols};
+  task.params.method = Method::kMse;
+  task.global_amax = 8.0f;
+  ASSERT_EQ(pthread_setname_np(pthread_self(), "caller-thread"), 0);
+  std::unique_ptr<Quantizer> quantizer = MakeLocalQuantizer(MakeCpuScaleSearch({}), "cpu", 1);
+  const absl::Status status = quantizer->QuantizeAll(
+      absl::MakeConstSpan(&task, 1), [](size_t, QuantizedTensor) { return absl::OkStatus(); });
+  ASSERT_TRUE(status.ok()) << status;
+  char name[16] = {};
+  ASSERT_EQ(pthread_getname_np(pthread_self(), name, sizeof(name)), 0);
+  EXPECT_STREQ(name, "caller-thread");
+}
+
 // The CLI's in-process backend starts on its own thread: calls wait for it, a bad device name is
 // refused at once, and a failed start is QuantizeAll's error.
 TEST(LocalQuantizer, StartedInTheBackgroundGivesTheSameBytesAndReportsAFailedStart) {
