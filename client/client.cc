@@ -389,6 +389,7 @@ class Client::Call {
       absl::MutexLock lock(&mu_);
       active_.erase(&stream);
     }
+    stream.ReleaseCall();  // no Cancel() can come now
     std::vector<size_t> missing;
     const absl::Status reader_error = stream.CollectIncomplete(session_tasks, &missing);
     const std::set<size_t> without_result(missing.begin(), missing.end());

@@ -23,6 +23,11 @@ int64_t FullHessianBytes(int64_t cols) { return cols * cols * 4; }
 // What the server counts for a tensor name against max_session_tensor_name_bytes.
 int64_t NameBytes(const std::string& name) { return static_cast<int64_t>(name.size()) + 64; }
 
+// How long a finished tensor's slices may still be held by the transport after its summary
+// arrived (a write's completion, normally microseconds) before the answer counts as one for rows
+// the server did not read.
+constexpr absl::Duration kSliceReleaseBound = absl::Seconds(10);
+
 int64_t ChunkBytes(const ClientOptions& options, const v1::Limits& limits) {
   int64_t chunk_bytes = options.chunk_bytes;
   if (limits.max_receive_message_bytes() > 0) {
@@ -50,8 +55,8 @@ ServerStream::ServerStream(const ClientOptions& options, std::string address,
       on_result_(std::move(on_result)),
       on_error_(std::move(on_error)) {
   if (options_.timeout > absl::ZeroDuration()) {
-    context_.set_deadline(std::chrono::system_clock::now() +
-                          absl::ToChronoMilliseconds(options_.timeout));
+    context_->set_deadline(std::chrono::system_clock::now() +
+                           absl::ToChronoMilliseconds(options_.timeout));
   }
 }
 
@@ -63,7 +68,7 @@ bool ServerStream::Open(grpc::ChannelInterface* channel) {
   const grpc::internal::RpcMethod rpc(method.c_str(), grpc::internal::RpcMethod::BIDI_STREAMING);
   stream_.reset(
       grpc::internal::ClientReaderWriterFactory<grpc::ByteBuffer, v1::QuantizeResponse>::Create(
-          channel, rpc, &context_));
+          channel, rpc, &*context_));
   reader_ = std::thread([this] { ReadResponses(); });
   v1::QuantizeRequest options_message;
   options_message.mutable_session()->set_priority(options_.priority);
@@ -73,17 +78,18 @@ bool ServerStream::Open(grpc::ChannelInterface* channel) {
 
 grpc::Status ServerStream::Close(bool cancel, bool writable) {
   if (cancel) {
-    context_.TryCancel();
+    context_->TryCancel();
   } else if (writable) {
     stream_->WritesDone();
   }
   reader_.join();
-  const grpc::Status status = stream_->Finish();
-  // The call, and with it whatever the transport still holds of it, goes now; the caller may
-  // free the tasks' memory once every slice of it was released.
+  return stream_->Finish();
+}
+
+void ServerStream::ReleaseCall() {
   stream_.reset();
+  context_.reset();
   stream_lease_->AwaitNone();
-  return status;
 }
 
 bool ServerStream::WriteMessage(const v1::QuantizeRequest& message) {
@@ -259,11 +265,7 @@ bool ServerStream::SendTensor(size_t j, bool release) {
     hessian_bytes_ -= HessianBlockBytes(cols);
     if (full) full_hessian_bytes_ -= FullHessianBytes(cols);
   }
-  if (!SendWeightRows(task, lease)) return false;
-  absl::MutexLock lock(&mu_);
-  const auto it = pending_.find(task.name);
-  if (it != pending_.end()) it->second.sent_at = absl::Now();
-  return true;
+  return SendWeightRows(task, lease);
 }
 
 bool ServerStream::SendHessianBlocks(const TensorTask& task,
@@ -319,6 +321,10 @@ bool ServerStream::SendWeightRows(const TensorTask& task,
   for (int64_t r = 0; r < rows; r += rows_per_chunk) {
     const int64_t n = std::min(rows_per_chunk, rows - r);
     const size_t bytes = static_cast<size_t>(n * row_bytes);
+    if (r + n == rows) {
+      absl::MutexLock lock(&mu_);
+      pending_[task.name].handed_over_at = absl::Now();
+    }
     if (!WriteWithSlice(WeightChunkRequestPrefix(r, n, bytes), data + r * row_bytes, bytes,
                         lease)) {
       return false;
@@ -343,7 +349,7 @@ void ServerStream::ReadResponses() {
         first_error = reader_error_;
       }
       on_error_(first_error);
-      context_.TryCancel();
+      context_->TryCancel();
     }
   }
   ended_.store(true);
@@ -393,6 +399,10 @@ absl::Status ServerStream::FinishTensor(const v1::TensorSummary& summary) {
     }
     Pending& p = it->second;
     const TensorTask& task = tasks_[p.task];
+    if (p.handed_over_at == absl::InfinitePast()) {
+      return absl::InternalError(
+          absl::StrCat(task.name, ": summary before the tensor's rows were all sent"));
+    }
     if (p.rows_covered != task.weights.rows) {
       return absl::InternalError(absl::StrCat(task.name, ": summary after ", p.rows_covered, " of ",
                                               task.weights.rows, " rows"));
@@ -413,13 +423,18 @@ absl::Status ServerStream::FinishTensor(const v1::TensorSummary& summary) {
     result.stats = StatsFromProto(summary, task.params);
     result.server_kernel_seconds = static_cast<double>(summary.timings().kernel_us()) * 1e-6;
     result.server_queue_seconds = static_cast<double>(summary.timings().queue_wait_us()) * 1e-6;
-    if (options_.trace != nullptr && p.sent_at != absl::InfinitePast()) {
-      options_.trace->Async(task.name, "server", p.sent_at, absl::Now());
+    if (options_.trace != nullptr) {
+      options_.trace->Async(task.name, "server", p.handed_over_at, absl::Now());
     }
   }
-  // The server has every row, so the transport is done with the task's slices or about to be;
-  // once it released them the caller may free the memory they point into.
-  lease->AwaitNone();
+  // Every row went to gRPC before this summary (checked above) and the stream reads the task's
+  // memory no more; once gRPC released the slices the caller may free that memory. A server
+  // answers after reading every row, so they are released already or about to be; slices still
+  // held after the bound mean rows the server has not read (the call's end releases them).
+  if (!lease->AwaitNoneFor(kSliceReleaseBound)) {
+    return absl::InternalError(absl::StrCat(tasks_[task_index].name,
+                                            ": summary before the server read the tensor's rows"));
+  }
   return on_result_(task_index, std::move(result));
 }
 

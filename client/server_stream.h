@@ -19,12 +19,15 @@
 //     if (!local_error.ok()) break;
 //   }
 //   const grpc::Status finished = stream.Close(/*cancel=*/!local_error.ok(), writable);
+//   // unregister &stream (no Cancel() from now on), then:
+//   stream.ReleaseCall();
 //   const absl::Status reader_error = stream.CollectIncomplete(session_tasks, &incomplete);
 //
 // Weight rows and Hessian blocks go out without a copy: each chunk is a small serialized prefix
 // (proto/wire_codec.h) and a gRPC slice of the task's own memory. Those slices are counted per
 // task and per stream (SliceLease): a task's result is handed over only once gRPC released its
-// slices (the caller may free the memory then), and Close waits for all of the stream's.
+// slices (the caller may free the memory then; a server that answers before reading the rows
+// is an error), and ReleaseCall waits for all of the stream's.
 //
 // Thread-safety: Cancel() from any thread; every other method from the thread that owns the
 // stream. on_result and on_error run on the stream's reader thread.
@@ -36,6 +39,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -72,12 +76,12 @@ class ServerStream {
   ServerStream& operator=(const ServerStream&) = delete;
 
   // For call metadata (credentials) before Open.
-  grpc::ClientContext* context() { return &context_; }
+  grpc::ClientContext* context() { return &*context_; }
 
   // Cancels the stream (before or after Open); any thread.
   void Cancel() {
     ended_.store(true);
-    context_.TryCancel();
+    context_->TryCancel();
   }
 
   // Starts the stream on `channel` and its reader thread and writes the session options; false
@@ -96,9 +100,14 @@ class ServerStream {
   absl::Status SendUnit(absl::Span<const size_t> unit, bool* writable);
 
   // Ends the stream: cancels it (`cancel`), else half-closes it when still `writable`; waits
-  // for the reader and for gRPC to release every slice of the tasks' memory, and returns the
-  // stream's final status.
+  // for the reader and returns the stream's final status.
   grpc::Status Close(bool cancel, bool writable);
+
+  // After Close, once no other thread may Cancel() any more: frees the call and waits until
+  // gRPC released every slice of the tasks' memory (a cancelled call keeps the unsent ones
+  // until it is freed). The caller may free the tasks' memory after it. The destructor calls it.
+  void ReleaseCall();
+  ~ServerStream() { ReleaseCall(); }
 
   // After Close: appends the tasks among `session_tasks` whose result did not arrive to
   // *incomplete and returns the reader's error (OK when none).
@@ -127,6 +136,13 @@ class ServerStream {
       mu_.Await(absl::Condition(
           +[](int64_t* held) { return *held == 0; }, &held_));
     }
+    // The same for at most `timeout`; false when slices are still held then.
+    bool AwaitNoneFor(absl::Duration timeout) {
+      absl::MutexLock lock(&mu_);
+      return mu_.AwaitWithTimeout(absl::Condition(
+                                      +[](int64_t* held) { return *held == 0; }, &held_),
+                                  timeout);
+    }
 
    private:
     absl::Mutex mu_;
@@ -142,8 +158,10 @@ class ServerStream {
     std::vector<uint8_t> scales;
     int64_t rows_covered = 0;
     bool done = false;
-    // When its last chunk was written (for ClientOptions::trace).
-    absl::Time sent_at = absl::InfinitePast();
+    // When its last row went to gRPC (InfinitePast: not yet). From then on the stream reads the
+    // task's memory only through the slices gRPC holds; a summary before it is refused, since
+    // the result would let the caller free memory the stream still sends from.
+    absl::Time handed_over_at = absl::InfinitePast();
   };
 
   absl::Status CheckLimits(const TensorTask& task) const;
@@ -180,7 +198,9 @@ class ServerStream {
   const QuantizeResultCallback on_result_;
   const ErrorSink on_error_;
 
-  grpc::ClientContext context_;
+  // Destroyed by ReleaseCall: the call's transport stream, which may hold slices of the tasks'
+  // memory, lives as long as the context holds the call.
+  std::optional<grpc::ClientContext> context_{std::in_place};
   // Set once the stream can carry nothing more (cancelled, or the reader saw its end).
   std::atomic<bool> ended_{false};
   std::unique_ptr<QuantizeStream> stream_;

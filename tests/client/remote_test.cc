@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -23,12 +24,15 @@
 #include <utility>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "client/client.h"
 #include "client/safetensors.h"
 #include "client/trace.h"
 #include "gmock/gmock.h"
+#include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "nvfp4cal/kernels/cpu_scale_search.h"
@@ -519,6 +523,151 @@ TEST(ClientLibrary, TraceShowsEachStreamsWaitsAndSendsAndEachTensorAtTheServer) 
     EXPECT_EQ(spans.count({"send", "send " + task.name}), 1u) << task.name;
     EXPECT_EQ(spans.count({"server", task.name}), 1u) << task.name;
   }
+}
+
+// A hostile server that answers a tensor (zero codes and a summary) as soon as its header
+// arrives, then reads nothing for 300 ms while the client's writes wait on HTTP/2 flow control
+// (no BDP probing: a 64 KiB window). A result lets the caller free the tensor's memory, which
+// the client is still sending from: the client refuses the early summary instead of delivering
+// it, and the call ends with that error (no hang, no read of freed memory under the sanitizers).
+class EagerReactor : public grpc::ServerBidiReactor<v1::QuantizeRequest, v1::QuantizeResponse> {
+ public:
+  EagerReactor() { StartRead(&request_); }
+
+  void OnReadDone(bool ok) override {
+    bool write = false;
+    bool finish = false;
+    bool read = ok;
+    {
+      absl::MutexLock lock(&mu_);
+      if (!ok) {
+        reads_done_ = true;
+        finish = FinishNowLocked();
+      } else if (request_.has_header()) {
+        const v1::TensorHeader& h = request_.header();
+        v1::QuantizeResponse result;
+        v1::ResultChunk* r = result.mutable_result();
+        r->set_tensor_name(h.name());
+        r->set_num_rows(h.rows());
+        r->set_packed_codes(std::string(static_cast<size_t>(h.rows() * h.cols() / 2), '\0'));
+        r->set_scales(std::string(static_cast<size_t>(h.rows() * h.cols() / 16), '\x01'));
+        queue_.push_back(std::move(result));
+        v1::QuantizeResponse summary;
+        v1::TensorSummary* t = summary.mutable_summary();
+        t->set_tensor_name(h.name());
+        t->set_rows(h.rows());
+        t->set_cols(h.cols());
+        t->set_global_amax(h.global_amax());
+        queue_.push_back(std::move(summary));
+        write = !writing_;
+        writing_ = true;
+        paused_ = true;  // reads resume 300 ms after the answer went out
+        read = false;
+      }
+    }
+    if (write) StartWrite(&queue_.front());
+    if (finish) Finish(grpc::Status::OK);
+    if (read) StartRead(&request_);
+  }
+
+  void OnWriteDone(bool ok) override {
+    bool write = false;
+    bool finish = false;
+    bool resume = false;
+    {
+      absl::MutexLock lock(&mu_);
+      queue_.pop_front();
+      write = ok && !queue_.empty();
+      writing_ = write;
+      if (!ok) queue_.clear();
+      resume = !write && paused_;
+      paused_ = paused_ && !resume;
+      finish = FinishNowLocked();
+    }
+    if (write) StartWrite(&queue_.front());
+    if (resume) {
+      if (resumer_.joinable()) resumer_.join();
+      resumer_ = std::thread([this] {
+        std::this_thread::sleep_for(std::chrono::milliseconds(300));
+        StartRead(&request_);
+      });
+    }
+    if (finish) Finish(grpc::Status::OK);
+  }
+
+  void OnDone() override {
+    if (resumer_.joinable()) resumer_.join();
+    delete this;
+  }
+
+ private:
+  bool FinishNowLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!reads_done_ || writing_ || finished_) return false;
+    finished_ = true;
+    return true;
+  }
+
+  v1::QuantizeRequest request_;
+  std::thread resumer_;
+  absl::Mutex mu_;
+  std::deque<v1::QuantizeResponse> queue_;  // front: the write in flight
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool paused_ ABSL_GUARDED_BY(mu_) = false;
+  bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+class EagerServer : public v1::Calibrator::CallbackService {
+  grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context,
+                                          const v1::GetServerInfoRequest*,
+                                          v1::ServerInfo* info) override {
+    info->set_version("eager");
+    info->mutable_limits()->set_max_receive_message_bytes(int64_t{64} << 20);
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    reactor->Finish(grpc::Status::OK);
+    return reactor;
+  }
+  grpc::ServerBidiReactor<v1::QuantizeRequest, v1::QuantizeResponse>* Quantize(
+      grpc::CallbackServerContext*) override {
+    return new EagerReactor();
+  }
+};
+
+TEST(ClientLibrary, SummaryBeforeTheRowsWereSentIsRefused) {
+  EagerServer service;
+  int port = 0;
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  ASSERT_NE(server, nullptr);
+  ClientOptions options;
+  options.addresses = {absl::StrCat("127.0.0.1:", port)};
+  options.chunk_bytes = 4096;  // 64 chunks per tensor: the answer comes while they go out
+  options.timeout = absl::Seconds(60);
+  auto client = Client::Create(options);
+  ASSERT_TRUE(client.ok()) << client.status();
+  std::vector<std::vector<uint16_t>> weights;
+  std::vector<TensorTask> tasks(3);
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    weights.push_back(MakeExampleWeightsBf16(128, 1024, 30 + i));
+    tasks[i].name = "t" + std::to_string(i);
+    tasks[i].weights = {weights[i].data(), DType::kBFloat16, 128, 1024};
+    tasks[i].params.method = Method::kMse;
+    tasks[i].global_amax = *ComputeGlobalAmax(tasks[i].weights);
+  }
+  int delivered = 0;
+  const absl::Status status = (*client)->QuantizeTensors(tasks, [&](size_t i, QuantizedTensor) {
+    ++delivered;
+    std::fill(weights[i].begin(), weights[i].end(), 0xffff);  // the caller reuses the memory
+    return absl::OkStatus();
+  });
+  EXPECT_EQ(status.code(), absl::StatusCode::kInternal) << status;
+  EXPECT_THAT(std::string(status.message()),
+              HasSubstr("summary before the tensor's rows were all sent"));
+  EXPECT_EQ(delivered, 0);
+  server->Shutdown();
 }
 
 TEST(ClientLibrary, RoundRobinSpreadsTensorsOverServers) {
