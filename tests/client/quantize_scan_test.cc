@@ -882,20 +882,31 @@ TEST(LocalQuantizer, GptqPlansFollowTheHessianKeyNotTheMatrixAddress) {
 }
 
 }  // namespace
+namespace {
+
+// An 8 x 64 tensor "w" of normal bf16 weights (in *weights) for method mse.
+TensorTask SmallMseTask(uint32_t seed, std::vector<uint16_t>* weights) {
+  constexpr int64_t rows = 8, cols = 64;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  weights->resize(rows * cols);
+  for (uint16_t& x : *weights) x = Bf16(normal(rng));
+  TensorTask task;
+  task.name = "w";
+  task.weights = {weights->data(), DType::kBFloat16, rows, cols};
+  task.params.method = Method::kMse;
+  task.global_amax = 8.0f;
+  return task;
+}
+
+}  // namespace
+
 // The in-process quantizer runs one worker on the caller's thread: it names its own threads
 // (nvf-quantize) but never the caller's, whose name may be the process's (the main thread's is
 // what ps, top and pkill see).
 TEST(LocalQuantizer, TheCallersThreadKeepsItsName) {
-  constexpr int64_t rows = 8, cols = 64;
-  std::mt19937 rng(4);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<uint16_t> weights(rows * cols);
-  for (uint16_t& x : weights) x = Bf16(normal(rng));
-  TensorTask task;
-  task.name = "w";
-  task.weights = {weights.data(), DType::kBFloat16, rows, cols};
-  task.params.method = Method::kMse;
-  task.global_amax = 8.0f;
+  std::vector<uint16_t> weights;
+  const TensorTask task = SmallMseTask(4, &weights);
   ASSERT_EQ(pthread_setname_np(pthread_self(), "caller-thread"), 0);
   std::unique_ptr<Quantizer> quantizer = MakeLocalQuantizer(MakeCpuScaleSearch({}), "cpu", 1);
   const absl::Status status = quantizer->QuantizeAll(
@@ -909,16 +920,8 @@ TEST(LocalQuantizer, TheCallersThreadKeepsItsName) {
 // The CLI's in-process backend starts on its own thread: calls wait for it, a bad device name is
 // refused at once, and a failed start is QuantizeAll's error.
 TEST(LocalQuantizer, StartedInTheBackgroundGivesTheSameBytesAndReportsAFailedStart) {
-  constexpr int64_t rows = 8, cols = 64;
-  std::mt19937 rng(9);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<uint16_t> weights(rows * cols);
-  for (uint16_t& x : weights) x = Bf16(normal(rng));
-  TensorTask task;
-  task.name = "w";
-  task.weights = {weights.data(), DType::kBFloat16, rows, cols};
-  task.params.method = Method::kMse;
-  task.global_amax = 8.0f;
+  std::vector<uint16_t> weights;
+  const TensorTask task = SmallMseTask(9, &weights);
   auto run = [&](Quantizer& q, QuantizedTensor* out) {
     return q.QuantizeAll(absl::MakeConstSpan(&task, 1),
                          [&](size_t, QuantizedTensor r) -> absl::Status {
