@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
-#include <functional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -102,20 +101,18 @@ bool ServerStream::WriteMessage(const v1::QuantizeRequest& message) {
   return stream_->Write(bytes);
 }
 
-namespace {
-
-// What one zero-copy slice holds until gRPC releases it.
-struct SliceHold {
-  std::function<void()> release;
+// What one zero-copy slice holds until gRPC releases it: its task's lease and its stream's.
+struct ServerStream::SliceHold {
+  std::shared_ptr<SliceLease> task;
+  std::shared_ptr<SliceLease> stream;
 };
 
-void ReleaseSlice(void* hold) {
+void ServerStream::ReleaseSlice(void* hold) {
   auto* h = static_cast<SliceHold*>(hold);
-  h->release();
+  h->task->Release();
+  h->stream->Release();
   delete h;
 }
-
-}  // namespace
 
 bool ServerStream::WriteWithSlice(const std::string& prefix, const void* data, size_t bytes,
                                   const std::shared_ptr<SliceLease>& lease) {
@@ -125,10 +122,7 @@ bool ServerStream::WriteWithSlice(const std::string& prefix, const void* data, s
   }
   lease->Add();
   stream_lease_->Add();
-  auto* hold = new SliceHold{[lease, stream = stream_lease_] {
-    lease->Release();
-    stream->Release();
-  }};
+  auto* hold = new SliceHold{lease, stream_lease_};
   // gRPC only reads the slice's bytes; the constructor takes a mutable pointer.
   const grpc::Slice slices[2] = {grpc::Slice(prefix),
                                  grpc::Slice(const_cast<void*>(data), bytes, &ReleaseSlice, hold)};

@@ -174,6 +174,9 @@ class ServerStream {
   bool SendFullHessian(const FullHessianView& h, bool upper);
   // The task's weight rows in chunks of about chunk_bytes_ (at least one row each).
   bool SendWeightRows(const TensorTask& task, const std::shared_ptr<SliceLease>& lease);
+  // gRPC's destroy callback of a zero-copy slice: releases what the SliceHold holds.
+  struct SliceHold;
+  static void ReleaseSlice(void* hold);
   // One message, serialized.
   bool WriteMessage(const v1::QuantizeRequest& message);
   // One message as `prefix` followed by `bytes` of caller memory at `data`, which gRPC sends
