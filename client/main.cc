@@ -286,6 +286,11 @@ CliParser QuantizeParser() {
               "KiB of weights (or Hessian) per message to a server, in [1, 65536]; at most a "
               "quarter of the server's max_receive_message_bytes is used",
               false, "1024");
+  p.AddOption("read-ahead-mib", "N",
+              "MiB of tensors the run may hold read ahead of the quantizer, in [0, 1048576]; "
+              "0 = automatic (8 layers' largest weights, or 3 with gptq's full Hessians). More "
+              "keeps a slow or distant quantizer busy at the cost of resident memory",
+              false, "0");
   p.AddOption("timeout", "SECONDS", "deadline of each server stream, 0 = none", false, "0");
   p.AddOption("retries", "N", "attempts per server when it is unavailable", false, "4");
   p.AddSwitch("tls", "connect to the servers with TLS (implied by --tls-ca/-cert/-key)");
@@ -357,6 +362,7 @@ int RunQuantize(int argc, const char* const* argv) {
   int retries = 4;
   int streams_per_server = 3;
   int chunk_kib = 1024;
+  int read_ahead_mib = 0;
   float timeout_s = 0.0f;
   for (const absl::Status& s :
        {ParseFloat(*args, "beta-step", &options.params.beta_step),
@@ -364,9 +370,11 @@ int RunQuantize(int argc, const char* const* argv) {
         ParseInt(*args, "cuda-workers", &cuda_workers, 1, 16),
         ParseInt(*args, "streams-per-server", &streams_per_server, 1, 16),
         ParseInt(*args, "chunk-kib", &chunk_kib, 1, 65536),
+        ParseInt(*args, "read-ahead-mib", &read_ahead_mib, 0, 1 << 20),
         ParseFloat(*args, "timeout", &timeout_s, 0.0f, 1e7f)}) {
     if (!s.ok()) return UsageError(cmd, s);
   }
+  options.read_ahead_bytes = int64_t{read_ahead_mib} << 20;
   const bool gptq = options.params.method == Method::kGptq;
   for (const char* name :
        {"gptq-damping", "gptq-act-order", "gptq-block-columns", "gptq-scale-objective",

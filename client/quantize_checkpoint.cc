@@ -441,7 +441,9 @@ absl::Status QuantizeModules(const QuantizeOptions& options, RunInputs& in,
     gates.push_back(std::make_unique<TaskGate>());
     task.ready = gates.back().get();
   }
-  ReadAhead read_ahead(PlanReadAhead(groups, &prepared));
+  const int64_t planned_read_ahead = PlanReadAhead(groups, &prepared);
+  ReadAhead read_ahead(options.read_ahead_bytes > 0 ? options.read_ahead_bytes
+                                                    : planned_read_ahead);
   std::atomic<bool> quantizer_done{false};
   // Threads are named for top -H and gdb; the ones they start inherit the name.
   std::thread scanner([&] {

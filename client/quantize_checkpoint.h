@@ -152,6 +152,10 @@ struct QuantizeOptions {
   const std::atomic<bool>* cancel = nullptr;
   // Where the run records its stages' timeline (--trace), or null.
   Trace* trace = nullptr;
+  // Memory the pipeline may hold for tensors read ahead of the quantizer (weights and full
+  // Hessians read, not yet quantized and written); a tensor larger than it is read alone.
+  // 0: 8 groups of fused siblings' weights or 3 groups with their full Hessians, the larger.
+  int64_t read_ahead_bytes = 0;
 };
 
 // One quantized module's outcome (of each expert of a 3-D expert tensor: "<m>.<e>"), for the

@@ -276,6 +276,26 @@ void ConvertExample(const std::string& dir, SafetensorsDType dtype) {
   ASSERT_TRUE(WriteSafetensorsFile(dir + "/model.safetensors", tensors, {{"format", "pt"}}).ok());
 }
 
+TEST(QuantizeCheckpoint, AOneByteReadAheadReadsTensorByTensorAndGivesTheSameBytes) {
+  // A budget below every tensor: each group is read alone once the one before it was written
+  // (no deadlock, nothing read into memory still in use).
+  TempFolder dir("read_ahead");
+  ExampleModelOptions example;
+  example.shards = 2;
+  ASSERT_TRUE(WriteExampleModel(dir / "model", example).ok());
+  QuantizeOptions options;
+  options.model_dir = dir / "model";
+  options.hessians_path = dir / "model/hessians.safetensors";
+  options.out_dir = dir / "out";
+  options.params.method = Method::kDss;
+  options.read_ahead_bytes = 1;
+  RecordingObserver observer;
+  absl::StatusOr<QuantizeReport> report = RunPipeline(options, &observer);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_EQ(report->modules.size(), 14u);
+  ExpectMatchesKernels(dir / "model", options.hessians_path, options.out_dir, Method::kDss);
+}
+
 TEST(QuantizeCheckpoint, Float16AndFloat32WeightsEqualKernelsCalledDirectly) {
   for (SafetensorsDType dtype : {SafetensorsDType::kF16, SafetensorsDType::kF32}) {
     TempFolder dir("dtypes");
