@@ -9,7 +9,10 @@ CPU-sized one), then in one run times:
   1 server       the same through one `nvfp4cal-server` on loopback
   N servers      through --servers servers on loopback, sharing this machine's GPU
 
-Every run writes into a fresh --out: an earlier output there is removed before the clock starts
+The runs alternate round by round (in-process, then each server configuration, every server up
+for the whole bench), --repeat rounds; each configuration's best and median and its ratio to the
+same round's in-process run are printed. Every run writes into a fresh --out: an earlier output
+there is removed before the clock starts
 (removing 6 GB of old output took 1.0-1.8 s on the H100 machines, a cost of `--overwrite`, not of
 the path measured). Every output is compared byte for byte with the in-process one. Per run: wall seconds, the CLI's
 own split (read / copy / quantize / write), peak RSS of the CLI (and of the servers), peak device
@@ -330,17 +333,6 @@ def main():
         os.makedirs(args.trace_dir, exist_ok=True)
     first = quantize(cli, args, model, ref, [], stats, log, "first")
     describe("first run", first)
-    results = {}
-    results["in-process"] = best_of(
-        [quantize(cli, args, model, ref, [], stats, log, "in-process")
-         for _ in range(args.repeat)])
-    describe("in-process", results["in-process"])
-    baseline = results["in-process"]["wall"]
-    if args.baseline_cli:
-        runs = [quantize(args.baseline_cli, args, model, out, [], stats, log)
-                for _ in range(args.repeat)]
-        describe("baseline CLI", best_of(runs), baseline)
-        print(f"{'':<14} output {compared(ref, out)} in-process")
 
     # (servers, their extra flags, the CLI's extra flags)
     configs = [(1, [], [])]
@@ -352,20 +344,57 @@ def main():
         configs.append((1, args.baseline_server_flags.split(), []))
     if args.servers != 1:
         configs.append((args.servers, [], []))
-    for count, server_flags, client_flags in configs if server and not args.no_servers else []:
-        servers = Servers(server, count, args.work, server_flags)
-        tag = f"{count}-server" + ("-flags" if server_flags or client_flags else "")
-        runs = [quantize(cli, args, model, out, ["--server", servers.addresses()] + client_flags,
-                         stats, log, tag, servers) for _ in range(args.repeat)]
-        stopped = servers.stop()
+    if not server or args.no_servers:
+        configs = []
+    # Every configuration's servers stay up for the whole bench and the runs alternate, round
+    # by round (in-process, baseline CLI, then each configuration), so that a drift of the
+    # machine (one configuration's figures varied by over 1 s within a call) reaches all alike;
+    # each round's ratios compare runs made next to each other.
+    labels = ["in-process"] + (["baseline CLI"] if args.baseline_cli else [])
+    servers_of = []
+    for count, server_flags, client_flags in configs:
         extra = server_flags + client_flags
-        label = f"{count} server" + ("s" if count > 1 else "") + (" " + " ".join(extra) if extra else "")
-        results[label] = best_of(runs)
-        describe(label, results[label], baseline)
-        print(f"{'':<14} servers' peak RSS: {', '.join(f'{r:.0f} MiB' for r, _, _ in stopped)}; "
-              f"CPU (whole life, user + system): "
-              f"{', '.join(f'{u:.1f} + {y:.1f} s' for _, u, y in stopped)}; output "
-              f"{compared(ref, out)} in-process")
+        labels.append(f"{count} server" + ("s" if count > 1 else "") +
+                      (" " + " ".join(extra) if extra else ""))
+        servers_of.append(Servers(server, count, args.work, server_flags))
+    runs = {label: [] for label in labels}
+    outputs_differ = {label: 0 for label in labels}
+    for _ in range(args.repeat):
+        runs["in-process"].append(quantize(cli, args, model, ref, [], stats, log, "in-process"))
+        if args.baseline_cli:
+            runs["baseline CLI"].append(quantize(args.baseline_cli, args, model, out, [], stats,
+                                                 log))
+            outputs_differ["baseline CLI"] += not same_outputs(ref, out)
+        for (count, server_flags, client_flags), servers, label in zip(
+                configs, servers_of, labels[len(labels) - len(configs):]):
+            tag = f"{count}-server" + ("-flags" if server_flags or client_flags else "")
+            runs[label].append(quantize(cli, args, model, out,
+                                        ["--server", servers.addresses()] + client_flags, stats,
+                                        log, tag, servers))
+            outputs_differ[label] += not same_outputs(ref, out)
+    baseline = best_of(runs["in-process"])["wall"]
+    stopped_of = [servers.stop() for servers in servers_of]
+    for k, label in enumerate(labels):
+        describe(label, best_of(runs[label]), None if k == 0 else baseline)
+        walls = [r["wall"] for r in runs[label]]
+        rounds = ""
+        if k > 0:
+            ratios = [r["wall"] / i["wall"] for r, i in zip(runs[label], runs["in-process"])]
+            rounds = (f"; against the same round's in-process: "
+                      f"{', '.join(f'{x:.2f}x' for x in ratios)} (median "
+                      f"{sorted(ratios)[len(ratios) // 2]:.2f}x)")
+        print(f"{'':<14} runs {', '.join(f'{w:.2f}' for w in walls)} s (median "
+              f"{sorted(walls)[len(walls) // 2]:.2f} s){rounds}")
+        if k > 0:
+            print(f"{'':<14} output "
+                  f"{'byte-identical to' if outputs_differ[label] == 0 else 'DIFFERS FROM'} "
+                  f"in-process in {len(walls) - outputs_differ[label]} of {len(walls)} runs")
+        server_index = k - (len(labels) - len(configs))
+        if server_index >= 0:
+            stopped = stopped_of[server_index]
+            print(f"{'':<14} servers' peak RSS: "
+                  f"{', '.join(f'{r:.0f} MiB' for r, _, _ in stopped)}; CPU (whole life, user + "
+                  f"system): {', '.join(f'{u:.1f} + {y:.1f} s' for _, u, y in stopped)}")
 
     if TRACES:
         print(f"{'':<14} timelines (--trace): {len(TRACES)} files in {args.trace_dir}")
