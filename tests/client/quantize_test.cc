@@ -3,9 +3,11 @@
 // extraction, sharing rule and fused-group amax); the checkpoint layout of NUMERICS §5; the
 // include/exclude globs; and inspect --against on two outputs. Hessians and labels:
 // quantize_hessians_test.cc; 3-D expert tensors: quantize_experts_test.cc.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <limits>
 #include <map>
 #include <memory>
 #include <set>
@@ -16,8 +18,10 @@
 #include "client/checkpoint.h"
 #include "client/example_model.h"
 #include "client/inspect.h"
+#include "client/local_quantizer.h"
 #include "client/quantize_checkpoint.h"
 #include "client/safetensors.h"
+#include "client/trace.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -186,9 +190,10 @@ void ExpectMatchesKernels(const std::string& model_dir, const std::string& hessi
   EXPECT_EQ(out.tensors.size(), in.tensors.size() + 2 * static_cast<size_t>(quantized));
 }
 
-class ExampleModel : public ::testing::TestWithParam<Method> {};
-
-TEST_P(ExampleModel, OutputEqualsKernelsCalledDirectly) {
+// The 2-shard example model quantized with `method` (the read-ahead budget 0 = the default; its
+// timeline into `trace` when not null) equals the kernels called directly; every report row
+// carries the method that ran.
+void ExpectExampleMatchesKernels(Method method, int64_t read_ahead_bytes, Trace* trace = nullptr) {
   TempFolder dir("example");
   ExampleModelOptions example;
   example.shards = 2;
@@ -197,16 +202,28 @@ TEST_P(ExampleModel, OutputEqualsKernelsCalledDirectly) {
   options.model_dir = dir / "model";
   options.hessians_path = dir / "model/hessians.safetensors";
   options.out_dir = dir / "out";
-  options.params.method = GetParam();
+  options.params.method = method;
+  options.read_ahead_bytes = read_ahead_bytes;
+  options.trace = trace;
   RecordingObserver observer;
-  absl::StatusOr<QuantizeReport> report = RunPipeline(options, &observer);
+  LocalQuantizerOptions local;
+  local.device = "cpu";
+  local.trace = trace;
+  absl::StatusOr<std::unique_ptr<Quantizer>> quantizer = MakeLocalQuantizer(local);
+  ASSERT_TRUE(quantizer.ok()) << quantizer.status();
+  absl::StatusOr<QuantizeReport> report = QuantizeCheckpoint(options, quantizer->get(), &observer);
   ASSERT_TRUE(report.ok()) << report.status();
   EXPECT_EQ(report->modules.size(), 14u);
   EXPECT_EQ(observer.done_, observer.tensors_);
   EXPECT_EQ(observer.done_bytes_, observer.bytes_);
-  ExpectMatchesKernels(dir / "model", options.hessians_path, options.out_dir, GetParam());
-  // Every report row carries the method that ran.
-  for (const ModuleReport& m : report->modules) EXPECT_EQ(m.stats.method, GetParam());
+  ExpectMatchesKernels(dir / "model", options.hessians_path, options.out_dir, method);
+  for (const ModuleReport& m : report->modules) EXPECT_EQ(m.stats.method, method);
+}
+
+class ExampleModel : public ::testing::TestWithParam<Method> {};
+
+TEST_P(ExampleModel, OutputEqualsKernelsCalledDirectly) {
+  ExpectExampleMatchesKernels(GetParam(), 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(EveryMethod, ExampleModel,
@@ -276,24 +293,32 @@ void ConvertExample(const std::string& dir, SafetensorsDType dtype) {
   ASSERT_TRUE(WriteSafetensorsFile(dir + "/model.safetensors", tensors, {{"format", "pt"}}).ok());
 }
 
-TEST(QuantizeCheckpoint, AOneByteReadAheadReadsTensorByTensorAndGivesTheSameBytes) {
-  // A budget below every tensor: each group is read alone once the one before it was written
-  // (no deadlock, nothing read into memory still in use).
-  TempFolder dir("read_ahead");
-  ExampleModelOptions example;
-  example.shards = 2;
-  ASSERT_TRUE(WriteExampleModel(dir / "model", example).ok());
-  QuantizeOptions options;
-  options.model_dir = dir / "model";
-  options.hessians_path = dir / "model/hessians.safetensors";
-  options.out_dir = dir / "out";
-  options.params.method = Method::kDss;
-  options.read_ahead_bytes = 1;
-  RecordingObserver observer;
-  absl::StatusOr<QuantizeReport> report = RunPipeline(options, &observer);
-  ASSERT_TRUE(report.ok()) << report.status();
-  EXPECT_EQ(report->modules.size(), 14u);
-  ExpectMatchesKernels(dir / "model", options.hessians_path, options.out_dir, Method::kDss);
+TEST(QuantizeCheckpoint, AOneByteReadAheadReadsGroupByGroupAndGivesTheSameBytes) {
+  // A budget below every tensor: a group is read only once every earlier group's results
+  // arrived (no deadlock, nothing read into memory still in use). So in the timeline the last
+  // group's wait for read-ahead memory ends after the 13 earlier tensors' quantization began
+  // (with the default budget the small model is read ahead at once, while few have begun).
+  Trace trace;
+  ExpectExampleMatchesKernels(Method::kDss, 1, &trace);
+  std::vector<int64_t> quantize_begins_us;
+  int64_t last_wait_end_us = 0;
+  int waits = 0;
+  const nlohmann::json parsed = nlohmann::json::parse(trace.Json());
+  for (const nlohmann::json& event : parsed["traceEvents"]) {
+    if (!event.contains("cat") || !event.contains("dur")) continue;
+    const std::string name = event["name"];
+    const int64_t begin = event["ts"];
+    if (name.rfind("quantize ", 0) == 0) quantize_begins_us.push_back(begin);
+    if (name == "wait for read-ahead memory") {
+      ++waits;
+      last_wait_end_us = std::max(last_wait_end_us, begin + int64_t{event["dur"]});
+    }
+  }
+  ASSERT_EQ(waits, 8);  // 2 layers x (q/k/v, o, gate/up, down)
+  ASSERT_EQ(quantize_begins_us.size(), 14u);
+  EXPECT_GE(std::count_if(quantize_begins_us.begin(), quantize_begins_us.end(),
+                          [&](int64_t begin) { return begin <= last_wait_end_us; }),
+            13);
 }
 
 TEST(QuantizeCheckpoint, Float16AndFloat32WeightsEqualKernelsCalledDirectly) {
