@@ -249,7 +249,7 @@ def describe(label, r, baseline=None):
           f"copy {s['copy']:.2f}, "
           + (f"Hessians read {s['hessian_read']:.2f}, " if s.get("hessian_read") else "")
           + f"quantize {s['quantize']:.2f}, write {s['write']:.2f}; server kernels "
-          f"{s.get('server_kernel', 0.0):.2f})  peak RSS {r['rss']:.0f} MiB, device "
+          f"{s.get('server_kernel', 0.0):.2f}, queued {s.get('server_queue', 0.0):.2f})  peak RSS {r['rss']:.0f} MiB, device "
           f"{r['device']}, CPU {r['cpu'][0]:.1f} s user + {r['cpu'][1]:.1f} s system{ratio}")
 
 
