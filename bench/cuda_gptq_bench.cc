@@ -4,8 +4,8 @@
 //
 //   cuda_gptq_bench [--layers=N] [--streams=S] [--update=ordered|cublas] [--search=sweep|dss]
 //                   [--nocompare] [--measure_update] [--cpu_rows=R] [--serial_plans]
-//                   [--pool_strict] [--pool_keep_gib=G] [--inverse=blocked|trtri]
-//                   [--pipelined [--plan_ahead]]
+//                   [--pool_strict] [--pool_keep_gib=G] [--inverse=gemm|trmm|trtri]
+//                   [--pipelined [--plan_ahead]] [--pin_host] [--pageable]
 //
 // A layer: q, k, v share the attention input's Hessian, gate and up the MLP input's; o and down
 // have their own (4 Hessians, n = 4096 x 3 and 14336). Hessians: MakeExampleFullHessian; weights:
@@ -19,8 +19,8 @@
 // on another stream before that stream's work is known to be done (no hidden cross-stream
 // waits); --pool_keep_gib=G lets the default pool keep up to G GiB of freed memory across
 // synchronisations (the release threshold; CUDA's default 0 hands it back at each one, so the
-// next plan's temporaries are mapped again). --inverse=trtri inverts the factor with cuSOLVER's
-// trtri instead of the backend's blocked inverse.
+// next plan's temporaries are mapped again). --inverse picks how the factor is inverted
+// (CudaGptqInverse: the blocked tree with DGEMMs, the default, or with trmm, or cuSOLVER's trtri).
 //
 // --pipelined runs the N layers as the CLI does, without a barrier between layers: S workers
 // take the layers' tensors in order, the first tensor that needs a plan prepares it (later ones
@@ -30,6 +30,10 @@
 // Every layer's digests must equal the first layer's (same data). With --plan_ahead a planner
 // thread on a backend (stream) of its own prepares the plans in layer order instead, up to two
 // layers ahead of the oldest layer whose plans are still in use; the workers only quantize.
+// --pin_host page-locks the generated Hessians and weights (cudaHostRegister), so that their
+// copies to the device run at the bus's pace instead of through the driver's pageable staging.
+// --pageable copies H and the weights directly from pageable memory instead of through the
+// backend's pinned staging (CudaGptqOptions::staged_copies off).
 #include <cuda_runtime.h>
 #include <sys/mman.h>
 
@@ -90,6 +94,7 @@ int main(int argc, char** argv) {
   bool pipelined = false;
   bool plan_ahead = false;
   bool pool_strict = false;
+  bool pin_host = false;
   int64_t pool_keep_gib = -1;
   nvfp4cal::CudaGptqOptions options;
   nvfp4cal::SearchParams params;
@@ -112,13 +117,19 @@ int main(int argc, char** argv) {
     } else if (arg == "--nocompare") {
       params.gptq.compare_local_hessian = false;
     } else if (arg == "--inverse=trtri") {
-      options.cusolver_inverse = true;
-    } else if (arg == "--inverse=blocked") {
-      options.cusolver_inverse = false;
+      options.inverse = nvfp4cal::CudaGptqInverse::kCusolverTrtri;
+    } else if (arg == "--inverse=trmm") {
+      options.inverse = nvfp4cal::CudaGptqInverse::kBlockedTrmm;
+    } else if (arg == "--inverse=gemm") {
+      options.inverse = nvfp4cal::CudaGptqInverse::kBlockedGemm;
     } else if (arg == "--measure_update") {
       options.measure_update = true;
     } else if (arg == "--serial_plans") {
       serial_plans = true;
+    } else if (arg == "--pageable") {
+      options.staged_copies = false;
+    } else if (arg == "--pin_host") {
+      pin_host = true;
     } else if (arg == "--pool_strict") {
       pool_strict = true;
     } else if (arg.rfind("--pool_keep_gib=", 0) == 0) {
@@ -176,6 +187,18 @@ int main(int argc, char** argv) {
     weights.push_back(nvfp4cal::MakeExampleWeightsBf16(layer[t].rows, layer[t].cols, 10 + t));
   }
   std::printf("data generated in %.1f s\n", SecondsSince(gen_start));
+  if (pin_host) {
+    const auto pin_start = std::chrono::steady_clock::now();
+    auto pin = [](void* data, size_t bytes) {
+      if (cudaHostRegister(data, bytes, cudaHostRegisterDefault) != cudaSuccess) {
+        std::fprintf(stderr, "--pin_host: cudaHostRegister of %zu bytes failed\n", bytes);
+        std::exit(1);
+      }
+    };
+    for (std::vector<float>& h : hessians) pin(h.data(), h.size() * sizeof(float));
+    for (std::vector<uint16_t>& w : weights) pin(w.data(), w.size() * sizeof(uint16_t));
+    std::printf("host data page-locked in %.1f s\n", SecondsSince(pin_start));
+  }
   if (!pipelined) {
     // The plans' host check of the largest H alone, three times each: in the generated vector,
     // and in copies whose pages were advised for and against transparent huge pages (the check

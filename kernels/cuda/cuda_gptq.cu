@@ -235,7 +235,7 @@ class CudaGptq : public GptqBackend {
     plan->upload_seconds = lap();
     NVFP4_RETURN_IF_ERROR(FactorDamped(*order, h_float, b, info, plan.get()));
     plan->potrf_seconds = lap();
-    if (options_.cusolver_inverse) {
+    if (options_.inverse == CudaGptqInverse::kCusolverTrtri) {
       NVFP4_RETURN_IF_ERROR(InvertFactor(n, b, info));
     } else {
       NVFP4_RETURN_IF_ERROR(InvertLowerTriangular(b.As<double>(), n));
@@ -323,6 +323,15 @@ class CudaGptq : public GptqBackend {
 
   cudaStream_t stream() const { return stream_.get(); }
 
+  // Queues a copy of the caller's host memory to the device on the stream (staged unless the
+  // options say otherwise); `from` may change once this returns.
+  absl::Status CopyToDevice(void* to, const void* from, int64_t bytes) {
+    if (options_.staged_copies) return upload_.Copy(to, from, bytes, stream());
+    NVFP4_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(to, from, static_cast<size_t>(bytes), cudaMemcpyHostToDevice, stream()));
+    return absl::OkStatus();
+  }
+
   // Reserves H (fp32) and b on the device and the plan's column order, group order and bounds,
   // and copies H and those three there.
   absl::Status UploadHessian(const FullHessianView& hessian, const GptqOrder& order,
@@ -341,9 +350,7 @@ class CudaGptq : public GptqBackend {
     NVFP4_RETURN_IF_ERROR(plan->bounds.Reserve(
         device, static_cast<int64_t>(bounds.size() * sizeof(HessianBlockBounds)), stream(),
         nullptr));
-    NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h_float->As<float>(), hessian.data,
-                                               static_cast<size_t>(nn * 4), cudaMemcpyHostToDevice,
-                                               stream()));
+    NVFP4_RETURN_IF_ERROR(CopyToDevice(h_float->As<float>(), hessian.data, nn * 4));
     NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(plan->column.As<int32_t>(), column.data(),
                                                static_cast<size_t>(n * 4), cudaMemcpyHostToDevice,
                                                stream()));
@@ -438,19 +445,26 @@ class CudaGptq : public GptqBackend {
   // a (lower triangular, column-major [n, n], nonzero diagonal: a Cholesky factor) = its
   // inverse, in place: the diagonal leaves by a kernel, then for each node of a binary tree over
   // the leaves, children first, with A = [A11 0; A21 A22] and A11, A22 already inverted,
-  // A21 = -A22^-1 A21 A11^-1 by two cuBLAS trmm (n^3 / 3 flops in all, mostly in large
-  // products; cuSOLVER's trtri took 3x longer for n = 14336 on an H100: 0.14 against 0.044 s).
+  // A21 = -A22^-1 A21 A11^-1: by two DGEMMs on whole blocks (kBlockedGemm; the upper triangles
+  // are 0, BuildReversedKernel writes them; 2 n^3 / 3 flops on the fp64 tensor cores), the first
+  // into a temporary, or by two in-place cuBLAS trmm (kBlockedTrmm; n^3 / 3 flops, at a fraction
+  // of that pace: 62-83 against 38 ms for n = 14336 on an H100; cuSOLVER's trtri took 3x longer
+  // still).
   absl::Status InvertLowerTriangular(double* a, int64_t n) {
     NVFP4_CUDA_RETURN_IF_ERROR(LaunchInvertLowerLeaves(a, n, stream()));
-    return InvertLowerAbove(a, n, 0, (n + kInverseLeaf - 1) / kInverseLeaf);
+    DeviceBuffer temp;  // [m2, m1] of a node, m1 * m2 <= n^2 / 4
+    if (options_.inverse == CudaGptqInverse::kBlockedGemm) {
+      NVFP4_RETURN_IF_ERROR(temp.Reserve(options_.device, n * n * 2 + 8, stream(), stream()));
+    }
+    return InvertLowerAbove(a, n, 0, (n + kInverseLeaf - 1) / kInverseLeaf, temp.As<double>());
   }
 
   // The off-diagonal blocks of leaves [l0, l1) (their diagonal blocks already inverted).
-  absl::Status InvertLowerAbove(double* a, int64_t n, int64_t l0, int64_t l1) {
+  absl::Status InvertLowerAbove(double* a, int64_t n, int64_t l0, int64_t l1, double* temp) {
     if (l1 - l0 < 2) return absl::OkStatus();
     const int64_t mid = l0 + (l1 - l0) / 2;
-    NVFP4_RETURN_IF_ERROR(InvertLowerAbove(a, n, l0, mid));
-    NVFP4_RETURN_IF_ERROR(InvertLowerAbove(a, n, mid, l1));
+    NVFP4_RETURN_IF_ERROR(InvertLowerAbove(a, n, l0, mid, temp));
+    NVFP4_RETURN_IF_ERROR(InvertLowerAbove(a, n, mid, l1, temp));
     const int64_t r0 = l0 * kInverseLeaf;
     const int64_t r1 = mid * kInverseLeaf;
     const int64_t r2 = std::min(n, l1 * kInverseLeaf);
@@ -462,6 +476,16 @@ class CudaGptq : public GptqBackend {
     double* a21 = a + r1 + r0 * n;
     const double one = 1.0;
     const double minus_one = -1.0;
+    if (temp != nullptr) {
+      const double zero = 0.0;
+      NVFP4_RETURN_IF_ERROR(
+          CublasStatus(libs_->cublasDgemm(cublas_, CUBLAS_OP_N, CUBLAS_OP_N, m2, m1, m1, &one, a21,
+                                          ld, x11, ld, &zero, temp, m2),
+                       "dgemm"));
+      return CublasStatus(libs_->cublasDgemm(cublas_, CUBLAS_OP_N, CUBLAS_OP_N, m2, m1, m2,
+                                             &minus_one, x22, ld, temp, m2, &zero, a21, ld),
+                          "dgemm");
+    }
     // A21 = A21 X11, then A21 = -X22 A21 (in place: cuBLAS writes C, here B itself).
     NVFP4_RETURN_IF_ERROR(CublasStatus(
         libs_->cublasDtrmm(cublas_, CUBLAS_SIDE_RIGHT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N,
@@ -570,9 +594,9 @@ class CudaGptq : public GptqBackend {
     const int64_t n = a.n;
     const int64_t rows = a.rows;
     const int64_t element_bytes = DTypeSize(weights.dtype);
-    NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
+    NVFP4_RETURN_IF_ERROR(CopyToDevice(
         buffers.weights, static_cast<const char*>(weights.data) + c0 * n * element_bytes,
-        static_cast<size_t>(rows * n * element_bytes), cudaMemcpyHostToDevice, stream()));
+        rows * n * element_bytes));
     NVFP4_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(
         buffers.stats, 0, static_cast<size_t>(rows) * sizeof(BlockStatistics), stream()));
     NVFP4_CUDA_RETURN_IF_ERROR(LaunchLoadWork(a, stream()));
@@ -665,6 +689,7 @@ class CudaGptq : public GptqBackend {
   cusolverDnParams_t solver_params_ = nullptr;
   std::mutex mutex_;
   DeviceBuffer workspace_;
+  StagedUpload upload_;  // used under mutex_
 };
 
 }  // namespace

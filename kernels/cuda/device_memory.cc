@@ -88,6 +88,44 @@ void ParallelHostCopy(char* to, const char* from, int64_t bytes, int threads) {
   for (std::thread& t : pool) t.join();
 }
 
+StagedUpload::~StagedUpload() {
+  for (int h = 0; h < 2; ++h) {
+    if (done_[h] == nullptr) continue;
+    if (pending_[h]) cudaEventSynchronize(done_[h]);  // the buffer is freed after this
+    cudaEventDestroy(done_[h]);
+  }
+}
+
+absl::Status StagedUpload::Copy(void* to, const void* from, int64_t bytes, cudaStream_t stream) {
+  if (bytes < kMinStagedBytes || unavailable_) {
+    NVFP4_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(to, from, static_cast<size_t>(bytes), cudaMemcpyHostToDevice, stream));
+    return absl::OkStatus();
+  }
+  if (done_[0] == nullptr) {
+    if (!buffer_.Reserve(2 * kPieceBytes)) {
+      unavailable_ = true;
+      return Copy(to, from, bytes, stream);
+    }
+    for (cudaEvent_t& event : done_) {
+      NVFP4_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+    }
+  }
+  int half = 0;
+  for (int64_t at = 0; at < bytes; at += kPieceBytes, half ^= 1) {
+    const int64_t piece = std::min(kPieceBytes, bytes - at);
+    if (pending_[half]) NVFP4_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(done_[half]));
+    char* const staged = buffer_.data() + half * kPieceBytes;
+    ParallelHostCopy(staged, static_cast<const char*>(from) + at, piece, kThreads);
+    NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(static_cast<char*>(to) + at, staged,
+                                               static_cast<size_t>(piece), cudaMemcpyHostToDevice,
+                                               stream));
+    NVFP4_CUDA_RETURN_IF_ERROR(cudaEventRecord(done_[half], stream));
+    pending_[half] = true;
+  }
+  return absl::OkStatus();
+}
+
 BackendStream::~BackendStream() {
   if (owned_ != nullptr) cudaStreamDestroy(owned_);
 }

@@ -84,6 +84,39 @@ class PinnedHostBuffer {
   int64_t bytes_ = 0;
 };
 
+// Copies pageable host memory to the device at the bus's pace: in pieces through the two halves
+// of a pinned buffer, one half filled on several threads (ParallelHostCopy) while the other's
+// copy to the device runs. A copy from pageable memory goes through the driver's own staging,
+// at a fraction of the bus and serialised with the process's other pageable copies.
+//
+//   StagedUpload upload;  // a member of the backend, used on one stream at a time
+//   NVFP4_RETURN_IF_ERROR(upload.Copy(device_ptr, host_ptr, bytes, stream));
+//   // host_ptr may change now; device_ptr is written in stream order.
+class StagedUpload {
+ public:
+  StagedUpload() = default;
+  StagedUpload(const StagedUpload&) = delete;
+  StagedUpload& operator=(const StagedUpload&) = delete;
+  ~StagedUpload();
+
+  // Queues the copy of `bytes` from `from` (host) to `to` (device) on `stream` and returns once
+  // `from` has been read. Copies below kMinStagedBytes, and every copy when the pinned buffer
+  // cannot be had, go directly (pageable). A later call waits for the halves it reuses.
+  absl::Status Copy(void* to, const void* from, int64_t bytes, cudaStream_t stream);
+
+  // Smaller copies gain nothing from staging.
+  static constexpr int64_t kMinStagedBytes = int64_t{1} << 20;
+  // Each half's size and the host threads that fill it.
+  static constexpr int64_t kPieceBytes = int64_t{32} << 20;
+  static constexpr int kThreads = 4;
+
+ private:
+  PinnedHostBuffer buffer_;                   // two halves of kPieceBytes
+  bool unavailable_ = false;                  // pinned memory could not be had: copy directly
+  cudaEvent_t done_[2] = {nullptr, nullptr};  // each half's last copy to the device
+  bool pending_[2] = {false, false};
+};
+
 // Copies `bytes` from `from` to `to` on up to `threads` threads (pieces of at least 4 MiB), for
 // filling pinned staging from memory-mapped files: one thread's memcpy with page faults runs at
 // a fraction of the bus.

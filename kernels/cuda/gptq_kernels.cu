@@ -21,16 +21,17 @@ constexpr int kGroupTeam = 16;    // lanes per row in the group kernel (a power 
 constexpr int kUpdateTile = 128;  // rows x columns of one CUDA block of the update kernel
 constexpr int kUpdateDepth = 16;  // errors staged in shared memory per step
 
-// B(i, j) = A(n-1-i, n-1-j) for j >= i (column-major lower triangle) with A = H_perm + lambda I,
-// as ComputeGptqFactor builds it on the host.
+// B(j, i) = A(n-1-j, n-1-i) for i <= j (column-major lower triangle) with A = H_perm + lambda I,
+// as ComputeGptqFactor builds it on the host; the upper triangle 0 (potrf reads the lower one
+// only; the blocked inverse multiplies whole blocks, whose upper triangles must be 0).
 __global__ void BuildReversedKernel(const float* h, const int32_t* column, int64_t n, double lambda,
                                     double* b) {
   const int64_t j = blockIdx.x;
-  for (int64_t i = threadIdx.x + static_cast<int64_t>(blockIdx.y) * blockDim.x; i <= j && i < n;
+  const int64_t cj = column[n - 1 - j];
+  for (int64_t i = threadIdx.x + static_cast<int64_t>(blockIdx.y) * blockDim.x; i < n;
        i += static_cast<int64_t>(gridDim.y) * blockDim.x) {
-    const int64_t ci = column[n - 1 - i];
-    const int64_t cj = column[n - 1 - j];
-    b[j + i * n] = static_cast<double>(h[ci * n + cj]) + (i == j ? lambda : 0.0);
+    b[j + i * n] =
+        i <= j ? static_cast<double>(h[column[n - 1 - i] * n + cj]) + (i == j ? lambda : 0.0) : 0.0;
   }
 }
 

@@ -111,9 +111,11 @@ TEST_F(CudaGptqTest, OrderedUpdateIsBitIdenticalToTheCpu) {
   }
 }
 
-TEST_F(CudaGptqTest, BlockedInverseGivesTheBytesOfTrtriAndOfTheCpu) {
-  // n = 1040: 33 diagonal leaves of 32 (the last one 16 wide), so the tree of trmm products has
-  // uneven halves; an ill-conditioned H (few tokens, strong mixing).
+TEST_F(CudaGptqTest, EveryInverseGivesTheBytesOfTheCpu) {
+  // n = 1040: 33 diagonal leaves of 32 (the last one 16 wide), so the tree of products has
+  // uneven halves; an ill-conditioned H (few tokens, strong mixing). The blocked tree with
+  // DGEMMs (the default: whole blocks, their upper triangles zero) or trmm, and cuSOLVER's
+  // trtri, all give the CPU's bytes.
   const int64_t rows = 48, cols = 1040;
   const std::vector<float> h = CorrelatedHessian(cols, 1100, 0.3, 41);
   const std::vector<float> w = RandomWeights(rows, cols, 42);
@@ -124,20 +126,17 @@ TEST_F(CudaGptqTest, BlockedInverseGivesTheBytesOfTrtriAndOfTheCpu) {
   request.params.gptq.act_order = true;
   absl::StatusOr<QuantizedTensor> cpu = CpuGptqQuantize(request, {});
   ASSERT_TRUE(cpu.ok()) << cpu.status();
-  CudaGptqOptions trtri;
-  trtri.cusolver_inverse = true;
-  std::unique_ptr<GptqBackend> blocked_gpu = Gpu();
-  std::unique_ptr<GptqBackend> trtri_gpu = Gpu(trtri);
-  ASSERT_NE(blocked_gpu, nullptr);
-  ASSERT_NE(trtri_gpu, nullptr);
-  absl::StatusOr<QuantizedTensor> blocked = GptqQuantize(*blocked_gpu, request);
-  ASSERT_TRUE(blocked.ok()) << blocked.status();
-  absl::StatusOr<QuantizedTensor> reference = GptqQuantize(*trtri_gpu, request);
-  ASSERT_TRUE(reference.ok()) << reference.status();
-  EXPECT_EQ(DifferentCodes(*blocked, *reference), 0);
-  EXPECT_EQ(blocked->scales, reference->scales);
-  EXPECT_EQ(DifferentCodes(*blocked, *cpu), 0);
-  EXPECT_EQ(blocked->scales, cpu->scales);
+  for (CudaGptqInverse inverse : {CudaGptqInverse::kBlockedGemm, CudaGptqInverse::kBlockedTrmm,
+                                  CudaGptqInverse::kCusolverTrtri}) {
+    CudaGptqOptions options;
+    options.inverse = inverse;
+    std::unique_ptr<GptqBackend> gpu = Gpu(options);
+    ASSERT_NE(gpu, nullptr);
+    absl::StatusOr<QuantizedTensor> result = GptqQuantize(*gpu, request);
+    ASSERT_TRUE(result.ok()) << result.status();
+    EXPECT_EQ(DifferentCodes(*result, *cpu), 0) << static_cast<int>(inverse);
+    EXPECT_EQ(result->scales, cpu->scales) << static_cast<int>(inverse);
+  }
 }
 
 TEST_F(CudaGptqTest, RowSplitsAndChunksGiveTheSameBytes) {
@@ -192,6 +191,35 @@ TEST_F(CudaGptqTest, RowSplitsAndChunksGiveTheSameBytes) {
   EXPECT_THAT(
       gpu->QuantizeRows(**cpu_plan, request.weights, 5.5f, 0, rows, false, all, &stats).message(),
       HasSubstr("prepared by another backend"));
+}
+
+TEST_F(CudaGptqTest, StagedCopiesGiveTheBytesOfDirectCopies) {
+  // H (n = 4096, 64 MiB) crosses the two 32 MiB halves of the pinned staging; the second
+  // tensor's 72 MiB of fp32 weights reuse both halves, so a half refilled before its copy to
+  // the device finished would show as different bytes.
+  const int64_t cols = 4096;
+  const std::vector<float> h = MakeExampleFullHessian(cols, 61);
+  const std::vector<uint16_t> w1 = MakeExampleWeightsBf16(2100, cols, 62);
+  const std::vector<float> w2 = RandomWeights(4500, cols, 63);
+  CudaGptqOptions direct_options;
+  direct_options.staged_copies = false;
+  std::unique_ptr<GptqBackend> staged = Gpu();
+  std::unique_ptr<GptqBackend> direct = Gpu(direct_options);
+  ASSERT_NE(staged, nullptr);
+  ASSERT_NE(direct, nullptr);
+  for (const WeightView& weights : {WeightView{w1.data(), DType::kBFloat16, 2100, cols},
+                                    WeightView{w2.data(), DType::kFloat32, 4500, cols}}) {
+    GptqRequest request;
+    request.weights = weights;
+    request.hessian = {h.data(), cols};
+    request.params.method = Method::kGptq;
+    absl::StatusOr<QuantizedTensor> a = GptqQuantize(*staged, request);
+    ASSERT_TRUE(a.ok()) << a.status();
+    absl::StatusOr<QuantizedTensor> b = GptqQuantize(*direct, request);
+    ASSERT_TRUE(b.ok()) << b.status();
+    EXPECT_EQ(DifferentCodes(*a, *b), 0) << weights.rows << " rows";
+    EXPECT_EQ(a->scales, b->scales) << weights.rows << " rows";
+  }
 }
 
 TEST_F(CudaGptqTest, CublasUpdateIsDeterministicAndDriftsLittle) {

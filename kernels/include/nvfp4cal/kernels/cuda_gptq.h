@@ -35,6 +35,20 @@ enum class CudaGptqUpdate {
   kCublas,
 };
 
+// How the Cholesky factor is inverted, in double precision (U is stored in fp32; the three
+// agree to double rounding).
+enum class CudaGptqInverse {
+  // The default: the 32 x 32 diagonal blocks by a kernel, then for each node of a binary tree
+  // over them A21 = -X22 A21 X11 as two DGEMMs on whole blocks (their upper triangles are 0):
+  // twice trmm's flops, at the fp64 tensor cores' pace (n = 14336 on an H100: 38 against 62-83
+  // ms per factor with trmm).
+  kBlockedGemm,
+  // The same tree with cuBLAS trmm (in place, n^3 / 3 flops).
+  kBlockedTrmm,
+  // cuSOLVER's trtri (3x slower than kBlockedTrmm for n = 14336 on an H100).
+  kCusolverTrtri,
+};
+
 struct CudaGptqOptions {
   // CUDA device ordinal; plans live on this device.
   int device = 0;
@@ -46,10 +60,11 @@ struct CudaGptqOptions {
   CudaGptqUpdate update = CudaGptqUpdate::kOrdered;
   // Synchronise around every update to report GptqStats::update_seconds (benchmarks; slower).
   bool measure_update = false;
-  // Invert the Cholesky factor with cuSOLVER's trtri instead of the backend's blocked inverse
-  // (a kernel for the 32 x 32 diagonal blocks, cuBLAS trmm above them); benchmarks compare the
-  // two. Both give the factor to double rounding; U is stored in fp32.
-  bool cusolver_inverse = false;
+  CudaGptqInverse inverse = CudaGptqInverse::kBlockedGemm;
+  // Copy H and the weights to the device through pinned staging filled on several threads
+  // (StagedUpload), instead of directly from the caller's pageable memory, whose copies go
+  // through the driver's staging at a fraction of the bus, one at a time per process.
+  bool staged_copies = true;
 };
 
 // The CUDA gptq backend, or UNAVAILABLE (no device / built without CUDA).
