@@ -191,11 +191,11 @@ def wait_for_port(port, proc, timeout=60.0):
 class Servers:
     """N nvfp4cal-server processes on loopback; their peak RSS is read when they stop."""
 
-    def __init__(self, binary, count, work, extra=()):
+    def __init__(self, binary, count, work, extra=(), tag=""):
         self.ports = [free_port() for _ in range(count)]
         self.procs = []
         for i, port in enumerate(self.ports):
-            log = open(os.path.join(work, f"server-{count}-{i}.log"), "w")
+            log = open(os.path.join(work, f"server{tag}-{count}-{i}.log"), "w")
             self.procs.append(subprocess.Popen(
                 [binary, f"--address=127.0.0.1:{port}", "--metrics_address="] + list(extra),
                 stdout=log, stderr=subprocess.STDOUT))
@@ -285,8 +285,9 @@ def main():
     p.add_argument("--streams-per-server", type=int,
                    help="also time one server with this many client streams (the other runs "
                    "use the CLI's default)")
-    p.add_argument("--client-flags", help="also time one server with these extra CLI flags "
-                   "(e.g. '--chunk-kib 4096')")
+    p.add_argument("--client-flags", action="append", default=[],
+                   help="also time one server with these extra CLI flags (e.g. '--chunk-kib "
+                   "4096'); repeat for more configurations")
     p.add_argument("--no-floors", action="store_true", help="skip the stage floors")
     p.add_argument("--trace-dir", help="write each run's --trace timeline of this build's CLI "
                    "into this folder (NN-LABEL.json; the baseline CLI's runs have none)")
@@ -296,8 +297,9 @@ def main():
                    "name of the CLI and its servers (bench/thread_cpu.py, beside this script)")
     p.add_argument("--trace-summary", action="store_true", help="with --trace-dir: also print "
                    "each timeline's summary (bench/trace_summary.py, found beside this script)")
-    p.add_argument("--baseline-server-flags", help="also time one server started with these "
-                   "extra flags (e.g. --cuda_workers_per_device=1), for comparison")
+    p.add_argument("--baseline-server-flags", action="append", default=[],
+                   help="also time one server started with these extra flags (e.g. "
+                   "--cuda_workers_per_device=1), for comparison; repeat for more servers")
     args = p.parse_args()
     cli = find_binary(args.build, "nvfp4cal")
     server = find_binary(args.build, "nvfp4cal-server")
@@ -338,10 +340,10 @@ def main():
     configs = [(1, [], [])]
     if args.streams_per_server is not None:
         configs.append((1, [], ["--streams-per-server", str(args.streams_per_server)]))
-    if args.client_flags:
-        configs.append((1, [], args.client_flags.split()))
-    if args.baseline_server_flags:
-        configs.append((1, args.baseline_server_flags.split(), []))
+    for flags in args.client_flags:
+        configs.append((1, [], flags.split()))
+    for flags in args.baseline_server_flags:
+        configs.append((1, flags.split(), []))
     if args.servers != 1:
         configs.append((args.servers, [], []))
     if not server or args.no_servers:
@@ -356,7 +358,7 @@ def main():
         extra = server_flags + client_flags
         labels.append(f"{count} server" + ("s" if count > 1 else "") +
                       (" " + " ".join(extra) if extra else ""))
-        servers_of.append(Servers(server, count, args.work, server_flags))
+        servers_of.append(Servers(server, count, args.work, server_flags, f"-c{len(servers_of)}"))
     runs = {label: [] for label in labels}
     outputs_differ = {label: 0 for label in labels}
     for _ in range(args.repeat):
