@@ -194,8 +194,10 @@ class Servers:
     def __init__(self, binary, count, work, extra=(), tag=""):
         self.ports = [free_port() for _ in range(count)]
         self.procs = []
+        self.logs = []
         for i, port in enumerate(self.ports):
-            log = open(os.path.join(work, f"server{tag}-{count}-{i}.log"), "w")
+            self.logs.append(os.path.join(work, f"server{tag}-{count}-{i}.log"))
+            log = open(self.logs[-1], "w")
             self.procs.append(subprocess.Popen(
                 [binary, f"--address=127.0.0.1:{port}", "--metrics_address="] + list(extra),
                 stdout=log, stderr=subprocess.STDOUT))
@@ -213,6 +215,15 @@ class Servers:
             _, _, usage = os.wait4(proc.pid, 0)
             stopped.append((usage.ru_maxrss / 1024.0, usage.ru_utime, usage.ru_stime))
         return stopped
+
+    def batches(self):
+        """Each server's last words on its batches ("stopped after N batches ..."), once stopped."""
+        lines = []
+        for path in self.logs:
+            with open(path, errors="replace") as f:
+                found = [l.strip() for l in f if "stopped after" in l]
+            lines.append(found[-1].split("stopped after ", 1)[1] if found else "(not logged)")
+        return lines
 
 
 TRACES = []  # the --trace files written so far
@@ -396,7 +407,8 @@ def main():
             stopped = stopped_of[server_index]
             print(f"{'':<14} servers' peak RSS: "
                   f"{', '.join(f'{r:.0f} MiB' for r, _, _ in stopped)}; CPU (whole life, user + "
-                  f"system): {', '.join(f'{u:.1f} + {y:.1f} s' for _, u, y in stopped)}")
+                  f"system): {', '.join(f'{u:.1f} + {y:.1f} s' for _, u, y in stopped)}; "
+                  f"batches: {'; '.join(servers_of[server_index].batches())}")
 
     if TRACES:
         print(f"{'':<14} timelines (--trace): {len(TRACES)} files in {args.trace_dir}")

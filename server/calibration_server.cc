@@ -226,6 +226,17 @@ void CalibrationServer::SetServing(const char* service, bool serving) {
   }
 }
 
+std::string CalibrationServer::DescribeBatches() const {
+  const SchedulerStats stats = scheduler_stats();
+  if (stats.batches == 0) return "0 batches";
+  const double batches = static_cast<double>(stats.batches);
+  const double items = static_cast<double>(stats.batched_items);
+  const double mib = static_cast<double>(stats.batched_item_bytes) / (1 << 20);
+  return absl::StrFormat(
+      "%d batches of %d work items (on average %.1f per batch, holding %.1f MiB)", stats.batches,
+      stats.batched_items, items / batches, mib / batches);
+}
+
 std::shared_ptr<grpc::Channel> CalibrationServer::InProcessChannel() {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(-1);

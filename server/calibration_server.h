@@ -76,6 +76,14 @@ class CalibrationServer {
   const std::string& device_selection() const { return device_selection_; }
   // Bytes of full Hessians (method gptq) and gptq plans the sessions and jobs hold now.
   int64_t full_hessian_bytes_in_use() const { return full_hessians_.in_use_bytes(); }
+  // The scheduler's counters (batches run and the items in them; also after Drain); zeros
+  // before a successful Start.
+  SchedulerStats scheduler_stats() const {
+    return scheduler_ != nullptr ? scheduler_->Stats() : SchedulerStats{};
+  }
+  // "N batches of M work items (on average K per batch, holding B MiB)" (the items'
+  // memory_bytes: weights, outputs, Hessians), for the stop log.
+  std::string DescribeBatches() const;
 
   // Readiness NOT_SERVING, new streams/tensors/jobs UNAVAILABLE, in-flight calls and unfinished
   // jobs get up to options.drain_timeout to finish, then are cancelled; then the scheduler

@@ -201,6 +201,6 @@ int main(int argc, char** argv) {
   std::cerr << "nvfp4cal-server: signal " << signal << ", draining (up to "
             << absl::FormatDuration(absl::GetFlag(FLAGS_drain_timeout)) << ")" << std::endl;
   server.Drain();
-  std::cerr << "nvfp4cal-server: stopped" << std::endl;
+  std::cerr << "nvfp4cal-server: stopped after " << server.DescribeBatches() << std::endl;
   return 0;
 }

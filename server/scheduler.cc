@@ -106,6 +106,8 @@ SchedulerStats Scheduler::Stats() const {
   stats.running_items = running_items_;
   stats.flows = static_cast<int64_t>(flows_.size());
   stats.batches = batches_;
+  stats.batched_items = batched_items_;
+  stats.batched_item_bytes = batched_item_bytes_;
   return stats;
 }
 
@@ -143,7 +145,9 @@ void Scheduler::WorkerLoop(int worker) {
     {
       absl::MutexLock lock(&mu_);
       ++batches_;
+      batched_items_ += static_cast<int64_t>(batch.size());
       for (size_t i = 0; i < batch.size(); ++i) {
+        batched_item_bytes_ += batch[i].second.item.memory_bytes;
         const FlowId id = batch[i].first;
         Flow& flow = flows_.at(id);
         --flow.running;

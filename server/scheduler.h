@@ -119,8 +119,11 @@ struct SchedulerStats {
   int64_t running_items = 0;
   // Flows not yet forgotten.
   int64_t flows = 0;
-  // Batches run since start.
+  // Batches run since start, the work items in them and those items' memory_bytes: how full
+  // the batches are (a device's kernels and copies are cheaper per byte in larger batches).
   int64_t batches = 0;
+  int64_t batched_items = 0;
+  int64_t batched_item_bytes = 0;
 };
 
 class Scheduler {
@@ -200,6 +203,8 @@ class Scheduler {
   int64_t queued_items_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t running_items_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t batches_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t batched_items_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t batched_item_bytes_ ABSL_GUARDED_BY(mu_) = 0;
 
   std::vector<std::thread> workers_;
 };

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "gmock/gmock.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "gtest/gtest.h"
@@ -36,6 +37,7 @@ using ::nvfp4cal::server::testing::UseFullLayout;
 using ::nvfp4cal::server::testing::WeightChunkOf;
 using ::testing::HasSubstr;
 using ::testing::Not;
+using ::testing::StartsWith;
 
 class LoopbackTest : public ::testing::Test {
  protected:
@@ -101,9 +103,18 @@ void ExpectMatchesReference(const SessionResult& result, const TestTensor& t) {
 
 TEST_F(LoopbackTest, OneTensorIsByteIdenticalToKernelLibrary) {
   TestTensor t = MakeTensor("layers.0.mlp.down_proj", 72, 256, DType::kBFloat16, "dss", "h", 1);
+  EXPECT_EQ(server_->DescribeBatches(), "0 batches");
   SessionResult result = Run({t});
   ASSERT_TRUE(result.status.ok()) << result.status.error_message();
   ExpectMatchesReference(result, t);
+  // The stop log's summary counts the batches that ran the tensor's work items.
+  const SchedulerStats stats = server_->scheduler_stats();
+  EXPECT_GE(stats.batches, 1);
+  EXPECT_GE(stats.batched_items, stats.batches);
+  EXPECT_GT(stats.batched_item_bytes, 72 * 256 * 2);  // the weights at least
+  EXPECT_THAT(server_->DescribeBatches(),
+              StartsWith(absl::StrFormat("%d batches of %d work items (on average ", stats.batches,
+                                         stats.batched_items)));
 }
 
 TEST_F(LoopbackTest, ManyTensorSessionIsByteIdenticalToKernelLibrary) {

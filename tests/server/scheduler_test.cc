@@ -264,6 +264,11 @@ TEST(Scheduler, BatchesAcrossFlowsWithinMemoryBudget) {
   EXPECT_THAT(batches[1], ElementsAre("a0", "b0"));
   EXPECT_THAT(batches[2], ElementsAre("a1", "b1"));
   EXPECT_THAT(batches[3], ElementsAre("a2"));
+  // The counters: the blocker's batch (1 byte) and these three; the refused item is not run.
+  const SchedulerStats stats = scheduler.Stats();
+  EXPECT_EQ(stats.batches, 4);
+  EXPECT_EQ(stats.batched_items, 6);
+  EXPECT_EQ(stats.batched_item_bytes, 1 + 5 * 40);
 }
 
 TEST(Scheduler, FullQueueAnswersResourceExhaustedAtOnce) {
