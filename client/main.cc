@@ -288,8 +288,9 @@ CliParser QuantizeParser() {
               false, "1024");
   p.AddOption("read-ahead-mib", "N",
               "MiB of tensors the run may hold read ahead of the quantizer, in [0, 1048576]; "
-              "0 = automatic (8 layers' largest weights, or 3 with gptq's full Hessians). More "
-              "keeps a slow or distant quantizer busy at the cost of resident memory",
+              "0 = automatic (8 x the largest fused group's weights, e.g. gate + up, or 3 x with "
+              "its full Hessian for gptq); a tensor larger than it is read alone. Lower it to "
+              "bound resident memory",
               false, "0");
   p.AddOption("timeout", "SECONDS", "deadline of each server stream, 0 = none", false, "0");
   p.AddOption("retries", "N", "attempts per server when it is unavailable", false, "4");
