@@ -130,19 +130,15 @@ class ServerStream {
       absl::MutexLock lock(&mu_);
       --held_;
     }
-    // Blocks until every slice counted here was released.
-    void AwaitNone() {
-      absl::MutexLock lock(&mu_);
-      mu_.Await(absl::Condition(
-          +[](int64_t* held) { return *held == 0; }, &held_));
-    }
-    // The same for at most `timeout`; false when slices are still held then.
+    // Blocks until every slice counted here was released, for at most `timeout`; false when
+    // slices are still held then.
     bool AwaitNoneFor(absl::Duration timeout) {
       absl::MutexLock lock(&mu_);
       return mu_.AwaitWithTimeout(absl::Condition(
                                       +[](int64_t* held) { return *held == 0; }, &held_),
                                   timeout);
     }
+    void AwaitNone() { AwaitNoneFor(absl::InfiniteDuration()); }
 
    private:
     absl::Mutex mu_;
