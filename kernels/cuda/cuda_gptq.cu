@@ -319,18 +319,9 @@ class CudaGptq : public GptqBackend {
 
  private:
   CudaGptq(const CudaGptqOptions& options, const MathLibraries* libs)
-      : options_(options), libs_(libs) {}
+      : options_(options), libs_(libs), upload_(options.staged_copies) {}
 
   cudaStream_t stream() const { return stream_.get(); }
-
-  // Queues a copy of the caller's host memory to the device on the stream (staged unless the
-  // options say otherwise); `from` may change once this returns.
-  absl::Status CopyToDevice(void* to, const void* from, int64_t bytes) {
-    if (options_.staged_copies) return upload_.Copy(to, from, bytes, stream());
-    NVFP4_CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(to, from, static_cast<size_t>(bytes), cudaMemcpyHostToDevice, stream()));
-    return absl::OkStatus();
-  }
 
   // Reserves H (fp32) and b on the device and the plan's column order, group order and bounds,
   // and copies H and those three there.
@@ -350,7 +341,7 @@ class CudaGptq : public GptqBackend {
     NVFP4_RETURN_IF_ERROR(plan->bounds.Reserve(
         device, static_cast<int64_t>(bounds.size() * sizeof(HessianBlockBounds)), stream(),
         nullptr));
-    NVFP4_RETURN_IF_ERROR(CopyToDevice(h_float->As<float>(), hessian.data, nn * 4));
+    NVFP4_RETURN_IF_ERROR(upload_.Copy(h_float->As<float>(), hessian.data, nn * 4, stream()));
     NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(plan->column.As<int32_t>(), column.data(),
                                                static_cast<size_t>(n * 4), cudaMemcpyHostToDevice,
                                                stream()));
@@ -594,9 +585,9 @@ class CudaGptq : public GptqBackend {
     const int64_t n = a.n;
     const int64_t rows = a.rows;
     const int64_t element_bytes = DTypeSize(weights.dtype);
-    NVFP4_RETURN_IF_ERROR(CopyToDevice(
+    NVFP4_RETURN_IF_ERROR(upload_.Copy(
         buffers.weights, static_cast<const char*>(weights.data) + c0 * n * element_bytes,
-        rows * n * element_bytes));
+        rows * n * element_bytes, stream()));
     NVFP4_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(
         buffers.stats, 0, static_cast<size_t>(rows) * sizeof(BlockStatistics), stream()));
     NVFP4_CUDA_RETURN_IF_ERROR(LaunchLoadWork(a, stream()));
@@ -689,7 +680,7 @@ class CudaGptq : public GptqBackend {
   cusolverDnParams_t solver_params_ = nullptr;
   std::mutex mutex_;
   DeviceBuffer workspace_;
-  StagedUpload upload_;  // used under mutex_
+  StagedUpload upload_;  // H and the weights to the device; used under mutex_
 };
 
 }  // namespace

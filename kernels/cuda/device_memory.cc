@@ -97,14 +97,14 @@ StagedUpload::~StagedUpload() {
 }
 
 absl::Status StagedUpload::Copy(void* to, const void* from, int64_t bytes, cudaStream_t stream) {
-  if (bytes < kMinStagedBytes || unavailable_) {
+  if (bytes < kMinStagedBytes || direct_) {
     NVFP4_CUDA_RETURN_IF_ERROR(
         cudaMemcpyAsync(to, from, static_cast<size_t>(bytes), cudaMemcpyHostToDevice, stream));
     return absl::OkStatus();
   }
   if (done_[0] == nullptr) {
     if (!buffer_.Reserve(2 * kPieceBytes)) {
-      unavailable_ = true;
+      direct_ = true;
       return Copy(to, from, bytes, stream);
     }
     for (cudaEvent_t& event : done_) {

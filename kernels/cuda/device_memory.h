@@ -94,14 +94,16 @@ class PinnedHostBuffer {
 //   // host_ptr may change now; device_ptr is written in stream order.
 class StagedUpload {
  public:
-  StagedUpload() = default;
+  // staged = false: every copy goes directly (for comparisons).
+  explicit StagedUpload(bool staged = true) : direct_(!staged) {}
   StagedUpload(const StagedUpload&) = delete;
   StagedUpload& operator=(const StagedUpload&) = delete;
   ~StagedUpload();
 
   // Queues the copy of `bytes` from `from` (host) to `to` (device) on `stream` and returns once
-  // `from` has been read. Copies below kMinStagedBytes, and every copy when the pinned buffer
-  // cannot be had, go directly (pageable). A later call waits for the halves it reuses.
+  // `from` has been read. Copies below kMinStagedBytes, and every copy when staging is off or the
+  // pinned buffer cannot be had, go directly (pageable). A later call waits for the halves it
+  // reuses.
   absl::Status Copy(void* to, const void* from, int64_t bytes, cudaStream_t stream);
 
   // Smaller copies gain nothing from staging.
@@ -112,7 +114,7 @@ class StagedUpload {
 
  private:
   PinnedHostBuffer buffer_;                   // two halves of kPieceBytes
-  bool unavailable_ = false;                  // pinned memory could not be had: copy directly
+  bool direct_;                               // staging off, or no pinned memory to be had
   cudaEvent_t done_[2] = {nullptr, nullptr};  // each half's last copy to the device
   bool pending_[2] = {false, false};
 };
