@@ -215,23 +215,24 @@ __global__ void GroupStatisticsKernel(ChunkArgs a) {
 
 // work[c][r] -= errors[k][r] * U(b0 + k, c) for every column c >= c_begin, k = 0, 1, ... in
 // order, each product rounded before its subtraction: the CPU backend's update, bit for bit.
-// A CUDA block owns 128 rows x 128 columns; each thread 8 x 8 of them (8 consecutive rows and 8
-// consecutive columns), staging 16 errors and 16 factor rows in shared memory per step and
-// reading them as float4.
+// A CUDA block owns 128 rows x 128 columns; each thread 8 x 8 of them (rows tx, tx + 16, ...,
+// so that a warp's loads and stores of `work`, column-major, cover 16 consecutive rows of each
+// of two columns, and 8 consecutive columns), staging 16 errors and 16 factor rows in shared
+// memory per step and reading the factor rows as float4.
 constexpr int kUpdatePerThread = 8;
 __global__ void __launch_bounds__(256)
     OrderedUpdateKernel(float* work, const float* errors, const float* factor, int64_t rows,
                         int64_t n, int64_t b0, int64_t depth, int64_t c_begin) {
   __shared__ __align__(16) float es[kUpdateDepth][kUpdateTile];
   __shared__ __align__(16) float us[kUpdateDepth][kUpdateTile];
-  const int tx = threadIdx.x % 16;  // rows tx * 8 ..
+  const int tx = threadIdx.x % 16;  // rows tx, tx + 16, ..
   const int ty = threadIdx.x / 16;  // columns ty * 8 ..
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kUpdateTile;
   const int64_t col0 = c_begin + static_cast<int64_t>(blockIdx.y) * kUpdateTile;
   float acc[kUpdatePerThread][kUpdatePerThread];
   for (int i = 0; i < kUpdatePerThread; ++i) {
     for (int j = 0; j < kUpdatePerThread; ++j) {
-      const int64_t r = row0 + tx * kUpdatePerThread + i;
+      const int64_t r = row0 + tx + 16 * i;
       const int64_t c = col0 + ty * kUpdatePerThread + j;
       acc[i][j] = (r < rows && c < n) ? work[c * rows + r] : 0.0f;
     }
@@ -249,15 +250,10 @@ __global__ void __launch_bounds__(256)
     for (int kk = 0; kk < steps; ++kk) {
       float e8[kUpdatePerThread];
       float u8[kUpdatePerThread];
-      const float4* ev = reinterpret_cast<const float4*>(&es[kk][tx * kUpdatePerThread]);
+      for (int i = 0; i < kUpdatePerThread; ++i) e8[i] = es[kk][tx + 16 * i];
       const float4* uv = reinterpret_cast<const float4*>(&us[kk][ty * kUpdatePerThread]);
       for (int h = 0; h < kUpdatePerThread / 4; ++h) {
-        const float4 x = ev[h];
         const float4 y = uv[h];
-        e8[4 * h] = x.x;
-        e8[4 * h + 1] = x.y;
-        e8[4 * h + 2] = x.z;
-        e8[4 * h + 3] = x.w;
         u8[4 * h] = y.x;
         u8[4 * h + 1] = y.y;
         u8[4 * h + 2] = y.z;
@@ -273,7 +269,7 @@ __global__ void __launch_bounds__(256)
   }
   for (int i = 0; i < kUpdatePerThread; ++i) {
     for (int j = 0; j < kUpdatePerThread; ++j) {
-      const int64_t r = row0 + tx * kUpdatePerThread + i;
+      const int64_t r = row0 + tx + 16 * i;
       const int64_t c = col0 + ty * kUpdatePerThread + j;
       if (r < rows && c < n) work[c * rows + r] = acc[i][j];
     }
