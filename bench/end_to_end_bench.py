@@ -308,6 +308,8 @@ def main():
                    "name of the CLI and its servers (bench/thread_cpu.py, beside this script)")
     p.add_argument("--trace-summary", action="store_true", help="with --trace-dir: also print "
                    "each timeline's summary (bench/trace_summary.py, found beside this script)")
+    p.add_argument("--baseline-server", help="another nvfp4cal-server (an earlier build): one "
+                   "server of it is timed in the same rounds, through this build's CLI")
     p.add_argument("--baseline-server-flags", action="append", default=[],
                    help="also time one server started with these extra flags (e.g. "
                    "--cuda_workers_per_device=1), for comparison; repeat for more servers")
@@ -347,16 +349,18 @@ def main():
     first = quantize(cli, args, model, ref, [], stats, log, "first")
     describe("first run", first)
 
-    # (servers, their extra flags, the CLI's extra flags)
-    configs = [(1, [], [])]
+    # (servers, their extra flags, the CLI's extra flags, their binary)
+    configs = [(1, [], [], server)]
+    if args.baseline_server:
+        configs.append((1, [], [], args.baseline_server))
     if args.streams_per_server is not None:
-        configs.append((1, [], ["--streams-per-server", str(args.streams_per_server)]))
+        configs.append((1, [], ["--streams-per-server", str(args.streams_per_server)], server))
     for flags in args.client_flags:
-        configs.append((1, [], flags.split()))
+        configs.append((1, [], flags.split(), server))
     for flags in args.baseline_server_flags:
-        configs.append((1, flags.split(), []))
+        configs.append((1, flags.split(), [], server))
     if args.servers != 1:
-        configs.append((args.servers, [], []))
+        configs.append((args.servers, [], [], server))
     if not server or args.no_servers:
         configs = []
     # Every configuration's servers stay up for the whole bench and the runs alternate, round
@@ -365,11 +369,12 @@ def main():
     # each round's ratios compare runs made next to each other.
     labels = ["in-process"] + (["baseline CLI"] if args.baseline_cli else [])
     servers_of = []
-    for count, server_flags, client_flags in configs:
+    for count, server_flags, client_flags, binary in configs:
         extra = server_flags + client_flags
         labels.append(f"{count} server" + ("s" if count > 1 else "") +
-                      (" " + " ".join(extra) if extra else ""))
-        servers_of.append(Servers(server, count, args.work, server_flags, f"-c{len(servers_of)}"))
+                      (" " + " ".join(extra) if extra else "") +
+                      (" (baseline)" if binary != server else ""))
+        servers_of.append(Servers(binary, count, args.work, server_flags, f"-c{len(servers_of)}"))
     runs = {label: [] for label in labels}
     outputs_differ = {label: 0 for label in labels}
     for _ in range(args.repeat):
@@ -378,7 +383,7 @@ def main():
             runs["baseline CLI"].append(quantize(args.baseline_cli, args, model, out, [], stats,
                                                  log))
             outputs_differ["baseline CLI"] += not same_outputs(ref, out)
-        for (count, server_flags, client_flags), servers, label in zip(
+        for (count, server_flags, client_flags, _), servers, label in zip(
                 configs, servers_of, labels[len(labels) - len(configs):]):
             tag = f"{count}-server" + ("-flags" if server_flags or client_flags else "")
             runs[label].append(quantize(cli, args, model, out,

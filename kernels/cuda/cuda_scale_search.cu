@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -82,9 +83,11 @@ int64_t BoundsBytes(const Slice& s) {
                                             static_cast<int64_t>(sizeof(HessianBlockScreen)));
 }
 
-// Where one launch's buffers sit in the workspace (byte offsets), and its tiles. Per piece:
-// weights, codes, scales (and the DSS table of a dss slice); Hessians and their bounds once per
-// host pointer; then the identity bounds, the slice table, the tile list and the tile statistics.
+// Where one launch's buffers sit in the workspace (byte offsets), and its tiles. The inputs
+// come first, [0, inputs_bytes): per piece its weights (and the DSS table of a dss slice),
+// Hessians and their bounds once per host pointer, then the identity bounds, the slice table
+// and the tile list; the outputs after them, [inputs_bytes, bytes): per piece its codes and
+// scales, then the tile statistics. Each part is one copy through the host mirror.
 struct LaunchLayout {
   std::vector<int64_t> weight_at;
   std::vector<int64_t> code_at;
@@ -97,6 +100,7 @@ struct LaunchLayout {
   int64_t identity_at = 0;
   int64_t slices_at = 0;
   int64_t tiles_at = 0;
+  int64_t inputs_bytes = 0;  // the inputs' part; the outputs start here
   int64_t stats_at = 0;
   int64_t bytes = 0;  // the workspace the launch needs
 };
@@ -120,8 +124,6 @@ LaunchLayout PlanLaunch(absl::Span<const Slice> slices, const std::vector<Piece>
     const WeightView& w = s.request->weights;
     const int64_t rows = pieces[p].row_end - pieces[p].row_begin;
     l.weight_at[p] = take(rows * w.cols * DTypeSize(w.dtype));
-    l.code_at[p] = take(rows * w.cols / 2);
-    l.scale_at[p] = take(rows * w.cols / kBlockSize);
     if (search == CudaSearchAlgorithm::kPruned && DssScalesBytes(s) > 0) {
       l.dss_at[p] = take(DssScalesBytes(s));
     }
@@ -141,6 +143,13 @@ LaunchLayout PlanLaunch(absl::Span<const Slice> slices, const std::vector<Piece>
   l.identity_at = take(static_cast<int64_t>(sizeof(HessianBlockBounds)));
   l.slices_at = take(static_cast<int64_t>(sizeof(DeviceSlice) * pieces.size()));
   l.tiles_at = take(static_cast<int64_t>(sizeof(Tile) * l.tiles.size()));
+  l.inputs_bytes = offset;
+  for (size_t p = 0; p < pieces.size(); ++p) {
+    const WeightView& w = slices[static_cast<size_t>(pieces[p].slice)].request->weights;
+    const int64_t rows = pieces[p].row_end - pieces[p].row_begin;
+    l.code_at[p] = take(rows * w.cols / 2);
+    l.scale_at[p] = take(rows * w.cols / kBlockSize);
+  }
   l.stats_at = take(static_cast<int64_t>(sizeof(TileStats) * l.tiles.size()));
   l.bytes = offset;
   return l;
@@ -259,7 +268,7 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
       const int64_t per_row = PieceBytes(s, kRowsPerTile) / kRowsPerTile + 1;
       int64_t row = s.row_begin;
       while (row < s.row_end) {
-        int64_t room = (options_.memory_budget_bytes - launch_bytes - fixed) / per_row;
+        int64_t room = (LaunchBudget() - launch_bytes - fixed) / per_row;
         if (room < kRowsPerTile && !launch.empty()) {
           if (absl::Status st = RunLaunch(slices, launch); !st.ok()) return st;
           launch.clear();
@@ -276,6 +285,9 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
     if (!launch.empty()) return RunLaunch(slices, launch);
     return absl::OkStatus();
   }
+
+  // The workspace one launch may use: the memory budget, at most kMaxLaunchBytes.
+  int64_t LaunchBudget() const { return std::min(options_.memory_budget_bytes, kMaxLaunchBytes); }
 
   // What protects memory whatever the data: pointers, the row range and the output sizes.
   static absl::Status ValidateSliceSizes(const Slice& s) {
@@ -300,30 +312,52 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
     return ValidateRowRangeRequest(*s.request, s.global_amax, s.row_begin, s.row_end, s.output);
   }
 
-  // Copies the pieces' inputs, launches one kernel over all their tiles, copies results back
-  // and adds the statistics to each slice.
+  // Writes the pieces' inputs into the host mirror, copies them to the device in one copy,
+  // launches one kernel over all their tiles, copies the outputs back in one copy, hands each
+  // piece its codes and scales and adds the statistics to each slice. A launch's copies come
+  // from and go to page-locked memory (when it can be had): a copy from or to pageable memory
+  // goes through the driver's staging, one at a time per process, which the many small
+  // launches of a server's batches of chunks would queue on.
   absl::Status RunLaunch(absl::Span<const Slice> slices, const std::vector<Piece>& pieces) {
     const LaunchLayout layout = PlanLaunch(slices, pieces, options_.search);
     NVFP4_RETURN_IF_ERROR(workspace_.ReserveSynchronous(options_.device, layout.bytes));
     char* const base = workspace_.As<char>();
+    char* const host = ReserveMirror(layout.bytes);
+    const cudaStream_t stream = stream_.get();
     const auto copy_start = std::chrono::steady_clock::now();
-    NVFP4_RETURN_IF_ERROR(CopyInputs(slices, pieces, layout));
+    FillInputs(slices, pieces, layout, base, host);
+    NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(base, host, static_cast<size_t>(layout.inputs_bytes),
+                                               cudaMemcpyHostToDevice, stream));
+    NVFP4_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
     timing_.transfer_ms += MillisecondsSince(copy_start);
 
-    NVFP4_RETURN_IF_ERROR(timer_.Start(stream_.get()));
-    NVFP4_CUDA_RETURN_IF_ERROR(LaunchQuantizeTiles(
-        options_.search, static_cast<unsigned>(layout.tiles.size()), stream_.get(),
-        reinterpret_cast<const DeviceSlice*>(base + layout.slices_at),
-        reinterpret_cast<const Tile*>(base + layout.tiles_at),
-        reinterpret_cast<TileStats*>(base + layout.stats_at)));
+    NVFP4_RETURN_IF_ERROR(timer_.Start(stream));
+    NVFP4_CUDA_RETURN_IF_ERROR(
+        LaunchQuantizeTiles(options_.search, static_cast<unsigned>(layout.tiles.size()), stream,
+                            reinterpret_cast<const DeviceSlice*>(base + layout.slices_at),
+                            reinterpret_cast<const Tile*>(base + layout.tiles_at),
+                            reinterpret_cast<TileStats*>(base + layout.stats_at)));
     float kernel_ms = 0.0f;
-    NVFP4_RETURN_IF_ERROR(timer_.Stop(stream_.get(), &kernel_ms));
+    NVFP4_RETURN_IF_ERROR(timer_.Stop(stream, &kernel_ms));
     timing_.kernel_ms += kernel_ms;
     timing_.launches += 1;
 
     const auto back_start = std::chrono::steady_clock::now();
-    std::vector<TileStats> tile_stats(layout.tiles.size());
-    NVFP4_RETURN_IF_ERROR(CopyOutputs(slices, pieces, layout, &tile_stats));
+    NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
+        host + layout.inputs_bytes, base + layout.inputs_bytes,
+        static_cast<size_t>(layout.bytes - layout.inputs_bytes), cudaMemcpyDeviceToHost, stream));
+    NVFP4_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+    const auto* tile_stats = reinterpret_cast<const TileStats*>(host + layout.stats_at);
+    for (size_t p = 0; p < pieces.size(); ++p) {
+      const Slice& s = slices[static_cast<size_t>(pieces[p].slice)];
+      const int64_t cols = s.request->weights.cols;
+      const int64_t rows = pieces[p].row_end - pieces[p].row_begin;
+      const int64_t local_row = pieces[p].row_begin - s.row_begin;
+      std::memcpy(s.output.packed_codes.data() + local_row * cols / 2, host + layout.code_at[p],
+                  static_cast<size_t>(rows * cols / 2));
+      std::memcpy(s.output.scales.data() + local_row * cols / kBlockSize, host + layout.scale_at[p],
+                  static_cast<size_t>(rows * cols / kBlockSize));
+    }
     timing_.transfer_ms += MillisecondsSince(back_start);
 
     for (size_t p = 0; p < pieces.size(); ++p) {
@@ -342,116 +376,76 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
     return absl::OkStatus();
   }
 
-  // Copies the launch's inputs into the workspace: weights, DSS tables, the identity bounds,
-  // Hessians (with their bounds and screens, host-computed in double precision, for the pruned
-  // search), the slice table and the tiles; returns once they are on the device.
-  absl::Status CopyInputs(absl::Span<const Slice> slices, const std::vector<Piece>& pieces,
-                          const LaunchLayout& layout) {
-    char* const base = workspace_.As<char>();
-    const cudaStream_t stream = stream_.get();
+  // The host mirror of a launch's workspace, at least `bytes`: page-locked memory, or pageable
+  // memory when it cannot be had. It grows in powers of two (cudaMallocHost is slow, and the
+  // old buffer's cudaFreeHost may wait for the device) and is kept for the next launch.
+  char* ReserveMirror(int64_t bytes) {
+    if (!pinned_failed_) {
+      int64_t want = int64_t{8} << 20;
+      while (want < bytes) want *= 2;
+      if (mirror_.Reserve(std::min(want, std::max(bytes, kMaxLaunchBytes)))) return mirror_.data();
+      pinned_failed_ = true;  // and pageable from now on
+    }
+    if (static_cast<int64_t>(pageable_mirror_.size()) < bytes) {
+      pageable_mirror_.resize(static_cast<size_t>(bytes));
+    }
+    return pageable_mirror_.data();
+  }
+
+  // Writes the launch's inputs into `host`, the mirror of the workspace at `base` (whose
+  // addresses the slice table holds): the weights (a large piece's copy on several threads:
+  // weights come from memory-mapped files), DSS tables, Hessians with their pruning bounds and
+  // screens (host-computed in double precision unless the request brings them), the identity
+  // bounds, the slice table and the tiles.
+  void FillInputs(absl::Span<const Slice> slices, const std::vector<Piece>& pieces,
+                  const LaunchLayout& layout, char* base, char* host) {
     std::vector<DeviceSlice> device_slices(pieces.size());
-    // The weights through pinned staging, filled on several threads (the previous launch's
-    // copies finished at its synchronisation below); pageable copies when it cannot be had.
-    int64_t weight_bytes = 0;
-    for (size_t p = 0; p < pieces.size(); ++p) weight_bytes += PieceWeightBytes(slices, pieces[p]);
-    const bool staged = weight_bytes >= kMinStagedBytes && weight_bytes <= kMaxStagedBytes &&
-                        staging_.Reserve(weight_bytes);
-    int64_t staged_at = 0;
     for (size_t p = 0; p < pieces.size(); ++p) {
       const Slice& s = slices[static_cast<size_t>(pieces[p].slice)];
       const WeightView& w = s.request->weights;
-      const int64_t bytes = PieceWeightBytes(slices, pieces[p]);
       const char* from =
           static_cast<const char*>(w.data) + pieces[p].row_begin * w.cols * DTypeSize(w.dtype);
-      if (staged) {
-        ParallelHostCopy(staging_.data() + staged_at, from, bytes, kStagingThreads);
-        from = staging_.data() + staged_at;
-        staged_at += bytes;
+      ParallelHostCopy(host + layout.weight_at[p], from, PieceWeightBytes(slices, pieces[p]),
+                       kStagingThreads);
+      if (layout.dss_at[p] >= 0) {
+        const std::vector<float> table = DssScalesTable(s);
+        std::memcpy(host + layout.dss_at[p], table.data(), sizeof(float) * table.size());
       }
-      NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(base + layout.weight_at[p], from,
-                                                 static_cast<size_t>(bytes), cudaMemcpyHostToDevice,
-                                                 stream));
       device_slices[p] = MakeDeviceSlice(s, pieces[p], p, layout, base);
     }
-    // Host copies stay alive until the stream synchronisation below.
-    std::vector<std::vector<HessianBlockBounds>> bounds_host;
-    std::vector<std::vector<HessianBlockScreen>> screens_host;
-    std::vector<std::vector<float>> dss_host;
-    for (size_t p = 0; p < pieces.size(); ++p) {
-      if (layout.dss_at[p] < 0) continue;
-      dss_host.push_back(DssScalesTable(slices[static_cast<size_t>(pieces[p].slice)]));
-      NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(base + layout.dss_at[p], dss_host.back().data(),
-                                                 sizeof(float) * dss_host.back().size(),
-                                                 cudaMemcpyHostToDevice, stream));
-    }
     const HessianBlockBounds identity = IdentityBounds();
-    NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(base + layout.identity_at, &identity,
-                                               sizeof(identity), cudaMemcpyHostToDevice, stream));
-    for (const auto& [host, at] : layout.hessian_at) {
+    std::memcpy(host + layout.identity_at, &identity, sizeof(identity));
+    for (const auto& [h, at] : layout.hessian_at) {
       const Slice* owner = nullptr;
       for (const Piece& piece : pieces) {
-        if (slices[static_cast<size_t>(piece.slice)].request->hessians.data == host) {
+        if (slices[static_cast<size_t>(piece.slice)].request->hessians.data == h) {
           owner = &slices[static_cast<size_t>(piece.slice)];
           break;
         }
       }
-      NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(base + at, host,
-                                                 static_cast<size_t>(HessianBytes(*owner)),
-                                                 cudaMemcpyHostToDevice, stream));
-      if (options_.search == CudaSearchAlgorithm::kPruned) {
-        const int64_t bounds_at = layout.bounds_at.at(host);
-        const QuantizeRequest& request = *owner->request;
-        const size_t blocks = static_cast<size_t>(request.hessians.num_blocks);
-        // The caller's tables when it computed them once for many calls (SharedHessianPruning).
-        const HessianBlockBounds* bounds = request.hessian_bounds;
-        const HessianBlockScreen* screens = request.hessian_screens;
-        if (bounds == nullptr || screens == nullptr) {
-          bounds_host.push_back(ComputeHessianBlockBounds(request.hessians));
-          screens_host.push_back(ComputeHessianBlockScreens(request.hessians, bounds_host.back()));
-          bounds = bounds_host.back().data();
-          screens = screens_host.back().data();
-        }
-        NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(base + bounds_at, bounds,
-                                                   sizeof(HessianBlockBounds) * blocks,
-                                                   cudaMemcpyHostToDevice, stream));
-        NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(base + bounds_at + BoundsPartBytes(*owner),
-                                                   screens, sizeof(HessianBlockScreen) * blocks,
-                                                   cudaMemcpyHostToDevice, stream));
+      std::memcpy(host + at, h, static_cast<size_t>(HessianBytes(*owner)));
+      if (options_.search != CudaSearchAlgorithm::kPruned) continue;
+      const QuantizeRequest& request = *owner->request;
+      const size_t blocks = static_cast<size_t>(request.hessians.num_blocks);
+      // The caller's tables when it computed them once for many calls (SharedHessianPruning).
+      std::vector<HessianBlockBounds> bounds_computed;
+      std::vector<HessianBlockScreen> screens_computed;
+      const HessianBlockBounds* bounds = request.hessian_bounds;
+      const HessianBlockScreen* screens = request.hessian_screens;
+      if (bounds == nullptr || screens == nullptr) {
+        bounds_computed = ComputeHessianBlockBounds(request.hessians);
+        screens_computed = ComputeHessianBlockScreens(request.hessians, bounds_computed);
+        bounds = bounds_computed.data();
+        screens = screens_computed.data();
       }
+      const int64_t bounds_at = layout.bounds_at.at(h);
+      std::memcpy(host + bounds_at, bounds, sizeof(HessianBlockBounds) * blocks);
+      std::memcpy(host + bounds_at + BoundsPartBytes(*owner), screens,
+                  sizeof(HessianBlockScreen) * blocks);
     }
-    NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(base + layout.slices_at, device_slices.data(),
-                                               sizeof(DeviceSlice) * device_slices.size(),
-                                               cudaMemcpyHostToDevice, stream));
-    NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(base + layout.tiles_at, layout.tiles.data(),
-                                               sizeof(Tile) * layout.tiles.size(),
-                                               cudaMemcpyHostToDevice, stream));
-    NVFP4_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
-    return absl::OkStatus();
-  }
-
-  // Copies the tile statistics and each piece's codes and scales back (into the slices'
-  // outputs); returns once they are on the host.
-  absl::Status CopyOutputs(absl::Span<const Slice> slices, const std::vector<Piece>& pieces,
-                           const LaunchLayout& layout, std::vector<TileStats>* tile_stats) {
-    char* const base = workspace_.As<char>();
-    const cudaStream_t stream = stream_.get();
-    NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(tile_stats->data(), base + layout.stats_at,
-                                               sizeof(TileStats) * tile_stats->size(),
-                                               cudaMemcpyDeviceToHost, stream));
-    for (size_t p = 0; p < pieces.size(); ++p) {
-      const Slice& s = slices[static_cast<size_t>(pieces[p].slice)];
-      const int64_t cols = s.request->weights.cols;
-      const int64_t rows = pieces[p].row_end - pieces[p].row_begin;
-      const int64_t local_row = pieces[p].row_begin - s.row_begin;
-      NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
-          s.output.packed_codes.data() + local_row * cols / 2, base + layout.code_at[p],
-          static_cast<size_t>(rows * cols / 2), cudaMemcpyDeviceToHost, stream));
-      NVFP4_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
-          s.output.scales.data() + local_row * cols / kBlockSize, base + layout.scale_at[p],
-          static_cast<size_t>(rows * cols / kBlockSize), cudaMemcpyDeviceToHost, stream));
-    }
-    NVFP4_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
-    return absl::OkStatus();
+    std::memcpy(host + layout.slices_at, device_slices.data(),
+                sizeof(DeviceSlice) * device_slices.size());
+    std::memcpy(host + layout.tiles_at, layout.tiles.data(), sizeof(Tile) * layout.tiles.size());
   }
 
   // Bytes of a piece's weights.
@@ -460,17 +454,18 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
     return (piece.row_end - piece.row_begin) * w.cols * DTypeSize(w.dtype);
   }
 
-  // Launches with fewer weight bytes copy straight from the caller's memory, and so do larger
-  // ones (a server's batch may fill a budget of gigabytes; pinned memory is locked RAM).
-  static constexpr int64_t kMinStagedBytes = int64_t{1} << 20;
-  static constexpr int64_t kMaxStagedBytes = int64_t{256} << 20;
-  // Threads that fill the staging (several backends may do so at once).
+  // A launch's workspace at most (and so its host mirror, page-locked memory being locked RAM);
+  // a slice larger than that runs in several launches.
+  static constexpr int64_t kMaxLaunchBytes = int64_t{256} << 20;
+  // Threads that fill the mirror with a large piece's weights (several backends may at once).
   static constexpr int kStagingThreads = 4;
 
   CudaScaleSearchOptions options_;
   std::string description_;
   mutable std::mutex mutex_;
-  PinnedHostBuffer staging_;
+  PinnedHostBuffer mirror_;
+  bool pinned_failed_ = false;
+  std::vector<char> pageable_mirror_;
   CudaCallTiming timing_;
   // Destroyed in reverse order: the workspace, the events, then an owned stream.
   BackendStream stream_;

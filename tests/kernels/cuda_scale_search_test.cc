@@ -265,6 +265,14 @@ TEST_F(CudaScaleSearchTest, LargeTensorChunkedByTheMemoryBudgetMatchesCpu) {
     EXPECT_GT((*small)->LastCallTiming().launches, 1) << "the 64 MiB budget must force chunks";
     EXPECT_EQ(cpu->scales, gpu->scales);
     EXPECT_EQ(cpu->packed_codes, gpu->packed_codes);
+    // The default 1 GiB budget would hold the 470 MB of weights in one launch; a launch's
+    // workspace (and its page-locked host mirror) stops at 256 MiB.
+    absl::StatusOr<QuantizedTensor> capped = gpu_->Quantize(r);
+    ASSERT_TRUE(capped.ok()) << capped.status();
+    EXPECT_GE(gpu_->LastCallTiming().launches, 2) << "launches stop at 256 MiB";
+    EXPECT_EQ(cpu->scales, capped->scales);
+    EXPECT_EQ(cpu->packed_codes, capped->packed_codes);
+    EXPECT_EQ(cpu->stats.num_blocks, capped->stats.num_blocks);
   }
 }
 

@@ -10,9 +10,11 @@
 //   absl::StatusOr<nvfp4cal::QuantizedTensor> r = (*gpu)->Quantize(request);
 //
 // Host API shape: validate (no side effects) -> size the device workspace within
-// `memory_budget_bytes` (rows are chunked to fit, so any tensor size works) -> copy, launch on the
-// stream, copy back. A failed device allocation is RESOURCE_EXHAUSTED; the backend stays usable.
-// This header needs no CUDA headers; builds without CUDA get a backend that reports UNAVAILABLE.
+// `memory_budget_bytes` and 256 MiB per launch (rows are chunked to fit, so any tensor size
+// works) -> write the launch's inputs into a page-locked mirror of the workspace, one copy to
+// the device, the kernel on the stream, one copy back. A failed device allocation is
+// RESOURCE_EXHAUSTED; the backend stays usable. This header needs no CUDA headers; builds without
+// CUDA get a backend that reports UNAVAILABLE.
 #ifndef NVFP4CAL_KERNELS_CUDA_SCALE_SEARCH_H_
 #define NVFP4CAL_KERNELS_CUDA_SCALE_SEARCH_H_
 
@@ -49,7 +51,8 @@ enum class CudaSearchAlgorithm {
 struct CudaScaleSearchOptions {
   // CUDA device ordinal.
   int device = 0;
-  // Device memory one call may hold for weights, Hessians and outputs; larger work is chunked.
+  // Device memory one call may hold for weights, Hessians and outputs; larger work is chunked
+  // (into launches of at most 256 MiB, the size of the page-locked mirror they go through).
   int64_t memory_budget_bytes = int64_t{1} << 30;
   // Stream the copies and kernels run on; null = a stream the backend creates and owns.
   CudaStream stream = nullptr;
