@@ -44,6 +44,7 @@
 #include "client/temp_dir.h"
 #include "client/trace.h"
 #include "common/file_util.h"
+#include "common/freed_memory.h"
 
 namespace nvfp4cal {
 namespace {
@@ -292,6 +293,13 @@ CliParser QuantizeParser() {
               "its full Hessian for gptq); a tensor larger than it is read alone. Lower it to "
               "bound resident memory",
               false, "0");
+  p.AddOption("keep-freed-memory-mib", "N",
+              "MiB of freed memory the run keeps mapped for reuse, in [0, 2047]: buffers below "
+              "64 MiB come from the heap and its free top returns to the kernel only beyond this, "
+              "so that read copies, messages and results reuse pages instead of faulting in "
+              "fresh ones (an 8B-shaped dss run in-process: 10% faster); 0 = the C library's "
+              "defaults",
+              false, "1024");
   p.AddOption("timeout", "SECONDS", "deadline of each server stream, 0 = none", false, "0");
   p.AddOption("retries", "N", "attempts per server when it is unavailable", false, "4");
   p.AddSwitch("tls", "connect to the servers with TLS (implied by --tls-ca/-cert/-key)");
@@ -364,6 +372,7 @@ int RunQuantize(int argc, const char* const* argv) {
   int streams_per_server = 3;
   int chunk_kib = 1024;
   int read_ahead_mib = 0;
+  int keep_freed_mib = 1024;
   float timeout_s = 0.0f;
   for (const absl::Status& s :
        {ParseFloat(*args, "beta-step", &options.params.beta_step),
@@ -372,9 +381,13 @@ int RunQuantize(int argc, const char* const* argv) {
         ParseInt(*args, "streams-per-server", &streams_per_server, 1, 16),
         ParseInt(*args, "chunk-kib", &chunk_kib, 1, 65536),
         ParseInt(*args, "read-ahead-mib", &read_ahead_mib, 0, 1 << 20),
+        ParseInt(*args, "keep-freed-memory-mib", &keep_freed_mib, 0,
+                 static_cast<int>(kMaxKeptFreedBytes >> 20)),
         ParseFloat(*args, "timeout", &timeout_s, 0.0f, 1e7f)}) {
     if (!s.ok()) return UsageError(cmd, s);
   }
+  // Advice to the C library: without it the run's defaults stay, which is only slower.
+  if (keep_freed_mib > 0) (void)KeepFreedMemoryForReuse(int64_t{keep_freed_mib} << 20);
   options.read_ahead_bytes = int64_t{read_ahead_mib} << 20;
   const bool gptq = options.params.method == Method::kGptq;
   for (const char* name :

@@ -15,6 +15,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/time/time.h"
+#include "common/freed_memory.h"
 #include "server/calibration_server.h"
 
 namespace {
@@ -98,6 +99,12 @@ ABSL_FLAG(std::string, auth_token_file, "",
 ABSL_FLAG(std::string, health_address, "",
           "Extra plaintext host:port serving only grpc.health.v1 (Kubernetes probes, which "
           "speak neither TLS nor tokens); empty: none");
+ABSL_FLAG(int64_t, keep_freed_memory_mib, 1024,
+          "Freed memory (received messages, results) the process keeps mapped for reuse, MiB "
+          "[0, 2047]: buffers below 64 MiB then come from the heap and its free top returns to "
+          "the kernel only beyond this, instead of every 1 MiB message faulting in fresh pages "
+          "(on an 8B-sized upload this halved the gRPC threads' system time); 0 = the C "
+          "library's defaults");
 ABSL_FLAG(bool, keepalive_permit_without_calls, kDefaults.keepalive.permit_without_calls,
           "Whether clients may ping with no call open");
 
@@ -161,6 +168,18 @@ int main(int argc, char** argv) {
   sigaddset(&stop_signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
+  // Before any thread starts (its malloc arena would keep the defaults).
+  const int64_t keep_mib = absl::GetFlag(FLAGS_keep_freed_memory_mib);
+  if (keep_mib < 0 || keep_mib > nvfp4cal::kMaxKeptFreedBytes >> 20) {
+    std::cerr << "nvfp4cal-server: --keep_freed_memory_mib = " << keep_mib
+              << " is out of range [0, " << (nvfp4cal::kMaxKeptFreedBytes >> 20) << "]\n";
+    return 1;
+  }
+  if (keep_mib > 0 && !nvfp4cal::KeepFreedMemoryForReuse(keep_mib << 20)) {
+    std::cerr << "nvfp4cal-server: --keep_freed_memory_mib: this C library has no such setting; "
+                 "its defaults stay\n";
+  }
+
   const nvfp4cal::server::ServerOptions options = OptionsFromFlags();
   if (options.address.empty()) {
     std::cerr << "nvfp4cal-server: --address must not be empty\n";
@@ -175,7 +194,8 @@ int main(int argc, char** argv) {
   std::cerr << "nvfp4cal-server " << nvfp4cal::server::kServerVersion
             << " effective configuration:\n";
   absl::Status started = server.Start();
-  std::cerr << server.DescribeConfig() << std::flush;
+  std::cerr << server.DescribeConfig() << "keep_freed_memory_mib = " << keep_mib << "\n"
+            << std::flush;
   if (!started.ok()) {
     std::cerr << "nvfp4cal-server: cannot start: " << started << "\n";
     return 1;

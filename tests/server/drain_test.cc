@@ -25,6 +25,7 @@ using ::nvfp4cal::server::testing::ServerProcess;
 using ::nvfp4cal::server::testing::TestTensor;
 using ::nvfp4cal::server::testing::WeightChunkOf;
 using ::testing::HasSubstr;
+using ::testing::Not;
 using HealthResponse = grpc::health::v1::HealthCheckResponse;
 
 TEST(ServerBinary, SigtermMidStreamFinishesAcceptedWorkAndExitsZero) {
@@ -135,6 +136,22 @@ TEST(ServerBinary, AutoWithoutAGpuLogsTheCpuFallbackAndWhy) {
               HasSubstr("device_selection = auto -> cpu (" + reason + "): 3 CPU worker(s)\n"));
 }
 
+// The allocator setting is part of the effective configuration the server logs.
+TEST(ServerBinary, LogsHowMuchFreedMemoryItKeeps) {
+  for (const std::string& keep : {std::string(), std::string("0"), std::string("16")}) {
+    std::vector<std::string> args = {NVFP4CAL_SERVER_BINARY, "--address=127.0.0.1:0",
+                                     "--metrics_address=", "--device=cpu"};
+    if (!keep.empty()) args.push_back("--keep_freed_memory_mib=" + keep);
+    ServerProcess server(args);
+    ASSERT_FALSE(server.ReadLineStartingWith("listening on ").empty()) << keep;
+    server.Signal(SIGTERM);
+    EXPECT_EQ(server.Wait(), 0);
+    EXPECT_THAT(server.Stderr(),
+                HasSubstr("keep_freed_memory_mib = " + (keep.empty() ? "1024" : keep) + "\n"));
+    EXPECT_THAT(server.Stderr(), Not(HasSubstr("no such setting")));
+  }
+}
+
 // Nonsense limits are refused at start-up, naming the flag, the range and the value. (Before:
 // each started; some made every request fail, --max_inflight_chunks_per_stream=0 made every
 // session hang while health said SERVING, a port of 99999 listened on another port.)
@@ -160,6 +177,8 @@ TEST(ServerBinary, NonsenseFlagsExitOneNamingFlagRangeAndValue) {
       {"--address=127.0.0.1:99999",
        "--address = \"127.0.0.1:99999\": port \"99999\" is not a number in [0, 65535]"},
       {"--metrics_address=localhost", "--metrics_address = \"localhost\" is not host:port"},
+      {"--keep_freed_memory_mib=-1", "--keep_freed_memory_mib = -1 is out of range [0, 2047]"},
+      {"--keep_freed_memory_mib=2048", "--keep_freed_memory_mib = 2048 is out of range [0, 2047]"},
   };
   for (const auto& [flag, message] : cases) {
     std::vector<std::string> args = {NVFP4CAL_SERVER_BINARY, "--address=127.0.0.1:0",
