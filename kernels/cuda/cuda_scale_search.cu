@@ -249,7 +249,8 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
   }
 
  private:
-  explicit CudaScaleSearchImpl(const CudaScaleSearchOptions& options) : options_(options) {}
+  explicit CudaScaleSearchImpl(const CudaScaleSearchOptions& options)
+      : options_(options), pinned_failed_(!options.pinned_mirror) {}
 
   // QuantizeBatch after its checks.
   absl::Status RunBatch(absl::Span<const Slice> slices) {
@@ -464,7 +465,7 @@ class CudaScaleSearchImpl final : public CudaScaleSearch {
   std::string description_;
   mutable std::mutex mutex_;
   PinnedHostBuffer mirror_;
-  bool pinned_failed_ = false;
+  bool pinned_failed_;  // pageable mirror: page-locked memory refused, or not asked for
   std::vector<char> pageable_mirror_;
   CudaCallTiming timing_;
   // Destroyed in reverse order: the workspace, the events, then an owned stream.

@@ -276,6 +276,37 @@ TEST_F(CudaScaleSearchTest, LargeTensorChunkedByTheMemoryBudgetMatchesCpu) {
   }
 }
 
+// The fallback when page-locked memory cannot be had: the same launches through a pageable
+// mirror give the same bytes (several launches: a 64 MiB budget).
+TEST_F(CudaScaleSearchTest, PageableMirrorGivesTheBytesOfThePinnedOne) {
+  const int64_t rows = 6144;
+  const int64_t cols = 4096;
+  const std::vector<uint16_t> w = MakeExampleWeightsBf16(rows, cols, 11);
+  const std::vector<float> h = MakeExampleHessianBlocks(cols / 16, 12);
+  CudaScaleSearchOptions pageable;
+  pageable.memory_budget_bytes = int64_t{64} << 20;
+  pageable.pinned_mirror = false;
+  absl::StatusOr<std::unique_ptr<CudaScaleSearch>> gpu = MakeCudaScaleSearch(pageable);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  for (Method m : {Method::kDss, Method::kMse}) {
+    QuantizeRequest r;
+    r.weights = {w.data(), DType::kBFloat16, rows, cols};
+    r.hessians = {h.data(), cols / 16};
+    r.params.method = m;
+    absl::StatusOr<QuantizedTensor> pinned = gpu_->Quantize(r);
+    absl::StatusOr<QuantizedTensor> paged = (*gpu)->Quantize(r);
+    absl::StatusOr<QuantizedTensor> cpu = cpu_->Quantize(r);
+    ASSERT_TRUE(pinned.ok()) << pinned.status();
+    ASSERT_TRUE(paged.ok()) << paged.status();
+    ASSERT_TRUE(cpu.ok()) << cpu.status();
+    EXPECT_GT((*gpu)->LastCallTiming().launches, 1) << MethodName(m);
+    EXPECT_EQ(paged->packed_codes, pinned->packed_codes) << MethodName(m);
+    EXPECT_EQ(paged->scales, pinned->scales) << MethodName(m);
+    EXPECT_EQ(paged->scales, cpu->scales) << MethodName(m);
+    EXPECT_EQ(paged->stats.num_blocks, pinned->stats.num_blocks) << MethodName(m);
+  }
+}
+
 TEST_F(CudaScaleSearchTest, BatchOfMixedShapesEqualsOneByOne) {
   struct Item {
     int64_t rows, cols;

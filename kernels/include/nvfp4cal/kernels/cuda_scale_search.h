@@ -58,6 +58,9 @@ struct CudaScaleSearchOptions {
   CudaStream stream = nullptr;
   // Search algorithm of the kernels (benchmarks compare them; results are identical).
   CudaSearchAlgorithm search = CudaSearchAlgorithm::kPruned;
+  // The launches' host mirror in page-locked memory; false = pageable memory, what the backend
+  // falls back to when page-locked memory cannot be had (tests and benchmarks compare them).
+  bool pinned_mirror = true;
 };
 
 // Timing of the last call, for benchmarks and metrics.
