@@ -308,6 +308,9 @@ def main():
                    "name of the CLI and its servers (bench/thread_cpu.py, beside this script)")
     p.add_argument("--trace-summary", action="store_true", help="with --trace-dir: also print "
                    "each timeline's summary (bench/trace_summary.py, found beside this script)")
+    p.add_argument("--in-process-flags", action="append", default=[],
+                   help="also time this build's CLI in-process with these extra flags (e.g. "
+                   "'--keep-freed-memory-mib 0'); repeat for more configurations")
     p.add_argument("--baseline-server", help="another nvfp4cal-server (an earlier build): one "
                    "server of it is timed in the same rounds, through this build's CLI")
     p.add_argument("--baseline-server-flags", action="append", default=[],
@@ -368,6 +371,7 @@ def main():
     # machine (one configuration's figures varied by over 1 s within a call) reaches all alike;
     # each round's ratios compare runs made next to each other.
     labels = ["in-process"] + (["baseline CLI"] if args.baseline_cli else [])
+    labels += [f"in-process {flags}" for flags in args.in_process_flags]
     servers_of = []
     for count, server_flags, client_flags, binary in configs:
         extra = server_flags + client_flags
@@ -383,6 +387,11 @@ def main():
             runs["baseline CLI"].append(quantize(args.baseline_cli, args, model, out, [], stats,
                                                  log))
             outputs_differ["baseline CLI"] += not same_outputs(ref, out)
+        for flags in args.in_process_flags:
+            label = f"in-process {flags}"
+            runs[label].append(quantize(cli, args, model, out, flags.split(), stats, log,
+                                        "in-process-flags"))
+            outputs_differ[label] += not same_outputs(ref, out)
         for (count, server_flags, client_flags, _), servers, label in zip(
                 configs, servers_of, labels[len(labels) - len(configs):]):
             tag = f"{count}-server" + ("-flags" if server_flags or client_flags else "")
