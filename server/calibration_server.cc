@@ -304,7 +304,7 @@ std::string CalibrationServer::DescribeConfig() const {
       "keepalive_timeout_ms = %d\nkeepalive_min_client_ping_interval_ms = %d\n"
       "keepalive_permit_without_calls = %s\nmax_jobs = %d\nmax_job_request_bytes = %d\n"
       "job_retention = %s\ntls = %s\ntls_client_ca = %s\ntls_require_client_cert = %s\n"
-      "auth_token_file = %s\nhealth_address = %s\n",
+      "auth_token_file = %s\nhealth_address = %s\nkeep_freed_memory_mib = %d\n",
       options_.address, options_.metrics_address.empty() ? "(disabled)" : options_.metrics_address,
       absl::FormatDuration(options_.drain_timeout), d.device, backend_,
       device_selection_.empty() ? "(not started)" : device_selection_, d.cpu_workers,
@@ -321,7 +321,7 @@ std::string CalibrationServer::DescribeConfig() const {
       sec.tls_client_ca_path.empty() ? "(none)" : sec.tls_client_ca_path,
       sec.tls_require_client_cert ? "true" : "false",
       sec.auth_token_file.empty() ? "(none: no token required)" : sec.auth_token_file,
-      sec.health_address.empty() ? "(none)" : sec.health_address);
+      sec.health_address.empty() ? "(none)" : sec.health_address, options_.keep_freed_memory_mib);
 }
 
 }  // namespace nvfp4cal::server

@@ -99,7 +99,7 @@ ABSL_FLAG(std::string, auth_token_file, "",
 ABSL_FLAG(std::string, health_address, "",
           "Extra plaintext host:port serving only grpc.health.v1 (Kubernetes probes, which "
           "speak neither TLS nor tokens); empty: none");
-ABSL_FLAG(int64_t, keep_freed_memory_mib, 1024,
+ABSL_FLAG(int64_t, keep_freed_memory_mib, kDefaults.keep_freed_memory_mib,
           "Freed memory (received messages, results) the process keeps mapped for reuse, MiB "
           "[0, 2047]: buffers below 64 MiB then come from the heap and its free top returns to "
           "the kernel only beyond this, instead of every 1 MiB message faulting in fresh pages "
@@ -151,6 +151,7 @@ nvfp4cal::server::ServerOptions OptionsFromFlags() {
   o.security.tls_require_client_cert = absl::GetFlag(FLAGS_tls_require_client_cert);
   o.security.auth_token_file = absl::GetFlag(FLAGS_auth_token_file);
   o.security.health_address = absl::GetFlag(FLAGS_health_address);
+  o.keep_freed_memory_mib = absl::GetFlag(FLAGS_keep_freed_memory_mib);
   return o;
 }
 
@@ -168,18 +169,6 @@ int main(int argc, char** argv) {
   sigaddset(&stop_signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
-  // Before any thread starts (its malloc arena would keep the defaults).
-  const int64_t keep_mib = absl::GetFlag(FLAGS_keep_freed_memory_mib);
-  if (keep_mib < 0 || keep_mib > nvfp4cal::kMaxKeptFreedBytes >> 20) {
-    std::cerr << "nvfp4cal-server: --keep_freed_memory_mib = " << keep_mib
-              << " is out of range [0, " << (nvfp4cal::kMaxKeptFreedBytes >> 20) << "]\n";
-    return 1;
-  }
-  if (keep_mib > 0 && !nvfp4cal::KeepFreedMemoryForReuse(keep_mib << 20)) {
-    std::cerr << "nvfp4cal-server: --keep_freed_memory_mib: this C library has no such setting; "
-                 "its defaults stay\n";
-  }
-
   const nvfp4cal::server::ServerOptions options = OptionsFromFlags();
   if (options.address.empty()) {
     std::cerr << "nvfp4cal-server: --address must not be empty\n";
@@ -190,12 +179,17 @@ int main(int argc, char** argv) {
     std::cerr << "nvfp4cal-server: " << valid.message() << "\n";
     return 1;
   }
+  // Process-wide, so before any thread starts.
+  if (options.keep_freed_memory_mib > 0 &&
+      !nvfp4cal::KeepFreedMemoryForReuse(options.keep_freed_memory_mib << 20)) {
+    std::cerr << "nvfp4cal-server: --keep_freed_memory_mib: this C library has no such setting; "
+                 "its defaults stay\n";
+  }
   nvfp4cal::server::CalibrationServer server(options);
   std::cerr << "nvfp4cal-server " << nvfp4cal::server::kServerVersion
             << " effective configuration:\n";
   absl::Status started = server.Start();
-  std::cerr << server.DescribeConfig() << "keep_freed_memory_mib = " << keep_mib << "\n"
-            << std::flush;
+  std::cerr << server.DescribeConfig() << std::flush;
   if (!started.ok()) {
     std::cerr << "nvfp4cal-server: cannot start: " << started << "\n";
     return 1;

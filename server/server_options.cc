@@ -8,6 +8,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
+#include "common/freed_memory.h"
 
 namespace nvfp4cal::server {
 namespace {
@@ -104,6 +105,7 @@ absl::Status ValidateServerOptions(const ServerOptions& o) {
       CheckRange("max_jobs", l.max_jobs, 1, 1 << 20),
       CheckRange("max_job_request_bytes", l.max_job_request_bytes, kKiB, kIntMax),
       CheckDuration("job_retention", l.job_retention, 30 * kDay),
+      CheckRange("keep_freed_memory_mib", o.keep_freed_memory_mib, 0, kMaxKeptFreedBytes / kMiB),
       CheckRange("keepalive_time_ms", k.time_ms, 1, kIntMax),
       CheckRange("keepalive_timeout_ms", k.timeout_ms, 1, kIntMax),
       CheckRange("keepalive_min_client_ping_interval_ms", k.min_client_ping_interval_ms, 0,

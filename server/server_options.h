@@ -156,6 +156,10 @@ struct ServerOptions {
   DeviceOptions devices;
   KeepaliveOptions keepalive;
   SecurityOptions security;
+  // Freed memory the process keeps mapped for reuse, MiB (KeepFreedMemoryForReuse,
+  // common/freed_memory.h), in [0, 2047]; 0 = the C library's defaults. Process-wide: the
+  // binary applies it before any thread starts; CalibrationServer itself does not.
+  int64_t keep_freed_memory_mib = 1024;
 };
 
 // OK when every option is in its range; else INVALID_ARGUMENT naming the flag, the range and
