@@ -126,6 +126,16 @@ QuantizeRequest RequestFor(const HardTensor& t, Method m) {
   return r;
 }
 
+// A bf16 tensor [rows, cols] with its Hessian blocks (cols / 16 of them).
+QuantizeRequest Bf16RequestFor(const std::vector<uint16_t>& w, int64_t rows, int64_t cols,
+                               const std::vector<float>& h, Method m) {
+  QuantizeRequest r;
+  r.weights = {w.data(), DType::kBFloat16, rows, cols};
+  r.hessians = {h.data(), cols / 16};
+  r.params.method = m;
+  return r;
+}
+
 // Canonical objective of (codes, scale) of one block in error units, as the CPU defines it.
 float CanonicalObjective(const float* w, const float* h, const uint8_t* packed, uint8_t scale,
                          float global_scale, bool hessian) {
@@ -254,10 +264,7 @@ TEST_F(CudaScaleSearchTest, LargeTensorChunkedByTheMemoryBudgetMatchesCpu) {
       MakeCudaScaleSearch({0, int64_t{64} << 20, nullptr});
   ASSERT_TRUE(small.ok()) << small.status();
   for (Method m : {Method::kLocalHessian, Method::kDss}) {
-    QuantizeRequest r;
-    r.weights = {w.data(), DType::kBFloat16, rows, cols};
-    r.hessians = {h.data(), cols / 16};
-    r.params.method = m;
+    const QuantizeRequest r = Bf16RequestFor(w, rows, cols, h, m);
     absl::StatusOr<QuantizedTensor> cpu = cpu_->Quantize(r);
     absl::StatusOr<QuantizedTensor> gpu = (*small)->Quantize(r);
     ASSERT_TRUE(cpu.ok()) << cpu.status();
@@ -289,10 +296,7 @@ TEST_F(CudaScaleSearchTest, PageableMirrorGivesTheBytesOfThePinnedOne) {
   absl::StatusOr<std::unique_ptr<CudaScaleSearch>> gpu = MakeCudaScaleSearch(pageable);
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   for (Method m : {Method::kDss, Method::kMse}) {
-    QuantizeRequest r;
-    r.weights = {w.data(), DType::kBFloat16, rows, cols};
-    r.hessians = {h.data(), cols / 16};
-    r.params.method = m;
+    const QuantizeRequest r = Bf16RequestFor(w, rows, cols, h, m);
     absl::StatusOr<QuantizedTensor> pinned = gpu_->Quantize(r);
     absl::StatusOr<QuantizedTensor> paged = (*gpu)->Quantize(r);
     absl::StatusOr<QuantizedTensor> cpu = cpu_->Quantize(r);
