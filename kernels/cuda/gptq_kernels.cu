@@ -99,19 +99,28 @@ __global__ void LoadWorkKernel(ChunkArgs a) {
   }
 }
 
+// The sweep candidate of the `max` method for working weights w: where the pruned team search
+// starts (TeamChooseScale's window), as GptqChooseGroupScale starts from its objective.
+__device__ __forceinline__ int MaxMethodCandidate(const float* w, float global_amax) {
+  float amax = 0.0f;
+  for (int i = 0; i < kBlockSize; ++i) amax = fmaxf(amax, fabsf(w[i]));
+  return MaxMethodScaleByte(amax, global_amax) - 1;
+}
+
 // A team of kTeam lanes per row runs the groups of quantization positions [b0, b1) in order.
 // The CUDA block's rows all reach the same group together, so its blocks of H and U sit in
 // shared memory for the whole block. One instantiation per objective and search (a.config's
 // exact_cost and dss), so that each carries only its own path: the gptq_cost ones need 72-126
-// registers instead of 255 (sm_90). The e^T H e ones still take 255 with spills (its 16 x 16
-// products unrolled); rolling their outer loop on the device brings them to 128 registers
-// without spills, which on an H100 made gate_proj 6% faster and down_proj 9% slower (one stream;
-// same bytes), so it is not done.
+// registers (sm_90). The e^T H e ones search with the one-element pruning of
+// GptqChooseGroupScale (TeamChooseScale's window around the `max` method's candidate, then the
+// bound): the sweep's instantiation takes 127 registers without spills, the dss one 255 with
+// spills.
 template <int kTeam, bool kExactCost, bool kDss>
 __global__ void __launch_bounds__(kRowThreads)
     GroupBatchKernel(ChunkArgs a, int64_t b0, int64_t b1) {
   __shared__ float hs[kBlockSize * kBlockSize];
   __shared__ float us[kBlockSize * kBlockSize];
+  __shared__ HessianBlockBounds bs;
   const int lane = threadIdx.x % kTeam;
   const int64_t row =
       static_cast<int64_t>(blockIdx.x) * (kRowThreads / kTeam) + threadIdx.x / kTeam;
@@ -128,6 +137,7 @@ __global__ void __launch_bounds__(kRowThreads)
       hs[i] = a.hessian_blocks[group * kBlockSize * kBlockSize + i];
       us[i] = a.factor_blocks[t * kBlockSize * kBlockSize + i];
     }
+    if (threadIdx.x == 0) bs = a.bounds[group];
     __syncthreads();
     float w[kBlockSize];
     for (int i = 0; i < kBlockSize; ++i) w[i] = a.work[(p0 + i) * a.rows + r];
@@ -141,9 +151,11 @@ __global__ void __launch_bounds__(kRowThreads)
         const GptqCostObjective cost{w, a.unit, a.unit_inverse, us};
         choice = TeamChooseScale<kTeam>(b, config, lane, cost);
       } else {
-        choice = TeamChooseScale<kTeam>(b, config, lane, [&](float q, float d_unit) {
-          return CandidateObjective(b, q, d_unit, hs);
-        });
+        choice = TeamChooseScale<kTeam>(
+            b, config, lane,
+            [&](float q, float d_unit) { return CandidateObjective(b, q, d_unit, hs); },
+            SweepWindowStart<kTeam>(MaxMethodCandidate(w, a.global_amax)),
+            OneElementPruning{MakeBlockPruning(b, &bs)});
       }
       const float d_unit = MulNoContract(ScaleCandidateValue(choice.candidate),
                                          MulNoContract(a.global_scale, a.unit_inverse));
@@ -315,9 +327,11 @@ __global__ void __launch_bounds__(kRowThreads)
     PrepareScaledBlock(w, a.global_amax, a.global_scale, &b);
     const float* h = a.hessian_blocks + j * kBlockSize * kBlockSize;
     const GptqGroupConfig sweep_only{false, false, a.config.grid};
-    choice = TeamChooseScale<kTeam>(b, sweep_only, lane, [&](float q, float d_unit) {
-      return CandidateObjective(b, q, d_unit, h);
-    });
+    choice = TeamChooseScale<kTeam>(
+        b, sweep_only, lane,
+        [&](float q, float d_unit) { return CandidateObjective(b, q, d_unit, h); },
+        SweepWindowStart<kTeam>(MaxMethodCandidate(w, a.global_amax)),
+        OneElementPruning{MakeBlockPruning(b, a.bounds + j)});
   }
   if (active && lane == 0) {
     scales[block] = static_cast<uint8_t>(choice.candidate + 1);

@@ -19,6 +19,8 @@
 #include "nvfp4cal/kernels/cpu_scale_search.h"
 #include "nvfp4cal/kernels/example_data.h"
 #include "nvfp4cal/kernels/internal/block_search.h"
+#include "nvfp4cal/kernels/internal/gptq_group.h"
+#include "nvfp4cal/kernels/internal/hessian_bounds.h"
 #include "tests/kernels/gptq_test_data.h"
 
 namespace nvfp4cal {
@@ -226,6 +228,40 @@ ReferenceRow ReferenceGptqRow(const std::vector<float>& w_row, const std::vector
     }
   }
   return out;
+}
+
+// GptqChooseGroupScale's pruning (exact by construction) leaves every choice as the full
+// search makes it, on groups whose best scale clips outliers far below the `max` method's and
+// H blocks of channel strengths spanning four decades, one of them all zero (the CUDA group
+// kernel prunes with the same bound: cuda_gptq_test compares the two on this data).
+TEST(CpuGptq, PrunedGroupChoiceIsTheFullSearchs) {
+  const int64_t rows = 64, cols = 256;
+  const std::vector<float> h = DiagonalBlocks(SkewedHessian(cols, 3, 81), cols);
+  const std::vector<float> w = WeightsWithOutliers(rows, cols, 82);
+  float g = 0.0f;
+  for (float v : w) g = std::max(g, std::fabs(v));
+  const float s2 = GlobalScaleFromAmax(g);
+  float u[kBlockSize * kBlockSize] = {};
+  for (int i = 0; i < kBlockSize; ++i) u[i * kBlockSize + i] = 1.0f;
+  int changed_by_dss = 0;
+  for (bool dss : {false, true}) {
+    const GptqGroupConfig config{false, dss, DssGrid{1, 10, 0.05f}};
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < cols / kBlockSize; ++j) {
+        const float* hj = h.data() + j * kBlockSize * kBlockSize;
+        const float* wj = w.data() + r * cols + j * kBlockSize;
+        const HessianBlockBounds bounds = ComputeHessianBlockBounds(hj);
+        const GptqGroupChoice pruned = GptqChooseGroupScale(wj, g, s2, hj, u, config, &bounds);
+        const GptqGroupChoice full = GptqChooseGroupScale(wj, g, s2, hj, u, config, nullptr);
+        ASSERT_EQ(pruned.candidate, full.candidate) << "row " << r << " group " << j;
+        ASSERT_EQ(pruned.q, full.q) << "row " << r << " group " << j;
+        ASSERT_EQ(pruned.dss_offset, full.dss_offset);
+        ASSERT_EQ(pruned.dss_beta_index, full.dss_beta_index);
+        changed_by_dss += full.dss_beta_index != 0;
+      }
+    }
+  }
+  EXPECT_GT(changed_by_dss, 0) << "DSS's own choices are compared too";
 }
 
 TEST(CpuGptq, TwoGroupsMatchIndependentReference) {

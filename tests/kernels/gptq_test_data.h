@@ -3,6 +3,7 @@
 #define NVFP4CAL_TESTS_KERNELS_GPTQ_TEST_DATA_H_
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -81,6 +82,38 @@ inline std::vector<float> PairHessian(int64_t n, float c) {
     h[static_cast<size_t>((i + 1) * n + i)] = c;
   }
   return h;
+}
+
+// CorrelatedHessian with channel strengths spanning four decades (channel i scaled by
+// 10^(1 - 2 (i mod 29) / 28), exactly symmetric) and the 16 inputs of group `dead_group` dead
+// (their rows and columns zero, so that group's H block is all zeros).
+inline std::vector<float> SkewedHessian(int64_t n, int64_t dead_group, uint64_t seed) {
+  const std::vector<float> c = CorrelatedHessian(n, 500, 0.1, seed);
+  std::vector<double> strength(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    strength[static_cast<size_t>(i)] =
+        std::pow(10.0, 1.0 - 2.0 * static_cast<double>(i % 29) / 28.0);
+  }
+  std::vector<float> h(c.size());
+  for (int64_t a = 0; a < n; ++a) {
+    for (int64_t b = 0; b < n; ++b) {
+      const bool dead = a / kBlockSize == dead_group || b / kBlockSize == dead_group;
+      h[static_cast<size_t>(a * n + b)] =
+          dead ? 0.0f
+               : static_cast<float>(strength[static_cast<size_t>(a)] *
+                                    strength[static_cast<size_t>(b)] *
+                                    c[static_cast<size_t>(a * n + b)]);
+    }
+  }
+  return h;
+}
+
+// RandomWeights with outliers (every 13th weight 8x, every 39th 60x), so that many groups'
+// best scales clip their largest weight, far below the `max` method's.
+inline std::vector<float> WeightsWithOutliers(int64_t rows, int64_t cols, uint64_t seed) {
+  std::vector<float> w = RandomWeights(rows, cols, seed);
+  for (size_t i = 0; i < w.size(); i += 13) w[i] *= i % 3 == 0 ? 60.0f : 8.0f;
+  return w;
 }
 
 }  // namespace nvfp4cal
