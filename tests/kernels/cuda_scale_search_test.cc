@@ -284,14 +284,15 @@ TEST_F(CudaScaleSearchTest, LargeTensorChunkedByTheMemoryBudgetMatchesCpu) {
 }
 
 // The fallback when page-locked memory cannot be had: the same launches through a pageable
-// mirror give the same bytes (several launches: a 64 MiB budget).
+// mirror give the same bytes (several launches: 50 MB of weights under the smallest budget,
+// 16 MiB).
 TEST_F(CudaScaleSearchTest, PageableMirrorGivesTheBytesOfThePinnedOne) {
   const int64_t rows = 6144;
   const int64_t cols = 4096;
   const std::vector<uint16_t> w = MakeExampleWeightsBf16(rows, cols, 11);
   const std::vector<float> h = MakeExampleHessianBlocks(cols / 16, 12);
   CudaScaleSearchOptions pageable;
-  pageable.memory_budget_bytes = int64_t{64} << 20;
+  pageable.memory_budget_bytes = int64_t{16} << 20;
   pageable.pinned_mirror = false;
   absl::StatusOr<std::unique_ptr<CudaScaleSearch>> gpu = MakeCudaScaleSearch(pageable);
   ASSERT_TRUE(gpu.ok()) << gpu.status();
