@@ -111,6 +111,43 @@ TEST_F(CudaGptqTest, OrderedUpdateIsBitIdenticalToTheCpu) {
   }
 }
 
+// The group kernel's pruned team search (a window around the `max` method's candidate, then
+// the one-element bound) against the CPU's sequential pruned search, where the optimum lies far
+// from the `max` candidate (outliers clipped), channel strengths span four decades (strong
+// bounds), and one group of inputs is dead (an all-zero H block: no bound, every candidate
+// evaluated). The local_hessian comparison's kernel prunes the same way.
+TEST_F(CudaGptqTest, PrunedSearchGivesTheCpuBytesOnOutliersAndSkewedHessians) {
+  const int64_t rows = 192, cols = 256;
+  const std::vector<float> h = SkewedHessian(cols, 3, 81);
+  const std::vector<float> w = WeightsWithOutliers(rows, cols, 82);
+  std::unique_ptr<GptqBackend> gpu = Gpu();
+  ASSERT_NE(gpu, nullptr);
+  for (GptqScaleSearch search : {GptqScaleSearch::kSweep, GptqScaleSearch::kDss}) {
+    SCOPED_TRACE(GptqScaleSearchName(search));
+    GptqRequest request;
+    request.weights = {w.data(), DType::kFloat32, rows, cols};
+    request.hessian = {h.data(), cols};
+    request.params.method = Method::kGptq;
+    request.params.gptq.scale_search = search;
+    request.params.gptq.compare_local_hessian = true;
+    absl::StatusOr<QuantizedTensor> cpu = CpuGptqQuantize(request, {});
+    ASSERT_TRUE(cpu.ok()) << cpu.status();
+    absl::StatusOr<QuantizedTensor> cuda = GptqQuantize(*gpu, request);
+    ASSERT_TRUE(cuda.ok()) << cuda.status();
+    EXPECT_EQ(DifferentCodes(*cpu, *cuda), 0);
+    EXPECT_EQ(cuda->scales, cpu->scales);
+    EXPECT_EQ(cuda->stats.blocks_scale_changed, cpu->stats.blocks_scale_changed);
+    EXPECT_EQ(cuda->stats.blocks_beta_not_one, cpu->stats.blocks_beta_not_one);
+    EXPECT_EQ(cuda->stats.blocks_offset_not_zero, cpu->stats.blocks_offset_not_zero);
+    EXPECT_EQ(cuda->stats.zero_hessian_blocks, cpu->stats.zero_hessian_blocks);
+    EXPECT_EQ(cpu->stats.zero_hessian_blocks, rows);
+    // The comparison's local_hessian result, through its tr(E H E^T).
+    EXPECT_NEAR(cuda->stats.gptq.full_hessian_error_local_hessian,
+                cpu->stats.gptq.full_hessian_error_local_hessian,
+                1e-9 * cpu->stats.gptq.full_hessian_error_local_hessian);
+  }
+}
+
 TEST_F(CudaGptqTest, EveryInverseGivesTheBytesOfTheCpu) {
   // n = 1040: 33 diagonal leaves of 32 (the last one 16 wide), so the tree of products has
   // uneven halves; an ill-conditioned H (few tokens, strong mixing). The blocked tree with
