@@ -99,14 +99,6 @@ __global__ void LoadWorkKernel(ChunkArgs a) {
   }
 }
 
-// The sweep candidate of the `max` method for working weights w: where the pruned team search
-// starts (TeamChooseScale's window), as GptqChooseGroupScale starts from its objective.
-__device__ __forceinline__ int MaxMethodCandidate(const float* w, float global_amax) {
-  float amax = 0.0f;
-  for (int i = 0; i < kBlockSize; ++i) amax = fmaxf(amax, fabsf(w[i]));
-  return MaxMethodScaleByte(amax, global_amax) - 1;
-}
-
 // A team of kTeam lanes per row runs the groups of quantization positions [b0, b1) in order.
 // The CUDA block's rows all reach the same group together, so its blocks of H and U sit in
 // shared memory for the whole block. One instantiation per objective and search (a.config's
@@ -154,7 +146,7 @@ __global__ void __launch_bounds__(kRowThreads)
         choice = TeamChooseScale<kTeam>(
             b, config, lane,
             [&](float q, float d_unit) { return CandidateObjective(b, q, d_unit, hs); },
-            SweepWindowStart<kTeam>(MaxMethodCandidate(w, a.global_amax)),
+            SweepWindowStart<kTeam>(MaxMethodScaleByteOf(w, a.global_amax) - 1),
             OneElementPruning{MakeBlockPruning(b, &bs)});
       }
       const float d_unit = MulNoContract(ScaleCandidateValue(choice.candidate),
@@ -330,7 +322,7 @@ __global__ void __launch_bounds__(kRowThreads)
     choice = TeamChooseScale<kTeam>(
         b, sweep_only, lane,
         [&](float q, float d_unit) { return CandidateObjective(b, q, d_unit, h); },
-        SweepWindowStart<kTeam>(MaxMethodCandidate(w, a.global_amax)),
+        SweepWindowStart<kTeam>(MaxMethodScaleByteOf(w, a.global_amax) - 1),
         OneElementPruning{MakeBlockPruning(b, a.bounds + j)});
   }
   if (active && lane == 0) {

@@ -119,6 +119,17 @@ NVFP4_HD uint8_t MaxMethodScaleByte(float block_amax, float global_amax) {
   return EncodeE4M3Scale((per_block * 448.0f) / (global_amax / 6.0f));
 }
 
+// The `max` method's byte for a block of weights, from its largest |w_i| (weights are
+// validated finite).
+NVFP4_HD uint8_t MaxMethodScaleByteOf(const float* w, float global_amax) {
+  float block_amax = 0.0f;
+  for (int i = 0; i < kBlockSize; ++i) {
+    const float a = std::fabs(w[i]);
+    block_amax = a > block_amax ? a : block_amax;
+  }
+  return MaxMethodScaleByte(block_amax, global_amax);
+}
+
 // Dequantization scale d = float(sf8) * s2.
 NVFP4_HD float DequantScale(uint8_t scale_byte, float global_scale) {
   return MulNoContract(DecodeE4M3(scale_byte), global_scale);
@@ -440,12 +451,7 @@ template <class Objectives>
 NVFP4_HD_FLATTEN bool BeginBlock(const float* w, float global_amax, float global_scale,
                                  BlockMethod method, const Objectives& objectives,
                                  BlockOutcome* out, ScaledBlock* b) {
-  float block_amax = 0.0f;
-  for (int i = 0; i < kBlockSize; ++i) {
-    const float a = std::fabs(w[i]);
-    block_amax = a > block_amax ? a : block_amax;  // weights are validated finite
-  }
-  out->max_scale_byte = MaxMethodScaleByte(block_amax, global_amax);
+  out->max_scale_byte = MaxMethodScaleByteOf(w, global_amax);
   if (global_amax == 0.0f) {
     // All-zero tensor: s2 = 0, every code 0, never a division by zero.
     out->scale_byte = method == BlockMethod::kMax ? out->max_scale_byte : 0x01;

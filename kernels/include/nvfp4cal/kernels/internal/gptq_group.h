@@ -109,11 +109,7 @@ NVFP4_HD GptqGroupChoice GptqChooseGroupScale(const float* w, float global_amax,
   } else {
     // The `max` method's candidate bounds the optimum from the start, so pruning (exact: the
     // choice is unchanged) skips most candidates, as in QuantizeBlock.
-    float block_amax = 0.0f;
-    for (int i = 0; i < kBlockSize; ++i) {
-      block_amax = std::fabs(w[i]) > block_amax ? std::fabs(w[i]) : block_amax;
-    }
-    const float f_max = DecodeE4M3(MaxMethodScaleByte(block_amax, global_amax));
+    const float f_max = DecodeE4M3(MaxMethodScaleByteOf(w, global_amax));
     const float reference = CandidateObjective(b, MulNoContract(f_max, global_scale),
                                                MulNoContract(f_max, b.global_scale_unit), h);
     const BlockPruning pruning = MakeBlockPruning(b, bounds);
