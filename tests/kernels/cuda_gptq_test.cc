@@ -77,17 +77,12 @@ TEST_F(CudaGptqTest, OrderedUpdateIsBitIdenticalToTheCpu) {
   ASSERT_NE(gpu, nullptr);
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);
-    GptqRequest request;
-    request.weights = {c.dtype == DType::kFloat32 ? static_cast<const void*>(w.data())
-                                                  : static_cast<const void*>(half.data()),
-                       c.dtype, rows, cols};
-    request.hessian = {h.data(), cols};
-    request.params.method = Method::kGptq;
+    GptqRequest request = MakeGptqRequest(w, rows, cols, h);
+    if (c.dtype == DType::kBFloat16) request.weights = {half.data(), c.dtype, rows, cols};
     request.params.gptq.act_order = c.act_order;
     request.params.gptq.scale_search = c.search;
     request.params.gptq.scale_objective = c.objective;
     request.params.gptq.block_columns = c.block_columns;
-    request.params.gptq.compare_local_hessian = true;
     absl::StatusOr<QuantizedTensor> cpu = CpuGptqQuantize(request, {});
     ASSERT_TRUE(cpu.ok()) << cpu.status();
     absl::StatusOr<QuantizedTensor> cuda = GptqQuantize(*gpu, request);
@@ -124,12 +119,8 @@ TEST_F(CudaGptqTest, PrunedSearchGivesTheCpuBytesOnOutliersAndSkewedHessians) {
   ASSERT_NE(gpu, nullptr);
   for (GptqScaleSearch search : {GptqScaleSearch::kSweep, GptqScaleSearch::kDss}) {
     SCOPED_TRACE(GptqScaleSearchName(search));
-    GptqRequest request;
-    request.weights = {w.data(), DType::kFloat32, rows, cols};
-    request.hessian = {h.data(), cols};
-    request.params.method = Method::kGptq;
+    GptqRequest request = MakeGptqRequest(w, rows, cols, h);
     request.params.gptq.scale_search = search;
-    request.params.gptq.compare_local_hessian = true;
     absl::StatusOr<QuantizedTensor> cpu = CpuGptqQuantize(request, {});
     ASSERT_TRUE(cpu.ok()) << cpu.status();
     absl::StatusOr<QuantizedTensor> cuda = GptqQuantize(*gpu, request);

@@ -28,16 +28,6 @@ namespace {
 
 using ::testing::HasSubstr;
 
-GptqRequest MakeGptqRequest(const std::vector<float>& w, int64_t rows, int64_t cols,
-                            const std::vector<float>& h) {
-  GptqRequest request;
-  request.weights = {w.data(), DType::kFloat32, rows, cols};
-  request.hessian = {h.data(), cols};
-  request.params.method = Method::kGptq;
-  request.params.gptq.compare_local_hessian = true;  // most tests read tr(E H E^T) of both
-  return request;
-}
-
 QuantizedTensor RunBlockMethod(const std::vector<float>& w, int64_t rows, int64_t cols,
                                const std::vector<float>* blocks, Method method) {
   QuantizeRequest request;

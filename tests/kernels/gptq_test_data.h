@@ -9,6 +9,7 @@
 
 #include "nvfp4cal/kernels/codecs.h"
 #include "nvfp4cal/kernels/example_data.h"
+#include "nvfp4cal/kernels/gptq.h"
 
 namespace nvfp4cal {
 
@@ -82,6 +83,18 @@ inline std::vector<float> PairHessian(int64_t n, float c) {
     h[static_cast<size_t>((i + 1) * n + i)] = c;
   }
   return h;
+}
+
+// A gptq request for fp32 weights [rows, cols] and full H [cols, cols], the local_hessian
+// comparison on (most tests read tr(E H E^T) of both results).
+inline GptqRequest MakeGptqRequest(const std::vector<float>& w, int64_t rows, int64_t cols,
+                                   const std::vector<float>& h) {
+  GptqRequest request;
+  request.weights = {w.data(), DType::kFloat32, rows, cols};
+  request.hessian = {h.data(), cols};
+  request.params.method = Method::kGptq;
+  request.params.gptq.compare_local_hessian = true;
+  return request;
 }
 
 // CorrelatedHessian with channel strengths spanning four decades (channel i scaled by
