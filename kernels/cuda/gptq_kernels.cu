@@ -105,7 +105,7 @@ __global__ void LoadWorkKernel(ChunkArgs a) {
 // exact_cost and dss), so that each carries only its own path: the gptq_cost ones need 72-126
 // registers (sm_90). The e^T H e ones search with the one-element pruning of
 // GptqChooseGroupScale (TeamChooseScale's window around the `max` method's candidate, then the
-// bound): the sweep's instantiation takes 127 registers without spills, the dss one 255 with
+// bound): the sweep's instantiation takes 128 registers without spills, the dss one 255 with
 // spills.
 template <int kTeam, bool kExactCost, bool kDss>
 __global__ void __launch_bounds__(kRowThreads)
